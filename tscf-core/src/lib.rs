@@ -1,0 +1,22 @@
+//! Sans-IO core of tscf, a Rust implementation of TSC tunnels with server-assisted peer tunneling.
+//!
+//! Nothing in this crate touches a socket, a clock, a thread or a global random number generator:
+//! time is an argument, randomness comes from a seed in the configuration, and every output is
+//! data drained by the caller. The runtimes (`tscf-runtime-std`, `tscf-runtime-smol`) own the I/O.
+//!
+//! - [`wire`]: the tscf wire protocol of `docs/PROTOCOL.md` (envelopes, control messages, TLVs,
+//!   the stream deframer, inner IP packet checks).
+//! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
+#![cfg_attr(
+    feature = "sim",
+    doc = "- [`sim`]: the deterministic network simulator."
+)]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(clippy::print_stdout)]
+
+pub mod stun;
+pub mod wire;
+
+#[cfg(feature = "sim")]
+pub mod sim;

@@ -1,0 +1,201 @@
+//! Splits a byte stream (TCP, TLS, a QUIC stream) into envelopes, holding a bounded number of
+//! bytes.
+
+use super::envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_LEN};
+
+/// The most bytes a [`StreamDeframer`] ever buffers: one maximal envelope plus one more read.
+/// Whenever this many bytes are buffered, a complete envelope is among them, so a caller that
+/// drains [`StreamDeframer::next_envelope`] after every read can never hit the bound.
+pub const MAX_BUFFERED: usize = 2 * MAX_ENVELOPE_LEN;
+
+/// Capacity kept after the buffer drains; a connection that once carried a large envelope does
+/// not keep holding its memory.
+const RETAINED_CAPACITY: usize = 4096;
+
+/// Reassembles envelopes from a stream.
+///
+/// Feed bytes with [`read_into`](Self::read_into) (zero-copy from the socket) or
+/// [`push`](Self::push), then call [`next_envelope`](Self::next_envelope) until it returns
+/// `Ok(None)`. An `Err` means the stream can no longer be framed; the connection must be closed.
+#[derive(Debug, Default)]
+pub struct StreamDeframer {
+    buf: Vec<u8>,
+    /// Start of the bytes not yet returned as envelopes.
+    start: usize,
+}
+
+/// The stream cannot be framed any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeframeError {
+    /// An envelope header is invalid; the stream has lost framing.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// More bytes were pushed than the bound allows without draining envelopes first.
+    #[error("deframer would buffer more than {MAX_BUFFERED} octets")]
+    Overflow,
+}
+
+impl StreamDeframer {
+    /// An empty deframer; it allocates only when bytes arrive.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Octets buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Copies `data` in.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), DeframeError> {
+        self.compact();
+        if self.buf.len() + data.len() > MAX_BUFFERED {
+            return Err(DeframeError::Overflow);
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Lets `read` fill up to `max` octets of free space directly (e.g. a socket's `read`), and
+    /// keeps what it reports as written. Returns what `read` returned.
+    pub fn read_into<E>(
+        &mut self,
+        max: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<Result<usize, E>, DeframeError> {
+        self.compact();
+        let room = MAX_BUFFERED - self.buf.len();
+        if room == 0 {
+            return Err(DeframeError::Overflow);
+        }
+        let filled = self.buf.len();
+        self.buf.resize(filled + max.min(room), 0);
+        let result = read(&mut self.buf[filled..]);
+        let written = match &result {
+            Ok(n) => (*n).min(self.buf.len() - filled),
+            Err(_) => 0,
+        };
+        self.buf.truncate(filled + written);
+        Ok(result)
+    }
+
+    /// The next complete envelope, if one is buffered.
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope<'_>>, DeframeError> {
+        let pending = &self.buf[self.start..];
+        match Envelope::decode_prefix(pending)? {
+            Some((_, used)) => {
+                let at = self.start;
+                self.start += used;
+                // Decoding the same bytes again is cheap and keeps the borrow simple.
+                let bytes = &self.buf[at..at + used];
+                Ok(Envelope::decode_prefix(bytes)?.map(|(env, _)| env))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Drops consumed bytes from the front, and releases memory once the buffer is empty.
+    fn compact(&mut self) {
+        if self.start == 0 {
+            return;
+        }
+        self.buf.drain(..self.start);
+        self.start = 0;
+        if self.buf.is_empty() && self.buf.capacity() > RETAINED_CAPACITY {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::EnvelopeType;
+
+    fn envelope(kind: EnvelopeType, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Envelope::encode(kind, payload, &mut out).expect("small payload");
+        out
+    }
+
+    #[test]
+    fn reassembles_across_arbitrary_splits() {
+        let mut stream = envelope(EnvelopeType::DATA, b"first");
+        stream.extend(envelope(EnvelopeType::CONTROL, b""));
+        stream.extend(envelope(EnvelopeType::DATA, &[7; 300]));
+        for chunk in 1..stream.len() {
+            let mut d = StreamDeframer::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                d.push(piece).expect("bounded");
+                while let Some(env) = d.next_envelope().expect("valid") {
+                    got.push((env.kind, env.payload.to_vec()));
+                }
+            }
+            assert_eq!(got.len(), 3, "chunk size {chunk}");
+            assert_eq!(got[0].1, b"first");
+            assert_eq!(got[2].1, vec![7; 300]);
+            assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn bad_length_loses_framing() {
+        let mut d = StreamDeframer::new();
+        d.push(&[0x04, 0x00, 0x01, 0xff]).expect("bounded");
+        assert_eq!(
+            d.next_envelope(),
+            Err(DeframeError::Envelope(EnvelopeError::BadLength(1)))
+        );
+    }
+
+    #[test]
+    fn never_buffers_beyond_the_bound() {
+        let mut d = StreamDeframer::new();
+        // A header announcing a maximal envelope, then bytes that never complete it... plus more.
+        d.push(&[0x04, 0xff, 0xff]).expect("bounded");
+        let filler = vec![0u8; 40_000];
+        d.push(&filler).expect("bounded");
+        assert_eq!(d.next_envelope(), Ok(None));
+        // Completing the first envelope and starting a second is fine.
+        d.push(&filler).expect("bounded");
+        assert!(d.next_envelope().expect("valid").is_some());
+        // Pushing without draining past the bound is refused.
+        let mut d = StreamDeframer::new();
+        d.push(&[0x04, 0xff, 0xff]).expect("bounded");
+        let err = d.push(&vec![0u8; MAX_BUFFERED]);
+        assert_eq!(err, Err(DeframeError::Overflow));
+        assert!(d.buffered() <= MAX_BUFFERED);
+    }
+
+    #[test]
+    fn read_into_keeps_only_what_was_read() {
+        let mut d = StreamDeframer::new();
+        let bytes = envelope(EnvelopeType::DATA, b"xy");
+        let n = d
+            .read_into(1024, |space| {
+                space[..bytes.len()].copy_from_slice(&bytes);
+                Ok::<_, ()>(bytes.len())
+            })
+            .expect("room");
+        assert_eq!(n, Ok(5));
+        assert_eq!(d.buffered(), 5);
+        let env = d.next_envelope().expect("valid").expect("complete");
+        assert_eq!(env.payload, b"xy");
+        let failed = d
+            .read_into(1024, |_| Err::<usize, _>("reset"))
+            .expect("room");
+        assert_eq!(failed, Err("reset"));
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn memory_is_released_after_a_large_envelope() {
+        let mut d = StreamDeframer::new();
+        d.push(&envelope(EnvelopeType::DATA, &vec![1; 60_000]))
+            .expect("bounded");
+        assert!(d.next_envelope().expect("valid").is_some());
+        d.push(&[]).expect("bounded");
+        assert!(d.buf.capacity() <= RETAINED_CAPACITY);
+    }
+}
