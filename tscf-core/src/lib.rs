@@ -6,6 +6,7 @@
 //!
 //! - [`wire`]: the tscf wire protocol of `docs/PROTOCOL.md` (envelopes, control messages, TLVs,
 //!   the stream deframer, inner IP packet checks).
+//! - [`director`]: the session director (tunnel server) state machine.
 //! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
 #![cfg_attr(
     feature = "sim",
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::print_stdout)]
 
+pub mod director;
 pub mod stun;
 pub mod wire;
 

@@ -1,0 +1,249 @@
+//! What a [`SessionDirector`](super::SessionDirector) is told at start.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::time::Duration;
+
+/// The director's configuration. [`DirectorConfig::default`] is the embedded default: pools
+/// `10.77.0.0/16` and `fd77::/48`, open admission (fit only for loopback; see
+/// [`DirectorConfig::check_listeners`]).
+#[derive(Clone, Debug)]
+pub struct DirectorConfig {
+    /// IPv4 pool for internal addresses; the network's first host address is the director's
+    /// own and never assigned.
+    pub ipv4_pool: Option<Ipv4Pool>,
+    /// IPv6 pool for internal addresses.
+    pub ipv6_pool: Option<Ipv6Pool>,
+    /// DNS servers announced in Configuration Responses (at most 4 are sent).
+    pub dns_servers: Vec<IpAddr>,
+    /// Bounds and defaults of the keepalive interval.
+    pub keepalive: KeepaliveConfig,
+    /// A tunnel whose client sent nothing for this many keepalive intervals becomes persistent.
+    pub idle_intervals: u32,
+    /// How long a persistent tunnel waits for a re-attach before it is closed (default 330 s).
+    pub persistence_timeout: Duration,
+    /// Most tunnels held at once, active and persistent (default 200,000).
+    pub max_tunnels: usize,
+    /// Most connections that have not completed a Configuration exchange; beyond it the oldest
+    /// is closed (default 4,096).
+    pub max_pending_connections: usize,
+    /// How long a connection may stay unconfigured before it is closed (default 10 s).
+    pub pending_timeout: Duration,
+    /// Who may open a tunnel.
+    pub admission: Admission,
+    /// Largest inner IP packet relayed, in octets (default 1400).
+    pub max_packet_len: usize,
+    /// Frames queued for one tunnel before further frames are dropped (default 256).
+    pub max_queued_frames: usize,
+    /// Frames queued across all tunnels before further frames are dropped (default 65,536).
+    pub max_total_queued_frames: usize,
+    /// Retransmission of director-originated requests on datagram transports (§6.3).
+    pub retransmit: RetransmitConfig,
+    /// Seed of the generator of tunnel ids, secrets and tokens. The runtime fills it from the
+    /// operating system's secure source; tests fix it.
+    pub rng_seed: [u8; 32],
+}
+
+impl Default for DirectorConfig {
+    fn default() -> Self {
+        Self {
+            ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 77, 0, 0), 16)),
+            ipv6_pool: Some(Ipv6Pool::new(
+                Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0),
+                48,
+            )),
+            dns_servers: Vec::new(),
+            keepalive: KeepaliveConfig::default(),
+            idle_intervals: 3,
+            persistence_timeout: Duration::from_secs(330),
+            max_tunnels: 200_000,
+            max_pending_connections: 4096,
+            pending_timeout: Duration::from_secs(10),
+            admission: Admission::default(),
+            max_packet_len: 1400,
+            max_queued_frames: 256,
+            max_total_queued_frames: 65_536,
+            retransmit: RetransmitConfig::default(),
+            rng_seed: [0; 32],
+        }
+    }
+}
+
+/// A configuration the director refuses to run with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DirectorConfigError {
+    /// Neither pool is configured, or a pool's prefix is out of range.
+    #[error("no usable address pool: {0}")]
+    Pool(&'static str),
+    /// A listener beyond loopback with open admission would be an open relay.
+    #[error(
+        "listener {0} is reachable beyond loopback but admission is open; \
+         configure an auth token or client certificates"
+    )]
+    OpenRelay(SocketAddr),
+    /// A bound is zero or the keepalive bounds are inverted.
+    #[error("invalid setting: {0}")]
+    Invalid(&'static str),
+}
+
+impl DirectorConfig {
+    /// Checks the settings the director depends on.
+    pub fn validate(&self) -> Result<(), DirectorConfigError> {
+        if self.ipv4_pool.is_none() && self.ipv6_pool.is_none() {
+            return Err(DirectorConfigError::Pool("configure an IPv4 or IPv6 pool"));
+        }
+        if let Some(p) = &self.ipv4_pool {
+            if !(8..=30).contains(&p.prefix_len) {
+                return Err(DirectorConfigError::Pool("IPv4 prefix must be /8 to /30"));
+            }
+        }
+        if let Some(p) = &self.ipv6_pool {
+            if !(16..=120).contains(&p.prefix_len) {
+                return Err(DirectorConfigError::Pool("IPv6 prefix must be /16 to /120"));
+            }
+        }
+        let k = &self.keepalive;
+        if k.min.is_zero() || k.min > k.max {
+            return Err(DirectorConfigError::Invalid(
+                "keepalive min must be > 0 and <= max",
+            ));
+        }
+        if self.max_tunnels == 0 || self.max_pending_connections == 0 || self.idle_intervals == 0 {
+            return Err(DirectorConfigError::Invalid(
+                "tunnel and connection limits must be > 0",
+            ));
+        }
+        if self.max_queued_frames == 0 || self.max_packet_len < 20 {
+            return Err(DirectorConfigError::Invalid(
+                "queue and packet limits too small",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses open admission on any listener reachable beyond loopback: a director open to
+    /// anyone is an open relay.
+    pub fn check_listeners(&self, listeners: &[SocketAddr]) -> Result<(), DirectorConfigError> {
+        if self.admission.is_open() {
+            if let Some(addr) = listeners.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(DirectorConfigError::OpenRelay(*addr));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who may open a tunnel. Open (no token, no certificates) when both are empty.
+#[derive(Clone, Debug, Default)]
+pub struct Admission {
+    /// Auth Tokens that admit a client; compared in constant time.
+    pub tokens: Vec<Vec<u8>>,
+    /// Admit a client whose TLS certificate the runtime verified (mutual TLS).
+    pub verified_identities: bool,
+}
+
+impl Admission {
+    /// Whether anyone may open a tunnel.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty() && !self.verified_identities
+    }
+}
+
+/// Keepalive interval bounds (§3.3).
+#[derive(Clone, Copy, Debug)]
+pub struct KeepaliveConfig {
+    /// Shortest interval granted (default 5 s).
+    pub min: Duration,
+    /// Longest interval granted (default 600 s).
+    pub max: Duration,
+    /// Granted on stream transports when the client proposes none (default 300 s).
+    pub default_stream: Duration,
+    /// Granted on datagram transports when the client proposes none (default 30 s: NAT
+    /// mappings of UDP expire quickly).
+    pub default_datagram: Duration,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_secs(5),
+            max: Duration::from_secs(600),
+            default_stream: Duration::from_secs(300),
+            default_datagram: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Retransmission of requests on datagram transports (§6.3).
+#[derive(Clone, Copy, Debug)]
+pub struct RetransmitConfig {
+    /// First retransmission timeout (default 250 ms).
+    pub initial_rto: Duration,
+    /// Cap of the doubling timeout (default 4 s).
+    pub max_rto: Duration,
+    /// Transmissions in all, the first included (default 7).
+    pub max_transmissions: u32,
+}
+
+impl Default for RetransmitConfig {
+    fn default() -> Self {
+        Self {
+            initial_rto: Duration::from_millis(250),
+            max_rto: Duration::from_secs(4),
+            max_transmissions: 7,
+        }
+    }
+}
+
+impl RetransmitConfig {
+    /// The timeout after transmission number `sent` (1-based).
+    pub fn rto(&self, sent: u32) -> Duration {
+        let doublings = sent.saturating_sub(1).min(16);
+        self.initial_rto
+            .saturating_mul(1 << doublings)
+            .min(self.max_rto)
+    }
+}
+
+/// An IPv4 network from which internal addresses are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Pool {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+}
+
+impl Ipv4Pool {
+    /// The pool `network/prefix_len` (host bits of `network` are ignored).
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Self {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len.min(32)))
+            .unwrap_or(0);
+        Self {
+            network: Ipv4Addr::from(u32::from(network) & mask),
+            prefix_len,
+        }
+    }
+}
+
+/// An IPv6 network from which internal addresses are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Pool {
+    /// The network address.
+    pub network: Ipv6Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+}
+
+impl Ipv6Pool {
+    /// The pool `network/prefix_len` (host bits of `network` are ignored).
+    pub fn new(network: Ipv6Addr, prefix_len: u8) -> Self {
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(prefix_len.min(128)))
+            .unwrap_or(0);
+        Self {
+            network: Ipv6Addr::from(u128::from(network) & mask),
+            prefix_len,
+        }
+    }
+}

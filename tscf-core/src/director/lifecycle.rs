@@ -1,0 +1,168 @@
+//! The tunnel life cycle on the director: active → persistent → closed, release
+//! notifications and their retransmission (`docs/PROTOCOL.md` §3.5).
+
+use std::cmp::Reverse;
+use std::time::Instant;
+
+use super::{
+    ConnectionHandle, DirectorEvent, Outstanding, SessionDirector, Timer, DIRECTOR_SEQUENCE_BIT,
+};
+use crate::wire::{Message, MessageType, ResultCode};
+
+impl SessionDirector {
+    pub(super) fn notify_release(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        tunnel_id: u64,
+        reason: ResultCode,
+    ) {
+        let sequence = self.next_sequence;
+        self.next_sequence = (self.next_sequence.wrapping_add(1)) | DIRECTOR_SEQUENCE_BIT;
+        let mut message = Message::new(
+            MessageType::CONFIGURATION_RELEASE_NOTIFICATION,
+            sequence,
+            tunnel_id,
+        );
+        message.tlvs.result_code = Some(reason);
+        let mut bytes = Vec::new();
+        if message.encode_envelope(&mut bytes).is_err() {
+            return;
+        }
+        self.control_out.push_back((connection, bytes.clone()));
+        let Some(conn) = self.connections.get_mut(&connection) else {
+            return;
+        };
+        if conn.info.transport.is_datagram() {
+            conn.notification = Some(Outstanding {
+                sequence,
+                bytes,
+                sent: 1,
+            });
+            let at = now + self.config.retransmit.rto(1);
+            self.timers
+                .push(Reverse((at, Timer::Notification(connection))));
+        } else {
+            self.drop_connection(connection);
+        }
+    }
+
+    pub(super) fn retransmit_notification(&mut self, now: Instant, connection: ConnectionHandle) {
+        let max = self.config.retransmit.max_transmissions;
+        let Some(conn) = self.connections.get_mut(&connection) else {
+            return;
+        };
+        let Some(out) = conn.notification.as_mut() else {
+            return;
+        };
+        if out.sent >= max {
+            conn.notification = None;
+            self.drop_connection(connection);
+            return;
+        }
+        out.sent += 1;
+        let bytes = out.bytes.clone();
+        let at = now + self.config.retransmit.rto(out.sent);
+        self.control_out.push_back((connection, bytes));
+        self.timers
+            .push(Reverse((at, Timer::Notification(connection))));
+    }
+
+    pub(super) fn ack_notification(&mut self, connection: ConnectionHandle, sequence: u32) -> bool {
+        let Some(conn) = self.connections.get_mut(&connection) else {
+            return false;
+        };
+        if conn
+            .notification
+            .as_ref()
+            .is_some_and(|n| n.sequence == sequence)
+        {
+            conn.notification = None;
+            self.drop_connection(connection);
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn check_idle(&mut self, now: Instant, id: u64) {
+        let Some(t) = self.tunnels.get(&id) else {
+            return;
+        };
+        if t.connection.is_none() {
+            return;
+        }
+        let deadline = t.last_heard + t.keepalive * self.config.idle_intervals;
+        if deadline > now {
+            self.timers.push(Reverse((deadline, Timer::Idle(id))));
+            return;
+        }
+        let connection = t.connection;
+        self.make_persistent(now, id);
+        if let Some(c) = connection {
+            self.drop_connection(c);
+        }
+    }
+
+    pub(super) fn check_persistence(&mut self, now: Instant, id: u64) {
+        let Some(since) = self.tunnels.get(&id).and_then(|t| t.persistent_since) else {
+            return;
+        };
+        let deadline = since + self.config.persistence_timeout;
+        if deadline > now {
+            self.timers
+                .push(Reverse((deadline, Timer::Persistence(id))));
+        } else {
+            self.close(id, ResultCode::TIMEOUT);
+        }
+    }
+
+    pub(super) fn make_persistent(&mut self, now: Instant, id: u64) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        if t.connection.take().is_none() {
+            return;
+        }
+        t.persistent_since = Some(now);
+        let at = now + self.config.persistence_timeout;
+        self.timers.push(Reverse((at, Timer::Persistence(id))));
+        self.events
+            .push_back(DirectorEvent::TunnelPersistent { tunnel_id: id });
+    }
+
+    pub(super) fn close(&mut self, id: u64, reason: ResultCode) {
+        let Some(t) = self.tunnels.remove(&id) else {
+            return;
+        };
+        for addr in t.addresses() {
+            self.by_addr.remove(&addr);
+        }
+        if let (Some((_, offset)), Some(pool)) = (t.ipv4, self.ipv4_pool.as_mut()) {
+            pool.release(offset);
+        }
+        if let (Some((_, offset)), Some(pool)) = (t.ipv6, self.ipv6_pool.as_mut()) {
+            pool.release(offset);
+        }
+        self.queued_frames -= t.queue.len();
+        if let Some(c) = t.connection.and_then(|c| self.connections.get_mut(&c)) {
+            c.tunnel = None;
+        }
+        self.stats.tunnels_closed += 1;
+        self.events.push_back(DirectorEvent::TunnelClosed {
+            tunnel_id: id,
+            reason,
+        });
+    }
+
+    /// Forgets a connection and tells the runtime to close it.
+    pub(super) fn drop_connection(&mut self, connection: ConnectionHandle) {
+        let Some(conn) = self.connections.remove(&connection) else {
+            return;
+        };
+        if !conn.configured {
+            self.unpend();
+        }
+        self.events
+            .push_back(DirectorEvent::CloseConnection { connection });
+    }
+}

@@ -1,0 +1,639 @@
+//! The session director: the tunnel server's state machine (`docs/PROTOCOL.md` §3, §6).
+//!
+//! It assigns tunnels and internal addresses, keeps their life cycle (active → persistent →
+//! closed), answers control messages and relays inner IP packets between tunnels. It never sees
+//! a socket: the runtime names each transport connection with a [`ConnectionHandle`] of its
+//! choosing and hands over whole envelopes.
+
+mod config;
+mod control;
+mod lifecycle;
+mod pool;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::time::Duration;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::Instant;
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use rustc_hash::FxHashMap;
+
+pub use config::{
+    Admission, DirectorConfig, DirectorConfigError, Ipv4Pool, Ipv6Pool, KeepaliveConfig,
+    RetransmitConfig,
+};
+pub use stats::{DirectorStats, DropCounters, RefusalCounters};
+
+use crate::wire::{
+    Capabilities, Envelope, EnvelopeType, InnerPacket, MessageType, ResultCode, Transport,
+};
+use pool::AddressPool;
+
+/// Names one transport connection (a TCP/TLS connection, a QUIC connection, or a UDP/DTLS
+/// remote address). Chosen by the runtime; never reused while the director knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionHandle(pub u64);
+
+/// A transport connection as the runtime describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionInfo {
+    /// Its transport.
+    pub transport: Transport,
+    /// The client's address as seen by the director (reported as Observed Address).
+    pub remote: SocketAddr,
+    /// Whether the runtime verified a client certificate on it (mutual TLS).
+    pub verified_identity: bool,
+}
+
+/// One envelope for the runtime to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Transmit {
+    /// The connection it goes out on.
+    pub connection: ConnectionHandle,
+}
+
+/// What happened, for the runtime and the operator. Drained with
+/// [`SessionDirector::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DirectorEvent {
+    /// A tunnel was created.
+    TunnelOpened {
+        /// Its id.
+        tunnel_id: u64,
+        /// Its internal IPv4 address.
+        ipv4: Option<Ipv4Addr>,
+        /// Its internal IPv6 address.
+        ipv6: Option<Ipv6Addr>,
+        /// The connection it runs on.
+        connection: ConnectionHandle,
+    },
+    /// A persistent (or active) tunnel moved to a new connection.
+    TunnelReattached {
+        /// Its id.
+        tunnel_id: u64,
+        /// The new connection.
+        connection: ConnectionHandle,
+    },
+    /// A tunnel lost its transport and waits for a re-attach.
+    TunnelPersistent {
+        /// Its id.
+        tunnel_id: u64,
+    },
+    /// A tunnel was closed and its addresses freed.
+    TunnelClosed {
+        /// Its id.
+        tunnel_id: u64,
+        /// Why: Success for a client release, Timeout, Administrative or Shutdown.
+        reason: ResultCode,
+    },
+    /// The runtime must close this connection once the transmits queued before this event
+    /// have been sent, and forget the handle.
+    CloseConnection {
+        /// The connection.
+        connection: ConnectionHandle,
+    },
+}
+
+/// A tunnel the caller asked about does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no tunnel {0:#x}")]
+pub struct UnknownTunnel(pub u64);
+
+/// The runtime announced a connection handle twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("connection {0:?} is already known")]
+pub struct DuplicateConnection(pub ConnectionHandle);
+
+/// A read-only summary of one tunnel, for status output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelSummary {
+    /// Tunnel id.
+    pub tunnel_id: u64,
+    /// Internal IPv4 address.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Internal IPv6 address.
+    pub ipv6: Option<Ipv6Addr>,
+    /// The connection, or `None` while persistent.
+    pub connection: Option<ConnectionHandle>,
+    /// The transport it was last seen on.
+    pub transport: Transport,
+    /// Negotiated keepalive interval.
+    pub keepalive: Duration,
+    /// Capabilities the client announced.
+    pub capabilities: Capabilities,
+    /// Frames waiting to be sent to it.
+    pub queued_frames: usize,
+}
+
+/// The tunnel server's state machine.
+///
+/// Call order: feed inputs with [`handle_connect`](Self::handle_connect),
+/// [`handle_datagram`](Self::handle_datagram) / [`handle_envelope`](Self::handle_envelope),
+/// [`handle_disconnect`](Self::handle_disconnect) and [`handle_timeout`](Self::handle_timeout)
+/// (when [`poll_timeout`](Self::poll_timeout) is reached). **After any input, drain
+/// [`poll_transmit`](Self::poll_transmit) and then [`poll_event`](Self::poll_event) until both
+/// return `None`**; a [`DirectorEvent::CloseConnection`] applies after the transmits drained
+/// before it.
+///
+/// Hostile input never panics and never fails the director: it is answered with a result code
+/// or dropped, and counted in [`stats`](Self::stats).
+#[derive(Debug)]
+pub struct SessionDirector {
+    config: DirectorConfig,
+    rng: ChaCha20Rng,
+    connections: FxHashMap<ConnectionHandle, Connection>,
+    /// Unconfigured connections, oldest first (may hold handles since configured or gone).
+    pending: VecDeque<ConnectionHandle>,
+    pending_count: usize,
+    tunnels: FxHashMap<u64, Tunnel>,
+    by_addr: FxHashMap<IpAddr, u64>,
+    ipv4_pool: Option<AddressPool>,
+    ipv6_pool: Option<AddressPool>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Control messages to send, in order.
+    control_out: VecDeque<(ConnectionHandle, Vec<u8>)>,
+    /// Tunnels with queued frames, served round-robin.
+    ready: VecDeque<u64>,
+    queued_frames: usize,
+    /// Spare frame buffers, so that relaying does not allocate in steady state.
+    spare: Vec<Vec<u8>>,
+    events: VecDeque<DirectorEvent>,
+    /// Sequence numbers of director-originated requests (top bit set, §3.1).
+    next_sequence: u32,
+    stats: DirectorStats,
+}
+
+#[derive(Debug)]
+struct Connection {
+    info: ConnectionInfo,
+    tunnel: Option<u64>,
+    /// Has completed a Configuration exchange (so no longer counts as pending).
+    configured: bool,
+    /// A Release Notification awaiting its response (datagram transports).
+    notification: Option<Outstanding>,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    sequence: u32,
+    bytes: Vec<u8>,
+    sent: u32,
+}
+
+#[derive(Debug)]
+struct Tunnel {
+    id: u64,
+    ipv4: Option<(Ipv4Addr, u128)>,
+    ipv6: Option<(Ipv6Addr, u128)>,
+    /// `None` while persistent.
+    connection: Option<ConnectionHandle>,
+    transport: Transport,
+    secret: [u8; 16],
+    keepalive: Duration,
+    capabilities: Capabilities,
+    last_heard: Instant,
+    persistent_since: Option<Instant>,
+    /// The last request answered and its encoded response, for duplicates (§6.2).
+    last_answer: Option<(MessageType, u32, Vec<u8>)>,
+    queue: VecDeque<Vec<u8>>,
+    in_ready: bool,
+}
+
+/// Timers; one heap serves all tunnels. Entries are checked against the state when they fire,
+/// so that activity never has to find and move them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Idle(u64),
+    Persistence(u64),
+    Pending(ConnectionHandle),
+    Notification(ConnectionHandle),
+}
+
+/// Internal addresses given to one tunnel, with their offsets in the pools.
+type Assigned = (Option<(Ipv4Addr, u128)>, Option<(Ipv6Addr, u128)>);
+
+/// Spare frame buffers kept for reuse.
+const MAX_SPARE_BUFFERS: usize = 1024;
+/// Bit set in the sequence numbers of director-originated requests.
+const DIRECTOR_SEQUENCE_BIT: u32 = 0x8000_0000;
+
+impl SessionDirector {
+    /// A director with `config`, which must pass [`DirectorConfig::validate`].
+    pub fn new(config: DirectorConfig) -> Result<Self, DirectorConfigError> {
+        config.validate()?;
+        let cap = config.max_tunnels;
+        let ipv4_pool = config
+            .ipv4_pool
+            .map(|p| AddressPool::for_prefix(32, p.prefix_len, true, cap));
+        let ipv6_pool = config
+            .ipv6_pool
+            .map(|p| AddressPool::for_prefix(128, p.prefix_len, false, cap));
+        Ok(Self {
+            rng: ChaCha20Rng::from_seed(config.rng_seed),
+            config,
+            connections: FxHashMap::default(),
+            pending: VecDeque::new(),
+            pending_count: 0,
+            tunnels: FxHashMap::default(),
+            by_addr: FxHashMap::default(),
+            ipv4_pool,
+            ipv6_pool,
+            timers: BinaryHeap::new(),
+            control_out: VecDeque::new(),
+            ready: VecDeque::new(),
+            queued_frames: 0,
+            spare: Vec::new(),
+            events: VecDeque::new(),
+            next_sequence: DIRECTOR_SEQUENCE_BIT,
+            stats: DirectorStats::default(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &DirectorConfig {
+        &self.config
+    }
+
+    /// A transport connection was accepted (stream) or a datagram came from a new remote
+    /// address (datagram transports). It must complete a Configuration exchange within
+    /// `pending_timeout`; beyond `max_pending_connections` the oldest unconfigured connection is
+    /// closed.
+    pub fn handle_connect(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        info: ConnectionInfo,
+    ) -> Result<(), DuplicateConnection> {
+        if self.connections.contains_key(&connection) {
+            return Err(DuplicateConnection(connection));
+        }
+        self.connections.insert(
+            connection,
+            Connection {
+                info,
+                tunnel: None,
+                configured: false,
+                notification: None,
+            },
+        );
+        self.pending.push_back(connection);
+        self.pending_count += 1;
+        self.timers.push(Reverse((
+            now + self.config.pending_timeout,
+            Timer::Pending(connection),
+        )));
+        while self.pending_count > self.config.max_pending_connections {
+            let Some(oldest) = self.pending.pop_front() else {
+                break;
+            };
+            if self.is_pending(oldest) {
+                self.drop_connection(oldest);
+            }
+        }
+        Ok(())
+    }
+
+    /// The transport of `connection` closed or failed. Its tunnel, if any, becomes persistent.
+    pub fn handle_disconnect(&mut self, now: Instant, connection: ConnectionHandle) {
+        let Some(conn) = self.connections.remove(&connection) else {
+            return;
+        };
+        if !conn.configured {
+            self.unpend();
+        }
+        if let Some(id) = conn.tunnel {
+            self.make_persistent(now, id);
+        }
+    }
+
+    /// One datagram from a datagram transport (UDP, a DTLS record's payload, a QUIC
+    /// datagram): exactly one envelope.
+    pub fn handle_datagram(&mut self, now: Instant, connection: ConnectionHandle, datagram: &[u8]) {
+        match Envelope::decode_datagram(datagram) {
+            Ok(envelope) => self.handle_envelope(now, connection, envelope),
+            Err(_) => self.stats.dropped.bad_envelope += 1,
+        }
+    }
+
+    /// One envelope, cut from a stream by a [`StreamDeframer`](crate::wire::StreamDeframer)
+    /// or decoded from a datagram.
+    pub fn handle_envelope(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        envelope: Envelope<'_>,
+    ) {
+        if !self.connections.contains_key(&connection) {
+            self.stats.dropped.unknown_connection += 1;
+            return;
+        }
+        match envelope.kind {
+            EnvelopeType::DATA => self.relay(now, connection, envelope.payload),
+            EnvelopeType::CONTROL => self.handle_control(now, connection, envelope.payload),
+            _ => self.stats.dropped.unknown_envelope_type += 1,
+        }
+    }
+
+    /// Fires the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Idle(id) => self.check_idle(now, id),
+                Timer::Persistence(id) => self.check_persistence(now, id),
+                Timer::Pending(c) => {
+                    if self.is_pending(c) {
+                        self.drop_connection(c);
+                    }
+                }
+                Timer::Notification(c) => self.retransmit_notification(now, c),
+            }
+        }
+    }
+
+    /// The next envelope to send, written into `buf` (which is replaced, not appended to).
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((connection, mut bytes)) = self.control_out.pop_front() {
+            core::mem::swap(buf, &mut bytes);
+            self.recycle(bytes);
+            return Some(Transmit { connection });
+        }
+        while let Some(id) = self.ready.pop_front() {
+            let Some(tunnel) = self.tunnels.get_mut(&id) else {
+                continue;
+            };
+            let Some(connection) = tunnel.connection else {
+                // Persistent: frames wait for the re-attach.
+                tunnel.in_ready = false;
+                continue;
+            };
+            let Some(mut frame) = tunnel.queue.pop_front() else {
+                tunnel.in_ready = false;
+                continue;
+            };
+            if tunnel.queue.is_empty() {
+                tunnel.in_ready = false;
+            } else {
+                self.ready.push_back(id);
+            }
+            self.queued_frames -= 1;
+            core::mem::swap(buf, &mut frame);
+            self.recycle(frame);
+            return Some(Transmit { connection });
+        }
+        None
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<DirectorEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Closes a tunnel administratively, telling its client with a Release Notification.
+    pub fn close_tunnel(
+        &mut self,
+        now: Instant,
+        tunnel_id: u64,
+        reason: ResultCode,
+    ) -> Result<(), UnknownTunnel> {
+        let connection = self
+            .tunnels
+            .get(&tunnel_id)
+            .ok_or(UnknownTunnel(tunnel_id))?
+            .connection;
+        if let Some(c) = connection {
+            self.notify_release(now, c, tunnel_id, reason);
+        }
+        self.close(tunnel_id, reason);
+        Ok(())
+    }
+
+    /// Closes every tunnel with reason Shutdown.
+    pub fn shutdown(&mut self, now: Instant) {
+        let ids: Vec<u64> = self.tunnels.keys().copied().collect();
+        for id in ids {
+            // The id was just listed, so it exists.
+            let _ = self.close_tunnel(now, id, ResultCode::SHUTDOWN);
+        }
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> DirectorStats {
+        let mut stats = self.stats.clone();
+        stats.persistent_tunnels = self
+            .tunnels
+            .values()
+            .filter(|t| t.connection.is_none())
+            .count();
+        stats.active_tunnels = self.tunnels.len() - stats.persistent_tunnels;
+        stats.pending_connections = self.pending_count;
+        stats
+    }
+
+    /// The tunnels held, in no particular order.
+    pub fn tunnels(&self) -> impl Iterator<Item = TunnelSummary> + '_ {
+        self.tunnels.values().map(|t| TunnelSummary {
+            tunnel_id: t.id,
+            ipv4: t.ipv4.map(|(a, _)| a),
+            ipv6: t.ipv6.map(|(a, _)| a),
+            connection: t.connection,
+            transport: t.transport,
+            keepalive: t.keepalive,
+            capabilities: t.capabilities,
+            queued_frames: t.queue.len(),
+        })
+    }
+
+    /// The tunnel holding internal address `addr`.
+    pub fn tunnel_by_address(&self, addr: IpAddr) -> Option<u64> {
+        self.by_addr.get(&addr).copied()
+    }
+
+    // ---- data path ----
+
+    fn relay(&mut self, now: Instant, connection: ConnectionHandle, payload: &[u8]) {
+        let Some(src_id) = self.connections.get(&connection).and_then(|c| c.tunnel) else {
+            self.stats.dropped.not_configured += 1;
+            return;
+        };
+        if payload.len() > self.config.max_packet_len {
+            self.stats.dropped.oversized += 1;
+            return;
+        }
+        let Ok(packet) = InnerPacket::parse(payload) else {
+            self.stats.dropped.bad_packet += 1;
+            return;
+        };
+        let Some(src) = self.tunnels.get_mut(&src_id) else {
+            return;
+        };
+        src.last_heard = now;
+        if !src.owns(packet.source()) {
+            self.stats.dropped.spoofed_source += 1;
+            return;
+        }
+        let Some(&dst_id) = self.by_addr.get(&packet.destination()) else {
+            self.stats.dropped.unknown_destination += 1;
+            return;
+        };
+        if self.queued_frames >= self.config.max_total_queued_frames {
+            self.stats.dropped.queue_full += 1;
+            return;
+        }
+        let mut frame = self.spare.pop().unwrap_or_default();
+        let Some(dst) = self.tunnels.get_mut(&dst_id) else {
+            return;
+        };
+        if dst.queue.len() >= self.config.max_queued_frames {
+            self.stats.dropped.queue_full += 1;
+            self.spare.push(frame);
+            return;
+        }
+        frame.clear();
+        // The payload is at most max_packet_len, which validate() keeps below the envelope max.
+        let Ok(header) = Envelope::header_bytes(EnvelopeType::DATA, payload.len()) else {
+            return;
+        };
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(payload);
+        dst.queue.push_back(frame);
+        self.queued_frames += 1;
+        if !dst.in_ready && dst.connection.is_some() {
+            dst.in_ready = true;
+            self.ready.push_back(dst_id);
+        }
+        self.stats.frames_relayed += 1;
+        self.stats.bytes_relayed += payload.len() as u64;
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() <= 2048 {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    // ---- helpers ----
+
+    fn is_pending(&self, connection: ConnectionHandle) -> bool {
+        self.connections
+            .get(&connection)
+            .is_some_and(|c| !c.configured)
+    }
+
+    fn unpend(&mut self) {
+        debug_assert!(self.pending_count > 0, "pending connection count underflow");
+        self.pending_count = self.pending_count.saturating_sub(1);
+    }
+
+    fn bind(&mut self, connection: ConnectionHandle, id: u64) {
+        if let Some(c) = self.connections.get_mut(&connection) {
+            c.tunnel = Some(id);
+            if !c.configured {
+                c.configured = true;
+                self.unpend();
+            }
+        }
+    }
+
+    fn touch(&mut self, now: Instant, connection: ConnectionHandle) {
+        let tunnel = self.connections.get(&connection).and_then(|c| c.tunnel);
+        if let Some(t) = tunnel.and_then(|id| self.tunnels.get_mut(&id)) {
+            t.last_heard = now;
+        }
+    }
+
+    fn schedule_idle(&mut self, id: u64) {
+        if let Some(t) = self.tunnels.get(&id) {
+            let at = t.last_heard + t.keepalive * self.config.idle_intervals;
+            self.timers.push(Reverse((at, Timer::Idle(id))));
+        }
+    }
+
+    fn admits(&self, info: &ConnectionInfo, token: Option<&[u8]>) -> bool {
+        let admission = &self.config.admission;
+        admission.is_open()
+            || (admission.verified_identities && info.verified_identity)
+            || token.is_some_and(|t| admission.tokens.iter().any(|k| constant_time_eq(k, t)))
+    }
+
+    fn allocate_addresses(&mut self) -> Option<Assigned> {
+        let mut ipv4 = None;
+        if let (Some(pool), Some(prefix)) = (self.ipv4_pool.as_mut(), self.config.ipv4_pool) {
+            let offset = pool.allocate()?;
+            let base = u128::from(u32::from(prefix.network));
+            let addr = u32::try_from(base + offset).map(Ipv4Addr::from).ok()?;
+            ipv4 = Some((addr, offset));
+        }
+        let mut ipv6 = None;
+        if let (Some(pool), Some(prefix)) = (self.ipv6_pool.as_mut(), self.config.ipv6_pool) {
+            let Some(offset) = pool.allocate() else {
+                // Give the IPv4 address back: the request fails as a whole.
+                if let (Some((_, o)), Some(p4)) = (ipv4, self.ipv4_pool.as_mut()) {
+                    p4.release(o);
+                }
+                return None;
+            };
+            ipv6 = Some((Ipv6Addr::from(u128::from(prefix.network) + offset), offset));
+        }
+        Some((ipv4, ipv6))
+    }
+
+    fn fresh_tunnel_id(&mut self) -> u64 {
+        loop {
+            let id = self.rng.next_u64();
+            if id != 0 && !self.tunnels.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn negotiate_keepalive(&self, transport: Transport, proposal_ms: Option<u32>) -> Duration {
+        negotiate(&self.config.keepalive, transport, proposal_ms)
+    }
+}
+
+impl Tunnel {
+    fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        let v4 = self.ipv4.map(|(a, _)| IpAddr::V4(a));
+        let v6 = self.ipv6.map(|(a, _)| IpAddr::V6(a));
+        v4.into_iter().chain(v6)
+    }
+
+    fn owns(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.ipv4.is_some_and(|(mine, _)| mine == a),
+            IpAddr::V6(a) => self.ipv6.is_some_and(|(mine, _)| mine == a),
+        }
+    }
+}
+
+fn negotiate(k: &KeepaliveConfig, transport: Transport, proposal_ms: Option<u32>) -> Duration {
+    match proposal_ms {
+        Some(ms) => Duration::from_millis(u64::from(ms)).clamp(k.min, k.max),
+        None if transport.is_datagram() => k.default_datagram,
+        None => k.default_stream,
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

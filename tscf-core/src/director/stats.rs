@@ -1,0 +1,77 @@
+//! Counters a director keeps; every drop has a reason.
+
+/// Statistics of a [`SessionDirector`](super::SessionDirector).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirectorStats {
+    /// Tunnels with a live transport.
+    pub active_tunnels: usize,
+    /// Tunnels waiting for a re-attach.
+    pub persistent_tunnels: usize,
+    /// Connections that have not completed a Configuration exchange.
+    pub pending_connections: usize,
+    /// Tunnels opened since start.
+    pub tunnels_opened: u64,
+    /// Tunnels closed since start.
+    pub tunnels_closed: u64,
+    /// Successful re-attaches.
+    pub reattaches: u64,
+    /// Data frames relayed to another tunnel.
+    pub frames_relayed: u64,
+    /// Octets of inner packets relayed.
+    pub bytes_relayed: u64,
+    /// Control messages answered.
+    pub control_answered: u64,
+    /// Configuration Requests refused, by reason.
+    pub refused: RefusalCounters,
+    /// Inputs dropped, by reason.
+    pub dropped: DropCounters,
+}
+
+/// Configuration Requests refused, by result code.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusalCounters {
+    /// No or wrong admission credential.
+    pub unauthorized: u64,
+    /// Re-attach with a wrong secret.
+    pub bad_reattach_secret: u64,
+    /// Re-attach of a tunnel the director does not hold.
+    pub tunnel_not_found: u64,
+    /// At `max_tunnels`.
+    pub server_full: u64,
+    /// A pool ran dry.
+    pub no_address: u64,
+    /// Control messages answered with an error result (malformed, unknown, version…).
+    pub protocol_errors: u64,
+}
+
+/// Inputs dropped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DropCounters {
+    /// The envelope header was invalid.
+    pub bad_envelope: u64,
+    /// An envelope of a type this version does not know.
+    pub unknown_envelope_type: u64,
+    /// Data on a connection without a tunnel.
+    pub not_configured: u64,
+    /// The data payload was not one whole IP packet.
+    pub bad_packet: u64,
+    /// The inner packet exceeded `max_packet_len`.
+    pub oversized: u64,
+    /// The inner source was not the sending tunnel's address.
+    pub spoofed_source: u64,
+    /// No live tunnel holds the inner destination.
+    pub unknown_destination: u64,
+    /// The destination's queue (or the global queue) was full.
+    pub queue_full: u64,
+    /// A control message that failed validation and is not answered.
+    pub bad_control: u64,
+    /// A message whose header names another tunnel than its connection's.
+    pub tunnel_mismatch: u64,
+    /// A response matching no outstanding request, or a message not meant for a director.
+    pub unexpected_message: u64,
+    /// Data for a connection the director no longer knows.
+    pub unknown_connection: u64,
+}

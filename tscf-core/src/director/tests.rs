@@ -1,0 +1,631 @@
+//! Unit tests of the director against a scripted client that speaks the wire format.
+
+use super::*;
+use crate::wire::{Capabilities, Message, ResultCode};
+
+const STREAM: Transport = Transport::TLS;
+const DGRAM: Transport = Transport::UDP;
+
+#[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn info(transport: Transport) -> ConnectionInfo {
+    ConnectionInfo {
+        transport,
+        remote: "198.51.100.7:40000".parse().expect("addr"),
+        verified_identity: false,
+    }
+}
+
+struct Harness {
+    d: SessionDirector,
+    now: Instant,
+    seq: u32,
+}
+
+/// A decoded transmit: its connection and the owned envelope bytes.
+struct Out {
+    connection: ConnectionHandle,
+    bytes: Vec<u8>,
+}
+
+impl Out {
+    fn message(&self) -> Message<'_> {
+        let env = Envelope::decode_datagram(&self.bytes).expect("director sends valid envelopes");
+        assert_eq!(env.kind, EnvelopeType::CONTROL);
+        Message::decode(env.payload).expect("director sends valid messages")
+    }
+}
+
+impl Harness {
+    fn new(config: DirectorConfig) -> Self {
+        Self {
+            d: SessionDirector::new(config).expect("valid config"),
+            now: t0(),
+            seq: 0,
+        }
+    }
+
+    fn connect(&mut self, c: u64, transport: Transport) -> ConnectionHandle {
+        let h = ConnectionHandle(c);
+        self.d
+            .handle_connect(self.now, h, info(transport))
+            .expect("new handle");
+        h
+    }
+
+    fn send(&mut self, c: ConnectionHandle, m: &Message<'_>) -> Vec<Out> {
+        let mut bytes = Vec::new();
+        m.encode_envelope(&mut bytes).expect("encodable");
+        self.d.handle_datagram(self.now, c, &bytes);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = self.d.poll_transmit(&mut buf) {
+            out.push(Out {
+                connection: t.connection,
+                bytes: buf.clone(),
+            });
+        }
+        out
+    }
+
+    fn events(&mut self) -> Vec<DirectorEvent> {
+        std::iter::from_fn(|| self.d.poll_event()).collect()
+    }
+
+    fn advance(&mut self, by: Duration) -> Vec<Out> {
+        let until = self.now + by;
+        while let Some(at) = self.d.poll_timeout().filter(|at| *at <= until) {
+            self.now = self.now.max(at);
+            self.d.handle_timeout(self.now);
+        }
+        self.now = until;
+        self.drain()
+    }
+
+    fn request(&mut self, t: MessageType, tunnel: u64) -> Message<'static> {
+        self.seq += 1;
+        Message::new(t, self.seq, tunnel)
+    }
+
+    /// Configures a tunnel on connection `c`; returns (tunnel id, secret, IPv4 address).
+    fn configure(
+        &mut self,
+        c: u64,
+        transport: Transport,
+    ) -> (ConnectionHandle, u64, [u8; 16], Ipv4Addr) {
+        let h = self.connect(c, transport);
+        let req = self.request(MessageType::CONFIGURATION_REQUEST, 0);
+        let out = self.send(h, &req);
+        assert_eq!(out.len(), 1);
+        let m = out[0].message();
+        assert_eq!(
+            m.tlvs.result_code,
+            Some(ResultCode::SUCCESS),
+            "configure {c}"
+        );
+        let ip = m.tlvs.internal_ipv4.expect("IPv4 pool configured").addr;
+        (
+            h,
+            m.header.tunnel_id,
+            m.tlvs.reattach_secret.expect("secret"),
+            ip,
+        )
+    }
+}
+
+fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0x13, 0x8c, 0x13, 0x8c, 0, (8 + payload.len()) as u8, 0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn data(packet: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, packet, &mut out).expect("fits");
+    out
+}
+
+fn small_pool() -> DirectorConfig {
+    DirectorConfig {
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 29)),
+        ipv6_pool: None,
+        ..DirectorConfig::default()
+    }
+}
+
+#[test]
+fn configuration_assigns_unique_tunnels_and_addresses() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let h1 = h.connect(1, STREAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.keepalive_interval_ms = Some(1_000);
+    req.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
+    let out = h.send(h1, &req);
+    let m = out[0].message();
+    assert_eq!(out[0].connection, h1);
+    assert_eq!(m.header.message_type, MessageType::CONFIGURATION_RESPONSE);
+    assert_eq!(m.header.sequence, req.header.sequence);
+    assert_ne!(m.header.tunnel_id, 0);
+    assert_eq!(
+        m.tlvs.internal_ipv4.map(|a| (a.addr, a.prefix_len)),
+        Some((Ipv4Addr::new(10, 77, 0, 2), 16))
+    );
+    assert_eq!(m.tlvs.internal_ipv6.map(|a| a.prefix_len), Some(48));
+    // A 1 s proposal is clamped up to the 5 s minimum.
+    assert_eq!(m.tlvs.keepalive_interval_ms, Some(5_000));
+    assert_eq!(m.tlvs.observed_address, Some(info(STREAM).remote));
+    let (_, id2, _, ip2) = h.configure(2, DGRAM);
+    assert_ne!(id2, m.header.tunnel_id);
+    assert_eq!(ip2, Ipv4Addr::new(10, 77, 0, 3));
+    let summary: Vec<_> = h.d.tunnels().collect();
+    assert_eq!(summary.len(), 2);
+    assert_eq!(h.d.stats().active_tunnels, 2);
+    assert!(
+        matches!(h.events()[0], DirectorEvent::TunnelOpened { connection, .. } if connection == h1)
+    );
+}
+
+#[test]
+fn admission_requires_a_credential_when_configured() {
+    let mut config = DirectorConfig::default();
+    config.admission.tokens = vec![b"letmein".to_vec()];
+    let mut h = Harness::new(config);
+    let c = h.connect(1, STREAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    assert_eq!(
+        h.send(c, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::UNAUTHORIZED)
+    );
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.auth_token = Some(b"letmeiN");
+    assert_eq!(
+        h.send(c, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::UNAUTHORIZED)
+    );
+    req.header.sequence += 1;
+    req.tlvs.auth_token = Some(b"letmein");
+    assert_eq!(
+        h.send(c, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::SUCCESS)
+    );
+    assert_eq!(h.d.stats().refused.unauthorized, 2);
+
+    let mut config = DirectorConfig::default();
+    config.admission.verified_identities = true;
+    let mut h = Harness::new(config);
+    let c = ConnectionHandle(1);
+    h.d.handle_connect(
+        h.now,
+        c,
+        ConnectionInfo {
+            verified_identity: true,
+            ..info(STREAM)
+        },
+    )
+    .expect("new");
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    assert_eq!(
+        h.send(c, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::SUCCESS)
+    );
+}
+
+#[test]
+fn open_admission_is_refused_beyond_loopback() {
+    let config = DirectorConfig::default();
+    assert!(config
+        .check_listeners(&["127.0.0.1:4443".parse().expect("addr")])
+        .is_ok());
+    assert!(matches!(
+        config.check_listeners(&["0.0.0.0:4443".parse().expect("addr")]),
+        Err(DirectorConfigError::OpenRelay(_))
+    ));
+}
+
+#[test]
+fn limits_give_server_full_and_no_address() {
+    let mut h = Harness::new(DirectorConfig {
+        max_tunnels: 2,
+        ..DirectorConfig::default()
+    });
+    h.configure(1, STREAM);
+    h.configure(2, STREAM);
+    let c = h.connect(3, STREAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    assert_eq!(
+        h.send(c, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::SERVER_FULL)
+    );
+
+    // A /29 leaves .2 to .6 for clients.
+    let mut h = Harness::new(small_pool());
+    for c in 1..=5 {
+        h.configure(c, STREAM);
+    }
+    let c = h.connect(6, STREAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    let result = h.send(c, &req)[0].message().tlvs.result_code;
+    assert_eq!(result, Some(ResultCode::NO_ADDRESS_AVAILABLE));
+    assert_eq!(h.d.stats().refused.no_address, 1);
+}
+
+#[test]
+fn relays_between_tunnels_and_drops_what_it_must() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, _, _, ip1) = h.configure(1, STREAM);
+    let (c2, _, _, ip2) = h.configure(2, DGRAM);
+    let pkt = udp_packet(ip1, ip2, b"hello");
+    h.d.handle_datagram(h.now, c1, &data(&pkt));
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].connection, c2);
+    assert_eq!(out[0].bytes, data(&pkt));
+
+    // Spoofed source, unknown destination, oversized, not an IP packet.
+    h.d.handle_datagram(h.now, c1, &data(&udp_packet(ip2, ip2, b"x")));
+    h.d.handle_datagram(
+        h.now,
+        c1,
+        &data(&udp_packet(ip1, Ipv4Addr::new(10, 77, 9, 9), b"x")),
+    );
+    h.d.handle_datagram(h.now, c1, &data(&udp_packet(ip1, ip2, &[0; 1400])));
+    h.d.handle_datagram(h.now, c1, &data(b"not ip"));
+    // Data before configuration.
+    let c3 = h.connect(3, STREAM);
+    h.d.handle_datagram(h.now, c3, &data(&pkt));
+    assert!(h.drain().is_empty());
+    let s = h.d.stats();
+    assert_eq!(
+        (
+            s.dropped.spoofed_source,
+            s.dropped.unknown_destination,
+            s.dropped.oversized
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!((s.dropped.bad_packet, s.dropped.not_configured), (1, 1));
+    assert_eq!((s.frames_relayed, s.bytes_relayed), (1, pkt.len() as u64));
+}
+
+#[test]
+fn per_tunnel_queue_is_bounded() {
+    let mut h = Harness::new(DirectorConfig {
+        max_queued_frames: 4,
+        ..DirectorConfig::default()
+    });
+    let (c1, _, _, ip1) = h.configure(1, STREAM);
+    let (_, _, _, ip2) = h.configure(2, STREAM);
+    for i in 0..10u8 {
+        h.d.handle_datagram(h.now, c1, &data(&udp_packet(ip1, ip2, &[i])));
+    }
+    assert_eq!(h.drain().len(), 4);
+    assert_eq!(h.d.stats().dropped.queue_full, 6);
+    // Draining made room again.
+    h.d.handle_datagram(h.now, c1, &data(&udp_packet(ip1, ip2, b"again")));
+    assert_eq!(h.drain().len(), 1);
+}
+
+#[test]
+fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_secret() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, id, secret, ip) = h.configure(1, STREAM);
+    let (c2, _, _, ip2) = h.configure(2, STREAM);
+    h.events();
+    h.d.handle_disconnect(h.now, c1);
+    assert_eq!(
+        h.events(),
+        [DirectorEvent::TunnelPersistent { tunnel_id: id }]
+    );
+    assert_eq!(h.d.stats().persistent_tunnels, 1);
+    // Frames for a persistent tunnel wait for it.
+    h.d.handle_datagram(h.now, c2, &data(&udp_packet(ip2, ip, b"wait")));
+    assert!(h.drain().is_empty());
+
+    let c3 = h.connect(3, STREAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.tunnel_id = Some(id);
+    req.tlvs.reattach_secret = Some([0; 16]);
+    assert_eq!(
+        h.send(c3, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::UNAUTHORIZED)
+    );
+    assert_eq!(h.d.stats().refused.bad_reattach_secret, 1);
+    assert_eq!(
+        h.d.stats().persistent_tunnels,
+        1,
+        "a wrong secret leaves the tunnel alone"
+    );
+
+    req.header.sequence += 1;
+    req.tlvs.reattach_secret = Some(secret);
+    let out = h.send(c3, &req);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(m.header.tunnel_id, id);
+    assert_eq!(m.tlvs.internal_ipv4.map(|a| a.addr), Some(ip));
+    assert_ne!(
+        m.tlvs.reattach_secret,
+        Some(secret),
+        "the secret is renewed"
+    );
+    // The waiting frame follows the response.
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        (out[1].connection, &out[1].bytes),
+        (c3, &data(&udp_packet(ip2, ip, b"wait")))
+    );
+    assert!(h.events().contains(&DirectorEvent::TunnelReattached {
+        tunnel_id: id,
+        connection: c3
+    }));
+
+    let c4 = h.connect(4, STREAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.tunnel_id = Some(id ^ 1);
+    req.tlvs.reattach_secret = Some(secret);
+    assert_eq!(
+        h.send(c4, &req)[0].message().tlvs.result_code,
+        Some(ResultCode::TUNNEL_NOT_FOUND)
+    );
+}
+
+#[test]
+fn reattach_while_active_moves_the_tunnel_and_closes_the_old_connection() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, id, secret, _) = h.configure(1, DGRAM);
+    h.events();
+    let c2 = h.connect(2, DGRAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.tunnel_id = Some(id);
+    req.tlvs.reattach_secret = Some(secret);
+    assert_eq!(h.send(c2, &req)[0].message().header.tunnel_id, id);
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c1 }));
+    assert_eq!(h.d.stats().pending_connections, 0);
+    assert_eq!(h.d.stats().active_tunnels, 1);
+}
+
+#[test]
+fn persistence_timeout_closes_and_the_address_is_reused() {
+    let mut h = Harness::new(small_pool());
+    let mut first = None;
+    for c in 1..=5 {
+        let (conn, id, _, ip) = h.configure(c, STREAM);
+        first.get_or_insert((conn, id, ip));
+    }
+    let (conn, id, ip) = first.expect("configured");
+    h.d.handle_disconnect(h.now, conn);
+    h.advance(Duration::from_secs(329));
+    assert_eq!(h.d.stats().persistent_tunnels, 1);
+    h.advance(Duration::from_secs(2));
+    assert!(h.events().contains(&DirectorEvent::TunnelClosed {
+        tunnel_id: id,
+        reason: ResultCode::TIMEOUT
+    }));
+    assert_eq!(h.d.tunnel_by_address(IpAddr::V4(ip)), None);
+    let (_, new_id, _, new_ip) = h.configure(9, STREAM);
+    assert_eq!(new_ip, ip, "the freed address is handed out again");
+    assert_ne!(new_id, id);
+}
+
+#[test]
+fn an_idle_tunnel_becomes_persistent() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, DGRAM);
+    h.events();
+    // Keepalives keep it active: 30 s interval, 3 intervals of silence allowed.
+    for _ in 0..5 {
+        h.advance(Duration::from_secs(60));
+        let ka = h.request(MessageType::KEEPALIVE, id);
+        assert_eq!(
+            h.send(c, &ka)[0].message().tlvs.result_code,
+            Some(ResultCode::SUCCESS)
+        );
+    }
+    assert_eq!(h.d.stats().active_tunnels, 1);
+    h.advance(Duration::from_secs(91));
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelPersistent { tunnel_id: id }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+}
+
+#[test]
+fn duplicate_requests_get_the_remembered_response() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let c = h.connect(1, DGRAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    let first = h.send(c, &req);
+    let again = h.send(c, &req);
+    assert_eq!(first[0].bytes, again[0].bytes);
+    assert_eq!(h.d.stats().tunnels_opened, 1);
+    let id = first[0].message().header.tunnel_id;
+    let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, id);
+    let out = h.send(c, &release);
+    assert_eq!(
+        out[0].message().header.message_type,
+        MessageType::CONFIGURATION_RELEASE_RESPONSE
+    );
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelClosed {
+        tunnel_id: id,
+        reason: ResultCode::SUCCESS
+    }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+    assert_eq!(h.d.stats().active_tunnels, 0);
+}
+
+#[test]
+fn administrative_close_notifies_with_retransmission_on_datagram_transports() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, DGRAM);
+    h.d.close_tunnel(h.now, id, ResultCode::ADMINISTRATIVE)
+        .expect("exists");
+    let out = h.drain();
+    let note = out[0].message();
+    assert_eq!(
+        note.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert_eq!(note.tlvs.result_code, Some(ResultCode::ADMINISTRATIVE));
+    assert!(note.header.sequence & DIRECTOR_SEQUENCE_BIT != 0);
+    // Unanswered: retransmitted after 250 ms and 500 ms more.
+    assert!(h.advance(Duration::from_millis(249)).is_empty());
+    assert_eq!(h.advance(Duration::from_millis(1)).len(), 1);
+    assert_eq!(h.advance(Duration::from_millis(500)).len(), 1);
+    let mut ack = Message::new(
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION_RESPONSE,
+        note.header.sequence,
+        id,
+    );
+    ack.tlvs.result_code = Some(ResultCode::SUCCESS);
+    assert!(h.send(c, &ack).is_empty());
+    assert!(h
+        .events()
+        .contains(&DirectorEvent::CloseConnection { connection: c }));
+    assert!(
+        h.advance(Duration::from_secs(20)).is_empty(),
+        "no retransmission after the ack"
+    );
+
+    // On a stream: one notification, then the connection is closed.
+    let (c, id, _, _) = h.configure(2, STREAM);
+    h.events();
+    h.d.shutdown(h.now);
+    assert_eq!(
+        h.drain()[0].message().tlvs.result_code,
+        Some(ResultCode::SHUTDOWN)
+    );
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+    assert!(events.contains(&DirectorEvent::TunnelClosed {
+        tunnel_id: id,
+        reason: ResultCode::SHUTDOWN
+    }));
+}
+
+#[test]
+fn unconfigured_connections_are_bounded_in_number_and_time() {
+    let mut h = Harness::new(DirectorConfig {
+        max_pending_connections: 3,
+        ..DirectorConfig::default()
+    });
+    for c in 1..=5 {
+        h.connect(c, STREAM);
+    }
+    let closed: Vec<_> = h.events();
+    assert_eq!(
+        closed,
+        [1, 2].map(|c| DirectorEvent::CloseConnection {
+            connection: ConnectionHandle(c)
+        })
+    );
+    assert_eq!(h.d.stats().pending_connections, 3);
+    h.configure(6, STREAM);
+    h.advance(Duration::from_secs(11));
+    assert_eq!(h.d.stats().pending_connections, 0);
+    assert_eq!(
+        h.d.stats().active_tunnels,
+        1,
+        "the configured connection stays"
+    );
+    assert_eq!(
+        h.events().len(),
+        3 + 1,
+        "3 pending closed, plus the earlier TunnelOpened"
+    );
+}
+
+#[test]
+fn protocol_errors_are_answered_per_the_receiver_rules() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, STREAM);
+    // A request naming another tunnel.
+    let ka = h.request(MessageType::KEEPALIVE, id ^ 7);
+    assert_eq!(
+        h.send(c, &ka)[0].message().tlvs.result_code,
+        Some(ResultCode::TUNNEL_NOT_FOUND)
+    );
+    // Client Service Request: not offered yet.
+    let mut svc = h.request(MessageType::CLIENT_SERVICE_REQUEST, id);
+    svc.tlvs.service_type = Some(crate::wire::ServiceType::PEER);
+    assert_eq!(
+        h.send(c, &svc)[0].message().tlvs.result_code,
+        Some(ResultCode::SERVICE_NOT_ENABLED)
+    );
+    // Unknown critical TLV in a keepalive.
+    let mut bytes = Vec::new();
+    h.request(MessageType::KEEPALIVE, id)
+        .encode(&mut bytes)
+        .expect("fits");
+    bytes.extend([0x7e, 0]);
+    let mut env = Vec::new();
+    Envelope::encode(EnvelopeType::CONTROL, &bytes, &mut env).expect("fits");
+    h.d.handle_datagram(h.now, c, &env);
+    let out = h.drain();
+    assert_eq!(
+        out[0].message().tlvs.result_code,
+        Some(ResultCode::UNKNOWN_CRITICAL_TLV)
+    );
+    // An unexpected response is dropped.
+    let resp = Message::response_to(
+        &h.request(MessageType::KEEPALIVE, id).header,
+        ResultCode::SUCCESS,
+    );
+    assert!(h.send(c, &resp).is_empty());
+    assert_eq!(h.d.stats().dropped.unexpected_message, 1);
+}
+
+#[test]
+fn hostile_bytes_never_panic_and_leave_other_tunnels_working() {
+    use rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, _, _, ip1) = h.configure(1, DGRAM);
+    let (c2, _, _, ip2) = h.configure(2, STREAM);
+    let evil = h.connect(3, DGRAM);
+    let (c4, _, _, _) = h.configure(4, DGRAM);
+    let mut buf = [0u8; 128];
+    for i in 0..20_000 {
+        let len = (rng.next_u32() % 128) as usize;
+        rng.fill_bytes(&mut buf[..len]);
+        // Make many of them look like envelopes so they reach the deeper layers.
+        if len >= 3 && i % 2 == 0 {
+            buf[0] = 4 + (i % 4 == 0) as u8;
+            buf[1..3].copy_from_slice(&(len as u16).to_be_bytes());
+        }
+        let from = [evil, c4][i % 2];
+        h.d.handle_datagram(h.now, from, &buf[..len]);
+        h.drain();
+        h.events();
+    }
+    let pkt = udp_packet(ip1, ip2, b"still here");
+    h.d.handle_datagram(h.now, c1, &data(&pkt));
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].connection, c2);
+    assert!(h.d.stats().active_tunnels >= 2);
+}
