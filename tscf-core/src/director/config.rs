@@ -36,6 +36,14 @@ pub struct DirectorConfig {
     pub max_queued_frames: usize,
     /// Frames queued across all tunnels before further frames are dropped (default 65,536).
     pub max_total_queued_frames: usize,
+    /// Offer the peer service (§7); when off, peer requests get Service Not Enabled.
+    pub peer_tunneling: bool,
+    /// How long a destination has to answer a forwarded peer request (default 1 s).
+    pub peer_answer_timeout: Duration,
+    /// Peer requests one tunnel may make per `peer_request_window` (default 10 per 10 s).
+    pub peer_request_limit: u16,
+    /// The window of `peer_request_limit`.
+    pub peer_request_window: Duration,
     /// Retransmission of director-originated requests on datagram transports (§6.3).
     pub retransmit: RetransmitConfig,
     /// Seed of the generator of tunnel ids, secrets and tokens. The runtime fills it from the
@@ -62,6 +70,10 @@ impl Default for DirectorConfig {
             max_packet_len: 1400,
             max_queued_frames: 256,
             max_total_queued_frames: 65_536,
+            peer_tunneling: true,
+            peer_answer_timeout: Duration::from_secs(1),
+            peer_request_limit: 10,
+            peer_request_window: Duration::from_secs(10),
             retransmit: RetransmitConfig::default(),
             rng_seed: [0; 32],
         }

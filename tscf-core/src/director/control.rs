@@ -64,16 +64,13 @@ impl SessionDirector {
             MessageType::CONFIGURATION_RELEASE_REQUEST => {
                 let reply = Message::response_to(&message.header, ResultCode::SUCCESS);
                 self.send(connection, &reply);
-                self.close(id, ResultCode::SUCCESS);
+                self.close(now, id, ResultCode::SUCCESS);
                 self.drop_connection(connection);
             }
             MessageType::CLIENT_SERVICE_REQUEST => {
-                // Services (peer tunneling, …) are not offered by this director yet.
-                let mut reply =
-                    Message::response_to(&message.header, ResultCode::SERVICE_NOT_ENABLED);
-                reply.tlvs.service_type = message.tlvs.service_type;
-                self.send_and_remember(connection, id, &message.header, &reply);
+                self.handle_service_request(now, connection, id, &message);
             }
+            MessageType::CLIENT_SERVICE_RESPONSE => self.handle_service_response(id, &message),
             _ => self.stats.dropped.unexpected_message += 1,
         }
     }
@@ -147,6 +144,7 @@ impl SessionDirector {
             last_heard: now,
             persistent_since: None,
             last_answer: None,
+            peer_window: (now, 0),
             queue: VecDeque::new(),
             in_ready: false,
         };

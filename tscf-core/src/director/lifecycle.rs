@@ -4,9 +4,7 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
-use super::{
-    ConnectionHandle, DirectorEvent, Outstanding, SessionDirector, Timer, DIRECTOR_SEQUENCE_BIT,
-};
+use super::{ConnectionHandle, DirectorEvent, Outstanding, SessionDirector, Timer};
 use crate::wire::{Message, MessageType, ResultCode};
 
 impl SessionDirector {
@@ -17,8 +15,7 @@ impl SessionDirector {
         tunnel_id: u64,
         reason: ResultCode,
     ) {
-        let sequence = self.next_sequence;
-        self.next_sequence = (self.next_sequence.wrapping_add(1)) | DIRECTOR_SEQUENCE_BIT;
+        let sequence = self.next_director_sequence();
         let mut message = Message::new(
             MessageType::CONFIGURATION_RELEASE_NOTIFICATION,
             sequence,
@@ -112,7 +109,7 @@ impl SessionDirector {
             self.timers
                 .push(Reverse((deadline, Timer::Persistence(id))));
         } else {
-            self.close(id, ResultCode::TIMEOUT);
+            self.close(now, id, ResultCode::TIMEOUT);
         }
     }
 
@@ -130,7 +127,7 @@ impl SessionDirector {
             .push_back(DirectorEvent::TunnelPersistent { tunnel_id: id });
     }
 
-    pub(super) fn close(&mut self, id: u64, reason: ResultCode) {
+    pub(super) fn close(&mut self, now: Instant, id: u64, reason: ResultCode) {
         let Some(t) = self.tunnels.remove(&id) else {
             return;
         };
@@ -147,6 +144,8 @@ impl SessionDirector {
         if let Some(c) = t.connection.and_then(|c| self.connections.get_mut(&c)) {
             c.tunnel = None;
         }
+        let addresses: Vec<_> = t.addresses().collect();
+        self.peer_tunnel_closed(now, id, &addresses);
         self.stats.tunnels_closed += 1;
         self.events.push_back(DirectorEvent::TunnelClosed {
             tunnel_id: id,

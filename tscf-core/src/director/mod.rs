@@ -8,6 +8,7 @@
 mod config;
 mod control;
 mod lifecycle;
+mod peer;
 mod pool;
 mod stats;
 #[cfg(test)]
@@ -27,7 +28,7 @@ pub use config::{
     Admission, DirectorConfig, DirectorConfigError, Ipv4Pool, Ipv6Pool, KeepaliveConfig,
     RetransmitConfig,
 };
-pub use stats::{DirectorStats, DropCounters, RefusalCounters};
+pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters};
 
 use crate::wire::{
     Capabilities, Envelope, EnvelopeType, InnerPacket, MessageType, ResultCode, Transport,
@@ -165,6 +166,7 @@ pub struct SessionDirector {
     /// Spare frame buffers, so that relaying does not allocate in steady state.
     spare: Vec<Vec<u8>>,
     events: VecDeque<DirectorEvent>,
+    peer: peer::PeerService,
     /// Sequence numbers of director-originated requests (top bit set, §3.1).
     next_sequence: u32,
     stats: DirectorStats,
@@ -202,6 +204,8 @@ struct Tunnel {
     persistent_since: Option<Instant>,
     /// The last request answered and its encoded response, for duplicates (§6.2).
     last_answer: Option<(MessageType, u32, Vec<u8>)>,
+    /// Start of the current peer request window and the requests made in it.
+    peer_window: (Instant, u16),
     queue: VecDeque<Vec<u8>>,
     in_ready: bool,
 }
@@ -214,6 +218,10 @@ enum Timer {
     Persistence(u64),
     Pending(ConnectionHandle),
     Notification(ConnectionHandle),
+    /// A forwarded peer service request: retransmission and answer deadline.
+    PeerAnswer(u32),
+    /// A release notice awaiting its response.
+    PeerRelease(u32),
 }
 
 /// Internal addresses given to one tunnel, with their offsets in the pools.
@@ -251,6 +259,7 @@ impl SessionDirector {
             queued_frames: 0,
             spare: Vec::new(),
             events: VecDeque::new(),
+            peer: peer::PeerService::default(),
             next_sequence: DIRECTOR_SEQUENCE_BIT,
             stats: DirectorStats::default(),
         })
@@ -357,6 +366,8 @@ impl SessionDirector {
                     }
                 }
                 Timer::Notification(c) => self.retransmit_notification(now, c),
+                Timer::PeerAnswer(seq) => self.peer_answer_timer(now, seq),
+                Timer::PeerRelease(seq) => self.peer_release_timer(now, seq),
             }
         }
     }
@@ -421,7 +432,7 @@ impl SessionDirector {
         if let Some(c) = connection {
             self.notify_release(now, c, tunnel_id, reason);
         }
-        self.close(tunnel_id, reason);
+        self.close(now, tunnel_id, reason);
         Ok(())
     }
 
@@ -596,6 +607,13 @@ impl SessionDirector {
         Some((ipv4, ipv6))
     }
 
+    /// The next sequence number for a director-originated request (top bit set, §3.1).
+    fn next_director_sequence(&mut self) -> u32 {
+        let sequence = self.next_sequence;
+        self.next_sequence = self.next_sequence.wrapping_add(1) | DIRECTOR_SEQUENCE_BIT;
+        sequence
+    }
+
     fn fresh_tunnel_id(&mut self) -> u64 {
         loop {
             let id = self.rng.next_u64();
@@ -615,6 +633,14 @@ impl Tunnel {
         let v4 = self.ipv4.map(|(a, _)| IpAddr::V4(a));
         let v6 = self.ipv6.map(|(a, _)| IpAddr::V6(a));
         v4.into_iter().chain(v6)
+    }
+
+    fn owns_family(&self, v6: bool) -> bool {
+        if v6 {
+            self.ipv6.is_some()
+        } else {
+            self.ipv4.is_some()
+        }
     }
 
     fn owns(&self, addr: IpAddr) -> bool {

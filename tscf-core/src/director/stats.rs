@@ -26,6 +26,26 @@ pub struct DirectorStats {
     pub refused: RefusalCounters,
     /// Inputs dropped, by reason.
     pub dropped: DropCounters,
+    /// Peer service activity.
+    pub peer: PeerCounters,
+}
+
+/// Peer service activity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerCounters {
+    /// Peer requests forwarded to their destination.
+    pub requests_forwarded: u64,
+    /// Pairs introduced (the destination answered Available).
+    pub introductions: u64,
+    /// Destinations that answered Unavailable.
+    pub refused_by_destination: u64,
+    /// Destinations that did not answer in time.
+    pub timeouts: u64,
+    /// Requests refused by the rate limit.
+    pub rate_limited: u64,
+    /// Release notices sent because a server tunnel closed.
+    pub release_notices: u64,
 }
 
 /// Configuration Requests refused, by result code.

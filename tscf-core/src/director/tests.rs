@@ -569,9 +569,9 @@ fn protocol_errors_are_answered_per_the_receiver_rules() {
         h.send(c, &ka)[0].message().tlvs.result_code,
         Some(ResultCode::TUNNEL_NOT_FOUND)
     );
-    // Client Service Request: not offered yet.
+    // Client Service Request for a service this director does not offer.
     let mut svc = h.request(MessageType::CLIENT_SERVICE_REQUEST, id);
-    svc.tlvs.service_type = Some(crate::wire::ServiceType::PEER);
+    svc.tlvs.service_type = Some(crate::wire::ServiceType::DDT);
     assert_eq!(
         h.send(c, &svc)[0].message().tlvs.result_code,
         Some(ResultCode::SERVICE_NOT_ENABLED)
@@ -628,4 +628,257 @@ fn hostile_bytes_never_panic_and_leave_other_tunnels_working() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].connection, c2);
     assert!(h.d.stats().active_tunnels >= 2);
+}
+
+// ---- peer service ----
+
+mod peer {
+    use super::*;
+    use crate::wire::{Candidate, CandidateKind, PeerServiceResult, ServiceAction, ServiceType};
+
+    fn capable(h: &mut Harness, c: u64, transport: Transport) -> (ConnectionHandle, u64, Ipv4Addr) {
+        let conn = h.connect(c, transport);
+        let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        req.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
+        let out = h.send(conn, &req);
+        let m = out[0].message();
+        (
+            conn,
+            m.header.tunnel_id,
+            m.tlvs.internal_ipv4.expect("v4").addr,
+        )
+    }
+
+    fn peer_request(h: &mut Harness, id: u64, dest: Ipv4Addr) -> Message<'static> {
+        let mut req = h.request(MessageType::CLIENT_SERVICE_REQUEST, id);
+        req.tlvs.service_type = Some(ServiceType::PEER);
+        req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+        req.tlvs.peer_internal_address = Some(IpAddr::V4(dest));
+        req.tlvs.candidates.push(Candidate {
+            kind: CandidateKind::HOST,
+            transport: Transport::UDP,
+            addr: "192.168.1.10:50000".parse().expect("addr"),
+        });
+        req.tlvs.certificate_fingerprint = Some([0xa1; 32]);
+        req
+    }
+
+    #[test]
+    fn introduces_two_capable_clients_with_one_token() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, b, ipb) = capable(&mut h, 2, STREAM);
+        let req = peer_request(&mut h, a, ipb);
+        let out = h.send(ca, &req);
+        assert_eq!(
+            out.len(),
+            1,
+            "forwarded to the destination, nothing to the initiator yet"
+        );
+        assert_eq!(out[0].connection, cb);
+        let fwd = out[0].message();
+        assert_eq!(fwd.header.message_type, MessageType::CLIENT_SERVICE_REQUEST);
+        assert_eq!(fwd.header.tunnel_id, b);
+        assert_eq!(fwd.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+        assert_eq!(fwd.tlvs.candidates, req.tlvs.candidates);
+        let creds = fwd
+            .tlvs
+            .peer_credentials
+            .expect("credentials for the destination");
+        assert_eq!(creds.fingerprint, Some([0xa1; 32]));
+
+        let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+        answer.tlvs.service_type = Some(ServiceType::PEER);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        answer.tlvs.candidates.push(Candidate {
+            kind: CandidateKind::SERVER_REFLEXIVE,
+            transport: Transport::UDP,
+            addr: "198.51.100.9:61000".parse().expect("addr"),
+        });
+        answer.tlvs.certificate_fingerprint = Some([0xb2; 32]);
+        let out = h.send(cb, &answer);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].connection, ca);
+        let reply = out[0].message();
+        assert_eq!(reply.header.sequence, req.header.sequence);
+        assert_eq!(reply.tlvs.result_code, Some(ResultCode::SUCCESS));
+        assert_eq!(
+            reply.tlvs.peer_service_result,
+            Some(PeerServiceResult::AVAILABLE)
+        );
+        assert_eq!(reply.tlvs.peer_internal_address, Some(IpAddr::V4(ipb)));
+        assert_eq!(reply.tlvs.candidates, answer.tlvs.candidates);
+        let a_creds = reply
+            .tlvs
+            .peer_credentials
+            .expect("credentials for the initiator");
+        assert_eq!(a_creds.token, creds.token, "both sides share one token");
+        assert_eq!(a_creds.fingerprint, Some([0xb2; 32]));
+        assert_eq!(h.d.stats().peer.introductions, 1);
+
+        // Another pair gets another token.
+        let (_, _, ipc) = capable(&mut h, 3, STREAM);
+        let req = peer_request(&mut h, a, ipc);
+        let out = h.send(ca, &req);
+        let other = out[0].message().tlvs.peer_credentials.expect("creds").token;
+        assert_ne!(other, creds.token);
+    }
+
+    #[test]
+    fn answers_itself_when_the_destination_cannot_peer() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let (_, _, _, plain) = h.configure(2, STREAM);
+        let (cp, _, gone) = capable(&mut h, 3, STREAM);
+        h.d.handle_disconnect(h.now, cp);
+        for (dest, why) in [
+            (Ipv4Addr::new(10, 77, 99, 99), "not a tunnel"),
+            (plain, "no capability"),
+            (gone, "persistent"),
+        ] {
+            let req = peer_request(&mut h, a, dest);
+            let out = h.send(ca, &req);
+            let m = out[0].message();
+            assert_eq!(
+                m.tlvs.result_code,
+                Some(ResultCode::PEER_UNAVAILABLE),
+                "{why}"
+            );
+            assert_eq!(
+                m.tlvs.peer_service_result,
+                Some(PeerServiceResult::UNAVAILABLE),
+                "{why}"
+            );
+        }
+        let mut h = Harness::new(DirectorConfig {
+            peer_tunneling: false,
+            ..DirectorConfig::default()
+        });
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let (_, _, ipb) = capable(&mut h, 2, STREAM);
+        let req = peer_request(&mut h, a, ipb);
+        let out = h.send(ca, &req);
+        assert_eq!(
+            out[0].message().tlvs.result_code,
+            Some(ResultCode::SERVICE_NOT_ENABLED)
+        );
+    }
+
+    #[test]
+    fn simultaneous_requests_make_one_negotiation() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, b, ipb) = capable(&mut h, 2, STREAM);
+        let req = peer_request(&mut h, a, ipb);
+        let out = h.send(ca, &req);
+        assert_eq!(out[0].connection, cb);
+        let req = peer_request(&mut h, b, ipa);
+        let out = h.send(cb, &req);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].connection, cb);
+        let m = out[0].message();
+        assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
+        assert_eq!(
+            m.tlvs.peer_service_result,
+            Some(PeerServiceResult::IN_PROGRESS)
+        );
+        assert_eq!(h.d.stats().peer.requests_forwarded, 1);
+    }
+
+    #[test]
+    fn a_silent_destination_times_out_and_datagram_forwards_are_retransmitted() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, DGRAM);
+        let (cb, _, ipb) = capable(&mut h, 2, DGRAM);
+        let req = peer_request(&mut h, a, ipb);
+        assert_eq!(h.send(ca, &req).len(), 1);
+        // The initiator retransmits: not forwarded twice.
+        assert!(h.send(ca, &req).is_empty());
+        let out = h.advance(Duration::from_millis(250));
+        assert_eq!(
+            (out.len(), out[0].connection),
+            (1, cb),
+            "retransmitted at 250 ms"
+        );
+        let out = h.advance(Duration::from_millis(500));
+        assert_eq!((out.len(), out[0].connection), (1, cb), "and at 750 ms");
+        let out = h.advance(Duration::from_millis(250));
+        assert_eq!(
+            out.len(),
+            1,
+            "at the 1 s deadline the initiator hears Peer Timeout"
+        );
+        let m = out[0].message();
+        assert_eq!(out[0].connection, ca);
+        assert_eq!(m.tlvs.result_code, Some(ResultCode::PEER_TIMEOUT));
+        assert_eq!(h.d.stats().peer.timeouts, 1);
+        // The initiator's retransmission now gets the remembered answer.
+        assert_eq!(
+            h.send(ca, &req)[0].message().tlvs.result_code,
+            Some(ResultCode::PEER_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn peer_requests_are_rate_limited() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let mut results = Vec::new();
+        for _ in 0..12 {
+            let req = peer_request(&mut h, a, Ipv4Addr::new(10, 77, 50, 50));
+            let out = h.send(ca, &req);
+            results.push(out[0].message().tlvs.result_code);
+        }
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Some(ResultCode::RATE_LIMITED))
+                .count(),
+            2
+        );
+        h.advance(Duration::from_secs(10));
+        let req = peer_request(&mut h, a, Ipv4Addr::new(10, 77, 50, 50));
+        let out = h.send(ca, &req);
+        assert_eq!(
+            out[0].message().tlvs.result_code,
+            Some(ResultCode::PEER_UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn closing_a_server_tunnel_tells_its_introduced_peer() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, _, ipb) = capable(&mut h, 2, DGRAM);
+        let req = peer_request(&mut h, a, ipb);
+        let out = h.send(ca, &req);
+        let fwd = out[0].message();
+        let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        h.send(cb, &answer);
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, a);
+        let out = h.send(ca, &release);
+        let first = out
+            .iter()
+            .find(|o| o.connection == cb)
+            .expect("a notice to the peer");
+        assert_eq!(
+            first.message().tlvs.service_action,
+            Some(ServiceAction::RELEASE)
+        );
+        let mut h2 = h;
+        let notice_out = h2.advance(Duration::from_millis(250));
+        assert_eq!(notice_out.len(), 1, "release notice retransmitted on UDP");
+        let notice = notice_out[0].message();
+        assert_eq!(notice_out[0].connection, cb);
+        assert_eq!(notice.tlvs.service_action, Some(ServiceAction::RELEASE));
+        assert_eq!(notice.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+        let ack = Message::response_to(&notice.header, ResultCode::SUCCESS);
+        assert!(h2.send(cb, &ack).is_empty());
+        assert!(
+            h2.advance(Duration::from_secs(10)).is_empty(),
+            "acknowledged: no more"
+        );
+        assert_eq!(h2.d.stats().peer.release_notices, 1);
+    }
 }

@@ -1,0 +1,398 @@
+//! The peer service on the director (`docs/PROTOCOL.md` §7.3, §7.4, §7.6): it introduces two
+//! clients to each other with fresh credentials, and tells a client when the other end of a
+//! peer tunnel it introduced has lost its server tunnel.
+
+use std::cmp::Reverse;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use rand_core::RngCore;
+use rustc_hash::FxHashMap;
+
+use super::{ConnectionHandle, SessionDirector, Timer};
+use crate::wire::{
+    Capabilities, Header, Message, MessageType, PeerCredentials, PeerServiceResult, ResultCode,
+    ServiceAction, ServiceType,
+};
+
+/// The most peers one tunnel is remembered to have been introduced to; the oldest is forgotten
+/// beyond it (it then gets no release notice).
+const MAX_PEERS_PER_TUNNEL: usize = 64;
+
+/// Peer service state of a director.
+#[derive(Debug, Default)]
+pub(super) struct PeerService {
+    /// Requests forwarded to a destination and not yet answered, by the forwarded sequence.
+    negotiations: FxHashMap<u32, Negotiation>,
+    /// Pairs with a negotiation under way (smaller tunnel id first) → forwarded sequence.
+    pending_pairs: FxHashMap<(u64, u64), u32>,
+    /// For each tunnel, the tunnels it was introduced to.
+    introduced: FxHashMap<u64, Vec<u64>>,
+    /// Release notices awaiting their response, by sequence.
+    releases: FxHashMap<u32, Notice>,
+}
+
+#[derive(Debug)]
+struct Negotiation {
+    initiator: u64,
+    responder: u64,
+    /// The initiator's request header, to answer on its sequence number.
+    request: Header,
+    family_v6: bool,
+    token: [u8; 16],
+    /// The forwarded request, for retransmission on datagram transports.
+    forwarded: Vec<u8>,
+    sent: u32,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Notice {
+    tunnel: u64,
+    bytes: Vec<u8>,
+    sent: u32,
+}
+
+fn pair(a: u64, b: u64) -> (u64, u64) {
+    (a.min(b), a.max(b))
+}
+
+impl SessionDirector {
+    /// A Client Service Request from tunnel `id` (not a duplicate of the last one answered).
+    pub(super) fn handle_service_request(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        id: u64,
+        request: &Message<'_>,
+    ) {
+        let header = request.header;
+        let refuse = |d: &mut Self, result: ResultCode, peer: Option<PeerServiceResult>| {
+            let mut reply = Message::response_to(&header, result);
+            reply.tlvs.service_type = request.tlvs.service_type;
+            reply.tlvs.peer_service_result = peer;
+            reply.tlvs.peer_internal_address = request.tlvs.peer_internal_address;
+            d.send_and_remember(connection, id, &header, &reply);
+        };
+        if request.tlvs.service_type != Some(ServiceType::PEER) || !self.config.peer_tunneling {
+            return refuse(self, ResultCode::SERVICE_NOT_ENABLED, None);
+        }
+        let Some(peer_addr) = request.tlvs.peer_internal_address else {
+            return refuse(self, ResultCode::MALFORMED, None);
+        };
+        if request.tlvs.service_action == Some(ServiceAction::RELEASE) {
+            if let Some(&other) = self.by_addr.get(&peer_addr) {
+                self.forget_introduction(id, other);
+            }
+            return refuse(self, ResultCode::SUCCESS, None);
+        }
+        // A retransmission of a request whose forward is still waiting for its answer.
+        let waiting = self
+            .peer
+            .negotiations
+            .values()
+            .any(|n| n.initiator == id && n.request.sequence == header.sequence);
+        if waiting {
+            return;
+        }
+        if !self.allow_peer_request(now, id) {
+            return refuse(self, ResultCode::RATE_LIMITED, None);
+        }
+        let unavailable = Some(PeerServiceResult::UNAVAILABLE);
+        let Some(&dest) = self.by_addr.get(&peer_addr).filter(|d| **d != id) else {
+            return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
+        };
+        let Some(d) = self.tunnels.get(&dest) else {
+            return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
+        };
+        let capable = d.capabilities.contains(Capabilities::PEER_TUNNELING);
+        let Some(dest_connection) = d.connection.filter(|_| capable) else {
+            return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
+        };
+        if self.peer.pending_pairs.contains_key(&pair(id, dest)) {
+            // The other side asked first: it initiates, this client acts as destination.
+            return refuse(
+                self,
+                ResultCode::SUCCESS,
+                Some(PeerServiceResult::IN_PROGRESS),
+            );
+        }
+        let family_v6 = peer_addr.is_ipv6();
+        let Some(initiator_addr) = self.tunnel_address(id, family_v6) else {
+            return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
+        };
+        let mut token = [0u8; 16];
+        self.rng.fill_bytes(&mut token);
+        let sequence = self.next_director_sequence();
+        let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, dest);
+        forward.tlvs.service_type = Some(ServiceType::PEER);
+        forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+        forward.tlvs.peer_internal_address = Some(initiator_addr);
+        forward.tlvs.connection_info = request.tlvs.connection_info;
+        forward.tlvs.candidates = request.tlvs.candidates.clone();
+        forward.tlvs.peer_credentials = Some(PeerCredentials {
+            token,
+            fingerprint: request.tlvs.certificate_fingerprint,
+        });
+        let mut bytes = Vec::new();
+        if forward.encode_envelope(&mut bytes).is_err() {
+            return refuse(self, ResultCode::INTERNAL_ERROR, None);
+        }
+        self.control_out.push_back((dest_connection, bytes.clone()));
+        let deadline = now + self.config.peer_answer_timeout;
+        let rto = now + self.config.retransmit.rto(1);
+        self.timers
+            .push(Reverse((deadline.min(rto), Timer::PeerAnswer(sequence))));
+        self.peer.pending_pairs.insert(pair(id, dest), sequence);
+        self.peer.negotiations.insert(
+            sequence,
+            Negotiation {
+                initiator: id,
+                responder: dest,
+                request: header,
+                family_v6,
+                token,
+                forwarded: bytes,
+                sent: 1,
+                deadline,
+            },
+        );
+        self.stats.peer.requests_forwarded += 1;
+    }
+
+    /// A Client Service Response from tunnel `id`: a destination's answer, or the ack of a
+    /// release notice.
+    pub(super) fn handle_service_response(&mut self, id: u64, response: &Message<'_>) {
+        let sequence = response.header.sequence;
+        if self
+            .peer
+            .releases
+            .get(&sequence)
+            .is_some_and(|n| n.tunnel == id)
+        {
+            self.peer.releases.remove(&sequence);
+            return;
+        }
+        let Some(n) = self.peer.negotiations.get(&sequence) else {
+            self.stats.dropped.unexpected_message += 1;
+            return;
+        };
+        if n.responder != id {
+            self.stats.dropped.unexpected_message += 1;
+            return;
+        }
+        let Some(n) = self.peer.negotiations.remove(&sequence) else {
+            return;
+        };
+        self.peer
+            .pending_pairs
+            .remove(&pair(n.initiator, n.responder));
+        let available = response.tlvs.result_code == Some(ResultCode::SUCCESS)
+            && response.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE);
+        let responder_addr = self.tunnel_address(id, n.family_v6);
+        let mut reply = if available {
+            let mut reply = Message::response_to(&n.request, ResultCode::SUCCESS);
+            reply.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+            reply.tlvs.connection_info = response.tlvs.connection_info;
+            reply.tlvs.candidates = response.tlvs.candidates.clone();
+            reply.tlvs.peer_credentials = Some(PeerCredentials {
+                token: n.token,
+                fingerprint: response.tlvs.certificate_fingerprint,
+            });
+            self.remember_introduction(n.initiator, n.responder);
+            self.stats.peer.introductions += 1;
+            reply
+        } else {
+            self.stats.peer.refused_by_destination += 1;
+            let mut reply = Message::response_to(&n.request, ResultCode::PEER_UNAVAILABLE);
+            reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
+            reply
+        };
+        reply.tlvs.service_type = Some(ServiceType::PEER);
+        reply.tlvs.peer_internal_address = responder_addr;
+        self.answer_initiator(n.initiator, &n.request, &reply);
+    }
+
+    /// The answer timer of a forwarded request: retransmit it, or give up with Peer Timeout.
+    pub(super) fn peer_answer_timer(&mut self, now: Instant, sequence: u32) {
+        let Some(n) = self.peer.negotiations.get_mut(&sequence) else {
+            return;
+        };
+        if now < n.deadline {
+            let responder = self.tunnels.get(&n.responder);
+            let connection =
+                responder.and_then(|t| t.connection.filter(|_| t.transport.is_datagram()));
+            if let Some(c) = connection {
+                n.sent += 1;
+                self.control_out.push_back((c, n.forwarded.clone()));
+            }
+            let next = now + self.config.retransmit.rto(n.sent);
+            self.timers
+                .push(Reverse((next.min(n.deadline), Timer::PeerAnswer(sequence))));
+            return;
+        }
+        let Some(n) = self.peer.negotiations.remove(&sequence) else {
+            return;
+        };
+        self.peer
+            .pending_pairs
+            .remove(&pair(n.initiator, n.responder));
+        self.stats.peer.timeouts += 1;
+        let mut reply = Message::response_to(&n.request, ResultCode::PEER_TIMEOUT);
+        reply.tlvs.service_type = Some(ServiceType::PEER);
+        reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
+        reply.tlvs.peer_internal_address = self.tunnel_address(n.responder, n.family_v6);
+        self.answer_initiator(n.initiator, &n.request, &reply);
+    }
+
+    /// Retransmits a release notice on a datagram transport until it is answered.
+    pub(super) fn peer_release_timer(&mut self, now: Instant, sequence: u32) {
+        let max = self.config.retransmit.max_transmissions;
+        let Some(n) = self.peer.releases.get_mut(&sequence) else {
+            return;
+        };
+        let connection = self.tunnels.get(&n.tunnel).and_then(|t| t.connection);
+        match connection {
+            Some(c) if n.sent < max => {
+                n.sent += 1;
+                self.control_out.push_back((c, n.bytes.clone()));
+                let at = now + self.config.retransmit.rto(n.sent);
+                self.timers
+                    .push(Reverse((at, Timer::PeerRelease(sequence))));
+            }
+            _ => {
+                self.peer.releases.remove(&sequence);
+            }
+        }
+    }
+
+    /// Tunnel `id` closed: fail the negotiations it was part of and tell the clients it was
+    /// introduced to that their peer tunnel with it is gone.
+    pub(super) fn peer_tunnel_closed(&mut self, now: Instant, id: u64, addresses: &[IpAddr]) {
+        let failed: Vec<u32> = self
+            .peer
+            .negotiations
+            .iter()
+            .filter(|(_, n)| n.initiator == id || n.responder == id)
+            .map(|(s, _)| *s)
+            .collect();
+        for sequence in failed {
+            let Some(n) = self.peer.negotiations.remove(&sequence) else {
+                continue;
+            };
+            self.peer
+                .pending_pairs
+                .remove(&pair(n.initiator, n.responder));
+            if n.initiator != id {
+                let mut reply = Message::response_to(&n.request, ResultCode::PEER_UNAVAILABLE);
+                reply.tlvs.service_type = Some(ServiceType::PEER);
+                reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
+                self.answer_initiator(n.initiator, &n.request, &reply);
+            }
+        }
+        self.peer.releases.retain(|_, n| n.tunnel != id);
+        let Some(partners) = self.peer.introduced.remove(&id) else {
+            return;
+        };
+        for other in partners {
+            if let Some(list) = self.peer.introduced.get_mut(&other) {
+                list.retain(|t| *t != id);
+            }
+            let Some(t) = self.tunnels.get(&other) else {
+                continue;
+            };
+            let Some(connection) = t.connection else {
+                continue;
+            };
+            let datagram = t.transport.is_datagram();
+            // Name the departed client by the address family the partner uses.
+            let Some(&addr) = addresses
+                .iter()
+                .find(|a| t.owns_family(a.is_ipv6()))
+                .or(addresses.first())
+            else {
+                continue;
+            };
+            let sequence = self.next_director_sequence();
+            let mut notice = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, other);
+            notice.tlvs.service_type = Some(ServiceType::PEER);
+            notice.tlvs.service_action = Some(ServiceAction::RELEASE);
+            notice.tlvs.peer_internal_address = Some(addr);
+            let mut bytes = Vec::new();
+            if notice.encode_envelope(&mut bytes).is_err() {
+                continue;
+            }
+            self.control_out.push_back((connection, bytes.clone()));
+            self.stats.peer.release_notices += 1;
+            if datagram {
+                self.peer.releases.insert(
+                    sequence,
+                    Notice {
+                        tunnel: other,
+                        bytes,
+                        sent: 1,
+                    },
+                );
+                let at = now + self.config.retransmit.rto(1);
+                self.timers
+                    .push(Reverse((at, Timer::PeerRelease(sequence))));
+            }
+        }
+    }
+
+    fn answer_initiator(&mut self, initiator: u64, request: &Header, reply: &Message<'_>) {
+        let Some(connection) = self.tunnels.get(&initiator).and_then(|t| t.connection) else {
+            return;
+        };
+        self.send_and_remember(connection, initiator, request, reply);
+    }
+
+    /// Sliding-window rate limit of peer requests per tunnel.
+    fn allow_peer_request(&mut self, now: Instant, id: u64) -> bool {
+        let (limit, window) = (
+            self.config.peer_request_limit,
+            self.config.peer_request_window,
+        );
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return false;
+        };
+        if now.saturating_duration_since(t.peer_window.0) >= window {
+            t.peer_window = (now, 0);
+        }
+        if t.peer_window.1 >= limit {
+            self.stats.peer.rate_limited += 1;
+            return false;
+        }
+        t.peer_window.1 += 1;
+        true
+    }
+
+    fn remember_introduction(&mut self, a: u64, b: u64) {
+        for (x, y) in [(a, b), (b, a)] {
+            let list = self.peer.introduced.entry(x).or_default();
+            if !list.contains(&y) {
+                if list.len() >= MAX_PEERS_PER_TUNNEL {
+                    list.remove(0);
+                }
+                list.push(y);
+            }
+        }
+    }
+
+    fn forget_introduction(&mut self, a: u64, b: u64) {
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(list) = self.peer.introduced.get_mut(&x) {
+                list.retain(|t| *t != y);
+            }
+        }
+    }
+
+    fn tunnel_address(&self, id: u64, v6: bool) -> Option<IpAddr> {
+        let t = self.tunnels.get(&id)?;
+        if v6 {
+            t.ipv6.map(|(a, _)| IpAddr::V6(a))
+        } else {
+            t.ipv4.map(|(a, _)| IpAddr::V4(a))
+        }
+    }
+}
