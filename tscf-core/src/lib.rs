@@ -8,6 +8,8 @@
 //!   the stream deframer, inner IP packet checks).
 //! - [`director`]: the session director (tunnel server) state machine.
 //! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
+//! - [`client`]: the tunnel client state machine (configuration, keepalive, re-attach,
+//!   release, inner packets).
 #![cfg_attr(
     feature = "sim",
     doc = "- [`sim`]: the deterministic network simulator."
@@ -16,6 +18,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::print_stdout)]
 
+pub mod client;
 pub mod director;
 pub mod stun;
 pub mod wire;

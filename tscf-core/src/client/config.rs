@@ -1,0 +1,176 @@
+//! Configuration of a [`TunnelClient`](super::TunnelClient).
+
+use core::net::SocketAddr;
+use core::time::Duration;
+
+use crate::wire::{
+    Capabilities, Transport, KEEPALIVE_INTERVAL_RANGE_MS, MAX_AUTH_TOKEN_LEN, MAX_TEXT_LEN,
+};
+
+/// A tunnel server (session director) the client may use: where it listens and over what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServerEndpoint {
+    /// The server's address and port.
+    pub addr: SocketAddr,
+    /// The transport the runtime opens to it. Datagram transports ([`Transport::is_datagram`])
+    /// get retransmissions (`docs/PROTOCOL.md` §6.3); stream transports a response timeout.
+    pub transport: Transport,
+}
+
+/// Configuration of a [`TunnelClient`](super::TunnelClient). Build it with [`ClientConfig::new`]
+/// and change the fields that matter; [`TunnelClient::new`](super::TunnelClient::new) checks
+/// every bound and refuses a configuration it cannot honour with a [`ConfigError`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Servers tried in order (1 to [`MAX_SERVERS`](Self::MAX_SERVERS)).
+    pub servers: Vec<ServerEndpoint>,
+    /// Admission credential sent as Auth Token (1 to 1024 octets), if the server wants one.
+    pub auth_token: Option<Vec<u8>>,
+    /// Keepalive interval proposed in the Configuration Request (100 ms to one day); the server
+    /// answers with the one it will use. `None` lets the server choose.
+    pub keepalive_interval: Option<Duration>,
+    /// Capability bits announced in the Configuration Request. Empty by default: this client
+    /// does not yet answer peer service requests.
+    pub capabilities: Capabilities,
+    /// First retransmission timeout of a request on a datagram transport (default 250 ms).
+    pub initial_rto: Duration,
+    /// Cap on the doubling retransmission timeout (default 4 s).
+    pub max_rto: Duration,
+    /// Transmissions of one request on a datagram transport, the first included (default 7,
+    /// at most [`MAX_TRANSMISSIONS_LIMIT`](Self::MAX_TRANSMISSIONS_LIMIT)). The request fails
+    /// one (capped) timeout after the last.
+    pub max_transmissions: u32,
+    /// On a stream transport, how long a request waits for its response (default 10 s).
+    pub response_timeout: Duration,
+    /// Wait before a new round of connection attempts: initial and maximum (defaults 100 ms
+    /// and 10 s); it doubles on every round that fails and resets on success.
+    pub reconnect_backoff: (Duration, Duration),
+    /// Keepalive intervals of silence from the server after which the transport counts as lost
+    /// (default 3, `docs/PROTOCOL.md` §3.5).
+    pub silence_intervals: u32,
+    /// Bound of each packet queue: packets waiting to be sent (for instance while re-attaching)
+    /// and packets received but not yet read (default 256, at most
+    /// [`MAX_QUEUED_PACKETS_LIMIT`](Self::MAX_QUEUED_PACKETS_LIMIT)).
+    pub max_queued_packets: usize,
+    /// Seed of the ChaCha20 generator that draws the first sequence number. Give it a random
+    /// value, so that off-path senders cannot guess the sequence of a request on UDP.
+    pub rng_seed: u64,
+    /// Sent as the Software TLV (at most 255 octets of UTF-8).
+    pub software: Option<String>,
+}
+
+impl ClientConfig {
+    /// Most servers a configuration may list.
+    pub const MAX_SERVERS: usize = 8;
+    /// Most transmissions of one request.
+    pub const MAX_TRANSMISSIONS_LIMIT: u32 = 16;
+    /// Largest allowed [`max_queued_packets`](Self::max_queued_packets).
+    pub const MAX_QUEUED_PACKETS_LIMIT: usize = 65_536;
+    /// Largest allowed timer setting (RTOs, response timeout, backoff).
+    pub const MAX_TIMER: Duration = Duration::from_secs(3600);
+
+    /// The defaults of `docs/PROTOCOL.md` for the given servers.
+    pub fn new(servers: Vec<ServerEndpoint>) -> Self {
+        Self {
+            servers,
+            auth_token: None,
+            keepalive_interval: None,
+            capabilities: Capabilities::default(),
+            initial_rto: Duration::from_millis(250),
+            max_rto: Duration::from_secs(4),
+            max_transmissions: 7,
+            response_timeout: Duration::from_secs(10),
+            reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            silence_intervals: 3,
+            max_queued_packets: 256,
+            rng_seed: 0,
+            software: Some(concat!("tscf/", env!("CARGO_PKG_VERSION")).to_owned()),
+        }
+    }
+
+    /// Checks every bound.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.servers.is_empty() {
+            return Err(ConfigError::NoServers);
+        }
+        if self.servers.len() > Self::MAX_SERVERS {
+            return Err(ConfigError::TooManyServers(self.servers.len()));
+        }
+        if let Some(token) = &self.auth_token {
+            if token.is_empty() || token.len() > MAX_AUTH_TOKEN_LEN {
+                return Err(ConfigError::AuthTokenLength(token.len()));
+            }
+        }
+        if let Some(software) = &self.software {
+            if software.len() > MAX_TEXT_LEN {
+                return Err(ConfigError::SoftwareTooLong(software.len()));
+            }
+        }
+        if let Some(interval) = self.keepalive_interval {
+            let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+            if !KEEPALIVE_INTERVAL_RANGE_MS.contains(&ms) {
+                return Err(ConfigError::KeepaliveInterval(interval));
+            }
+        }
+        let timer = |d: Duration| !d.is_zero() && d <= Self::MAX_TIMER;
+        if !timer(self.initial_rto) || !timer(self.max_rto) || self.max_rto < self.initial_rto {
+            return Err(ConfigError::Rto);
+        }
+        if !(1..=Self::MAX_TRANSMISSIONS_LIMIT).contains(&self.max_transmissions) {
+            return Err(ConfigError::MaxTransmissions(self.max_transmissions));
+        }
+        if !timer(self.response_timeout) {
+            return Err(ConfigError::ResponseTimeout(self.response_timeout));
+        }
+        let (initial, max) = self.reconnect_backoff;
+        if !timer(initial) || !timer(max) || max < initial {
+            return Err(ConfigError::ReconnectBackoff);
+        }
+        if !(1..=1000).contains(&self.silence_intervals) {
+            return Err(ConfigError::SilenceIntervals(self.silence_intervals));
+        }
+        if !(1..=Self::MAX_QUEUED_PACKETS_LIMIT).contains(&self.max_queued_packets) {
+            return Err(ConfigError::MaxQueuedPackets(self.max_queued_packets));
+        }
+        Ok(())
+    }
+}
+
+/// Why [`TunnelClient::new`](super::TunnelClient::new) refused a [`ClientConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `servers` is empty.
+    #[error("no server configured")]
+    NoServers,
+    /// More than [`ClientConfig::MAX_SERVERS`] servers.
+    #[error("{0} servers configured, at most {max} allowed", max = ClientConfig::MAX_SERVERS)]
+    TooManyServers(usize),
+    /// The Auth Token is empty or longer than 1024 octets.
+    #[error("auth token of {0} octets, must be 1 to {MAX_AUTH_TOKEN_LEN}")]
+    AuthTokenLength(usize),
+    /// The Software text is longer than 255 octets.
+    #[error("software name of {0} octets, at most {MAX_TEXT_LEN} allowed")]
+    SoftwareTooLong(usize),
+    /// The proposed keepalive interval is outside 100 ms to one day.
+    #[error("keepalive interval {0:?} outside 100 ms to one day")]
+    KeepaliveInterval(Duration),
+    /// `initial_rto` or `max_rto` is zero, above an hour, or `max_rto < initial_rto`.
+    #[error("retransmission timeouts must satisfy 0 < initial_rto <= max_rto <= 1 h")]
+    Rto,
+    /// `max_transmissions` is 0 or above [`ClientConfig::MAX_TRANSMISSIONS_LIMIT`].
+    #[error("max_transmissions {0} outside 1 to {max}", max = ClientConfig::MAX_TRANSMISSIONS_LIMIT)]
+    MaxTransmissions(u32),
+    /// `response_timeout` is zero or above an hour.
+    #[error("response timeout {0:?} must be above zero and at most 1 h")]
+    ResponseTimeout(Duration),
+    /// The reconnect backoff is zero, above an hour, or its maximum is below its start.
+    #[error("reconnect backoff must satisfy 0 < initial <= max <= 1 h")]
+    ReconnectBackoff,
+    /// `silence_intervals` is 0 or above 1000.
+    #[error("silence_intervals {0} outside 1 to 1000")]
+    SilenceIntervals(u32),
+    /// `max_queued_packets` is 0 or above [`ClientConfig::MAX_QUEUED_PACKETS_LIMIT`].
+    #[error("max_queued_packets {0} outside 1 to {max}", max = ClientConfig::MAX_QUEUED_PACKETS_LIMIT)]
+    MaxQueuedPackets(usize),
+}

@@ -1,0 +1,219 @@
+//! What a [`TunnelClient`](super::TunnelClient) reports: events, transmits, its state, its
+//! counters, and the errors of [`send_ip`](super::TunnelClient::send_ip).
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::time::Duration;
+
+use super::config::ServerEndpoint;
+use crate::wire::{InnerPacketError, InternalAddress, ResultCode};
+
+/// What [`TunnelClient::poll_event`](super::TunnelClient::poll_event) reports, in the order it
+/// happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// Open a transport to `server`, then call
+    /// [`handle_transport_open`](super::TunnelClient::handle_transport_open) or
+    /// [`handle_transport_failed`](super::TunnelClient::handle_transport_failed). Any transport
+    /// open before is no longer used.
+    OpenTransport {
+        /// Where to, and over what.
+        server: ServerEndpoint,
+    },
+    /// Close the current transport. Emitted whenever the client gives up a transport the
+    /// runtime has not itself reported failed or lost. Send the transmits polled before this
+    /// event first: a last response may be among them.
+    CloseTransport,
+    /// A fresh tunnel is up: new tunnel id and internal addresses. Follows the first
+    /// connection, and any case where the old tunnel could not be kept (a re-attach refused
+    /// with Tunnel Not Found or Unauthorized, a server shutdown).
+    Connected(TunnelInfo),
+    /// The tunnel moved to a new transport and kept its id and addresses; packets queued
+    /// meanwhile are being sent.
+    Reattached(TunnelInfo),
+    /// The transport to the server was lost (reported by the runtime, or the server fell
+    /// silent); the client re-attaches by itself and packets sent meanwhile are queued.
+    TransportLost,
+    /// The server closed the tunnel (Shutdown release notification, or a keepalive answered
+    /// with Tunnel Not Found): its addresses are no longer ours. The client gets a fresh tunnel
+    /// by itself and reports it with [`Connected`](Self::Connected).
+    TunnelClosed {
+        /// The reason the server gave.
+        reason: ResultCode,
+    },
+    /// One attempt at a server failed; the client goes on to the next.
+    ConnectFailed {
+        /// The server tried.
+        server: ServerEndpoint,
+        /// The server's Result Code, or `None` for a transport failure or a timeout.
+        result: Option<ResultCode>,
+    },
+    /// The client is finished; nothing more happens. Always the last event.
+    Terminated {
+        /// Why.
+        reason: TerminateReason,
+    },
+}
+
+/// Why a [`TunnelClient`](super::TunnelClient) terminated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TerminateReason {
+    /// The application called [`release`](super::TunnelClient::release).
+    Released,
+    /// The server ended the tunnel with a Configuration Release Notification (or Request)
+    /// carrying this reason (Administrative, Timeout, …).
+    ReleasedByServer(ResultCode),
+    /// A fresh Configuration Request was refused with Unauthorized: the credential is wrong,
+    /// and asking again would not change that.
+    Unauthorized,
+}
+
+/// The configuration the server gave the tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// The tunnel id (never 0).
+    pub tunnel_id: u64,
+    /// Internal IPv4 address and prefix, if assigned.
+    pub ipv4: Option<InternalAddress<Ipv4Addr>>,
+    /// Internal IPv6 address and prefix, if assigned.
+    pub ipv6: Option<InternalAddress<Ipv6Addr>>,
+    /// DNS servers of the inner network.
+    pub dns_servers: Vec<IpAddr>,
+    /// The keepalive interval in use: the server's, else the one proposed, else the default of
+    /// `docs/PROTOCOL.md` §3.3 for the transport (30 s datagram, 300 s stream).
+    pub keepalive_interval: Duration,
+    /// This client's transport address as the server saw it (behind a NAT: the NAT's mapping).
+    pub observed_address: Option<SocketAddr>,
+    /// The server holding the tunnel.
+    pub server: ServerEndpoint,
+}
+
+impl TunnelInfo {
+    /// Whether `addr` is one of the tunnel's internal addresses.
+    pub fn owns(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.ipv4.is_some_and(|i| i.addr == a),
+            IpAddr::V6(a) => self.ipv6.is_some_and(|i| i.addr == a),
+        }
+    }
+}
+
+/// Where the envelope written by [`poll_transmit`](super::TunnelClient::poll_transmit) goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The destination.
+    pub destination: Destination,
+}
+
+/// The path a transmit takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Destination {
+    /// The current transport to the server.
+    Server,
+}
+
+/// The client's life cycle, as seen from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientState {
+    /// Getting a fresh tunnel: waiting to retry, opening a transport, or configuring.
+    Connecting,
+    /// The tunnel is up; data flows.
+    Connected,
+    /// The tunnel exists but its transport was lost; the client is getting it back.
+    Reattaching,
+    /// A Configuration Release Request is under way.
+    Releasing,
+    /// Finished (see [`ClientEvent::Terminated`]).
+    Terminated,
+}
+
+/// Why [`TunnelClient::send_ip`](super::TunnelClient::send_ip) refused a packet. Nothing was
+/// queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No tunnel yet (or the old one is gone and a fresh one is being set up): there is no
+    /// source address to send from.
+    #[error("no tunnel yet")]
+    NotConnected,
+    /// The client is releasing or terminated.
+    #[error("the tunnel is closed")]
+    Closed,
+    /// The bytes are not one whole IPv4 or IPv6 packet (`docs/PROTOCOL.md` §2.2).
+    #[error("invalid packet: {0}")]
+    InvalidPacket(#[from] InnerPacketError),
+    /// The packet's source is not an internal address of the tunnel; the server would drop it.
+    #[error("source {0} is not an internal address of the tunnel")]
+    WrongSource(IpAddr),
+    /// The packet does not fit in one envelope.
+    #[error("packet of {0} octets does not fit in an envelope")]
+    TooLarge(usize),
+    /// [`max_queued_packets`](super::ClientConfig::max_queued_packets) packets are waiting
+    /// already (while re-attaching, or because `poll_transmit` is not being drained).
+    #[error("send queue full")]
+    QueueFull,
+}
+
+/// Counters of a [`TunnelClient`](super::TunnelClient). Every input the client drops is counted
+/// under exactly one `dropped_*` reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Envelopes written by `poll_transmit`.
+    pub envelopes_sent: u64,
+    /// Of those, data envelopes.
+    pub data_sent: u64,
+    /// Of those, retransmitted requests.
+    pub retransmissions: u64,
+    /// Keepalive requests started (not counting their retransmissions).
+    pub keepalives_sent: u64,
+    /// Envelopes given to `handle_envelope`.
+    pub envelopes_received: u64,
+    /// Inner packets queued for `recv_ip`.
+    pub data_received: u64,
+    /// Server requests answered (duplicates and error responses included).
+    pub requests_answered: u64,
+    /// Of those, duplicates answered with the remembered response (§6.2).
+    pub duplicate_requests: u64,
+    /// Of those, requests that failed to decode and got an error response (§6.1).
+    pub error_responses_sent: u64,
+    /// Transports lost (reported by the runtime, or silent server, or failed keepalive).
+    pub transports_lost: u64,
+    /// Successful re-attaches.
+    pub reattaches: u64,
+    /// Fresh tunnels obtained.
+    pub connects: u64,
+    /// Packets refused by `send_ip` because the send queue was full.
+    pub send_queue_full: u64,
+    /// Queued outbound packets discarded because their tunnel went away.
+    pub send_queue_discarded: u64,
+    /// Dropped: input while no transport is open.
+    pub dropped_no_transport: u64,
+    /// Dropped: not an envelope, or its length disagrees with its size.
+    pub dropped_bad_envelope: u64,
+    /// Dropped: an envelope of unknown type.
+    pub dropped_unknown_envelope: u64,
+    /// Dropped: a control message that failed to decode and gets no answer.
+    pub dropped_bad_control: u64,
+    /// Dropped: a response matching no outstanding request.
+    pub dropped_unmatched_response: u64,
+    /// Dropped: a successful Configuration Response without a tunnel id or an address.
+    pub dropped_invalid_configuration: u64,
+    /// Dropped: a request this client does not accept from a server, or about another tunnel.
+    pub dropped_unexpected_request: u64,
+    /// Dropped: a data envelope that is not one whole IP packet.
+    pub dropped_bad_packet: u64,
+    /// Dropped: a data envelope whose destination is not one of our internal addresses.
+    pub dropped_wrong_destination: u64,
+    /// Dropped: a data envelope before the tunnel is up on this transport.
+    pub dropped_data_not_connected: u64,
+    /// Dropped: a received packet because the receive queue was full.
+    pub dropped_receive_queue_full: u64,
+    /// Dropped: a response to a server request because too many were waiting to be sent.
+    pub dropped_control_queue_full: u64,
+    /// Dropped: any input after termination.
+    pub dropped_terminated: u64,
+}

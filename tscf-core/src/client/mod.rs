@@ -1,0 +1,780 @@
+//! The tunnel client: gets a tunnel from a session director, keeps it alive, re-attaches it
+//! after a transport loss, carries inner IP packets, and releases it (`docs/PROTOCOL.md` §3,
+//! §6).
+//!
+//! [`TunnelClient`] is sans-IO: the runtime opens and closes transports when told to by
+//! [`ClientEvent`]s, feeds received envelopes in, sends what
+//! [`poll_transmit`](TunnelClient::poll_transmit) writes, and calls
+//! [`handle_timeout`](TunnelClient::handle_timeout) at [`poll_timeout`](TunnelClient::poll_timeout).
+//!
+//! **Panic contract: no network input makes any function here panic.** Malformed or unexpected
+//! input is dropped and counted in [`ClientStats`] (or answered with a protocol error code);
+//! memory is bounded by [`ClientConfig`].
+
+mod config;
+mod event;
+mod input;
+mod queue;
+mod timer;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use arrayvec::ArrayVec;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::wire::{
+    Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode, MAX_PAYLOAD_LEN, VERSION,
+};
+
+pub use config::{ClientConfig, ConfigError, ServerEndpoint};
+pub use event::{
+    ClientEvent, ClientState, ClientStats, Destination, SendError, TerminateReason, Transmit,
+    TunnelInfo,
+};
+
+use queue::{BufferPool, PacketQueue};
+use timer::{Timer, TimerTable};
+
+/// Responses to server requests waiting for `poll_transmit`, at most.
+const MAX_CONTROL_QUEUE: usize = 16;
+/// Events waiting for `poll_event`, at most; beyond, the oldest is dropped.
+const MAX_EVENTS: usize = 256;
+/// Timer actions one `handle_timeout` call runs, at most.
+const MAX_TIMER_STEPS: usize = 16;
+/// Client sequence numbers keep the top bit clear; the director's have it set (§3.1).
+const SEQUENCE_MASK: u32 = 0x7fff_ffff;
+/// Keepalive interval when neither the server nor the configuration gives one (§3.3).
+const DEFAULT_KEEPALIVE_DATAGRAM: Duration = Duration::from_secs(30);
+const DEFAULT_KEEPALIVE_STREAM: Duration = Duration::from_secs(300);
+
+/// A sans-IO TSC tunnel client.
+///
+/// # Driving it
+///
+/// Construct it with [`new`](Self::new): it asks at once for a transport to the first server
+/// ([`ClientEvent::OpenTransport`]). After construction and after **any** input
+/// (`handle_*`, [`send_ip`](Self::send_ip), [`release`](Self::release)), drain the polls:
+/// call [`poll_transmit`](Self::poll_transmit) until it returns `None` and send each envelope
+/// on the current transport, then [`poll_event`](Self::poll_event) until it returns `None` and
+/// act on each event; then arm a timer for [`poll_timeout`](Self::poll_timeout) and call
+/// [`handle_timeout`](Self::handle_timeout) when it fires. Draining transmits before events
+/// matters: a transmit polled before a [`ClientEvent::CloseTransport`] belongs to the transport
+/// about to be closed.
+///
+/// The runtime reports on the transport it was asked to open with
+/// [`handle_transport_open`](Self::handle_transport_open),
+/// [`handle_transport_failed`](Self::handle_transport_failed) and
+/// [`handle_transport_lost`](Self::handle_transport_lost); it does not report on a transport
+/// the client told it to close. Each whole envelope received (one datagram, or one envelope cut
+/// from a stream by [`StreamDeframer`](crate::wire::StreamDeframer)) goes to
+/// [`handle_envelope`](Self::handle_envelope).
+///
+/// # Behaviour where the protocol leaves a choice
+///
+/// - **Attempts.** A round of attempts tries every server in order. A round to re-attach
+///   starts at the server that held the tunnel, tries it a second time after the backoff, then
+///   the others. Between rounds the client waits the reconnect backoff, which doubles up to its
+///   maximum and resets on success. An attempt fails on a transport failure, a request timeout
+///   or an error Result Code ([`ClientEvent::ConnectFailed`]); a fresh Configuration Request
+///   refused with Unauthorized terminates the client instead.
+/// - **Requests.** At most one request of the client is outstanding: the Configuration
+///   Request, a Keepalive or the Configuration Release Request. On a datagram transport it is
+///   retransmitted as in §6.3 and fails one (capped) timeout after its last transmission; on a
+///   stream transport it fails after `response_timeout`. A failed Keepalive counts as a lost
+///   transport; a failed release still terminates ([`TerminateReason::Released`]).
+/// - **Re-attach.** Success with the same tunnel id and addresses gives
+///   [`ClientEvent::Reattached`] and the queued packets go out. Anything else that succeeds
+///   is a new tunnel ([`ClientEvent::Connected`]) and the queued packets, whose source is no
+///   longer ours, are discarded. Tunnel Not Found or Unauthorized gives
+///   [`ClientEvent::TunnelClosed`], then a plain Configuration Request on the same transport.
+/// - **Server release.** A Configuration Release Notification (or Request) for our tunnel is
+///   acknowledged and terminates the client, except Shutdown: then the client reports
+///   [`ClientEvent::TunnelClosed`] and gets a fresh tunnel after the backoff, as the director
+///   may come back. A Keepalive Response of Tunnel Not Found is handled as a refused re-attach.
+/// - **Release.** [`release`](Self::release) sends the queued packets, then the Configuration
+///   Release Request. Without a tunnel on an open transport it terminates at once.
+/// - **Liveness.** Any valid control message or data packet from the server restarts the
+///   silence timer.
+#[derive(Debug)]
+pub struct TunnelClient {
+    config: ClientConfig,
+    next_sequence: u32,
+    phase: Phase,
+    link: Link,
+    /// Index of the server of the current (or last) attempt.
+    server: usize,
+    round: ArrayVec<Attempt, { ClientConfig::MAX_SERVERS + 1 }>,
+    round_pos: usize,
+    backoff: Duration,
+    tunnel: Option<Tunnel>,
+    request: Option<Request>,
+    /// Sequence number and encoded envelope of the last server request answered (§6.2).
+    last_answer: Option<(u32, Vec<u8>)>,
+    control_out: VecDeque<Vec<u8>>,
+    outbound: PacketQueue,
+    inbound: PacketQueue,
+    pool: BufferPool,
+    timers: TimerTable,
+    events: VecDeque<ClientEvent>,
+    stats: ClientStats,
+    /// Latest time seen; a clock going backwards does not move deadlines back.
+    now: Instant,
+}
+
+/// Where the client is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the Reconnect timer.
+    Waiting,
+    /// OpenTransport emitted; waiting for the runtime.
+    Opening,
+    /// Configuration Request outstanding on the open transport.
+    Configuring,
+    Connected,
+    Releasing,
+    Terminated,
+}
+
+/// The transport, as far as the client knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    None,
+    Opening,
+    Open,
+    /// CloseTransport emitted; responses queued before it may still be polled.
+    Closing,
+}
+
+#[derive(Debug)]
+struct Tunnel {
+    info: TunnelInfo,
+    secret: Option<[u8; 16]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestKind {
+    Configuration { reattach: bool },
+    Keepalive,
+    Release,
+}
+
+impl RequestKind {
+    fn response_type(self) -> MessageType {
+        match self {
+            Self::Configuration { .. } => MessageType::CONFIGURATION_RESPONSE,
+            Self::Keepalive => MessageType::KEEPALIVE_RESPONSE,
+            Self::Release => MessageType::CONFIGURATION_RELEASE_RESPONSE,
+        }
+    }
+}
+
+/// The outstanding request; retransmissions send `envelope` again unchanged.
+#[derive(Debug)]
+struct Request {
+    kind: RequestKind,
+    sequence: u32,
+    envelope: Vec<u8>,
+    transmissions: u32,
+    /// A (re)transmission waits for `poll_transmit`.
+    due: bool,
+}
+
+/// One step of a round of connection attempts.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    server: usize,
+    /// Wait the reconnect backoff before it.
+    wait: bool,
+}
+
+impl TunnelClient {
+    /// A client for `config`; it asks for a transport to the first server at once.
+    pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut rng = ChaCha20Rng::seed_from_u64(config.rng_seed);
+        let queue_limit = config.max_queued_packets;
+        let mut client = Self {
+            next_sequence: rng.next_u32() & SEQUENCE_MASK,
+            phase: Phase::Waiting,
+            link: Link::None,
+            server: 0,
+            round: ArrayVec::new(),
+            round_pos: 0,
+            backoff: config.reconnect_backoff.0,
+            tunnel: None,
+            request: None,
+            last_answer: None,
+            control_out: VecDeque::new(),
+            outbound: PacketQueue::new(queue_limit),
+            inbound: PacketQueue::new(queue_limit),
+            pool: BufferPool::default(),
+            timers: TimerTable::default(),
+            events: VecDeque::new(),
+            stats: ClientStats::default(),
+            now,
+            config,
+        };
+        client.new_round(false);
+        Ok(client)
+    }
+
+    // ---- runtime → client ----
+
+    /// The transport asked for by [`ClientEvent::OpenTransport`] is up.
+    pub fn handle_transport_open(&mut self, now: Instant) {
+        self.advance_clock(now);
+        if self.phase != Phase::Opening || self.link != Link::Opening {
+            return;
+        }
+        self.link = Link::Open;
+        self.send_configuration_request();
+    }
+
+    /// The transport asked for by [`ClientEvent::OpenTransport`] could not be opened.
+    pub fn handle_transport_failed(&mut self, now: Instant) {
+        self.advance_clock(now);
+        if self.phase == Phase::Opening && self.link == Link::Opening {
+            self.forget_transport();
+            self.fail_attempt(None);
+        }
+    }
+
+    /// The open transport closed or was reset.
+    pub fn handle_transport_lost(&mut self, now: Instant) {
+        self.advance_clock(now);
+        match (self.phase, self.link) {
+            (_, Link::None) => {}
+            (_, Link::Closing) => self.forget_transport(),
+            (Phase::Opening | Phase::Configuring, _) => {
+                self.forget_transport();
+                self.fail_attempt(None);
+            }
+            (Phase::Connected, _) => {
+                self.forget_transport();
+                self.lose_transport();
+            }
+            (Phase::Releasing, _) => {
+                self.forget_transport();
+                self.terminate(TerminateReason::Released);
+            }
+            (Phase::Waiting | Phase::Terminated, _) => self.forget_transport(),
+        }
+    }
+
+    /// One whole envelope received from the server transport.
+    pub fn handle_envelope(&mut self, now: Instant, envelope: &[u8]) {
+        self.advance_clock(now);
+        self.stats.envelopes_received += 1;
+        if self.phase == Phase::Terminated {
+            self.stats.dropped_terminated += 1;
+            return;
+        }
+        if self.link != Link::Open {
+            self.stats.dropped_no_transport += 1;
+            return;
+        }
+        // A stream envelope arrives whole too, so its length must match exactly as well.
+        let Ok(envelope) = Envelope::decode_datagram(envelope) else {
+            self.stats.dropped_bad_envelope += 1;
+            return;
+        };
+        match envelope.kind {
+            EnvelopeType::DATA => self.on_data(envelope.payload),
+            EnvelopeType::CONTROL => self.on_control(envelope.payload),
+            _ => self.stats.dropped_unknown_envelope += 1,
+        }
+    }
+
+    /// Runs the timers that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance_clock(now);
+        for _ in 0..MAX_TIMER_STEPS {
+            let Some(timer) = self.timers.pop_expired(self.now) else {
+                return;
+            };
+            match timer {
+                Timer::Retransmit => match &mut self.request {
+                    Some(r) if r.transmissions < self.config.max_transmissions => r.due = true,
+                    Some(_) => self.request_failed(),
+                    None => {}
+                },
+                Timer::ResponseTimeout => self.request_failed(),
+                Timer::Keepalive => match (&self.request, &self.tunnel) {
+                    (None, Some(_)) if self.phase == Phase::Connected => self.start_keepalive(),
+                    // A keepalive (or re-attach) is still under way: look again an interval on.
+                    (Some(_), Some(t)) if self.phase == Phase::Connected => {
+                        let at = after(self.now, t.info.keepalive_interval);
+                        self.timers.set(Timer::Keepalive, at);
+                    }
+                    _ => {}
+                },
+                Timer::Silence => {
+                    if self.phase == Phase::Connected {
+                        self.lose_transport();
+                    }
+                }
+                Timer::Reconnect => {
+                    if self.phase == Phase::Waiting {
+                        self.begin_attempt();
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- application → client ----
+
+    /// Queues one inner IP packet for the server. Its source must be an internal address of
+    /// the tunnel. While re-attaching, packets wait (up to
+    /// [`max_queued_packets`](ClientConfig::max_queued_packets)) and go out after the
+    /// re-attach.
+    pub fn send_ip(&mut self, now: Instant, packet: &[u8]) -> Result<(), SendError> {
+        self.advance_clock(now);
+        if matches!(self.phase, Phase::Releasing | Phase::Terminated) {
+            return Err(SendError::Closed);
+        }
+        let tunnel = self.tunnel.as_ref().ok_or(SendError::NotConnected)?;
+        if packet.len() > MAX_PAYLOAD_LEN {
+            return Err(SendError::TooLarge(packet.len()));
+        }
+        let parsed = InnerPacket::parse(packet)?;
+        if !tunnel.info.owns(parsed.source()) {
+            return Err(SendError::WrongSource(parsed.source()));
+        }
+        if !self.outbound.push(&mut self.pool, packet) {
+            self.stats.send_queue_full += 1;
+            return Err(SendError::QueueFull);
+        }
+        Ok(())
+    }
+
+    /// Moves the next received inner packet into `out` (its old contents are discarded);
+    /// false when none is waiting.
+    pub fn recv_ip(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(mut packet) = self.inbound.pop() else {
+            return false;
+        };
+        core::mem::swap(out, &mut packet);
+        self.pool.give(packet);
+        true
+    }
+
+    /// Ends the tunnel with a Configuration Release Request, after the packets already
+    /// queued. Ends with [`TerminateReason::Released`] whether or not the server answers.
+    pub fn release(&mut self, now: Instant) {
+        self.advance_clock(now);
+        match self.phase {
+            Phase::Releasing | Phase::Terminated => {}
+            Phase::Connected => {
+                let tunnel_id = self.tunnel.as_ref().map_or(0, |t| t.info.tunnel_id);
+                let sequence = self.take_sequence();
+                let mut msg = Message::new(
+                    MessageType::CONFIGURATION_RELEASE_REQUEST,
+                    sequence,
+                    tunnel_id,
+                );
+                msg.tlvs.result_code = Some(ResultCode::SUCCESS);
+                self.start_request(RequestKind::Release, &msg);
+                self.phase = Phase::Releasing;
+                self.timers.stop(Timer::Keepalive);
+                self.timers.stop(Timer::Silence);
+            }
+            Phase::Waiting | Phase::Opening | Phase::Configuring => {
+                self.terminate(TerminateReason::Released);
+            }
+        }
+    }
+
+    // ---- client → runtime ----
+
+    /// Writes the next envelope to send into `buf` (cleared first) and says where it goes;
+    /// `None` when nothing is due.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.advance_clock(now);
+        buf.clear();
+        if !matches!(self.link, Link::Open | Link::Closing) {
+            return None;
+        }
+        if let Some(answer) = self.control_out.pop_front() {
+            buf.extend_from_slice(&answer);
+            return Some(self.sent(false));
+        }
+        if self.link != Link::Open {
+            return None;
+        }
+        // Queued data goes before the release request, which ends the tunnel.
+        let data_first = self
+            .request
+            .as_ref()
+            .is_some_and(|r| r.kind == RequestKind::Release)
+            && !self.outbound.is_empty();
+        if !data_first {
+            if let Some(request) = self.request.as_mut().filter(|r| r.due) {
+                buf.extend_from_slice(&request.envelope);
+                request.due = false;
+                request.transmissions += 1;
+                let transmissions = request.transmissions;
+                if transmissions > 1 {
+                    self.stats.retransmissions += 1;
+                }
+                if self.current_server().transport.is_datagram() {
+                    let rto = self.rto(transmissions);
+                    self.timers.set(Timer::Retransmit, after(self.now, rto));
+                } else if transmissions == 1 {
+                    let at = after(self.now, self.config.response_timeout);
+                    self.timers.set(Timer::ResponseTimeout, at);
+                }
+                return Some(self.sent(false));
+            }
+        }
+        if matches!(self.phase, Phase::Connected | Phase::Releasing) {
+            if let Some(packet) = self.outbound.pop() {
+                // Packets were checked to fit in an envelope when queued.
+                if let Ok(header) = Envelope::header_bytes(EnvelopeType::DATA, packet.len()) {
+                    buf.extend_from_slice(&header);
+                    buf.extend_from_slice(&packet);
+                }
+                self.pool.give(packet);
+                return Some(self.sent(true));
+            }
+        }
+        None
+    }
+
+    /// The next event, in the order they happened. At most 256 wait; a runtime that does not
+    /// drain them loses the oldest.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called; `None` when no
+    /// timer runs.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    // ---- observability ----
+
+    /// Where the client is in its life cycle.
+    pub fn state(&self) -> ClientState {
+        match self.phase {
+            Phase::Waiting | Phase::Opening | Phase::Configuring if self.tunnel.is_some() => {
+                ClientState::Reattaching
+            }
+            Phase::Waiting | Phase::Opening | Phase::Configuring => ClientState::Connecting,
+            Phase::Connected => ClientState::Connected,
+            Phase::Releasing => ClientState::Releasing,
+            Phase::Terminated => ClientState::Terminated,
+        }
+    }
+
+    /// The tunnel id, while the client holds a tunnel (also while re-attaching it).
+    pub fn tunnel_id(&self) -> Option<u64> {
+        self.tunnel.as_ref().map(|t| t.info.tunnel_id)
+    }
+
+    /// The internal IPv4 address of the tunnel, if any.
+    pub fn internal_ipv4(&self) -> Option<core::net::Ipv4Addr> {
+        self.tunnel.as_ref()?.info.ipv4.map(|a| a.addr)
+    }
+
+    /// The internal IPv6 address of the tunnel, if any.
+    pub fn internal_ipv6(&self) -> Option<core::net::Ipv6Addr> {
+        self.tunnel.as_ref()?.info.ipv6.map(|a| a.addr)
+    }
+
+    /// The configuration of the tunnel, if the client holds one.
+    pub fn tunnel_info(&self) -> Option<&TunnelInfo> {
+        self.tunnel.as_ref().map(|t| &t.info)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    // ---- attempts ----
+
+    /// Starts a round of attempts: every server from the first for a fresh tunnel; the
+    /// tunnel's server twice, then the others, to re-attach.
+    fn new_round(&mut self, wait: bool) {
+        let n = self.config.servers.len();
+        self.round.clear();
+        if self.tunnel.is_some() {
+            let home = self.server;
+            self.round.push(Attempt { server: home, wait });
+            self.round.push(Attempt {
+                server: home,
+                wait: true,
+            });
+            for k in 1..n {
+                self.round.push(Attempt {
+                    server: (home + k) % n,
+                    wait: false,
+                });
+            }
+        } else {
+            for server in 0..n {
+                self.round.push(Attempt {
+                    server,
+                    wait: server == 0 && wait,
+                });
+            }
+        }
+        self.round_pos = 0;
+        self.step();
+    }
+
+    fn next_attempt(&mut self) {
+        self.round_pos += 1;
+        if self.round_pos >= self.round.len() {
+            self.new_round(true);
+        } else {
+            self.step();
+        }
+    }
+
+    fn step(&mut self) {
+        let Some(attempt) = self.round.get(self.round_pos).copied() else {
+            return;
+        };
+        self.server = attempt.server;
+        if attempt.wait {
+            self.phase = Phase::Waiting;
+            self.timers
+                .set(Timer::Reconnect, after(self.now, self.backoff));
+            self.backoff = self
+                .backoff
+                .saturating_mul(2)
+                .min(self.config.reconnect_backoff.1);
+        } else {
+            self.begin_attempt();
+        }
+    }
+
+    fn begin_attempt(&mut self) {
+        self.control_out.clear();
+        self.link = Link::Opening;
+        self.phase = Phase::Opening;
+        let server = self.current_server();
+        self.push_event(ClientEvent::OpenTransport { server });
+    }
+
+    fn send_configuration_request(&mut self) {
+        let sequence = self.take_sequence();
+        let mut msg = Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0);
+        let versions = [VERSION];
+        msg.tlvs.supported_versions = Some(&versions);
+        if let Some(tunnel) = &self.tunnel {
+            msg.tlvs.tunnel_id = Some(tunnel.info.tunnel_id);
+            msg.tlvs.reattach_secret = tunnel.secret;
+        }
+        msg.tlvs.keepalive_interval_ms = self
+            .config
+            .keepalive_interval
+            .and_then(|d| u32::try_from(d.as_millis()).ok());
+        msg.tlvs.client_capabilities = Some(self.config.capabilities);
+        msg.tlvs.auth_token = self.config.auth_token.as_deref();
+        msg.tlvs.software = self.config.software.as_deref();
+        let reattach = msg.tlvs.tunnel_id.is_some();
+        let mut envelope = Vec::new();
+        // The configuration was validated, so every TLV fits its bound and the message 2048.
+        if msg.encode_envelope(&mut envelope).is_err() {
+            envelope.clear();
+        }
+        self.install_request(RequestKind::Configuration { reattach }, sequence, envelope);
+        self.phase = Phase::Configuring;
+    }
+
+    /// The attempt at the current server failed.
+    fn fail_attempt(&mut self, result: Option<ResultCode>) {
+        let server = self.current_server();
+        self.push_event(ClientEvent::ConnectFailed { server, result });
+        self.close_transport();
+        self.clear_request();
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::Silence);
+        self.next_attempt();
+    }
+
+    /// The transport of a connected tunnel is gone: re-attach.
+    fn lose_transport(&mut self) {
+        self.stats.transports_lost += 1;
+        self.push_event(ClientEvent::TransportLost);
+        self.close_transport();
+        self.clear_request();
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::Silence);
+        self.new_round(false);
+    }
+
+    /// The server no longer holds our tunnel; `fresh_here` asks for a new one on the current
+    /// transport, else the transport is closed and a new round starts after the backoff.
+    fn tunnel_gone(&mut self, reason: ResultCode, fresh_here: bool) {
+        self.push_event(ClientEvent::TunnelClosed { reason });
+        self.drop_tunnel();
+        self.clear_request();
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::Silence);
+        if fresh_here {
+            self.send_configuration_request();
+        } else {
+            self.close_transport();
+            self.backoff = self.config.reconnect_backoff.0;
+            self.new_round(true);
+        }
+    }
+
+    fn terminate(&mut self, reason: TerminateReason) {
+        self.close_transport();
+        self.clear_request();
+        self.timers.stop_all();
+        self.stats.send_queue_discarded += self.outbound.clear(&mut self.pool) as u64;
+        self.phase = Phase::Terminated;
+        self.push_event(ClientEvent::Terminated { reason });
+    }
+
+    // ---- requests ----
+
+    fn take_sequence(&mut self) -> u32 {
+        let sequence = self.next_sequence;
+        self.next_sequence = sequence.wrapping_add(1) & SEQUENCE_MASK;
+        sequence
+    }
+
+    fn start_request(&mut self, kind: RequestKind, msg: &Message<'_>) {
+        let mut envelope = Vec::new();
+        // Messages the client builds hold a few fixed-size TLVs, far below 2048 octets.
+        if msg.encode_envelope(&mut envelope).is_err() {
+            envelope.clear();
+        }
+        self.install_request(kind, msg.header.sequence, envelope);
+    }
+
+    fn install_request(&mut self, kind: RequestKind, sequence: u32, envelope: Vec<u8>) {
+        self.clear_request();
+        self.request = Some(Request {
+            kind,
+            sequence,
+            envelope,
+            transmissions: 0,
+            due: true,
+        });
+    }
+
+    fn clear_request(&mut self) {
+        self.request = None;
+        self.timers.stop(Timer::Retransmit);
+        self.timers.stop(Timer::ResponseTimeout);
+    }
+
+    fn start_keepalive(&mut self) {
+        let tunnel_id = self.tunnel.as_ref().map_or(0, |t| t.info.tunnel_id);
+        let sequence = self.take_sequence();
+        let msg = Message::new(MessageType::KEEPALIVE, sequence, tunnel_id);
+        self.start_request(RequestKind::Keepalive, &msg);
+        self.stats.keepalives_sent += 1;
+    }
+
+    /// The outstanding request got no response in time.
+    fn request_failed(&mut self) {
+        let Some(request) = self.request.take() else {
+            return;
+        };
+        self.clear_request();
+        match request.kind {
+            RequestKind::Configuration { .. } => self.fail_attempt(None),
+            RequestKind::Keepalive => self.lose_transport(),
+            RequestKind::Release => self.terminate(TerminateReason::Released),
+        }
+    }
+
+    /// Retransmission timeout after the `transmissions`-th transmission (§6.3).
+    fn rto(&self, transmissions: u32) -> Duration {
+        let doublings = transmissions.saturating_sub(1).min(31);
+        self.config
+            .initial_rto
+            .saturating_mul(1 << doublings)
+            .min(self.config.max_rto)
+    }
+
+    // ---- helpers ----
+
+    fn heard_from_server(&mut self) {
+        if self.phase != Phase::Connected {
+            return;
+        }
+        if let Some(tunnel) = &self.tunnel {
+            let silence = tunnel
+                .info
+                .keepalive_interval
+                .saturating_mul(self.config.silence_intervals);
+            self.timers.set(Timer::Silence, after(self.now, silence));
+        }
+    }
+
+    /// Bookkeeping for an envelope just written by `poll_transmit`.
+    fn sent(&mut self, data: bool) -> Transmit {
+        self.stats.envelopes_sent += 1;
+        if data {
+            self.stats.data_sent += 1;
+        }
+        if self.phase == Phase::Connected {
+            if let Some(tunnel) = &self.tunnel {
+                let at = after(self.now, tunnel.info.keepalive_interval);
+                self.timers.set(Timer::Keepalive, at);
+            }
+        }
+        Transmit {
+            destination: Destination::Server,
+        }
+    }
+
+    fn drop_tunnel(&mut self) {
+        if self.tunnel.take().is_some() {
+            self.stats.send_queue_discarded += self.outbound.clear(&mut self.pool) as u64;
+            // The director's sequence space is per tunnel.
+            self.last_answer = None;
+        }
+    }
+
+    /// Asks the runtime to close a transport it has not reported gone.
+    fn close_transport(&mut self) {
+        if matches!(self.link, Link::Opening | Link::Open) {
+            self.push_event(ClientEvent::CloseTransport);
+            self.link = Link::Closing;
+        }
+    }
+
+    /// The runtime reported the transport gone.
+    fn forget_transport(&mut self) {
+        self.link = Link::None;
+        self.control_out.clear();
+    }
+
+    fn current_server(&self) -> ServerEndpoint {
+        // `server` is always an index of the validated, non-empty list.
+        self.config.servers[self.server.min(self.config.servers.len() - 1)]
+    }
+
+    fn push_event(&mut self, event: ClientEvent) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    fn advance_clock(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+}
+
+/// `now + d`, saturating at `now` for instants near the end of time.
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or(now)
+}
