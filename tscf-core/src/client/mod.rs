@@ -17,6 +17,9 @@ mod input;
 mod queue;
 mod timer;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

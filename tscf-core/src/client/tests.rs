@@ -1,0 +1,964 @@
+//! The client against a scripted fake server, in virtual time.
+
+use core::net::{IpAddr, Ipv4Addr};
+
+use etherparse::PacketBuilder;
+
+use super::*;
+use crate::wire::{Capabilities, InternalAddress, Transport};
+
+const TUNNEL: u64 = 0x5a17_c0de_2024_0b01;
+const ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const SECRET: [u8; 16] = *b"re-attach secret";
+
+#[allow(clippy::disallowed_methods)]
+fn base() -> Instant {
+    // The only clock read: a fixed origin for virtual time.
+    Instant::now()
+}
+
+fn server(port: u16, transport: Transport) -> ServerEndpoint {
+    ServerEndpoint {
+        addr: SocketAddr::from(([192, 0, 2, 1], port)),
+        transport,
+    }
+}
+
+use core::net::SocketAddr;
+
+fn tcp() -> ServerEndpoint {
+    server(4000, Transport::TCP)
+}
+
+fn udp() -> ServerEndpoint {
+    server(4001, Transport::UDP)
+}
+
+/// A client, its virtual clock, and everything it has emitted.
+struct Harness {
+    client: TunnelClient,
+    start: Instant,
+    now: Instant,
+    /// (time since start, envelope) of every transmit.
+    sent: Vec<(Duration, Vec<u8>)>,
+    events: Vec<ClientEvent>,
+}
+
+impl Harness {
+    fn new(config: ClientConfig) -> Self {
+        let start = base();
+        let client = TunnelClient::new(config, start).expect("valid config");
+        let mut h = Self {
+            client,
+            start,
+            now: start,
+            sent: Vec::new(),
+            events: Vec::new(),
+        };
+        h.drain();
+        h
+    }
+
+    fn with_servers(servers: Vec<ServerEndpoint>) -> Self {
+        Self::new(ClientConfig::new(servers))
+    }
+
+    fn drain(&mut self) {
+        let mut buf = Vec::new();
+        while let Some(t) = self.client.poll_transmit(self.now, &mut buf) {
+            assert_eq!(t.destination, Destination::Server);
+            self.sent.push((self.now - self.start, buf.clone()));
+        }
+        while let Some(e) = self.client.poll_event() {
+            self.events.push(e);
+        }
+    }
+
+    /// Moves virtual time forward by `d`, firing every timer on the way.
+    fn advance(&mut self, d: Duration) {
+        let target = self.now + d;
+        while let Some(at) = self.client.poll_timeout().filter(|at| *at <= target) {
+            self.now = self.now.max(at);
+            self.client.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = target;
+    }
+
+    fn open(&mut self) {
+        self.client.handle_transport_open(self.now);
+        self.drain();
+    }
+
+    fn deliver(&mut self, envelope: &[u8]) {
+        self.client.handle_envelope(self.now, envelope);
+        self.drain();
+    }
+
+    fn take_sent(&mut self) -> Vec<Vec<u8>> {
+        self.sent.drain(..).map(|(_, bytes)| bytes).collect()
+    }
+
+    fn take_events(&mut self) -> Vec<ClientEvent> {
+        core::mem::take(&mut self.events)
+    }
+
+    /// The one control message sent since the last take.
+    fn take_control(&mut self) -> Vec<u8> {
+        let sent = self.take_sent();
+        assert_eq!(sent.len(), 1, "expected one transmit, got {sent:?}");
+        sent.into_iter().next().expect("one transmit")
+    }
+
+    /// Opens the transport, answers the Configuration Request with success and checks the
+    /// resulting event.
+    fn connect(&mut self, interval_ms: u32) -> TunnelInfo {
+        self.open();
+        let request = self.take_control();
+        let seq = decode(&request).header.sequence;
+        self.deliver(&config_response(seq, TUNNEL, ADDR, interval_ms));
+        match self.take_events().as_slice() {
+            [ClientEvent::Connected(info)] => info.clone(),
+            other => panic!("expected Connected, got {other:?}"),
+        }
+    }
+}
+
+/// Decodes a control envelope the client sent.
+fn decode(envelope: &[u8]) -> Message<'_> {
+    let env = Envelope::decode_datagram(envelope).expect("an envelope");
+    assert_eq!(env.kind, EnvelopeType::CONTROL);
+    Message::decode(env.payload).expect("a valid control message")
+}
+
+fn encode(msg: &Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg.encode_envelope(&mut out).expect("encodable");
+    out
+}
+
+fn config_response(seq: u32, tunnel: u64, addr: Ipv4Addr, interval_ms: u32) -> Vec<u8> {
+    let mut msg = Message::new(MessageType::CONFIGURATION_RESPONSE, seq, tunnel);
+    msg.tlvs.result_code = Some(ResultCode::SUCCESS);
+    msg.tlvs.reattach_secret = Some(SECRET);
+    msg.tlvs.internal_ipv4 = Some(InternalAddress {
+        addr,
+        prefix_len: 16,
+    });
+    msg.tlvs.keepalive_interval_ms = Some(interval_ms);
+    msg.tlvs.dns_servers.push(IpAddr::from([10, 77, 0, 1]));
+    msg.tlvs.observed_address = Some(SocketAddr::from(([198, 51, 100, 7], 40000)));
+    encode(&msg)
+}
+
+fn error_response(request: &[u8], code: ResultCode) -> Vec<u8> {
+    encode(&Message::response_to(&decode(request).header, code))
+}
+
+fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut out, payload)
+        .expect("vec write");
+    out
+}
+
+fn data_envelope(packet: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, packet, &mut out).expect("fits");
+    out
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn connects_over_a_stream_transport() {
+    let mut config = ClientConfig::new(vec![tcp()]);
+    config.auth_token = Some(b"s3cret".to_vec());
+    config.keepalive_interval = Some(Duration::from_secs(60));
+    config.capabilities = Capabilities::PEER_TUNNELING;
+    let mut h = Harness::new(config);
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::OpenTransport { server: tcp() }]
+    );
+    assert_eq!(h.client.state(), ClientState::Connecting);
+    // Nothing goes out before the transport is open.
+    assert!(h.sent.is_empty());
+
+    h.open();
+    let request = h.take_control();
+    let msg = decode(&request);
+    assert_eq!(msg.header.message_type, MessageType::CONFIGURATION_REQUEST);
+    assert_eq!(msg.header.tunnel_id, 0);
+    assert_eq!(msg.header.sequence & 0x8000_0000, 0);
+    assert_eq!(msg.tlvs.supported_versions, Some(&[1u8][..]));
+    assert_eq!(msg.tlvs.auth_token, Some(&b"s3cret"[..]));
+    assert_eq!(msg.tlvs.keepalive_interval_ms, Some(60_000));
+    assert_eq!(
+        msg.tlvs.client_capabilities,
+        Some(Capabilities::PEER_TUNNELING)
+    );
+    assert!(msg.tlvs.software.is_some_and(|s| s.starts_with("tscf/")));
+    assert_eq!(msg.tlvs.tunnel_id, None);
+    assert_eq!(msg.tlvs.reattach_secret, None);
+
+    // A stream transport sends the request once.
+    h.advance(Duration::from_secs(5));
+    assert!(h.sent.is_empty());
+
+    h.deliver(&config_response(msg.header.sequence, TUNNEL, ADDR, 30_000));
+    let events = h.take_events();
+    let [ClientEvent::Connected(info)] = events.as_slice() else {
+        panic!("expected Connected, got {events:?}");
+    };
+    assert_eq!(info.tunnel_id, TUNNEL);
+    assert_eq!(info.ipv4.map(|a| a.addr), Some(ADDR));
+    assert_eq!(info.keepalive_interval, Duration::from_secs(30));
+    assert_eq!(info.dns_servers, [IpAddr::from([10, 77, 0, 1])]);
+    assert_eq!(info.server, tcp());
+    assert_eq!(h.client.state(), ClientState::Connected);
+    assert_eq!(h.client.tunnel_id(), Some(TUNNEL));
+    assert_eq!(h.client.internal_ipv4(), Some(ADDR));
+    assert_eq!(h.client.internal_ipv6(), None);
+    assert_eq!(h.client.stats().connects, 1);
+}
+
+#[test]
+fn stream_request_times_out_and_the_round_starts_over_with_backoff() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.open();
+    h.take_sent();
+    h.advance(ms(9_999));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::ConnectFailed {
+                server: tcp(),
+                result: None
+            },
+            ClientEvent::CloseTransport,
+        ]
+    );
+    // Last server failed: start over after 100 ms, then 200 ms.
+    h.advance(ms(99));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::OpenTransport { server: tcp() }]
+    );
+    h.client.handle_transport_failed(h.now);
+    h.drain();
+    h.take_events();
+    h.advance(ms(199));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::OpenTransport { server: tcp() }]
+    );
+}
+
+#[test]
+fn retransmits_over_udp_with_the_same_sequence() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.open();
+    // The first three requests are lost; the fourth is answered.
+    h.advance(ms(1750));
+    let times: Vec<Duration> = h.sent.iter().map(|(t, _)| *t).collect();
+    assert_eq!(times, [ms(0), ms(250), ms(750), ms(1750)]);
+    let sent = h.take_sent();
+    assert!(
+        sent.iter().all(|s| *s == sent[0]),
+        "identical retransmissions"
+    );
+    let seq = decode(&sent[0]).header.sequence;
+    assert_eq!(h.client.stats().retransmissions, 3);
+    h.deliver(&config_response(seq, TUNNEL, ADDR, 30_000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Connected(_)]
+    ));
+    // No further retransmission once answered.
+    h.advance(Duration::from_secs(10));
+    assert!(h
+        .take_sent()
+        .iter()
+        .all(|s| decode(s).header.sequence != seq));
+}
+
+#[test]
+fn udp_request_fails_after_seven_transmissions() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.open();
+    h.advance(ms(15_749));
+    let times: Vec<u64> = h.sent.iter().map(|(t, _)| t.as_millis() as u64).collect();
+    // 250 ms doubling, capped at 4 s.
+    assert_eq!(times, [0, 250, 750, 1750, 3750, 7750, 11_750]);
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::ConnectFailed {
+                server: udp(),
+                result: None
+            },
+            ClientEvent::CloseTransport,
+        ]
+    );
+}
+
+#[test]
+fn fails_over_along_the_server_list() {
+    let (a, b, c) = (
+        server(1, Transport::TCP),
+        server(2, Transport::UDP),
+        server(3, Transport::TLS),
+    );
+    let mut h = Harness::with_servers(vec![a, b, c]);
+    assert_eq!(h.take_events(), [ClientEvent::OpenTransport { server: a }]);
+    h.client.handle_transport_failed(h.now);
+    h.drain();
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::ConnectFailed {
+                server: a,
+                result: None
+            },
+            ClientEvent::OpenTransport { server: b },
+        ]
+    );
+    h.open();
+    let request = h.take_control();
+    h.deliver(&error_response(&request, ResultCode::SERVER_FULL));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::ConnectFailed {
+                server: b,
+                result: Some(ResultCode::SERVER_FULL)
+            },
+            ClientEvent::CloseTransport,
+            ClientEvent::OpenTransport { server: c },
+        ]
+    );
+    let info = h.connect(30_000);
+    assert_eq!(info.server, c);
+    // The late response of B's retransmissions matches nothing.
+    h.deliver(&error_response(&request, ResultCode::SERVER_FULL));
+    assert_eq!(h.client.stats().dropped_unmatched_response, 1);
+    assert_eq!(h.client.state(), ClientState::Connected);
+}
+
+#[test]
+fn idle_keepalive_then_silence_then_reattach() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(1000);
+    // Idle for one interval: a Keepalive.
+    h.advance(ms(999));
+    assert!(h.sent.is_empty());
+    h.advance(ms(1));
+    let keepalive = h.take_control();
+    let msg = decode(&keepalive);
+    assert_eq!(msg.header.message_type, MessageType::KEEPALIVE);
+    assert_eq!(msg.header.tunnel_id, TUNNEL);
+    // Answered: the server is alive and the next keepalive is an interval later.
+    h.deliver(&error_response(&keepalive, ResultCode::SUCCESS));
+    h.advance(ms(1000));
+    let keepalive = h.take_control();
+    assert_eq!(
+        decode(&keepalive).header.message_type,
+        MessageType::KEEPALIVE
+    );
+    // Then the server goes silent: lost three intervals after it was last heard (t = 1 s).
+    h.advance(ms(1999));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::TransportLost,
+            ClientEvent::CloseTransport,
+            ClientEvent::OpenTransport { server: tcp() },
+        ]
+    );
+    assert_eq!(h.client.state(), ClientState::Reattaching);
+    assert_eq!(h.client.tunnel_id(), Some(TUNNEL));
+
+    h.open();
+    let request = h.take_control();
+    let msg = decode(&request);
+    assert_eq!(msg.header.tunnel_id, 0);
+    assert_eq!(msg.tlvs.tunnel_id, Some(TUNNEL));
+    assert_eq!(msg.tlvs.reattach_secret, Some(SECRET));
+    let mut response = Message::new(
+        MessageType::CONFIGURATION_RESPONSE,
+        msg.header.sequence,
+        TUNNEL,
+    );
+    response.tlvs.result_code = Some(ResultCode::SUCCESS);
+    response.tlvs.reattach_secret = Some(*b"a fresh secret!!");
+    response.tlvs.internal_ipv4 = Some(InternalAddress {
+        addr: ADDR,
+        prefix_len: 16,
+    });
+    h.deliver(&encode(&response));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Reattached(info)] if info.tunnel_id == TUNNEL
+    ));
+    assert_eq!(h.client.stats().reattaches, 1);
+
+    // The next re-attach presents the fresh secret.
+    h.client.handle_transport_lost(h.now);
+    h.drain();
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::TransportLost,
+            ClientEvent::OpenTransport { server: tcp() },
+        ]
+    );
+    h.open();
+    let request = h.take_control();
+    assert_eq!(
+        decode(&request).tlvs.reattach_secret,
+        Some(*b"a fresh secret!!")
+    );
+}
+
+#[test]
+fn udp_keepalive_is_retransmitted_then_counts_as_loss() {
+    let mut config = ClientConfig::new(vec![udp()]);
+    config.silence_intervals = 1000;
+    let mut h = Harness::new(config);
+    h.take_events();
+    h.connect(60_000);
+    h.advance(Duration::from_secs(60));
+    let first = h.take_control();
+    h.advance(ms(15_749));
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 6);
+    assert!(sent.iter().all(|s| *s == first));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::TransportLost,
+            ClientEvent::CloseTransport,
+            ClientEvent::OpenTransport { server: udp() },
+        ]
+    );
+}
+
+#[test]
+fn refused_reattach_gets_a_fresh_tunnel_on_the_same_transport() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    h.client.handle_transport_lost(h.now);
+    h.drain();
+    h.take_events();
+    let packet = udp_packet(ADDR, PEER, b"old");
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.open();
+    let request = h.take_control();
+    h.deliver(&error_response(&request, ResultCode::TUNNEL_NOT_FOUND));
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::TunnelClosed {
+            reason: ResultCode::TUNNEL_NOT_FOUND
+        }]
+    );
+    assert_eq!(h.client.state(), ClientState::Connecting);
+    let fresh = h.take_control();
+    let msg = decode(&fresh);
+    assert_eq!(msg.header.message_type, MessageType::CONFIGURATION_REQUEST);
+    assert_eq!(msg.tlvs.tunnel_id, None);
+    assert_eq!(msg.tlvs.reattach_secret, None);
+    assert_ne!(msg.header.sequence, decode(&request).header.sequence);
+
+    let new_addr = Ipv4Addr::new(10, 77, 0, 9);
+    h.deliver(&config_response(msg.header.sequence, 77, new_addr, 30_000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Connected(info)] if info.tunnel_id == 77
+    ));
+    assert_eq!(h.client.internal_ipv4(), Some(new_addr));
+    // The packet from the old address was not sent.
+    assert!(h.sent.is_empty());
+    assert_eq!(h.client.stats().send_queue_discarded, 1);
+    assert_eq!(
+        h.client.send_ip(h.now, &packet),
+        Err(SendError::WrongSource(ADDR.into()))
+    );
+}
+
+#[test]
+fn unauthorized_terminates_without_retrying() {
+    let mut h = Harness::with_servers(vec![tcp(), udp()]);
+    h.take_events();
+    h.open();
+    let request = h.take_control();
+    h.deliver(&error_response(&request, ResultCode::UNAUTHORIZED));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::CloseTransport,
+            ClientEvent::Terminated {
+                reason: TerminateReason::Unauthorized
+            },
+        ]
+    );
+    assert_eq!(h.client.state(), ClientState::Terminated);
+    assert_eq!(h.client.poll_timeout(), None);
+    h.advance(Duration::from_secs(3600));
+    assert!(h.take_events().is_empty());
+}
+
+#[test]
+fn data_round_trip_and_checks() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    let packet = udp_packet(ADDR, PEER, b"rtp");
+    assert_eq!(
+        h.client.send_ip(h.now, &packet),
+        Err(SendError::NotConnected)
+    );
+    h.connect(30_000);
+
+    h.client.send_ip(h.now, &packet).expect("valid packet");
+    h.drain();
+    assert_eq!(h.take_sent(), [data_envelope(&packet)]);
+    assert_eq!(
+        h.client.send_ip(h.now, &udp_packet(PEER, ADDR, b"x")),
+        Err(SendError::WrongSource(PEER.into()))
+    );
+    assert!(matches!(
+        h.client.send_ip(h.now, &packet[..packet.len() - 1]),
+        Err(SendError::InvalidPacket(_))
+    ));
+
+    let inbound = udp_packet(PEER, ADDR, b"hello");
+    h.deliver(&data_envelope(&inbound));
+    h.deliver(&data_envelope(&udp_packet(ADDR, PEER, b"not for us")));
+    h.deliver(&data_envelope(b"\x45garbage"));
+    let mut out = b"stale".to_vec();
+    assert!(h.client.recv_ip(&mut out));
+    assert_eq!(out, inbound);
+    assert!(!h.client.recv_ip(&mut out));
+    let stats = h.client.stats();
+    assert_eq!(stats.data_received, 1);
+    assert_eq!(stats.dropped_wrong_destination, 1);
+    assert_eq!(stats.dropped_bad_packet, 1);
+}
+
+#[test]
+fn receive_queue_is_bounded() {
+    let mut config = ClientConfig::new(vec![tcp()]);
+    config.max_queued_packets = 3;
+    let mut h = Harness::new(config);
+    h.take_events();
+    h.connect(30_000);
+    let inbound = data_envelope(&udp_packet(PEER, ADDR, b"x"));
+    for _ in 0..5 {
+        h.deliver(&inbound);
+    }
+    assert_eq!(h.client.stats().dropped_receive_queue_full, 2);
+    let mut out = Vec::new();
+    let mut n = 0;
+    while h.client.recv_ip(&mut out) {
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}
+
+#[test]
+fn packets_queue_while_reattaching_up_to_the_bound() {
+    let mut config = ClientConfig::new(vec![tcp()]);
+    config.max_queued_packets = 4;
+    let mut h = Harness::new(config);
+    h.take_events();
+    h.connect(30_000);
+    h.client.handle_transport_lost(h.now);
+    h.drain();
+    h.take_events();
+    let packets: Vec<Vec<u8>> = (0..5u8).map(|i| udp_packet(ADDR, PEER, &[i])).collect();
+    for p in &packets[..4] {
+        h.client.send_ip(h.now, p).expect("queued");
+    }
+    assert_eq!(
+        h.client.send_ip(h.now, &packets[4]),
+        Err(SendError::QueueFull)
+    );
+    assert_eq!(h.client.stats().send_queue_full, 1);
+    h.drain();
+    assert!(h.sent.is_empty(), "nothing goes out without a transport");
+
+    h.open();
+    let request = h.take_control();
+    let seq = decode(&request).header.sequence;
+    h.deliver(&config_response(seq, TUNNEL, ADDR, 30_000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Reattached(_)]
+    ));
+    let expected: Vec<Vec<u8>> = packets[..4].iter().map(|p| data_envelope(p)).collect();
+    assert_eq!(h.take_sent(), expected);
+}
+
+#[test]
+fn administrative_release_notification_terminates() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    let mut note = Message::new(
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION,
+        0x8000_0001,
+        TUNNEL,
+    );
+    note.tlvs.result_code = Some(ResultCode::ADMINISTRATIVE);
+    h.deliver(&encode(&note));
+    let answer = h.take_control();
+    let msg = decode(&answer);
+    assert_eq!(
+        msg.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION_RESPONSE
+    );
+    assert_eq!(msg.header.sequence, 0x8000_0001);
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::CloseTransport,
+            ClientEvent::Terminated {
+                reason: TerminateReason::ReleasedByServer(ResultCode::ADMINISTRATIVE)
+            },
+        ]
+    );
+    assert_eq!(
+        h.client.send_ip(h.now, &udp_packet(ADDR, PEER, b"x")),
+        Err(SendError::Closed)
+    );
+}
+
+#[test]
+fn shutdown_notification_reconnects_with_a_fresh_tunnel() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    let mut note = Message::new(
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION,
+        0x8000_0002,
+        TUNNEL,
+    );
+    note.tlvs.result_code = Some(ResultCode::SHUTDOWN);
+    h.deliver(&encode(&note));
+    let answer = h.take_control();
+    assert_eq!(decode(&answer).tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::TunnelClosed {
+                reason: ResultCode::SHUTDOWN
+            },
+            ClientEvent::CloseTransport,
+        ]
+    );
+    assert_eq!(h.client.tunnel_id(), None);
+    h.advance(ms(100));
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::OpenTransport { server: tcp() }]
+    );
+    h.open();
+    let request = h.take_control();
+    let msg = decode(&request);
+    assert_eq!(msg.tlvs.tunnel_id, None);
+    h.deliver(&config_response(msg.header.sequence, 99, ADDR, 30_000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Connected(info)] if info.tunnel_id == 99
+    ));
+}
+
+#[test]
+fn duplicate_server_keepalive_is_answered_identically() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(30_000);
+    let keepalive = encode(&Message::new(MessageType::KEEPALIVE, 0x8000_0007, TUNNEL));
+    h.deliver(&keepalive);
+    let first = h.take_control();
+    let msg = decode(&first);
+    assert_eq!(msg.header.message_type, MessageType::KEEPALIVE_RESPONSE);
+    assert_eq!(msg.header.sequence, 0x8000_0007);
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::SUCCESS));
+    h.deliver(&keepalive);
+    assert_eq!(h.take_control(), first);
+    assert_eq!(h.client.stats().duplicate_requests, 1);
+    // A new sequence is a new request.
+    h.deliver(&encode(&Message::new(
+        MessageType::KEEPALIVE,
+        0x8000_0008,
+        TUNNEL,
+    )));
+    assert_eq!(decode(&h.take_control()).header.sequence, 0x8000_0008);
+    assert_eq!(h.client.stats().duplicate_requests, 1);
+    assert_eq!(h.client.stats().requests_answered, 3);
+}
+
+#[test]
+fn client_service_requests_are_refused_for_now() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0003, TUNNEL);
+    request.tlvs.service_type = Some(crate::wire::ServiceType::PEER);
+    h.deliver(&encode(&request));
+    let answer = h.take_control();
+    let msg = decode(&answer);
+    assert_eq!(
+        msg.header.message_type,
+        MessageType::CLIENT_SERVICE_RESPONSE
+    );
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::SERVICE_NOT_ENABLED));
+    assert_eq!(h.client.state(), ClientState::Connected);
+}
+
+#[test]
+fn release_waits_for_queued_data_then_terminates() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    let packet = udp_packet(ADDR, PEER, b"bye");
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.client.release(h.now);
+    h.drain();
+    assert_eq!(h.client.state(), ClientState::Releasing);
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], data_envelope(&packet));
+    let msg = decode(&sent[1]);
+    assert_eq!(
+        msg.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_REQUEST
+    );
+    assert_eq!(msg.header.tunnel_id, TUNNEL);
+    h.deliver(&error_response(&sent[1], ResultCode::SUCCESS));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::CloseTransport,
+            ClientEvent::Terminated {
+                reason: TerminateReason::Released
+            },
+        ]
+    );
+    assert_eq!(h.client.poll_timeout(), None);
+}
+
+#[test]
+fn unanswered_release_over_udp_still_terminates() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(30_000);
+    h.client.release(h.now);
+    h.drain();
+    h.advance(ms(15_749));
+    assert_eq!(h.take_sent().len(), 7);
+    assert!(h.take_events().is_empty());
+    h.advance(ms(1));
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::CloseTransport,
+            ClientEvent::Terminated {
+                reason: TerminateReason::Released
+            },
+        ]
+    );
+}
+
+#[test]
+fn garbage_is_counted_and_never_fatal() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    let mut rng = ChaCha20Rng::seed_from_u64(0x6a7b);
+    let mut garbage = |h: &mut Harness| {
+        for _ in 0..500 {
+            let len = (rng.next_u32() % 64) as usize;
+            let mut bytes = vec![0u8; len];
+            rng.fill_bytes(&mut bytes);
+            // Half of them look like control envelopes of the right length.
+            if len >= 3 && rng.next_u32() % 2 == 0 {
+                bytes[0] = 5;
+                bytes[1..3].copy_from_slice(&(len as u16).to_be_bytes());
+                if len > 3 {
+                    bytes[3] = 1;
+                }
+            }
+            h.deliver(&bytes);
+        }
+    };
+    // While opening, configuring and connected.
+    garbage(&mut h);
+    h.open();
+    h.take_sent();
+    garbage(&mut h);
+    h.take_sent();
+    assert!(h
+        .take_events()
+        .iter()
+        .all(|e| !matches!(e, ClientEvent::Terminated { .. })));
+    if h.client.state() != ClientState::Connecting {
+        panic!("garbage changed the state to {:?}", h.client.state());
+    }
+    h.advance(ms(250));
+    let request = h.sent.last().expect("retransmission").1.clone();
+    let seq = decode(&request).header.sequence;
+    h.deliver(&config_response(seq, TUNNEL, ADDR, 30_000));
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Connected(_))));
+    h.take_sent();
+    garbage(&mut h);
+    h.take_sent();
+    assert_eq!(h.client.state(), ClientState::Connected);
+
+    let before = *h.client.stats();
+    // Truncated: a control envelope too short for a header; and a datagram cut short.
+    h.deliver(&[5, 0, 5, 1, 7]);
+    let keepalive = encode(&Message::new(MessageType::KEEPALIVE, 0x8000_0100, TUNNEL));
+    h.deliver(&keepalive[..keepalive.len() - 1]);
+    // Wrong version: a keepalive of version 2 is dropped, not answered.
+    let mut v2 = keepalive.clone();
+    v2[3] = 2;
+    h.deliver(&v2);
+    // Unknown envelope type.
+    h.deliver(&[9, 0, 3]);
+    let stats = *h.client.stats();
+    assert_eq!(stats.dropped_bad_control, before.dropped_bad_control + 2);
+    assert_eq!(stats.dropped_bad_envelope, before.dropped_bad_envelope + 1);
+    assert_eq!(
+        stats.dropped_unknown_envelope,
+        before.dropped_unknown_envelope + 1
+    );
+    assert!(h.take_sent().is_empty());
+
+    // Unknown critical TLV in a request: answered with code 4; in a response: dropped.
+    let mut bad = keepalive.clone();
+    bad.extend_from_slice(&[0x7e, 1, 0]);
+    let len = bad.len() as u16;
+    bad[1..3].copy_from_slice(&len.to_be_bytes());
+    h.deliver(&bad);
+    let answer = h.take_control();
+    let msg = decode(&answer);
+    assert_eq!(msg.header.message_type, MessageType::KEEPALIVE_RESPONSE);
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::UNKNOWN_CRITICAL_TLV));
+    assert_eq!(
+        h.client.stats().error_responses_sent,
+        before.error_responses_sent + 1
+    );
+    let mut bad_response = encode(&Message::response_to(
+        &Message::new(MessageType::KEEPALIVE, 3, TUNNEL).header,
+        ResultCode::SUCCESS,
+    ));
+    bad_response.extend_from_slice(&[0x7e, 0]);
+    let len = bad_response.len() as u16;
+    bad_response[1..3].copy_from_slice(&len.to_be_bytes());
+    h.deliver(&bad_response);
+    assert!(h.take_sent().is_empty());
+    assert_eq!(
+        h.client.stats().dropped_bad_control,
+        before.dropped_bad_control + 3
+    );
+    assert_eq!(h.client.state(), ClientState::Connected);
+}
+
+#[test]
+fn success_without_an_address_is_not_a_tunnel() {
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.open();
+    let request = h.take_control();
+    h.deliver(&error_response(&request, ResultCode::SUCCESS));
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.client.stats().dropped_invalid_configuration, 1);
+    // The proper answer still counts.
+    let seq = decode(&request).header.sequence;
+    h.deliver(&config_response(seq, TUNNEL, ADDR, 30_000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Connected(_)]
+    ));
+}
+
+#[test]
+fn sequence_numbers_increment_from_a_seeded_start() {
+    let first_sequence = |seed| {
+        let mut config = ClientConfig::new(vec![tcp()]);
+        config.rng_seed = seed;
+        let mut h = Harness::new(config);
+        h.open();
+        decode(&h.take_control()).header.sequence
+    };
+    assert_eq!(first_sequence(1), first_sequence(1));
+    assert_ne!(first_sequence(1), first_sequence(2));
+
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.open();
+    let s1 = decode(&h.take_control()).header.sequence;
+    h.deliver(&config_response(s1, TUNNEL, ADDR, 1000));
+    h.advance(ms(1000));
+    let s2 = decode(&h.take_control()).header.sequence;
+    assert_eq!(s2, (s1 + 1) & SEQUENCE_MASK);
+}
+
+#[test]
+fn configuration_bounds_are_checked() {
+    let new = |f: &dyn Fn(&mut ClientConfig)| {
+        let mut config = ClientConfig::new(vec![tcp()]);
+        f(&mut config);
+        TunnelClient::new(config, base()).err()
+    };
+    assert_eq!(new(&|c| c.servers.clear()), Some(ConfigError::NoServers));
+    assert_eq!(
+        new(&|c| c.servers = vec![tcp(); 9]),
+        Some(ConfigError::TooManyServers(9))
+    );
+    assert_eq!(
+        new(&|c| c.auth_token = Some(Vec::new())),
+        Some(ConfigError::AuthTokenLength(0))
+    );
+    assert_eq!(
+        new(&|c| c.keepalive_interval = Some(ms(50))),
+        Some(ConfigError::KeepaliveInterval(ms(50)))
+    );
+    assert_eq!(new(&|c| c.max_rto = ms(1)), Some(ConfigError::Rto));
+    assert_eq!(
+        new(&|c| c.max_transmissions = 0),
+        Some(ConfigError::MaxTransmissions(0))
+    );
+    assert_eq!(
+        new(&|c| c.max_queued_packets = 0),
+        Some(ConfigError::MaxQueuedPackets(0))
+    );
+    assert_eq!(new(&|_| {}), None);
+}
