@@ -69,6 +69,7 @@ mod nat;
 mod stream;
 #[cfg(test)]
 mod tests;
+pub mod world;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
