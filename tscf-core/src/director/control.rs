@@ -143,8 +143,9 @@ impl SessionDirector {
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
             last_heard: now,
             persistent_since: None,
-            last_answer: None,
+            last_answer: [None, None],
             peer_window: (now, 0),
+            announced: None,
             queue: VecDeque::new(),
             in_ready: false,
         };
@@ -262,7 +263,7 @@ impl SessionDirector {
         let Some(t) = self.tunnels.get(&id) else {
             return false;
         };
-        match &t.last_answer {
+        match &t.last_answer[answer_slot(header.message_type)] {
             Some((ty, seq, bytes)) if *ty == header.message_type && *seq == header.sequence => {
                 let bytes = bytes.clone();
                 self.control_out.push_back((connection, bytes));
@@ -285,7 +286,8 @@ impl SessionDirector {
             return;
         }
         if let Some(t) = self.tunnels.get_mut(&id) {
-            t.last_answer = Some((request.message_type, request.sequence, bytes.clone()));
+            let slot = answer_slot(request.message_type);
+            t.last_answer[slot] = Some((request.message_type, request.sequence, bytes.clone()));
         }
         self.control_out.push_back((connection, bytes));
         self.stats.control_answered += 1;
@@ -308,4 +310,9 @@ impl SessionDirector {
             self.stats.control_answered += 1;
         }
     }
+}
+
+/// Which remembered answer a request type uses (see `Tunnel::last_answer`).
+fn answer_slot(request: MessageType) -> usize {
+    usize::from(request == MessageType::CLIENT_SERVICE_REQUEST)
 }

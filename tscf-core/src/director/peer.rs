@@ -10,9 +10,11 @@ use rand_core::RngCore;
 use rustc_hash::FxHashMap;
 
 use super::{ConnectionHandle, SessionDirector, Timer};
+use arrayvec::ArrayVec;
+
 use crate::wire::{
-    Capabilities, Header, Message, MessageType, PeerCredentials, PeerServiceResult, ResultCode,
-    ServiceAction, ServiceType,
+    Candidate, Capabilities, ConnectionInfo, Header, Message, MessageType, PeerCredentials,
+    PeerServiceResult, ResultCode, ServiceAction, ServiceType, MAX_CANDIDATES,
 };
 
 /// The most peers one tunnel is remembered to have been introduced to; the oldest is forgotten
@@ -32,6 +34,14 @@ pub(super) struct PeerService {
     releases: FxHashMap<u32, Notice>,
 }
 
+/// What a client announced about its peer endpoint.
+#[derive(Debug)]
+pub(super) struct Announcement {
+    candidates: ArrayVec<Candidate, MAX_CANDIDATES>,
+    connection_info: Option<ConnectionInfo>,
+    fingerprint: Option<[u8; 32]>,
+}
+
 #[derive(Debug)]
 struct Negotiation {
     initiator: u64,
@@ -44,6 +54,8 @@ struct Negotiation {
     forwarded: Vec<u8>,
     sent: u32,
     deadline: Instant,
+    /// The initiator was answered at once from the destination's announcement.
+    answered: bool,
 }
 
 #[derive(Debug)]
@@ -76,6 +88,16 @@ impl SessionDirector {
         };
         if request.tlvs.service_type != Some(ServiceType::PEER) || !self.config.peer_tunneling {
             return refuse(self, ResultCode::SERVICE_NOT_ENABLED, None);
+        }
+        if request.tlvs.service_action == Some(ServiceAction::ANNOUNCE) {
+            if let Some(t) = self.tunnels.get_mut(&id) {
+                t.announced = Some(Box::new(Announcement {
+                    candidates: request.tlvs.candidates.clone(),
+                    connection_info: request.tlvs.connection_info,
+                    fingerprint: request.tlvs.certificate_fingerprint,
+                }));
+            }
+            return refuse(self, ResultCode::SUCCESS, None);
         }
         let Some(peer_addr) = request.tlvs.peer_internal_address else {
             return refuse(self, ResultCode::MALFORMED, None);
@@ -144,6 +166,10 @@ impl SessionDirector {
         self.timers
             .push(Reverse((deadline.min(rto), Timer::PeerAnswer(sequence))));
         self.peer.pending_pairs.insert(pair(id, dest), sequence);
+        // Fast path (§7.3): a destination that announced its candidates is known to be able to
+        // answer, so the initiator hears them now and both sides start probing about one server
+        // round trip after the request instead of two.
+        let answered = self.answer_from_announcement(id, dest, &header, family_v6, token);
         self.peer.negotiations.insert(
             sequence,
             Negotiation {
@@ -155,6 +181,7 @@ impl SessionDirector {
                 forwarded: bytes,
                 sent: 1,
                 deadline,
+                answered,
             },
         );
         self.stats.peer.requests_forwarded += 1;
@@ -187,6 +214,11 @@ impl SessionDirector {
         self.peer
             .pending_pairs
             .remove(&pair(n.initiator, n.responder));
+        if n.answered {
+            // The initiator already has the announced candidates; a refusal here shows up as
+            // a failed probe on its side, and the flows stay on the relay.
+            return;
+        }
         let available = response.tlvs.result_code == Some(ResultCode::SUCCESS)
             && response.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE);
         let responder_addr = self.tunnel_address(id, n.family_v6);
@@ -237,6 +269,9 @@ impl SessionDirector {
         self.peer
             .pending_pairs
             .remove(&pair(n.initiator, n.responder));
+        if n.answered {
+            return;
+        }
         self.stats.peer.timeouts += 1;
         let mut reply = Message::response_to(&n.request, ResultCode::PEER_TIMEOUT);
         reply.tlvs.service_type = Some(ServiceType::PEER);
@@ -338,6 +373,35 @@ impl SessionDirector {
                     .push(Reverse((at, Timer::PeerRelease(sequence))));
             }
         }
+    }
+
+    /// Answers the initiator from the destination's announcement, if it made one.
+    fn answer_from_announcement(
+        &mut self,
+        initiator: u64,
+        dest: u64,
+        request: &Header,
+        family_v6: bool,
+        token: [u8; 16],
+    ) -> bool {
+        let Some(a) = self.tunnels.get(&dest).and_then(|t| t.announced.as_deref()) else {
+            return false;
+        };
+        let mut reply = Message::response_to(request, ResultCode::SUCCESS);
+        reply.tlvs.service_type = Some(ServiceType::PEER);
+        reply.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        reply.tlvs.candidates = a.candidates.clone();
+        reply.tlvs.connection_info = a.connection_info;
+        reply.tlvs.peer_credentials = Some(PeerCredentials {
+            token,
+            fingerprint: a.fingerprint,
+        });
+        reply.tlvs.peer_internal_address = self.tunnel_address(dest, family_v6);
+        self.remember_introduction(initiator, dest);
+        self.stats.peer.introductions += 1;
+        self.stats.peer.answered_from_announcement += 1;
+        self.answer_initiator(initiator, request, &reply);
+        true
     }
 
     fn answer_initiator(&mut self, initiator: u64, request: &Header, reply: &Message<'_>) {

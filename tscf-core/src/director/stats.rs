@@ -36,8 +36,10 @@ pub struct DirectorStats {
 pub struct PeerCounters {
     /// Peer requests forwarded to their destination.
     pub requests_forwarded: u64,
-    /// Pairs introduced (the destination answered Available).
+    /// Pairs introduced (the destination answered Available, or had announced itself).
     pub introductions: u64,
+    /// Initiators answered at once from the destination's announcement.
+    pub answered_from_announcement: u64,
     /// Destinations that answered Unavailable.
     pub refused_by_destination: u64,
     /// Destinations that did not answer in time.

@@ -881,4 +881,58 @@ mod peer {
         );
         assert_eq!(h2.d.stats().peer.release_notices, 1);
     }
+
+    #[test]
+    fn an_announced_destination_lets_the_initiator_start_at_once() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, b, ipb) = capable(&mut h, 2, STREAM);
+        let mut announce = h.request(MessageType::CLIENT_SERVICE_REQUEST, b);
+        announce.tlvs.service_type = Some(ServiceType::PEER);
+        announce.tlvs.service_action = Some(ServiceAction::ANNOUNCE);
+        announce.tlvs.candidates.push(Candidate {
+            kind: CandidateKind::SERVER_REFLEXIVE,
+            transport: Transport::UDP,
+            addr: "198.51.100.9:61000".parse().expect("addr"),
+        });
+        announce.tlvs.certificate_fingerprint = Some([0xb2; 32]);
+        let out = h.send(cb, &announce);
+        assert_eq!(out[0].message().tlvs.result_code, Some(ResultCode::SUCCESS));
+
+        let req = peer_request(&mut h, a, ipb);
+        let out = h.send(ca, &req);
+        assert_eq!(
+            out.len(),
+            2,
+            "the initiator's answer and the forward go out together"
+        );
+        let to_a = out
+            .iter()
+            .find(|o| o.connection == ca)
+            .expect("answer")
+            .message();
+        assert_eq!(to_a.header.sequence, req.header.sequence);
+        assert_eq!(
+            to_a.tlvs.peer_service_result,
+            Some(PeerServiceResult::AVAILABLE)
+        );
+        assert_eq!(to_a.tlvs.candidates, announce.tlvs.candidates);
+        let token = to_a.tlvs.peer_credentials.expect("creds");
+        assert_eq!(token.fingerprint, Some([0xb2; 32]));
+        let fwd = out
+            .iter()
+            .find(|o| o.connection == cb)
+            .expect("forward")
+            .message();
+        assert_eq!(fwd.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+        assert_eq!(
+            fwd.tlvs.peer_credentials.map(|c| c.token),
+            Some(token.token)
+        );
+        // The destination's own answer is not relayed a second time.
+        let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        assert!(h.send(cb, &answer).is_empty());
+        assert_eq!(h.d.stats().peer.answered_from_announcement, 1);
+    }
 }

@@ -262,6 +262,8 @@ wire_code! {
         ESTABLISH = 1 => "Establish",
         /// Tear the service down.
         RELEASE = 2 => "Release",
+        /// Tell the director this client's peer candidates ahead of any request (§7.2).
+        ANNOUNCE = 3 => "Announce",
     }
 }
 
