@@ -208,12 +208,9 @@ impl SessionDirector {
             self.stats.dropped.unexpected_message += 1;
             return;
         }
-        let Some(n) = self.peer.negotiations.remove(&sequence) else {
+        let Some(n) = self.take_negotiation(sequence) else {
             return;
         };
-        self.peer
-            .pending_pairs
-            .remove(&pair(n.initiator, n.responder));
         if n.answered {
             // The initiator already has the announced candidates; a refusal here shows up as
             // a failed probe on its side, and the flows stay on the relay.
@@ -263,12 +260,9 @@ impl SessionDirector {
                 .push(Reverse((next.min(n.deadline), Timer::PeerAnswer(sequence))));
             return;
         }
-        let Some(n) = self.peer.negotiations.remove(&sequence) else {
+        let Some(n) = self.take_negotiation(sequence) else {
             return;
         };
-        self.peer
-            .pending_pairs
-            .remove(&pair(n.initiator, n.responder));
         if n.answered {
             return;
         }
@@ -312,12 +306,9 @@ impl SessionDirector {
             .map(|(s, _)| *s)
             .collect();
         for sequence in failed {
-            let Some(n) = self.peer.negotiations.remove(&sequence) else {
+            let Some(n) = self.take_negotiation(sequence) else {
                 continue;
             };
-            self.peer
-                .pending_pairs
-                .remove(&pair(n.initiator, n.responder));
             if n.initiator != id {
                 let mut reply = Message::response_to(&n.request, ResultCode::PEER_UNAVAILABLE);
                 reply.tlvs.service_type = Some(ServiceType::PEER);
@@ -402,6 +393,15 @@ impl SessionDirector {
         self.stats.peer.answered_from_announcement += 1;
         self.answer_initiator(initiator, request, &reply);
         true
+    }
+
+    /// Ends negotiation `sequence`, freeing its pair for a new one.
+    fn take_negotiation(&mut self, sequence: u32) -> Option<Negotiation> {
+        let n = self.peer.negotiations.remove(&sequence)?;
+        self.peer
+            .pending_pairs
+            .remove(&pair(n.initiator, n.responder));
+        Some(n)
     }
 
     fn answer_initiator(&mut self, initiator: u64, request: &Header, reply: &Message<'_>) {

@@ -121,26 +121,12 @@ impl Harness {
 }
 
 fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let total = 28 + payload.len();
-    let mut p = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        0,
-        0x40,
-        0,
-        64,
-        17,
-        0,
-        0,
-    ];
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&[0x13, 0x8c, 0x13, 0x8c, 0, (8 + payload.len()) as u8, 0, 0]);
-    p.extend_from_slice(payload);
-    p
+    let builder = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
+    let mut packet = Vec::new();
+    builder
+        .write(&mut packet, payload)
+        .expect("writing to a Vec cannot fail");
+    packet
 }
 
 fn data(packet: &[u8]) -> Vec<u8> {
