@@ -14,6 +14,10 @@
     feature = "sim",
     doc = "- [`sim`]: the deterministic network simulator."
 )]
+#![cfg_attr(
+    feature = "fuzzing",
+    doc = "- [`fuzzing`]: property checks shared by the fuzz targets and the corpus replay test."
+)]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(clippy::print_stdout)]
@@ -25,3 +29,8 @@ pub mod wire;
 
 #[cfg(feature = "sim")]
 pub mod sim;
+
+/// Property checks on arbitrary input, for the fuzz targets in `fuzz/` and the corpus replay
+/// test.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

@@ -1,0 +1,476 @@
+//! Property checks on arbitrary input, shared by the fuzz targets in `fuzz/` and by
+//! `cargo test`, which replays their committed corpus (`tests/fuzz_corpus.rs`).
+//!
+//! Every function here accepts any input and panics only when a property of the codec is
+//! violated: a panic is a bug, either in the codec or in the property. Besides "no input makes
+//! the codec panic" (the panic contract of [`wire`](crate::wire) and [`stun`](crate::stun)),
+//! they check that decoding and encoding agree and that the state machines keep their
+//! invariants.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use arbitrary::{Result as ArbitraryResult, Unstructured};
+
+use crate::stun::{
+    answer_binding_request, decode_binding_response, is_stun, NatDiscovery, NatDiscoveryConfig,
+    NatEvent, StunError, TransactionId,
+};
+use crate::wire::{
+    verify_envelope_integrity, Candidate, CandidateKind, Capabilities, ConnectionInfo,
+    DecodeErrorKind, DeframeError, Envelope, EnvelopeError, EnvelopeType, Header, InnerPacket,
+    InternalAddress, Message, MessageType, PeerCredentials, PeerServiceResult, ResultCode,
+    ServiceAction, ServiceType, StreamDeframer, Transport, ENVELOPE_HEADER_LEN, MAX_BUFFERED,
+    MAX_CANDIDATES, MAX_CONTROL_LEN, MAX_DNS_SERVERS, MAX_ENVELOPE_LEN, VERSION,
+};
+
+/// Key for the integrity round trip; any fixed value does.
+const INTEGRITY_KEY: [u8; 16] = *b"fuzzing-peer-key";
+
+/// Properties of the control message codec. `data` is a control message without its envelope
+/// (the payload of a control envelope).
+///
+/// - If [`Message::decode`] accepts `data`, the message encodes, in no more octets than `data`
+///   (so within [`MAX_CONTROL_LEN`]) and in exactly [`Message::encoded_len`] octets, and the
+///   encoding decodes to an equal message: decode → encode → decode is the identity. The
+///   encoding is canonical (encoding the re-decoded message gives the same octets), and inside
+///   a control envelope it is the payload of a valid datagram envelope. Signed with a key, it
+///   verifies with that key and not with another.
+/// - If decoding fails, the error response the receiver rules require (if any) encodes, and
+///   decodes back to itself, unless its type is unknown to this version (the answer to an
+///   unknown request), which decodes as exactly that error.
+/// - [`Envelope::decode_datagram`], [`InnerPacket::parse`] and [`Message::verify_integrity`]
+///   accept `data` without panicking, and what they accept is consistent with it.
+pub fn control_message(data: &[u8]) {
+    match Message::decode(data) {
+        Ok(message) => control_round_trip(data, &message),
+        Err(err) => {
+            if let Some(reply) = err.response() {
+                assert!(
+                    !reply.header.message_type.is_request(),
+                    "error reply {reply:?} is a request"
+                );
+                let encoded = encode(&reply);
+                match Message::decode(&encoded) {
+                    Ok(decoded) => assert_eq!(decoded, reply, "error reply does not round-trip"),
+                    Err(e) => assert_eq!(
+                        e.kind,
+                        DecodeErrorKind::UnknownMessage(reply.header.message_type),
+                        "error reply {reply:?} does not decode"
+                    ),
+                }
+            }
+        }
+    }
+
+    if let Ok(envelope) = Envelope::decode_datagram(data) {
+        let mut again = Vec::new();
+        // The length field was a u16 equal to data.len(), so the payload fits.
+        Envelope::encode(envelope.kind, envelope.payload, &mut again)
+            .expect("a decoded envelope re-encodes");
+        assert_eq!(again, data, "envelope does not round-trip");
+    }
+    if let Ok(packet) = InnerPacket::parse(data) {
+        assert_eq!(packet.as_bytes(), data);
+        let source_family = packet.source().is_ipv4();
+        assert_eq!(source_family, packet.destination().is_ipv4());
+        assert_eq!(source_family, data[0] >> 4 == 4);
+        let _ = packet.udp_ports();
+    }
+    let _ = Message::verify_integrity(data, &[0; 16]);
+    let _ = verify_envelope_integrity(data, &[0; 16]);
+}
+
+/// Checks the round trip of a message decoded from `data`.
+fn control_round_trip(data: &[u8], message: &Message<'_>) {
+    let encoded = encode(message);
+    assert!(
+        encoded.len() <= data.len() && encoded.len() <= MAX_CONTROL_LEN,
+        "re-encoding grew from {} to {} octets",
+        data.len(),
+        encoded.len()
+    );
+    assert_eq!(encoded.len(), message.encoded_len());
+    let decoded = Message::decode(&encoded).expect("a re-encoded message decodes");
+    assert_eq!(
+        &decoded, message,
+        "decode → encode → decode changed the message"
+    );
+    assert_eq!(encode(&decoded), encoded, "the encoding is not canonical");
+
+    let mut enveloped = Vec::new();
+    message
+        .encode_envelope(&mut enveloped)
+        .expect("a message that encodes fits an envelope");
+    let envelope = Envelope::decode_datagram(&enveloped).expect("a valid envelope");
+    assert_eq!(envelope.kind, EnvelopeType::CONTROL);
+    assert_eq!(envelope.payload, encoded);
+
+    let mut signed = Vec::new();
+    // Adding the integrity TLV can push the message over the size limit; that is an error,
+    // not a property violation.
+    if message
+        .encode_envelope_with_integrity(&INTEGRITY_KEY, &mut signed)
+        .is_ok()
+    {
+        assert!(verify_envelope_integrity(&signed, &INTEGRITY_KEY));
+        assert!(!verify_envelope_integrity(&signed, &[0; 16]));
+    }
+}
+
+fn encode(message: &Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = message.encode(&mut out) {
+        panic!("{message:?} does not encode: {e}");
+    }
+    out
+}
+
+/// Properties of [`StreamDeframer`] under an arbitrary sequence of reads.
+///
+/// `data` is a program: each operation is one octet `op`, followed by its operands.
+///
+/// | `op % 4` | operation                                                                  |
+/// |----------|----------------------------------------------------------------------------|
+/// | 0        | [`push`](StreamDeframer::push) the next `op / 4 + 1` octets of `data`         |
+/// | 1        | [`read_into`](StreamDeframer::read_into) the next `op / 4 + 1` octets of `data` |
+/// | 2        | push `count` copies of `value`; operands: `count` (u16, big endian), `value` |
+/// | 3        | `read_into` with a read that fails                                          |
+///
+/// Operation 2 lets a short input build envelopes up to the maximal size. After every operation
+/// the envelopes are drained with [`next_envelope`](StreamDeframer::next_envelope), as a runtime
+/// does after every read. Checked after every step:
+///
+/// - [`buffered`](StreamDeframer::buffered) never exceeds [`MAX_BUFFERED`], and the deframer never
+///   overflows (a caller that drains after every read of at most one envelope cannot hit the
+///   bound);
+/// - the envelopes returned, re-encoded, are exactly a prefix of the octets fed (so each header's
+///   length is its payload's plus three), and what is buffered is the rest;
+/// - when the deframer reports no more envelopes, the rest holds no complete one; when it reports
+///   an error, the rest starts with an invalid envelope header. After an error the run stops, as
+///   the connection would be closed.
+pub fn stream_deframer(data: &[u8]) {
+    let mut deframer = StreamDeframer::new();
+    // The octets accepted by the deframer and not yet returned in an envelope: what it must be
+    // holding. Kept short rather than whole, so that a run stays linear in what was fed.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut fill = Vec::new();
+    let mut rest = data;
+    while let Some((&op, after)) = rest.split_first() {
+        rest = after;
+        match op % 4 {
+            0 => {
+                let chunk = take(&mut rest, usize::from(op / 4) + 1);
+                assert_no_overflow(deframer.push(chunk));
+                pending.extend_from_slice(chunk);
+            }
+            1 => {
+                let chunk = take(&mut rest, usize::from(op / 4) + 1);
+                let read = deframer.read_into(chunk.len(), |space| {
+                    let n = chunk.len().min(space.len());
+                    space[..n].copy_from_slice(&chunk[..n]);
+                    pending.extend_from_slice(&chunk[..n]);
+                    Ok::<_, ()>(n)
+                });
+                let read = assert_no_overflow(read);
+                assert!(read.is_ok_and(|n| n <= chunk.len()));
+            }
+            2 => {
+                let count = match take(&mut rest, 2) {
+                    [hi, lo] => usize::from(u16::from_be_bytes([*hi, *lo])),
+                    _ => 0,
+                };
+                let value = take(&mut rest, 1).first().copied().unwrap_or(0);
+                fill.clear();
+                fill.resize(count, value);
+                assert_no_overflow(deframer.push(&fill));
+                pending.extend_from_slice(&fill);
+            }
+            _ => {
+                let read = deframer.read_into(usize::from(op), |_| Err::<usize, _>(()));
+                assert_eq!(assert_no_overflow(read), Err(()));
+            }
+        }
+        assert!(deframer.buffered() <= MAX_BUFFERED);
+        assert_eq!(
+            deframer.buffered(),
+            pending.len(),
+            "deframer lost or invented octets"
+        );
+        let mut returned = 0;
+        loop {
+            match deframer.next_envelope() {
+                Ok(Some(envelope)) => {
+                    let len = envelope.payload.len() + ENVELOPE_HEADER_LEN;
+                    assert!(len <= MAX_ENVELOPE_LEN);
+                    let Some(expected) = pending.get(returned..returned + len) else {
+                        panic!("deframer returned an envelope longer than what it was fed");
+                    };
+                    let mut encoded = Vec::with_capacity(len);
+                    Envelope::encode(envelope.kind, envelope.payload, &mut encoded)
+                        .expect("a deframed envelope re-encodes");
+                    assert_eq!(encoded, expected, "envelope differs from the stream");
+                    returned += len;
+                }
+                Ok(None) => {
+                    pending.drain(..returned);
+                    assert_eq!(deframer.buffered(), pending.len());
+                    // Nothing complete may be left behind.
+                    assert_eq!(Envelope::decode_prefix(&pending), Ok(None));
+                    break;
+                }
+                Err(err) => {
+                    pending.drain(..returned);
+                    assert_eq!(deframer.buffered(), pending.len());
+                    let DeframeError::Envelope(expected) = err else {
+                        panic!("next_envelope reported {err:?}");
+                    };
+                    assert_eq!(
+                        Envelope::decode_prefix(&pending).map(|_| ()),
+                        Err::<(), EnvelopeError>(expected)
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Unwraps a deframer result that must not be an overflow.
+fn assert_no_overflow<T>(result: Result<T, DeframeError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(err) => panic!("the deframer refused bytes though it was drained: {err}"),
+    }
+}
+
+/// Splits off up to `n` octets from the front of `rest`.
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (head, tail) = rest.split_at(n.min(rest.len()));
+    *rest = tail;
+    head
+}
+
+/// Properties of the STUN codec and of [`NatDiscovery`] on an arbitrary datagram.
+///
+/// - [`decode_binding_response`] accepts only datagrams that pass [`is_stun`], and reports the
+///   datagram's transaction id and a usable mapped address.
+/// - When [`answer_binding_request`] answers, the answer is a Binding success response that
+///   [`decode_binding_response`] reads back as the request's transaction id and the source
+///   address (IPv4-mapped IPv6 reported as IPv4); when it does not, the output is empty.
+/// - A [`NatDiscovery`] drops unsolicited input (before any request, or from an address it did
+///   not ask) without an event. Input with the transaction id of its request, from the server it
+///   asked, is consumed exactly when it is a Binding success or error response, and produces the
+///   matching event.
+pub fn stun(data: &[u8]) {
+    let looks_like_stun = is_stun(data);
+    let transaction_id = data
+        .get(8..20)
+        .and_then(|id| <[u8; 12]>::try_from(id).ok())
+        .map(TransactionId);
+
+    let response = decode_binding_response(data);
+    if let Ok(response) = response {
+        assert!(looks_like_stun, "decoded a datagram that is not STUN");
+        assert_eq!(Some(response.transaction_id), transaction_id);
+        assert!(!response.mapped.ip().is_unspecified() && response.mapped.port() != 0);
+    }
+
+    // Vary the source address family with the input, mapped IPv6 included.
+    let source = match data.len() % 3 {
+        0 => SocketAddr::from((Ipv4Addr::new(198, 51, 100, 7), 40_000)),
+        1 => SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), 50_001)),
+        _ => SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(), 3478)),
+    };
+    let mut answer = vec![0xaa];
+    match answer_binding_request(data, source, &mut answer) {
+        Ok(id) => {
+            assert_eq!(Some(id), transaction_id);
+            assert!(is_stun(&answer));
+            let decoded = decode_binding_response(&answer).expect("our answer decodes");
+            assert_eq!(decoded.transaction_id, id);
+            let canonical = SocketAddr::new(source.ip().to_canonical(), source.port());
+            assert_eq!(decoded.mapped, canonical);
+        }
+        Err(_) => assert!(answer.is_empty(), "a refused request left output"),
+    }
+
+    nat_discovery(data);
+}
+
+/// The [`NatDiscovery`] part of [`stun`].
+fn nat_discovery(data: &[u8]) {
+    let server = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 1), 3478));
+    let stranger = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 2), 3478));
+    // The state machine only compares and offsets instants, so any origin will do.
+    #[allow(clippy::disallowed_methods)]
+    let now = Instant::now();
+    let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![server]), 7, now);
+
+    // Before any request, everything is unsolicited.
+    assert!(!discovery.handle_input(now, server, data));
+    assert_eq!(discovery.poll_event(), None);
+
+    let mut request = Vec::new();
+    let transmit = discovery.poll_transmit(now, &mut request);
+    assert_eq!(transmit.map(|t| t.destination), Some(server));
+    let Some(id) = request.get(8..20) else {
+        panic!("NatDiscovery wrote a request without a transaction id");
+    };
+
+    // Give the datagram the transaction id of the request, so that the fuzzer reaches the
+    // response path instead of guessing 96 random bits.
+    let mut solicited = data.to_vec();
+    if let Some(slot) = solicited.get_mut(8..20) {
+        slot.copy_from_slice(id);
+    }
+
+    let later = now + Duration::from_millis(10);
+    assert!(!discovery.handle_input(later, stranger, &solicited));
+    assert_eq!(discovery.poll_event(), None);
+
+    let consumed = discovery.handle_input(later, server, &solicited);
+    let first = discovery.poll_event();
+    match decode_binding_response(&solicited) {
+        Ok(response) => {
+            assert!(consumed);
+            assert_eq!(
+                first,
+                Some(NatEvent::Mapped {
+                    server,
+                    mapped: response.mapped
+                })
+            );
+            assert!(matches!(
+                discovery.poll_event(),
+                Some(NatEvent::Finished(_))
+            ));
+        }
+        Err(StunError::ErrorResponse { code }) => {
+            assert!(consumed);
+            assert_eq!(
+                first,
+                Some(NatEvent::ServerFailed {
+                    server,
+                    error_code: code
+                })
+            );
+            assert!(matches!(
+                discovery.poll_event(),
+                Some(NatEvent::Finished(_))
+            ));
+        }
+        Err(_) => {
+            assert!(!consumed);
+            assert_eq!(first, None);
+        }
+    }
+    assert_eq!(discovery.poll_event(), None);
+}
+
+/// Decode → encode → decode on messages built from structured parts rather than bytes, which
+/// reaches combinations of valid TLVs that byte mutation seldom assembles.
+///
+/// Builds a [`Message`] from `u`; if it encodes, the encoding is [`Message::encoded_len`]
+/// octets long, and if that decodes, the result equals the message. (Not every message that
+/// encodes decodes: the encoder does not enforce which TLVs each message type may carry.)
+pub fn structured_message(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
+    let message = arbitrary_message(u)?;
+    let mut encoded = Vec::new();
+    if message.encode(&mut encoded).is_ok() {
+        assert_eq!(encoded.len(), message.encoded_len());
+        if let Ok(decoded) = Message::decode(&encoded) {
+            assert_eq!(decoded, message, "encode → decode changed the message");
+        }
+    }
+    Ok(())
+}
+
+fn arbitrary_message<'a>(u: &mut Unstructured<'a>) -> ArbitraryResult<Message<'a>> {
+    // Mostly this version and known types: other values are rejected in the header, which the
+    // byte-level target covers.
+    let version = if u.ratio(1, 32)? {
+        u.arbitrary()?
+    } else {
+        VERSION
+    };
+    let header = Header {
+        version,
+        message_type: MessageType(u.int_in_range(0..=13)?),
+        sequence: u.arbitrary()?,
+        tunnel_id: u.arbitrary()?,
+    };
+    let mut message = Message {
+        header,
+        tlvs: Default::default(),
+    };
+    let t = &mut message.tlvs;
+    t.supported_versions = u.arbitrary()?;
+    t.tunnel_id = u.arbitrary()?;
+    t.reattach_secret = u.arbitrary()?;
+    if u.arbitrary()? {
+        t.internal_ipv4 = Some(InternalAddress {
+            addr: Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
+            prefix_len: u.int_in_range(0..=33)?,
+        });
+    }
+    if u.arbitrary()? {
+        t.internal_ipv6 = Some(InternalAddress {
+            addr: Ipv6Addr::from(u.arbitrary::<[u8; 16]>()?),
+            prefix_len: u.int_in_range(0..=129)?,
+        });
+    }
+    for _ in 0..u.int_in_range(0..=MAX_DNS_SERVERS)? {
+        t.dns_servers.push(arbitrary_ip(u)?);
+    }
+    t.keepalive_interval_ms = u.arbitrary()?;
+    t.result_code = u.arbitrary::<Option<u16>>()?.map(ResultCode);
+    t.service_type = u.arbitrary::<Option<u8>>()?.map(ServiceType);
+    if u.arbitrary()? {
+        t.connection_info = Some(ConnectionInfo {
+            transport: Transport(u.arbitrary()?),
+            addr: arbitrary_socket(u)?,
+        });
+    }
+    t.peer_service_result = u.arbitrary::<Option<u8>>()?.map(PeerServiceResult);
+    for _ in 0..u.int_in_range(0..=MAX_CANDIDATES)? {
+        t.candidates.push(Candidate {
+            kind: CandidateKind(u.arbitrary()?),
+            transport: Transport(u.arbitrary()?),
+            addr: arbitrary_socket(u)?,
+        });
+    }
+    if u.arbitrary()? {
+        t.peer_credentials = Some(PeerCredentials {
+            token: u.arbitrary()?,
+            fingerprint: u.arbitrary()?,
+        });
+    }
+    t.client_capabilities = u.arbitrary::<Option<u32>>()?.map(Capabilities);
+    if u.arbitrary()? {
+        t.peer_internal_address = Some(arbitrary_ip(u)?);
+    }
+    t.auth_token = u.arbitrary()?;
+    t.service_action = u.arbitrary::<Option<u8>>()?.map(ServiceAction);
+    t.certificate_fingerprint = u.arbitrary()?;
+    if u.arbitrary()? {
+        t.observed_address = Some(arbitrary_socket(u)?);
+    }
+    t.message_integrity = u.arbitrary()?;
+    t.software = u.arbitrary()?;
+    t.diagnostic = u.arbitrary()?;
+    Ok(message)
+}
+
+fn arbitrary_ip(u: &mut Unstructured<'_>) -> ArbitraryResult<IpAddr> {
+    Ok(if u.arbitrary()? {
+        IpAddr::from(u.arbitrary::<[u8; 4]>()?)
+    } else {
+        IpAddr::from(u.arbitrary::<[u8; 16]>()?)
+    })
+}
+
+/// A socket address the wire can carry: no IPv6 flow label or scope id.
+fn arbitrary_socket(u: &mut Unstructured<'_>) -> ArbitraryResult<SocketAddr> {
+    Ok(SocketAddr::new(arbitrary_ip(u)?, u.arbitrary()?))
+}
