@@ -1,0 +1,4 @@
+//! Fuzz target: the properties of [`tscf_core::fuzzing::stun`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tscf_core::fuzzing::stun(data));
