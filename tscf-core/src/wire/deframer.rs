@@ -8,20 +8,23 @@ use super::envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_LEN};
 /// drains [`StreamDeframer::next_envelope`] after every read can never hit the bound.
 pub const MAX_BUFFERED: usize = 2 * MAX_ENVELOPE_LEN;
 
-/// Capacity kept after the buffer drains; a connection that once carried a large envelope does
-/// not keep holding its memory.
-const RETAINED_CAPACITY: usize = 4096;
+/// Buffer kept after it drains, so that a busy connection does not allocate per read; a
+/// connection that once carried a large envelope gives back anything beyond it.
+const RETAINED_CAPACITY: usize = 32 * 1024;
 
 /// Reassembles envelopes from a stream.
 ///
 /// Feed bytes with [`read_into`](Self::read_into) (zero-copy from the socket) or
 /// [`push`](Self::push), then call [`next_envelope`](Self::next_envelope) until it returns
 /// `Ok(None)`. An `Err` means the stream can no longer be framed; the connection must be closed.
+/// In steady state it neither allocates nor zeroes memory per read; a runtime with many idle
+/// connections may call [`release_memory`](Self::release_memory) on them.
 #[derive(Debug, Default)]
 pub struct StreamDeframer {
+    /// Initialized storage; bytes `start..end` are buffered and not yet returned.
     buf: Vec<u8>,
-    /// Start of the bytes not yet returned as envelopes.
     start: usize,
+    end: usize,
 }
 
 /// The stream cannot be framed any more.
@@ -43,16 +46,17 @@ impl StreamDeframer {
 
     /// Octets buffered and not yet returned.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Copies `data` in.
     pub fn push(&mut self, data: &[u8]) -> Result<(), DeframeError> {
-        self.compact();
-        if self.buf.len() + data.len() > MAX_BUFFERED {
+        if self.buffered() + data.len() > MAX_BUFFERED {
             return Err(DeframeError::Overflow);
         }
-        self.buf.extend_from_slice(data);
+        self.make_room(data.len());
+        self.buf[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
         Ok(())
     }
 
@@ -63,47 +67,62 @@ impl StreamDeframer {
         max: usize,
         read: impl FnOnce(&mut [u8]) -> Result<usize, E>,
     ) -> Result<Result<usize, E>, DeframeError> {
-        self.compact();
-        let room = MAX_BUFFERED - self.buf.len();
-        if room == 0 {
+        let room = self.make_room(max).min(max);
+        if room == 0 && max > 0 {
             return Err(DeframeError::Overflow);
         }
-        let filled = self.buf.len();
-        self.buf.resize(filled + max.min(room), 0);
-        let result = read(&mut self.buf[filled..]);
-        let written = match &result {
-            Ok(n) => (*n).min(self.buf.len() - filled),
-            Err(_) => 0,
-        };
-        self.buf.truncate(filled + written);
+        let space = &mut self.buf[self.end..self.end + room];
+        let result = read(space);
+        if let Ok(n) = &result {
+            self.end += (*n).min(room);
+        }
         Ok(result)
     }
 
     /// The next complete envelope, if one is buffered.
     pub fn next_envelope(&mut self) -> Result<Option<Envelope<'_>>, DeframeError> {
-        let pending = &self.buf[self.start..];
-        match Envelope::decode_prefix(pending)? {
-            Some((_, used)) => {
-                let at = self.start;
-                self.start += used;
-                // Decoding the same bytes again is cheap and keeps the borrow simple.
-                let bytes = &self.buf[at..at + used];
-                Ok(Envelope::decode_prefix(bytes)?.map(|(env, _)| env))
-            }
-            None => Ok(None),
+        let Some((_, used)) = Envelope::decode_prefix(&self.buf[self.start..self.end])? else {
+            return Ok(None);
+        };
+        let at = self.start;
+        self.start += used;
+        if self.start == self.end {
+            // Drained: the next read starts at the front again, without moving anything.
+            self.start = 0;
+            self.end = 0;
+        }
+        // Decoding the same bytes again is cheap and keeps the borrow simple; they stay in
+        // place until the next push or read.
+        Ok(Envelope::decode_prefix(&self.buf[at..at + used])?.map(|(env, _)| env))
+    }
+
+    /// Frees the buffer if nothing is buffered, e.g. when a connection goes idle.
+    pub fn release_memory(&mut self) {
+        if self.buffered() == 0 {
+            *self = Self::default();
         }
     }
 
-    /// Drops consumed bytes from the front, and releases memory once the buffer is empty.
-    fn compact(&mut self) {
-        if self.start == 0 {
-            return;
+    /// Makes at least `want` octets of free space after `end` where the bound allows, and
+    /// returns the free space.
+    fn make_room(&mut self, want: usize) -> usize {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > RETAINED_CAPACITY {
+                self.buf = Vec::new();
+            }
         }
-        self.buf.drain(..self.start);
-        self.start = 0;
-        if self.buf.is_empty() && self.buf.capacity() > RETAINED_CAPACITY {
-            self.buf = Vec::new();
+        if self.buf.len() - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
+        if self.buf.len() - self.end < want && self.buf.len() < MAX_BUFFERED {
+            let len = (self.end + want).max(self.buf.len() * 2).min(MAX_BUFFERED);
+            self.buf.resize(len, 0);
+        }
+        self.buf.len() - self.end
     }
 }
 
@@ -197,5 +216,16 @@ mod tests {
         assert!(d.next_envelope().expect("valid").is_some());
         d.push(&[]).expect("bounded");
         assert!(d.buf.capacity() <= RETAINED_CAPACITY);
+        // A small buffer is kept across drains, so steady reads do not allocate.
+        d.push(&envelope(EnvelopeType::DATA, b"small"))
+            .expect("bounded");
+        let before = d.buf.as_ptr();
+        assert!(d.next_envelope().expect("valid").is_some());
+        d.push(&envelope(EnvelopeType::DATA, b"again"))
+            .expect("bounded");
+        assert_eq!(d.buf.as_ptr(), before, "same storage reused");
+        assert!(d.next_envelope().expect("valid").is_some());
+        d.release_memory();
+        assert_eq!(d.buf.capacity(), 0);
     }
 }
