@@ -236,9 +236,21 @@ const fn rule(ty: TlvType, lengths: Lengths, max_count: u8, messages: u16) -> Tl
     }
 }
 
+/// Registry index by TLV code, `u8::MAX` for codes the registry does not hold.
+const INDEX: [u8; 256] = {
+    let mut index = [u8::MAX; 256];
+    let mut i = 0;
+    while i < REGISTRY.len() {
+        index[REGISTRY[i].ty.0 as usize] = i as u8;
+        i += 1;
+    }
+    index
+};
+
 /// The registry entry for `ty`, and its index (used to count occurrences).
 pub(crate) fn lookup(ty: TlvType) -> Option<(usize, &'static TlvRule)> {
-    REGISTRY.iter().enumerate().find(|(_, r)| r.ty == ty)
+    let i = usize::from(INDEX[usize::from(ty.0)]);
+    REGISTRY.get(i).map(|rule| (i, rule))
 }
 
 impl TlvRule {
