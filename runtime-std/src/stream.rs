@@ -1,0 +1,213 @@
+//! Envelopes over a blocking TCP stream, plain or TLS.
+//!
+//! A connection is split into a [`StreamReader`] (one thread blocks in `read`) and a
+//! [`StreamWriter`] (used by whoever sends). With TLS both halves share the rustls connection
+//! behind a mutex that is never held while blocking in `read`, and never held while calling
+//! back into a state machine, so it nests inside the caller's lock and not the other way round.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tscf_core::wire::{DeframeError, Envelope, StreamDeframer};
+
+use crate::lock;
+
+/// Octets read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why a stream ended other than by a clean close.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("lost framing: {0}")]
+    Framing(#[from] DeframeError),
+}
+
+type SharedTls = Arc<Mutex<rustls::Connection>>;
+
+/// Runs the TLS handshake on `sock` to completion, or fails at `deadline`.
+pub(crate) fn handshake(
+    sock: &mut TcpStream,
+    conn: &mut rustls::Connection,
+    deadline: Instant,
+) -> Result<(), StreamError> {
+    while conn.is_handshaking() || conn.wants_write() {
+        if conn.wants_write() {
+            conn.write_tls(sock)?;
+            continue;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out").into());
+        }
+        sock.set_read_timeout(Some(remaining))?;
+        if conn.read_tls(sock)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during the TLS handshake",
+            )
+            .into());
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (the alert is queued by rustls).
+            let _ = conn.write_tls(sock);
+            return Err(e.into());
+        }
+    }
+    sock.set_read_timeout(None)?;
+    Ok(())
+}
+
+/// Splits a connected (and, for TLS, handshaken) socket.
+pub(crate) fn split(
+    sock: TcpStream,
+    tls: Option<rustls::Connection>,
+) -> io::Result<(StreamReader, StreamWriter)> {
+    let tls = tls.map(|c| Arc::new(Mutex::new(c)));
+    let writer = StreamWriter {
+        sock: sock.try_clone()?,
+        tls: tls.clone(),
+    };
+    let reader = StreamReader {
+        sock,
+        tls,
+        deframer: StreamDeframer::new(),
+        chunk: Vec::new(),
+        plain: Vec::new(),
+        envelope: Vec::new(),
+        primed: false,
+    };
+    Ok((reader, writer))
+}
+
+/// The sending half.
+#[derive(Debug)]
+pub(crate) struct StreamWriter {
+    sock: TcpStream,
+    tls: Option<SharedTls>,
+}
+
+impl StreamWriter {
+    /// Writes one whole envelope.
+    pub(crate) fn send(&mut self, envelope: &[u8]) -> io::Result<()> {
+        match &self.tls {
+            None => self.sock.write_all(envelope),
+            Some(tls) => {
+                let mut conn = lock(tls);
+                conn.writer().write_all(envelope)?;
+                while conn.wants_write() {
+                    conn.write_tls(&mut self.sock)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the connection (with a TLS close_notify) in both directions.
+    pub(crate) fn close(&mut self) {
+        if let Some(tls) = &self.tls {
+            let mut conn = lock(tls);
+            conn.send_close_notify();
+            let _ = conn.write_tls(&mut self.sock);
+        }
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+/// The receiving half: cuts the stream into envelopes.
+#[derive(Debug)]
+pub(crate) struct StreamReader {
+    sock: TcpStream,
+    tls: Option<SharedTls>,
+    deframer: StreamDeframer,
+    chunk: Vec<u8>,
+    plain: Vec<u8>,
+    envelope: Vec<u8>,
+    /// Plaintext buffered during the handshake has been taken.
+    primed: bool,
+}
+
+impl StreamReader {
+    /// Blocks until bytes arrive and hands each whole envelope received (as its encoded bytes)
+    /// to `on_envelope`. Returns `Ok(false)` once the peer closed the stream cleanly.
+    pub(crate) fn read(&mut self, mut on_envelope: impl FnMut(&[u8])) -> Result<bool, StreamError> {
+        let open = match &self.tls {
+            None => {
+                let sock = &mut self.sock;
+                let n = self.deframer.read_into(READ_CHUNK, |b| sock.read(b))??;
+                n > 0
+            }
+            Some(tls) => {
+                // The handshake may have read application data already: take it first.
+                let n = if self.primed {
+                    self.chunk.resize(READ_CHUNK, 0);
+                    let n = self.sock.read(&mut self.chunk)?;
+                    if n == 0 {
+                        return Ok(false);
+                    }
+                    n
+                } else {
+                    self.primed = true;
+                    0
+                };
+                let open = decrypt(tls, &mut self.sock, &self.chunk[..n], &mut self.plain)?;
+                self.deframer.push(&self.plain)?;
+                open
+            }
+        };
+        while let Some(env) = self.deframer.next_envelope()? {
+            self.envelope.clear();
+            // The deframer only returns envelopes that fit the format.
+            if Envelope::encode(env.kind, env.payload, &mut self.envelope).is_ok() {
+                on_envelope(&self.envelope);
+            }
+        }
+        Ok(open)
+    }
+}
+
+/// Feeds `tls_bytes` to rustls and collects the plaintext into `plain`; returns false once the
+/// peer sent close_notify.
+fn decrypt(
+    tls: &SharedTls,
+    sock: &mut TcpStream,
+    mut tls_bytes: &[u8],
+    plain: &mut Vec<u8>,
+) -> Result<bool, StreamError> {
+    plain.clear();
+    let mut conn = lock(tls);
+    let mut open = true;
+    loop {
+        if !tls_bytes.is_empty() {
+            conn.read_tls(&mut tls_bytes)?;
+            if let Err(e) = conn.process_new_packets() {
+                let _ = conn.write_tls(sock);
+                return Err(e.into());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        loop {
+            match conn.reader().read(&mut chunk) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(n) => plain.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if tls_bytes.is_empty() {
+            break;
+        }
+    }
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    Ok(open)
+}

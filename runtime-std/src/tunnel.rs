@@ -1,0 +1,686 @@
+//! The tunnel client: a [`TunnelClient`] behind a mutex, its transports, and its inner sockets.
+//!
+//! Threads: a timer thread, a UDP thread on the client's one UDP socket (server tunnels over
+//! UDP now; NAT discovery and peer paths share it later, told apart by their first octet and
+//! source address), and one reader thread per stream transport while it is open. Envelopes are
+//! written by whichever thread drains the client, under its lock.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tscf_core::client::{
+    ClientConfig, ClientEvent, ClientState, ClientStats, ConfigError, Destination, ServerEndpoint,
+    TerminateReason, TunnelClient, TunnelInfo,
+};
+use tscf_core::wire::{ResultCode, Transport};
+
+use crate::socket::{InnerUdpSocket, SocketQueue};
+use crate::stream::{self, StreamReader, StreamWriter};
+use crate::timer::{Shared, Timed};
+use crate::tls::{self, ClientTlsConfig, TlsConfigError};
+use crate::{lock, os_seed};
+
+/// How long the UDP thread blocks in `recv_from` before it looks at the stop flag.
+const UDP_POLL: Duration = Duration::from_millis(100);
+/// Notifications waiting to be read; beyond, new ones are dropped and counted.
+const NOTIFICATION_QUEUE: usize = 256;
+/// How long closing a tunnel waits for the server to acknowledge the release.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+/// First port [`Tunnel::bind`] picks for port 0.
+const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
+
+/// What [`Tunnel::connect`] needs.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// The client state machine's configuration: servers (tried in order), credential,
+    /// timers. Its `rng_seed` is replaced by one from the operating system unless
+    /// [`keep_seed`](Self::keep_seed) is set.
+    pub client: ClientConfig,
+    /// Keep `client.rng_seed` as given.
+    pub keep_seed: bool,
+    /// TLS settings; required if any server uses TLS.
+    pub tls: Option<ClientTlsConfig>,
+    /// How long [`Tunnel::connect`] waits for the first tunnel (default 10 s).
+    pub connect_timeout: Duration,
+    /// Bound of one TCP connect plus TLS handshake (default 5 s).
+    pub transport_timeout: Duration,
+    /// Datagrams queued on one inner socket before further ones are dropped (default 256).
+    pub socket_queue_len: usize,
+}
+
+impl TunnelConfig {
+    /// The defaults for these servers.
+    pub fn new(servers: Vec<ServerEndpoint>) -> Self {
+        Self {
+            client: ClientConfig::new(servers),
+            keep_seed: false,
+            tls: None,
+            connect_timeout: Duration::from_secs(10),
+            transport_timeout: Duration::from_secs(5),
+            socket_queue_len: 256,
+        }
+    }
+}
+
+/// Why [`Tunnel::connect`] gave up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The client configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS settings are unusable, or missing for a TLS server.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    /// A local socket or thread could not be set up.
+    #[error("local I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The server refused the tunnel for good (for instance Unauthorized).
+    #[error("the server refused the tunnel: {0:?}")]
+    Refused(TerminateReason),
+    /// No tunnel within the connect timeout.
+    #[error("no tunnel after {waited:?}; last failure: {}", last_failure.as_deref().unwrap_or("none"))]
+    TimedOut {
+        /// How long it waited.
+        waited: Duration,
+        /// The last transport or server failure, as text.
+        last_failure: Option<String>,
+    },
+}
+
+/// What happened to a tunnel, for the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notification {
+    /// A fresh tunnel is up (the first, or a new one after the server closed the old).
+    Connected(TunnelInfo),
+    /// The transport to the server was lost; the client re-attaches by itself.
+    TransportLost,
+    /// The tunnel is back on a new transport with the same id and addresses.
+    Reattached(TunnelInfo),
+    /// The server closed the tunnel; a fresh one follows with [`Notification::Connected`].
+    TunnelClosed {
+        /// The reason the server gave.
+        reason: ResultCode,
+    },
+    /// One attempt at a server failed.
+    ConnectFailed {
+        /// The server.
+        server: ServerEndpoint,
+        /// Its result code, or `None` for a transport failure or timeout.
+        result: Option<ResultCode>,
+        /// The transport failure, as text, when there was one.
+        error: Option<String>,
+    },
+    /// The tunnel is finished. Always the last notification.
+    Terminated {
+        /// Why.
+        reason: TerminateReason,
+    },
+}
+
+/// Counters of a tunnel: the client state machine's and the runtime's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TunnelStats {
+    /// The state machine's counters.
+    pub client: ClientStats,
+    /// Inner packets for a port no socket is bound to.
+    pub unbound_port: u64,
+    /// Inner packets that are not UDP (or not parseable).
+    pub not_udp: u64,
+    /// Inner datagrams dropped because the socket's queue was full.
+    pub socket_queue_full: u64,
+    /// Datagrams on the UDP socket that were not from the server tunnel (or STUN, which this
+    /// runtime does not use yet).
+    pub udp_dropped: u64,
+    /// Notifications dropped because nobody read them.
+    pub notifications_dropped: u64,
+}
+
+/// A TSC tunnel to a server, run by background threads. Dropping it releases the tunnel.
+#[derive(Debug)]
+pub struct Tunnel {
+    shared: Arc<Shared<ClientCore>>,
+    notifications: Receiver<Notification>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Tunnel {
+    /// Starts the client and blocks until it holds a tunnel, the server refuses it for good,
+    /// or `connect_timeout` passes. The client, not this runtime, decides which server and
+    /// transport to try next.
+    pub fn connect(mut config: TunnelConfig) -> Result<Self, ConnectError> {
+        if !config.keep_seed {
+            let seed = os_seed();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&seed[..8]);
+            config.client.rng_seed = u64::from_le_bytes(first);
+        }
+        let tls = match &config.tls {
+            Some(t) => Some((tls::client_config(t)?, t.clone())),
+            None => None,
+        };
+        let udp = Arc::new(UdpSocket::bind(udp_bind_addr(&config.client.servers))?);
+        udp.set_read_timeout(Some(UDP_POLL))?;
+        let client = TunnelClient::new(config.client.clone(), Instant::now())?;
+        let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
+        let shared = Arc::new_cyclic(|me| Shared {
+            state: Mutex::new(ClientCore {
+                client,
+                me: me.clone(),
+                link: Link::None,
+                generation: 0,
+                udp: udp.clone(),
+                tls,
+                transport_timeout: config.transport_timeout,
+                sockets: HashMap::new(),
+                socket_queue_len: config.socket_queue_len.max(1),
+                next_port: *EPHEMERAL_PORTS.start(),
+                notifications: tx,
+                last_failure: None,
+                terminated: None,
+                stopped: false,
+                armed: None,
+                buf: Vec::new(),
+                packet: Vec::new(),
+                stats: TunnelStats::default(),
+            }),
+            timer: Condvar::new(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tunnel = Tunnel {
+            shared: shared.clone(),
+            notifications,
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        {
+            let mut core = lock(&shared.state);
+            core.drain();
+        }
+        let s = shared.clone();
+        tunnel.threads.push(
+            thread::Builder::new()
+                .name("tscf-tunnel-timer".to_owned())
+                .spawn(move || s.run_timer())?,
+        );
+        let s = shared.clone();
+        tunnel.threads.push(
+            thread::Builder::new()
+                .name("tscf-tunnel-udp".to_owned())
+                .spawn(move || run_udp(&s, &udp, &stop))?,
+        );
+        let started = Instant::now();
+        let deadline = started + config.connect_timeout;
+        let mut core = lock(&shared.state);
+        loop {
+            match core.client.state() {
+                ClientState::Connected => break,
+                ClientState::Terminated => {
+                    let reason = core.terminated.unwrap_or(TerminateReason::Released);
+                    return Err(ConnectError::Refused(reason));
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ConnectError::TimedOut {
+                    waited: now - started,
+                    last_failure: core.last_failure.clone(),
+                });
+            }
+            core = shared
+                .timer
+                .wait_timeout(core, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(core);
+        Ok(tunnel)
+    }
+
+    /// The tunnel's internal IPv4 address (kept across re-attaches).
+    pub fn internal_ipv4(&self) -> Option<Ipv4Addr> {
+        lock(&self.shared.state).client.internal_ipv4()
+    }
+
+    /// The tunnel's internal IPv6 address.
+    pub fn internal_ipv6(&self) -> Option<Ipv6Addr> {
+        lock(&self.shared.state).client.internal_ipv6()
+    }
+
+    /// The tunnel id.
+    pub fn tunnel_id(&self) -> Option<u64> {
+        lock(&self.shared.state).client.tunnel_id()
+    }
+
+    /// This client's transport address as the server saw it (behind a NAT, the mapping).
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        let core = lock(&self.shared.state);
+        core.client.tunnel_info().and_then(|i| i.observed_address)
+    }
+
+    /// The configuration the server gave the tunnel.
+    pub fn info(&self) -> Option<TunnelInfo> {
+        lock(&self.shared.state).client.tunnel_info().cloned()
+    }
+
+    /// Where the client is in its life cycle.
+    pub fn state(&self) -> ClientState {
+        lock(&self.shared.state).client.state()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> TunnelStats {
+        let core = lock(&self.shared.state);
+        TunnelStats {
+            client: *core.client.stats(),
+            ..core.stats
+        }
+    }
+
+    /// What happened to the tunnel, in order (at most 256 wait; later ones are dropped and
+    /// counted in [`TunnelStats::notifications_dropped`]).
+    pub fn notifications(&self) -> &Receiver<Notification> {
+        &self.notifications
+    }
+
+    /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
+    /// one from 49152 up.
+    pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
+        let mut core = lock(&self.shared.state);
+        let port = if port == 0 {
+            core.free_port()?
+        } else if core.sockets.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("inner port {port} is bound"),
+            ));
+        } else {
+            port
+        };
+        let queue = Arc::new(SocketQueue::new(core.socket_queue_len));
+        core.sockets.insert(port, queue.clone());
+        Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
+    }
+
+    /// Releases the tunnel (waiting briefly for the server's answer) and stops the threads.
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut core = lock(&self.shared.state);
+        core.client.release(Instant::now());
+        core.drain();
+        self.shared.rearm(&mut core);
+        while core.client.state() != ClientState::Terminated {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            core = self
+                .shared
+                .timer
+                .wait_timeout(core, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        core.close_link();
+        core.stopped = true;
+        for queue in core.sockets.values() {
+            queue.close();
+        }
+        self.shared.timer.notify_all();
+        drop(core);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The client and everything its threads share.
+#[derive(Debug)]
+pub(crate) struct ClientCore {
+    pub(crate) client: TunnelClient,
+    me: Weak<Shared<ClientCore>>,
+    link: Link,
+    /// Bumped whenever the transport changes, so that a stale reader thread stays quiet.
+    generation: u64,
+    udp: Arc<UdpSocket>,
+    tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
+    transport_timeout: Duration,
+    pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
+    socket_queue_len: usize,
+    next_port: u16,
+    notifications: SyncSender<Notification>,
+    last_failure: Option<String>,
+    terminated: Option<TerminateReason>,
+    stopped: bool,
+    armed: Option<Instant>,
+    buf: Vec<u8>,
+    packet: Vec<u8>,
+    pub(crate) stats: TunnelStats,
+}
+
+/// The transport to the server, as this runtime holds it.
+#[derive(Debug)]
+enum Link {
+    None,
+    /// A stream transport; `None` while its thread connects.
+    Stream(Option<StreamWriter>),
+    Udp(SocketAddr),
+}
+
+impl ClientCore {
+    /// Drains the client after an input: transmits, then events (acting on each), until both
+    /// are empty; then hands received packets to the inner sockets.
+    pub(crate) fn drain(&mut self) {
+        loop {
+            let now = Instant::now();
+            while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
+                // Peer paths will go out on `self.udp`.
+                if t.destination == Destination::Server {
+                    self.send_to_server();
+                }
+            }
+            let Some(event) = self.client.poll_event() else {
+                break;
+            };
+            self.on_event(now, event);
+        }
+        while self.client.recv_ip(&mut self.packet) {
+            let packet = std::mem::take(&mut self.packet);
+            crate::socket::deliver(self, packet);
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, event: ClientEvent) {
+        tracing::debug!(?event, "tunnel client");
+        let note = match event {
+            ClientEvent::OpenTransport { server } => {
+                self.open(now, server);
+                return;
+            }
+            ClientEvent::CloseTransport => {
+                self.close_link();
+                return;
+            }
+            ClientEvent::Connected(info) => Notification::Connected(info),
+            ClientEvent::Reattached(info) => Notification::Reattached(info),
+            ClientEvent::TransportLost => Notification::TransportLost,
+            ClientEvent::TunnelClosed { reason } => Notification::TunnelClosed { reason },
+            ClientEvent::ConnectFailed { server, result } => {
+                let error = match result {
+                    Some(code) => {
+                        self.last_failure = Some(format!("{} answered {code}", server.addr));
+                        None
+                    }
+                    None => self.last_failure.clone(),
+                };
+                Notification::ConnectFailed {
+                    server,
+                    result,
+                    error,
+                }
+            }
+            ClientEvent::Terminated { reason } => {
+                self.terminated = Some(reason);
+                Notification::Terminated { reason }
+            }
+            _ => return,
+        };
+        if self.notifications.try_send(note).is_err() {
+            self.stats.notifications_dropped += 1;
+        }
+        // Wake `connect` and `close`, which wait for a state change.
+        if let Some(shared) = self.me.upgrade() {
+            shared.timer.notify_all();
+        }
+    }
+
+    /// Opens the transport the client asked for.
+    fn open(&mut self, now: Instant, server: ServerEndpoint) {
+        self.close_link();
+        match server.transport {
+            Transport::UDP => {
+                self.link = Link::Udp(server.addr);
+                self.client.handle_transport_open(now);
+            }
+            Transport::TCP | Transport::TLS => {
+                let tls = match (&self.tls, server.transport == Transport::TLS) {
+                    (_, false) => None,
+                    (Some((config, settings)), true) => {
+                        match tls::server_name(settings, server.addr) {
+                            Ok(name) => Some((config.clone(), name)),
+                            Err(e) => return self.failed(now, e.to_string()),
+                        }
+                    }
+                    (None, true) => {
+                        return self.failed(now, format!("{}: no TLS settings", server.addr));
+                    }
+                };
+                let generation = self.generation;
+                let timeout = self.transport_timeout;
+                let Some(shared) = self.me.upgrade() else {
+                    return;
+                };
+                self.link = Link::Stream(None);
+                let spawned = thread::Builder::new()
+                    .name("tscf-tunnel-stream".to_owned())
+                    .spawn(move || run_stream(&shared, generation, server, tls, timeout));
+                if let Err(e) = spawned {
+                    self.link = Link::None;
+                    self.failed(now, e.to_string());
+                }
+            }
+            other => self.failed(now, format!("transport {other} is not supported here")),
+        }
+    }
+
+    fn failed(&mut self, now: Instant, why: String) {
+        self.last_failure = Some(why);
+        self.link = Link::None;
+        self.client.handle_transport_failed(now);
+    }
+
+    fn send_to_server(&mut self) {
+        match &mut self.link {
+            // A failed write shows up at the reader, which reports the loss.
+            Link::Stream(Some(writer)) => {
+                let _ = writer.send(&self.buf);
+            }
+            Link::Udp(server) => {
+                let _ = self.udp.send_to(&self.buf, *server);
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops the current transport; its reader thread, if any, becomes stale.
+    fn close_link(&mut self) {
+        if let Link::Stream(Some(mut writer)) = std::mem::replace(&mut self.link, Link::None) {
+            writer.close();
+        }
+        self.generation += 1;
+    }
+
+    fn free_port(&mut self) -> io::Result<u16> {
+        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
+        for _ in 0..=span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                port + 1
+            };
+            if !self.sockets.contains_key(&port) {
+                return Ok(port);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free inner port",
+        ))
+    }
+}
+
+impl Timed for ClientCore {
+    fn deadline(&self) -> Option<Instant> {
+        self.client.poll_timeout()
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        self.client.handle_timeout(now);
+        self.drain();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+}
+
+/// A stream transport's thread: connects, reports, then reads until the stream ends.
+fn run_stream(
+    shared: &Shared<ClientCore>,
+    generation: u64,
+    server: ServerEndpoint,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+) {
+    let opened = open_stream(server.addr, tls, timeout);
+    let mut reader = {
+        let mut core = lock(&shared.state);
+        if core.generation != generation || core.stopped {
+            if let Ok((_, mut writer)) = opened {
+                writer.close();
+            }
+            return;
+        }
+        let now = Instant::now();
+        let reader = match opened {
+            Ok((reader, writer)) => {
+                core.link = Link::Stream(Some(writer));
+                core.client.handle_transport_open(now);
+                Some(reader)
+            }
+            Err(e) => {
+                core.failed(now, format!("{}: {e}", server.addr));
+                None
+            }
+        };
+        core.drain();
+        shared.rearm(&mut core);
+        match reader {
+            Some(r) => r,
+            None => return,
+        }
+    };
+    let why = loop {
+        let mut guard = None;
+        let mut stale = false;
+        let read = reader.read(|envelope| {
+            let core = guard.get_or_insert_with(|| lock(&shared.state));
+            if core.generation == generation {
+                core.client.handle_envelope(Instant::now(), envelope);
+            } else {
+                stale = true;
+            }
+        });
+        if let Some(mut core) = guard {
+            core.drain();
+            shared.rearm(&mut core);
+        }
+        match read {
+            Ok(true) if !stale => {}
+            Ok(true) => return,
+            Ok(false) => break "closed by the server".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let mut core = lock(&shared.state);
+    if core.generation == generation && !core.stopped {
+        core.link = Link::None;
+        core.generation += 1;
+        core.last_failure = Some(format!("{}: {why}", server.addr));
+        core.client.handle_transport_lost(Instant::now());
+        core.drain();
+        shared.rearm(&mut core);
+    }
+}
+
+fn open_stream(
+    addr: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+) -> Result<(StreamReader, StreamWriter), stream::StreamError> {
+    let mut sock = TcpStream::connect_timeout(&addr, timeout)?;
+    let _ = sock.set_nodelay(true);
+    let conn = match tls {
+        Some((config, name)) => {
+            let mut conn = rustls::Connection::Client(rustls::ClientConnection::new(config, name)?);
+            stream::handshake(&mut sock, &mut conn, Instant::now() + timeout)?;
+            Some(conn)
+        }
+        None => None,
+    };
+    Ok(stream::split(sock, conn)?)
+}
+
+/// The UDP thread: envelopes from the server tunnel go to the client; the rest is counted.
+fn run_udp(shared: &Shared<ClientCore>, udp: &UdpSocket, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 65_536];
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((n, from)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        let datagram = &buf[..n];
+        let mut core = lock(&shared.state);
+        match (datagram.first(), &core.link) {
+            (Some(4 | 5), Link::Udp(server)) if *server == from => {
+                core.client.handle_envelope(Instant::now(), datagram);
+                core.drain();
+                shared.rearm(&mut core);
+            }
+            _ => core.stats.udp_dropped += 1,
+        }
+    }
+}
+
+/// The client's UDP socket binds to loopback when the servers are on loopback, else to the
+/// unspecified address of the first server's family.
+fn udp_bind_addr(servers: &[ServerEndpoint]) -> SocketAddr {
+    let first = servers
+        .iter()
+        .find(|s| s.transport.is_datagram())
+        .or(servers.first());
+    let ip = match first.map(|s| s.addr.ip()) {
+        Some(ip) if ip.is_loopback() => ip,
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
+}
