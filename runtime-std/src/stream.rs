@@ -22,10 +22,20 @@ const READ_CHUNK: usize = 16 * 1024;
 pub(crate) enum StreamError {
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
-    #[error("TLS: {0}")]
+    #[error("TLS: {}", describe_tls(.0))]
     Tls(#[from] rustls::Error),
     #[error("lost framing: {0}")]
     Framing(#[from] DeframeError),
+}
+
+/// rustls prints a custom certificate error with `Debug`; ours deserve their own message.
+fn describe_tls(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            format!("invalid peer certificate: {other}")
+        }
+        other => other.to_string(),
+    }
 }
 
 type SharedTls = Arc<Mutex<rustls::Connection>>;

@@ -1,0 +1,65 @@
+//! Per transport: server and two clients, configuration, relay, and a 50 packet/s flow.
+
+use tscf_core::client::ClientState;
+
+use crate::util::{rtp_flow, server, tunnel, TRANSPORTS};
+
+/// 2 s of a 50 packet/s flow per transport (the 5 s version passes too; 2 s keeps the suite
+/// fast).
+const PACKETS: u32 = 100;
+
+#[test]
+fn configuration_relay_and_flow_on_every_transport() {
+    for transport in TRANSPORTS {
+        let server = server(|_| {});
+        let a = tunnel(&server, transport);
+        let b = tunnel(&server, transport);
+        assert_eq!(a.state(), ClientState::Connected);
+        let (ia, ib) = (a.internal_ipv4().unwrap(), b.internal_ipv4().unwrap());
+        assert_ne!(ia, ib, "{transport}: distinct internal addresses");
+        assert_ne!(a.tunnel_id(), b.tunnel_id());
+        let observed = a.observed_address().expect("observed address");
+        assert!(observed.ip().is_loopback(), "{transport}: {observed}");
+        let info = a.info().unwrap();
+        assert_eq!(info.server.transport, transport);
+
+        let got = rtp_flow(&a, &b, PACKETS, |_| {});
+        let expected: Vec<u32> = (0..PACKETS).collect();
+        assert_eq!(got, expected, "{transport}: complete and in order");
+        let stats = server.stats();
+        assert_eq!(stats.director.active_tunnels, 2, "{transport}");
+        assert!(stats.director.frames_relayed >= u64::from(PACKETS));
+        a.close();
+        b.close();
+        server.shutdown();
+    }
+}
+
+#[test]
+fn server_shutdown_notifies_tunnels() {
+    let server = server(|_| {});
+    let a = tunnel(&server, tscf_core::wire::Transport::TCP);
+    server.shutdown();
+    let closed = a
+        .notifications()
+        .iter()
+        .find(|n| matches!(n, tscf_runtime_std::Notification::TunnelClosed { .. }));
+    assert!(closed.is_some());
+}
+
+#[test]
+fn stun_binding_is_answered_on_the_udp_listener() {
+    let server = server(|_| {});
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut request = Vec::new();
+    let id = tscf_core::stun::TransactionId([7u8; 12]);
+    tscf_core::stun::encode_binding_request(id, &mut request);
+    sock.send_to(&request, server.local_addrs().udp[0]).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    let answer = tscf_core::stun::decode_binding_response(&buf[..n]).unwrap();
+    assert_eq!(answer.mapped, sock.local_addr().unwrap());
+    assert_eq!(server.stats().runtime.stun_answered, 1);
+}

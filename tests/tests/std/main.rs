@@ -1,0 +1,8 @@
+//! Integration tests of `tscf-runtime-std` over real loopback sockets.
+#![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
+
+mod bad_input;
+mod flow;
+mod reattach;
+mod tls;
+mod util;

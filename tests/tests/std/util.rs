@@ -1,0 +1,114 @@
+//! Shared helpers: servers on ephemeral loopback ports, tunnels, RTP-like flows.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tscf_core::client::ServerEndpoint;
+use tscf_core::wire::Transport;
+use tscf_runtime_std::{
+    ClientTlsConfig, Server, ServerConfig, ServerHandle, ServerIdentity, ServerTlsConfig, Tunnel,
+    TunnelConfig,
+};
+
+pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
+
+/// A server on 127.0.0.1 (ephemeral ports) for every transport, with a self-signed certificate.
+pub fn server(tweak: impl FnOnce(&mut ServerConfig)) -> ServerHandle {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = ServerConfig {
+        tcp: vec![any],
+        tls: vec![any],
+        udp: vec![any],
+        tls_config: Some(ServerTlsConfig {
+            identity: ServerIdentity::SelfSigned {
+                names: vec!["127.0.0.1".into()],
+            },
+            client_ca: None,
+        }),
+        ..ServerConfig::default()
+    };
+    tweak(&mut config);
+    Server::start(config).expect("server starts")
+}
+
+pub fn endpoint(server: &ServerHandle, transport: Transport) -> ServerEndpoint {
+    let a = server.local_addrs();
+    let addr = match transport {
+        Transport::TCP => a.tcp[0],
+        Transport::TLS => a.tls[0],
+        _ => a.udp[0],
+    };
+    ServerEndpoint { addr, transport }
+}
+
+/// A tunnel config for `server` over `transport`, pinning the server's certificate.
+pub fn tunnel_config(server: &ServerHandle, transport: Transport) -> TunnelConfig {
+    let mut c = TunnelConfig::new(vec![endpoint(server, transport)]);
+    c.tls = server.tls_fingerprint().map(ClientTlsConfig::pinned);
+    c.connect_timeout = Duration::from_secs(5);
+    c
+}
+
+pub fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
+    Tunnel::connect(tunnel_config(server, transport)).expect("tunnel connects")
+}
+
+/// Sends `count` datagrams of 160 octets (sequence number first) at 50 per second from `from`
+/// to `to`'s port 5004, and returns the sequence numbers `to` received, in order.
+pub fn rtp_flow(
+    from: &Tunnel,
+    to: &Tunnel,
+    count: u32,
+    mut at_packet: impl FnMut(u32) + Send,
+) -> Vec<u32> {
+    let rx = to.bind(5004).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let tx = from.bind(0).unwrap();
+    let dst = SocketAddr::new(to.internal_ipv4().unwrap().into(), 5004);
+    thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            let mut idle_since = Instant::now();
+            // Ends after 3 s without a packet (long enough for a re-attach).
+            while idle_since.elapsed() < Duration::from_secs(3) {
+                if let Ok((n, _)) = rx.recv_from(&mut buf) {
+                    assert_eq!(n, 160);
+                    got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+                    idle_since = Instant::now();
+                    if got.last() == Some(&(count - 1)) {
+                        break;
+                    }
+                }
+            }
+            got
+        });
+        let start = Instant::now();
+        let mut payload = [0x5au8; 160];
+        for seq in 0..count {
+            at_packet(seq);
+            let due = start + Duration::from_millis(20) * seq;
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            // While re-attaching the client queues; a refusal here would be a lost packet.
+            let _ = tx.send_to(&payload, dst);
+        }
+        receiver.join().unwrap()
+    })
+}
+
+/// A fresh directory for files of one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tscf-std-{}-{name}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
