@@ -3,6 +3,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
+use super::peer::PeerConfig;
 use crate::wire::{
     Capabilities, Transport, KEEPALIVE_INTERVAL_RANGE_MS, MAX_AUTH_TOKEN_LEN, MAX_TEXT_LEN,
 };
@@ -29,8 +30,8 @@ pub struct ClientConfig {
     /// Keepalive interval proposed in the Configuration Request (100 ms to one day); the server
     /// answers with the one it will use. `None` lets the server choose.
     pub keepalive_interval: Option<Duration>,
-    /// Capability bits announced in the Configuration Request. Empty by default: this client
-    /// does not yet answer peer service requests.
+    /// Capability bits announced in the Configuration Request. Empty by default;
+    /// `PEER_TUNNELING` is added when [`peer`](Self::peer) is set.
     pub capabilities: Capabilities,
     /// First retransmission timeout of a request on a datagram transport (default 250 ms).
     pub initial_rto: Duration,
@@ -57,6 +58,9 @@ pub struct ClientConfig {
     pub rng_seed: u64,
     /// Sent as the Software TLV (at most 255 octets of UTF-8).
     pub software: Option<String>,
+    /// Peer tunneling (`docs/PROTOCOL.md` §7); `None` (the default) turns it off, and the
+    /// client then refuses the director's peer requests with Peer Unavailable.
+    pub peer: Option<PeerConfig>,
 }
 
 impl ClientConfig {
@@ -85,6 +89,7 @@ impl ClientConfig {
             max_queued_packets: 256,
             rng_seed: 0,
             software: Some(concat!("tscf/", env!("CARGO_PKG_VERSION")).to_owned()),
+            peer: None,
         }
     }
 
@@ -132,6 +137,9 @@ impl ClientConfig {
         if !(1..=Self::MAX_QUEUED_PACKETS_LIMIT).contains(&self.max_queued_packets) {
             return Err(ConfigError::MaxQueuedPackets(self.max_queued_packets));
         }
+        if let Some(peer) = &self.peer {
+            peer.validate()?;
+        }
         Ok(())
     }
 }
@@ -173,4 +181,17 @@ pub enum ConfigError {
     /// `max_queued_packets` is 0 or above [`ClientConfig::MAX_QUEUED_PACKETS_LIMIT`].
     #[error("max_queued_packets {0} outside 1 to {max}", max = ClientConfig::MAX_QUEUED_PACKETS_LIMIT)]
     MaxQueuedPackets(usize),
+    /// [`PeerConfig::local_addresses`] is empty or longer than
+    /// [`PeerConfig::MAX_LOCAL_ADDRESSES`].
+    #[error("{0} peer socket addresses, must be 1 to {max}", max = PeerConfig::MAX_LOCAL_ADDRESSES)]
+    PeerLocalAddresses(usize),
+    /// More than [`PeerConfig::MAX_STUN_SERVERS`] STUN servers.
+    #[error("{0} STUN servers, at most {max} allowed", max = PeerConfig::MAX_STUN_SERVERS)]
+    PeerStunServers(usize),
+    /// A peer timer is zero or above an hour, or the retry backoff's maximum is below its start.
+    #[error("peer timers must be above zero and at most 1 h, backoff start <= max")]
+    PeerTimers,
+    /// [`PeerConfig::max_peers`] is 0 or above [`PeerConfig::MAX_PEERS_LIMIT`].
+    #[error("max_peers {0} outside 1 to {max}", max = PeerConfig::MAX_PEERS_LIMIT)]
+    PeerMaxPeers(usize),
 }

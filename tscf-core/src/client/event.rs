@@ -5,6 +5,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 
 use super::config::ServerEndpoint;
+use super::peer::{PeerDownReason, PeerStats};
 use crate::wire::{InnerPacketError, InternalAddress, ResultCode};
 
 /// What [`TunnelClient::poll_event`](super::TunnelClient::poll_event) reports, in the order it
@@ -47,6 +48,32 @@ pub enum ClientEvent {
         server: ServerEndpoint,
         /// The server's Result Code, or `None` for a transport failure or a timeout.
         result: Option<ResultCode>,
+    },
+    /// NAT discovery of the peer socket finished (peer tunneling only).
+    NatDiscovered {
+        /// Our server-reflexive address, if a STUN server answered.
+        public: Option<SocketAddr>,
+        /// Whether the NAT maps per destination (symmetric); `None` when fewer than two
+        /// servers answered.
+        varies_by_destination: Option<bool>,
+    },
+    /// A peer tunnel is up: opted-in flows to `peer` now take it.
+    PeerTunnelUp {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// The peer's address on the direct path; send its transmits there.
+        path: SocketAddr,
+        /// From the first opted-in packet (or the forwarded request) to up.
+        setup: Duration,
+        /// Whether this client initiated the negotiation.
+        initiator: bool,
+    },
+    /// A peer tunnel went down, or a negotiation failed: flows to `peer` take the relay.
+    PeerTunnelDown {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// Why.
+        reason: PeerDownReason,
     },
     /// The client is finished; nothing more happens. Always the last event.
     Terminated {
@@ -112,6 +139,8 @@ pub struct Transmit {
 pub enum Destination {
     /// The current transport to the server.
     Server,
+    /// From the peer UDP socket to this address: STUN requests and peer tunnel traffic.
+    Peer(SocketAddr),
 }
 
 /// The client's life cycle, as seen from outside.
@@ -216,4 +245,6 @@ pub struct ClientStats {
     pub dropped_control_queue_full: u64,
     /// Dropped: any input after termination.
     pub dropped_terminated: u64,
+    /// Peer tunneling counters.
+    pub peer: PeerStats,
 }

@@ -6,7 +6,7 @@ use core::time::Duration;
 use super::{after, TerminateReason, Timer, MAX_CONTROL_QUEUE};
 use super::{ClientEvent, Phase, RequestKind, Tunnel, TunnelClient, TunnelInfo};
 use super::{DEFAULT_KEEPALIVE_DATAGRAM, DEFAULT_KEEPALIVE_STREAM};
-use crate::wire::{InnerPacket, Message, MessageType, ResultCode};
+use crate::wire::{InnerPacket, Message, MessageType, PeerServiceResult, ResultCode, ServiceType};
 
 impl TunnelClient {
     pub(super) fn on_data(&mut self, payload: &[u8]) {
@@ -66,7 +66,8 @@ impl TunnelClient {
                 self.answer(&Message::response_to(header, ResultCode::SUCCESS));
             }
             MessageType::CLIENT_SERVICE_REQUEST => {
-                self.answer(&answer_client_service(msg));
+                let reply = self.answer_client_service(msg);
+                self.answer(&reply);
             }
             MessageType::CONFIGURATION_RELEASE_NOTIFICATION
             | MessageType::CONFIGURATION_RELEASE_REQUEST => self.on_server_release(msg),
@@ -98,6 +99,16 @@ impl TunnelClient {
     }
 
     fn on_response(&mut self, msg: &Message<'_>) {
+        if msg.header.message_type == MessageType::CLIENT_SERVICE_RESPONSE {
+            let matched = match self.peer_cx() {
+                Some((agent, mut cx)) => agent.on_service_response(&mut cx, msg),
+                None => false,
+            };
+            if !matched {
+                self.stats.dropped_unmatched_response += 1;
+            }
+            return;
+        }
         let Some(kind) = self
             .request
             .as_ref()
@@ -194,6 +205,7 @@ impl TunnelClient {
             self.stats.connects += 1;
             self.push_event(ClientEvent::Connected(info));
         }
+        self.peer_server_up();
     }
 
     /// Answers `sequence` from memory if it is the last request answered (§6.2).
@@ -213,7 +225,7 @@ impl TunnelClient {
 
     fn answer(&mut self, reply: &Message<'_>) {
         let mut bytes = Vec::new();
-        // Replies carry at most a Result Code and a Supported Version.
+        // Replies carry a few fixed-size TLVs and at most 8 candidates: far below 2048 octets.
         if reply.encode_envelope(&mut bytes).is_err() {
             return;
         }
@@ -231,10 +243,23 @@ impl TunnelClient {
     }
 }
 
-/// The answer to a Client Service Request. Peer tunneling is not implemented yet, so every
-/// service is refused with Service Not Enabled (§4.2: also the answer to an unknown one).
-fn answer_client_service(request: &Message<'_>) -> Message<'static> {
-    let mut reply = Message::response_to(&request.header, ResultCode::SERVICE_NOT_ENABLED);
-    reply.tlvs.service_type = request.tlvs.service_type;
-    reply
+impl TunnelClient {
+    /// The answer to a Client Service Request. Peer requests go to the peer agent; without
+    /// one they are refused with Peer Unavailable. Other services are not implemented and get
+    /// Service Not Enabled (§4.2: also the answer to an unknown one).
+    fn answer_client_service(&mut self, request: &Message<'_>) -> Message<'static> {
+        if request.tlvs.service_type == Some(ServiceType::PEER) {
+            if let Some((agent, mut cx)) = self.peer_cx() {
+                return agent.on_service_request(&mut cx, request);
+            }
+            let mut reply = Message::response_to(&request.header, ResultCode::PEER_UNAVAILABLE);
+            reply.tlvs.service_type = request.tlvs.service_type;
+            reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
+            reply.tlvs.peer_internal_address = request.tlvs.peer_internal_address;
+            return reply;
+        }
+        let mut reply = Message::response_to(&request.header, ResultCode::SERVICE_NOT_ENABLED);
+        reply.tlvs.service_type = request.tlvs.service_type;
+        reply
+    }
 }

@@ -14,6 +14,7 @@
 mod config;
 mod event;
 mod input;
+mod peer;
 mod queue;
 mod timer;
 
@@ -28,7 +29,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::wire::{
-    Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode, MAX_PAYLOAD_LEN, VERSION,
+    Capabilities, Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode,
+    MAX_PAYLOAD_LEN, VERSION,
 };
 
 pub use config::{ClientConfig, ConfigError, ServerEndpoint};
@@ -36,7 +38,9 @@ pub use event::{
     ClientEvent, ClientState, ClientStats, Destination, SendError, TerminateReason, Transmit,
     TunnelInfo,
 };
+pub use peer::{PeerConfig, PeerDownReason, PeerPath, PeerStats, PeerTunnelInfo, PeerTunnelState};
 
+use peer::PeerAgent;
 use queue::{BufferPool, PacketQueue};
 use timer::{Timer, TimerTable};
 
@@ -122,6 +126,8 @@ pub struct TunnelClient {
     timers: TimerTable,
     events: VecDeque<ClientEvent>,
     stats: ClientStats,
+    /// Peer tunneling, when configured.
+    peer: Option<PeerAgent>,
     /// Latest time seen; a clock going backwards does not move deadlines back.
     now: Instant,
 }
@@ -198,6 +204,10 @@ impl TunnelClient {
         config.validate()?;
         let mut rng = ChaCha20Rng::seed_from_u64(config.rng_seed);
         let queue_limit = config.max_queued_packets;
+        let peer = config
+            .peer
+            .clone()
+            .map(|p| PeerAgent::new(p, config.rng_seed));
         let mut client = Self {
             next_sequence: rng.next_u32() & SEQUENCE_MASK,
             phase: Phase::Waiting,
@@ -216,6 +226,7 @@ impl TunnelClient {
             timers: TimerTable::default(),
             events: VecDeque::new(),
             stats: ClientStats::default(),
+            peer,
             now,
             config,
         };
@@ -293,6 +304,7 @@ impl TunnelClient {
     /// Runs the timers that are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advance_clock(now);
+        self.peer_handle_timeout();
         for _ in 0..MAX_TIMER_STEPS {
             let Some(timer) = self.timers.pop_expired(self.now) else {
                 return;
@@ -346,6 +358,9 @@ impl TunnelClient {
         if !tunnel.info.owns(parsed.source()) {
             return Err(SendError::WrongSource(parsed.source()));
         }
+        if self.peer_route(&parsed) {
+            return Ok(());
+        }
         if !self.outbound.push(&mut self.pool, packet) {
             self.stats.send_queue_full += 1;
             return Err(SendError::QueueFull);
@@ -398,6 +413,15 @@ impl TunnelClient {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         self.advance_clock(now);
         buf.clear();
+        if let Some(transmit) = self.poll_server_transmit(buf) {
+            return Some(transmit);
+        }
+        buf.clear();
+        self.poll_peer_transmit(buf)
+    }
+
+    /// The next envelope for the server transport.
+    fn poll_server_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
         if !matches!(self.link, Link::Open | Link::Closing) {
             return None;
         }
@@ -433,6 +457,14 @@ impl TunnelClient {
                 return Some(self.sent(false));
             }
         }
+        if self.phase == Phase::Connected {
+            let datagram = self.current_server().transport.is_datagram();
+            if let Some((agent, mut cx)) = self.peer_cx() {
+                if agent.poll_server(&mut cx, buf, datagram) {
+                    return Some(self.sent(false));
+                }
+            }
+        }
         if matches!(self.phase, Phase::Connected | Phase::Releasing) {
             if let Some(packet) = self.outbound.pop() {
                 // Packets were checked to fit in an envelope when queued.
@@ -458,7 +490,10 @@ impl TunnelClient {
     /// timer runs.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        match (self.timers.next(), self.peer_poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- observability ----
@@ -581,7 +616,11 @@ impl TunnelClient {
             .config
             .keepalive_interval
             .and_then(|d| u32::try_from(d.as_millis()).ok());
-        msg.tlvs.client_capabilities = Some(self.config.capabilities);
+        let mut capabilities = self.config.capabilities;
+        if self.peer.is_some() {
+            capabilities.0 |= Capabilities::PEER_TUNNELING.0;
+        }
+        msg.tlvs.client_capabilities = Some(capabilities);
         msg.tlvs.auth_token = self.config.auth_token.as_deref();
         msg.tlvs.software = self.config.software.as_deref();
         let reattach = msg.tlvs.tunnel_id.is_some();
@@ -634,6 +673,7 @@ impl TunnelClient {
     }
 
     fn terminate(&mut self, reason: TerminateReason) {
+        self.peer_server_lost();
         self.close_transport();
         self.clear_request();
         self.timers.stop_all();
@@ -645,9 +685,7 @@ impl TunnelClient {
     // ---- requests ----
 
     fn take_sequence(&mut self) -> u32 {
-        let sequence = self.next_sequence;
-        self.next_sequence = sequence.wrapping_add(1) & SEQUENCE_MASK;
-        sequence
+        take_sequence(&mut self.next_sequence)
     }
 
     fn start_request(&mut self, kind: RequestKind, msg: &Message<'_>) {
@@ -739,6 +777,9 @@ impl TunnelClient {
     }
 
     fn drop_tunnel(&mut self) {
+        if self.tunnel.is_some() {
+            self.peer_server_lost();
+        }
         if self.tunnel.take().is_some() {
             self.stats.send_queue_discarded += self.outbound.clear(&mut self.pool) as u64;
             // The director's sequence space is per tunnel.
@@ -766,15 +807,27 @@ impl TunnelClient {
     }
 
     fn push_event(&mut self, event: ClientEvent) {
-        if self.events.len() >= MAX_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(event);
+        push_event(&mut self.events, event);
     }
 
     fn advance_clock(&mut self, now: Instant) {
         self.now = self.now.max(now);
     }
+}
+
+/// Takes the next sequence number of a counter (§3.1).
+fn take_sequence(counter: &mut u32) -> u32 {
+    let sequence = *counter;
+    *counter = sequence.wrapping_add(1) & SEQUENCE_MASK;
+    sequence
+}
+
+/// Queues an event, dropping the oldest beyond [`MAX_EVENTS`].
+fn push_event(events: &mut VecDeque<ClientEvent>, event: ClientEvent) {
+    if events.len() >= MAX_EVENTS {
+        events.pop_front();
+    }
+    events.push_back(event);
 }
 
 /// `now + d`, saturating at `now` for instants near the end of time.

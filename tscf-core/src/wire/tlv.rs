@@ -211,7 +211,7 @@ pub(crate) const REGISTRY: &[TlvRule] = &[
         TlvType::MESSAGE_INTEGRITY,
         Lengths::OneOf(&[32]),
         1,
-        CONF_REQ | CONF_RESP | KA | KA_RESP | PROBE | PROBE_RESP,
+        CONF_REQ | CONF_RESP | REL_REQ | REL_RESP | KA | KA_RESP | PROBE | PROBE_RESP,
     ),
     rule(
         TlvType::SOFTWARE,

@@ -632,12 +632,15 @@ fn duplicate_server_keepalive_is_answered_identically() {
 }
 
 #[test]
-fn client_service_requests_are_refused_for_now() {
+fn without_peer_config_client_service_requests_are_refused() {
     let mut h = Harness::with_servers(vec![tcp()]);
     h.take_events();
     h.connect(30_000);
+    // Peer: Peer Unavailable, the peer address echoed.
     let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0003, TUNNEL);
     request.tlvs.service_type = Some(crate::wire::ServiceType::PEER);
+    request.tlvs.service_action = Some(crate::wire::ServiceAction::ESTABLISH);
+    request.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
     h.deliver(&encode(&request));
     let answer = h.take_control();
     let msg = decode(&answer);
@@ -645,6 +648,18 @@ fn client_service_requests_are_refused_for_now() {
         msg.header.message_type,
         MessageType::CLIENT_SERVICE_RESPONSE
     );
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::PEER_UNAVAILABLE));
+    assert_eq!(
+        msg.tlvs.peer_service_result,
+        Some(crate::wire::PeerServiceResult::UNAVAILABLE)
+    );
+    assert_eq!(msg.tlvs.peer_internal_address, Some(IpAddr::V4(PEER)));
+    // Any other service: Service Not Enabled.
+    let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0004, TUNNEL);
+    request.tlvs.service_type = Some(crate::wire::ServiceType::DDT);
+    h.deliver(&encode(&request));
+    let msg_bytes = h.take_control();
+    let msg = decode(&msg_bytes);
     assert_eq!(msg.tlvs.result_code, Some(ResultCode::SERVICE_NOT_ENABLED));
     assert_eq!(h.client.state(), ClientState::Connected);
 }

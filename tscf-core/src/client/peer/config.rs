@@ -1,0 +1,101 @@
+//! Configuration of the peer tunneling agent of a [`TunnelClient`](super::super::TunnelClient).
+
+use core::net::SocketAddr;
+use core::time::Duration;
+
+use super::super::ConfigError;
+
+/// Peer tunneling settings (`docs/PROTOCOL.md` §7). Present in
+/// [`ClientConfig::peer`](super::super::ClientConfig::peer) to turn peer tunneling on; the
+/// client then announces the `PEER_TUNNELING` capability, answers the director's peer requests
+/// and moves opted-in flows onto direct peer tunnels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Local addresses of the client's peer UDP socket: its host candidates (1 to
+    /// [`MAX_LOCAL_ADDRESSES`](Self::MAX_LOCAL_ADDRESSES)). The runtime fills them in.
+    pub local_addresses: Vec<SocketAddr>,
+    /// STUN servers asked for the server-reflexive candidate (at most 8; usually the director's
+    /// UDP endpoint). Empty: host candidates only.
+    pub stun_servers: Vec<SocketAddr>,
+    /// Whether inner UDP sockets are opted in unless
+    /// [`set_peer_tunneling`](super::super::TunnelClient::set_peer_tunneling) says otherwise
+    /// (default false).
+    pub default_opt_in: bool,
+    /// Interval between Peer Probes to each remote candidate (default 50 ms).
+    pub probe_interval: Duration,
+    /// Bound of the whole setup, from the first opted-in packet (or the forwarded request) to
+    /// the Configuration Response (default 3 s).
+    pub establish_timeout: Duration,
+    /// How long a peer request waits for the director's answer, or an In Progress answer for
+    /// the forwarded request (default 3 s).
+    pub answer_timeout: Duration,
+    /// How long peer requests wait for NAT discovery before going out with what is known
+    /// (default 1 s).
+    pub discovery_timeout: Duration,
+    /// Keepalive interval on an up peer tunnel (default 500 ms).
+    pub keepalive_interval: Duration,
+    /// Silence after which a peer tunnel is down and its flows return to the relay (default
+    /// 1.5 s).
+    pub silence_timeout: Duration,
+    /// Wait before asking again for a peer that failed or went down: initial and maximum
+    /// (defaults 2 s and 60 s); doubles on each failure, resets when a tunnel comes up.
+    pub retry_backoff: (Duration, Duration),
+    /// Peers with state at most (default 32, at most [`MAX_PEERS_LIMIT`](Self::MAX_PEERS_LIMIT));
+    /// beyond, the one idle longest is forgotten.
+    pub max_peers: usize,
+}
+
+impl PeerConfig {
+    /// Most local addresses: a Candidate list holds 8, one is kept for the server-reflexive one.
+    pub const MAX_LOCAL_ADDRESSES: usize = 7;
+    /// Largest allowed [`max_peers`](Self::max_peers).
+    pub const MAX_PEERS_LIMIT: usize = 1024;
+    /// Most STUN servers.
+    pub const MAX_STUN_SERVERS: usize = 8;
+
+    /// The defaults for a peer socket bound at `local_addresses`, asking `stun_servers`.
+    pub fn new(local_addresses: Vec<SocketAddr>, stun_servers: Vec<SocketAddr>) -> Self {
+        Self {
+            local_addresses,
+            stun_servers,
+            default_opt_in: false,
+            probe_interval: Duration::from_millis(50),
+            establish_timeout: Duration::from_secs(3),
+            answer_timeout: Duration::from_secs(3),
+            discovery_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_millis(500),
+            silence_timeout: Duration::from_millis(1500),
+            retry_backoff: (Duration::from_secs(2), Duration::from_secs(60)),
+            max_peers: 32,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.local_addresses.is_empty() || self.local_addresses.len() > Self::MAX_LOCAL_ADDRESSES
+        {
+            return Err(ConfigError::PeerLocalAddresses(self.local_addresses.len()));
+        }
+        if self.stun_servers.len() > Self::MAX_STUN_SERVERS {
+            return Err(ConfigError::PeerStunServers(self.stun_servers.len()));
+        }
+        let timer = |d: Duration| !d.is_zero() && d <= Duration::from_secs(3600);
+        let (initial, max) = self.retry_backoff;
+        let timers = [
+            self.probe_interval,
+            self.establish_timeout,
+            self.answer_timeout,
+            self.discovery_timeout,
+            self.keepalive_interval,
+            self.silence_timeout,
+            initial,
+            max,
+        ];
+        if !timers.into_iter().all(timer) || max < initial {
+            return Err(ConfigError::PeerTimers);
+        }
+        if !(1..=Self::MAX_PEERS_LIMIT).contains(&self.max_peers) {
+            return Err(ConfigError::PeerMaxPeers(self.max_peers));
+        }
+        Ok(())
+    }
+}

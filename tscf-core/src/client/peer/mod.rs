@@ -1,0 +1,714 @@
+//! Peer tunneling, client side (`docs/PROTOCOL.md` §7): the [`PeerAgent`] a
+//! [`TunnelClient`](super::TunnelClient) owns when [`ClientConfig::peer`](super::ClientConfig)
+//! is set.
+//!
+//! The agent discovers the client's candidates (host addresses and a STUN server-reflexive
+//! one) and announces them to the director; notices opted-in UDP flows to other clients and
+//! asks the director for a peer tunnel; answers the director's forwarded requests; probes,
+//! nominates and configures the direct path with Message Integrity under the pair's token;
+//! keeps the tunnel alive; and falls back to the relay whenever anything fails. Nothing ever
+//! waits for a negotiation: packets take the relay until the peer tunnel is up.
+//!
+//! Its state lives here; the [`TunnelClient`](super::TunnelClient) methods that drive it are
+//! in this module too, so that the client's own files stay about the server tunnel. Network
+//! input is hostile: it is verified, and dropped and counted in [`PeerStats`] when it fails.
+
+mod config;
+mod path;
+mod service;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use arrayvec::ArrayVec;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+pub use config::PeerConfig;
+
+use super::queue::{BufferPool, PacketQueue};
+use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
+use crate::wire::{InnerPacket, ResultCode};
+use service::{Discovery, ServiceRequest};
+
+/// Outstanding Client Service Requests of the agent, at most (§6.3).
+const MAX_SERVICE_REQUESTS: usize = 8;
+/// Remote candidates kept per peer: the 8 announced and two learned from probes.
+const MAX_REMOTE_CANDIDATES: usize = 10;
+/// Envelopes waiting for the peer socket, at most; beyond, data falls back to the relay and
+/// control messages are dropped (and counted).
+const MAX_PEER_OUT: usize = 512;
+/// Explicit per-socket opt-in settings kept, at most.
+const MAX_OPT_SETTINGS: usize = 4096;
+/// Retransmission interval of the Configuration Request on a peer path.
+const NOMINATION_RTO: Duration = Duration::from_millis(250);
+
+/// Where packets to a peer go now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerPath {
+    /// Through the server tunnel.
+    Relay,
+    /// Over the peer tunnel, to this address.
+    Peer(SocketAddr),
+}
+
+/// The state of a peer tunnel, as [`TunnelClient::peer_tunnels`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerTunnelState {
+    /// The request waits for NAT discovery.
+    Discovering,
+    /// Asked the director; waiting for its answer.
+    Requesting,
+    /// The other side initiates; waiting for the director's forwarded request.
+    AwaitingPeer,
+    /// Probing the peer's candidates.
+    Probing,
+    /// The Configuration Request is out on the chosen path.
+    Nominating,
+    /// Up: opted-in flows to the peer take it.
+    Up,
+    /// On the relay after a failure, a removal or a loss; a new attempt may follow the backoff.
+    Fallback,
+}
+
+/// One peer the agent holds state for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTunnelInfo {
+    /// The peer's internal address.
+    pub peer: IpAddr,
+    /// The direct path's remote address, once chosen.
+    pub path: Option<SocketAddr>,
+    /// Where the tunnel is.
+    pub state: PeerTunnelState,
+    /// Time from the first opted-in packet (or the forwarded request) to Up, once up.
+    pub setup: Option<Duration>,
+    /// Whether this client initiated the current (or last) negotiation.
+    pub initiator: bool,
+}
+
+/// Why a peer tunnel went down or could not be set up
+/// ([`ClientEvent::PeerTunnelDown`](super::ClientEvent::PeerTunnelDown)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerDownReason {
+    /// Removed with a Configuration Release Request, by us or by the peer.
+    Released,
+    /// Nothing heard on the path for the silence timeout.
+    Silence,
+    /// The director reported the peer's server tunnel closed.
+    PeerServerTunnelGone,
+    /// The director or the peer refused (or did not answer: Peer Timeout).
+    Unavailable(ResultCode),
+    /// The setup did not finish within the establishment timeout.
+    EstablishTimeout,
+    /// Our own server tunnel is gone for good.
+    ServerTunnelLost,
+    /// The director introduced the pair again with new credentials; the new negotiation
+    /// replaces this tunnel.
+    Replaced,
+}
+
+/// Peer tunneling counters of a client, in [`ClientStats::peer`](super::ClientStats::peer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// Establish requests sent to the director (not counting retransmissions).
+    pub requests_sent: u64,
+    /// Announce requests sent to the director (not counting retransmissions).
+    pub announces_sent: u64,
+    /// Retransmitted Client Service Requests.
+    pub request_retransmissions: u64,
+    /// Requests the director did not answer in time.
+    pub requests_timed_out: u64,
+    /// Forwarded requests answered (as destination).
+    pub forwarded_requests: u64,
+    /// Peer Probes sent.
+    pub probes_sent: u64,
+    /// Peer Probes answered.
+    pub probes_answered: u64,
+    /// Valid Peer Probe Responses received.
+    pub probe_responses: u64,
+    /// Peer tunnels that came up.
+    pub tunnels_up: u64,
+    /// Negotiations or tunnels that ended on the relay (any [`PeerDownReason`]).
+    pub fallbacks: u64,
+    /// Data envelopes sent on peer tunnels.
+    pub data_sent: u64,
+    /// Data envelopes received on peer tunnels and queued for `recv_ip`.
+    pub data_received: u64,
+    /// Opted-in packets that took the relay because the peer send queue was full.
+    pub data_queue_full: u64,
+    /// Keepalives sent on peer tunnels.
+    pub keepalives_sent: u64,
+    /// Configuration Requests answered with Unauthorized.
+    pub unauthorized_sent: u64,
+    /// Peers forgotten because `max_peers` was reached.
+    pub evictions: u64,
+    /// Dropped: a message whose Message Integrity is missing or wrong.
+    pub integrity_failures: u64,
+    /// Dropped: a message naming a peer we hold no credentials for, or not on its tunnel.
+    pub dropped_unknown_peer: u64,
+    /// Dropped: a datagram that is neither STUN nor a tscf envelope, or a bad envelope.
+    pub dropped_not_tscf: u64,
+    /// Dropped: a control message that failed to decode, or one not expected now.
+    pub dropped_bad_control: u64,
+    /// Dropped: a data envelope that is not a packet from the peer to us on its path.
+    pub dropped_bad_data: u64,
+    /// Dropped: a STUN message no discovery asked for.
+    pub dropped_stun: u64,
+    /// Dropped: a control envelope for the peer socket because its queue was full.
+    pub dropped_queue_full: u64,
+    /// Dropped: a received packet because the receive queue was full.
+    pub dropped_receive_queue_full: u64,
+    /// Dropped: peer socket input while peer tunneling is off.
+    pub dropped_disabled: u64,
+}
+
+/// What the agent borrows from the client for one call.
+pub(in crate::client) struct Cx<'a> {
+    now: Instant,
+    sequence: &'a mut u32,
+    events: &'a mut VecDeque<ClientEvent>,
+    stats: &'a mut ClientStats,
+    pool: &'a mut BufferPool,
+    inbound: &'a mut PacketQueue,
+    own4: Option<Ipv4Addr>,
+    own6: Option<Ipv6Addr>,
+}
+
+impl Cx<'_> {
+    fn take_sequence(&mut self) -> u32 {
+        super::take_sequence(self.sequence)
+    }
+
+    fn event(&mut self, event: ClientEvent) {
+        push_event(self.events, event);
+    }
+
+    fn owns(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.own4 == Some(a),
+            IpAddr::V6(a) => self.own6 == Some(a),
+        }
+    }
+
+    /// Our internal address of the family of `peer`.
+    fn own_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        match peer {
+            IpAddr::V4(_) => self.own4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.own6.map(IpAddr::V6),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Initiator,
+    Destination,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Discovering,
+    Requesting,
+    AwaitingForward,
+    Probing,
+    Nominating,
+    Up,
+    Fallback,
+}
+
+/// State about one peer.
+#[derive(Debug)]
+struct Peer {
+    addr: IpAddr,
+    role: Role,
+    phase: Phase,
+    token: Option<[u8; 16]>,
+    candidates: ArrayVec<SocketAddr, MAX_REMOTE_CANDIDATES>,
+    path: Option<SocketAddr>,
+    tunnel_id: u64,
+    /// Start of the current setup.
+    started: Instant,
+    setup: Option<Duration>,
+    /// Deadline of the current phase (setup phases only).
+    deadline: Option<Instant>,
+    next_probe: Option<Instant>,
+    /// Initiator: sequence and envelope of the Configuration Request on the path.
+    nomination: Option<(u32, Vec<u8>)>,
+    next_nomination: Option<Instant>,
+    /// Destination: sequence and envelope of the Configuration Response given.
+    answer: Option<(u32, Vec<u8>)>,
+    last_heard: Instant,
+    next_keepalive: Option<Instant>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    /// Last opted-in packet to this peer, or last activity.
+    last_used: Instant,
+    /// Sequence of the outstanding Establish request.
+    request: Option<u32>,
+}
+
+impl Peer {
+    fn new(addr: IpAddr, now: Instant, backoff: Duration) -> Self {
+        Self {
+            addr,
+            role: Role::Initiator,
+            phase: Phase::Fallback,
+            token: None,
+            candidates: ArrayVec::new(),
+            path: None,
+            tunnel_id: 0,
+            started: now,
+            setup: None,
+            deadline: None,
+            next_probe: None,
+            nomination: None,
+            next_nomination: None,
+            answer: None,
+            last_heard: now,
+            next_keepalive: None,
+            backoff,
+            retry_at: None,
+            last_used: now,
+            request: None,
+        }
+    }
+
+    /// Forgets everything about the current negotiation or tunnel.
+    fn reset(&mut self) {
+        self.token = None;
+        self.candidates.clear();
+        self.path = None;
+        self.tunnel_id = 0;
+        self.deadline = None;
+        self.next_probe = None;
+        self.nomination = None;
+        self.next_nomination = None;
+        self.answer = None;
+        self.next_keepalive = None;
+        self.request = None;
+    }
+
+    fn in_setup(&self) -> bool {
+        !matches!(self.phase, Phase::Up | Phase::Fallback)
+    }
+
+    fn next_deadline(&self, silence: Duration) -> Option<Instant> {
+        let silence_at = (self.phase == Phase::Up).then(|| after(self.last_heard, silence));
+        [
+            self.deadline,
+            self.next_probe,
+            self.next_nomination,
+            self.next_keepalive,
+            silence_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+/// The peer tunneling agent of a client.
+#[derive(Debug)]
+pub(in crate::client) struct PeerAgent {
+    config: PeerConfig,
+    rng: ChaCha20Rng,
+    /// Explicit opt-in settings by inner UDP source port.
+    opt: BTreeMap<u16, bool>,
+    discovery: Discovery,
+    srflx: Option<SocketAddr>,
+    requests: ArrayVec<ServiceRequest, MAX_SERVICE_REQUESTS>,
+    peers: Vec<Peer>,
+    out: VecDeque<(SocketAddr, Vec<u8>)>,
+}
+
+impl PeerAgent {
+    pub(super) fn new(config: PeerConfig, rng_seed: u64) -> Self {
+        Self {
+            config,
+            rng: ChaCha20Rng::seed_from_u64(rng_seed ^ 0x7065_6572_5f61_6721),
+            opt: BTreeMap::new(),
+            discovery: Discovery::Idle,
+            srflx: None,
+            requests: ArrayVec::new(),
+            peers: Vec::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    fn opted_in(&self, port: u16) -> bool {
+        self.opt
+            .get(&port)
+            .copied()
+            .unwrap_or(self.config.default_opt_in)
+    }
+
+    fn set_opt(&mut self, port: u16, enabled: bool, now: Instant) {
+        if enabled == self.config.default_opt_in {
+            self.opt.remove(&port);
+        } else if self.opt.len() < MAX_OPT_SETTINGS || self.opt.contains_key(&port) {
+            self.opt.insert(port, enabled);
+        }
+        if enabled {
+            // Opting in again lifts the wait after a removal or failure.
+            for p in &mut self.peers {
+                if p.phase == Phase::Fallback {
+                    p.retry_at = Some(now);
+                }
+            }
+        }
+    }
+
+    fn find(&self, addr: IpAddr) -> Option<usize> {
+        self.peers.iter().position(|p| p.addr == addr)
+    }
+
+    /// The state for `addr`, made room for if need be.
+    fn find_or_insert(&mut self, cx: &mut Cx<'_>, addr: IpAddr) -> usize {
+        if let Some(i) = self.find(addr) {
+            return i;
+        }
+        if self.peers.len() >= self.config.max_peers {
+            // The least recently used, preferring peers without a live tunnel.
+            let victim = self
+                .peers
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, p)| (p.phase == Phase::Up, p.last_used))
+                .map(|(i, _)| i);
+            if let Some(i) = victim {
+                if self.peers[i].phase == Phase::Up {
+                    let peer = self.peers[i].addr;
+                    cx.event(ClientEvent::PeerTunnelDown {
+                        peer,
+                        reason: PeerDownReason::Released,
+                    });
+                }
+                self.forget_request(self.peers[i].request);
+                self.peers.swap_remove(i);
+                cx.stats.peer.evictions += 1;
+            }
+        }
+        self.peers
+            .push(Peer::new(addr, cx.now, self.config.retry_backoff.0));
+        self.peers.len() - 1
+    }
+
+    fn forget_request(&mut self, sequence: Option<u32>) {
+        if let Some(seq) = sequence {
+            self.requests.retain(|r| r.sequence != seq);
+        }
+    }
+
+    /// An opted-in packet (or not) for the relay: returns true when it went to the peer path
+    /// instead. Starts a negotiation for a peer without state.
+    fn route_outbound(&mut self, cx: &mut Cx<'_>, packet: &InnerPacket<'_>) -> bool {
+        let Some((source_port, _)) = packet.udp_ports() else {
+            return false;
+        };
+        if !self.opted_in(source_port) {
+            return false;
+        }
+        let dst = packet.destination();
+        if cx.owns(dst) || dst.is_unspecified() || dst.is_multicast() || cx.own_for(dst).is_none() {
+            return false;
+        }
+        let i = self.find_or_insert(cx, dst);
+        let p = &mut self.peers[i];
+        p.last_used = cx.now;
+        match p.phase {
+            Phase::Up => {
+                let Some(path) = p.path else {
+                    return false;
+                };
+                self.queue_data(cx, path, packet.as_bytes())
+            }
+            Phase::Fallback if p.retry_at.is_none_or(|at| at <= cx.now) => {
+                self.begin(cx, i);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts a negotiation as initiator for peer `i`.
+    fn begin(&mut self, cx: &mut Cx<'_>, i: usize) {
+        let p = &mut self.peers[i];
+        p.reset();
+        p.role = Role::Initiator;
+        p.started = cx.now;
+        p.setup = None;
+        p.retry_at = None;
+        p.deadline = Some(after(cx.now, self.config.establish_timeout));
+        if self.discovery.is_done() {
+            self.send_establish(cx, i);
+        } else {
+            self.peers[i].phase = Phase::Discovering;
+        }
+    }
+
+    /// The tunnel with peer `i` is up on `path`.
+    fn up(&mut self, cx: &mut Cx<'_>, i: usize, path: SocketAddr, tunnel_id: u64) {
+        let keepalive = self.config.keepalive_interval;
+        let initial_backoff = self.config.retry_backoff.0;
+        let p = &mut self.peers[i];
+        p.phase = Phase::Up;
+        p.path = Some(path);
+        p.tunnel_id = tunnel_id;
+        p.deadline = None;
+        p.next_probe = None;
+        p.next_nomination = None;
+        p.last_heard = cx.now;
+        p.next_keepalive = Some(after(cx.now, keepalive));
+        p.backoff = initial_backoff;
+        let setup = cx.now.saturating_duration_since(p.started);
+        p.setup = Some(setup);
+        let event = ClientEvent::PeerTunnelUp {
+            peer: p.addr,
+            path,
+            setup,
+            initiator: p.role == Role::Initiator,
+        };
+        cx.stats.peer.tunnels_up += 1;
+        cx.event(event);
+    }
+
+    /// Peer `i` is back on the relay; a new attempt may follow the backoff.
+    fn down(&mut self, cx: &mut Cx<'_>, i: usize, reason: PeerDownReason) {
+        let max = self.config.retry_backoff.1;
+        let p = &mut self.peers[i];
+        let request = p.request;
+        p.reset();
+        p.phase = Phase::Fallback;
+        p.retry_at = Some(after(cx.now, p.backoff));
+        p.backoff = p.backoff.saturating_mul(2).min(max);
+        let peer = p.addr;
+        self.forget_request(request);
+        cx.stats.peer.fallbacks += 1;
+        cx.event(ClientEvent::PeerTunnelDown { peer, reason });
+    }
+
+    /// Our server tunnel is gone for good: every peer tunnel goes with it.
+    fn drop_all(&mut self, cx: &mut Cx<'_>) {
+        for p in std::mem::take(&mut self.peers) {
+            if p.phase != Phase::Fallback {
+                cx.stats.peer.fallbacks += 1;
+                cx.event(ClientEvent::PeerTunnelDown {
+                    peer: p.addr,
+                    reason: PeerDownReason::ServerTunnelLost,
+                });
+            }
+        }
+        self.requests.clear();
+        for (_, buf) in self.out.drain(..) {
+            cx.pool.give(buf);
+        }
+        self.discovery = Discovery::Idle;
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let silence = self.config.silence_timeout;
+        let peers = self.peers.iter().filter_map(|p| p.next_deadline(silence));
+        let requests = self
+            .requests
+            .iter()
+            .filter_map(ServiceRequest::next_deadline);
+        peers
+            .chain(requests)
+            .chain(self.discovery.poll_timeout())
+            .min()
+    }
+
+    fn handle_timeout(&mut self, cx: &mut Cx<'_>) {
+        self.discovery_timeout(cx);
+        self.requests_timeout(cx);
+        self.peers_timeout(cx);
+    }
+
+    /// The next datagram for the peer socket.
+    fn poll_transmit(&mut self, cx: &mut Cx<'_>, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        if let Some((to, bytes)) = self.out.pop_front() {
+            buf.extend_from_slice(&bytes);
+            cx.pool.give(bytes);
+            return Some(to);
+        }
+        self.discovery.poll_transmit(cx.now, buf)
+    }
+
+    /// Queues a control envelope for the peer socket.
+    fn queue_control(&mut self, cx: &mut Cx<'_>, to: SocketAddr, bytes: &[u8]) {
+        if self.out.len() >= MAX_PEER_OUT {
+            cx.stats.peer.dropped_queue_full += 1;
+            return;
+        }
+        let mut buf = cx.pool.take();
+        buf.extend_from_slice(bytes);
+        self.out.push_back((to, buf));
+    }
+
+    /// Queues a data envelope for the peer path; false when the queue is full.
+    fn queue_data(&mut self, cx: &mut Cx<'_>, to: SocketAddr, packet: &[u8]) -> bool {
+        let Ok(header) =
+            crate::wire::Envelope::header_bytes(crate::wire::EnvelopeType::DATA, packet.len())
+        else {
+            return false;
+        };
+        if self.out.len() >= MAX_PEER_OUT {
+            cx.stats.peer.data_queue_full += 1;
+            return false;
+        }
+        let mut buf = cx.pool.take();
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(packet);
+        self.out.push_back((to, buf));
+        cx.stats.peer.data_sent += 1;
+        true
+    }
+
+    fn info(&self) -> Vec<PeerTunnelInfo> {
+        self.peers
+            .iter()
+            .map(|p| PeerTunnelInfo {
+                peer: p.addr,
+                path: p.path,
+                state: match p.phase {
+                    Phase::Discovering => PeerTunnelState::Discovering,
+                    Phase::Requesting => PeerTunnelState::Requesting,
+                    Phase::AwaitingForward => PeerTunnelState::AwaitingPeer,
+                    Phase::Probing => PeerTunnelState::Probing,
+                    Phase::Nominating => PeerTunnelState::Nominating,
+                    Phase::Up => PeerTunnelState::Up,
+                    Phase::Fallback => PeerTunnelState::Fallback,
+                },
+                setup: p.setup,
+                initiator: p.role == Role::Initiator,
+            })
+            .collect()
+    }
+}
+
+// ---- the client's side ----
+
+impl TunnelClient {
+    /// Opts the inner UDP socket bound to `local_port` in or out of peer tunneling (the
+    /// `tsc_setsockopt` of the TSC API). Only opted-in flows (or all, with
+    /// [`PeerConfig::default_opt_in`]) ever leave the relay. Opting in also lifts the wait
+    /// before a new attempt at peers that fell back. Without peer tunneling it does nothing.
+    pub fn set_peer_tunneling(&mut self, local_port: u16, enabled: bool) {
+        let now = self.now;
+        if let Some(agent) = &mut self.peer {
+            agent.set_opt(local_port, enabled, now);
+        }
+    }
+
+    /// One datagram received on the client's peer UDP socket, from `from`: STUN answers,
+    /// probes, the peer tunnels' control messages and data. Anything else is dropped and
+    /// counted.
+    pub fn handle_peer_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.advance_clock(now);
+        let Some((agent, mut cx)) = self.peer_cx() else {
+            self.stats.peer.dropped_disabled += 1;
+            return;
+        };
+        agent.handle_datagram(&mut cx, from, datagram);
+    }
+
+    /// Removes the peer tunnel with `peer` (a Configuration Release Request on its path) and
+    /// puts its flows back on the relay. No new attempt follows until the backoff has passed
+    /// and opted-in traffic to the peer continues, or an application opts a socket in again.
+    pub fn release_peer_tunnel(&mut self, now: Instant, peer: IpAddr) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.release(&mut cx, peer);
+        }
+    }
+
+    /// Where packets to `peer` go now.
+    pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
+        self.peer
+            .as_ref()
+            .and_then(|a| a.find(peer).map(|i| &a.peers[i]))
+            .filter(|p| p.phase == Phase::Up)
+            .and_then(|p| p.path)
+            .map_or(PeerPath::Relay, PeerPath::Peer)
+    }
+
+    /// Every peer the client holds state for.
+    pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
+        self.peer.as_ref().map(PeerAgent::info).unwrap_or_default()
+    }
+
+    /// The agent and what it borrows from the client, when peer tunneling is on.
+    pub(super) fn peer_cx(&mut self) -> Option<(&mut PeerAgent, Cx<'_>)> {
+        let own4 = self
+            .tunnel
+            .as_ref()
+            .and_then(|t| t.info.ipv4)
+            .map(|a| a.addr);
+        let own6 = self
+            .tunnel
+            .as_ref()
+            .and_then(|t| t.info.ipv6)
+            .map(|a| a.addr);
+        let agent = self.peer.as_mut()?;
+        Some((
+            agent,
+            Cx {
+                now: self.now,
+                sequence: &mut self.next_sequence,
+                events: &mut self.events,
+                stats: &mut self.stats,
+                pool: &mut self.pool,
+                inbound: &mut self.inbound,
+                own4,
+                own6,
+            },
+        ))
+    }
+
+    /// `send_ip` of a checked packet: true when the agent took it for a peer path.
+    pub(super) fn peer_route(&mut self, packet: &InnerPacket<'_>) -> bool {
+        match self.peer_cx() {
+            Some((agent, mut cx)) => agent.route_outbound(&mut cx, packet),
+            None => false,
+        }
+    }
+
+    /// The server tunnel is (again) usable: discover and announce.
+    pub(super) fn peer_server_up(&mut self) {
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.start_discovery(&mut cx);
+        }
+    }
+
+    /// The server tunnel is gone for good.
+    pub(super) fn peer_server_lost(&mut self) {
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.drop_all(&mut cx);
+        }
+    }
+
+    /// Peer socket transmits, after everything for the server.
+    pub(super) fn poll_peer_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let (agent, mut cx) = self.peer_cx()?;
+        let to = agent.poll_transmit(&mut cx, buf)?;
+        self.stats.envelopes_sent += 1;
+        Some(Transmit {
+            destination: Destination::Peer(to),
+        })
+    }
+
+    pub(super) fn peer_poll_timeout(&self) -> Option<Instant> {
+        self.peer.as_ref()?.poll_timeout()
+    }
+
+    pub(super) fn peer_handle_timeout(&mut self) {
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.handle_timeout(&mut cx);
+        }
+    }
+}
