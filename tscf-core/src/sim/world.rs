@@ -10,18 +10,23 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::{Delivery, HostId, LinkConfig, NetEvent, Network, SiteConfig, SiteId, StreamId};
-use crate::client::{ClientConfig, ClientEvent, Destination, ServerEndpoint, TunnelClient};
+use crate::client::{
+    ClientConfig, ClientEvent, Destination, PeerConfig, ServerEndpoint, TunnelClient,
+};
 use crate::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, DirectorEvent, SessionDirector,
 };
+use crate::stun;
 use crate::wire::{Envelope, EnvelopeType, StreamDeframer, Transport};
 
 /// The director's public address.
 pub const DIRECTOR_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
 /// Where the director listens for stream transports (TLS in the simulation: a reliable stream).
 pub const STREAM_PORT: u16 = 4443;
-/// Where the director listens for UDP.
+/// Where the director listens for UDP (and answers STUN).
 pub const UDP_PORT: u16 = 4444;
+/// The port of every client's peer UDP socket.
+pub const PEER_PORT: u16 = 5000;
 
 /// How a connection of the director reaches its client.
 #[derive(Clone, Copy, Debug)]
@@ -54,8 +59,18 @@ pub struct Node {
     transport: Option<ClientTransport>,
     /// Every event the client emitted, in order.
     pub events: Vec<ClientEvent>,
+    /// When each event of `events` was emitted.
+    pub event_times: Vec<Instant>,
     /// Inner packets received, in order.
     pub received: Vec<Vec<u8>>,
+    /// When each packet of `received` was read.
+    pub received_at: Vec<Instant>,
+    /// The peer UDP socket, when peer tunneling is on.
+    pub peer_socket: Option<SocketAddr>,
+    /// Drops everything the peer socket sends or receives (a firewalled or dead socket).
+    pub peer_blocked: bool,
+    /// Inner UDP source ports of the data packets sent on peer paths.
+    pub peer_data_ports: std::collections::BTreeSet<u16>,
     next_port: u16,
 }
 
@@ -128,8 +143,45 @@ impl World {
         site: Option<SiteId>,
         ip: IpAddr,
         access: LinkConfig,
-        mut config: ClientConfig,
+        config: ClientConfig,
     ) -> usize {
+        self.add_client_with(site, ip, access, config, None)
+    }
+
+    /// Adds a client with peer tunneling on: its peer socket is port [`PEER_PORT`] of `ip`,
+    /// filled in as the only local address when `peer.local_addresses` is empty, and the
+    /// director's UDP endpoint is its STUN server when `peer.stun_servers` is empty.
+    pub fn add_peer_client(
+        &mut self,
+        site: Option<SiteId>,
+        ip: IpAddr,
+        access: LinkConfig,
+        config: ClientConfig,
+        peer: PeerConfig,
+    ) -> usize {
+        self.add_client_with(site, ip, access, config, Some(peer))
+    }
+
+    /// [`add_client`](Self::add_client), with peer tunneling when `peer` is given (see
+    /// [`add_peer_client`](Self::add_peer_client)).
+    pub fn add_client_with(
+        &mut self,
+        site: Option<SiteId>,
+        ip: IpAddr,
+        access: LinkConfig,
+        mut config: ClientConfig,
+        peer: Option<PeerConfig>,
+    ) -> usize {
+        let peer_socket = peer.as_ref().map(|_| SocketAddr::new(ip, PEER_PORT));
+        if let Some(mut peer) = peer {
+            if peer.local_addresses.is_empty() {
+                peer.local_addresses = vec![SocketAddr::new(ip, PEER_PORT)];
+            }
+            if peer.stun_servers.is_empty() {
+                peer.stun_servers = vec![SocketAddr::new(DIRECTOR_IP, UDP_PORT)];
+            }
+            config.peer = Some(peer);
+        }
         let host = self.net.add_host(site, ip, access);
         config.rng_seed = self.net.seed() ^ (self.nodes.len() as u64 + 1).wrapping_mul(0x9e37_79b9);
         let client = TunnelClient::new(config, self.net.now()).expect("valid client config");
@@ -139,7 +191,12 @@ impl World {
             client,
             transport: None,
             events: Vec::new(),
+            event_times: Vec::new(),
             received: Vec::new(),
+            received_at: Vec::new(),
+            peer_socket,
+            peer_blocked: false,
+            peer_data_ports: Default::default(),
             next_port: 40_000,
         });
         self.by_host.insert(host, self.nodes.len() - 1);
@@ -285,6 +342,20 @@ impl World {
                 (Destination::Server, Some(ClientTransport::Udp { local, server })) => {
                     self.net.send_datagram(*local, *server, &self.buf);
                 }
+                (Destination::Peer(to), _) => {
+                    let Some(local) = node.peer_socket.filter(|_| !node.peer_blocked) else {
+                        continue;
+                    };
+                    if self.buf.first() == Some(&EnvelopeType::DATA.0) {
+                        if let Some(port) = crate::wire::InnerPacket::parse(&self.buf[3..])
+                            .ok()
+                            .and_then(|p| p.udp_ports())
+                        {
+                            node.peer_data_ports.insert(port.0);
+                        }
+                    }
+                    self.net.send_datagram(local, to, &self.buf);
+                }
                 _ => {}
             }
         }
@@ -317,11 +388,13 @@ impl World {
                 _ => {}
             }
             node.events.push(e);
+            node.event_times.push(now);
         }
         let mut packet = Vec::new();
         while node.client.recv_ip(&mut packet) {
             moved = true;
             node.received.push(std::mem::take(&mut packet));
+            node.received_at.push(now);
         }
         moved
     }
@@ -374,6 +447,12 @@ impl World {
                 }
             }
             NetEvent::Datagram { from, to, payload } => {
+                if node.peer_socket == Some(to) {
+                    if !node.peer_blocked {
+                        node.client.handle_peer_datagram(now, from, &payload);
+                    }
+                    return;
+                }
                 if let Some(ClientTransport::Udp { local, server }) = &node.transport {
                     if *server == from && local.port() == to.port() {
                         node.client.handle_envelope(now, &payload);
@@ -418,7 +497,14 @@ impl World {
             NetEvent::StreamClosed { stream } | NetEvent::StreamReset { stream } => {
                 self.director_lost_stream(now, stream);
             }
-            NetEvent::Datagram { from, payload, .. } => {
+            NetEvent::Datagram { from, to, payload } => {
+                if stun::is_stun(&payload) {
+                    // The director's STUN responder shares its UDP port (§2.4, §7.2).
+                    if stun::answer_binding_request(&payload, from, &mut self.buf).is_ok() {
+                        self.net.send_datagram(to, from, &self.buf);
+                    }
+                    return;
+                }
                 let h = match self.udp_peers.get(&from) {
                     Some(h) => *h,
                     None => {
@@ -455,6 +541,24 @@ impl World {
         ConnectionHandle(self.next_handle)
     }
 
+    /// Sends `payload` in a UDP/IPv4 packet from port `src_port` of node `from` to port
+    /// `dst_port` of internal address `to`.
+    pub fn send_udp_ports(
+        &mut self,
+        from: usize,
+        src_port: u16,
+        to: Ipv4Addr,
+        dst_port: u16,
+        payload: &[u8],
+    ) -> bool {
+        let Some(src) = self.nodes[from].client.internal_ipv4() else {
+            return false;
+        };
+        let packet = udp_packet_ports(src, src_port, to, dst_port, payload);
+        let now = self.now();
+        self.nodes[from].client.send_ip(now, &packet).is_ok()
+    }
+
     /// Sends `payload` in a UDP/IPv4 packet from node `from` to internal address `to`.
     pub fn send_udp(&mut self, from: usize, to: Ipv4Addr, payload: &[u8]) -> bool {
         let Some(src) = self.nodes[from].client.internal_ipv4() else {
@@ -474,8 +578,20 @@ pub fn seeded(seed: u64) -> [u8; 32] {
     out
 }
 
-/// An IPv4/UDP packet (checksums zero: tscf does not check inner checksums).
+/// An IPv4/UDP packet from port 5004 to port 5004 (checksums zero: tscf does not check inner
+/// checksums).
 pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    udp_packet_ports(src, 5004, dst, 5004, payload)
+}
+
+/// An IPv4/UDP packet between the given ports.
+pub fn udp_packet_ports(
+    src: Ipv4Addr,
+    src_port: u16,
+    dst: Ipv4Addr,
+    dst_port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let total = 28 + payload.len();
     let mut p = vec![
         0x45,
@@ -495,10 +611,10 @@ pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&dst.octets());
     let udp_len = 8 + payload.len();
     p.extend_from_slice(&[
-        0x13,
-        0x8c,
-        0x13,
-        0x8c,
+        (src_port >> 8) as u8,
+        src_port as u8,
+        (dst_port >> 8) as u8,
+        dst_port as u8,
         (udp_len >> 8) as u8,
         udp_len as u8,
         0,

@@ -1,6 +1,7 @@
 //! Simulator scenarios: the session director and tunnel clients over lossy links and NATs,
 //! in virtual time. Every scenario runs under a seed guard that prints its seed on failure.
 
+mod peer;
 mod tunnels;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -177,6 +177,8 @@ pub(in crate::client) struct Cx<'a> {
     inbound: &'a mut PacketQueue,
     own4: Option<Ipv4Addr>,
     own6: Option<Ipv6Addr>,
+    /// The server tunnel's id, for requests to the server.
+    tunnel_id: u64,
 }
 
 impl Cx<'_> {
@@ -654,6 +656,7 @@ impl TunnelClient {
             .as_ref()
             .and_then(|t| t.info.ipv6)
             .map(|a| a.addr);
+        let tunnel_id = self.tunnel.as_ref().map_or(0, |t| t.info.tunnel_id);
         let agent = self.peer.as_mut()?;
         Some((
             agent,
@@ -666,6 +669,7 @@ impl TunnelClient {
                 inbound: &mut self.inbound,
                 own4,
                 own6,
+                tunnel_id,
             },
         ))
     }

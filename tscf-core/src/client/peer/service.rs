@@ -215,7 +215,7 @@ impl PeerAgent {
     fn send_announce(&mut self, cx: &mut Cx<'_>) {
         self.requests.retain(|r| r.kind != RequestKind::Announce);
         let sequence = cx.take_sequence();
-        let mut msg = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, 0);
+        let mut msg = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, cx.tunnel_id);
         msg.tlvs.service_type = Some(ServiceType::PEER);
         msg.tlvs.service_action = Some(ServiceAction::ANNOUNCE);
         msg.tlvs.candidates = self.candidates();
@@ -229,7 +229,7 @@ impl PeerAgent {
     pub(super) fn send_establish(&mut self, cx: &mut Cx<'_>, i: usize) {
         let peer = self.peers[i].addr;
         let sequence = cx.take_sequence();
-        let mut msg = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, 0);
+        let mut msg = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, cx.tunnel_id);
         msg.tlvs.service_type = Some(ServiceType::PEER);
         msg.tlvs.service_action = Some(ServiceAction::ESTABLISH);
         msg.tlvs.peer_internal_address = Some(peer);

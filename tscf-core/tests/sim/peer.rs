@@ -1,0 +1,365 @@
+//! Peer tunnels: formation over every NAT pairing, the switch from the relay without loss,
+//! fallback, simultaneous initiation, path loss, removal, forged credentials, invariants over
+//! many seeds, and the measured setup time.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use tscf_core::client::{
+    ClientConfig, ClientEvent, PeerConfig, PeerDownReason, PeerPath, TunnelClient,
+};
+use tscf_core::director::DirectorConfig;
+use tscf_core::sim::world::{udp_packet_ports, World, PEER_PORT};
+use tscf_core::sim::{for_each_seed, LinkConfig, NatConfig, NatKind, SeedGuard, SiteConfig};
+use tscf_core::wire::{
+    Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode, Transport,
+};
+
+use super::ms;
+
+/// The inner UDP port of the media flow (opted in on both sides).
+const MEDIA: u16 = 6000;
+/// An inner UDP port never opted in.
+const SIGNALLING: u16 = 7000;
+
+/// Where a client sits.
+#[derive(Clone, Copy, Debug)]
+enum Site {
+    /// Directly on the internet.
+    Public,
+    /// Behind a NAT of this kind, alone on its site.
+    Nat(NatKind),
+}
+
+/// A two-client scenario: a and b, each on its own site, or both on one LAN.
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    /// Client ↔ server round trip.
+    server_rtt: Duration,
+    /// Client ↔ client round trip on the direct path.
+    peer_rtt: Duration,
+    a: Site,
+    b: Site,
+    /// Both on one LAN (behind `a`'s NAT, if any).
+    same_lan: bool,
+    loss: f64,
+    transport: Transport,
+    director: fn() -> DirectorConfig,
+    peer_b: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            server_rtt: ms(100),
+            peer_rtt: ms(10),
+            a: Site::Public,
+            b: Site::Public,
+            same_lan: false,
+            loss: 0.0,
+            transport: Transport::UDP,
+            director: DirectorConfig::default,
+            peer_b: true,
+        }
+    }
+}
+
+fn lossy(latency: Duration, loss: f64) -> LinkConfig {
+    LinkConfig {
+        latency,
+        loss,
+        ..LinkConfig::default()
+    }
+}
+
+/// Builds the world; returns it and the indexes of a and b (connected, discovery done).
+fn build(seed: u64, s: Scenario) -> (World, usize, usize) {
+    // Each access link is a quarter of the peer RTT one way; the director's link makes up
+    // the rest of the server RTT.
+    let access = s.peer_rtt / 4;
+    let director = (s.server_rtt / 2).saturating_sub(access);
+    let mut w = World::new(seed, (s.director)(), director);
+    let site_of = |w: &mut World, site: Site, n: u8| match site {
+        Site::Public => None,
+        Site::Nat(kind) => Some(w.add_site(SiteConfig {
+            nat: Some(NatConfig::new(
+                kind,
+                IpAddr::V4(Ipv4Addr::new(100, 64, 0, n)),
+            )),
+            uplink: lossy(Duration::ZERO, s.loss),
+        })),
+    };
+    let site_a = site_of(&mut w, s.a, 1);
+    let site_b = if s.same_lan {
+        site_a
+    } else {
+        site_of(&mut w, s.b, 2)
+    };
+    let ip = |site: Option<_>, n: u8| match site {
+        Some(_) => IpAddr::V4(Ipv4Addr::new(192, 168, 1, n)),
+        None => IpAddr::V4(Ipv4Addr::new(198, 18, 0, n)),
+    };
+    let config = || ClientConfig::new(vec![World::endpoint(s.transport)]);
+    let peer = || PeerConfig::new(Vec::new(), Vec::new());
+    let (ip_a, ip_b) = (ip(site_a, 10), ip(site_b, 11));
+    let link = lossy(access, s.loss);
+    let a = w.add_peer_client(site_a, ip_a, link.clone(), config(), peer());
+    let b = w.add_client_with(site_b, ip_b, link, config(), s.peer_b.then(peer));
+    let deadline = w.now() + Duration::from_secs(10);
+    let ready = |w: &World, i: usize| {
+        w.connected(i)
+            && (w.nodes[i].peer_socket.is_none()
+                || w.nodes[i]
+                    .events
+                    .iter()
+                    .any(|e| matches!(e, ClientEvent::NatDiscovered { .. })))
+    };
+    assert!(
+        w.run_until_cond(deadline, |w| ready(w, a) && ready(w, b)),
+        "both connect"
+    );
+    // Let the Announce reach the director.
+    w.run_for(s.server_rtt);
+    for i in [a, b] {
+        w.nodes[i].client.set_peer_tunneling(MEDIA, true);
+    }
+    (w, a, b)
+}
+
+fn v4(w: &World, i: usize) -> Ipv4Addr {
+    w.nodes[i].client.internal_ipv4().expect("an IPv4 address")
+}
+
+fn ipv4(w: &World, i: usize) -> IpAddr {
+    IpAddr::V4(v4(w, i))
+}
+
+/// Payload tag: kind ('A' forward, 'E' echo, 'S' signalling), sequence.
+fn tag(kind: u8, seq: u32) -> [u8; 5] {
+    let s = seq.to_be_bytes();
+    [kind, s[0], s[1], s[2], s[3]]
+}
+
+fn untag(packet: &[u8]) -> Option<(u8, u32)> {
+    let p = InnerPacket::parse(packet).ok()?;
+    let payload = &packet[28..];
+    if p.protocol() != 17 || payload.len() != 5 {
+        return None;
+    }
+    Some((
+        payload[0],
+        u32::from_be_bytes(payload[1..5].try_into().ok()?),
+    ))
+}
+
+/// An echo call from a to b: a sends tagged frames every `interval`, b echoes each.
+struct Call {
+    a: usize,
+    b: usize,
+    interval: Duration,
+    next_send: Instant,
+    sent_at: Vec<Instant>,
+    /// How many packets of a and b have been looked at.
+    seen: (usize, usize),
+    /// (sequence, rtt) of every echo received by a.
+    rtts: Vec<(u32, Duration)>,
+    forward: BTreeMap<u32, u32>,
+    echoes: BTreeMap<u32, u32>,
+    astray: u32,
+    /// Also send an opted-out frame with every frame.
+    signalling: bool,
+}
+
+impl Call {
+    fn new(w: &World, a: usize, b: usize, interval: Duration) -> Self {
+        Self {
+            a,
+            b,
+            interval,
+            next_send: w.now(),
+            sent_at: Vec::new(),
+            seen: (w.nodes[a].received.len(), w.nodes[b].received.len()),
+            rtts: Vec::new(),
+            forward: BTreeMap::new(),
+            echoes: BTreeMap::new(),
+            astray: 0,
+            signalling: false,
+        }
+    }
+
+    /// Runs the call for `d`, in steps of 1 ms.
+    fn run(&mut self, w: &mut World, d: Duration) {
+        let end = w.now() + d;
+        while w.now() < end {
+            if w.now() >= self.next_send {
+                let seq = self.sent_at.len() as u32;
+                let to = v4(w, self.b);
+                if w.send_udp_ports(self.a, MEDIA, to, MEDIA, &tag(b'A', seq)) {
+                    self.sent_at.push(w.now());
+                }
+                if self.signalling {
+                    w.send_udp_ports(self.a, SIGNALLING, to, SIGNALLING, &tag(b'S', seq));
+                }
+                self.next_send += self.interval;
+            }
+            w.run_for(ms(1));
+            self.collect(w);
+        }
+    }
+
+    fn collect(&mut self, w: &mut World) {
+        let (a_ip, b_ip) = (v4(w, self.a), v4(w, self.b));
+        let new_b: Vec<Vec<u8>> = w.nodes[self.b].received[self.seen.1..].to_vec();
+        self.seen.1 = w.nodes[self.b].received.len();
+        for p in new_b {
+            let ok = InnerPacket::parse(&p).is_ok_and(|q| {
+                q.source() == IpAddr::V4(a_ip) && q.destination() == IpAddr::V4(b_ip)
+            });
+            match untag(&p) {
+                Some((b'A', seq)) if ok => {
+                    *self.forward.entry(seq).or_default() += 1;
+                    w.send_udp_ports(self.b, MEDIA, a_ip, MEDIA, &tag(b'E', seq));
+                }
+                Some((b'S', _)) if ok => {}
+                _ => self.astray += 1,
+            }
+        }
+        let start = self.seen.0;
+        self.seen.0 = w.nodes[self.a].received.len();
+        for k in start..self.seen.0 {
+            let p = &w.nodes[self.a].received[k];
+            let ok = InnerPacket::parse(p).is_ok_and(|q| {
+                q.source() == IpAddr::V4(b_ip) && q.destination() == IpAddr::V4(a_ip)
+            });
+            match untag(p) {
+                Some((b'E', seq)) if ok && (seq as usize) < self.sent_at.len() => {
+                    *self.echoes.entry(seq).or_default() += 1;
+                    let at = w.nodes[self.a].received_at[k];
+                    self.rtts.push((seq, at - self.sent_at[seq as usize]));
+                }
+                _ => self.astray += 1,
+            }
+        }
+    }
+
+    /// Lets the last frames arrive without sending more.
+    fn drain(&mut self, w: &mut World, d: Duration) {
+        let end = w.now() + d;
+        while w.now() < end {
+            w.run_for(ms(1));
+            self.collect(w);
+        }
+    }
+
+    fn duplicates(&self) -> usize {
+        self.forward
+            .values()
+            .chain(self.echoes.values())
+            .filter(|n| **n > 1)
+            .count()
+    }
+
+    fn lost(&self) -> usize {
+        let n = self.sent_at.len();
+        (n - self.forward.len()) + (n - self.echoes.len())
+    }
+
+    fn median_rtt(&self, seqs: std::ops::Range<u32>) -> Duration {
+        let mut r: Vec<Duration> = self
+            .rtts
+            .iter()
+            .filter(|(s, _)| seqs.contains(s))
+            .map(|(_, d)| *d)
+            .collect();
+        r.sort();
+        r.get(r.len() / 2).copied().unwrap_or(Duration::MAX)
+    }
+}
+
+fn up_events(w: &World, i: usize) -> Vec<(IpAddr, bool)> {
+    w.nodes[i]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::PeerTunnelUp {
+                peer, initiator, ..
+            } => Some((*peer, *initiator)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn down_reasons(w: &World, i: usize) -> Vec<PeerDownReason> {
+    w.nodes[i]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::PeerTunnelDown { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Prints both clients' peer state when `ok` is false, before the assertion fails.
+fn dump_unless(ok: bool, w: &World, a: usize, b: usize) {
+    if ok {
+        return;
+    }
+    for i in [a, b] {
+        let n = &w.nodes[i];
+        eprintln!("client {i}: {:?}", n.events);
+        eprintln!("  {:?}", n.client.stats().peer);
+        eprintln!("  {:?}", n.client.peer_tunnels());
+    }
+    eprintln!("director: {:?}", w.director.stats().peer);
+}
+
+fn is_peer(p: PeerPath) -> bool {
+    matches!(p, PeerPath::Peer(_))
+}
+
+/// Whether a and b both use a peer tunnel to each other.
+fn both_up(w: &World, a: usize, b: usize) -> bool {
+    is_peer(w.nodes[a].client.peer_path(ipv4(w, b)))
+        && is_peer(w.nodes[b].client.peer_path(ipv4(w, a)))
+}
+
+#[test]
+fn co_located_clients_switch_to_the_peer_path_without_loss() {
+    for (name, site) in [
+        ("no NAT", Site::Public),
+        ("one NAT", Site::Nat(NatKind::AddressPortDependentFiltering)),
+    ] {
+        let _guard = SeedGuard(11);
+        let s = Scenario {
+            server_rtt: ms(100),
+            peer_rtt: ms(2),
+            a: site,
+            b: site,
+            same_lan: true,
+            ..Scenario::default()
+        };
+        let (mut w, a, b) = build(11, s);
+        let mut call = Call::new(&w, a, b, ms(20));
+        call.run(&mut w, Duration::from_secs(3));
+        call.drain(&mut w, ms(500));
+        dump_unless(both_up(&w, a, b), &w, a, b);
+        assert!(both_up(&w, a, b), "{name}: the peer tunnel forms");
+        let (relay, direct) = (call.median_rtt(0..3), call.median_rtt(100..150));
+        eprintln!("{name}: media RTT {relay:?} on the relay, {direct:?} on the peer tunnel");
+        assert!(
+            relay >= ms(100),
+            "{name}: first frames take the server path"
+        );
+        assert!(direct <= ms(4), "{name}: later frames take the peer path");
+        assert_eq!(call.lost(), 0, "{name}: nothing lost across the switch");
+        assert_eq!(call.duplicates(), 0, "{name}: nothing duplicated");
+        assert_eq!(call.astray, 0);
+        assert!(w.nodes[a].client.stats().peer.data_sent > 100);
+        assert!(
+            w.nodes[b].client.stats().peer.data_sent > 100,
+            "echoes go direct too"
+        );
+    }
+}
