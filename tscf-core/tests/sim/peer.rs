@@ -363,3 +363,272 @@ fn co_located_clients_switch_to_the_peer_path_without_loss() {
         );
     }
 }
+
+fn site_name(s: Site) -> &'static str {
+    match s {
+        Site::Public => "none",
+        Site::Nat(NatKind::EndpointIndependent) => "EI",
+        Site::Nat(NatKind::AddressDependentFiltering) => "AD",
+        Site::Nat(NatKind::AddressPortDependentFiltering) => "APD",
+        Site::Nat(NatKind::Symmetric) => "sym",
+    }
+}
+
+const SITES: [Site; 5] = [
+    Site::Public,
+    Site::Nat(NatKind::EndpointIndependent),
+    Site::Nat(NatKind::AddressDependentFiltering),
+    Site::Nat(NatKind::AddressPortDependentFiltering),
+    Site::Nat(NatKind::Symmetric),
+];
+
+/// Whether a direct path needs port prediction (which tscf does not do).
+fn needs_prediction(a: Site, b: Site) -> bool {
+    let sym = |s| matches!(s, Site::Nat(NatKind::Symmetric));
+    let strict = |s| {
+        matches!(
+            s,
+            Site::Nat(NatKind::Symmetric | NatKind::AddressPortDependentFiltering)
+        )
+    };
+    (sym(a) && strict(b)) || (sym(b) && strict(a))
+}
+
+fn setup_time(w: &World, i: usize) -> Option<Duration> {
+    w.nodes[i].events.iter().find_map(|e| match e {
+        ClientEvent::PeerTunnelUp { setup, .. } => Some(*setup),
+        _ => None,
+    })
+}
+
+#[test]
+fn nat_matrix() {
+    let mut table = String::from("a \\ b ");
+    for b in SITES {
+        table += &format!("| {:>14} ", site_name(b));
+    }
+    table.push('\n');
+    for a in SITES {
+        table += &format!("{:>5} ", site_name(a));
+        for b in SITES {
+            let _guard = SeedGuard(21);
+            let s = Scenario {
+                a,
+                b,
+                ..Scenario::default()
+            };
+            let (mut w, ia, ib) = build(21, s);
+            let mut call = Call::new(&w, ia, ib, ms(20));
+            call.run(&mut w, Duration::from_secs(4));
+            call.drain(&mut w, ms(500));
+            let direct = both_up(&w, ia, ib);
+            let cell = match (direct, setup_time(&w, ia)) {
+                (true, Some(t)) => format!("direct {:>4} ms", t.as_millis()),
+                _ => "relay".to_owned(),
+            };
+            table += &format!("| {cell:>14} ");
+            let (na, nb) = (site_name(a), site_name(b));
+            dump_unless(direct != needs_prediction(a, b), &w, ia, ib);
+            assert_eq!(
+                direct,
+                !needs_prediction(a, b),
+                "{na} ↔ {nb}: direct exactly when no port prediction is needed"
+            );
+            assert_eq!(call.lost(), 0, "{na} ↔ {nb}: media keeps flowing");
+            assert_eq!(call.duplicates() + call.astray as usize, 0, "{na} ↔ {nb}");
+        }
+        table.push('\n');
+    }
+    eprintln!("NAT matrix (server RTT 100 ms, peer RTT 10 ms; setup time as seen by a):\n{table}");
+}
+
+/// Runs a call from a to b and checks that every frame arrives though no peer tunnel forms.
+fn assert_fallback(w: &mut World, a: usize, b: usize, what: &str) {
+    let mut call = Call::new(w, a, b, ms(20));
+    call.run(w, Duration::from_secs(6));
+    call.drain(w, ms(500));
+    assert!(!both_up(w, a, b), "{what}: no peer tunnel");
+    assert_eq!(call.lost(), 0, "{what}: frames keep flowing on the relay");
+    assert_eq!(call.duplicates(), 0, "{what}");
+    assert!(
+        !down_reasons(w, a).is_empty(),
+        "{what}: the failure is reported"
+    );
+    // Retries follow the doubling backoff (2 s, 4 s): at most three requests in 6 s.
+    let requests = w.nodes[a].client.stats().peer.requests_sent;
+    assert!((1..=3).contains(&requests), "{what}: {requests} requests");
+}
+
+#[test]
+fn fallback_when_the_destination_cannot_take_part() {
+    let _guard = SeedGuard(31);
+    // The destination did not announce the capability: Peer Unavailable from the director.
+    let (mut w, a, b) = build(
+        31,
+        Scenario {
+            peer_b: false,
+            ..Scenario::default()
+        },
+    );
+    assert_fallback(&mut w, a, b, "no capability");
+    assert!(
+        down_reasons(&w, a).contains(&PeerDownReason::Unavailable(ResultCode::PEER_UNAVAILABLE))
+    );
+
+    // The director does not offer the service.
+    let (mut w, a, b) = build(
+        32,
+        Scenario {
+            director: || DirectorConfig {
+                peer_tunneling: false,
+                ..DirectorConfig::default()
+            },
+            ..Scenario::default()
+        },
+    );
+    assert_fallback(&mut w, a, b, "service off");
+    assert!(down_reasons(&w, a).contains(&PeerDownReason::Unavailable(
+        ResultCode::SERVICE_NOT_ENABLED
+    )));
+
+    // The destination answers but its peer socket is dead: the setup times out.
+    let (mut w, a, b) = build(33, Scenario::default());
+    w.nodes[b].peer_blocked = true;
+    assert_fallback(&mut w, a, b, "silent destination");
+    assert!(down_reasons(&w, a).contains(&PeerDownReason::EstablishTimeout));
+
+    // The destination is offline: nobody holds that address.
+    let (mut w, a, _) = build(34, Scenario::default());
+    let nobody = Ipv4Addr::new(10, 77, 3, 3);
+    for _ in 0..10 {
+        w.send_udp_ports(a, MEDIA, nobody, MEDIA, b"x");
+        w.run_for(ms(100));
+    }
+    assert!(
+        down_reasons(&w, a).contains(&PeerDownReason::Unavailable(ResultCode::PEER_UNAVAILABLE))
+    );
+    assert_eq!(w.nodes[a].client.stats().peer.requests_sent, 1);
+}
+
+#[test]
+fn simultaneous_initiation_yields_one_peer_tunnel() {
+    for seed in 41..46 {
+        let _guard = SeedGuard(seed);
+        let (mut w, a, b) = build(seed, Scenario::default());
+        let (ia, ib) = (v4(&w, a), v4(&w, b));
+        for n in 0..150u32 {
+            w.send_udp_ports(a, MEDIA, ib, MEDIA, &tag(b'A', n));
+            w.send_udp_ports(b, MEDIA, ia, MEDIA, &tag(b'A', n));
+            w.run_for(ms(20));
+        }
+        dump_unless(both_up(&w, a, b), &w, a, b);
+        assert!(both_up(&w, a, b));
+        assert_eq!(
+            w.director.stats().peer.requests_forwarded,
+            1,
+            "one negotiation"
+        );
+        let (ua, ub) = (up_events(&w, a), up_events(&w, b));
+        assert_eq!(
+            (ua.len(), ub.len()),
+            (1, 1),
+            "one tunnel, up once on each side"
+        );
+        assert_ne!(ua[0].1, ub[0].1, "one initiator, one destination");
+        let path = |i: usize, j: usize| match w.nodes[i].client.peer_path(ipv4(&w, j)) {
+            PeerPath::Peer(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(path(a, b), w.nodes[b].peer_socket.expect("socket"));
+        assert_eq!(path(b, a), w.nodes[a].peer_socket.expect("socket"));
+    }
+}
+
+#[test]
+fn a_cut_peer_path_falls_back_to_the_relay() {
+    let _guard = SeedGuard(51);
+    let (mut w, a, b) = build(51, Scenario::default());
+    let mut call = Call::new(&w, a, b, ms(20));
+    call.run(&mut w, Duration::from_secs(2));
+    assert!(both_up(&w, a, b));
+    let (ha, hb) = (w.nodes[a].ip, w.nodes[b].ip);
+    w.net.block(ha, hb);
+    let cut = w.now();
+    let mut back = None;
+    while w.now() < cut + Duration::from_secs(3) {
+        call.run(&mut w, ms(10));
+        if back.is_none() && !is_peer(w.nodes[a].client.peer_path(ipv4(&w, b))) {
+            back = Some(w.now());
+        }
+    }
+    let back = back.expect("back on the relay");
+    // The last packet was heard just before the cut.
+    assert!(
+        back - cut <= ms(1550),
+        "back on relay after {:?}",
+        back - cut
+    );
+    assert!(down_reasons(&w, a).contains(&PeerDownReason::Silence));
+    // Frames sent once both sides are back on the relay all arrive.
+    let first_after = call
+        .sent_at
+        .iter()
+        .position(|t| *t >= back + ms(200))
+        .expect("sent");
+    call.drain(&mut w, ms(500));
+    let n = call.sent_at.len() as u32;
+    for seq in first_after as u32..n {
+        assert_eq!(call.forward.get(&seq), Some(&1), "frame {seq} delivered");
+        assert_eq!(call.echoes.get(&seq), Some(&1), "echo {seq} delivered");
+    }
+}
+
+#[test]
+fn losing_either_server_tunnel_removes_the_peer_tunnel() {
+    for (seed, by_director) in [(61, false), (62, true)] {
+        let _guard = SeedGuard(seed);
+        let (mut w, a, b) = build(seed, Scenario::default());
+        let mut call = Call::new(&w, a, b, ms(20));
+        call.run(&mut w, Duration::from_secs(2));
+        assert!(both_up(&w, a, b));
+        let now = w.now();
+        if by_director {
+            let id = w.nodes[a].client.tunnel_id().expect("tunnel");
+            w.director
+                .close_tunnel(now, id, ResultCode::ADMINISTRATIVE)
+                .expect("known tunnel");
+        } else {
+            w.nodes[b].client.release(now);
+        }
+        w.run_for(ms(500));
+        let (gone, stays) = if by_director { (a, b) } else { (b, a) };
+        assert!(down_reasons(&w, gone).contains(&PeerDownReason::ServerTunnelLost));
+        assert!(
+            down_reasons(&w, stays).contains(&PeerDownReason::PeerServerTunnelGone),
+            "the director told the other side"
+        );
+        assert!(w.nodes[stays]
+            .client
+            .peer_tunnels()
+            .iter()
+            .all(|t| t.path.is_none()));
+        assert!(w.nodes[gone].client.peer_tunnels().is_empty());
+    }
+}
+
+#[test]
+fn release_by_the_application_removes_the_tunnel_on_both_sides() {
+    let _guard = SeedGuard(65);
+    let (mut w, a, b) = build(65, Scenario::default());
+    let mut call = Call::new(&w, a, b, ms(20));
+    call.run(&mut w, Duration::from_secs(2));
+    assert!(both_up(&w, a, b));
+    let (now, peer) = (w.now(), ipv4(&w, b));
+    w.nodes[a].client.release_peer_tunnel(now, peer);
+    call.run(&mut w, ms(100));
+    assert!(!is_peer(w.nodes[a].client.peer_path(peer)));
+    assert!(!is_peer(w.nodes[b].client.peer_path(ipv4(&w, a))));
+    assert!(down_reasons(&w, b).contains(&PeerDownReason::Released));
+    call.drain(&mut w, ms(300));
+    assert_eq!(call.lost(), 0);
+}

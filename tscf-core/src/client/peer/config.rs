@@ -21,6 +21,9 @@ pub struct PeerConfig {
     /// [`set_peer_tunneling`](super::super::TunnelClient::set_peer_tunneling) says otherwise
     /// (default false).
     pub default_opt_in: bool,
+    /// Whether to announce our candidates to the director once the server tunnel is up
+    /// (default true), so that peer requests for us are answered at once.
+    pub announce: bool,
     /// Interval between Peer Probes to each remote candidate (default 50 ms).
     pub probe_interval: Duration,
     /// Bound of the whole setup, from the first opted-in packet (or the forwarded request) to
@@ -59,6 +62,7 @@ impl PeerConfig {
             local_addresses,
             stun_servers,
             default_opt_in: false,
+            announce: true,
             probe_interval: Duration::from_millis(50),
             establish_timeout: Duration::from_secs(3),
             answer_timeout: Duration::from_secs(3),

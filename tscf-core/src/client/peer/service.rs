@@ -170,7 +170,9 @@ impl PeerAgent {
             public,
             varies_by_destination,
         });
-        self.send_announce(cx);
+        if self.config.announce {
+            self.send_announce(cx);
+        }
         for i in 0..self.peers.len() {
             if self.peers[i].phase == Phase::Discovering {
                 self.send_establish(cx, i);
