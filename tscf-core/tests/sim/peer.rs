@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use tscf_core::client::{
-    ClientConfig, ClientEvent, PeerConfig, PeerDownReason, PeerPath, TunnelClient,
-};
+use tscf_core::client::{ClientConfig, ClientEvent, PeerConfig, PeerDownReason, PeerPath};
 use tscf_core::director::DirectorConfig;
 use tscf_core::sim::world::{udp_packet_ports, World, PEER_PORT};
 use tscf_core::sim::{for_each_seed, LinkConfig, NatConfig, NatKind, SeedGuard, SiteConfig};
@@ -87,7 +85,7 @@ fn build(seed: u64, s: Scenario) -> (World, usize, usize) {
                 kind,
                 IpAddr::V4(Ipv4Addr::new(100, 64, 0, n)),
             )),
-            uplink: lossy(Duration::ZERO, s.loss),
+            uplink: LinkConfig::default(),
         })),
     };
     let site_a = site_of(&mut w, s.a, 1);
@@ -106,7 +104,7 @@ fn build(seed: u64, s: Scenario) -> (World, usize, usize) {
     let link = lossy(access, s.loss);
     let a = w.add_peer_client(site_a, ip_a, link.clone(), config(), peer());
     let b = w.add_client_with(site_b, ip_b, link, config(), s.peer_b.then(peer));
-    let deadline = w.now() + Duration::from_secs(10);
+    let deadline = w.now() + Duration::from_secs(30);
     let ready = |w: &World, i: usize| {
         w.connected(i)
             && (w.nodes[i].peer_socket.is_none()
@@ -631,4 +629,159 @@ fn release_by_the_application_removes_the_tunnel_on_both_sides() {
     assert!(down_reasons(&w, b).contains(&PeerDownReason::Released));
     call.drain(&mut w, ms(300));
     assert_eq!(call.lost(), 0);
+}
+
+#[test]
+fn forged_credentials_cannot_form_or_inject() {
+    let _guard = SeedGuard(71);
+    let (mut w, a, b) = build(71, Scenario::default());
+    let mut call = Call::new(&w, a, b, ms(20));
+    call.run(&mut w, Duration::from_secs(2));
+    assert!(both_up(&w, a, b));
+    let before = w.nodes[a].client.stats().peer;
+    let path_before = w.nodes[a].client.peer_path(ipv4(&w, b));
+    let tunnel_id = 0; // unknown to the attacker; guessing it changes nothing either
+    let mallory_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 66));
+    w.add_raw_host(None, mallory_ip, LinkConfig::with_latency(ms(5)));
+    let mallory = std::net::SocketAddr::new(mallory_ip, PEER_PORT);
+    let target = w.nodes[a].peer_socket.expect("socket");
+    let (ia, ib) = (ipv4(&w, a), ipv4(&w, b));
+    let forged_key = [0x42u8; 16];
+    let signed = |msg: &Message<'_>| {
+        let mut out = Vec::new();
+        msg.encode_envelope_with_integrity(&forged_key, &mut out)
+            .expect("encodable");
+        out
+    };
+    // Probes and a Configuration Request claiming to be b, under a guessed token.
+    let mut probe = Message::new(MessageType::PEER_PROBE, 1, 0);
+    probe.tlvs.peer_internal_address = Some(ib);
+    let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 2, 0);
+    config.tlvs.peer_internal_address = Some(ib);
+    let mut keepalive = Message::new(MessageType::KEEPALIVE, 3, tunnel_id);
+    keepalive.tlvs.peer_internal_address = None;
+    let mut release = Message::new(MessageType::CONFIGURATION_RELEASE_REQUEST, 4, tunnel_id);
+    release.tlvs.result_code = Some(ResultCode::SUCCESS);
+    let injected = {
+        let packet = udp_packet_ports(v4(&w, b), MEDIA, v4(&w, a), MEDIA, &tag(b'A', 999_999));
+        let mut out = Vec::new();
+        Envelope::encode(EnvelopeType::DATA, &packet, &mut out).expect("fits");
+        out
+    };
+    for _ in 0..5 {
+        for bytes in [
+            signed(&probe),
+            signed(&config),
+            signed(&keepalive),
+            signed(&release),
+            injected.clone(),
+        ] {
+            w.net.send_datagram(mallory, target, &bytes);
+        }
+        call.run(&mut w, ms(50));
+    }
+    call.run(&mut w, ms(500));
+    let after = w.nodes[a].client.stats().peer;
+    assert!(
+        after.integrity_failures >= before.integrity_failures + 10,
+        "probes, requests"
+    );
+    assert_eq!(after.unauthorized_sent, before.unauthorized_sent + 5);
+    assert!(
+        after.dropped_unknown_peer >= before.dropped_unknown_peer + 10,
+        "keepalive, release"
+    );
+    assert_eq!(
+        after.dropped_bad_data,
+        before.dropped_bad_data + 5,
+        "injected data"
+    );
+    assert_eq!(
+        after.probes_answered - before.probes_answered,
+        0,
+        "no answer to forgeries"
+    );
+    assert_eq!(
+        w.nodes[a].client.peer_path(ib),
+        path_before,
+        "the tunnel is untouched"
+    );
+    assert!(is_peer(w.nodes[b].client.peer_path(ia)));
+    assert_eq!(call.astray, 0, "nothing injected reached the application");
+    // Mallory only ever hears Unauthorized.
+    for d in w.unclaimed.iter() {
+        if let tscf_core::sim::NetEvent::Datagram { payload, .. } = &d.event {
+            let env = Envelope::decode_datagram(payload).expect("envelope");
+            let msg = Message::decode(env.payload).expect("message");
+            assert_eq!(msg.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
+        }
+    }
+}
+
+#[test]
+fn invariants_hold_over_many_seeds_with_loss() {
+    for_each_seed(1000..1500, |seed| {
+        let mut r = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: u64| {
+            r ^= r >> 29;
+            r = r.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            r ^= r >> 32;
+            r % n
+        };
+        let s = Scenario {
+            server_rtt: ms(20 + next(180)),
+            peer_rtt: ms(2 + next(40)),
+            a: SITES[next(5) as usize],
+            b: SITES[next(5) as usize],
+            loss: next(21) as f64 / 100.0,
+            transport: if next(2) == 0 {
+                Transport::UDP
+            } else {
+                Transport::TLS
+            },
+            ..Scenario::default()
+        };
+        let (mut w, a, b) = build(seed, s);
+        let mut call = Call::new(&w, a, b, ms(20));
+        call.signalling = true;
+        let mut max_up = 0;
+        for _ in 0..30 {
+            call.run(&mut w, ms(100));
+            let up = |i: usize, j: usize| is_peer(w.nodes[i].client.peer_path(ipv4(&w, j)));
+            let tunnels = |i: usize| {
+                w.nodes[i]
+                    .client
+                    .peer_tunnels()
+                    .iter()
+                    .filter(|t| t.path.is_some() && t.peer == ipv4(&w, 1 - i))
+                    .count()
+            };
+            assert!(
+                tunnels(a) <= 1 && tunnels(b) <= 1,
+                "one tunnel per pair, {s:?}"
+            );
+            max_up = max_up.max(usize::from(up(a, b)) + usize::from(up(b, a)));
+        }
+        call.drain(&mut w, ms(1000));
+        assert_eq!(call.duplicates(), 0, "no frame twice, {s:?}");
+        assert_eq!(call.astray, 0, "no frame astray, {s:?}");
+        for i in [a, b] {
+            let ports = &w.nodes[i].peer_data_ports;
+            assert!(
+                ports.iter().all(|p| *p == MEDIA),
+                "opted-out flows stay on the relay: {ports:?}"
+            );
+            // Ups and downs alternate: never two up tunnels at once.
+            let mut level = 0i32;
+            for e in &w.nodes[i].events {
+                match e {
+                    ClientEvent::PeerTunnelUp { .. } => level += 1,
+                    ClientEvent::PeerTunnelDown { .. } if level > 0 => level -= 1,
+                    _ => {}
+                }
+                assert!(level <= 1, "at most one up tunnel per pair, {s:?}");
+            }
+        }
+        let _ = max_up;
+    });
 }
