@@ -73,6 +73,11 @@ fn lossy(latency: Duration, loss: f64) -> LinkConfig {
 
 /// Builds the world; returns it and the indexes of a and b (connected, discovery done).
 fn build(seed: u64, s: Scenario) -> (World, usize, usize) {
+    build_with(seed, s, true)
+}
+
+/// [`build`], with b announcing its candidates to the director or not.
+fn build_with(seed: u64, s: Scenario, announce_b: bool) -> (World, usize, usize) {
     // Each access link is a quarter of the peer RTT one way; the director's link makes up
     // the rest of the server RTT.
     let access = s.peer_rtt / 4;
@@ -103,7 +108,11 @@ fn build(seed: u64, s: Scenario) -> (World, usize, usize) {
     let (ip_a, ip_b) = (ip(site_a, 10), ip(site_b, 11));
     let link = lossy(access, s.loss);
     let a = w.add_peer_client(site_a, ip_a, link.clone(), config(), peer());
-    let b = w.add_client_with(site_b, ip_b, link, config(), s.peer_b.then(peer));
+    let peer_b = s.peer_b.then(|| PeerConfig {
+        announce: announce_b,
+        ..peer()
+    });
+    let b = w.add_client_with(site_b, ip_b, link, config(), peer_b);
     let deadline = w.now() + Duration::from_secs(30);
     let ready = |w: &World, i: usize| {
         w.connected(i)
@@ -784,4 +793,57 @@ fn invariants_hold_over_many_seeds_with_loss() {
         }
         let _ = max_up;
     });
+}
+
+/// Time from the first opted-in frame of a to the first frame a sends on the peer tunnel.
+fn measure_setup(seed: u64, server_rtt: Duration, peer_rtt: Duration, announce: bool) -> Duration {
+    let s = Scenario {
+        server_rtt,
+        peer_rtt,
+        ..Scenario::default()
+    };
+    let (mut w, a, b) = build_with(seed, s, announce);
+    let to = v4(&w, b);
+    let start = w.now();
+    let mut n = 0u32;
+    while w.now() < start + Duration::from_secs(3) {
+        w.send_udp_ports(a, MEDIA, to, MEDIA, &tag(b'A', n));
+        n += 1;
+        if w.nodes[a].client.stats().peer.data_sent > 0 {
+            return w.now() - start;
+        }
+        w.run_for(ms(1));
+    }
+    panic!("no peer tunnel in 3 s");
+}
+
+#[test]
+fn measure_setup_time() {
+    let mut table = String::from(
+        "| server RTT | peer RTT | destination announced | setup | in server RTTs | goal (1 server + 2 peer RTT) |\n|---|---|---|---|---|---|\n",
+    );
+    for (server, peer) in [(100, 2), (40, 10), (200, 20)] {
+        for announce in [true, false] {
+            let _guard = SeedGuard(81);
+            let (sr, pr) = (ms(server), ms(peer));
+            let t = measure_setup(81, sr, pr, announce);
+            let goal = sr + 2 * pr;
+            table += &format!(
+                "| {server} ms | {peer} ms | {} | {} ms | {:.2} | {} ms |\n",
+                if announce { "yes" } else { "no" },
+                t.as_millis(),
+                t.as_secs_f64() / sr.as_secs_f64(),
+                goal.as_millis(),
+            );
+            if announce {
+                assert!(
+                    t <= goal + ms(2),
+                    "fast path within the goal: {t:?} > {goal:?}"
+                );
+            } else {
+                assert!(t <= 2 * sr + 2 * pr + ms(2), "{t:?}");
+            }
+        }
+    }
+    eprintln!("Time from the first opted-in frame to the first frame on the peer tunnel:\n{table}");
 }
