@@ -8,6 +8,7 @@ use super::*;
 use crate::wire::{Capabilities, InternalAddress, Transport};
 
 mod data;
+mod peer;
 
 const TUNNEL: u64 = 0x5a17_c0de_2024_0b01;
 const ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -42,6 +43,8 @@ struct Harness {
     now: Instant,
     /// (time since start, envelope) of every transmit.
     sent: Vec<(Duration, Vec<u8>)>,
+    /// (destination, datagram) of every transmit from the peer socket.
+    peer_sent: Vec<(SocketAddr, Vec<u8>)>,
     events: Vec<ClientEvent>,
 }
 
@@ -54,6 +57,7 @@ impl Harness {
             start,
             now: start,
             sent: Vec::new(),
+            peer_sent: Vec::new(),
             events: Vec::new(),
         };
         h.drain();
@@ -67,8 +71,10 @@ impl Harness {
     fn drain(&mut self) {
         let mut buf = Vec::new();
         while let Some(t) = self.client.poll_transmit(self.now, &mut buf) {
-            assert_eq!(t.destination, Destination::Server);
-            self.sent.push((self.now - self.start, buf.clone()));
+            match t.destination {
+                Destination::Server => self.sent.push((self.now - self.start, buf.clone())),
+                Destination::Peer(to) => self.peer_sent.push((to, buf.clone())),
+            }
         }
         while let Some(e) = self.client.poll_event() {
             self.events.push(e);

@@ -1,0 +1,315 @@
+//! The peer agent against a scripted fake server and a fake peer.
+
+use super::*;
+use crate::stun;
+use crate::wire::{
+    Candidate, CandidateKind, PeerCredentials, PeerServiceResult, ServiceAction, ServiceType,
+};
+
+const LOCAL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10)), 5000);
+const STUN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 4001);
+const PUBLIC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)), 6000);
+const REMOTE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9)), 5000);
+const TOKEN: [u8; 16] = *b"one-time token!!";
+
+/// A connected peer-enabled client whose NAT discovery has finished; returns it with the
+/// Announce it sent.
+fn peer_client() -> (Harness, Vec<u8>) {
+    let mut config = ClientConfig::new(vec![udp()]);
+    config.peer = Some(PeerConfig::new(vec![LOCAL], vec![STUN]));
+    let mut h = Harness::new(config);
+    h.take_events();
+    h.open();
+    let request = h.take_control();
+    let msg = decode(&request);
+    let caps = msg.tlvs.client_capabilities.expect("capabilities");
+    assert!(caps.contains(Capabilities::PEER_TUNNELING));
+    let seq = msg.header.sequence;
+    h.deliver(&config_response(seq, TUNNEL, ADDR, 30_000));
+    // Discovery: one Binding request to the STUN server from the peer socket.
+    let (to, binding) = h.peer_sent.pop().expect("a STUN request");
+    assert_eq!(to, STUN);
+    assert!(stun::is_stun(&binding));
+    let mut answer = Vec::new();
+    stun::answer_binding_request(&binding, PUBLIC, &mut answer).expect("valid request");
+    h.client.handle_peer_datagram(h.now, STUN, &answer);
+    h.drain();
+    assert!(h.take_events().contains(&ClientEvent::NatDiscovered {
+        public: Some(PUBLIC),
+        varies_by_destination: None,
+    }));
+    let announce = h.take_control();
+    (h, announce)
+}
+
+fn signed(msg: &Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg.encode_envelope_with_integrity(&TOKEN, &mut out)
+        .expect("encodable");
+    out
+}
+
+fn payload(envelope: &[u8]) -> &[u8] {
+    Envelope::decode_datagram(envelope)
+        .expect("envelope")
+        .payload
+}
+
+fn media(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    udp_packet(src, dst, b"media")
+}
+
+#[test]
+fn announces_host_and_server_reflexive_candidates() {
+    let (_, announce) = peer_client();
+    let msg = decode(&announce);
+    assert_eq!(msg.header.message_type, MessageType::CLIENT_SERVICE_REQUEST);
+    assert_eq!(msg.header.tunnel_id, TUNNEL);
+    assert_eq!(msg.tlvs.service_type, Some(ServiceType::PEER));
+    assert_eq!(msg.tlvs.service_action, Some(ServiceAction::ANNOUNCE));
+    let kinds: Vec<_> = msg
+        .tlvs
+        .candidates
+        .iter()
+        .map(|c| (c.kind, c.addr))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (CandidateKind::HOST, LOCAL),
+            (CandidateKind::SERVER_REFLEXIVE, PUBLIC)
+        ]
+    );
+    assert_eq!(msg.tlvs.connection_info.map(|c| c.addr), Some(LOCAL));
+}
+
+#[test]
+fn opted_out_flows_never_ask_for_a_peer_tunnel() {
+    let (mut h, _) = peer_client();
+    h.client.send_ip(h.now, &media(ADDR, PEER)).expect("queued");
+    h.drain();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1, "the packet only");
+    assert_eq!(sent[0][0], EnvelopeType::DATA.0);
+    assert!(h.client.peer_tunnels().is_empty());
+}
+
+#[test]
+fn initiator_probes_nominates_and_moves_the_flow() {
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(5004, true);
+    h.client.send_ip(h.now, &media(ADDR, PEER)).expect("queued");
+    h.drain();
+    // The packet goes through the relay; the request goes with it.
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 2);
+    let request = sent
+        .iter()
+        .find(|b| b[0] == EnvelopeType::CONTROL.0)
+        .expect("a request");
+    let msg = decode(request);
+    assert_eq!(msg.tlvs.service_action, Some(ServiceAction::ESTABLISH));
+    assert_eq!(msg.tlvs.peer_internal_address, Some(IpAddr::V4(PEER)));
+
+    // The director's answer: Available, with the peer's candidate and the token.
+    let mut answer = Message::response_to(&msg.header, ResultCode::SUCCESS);
+    answer.tlvs.service_type = Some(ServiceType::PEER);
+    answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+    answer.tlvs.candidates.push(Candidate {
+        kind: CandidateKind::HOST,
+        transport: Transport::UDP,
+        addr: REMOTE,
+    });
+    answer.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: None,
+    });
+    h.advance(ms(40));
+    h.deliver(&encode(&answer));
+    let (to, probe) = h.peer_sent.pop().expect("a probe");
+    assert_eq!(to, REMOTE);
+    assert!(Message::verify_integrity(payload(&probe), &TOKEN));
+    let probe_msg = decode(&probe);
+    assert_eq!(probe_msg.header.message_type, MessageType::PEER_PROBE);
+    assert_eq!(probe_msg.tlvs.peer_internal_address, Some(IpAddr::V4(ADDR)));
+
+    // A forged response is dropped; a real one nominates the path.
+    let mut response = Message::response_to(&probe_msg.header, ResultCode::SUCCESS);
+    response.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    response.tlvs.observed_address = Some(PUBLIC);
+    let mut forged = Vec::new();
+    response
+        .encode_envelope_with_integrity(&[0; 16], &mut forged)
+        .expect("encodable");
+    h.client.handle_peer_datagram(h.now, REMOTE, &forged);
+    assert_eq!(h.client.stats().peer.integrity_failures, 1);
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &signed(&response));
+    h.drain();
+    let (to, config) = h.peer_sent.pop().expect("a Configuration Request");
+    assert_eq!(to, REMOTE);
+    let config_msg = decode(&config);
+    assert_eq!(
+        config_msg.header.message_type,
+        MessageType::CONFIGURATION_REQUEST
+    );
+    assert!(Message::verify_integrity(payload(&config), &TOKEN));
+    // It is retransmitted until answered.
+    h.advance(ms(260));
+    assert_eq!(h.peer_sent.pop().map(|(_, b)| b), Some(config.clone()));
+
+    let mut done = Message::response_to(&config_msg.header, ResultCode::SUCCESS);
+    done.header.tunnel_id = 77;
+    done.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client.handle_peer_datagram(h.now, REMOTE, &signed(&done));
+    h.drain();
+    let up = h.take_events();
+    assert!(
+        matches!(up.as_slice(), [ClientEvent::PeerTunnelUp { peer, path, initiator: true, .. }]
+            if *peer == IpAddr::V4(PEER) && *path == REMOTE),
+        "{up:?}"
+    );
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
+
+    // Opted-in packets now take the peer path; others stay on the relay.
+    h.peer_sent.clear();
+    h.take_sent();
+    h.client.send_ip(h.now, &media(ADDR, PEER)).expect("sent");
+    h.drain();
+    assert_eq!(h.peer_sent.len(), 1);
+    assert_eq!(h.peer_sent[0].1[0], EnvelopeType::DATA.0);
+    assert!(h.take_sent().is_empty());
+    // Data from the peer on the path is received; from elsewhere it is dropped.
+    let inbound = data_envelope(&media(PEER, ADDR));
+    h.client.handle_peer_datagram(h.now, PUBLIC, &inbound);
+    assert_eq!(h.client.stats().peer.dropped_bad_data, 1);
+    h.client.handle_peer_datagram(h.now, REMOTE, &inbound);
+    let mut got = Vec::new();
+    assert!(h.client.recv_ip(&mut got));
+    assert_eq!(got, media(PEER, ADDR));
+
+    // Silence: back on the relay.
+    h.advance(ms(1600));
+    assert!(h.take_events().iter().any(|e| matches!(
+        e,
+        ClientEvent::PeerTunnelDown {
+            reason: PeerDownReason::Silence,
+            ..
+        }
+    )));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+}
+
+#[test]
+fn destination_answers_probes_and_rejects_unsigned_configuration() {
+    let (mut h, _) = peer_client();
+    // The director forwards a request from PEER.
+    let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0010, TUNNEL);
+    forward.tlvs.service_type = Some(ServiceType::PEER);
+    forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    forward.tlvs.candidates.push(Candidate {
+        kind: CandidateKind::SERVER_REFLEXIVE,
+        transport: Transport::UDP,
+        addr: REMOTE,
+    });
+    forward.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: None,
+    });
+    h.deliver(&encode(&forward));
+    let answer = h.take_control();
+    let msg = decode(&answer);
+    assert_eq!(msg.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(
+        msg.tlvs.peer_service_result,
+        Some(PeerServiceResult::AVAILABLE)
+    );
+    assert_eq!(msg.tlvs.candidates.len(), 2);
+    assert_eq!(msg.tlvs.peer_internal_address, Some(IpAddr::V4(PEER)));
+    // Probing starts at once.
+    assert_eq!(h.peer_sent.pop().map(|(to, _)| to), Some(REMOTE));
+
+    // A probe from an address never announced is answered there (peer-reflexive).
+    let elsewhere = SocketAddr::from(([198, 51, 100, 9], 41_000));
+    let mut probe = Message::new(MessageType::PEER_PROBE, 5, 0);
+    probe.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client
+        .handle_peer_datagram(h.now, elsewhere, &signed(&probe));
+    h.drain();
+    let (to, reply) = h.peer_sent.pop().expect("a probe response");
+    assert_eq!(to, elsewhere);
+    let reply_msg = decode(&reply);
+    assert_eq!(reply_msg.tlvs.observed_address, Some(elsewhere));
+    assert!(Message::verify_integrity(payload(&reply), &TOKEN));
+
+    // Without valid integrity: Unauthorized, nothing changes.
+    let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
+    config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client
+        .handle_peer_datagram(h.now, elsewhere, &encode(&config));
+    h.drain();
+    let (_, refused) = h.peer_sent.pop().expect("an answer");
+    assert_eq!(
+        decode(&refused).tlvs.result_code,
+        Some(ResultCode::UNAUTHORIZED)
+    );
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+
+    // Signed: up on that address, answered with a tunnel id; a duplicate gets the same answer.
+    h.client
+        .handle_peer_datagram(h.now, elsewhere, &signed(&config));
+    h.drain();
+    let (_, accepted) = h.peer_sent.pop().expect("an answer");
+    let accepted_msg = decode(&accepted);
+    assert_eq!(accepted_msg.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_ne!(accepted_msg.header.tunnel_id, 0);
+    assert!(Message::verify_integrity(payload(&accepted), &TOKEN));
+    assert_eq!(
+        h.client.peer_path(IpAddr::V4(PEER)),
+        PeerPath::Peer(elsewhere)
+    );
+    h.client
+        .handle_peer_datagram(h.now, elsewhere, &signed(&config));
+    h.drain();
+    assert_eq!(h.peer_sent.pop().map(|(_, b)| b), Some(accepted));
+    assert_eq!(h.client.stats().peer.unauthorized_sent, 1);
+
+    // The director's release notice removes it.
+    let mut notice = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0011, TUNNEL);
+    notice.tlvs.service_type = Some(ServiceType::PEER);
+    notice.tlvs.service_action = Some(ServiceAction::RELEASE);
+    notice.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.take_events();
+    h.deliver(&encode(&notice));
+    assert_eq!(
+        decode(&h.take_control()).tlvs.result_code,
+        Some(ResultCode::SUCCESS)
+    );
+    assert!(h.take_events().contains(&ClientEvent::PeerTunnelDown {
+        peer: IpAddr::V4(PEER),
+        reason: PeerDownReason::PeerServerTunnelGone,
+    }));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+}
+
+#[test]
+fn garbage_on_the_peer_socket_is_counted() {
+    let (mut h, _) = peer_client();
+    for datagram in [
+        &[][..],
+        &[0x17, 1, 2],
+        &[0x05, 0, 3],
+        &[0x04, 0, 4, 0x45],
+        &[0xff; 40],
+    ] {
+        h.client.handle_peer_datagram(h.now, REMOTE, datagram);
+    }
+    let stats = h.client.stats().peer;
+    assert_eq!(
+        stats.dropped_not_tscf + stats.dropped_bad_control + stats.dropped_bad_data,
+        5
+    );
+    h.drain();
+    assert!(h.peer_sent.is_empty());
+}
