@@ -78,6 +78,16 @@ const DEFAULT_KEEPALIVE_STREAM: Duration = Duration::from_secs(300);
 /// from a stream by [`StreamDeframer`](crate::wire::StreamDeframer)) goes to
 /// [`handle_envelope`](Self::handle_envelope).
 ///
+/// # Peer tunneling
+///
+/// With [`ClientConfig::peer`] set, the client also owns a peer UDP socket's protocol
+/// (`docs/PROTOCOL.md` §7, see [`PeerConfig`]): transmits with [`Destination::Peer`] go out of
+/// that socket to the given address, and every datagram it receives goes to
+/// [`handle_peer_datagram`](Self::handle_peer_datagram). Applications opt inner UDP sockets in
+/// with [`set_peer_tunneling`](Self::set_peer_tunneling); their packets take the relay until a
+/// peer tunnel is up ([`ClientEvent::PeerTunnelUp`]) and return to it when the tunnel goes down
+/// ([`ClientEvent::PeerTunnelDown`]). Nothing waits for a negotiation.
+///
 /// # Behaviour where the protocol leaves a choice
 ///
 /// - **Attempts.** A round of attempts tries every server in order. A round to re-attach
