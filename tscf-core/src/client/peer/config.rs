@@ -43,6 +43,10 @@ pub struct PeerConfig {
     /// Wait before asking again for a peer that failed or went down: initial and maximum
     /// (defaults 2 s and 60 s); doubles on each failure, resets when a tunnel comes up.
     pub retry_backoff: (Duration, Duration),
+    /// Keep a peer tunnel when the director reports that the peer's server tunnel closed
+    /// (default false: the tunnel goes with it, as `docs/PROTOCOL.md` §7.6 says). A policy for
+    /// deployments that value an established call over the director's view of the peer.
+    pub keep_on_peer_server_tunnel_loss: bool,
     /// Peers with state at most (default 32, at most [`MAX_PEERS_LIMIT`](Self::MAX_PEERS_LIMIT));
     /// beyond, the one idle longest is forgotten.
     pub max_peers: usize,
@@ -70,6 +74,7 @@ impl PeerConfig {
             keepalive_interval: Duration::from_millis(500),
             silence_timeout: Duration::from_millis(1500),
             retry_backoff: (Duration::from_secs(2), Duration::from_secs(60)),
+            keep_on_peer_server_tunnel_loss: false,
             max_peers: 32,
         }
     }

@@ -397,7 +397,9 @@ impl PeerAgent {
         match msg.tlvs.service_action {
             Some(ServiceAction::RELEASE) => {
                 if let Some(i) = pia.and_then(|a| self.find(a)) {
-                    if self.peers[i].phase != Phase::Fallback {
+                    let keep = self.config.keep_on_peer_server_tunnel_loss
+                        && self.peers[i].phase == Phase::Up;
+                    if self.peers[i].phase != Phase::Fallback && !keep {
                         self.down(cx, i, PeerDownReason::PeerServerTunnelGone);
                     }
                 }

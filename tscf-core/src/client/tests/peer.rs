@@ -15,8 +15,15 @@ const TOKEN: [u8; 16] = *b"one-time token!!";
 /// A connected peer-enabled client whose NAT discovery has finished; returns it with the
 /// Announce it sent.
 fn peer_client() -> (Harness, Vec<u8>) {
+    peer_client_with(|_| {})
+}
+
+/// [`peer_client`] with its peer configuration adjusted by `adjust`.
+fn peer_client_with(adjust: impl FnOnce(&mut PeerConfig)) -> (Harness, Vec<u8>) {
     let mut config = ClientConfig::new(vec![udp()]);
-    config.peer = Some(PeerConfig::new(vec![LOCAL], vec![STUN]));
+    let mut peer = PeerConfig::new(vec![LOCAL], vec![STUN]);
+    adjust(&mut peer);
+    config.peer = Some(peer);
     let mut h = Harness::new(config);
     h.take_events();
     h.open();
@@ -312,4 +319,42 @@ fn garbage_on_the_peer_socket_is_counted() {
     );
     h.drain();
     assert!(h.peer_sent.is_empty());
+}
+
+#[test]
+fn a_policy_may_keep_the_peer_tunnel_when_the_peer_server_tunnel_goes() {
+    let (mut h, _) = peer_client_with(|p| p.keep_on_peer_server_tunnel_loss = true);
+    let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0010, TUNNEL);
+    forward.tlvs.service_type = Some(ServiceType::PEER);
+    forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    forward.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: None,
+    });
+    h.deliver(&encode(&forward));
+    h.take_control();
+    let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
+    config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &signed(&config));
+    h.drain();
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
+
+    let mut notice = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0011, TUNNEL);
+    notice.tlvs.service_type = Some(ServiceType::PEER);
+    notice.tlvs.service_action = Some(ServiceAction::RELEASE);
+    notice.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.take_events();
+    h.deliver(&encode(&notice));
+    assert_eq!(
+        decode(&h.take_control()).tlvs.result_code,
+        Some(ResultCode::SUCCESS),
+        "the notice is still acknowledged"
+    );
+    assert!(!h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, ClientEvent::PeerTunnelDown { .. })));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
 }
