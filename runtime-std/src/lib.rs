@@ -9,6 +9,11 @@
 //!   threads; [`Tunnel::connect`] blocks until the first tunnel is up. Re-attach after a lost
 //!   transport is the core's: this runtime reports the loss and opens what the core asks for.
 //! - [`InnerUdpSocket`]: UDP sockets on the tunnel's internal address ([`Tunnel::bind`]).
+//! - Peer tunnels (`docs/PROTOCOL.md` §7), on by default: the tunnel's UDP socket is its peer
+//!   socket, the server's UDP listener its STUN server. Sockets opted in with
+//!   [`InnerUdpSocket::set_peer_tunneling`] move to a direct UDP path to the other client once
+//!   the core has set one up ([`Notification::PeerTunnelUp`], [`Tunnel::peer_path`]) and back
+//!   to the relay when it fails ([`Notification::PeerTunnelDown`]). Only UDP peer paths exist.
 //! - [`tls`]: rustls with the ring provider; pinned fingerprints, CA files, mutual TLS.
 //!
 //! # Threads and limits

@@ -84,6 +84,19 @@ impl InnerUdpSocket {
         Ok(buf.len())
     }
 
+    /// Opts this socket in or out of peer tunneling (the `tsc_setsockopt` of the TSC API). An
+    /// opted-in socket's datagrams to another tunnel take the relay until a peer tunnel with it
+    /// is up, then go straight to it, and back to the relay if that tunnel goes down. Without
+    /// peer tunneling in the [`TunnelConfig`](crate::TunnelConfig) it does nothing. The
+    /// default is the configuration's `default_opt_in` (false unless changed); it comes back
+    /// when the socket is dropped.
+    pub fn set_peer_tunneling(&self, enabled: bool) {
+        let mut core = lock(&self.shared.state);
+        core.client.set_peer_tunneling(self.port, enabled);
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
     /// who sent it. Blocks up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
@@ -140,7 +153,10 @@ impl InnerUdpSocket {
 
 impl Drop for InnerUdpSocket {
     fn drop(&mut self) {
-        lock(&self.shared.state).sockets.remove(&self.port);
+        let mut core = lock(&self.shared.state);
+        core.sockets.remove(&self.port);
+        let default = core.default_opt_in;
+        core.client.set_peer_tunneling(self.port, default);
     }
 }
 

@@ -1,9 +1,13 @@
 //! The tunnel client: a [`TunnelClient`] behind a mutex, its transports, and its inner sockets.
 //!
-//! Threads: a timer thread, a UDP thread on the client's one UDP socket (server tunnels over
-//! UDP now; NAT discovery and peer paths share it later, told apart by their first octet and
-//! source address), and one reader thread per stream transport while it is open. Envelopes are
-//! written by whichever thread drains the client, under its lock.
+//! Threads: a timer thread, a UDP thread on the client's one UDP socket, and one reader thread
+//! per stream transport while it is open. Envelopes are written by whichever thread drains the
+//! client, under its lock.
+//!
+//! The UDP socket carries the server tunnel when it runs over UDP, and is also the client's
+//! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
+//! peer tunnels. A datagram from the server's UDP endpoint that is not STUN goes to
+//! [`TunnelClient::handle_envelope`]; every other one to [`TunnelClient::handle_peer_datagram`].
 
 use std::collections::HashMap;
 use std::io;
@@ -16,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tscf_core::client::{
-    ClientConfig, ClientEvent, ClientState, ClientStats, ConfigError, Destination, ServerEndpoint,
-    TerminateReason, TunnelClient, TunnelInfo,
+    ClientConfig, ClientEvent, ClientState, ClientStats, ConfigError, Destination, PeerConfig,
+    PeerDownReason, PeerPath, PeerTunnelInfo, ServerEndpoint, TerminateReason, TunnelClient,
+    TunnelInfo,
 };
+use tscf_core::stun;
 use tscf_core::wire::{ResultCode, Transport};
 
 use crate::socket::{InnerUdpSocket, SocketQueue};
@@ -37,11 +43,22 @@ const RELEASE_WAIT: Duration = Duration::from_secs(1);
 const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
 
 /// What [`Tunnel::connect`] needs.
+///
+/// # Peer tunneling
+///
+/// Peer tunneling is on by default, as it is on the server: [`TunnelConfig::new`] sets
+/// `client.peer` to [`PeerConfig::new`] with no local address and, as STUN server, the first
+/// UDP server endpoint (none if no server is on UDP). [`Tunnel::connect`] fills in
+/// `local_addresses` when it is empty, from the tunnel's UDP socket: its bound address, or for
+/// an unspecified bind the local address the system routes to the first server from. Set
+/// `client.peer` to `None` to turn peer tunneling off, or change its fields (STUN servers,
+/// timers, `default_opt_in`). Even when it is on, only inner sockets opted in with
+/// [`InnerUdpSocket::set_peer_tunneling`] (or all, with `default_opt_in`) leave the relay.
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
     /// The client state machine's configuration: servers (tried in order), credential,
-    /// timers. Its `rng_seed` is replaced by one from the operating system unless
-    /// [`keep_seed`](Self::keep_seed) is set.
+    /// timers, peer tunneling. Its `rng_seed` is replaced by one from the operating system
+    /// unless [`keep_seed`](Self::keep_seed) is set.
     pub client: ClientConfig,
     /// Keep `client.rng_seed` as given.
     pub keep_seed: bool,
@@ -58,8 +75,16 @@ pub struct TunnelConfig {
 impl TunnelConfig {
     /// The defaults for these servers.
     pub fn new(servers: Vec<ServerEndpoint>) -> Self {
+        let stun_servers = servers
+            .iter()
+            .find(|s| s.transport == Transport::UDP)
+            .map(|s| s.addr)
+            .into_iter()
+            .collect();
+        let mut client = ClientConfig::new(servers);
+        client.peer = Some(PeerConfig::new(Vec::new(), stun_servers));
         Self {
-            client: ClientConfig::new(servers),
+            client,
             keep_seed: false,
             tls: None,
             connect_timeout: Duration::from_secs(10),
@@ -119,6 +144,22 @@ pub enum Notification {
         /// The transport failure, as text, when there was one.
         error: Option<String>,
     },
+    /// A peer tunnel is up: packets of opted-in sockets to `peer` now go straight to it.
+    PeerTunnelUp {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+        /// From the first opted-in packet (or the director's forwarded request) to up.
+        setup: Duration,
+    },
+    /// A peer tunnel went down, or its setup failed: packets to `peer` take the relay.
+    PeerTunnelDown {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// Why.
+        reason: PeerDownReason,
+    },
     /// The tunnel is finished. Always the last notification.
     Terminated {
         /// Why.
@@ -138,9 +179,11 @@ pub struct TunnelStats {
     pub not_udp: u64,
     /// Inner datagrams dropped because the socket's queue was full.
     pub socket_queue_full: u64,
-    /// Datagrams on the UDP socket that were not from the server tunnel (or STUN, which this
-    /// runtime does not use yet).
+    /// Datagrams on the UDP socket that were neither from the server tunnel nor for peer
+    /// tunneling (which is off).
     pub udp_dropped: u64,
+    /// Peer socket datagrams dropped by [`Tunnel::block_peer_traffic`], both directions.
+    pub peer_blocked: u64,
     /// Notifications dropped because nobody read them.
     pub notifications_dropped: u64,
 }
@@ -171,6 +214,14 @@ impl Tunnel {
         };
         let udp = Arc::new(UdpSocket::bind(udp_bind_addr(&config.client.servers))?);
         udp.set_read_timeout(Some(UDP_POLL))?;
+        let mut default_opt_in = false;
+        let peer_enabled = config.client.peer.is_some();
+        if let Some(peer) = &mut config.client.peer {
+            if peer.local_addresses.is_empty() {
+                peer.local_addresses = host_candidates(&udp, &config.client.servers)?;
+            }
+            default_opt_in = peer.default_opt_in;
+        }
         let client = TunnelClient::new(config.client.clone(), Instant::now())?;
         let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
         let shared = Arc::new_cyclic(|me| Shared {
@@ -180,6 +231,9 @@ impl Tunnel {
                 link: Link::None,
                 generation: 0,
                 udp: udp.clone(),
+                peer_enabled,
+                peer_blocked: false,
+                default_opt_in,
                 tls,
                 transport_timeout: config.transport_timeout,
                 sockets: HashMap::new(),
@@ -313,6 +367,33 @@ impl Tunnel {
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
+    /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
+    pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
+        lock(&self.shared.state).client.peer_path(peer)
+    }
+
+    /// Every peer the client holds peer tunneling state for.
+    pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
+        lock(&self.shared.state).client.peer_tunnels()
+    }
+
+    /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
+    /// [`TunnelClient::release_peer_tunnel`].
+    pub fn release_peer_tunnel(&self, peer: IpAddr) {
+        let mut core = lock(&self.shared.state);
+        core.client.release_peer_tunnel(Instant::now(), peer);
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
+    /// Test hook: while `blocked`, every datagram the peer socket would send or receive (STUN,
+    /// probes, peer tunnels) is dropped and counted in [`TunnelStats::peer_blocked`], as if a
+    /// firewall cut the direct path. The server tunnel is not affected.
+    #[doc(hidden)]
+    pub fn block_peer_traffic(&self, blocked: bool) {
+        lock(&self.shared.state).peer_blocked = blocked;
+    }
+
     /// Releases the tunnel (waiting briefly for the server's answer) and stops the threads.
     pub fn close(mut self) {
         self.stop();
@@ -367,6 +448,12 @@ pub(crate) struct ClientCore {
     /// Bumped whenever the transport changes, so that a stale reader thread stays quiet.
     generation: u64,
     udp: Arc<UdpSocket>,
+    /// Whether the client has peer tunneling on.
+    peer_enabled: bool,
+    /// Set by [`Tunnel::block_peer_traffic`].
+    peer_blocked: bool,
+    /// What an inner socket goes back to when it is dropped.
+    pub(crate) default_opt_in: bool,
     tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
     transport_timeout: Duration,
     pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
@@ -398,9 +485,14 @@ impl ClientCore {
         loop {
             let now = Instant::now();
             while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
-                // Peer paths will go out on `self.udp`.
-                if t.destination == Destination::Server {
-                    self.send_to_server();
+                match t.destination {
+                    Destination::Server => self.send_to_server(),
+                    Destination::Peer(_) if self.peer_blocked => self.stats.peer_blocked += 1,
+                    // Loss on a peer path is the core's to notice.
+                    Destination::Peer(to) => {
+                        let _ = self.udp.send_to(&self.buf, to);
+                    }
+                    _ => {}
                 }
             }
             let Some(event) = self.client.poll_event() else {
@@ -442,6 +534,12 @@ impl ClientCore {
                     result,
                     error,
                 }
+            }
+            ClientEvent::PeerTunnelUp {
+                peer, path, setup, ..
+            } => Notification::PeerTunnelUp { peer, path, setup },
+            ClientEvent::PeerTunnelDown { peer, reason } => {
+                Notification::PeerTunnelDown { peer, reason }
             }
             ClientEvent::Terminated { reason } => {
                 self.terminated = Some(reason);
@@ -650,7 +748,8 @@ fn open_stream(
     Ok(stream::split(sock, conn)?)
 }
 
-/// The UDP thread: envelopes from the server tunnel go to the client; the rest is counted.
+/// The UDP thread: envelopes from the server tunnel go to the client's server side, everything
+/// else to its peer side (STUN answers included); without peer tunneling the rest is counted.
 fn run_udp(shared: &Shared<ClientCore>, udp: &UdpSocket, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::SeqCst) {
@@ -659,15 +758,41 @@ fn run_udp(shared: &Shared<ClientCore>, udp: &UdpSocket, stop: &AtomicBool) {
         };
         let datagram = &buf[..n];
         let mut core = lock(&shared.state);
-        match (datagram.first(), &core.link) {
-            (Some(4 | 5), Link::Udp(server)) if *server == from => {
-                core.client.handle_envelope(Instant::now(), datagram);
-                core.drain();
-                shared.rearm(&mut core);
-            }
-            _ => core.stats.udp_dropped += 1,
+        let from_server = matches!(core.link, Link::Udp(server) if server == from);
+        let now = Instant::now();
+        if from_server && !stun::is_stun(datagram) {
+            core.client.handle_envelope(now, datagram);
+        } else if core.peer_blocked {
+            core.stats.peer_blocked += 1;
+            continue;
+        } else if core.peer_enabled {
+            core.client.handle_peer_datagram(now, from, datagram);
+        } else {
+            core.stats.udp_dropped += 1;
+            continue;
         }
+        core.drain();
+        shared.rearm(&mut core);
     }
+}
+
+/// The host candidates of the peer socket: its bound address, or when it is bound to the
+/// unspecified address, the local address the system would send to the first server from.
+fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Vec<SocketAddr>> {
+    let local = udp.local_addr()?;
+    if !local.ip().is_unspecified() {
+        return Ok(vec![local]);
+    }
+    let Some(server) = servers.first() else {
+        return Ok(Vec::new());
+    };
+    // Connecting a UDP socket sends nothing; it only picks the route and its source address.
+    let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+    probe.connect(server.addr)?;
+    Ok(vec![SocketAddr::new(
+        probe.local_addr()?.ip(),
+        local.port(),
+    )])
 }
 
 /// The client's UDP socket binds to loopback when the servers are on loopback, else to the
