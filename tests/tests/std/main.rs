@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod flow;
+mod peer;
 mod reattach;
 mod tls;
 mod util;

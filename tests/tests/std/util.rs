@@ -57,17 +57,25 @@ pub fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
 }
 
 /// Sends `count` datagrams of 160 octets (sequence number first) at 50 per second from `from`
-/// to `to`'s port 5004, and returns the sequence numbers `to` received, in order.
-pub fn rtp_flow(
+/// to `to`'s port 5004, and returns the sequence numbers `to` received, in order. `at_packet`
+/// runs on the calling thread before each packet is sent.
+pub fn rtp_flow(from: &Tunnel, to: &Tunnel, count: u32, at_packet: impl FnMut(u32)) -> Vec<u32> {
+    rtp_flow_opted(from, to, count, false, at_packet)
+}
+
+/// [`rtp_flow`] from a sending socket opted in to peer tunneling when `peer` is true.
+pub fn rtp_flow_opted(
     from: &Tunnel,
     to: &Tunnel,
     count: u32,
-    mut at_packet: impl FnMut(u32) + Send,
+    peer: bool,
+    mut at_packet: impl FnMut(u32),
 ) -> Vec<u32> {
     let rx = to.bind(5004).unwrap();
     rx.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let tx = from.bind(0).unwrap();
+    tx.set_peer_tunneling(peer);
     let dst = SocketAddr::new(to.internal_ipv4().unwrap().into(), 5004);
     thread::scope(|s| {
         let receiver = s.spawn(|| {

@@ -1,0 +1,169 @@
+//! Peer tunnels over real loopback sockets, per server transport: two clients' opted-in flow
+//! moves from the relay to a direct peer tunnel, and back to the relay when the direct path is
+//! cut; an opted-out flow never leaves the relay.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tscf_core::client::PeerPath;
+use tscf_core::wire::Transport;
+use tscf_runtime_std::{Notification, ServerHandle, Tunnel};
+
+use crate::util::{rtp_flow_opted, server, tunnel};
+
+/// 6 s of a 50 packet/s flow.
+const PACKETS: u32 = 300;
+/// Both sides report the peer tunnel up before this packet is sent (2 s into the flow).
+const UP_BY: u32 = 100;
+/// The direct path is cut just before this packet is sent (3.5 s into the flow).
+const CUT_AT: u32 = 175;
+/// The sender notices the cut within this: the silence timeout (1.5 s) and timer slack.
+const DOWN_WITHIN: Duration = Duration::from_secs(2);
+/// Packets lost at most in the gap: those sent on the dead path until the silence timeout
+/// (1.5 s at 50 packets/s is 75), and some slack.
+const MAX_LOST_IN_GAP: usize = 85;
+
+/// Notifications of one tunnel, with the time they were read.
+#[derive(Default)]
+struct Log(Vec<(Instant, Notification)>);
+
+impl Log {
+    fn read(&mut self, tunnel: &Tunnel) {
+        let now = Instant::now();
+        self.0
+            .extend(tunnel.notifications().try_iter().map(|n| (now, n)));
+    }
+
+    fn up(&self, peer: IpAddr) -> Option<(Instant, Duration)> {
+        self.0.iter().find_map(|(at, n)| match n {
+            Notification::PeerTunnelUp { peer: p, setup, .. } if *p == peer => Some((*at, *setup)),
+            _ => None,
+        })
+    }
+
+    fn down_after(&self, peer: IpAddr, since: Instant) -> Option<Instant> {
+        self.0.iter().find_map(|(at, n)| match n {
+            Notification::PeerTunnelDown { peer: p, .. } if *p == peer && *at >= since => Some(*at),
+            _ => None,
+        })
+    }
+}
+
+fn relayed(server: &ServerHandle) -> u64 {
+    server.stats().director.frames_relayed
+}
+
+fn switch_and_fall_back(transport: Transport) {
+    let server = server(|_| {});
+    let a = tunnel(&server, transport);
+    let b = tunnel(&server, transport);
+    let (ia, ib) = (
+        IpAddr::V4(a.internal_ipv4().unwrap()),
+        IpAddr::V4(b.internal_ipv4().unwrap()),
+    );
+    let (mut log_a, mut log_b) = (Log::default(), Log::default());
+    let mut relayed_when_up = 0;
+    let mut cut = None;
+    let started = Instant::now();
+    let got = rtp_flow_opted(&a, &b, PACKETS, true, |seq| {
+        log_a.read(&a);
+        log_b.read(&b);
+        if seq == UP_BY {
+            assert!(log_a.up(ib).is_some(), "{transport}: A's tunnel not up");
+            assert!(log_b.up(ia).is_some(), "{transport}: B's tunnel not up");
+            assert!(matches!(a.peer_path(ib), PeerPath::Peer(_)), "{transport}");
+            assert!(matches!(b.peer_path(ia), PeerPath::Peer(_)), "{transport}");
+            relayed_when_up = relayed(&server);
+        }
+        if seq == CUT_AT {
+            assert_eq!(
+                relayed(&server),
+                relayed_when_up,
+                "{transport}: frames relayed while the peer tunnel is up"
+            );
+            // Let the packet just sent arrive first: the cut comes between two packets.
+            std::thread::sleep(Duration::from_millis(5));
+            a.block_peer_traffic(true);
+            b.block_peer_traffic(true);
+            cut = Some(Instant::now());
+        }
+    });
+    let cut = cut.unwrap();
+    log_a.read(&a);
+    log_b.read(&b);
+
+    let (up_at, setup) = log_a.up(ib).unwrap();
+    eprintln!(
+        "{transport}: peer tunnel up {:?} into the flow (setup {setup:?}, B {:?})",
+        up_at - started,
+        log_b.up(ia).unwrap().1
+    );
+    let down_a = log_a
+        .down_after(ib, cut)
+        .expect("A's peer tunnel goes down");
+    assert!(log_b.down_after(ia, cut).is_some(), "{transport}: B's too");
+    eprintln!("{transport}: down {:?} after the cut", down_a - cut);
+    assert!(
+        down_a - cut <= DOWN_WITHIN,
+        "{transport}: {:?}",
+        down_a - cut
+    );
+    assert_eq!(a.peer_path(ib), PeerPath::Relay, "{transport}");
+
+    // In order and without duplicates; complete across the switch to the peer tunnel.
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{transport}: {got:?}");
+    let before_cut: Vec<u32> = got.iter().copied().filter(|&s| s < CUT_AT).collect();
+    assert_eq!(before_cut, (0..CUT_AT).collect::<Vec<_>>(), "{transport}");
+    // Back on the relay: the flow continues to the end, with a bounded gap.
+    assert_eq!(got.last(), Some(&(PACKETS - 1)), "{transport}: {got:?}");
+    let lost = PACKETS as usize - got.len();
+    eprintln!("{transport}: {lost} packets lost in the gap");
+    assert!(lost <= MAX_LOST_IN_GAP, "{transport}: {lost} lost");
+    let after = relayed(&server) - relayed_when_up;
+    assert!(
+        after >= u64::from(PACKETS - CUT_AT) - MAX_LOST_IN_GAP as u64,
+        "{transport}: {after} frames relayed after the cut"
+    );
+    assert!(b.stats().peer_blocked > 0 && a.stats().peer_blocked > 0);
+    a.close();
+    b.close();
+    server.shutdown();
+}
+
+#[test]
+fn tcp_flow_switches_to_peer_tunnel_and_back() {
+    switch_and_fall_back(Transport::TCP);
+}
+
+#[test]
+fn tls_flow_switches_to_peer_tunnel_and_back() {
+    switch_and_fall_back(Transport::TLS);
+}
+
+#[test]
+fn udp_flow_switches_to_peer_tunnel_and_back() {
+    switch_and_fall_back(Transport::UDP);
+}
+
+#[test]
+fn opted_out_flow_stays_on_the_relay() {
+    const COUNT: u32 = 100;
+    let server = server(|_| {});
+    let a = tunnel(&server, Transport::UDP);
+    let b = tunnel(&server, Transport::UDP);
+    let ib = IpAddr::V4(b.internal_ipv4().unwrap());
+    let got = rtp_flow_opted(&a, &b, COUNT, false, |_| {
+        assert_eq!(a.peer_path(ib), PeerPath::Relay);
+    });
+    assert_eq!(got, (0..COUNT).collect::<Vec<_>>());
+    assert!(relayed(&server) >= u64::from(COUNT));
+    assert!(a.peer_tunnels().is_empty(), "{:?}", a.peer_tunnels());
+    let notes: Vec<Notification> = a.notifications().try_iter().collect();
+    assert!(
+        !notes
+            .iter()
+            .any(|n| matches!(n, Notification::PeerTunnelUp { .. })),
+        "{notes:?}"
+    );
+    assert_eq!(a.stats().client.peer.requests_sent, 0);
+}
