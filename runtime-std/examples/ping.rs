@@ -1,32 +1,47 @@
 //! Pings one tunnel from another through a server on loopback and prints the round-trip time
-//! and the path of each echo reply.
+//! and the path of each echo request and reply: the relay through the server first, then the
+//! direct peer tunnel once the two clients have set it up (both sockets are opted in).
 //!
 //! `cargo run -p tscf-runtime-std --example ping [tcp|tls|udp] [count]`
 
 use std::error::Error;
 use std::fmt;
-use std::net::SocketAddr;
-use std::thread;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tscf_runtime_std::core::client::ServerEndpoint;
+use tscf_runtime_std::core::client::{PeerPath, ServerEndpoint};
 use tscf_runtime_std::core::wire::Transport;
 use tscf_runtime_std::{
-    ClientTlsConfig, Server, ServerConfig, ServerIdentity, ServerTlsConfig, Tunnel, TunnelConfig,
+    ClientTlsConfig, Notification, Server, ServerConfig, ServerIdentity, ServerTlsConfig, Tunnel,
+    TunnelConfig,
 };
 
 const ECHO_PORT: u16 = 7;
+/// Between two pings.
+const INTERVAL: Duration = Duration::from_millis(200);
 
-/// The way a reply came. Only the relay exists for now; a direct peer path will be another.
-#[derive(Clone, Copy, Debug)]
+/// The way a datagram went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Relay(Transport),
+    Peer,
+}
+
+impl Path {
+    /// The path `tunnel` sends to `peer` on now.
+    fn of(tunnel: &Tunnel, peer: IpAddr, transport: Transport) -> Self {
+        match tunnel.peer_path(peer) {
+            PeerPath::Peer(_) => Self::Peer,
+            _ => Self::Relay(transport),
+        }
+    }
 }
 
 impl fmt::Display for Path {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Relay(t) => write!(f, "relay via server ({t})"),
+            Self::Peer => f.write_str("peer tunnel"),
         }
     }
 }
@@ -62,41 +77,70 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.tls = server.tls_fingerprint().map(ClientTlsConfig::pinned);
 
     let responder = Tunnel::connect(config.clone())?;
+    let pinger = Tunnel::connect(config)?;
     let target = SocketAddr::new(
         responder.internal_ipv4().ok_or("no address")?.into(),
         ECHO_PORT,
     );
     let echo = responder.bind(ECHO_PORT)?;
-    echo.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let echoer = thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
-
-    let pinger = Tunnel::connect(config)?;
+    echo.set_peer_tunneling(true);
+    echo.set_read_timeout(Some(Duration::from_secs(1)))?;
     let socket = pinger.bind(0)?;
+    socket.set_peer_tunneling(true);
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-    println!("PING {target} from {}", socket.local_addr()?);
+    let me = socket.local_addr()?;
+    println!("PING {target} from {me} (server over {transport})");
+
+    // Both ends run on this thread, so that the path of each send can be read just before it.
     let mut buf = [0u8; 1500];
     for seq in 0..count {
+        print_peer_notifications(&pinger);
         let sent = Instant::now();
+        let out = Path::of(&pinger, target.ip(), transport);
         socket.send_to(&seq.to_be_bytes(), target)?;
+        let back = match echo.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let back = Path::of(&responder, from.ip(), transport);
+                echo.send_to(&buf[..n], from)?;
+                back
+            }
+            Err(e) => {
+                println!("seq={seq}: request lost: {e}");
+                continue;
+            }
+        };
         match socket.recv_from(&mut buf) {
-            Ok((n, from)) if n == 4 && buf[..4] == seq.to_be_bytes() => {
+            Ok((4, from)) if buf[..4] == seq.to_be_bytes() => {
                 let rtt = sent.elapsed();
-                let path = Path::Relay(transport);
-                println!("reply from {from}: seq={seq} time={rtt:.2?} path={path}");
+                if out == back {
+                    println!("reply from {from}: seq={seq} time={rtt:.2?} path={out}");
+                } else {
+                    println!("reply from {from}: seq={seq} time={rtt:.2?} out={out} back={back}");
+                }
             }
             Ok(_) => println!("seq={seq}: unexpected reply"),
             Err(e) => println!("seq={seq}: {e}"),
         }
-        thread::sleep(Duration::from_millis(200));
+        print_peer_notifications(&pinger);
+        std::thread::sleep(INTERVAL);
     }
+    drop((socket, echo));
     pinger.close();
     responder.close();
-    let _ = echoer.join();
     server.shutdown();
     Ok(())
+}
+
+fn print_peer_notifications(tunnel: &Tunnel) {
+    for note in tunnel.notifications().try_iter() {
+        match note {
+            Notification::PeerTunnelUp { peer, path, setup } => {
+                println!("peer tunnel to {peer} up, direct to {path} (set up in {setup:.2?})");
+            }
+            Notification::PeerTunnelDown { peer, reason } => {
+                println!("peer tunnel to {peer} down: {reason:?}");
+            }
+            _ => {}
+        }
+    }
 }
