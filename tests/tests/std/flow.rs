@@ -1,38 +1,50 @@
 //! Per transport: server and two clients, configuration, relay, and a 50 packet/s flow.
 
+use std::thread;
+
 use tscf_core::client::ClientState;
+use tscf_core::wire::Transport;
 
 use crate::util::{rtp_flow, server, tunnel, TRANSPORTS};
 
-/// 2 s of a 50 packet/s flow per transport (the 5 s version passes too; 2 s keeps the suite
-/// fast).
-const PACKETS: u32 = 100;
+/// 5 s of a 50 packet/s flow per transport; the transports run in parallel.
+const PACKETS: u32 = 250;
+
+fn configuration_relay_and_flow(transport: Transport) {
+    let server = server(|_| {});
+    let a = tunnel(&server, transport);
+    let b = tunnel(&server, transport);
+    assert_eq!(a.state(), ClientState::Connected);
+    let (ia, ib) = (a.internal_ipv4().unwrap(), b.internal_ipv4().unwrap());
+    assert_ne!(ia, ib, "{transport}: distinct internal addresses");
+    assert_ne!(a.tunnel_id(), b.tunnel_id());
+    let observed = a.observed_address().expect("observed address");
+    assert!(observed.ip().is_loopback(), "{transport}: {observed}");
+    let info = a.info().unwrap();
+    assert_eq!(info.server.transport, transport);
+
+    let got = rtp_flow(&a, &b, PACKETS, |_| {});
+    let expected: Vec<u32> = (0..PACKETS).collect();
+    assert_eq!(got, expected, "{transport}: complete and in order");
+    let stats = server.stats();
+    assert_eq!(stats.director.active_tunnels, 2, "{transport}");
+    assert!(stats.director.frames_relayed >= u64::from(PACKETS));
+    a.close();
+    b.close();
+    server.shutdown();
+}
 
 #[test]
 fn configuration_relay_and_flow_on_every_transport() {
-    for transport in TRANSPORTS {
-        let server = server(|_| {});
-        let a = tunnel(&server, transport);
-        let b = tunnel(&server, transport);
-        assert_eq!(a.state(), ClientState::Connected);
-        let (ia, ib) = (a.internal_ipv4().unwrap(), b.internal_ipv4().unwrap());
-        assert_ne!(ia, ib, "{transport}: distinct internal addresses");
-        assert_ne!(a.tunnel_id(), b.tunnel_id());
-        let observed = a.observed_address().expect("observed address");
-        assert!(observed.ip().is_loopback(), "{transport}: {observed}");
-        let info = a.info().unwrap();
-        assert_eq!(info.server.transport, transport);
-
-        let got = rtp_flow(&a, &b, PACKETS, |_| {});
-        let expected: Vec<u32> = (0..PACKETS).collect();
-        assert_eq!(got, expected, "{transport}: complete and in order");
-        let stats = server.stats();
-        assert_eq!(stats.director.active_tunnels, 2, "{transport}");
-        assert!(stats.director.frames_relayed >= u64::from(PACKETS));
-        a.close();
-        b.close();
-        server.shutdown();
-    }
+    thread::scope(|s| {
+        let runs: Vec<_> = TRANSPORTS
+            .into_iter()
+            .map(|t| s.spawn(move || configuration_relay_and_flow(t)))
+            .collect();
+        for run in runs {
+            run.join().unwrap();
+        }
+    });
 }
 
 #[test]
