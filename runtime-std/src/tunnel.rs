@@ -144,6 +144,13 @@ pub enum Notification {
         /// The transport failure, as text, when there was one.
         error: Option<String>,
     },
+    /// NAT discovery of the peer socket finished (with the STUN servers of the configuration).
+    NatDiscovered {
+        /// The peer socket's address as a STUN server saw it, if one answered.
+        public: Option<SocketAddr>,
+        /// Whether the NAT maps per destination; `None` when fewer than two servers answered.
+        varies_by_destination: Option<bool>,
+    },
     /// A peer tunnel is up: packets of opted-in sockets to `peer` now go straight to it.
     PeerTunnelUp {
         /// The peer's internal address.
@@ -535,6 +542,13 @@ impl ClientCore {
                     error,
                 }
             }
+            ClientEvent::NatDiscovered {
+                public,
+                varies_by_destination,
+            } => Notification::NatDiscovered {
+                public,
+                varies_by_destination,
+            },
             ClientEvent::PeerTunnelUp {
                 peer, path, setup, ..
             } => Notification::PeerTunnelUp { peer, path, setup },

@@ -124,6 +124,15 @@ fn switch_and_fall_back(transport: Transport) {
         after >= u64::from(PACKETS - CUT_AT) - MAX_LOST_IN_GAP as u64,
         "{transport}: {after} frames relayed after the cut"
     );
+    let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
+    assert!(
+        pa.data_sent >= u64::from(CUT_AT - UP_BY),
+        "{transport}: {pa:?}"
+    );
+    assert!(
+        pb.data_received >= u64::from(CUT_AT - UP_BY),
+        "{transport}: {pb:?}"
+    );
     assert!(b.stats().peer_blocked > 0 && a.stats().peer_blocked > 0);
     a.close();
     b.close();
@@ -166,4 +175,23 @@ fn opted_out_flow_stays_on_the_relay() {
         "{notes:?}"
     );
     assert_eq!(a.stats().client.peer.requests_sent, 0);
+}
+
+#[test]
+fn udp_tunnel_discovers_its_address_with_the_servers_stun() {
+    let server = server(|_| {});
+    let a = tunnel(&server, Transport::UDP);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let public = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match a.notifications().recv_timeout(left) {
+            Ok(Notification::NatDiscovered { public, .. }) => break public,
+            Ok(_) => {}
+            Err(e) => panic!("no NAT discovery: {e}"),
+        }
+    };
+    // The same socket carries the server tunnel, so STUN sees what the director saw.
+    assert_eq!(public, a.observed_address());
+    assert!(server.stats().runtime.stun_answered >= 1);
+    assert_eq!(a.stats().client.peer.dropped_stun, 0);
 }
