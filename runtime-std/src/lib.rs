@@ -105,17 +105,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// 32 octets from the operating system's secure source.
-pub(crate) fn os_seed() -> [u8; 32] {
+/// 32 octets from the operating system's secure source. There is no fallback: tunnel ids,
+/// re-attach secrets and peer tokens drawn from a guessable seed would let anyone hijack a
+/// tunnel, so without a secure source nothing starts.
+pub(crate) fn os_seed() -> std::io::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
-    if getrandom::fill(&mut seed).is_err() {
-        // No secure source: fall back to the clock, and say so.
-        tracing::warn!("no OS randomness; seeding from the clock");
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        seed[..16].copy_from_slice(&t.to_le_bytes());
-    }
-    seed
+    getrandom::fill(&mut seed).map_err(|e| {
+        std::io::Error::other(format!("no secure randomness from the operating system: {e}"))
+    })?;
+    Ok(seed)
 }

@@ -101,6 +101,9 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    /// The operating system gave no secure randomness for tunnel ids and secrets.
+    #[error("{0}")]
+    Randomness(io::Error),
 }
 
 /// The addresses the server listens on (ports resolved).
@@ -171,7 +174,7 @@ impl Server {
         config.director.validate()?;
         config.director.check_listeners(&all)?;
         if !config.keep_seed {
-            config.director.rng_seed = os_seed();
+            config.director.rng_seed = os_seed().map_err(StartError::Randomness)?;
         }
         let (tls_server, fingerprint) = match (&config.tls_config, config.tls.is_empty()) {
             (Some(t), _) => {

@@ -210,7 +210,7 @@ impl Tunnel {
     /// transport to try next.
     pub fn connect(mut config: TunnelConfig) -> Result<Self, ConnectError> {
         if !config.keep_seed {
-            let seed = os_seed();
+            let seed = os_seed()?;
             let mut first = [0u8; 8];
             first.copy_from_slice(&seed[..8]);
             config.client.rng_seed = u64::from_le_bytes(first);
