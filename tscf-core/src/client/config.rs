@@ -188,6 +188,13 @@ pub enum ConfigError {
     /// More than [`PeerConfig::MAX_STUN_SERVERS`] STUN servers.
     #[error("{0} STUN servers, at most {max} allowed", max = PeerConfig::MAX_STUN_SERVERS)]
     PeerStunServers(usize),
+    /// More than [`PeerConfig::MAX_STREAM_LISTENERS`] peer stream listeners, one whose
+    /// transport is neither TCP nor TLS or whose port is 0, or a TLS one without
+    /// [`PeerConfig::certificate_fingerprint`].
+    #[error(
+        "peer stream listeners: at most 2, TCP or TLS (with a certificate fingerprint), port != 0"
+    )]
+    PeerStreamListeners,
     /// A peer timer is zero or above an hour, or the retry backoff's maximum is below its start.
     #[error("peer timers must be above zero and at most 1 h, backoff start <= max")]
     PeerTimers,

@@ -75,6 +75,31 @@ pub enum ClientEvent {
         /// Why.
         reason: PeerDownReason,
     },
+    /// Open a peer stream to `addr` (TCP, or TLS verifying that the server certificate's
+    /// SHA-256 is `fingerprint`), then report it with
+    /// [`handle_peer_stream_open`](super::TunnelClient::handle_peer_stream_open) or
+    /// [`handle_peer_stream_failed`](super::TunnelClient::handle_peer_stream_failed), feed its
+    /// envelopes to [`handle_peer_stream_envelope`](super::TunnelClient::handle_peer_stream_envelope)
+    /// and its end to [`handle_peer_stream_lost`](super::TunnelClient::handle_peer_stream_lost).
+    OpenPeerStream {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// The id of the new stream.
+        stream: PeerStreamId,
+        /// Where to connect.
+        addr: SocketAddr,
+        /// [`Transport::TCP`](crate::wire::Transport::TCP) or
+        /// [`Transport::TLS`](crate::wire::Transport::TLS).
+        transport: crate::wire::Transport,
+        /// The pinned certificate fingerprint (TLS).
+        fingerprint: Option<[u8; 32]>,
+    },
+    /// Close this peer stream (opened or accepted) and forget it; nothing more is reported
+    /// about it.
+    ClosePeerStream {
+        /// The stream.
+        stream: PeerStreamId,
+    },
     /// The client is finished; nothing more happens. Always the last event.
     Terminated {
         /// Why.
@@ -141,6 +166,20 @@ pub enum Destination {
     Server,
     /// From the peer UDP socket to this address: STUN requests and peer tunnel traffic.
     Peer(SocketAddr),
+    /// On this peer stream, as one whole envelope (`docs/PROTOCOL.md` §7.7).
+    PeerStream(PeerStreamId),
+}
+
+/// A peer stream (TCP or TLS, `docs/PROTOCOL.md` §7.7). Ids of streams the client asks to open
+/// ([`ClientEvent::OpenPeerStream`]) have the top bit set; the runtime picks the ids of the
+/// streams it accepts ([`TunnelClient::handle_peer_stream_accepted`](super::TunnelClient::handle_peer_stream_accepted))
+/// with the top bit clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerStreamId(pub u64);
+
+impl PeerStreamId {
+    /// The bit that marks ids the client chose.
+    pub const CLIENT_CHOSEN: u64 = 1 << 63;
 }
 
 /// The client's life cycle, as seen from outside.

@@ -35,8 +35,8 @@ use crate::wire::{
 
 pub use config::{ClientConfig, ConfigError, ServerEndpoint};
 pub use event::{
-    ClientEvent, ClientState, ClientStats, Destination, SendError, TerminateReason, Transmit,
-    TunnelInfo,
+    ClientEvent, ClientState, ClientStats, Destination, PeerStreamId, SendError, TerminateReason,
+    Transmit, TunnelInfo,
 };
 pub use peer::{PeerConfig, PeerDownReason, PeerPath, PeerStats, PeerTunnelInfo, PeerTunnelState};
 

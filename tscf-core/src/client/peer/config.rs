@@ -4,6 +4,7 @@ use core::net::SocketAddr;
 use core::time::Duration;
 
 use super::super::ConfigError;
+use crate::wire::Transport;
 
 /// Peer tunneling settings (`docs/PROTOCOL.md` §7). Present in
 /// [`ClientConfig::peer`](super::super::ClientConfig::peer) to turn peer tunneling on; the
@@ -47,6 +48,18 @@ pub struct PeerConfig {
     /// (default false: the tunnel goes with it, as `docs/PROTOCOL.md` §7.6 says). A policy for
     /// deployments that value an established call over the director's view of the peer.
     pub keep_on_peer_server_tunnel_loss: bool,
+    /// Listeners of the runtime for peer streams (`docs/PROTOCOL.md` §7.7): announced as host
+    /// candidates with transport TCP or TLS (at most
+    /// [`MAX_STREAM_LISTENERS`](Self::MAX_STREAM_LISTENERS); default none). The runtime fills
+    /// them in and reports accepted streams with
+    /// [`handle_peer_stream_accepted`](super::super::TunnelClient::handle_peer_stream_accepted).
+    pub stream_listeners: Vec<(Transport, SocketAddr)>,
+    /// SHA-256 of the certificate the runtime's TLS peer stream listener presents, sent as the
+    /// Certificate Fingerprint TLV; required with a TLS listener.
+    pub certificate_fingerprint: Option<[u8; 32]>,
+    /// How long the initiator probes UDP candidates without an answer before it opens a
+    /// stream to one of the peer's TCP or TLS candidates (default 500 ms).
+    pub stream_fallback_delay: Duration,
     /// Peers with state at most (default 32, at most [`MAX_PEERS_LIMIT`](Self::MAX_PEERS_LIMIT));
     /// beyond, the one idle longest is forgotten.
     pub max_peers: usize,
@@ -59,6 +72,8 @@ impl PeerConfig {
     pub const MAX_PEERS_LIMIT: usize = 1024;
     /// Most STUN servers.
     pub const MAX_STUN_SERVERS: usize = 8;
+    /// Most peer stream listeners.
+    pub const MAX_STREAM_LISTENERS: usize = 2;
 
     /// The defaults for a peer socket bound at `local_addresses`, asking `stun_servers`.
     pub fn new(local_addresses: Vec<SocketAddr>, stun_servers: Vec<SocketAddr>) -> Self {
@@ -75,6 +90,9 @@ impl PeerConfig {
             silence_timeout: Duration::from_millis(1500),
             retry_backoff: (Duration::from_secs(2), Duration::from_secs(60)),
             keep_on_peer_server_tunnel_loss: false,
+            stream_listeners: Vec::new(),
+            certificate_fingerprint: None,
+            stream_fallback_delay: Duration::from_millis(500),
             max_peers: 32,
         }
     }
@@ -96,11 +114,21 @@ impl PeerConfig {
             self.discovery_timeout,
             self.keepalive_interval,
             self.silence_timeout,
+            self.stream_fallback_delay,
             initial,
             max,
         ];
         if !timers.into_iter().all(timer) || max < initial {
             return Err(ConfigError::PeerTimers);
+        }
+        let listeners_ok = self.stream_listeners.len() <= Self::MAX_STREAM_LISTENERS
+            && self.stream_listeners.iter().all(|(t, a)| {
+                a.port() != 0
+                    && (*t == Transport::TCP
+                        || (*t == Transport::TLS && self.certificate_fingerprint.is_some()))
+            });
+        if !listeners_ok {
+            return Err(ConfigError::PeerStreamListeners);
         }
         if !(1..=Self::MAX_PEERS_LIMIT).contains(&self.max_peers) {
             return Err(ConfigError::PeerMaxPeers(self.max_peers));

@@ -16,6 +16,7 @@
 mod config;
 mod path;
 mod service;
+mod stream;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,9 +28,10 @@ use rand_core::SeedableRng;
 
 pub use config::PeerConfig;
 
+use super::event::PeerStreamId;
 use super::queue::{BufferPool, PacketQueue};
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
-use crate::wire::{InnerPacket, ResultCode};
+use crate::wire::{InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
 
 /// Outstanding Client Service Requests of the agent, at most (§6.3).
@@ -43,6 +45,18 @@ const MAX_PEER_OUT: usize = 512;
 const MAX_OPT_SETTINGS: usize = 4096;
 /// Retransmission interval of the Configuration Request on a peer path.
 const NOMINATION_RTO: Duration = Duration::from_millis(250);
+/// Peer streams per peer at most: stream candidates tried in one negotiation, and streams
+/// held for one peer.
+const MAX_STREAMS_PER_PEER: usize = 4;
+/// Accepted peer streams not yet identified by a valid Configuration Request, at most.
+const MAX_PENDING_STREAMS: usize = 16;
+
+/// The way to a peer: its UDP address, or a peer stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Via {
+    Udp(SocketAddr),
+    Stream(PeerStreamId),
+}
 
 /// Where packets to a peer go now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +66,13 @@ pub enum PeerPath {
     Relay,
     /// Over the peer tunnel, to this address.
     Peer(SocketAddr),
+    /// Over the peer tunnel on a peer stream (TCP or TLS) with this remote address.
+    Stream {
+        /// The stream.
+        stream: PeerStreamId,
+        /// Its remote address.
+        addr: SocketAddr,
+    },
 }
 
 /// The state of a peer tunnel, as [`TunnelClient::peer_tunnels`] reports it.
@@ -81,6 +102,8 @@ pub struct PeerTunnelInfo {
     pub peer: IpAddr,
     /// The direct path's remote address, once chosen.
     pub path: Option<SocketAddr>,
+    /// The peer stream the path runs on, if it is not UDP.
+    pub stream: Option<PeerStreamId>,
     /// Where the tunnel is.
     pub state: PeerTunnelState,
     /// Time from the first opted-in packet (or the forwarded request) to Up, once up.
@@ -109,6 +132,8 @@ pub enum PeerDownReason {
     /// The director introduced the pair again with new credentials; the new negotiation
     /// replaces this tunnel.
     Replaced,
+    /// The peer stream the tunnel ran on was closed or broke.
+    StreamLost,
 }
 
 /// Peer tunneling counters of a client, in [`ClientStats::peer`](super::ClientStats::peer).
@@ -165,6 +190,19 @@ pub struct PeerStats {
     pub dropped_receive_queue_full: u64,
     /// Dropped: peer socket input while peer tunneling is off.
     pub dropped_disabled: u64,
+    /// Peer streams asked for ([`ClientEvent::OpenPeerStream`]).
+    pub streams_opened: u64,
+    /// Peer streams that could not be opened.
+    pub stream_failures: u64,
+    /// Peer streams accepted and kept (until identified or closed).
+    pub streams_accepted: u64,
+    /// Accepted peer streams closed at once: too many pending, or a bad id.
+    pub streams_refused: u64,
+    /// Accepted peer streams closed because nothing valid came within the establishment
+    /// timeout.
+    pub streams_idle_closed: u64,
+    /// Dropped: an envelope on a peer stream the agent does not hold.
+    pub dropped_unknown_stream: u64,
 }
 
 /// What the agent borrows from the client for one call.
@@ -232,6 +270,16 @@ struct Peer {
     token: Option<[u8; 16]>,
     candidates: ArrayVec<SocketAddr, MAX_REMOTE_CANDIDATES>,
     path: Option<SocketAddr>,
+    /// The peer stream the path runs on, when it is not UDP.
+    stream: Option<PeerStreamId>,
+    /// The peer's TCP and TLS candidates (initiator).
+    stream_candidates: ArrayVec<(Transport, SocketAddr), MAX_STREAMS_PER_PEER>,
+    /// The peer's certificate fingerprint, from the director's Peer Credentials.
+    fingerprint: Option<[u8; 32]>,
+    /// Stream candidates tried in this negotiation.
+    streams_tried: usize,
+    /// Initiator: when to try the next stream candidate.
+    next_stream_at: Option<Instant>,
     tunnel_id: u64,
     /// Start of the current setup.
     started: Instant,
@@ -263,6 +311,11 @@ impl Peer {
             token: None,
             candidates: ArrayVec::new(),
             path: None,
+            stream: None,
+            stream_candidates: ArrayVec::new(),
+            fingerprint: None,
+            streams_tried: 0,
+            next_stream_at: None,
             tunnel_id: 0,
             started: now,
             setup: None,
@@ -285,6 +338,11 @@ impl Peer {
         self.token = None;
         self.candidates.clear();
         self.path = None;
+        self.stream = None;
+        self.stream_candidates.clear();
+        self.fingerprint = None;
+        self.streams_tried = 0;
+        self.next_stream_at = None;
         self.tunnel_id = 0;
         self.deadline = None;
         self.next_probe = None;
@@ -293,6 +351,14 @@ impl Peer {
         self.answer = None;
         self.next_keepalive = None;
         self.request = None;
+    }
+
+    /// The way to the peer on the current path.
+    fn route(&self) -> Option<Via> {
+        match self.stream {
+            Some(id) => Some(Via::Stream(id)),
+            None => self.path.map(Via::Udp),
+        }
     }
 
     fn in_setup(&self) -> bool {
@@ -306,6 +372,7 @@ impl Peer {
             self.next_probe,
             self.next_nomination,
             self.next_keepalive,
+            self.next_stream_at,
             silence_at,
         ]
         .into_iter()
@@ -325,7 +392,11 @@ pub(in crate::client) struct PeerAgent {
     srflx: Option<SocketAddr>,
     requests: ArrayVec<ServiceRequest, MAX_SERVICE_REQUESTS>,
     peers: Vec<Peer>,
-    out: VecDeque<(SocketAddr, Vec<u8>)>,
+    out: VecDeque<(Via, Vec<u8>)>,
+    /// Peer streams opened or accepted.
+    streams: Vec<stream::StreamSlot>,
+    /// Counter for the ids of the streams we open.
+    next_stream: u64,
 }
 
 impl PeerAgent {
@@ -339,6 +410,8 @@ impl PeerAgent {
             requests: ArrayVec::new(),
             peers: Vec::new(),
             out: VecDeque::new(),
+            streams: Vec::new(),
+            next_stream: 0,
         }
     }
 
@@ -424,7 +497,7 @@ impl PeerAgent {
         p.last_used = cx.now;
         match p.phase {
             Phase::Up => {
-                let Some(path) = p.path else {
+                let Some(path) = p.route() else {
                     return false;
                 };
                 self.queue_data(cx, path, packet.as_bytes())
@@ -453,13 +526,29 @@ impl PeerAgent {
         }
     }
 
-    /// The tunnel with peer `i` is up on `path`.
-    fn up(&mut self, cx: &mut Cx<'_>, i: usize, path: SocketAddr, tunnel_id: u64) {
+    /// Points peer `i`'s path at `via`.
+    fn set_route(&mut self, i: usize, via: Via) {
+        let (path, stream) = match via {
+            Via::Udp(addr) => (Some(addr), None),
+            Via::Stream(id) => (self.stream_remote(id), Some(id)),
+        };
+        let p = &mut self.peers[i];
+        p.path = path;
+        p.stream = stream;
+    }
+
+    /// The tunnel with peer `i` is up on `via`.
+    fn up(&mut self, cx: &mut Cx<'_>, i: usize, via: Via, tunnel_id: u64) {
         let keepalive = self.config.keepalive_interval;
         let initial_backoff = self.config.retry_backoff.0;
+        self.set_route(i, via);
+        let (addr, keep) = (self.peers[i].addr, self.peers[i].stream);
+        // Other streams to the peer are not needed any more.
+        self.close_streams(cx, addr, keep);
         let p = &mut self.peers[i];
+        let path = p.path.unwrap_or(SocketAddr::new(addr, 0));
         p.phase = Phase::Up;
-        p.path = Some(path);
+        p.next_stream_at = None;
         p.tunnel_id = tunnel_id;
         p.deadline = None;
         p.next_probe = None;
@@ -482,6 +571,8 @@ impl PeerAgent {
     /// Peer `i` is back on the relay; a new attempt may follow the backoff.
     fn down(&mut self, cx: &mut Cx<'_>, i: usize, reason: PeerDownReason) {
         let max = self.config.retry_backoff.1;
+        let addr = self.peers[i].addr;
+        self.close_streams(cx, addr, None);
         let p = &mut self.peers[i];
         let request = p.request;
         p.reset();
@@ -506,6 +597,9 @@ impl PeerAgent {
             }
         }
         self.requests.clear();
+        for s in std::mem::take(&mut self.streams) {
+            cx.event(ClientEvent::ClosePeerStream { stream: s.id });
+        }
         for (_, buf) in self.out.drain(..) {
             cx.pool.give(buf);
         }
@@ -519,8 +613,10 @@ impl PeerAgent {
             .requests
             .iter()
             .filter_map(ServiceRequest::next_deadline);
+        let streams = self.streams.iter().filter_map(|s| s.deadline);
         peers
             .chain(requests)
+            .chain(streams)
             .chain(self.discovery.poll_timeout())
             .min()
     }
@@ -529,20 +625,26 @@ impl PeerAgent {
         self.discovery_timeout(cx);
         self.requests_timeout(cx);
         self.peers_timeout(cx);
+        self.streams_timeout(cx);
     }
 
-    /// The next datagram for the peer socket.
-    fn poll_transmit(&mut self, cx: &mut Cx<'_>, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+    /// The next envelope for the peer socket or a peer stream.
+    fn poll_transmit(&mut self, cx: &mut Cx<'_>, buf: &mut Vec<u8>) -> Option<Destination> {
         if let Some((to, bytes)) = self.out.pop_front() {
             buf.extend_from_slice(&bytes);
             cx.pool.give(bytes);
-            return Some(to);
+            return Some(match to {
+                Via::Udp(addr) => Destination::Peer(addr),
+                Via::Stream(id) => Destination::PeerStream(id),
+            });
         }
-        self.discovery.poll_transmit(cx.now, buf)
+        self.discovery
+            .poll_transmit(cx.now, buf)
+            .map(Destination::Peer)
     }
 
-    /// Queues a control envelope for the peer socket.
-    fn queue_control(&mut self, cx: &mut Cx<'_>, to: SocketAddr, bytes: &[u8]) {
+    /// Queues a control envelope for the peer socket or a peer stream.
+    fn queue_control(&mut self, cx: &mut Cx<'_>, to: Via, bytes: &[u8]) {
         if self.out.len() >= MAX_PEER_OUT {
             cx.stats.peer.dropped_queue_full += 1;
             return;
@@ -553,7 +655,7 @@ impl PeerAgent {
     }
 
     /// Queues a data envelope for the peer path; false when the queue is full.
-    fn queue_data(&mut self, cx: &mut Cx<'_>, to: SocketAddr, packet: &[u8]) -> bool {
+    fn queue_data(&mut self, cx: &mut Cx<'_>, to: Via, packet: &[u8]) -> bool {
         let Ok(header) =
             crate::wire::Envelope::header_bytes(crate::wire::EnvelopeType::DATA, packet.len())
         else {
@@ -577,6 +679,7 @@ impl PeerAgent {
             .map(|p| PeerTunnelInfo {
                 peer: p.addr,
                 path: p.path,
+                stream: p.stream,
                 state: match p.phase {
                     Phase::Discovering => PeerTunnelState::Discovering,
                     Phase::Requesting => PeerTunnelState::Requesting,
@@ -619,6 +722,69 @@ impl TunnelClient {
         agent.handle_datagram(&mut cx, from, datagram);
     }
 
+    /// The peer stream asked for with [`ClientEvent::OpenPeerStream`] is connected (for TLS,
+    /// its handshake done with the pinned fingerprint verified).
+    pub fn handle_peer_stream_open(&mut self, now: Instant, stream: PeerStreamId) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.stream_open(&mut cx, stream);
+        }
+    }
+
+    /// The peer stream asked for with [`ClientEvent::OpenPeerStream`] could not be opened
+    /// (refused, timed out, or a TLS certificate that does not match the fingerprint).
+    pub fn handle_peer_stream_failed(&mut self, now: Instant, stream: PeerStreamId) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.stream_gone(&mut cx, stream, true);
+        }
+    }
+
+    /// An open peer stream (opened or accepted) ended or broke.
+    pub fn handle_peer_stream_lost(&mut self, now: Instant, stream: PeerStreamId) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.stream_gone(&mut cx, stream, false);
+        }
+    }
+
+    /// The runtime's peer stream listener accepted a stream (for TLS, after its handshake)
+    /// from `remote`, and named it `stream` (top bit clear, unique among its open streams).
+    /// The client may close it at once ([`ClientEvent::ClosePeerStream`]): too many pending,
+    /// a bad id, or peer tunneling off; and closes it if nothing valid arrives within the
+    /// establishment timeout.
+    pub fn handle_peer_stream_accepted(
+        &mut self,
+        now: Instant,
+        stream: PeerStreamId,
+        remote: SocketAddr,
+    ) {
+        self.advance_clock(now);
+        match self.peer_cx() {
+            Some((agent, mut cx)) => agent.stream_accepted(&mut cx, stream, remote),
+            None => {
+                self.stats.peer.streams_refused += 1;
+                push_event(&mut self.events, ClientEvent::ClosePeerStream { stream });
+            }
+        }
+    }
+
+    /// One whole envelope (as [`StreamDeframer`](crate::wire::StreamDeframer) yields it)
+    /// received on a peer stream.
+    pub fn handle_peer_stream_envelope(
+        &mut self,
+        now: Instant,
+        stream: PeerStreamId,
+        envelope: &[u8],
+    ) {
+        self.advance_clock(now);
+        let Some((agent, mut cx)) = self.peer_cx() else {
+            self.stats.peer.dropped_disabled += 1;
+            return;
+        };
+        agent.handle_stream_envelope(&mut cx, stream, envelope);
+    }
+
     /// Removes the peer tunnel with `peer` (a Configuration Release Request on its path) and
     /// puts its flows back on the relay. No new attempt follows until the backoff has passed
     /// and opted-in traffic to the peer continues, or an application opts a socket in again.
@@ -635,8 +801,12 @@ impl TunnelClient {
             .as_ref()
             .and_then(|a| a.find(peer).map(|i| &a.peers[i]))
             .filter(|p| p.phase == Phase::Up)
-            .and_then(|p| p.path)
-            .map_or(PeerPath::Relay, PeerPath::Peer)
+            .and_then(|p| match (p.stream, p.path) {
+                (Some(stream), Some(addr)) => Some(PeerPath::Stream { stream, addr }),
+                (None, Some(addr)) => Some(PeerPath::Peer(addr)),
+                _ => None,
+            })
+            .unwrap_or(PeerPath::Relay)
     }
 
     /// Every peer the client holds state for.
@@ -699,11 +869,9 @@ impl TunnelClient {
     /// Peer socket transmits, after everything for the server.
     pub(super) fn poll_peer_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
         let (agent, mut cx) = self.peer_cx()?;
-        let to = agent.poll_transmit(&mut cx, buf)?;
+        let destination = agent.poll_transmit(&mut cx, buf)?;
         self.stats.envelopes_sent += 1;
-        Some(Transmit {
-            destination: Destination::Peer(to),
-        })
+        Some(Transmit { destination })
     }
 
     pub(super) fn peer_poll_timeout(&self) -> Option<Instant> {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use rand_core::RngCore;
 
 use super::service::is_stun;
-use super::{after, Cx, PeerAgent, PeerDownReason, Phase, Role, NOMINATION_RTO};
+use super::{after, Cx, PeerAgent, PeerDownReason, Phase, Role, Via, NOMINATION_RTO};
 use crate::wire::{Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode};
 
 impl PeerAgent {
@@ -20,6 +20,11 @@ impl PeerAgent {
             cx.stats.peer.dropped_not_tscf += 1;
             return;
         };
+        self.on_envelope(cx, Via::Udp(from), envelope);
+    }
+
+    /// A decoded envelope from the peer socket or a peer stream.
+    pub(super) fn on_envelope(&mut self, cx: &mut Cx<'_>, from: Via, envelope: Envelope<'_>) {
         match envelope.kind {
             EnvelopeType::DATA => self.on_data(cx, from, envelope.payload),
             EnvelopeType::CONTROL => self.on_control(cx, from, envelope.payload),
@@ -27,23 +32,41 @@ impl PeerAgent {
         }
     }
 
-    fn on_control(&mut self, cx: &mut Cx<'_>, from: SocketAddr, payload: &[u8]) {
+    fn on_control(&mut self, cx: &mut Cx<'_>, from: Via, payload: &[u8]) {
         let Ok(msg) = Message::decode(payload) else {
             cx.stats.peer.dropped_bad_control += 1;
             return;
         };
-        match msg.header.message_type {
-            MessageType::PEER_PROBE => self.on_probe(cx, from, &msg, payload),
-            MessageType::PEER_PROBE_RESPONSE => self.on_probe_response(cx, from, &msg, payload),
-            MessageType::CONFIGURATION_REQUEST => self.on_configuration(cx, from, &msg, payload),
+        match (msg.header.message_type, from) {
+            (MessageType::PEER_PROBE, Via::Udp(from)) => self.on_probe(cx, from, &msg, payload),
+            (MessageType::PEER_PROBE_RESPONSE, Via::Udp(from)) => {
+                self.on_probe_response(cx, from, &msg, payload);
+            }
+            (MessageType::PEER_PROBE | MessageType::PEER_PROBE_RESPONSE, _) => {
+                cx.stats.peer.dropped_bad_control += 1;
+            }
+            (message_type, _) => self.on_path_control(cx, from, message_type, &msg, payload),
+        }
+    }
+
+    fn on_path_control(
+        &mut self,
+        cx: &mut Cx<'_>,
+        from: Via,
+        message_type: MessageType,
+        msg: &Message<'_>,
+        payload: &[u8],
+    ) {
+        match message_type {
+            MessageType::CONFIGURATION_REQUEST => self.on_configuration(cx, from, msg, payload),
             MessageType::CONFIGURATION_RESPONSE => {
-                self.on_configuration_response(cx, from, &msg, payload);
+                self.on_configuration_response(cx, from, msg, payload);
             }
             MessageType::KEEPALIVE
             | MessageType::KEEPALIVE_RESPONSE
             | MessageType::CONFIGURATION_RELEASE_REQUEST
             | MessageType::CONFIGURATION_RELEASE_RESPONSE => {
-                self.on_tunnel_control(cx, from, &msg, payload);
+                self.on_tunnel_control(cx, from, msg, payload);
             }
             _ => cx.stats.peer.dropped_bad_control += 1,
         }
@@ -69,7 +92,7 @@ impl PeerAgent {
     }
 
     /// Signs `msg` with peer `i`'s token and queues it to `to`.
-    fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: SocketAddr, msg: &Message<'_>) {
+    fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: Via, msg: &Message<'_>) {
         let Some(token) = self.peers[i].token else {
             return;
         };
@@ -103,7 +126,7 @@ impl PeerAgent {
         let sequence = cx.take_sequence();
         let mut msg = Message::new(MessageType::PEER_PROBE, sequence, 0);
         msg.tlvs.peer_internal_address = Some(own);
-        self.send_signed(cx, i, to, &msg);
+        self.send_signed(cx, i, Via::Udp(to), &msg);
         cx.stats.peer.probes_sent += 1;
     }
 
@@ -117,10 +140,10 @@ impl PeerAgent {
         let mut reply = Message::response_to(&msg.header, ResultCode::SUCCESS);
         reply.tlvs.peer_internal_address = Some(own);
         reply.tlvs.observed_address = Some(from);
-        self.send_signed(cx, i, from, &reply);
+        self.send_signed(cx, i, Via::Udp(from), &reply);
         cx.stats.peer.probes_answered += 1;
         let p = &mut self.peers[i];
-        if p.phase == Phase::Up && p.path == Some(from) {
+        if p.phase == Phase::Up && p.route() == Some(Via::Udp(from)) {
             p.last_heard = cx.now;
         }
         if matches!(p.phase, Phase::Probing | Phase::Nominating) && !p.candidates.contains(&from) {
@@ -152,14 +175,14 @@ impl PeerAgent {
             && p.phase == Phase::Probing
             && msg.tlvs.result_code == Some(ResultCode::SUCCESS)
         {
-            self.nominate(cx, i, from);
+            self.nominate(cx, i, Via::Udp(from));
         }
     }
 
     // ---- nomination and configuration ----
 
-    /// The initiator picks `path`: the first pair that answered.
-    fn nominate(&mut self, cx: &mut Cx<'_>, i: usize, path: SocketAddr) {
+    /// The initiator picks `path`: the first pair that answered, or an open peer stream.
+    pub(super) fn nominate(&mut self, cx: &mut Cx<'_>, i: usize, path: Via) {
         let peer = self.peers[i].addr;
         let (Some(own), Some(token)) = (cx.own_for(peer), self.peers[i].token) else {
             return;
@@ -175,22 +198,18 @@ impl PeerAgent {
             return;
         }
         self.queue_control(cx, path, &bytes);
+        self.set_route(i, path);
         let p = &mut self.peers[i];
         p.phase = Phase::Nominating;
-        p.path = Some(path);
         p.next_probe = None;
+        p.next_stream_at = None;
         p.nomination = Some((sequence, bytes));
-        p.next_nomination = Some(after(cx.now, NOMINATION_RTO));
+        // A stream is reliable: nothing to retransmit there.
+        p.next_nomination = matches!(path, Via::Udp(_)).then(|| after(cx.now, NOMINATION_RTO));
     }
 
     /// A Configuration Request on the peer socket: the initiator nominated a path to us.
-    fn on_configuration(
-        &mut self,
-        cx: &mut Cx<'_>,
-        from: SocketAddr,
-        msg: &Message<'_>,
-        payload: &[u8],
-    ) {
+    fn on_configuration(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
         let Some(i) = self.verified(cx, msg, payload) else {
             let reply = Message::response_to(&msg.header, ResultCode::UNAUTHORIZED);
             let mut bytes = Vec::new();
@@ -204,7 +223,7 @@ impl PeerAgent {
         if let Some((_, bytes)) = p.answer.as_ref().filter(|(s, _)| *s == msg.header.sequence) {
             // A retransmission: the same answer again (§6.2).
             let bytes = bytes.clone();
-            if p.path == Some(from) {
+            if p.route() == Some(from) {
                 self.peers[i].last_heard = cx.now;
             }
             return self.queue_control(cx, from, &bytes);
@@ -219,6 +238,12 @@ impl PeerAgent {
         let (Some(token), tunnel_id) = (p.token, p.tunnel_id) else {
             return;
         };
+        if let Via::Stream(id) = from {
+            // The stream is now this peer's (and no longer closed for idling).
+            if !self.identify_stream(cx, id, self.peers[i].addr) {
+                return;
+            }
+        }
         let tunnel_id = match tunnel_id {
             0 => self.rng.next_u64().max(1),
             id => id,
@@ -237,9 +262,11 @@ impl PeerAgent {
         self.peers[i].answer = Some((msg.header.sequence, bytes));
         if self.peers[i].phase == Phase::Up {
             // A new nomination on an up tunnel: follow it to the new path.
-            let p = &mut self.peers[i];
-            p.path = Some(from);
-            p.last_heard = cx.now;
+            self.set_route(i, from);
+            let addr = self.peers[i].addr;
+            let keep = self.peers[i].stream;
+            self.close_streams(cx, addr, keep);
+            self.peers[i].last_heard = cx.now;
         } else {
             self.up(cx, i, from, tunnel_id);
         }
@@ -248,7 +275,7 @@ impl PeerAgent {
     fn on_configuration_response(
         &mut self,
         cx: &mut Cx<'_>,
-        from: SocketAddr,
+        from: Via,
         msg: &Message<'_>,
         payload: &[u8],
     ) {
@@ -257,7 +284,7 @@ impl PeerAgent {
         };
         let p = &self.peers[i];
         let expected = p.phase == Phase::Nominating
-            && p.path == Some(from)
+            && p.route() == Some(from)
             && p.nomination
                 .as_ref()
                 .is_some_and(|(s, _)| *s == msg.header.sequence);
@@ -279,15 +306,9 @@ impl PeerAgent {
     // ---- the up tunnel ----
 
     /// Keepalives and release on an up tunnel: found by path and tunnel id, then verified.
-    fn on_tunnel_control(
-        &mut self,
-        cx: &mut Cx<'_>,
-        from: SocketAddr,
-        msg: &Message<'_>,
-        payload: &[u8],
-    ) {
+    fn on_tunnel_control(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
         let found = self.peers.iter().position(|p| {
-            p.phase == Phase::Up && p.path == Some(from) && p.tunnel_id == msg.header.tunnel_id
+            p.phase == Phase::Up && p.route() == Some(from) && p.tunnel_id == msg.header.tunnel_id
         });
         let Some(i) = found else {
             cx.stats.peer.dropped_unknown_peer += 1;
@@ -315,7 +336,7 @@ impl PeerAgent {
         }
     }
 
-    fn on_data(&mut self, cx: &mut Cx<'_>, from: SocketAddr, payload: &[u8]) {
+    fn on_data(&mut self, cx: &mut Cx<'_>, from: Via, payload: &[u8]) {
         let Ok(packet) = InnerPacket::parse(payload) else {
             cx.stats.peer.dropped_bad_data += 1;
             return;
@@ -323,7 +344,7 @@ impl PeerAgent {
         let source = packet.source();
         let found = self
             .find(source)
-            .filter(|i| self.peers[*i].phase == Phase::Up && self.peers[*i].path == Some(from));
+            .filter(|i| self.peers[*i].phase == Phase::Up && self.peers[*i].route() == Some(from));
         let Some(i) = found.filter(|_| cx.owns(packet.destination())) else {
             cx.stats.peer.dropped_bad_data += 1;
             return;
@@ -346,7 +367,7 @@ impl PeerAgent {
         if p.phase == Phase::Fallback {
             return;
         }
-        if let (Phase::Up, Some(path)) = (p.phase, p.path) {
+        if let (Phase::Up, Some(path)) = (p.phase, p.route()) {
             let sequence = cx.take_sequence();
             let mut msg = Message::new(
                 MessageType::CONFIGURATION_RELEASE_REQUEST,
@@ -380,17 +401,21 @@ impl PeerAgent {
             if p.next_probe.is_some_and(|t| t <= now) && p.phase == Phase::Probing {
                 self.send_probes(cx, i);
             }
+            let p = &self.peers[i];
+            if p.next_stream_at.is_some_and(|t| t <= now) && p.phase == Phase::Probing {
+                self.open_stream(cx, i);
+            }
             let p = &mut self.peers[i];
             if p.next_nomination.is_some_and(|t| t <= now) {
                 p.next_nomination = Some(after(now, NOMINATION_RTO));
-                if let (Some(path), Some((_, bytes))) = (p.path, p.nomination.clone()) {
+                if let (Some(path), Some((_, bytes))) = (p.route(), p.nomination.clone()) {
                     self.queue_control(cx, path, &bytes);
                 }
             }
             let p = &mut self.peers[i];
             if p.next_keepalive.is_some_and(|t| t <= now) {
                 p.next_keepalive = Some(after(now, self.config.keepalive_interval));
-                if let Some(path) = p.path {
+                if let Some(path) = p.route() {
                     let sequence = cx.take_sequence();
                     let msg = Message::new(MessageType::KEEPALIVE, sequence, p.tunnel_id);
                     self.send_signed(cx, i, path, &msg);

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use arrayvec::ArrayVec;
 use rand_core::RngCore;
 
-use super::{after, Cx, Peer, PeerAgent, PeerDownReason, Phase, Role, MAX_REMOTE_CANDIDATES};
+use super::{
+    after, Cx, Peer, PeerAgent, PeerDownReason, Phase, Role, MAX_REMOTE_CANDIDATES,
+    MAX_STREAMS_PER_PEER,
+};
 use crate::client::ClientEvent;
 use crate::stun::{self, NatDiscovery, NatDiscoveryConfig, NatEvent};
 use crate::wire::{
@@ -180,23 +183,29 @@ impl PeerAgent {
         }
     }
 
-    /// Our candidates: host addresses, then the server-reflexive one.
+    /// Our candidates: UDP host addresses, the server-reflexive one, then the host candidates
+    /// of the stream listeners (§7.7).
     fn candidates(&self) -> ArrayVec<Candidate, MAX_CANDIDATES> {
         let mut out = ArrayVec::new();
         let hosts = self
             .config
             .local_addresses
             .iter()
-            .map(|a| (CandidateKind::HOST, *a));
+            .map(|a| (CandidateKind::HOST, Transport::UDP, *a));
         let srflx = self
             .srflx
             .filter(|s| !self.config.local_addresses.contains(s))
-            .map(|a| (CandidateKind::SERVER_REFLEXIVE, a));
-        for (kind, addr) in hosts.chain(srflx) {
+            .map(|a| (CandidateKind::SERVER_REFLEXIVE, Transport::UDP, a));
+        let streams = self
+            .config
+            .stream_listeners
+            .iter()
+            .map(|(t, a)| (CandidateKind::HOST, *t, *a));
+        for (kind, transport, addr) in hosts.chain(srflx).chain(streams) {
             if out.len() < MAX_CANDIDATES {
                 out.push(Candidate {
                     kind,
-                    transport: Transport::UDP,
+                    transport,
                     addr,
                 });
             }
@@ -222,6 +231,7 @@ impl PeerAgent {
         msg.tlvs.service_action = Some(ServiceAction::ANNOUNCE);
         msg.tlvs.candidates = self.candidates();
         msg.tlvs.connection_info = self.connection_info();
+        msg.tlvs.certificate_fingerprint = self.config.certificate_fingerprint;
         if self.push_request(cx, RequestKind::Announce, &msg) {
             cx.stats.peer.announces_sent += 1;
         }
@@ -237,6 +247,7 @@ impl PeerAgent {
         msg.tlvs.peer_internal_address = Some(peer);
         msg.tlvs.candidates = self.candidates();
         msg.tlvs.connection_info = self.connection_info();
+        msg.tlvs.certificate_fingerprint = self.config.certificate_fingerprint;
         if !self.push_request(cx, RequestKind::Establish(peer), &msg) {
             return self.down(cx, i, PeerDownReason::Unavailable(ResultCode::RATE_LIMITED));
         }
@@ -354,8 +365,11 @@ impl PeerAgent {
                 let p = &mut self.peers[i];
                 p.role = Role::Initiator;
                 p.token = Some(credentials.token);
+                p.fingerprint = credentials.fingerprint;
                 set_candidates(p, &msg.tlvs.candidates);
                 p.phase = Phase::Probing;
+                p.next_stream_at = (!p.stream_candidates.is_empty())
+                    .then(|| after(cx.now, self.config.stream_fallback_delay));
                 self.send_probes(cx, i);
             }
             (ResultCode::SUCCESS, Some(PeerServiceResult::IN_PROGRESS), _) => {
@@ -423,6 +437,7 @@ impl PeerAgent {
                 reply.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
                 reply.tlvs.candidates = self.candidates();
                 reply.tlvs.connection_info = self.connection_info();
+                reply.tlvs.certificate_fingerprint = self.config.certificate_fingerprint;
                 reply
             }
             _ => refuse(ResultCode::PEER_UNAVAILABLE),
@@ -462,10 +477,19 @@ impl PeerAgent {
     }
 }
 
-/// The peer's UDP candidates (others are skipped: an unknown transport is ignored, §4.2).
+/// The peer's UDP candidates, and its TCP and TLS host candidates for peer streams (others
+/// are skipped: an unknown transport is ignored, §4.2).
 fn set_candidates(p: &mut Peer, candidates: &[Candidate]) {
     p.candidates.clear();
+    p.stream_candidates.clear();
     for c in candidates {
+        let stream = matches!(c.transport, Transport::TCP | Transport::TLS);
+        if stream
+            && c.kind == CandidateKind::HOST
+            && p.stream_candidates.len() < MAX_STREAMS_PER_PEER
+        {
+            p.stream_candidates.push((c.transport, c.addr));
+        }
         if c.transport == Transport::UDP
             && !p.candidates.contains(&c.addr)
             && p.candidates.len() < MAX_REMOTE_CANDIDATES

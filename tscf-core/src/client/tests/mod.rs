@@ -45,6 +45,8 @@ struct Harness {
     sent: Vec<(Duration, Vec<u8>)>,
     /// (destination, datagram) of every transmit from the peer socket.
     peer_sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// (stream, envelope) of every transmit on a peer stream.
+    stream_sent: Vec<(PeerStreamId, Vec<u8>)>,
     events: Vec<ClientEvent>,
 }
 
@@ -58,6 +60,7 @@ impl Harness {
             now: start,
             sent: Vec::new(),
             peer_sent: Vec::new(),
+            stream_sent: Vec::new(),
             events: Vec::new(),
         };
         h.drain();
@@ -74,6 +77,7 @@ impl Harness {
             match t.destination {
                 Destination::Server => self.sent.push((self.now - self.start, buf.clone())),
                 Destination::Peer(to) => self.peer_sent.push((to, buf.clone())),
+                Destination::PeerStream(id) => self.stream_sent.push((id, buf.clone())),
             }
         }
         while let Some(e) = self.client.poll_event() {

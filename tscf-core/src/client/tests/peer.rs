@@ -358,3 +358,262 @@ fn a_policy_may_keep_the_peer_tunnel_when_the_peer_server_tunnel_goes() {
         .any(|e| matches!(e, ClientEvent::PeerTunnelDown { .. })));
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
 }
+
+// ---- peer streams (§7.7) ----
+
+const STREAM_REMOTE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9)), 7000);
+const FINGERPRINT: [u8; 32] = [0xf1; 32];
+
+/// The initiator, its Establish answered with a UDP and a TLS candidate of the peer.
+fn initiator_with_stream_candidates() -> Harness {
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(5004, true);
+    h.client.send_ip(h.now, &media(ADDR, PEER)).expect("queued");
+    h.drain();
+    let sent = h.take_sent();
+    let request = sent
+        .iter()
+        .find(|b| b[0] == EnvelopeType::CONTROL.0)
+        .expect("a request");
+    let msg = decode(request);
+    let mut answer = Message::response_to(&msg.header, ResultCode::SUCCESS);
+    answer.tlvs.service_type = Some(ServiceType::PEER);
+    answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+    for (transport, addr) in [(Transport::UDP, REMOTE), (Transport::TLS, STREAM_REMOTE)] {
+        answer.tlvs.candidates.push(Candidate {
+            kind: CandidateKind::HOST,
+            transport,
+            addr,
+        });
+    }
+    answer.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: Some(FINGERPRINT),
+    });
+    h.deliver(&encode(&answer));
+    h.take_events();
+    h
+}
+
+fn open_request(
+    events: &[ClientEvent],
+) -> Option<(PeerStreamId, SocketAddr, Transport, Option<[u8; 32]>)> {
+    events.iter().find_map(|e| match e {
+        ClientEvent::OpenPeerStream {
+            stream,
+            addr,
+            transport,
+            fingerprint,
+            ..
+        } => Some((*stream, *addr, *transport, *fingerprint)),
+        _ => None,
+    })
+}
+
+#[test]
+fn initiator_falls_back_to_a_pinned_stream_when_udp_is_silent() {
+    let mut h = initiator_with_stream_candidates();
+    // UDP probing first; no stream before the fallback delay.
+    h.advance(ms(450));
+    assert!(open_request(&h.take_events()).is_none());
+    h.advance(ms(100));
+    let (stream, addr, transport, fingerprint) =
+        open_request(&h.take_events()).expect("a stream is asked for");
+    assert_eq!(
+        (addr, transport, fingerprint),
+        (STREAM_REMOTE, Transport::TLS, Some(FINGERPRINT))
+    );
+    assert_ne!(stream.0 & PeerStreamId::CLIENT_CHOSEN, 0);
+
+    // Open: the signed Configuration Request goes on the stream, once.
+    h.client.handle_peer_stream_open(h.now, stream);
+    h.drain();
+    let (on, config) = h.stream_sent.pop().expect("a Configuration Request");
+    assert_eq!(on, stream);
+    let config_msg = decode(&config);
+    assert_eq!(
+        config_msg.header.message_type,
+        MessageType::CONFIGURATION_REQUEST
+    );
+    assert!(Message::verify_integrity(payload(&config), &TOKEN));
+    h.advance(ms(300));
+    assert!(h.stream_sent.iter().all(|(_, b)| b != &config));
+
+    let mut done = Message::response_to(&config_msg.header, ResultCode::SUCCESS);
+    done.header.tunnel_id = 78;
+    done.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    // The same answer over UDP is not for this path.
+    h.client.handle_peer_datagram(h.now, REMOTE, &signed(&done));
+    h.client
+        .handle_peer_stream_envelope(h.now, stream, &signed(&done));
+    h.drain();
+    assert!(h.take_events().iter().any(|e| matches!(
+        e,
+        ClientEvent::PeerTunnelUp { path, initiator: true, .. } if *path == STREAM_REMOTE
+    )));
+    assert_eq!(
+        h.client.peer_path(IpAddr::V4(PEER)),
+        PeerPath::Stream {
+            stream,
+            addr: STREAM_REMOTE
+        }
+    );
+
+    // Data and keepalives take the stream.
+    h.stream_sent.clear();
+    h.client.send_ip(h.now, &media(ADDR, PEER)).expect("sent");
+    h.drain();
+    assert_eq!(h.stream_sent.len(), 1);
+    assert_eq!(h.stream_sent[0].1[0], EnvelopeType::DATA.0);
+    h.client
+        .handle_peer_stream_envelope(h.now, stream, &data_envelope(&media(PEER, ADDR)));
+    let mut got = Vec::new();
+    assert!(h.client.recv_ip(&mut got));
+    h.advance(ms(510));
+    assert!(h
+        .stream_sent
+        .iter()
+        .any(|(_, b)| decode_any(b) == Some(MessageType::KEEPALIVE)));
+
+    // The stream breaks: back on the relay.
+    h.client.handle_peer_stream_lost(h.now, stream);
+    h.drain();
+    assert!(h.take_events().contains(&ClientEvent::PeerTunnelDown {
+        peer: IpAddr::V4(PEER),
+        reason: PeerDownReason::StreamLost,
+    }));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+}
+
+fn decode_any(envelope: &[u8]) -> Option<MessageType> {
+    let env = Envelope::decode_datagram(envelope).ok()?;
+    (env.kind == EnvelopeType::CONTROL)
+        .then(|| {
+            Message::decode(env.payload)
+                .ok()
+                .map(|m| m.header.message_type)
+        })
+        .flatten()
+}
+
+#[test]
+fn a_failed_stream_leaves_the_flow_on_the_relay() {
+    let mut h = initiator_with_stream_candidates();
+    h.advance(ms(550));
+    let (stream, ..) = open_request(&h.take_events()).expect("a stream");
+    h.client.handle_peer_stream_failed(h.now, stream);
+    h.drain();
+    assert_eq!(h.client.stats().peer.stream_failures, 1);
+    // No other stream candidate: it stays on the relay until the setup times out.
+    h.advance(ms(3000));
+    let events = h.take_events();
+    assert!(open_request(&events).is_none());
+    assert!(events.iter().any(|e| matches!(
+        e,
+        ClientEvent::PeerTunnelDown {
+            reason: PeerDownReason::EstablishTimeout,
+            ..
+        }
+    )));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+}
+
+#[test]
+fn destination_announces_stream_listeners_and_answers_on_an_accepted_stream() {
+    let listener = SocketAddr::from(([192, 168, 1, 10], 7001));
+    let (mut h, announce) = peer_client_with(|p| {
+        p.stream_listeners = vec![(Transport::TCP, listener)];
+        p.certificate_fingerprint = Some(FINGERPRINT);
+    });
+    let msg = decode(&announce);
+    assert!(msg
+        .tlvs
+        .candidates
+        .iter()
+        .any(|c| c.kind == CandidateKind::HOST
+            && c.transport == Transport::TCP
+            && c.addr == listener));
+    assert_eq!(msg.tlvs.certificate_fingerprint, Some(FINGERPRINT));
+
+    let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0010, TUNNEL);
+    forward.tlvs.service_type = Some(ServiceType::PEER);
+    forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    forward.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: None,
+    });
+    h.deliver(&encode(&forward));
+    let answer = decode(&h.take_control()).tlvs.certificate_fingerprint;
+    assert_eq!(answer, Some(FINGERPRINT));
+
+    let stream = PeerStreamId(1);
+    h.client
+        .handle_peer_stream_accepted(h.now, stream, STREAM_REMOTE);
+    let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
+    config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client
+        .handle_peer_stream_envelope(h.now, stream, &encode(&config));
+    h.drain();
+    let (on, refused) = h.stream_sent.pop().expect("Unauthorized");
+    assert_eq!(on, stream);
+    assert_eq!(
+        decode(&refused).tlvs.result_code,
+        Some(ResultCode::UNAUTHORIZED)
+    );
+    h.client
+        .handle_peer_stream_envelope(h.now, stream, &signed(&config));
+    h.drain();
+    let (_, accepted) = h.stream_sent.pop().expect("an answer");
+    assert_eq!(
+        decode(&accepted).tlvs.result_code,
+        Some(ResultCode::SUCCESS)
+    );
+    assert!(Message::verify_integrity(payload(&accepted), &TOKEN));
+    assert_eq!(
+        h.client.peer_path(IpAddr::V4(PEER)),
+        PeerPath::Stream {
+            stream,
+            addr: STREAM_REMOTE
+        }
+    );
+    // Identified: it is not closed for idling.
+    h.take_events();
+    h.advance(ms(1000));
+    assert!(!h
+        .take_events()
+        .contains(&ClientEvent::ClosePeerStream { stream }));
+}
+
+#[test]
+fn silent_and_excess_accepted_streams_are_closed() {
+    let (mut h, _) = peer_client();
+    h.client
+        .handle_peer_stream_accepted(h.now, PeerStreamId(PeerStreamId::CLIENT_CHOSEN), REMOTE);
+    for n in 0..17 {
+        h.client
+            .handle_peer_stream_accepted(h.now, PeerStreamId(n), REMOTE);
+    }
+    h.client
+        .handle_peer_stream_envelope(h.now, PeerStreamId(3), &[0xff; 20]);
+    h.drain();
+    let closed = |events: &[ClientEvent]| {
+        events
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::ClosePeerStream { .. }))
+            .count()
+    };
+    assert_eq!(closed(&h.take_events()), 2, "a bad id and the 17th");
+    let stats = h.client.stats().peer;
+    assert_eq!((stats.streams_refused, stats.streams_accepted), (2, 16));
+    assert_eq!(stats.dropped_not_tscf, 1);
+    h.advance(ms(3001));
+    assert_eq!(closed(&h.take_events()), 16);
+    assert_eq!(h.client.stats().peer.streams_idle_closed, 16);
+    h.client.handle_peer_stream_envelope(
+        h.now,
+        PeerStreamId(3),
+        &data_envelope(&media(PEER, ADDR)),
+    );
+    assert_eq!(h.client.stats().peer.dropped_unknown_stream, 1);
+}
