@@ -79,6 +79,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod peer_stream;
 mod server;
 mod socket;
 mod stream;
@@ -86,6 +87,7 @@ mod timer;
 pub mod tls;
 mod tunnel;
 
+pub use peer_stream::PeerStreamListen;
 pub use server::{
     LocalAddrs, RuntimeCounters, Server, ServerConfig, ServerHandle, ServerStats, StartError,
 };

@@ -27,6 +27,7 @@ use tscf_core::client::{
 use tscf_core::stun;
 use tscf_core::wire::{ResultCode, Transport};
 
+use crate::peer_stream::{self, PeerStreamListen, PeerStreams};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::stream::{self, StreamReader, StreamWriter};
 use crate::timer::{Shared, Timed};
@@ -70,6 +71,12 @@ pub struct TunnelConfig {
     pub transport_timeout: Duration,
     /// Datagrams queued on one inner socket before further ones are dropped (default 256).
     pub socket_queue_len: usize,
+    /// A listener for peer streams (`docs/PROTOCOL.md` §7.7; default none). With peer
+    /// tunneling on, [`Tunnel::connect`] binds it and announces it in
+    /// `client.peer.stream_listeners` (an unspecified address is announced with the UDP host
+    /// candidate's address); for TLS it generates a self-signed certificate whose fingerprint
+    /// goes into `client.peer.certificate_fingerprint` unless that is set already.
+    pub peer_streams: PeerStreamListen,
 }
 
 impl TunnelConfig {
@@ -90,6 +97,7 @@ impl TunnelConfig {
             connect_timeout: Duration::from_secs(10),
             transport_timeout: Duration::from_secs(5),
             socket_queue_len: 256,
+            peer_streams: PeerStreamListen::None,
         }
     }
 }
@@ -223,11 +231,29 @@ impl Tunnel {
         udp.set_read_timeout(Some(UDP_POLL))?;
         let mut default_opt_in = false;
         let peer_enabled = config.client.peer.is_some();
+        let mut listener = None;
         if let Some(peer) = &mut config.client.peer {
             if peer.local_addresses.is_empty() {
                 peer.local_addresses = host_candidates(&udp, &config.client.servers)?;
             }
             default_opt_in = peer.default_opt_in;
+            if let Some(l) = peer_stream::bind(config.peer_streams)? {
+                let mut addr = l.socket.local_addr()?;
+                if addr.ip().is_unspecified() {
+                    if let Some(host) = peer.local_addresses.first() {
+                        addr.set_ip(host.ip());
+                    }
+                }
+                let transport = match l.fingerprint {
+                    Some(fp) => {
+                        peer.certificate_fingerprint.get_or_insert(fp.0);
+                        Transport::TLS
+                    }
+                    None => Transport::TCP,
+                };
+                peer.stream_listeners.push((transport, addr));
+                listener = Some(l);
+            }
         }
         let client = TunnelClient::new(config.client.clone(), Instant::now())?;
         let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
@@ -253,6 +279,7 @@ impl Tunnel {
                 armed: None,
                 buf: Vec::new(),
                 packet: Vec::new(),
+                peer_streams: PeerStreams::default(),
                 stats: TunnelStats::default(),
             }),
             timer: Condvar::new(),
@@ -275,11 +302,21 @@ impl Tunnel {
                 .spawn(move || s.run_timer())?,
         );
         let s = shared.clone();
+        let udp_stop = stop.clone();
         tunnel.threads.push(
             thread::Builder::new()
                 .name("tscf-tunnel-udp".to_owned())
-                .spawn(move || run_udp(&s, &udp, &stop))?,
+                .spawn(move || run_udp(&s, &udp, &udp_stop))?,
         );
+        if let Some(listener) = listener {
+            let s = shared.clone();
+            let timeout = config.transport_timeout;
+            tunnel.threads.push(
+                thread::Builder::new()
+                    .name("tscf-peer-listener".to_owned())
+                    .spawn(move || peer_stream::run_listener(&s, &listener, &stop, timeout))?,
+            );
+        }
         let started = Instant::now();
         let deadline = started + config.connect_timeout;
         let mut core = lock(&shared.state);
@@ -401,6 +438,19 @@ impl Tunnel {
         lock(&self.shared.state).peer_blocked = blocked;
     }
 
+    /// Test hook: closes every peer stream of this tunnel and reports each as lost to the
+    /// client, as if the connections broke.
+    #[doc(hidden)]
+    pub fn drop_peer_streams(&self) {
+        let mut core = lock(&self.shared.state);
+        for id in core.peer_streams.ids() {
+            core.peer_streams.close(id);
+            core.client.handle_peer_stream_lost(Instant::now(), id);
+        }
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
     /// Releases the tunnel (waiting briefly for the server's answer) and stops the threads.
     pub fn close(mut self) {
         self.stop();
@@ -429,6 +479,9 @@ impl Tunnel {
         }
         core.close_link();
         core.stopped = true;
+        for id in core.peer_streams.ids() {
+            core.peer_streams.close(id);
+        }
         for queue in core.sockets.values() {
             queue.close();
         }
@@ -473,6 +526,7 @@ pub(crate) struct ClientCore {
     armed: Option<Instant>,
     buf: Vec<u8>,
     packet: Vec<u8>,
+    pub(crate) peer_streams: PeerStreams,
     pub(crate) stats: TunnelStats,
 }
 
@@ -499,6 +553,7 @@ impl ClientCore {
                     Destination::Peer(to) => {
                         let _ = self.udp.send_to(&self.buf, to);
                     }
+                    Destination::PeerStream(id) => self.peer_streams.send(id, &self.buf),
                     _ => {}
                 }
             }
@@ -522,6 +577,24 @@ impl ClientCore {
             }
             ClientEvent::CloseTransport => {
                 self.close_link();
+                return;
+            }
+            ClientEvent::OpenPeerStream {
+                stream,
+                addr,
+                transport,
+                fingerprint,
+                ..
+            } => {
+                if let Some(shared) = self.me.upgrade() {
+                    let pinned = fingerprint.filter(|_| transport == Transport::TLS);
+                    let timeout = self.transport_timeout;
+                    peer_stream::open(self, shared, stream, addr, pinned, timeout);
+                }
+                return;
+            }
+            ClientEvent::ClosePeerStream { stream } => {
+                self.peer_streams.close(stream);
                 return;
             }
             ClientEvent::Connected(info) => Notification::Connected(info),
@@ -744,7 +817,7 @@ fn run_stream(
     }
 }
 
-fn open_stream(
+pub(crate) fn open_stream(
     addr: SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     timeout: Duration,

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use tscf_core::client::PeerPath;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::{Notification, ServerHandle, Tunnel};
+use tscf_runtime_std::{Notification, PeerStreamListen, ServerHandle, Tunnel};
 
-use crate::util::{rtp_flow_opted, server, tunnel};
+use crate::util::{rtp_flow_opted, server, tunnel, tunnel_config};
 
 /// 6 s of a 50 packet/s flow.
 const PACKETS: u32 = 300;
@@ -194,4 +194,129 @@ fn udp_tunnel_discovers_its_address_with_the_servers_stun() {
     assert_eq!(public, a.observed_address());
     assert!(server.stats().runtime.stun_answered >= 1);
     assert_eq!(a.stats().client.peer.dropped_stun, 0);
+}
+
+// ---- stream peer paths (docs/PROTOCOL.md §7.7) ----
+
+/// Two UDP tunnels whose UDP peer traffic is blocked; B listens for peer streams with `listen`
+/// (on loopback) and announces `fingerprint` if given instead of its certificate's.
+fn stream_pair(
+    server: &ServerHandle,
+    listen: fn(std::net::SocketAddr) -> PeerStreamListen,
+    fingerprint: Option<[u8; 32]>,
+) -> (Tunnel, Tunnel) {
+    let a = tunnel(server, Transport::UDP);
+    let mut config = tunnel_config(server, Transport::UDP);
+    config.peer_streams = listen(([127, 0, 0, 1], 0).into());
+    if let Some(peer) = &mut config.client.peer {
+        peer.certificate_fingerprint = fingerprint;
+    }
+    let b = Tunnel::connect(config).expect("tunnel connects");
+    a.block_peer_traffic(true);
+    b.block_peer_traffic(true);
+    (a, b)
+}
+
+fn stream_peer_tunnel(listen: fn(std::net::SocketAddr) -> PeerStreamListen, name: &str) {
+    const COUNT: u32 = 150;
+    const UP_BY: u32 = 75;
+    let server = server(|_| {});
+    let (a, b) = stream_pair(&server, listen, None);
+    let (ia, ib) = (
+        IpAddr::V4(a.internal_ipv4().unwrap()),
+        IpAddr::V4(b.internal_ipv4().unwrap()),
+    );
+    let (mut log_a, mut log_b) = (Log::default(), Log::default());
+    let mut relayed_when_up = 0;
+    let got = rtp_flow_opted(&a, &b, COUNT, true, |seq| {
+        log_a.read(&a);
+        log_b.read(&b);
+        if seq == UP_BY {
+            assert!(log_a.up(ib).is_some(), "{name}: A's tunnel not up");
+            assert!(log_b.up(ia).is_some(), "{name}: B's tunnel not up");
+            assert!(
+                matches!(a.peer_path(ib), PeerPath::Stream { .. }),
+                "{name}: {:?}",
+                a.peer_path(ib)
+            );
+            assert!(matches!(b.peer_path(ia), PeerPath::Stream { .. }), "{name}");
+            relayed_when_up = relayed(&server);
+        }
+    });
+    assert_eq!(
+        got,
+        (0..COUNT).collect::<Vec<_>>(),
+        "{name}: complete, in order"
+    );
+    assert_eq!(
+        relayed(&server),
+        relayed_when_up,
+        "{name}: frames relayed while the stream is up"
+    );
+    let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
+    assert!(
+        pa.streams_opened >= 1 && pb.streams_accepted >= 1,
+        "{pa:?} {pb:?}"
+    );
+    assert!(pb.data_received >= u64::from(COUNT - UP_BY), "{pb:?}");
+
+    // Closing the stream puts the flow back on the relay.
+    let cut = Instant::now();
+    a.drop_peer_streams();
+    let deadline = cut + Duration::from_secs(2);
+    while log_a.down_after(ib, cut).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log_a.read(&a);
+    }
+    assert!(
+        log_a.down_after(ib, cut).is_some(),
+        "{name}: A's tunnel goes down"
+    );
+    assert_eq!(a.peer_path(ib), PeerPath::Relay, "{name}");
+    while log_b.down_after(ia, cut).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log_b.read(&b);
+    }
+    assert!(
+        log_b.down_after(ia, cut).is_some(),
+        "{name}: B's tunnel goes down"
+    );
+    a.close();
+    b.close();
+    server.shutdown();
+}
+
+#[test]
+fn peer_tunnel_forms_over_a_tcp_stream_when_udp_is_blocked() {
+    stream_peer_tunnel(PeerStreamListen::Tcp, "TCP");
+}
+
+#[test]
+fn peer_tunnel_forms_over_a_tls_stream_when_udp_is_blocked() {
+    stream_peer_tunnel(PeerStreamListen::Tls, "TLS");
+}
+
+#[test]
+fn tls_peer_stream_with_a_wrong_certificate_is_refused() {
+    const COUNT: u32 = 100;
+    let server = server(|_| {});
+    let (a, b) = stream_pair(&server, PeerStreamListen::Tls, Some([0x55; 32]));
+    let ib = IpAddr::V4(b.internal_ipv4().unwrap());
+    let got = rtp_flow_opted(&a, &b, COUNT, true, |_| {
+        assert_eq!(a.peer_path(ib), PeerPath::Relay);
+    });
+    assert_eq!(got, (0..COUNT).collect::<Vec<_>>());
+    assert!(relayed(&server) >= u64::from(COUNT));
+    let pa = a.stats().client.peer;
+    assert!(pa.streams_opened >= 1 && pa.stream_failures >= 1, "{pa:?}");
+    let notes: Vec<Notification> = a.notifications().try_iter().collect();
+    assert!(
+        !notes
+            .iter()
+            .any(|n| matches!(n, Notification::PeerTunnelUp { .. })),
+        "{notes:?}"
+    );
+    a.close();
+    b.close();
+    server.shutdown();
 }
