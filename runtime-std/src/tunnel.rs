@@ -306,7 +306,7 @@ impl Tunnel {
         tunnel.threads.push(
             thread::Builder::new()
                 .name("tscf-tunnel-udp".to_owned())
-                .spawn(move || run_udp(&s, &udp, &udp_stop))?,
+                .spawn(move || run_udp(&s, &udp_stop))?,
         );
         if let Some(listener) = listener {
             let s = shared.clone();
@@ -449,6 +449,25 @@ impl Tunnel {
         }
         core.drain();
         self.shared.rearm(&mut core);
+    }
+
+    /// Test hook: makes the UDP transport to the server look lost. The tunnel's UDP socket is
+    /// replaced by a new one (a new source port) and the client is told the transport is lost,
+    /// so that it re-attaches from the new port. The peer socket moves with it; candidates
+    /// already announced are not updated.
+    #[doc(hidden)]
+    pub fn drop_server_transport(&self) -> io::Result<()> {
+        let mut core = lock(&self.shared.state);
+        let local = core.udp.local_addr()?;
+        let udp = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+        udp.set_read_timeout(Some(UDP_POLL))?;
+        core.udp = Arc::new(udp);
+        core.link = Link::None;
+        core.generation += 1;
+        core.client.handle_transport_lost(Instant::now());
+        core.drain();
+        self.shared.rearm(&mut core);
+        Ok(())
     }
 
     /// Releases the tunnel (waiting briefly for the server's answer) and stops the threads.
@@ -837,9 +856,11 @@ pub(crate) fn open_stream(
 
 /// The UDP thread: envelopes from the server tunnel go to the client's server side, everything
 /// else to its peer side (STUN answers included); without peer tunneling the rest is counted.
-fn run_udp(shared: &Shared<ClientCore>, udp: &UdpSocket, stop: &AtomicBool) {
+fn run_udp(shared: &Shared<ClientCore>, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::SeqCst) {
+        // The socket may be replaced (see `Tunnel::drop_server_transport`).
+        let udp = lock(&shared.state).udp.clone();
         let Ok((n, from)) = udp.recv_from(&mut buf) else {
             continue;
         };

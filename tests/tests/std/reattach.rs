@@ -47,3 +47,33 @@ fn tcp_transport_cut_reattaches() {
 fn tls_transport_cut_reattaches() {
     cut_mid_flow(Transport::TLS);
 }
+
+#[test]
+fn udp_transport_loss_reattaches_from_a_new_port() {
+    let server = server(|_| {});
+    let a = tunnel(&server, Transport::UDP);
+    let b = tunnel(&server, Transport::UDP);
+    let (id, addr) = (a.tunnel_id().unwrap(), a.internal_ipv4().unwrap());
+    let before = a.observed_address().expect("observed address");
+    let got = rtp_flow(&a, &b, 100, |seq| {
+        if seq == 40 {
+            a.drop_server_transport().expect("a new UDP socket");
+        }
+    });
+    assert_eq!(a.tunnel_id(), Some(id), "same tunnel id");
+    assert_eq!(a.internal_ipv4(), Some(addr), "same address");
+    let after = a.observed_address().expect("observed address");
+    assert_ne!(before.port(), after.port(), "a new source port");
+    let notes: Vec<Notification> = a.notifications().try_iter().collect();
+    assert!(notes.contains(&Notification::TransportLost), "{notes:?}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| matches!(n, Notification::Reattached(_))),
+        "{notes:?}"
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert!(got.contains(&99), "the flow continues: {got:?}");
+    assert!(got.len() >= 90, "{} of 100 arrived", got.len());
+    assert_eq!(server.stats().director.reattaches, 1);
+}
