@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,6 +21,9 @@ use crate::tunnel::ClientCore;
 
 /// How long the listener thread sleeps between looks at its stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// Accepted connections still in their handshake (not yet handed to the client), at most;
+/// beyond, new ones are closed at once.
+const MAX_HANDSHAKING: usize = 16;
 
 /// Whether and how a tunnel listens for peer streams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,14 +113,21 @@ pub(crate) fn run_listener(
     stop: &AtomicBool,
     timeout: Duration,
 ) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
         match listener.socket.accept() {
+            Ok(_) if handshaking.load(Ordering::SeqCst) >= MAX_HANDSHAKING => {}
             Ok((sock, remote)) => {
                 let s = shared.clone();
                 let tls = listener.tls.clone();
-                let _ = thread::Builder::new()
+                let count = handshaking.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                let spawned = thread::Builder::new()
                     .name("tscf-peer-stream".to_owned())
-                    .spawn(move || accepted(&s, sock, remote, tls, timeout));
+                    .spawn(move || accepted(&s, sock, remote, tls, timeout, &count));
+                if spawned.is_err() {
+                    handshaking.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
             Err(_) => thread::sleep(ACCEPT_POLL),
@@ -131,6 +141,7 @@ fn accepted(
     remote: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     timeout: Duration,
+    handshaking: &AtomicUsize,
 ) {
     let ready = (|| -> Result<_, stream::StreamError> {
         sock.set_nonblocking(false)?;
@@ -145,6 +156,7 @@ fn accepted(
         };
         Ok(stream::split(sock, conn)?)
     })();
+    handshaking.fetch_sub(1, Ordering::SeqCst);
     let Ok((reader, mut writer)) = ready else {
         return;
     };
