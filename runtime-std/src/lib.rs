@@ -113,7 +113,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) fn os_seed() -> std::io::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| {
-        std::io::Error::other(format!("no secure randomness from the operating system: {e}"))
+        std::io::Error::other(format!(
+            "no secure randomness from the operating system: {e}"
+        ))
     })?;
     Ok(seed)
 }
