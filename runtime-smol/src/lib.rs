@@ -1,6 +1,80 @@
-//! Async runtime for tscf on smol: drives the sans-IO state machines of [`tscf_core`].
+//! Async runtime for tscf on [smol](https://docs.rs/smol): drives the sans-IO state machines
+//! of [`tscf_core`] over async sockets (TCP, TLS, UDP). It owns sockets, TLS sessions, timers
+//! and tasks; every protocol decision stays in the core.
 //!
-//! This crate currently only re-exports the core; its transports arrive with the async server
-//! and client.
+//! It offers the same nouns and names as `tscf-runtime-std`, so an embedder switches runtime
+//! by changing an import (and adding `.await`):
+//!
+//! - [`Server`] / [`ServerHandle`]: [`Server::start`]`(`[`ServerConfig`]`).await`; a
+//!   [`SessionDirector`](tscf_core::director::SessionDirector) behind a lock held only for its
+//!   synchronous calls, never across an `.await`. One task per stream connection (TCP, TLS),
+//!   one per UDP listener (which also answers STUN Binding requests), one timer task.
+//! - [`Tunnel`]: [`Tunnel::connect`]`(`[`TunnelConfig`]`).await`; one task drives the
+//!   [`TunnelClient`](tscf_core::client::TunnelClient)'s timer, one its UDP socket (server
+//!   tunnel on UDP and peer socket), one each open stream transport.
+//!   [`Tunnel::notifications`] is an async channel of [`Notification`]s.
+//! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
+//!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
+//!   whether packets to a peer take the relay or a peer tunnel.
+//!
+//! Configuration, statistics, notification and TLS types are those of `tscf-runtime-std`,
+//! re-exported here, as are its TLS configuration builders (rustls with the ring provider);
+//! they hold no I/O, so sharing them keeps both runtimes identical without copied code.
+//!
+//! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
+//! threads. DTLS and QUIC transports are not in this runtime yet: a [`Tunnel`] reports them as
+//! failed attempts and a [`ServerConfig`] has no listeners for them.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tscf_runtime_smol::core::client::ServerEndpoint;
+//! use tscf_runtime_smol::core::wire::Transport;
+//! use tscf_runtime_smol::{Server, ServerConfig, Tunnel, TunnelConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! smol::block_on(async {
+//!     let server = Server::start(ServerConfig {
+//!         udp: vec!["127.0.0.1:0".parse()?],
+//!         ..ServerConfig::default()
+//!     })
+//!     .await?;
+//!     let addr = server.local_addrs().udp[0];
+//!     let tunnel = Tunnel::connect(TunnelConfig::new(vec![ServerEndpoint {
+//!         addr,
+//!         transport: Transport::UDP,
+//!     }]))
+//!     .await?;
+//!     let socket = tunnel.bind(5004)?;
+//!     socket.send_to(b"hello", "10.77.0.3:5004".parse()?).await?;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
+mod server;
+mod socket;
+mod stream;
+mod timer;
+mod tunnel;
+
+pub use server::{Server, ServerHandle};
+pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
+pub use tscf_runtime_std::tls;
+pub use tscf_runtime_std::{
+    ClientTlsConfig, ConnectError, Fingerprint, LocalAddrs, Notification, RuntimeCounters,
+    ServerConfig, ServerIdentity, ServerStats, ServerTlsConfig, ServerVerification, StartError,
+    TlsConfigError, TunnelConfig, TunnelStats,
+};
+pub use tunnel::Tunnel;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, going on with the data if a task panicked while holding it: every critical
+/// section leaves the state machines consistent between inputs.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -14,7 +14,10 @@
 //!   [`InnerUdpSocket::set_peer_tunneling`] move to a direct UDP path to the other client once
 //!   the core has set one up ([`Notification::PeerTunnelUp`], [`Tunnel::peer_path`]) and back
 //!   to the relay when it fails ([`Notification::PeerTunnelDown`]). Only UDP peer paths exist.
-//! - [`tls`]: rustls with the ring provider; pinned fingerprints, CA files, mutual TLS.
+//! - [`tls`]: rustls with the ring provider; pinned fingerprints, CA files, mutual TLS. Its
+//!   configuration builders ([`tls::server_config`], [`tls::client_config`]) and [`os_seed`]
+//!   hold no I/O, so `tscf-runtime-smol` uses them as they are, with these configuration,
+//!   statistics and notification types.
 //!
 //! # Threads and limits
 //!
@@ -109,8 +112,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// 32 octets from the operating system's secure source. There is no fallback: tunnel ids,
 /// re-attach secrets and peer tokens drawn from a guessable seed would let anyone hijack a
-/// tunnel, so without a secure source nothing starts.
-pub(crate) fn os_seed() -> std::io::Result<[u8; 32]> {
+/// tunnel, so without a secure source nothing starts. Shared with `tscf-runtime-smol`.
+pub fn os_seed() -> std::io::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| {
         std::io::Error::other(format!(

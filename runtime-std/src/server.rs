@@ -140,7 +140,7 @@ pub struct RuntimeCounters {
 }
 
 /// A snapshot of a running server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerStats {
     /// The director's statistics.

@@ -155,12 +155,13 @@ pub enum TlsConfigError {
 }
 
 /// The ring provider; every rustls configuration here is built from it.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A server configuration and the fingerprint of its certificate.
-pub(crate) fn server_config(
+/// A rustls server configuration (ring provider) and the fingerprint of its certificate.
+/// Runtime-independent: `tscf-runtime-smol` builds its TLS listeners with it too.
+pub fn server_config(
     config: &ServerTlsConfig,
 ) -> Result<(Arc<rustls::ServerConfig>, Fingerprint), TlsConfigError> {
     let (chain, key) = match &config.identity {
@@ -191,8 +192,8 @@ pub(crate) fn server_config(
     Ok((Arc::new(builder.with_single_cert(chain, key)?), fingerprint))
 }
 
-/// A client configuration.
-pub(crate) fn client_config(
+/// A rustls client configuration (ring provider) that verifies the server as `config` says.
+pub fn client_config(
     config: &ClientTlsConfig,
 ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -223,7 +224,7 @@ pub(crate) fn client_config(
 }
 
 /// The name a client verifies: the configured one, else the server's IP address.
-pub(crate) fn server_name(
+pub fn server_name(
     config: &ClientTlsConfig,
     addr: std::net::SocketAddr,
 ) -> Result<ServerName<'static>, TlsConfigError> {

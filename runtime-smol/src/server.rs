@@ -1,0 +1,546 @@
+//! The tunnel server: a [`SessionDirector`] behind a lock held only for its synchronous calls,
+//! driven by smol tasks.
+//!
+//! Tasks: one acceptor per TCP or TLS listener, one per stream connection (it handshakes, then
+//! reads and writes), one per UDP listener (tscf and STUN), and one timer task.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_channel::{Sender, TrySendError};
+use async_io::{Async, Timer};
+use futures_lite::future;
+use futures_rustls::TlsAcceptor;
+use smol::Task;
+use tscf_core::director::{
+    ConnectionHandle, ConnectionInfo, DirectorEvent, SessionDirector, TunnelSummary,
+};
+use tscf_core::stun;
+use tscf_core::wire::Transport;
+use tscf_runtime_std::tls::{self, Fingerprint};
+use tscf_runtime_std::{
+    os_seed, LocalAddrs, RuntimeCounters, ServerConfig, ServerStats, StartError,
+};
+
+use crate::lock;
+use crate::stream::{self, Outgoing, StreamError};
+use crate::timer::{Shared, Timed};
+
+/// How long shutdown waits for stream connections to flush their last envelopes.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+
+/// Starts servers.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Binds every listener and starts the tasks on smol's global executor. Refuses open
+    /// admission on a listener beyond loopback, like `tscf_runtime_std::Server::start`.
+    pub async fn start(mut config: ServerConfig) -> Result<ServerHandle, StartError> {
+        let all: Vec<SocketAddr> = config
+            .tcp
+            .iter()
+            .chain(&config.tls)
+            .chain(&config.udp)
+            .copied()
+            .collect();
+        if all.is_empty() {
+            return Err(StartError::NoListener);
+        }
+        config.director.validate()?;
+        config.director.check_listeners(&all)?;
+        if !config.keep_seed {
+            config.director.rng_seed = os_seed().map_err(StartError::Randomness)?;
+        }
+        let (acceptor, fingerprint) = match (&config.tls_config, config.tls.is_empty()) {
+            (Some(t), _) => {
+                let (c, f) = tls::server_config(t)?;
+                (Some(c), Some(f))
+            }
+            (None, false) => return Err(StartError::MissingTls),
+            (None, true) => (None, None),
+        };
+        let bind_tcp = |addr: &SocketAddr| {
+            Async::<TcpListener>::bind(*addr).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })
+        };
+        let tcp: Vec<_> = config.tcp.iter().map(bind_tcp).collect::<Result<_, _>>()?;
+        let tls_listeners: Vec<_> = config.tls.iter().map(bind_tcp).collect::<Result<_, _>>()?;
+        let udp: Vec<Arc<Async<UdpSocket>>> = config
+            .udp
+            .iter()
+            .map(|addr| {
+                Async::<UdpSocket>::bind(*addr)
+                    .map(Arc::new)
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let local = |l: &Async<TcpListener>| l.get_ref().local_addr().map_err(StartError::Thread);
+        let addrs = LocalAddrs {
+            tcp: tcp.iter().map(local).collect::<Result<_, _>>()?,
+            tls: tls_listeners.iter().map(local).collect::<Result<_, _>>()?,
+            udp: udp
+                .iter()
+                .map(|s| s.get_ref().local_addr().map_err(StartError::Thread))
+                .collect::<Result<_, _>>()?,
+        };
+        let counters = Arc::new(Counters::default());
+        let director = SessionDirector::new(config.director.clone())?;
+        let inner = Arc::new(ServerInner {
+            shared: Shared {
+                state: Mutex::new(ServerCore {
+                    director,
+                    routes: HashMap::new(),
+                    udp_peers: HashMap::new(),
+                    next_handle: 0,
+                    buf: Vec::new(),
+                    stopped: false,
+                    armed: None,
+                    counters: counters.clone(),
+                }),
+                timer: Default::default(),
+                changed: Default::default(),
+            },
+            counters,
+            stopping: AtomicBool::new(false),
+            stream_count: AtomicUsize::new(0),
+            tls: acceptor,
+            pending_timeout: config.director.pending_timeout,
+            max_streams: config.max_stream_connections.max(1),
+            queue_len: config.stream_queue_len.max(1),
+        });
+        let mut tasks = Vec::new();
+        let i = inner.clone();
+        tasks.push(smol::spawn(async move { i.shared.run_timer().await }));
+        for (listener, transport) in tcp
+            .into_iter()
+            .map(|l| (l, Transport::TCP))
+            .chain(tls_listeners.into_iter().map(|l| (l, Transport::TLS)))
+        {
+            tasks.push(smol::spawn(inner.clone().accept(listener, transport)));
+        }
+        for socket in udp {
+            tasks.push(smol::spawn(inner.clone().run_udp(socket)));
+        }
+        Ok(ServerHandle {
+            inner,
+            addrs,
+            fingerprint,
+            tasks,
+        })
+    }
+}
+
+/// A running server. Dropping it stops it like [`shutdown`](Self::shutdown), without waiting
+/// for the last envelopes to be written.
+#[derive(Debug)]
+pub struct ServerHandle {
+    inner: Arc<ServerInner>,
+    addrs: LocalAddrs,
+    fingerprint: Option<Fingerprint>,
+    tasks: Vec<Task<()>>,
+}
+
+impl ServerHandle {
+    /// The listeners' addresses, with the ports the system chose for port 0.
+    pub fn local_addrs(&self) -> &LocalAddrs {
+        &self.addrs
+    }
+
+    /// The SHA-256 fingerprint of the TLS certificate (for clients that pin it).
+    pub fn tls_fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprint
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> ServerStats {
+        let core = lock(&self.inner.shared.state);
+        let mut stats = ServerStats::default();
+        stats.director = core.director.stats();
+        stats.runtime = self.inner.counters.snapshot();
+        stats.stream_connections = self.inner.stream_count.load(Ordering::Relaxed);
+        stats.udp_connections = core.udp_peers.len();
+        stats
+    }
+
+    /// The tunnels the director holds.
+    pub fn tunnels(&self) -> Vec<TunnelSummary> {
+        lock(&self.inner.shared.state).director.tunnels().collect()
+    }
+
+    /// Closes every tunnel with reason Shutdown (`director.shutdown`), sends the release
+    /// notifications, waits up to a second for the stream connections to write them and close,
+    /// then stops every task.
+    pub async fn shutdown(mut self) {
+        if !self.stop() {
+            return;
+        }
+        let deadline = Instant::now() + FLUSH_GRACE;
+        while self.inner.stream_count.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            Timer::after(Duration::from_millis(10)).await;
+        }
+        for task in self.tasks.drain(..) {
+            task.cancel().await;
+        }
+    }
+
+    /// Shuts the director down and tells every connection to close; false if already done.
+    fn stop(&mut self) -> bool {
+        let inner = &self.inner;
+        if inner.stopping.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let mut core = lock(&inner.shared.state);
+        core.director.shutdown(Instant::now());
+        core.drain();
+        core.stopped = true;
+        for route in core.routes.values() {
+            if let Route::Stream { tx } = route {
+                if tx.try_send(Outgoing::Close).is_err() {
+                    tx.close();
+                }
+            }
+        }
+        inner.shared.timer.notify(usize::MAX);
+        true
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Debug)]
+struct ServerInner {
+    shared: Shared<ServerCore>,
+    counters: Arc<Counters>,
+    stopping: AtomicBool,
+    stream_count: AtomicUsize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    pending_timeout: Duration,
+    max_streams: usize,
+    queue_len: usize,
+}
+
+/// The director and the routes of its connections.
+#[derive(Debug)]
+struct ServerCore {
+    director: SessionDirector,
+    routes: HashMap<ConnectionHandle, Route>,
+    udp_peers: HashMap<(SocketAddr, SocketAddr), ConnectionHandle>,
+    next_handle: u64,
+    buf: Vec<u8>,
+    stopped: bool,
+    armed: Option<Instant>,
+    counters: Arc<Counters>,
+}
+
+/// How envelopes reach a connection.
+#[derive(Debug)]
+enum Route {
+    /// The connection task's queue.
+    Stream { tx: Sender<Outgoing> },
+    /// A UDP listener (a non-blocking send, never awaited under the lock) and the remote.
+    Udp {
+        socket: Arc<Async<UdpSocket>>,
+        local: SocketAddr,
+        peer: SocketAddr,
+    },
+}
+
+impl ServerCore {
+    /// Drains the director after an input: transmits to their connections, then events.
+    fn drain(&mut self) {
+        while let Some(t) = self.director.poll_transmit(&mut self.buf) {
+            match self.routes.get(&t.connection) {
+                Some(Route::Stream { tx }) => {
+                    let frame = std::mem::take(&mut self.buf);
+                    if let Err(TrySendError::Full(_)) = tx.try_send(Outgoing::Envelope(frame)) {
+                        bump(&self.counters.stream_queue_full);
+                    }
+                }
+                Some(Route::Udp { socket, peer, .. })
+                    if socket.get_ref().send_to(&self.buf, *peer).is_err() =>
+                {
+                    bump(&self.counters.udp_send_errors);
+                }
+                _ => {}
+            }
+        }
+        while let Some(event) = self.director.poll_event() {
+            tracing::debug!(?event, "director");
+            if let DirectorEvent::CloseConnection { connection } = event {
+                match self.routes.remove(&connection) {
+                    Some(Route::Stream { tx }) if tx.try_send(Outgoing::Close).is_err() => {
+                        tx.close();
+                    }
+                    Some(Route::Udp { local, peer, .. }) => {
+                        self.udp_peers.remove(&(local, peer));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self) -> ConnectionHandle {
+        self.next_handle += 1;
+        ConnectionHandle(self.next_handle)
+    }
+}
+
+impl Timed for ServerCore {
+    fn deadline(&self) -> Option<Instant> {
+        self.director.poll_timeout()
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        self.director.handle_timeout(now);
+        self.drain();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+}
+
+impl ServerInner {
+    async fn accept(self: Arc<Self>, listener: Async<TcpListener>, transport: Transport) {
+        loop {
+            let Ok((sock, remote)) = listener.accept().await else {
+                // Out of descriptors or an aborted connection: let the system catch up.
+                Timer::after(Duration::from_millis(10)).await;
+                continue;
+            };
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.stream_count.load(Ordering::SeqCst) >= self.max_streams {
+                bump(&self.counters.streams_refused);
+                continue;
+            }
+            bump(&self.counters.streams_accepted);
+            self.stream_count.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            smol::spawn(async move {
+                if let Err(e) = me.serve_stream(sock, remote, transport).await {
+                    tracing::debug!(error = %e, "stream connection ended");
+                }
+                me.stream_count.fetch_sub(1, Ordering::SeqCst);
+            })
+            .detach();
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        sock: Async<TcpStream>,
+        remote: SocketAddr,
+        transport: Transport,
+    ) -> Result<(), StreamError> {
+        let _ = sock.get_ref().set_nodelay(true);
+        if transport != Transport::TLS {
+            return self.serve_connection(sock, remote, transport, false).await;
+        }
+        let acceptor = self
+            .tls
+            .clone()
+            .map(TlsAcceptor::from)
+            .ok_or_else(|| std::io::Error::other("no TLS"))?;
+        let timeout = self.pending_timeout;
+        let handshake = future::or(async { acceptor.accept(sock).await.map(Some) }, async {
+            Timer::after(timeout).await;
+            Ok(None)
+        })
+        .await;
+        let tls = match handshake {
+            Ok(Some(tls)) => tls,
+            Ok(None) => {
+                bump(&self.counters.tls_handshake_failures);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                )
+                .into());
+            }
+            Err(e) => {
+                bump(&self.counters.tls_handshake_failures);
+                return Err(e.into());
+            }
+        };
+        let verified = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty());
+        self.serve_connection(tls, remote, transport, verified)
+            .await
+    }
+
+    /// Registers the connection with the director and runs it until it ends.
+    async fn serve_connection<S>(
+        &self,
+        io: S,
+        remote: SocketAddr,
+        transport: Transport,
+        verified_identity: bool,
+    ) -> Result<(), StreamError>
+    where
+        S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+    {
+        let (tx, rx) = async_channel::bounded(self.queue_len);
+        let handle = {
+            let mut core = lock(&self.shared.state);
+            if core.stopped {
+                return Ok(());
+            }
+            let handle = core.handle();
+            core.routes.insert(handle, Route::Stream { tx });
+            let info = ConnectionInfo {
+                transport,
+                remote,
+                verified_identity,
+            };
+            // Handles are fresh, so the director cannot know this one.
+            let _ = core.director.handle_connect(Instant::now(), handle, info);
+            core.drain();
+            self.shared.rearm(&mut core);
+            handle
+        };
+        let mut deframer = tscf_core::wire::StreamDeframer::new();
+        let result = stream::serve(io, &rx, |bytes| {
+            let pushed = deframer.push(bytes);
+            let mut core = lock(&self.shared.state);
+            let mut outcome = pushed.map_err(StreamError::from);
+            while outcome.is_ok() {
+                match deframer.next_envelope() {
+                    Ok(Some(envelope)) => {
+                        core.director
+                            .handle_envelope(Instant::now(), handle, envelope);
+                    }
+                    Ok(None) => break,
+                    Err(e) => outcome = Err(e.into()),
+                }
+            }
+            core.drain();
+            self.shared.rearm(&mut core);
+            outcome
+        })
+        .await;
+        if matches!(result, Err(StreamError::Framing(_))) {
+            bump(&self.counters.framing_errors);
+        }
+        let mut core = lock(&self.shared.state);
+        core.director.handle_disconnect(Instant::now(), handle);
+        core.routes.remove(&handle);
+        core.drain();
+        self.shared.rearm(&mut core);
+        result
+    }
+
+    async fn run_udp(self: Arc<Self>, socket: Arc<Async<UdpSocket>>) {
+        let Ok(local) = socket.get_ref().local_addr() else {
+            return;
+        };
+        let mut buf = vec![0u8; 65_536];
+        let mut answer = Vec::new();
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                continue;
+            };
+            let datagram = &buf[..n];
+            match datagram.first() {
+                Some(0..=3) => {
+                    if stun::is_stun(datagram)
+                        && stun::answer_binding_request(datagram, from, &mut answer).is_ok()
+                    {
+                        bump(&self.counters.stun_answered);
+                        if socket.get_ref().send_to(&answer, from).is_err() {
+                            bump(&self.counters.udp_send_errors);
+                        }
+                    } else {
+                        bump(&self.counters.udp_dropped);
+                    }
+                }
+                Some(4 | 5) => {
+                    let mut core = lock(&self.shared.state);
+                    if core.stopped {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    let handle = match core.udp_peers.get(&(local, from)) {
+                        Some(h) => *h,
+                        None => {
+                            let h = core.handle();
+                            core.udp_peers.insert((local, from), h);
+                            let route = Route::Udp {
+                                socket: socket.clone(),
+                                local,
+                                peer: from,
+                            };
+                            core.routes.insert(h, route);
+                            let info = ConnectionInfo {
+                                transport: Transport::UDP,
+                                remote: from,
+                                verified_identity: false,
+                            };
+                            // Handles are fresh, so the director cannot know this one.
+                            let _ = core.director.handle_connect(now, h, info);
+                            h
+                        }
+                    };
+                    core.director.handle_datagram(now, handle, datagram);
+                    core.drain();
+                    self.shared.rearm(&mut core);
+                }
+                _ => bump(&self.counters.udp_dropped),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    streams_accepted: AtomicU64,
+    streams_refused: AtomicU64,
+    tls_handshake_failures: AtomicU64,
+    framing_errors: AtomicU64,
+    stream_queue_full: AtomicU64,
+    stun_answered: AtomicU64,
+    udp_dropped: AtomicU64,
+    udp_send_errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RuntimeCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut r = RuntimeCounters::default();
+        r.streams_accepted = get(&self.streams_accepted);
+        r.streams_refused = get(&self.streams_refused);
+        r.tls_handshake_failures = get(&self.tls_handshake_failures);
+        r.framing_errors = get(&self.framing_errors);
+        r.stream_queue_full = get(&self.stream_queue_full);
+        r.stun_answered = get(&self.stun_answered);
+        r.udp_dropped = get(&self.udp_dropped);
+        r.udp_send_errors = get(&self.udp_send_errors);
+        r
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}

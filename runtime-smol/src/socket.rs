@@ -1,0 +1,229 @@
+//! Inner UDP sockets: datagrams between internal addresses, carried as IPv4 or IPv6 packets
+//! in the tunnel and handed to sockets by destination port.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use event_listener::Event;
+use futures_lite::future;
+use tscf_core::client::SendError;
+
+use crate::lock;
+use crate::timer::Shared;
+use crate::tunnel::ClientCore;
+
+/// Hop limit of the inner packets sent.
+const INNER_TTL: u8 = 64;
+
+/// A UDP socket on the tunnel's internal address, like `async_net::UdpSocket`. Datagrams go
+/// to other tunnels' internal addresses through the server (or a peer tunnel); received
+/// datagrams wait in a bounded queue. Dropping it unbinds the port.
+#[derive(Debug)]
+pub struct InnerUdpSocket {
+    port: u16,
+    queue: Arc<SocketQueue>,
+    shared: Arc<Shared<ClientCore>>,
+    read_timeout: Mutex<Option<Duration>>,
+}
+
+impl InnerUdpSocket {
+    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, shared: Arc<Shared<ClientCore>>) -> Self {
+        Self {
+            port,
+            queue,
+            shared,
+            read_timeout: Mutex::new(None),
+        }
+    }
+
+    /// The local port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        let core = lock(&self.shared.state);
+        let ip = core
+            .client
+            .internal_ipv4()
+            .map(IpAddr::V4)
+            .or(core.client.internal_ipv6().map(IpAddr::V6))
+            .ok_or_else(no_tunnel)?;
+        Ok(SocketAddr::new(ip, self.port))
+    }
+
+    /// Sends `buf` to `dst`, an internal address and port of another tunnel. It never waits:
+    /// while the tunnel re-attaches the datagram waits in the client's bounded queue, and a
+    /// full queue is [`io::ErrorKind::WouldBlock`].
+    pub async fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
+        let mut core = lock(&self.shared.state);
+        let builder = match dst.ip() {
+            IpAddr::V4(to) => {
+                let from = core.client.internal_ipv4().ok_or_else(no_tunnel)?;
+                PacketBuilder::ipv4(from.octets(), to.octets(), INNER_TTL)
+            }
+            IpAddr::V6(to) => {
+                let from = core.client.internal_ipv6().ok_or_else(no_tunnel)?;
+                PacketBuilder::ipv6(from.octets(), to.octets(), INNER_TTL)
+            }
+        }
+        .udp(self.port, dst.port());
+        let mut packet = Vec::with_capacity(builder.size(buf.len()));
+        builder
+            .write(&mut packet, buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        core.client
+            .send_ip(Instant::now(), &packet)
+            .map_err(send_error)?;
+        core.drain();
+        self.shared.rearm(&mut core);
+        Ok(buf.len())
+    }
+
+    /// Opts this socket in or out of peer tunneling (the `tsc_setsockopt` of the TSC API), as
+    /// in the blocking runtime: an opted-in socket's datagrams take a peer tunnel once one is
+    /// up and the relay otherwise. Its default, restored on drop, is the configuration's
+    /// `default_opt_in`.
+    pub fn set_peer_tunneling(&self, enabled: bool) {
+        let mut core = lock(&self.shared.state);
+        core.client.set_peer_tunneling(self.port, enabled);
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
+    /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
+    /// who sent it. Waits up to the read timeout, then fails with
+    /// [`io::ErrorKind::WouldBlock`].
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let timeout = *lock(&self.read_timeout);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let ready = self.queue.ready.listen();
+            if let Some((data, from)) = lock(&self.queue.packets).pop_front() {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                return Ok((n, from));
+            }
+            if self.queue.closed.load(Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the tunnel is closed",
+                ));
+            }
+            match deadline {
+                None => ready.await,
+                Some(at) => {
+                    if Instant::now() >= at {
+                        return Err(io::Error::new(io::ErrorKind::WouldBlock, "read timed out"));
+                    }
+                    future::or(ready, async {
+                        Timer::at(at).await;
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// How long [`recv_from`](Self::recv_from) waits; `None` waits until a datagram comes.
+    /// A zero duration is an error, as for std sockets.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        if timeout == Some(Duration::ZERO) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "zero read timeout",
+            ));
+        }
+        *lock(&self.read_timeout) = timeout;
+        Ok(())
+    }
+}
+
+impl Drop for InnerUdpSocket {
+    fn drop(&mut self) {
+        let mut core = lock(&self.shared.state);
+        core.sockets.remove(&self.port);
+        let default = core.default_opt_in;
+        core.client.set_peer_tunneling(self.port, default);
+    }
+}
+
+/// Datagrams received for one inner socket.
+#[derive(Debug)]
+pub(crate) struct SocketQueue {
+    packets: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
+    ready: Event,
+    closed: AtomicBool,
+    limit: usize,
+}
+
+impl SocketQueue {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            packets: Mutex::new(VecDeque::new()),
+            ready: Event::new(),
+            closed: AtomicBool::new(false),
+            limit,
+        }
+    }
+
+    /// The tunnel is gone: wake the readers for good.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.ready.notify(usize::MAX);
+    }
+}
+
+/// Hands one inner packet received from the tunnel to the socket bound to its destination
+/// port, or counts why not.
+pub(crate) fn deliver(core: &mut ClientCore, packet: Vec<u8>) {
+    let Ok(sliced) = SlicedPacket::from_ip(&packet) else {
+        core.stats.not_udp += 1;
+        return;
+    };
+    let from_ip = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
+        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
+        _ => {
+            core.stats.not_udp += 1;
+            return;
+        }
+    };
+    let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
+        core.stats.not_udp += 1;
+        return;
+    };
+    let Some(queue) = core.sockets.get(&udp.destination_port()) else {
+        core.stats.unbound_port += 1;
+        return;
+    };
+    let from = SocketAddr::new(from_ip, udp.source_port());
+    let mut packets = lock(&queue.packets);
+    if packets.len() >= queue.limit {
+        core.stats.socket_queue_full += 1;
+        return;
+    }
+    packets.push_back((udp.payload().to_vec(), from));
+    queue.ready.notify(1);
+}
+
+fn no_tunnel() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet")
+}
+
+fn send_error(e: SendError) -> io::Error {
+    let kind = match e {
+        SendError::NotConnected => io::ErrorKind::NotConnected,
+        SendError::Closed => io::ErrorKind::BrokenPipe,
+        SendError::QueueFull => io::ErrorKind::WouldBlock,
+        _ => io::ErrorKind::InvalidInput,
+    };
+    io::Error::new(kind, e)
+}

@@ -1,0 +1,690 @@
+//! The tunnel client: a [`TunnelClient`] behind a lock held only for its synchronous calls,
+//! its transports, and its inner sockets.
+//!
+//! Tasks: a timer task, a UDP task on the client's one UDP socket, and one task per stream
+//! transport while it is open (it connects, handshakes, then reads and writes).
+//!
+//! The UDP socket carries the server tunnel when it runs over UDP, and is also the client's
+//! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
+//! peer tunnels ([`Destination::Peer`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use async_io::{Async, Timer};
+use futures_lite::future;
+use futures_rustls::TlsConnector;
+use rustls::pki_types::ServerName;
+use smol::Task;
+use tscf_core::client::{
+    ClientEvent, ClientState, Destination, PeerPath, PeerTunnelInfo, ServerEndpoint,
+    TerminateReason, TunnelClient, TunnelInfo,
+};
+use tscf_core::stun;
+use tscf_core::wire::{Envelope, Transport};
+use tscf_runtime_std::tls::{self, ClientTlsConfig};
+use tscf_runtime_std::{os_seed, ConnectError, Notification, TunnelConfig, TunnelStats};
+
+use crate::lock;
+use crate::socket::{InnerUdpSocket, SocketQueue};
+use crate::stream::{self, Outgoing, StreamError};
+use crate::timer::{Shared, Timed};
+
+/// Notifications waiting to be read; beyond, new ones are dropped and counted.
+const NOTIFICATION_QUEUE: usize = 256;
+/// Envelopes waiting for a stream transport's task.
+const STREAM_QUEUE: usize = 1024;
+/// How long closing a tunnel waits for the server to acknowledge the release.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+/// First port [`Tunnel::bind`] picks for port 0.
+const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
+
+/// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
+/// tasks; [`close`](Self::close) also waits for the server's answer.
+#[derive(Debug)]
+pub struct Tunnel {
+    shared: Arc<Shared<ClientCore>>,
+    notifications: Receiver<Notification>,
+    tasks: Vec<Task<()>>,
+}
+
+impl Tunnel {
+    /// Starts the client and waits until it holds a tunnel, the server refuses it for good,
+    /// or `connect_timeout` passes. The client, not this runtime, decides which server and
+    /// transport to try next. Takes the same [`TunnelConfig`] as the blocking runtime.
+    pub async fn connect(mut config: TunnelConfig) -> Result<Self, ConnectError> {
+        if !config.keep_seed {
+            let seed = os_seed()?;
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&seed[..8]);
+            config.client.rng_seed = u64::from_le_bytes(first);
+        }
+        let tls = match &config.tls {
+            Some(t) => Some((tls::client_config(t)?, t.clone())),
+            None => None,
+        };
+        let udp = Arc::new(Async::<UdpSocket>::bind(udp_bind_addr(
+            &config.client.servers,
+        ))?);
+        let mut default_opt_in = false;
+        let peer_enabled = config.client.peer.is_some();
+        if let Some(peer) = &mut config.client.peer {
+            if peer.local_addresses.is_empty() {
+                peer.local_addresses = host_candidates(udp.get_ref(), &config.client.servers)?;
+            }
+            default_opt_in = peer.default_opt_in;
+        }
+        let client = TunnelClient::new(config.client.clone(), Instant::now())?;
+        let (tx, notifications) = async_channel::bounded(NOTIFICATION_QUEUE);
+        let shared = Arc::new_cyclic(|me| Shared {
+            state: Mutex::new(ClientCore {
+                client,
+                me: me.clone(),
+                link: Link::None,
+                generation: 0,
+                udp: udp.clone(),
+                peer_enabled,
+                peer_blocked: false,
+                default_opt_in,
+                tls,
+                transport_timeout: config.transport_timeout,
+                sockets: HashMap::new(),
+                socket_queue_len: config.socket_queue_len.max(1),
+                next_port: *EPHEMERAL_PORTS.start(),
+                notifications: tx,
+                last_failure: None,
+                terminated: None,
+                stopped: false,
+                armed: None,
+                buf: Vec::new(),
+                packet: Vec::new(),
+                stats: TunnelStats::default(),
+            }),
+            timer: Default::default(),
+            changed: Default::default(),
+        });
+        let s = shared.clone();
+        let timer = smol::spawn(async move { s.run_timer().await });
+        let s = shared.clone();
+        let udp_task = smol::spawn(async move { run_udp(&s, &udp).await });
+        let tunnel = Tunnel {
+            shared: shared.clone(),
+            notifications,
+            tasks: vec![timer, udp_task],
+        };
+        lock(&shared.state).drain();
+        let started = Instant::now();
+        let deadline = started + config.connect_timeout;
+        loop {
+            let changed = shared.changed.listen();
+            {
+                let core = lock(&shared.state);
+                match core.client.state() {
+                    ClientState::Connected => break,
+                    ClientState::Terminated => {
+                        let reason = core.terminated.unwrap_or(TerminateReason::Released);
+                        return Err(ConnectError::Refused(reason));
+                    }
+                    _ => {}
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(ConnectError::TimedOut {
+                        waited: now - started,
+                        last_failure: core.last_failure.clone(),
+                    });
+                }
+            }
+            future::or(changed, async {
+                Timer::at(deadline).await;
+            })
+            .await;
+        }
+        Ok(tunnel)
+    }
+
+    /// The tunnel's internal IPv4 address (kept across re-attaches).
+    pub fn internal_ipv4(&self) -> Option<Ipv4Addr> {
+        lock(&self.shared.state).client.internal_ipv4()
+    }
+
+    /// The tunnel's internal IPv6 address.
+    pub fn internal_ipv6(&self) -> Option<Ipv6Addr> {
+        lock(&self.shared.state).client.internal_ipv6()
+    }
+
+    /// The tunnel id.
+    pub fn tunnel_id(&self) -> Option<u64> {
+        lock(&self.shared.state).client.tunnel_id()
+    }
+
+    /// This client's transport address as the server saw it (behind a NAT, the mapping).
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        let core = lock(&self.shared.state);
+        core.client.tunnel_info().and_then(|i| i.observed_address)
+    }
+
+    /// The configuration the server gave the tunnel.
+    pub fn info(&self) -> Option<TunnelInfo> {
+        lock(&self.shared.state).client.tunnel_info().cloned()
+    }
+
+    /// Where the client is in its life cycle.
+    pub fn state(&self) -> ClientState {
+        lock(&self.shared.state).client.state()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> TunnelStats {
+        let core = lock(&self.shared.state);
+        let mut stats = core.stats;
+        stats.client = *core.client.stats();
+        stats
+    }
+
+    /// What happened to the tunnel, in order, as an async channel (at most 256 wait; later
+    /// ones are dropped and counted in [`TunnelStats::notifications_dropped`]).
+    pub fn notifications(&self) -> &Receiver<Notification> {
+        &self.notifications
+    }
+
+    /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
+    /// one from 49152 up.
+    pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
+        let mut core = lock(&self.shared.state);
+        let port = if port == 0 {
+            core.free_port()?
+        } else if core.sockets.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("inner port {port} is bound"),
+            ));
+        } else {
+            port
+        };
+        let queue = Arc::new(SocketQueue::new(core.socket_queue_len));
+        core.sockets.insert(port, queue.clone());
+        Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
+    }
+
+    /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
+    pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
+        lock(&self.shared.state).client.peer_path(peer)
+    }
+
+    /// Every peer the client holds peer tunneling state for.
+    pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
+        lock(&self.shared.state).client.peer_tunnels()
+    }
+
+    /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
+    /// [`TunnelClient::release_peer_tunnel`].
+    pub fn release_peer_tunnel(&self, peer: IpAddr) {
+        let mut core = lock(&self.shared.state);
+        core.client.release_peer_tunnel(Instant::now(), peer);
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
+    /// Test hook: while `blocked`, every datagram the peer socket would send or receive is
+    /// dropped and counted in [`TunnelStats::peer_blocked`], as if a firewall cut the direct
+    /// path. The server tunnel is not affected.
+    #[doc(hidden)]
+    pub fn block_peer_traffic(&self, blocked: bool) {
+        lock(&self.shared.state).peer_blocked = blocked;
+    }
+
+    /// Releases the tunnel, waits up to a second for the server's answer, and stops the tasks.
+    pub async fn close(mut self) {
+        self.release();
+        let deadline = Instant::now() + RELEASE_WAIT;
+        loop {
+            let changed = self.shared.changed.listen();
+            if self.state() == ClientState::Terminated || Instant::now() >= deadline {
+                break;
+            }
+            future::or(changed, async {
+                Timer::at(deadline).await;
+            })
+            .await;
+        }
+        self.stop();
+        for task in self.tasks.drain(..) {
+            task.cancel().await;
+        }
+    }
+
+    fn release(&self) {
+        let mut core = lock(&self.shared.state);
+        if core.stopped {
+            return;
+        }
+        core.client.release(Instant::now());
+        core.drain();
+        self.shared.rearm(&mut core);
+    }
+
+    fn stop(&mut self) {
+        let mut core = lock(&self.shared.state);
+        core.close_link();
+        core.stopped = true;
+        for queue in core.sockets.values() {
+            queue.close();
+        }
+        self.shared.timer.notify(usize::MAX);
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.release();
+        self.stop();
+    }
+}
+
+/// The client and everything its tasks share.
+#[derive(Debug)]
+pub(crate) struct ClientCore {
+    pub(crate) client: TunnelClient,
+    me: Weak<Shared<ClientCore>>,
+    link: Link,
+    /// Bumped whenever the transport changes, so that a stale stream task stays quiet.
+    generation: u64,
+    udp: Arc<Async<UdpSocket>>,
+    peer_enabled: bool,
+    peer_blocked: bool,
+    /// What an inner socket goes back to when it is dropped.
+    pub(crate) default_opt_in: bool,
+    tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
+    transport_timeout: Duration,
+    pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
+    socket_queue_len: usize,
+    next_port: u16,
+    notifications: Sender<Notification>,
+    last_failure: Option<String>,
+    terminated: Option<TerminateReason>,
+    stopped: bool,
+    armed: Option<Instant>,
+    buf: Vec<u8>,
+    packet: Vec<u8>,
+    pub(crate) stats: TunnelStats,
+}
+
+/// The transport to the server, as this runtime holds it.
+#[derive(Debug)]
+enum Link {
+    None,
+    /// A stream transport's queue; `None` while its task connects.
+    Stream(Option<Sender<Outgoing>>),
+    Udp(SocketAddr),
+}
+
+impl ClientCore {
+    /// Drains the client after an input: transmits, then events (acting on each), until both
+    /// are empty; then hands received packets to the inner sockets.
+    pub(crate) fn drain(&mut self) {
+        loop {
+            let now = Instant::now();
+            while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
+                match t.destination {
+                    Destination::Server => self.send_to_server(),
+                    Destination::Peer(_) if self.peer_blocked => self.stats.peer_blocked += 1,
+                    // Loss on a peer path is the core's to notice.
+                    Destination::Peer(to) => {
+                        let _ = self.udp.get_ref().send_to(&self.buf, to);
+                    }
+                    _ => {}
+                }
+            }
+            let Some(event) = self.client.poll_event() else {
+                break;
+            };
+            self.on_event(now, event);
+        }
+        while self.client.recv_ip(&mut self.packet) {
+            let packet = std::mem::take(&mut self.packet);
+            crate::socket::deliver(self, packet);
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, event: ClientEvent) {
+        tracing::debug!(?event, "tunnel client");
+        let note = match event {
+            ClientEvent::OpenTransport { server } => {
+                self.open(now, server);
+                return;
+            }
+            ClientEvent::CloseTransport => {
+                self.close_link();
+                return;
+            }
+            ClientEvent::Connected(info) => Notification::Connected(info),
+            ClientEvent::Reattached(info) => Notification::Reattached(info),
+            ClientEvent::TransportLost => Notification::TransportLost,
+            ClientEvent::TunnelClosed { reason } => Notification::TunnelClosed { reason },
+            ClientEvent::ConnectFailed { server, result } => {
+                let error = match result {
+                    Some(code) => {
+                        self.last_failure = Some(format!("{} answered {code}", server.addr));
+                        None
+                    }
+                    None => self.last_failure.clone(),
+                };
+                Notification::ConnectFailed {
+                    server,
+                    result,
+                    error,
+                }
+            }
+            ClientEvent::NatDiscovered {
+                public,
+                varies_by_destination,
+            } => Notification::NatDiscovered {
+                public,
+                varies_by_destination,
+            },
+            ClientEvent::PeerTunnelUp {
+                peer, path, setup, ..
+            } => Notification::PeerTunnelUp { peer, path, setup },
+            ClientEvent::PeerTunnelDown { peer, reason } => {
+                Notification::PeerTunnelDown { peer, reason }
+            }
+            ClientEvent::Terminated { reason } => {
+                self.terminated = Some(reason);
+                Notification::Terminated { reason }
+            }
+            _ => return,
+        };
+        if self.notifications.try_send(note).is_err() {
+            self.stats.notifications_dropped += 1;
+        }
+        // Wake `connect` and `close`, which wait for a state change.
+        if let Some(shared) = self.me.upgrade() {
+            shared.changed.notify(usize::MAX);
+        }
+    }
+
+    /// Opens the transport the client asked for.
+    fn open(&mut self, now: Instant, server: ServerEndpoint) {
+        self.close_link();
+        match server.transport {
+            Transport::UDP => {
+                self.link = Link::Udp(server.addr);
+                self.client.handle_transport_open(now);
+            }
+            Transport::TCP | Transport::TLS => {
+                let tls = match (&self.tls, server.transport == Transport::TLS) {
+                    (_, false) => None,
+                    (Some((config, settings)), true) => {
+                        match tls::server_name(settings, server.addr) {
+                            Ok(name) => Some((config.clone(), name)),
+                            Err(e) => return self.failed(now, e.to_string()),
+                        }
+                    }
+                    (None, true) => {
+                        return self.failed(now, format!("{}: no TLS settings", server.addr));
+                    }
+                };
+                let Some(shared) = self.me.upgrade() else {
+                    return;
+                };
+                self.link = Link::Stream(None);
+                let stream = StreamTask {
+                    shared,
+                    generation: self.generation,
+                    server,
+                    tls,
+                    timeout: self.transport_timeout,
+                };
+                smol::spawn(stream.run()).detach();
+            }
+            other => self.failed(now, format!("transport {other} is not supported here")),
+        }
+    }
+
+    fn failed(&mut self, now: Instant, why: String) {
+        self.last_failure = Some(why);
+        self.link = Link::None;
+        self.client.handle_transport_failed(now);
+    }
+
+    fn send_to_server(&mut self) {
+        match &self.link {
+            // A failed write shows up in the stream task, which reports the loss.
+            Link::Stream(Some(tx)) => {
+                let _ = tx.try_send(Outgoing::Envelope(self.buf.clone()));
+            }
+            Link::Udp(server) => {
+                let _ = self.udp.get_ref().send_to(&self.buf, *server);
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops the current transport; its task, if any, sees its queue close and ends.
+    fn close_link(&mut self) {
+        if let Link::Stream(Some(tx)) = std::mem::replace(&mut self.link, Link::None) {
+            if tx.try_send(Outgoing::Close).is_err() {
+                tx.close();
+            }
+        }
+        self.generation += 1;
+    }
+
+    fn free_port(&mut self) -> io::Result<u16> {
+        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
+        for _ in 0..=span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                port + 1
+            };
+            if !self.sockets.contains_key(&port) {
+                return Ok(port);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free inner port",
+        ))
+    }
+}
+
+impl Timed for ClientCore {
+    fn deadline(&self) -> Option<Instant> {
+        self.client.poll_timeout()
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        self.client.handle_timeout(now);
+        self.drain();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+}
+
+/// One stream transport to a server: connects, reports, then reads and writes until it ends.
+struct StreamTask {
+    shared: Arc<Shared<ClientCore>>,
+    generation: u64,
+    server: ServerEndpoint,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+}
+
+impl StreamTask {
+    async fn run(self) {
+        let deadline = Instant::now() + self.timeout;
+        let sock = bounded(deadline, Async::<TcpStream>::connect(self.server.addr)).await;
+        let sock = match sock {
+            Ok(sock) => sock,
+            Err(e) => return self.report_failure(e),
+        };
+        let _ = sock.get_ref().set_nodelay(true);
+        let result = match self.tls.clone() {
+            None => self.serve(sock).await,
+            Some((config, name)) => {
+                let connector = TlsConnector::from(config);
+                match bounded(deadline, connector.connect(name, sock)).await {
+                    Ok(tls) => self.serve(tls).await,
+                    Err(e) => return self.report_failure(e),
+                }
+            }
+        };
+        let why = match result {
+            Ok(()) => "closed by the server".to_owned(),
+            Err(StreamError::Stale) => return,
+            Err(e) => e.to_string(),
+        };
+        let mut core = lock(&self.shared.state);
+        if core.generation == self.generation && !core.stopped {
+            core.link = Link::None;
+            core.generation += 1;
+            core.last_failure = Some(format!("{}: {why}", self.server.addr));
+            core.client.handle_transport_lost(Instant::now());
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+    }
+
+    fn report_failure(&self, e: io::Error) {
+        let mut core = lock(&self.shared.state);
+        if core.generation == self.generation && !core.stopped {
+            core.failed(Instant::now(), format!("{}: {e}", self.server.addr));
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+    }
+
+    async fn serve<S>(&self, io: S) -> Result<(), StreamError>
+    where
+        S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+    {
+        let (tx, rx) = async_channel::bounded(STREAM_QUEUE);
+        {
+            let mut core = lock(&self.shared.state);
+            if core.generation != self.generation || core.stopped {
+                return Err(StreamError::Stale);
+            }
+            core.link = Link::Stream(Some(tx));
+            core.client.handle_transport_open(Instant::now());
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+        let mut deframer = tscf_core::wire::StreamDeframer::new();
+        let mut envelope = Vec::new();
+        stream::serve(io, &rx, |bytes| {
+            let pushed = deframer.push(bytes);
+            let mut core = lock(&self.shared.state);
+            if core.generation != self.generation {
+                return Err(StreamError::Stale);
+            }
+            let mut outcome = pushed.map_err(StreamError::from);
+            while outcome.is_ok() {
+                match deframer.next_envelope() {
+                    Ok(Some(env)) => {
+                        envelope.clear();
+                        // The deframer only returns envelopes that fit the format.
+                        if Envelope::encode(env.kind, env.payload, &mut envelope).is_ok() {
+                            core.client.handle_envelope(Instant::now(), &envelope);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => outcome = Err(e.into()),
+                }
+            }
+            core.drain();
+            self.shared.rearm(&mut core);
+            outcome
+        })
+        .await
+    }
+}
+
+/// `work`, or a timeout error at `deadline`.
+async fn bounded<T>(
+    deadline: Instant,
+    work: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    future::or(work, async {
+        Timer::at(deadline).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+    })
+    .await
+}
+
+/// The UDP task: envelopes from the server tunnel go to the client's server side, everything
+/// else to its peer side (STUN answers included); without peer tunneling the rest is counted.
+async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+            continue;
+        };
+        let datagram = &buf[..n];
+        let mut core = lock(&shared.state);
+        if core.stopped {
+            return;
+        }
+        let from_server = matches!(core.link, Link::Udp(server) if server == from);
+        let now = Instant::now();
+        if from_server && !stun::is_stun(datagram) {
+            core.client.handle_envelope(now, datagram);
+        } else if core.peer_blocked {
+            core.stats.peer_blocked += 1;
+            continue;
+        } else if core.peer_enabled {
+            core.client.handle_peer_datagram(now, from, datagram);
+        } else {
+            core.stats.udp_dropped += 1;
+            continue;
+        }
+        core.drain();
+        shared.rearm(&mut core);
+    }
+}
+
+/// The host candidates of the peer socket: its bound address, or when it is bound to the
+/// unspecified address, the local address the system would send to the first server from.
+fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Vec<SocketAddr>> {
+    let local = udp.local_addr()?;
+    if !local.ip().is_unspecified() {
+        return Ok(vec![local]);
+    }
+    let Some(server) = servers.first() else {
+        return Ok(Vec::new());
+    };
+    // Connecting a UDP socket sends nothing; it only picks the route and its source address.
+    let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+    probe.connect(server.addr)?;
+    Ok(vec![SocketAddr::new(
+        probe.local_addr()?.ip(),
+        local.port(),
+    )])
+}
+
+/// The client's UDP socket binds to loopback when the servers are on loopback, else to the
+/// unspecified address of the first server's family.
+fn udp_bind_addr(servers: &[ServerEndpoint]) -> SocketAddr {
+    let first = servers
+        .iter()
+        .find(|s| s.transport.is_datagram())
+        .or(servers.first());
+    let ip = match first.map(|s| s.addr.ip()) {
+        Some(ip) if ip.is_loopback() => ip,
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
+}

@@ -1,0 +1,108 @@
+//! Per transport, a smol server and two smol clients: configuration, relay, a 50 packet/s
+//! flow for 2 s complete and in order, then a peer tunnel between the clients carrying a flow.
+
+use std::net::IpAddr;
+
+use tscf_core::client::{ClientState, PeerPath};
+use tscf_core::wire::Transport;
+use tscf_runtime_smol::Notification;
+
+use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS};
+
+/// 2 s at 50 packets/s.
+const PACKETS: u32 = 100;
+
+fn relay_then_peer_tunnel(transport: Transport) {
+    let server = smol_server();
+    let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        assert_eq!(a.state(), ClientState::Connected);
+        let (ia, ib) = (a.internal_ipv4().unwrap(), b.internal_ipv4().unwrap());
+        assert_ne!(ia, ib, "{transport}: distinct internal addresses");
+        assert_ne!(a.tunnel_id(), b.tunnel_id());
+        assert!(a.observed_address().unwrap().ip().is_loopback());
+        assert_eq!(a.info().unwrap().server.transport, transport);
+        assert!(matches!(
+            a.notifications().try_recv(),
+            Ok(Notification::Connected(_))
+        ));
+
+        // Relay: opted out, every packet goes through the server.
+        let got = smol_flow(&a, &b, PACKETS, false).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>(), "{transport}: relay");
+        let stats = server.stats();
+        assert_eq!(stats.director.active_tunnels, 2, "{transport}");
+        assert!(stats.director.frames_relayed >= u64::from(PACKETS));
+
+        // Peer tunnel: opted in, the flow moves to the direct UDP path.
+        let got = smol_flow(&a, &b, PACKETS, true).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>(), "{transport}: peer");
+        let notes: Vec<Notification> =
+            std::iter::from_fn(|| a.notifications().try_recv().ok()).collect();
+        assert!(
+            notes.iter().any(|n| matches!(
+                n,
+                Notification::PeerTunnelUp { peer, .. } if *peer == IpAddr::V4(ib)
+            )),
+            "{transport}: {notes:?}"
+        );
+        assert!(matches!(a.peer_path(IpAddr::V4(ib)), PeerPath::Peer(_)));
+        assert!(matches!(b.peer_path(IpAddr::V4(ia)), PeerPath::Peer(_)));
+        let peer = a.stats().client.peer;
+        assert!(peer.data_sent > 0, "{transport}: {peer:?}");
+        assert!(b.stats().client.peer.data_received > 0, "{transport}");
+
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn tcp_relay_flow_and_peer_tunnel() {
+    relay_then_peer_tunnel(TRANSPORTS[0]);
+}
+
+#[test]
+fn tls_relay_flow_and_peer_tunnel() {
+    relay_then_peer_tunnel(TRANSPORTS[1]);
+}
+
+#[test]
+fn udp_relay_flow_and_peer_tunnel() {
+    relay_then_peer_tunnel(TRANSPORTS[2]);
+}
+
+#[test]
+fn server_shutdown_notifies_tunnels() {
+    let server = smol_server();
+    let config = tunnel_config(server.local_addrs(), None, Transport::TCP);
+    smol::block_on(async {
+        let a = smol_tunnel(config).await;
+        server.shutdown().await;
+        loop {
+            match a.notifications().recv().await.unwrap() {
+                Notification::TunnelClosed { .. } => break,
+                _ => continue,
+            }
+        }
+    });
+}
+
+#[test]
+fn stun_binding_is_answered_on_the_udp_listener() {
+    let server = smol_server();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut request = Vec::new();
+    tscf_core::stun::encode_binding_request(tscf_core::stun::TransactionId([7; 12]), &mut request);
+    sock.send_to(&request, server.local_addrs().udp[0]).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    let answer = tscf_core::stun::decode_binding_response(&buf[..n]).unwrap();
+    assert_eq!(answer.mapped, sock.local_addr().unwrap());
+    assert_eq!(server.stats().runtime.stun_answered, 1);
+}

@@ -1,0 +1,7 @@
+//! Integration tests of `tscf-runtime-smol` over real loopback sockets, alone and against
+//! `tscf-runtime-std`.
+#![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
+
+mod cross;
+mod flow;
+mod util;
