@@ -1,0 +1,176 @@
+//! The `tscf server` configuration file (TOML). Every key is optional; unknown keys are
+//! errors, and every error names the key and the reason.
+//!
+//! ```toml
+//! tcp = ["127.0.0.1:4440"]          # plain TCP listeners
+//! tls = ["127.0.0.1:4443"]          # TLS listeners
+//! udp = ["127.0.0.1:4440"]          # UDP listeners (tscf and STUN)
+//! ipv4_pool = "10.77.0.0/16"        # internal IPv4 addresses ("" for none)
+//! ipv6_pool = "fd77::/48"           # internal IPv6 addresses ("" for none)
+//! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
+//! auth_tokens = ["secret"]          # required for listeners beyond loopback
+//!
+//! [tls_identity]                    # default: self-signed for the names below
+//! self_signed = ["127.0.0.1", "localhost"]
+//! # cert = "server.pem"             # or a PEM chain and key
+//! # key = "server.key"
+//! ```
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tscf_runtime_smol::core::director::{Ipv4Pool, Ipv6Pool};
+use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
+
+/// The configuration used without `--config`.
+pub(crate) const DEFAULT: &str = r#"
+tcp = ["127.0.0.1:4440"]
+tls = ["127.0.0.1:4443"]
+udp = ["127.0.0.1:4440"]
+ipv4_pool = "10.77.0.0/16"
+ipv6_pool = "fd77::/48"
+peer_tunneling = true
+
+[tls_identity]
+self_signed = ["127.0.0.1", "localhost"]
+"#;
+
+/// The file's contents.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerFile {
+    #[serde(default)]
+    tcp: Vec<SocketAddr>,
+    #[serde(default)]
+    tls: Vec<SocketAddr>,
+    #[serde(default)]
+    udp: Vec<SocketAddr>,
+    ipv4_pool: Option<Pool<Ipv4Addr>>,
+    ipv6_pool: Option<Pool<Ipv6Addr>>,
+    peer_tunneling: Option<bool>,
+    #[serde(default)]
+    auth_tokens: Vec<String>,
+    tls_identity: Option<Identity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Identity {
+    #[serde(default)]
+    self_signed: Vec<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// `network/prefix`, or the empty string for no pool.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String", bound = "A: std::str::FromStr")]
+struct Pool<A>(Option<(A, u8)>);
+
+impl<A: std::str::FromStr> TryFrom<String> for Pool<A> {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if text.is_empty() {
+            return Ok(Self(None));
+        }
+        let bad = || format!("{text:?} is not network/prefix-length");
+        let (net, len) = text.split_once('/').ok_or_else(bad)?;
+        let net = net.parse().map_err(|_| bad())?;
+        let len = len.parse().map_err(|_| bad())?;
+        Ok(Self(Some((net, len))))
+    }
+}
+
+impl ServerFile {
+    pub(crate) fn default_config() -> Result<Self, String> {
+        Self::parse(DEFAULT)
+    }
+
+    /// Parses TOML; the error shows the line, the key and the reason.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// The runtime's configuration.
+    pub(crate) fn into_server_config(self) -> Result<ServerConfig, String> {
+        let mut config = ServerConfig {
+            tcp: self.tcp,
+            tls: self.tls,
+            udp: self.udp,
+            ..ServerConfig::default()
+        };
+        if let Some(Pool(p)) = self.ipv4_pool {
+            config.director.ipv4_pool = p.map(|(n, l)| Ipv4Pool::new(n, l));
+        }
+        if let Some(Pool(p)) = self.ipv6_pool {
+            config.director.ipv6_pool = p.map(|(n, l)| Ipv6Pool::new(n, l));
+        }
+        if let Some(on) = self.peer_tunneling {
+            config.director.peer_tunneling = on;
+        }
+        config.director.admission.tokens = self
+            .auth_tokens
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        let identity = match self.tls_identity {
+            None if config.tls.is_empty() => None,
+            None => Some(ServerIdentity::SelfSigned {
+                names: vec!["127.0.0.1".into(), "localhost".into()],
+            }),
+            Some(Identity {
+                cert: Some(cert),
+                key: Some(key),
+                ..
+            }) => Some(ServerIdentity::PemFiles { cert, key }),
+            Some(Identity {
+                cert: Some(_),
+                key: None,
+                ..
+            }) => return Err("tls_identity.cert needs tls_identity.key".into()),
+            Some(Identity {
+                cert: None,
+                key: Some(_),
+                ..
+            }) => return Err("tls_identity.key needs tls_identity.cert".into()),
+            Some(Identity { self_signed, .. }) => {
+                Some(ServerIdentity::SelfSigned { names: self_signed })
+            }
+        };
+        config.tls_config = identity.map(|identity| ServerTlsConfig {
+            identity,
+            client_ca: None,
+        });
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_configuration_parses() {
+        let c = ServerFile::default_config()
+            .and_then(ServerFile::into_server_config)
+            .expect("default parses");
+        assert_eq!(c.tcp, vec!["127.0.0.1:4440".parse().expect("addr")]);
+        assert!(c.director.peer_tunneling);
+        assert!(c.tls_config.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = ServerFile::parse("tpc = []").expect_err("unknown key");
+        assert!(e.contains("tpc"), "{e}");
+        let e = ServerFile::parse("udp = [\"nowhere\"]").expect_err("bad address");
+        assert!(e.contains("udp"), "{e}");
+        let e = ServerFile::parse("ipv4_pool = \"10.0.0.0\"").expect_err("bad pool");
+        assert!(
+            e.contains("ipv4_pool") && e.contains("network/prefix"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! `tscf`: the tscf program.
+//!
+//! `tscf server` runs a tunnel server on the smol runtime. Without `--config` it uses the
+//! embedded default configuration ([`config::DEFAULT`]): loopback listeners for TCP
+//! (127.0.0.1:4440), TLS with a self-signed certificate (127.0.0.1:4443) and UDP
+//! (127.0.0.1:4440), the pools `10.77.0.0/16` and `fd77::/48`, peer tunneling on. It prints
+//! its listening addresses and the TLS fingerprint clients pin. Logging goes to standard
+//! error, filtered by `RUST_LOG` (nothing below warnings by default).
+//!
+//! Exit codes: 0 when it stopped normally (`--for` elapsed), 1 on a runtime failure (a
+//! listener cannot be bound, no randomness), 2 on a usage or configuration error.
+#![forbid(unsafe_code)]
+
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tscf_runtime_smol::{Server, StartError};
+
+/// Usage or configuration error.
+const EXIT_USAGE: u8 = 2;
+/// Runtime failure.
+const EXIT_FAILURE: u8 = 1;
+
+/// TSC tunnels with server-assisted peer tunneling.
+#[derive(Debug, Parser)]
+#[command(name = "tscf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a tunnel server (TCP, TLS and UDP listeners).
+    Server {
+        /// A TOML configuration file; without it the embedded default configuration is used.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long = "for", value_name = "SECONDS")]
+        run_for: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Server { config, run_for } => server(config, run_for),
+    }
+}
+
+fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
+    let file = match path {
+        None => config::ServerFile::default_config(),
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                config::ServerFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        },
+    };
+    let config = match file.and_then(|f| f.into_server_config()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tscf: configuration error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    smol::block_on(async {
+        let handle = match Server::start(config).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("tscf: cannot start the server: {e}");
+                let code = match e {
+                    StartError::Bind { .. } | StartError::Thread(_) | StartError::Randomness(_) => {
+                        EXIT_FAILURE
+                    }
+                    _ => EXIT_USAGE,
+                };
+                return ExitCode::from(code);
+            }
+        };
+        let addrs = handle.local_addrs();
+        println!("tscf server listening");
+        for a in &addrs.tcp {
+            println!("  tcp {a}");
+        }
+        for a in &addrs.tls {
+            println!("  tls {a}");
+        }
+        for a in &addrs.udp {
+            println!("  udp {a}");
+        }
+        if let Some(f) = handle.tls_fingerprint() {
+            println!("  tls fingerprint {f}");
+        }
+        match run_for {
+            Some(secs) => async_io::Timer::after(Duration::from_secs(secs)).await,
+            None => futures_lite::future::pending::<std::time::Instant>().await,
+        };
+        handle.shutdown().await;
+        println!("tscf server stopped");
+        ExitCode::SUCCESS
+    })
+}
