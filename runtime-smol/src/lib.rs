@@ -23,6 +23,11 @@
 //! re-exported here, as are its TLS configuration builders (rustls with the ring provider);
 //! they hold no I/O, so sharing them keeps both runtimes identical without copied code.
 //!
+//! Hostile input meets the same outcomes as in `tscf-runtime-std` (its crate documentation has
+//! the table), counted in the same [`RuntimeCounters`]: a failed or slow TLS handshake and
+//! lost framing close the connection, noise on UDP is dropped, and an unconfigured
+//! connection is closed at the director's `pending_timeout`.
+//!
 //! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
 //! threads. DTLS and QUIC transports are not in this runtime yet: a [`Tunnel`] reports them as
 //! failed attempts and a [`ServerConfig`] has no listeners for them.

@@ -2,6 +2,7 @@
 //! `tscf-runtime-std`.
 #![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
 
+mod bad_input;
 mod cross;
 mod flow;
 mod util;
