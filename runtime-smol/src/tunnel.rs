@@ -27,7 +27,9 @@ use tscf_core::client::{
 use tscf_core::stun;
 use tscf_core::wire::{Envelope, Transport};
 use tscf_runtime_std::tls::{self, ClientTlsConfig};
-use tscf_runtime_std::{os_seed, ConnectError, Notification, TunnelConfig, TunnelStats};
+use tscf_runtime_std::{
+    host_candidates, os_seed, udp_bind_addr, ConnectError, Notification, TunnelConfig, TunnelStats,
+};
 
 use crate::lock;
 use crate::socket::{InnerUdpSocket, SocketQueue};
@@ -653,38 +655,4 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
         core.drain();
         shared.rearm(&mut core);
     }
-}
-
-/// The host candidates of the peer socket: its bound address, or when it is bound to the
-/// unspecified address, the local address the system would send to the first server from.
-fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Vec<SocketAddr>> {
-    let local = udp.local_addr()?;
-    if !local.ip().is_unspecified() {
-        return Ok(vec![local]);
-    }
-    let Some(server) = servers.first() else {
-        return Ok(Vec::new());
-    };
-    // Connecting a UDP socket sends nothing; it only picks the route and its source address.
-    let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
-    probe.connect(server.addr)?;
-    Ok(vec![SocketAddr::new(
-        probe.local_addr()?.ip(),
-        local.port(),
-    )])
-}
-
-/// The client's UDP socket binds to loopback when the servers are on loopback, else to the
-/// unspecified address of the first server's family.
-fn udp_bind_addr(servers: &[ServerEndpoint]) -> SocketAddr {
-    let first = servers
-        .iter()
-        .find(|s| s.transport.is_datagram())
-        .or(servers.first());
-    let ip = match first.map(|s| s.addr.ip()) {
-        Some(ip) if ip.is_loopback() => ip,
-        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    };
-    SocketAddr::new(ip, 0)
 }

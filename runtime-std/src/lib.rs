@@ -100,7 +100,9 @@ pub use tls::{
     TlsConfigError,
 };
 pub use tscf_core as core;
-pub use tunnel::{ConnectError, Notification, Tunnel, TunnelConfig, TunnelStats};
+pub use tunnel::{
+    host_candidates, udp_bind_addr, ConnectError, Notification, Tunnel, TunnelConfig, TunnelStats,
+};
 
 use std::sync::{Mutex, MutexGuard};
 

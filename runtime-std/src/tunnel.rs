@@ -886,7 +886,8 @@ fn run_udp(shared: &Shared<ClientCore>, stop: &AtomicBool) {
 
 /// The host candidates of the peer socket: its bound address, or when it is bound to the
 /// unspecified address, the local address the system would send to the first server from.
-fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Vec<SocketAddr>> {
+/// Shared with `tscf-runtime-smol`.
+pub fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Vec<SocketAddr>> {
     let local = udp.local_addr()?;
     if !local.ip().is_unspecified() {
         return Ok(vec![local]);
@@ -903,9 +904,9 @@ fn host_candidates(udp: &UdpSocket, servers: &[ServerEndpoint]) -> io::Result<Ve
     )])
 }
 
-/// The client's UDP socket binds to loopback when the servers are on loopback, else to the
-/// unspecified address of the first server's family.
-fn udp_bind_addr(servers: &[ServerEndpoint]) -> SocketAddr {
+/// Where a client's UDP socket binds: loopback when the servers are on loopback, else the
+/// unspecified address of the first server's family. Shared with `tscf-runtime-smol`.
+pub fn udp_bind_addr(servers: &[ServerEndpoint]) -> SocketAddr {
     let first = servers
         .iter()
         .find(|s| s.transport.is_datagram())
