@@ -7,7 +7,10 @@
 //! its listening addresses and the TLS fingerprint clients pin. Logging goes to standard
 //! error, filtered by `RUST_LOG` (nothing below warnings by default).
 //!
-//! Exit codes: 0 when it stopped normally (`--for` elapsed), 1 on a runtime failure (a
+//! It stops at SIGINT (Ctrl-C) or SIGTERM, or when `--for` elapses: the tunnels are closed with
+//! reason Shutdown, so clients learn it at once.
+//!
+//! Exit codes: 0 when it stopped normally (signal or `--for`), 1 on a runtime failure (a
 //! listener cannot be bound, no randomness), 2 on a usage or configuration error.
 #![forbid(unsafe_code)]
 
@@ -78,6 +81,17 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
         }
     };
     smol::block_on(async {
+        // Before anything is printed, so that a signal after the first line stops it cleanly.
+        let signals = match async_signal::Signals::new([
+            async_signal::Signal::Int,
+            async_signal::Signal::Term,
+        ]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tscf: cannot handle signals: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
         let handle = match Server::start(config).await {
             Ok(h) => h,
             Err(e) => {
@@ -105,10 +119,19 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
         if let Some(f) = handle.tls_fingerprint() {
             println!("  tls fingerprint {f}");
         }
-        match run_for {
-            Some(secs) => async_io::Timer::after(Duration::from_secs(secs)).await,
-            None => futures_lite::future::pending::<std::time::Instant>().await,
+        let stop_at = async {
+            match run_for {
+                Some(secs) => {
+                    async_io::Timer::after(Duration::from_secs(secs)).await;
+                }
+                None => futures_lite::future::pending::<()>().await,
+            }
         };
+        futures_lite::future::or(stop_at, async {
+            let mut signals = signals;
+            let _ = futures_lite::StreamExt::next(&mut signals).await;
+        })
+        .await;
         handle.shutdown().await;
         println!("tscf server stopped");
         ExitCode::SUCCESS

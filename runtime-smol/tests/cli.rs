@@ -99,3 +99,27 @@ fn help_and_usage_errors() {
     let out = tscf(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn server_stops_cleanly_at_sigterm() {
+    let path = config_file("sigterm", "udp = [\"127.0.0.1:0\"]\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tscf"))
+        .args(["server", "--for", "10", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens: the first line is printed after the listeners are bound.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
