@@ -28,7 +28,8 @@ use tscf_core::stun;
 use tscf_core::wire::{Envelope, Transport};
 use tscf_runtime_std::tls::{self, ClientTlsConfig};
 use tscf_runtime_std::{
-    host_candidates, os_seed, udp_bind_addr, ConnectError, Notification, TunnelConfig, TunnelStats,
+    host_candidates, os_seed, udp_bind_addr, ConnectError, Notification, PeerStreamListen,
+    TunnelConfig, TunnelStats,
 };
 
 use crate::lock;
@@ -59,6 +60,13 @@ impl Tunnel {
     /// or `connect_timeout` passes. The client, not this runtime, decides which server and
     /// transport to try next. Takes the same [`TunnelConfig`] as the blocking runtime.
     pub async fn connect(mut config: TunnelConfig) -> Result<Self, ConnectError> {
+        if !matches!(config.peer_streams, PeerStreamListen::None) {
+            return Err(ConnectError::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "peer stream listeners are not supported by the smol runtime yet; \
+                 use tscf-runtime-std or PeerStreamListen::None",
+            )));
+        }
         if !config.keep_seed {
             let seed = os_seed()?;
             let mut first = [0u8; 8];
@@ -381,6 +389,12 @@ impl ClientCore {
                     result,
                     error,
                 }
+            }
+            // This runtime opens no peer streams: say so at once, so that the core does not
+            // wait for one and the flow stays on the relay or a UDP path.
+            ClientEvent::OpenPeerStream { stream, .. } => {
+                self.client.handle_peer_stream_failed(now, stream);
+                return;
             }
             ClientEvent::NatDiscovered {
                 public,

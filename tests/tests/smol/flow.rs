@@ -106,3 +106,24 @@ fn stun_binding_is_answered_on_the_udp_listener() {
     assert_eq!(answer.mapped, sock.local_addr().unwrap());
     assert_eq!(server.stats().runtime.stun_answered, 1);
 }
+
+/// The smol runtime opens no peer streams yet; asking for a listener is refused, not ignored.
+#[test]
+fn peer_stream_listeners_are_refused_not_ignored() {
+    let server = smol_server();
+    let mut config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::UDP,
+    );
+    config.peer_streams =
+        tscf_runtime_std::PeerStreamListen::Tcp("127.0.0.1:0".parse().expect("addr"));
+    let result = smol::block_on(tscf_runtime_smol::Tunnel::connect(config));
+    match result {
+        Err(tscf_runtime_std::ConnectError::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+            assert!(e.to_string().contains("peer stream"), "{e}");
+        }
+        other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
+    }
+}
