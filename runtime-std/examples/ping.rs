@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use tscf_runtime_std::core::client::{PeerPath, ServerEndpoint};
 use tscf_runtime_std::core::wire::Transport;
-use tscf_runtime_std::{
-    ClientTlsConfig, Notification, Server, ServerConfig, ServerIdentity, ServerTlsConfig, Tunnel,
-    TunnelConfig,
-};
+use tscf_runtime_std::{ClientTlsConfig, Notification, Server, ServerConfig, Tunnel, TunnelConfig};
 
 const ECHO_PORT: u16 = 7;
 /// Between two pings.
@@ -54,19 +51,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         _ => Transport::UDP,
     };
     let count: u32 = args.next().and_then(|c| c.parse().ok()).unwrap_or(5);
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let server = Server::start(ServerConfig {
-        tcp: vec![any],
-        tls: vec![any],
-        udp: vec![any],
-        tls_config: Some(ServerTlsConfig {
-            identity: ServerIdentity::SelfSigned {
-                names: vec!["127.0.0.1".into()],
-            },
-            client_ca: None,
-        }),
-        ..ServerConfig::default()
-    })?;
+    let server = Server::start(ServerConfig::loopback())?;
     let addrs = server.local_addrs();
     let addr = match transport {
         Transport::TCP => addrs.tcp[0],

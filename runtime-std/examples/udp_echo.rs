@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use tscf_runtime_std::core::client::ServerEndpoint;
 use tscf_runtime_std::core::wire::Transport;
-use tscf_runtime_std::{
-    ClientTlsConfig, Server, ServerConfig, ServerIdentity, ServerTlsConfig, Tunnel, TunnelConfig,
-};
+use tscf_runtime_std::{ClientTlsConfig, Server, ServerConfig, Tunnel, TunnelConfig};
 
 const ECHO_PORT: u16 = 7;
 
@@ -22,19 +20,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some("tls") => Transport::TLS,
         _ => Transport::UDP,
     };
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let server = Server::start(ServerConfig {
-        tcp: vec![any],
-        tls: vec![any],
-        udp: vec![any],
-        tls_config: Some(ServerTlsConfig {
-            identity: ServerIdentity::SelfSigned {
-                names: vec!["127.0.0.1".into()],
-            },
-            client_ca: None,
-        }),
-        ..ServerConfig::default()
-    })?;
+    let server = Server::start(ServerConfig::loopback())?;
     let addrs = server.local_addrs();
     let addr = match transport {
         Transport::TCP => addrs.tcp[0],

@@ -24,7 +24,7 @@ use tscf_core::wire::{Envelope, Transport};
 
 use crate::stream::{self, StreamError, StreamWriter};
 use crate::timer::{Shared, Timed};
-use crate::tls::{self, Fingerprint, ServerTlsConfig, TlsConfigError};
+use crate::tls::{self, Fingerprint, ServerIdentity, ServerTlsConfig, TlsConfigError};
 use crate::{lock, os_seed};
 
 /// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
@@ -69,6 +69,27 @@ impl Default for ServerConfig {
             tls_config: None,
             max_stream_connections: 1024,
             stream_queue_len: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// TCP, TLS and UDP listeners on ephemeral ports of 127.0.0.1, with a self-signed
+    /// certificate for "127.0.0.1" and the default director (open admission, which loopback
+    /// allows): the setup of examples, tests and local experiments.
+    pub fn loopback() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            tcp: vec![any],
+            tls: vec![any],
+            udp: vec![any],
+            tls_config: Some(ServerTlsConfig {
+                identity: ServerIdentity::SelfSigned {
+                    names: vec!["127.0.0.1".into()],
+                },
+                client_ca: None,
+            }),
+            ..Self::default()
         }
     }
 }

@@ -8,28 +8,13 @@ use std::time::{Duration, Instant};
 
 use tscf_core::client::ServerEndpoint;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::{
-    ClientTlsConfig, Server, ServerConfig, ServerHandle, ServerIdentity, ServerTlsConfig, Tunnel,
-    TunnelConfig,
-};
+use tscf_runtime_std::{ClientTlsConfig, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig};
 
 pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
 
 /// A server on 127.0.0.1 (ephemeral ports) for every transport, with a self-signed certificate.
 pub fn server(tweak: impl FnOnce(&mut ServerConfig)) -> ServerHandle {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = ServerConfig {
-        tcp: vec![any],
-        tls: vec![any],
-        udp: vec![any],
-        tls_config: Some(ServerTlsConfig {
-            identity: ServerIdentity::SelfSigned {
-                names: vec!["127.0.0.1".into()],
-            },
-            client_ca: None,
-        }),
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::loopback();
     tweak(&mut config);
     Server::start(config).expect("server starts")
 }
