@@ -9,6 +9,7 @@
 //! ipv6_pool = "fd77::/48"           # internal IPv6 addresses ("" for none)
 //! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
 //! auth_tokens = ["secret"]          # required for listeners beyond loopback
+//! admin = "127.0.0.1:4449"          # `tscf status` endpoint, loopback only ("" for none)
 //!
 //! [tls_identity]                    # default: self-signed for the names below
 //! self_signed = ["127.0.0.1", "localhost"]
@@ -52,6 +53,7 @@ pub(crate) struct ServerFile {
     #[serde(default)]
     auth_tokens: Vec<String>,
     tls_identity: Option<Identity>,
+    admin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +93,19 @@ impl ServerFile {
     /// Parses TOML; the error shows the line, the key and the reason.
     pub(crate) fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// The admin endpoint's address: `admin`, 127.0.0.1:4449 without it, none for `""`.
+    /// Refused beyond loopback.
+    pub(crate) fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let text = self.admin.as_deref().unwrap_or(crate::admin::DEFAULT_ADDR);
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| format!("admin: {text:?} is not an address and port"))?;
+        crate::admin::check(addr).map(Some)
     }
 
     /// The runtime's configuration.
@@ -159,6 +174,21 @@ mod tests {
         assert_eq!(c.tcp, vec!["127.0.0.1:4440".parse().expect("addr")]);
         assert!(c.director.peer_tunneling);
         assert!(c.tls_config.is_some());
+        let f = ServerFile::default_config().expect("default parses");
+        assert_eq!(
+            f.admin_addr(),
+            Ok(Some("127.0.0.1:4449".parse().expect("addr")))
+        );
+    }
+
+    #[test]
+    fn the_admin_endpoint_stays_on_loopback() {
+        let f = ServerFile::parse("admin = \"0.0.0.0:4449\"").expect("parses");
+        assert!(f.admin_addr().expect_err("refused").contains("loopback"));
+        let f = ServerFile::parse("admin = \"\"").expect("parses");
+        assert_eq!(f.admin_addr(), Ok(None));
+        let f = ServerFile::parse("admin = \"[::1]:0\"").expect("parses");
+        assert!(f.admin_addr().expect("loopback").is_some());
     }
 
     #[test]

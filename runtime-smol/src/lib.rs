@@ -14,7 +14,8 @@
 //!   tunnel on UDP and peer socket), one each open stream transport.
 //!   [`Tunnel::notifications`] is an async channel of [`Notification`]s.
 //! - The `tscf` program (`src/main.rs`): `tscf server` with an embedded default configuration
-//!   or a TOML file.
+//!   or a TOML file and a loopback admin endpoint, `tscf client`, `tscf status` and
+//!   `tscf demo`.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
 //!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
 //!   whether packets to a peer take the relay or a peer tunnel.

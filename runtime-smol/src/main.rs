@@ -10,12 +10,24 @@
 //! It stops at SIGINT (Ctrl-C) or SIGTERM, or when `--for` elapses: the tunnels are closed with
 //! reason Shutdown, so clients learn it at once.
 //!
+//! It also answers `tscf status` on a loopback admin endpoint (127.0.0.1:4449 by default;
+//! `admin` in the configuration, `--admin` on the command line).
+//!
+//! `tscf client` opens a tunnel, prints its addresses and forwards local UDP ports into it;
+//! `tscf demo` runs a server and two clients in one process and measures the relay and the
+//! peer tunnel; `tscf status` prints the state of a running server.
+//!
 //! Exit codes: 0 when it stopped normally (signal or `--for`), 1 on a runtime failure (a
-//! listener cannot be bound, no randomness), 2 on a usage or configuration error.
+//! listener cannot be bound, no randomness, the server unreachable), 2 on a usage or
+//! configuration error, 3 when the server refused the tunnel (`tscf client`).
 #![forbid(unsafe_code)]
 
+mod admin;
+mod client;
 mod config;
+mod demo;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,6 +39,8 @@ use tscf_runtime_smol::{Server, StartError};
 const EXIT_USAGE: u8 = 2;
 /// Runtime failure.
 const EXIT_FAILURE: u8 = 1;
+/// The server refused the tunnel.
+const EXIT_REFUSED: u8 = 3;
 
 /// TSC tunnels with server-assisted peer tunneling.
 #[derive(Debug, Parser)]
@@ -46,6 +60,26 @@ enum Command {
         /// Stop after this many seconds (default: run until killed).
         #[arg(long = "for", value_name = "SECONDS")]
         run_for: Option<u64>,
+        /// The admin endpoint for `tscf status` (loopback only; overrides the configuration).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<SocketAddr>,
+    },
+    /// Open a tunnel, print its addresses and forward local UDP ports into it.
+    Client(client::ClientArgs),
+    /// A server and two clients in one process on loopback: relay and peer tunnel compared.
+    Demo {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the state of a running server, from its admin endpoint.
+    Status {
+        /// The server's admin endpoint.
+        #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADDR)]
+        admin: SocketAddr,
+        /// Print the server's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -59,11 +93,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Server { config, run_for } => server(config, run_for),
+        Command::Server {
+            config,
+            run_for,
+            admin,
+        } => server(config, run_for, admin),
+        Command::Client(args) => client::run(args),
+        Command::Demo { json } => demo::run(json),
+        Command::Status { admin, json } => admin::status(admin, json),
     }
 }
 
-fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
+fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>) -> ExitCode {
     let file = match path {
         None => config::ServerFile::default_config(),
         Some(path) => match std::fs::read_to_string(&path) {
@@ -73,7 +114,14 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
             Err(e) => Err(format!("{}: {e}", path.display())),
         },
     };
-    let config = match file.and_then(|f| f.into_server_config()) {
+    let configured = file.and_then(|f| {
+        let admin = match admin {
+            Some(a) => admin::check(a).map(Some)?,
+            None => f.admin_addr()?,
+        };
+        Ok((f.into_server_config()?, admin))
+    });
+    let (config, admin) = match configured {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
@@ -105,6 +153,13 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
                 return ExitCode::from(code);
             }
         };
+        let admin = match admin.map(admin::bind).transpose() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("tscf: cannot listen for admin clients: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
         let addrs = handle.local_addrs();
         println!("tscf server listening");
         for a in &addrs.tcp {
@@ -119,6 +174,9 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
         if let Some(f) = handle.tls_fingerprint() {
             println!("  tls fingerprint {f}");
         }
+        if let Some(a) = admin.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
+            println!("  admin {a}");
+        }
         let stop_at = async {
             match run_for {
                 Some(secs) => {
@@ -127,11 +185,17 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>) -> ExitCode {
                 None => futures_lite::future::pending::<()>().await,
             }
         };
-        futures_lite::future::or(stop_at, async {
+        let answer_admin = async {
+            match &admin {
+                Some(listener) => admin::serve(listener, &handle).await,
+                None => futures_lite::future::pending::<()>().await,
+            }
+        };
+        let stop = futures_lite::future::or(stop_at, async {
             let mut signals = signals;
             let _ = futures_lite::StreamExt::next(&mut signals).await;
-        })
-        .await;
+        });
+        futures_lite::future::or(stop, answer_admin).await;
         handle.shutdown().await;
         println!("tscf server stopped");
         ExitCode::SUCCESS

@@ -1,8 +1,9 @@
 //! The `tscf` program, run as a process.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn tscf(args: &[&str]) -> Output {
@@ -32,9 +33,18 @@ fn server_runs_for_a_second_and_prints_addresses_and_fingerprint() {
         "ephemeral",
         "tcp = [\"127.0.0.1:0\"]\ntls = [\"127.0.0.1:0\"]\nudp = [\"127.0.0.1:0\"]\n",
     );
-    let out = tscf(&["server", "--for", "1", "--config", path.to_str().unwrap()]);
+    let out = tscf(&[
+        "server",
+        "--for",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("admin 127.0.0.1:"), "{stdout}");
     for kind in ["tcp 127.0.0.1:", "tls 127.0.0.1:", "udp 127.0.0.1:"] {
         assert!(stdout.contains(kind), "{stdout}");
     }
@@ -98,11 +108,157 @@ fn help_and_usage_errors() {
     assert!(text(&out.stdout).contains("--config"));
     let out = tscf(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["client", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["client", "--forward", "127.0.0.1:5004"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["client", "--transport", "tls", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--fingerprint"));
+    let out = tscf(&["server", "--admin", "0.0.0.0:4449", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("loopback"));
+}
+
+/// A server on ephemeral ports (`extra` appended to the configuration), running `seconds`,
+/// and what it printed up to its last address line.
+fn spawn_server(name: &str, extra: &str, seconds: &str) -> (Child, String) {
+    let path = config_file(
+        name,
+        &format!("tcp = [\"127.0.0.1:0\"]\nudp = [\"127.0.0.1:0\"]\n{extra}"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tscf"))
+        .args(["server", "--for", seconds, "--admin", "127.0.0.1:0"])
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("admin ") {
+        assert!(stdout.read_line(&mut printed).unwrap() > 0, "{printed}");
+    }
+    // Keep reading, so that the server's last line does not meet a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, printed)
+}
+
+/// The address after `prefix` on a line of `printed`.
+fn address(printed: &str, prefix: &str) -> String {
+    printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {printed}"))
+        .to_owned()
+}
+
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn client_prints_its_internal_address_and_stops() {
+    let (mut server, printed) = spawn_server("client", "", "5");
+    let udp = address(&printed, "udp ");
+    let out = tscf(&["client", "--server", &udp, "--for", "2"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("internal 10.77."), "{stdout}");
+    assert!(stdout.contains("tunnel id "), "{stdout}");
+    assert!(
+        stdout.contains("seen by the server as 127.0.0.1:"),
+        "{stdout}"
+    );
+
+    let tcp = address(&printed, "tcp ");
+    let out = tscf(&[
+        "client",
+        "--server",
+        &tcp,
+        "--transport",
+        "tcp",
+        "--for",
+        "1",
+        "--json",
+        "--forward",
+        "127.0.0.1:0=10.77.0.2:5004",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    assert_eq!(lines[0]["event"], "connected");
+    assert!(lines[0]["ipv4"].as_str().unwrap().starts_with("10.77."));
+    assert_eq!(lines[1]["event"], "forward");
+    assert_eq!(lines.last().unwrap()["event"], "stopped");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_refused_client_exits_3() {
+    let (mut server, printed) = spawn_server("refused", "auth_tokens = [\"s3cret\"]\n", "5");
+    let udp = address(&printed, "udp ");
+    let out = tscf(&["client", "--server", &udp, "--for", "1", "--token", "wrong"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("Unauthorized"));
+    let out = tscf(&[
+        "client", "--server", &udp, "--for", "1", "--token", "s3cret",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn status_reports_a_running_server_and_fails_without_one() {
+    let (mut server, printed) = spawn_server("status", "", "3");
+    let admin = address(&printed, "admin ");
+    let out = tscf(&["status", "--admin", &admin, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status = &json_lines(&text(&out.stdout))[0];
+    assert_eq!(status["state"], "listening");
+    assert_eq!(status["listeners"]["udp"][0], address(&printed, "udp "));
+    assert_eq!(status["director"]["active_tunnels"], 0);
+    assert!(status["tunnels"].as_array().unwrap().is_empty());
+    let out = tscf(&["status", "--admin", &admin]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("tunnels: 0 active"));
+    assert_eq!(server.wait().unwrap().code(), Some(0));
+
+    // The server has stopped: nobody answers.
+    let out = tscf(&["status", "--admin", &admin]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn demo_forms_a_peer_tunnel_and_measures_both_paths() {
+    let out = tscf(&["demo", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    assert!(lines.iter().any(|l| l["event"] == "peer_tunnel_up"));
+    let results: Vec<_> = lines.iter().filter(|l| l["event"] == "result").collect();
+    assert_eq!(results.len(), 2, "{lines:?}");
+    assert_eq!(results[0]["path"], "relay");
+    assert_eq!(results[1]["path"], "peer");
+    for r in results {
+        // Both paths are sub-millisecond on loopback: check the shape, not which is faster.
+        let rtt = &r["rtt_us"];
+        assert!(rtt["min"].as_f64().unwrap() <= rtt["median"].as_f64().unwrap());
+        assert!(rtt["median"].as_f64().unwrap() <= rtt["max"].as_f64().unwrap());
+        assert!(r["burst"]["received"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["mbit_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let peer = lines.iter().find(|l| l["event"] == "peer").unwrap();
+    assert!(peer["peer_data_sent"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn server_stops_cleanly_at_sigterm() {
-    let path = config_file("sigterm", "udp = [\"127.0.0.1:0\"]\n");
+    let path = config_file("sigterm", "udp = [\"127.0.0.1:0\"]\nadmin = \"\"\n");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tscf"))
         .args(["server", "--for", "10", "--config", path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())

@@ -1,0 +1,190 @@
+//! The admin endpoint of `tscf server` and the `tscf status` command.
+//!
+//! The server listens on a loopback TCP address (127.0.0.1:4449 by default). The protocol is
+//! one line each way: the client sends `status`, the server answers one JSON object on one
+//! line and closes. Only loopback addresses are accepted: the endpoint has no authentication,
+//! so it must not be reachable from elsewhere.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures_lite::{AsyncBufReadExt, AsyncWriteExt};
+use serde_json::{json, Value};
+use smol::Async;
+use tscf_runtime_smol::ServerHandle;
+
+/// Where the admin endpoint listens unless configured otherwise.
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:4449";
+
+/// How long one admin client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Refuses an admin address beyond loopback.
+pub(crate) fn check(addr: SocketAddr) -> Result<SocketAddr, String> {
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!(
+            "admin address {addr} is not a loopback address; the admin endpoint has no \
+             authentication and listens on loopback only"
+        ))
+    }
+}
+
+/// Binds the admin listener.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Async<TcpListener>> {
+    Async::<TcpListener>::bind(addr)
+}
+
+/// Answers admin clients one after the other, forever.
+pub(crate) async fn serve(listener: &Async<TcpListener>, server: &ServerHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let answer = async {
+            let mut reader = futures_lite::io::BufReader::new(stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match line.trim() {
+                "status" => snapshot(server),
+                other => json!({ "error": format!("unknown request {other:?}") }),
+            };
+            let mut text = reply.to_string();
+            text.push('\n');
+            let mut stream = reader.into_inner();
+            let _ = stream.write_all(text.as_bytes()).await;
+            let _ = stream.flush().await;
+        };
+        futures_lite::future::or(answer, async {
+            smol::Timer::after(REQUEST_TIMEOUT).await;
+        })
+        .await;
+    }
+}
+
+/// The server's state as JSON: listeners, tunnels, peer service and counters.
+fn snapshot(server: &ServerHandle) -> Value {
+    let addrs = server.local_addrs();
+    let stats = server.stats();
+    let d = &stats.director;
+    let r = &stats.runtime;
+    let tunnels: Vec<Value> = server
+        .tunnels()
+        .into_iter()
+        .map(|t| {
+            json!({
+                "tunnel_id": t.tunnel_id,
+                "ipv4": t.ipv4.map(|a| a.to_string()),
+                "ipv6": t.ipv6.map(|a| a.to_string()),
+                "transport": t.transport.to_string(),
+                "connected": t.connection.is_some(),
+                "queued_frames": t.queued_frames,
+            })
+        })
+        .collect();
+    json!({
+        "state": "listening",
+        "listeners": {
+            "tcp": addrs.tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "tls": addrs.tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "udp": addrs.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        },
+        "tls_fingerprint": server.tls_fingerprint().map(|f| f.to_string()),
+        "tunnels": tunnels,
+        "director": {
+            "active_tunnels": d.active_tunnels,
+            "persistent_tunnels": d.persistent_tunnels,
+            "pending_connections": d.pending_connections,
+            "tunnels_opened": d.tunnels_opened,
+            "tunnels_closed": d.tunnels_closed,
+            "reattaches": d.reattaches,
+            "frames_relayed": d.frames_relayed,
+            "bytes_relayed": d.bytes_relayed,
+            "control_answered": d.control_answered,
+        },
+        "peer": {
+            "requests_forwarded": d.peer.requests_forwarded,
+            "introductions": d.peer.introductions,
+            "refused_by_destination": d.peer.refused_by_destination,
+            "timeouts": d.peer.timeouts,
+        },
+        "runtime": {
+            "stream_connections": stats.stream_connections,
+            "udp_connections": stats.udp_connections,
+            "streams_accepted": r.streams_accepted,
+            "streams_refused": r.streams_refused,
+            "tls_handshake_failures": r.tls_handshake_failures,
+            "framing_errors": r.framing_errors,
+            "stun_answered": r.stun_answered,
+            "udp_dropped": r.udp_dropped,
+        },
+    })
+}
+
+/// `tscf status`: asks the server at `admin` and prints its answer. Exit 1 if unreachable.
+pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
+    let value = match ask(admin) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tscf: cannot reach the server's admin endpoint at {admin}: {e}");
+            return ExitCode::from(crate::EXIT_FAILURE);
+        }
+    };
+    if as_json {
+        println!("{value}");
+        return ExitCode::SUCCESS;
+    }
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    println!("tscf server {}", value["state"].as_str().unwrap_or("?"));
+    for kind in ["tcp", "tls", "udp"] {
+        for a in value["listeners"][kind].as_array().into_iter().flatten() {
+            println!("  {kind} {}", a.as_str().unwrap_or("?"));
+        }
+    }
+    let d = &value["director"];
+    println!(
+        "tunnels: {} active, {} persistent, {} opened, {} closed",
+        n(&d["active_tunnels"]),
+        n(&d["persistent_tunnels"]),
+        n(&d["tunnels_opened"]),
+        n(&d["tunnels_closed"]),
+    );
+    for t in value["tunnels"].as_array().into_iter().flatten() {
+        println!(
+            "  {:016x} {} {}",
+            n(&t["tunnel_id"]),
+            t["ipv4"].as_str().unwrap_or("-"),
+            t["transport"].as_str().unwrap_or("?"),
+        );
+    }
+    let p = &value["peer"];
+    println!(
+        "peer tunnels: {} introduced, {} requests forwarded",
+        n(&p["introductions"]),
+        n(&p["requests_forwarded"]),
+    );
+    println!(
+        "relayed: {} frames, {} octets",
+        n(&d["frames_relayed"]),
+        n(&d["bytes_relayed"]),
+    );
+    ExitCode::SUCCESS
+}
+
+fn ask(admin: SocketAddr) -> std::io::Result<Value> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let value: Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+    if let Some(e) = value.get("error") {
+        return Err(std::io::Error::other(e.to_string()));
+    }
+    Ok(value)
+}

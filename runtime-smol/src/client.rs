@@ -1,0 +1,377 @@
+//! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
+//! into the tunnel and reports path changes until `--for` elapses or a signal comes.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use futures_lite::future;
+use serde_json::json;
+use smol::Async;
+use tscf_runtime_smol::core::client::ServerEndpoint;
+use tscf_runtime_smol::core::wire::Transport;
+use tscf_runtime_smol::{
+    ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
+    Tunnel, TunnelConfig,
+};
+
+use crate::{EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE};
+
+/// The options of `tscf client`.
+#[derive(Debug, Args)]
+pub(crate) struct ClientArgs {
+    /// The server's address (default: the default server's listener for the transport).
+    #[arg(long, value_name = "ADDR")]
+    server: Option<SocketAddr>,
+    /// The transport to the server.
+    #[arg(long, value_enum, default_value_t = TransportArg::Udp)]
+    transport: TransportArg,
+    /// The SHA-256 fingerprint of the server's TLS certificate (64 hex digits), as
+    /// `tscf server` prints it.
+    #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
+    fingerprint: Option<String>,
+    /// Accept any TLS certificate: anyone on the path can read and change the traffic.
+    #[arg(long)]
+    insecure: bool,
+    /// The admission token, if the server wants one.
+    #[arg(long)]
+    token: Option<String>,
+    /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
+    /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
+    /// INTERNAL's port to INTERNAL; the answers go back to the last local sender. Repeatable.
+    #[arg(long, value_name = "LOCAL=INTERNAL", value_parser = parse_forward)]
+    forward: Vec<(SocketAddr, SocketAddr)>,
+    /// Opt the forwarded sockets in to peer tunneling.
+    #[arg(long)]
+    peer: bool,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long = "for", value_name = "SECONDS")]
+    run_for: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Tls,
+    Udp,
+}
+
+fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (local, internal) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
+    let local = local
+        .parse()
+        .map_err(|_| format!("{local:?} is not an address and port"))?;
+    let internal = internal
+        .parse()
+        .map_err(|_| format!("{internal:?} is not an address and port"))?;
+    Ok((local, internal))
+}
+
+/// Runs `tscf client`.
+pub(crate) fn run(args: ClientArgs) -> ExitCode {
+    let config = match tunnel_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tscf: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if args.insecure {
+        eprintln!(
+            "tscf: warning: --insecure accepts any TLS certificate; anyone on the path can \
+             read and change the traffic"
+        );
+    }
+    smol::block_on(async {
+        let signals = match async_signal::Signals::new([
+            async_signal::Signal::Int,
+            async_signal::Signal::Term,
+        ]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tscf: cannot handle signals: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let tunnel = match Tunnel::connect(config).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tscf: no tunnel: {e}");
+                let code = match e {
+                    ConnectError::Refused(_) => EXIT_REFUSED,
+                    ConnectError::Config(_) | ConnectError::Tls(_) => EXIT_USAGE,
+                    _ => EXIT_FAILURE,
+                };
+                return ExitCode::from(code);
+            }
+        };
+        let out = Printer { json: args.json };
+        out.connected(&tunnel);
+        let mut forwards = Vec::new();
+        for &(local, internal) in &args.forward {
+            match forward(&tunnel, local, internal, args.peer) {
+                Ok(f) => {
+                    out.forward(local, internal, args.peer);
+                    forwards.push(f);
+                }
+                Err(e) => {
+                    eprintln!("tscf: cannot forward {local}: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+        }
+        let forwarding = async {
+            let tasks: Vec<_> = forwards
+                .into_iter()
+                .map(|(sock, inner, internal)| {
+                    smol::spawn(async move { relay(sock, inner, internal).await })
+                })
+                .collect();
+            future::pending::<()>().await;
+            drop(tasks);
+        };
+        // The first Connected notification is the one printed above.
+        if let Ok(note) = tunnel.notifications().try_recv() {
+            if !matches!(note, Notification::Connected(_)) {
+                out.notification(&note);
+            }
+        }
+        let notes = async {
+            while let Ok(note) = tunnel.notifications().recv().await {
+                if let Notification::Terminated { reason } = note {
+                    out.line("terminated", json!({ "reason": format!("{reason:?}") }));
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+                out.notification(&note);
+            }
+            ExitCode::from(EXIT_FAILURE)
+        };
+        let stop = async {
+            match args.run_for {
+                Some(secs) => {
+                    smol::Timer::after(Duration::from_secs(secs)).await;
+                }
+                None => {
+                    let mut signals = signals;
+                    let _ = futures_lite::StreamExt::next(&mut signals).await;
+                }
+            }
+            ExitCode::SUCCESS
+        };
+        let code = future::or(
+            stop,
+            future::or(notes, async {
+                forwarding.await;
+                ExitCode::SUCCESS
+            }),
+        )
+        .await;
+        tunnel.close().await;
+        out.line("stopped", json!({}));
+        code
+    })
+}
+
+fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
+    let (transport, default) = match args.transport {
+        TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
+        TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
+        TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
+    };
+    let addr = match args.server {
+        Some(a) => a,
+        None => default.parse().map_err(|_| "bad default address")?,
+    };
+    let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
+    if transport == Transport::TLS {
+        let verification = match (&args.fingerprint, args.insecure) {
+            (Some(hex), _) => ServerVerification::Pinned(
+                Fingerprint::from_hex(hex).map_err(|e| format!("--fingerprint: {e}"))?,
+            ),
+            (None, true) => ServerVerification::Insecure,
+            (None, false) => {
+                return Err("TLS needs --fingerprint HEX (as tscf server prints it) \
+                            or --insecure"
+                    .into())
+            }
+        };
+        let mut tls = ClientTlsConfig::pinned(Fingerprint([0; 32]));
+        tls.verification = verification;
+        config.tls = Some(tls);
+    } else if args.fingerprint.is_some() || args.insecure {
+        return Err("--fingerprint and --insecure are for --transport tls".into());
+    }
+    if let Some(token) = &args.token {
+        config.client.auth_token = Some(token.clone().into_bytes());
+    }
+    Ok(config)
+}
+
+type Forward = (Async<UdpSocket>, InnerUdpSocket, SocketAddr);
+
+fn forward(
+    tunnel: &Tunnel,
+    local: SocketAddr,
+    internal: SocketAddr,
+    peer: bool,
+) -> std::io::Result<Forward> {
+    let sock = Async::<UdpSocket>::bind(local)?;
+    let inner = tunnel.bind(internal.port())?;
+    inner.set_peer_tunneling(peer);
+    Ok((sock, inner, internal))
+}
+
+/// Copies datagrams between the local socket and the inner socket until either fails.
+async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAddr) {
+    let last_sender: Mutex<Option<SocketAddr>> = Mutex::new(None);
+    let outbound = async {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            *last_sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+            let _ = inner.send_to(&buf[..n], internal).await;
+        }
+    };
+    let inbound = async {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, _)) = inner.recv_from(&mut buf).await {
+            let to = *last_sender.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(to) = to {
+                let _ = sock.send_to(&buf[..n], to).await;
+            }
+        }
+    };
+    future::or(outbound, inbound).await;
+}
+
+/// Prints text or JSON lines.
+#[derive(Clone, Copy)]
+struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    fn connected(&self, tunnel: &Tunnel) {
+        let id = tunnel.tunnel_id().unwrap_or(0);
+        let v4 = tunnel.internal_ipv4();
+        let v6 = tunnel.internal_ipv6();
+        let seen = tunnel.observed_address();
+        if self.json {
+            self.line(
+                "connected",
+                json!({
+                    "tunnel_id": id,
+                    "ipv4": v4.map(|a| a.to_string()),
+                    "ipv6": v6.map(|a| a.to_string()),
+                    "observed": seen.map(|a| a.to_string()),
+                }),
+            );
+            return;
+        }
+        println!("tscf client connected");
+        println!("  tunnel id {id:016x}");
+        if let Some(a) = v4 {
+            println!("  internal {a}");
+        }
+        if let Some(a) = v6 {
+            println!("  internal {a}");
+        }
+        if let Some(a) = seen {
+            println!("  seen by the server as {a}");
+        }
+    }
+
+    fn forward(&self, local: SocketAddr, internal: SocketAddr, peer: bool) {
+        if self.json {
+            self.line(
+                "forward",
+                json!({
+                    "local": local.to_string(),
+                    "internal": internal.to_string(),
+                    "peer_tunneling": peer,
+                }),
+            );
+        } else {
+            let how = if peer {
+                "peer tunneling on"
+            } else {
+                "relay only"
+            };
+            println!("  forward {local} <-> {internal} ({how})");
+        }
+    }
+
+    fn notification(&self, note: &Notification) {
+        match note {
+            Notification::PeerTunnelUp { peer, path, setup } => {
+                if self.json {
+                    self.line(
+                        "peer_tunnel_up",
+                        json!({
+                            "peer": peer.to_string(),
+                            "path": path.to_string(),
+                            "setup_ms": setup.as_secs_f64() * 1e3,
+                        }),
+                    );
+                } else {
+                    println!(
+                        "peer tunnel up: {peer} via {path} (set up in {:.1} ms)",
+                        setup.as_secs_f64() * 1e3
+                    );
+                }
+            }
+            Notification::PeerTunnelDown { peer, reason } => {
+                if self.json {
+                    self.line(
+                        "peer_tunnel_down",
+                        json!({ "peer": peer.to_string(), "reason": format!("{reason:?}") }),
+                    );
+                } else {
+                    println!("peer tunnel down: {peer} ({reason:?}); back on the relay");
+                }
+            }
+            Notification::TransportLost => self.line("transport_lost", json!({})),
+            Notification::Reattached(_) => self.line("reattached", json!({})),
+            Notification::TunnelClosed { reason } => {
+                self.line("tunnel_closed", json!({ "reason": format!("{reason:?}") }));
+            }
+            Notification::Connected(info) => self.line(
+                "connected",
+                json!({
+                    "tunnel_id": info.tunnel_id,
+                    "observed": info.observed_address.map(|a| a.to_string()),
+                }),
+            ),
+            _ => {}
+        }
+    }
+
+    /// One event: a JSON object with `event`, or its name and fields as text.
+    fn line(&self, event: &str, fields: serde_json::Value) {
+        let mut fields = fields;
+        if self.json {
+            if let Some(map) = fields.as_object_mut() {
+                map.insert("event".into(), event.into());
+            }
+            println!("{fields}");
+        } else {
+            let rest: Vec<String> = fields
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let event = event.replace('_', " ");
+            match rest.is_empty() {
+                true => println!("{event}"),
+                false => println!("{event} {}", rest.join(" ")),
+            }
+        }
+    }
+}
