@@ -118,6 +118,8 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
         for &(local, internal) in &args.forward {
             match forward(&tunnel, local, internal, args.peer) {
                 Ok(f) => {
+                    // The bound address, with the port the system chose for port 0.
+                    let local = f.0.get_ref().local_addr().unwrap_or(local);
                     out.forward(local, internal, args.peer);
                     forwards.push(f);
                 }
@@ -154,15 +156,19 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         };
         let stop = async {
-            match args.run_for {
-                Some(secs) => {
-                    smol::Timer::after(Duration::from_secs(secs)).await;
+            let elapsed = async {
+                match args.run_for {
+                    Some(secs) => {
+                        smol::Timer::after(Duration::from_secs(secs)).await;
+                    }
+                    None => future::pending::<()>().await,
                 }
-                None => {
-                    let mut signals = signals;
-                    let _ = futures_lite::StreamExt::next(&mut signals).await;
-                }
-            }
+            };
+            future::or(elapsed, async {
+                let mut signals = signals;
+                let _ = futures_lite::StreamExt::next(&mut signals).await;
+            })
+            .await;
             ExitCode::SUCCESS
         };
         let code = future::or(

@@ -279,3 +279,82 @@ fn server_stops_cleanly_at_sigterm() {
     assert_eq!(status.code(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A `tscf client --json` process and its first lines, up to its last `forward` line.
+fn spawn_client(
+    args: &[&str],
+) -> (
+    Child,
+    Vec<serde_json::Value>,
+    std::thread::JoinHandle<String>,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tscf"))
+        .arg("client")
+        .args(args)
+        .args(["--json", "--peer"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    while lines.last().map(|l: &serde_json::Value| l["event"].clone()) != Some("forward".into()) {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{lines:?}");
+        lines.push(serde_json::from_str(&line).unwrap());
+    }
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        rest
+    });
+    (child, lines, rest)
+}
+
+#[test]
+fn two_clients_forward_local_udp_ports_over_a_peer_tunnel() {
+    let (mut server, printed) = spawn_server("forward", "", "8");
+    let udp = address(&printed, "udp ");
+    // The first client gets 10.77.0.2, the second 10.77.0.3.
+    let common = ["--server", &udp, "--for", "4", "--forward"];
+    let (mut a, a_lines, a_rest) =
+        spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.3:5004"]].concat());
+    let (mut b, b_lines, b_rest) =
+        spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.2:5004"]].concat());
+    assert_eq!(a_lines[0]["ipv4"], "10.77.0.2", "{a_lines:?}");
+    assert_eq!(b_lines[0]["ipv4"], "10.77.0.3", "{b_lines:?}");
+    let local_a: std::net::SocketAddr = a_lines[1]["local"].as_str().unwrap().parse().unwrap();
+    let local_b: std::net::SocketAddr = b_lines[1]["local"].as_str().unwrap().parse().unwrap();
+
+    let app_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let app_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&app_a, &app_b] {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+    }
+    // B's application speaks first, so that client B knows where answers go; then A's
+    // datagrams reach it, and B's answers reach A's application.
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut a_got, mut b_got) = (false, false);
+    while !(a_got && b_got) {
+        assert!(Instant::now() < deadline, "a got {a_got}, b got {b_got}");
+        app_b.send_to(b"from b", local_b).unwrap();
+        app_a.send_to(b"from a", local_a).unwrap();
+        if let Ok((n, _)) = app_b.recv_from(&mut buf) {
+            b_got |= &buf[..n] == b"from a";
+        }
+        if let Ok((n, _)) = app_a.recv_from(&mut buf) {
+            a_got |= &buf[..n] == b"from b";
+        }
+    }
+    assert_eq!(a.wait().unwrap().code(), Some(0));
+    assert_eq!(b.wait().unwrap().code(), Some(0));
+    let (a_rest, b_rest) = (a_rest.join().unwrap(), b_rest.join().unwrap());
+    assert!(
+        a_rest.contains("\"peer_tunnel_up\"") || b_rest.contains("\"peer_tunnel_up\""),
+        "{a_rest}{b_rest}"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
