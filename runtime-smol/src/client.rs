@@ -49,6 +49,9 @@ pub(crate) struct ClientArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+    /// How long to wait for the first tunnel before giving up (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    connect_timeout: u64,
     /// Stop after this many seconds (default: run until killed).
     #[arg(long = "for", value_name = "SECONDS")]
     run_for: Option<u64>,
@@ -214,6 +217,7 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
     } else if args.fingerprint.is_some() || args.insecure {
         return Err("--fingerprint and --insecure are for --transport tls".into());
     }
+    config.connect_timeout = Duration::from_secs(args.connect_timeout);
     if let Some(token) = &args.token {
         config.client.auth_token = Some(token.clone().into_bytes());
     }

@@ -358,3 +358,39 @@ fn two_clients_forward_local_udp_ports_over_a_peer_tunnel() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
+    let (mut server, printed) = spawn_server("tls", "tls = [\"127.0.0.1:0\"]\n", "6");
+    let tls = address(&printed, "tls ");
+    let fingerprint = address(&printed, "tls fingerprint ");
+    let base = [
+        "client",
+        "--transport",
+        "tls",
+        "--server",
+        &tls,
+        "--for",
+        "1",
+    ];
+    let out = tscf(&[&base[..], &["--fingerprint", &fingerprint]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("internal 10.77."));
+    let out = tscf(&[&base[..], &["--insecure"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning: --insecure"));
+    // Another certificate's fingerprint: no tunnel, a runtime failure.
+    let wrong = "ab".repeat(32);
+    let out = tscf(
+        &[
+            &base[..],
+            &["--fingerprint", &wrong, "--connect-timeout", "1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = tscf(&[&base[..], &["--fingerprint", "xyz"]].concat());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
