@@ -5,6 +5,7 @@
 //! tcp = ["127.0.0.1:4440"]          # plain TCP listeners
 //! tls = ["127.0.0.1:4443"]          # TLS listeners
 //! udp = ["127.0.0.1:4440"]          # UDP listeners (tscf and STUN)
+//! quic = ["127.0.0.1:4444"]         # QUIC listeners (UDP; the TLS identity, ALPN "tscf")
 //! ipv4_pool = "10.77.0.0/16"        # internal IPv4 addresses ("" for none)
 //! ipv6_pool = "fd77::/48"           # internal IPv6 addresses ("" for none)
 //! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
@@ -29,6 +30,7 @@ pub(crate) const DEFAULT: &str = r#"
 tcp = ["127.0.0.1:4440"]
 tls = ["127.0.0.1:4443"]
 udp = ["127.0.0.1:4440"]
+quic = ["127.0.0.1:4444"]
 ipv4_pool = "10.77.0.0/16"
 ipv6_pool = "fd77::/48"
 peer_tunneling = true
@@ -47,6 +49,8 @@ pub(crate) struct ServerFile {
     tls: Vec<SocketAddr>,
     #[serde(default)]
     udp: Vec<SocketAddr>,
+    #[serde(default)]
+    quic: Vec<SocketAddr>,
     ipv4_pool: Option<Pool<Ipv4Addr>>,
     ipv6_pool: Option<Pool<Ipv6Addr>>,
     peer_tunneling: Option<bool>,
@@ -114,6 +118,7 @@ impl ServerFile {
             tcp: self.tcp,
             tls: self.tls,
             udp: self.udp,
+            quic: self.quic,
             ..ServerConfig::default()
         };
         if let Some(Pool(p)) = self.ipv4_pool {
@@ -131,7 +136,7 @@ impl ServerFile {
             .map(String::into_bytes)
             .collect();
         let identity = match self.tls_identity {
-            None if config.tls.is_empty() => None,
+            None if config.tls.is_empty() && config.quic.is_empty() => None,
             None => Some(ServerIdentity::SelfSigned {
                 names: vec!["127.0.0.1".into(), "localhost".into()],
             }),
@@ -172,6 +177,7 @@ mod tests {
             .and_then(ServerFile::into_server_config)
             .expect("default parses");
         assert_eq!(c.tcp, vec!["127.0.0.1:4440".parse().expect("addr")]);
+        assert_eq!(c.quic, vec!["127.0.0.1:4444".parse().expect("addr")]);
         assert!(c.director.peer_tunneling);
         assert!(c.tls_config.is_some());
         let f = ServerFile::default_config().expect("default parses");

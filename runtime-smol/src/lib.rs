@@ -1,5 +1,6 @@
 //! Async runtime for tscf on [smol](https://docs.rs/smol): drives the sans-IO state machines
-//! of [`tscf_core`] over async sockets (TCP, TLS, UDP). It owns sockets, TLS sessions, timers
+//! of [`tscf_core`] over async sockets (TCP, TLS, UDP, QUIC). It owns sockets, TLS and QUIC
+//! sessions, timers
 //! and tasks; every protocol decision stays in the core.
 //!
 //! It offers the same nouns and names as `tscf-runtime-std`, so an embedder switches runtime
@@ -7,11 +8,12 @@
 //!
 //! - [`Server`] / [`ServerHandle`]: [`Server::start`]`(`[`ServerConfig`]`).await`; a
 //!   [`SessionDirector`](tscf_core::director::SessionDirector) behind a lock held only for its
-//!   synchronous calls, never across an `.await`. One task per stream connection (TCP, TLS),
-//!   one per UDP listener (which also answers STUN Binding requests), one timer task.
+//!   synchronous calls, never across an `.await`. One task per stream connection (TCP, TLS)
+//!   or QUIC connection, one per UDP listener (which also answers STUN Binding requests), one
+//!   timer task. [`ServerHandle::cut_connection`] closes a tunnel's QUIC connection.
 //! - [`Tunnel`]: [`Tunnel::connect`]`(`[`TunnelConfig`]`).await`; one task drives the
 //!   [`TunnelClient`](tscf_core::client::TunnelClient)'s timer, one its UDP socket (server
-//!   tunnel on UDP and peer socket), one each open stream transport.
+//!   tunnel on UDP and peer socket), one each open stream or QUIC transport.
 //!   [`Tunnel::notifications`] is an async channel of [`Notification`]s.
 //! - The `tscf` program (`src/main.rs`): `tscf server` with an embedded default configuration
 //!   or a TOML file and a loopback admin endpoint, `tscf client`, `tscf status` and
@@ -30,8 +32,26 @@
 //! connection is closed at the director's `pending_timeout`.
 //!
 //! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
-//! threads. DTLS and QUIC transports are not in this runtime yet: a [`Tunnel`] reports them as
-//! failed attempts and a [`ServerConfig`] has no listeners for them.
+//! threads. DTLS is not in this runtime yet: a [`Tunnel`] reports it as a failed attempt and a
+//! [`ServerConfig`] has no listeners for it.
+//!
+//! # QUIC
+//!
+//! [`ServerConfig::quic`] lists QUIC listeners (quinn with rustls and the ring provider, ALPN
+//! `tscf`); they present the certificate of [`ServerConfig::tls_config`], so a client verifies
+//! them with the same [`ClientTlsConfig`] as TLS (CA file or pinned fingerprint). Each QUIC
+//! connection is one director connection of transport QUIC (`docs/PROTOCOL.md` §2.1): the
+//! client opens one bidirectional stream that carries control envelopes back to back like
+//! TCP, and data envelopes go as QUIC datagrams (RFC 9221), one envelope each, whenever the
+//! connection takes a datagram that large (else on the stream). The datagrams are counted in
+//! [`RuntimeCounters::quic_datagrams_sent`] and [`TunnelStats::quic_datagrams_sent`] (and
+//! `_received`). QUIC connections count against `max_stream_connections` and in
+//! `ServerStats::stream_connections`.
+//!
+//! A [`Tunnel`] whose server endpoint is [`Transport::QUIC`](tscf_core::wire::Transport)
+//! opens a quinn client endpoint on a UDP socket of its own, a new one per attempt; it does
+//! not share the peer socket, so peer tunnels and NAT discovery still use the UDP socket.
+//! Peer tunnels over QUIC are not offered.
 //!
 //! # Example
 //!
@@ -62,6 +82,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod quic;
 mod server;
 mod socket;
 mod stream;

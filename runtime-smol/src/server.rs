@@ -1,8 +1,9 @@
 //! The tunnel server: a [`SessionDirector`] behind a lock held only for its synchronous calls,
 //! driven by smol tasks.
 //!
-//! Tasks: one acceptor per TCP or TLS listener, one per stream connection (it handshakes, then
-//! reads and writes), one per UDP listener (tscf and STUN), and one timer task.
+//! Tasks: one acceptor per TCP, TLS or QUIC listener, one per stream or QUIC connection (it
+//! handshakes, then reads and writes), one per UDP listener (tscf and STUN), and one timer task.
+//! quinn runs each QUIC endpoint's own driver task.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -26,6 +27,7 @@ use tscf_runtime_std::{
 };
 
 use crate::lock;
+use crate::quic::{self, Side};
 use crate::stream::{self, Outgoing, StreamError};
 use crate::timer::{Shared, Timed};
 
@@ -45,6 +47,7 @@ impl Server {
             .iter()
             .chain(&config.tls)
             .chain(&config.udp)
+            .chain(&config.quic)
             .copied()
             .collect();
         if all.is_empty() {
@@ -55,13 +58,14 @@ impl Server {
         if !config.keep_seed {
             config.director.rng_seed = os_seed().map_err(StartError::Randomness)?;
         }
-        let (acceptor, fingerprint) = match (&config.tls_config, config.tls.is_empty()) {
+        let needs_tls = !config.tls.is_empty() || !config.quic.is_empty();
+        let (acceptor, fingerprint) = match (&config.tls_config, needs_tls) {
             (Some(t), _) => {
                 let (c, f) = tls::server_config(t)?;
                 (Some(c), Some(f))
             }
-            (None, false) => return Err(StartError::MissingTls),
-            (None, true) => (None, None),
+            (None, true) => return Err(StartError::MissingTls),
+            (None, false) => (None, None),
         };
         let bind_tcp = |addr: &SocketAddr| {
             Async::<TcpListener>::bind(*addr).map_err(|source| StartError::Bind {
@@ -83,6 +87,25 @@ impl Server {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let quic_config = match (&acceptor, config.quic.is_empty()) {
+            (Some(tls), false) => Some(quic::server_config(tls)?),
+            _ => None,
+        };
+        let quic_endpoints: Vec<quinn::Endpoint> = match &quic_config {
+            Some(quic_config) => config
+                .quic
+                .iter()
+                .map(|addr| {
+                    quinn::Endpoint::server(quic_config.clone(), *addr).map_err(|source| {
+                        StartError::Bind {
+                            addr: *addr,
+                            source,
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
         let local = |l: &Async<TcpListener>| l.get_ref().local_addr().map_err(StartError::Thread);
         let addrs = LocalAddrs {
             tcp: tcp.iter().map(local).collect::<Result<_, _>>()?,
@@ -90,6 +113,10 @@ impl Server {
             udp: udp
                 .iter()
                 .map(|s| s.get_ref().local_addr().map_err(StartError::Thread))
+                .collect::<Result<_, _>>()?,
+            quic: quic_endpoints
+                .iter()
+                .map(|e| e.local_addr().map_err(StartError::Thread))
                 .collect::<Result<_, _>>()?,
         };
         let counters = Arc::new(Counters::default());
@@ -130,11 +157,15 @@ impl Server {
         for socket in udp {
             tasks.push(smol::spawn(inner.clone().run_udp(socket)));
         }
+        for endpoint in &quic_endpoints {
+            tasks.push(smol::spawn(inner.clone().accept_quic(endpoint.clone())));
+        }
         Ok(ServerHandle {
             inner,
             addrs,
             fingerprint,
             tasks,
+            quic: quic_endpoints,
         })
     }
 }
@@ -147,6 +178,7 @@ pub struct ServerHandle {
     addrs: LocalAddrs,
     fingerprint: Option<Fingerprint>,
     tasks: Vec<Task<()>>,
+    quic: Vec<quinn::Endpoint>,
 }
 
 impl ServerHandle {
@@ -155,7 +187,8 @@ impl ServerHandle {
         &self.addrs
     }
 
-    /// The SHA-256 fingerprint of the TLS certificate (for clients that pin it).
+    /// The SHA-256 fingerprint of the TLS certificate, which QUIC listeners present too (for
+    /// clients that pin it).
     pub fn tls_fingerprint(&self) -> Option<Fingerprint> {
         self.fingerprint
     }
@@ -176,6 +209,25 @@ impl ServerHandle {
         lock(&self.inner.shared.state).director.tunnels().collect()
     }
 
+    /// Cuts the QUIC connection that carries `tunnel_id`, as a network failure would (the
+    /// connection is closed at once, without flushing). Returns false if the tunnel is
+    /// unknown, persistent, or on another transport. For tests and operators.
+    pub fn cut_connection(&self, tunnel_id: u64) -> bool {
+        let core = lock(&self.inner.shared.state);
+        let connection = core
+            .director
+            .tunnels()
+            .find(|t| t.tunnel_id == tunnel_id)
+            .and_then(|t| t.connection);
+        match connection.and_then(|c| core.routes.get(&c)) {
+            Some(Route::Quic { conn, .. }) => {
+                quic::close(conn);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Closes every tunnel with reason Shutdown (`director.shutdown`), sends the release
     /// notifications, waits up to a second for the stream connections to write them and close,
     /// then stops every task.
@@ -190,6 +242,9 @@ impl ServerHandle {
         for task in self.tasks.drain(..) {
             task.cancel().await;
         }
+        for endpoint in self.quic.drain(..) {
+            endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        }
     }
 
     /// Shuts the director down and tells every connection to close; false if already done.
@@ -203,10 +258,18 @@ impl ServerHandle {
         core.drain();
         core.stopped = true;
         for route in core.routes.values() {
-            if let Route::Stream { tx } = route {
-                if tx.try_send(Outgoing::Close).is_err() {
-                    tx.close();
+            match route {
+                Route::Stream { tx } => {
+                    if tx.try_send(Outgoing::Close).is_err() {
+                        tx.close();
+                    }
                 }
+                Route::Quic { tx, .. } => {
+                    if tx.try_send(Outgoing::Close).is_err() {
+                        tx.close();
+                    }
+                }
+                Route::Udp { .. } => {}
             }
         }
         inner.shared.timer.notify(usize::MAX);
@@ -217,6 +280,9 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
+        for endpoint in &self.quic {
+            endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        }
     }
 }
 
@@ -250,6 +316,12 @@ struct ServerCore {
 enum Route {
     /// The connection task's queue.
     Stream { tx: Sender<Outgoing> },
+    /// A QUIC connection: data envelopes go as datagrams (a non-blocking send) when they fit,
+    /// everything else through the connection task's queue to the stream.
+    Quic {
+        conn: quinn::Connection,
+        tx: Sender<Outgoing>,
+    },
     /// A UDP listener (a non-blocking send, never awaited under the lock) and the remote.
     Udp {
         socket: Arc<Async<UdpSocket>>,
@@ -274,6 +346,16 @@ impl ServerCore {
                 {
                     bump(&self.counters.udp_send_errors);
                 }
+                Some(Route::Quic { conn, tx }) => {
+                    if quic::try_send_datagram(conn, &self.buf) {
+                        bump(&self.counters.quic_datagrams_sent);
+                    } else {
+                        let frame = std::mem::take(&mut self.buf);
+                        if let Err(TrySendError::Full(_)) = tx.try_send(Outgoing::Envelope(frame)) {
+                            bump(&self.counters.stream_queue_full);
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -281,7 +363,9 @@ impl ServerCore {
             tracing::debug!(?event, "director");
             if let DirectorEvent::CloseConnection { connection } = event {
                 match self.routes.remove(&connection) {
-                    Some(Route::Stream { tx }) if tx.try_send(Outgoing::Close).is_err() => {
+                    Some(Route::Stream { tx } | Route::Quic { tx, .. })
+                        if tx.try_send(Outgoing::Close).is_err() =>
+                    {
                         tx.close();
                     }
                     Some(Route::Udp { local, peer, .. }) => {
@@ -452,6 +536,130 @@ impl ServerInner {
         result
     }
 
+    async fn accept_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            if self.stopping.load(Ordering::SeqCst) {
+                incoming.refuse();
+                return;
+            }
+            if self.stream_count.load(Ordering::SeqCst) >= self.max_streams {
+                bump(&self.counters.streams_refused);
+                incoming.refuse();
+                continue;
+            }
+            bump(&self.counters.streams_accepted);
+            self.stream_count.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            smol::spawn(async move {
+                if let Err(e) = me.serve_quic(incoming).await {
+                    tracing::debug!(error = %e, "QUIC connection ended");
+                }
+                me.stream_count.fetch_sub(1, Ordering::SeqCst);
+            })
+            .detach();
+        }
+    }
+
+    /// Handshakes, registers the connection with the director and runs it until it ends.
+    async fn serve_quic(&self, incoming: quinn::Incoming) -> Result<(), StreamError> {
+        let timeout = self.pending_timeout;
+        let handshake = future::or(async { Some(incoming.await) }, async {
+            Timer::after(timeout).await;
+            None
+        })
+        .await;
+        let conn = match handshake {
+            Some(Ok(conn)) => conn,
+            Some(Err(e)) => {
+                bump(&self.counters.quic_handshake_failures);
+                return Err(std::io::Error::from(e).into());
+            }
+            None => {
+                bump(&self.counters.quic_handshake_failures);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "QUIC handshake timed out",
+                )
+                .into());
+            }
+        };
+        let verified_identity = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .is_some_and(|chain| !chain.is_empty());
+        let (tx, rx) = async_channel::bounded(self.queue_len);
+        let handle = {
+            let mut core = lock(&self.shared.state);
+            if core.stopped {
+                quic::close(&conn);
+                return Ok(());
+            }
+            let handle = core.handle();
+            let route = Route::Quic {
+                conn: conn.clone(),
+                tx,
+            };
+            core.routes.insert(handle, route);
+            let info = ConnectionInfo {
+                transport: Transport::QUIC,
+                remote: conn.remote_address(),
+                verified_identity,
+            };
+            // Handles are fresh, so the director cannot know this one.
+            let _ = core.director.handle_connect(Instant::now(), handle, info);
+            core.drain();
+            self.shared.rearm(&mut core);
+            handle
+        };
+        let mut deframer = tscf_core::wire::StreamDeframer::new();
+        let result = quic::serve(
+            &conn,
+            Side::Server,
+            &rx,
+            |bytes| {
+                let pushed = deframer.push(bytes);
+                let mut core = lock(&self.shared.state);
+                let mut outcome = pushed.map_err(StreamError::from);
+                while outcome.is_ok() {
+                    match deframer.next_envelope() {
+                        Ok(Some(envelope)) => {
+                            core.director
+                                .handle_envelope(Instant::now(), handle, envelope);
+                        }
+                        Ok(None) => break,
+                        Err(e) => outcome = Err(e.into()),
+                    }
+                }
+                core.drain();
+                self.shared.rearm(&mut core);
+                outcome
+            },
+            |datagram| {
+                bump(&self.counters.quic_datagrams_received);
+                let mut core = lock(&self.shared.state);
+                core.director
+                    .handle_datagram(Instant::now(), handle, datagram);
+                core.drain();
+                self.shared.rearm(&mut core);
+                Ok(())
+            },
+        )
+        .await;
+        if matches!(result, Err(StreamError::Framing(_))) {
+            bump(&self.counters.framing_errors);
+            quic::close(&conn);
+        }
+        let mut core = lock(&self.shared.state);
+        core.director.handle_disconnect(Instant::now(), handle);
+        core.routes.remove(&handle);
+        core.drain();
+        self.shared.rearm(&mut core);
+        result
+    }
+
     async fn run_udp(self: Arc<Self>, socket: Arc<Async<UdpSocket>>) {
         let Ok(local) = socket.get_ref().local_addr() else {
             return;
@@ -523,6 +731,9 @@ struct Counters {
     stun_answered: AtomicU64,
     udp_dropped: AtomicU64,
     udp_send_errors: AtomicU64,
+    quic_handshake_failures: AtomicU64,
+    quic_datagrams_sent: AtomicU64,
+    quic_datagrams_received: AtomicU64,
 }
 
 impl Counters {
@@ -537,6 +748,9 @@ impl Counters {
         r.stun_answered = get(&self.stun_answered);
         r.udp_dropped = get(&self.udp_dropped);
         r.udp_send_errors = get(&self.udp_send_errors);
+        r.quic_handshake_failures = get(&self.quic_handshake_failures);
+        r.quic_datagrams_sent = get(&self.quic_datagrams_sent);
+        r.quic_datagrams_received = get(&self.quic_datagrams_received);
         r
     }
 }

@@ -1,12 +1,15 @@
 //! The tunnel client: a [`TunnelClient`] behind a lock held only for its synchronous calls,
 //! its transports, and its inner sockets.
 //!
-//! Tasks: a timer task, a UDP task on the client's one UDP socket, and one task per stream
-//! transport while it is open (it connects, handshakes, then reads and writes).
+//! Tasks: a timer task, a UDP task on the client's one UDP socket, and one task per stream or
+//! QUIC transport while it is open (it connects, handshakes, then reads and writes).
 //!
 //! The UDP socket carries the server tunnel when it runs over UDP, and is also the client's
 //! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
 //! peer tunnels ([`Destination::Peer`]).
+//!
+//! A QUIC transport gets a quinn endpoint on a UDP socket of its own (a fresh one per attempt,
+//! so a re-attach comes from a new port), not the peer socket.
 
 use std::collections::HashMap;
 use std::io;
@@ -33,6 +36,7 @@ use tscf_runtime_std::{
 };
 
 use crate::lock;
+use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::stream::{self, Outgoing, StreamError};
 use crate::timer::{Shared, Timed};
@@ -45,6 +49,8 @@ const STREAM_QUEUE: usize = 1024;
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
 /// First port [`Tunnel::bind`] picks for port 0.
 const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
+/// QUIC keep-alive, well within quinn's default idle timeout of 30 s.
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
 /// tasks; [`close`](Self::close) also waits for the server's answer.
@@ -77,6 +83,16 @@ impl Tunnel {
             Some(t) => Some((tls::client_config(t)?, t.clone())),
             None => None,
         };
+        let quic = match &tls {
+            Some((rustls_config, settings)) => {
+                let mut quic_config = quic::client_config(rustls_config)?;
+                let mut transport = quinn::TransportConfig::default();
+                transport.keep_alive_interval(Some(QUIC_KEEP_ALIVE));
+                quic_config.transport_config(Arc::new(transport));
+                Some((quic_config, settings.clone()))
+            }
+            None => None,
+        };
         let udp = Arc::new(Async::<UdpSocket>::bind(udp_bind_addr(
             &config.client.servers,
         ))?);
@@ -101,6 +117,7 @@ impl Tunnel {
                 peer_blocked: false,
                 default_opt_in,
                 tls,
+                quic,
                 transport_timeout: config.transport_timeout,
                 sockets: HashMap::new(),
                 socket_queue_len: config.socket_queue_len.max(1),
@@ -310,6 +327,7 @@ pub(crate) struct ClientCore {
     /// What an inner socket goes back to when it is dropped.
     pub(crate) default_opt_in: bool,
     tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
+    quic: Option<(quinn::ClientConfig, ClientTlsConfig)>,
     transport_timeout: Duration,
     pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
     socket_queue_len: usize,
@@ -331,6 +349,8 @@ enum Link {
     /// A stream transport's queue; `None` while its task connects.
     Stream(Option<Sender<Outgoing>>),
     Udp(SocketAddr),
+    /// A QUIC connection and its task's queue (for the stream); `None` while it connects.
+    Quic(Option<(quinn::Connection, Sender<Outgoing>)>),
 }
 
 impl ClientCore {
@@ -458,6 +478,31 @@ impl ClientCore {
                 };
                 smol::spawn(stream.run()).detach();
             }
+            Transport::QUIC => {
+                let Some((config, settings)) = &self.quic else {
+                    return self.failed(now, format!("{}: no TLS settings", server.addr));
+                };
+                if let Err(e) = tls::server_name(settings, server.addr) {
+                    return self.failed(now, e.to_string());
+                }
+                let name = settings
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| server.addr.ip().to_string());
+                let Some(shared) = self.me.upgrade() else {
+                    return;
+                };
+                self.link = Link::Quic(None);
+                let task = QuicTask {
+                    shared,
+                    generation: self.generation,
+                    server,
+                    config: config.clone(),
+                    name,
+                    timeout: self.transport_timeout,
+                };
+                smol::spawn(task.run()).detach();
+            }
             other => self.failed(now, format!("transport {other} is not supported here")),
         }
     }
@@ -477,16 +522,26 @@ impl ClientCore {
             Link::Udp(server) => {
                 let _ = self.udp.get_ref().send_to(&self.buf, *server);
             }
+            Link::Quic(Some((conn, tx))) => {
+                if quic::try_send_datagram(conn, &self.buf) {
+                    self.stats.quic_datagrams_sent += 1;
+                } else {
+                    let _ = tx.try_send(Outgoing::Envelope(self.buf.clone()));
+                }
+            }
             _ => {}
         }
     }
 
     /// Drops the current transport; its task, if any, sees its queue close and ends.
     fn close_link(&mut self) {
-        if let Link::Stream(Some(tx)) = std::mem::replace(&mut self.link, Link::None) {
-            if tx.try_send(Outgoing::Close).is_err() {
+        match std::mem::replace(&mut self.link, Link::None) {
+            Link::Stream(Some(tx)) | Link::Quic(Some((_, tx)))
+                if tx.try_send(Outgoing::Close).is_err() =>
+            {
                 tx.close();
             }
+            _ => {}
         }
         self.generation += 1;
     }
@@ -624,6 +679,128 @@ impl StreamTask {
             self.shared.rearm(&mut core);
             outcome
         })
+        .await
+    }
+}
+
+/// One QUIC transport to a server: connects from an endpoint of its own, reports, then runs
+/// the control stream and datagrams until the connection ends.
+struct QuicTask {
+    shared: Arc<Shared<ClientCore>>,
+    generation: u64,
+    server: ServerEndpoint,
+    config: quinn::ClientConfig,
+    name: String,
+    timeout: Duration,
+}
+
+impl QuicTask {
+    async fn run(self) {
+        let deadline = Instant::now() + self.timeout;
+        let bind = match self.server.addr {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let endpoint = match quinn::Endpoint::client(bind) {
+            Ok(endpoint) => endpoint,
+            Err(e) => return self.report_failure(e),
+        };
+        let connecting =
+            match endpoint.connect_with(self.config.clone(), self.server.addr, &self.name) {
+                Ok(connecting) => connecting,
+                Err(e) => return self.report_failure(io::Error::other(e)),
+            };
+        let conn = bounded(deadline, async {
+            connecting.await.map_err(io::Error::from)
+        })
+        .await;
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => return self.report_failure(e),
+        };
+        let why = match self.serve(&conn).await {
+            Ok(()) => "closed by the server".to_owned(),
+            Err(StreamError::Stale) => {
+                quic::close(&conn);
+                return;
+            }
+            Err(e) => e.to_string(),
+        };
+        quic::close(&conn);
+        let mut core = lock(&self.shared.state);
+        if core.generation == self.generation && !core.stopped {
+            core.link = Link::None;
+            core.generation += 1;
+            core.last_failure = Some(format!("{}: {why}", self.server.addr));
+            core.client.handle_transport_lost(Instant::now());
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+    }
+
+    fn report_failure(&self, e: io::Error) {
+        let mut core = lock(&self.shared.state);
+        if core.generation == self.generation && !core.stopped {
+            core.failed(Instant::now(), format!("{} (QUIC): {e}", self.server.addr));
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+    }
+
+    async fn serve(&self, conn: &quinn::Connection) -> Result<(), StreamError> {
+        let (tx, rx) = async_channel::bounded(STREAM_QUEUE);
+        {
+            let mut core = lock(&self.shared.state);
+            if core.generation != self.generation || core.stopped {
+                return Err(StreamError::Stale);
+            }
+            core.link = Link::Quic(Some((conn.clone(), tx)));
+            core.client.handle_transport_open(Instant::now());
+            core.drain();
+            self.shared.rearm(&mut core);
+        }
+        let mut deframer = tscf_core::wire::StreamDeframer::new();
+        let mut envelope = Vec::new();
+        quic::serve(
+            conn,
+            Side::Client,
+            &rx,
+            |bytes| {
+                let pushed = deframer.push(bytes);
+                let mut core = lock(&self.shared.state);
+                if core.generation != self.generation {
+                    return Err(StreamError::Stale);
+                }
+                let mut outcome = pushed.map_err(StreamError::from);
+                while outcome.is_ok() {
+                    match deframer.next_envelope() {
+                        Ok(Some(env)) => {
+                            envelope.clear();
+                            // The deframer only returns envelopes that fit the format.
+                            if Envelope::encode(env.kind, env.payload, &mut envelope).is_ok() {
+                                core.client.handle_envelope(Instant::now(), &envelope);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => outcome = Err(e.into()),
+                    }
+                }
+                core.drain();
+                self.shared.rearm(&mut core);
+                outcome
+            },
+            |datagram| {
+                let mut core = lock(&self.shared.state);
+                if core.generation != self.generation {
+                    return Err(StreamError::Stale);
+                }
+                core.stats.quic_datagrams_received += 1;
+                core.client.handle_envelope(Instant::now(), datagram);
+                core.drain();
+                self.shared.rearm(&mut core);
+                Ok(())
+            },
+        )
         .await
     }
 }

@@ -66,6 +66,7 @@ fn server_with_the_default_configuration() {
             assert!(stdout.contains("tcp 127.0.0.1:4440"), "{stdout}");
             assert!(stdout.contains("tls 127.0.0.1:4443"), "{stdout}");
             assert!(stdout.contains("udp 127.0.0.1:4440"), "{stdout}");
+            assert!(stdout.contains("quic 127.0.0.1:4444"), "{stdout}");
             assert!(stdout.contains("tls fingerprint "), "{stdout}");
         }
         Some(1) => assert!(stderr.contains("cannot listen"), "{stderr}"),

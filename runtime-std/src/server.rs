@@ -48,10 +48,14 @@ pub struct ServerConfig {
     pub tls: Vec<SocketAddr>,
     /// UDP listeners (tscf envelopes and STUN Binding requests share them).
     pub udp: Vec<SocketAddr>,
-    /// Certificate, key and optional client CA of the TLS listeners.
+    /// QUIC listeners (UDP), with the certificate of [`tls_config`](Self::tls_config) and ALPN
+    /// `tscf`. Only `tscf-runtime-smol` runs them; this runtime refuses to start with any.
+    pub quic: Vec<SocketAddr>,
+    /// Certificate, key and optional client CA of the TLS and QUIC listeners.
     pub tls_config: Option<ServerTlsConfig>,
-    /// Most stream connections (TCP and TLS, configured or not, handshaking included) at once;
-    /// beyond it new connections are closed at accept (default 1024). Each costs two threads.
+    /// Most stream connections (TCP and TLS, configured or not, handshaking included; QUIC
+    /// connections too in `tscf-runtime-smol`) at once; beyond it new connections are closed
+    /// at accept (default 1024). Each costs two threads here, one task in the smol runtime.
     pub max_stream_connections: usize,
     /// Envelopes queued for one stream connection's writer; beyond it envelopes for that
     /// connection are dropped and counted (default 1024).
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             tcp: Vec::new(),
             tls: Vec::new(),
             udp: Vec::new(),
+            quic: Vec::new(),
             tls_config: None,
             max_stream_connections: 1024,
             stream_queue_len: 1024,
@@ -105,9 +110,13 @@ pub enum StartError {
     /// The TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
-    /// TLS listeners are configured without TLS settings.
-    #[error("TLS listeners configured without tls_config")]
+    /// TLS or QUIC listeners are configured without TLS settings.
+    #[error("TLS or QUIC listeners configured without tls_config")]
     MissingTls,
+    /// The configuration asks for something this runtime does not run (QUIC listeners in
+    /// `tscf-runtime-std`).
+    #[error("not supported by this runtime: {0}")]
+    Unsupported(&'static str),
     /// No listener is configured.
     #[error("no listener configured")]
     NoListener,
@@ -136,6 +145,8 @@ pub struct LocalAddrs {
     pub tls: Vec<SocketAddr>,
     /// UDP listeners.
     pub udp: Vec<SocketAddr>,
+    /// QUIC listeners (UDP).
+    pub quic: Vec<SocketAddr>,
 }
 
 /// Counters of the server runtime (the director keeps its own in [`DirectorStats`]).
@@ -158,6 +169,12 @@ pub struct RuntimeCounters {
     pub udp_dropped: u64,
     /// Datagrams that could not be sent.
     pub udp_send_errors: u64,
+    /// QUIC handshakes that failed or timed out.
+    pub quic_handshake_failures: u64,
+    /// Data envelopes sent as QUIC datagrams (RFC 9221) rather than on the QUIC stream.
+    pub quic_datagrams_sent: u64,
+    /// QUIC datagrams received (each one envelope).
+    pub quic_datagrams_received: u64,
 }
 
 /// A snapshot of a running server.
@@ -168,7 +185,7 @@ pub struct ServerStats {
     pub director: DirectorStats,
     /// The runtime's counters.
     pub runtime: RuntimeCounters,
-    /// Stream connections open now.
+    /// Stream connections open now (with QUIC connections in `tscf-runtime-smol`).
     pub stream_connections: usize,
     /// UDP remote addresses mapped to a director connection now.
     pub udp_connections: usize,
@@ -180,8 +197,14 @@ pub struct Server;
 
 impl Server {
     /// Binds every listener and starts the threads. Refuses open admission on a listener
-    /// beyond loopback ([`DirectorConfig::check_listeners`]).
+    /// beyond loopback ([`DirectorConfig::check_listeners`]), and QUIC listeners
+    /// ([`StartError::Unsupported`]).
     pub fn start(mut config: ServerConfig) -> Result<ServerHandle, StartError> {
+        if !config.quic.is_empty() {
+            return Err(StartError::Unsupported(
+                "QUIC listeners (use tscf-runtime-smol)",
+            ));
+        }
         let all: Vec<SocketAddr> = config
             .tcp
             .iter()
@@ -234,6 +257,7 @@ impl Server {
                 .iter()
                 .map(|s| s.local_addr().map_err(StartError::Thread))
                 .collect::<Result<_, _>>()?,
+            quic: Vec::new(),
         };
         let director = SessionDirector::new(config.director.clone())?;
         let inner = Arc::new(ServerInner {
@@ -764,6 +788,7 @@ impl Counters {
             stun_answered: get(&self.stun_answered),
             udp_dropped: get(&self.udp_dropped),
             udp_send_errors: get(&self.udp_send_errors),
+            ..RuntimeCounters::default()
         }
     }
 }

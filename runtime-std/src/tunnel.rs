@@ -199,6 +199,11 @@ pub struct TunnelStats {
     pub udp_dropped: u64,
     /// Peer socket datagrams dropped by [`Tunnel::block_peer_traffic`], both directions.
     pub peer_blocked: u64,
+    /// Data envelopes sent to the server as QUIC datagrams (RFC 9221) rather than on the QUIC
+    /// stream (`tscf-runtime-smol` only).
+    pub quic_datagrams_sent: u64,
+    /// QUIC datagrams received from the server (`tscf-runtime-smol` only).
+    pub quic_datagrams_received: u64,
     /// Notifications dropped because nobody read them.
     pub notifications_dropped: u64,
 }

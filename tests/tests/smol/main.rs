@@ -5,4 +5,5 @@
 mod bad_input;
 mod cross;
 mod flow;
+mod quic;
 mod util;

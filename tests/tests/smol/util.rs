@@ -1,4 +1,4 @@
-//! Shared helpers: servers of either runtime on ephemeral loopback ports, tunnel
+//! Shared helpers: servers of either runtime on ephemeral loopback ports (smol also on QUIC), tunnel
 //! configurations, and 50 packet/s flows over smol and std tunnels.
 
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ pub fn server_config() -> ServerConfig {
         tcp: vec![any],
         tls: vec![any],
         udp: vec![any],
+        quic: vec![any],
         tls_config: Some(ServerTlsConfig {
             identity: ServerIdentity::SelfSigned {
                 names: vec!["127.0.0.1".into()],
@@ -37,7 +38,10 @@ pub fn smol_server() -> tscf_runtime_smol::ServerHandle {
 }
 
 pub fn std_server() -> tscf_runtime_std::ServerHandle {
-    tscf_runtime_std::Server::start(server_config()).expect("std server")
+    let mut config = server_config();
+    // The blocking runtime has no QUIC listeners.
+    config.quic.clear();
+    tscf_runtime_std::Server::start(config).expect("std server")
 }
 
 /// A tunnel config for the server at `addrs` over `transport`, pinning its certificate.
@@ -49,6 +53,7 @@ pub fn tunnel_config(
     let addr = match transport {
         Transport::TCP => addrs.tcp[0],
         Transport::TLS => addrs.tls[0],
+        Transport::QUIC => addrs.quic[0],
         _ => addrs.udp[0],
     };
     let mut c = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);

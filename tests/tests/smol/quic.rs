@@ -1,0 +1,135 @@
+//! QUIC: a smol server and two smol clients over QUIC, with data as QUIC datagrams and control
+//! on the stream; fingerprint pinning; a cut connection and the re-attach that follows.
+
+use std::time::Duration;
+
+use tscf_core::client::ClientState;
+use tscf_core::wire::Transport;
+use tscf_runtime_smol::{
+    ClientTlsConfig, ConnectError, Fingerprint, Notification, StartError, Tunnel,
+};
+
+use crate::util::{server_config, smol_flow, smol_server, smol_tunnel, tunnel_config};
+
+/// 2 s at 50 packets/s.
+const PACKETS: u32 = 100;
+
+#[test]
+fn quic_configuration_relay_and_flow_as_datagrams() {
+    let server = smol_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        assert_eq!(a.state(), ClientState::Connected);
+        let (ia, ib) = (a.internal_ipv4().unwrap(), b.internal_ipv4().unwrap());
+        assert_ne!(ia, ib, "distinct internal addresses");
+        assert_ne!(a.tunnel_id(), b.tunnel_id());
+        assert!(a.observed_address().unwrap().ip().is_loopback());
+        assert_eq!(a.info().unwrap().server.transport, Transport::QUIC);
+        assert!(matches!(
+            a.notifications().try_recv(),
+            Ok(Notification::Connected(_))
+        ));
+
+        let got = smol_flow(&a, &b, PACKETS, false).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>(), "complete, in order");
+        let stats = server.stats();
+        assert_eq!(stats.director.active_tunnels, 2);
+        assert!(stats.director.frames_relayed >= u64::from(PACKETS));
+        // Data went as QUIC datagrams both ways, not on the stream.
+        assert!(
+            a.stats().quic_datagrams_sent >= u64::from(PACKETS),
+            "{:?}",
+            a.stats()
+        );
+        assert!(stats.runtime.quic_datagrams_received >= u64::from(PACKETS));
+        assert!(stats.runtime.quic_datagrams_sent >= u64::from(PACKETS));
+        assert!(b.stats().quic_datagrams_received >= u64::from(PACKETS));
+
+        a.close().await;
+        b.close().await;
+    });
+    let stats = server.stats();
+    assert_eq!(stats.director.active_tunnels, 0, "released over QUIC");
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn quic_wrong_fingerprint_is_refused_with_a_clear_error() {
+    let server = smol_server();
+    let mut config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    config.tls = Some(ClientTlsConfig::pinned(Fingerprint([0xab; 32])));
+    config.connect_timeout = Duration::from_millis(1500);
+    let err = smol::block_on(Tunnel::connect(config)).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ConnectError::TimedOut { .. }), "{text}");
+    assert!(
+        text.contains("QUIC")
+            && text.contains("invalid peer certificate")
+            && text.contains("FingerprintMismatch")
+            && text.contains("abababab"),
+        "unclear error: {text}"
+    );
+    assert_eq!(server.stats().director.active_tunnels, 0);
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn quic_connection_cut_reattaches_with_the_same_tunnel() {
+    let server = smol_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        let (id, addr) = (a.tunnel_id().unwrap(), a.internal_ipv4().unwrap());
+        assert!(server.cut_connection(id), "a QUIC connection to cut");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut notes = Vec::new();
+        while !notes
+            .iter()
+            .any(|n| matches!(n, Notification::Reattached(_)))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no re-attach: {notes:?}"
+            );
+            if let Ok(n) = a.notifications().recv().await {
+                notes.push(n);
+            }
+        }
+        assert!(notes.contains(&Notification::TransportLost), "{notes:?}");
+        assert_eq!(a.tunnel_id(), Some(id), "same tunnel id");
+        assert_eq!(a.internal_ipv4(), Some(addr), "same address");
+        assert_eq!(server.stats().director.reattaches, 1);
+        // The relay works again over the new connection.
+        let got = smol_flow(&a, &b, 20, false).await;
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn quic_listeners_need_tls_settings_and_the_std_runtime_refuses_them() {
+    let mut config = server_config();
+    config.tls_config = None;
+    config.tls.clear();
+    let err = smol::block_on(tscf_runtime_smol::Server::start(config)).unwrap_err();
+    assert!(matches!(err, StartError::MissingTls), "{err}");
+    let err = tscf_runtime_std::Server::start(server_config()).unwrap_err();
+    assert!(matches!(err, StartError::Unsupported(_)), "{err}");
+}
