@@ -31,8 +31,8 @@ use tscf_core::stun;
 use tscf_core::wire::{Envelope, Transport};
 use tscf_runtime_std::tls::{self, ClientTlsConfig};
 use tscf_runtime_std::{
-    host_candidates, os_seed, udp_bind_addr, ConnectError, Notification, PeerStreamListen,
-    TunnelConfig, TunnelStats,
+    host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
+    PeerStreamListen, TunnelConfig, TunnelStats,
 };
 
 use crate::lock;
@@ -392,49 +392,14 @@ impl ClientCore {
                 self.close_link();
                 return;
             }
-            ClientEvent::Connected(info) => Notification::Connected(info),
-            ClientEvent::Reattached(info) => Notification::Reattached(info),
-            ClientEvent::TransportLost => Notification::TransportLost,
-            ClientEvent::TunnelClosed { reason } => Notification::TunnelClosed { reason },
-            ClientEvent::ConnectFailed { server, result } => {
-                let error = match result {
-                    Some(code) => {
-                        self.last_failure = Some(format!("{} answered {code}", server.addr));
-                        None
-                    }
-                    None => self.last_failure.clone(),
-                };
-                Notification::ConnectFailed {
-                    server,
-                    result,
-                    error,
-                }
-            }
-            // This runtime opens no peer streams: say so at once, so that the core does not
-            // wait for one and the flow stays on the relay or a UDP path.
-            ClientEvent::OpenPeerStream { stream, .. } => {
-                self.client.handle_peer_stream_failed(now, stream);
-                return;
-            }
-            ClientEvent::NatDiscovered {
-                public,
-                varies_by_destination,
-            } => Notification::NatDiscovered {
-                public,
-                varies_by_destination,
+            event => match notification_for(event, &mut self.last_failure) {
+                Some(note) => note,
+                None => return,
             },
-            ClientEvent::PeerTunnelUp {
-                peer, path, setup, ..
-            } => Notification::PeerTunnelUp { peer, path, setup },
-            ClientEvent::PeerTunnelDown { peer, reason } => {
-                Notification::PeerTunnelDown { peer, reason }
-            }
-            ClientEvent::Terminated { reason } => {
-                self.terminated = Some(reason);
-                Notification::Terminated { reason }
-            }
-            _ => return,
         };
+        if let Notification::Terminated { reason } = &note {
+            self.terminated = Some(*reason);
+        }
         if self.notifications.try_send(note).is_err() {
             self.stats.notifications_dropped += 1;
         }

@@ -101,7 +101,8 @@ pub use tls::{
 };
 pub use tscf_core as core;
 pub use tunnel::{
-    host_candidates, udp_bind_addr, ConnectError, Notification, Tunnel, TunnelConfig, TunnelStats,
+    host_candidates, notification_for, udp_bind_addr, ConnectError, Notification, Tunnel,
+    TunnelConfig, TunnelStats,
 };
 
 use std::sync::{Mutex, MutexGuard};

@@ -208,6 +208,52 @@ pub struct TunnelStats {
     pub notifications_dropped: u64,
 }
 
+/// The notification the application sees for a client event; `None` for the events that are
+/// instructions for the runtime (open or close a transport or a peer stream), which the runtime
+/// handles before asking. Shared by both runtimes so that they report the same things the same
+/// way. `last_failure` keeps the text of the last failed attempt for [`ConnectError::TimedOut`].
+pub fn notification_for(
+    event: ClientEvent,
+    last_failure: &mut Option<String>,
+) -> Option<Notification> {
+    let note = match event {
+        ClientEvent::Connected(info) => Notification::Connected(info),
+        ClientEvent::Reattached(info) => Notification::Reattached(info),
+        ClientEvent::TransportLost => Notification::TransportLost,
+        ClientEvent::TunnelClosed { reason } => Notification::TunnelClosed { reason },
+        ClientEvent::ConnectFailed { server, result } => {
+            let error = match result {
+                Some(code) => {
+                    *last_failure = Some(format!("{} answered {code}", server.addr));
+                    None
+                }
+                None => last_failure.clone(),
+            };
+            Notification::ConnectFailed {
+                server,
+                result,
+                error,
+            }
+        }
+        ClientEvent::NatDiscovered {
+            public,
+            varies_by_destination,
+        } => Notification::NatDiscovered {
+            public,
+            varies_by_destination,
+        },
+        ClientEvent::PeerTunnelUp {
+            peer, path, setup, ..
+        } => Notification::PeerTunnelUp { peer, path, setup },
+        ClientEvent::PeerTunnelDown { peer, reason } => {
+            Notification::PeerTunnelDown { peer, reason }
+        }
+        ClientEvent::Terminated { reason } => Notification::Terminated { reason },
+        _ => return None,
+    };
+    Some(note)
+}
+
 /// A TSC tunnel to a server, run by background threads. Dropping it releases the tunnel.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -621,43 +667,14 @@ impl ClientCore {
                 self.peer_streams.close(stream);
                 return;
             }
-            ClientEvent::Connected(info) => Notification::Connected(info),
-            ClientEvent::Reattached(info) => Notification::Reattached(info),
-            ClientEvent::TransportLost => Notification::TransportLost,
-            ClientEvent::TunnelClosed { reason } => Notification::TunnelClosed { reason },
-            ClientEvent::ConnectFailed { server, result } => {
-                let error = match result {
-                    Some(code) => {
-                        self.last_failure = Some(format!("{} answered {code}", server.addr));
-                        None
-                    }
-                    None => self.last_failure.clone(),
-                };
-                Notification::ConnectFailed {
-                    server,
-                    result,
-                    error,
-                }
-            }
-            ClientEvent::NatDiscovered {
-                public,
-                varies_by_destination,
-            } => Notification::NatDiscovered {
-                public,
-                varies_by_destination,
+            event => match notification_for(event, &mut self.last_failure) {
+                Some(note) => note,
+                None => return,
             },
-            ClientEvent::PeerTunnelUp {
-                peer, path, setup, ..
-            } => Notification::PeerTunnelUp { peer, path, setup },
-            ClientEvent::PeerTunnelDown { peer, reason } => {
-                Notification::PeerTunnelDown { peer, reason }
-            }
-            ClientEvent::Terminated { reason } => {
-                self.terminated = Some(reason);
-                Notification::Terminated { reason }
-            }
-            _ => return,
         };
+        if let Notification::Terminated { reason } = &note {
+            self.terminated = Some(*reason);
+        }
         if self.notifications.try_send(note).is_err() {
             self.stats.notifications_dropped += 1;
         }
