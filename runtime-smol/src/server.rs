@@ -507,22 +507,7 @@ impl ServerInner {
         };
         let mut deframer = tscf_core::wire::StreamDeframer::new();
         let result = stream::serve(io, &rx, |bytes| {
-            let pushed = deframer.push(bytes);
-            let mut core = lock(&self.shared.state);
-            let mut outcome = pushed.map_err(StreamError::from);
-            while outcome.is_ok() {
-                match deframer.next_envelope() {
-                    Ok(Some(envelope)) => {
-                        core.director
-                            .handle_envelope(Instant::now(), handle, envelope);
-                    }
-                    Ok(None) => break,
-                    Err(e) => outcome = Err(e.into()),
-                }
-            }
-            core.drain();
-            self.shared.rearm(&mut core);
-            outcome
+            self.feed_stream(handle, &mut deframer, bytes)
         })
         .await;
         if matches!(result, Err(StreamError::Framing(_))) {
@@ -619,24 +604,7 @@ impl ServerInner {
             &conn,
             Side::Server,
             &rx,
-            |bytes| {
-                let pushed = deframer.push(bytes);
-                let mut core = lock(&self.shared.state);
-                let mut outcome = pushed.map_err(StreamError::from);
-                while outcome.is_ok() {
-                    match deframer.next_envelope() {
-                        Ok(Some(envelope)) => {
-                            core.director
-                                .handle_envelope(Instant::now(), handle, envelope);
-                        }
-                        Ok(None) => break,
-                        Err(e) => outcome = Err(e.into()),
-                    }
-                }
-                core.drain();
-                self.shared.rearm(&mut core);
-                outcome
-            },
+            |bytes| self.feed_stream(handle, &mut deframer, bytes),
             |datagram| {
                 bump(&self.counters.quic_datagrams_received);
                 let mut core = lock(&self.shared.state);
@@ -658,6 +626,32 @@ impl ServerInner {
         core.drain();
         self.shared.rearm(&mut core);
         result
+    }
+
+    /// Feeds bytes read from connection `handle` to the director: every envelope they
+    /// complete, then the drain. Shared by the stream (TCP, TLS) and QUIC transports.
+    fn feed_stream(
+        &self,
+        handle: ConnectionHandle,
+        deframer: &mut tscf_core::wire::StreamDeframer,
+        bytes: &[u8],
+    ) -> Result<(), StreamError> {
+        let pushed = deframer.push(bytes);
+        let mut core = lock(&self.shared.state);
+        let mut outcome = pushed.map_err(StreamError::from);
+        while outcome.is_ok() {
+            match deframer.next_envelope() {
+                Ok(Some(envelope)) => {
+                    core.director
+                        .handle_envelope(Instant::now(), handle, envelope);
+                }
+                Ok(None) => break,
+                Err(e) => outcome = Err(e.into()),
+            }
+        }
+        core.drain();
+        self.shared.rearm(&mut core);
+        outcome
     }
 
     async fn run_udp(self: Arc<Self>, socket: Arc<Async<UdpSocket>>) {

@@ -28,7 +28,7 @@ use tscf_core::client::{
     TerminateReason, TunnelClient, TunnelInfo,
 };
 use tscf_core::stun;
-use tscf_core::wire::{Envelope, Transport};
+use tscf_core::wire::Transport;
 use tscf_runtime_std::tls::{self, ClientTlsConfig};
 use tscf_runtime_std::{
     host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
@@ -619,30 +619,8 @@ impl StreamTask {
             self.shared.rearm(&mut core);
         }
         let mut deframer = tscf_core::wire::StreamDeframer::new();
-        let mut envelope = Vec::new();
         stream::serve(io, &rx, |bytes| {
-            let pushed = deframer.push(bytes);
-            let mut core = lock(&self.shared.state);
-            if core.generation != self.generation {
-                return Err(StreamError::Stale);
-            }
-            let mut outcome = pushed.map_err(StreamError::from);
-            while outcome.is_ok() {
-                match deframer.next_envelope() {
-                    Ok(Some(env)) => {
-                        envelope.clear();
-                        // The deframer only returns envelopes that fit the format.
-                        if Envelope::encode(env.kind, env.payload, &mut envelope).is_ok() {
-                            core.client.handle_envelope(Instant::now(), &envelope);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => outcome = Err(e.into()),
-                }
-            }
-            core.drain();
-            self.shared.rearm(&mut core);
-            outcome
+            feed_stream(&self.shared, self.generation, &mut deframer, bytes)
         })
         .await
     }
@@ -725,35 +703,11 @@ impl QuicTask {
             self.shared.rearm(&mut core);
         }
         let mut deframer = tscf_core::wire::StreamDeframer::new();
-        let mut envelope = Vec::new();
         quic::serve(
             conn,
             Side::Client,
             &rx,
-            |bytes| {
-                let pushed = deframer.push(bytes);
-                let mut core = lock(&self.shared.state);
-                if core.generation != self.generation {
-                    return Err(StreamError::Stale);
-                }
-                let mut outcome = pushed.map_err(StreamError::from);
-                while outcome.is_ok() {
-                    match deframer.next_envelope() {
-                        Ok(Some(env)) => {
-                            envelope.clear();
-                            // The deframer only returns envelopes that fit the format.
-                            if Envelope::encode(env.kind, env.payload, &mut envelope).is_ok() {
-                                core.client.handle_envelope(Instant::now(), &envelope);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => outcome = Err(e.into()),
-                    }
-                }
-                core.drain();
-                self.shared.rearm(&mut core);
-                outcome
-            },
+            |bytes| feed_stream(&self.shared, self.generation, &mut deframer, bytes),
             |datagram| {
                 let mut core = lock(&self.shared.state);
                 if core.generation != self.generation {
@@ -768,6 +722,32 @@ impl QuicTask {
         )
         .await
     }
+}
+
+/// Feeds bytes read from the server transport of `generation` to the client: every envelope
+/// they complete, then the drain. Shared by the stream (TCP, TLS) and QUIC transports.
+fn feed_stream(
+    shared: &Shared<ClientCore>,
+    generation: u64,
+    deframer: &mut tscf_core::wire::StreamDeframer,
+    bytes: &[u8],
+) -> Result<(), StreamError> {
+    let pushed = deframer.push(bytes);
+    let mut core = lock(&shared.state);
+    if core.generation != generation {
+        return Err(StreamError::Stale);
+    }
+    let mut outcome = pushed.map_err(StreamError::from);
+    while outcome.is_ok() {
+        match deframer.next_raw() {
+            Ok(Some(envelope)) => core.client.handle_envelope(Instant::now(), envelope),
+            Ok(None) => break,
+            Err(e) => outcome = Err(e.into()),
+        }
+    }
+    core.drain();
+    shared.rearm(&mut core);
+    outcome
 }
 
 /// `work`, or a timeout error at `deadline`.

@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tscf_core::wire::{DeframeError, Envelope, StreamDeframer};
+use tscf_core::wire::{DeframeError, StreamDeframer};
 
 use crate::lock;
 
@@ -89,7 +89,6 @@ pub(crate) fn split(
         deframer: StreamDeframer::new(),
         chunk: Vec::new(),
         plain: Vec::new(),
-        envelope: Vec::new(),
         primed: false,
     };
     Ok((reader, writer))
@@ -137,7 +136,6 @@ pub(crate) struct StreamReader {
     deframer: StreamDeframer,
     chunk: Vec<u8>,
     plain: Vec<u8>,
-    envelope: Vec<u8>,
     /// Plaintext buffered during the handshake has been taken.
     primed: bool,
 }
@@ -170,12 +168,8 @@ impl StreamReader {
                 open
             }
         };
-        while let Some(env) = self.deframer.next_envelope()? {
-            self.envelope.clear();
-            // The deframer only returns envelopes that fit the format.
-            if Envelope::encode(env.kind, env.payload, &mut self.envelope).is_ok() {
-                on_envelope(&self.envelope);
-            }
+        while let Some(envelope) = self.deframer.next_raw()? {
+            on_envelope(envelope);
         }
         Ok(open)
     }

@@ -425,12 +425,8 @@ impl World {
                 if *id != stream || deframer.push(&data).is_err() {
                     return;
                 }
-                let mut envelope = Vec::new();
-                while let Ok(Some(env)) = deframer.next_envelope() {
-                    envelope.clear();
-                    Envelope::encode(env.kind, env.payload, &mut envelope)
-                        .expect("came from the wire");
-                    node.client.handle_envelope(now, &envelope);
+                while let Ok(Some(envelope)) = deframer.next_raw() {
+                    node.client.handle_envelope(now, envelope);
                 }
             }
             NetEvent::StreamClosed { stream } | NetEvent::StreamReset { stream } => {

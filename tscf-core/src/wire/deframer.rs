@@ -81,19 +81,28 @@ impl StreamDeframer {
 
     /// The next complete envelope, if one is buffered.
     pub fn next_envelope(&mut self) -> Result<Option<Envelope<'_>>, DeframeError> {
+        match self.next_raw()? {
+            Some(raw) => Ok(Some(Envelope::decode_datagram(raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The next complete envelope as its octets on the wire (header included), if one is
+    /// buffered: for consumers that take whole envelopes as bytes, so that nothing is copied
+    /// or encoded again.
+    pub fn next_raw(&mut self) -> Result<Option<&[u8]>, DeframeError> {
         let Some((_, used)) = Envelope::decode_prefix(&self.buf[self.start..self.end])? else {
             return Ok(None);
         };
         let at = self.start;
         self.start += used;
         if self.start == self.end {
-            // Drained: the next read starts at the front again, without moving anything.
+            // Drained: the next read starts at the front again, without moving anything. The
+            // returned bytes stay in place until the next push or read.
             self.start = 0;
             self.end = 0;
         }
-        // Decoding the same bytes again is cheap and keeps the borrow simple; they stay in
-        // place until the next push or read.
-        Ok(Envelope::decode_prefix(&self.buf[at..at + used])?.map(|(env, _)| env))
+        Ok(Some(&self.buf[at..at + used]))
     }
 
     /// Frees the buffer if nothing is buffered, e.g. when a connection goes idle.
@@ -156,6 +165,20 @@ mod tests {
             assert_eq!(got[2].1, vec![7; 300]);
             assert_eq!(d.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn raw_envelopes_are_the_octets_on_the_wire() {
+        let mut stream = envelope(EnvelopeType::CONTROL, b"one");
+        stream.extend(envelope(EnvelopeType::DATA, b"two"));
+        let mut d = StreamDeframer::new();
+        d.push(&stream[..5]).expect("bounded");
+        assert_eq!(d.next_raw(), Ok(None));
+        d.push(&stream[5..]).expect("bounded");
+        assert_eq!(d.next_raw(), Ok(Some(&stream[..6])));
+        assert_eq!(d.next_raw(), Ok(Some(&stream[6..])));
+        assert_eq!(d.next_raw(), Ok(None));
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]
