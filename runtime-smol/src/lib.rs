@@ -10,7 +10,7 @@
 //!   [`SessionDirector`](tscf_core::director::SessionDirector) behind a lock held only for its
 //!   synchronous calls, never across an `.await`. One task per stream connection (TCP, TLS)
 //!   or QUIC connection, one per UDP listener (which also answers STUN Binding requests), one
-//!   timer task. [`ServerHandle::cut_connection`] closes a tunnel's QUIC connection.
+//!   timer task. [`ServerHandle::cut_connection`] cuts a tunnel's TCP, TLS or QUIC connection.
 //! - [`Tunnel`]: [`Tunnel::connect`]`(`[`TunnelConfig`]`).await`; one task drives the
 //!   [`TunnelClient`](tscf_core::client::TunnelClient)'s timer, one its UDP socket (server
 //!   tunnel on UDP and peer socket), one each open stream or QUIC transport.

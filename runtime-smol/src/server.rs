@@ -209,9 +209,10 @@ impl ServerHandle {
         lock(&self.inner.shared.state).director.tunnels().collect()
     }
 
-    /// Cuts the QUIC connection that carries `tunnel_id`, as a network failure would (the
-    /// connection is closed at once, without flushing). Returns false if the tunnel is
-    /// unknown, persistent, or on another transport. For tests and operators.
+    /// Cuts the TCP, TLS or QUIC connection that carries `tunnel_id`, as a network failure
+    /// would: a TCP socket is shut down under its TLS session, a QUIC connection is closed at
+    /// once, and nothing is flushed. Returns false if the tunnel is unknown, persistent, or on
+    /// UDP. For tests and operators.
     pub fn cut_connection(&self, tunnel_id: u64) -> bool {
         let core = lock(&self.inner.shared.state);
         let connection = core
@@ -224,6 +225,9 @@ impl ServerHandle {
                 quic::close(conn);
                 true
             }
+            Some(Route::Stream {
+                sock: Some(sock), ..
+            }) => sock.shutdown(std::net::Shutdown::Both).is_ok(),
             _ => false,
         }
     }
@@ -259,7 +263,7 @@ impl ServerHandle {
         core.stopped = true;
         for route in core.routes.values() {
             match route {
-                Route::Stream { tx } => {
+                Route::Stream { tx, .. } => {
                     if tx.try_send(Outgoing::Close).is_err() {
                         tx.close();
                     }
@@ -314,8 +318,12 @@ struct ServerCore {
 /// How envelopes reach a connection.
 #[derive(Debug)]
 enum Route {
-    /// The connection task's queue.
-    Stream { tx: Sender<Outgoing> },
+    /// The connection task's queue, and a handle on its TCP socket for
+    /// [`ServerHandle::cut_connection`] (`None` if the socket could not be cloned).
+    Stream {
+        tx: Sender<Outgoing>,
+        sock: Option<TcpStream>,
+    },
     /// A QUIC connection: data envelopes go as datagrams (a non-blocking send) when they fit,
     /// everything else through the connection task's queue to the stream.
     Quic {
@@ -335,7 +343,7 @@ impl ServerCore {
     fn drain(&mut self) {
         while let Some(t) = self.director.poll_transmit(&mut self.buf) {
             match self.routes.get(&t.connection) {
-                Some(Route::Stream { tx }) => {
+                Some(Route::Stream { tx, .. }) => {
                     let frame = std::mem::take(&mut self.buf);
                     if let Err(TrySendError::Full(_)) = tx.try_send(Outgoing::Envelope(frame)) {
                         bump(&self.counters.stream_queue_full);
@@ -363,7 +371,7 @@ impl ServerCore {
             tracing::debug!(?event, "director");
             if let DirectorEvent::CloseConnection { connection } = event {
                 match self.routes.remove(&connection) {
-                    Some(Route::Stream { tx } | Route::Quic { tx, .. })
+                    Some(Route::Stream { tx, .. } | Route::Quic { tx, .. })
                         if tx.try_send(Outgoing::Close).is_err() =>
                     {
                         tx.close();
@@ -437,8 +445,11 @@ impl ServerInner {
         transport: Transport,
     ) -> Result<(), StreamError> {
         let _ = sock.get_ref().set_nodelay(true);
+        let cut = sock.get_ref().try_clone().ok();
         if transport != Transport::TLS {
-            return self.serve_connection(sock, remote, transport, false).await;
+            return self
+                .serve_connection(sock, cut, remote, transport, false)
+                .await;
         }
         let acceptor = self
             .tls
@@ -471,7 +482,7 @@ impl ServerInner {
             .1
             .peer_certificates()
             .is_some_and(|c| !c.is_empty());
-        self.serve_connection(tls, remote, transport, verified)
+        self.serve_connection(tls, cut, remote, transport, verified)
             .await
     }
 
@@ -479,6 +490,7 @@ impl ServerInner {
     async fn serve_connection<S>(
         &self,
         io: S,
+        cut: Option<TcpStream>,
         remote: SocketAddr,
         transport: Transport,
         verified_identity: bool,
@@ -493,7 +505,7 @@ impl ServerInner {
                 return Ok(());
             }
             let handle = core.handle();
-            core.routes.insert(handle, Route::Stream { tx });
+            core.routes.insert(handle, Route::Stream { tx, sock: cut });
             let info = ConnectionInfo {
                 transport,
                 remote,

@@ -6,4 +6,5 @@ mod bad_input;
 mod cross;
 mod flow;
 mod quic;
+mod reattach;
 mod util;
