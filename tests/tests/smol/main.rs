@@ -2,9 +2,13 @@
 //! `tscf-runtime-std`.
 #![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
 
+#[path = "../common/pki.rs"]
+mod pki;
+
 mod bad_input;
 mod cross;
 mod flow;
 mod quic;
+mod quic_hostile;
 mod reattach;
 mod util;

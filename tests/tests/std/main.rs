@@ -1,6 +1,9 @@
 //! Integration tests of `tscf-runtime-std` over real loopback sockets.
 #![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
 
+#[path = "../common/pki.rs"]
+mod pki;
+
 mod bad_input;
 mod flow;
 mod peer;

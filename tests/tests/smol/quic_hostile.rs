@@ -1,0 +1,169 @@
+//! Hostile input on the QUIC listener: UDP noise and forged long-header packets, a wrong ALPN,
+//! a connection that never configures, and garbage on the control stream. Each is dropped or
+//! closed and counted; a QUIC tunnel next to them keeps relaying. Also mutual TLS over QUIC.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tscf_core::client::TerminateReason;
+use tscf_core::wire::Transport;
+use tscf_runtime_smol::tls::{self, ClientTlsConfig, ServerVerification};
+use tscf_runtime_smol::{
+    ConnectError, Server, ServerHandle, ServerIdentity, ServerTlsConfig, Tunnel,
+};
+
+use crate::pki::pki;
+use crate::util::{server_config, smol_flow, smol_tunnel, tunnel_config};
+
+fn hostile_server() -> ServerHandle {
+    let mut config = server_config();
+    config.director.pending_timeout = Duration::from_secs(1);
+    smol::block_on(Server::start(config)).unwrap()
+}
+
+/// Waits up to 5 s for `check` to hold.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A raw quinn client endpoint that pins `server`'s certificate and speaks `alpn`.
+fn raw_client(server: &ServerHandle, alpn: &[u8]) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let pinned = ClientTlsConfig::pinned(server.tls_fingerprint().unwrap());
+    let mut rustls_config = (*tls::client_config(&pinned).unwrap()).clone();
+    rustls_config.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_config).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    (endpoint, quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+fn quic_addr(server: &ServerHandle) -> SocketAddr {
+    server.local_addrs().quic[0]
+}
+
+#[test]
+fn noise_forged_packets_wrong_alpn_idle_and_garbage_streams_leave_a_tunnel_working() {
+    let server = hostile_server();
+    let addrs = server.local_addrs().clone();
+    let config = tunnel_config(&addrs, server.tls_fingerprint(), Transport::QUIC);
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+
+        // Noise from 64 source ports: short datagrams, QUIC long headers with absurd
+        // lengths, an Initial with a random connection id and no valid protection.
+        let mut forged = vec![0xc0, 0, 0, 0, 1, 20];
+        forged.extend_from_slice(&[0x5a; 20]);
+        forged.extend_from_slice(&[8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0x44, 0xd0]);
+        forged.resize(1200, 0x33);
+        for i in 0..64u8 {
+            let noise = UdpSocket::bind("127.0.0.1:0").unwrap();
+            noise.send_to(&[i], quic_addr(&server)).unwrap();
+            noise.send_to(&[0xff; 1300], quic_addr(&server)).unwrap();
+            noise.send_to(&forged, quic_addr(&server)).unwrap();
+            noise.send_to(&forged[..40], quic_addr(&server)).unwrap();
+        }
+
+        // A TLS handshake that offers another application protocol.
+        let (endpoint, client) = raw_client(&server, b"h3");
+        let refused = endpoint
+            .connect_with(client, quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await;
+        assert!(refused.is_err(), "a wrong ALPN is refused");
+
+        // A connection that never sends a Configuration Request is closed at the pending
+        // timeout.
+        let (endpoint, client) = raw_client(&server, b"tscf");
+        let idle = endpoint
+            .connect_with(client.clone(), quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await
+            .expect("the handshake itself succeeds");
+        let started = Instant::now();
+        let reason = idle.closed().await;
+        assert!(
+            matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
+            "the server closed it, not an idle timeout: {reason}"
+        );
+        println!(
+            "idle QUIC connection closed after {:?}: {reason}",
+            started.elapsed()
+        );
+
+        // Garbage on the control stream loses framing: the connection is closed.
+        let garbage = endpoint
+            .connect_with(client, quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = garbage.open_bi().await.unwrap();
+        send.write_all(&[5, 0, 1, 9, 9, 9, 9, 9]).await.unwrap();
+        let reason = garbage.closed().await;
+        assert!(
+            matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
+            "the server closed it: {reason}"
+        );
+
+        // The tunnel keeps relaying.
+        let got = smol_flow(&a, &b, 20, false).await;
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        a.close().await;
+        b.close().await;
+    });
+    let stats = server.stats();
+    assert!(
+        stats.runtime.quic_handshake_failures >= 1,
+        "the wrong ALPN is counted: {stats:?}"
+    );
+    assert!(
+        stats.runtime.framing_errors >= 1,
+        "the garbage stream is counted: {stats:?}"
+    );
+    eventually("only the closed tunnels' connections are gone", || {
+        server.stats().stream_connections == 0
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn mutual_tls_over_quic_admits_a_client_certificate_and_refuses_without() {
+    let dir = std::env::temp_dir().join(format!("tscf-smol-{}-mtls-quic", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = pki(&dir);
+    let mut config = server_config();
+    config.director.admission.verified_identities = true;
+    config.tls_config = Some(ServerTlsConfig {
+        identity: ServerIdentity::PemFiles {
+            cert: pki.server.0.clone(),
+            key: pki.server.1.clone(),
+        },
+        client_ca: Some(pki.ca.clone()),
+    });
+    let server = smol::block_on(Server::start(config)).unwrap();
+    let mut tunnel = tunnel_config(server.local_addrs(), None, Transport::QUIC);
+    let tls = |client_identity| ClientTlsConfig {
+        verification: ServerVerification::CaFile(pki.ca.clone()),
+        server_name: None,
+        client_identity,
+    };
+    smol::block_on(async {
+        tunnel.tls = Some(tls(Some(pki.client.clone())));
+        let t = Tunnel::connect(tunnel.clone()).await.expect("admitted");
+        assert!(t.internal_ipv4().is_some());
+        t.close().await;
+
+        tunnel.tls = Some(tls(None));
+        let err = Tunnel::connect(tunnel.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Refused(TerminateReason::Unauthorized)),
+            "{err}"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    smol::block_on(server.shutdown());
+}
