@@ -129,6 +129,12 @@ pub(crate) async fn serve(
                 Some((send, _)) => write(send, &bytes).await?,
                 None => pending.push_back(bytes),
             },
+            Step::Out(Some(Outgoing::Abort)) => {
+                close(conn);
+                return Err(
+                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "cut").into(),
+                );
+            }
             Step::Out(Some(Outgoing::Close) | None) => {
                 if let Some((mut send, _)) = streams {
                     // Let the peer read what the stream still holds before the close.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_channel::{Sender, TrySendError};
+use async_channel::TrySendError;
 use async_io::{Async, Timer};
 use futures_lite::future;
 use futures_rustls::TlsAcceptor;
@@ -28,7 +28,7 @@ use tscf_runtime_std::{
 
 use crate::lock;
 use crate::quic::{self, Side};
-use crate::stream::{self, Outgoing, StreamError};
+use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
 use crate::timer::{Shared, Timed};
 
 /// How long shutdown waits for stream connections to flush their last envelopes.
@@ -210,8 +210,8 @@ impl ServerHandle {
     }
 
     /// Cuts the TCP, TLS or QUIC connection that carries `tunnel_id`, as a network failure
-    /// would: a TCP socket is shut down under its TLS session, a QUIC connection is closed at
-    /// once, and nothing is flushed. Returns false if the tunnel is unknown, persistent, or on
+    /// would: a TCP connection ends without a TLS close_notify and without writing what is
+    /// queued, a QUIC connection is closed at once. Returns false if the tunnel is unknown, persistent, or on
     /// UDP. For tests and operators.
     pub fn cut_connection(&self, tunnel_id: u64) -> bool {
         let core = lock(&self.inner.shared.state);
@@ -225,9 +225,7 @@ impl ServerHandle {
                 quic::close(conn);
                 true
             }
-            Some(Route::Stream {
-                sock: Some(sock), ..
-            }) => sock.shutdown(std::net::Shutdown::Both).is_ok(),
+            Some(Route::Stream { tx }) => tx.try_send(Outgoing::Abort).is_ok(),
             _ => false,
         }
     }
@@ -263,7 +261,7 @@ impl ServerHandle {
         core.stopped = true;
         for route in core.routes.values() {
             match route {
-                Route::Stream { tx, .. } => {
+                Route::Stream { tx } => {
                     if tx.try_send(Outgoing::Close).is_err() {
                         tx.close();
                     }
@@ -318,17 +316,13 @@ struct ServerCore {
 /// How envelopes reach a connection.
 #[derive(Debug)]
 enum Route {
-    /// The connection task's queue, and a handle on its TCP socket for
-    /// [`ServerHandle::cut_connection`] (`None` if the socket could not be cloned).
-    Stream {
-        tx: Sender<Outgoing>,
-        sock: Option<TcpStream>,
-    },
+    /// The connection task's queue.
+    Stream { tx: OutgoingQueue },
     /// A QUIC connection: data envelopes go as datagrams (a non-blocking send) when they fit,
     /// everything else through the connection task's queue to the stream.
     Quic {
         conn: quinn::Connection,
-        tx: Sender<Outgoing>,
+        tx: OutgoingQueue,
     },
     /// A UDP listener (a non-blocking send, never awaited under the lock) and the remote.
     Udp {
@@ -343,7 +337,7 @@ impl ServerCore {
     fn drain(&mut self) {
         while let Some(t) = self.director.poll_transmit(&mut self.buf) {
             match self.routes.get(&t.connection) {
-                Some(Route::Stream { tx, .. }) => {
+                Some(Route::Stream { tx }) => {
                     let frame = std::mem::take(&mut self.buf);
                     if let Err(TrySendError::Full(_)) = tx.try_send(Outgoing::Envelope(frame)) {
                         bump(&self.counters.stream_queue_full);
@@ -371,7 +365,7 @@ impl ServerCore {
             tracing::debug!(?event, "director");
             if let DirectorEvent::CloseConnection { connection } = event {
                 match self.routes.remove(&connection) {
-                    Some(Route::Stream { tx, .. } | Route::Quic { tx, .. })
+                    Some(Route::Stream { tx } | Route::Quic { tx, .. })
                         if tx.try_send(Outgoing::Close).is_err() =>
                     {
                         tx.close();
@@ -445,11 +439,8 @@ impl ServerInner {
         transport: Transport,
     ) -> Result<(), StreamError> {
         let _ = sock.get_ref().set_nodelay(true);
-        let cut = sock.get_ref().try_clone().ok();
         if transport != Transport::TLS {
-            return self
-                .serve_connection(sock, cut, remote, transport, false)
-                .await;
+            return self.serve_connection(sock, remote, transport, false).await;
         }
         let acceptor = self
             .tls
@@ -482,7 +473,7 @@ impl ServerInner {
             .1
             .peer_certificates()
             .is_some_and(|c| !c.is_empty());
-        self.serve_connection(tls, cut, remote, transport, verified)
+        self.serve_connection(tls, remote, transport, verified)
             .await
     }
 
@@ -490,7 +481,6 @@ impl ServerInner {
     async fn serve_connection<S>(
         &self,
         io: S,
-        cut: Option<TcpStream>,
         remote: SocketAddr,
         transport: Transport,
         verified_identity: bool,
@@ -498,14 +488,14 @@ impl ServerInner {
     where
         S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
     {
-        let (tx, rx) = async_channel::bounded(self.queue_len);
+        let (tx, rx) = OutgoingQueue::new(self.queue_len);
         let handle = {
             let mut core = lock(&self.shared.state);
             if core.stopped {
                 return Ok(());
             }
             let handle = core.handle();
-            core.routes.insert(handle, Route::Stream { tx, sock: cut });
+            core.routes.insert(handle, Route::Stream { tx });
             let info = ConnectionInfo {
                 transport,
                 remote,
@@ -587,7 +577,7 @@ impl ServerInner {
                     .ok()
             })
             .is_some_and(|chain| !chain.is_empty());
-        let (tx, rx) = async_channel::bounded(self.queue_len);
+        let (tx, rx) = OutgoingQueue::new(self.queue_len);
         let handle = {
             let mut core = lock(&self.shared.state);
             if core.stopped {

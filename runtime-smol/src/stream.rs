@@ -3,13 +3,15 @@
 
 use std::io;
 
-use async_channel::Receiver;
+use async_channel::{Receiver, Sender, TrySendError};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tscf_core::wire::DeframeError;
 
-/// Octets read from the socket at a time.
-const READ_CHUNK: usize = 16 * 1024;
+/// Octets read at a time while a connection is quiet: what an idle connection holds.
+const READ_SMALL: usize = 2 * 1024;
+/// Octets read at a time while reads fill the buffer (a busy connection).
+const READ_LARGE: usize = 16 * 1024;
 
 /// What the connection's owner asks the connection task to do.
 #[derive(Debug)]
@@ -18,6 +20,40 @@ pub(crate) enum Outgoing {
     Envelope(Vec<u8>),
     /// Close the connection (with a TLS close_notify).
     Close,
+    /// End the connection at once, as a network failure would: no close_notify, nothing more
+    /// written.
+    Abort,
+}
+
+/// A connection task's queue of [`Outgoing`] work. It holds at most `cap` envelopes, but is
+/// unbounded underneath: a bounded channel allocates every slot up front (32 KiB for 1,024
+/// envelopes), which an idle connection would carry for nothing. Close and Abort are always
+/// taken.
+#[derive(Clone, Debug)]
+pub(crate) struct OutgoingQueue {
+    tx: Sender<Outgoing>,
+    cap: usize,
+}
+
+impl OutgoingQueue {
+    /// A queue of at most `cap` envelopes, and the task's end of it.
+    pub(crate) fn new(cap: usize) -> (Self, Receiver<Outgoing>) {
+        let (tx, rx) = async_channel::unbounded();
+        (Self { tx, cap }, rx)
+    }
+
+    /// Queues `work`; an envelope is refused with `Full` when `cap` are waiting.
+    pub(crate) fn try_send(&self, work: Outgoing) -> Result<(), TrySendError<Outgoing>> {
+        if matches!(work, Outgoing::Envelope(_)) && self.tx.len() >= self.cap {
+            return Err(TrySendError::Full(work));
+        }
+        self.tx.try_send(work)
+    }
+
+    /// Closes the queue: the task sees the end of it once it has taken what is queued.
+    pub(crate) fn close(&self) {
+        self.tx.close();
+    }
 }
 
 /// Why a stream ended other than by a clean close.
@@ -48,7 +84,7 @@ where
         Read(io::Result<usize>),
         Out(Option<Outgoing>),
     }
-    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut chunk = vec![0u8; READ_SMALL];
     loop {
         // Reading is cancel-safe: a read that loses the race has consumed nothing.
         let step = future::or(async { Step::Read(stream.read(&mut chunk).await) }, async {
@@ -57,16 +93,51 @@ where
         .await;
         match step {
             Step::Read(Ok(0)) => return Ok(()),
-            Step::Read(Ok(n)) => on_bytes(&chunk[..n])?,
+            Step::Read(Ok(n)) => {
+                on_bytes(&chunk[..n])?;
+                // Grow while reads fill the buffer; give it back once they no longer do.
+                if n == chunk.len() && chunk.len() < READ_LARGE {
+                    chunk.resize(READ_LARGE, 0);
+                } else if n < READ_SMALL && chunk.len() > READ_SMALL {
+                    chunk = vec![0u8; READ_SMALL];
+                }
+            }
             Step::Read(Err(e)) => return Err(e.into()),
             Step::Out(Some(Outgoing::Envelope(bytes))) => {
                 stream.write_all(&bytes).await?;
                 stream.flush().await?;
+            }
+            Step::Out(Some(Outgoing::Abort)) => {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "cut").into());
             }
             Step::Out(Some(Outgoing::Close) | None) => {
                 let _ = stream.close().await;
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_bounds_envelopes_but_always_takes_close_and_abort() {
+        let (queue, rx) = OutgoingQueue::new(2);
+        assert!(queue.try_send(Outgoing::Envelope(vec![1])).is_ok());
+        assert!(queue.try_send(Outgoing::Envelope(vec![2])).is_ok());
+        assert!(matches!(
+            queue.try_send(Outgoing::Envelope(vec![3])),
+            Err(TrySendError::Full(Outgoing::Envelope(_)))
+        ));
+        // Room again once the task took one.
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Envelope(b)) if b == [1]));
+        assert!(queue.try_send(Outgoing::Envelope(vec![4])).is_ok());
+        // A full queue still takes the orders to end the connection.
+        assert!(queue.try_send(Outgoing::Abort).is_ok());
+        assert!(queue.try_send(Outgoing::Close).is_ok());
+        queue.close();
+        assert!(queue.try_send(Outgoing::Close).is_err(), "closed");
     }
 }

@@ -38,7 +38,7 @@ use tscf_runtime_std::{
 use crate::lock;
 use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
-use crate::stream::{self, Outgoing, StreamError};
+use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
 use crate::timer::{Shared, Timed};
 
 /// Notifications waiting to be read; beyond, new ones are dropped and counted.
@@ -347,10 +347,10 @@ pub(crate) struct ClientCore {
 enum Link {
     None,
     /// A stream transport's queue; `None` while its task connects.
-    Stream(Option<Sender<Outgoing>>),
+    Stream(Option<OutgoingQueue>),
     Udp(SocketAddr),
     /// A QUIC connection and its task's queue (for the stream); `None` while it connects.
-    Quic(Option<(quinn::Connection, Sender<Outgoing>)>),
+    Quic(Option<(quinn::Connection, OutgoingQueue)>),
 }
 
 impl ClientCore {
@@ -607,7 +607,7 @@ impl StreamTask {
     where
         S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
     {
-        let (tx, rx) = async_channel::bounded(STREAM_QUEUE);
+        let (tx, rx) = OutgoingQueue::new(STREAM_QUEUE);
         {
             let mut core = lock(&self.shared.state);
             if core.generation != self.generation || core.stopped {
@@ -691,7 +691,7 @@ impl QuicTask {
     }
 
     async fn serve(&self, conn: &quinn::Connection) -> Result<(), StreamError> {
-        let (tx, rx) = async_channel::bounded(STREAM_QUEUE);
+        let (tx, rx) = OutgoingQueue::new(STREAM_QUEUE);
         {
             let mut core = lock(&self.shared.state);
             if core.generation != self.generation || core.stopped {
