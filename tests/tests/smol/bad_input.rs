@@ -10,14 +10,14 @@ use tscf_runtime_smol::{Server, ServerHandle};
 
 use crate::util::{server_config, smol_flow, smol_tunnel, tunnel_config};
 
-fn hostile_server() -> ServerHandle {
+pub fn hostile_server() -> ServerHandle {
     let mut config = server_config();
     config.director.pending_timeout = Duration::from_secs(1);
     smol::block_on(Server::start(config)).unwrap()
 }
 
 /// Waits up to 3 s for `check` to hold.
-fn eventually(what: &str, check: impl Fn() -> bool) {
+pub fn eventually(what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while !check() {
         assert!(Instant::now() < deadline, "{what}");

@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tscf_core::client::TerminateReason;
 use tscf_core::wire::Transport;
@@ -13,23 +13,9 @@ use tscf_runtime_smol::{
     ConnectError, Server, ServerHandle, ServerIdentity, ServerTlsConfig, Tunnel,
 };
 
+use crate::bad_input::{eventually, hostile_server};
 use crate::pki::pki;
 use crate::util::{server_config, smol_flow, smol_tunnel, tunnel_config};
-
-fn hostile_server() -> ServerHandle {
-    let mut config = server_config();
-    config.director.pending_timeout = Duration::from_secs(1);
-    smol::block_on(Server::start(config)).unwrap()
-}
-
-/// Waits up to 5 s for `check` to hold.
-fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// A raw quinn client endpoint that pins `server`'s certificate and speaks `alpn`.
 fn raw_client(server: &ServerHandle, alpn: &[u8]) -> (quinn::Endpoint, quinn::ClientConfig) {
