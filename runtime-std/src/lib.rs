@@ -82,6 +82,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod inner;
 mod peer_stream;
 mod server;
 mod socket;

@@ -3,20 +3,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use tscf_core::client::SendError;
-
+use crate::inner;
 use crate::lock;
 use crate::timer::Shared;
 use crate::tunnel::ClientCore;
-
-/// Hop limit of the inner packets sent.
-const INNER_TTL: u8 = 64;
 
 /// A UDP socket on the tunnel's internal address, like [`std::net::UdpSocket`]. Datagrams go
 /// to other tunnels' internal addresses through the server; received datagrams wait in a
@@ -46,14 +41,7 @@ impl InnerUdpSocket {
 
     /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        let core = lock(&self.shared.state);
-        let ip = core
-            .client
-            .internal_ipv4()
-            .map(IpAddr::V4)
-            .or(core.client.internal_ipv6().map(IpAddr::V6))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no tunnel"))?;
-        Ok(SocketAddr::new(ip, self.port))
+        inner::local_addr(&lock(&self.shared.state).client, self.port)
     }
 
     /// Sends `buf` to `dst`, an internal address and port of another tunnel. While the tunnel
@@ -61,24 +49,7 @@ impl InnerUdpSocket {
     /// [`io::ErrorKind::WouldBlock`].
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
         let mut core = lock(&self.shared.state);
-        let builder = match dst.ip() {
-            IpAddr::V4(to) => {
-                let from = core.client.internal_ipv4().ok_or_else(no_tunnel)?;
-                PacketBuilder::ipv4(from.octets(), to.octets(), INNER_TTL)
-            }
-            IpAddr::V6(to) => {
-                let from = core.client.internal_ipv6().ok_or_else(no_tunnel)?;
-                PacketBuilder::ipv6(from.octets(), to.octets(), INNER_TTL)
-            }
-        }
-        .udp(self.port, dst.port());
-        let mut packet = Vec::with_capacity(builder.size(buf.len()));
-        builder
-            .write(&mut packet, buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        core.client
-            .send_ip(Instant::now(), &packet)
-            .map_err(send_error)?;
+        inner::send_udp(&mut core.client, Instant::now(), self.port, dst, buf)?;
         core.drain();
         self.shared.rearm(&mut core);
         Ok(buf.len())
@@ -140,12 +111,7 @@ impl InnerUdpSocket {
     /// How long [`recv_from`](Self::recv_from) blocks; `None` blocks until a datagram comes.
     /// A zero duration is an error, as for std sockets.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        if timeout == Some(Duration::ZERO) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "zero read timeout",
-            ));
-        }
+        inner::check_read_timeout(timeout)?;
         *lock(&self.read_timeout) = timeout;
         Ok(())
     }
@@ -190,46 +156,19 @@ impl SocketQueue {
 /// Hands one inner packet received from the tunnel to the socket bound to its destination
 /// port, or counts why not.
 pub(crate) fn deliver(core: &mut ClientCore, packet: Vec<u8>) {
-    let Ok(sliced) = SlicedPacket::from_ip(&packet) else {
+    let Some(datagram) = inner::parse_udp(&packet) else {
         core.stats.not_udp += 1;
         return;
     };
-    let from_ip = match &sliced.net {
-        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
-        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
-        _ => {
-            core.stats.not_udp += 1;
-            return;
-        }
-    };
-    let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
-        core.stats.not_udp += 1;
-        return;
-    };
-    let Some(queue) = core.sockets.get(&udp.destination_port()) else {
+    let Some(queue) = core.sockets.get(&datagram.port) else {
         core.stats.unbound_port += 1;
         return;
     };
-    let from = SocketAddr::new(from_ip, udp.source_port());
     let mut packets = lock(&queue.packets);
     if packets.len() >= queue.limit {
         core.stats.socket_queue_full += 1;
         return;
     }
-    packets.push_back((udp.payload().to_vec(), from));
+    packets.push_back((datagram.payload.to_vec(), datagram.from));
     queue.ready.notify_one();
-}
-
-fn no_tunnel() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet")
-}
-
-fn send_error(e: SendError) -> io::Error {
-    let kind = match e {
-        SendError::NotConnected => io::ErrorKind::NotConnected,
-        SendError::Closed => io::ErrorKind::BrokenPipe,
-        SendError::QueueFull => io::ErrorKind::WouldBlock,
-        _ => io::ErrorKind::InvalidInput,
-    };
-    io::Error::new(kind, e)
 }
