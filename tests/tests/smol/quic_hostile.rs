@@ -1,10 +1,11 @@
 //! Hostile input on the QUIC listener: UDP noise and forged long-header packets, a wrong ALPN,
 //! a connection that never configures, and garbage on the control stream. Each is dropped or
-//! closed and counted; a QUIC tunnel next to them keeps relaying. Also mutual TLS over QUIC.
+//! closed and counted; a QUIC tunnel next to them keeps relaying. Also mutual TLS over QUIC,
+//! and a client without QUIC datagram support, whose data goes on the stream.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tscf_core::client::TerminateReason;
 use tscf_core::wire::Transport;
@@ -151,5 +152,92 @@ fn mutual_tls_over_quic_admits_a_client_certificate_and_refuses_without() {
         );
     });
     let _ = std::fs::remove_dir_all(&dir);
+    smol::block_on(server.shutdown());
+}
+
+/// Reads from `recv` until one whole envelope is there and returns it; fails after 5 s.
+async fn next_envelope(
+    recv: &mut quinn::RecvStream,
+    deframer: &mut tscf_core::wire::StreamDeframer,
+) -> Vec<u8> {
+    let read = async {
+        loop {
+            if let Some(envelope) = deframer.next_raw().expect("framed") {
+                return envelope.to_vec();
+            }
+            let mut chunk = [0u8; 2048];
+            let n = recv
+                .read(&mut chunk)
+                .await
+                .expect("readable")
+                .expect("the stream stays open");
+            deframer.push(&chunk[..n]).expect("bounded");
+        }
+    };
+    futures_lite::future::or(read, async {
+        smol::Timer::after(Duration::from_secs(5)).await;
+        panic!("no envelope on the stream within 5 s");
+    })
+    .await
+}
+
+#[test]
+fn a_client_without_quic_datagrams_gets_its_data_on_the_stream() {
+    use tscf_core::sim::world::{data_envelope, udp_packet_ports, udp_payload};
+    use tscf_core::wire::{EnvelopeType, Message, MessageType};
+
+    let server = hostile_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    smol::block_on(async {
+        let b = smol_tunnel(config).await;
+        let (endpoint, mut client) = raw_client(&server, b"tscf");
+        let mut transport = quinn::TransportConfig::default();
+        transport.datagram_receive_buffer_size(None);
+        client.transport_config(Arc::new(transport));
+        let conn = endpoint
+            .connect_with(client, quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut request = Vec::new();
+        Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0)
+            .encode_envelope(&mut request)
+            .unwrap();
+        send.write_all(&request).await.unwrap();
+        let mut deframer = tscf_core::wire::StreamDeframer::new();
+        let response = next_envelope(&mut recv, &mut deframer).await;
+        let message = Message::decode(&response[3..]).unwrap();
+        assert_eq!(
+            message.header.message_type,
+            MessageType::CONFIGURATION_RESPONSE
+        );
+        let me = message.tlvs.internal_ipv4.expect("an address").addr;
+
+        // Relay from a tunnel on datagrams to the one without: on the stream.
+        let rx = b.bind(5004).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let tx = b.bind(6000).unwrap();
+        tx.send_to(b"to the stream", SocketAddr::new(me.into(), 7000))
+            .await
+            .unwrap();
+        let envelope = next_envelope(&mut recv, &mut deframer).await;
+        assert_eq!(envelope[0], EnvelopeType::DATA.0);
+        assert_eq!(udp_payload(&envelope[3..]), b"to the stream");
+
+        // And back, on the stream too.
+        let to_b = b.internal_ipv4().unwrap();
+        let packet = udp_packet_ports(me, 7000, to_b, 5004, b"from the stream");
+        send.write_all(&data_envelope(&packet)).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = rx.recv_from(&mut buf).await.expect("relayed");
+        assert_eq!(&buf[..n], b"from the stream");
+        assert_eq!(from, SocketAddr::new(me.into(), 7000));
+        b.close().await;
+    });
     smol::block_on(server.shutdown());
 }
