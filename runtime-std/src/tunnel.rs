@@ -268,6 +268,17 @@ impl Tunnel {
     /// or `connect_timeout` passes. The client, not this runtime, decides which server and
     /// transport to try next.
     pub fn connect(mut config: TunnelConfig) -> Result<Self, ConnectError> {
+        if let Some(peer) = config.client.peer.as_ref().filter(|p| p.offers_secure()) {
+            return Err(ConnectError::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "peer transport {} is not supported by tscf-runtime-std (it has no DTLS \
+                     or QUIC peer sessions); use Transport::UDP here, or tscf-runtime-smol \
+                     for QUIC",
+                    peer.transport
+                ),
+            )));
+        }
         if !config.keep_seed {
             let seed = os_seed()?;
             let mut first = [0u8; 8];

@@ -320,3 +320,32 @@ fn tls_peer_stream_with_a_wrong_certificate_is_refused() {
     b.close();
     server.shutdown();
 }
+
+#[test]
+fn a_secure_peer_transport_is_refused_at_connect_and_udp_peers_still_work() {
+    let server = server(|_| {});
+    for transport in [Transport::QUIC, Transport::DTLS] {
+        let mut config = tunnel_config(&server, Transport::UDP);
+        let peer = config.client.peer.as_mut().expect("peer tunneling on");
+        peer.transport = transport;
+        peer.certificate_fingerprint = Some([1; 32]);
+        match Tunnel::connect(config) {
+            Err(tscf_runtime_std::ConnectError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+                assert!(e.to_string().contains(&transport.to_string()), "{e}");
+            }
+            Err(e) => panic!("{transport}: {e}"),
+            Ok(_) => panic!("{transport}: accepted"),
+        }
+    }
+    // The same settings with UDP connect, and peer tunnels form.
+    let a = tunnel(&server, Transport::UDP);
+    let b = tunnel(&server, Transport::UDP);
+    let ib = IpAddr::V4(b.internal_ipv4().unwrap());
+    let got = rtp_flow_opted(&a, &b, 100, true, |_| {});
+    assert_eq!(got.len(), 100);
+    assert!(matches!(a.peer_path(ib), PeerPath::Peer(_)));
+    a.close();
+    b.close();
+    server.shutdown();
+}

@@ -201,4 +201,11 @@ pub enum ConfigError {
     /// [`PeerConfig::max_peers`] is 0 or above [`PeerConfig::MAX_PEERS_LIMIT`].
     #[error("max_peers {0} outside 1 to {max}", max = PeerConfig::MAX_PEERS_LIMIT)]
     PeerMaxPeers(usize),
+    /// [`PeerConfig::transport`] is not UDP, DTLS or QUIC; or DTLS or QUIC without
+    /// [`PeerConfig::certificate_fingerprint`]; or [`PeerConfig::require_secure`] with UDP.
+    #[error(
+        "peer transport {0}: must be UDP, DTLS or QUIC; DTLS and QUIC need a certificate \
+         fingerprint, require_secure needs DTLS or QUIC"
+    )]
+    PeerTransport(crate::wire::Transport),
 }

@@ -100,6 +100,47 @@ pub enum ClientEvent {
         /// The stream.
         stream: PeerStreamId,
     },
+    /// Initiator: run a peer session handshake (`docs/PROTOCOL.md` §7.5) as its client, from
+    /// the peer UDP socket to `path`, and accept it only if the SHA-256 of the peer's
+    /// end-entity certificate (DER) is `fingerprint`; present our own certificate (the one
+    /// whose fingerprint is [`PeerConfig::certificate_fingerprint`](super::PeerConfig::certificate_fingerprint)).
+    /// Then report it with [`handle_peer_session_open`](super::TunnelClient::handle_peer_session_open)
+    /// or [`handle_peer_session_failed`](super::TunnelClient::handle_peer_session_failed), send
+    /// [`Destination::PeerSession`] transmits in it and feed what it carries to
+    /// [`handle_peer_session_datagram`](super::TunnelClient::handle_peer_session_datagram).
+    OpenPeerSession {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+        /// [`Transport::DTLS`](crate::wire::Transport::DTLS) or
+        /// [`Transport::QUIC`](crate::wire::Transport::QUIC).
+        transport: crate::wire::Transport,
+        /// The pinned fingerprint of the peer's certificate.
+        fingerprint: [u8; 32],
+    },
+    /// Destination: accept a peer session handshake from `path` (a verified probe came from
+    /// there), and only with a client certificate whose SHA-256 is `fingerprint`. Handshakes
+    /// from addresses not authorised this way are refused, and their datagrams dropped before
+    /// the session layer sees them. Report the outcome and the traffic as for
+    /// [`OpenPeerSession`](Self::OpenPeerSession).
+    AcceptPeerSession {
+        /// The peer's internal address.
+        peer: IpAddr,
+        /// The address authorised.
+        path: SocketAddr,
+        /// [`Transport::DTLS`](crate::wire::Transport::DTLS) or
+        /// [`Transport::QUIC`](crate::wire::Transport::QUIC).
+        transport: crate::wire::Transport,
+        /// The initiator's certificate fingerprint.
+        fingerprint: [u8; 32],
+    },
+    /// Close the peer session on `path` (opened, accepted or in its handshake) and withdraw the
+    /// authorisation of `path`; nothing more is reported about it.
+    ClosePeerSession {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+    },
     /// The client is finished; nothing more happens. Always the last event.
     Terminated {
         /// Why.
@@ -168,6 +209,9 @@ pub enum Destination {
     Peer(SocketAddr),
     /// On this peer stream, as one whole envelope (`docs/PROTOCOL.md` §7.7).
     PeerStream(PeerStreamId),
+    /// Inside the peer session (DTLS or QUIC) with this address, as one whole envelope
+    /// (`docs/PROTOCOL.md` §7.5).
+    PeerSession(SocketAddr),
 }
 
 /// A peer stream (TCP or TLS, `docs/PROTOCOL.md` §7.7). Ids of streams the client asks to open

@@ -71,7 +71,48 @@ pub struct Node {
     pub peer_blocked: bool,
     /// Inner UDP source ports of the data packets sent on peer paths.
     pub peer_data_ports: std::collections::BTreeSet<u16>,
+    /// The certificate fingerprint this node presents in peer session handshakes: its
+    /// configured one unless a test changes it (to present another certificate).
+    pub session_cert: Option<[u8; 32]>,
+    /// Peer sessions by remote address: the fingerprint pinned and whether it is open.
+    pub sessions: BTreeMap<SocketAddr, SimSession>,
+    /// Addresses authorised for a session handshake, with the fingerprint to expect.
+    pub authorised: BTreeMap<SocketAddr, [u8; 32]>,
+    /// Session datagrams dropped: a handshake from an address not authorised, or data
+    /// outside an open session.
+    pub session_dropped: u64,
     next_port: u16,
+}
+
+/// A simulated peer session: a pass-through "handshake" that exchanges the certificate
+/// fingerprints each side presents and checks them against the pinned ones, then carries
+/// envelopes as datagrams. Its datagrams start with an octet of the QUIC range
+/// (`docs/PROTOCOL.md` §2.4), as a real session's would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimSession {
+    /// The fingerprint the other side must present.
+    pub expected: [u8; 32],
+    /// Whether the handshake finished.
+    pub open: bool,
+    /// Whether this side opened it.
+    pub initiator: bool,
+}
+
+/// First octets of the simulated session's datagrams.
+pub mod session_wire {
+    /// Client hello: the initiator's certificate fingerprint follows.
+    pub const HELLO: u8 = 0x60;
+    /// Server answer: the destination's certificate fingerprint follows.
+    pub const ACCEPT: u8 = 0x61;
+    /// The destination refused the initiator's certificate.
+    pub const REFUSE: u8 = 0x62;
+    /// One envelope follows.
+    pub const DATA: u8 = 0x63;
+
+    /// Whether `datagram` belongs to a simulated session.
+    pub fn is_session(datagram: &[u8]) -> bool {
+        matches!(datagram.first(), Some(&(HELLO..=DATA)))
+    }
 }
 
 /// The director, its runtime glue, the clients and the network.
@@ -173,6 +214,7 @@ impl World {
         peer: Option<PeerConfig>,
     ) -> usize {
         let peer_socket = peer.as_ref().map(|_| SocketAddr::new(ip, PEER_PORT));
+        let session_cert = peer.as_ref().and_then(|p| p.certificate_fingerprint);
         if let Some(mut peer) = peer {
             if peer.local_addresses.is_empty() {
                 peer.local_addresses = vec![SocketAddr::new(ip, PEER_PORT)];
@@ -197,10 +239,16 @@ impl World {
             peer_socket,
             peer_blocked: false,
             peer_data_ports: Default::default(),
+            session_cert: None,
+            sessions: BTreeMap::new(),
+            authorised: BTreeMap::new(),
+            session_dropped: 0,
             next_port: 40_000,
         });
-        self.by_host.insert(host, self.nodes.len() - 1);
-        self.nodes.len() - 1
+        let i = self.nodes.len() - 1;
+        self.nodes[i].session_cert = session_cert;
+        self.by_host.insert(host, i);
+        i
     }
 
     /// Adds a host that runs no client; a test sends from it with [`Network::send_datagram`]
@@ -356,6 +404,24 @@ impl World {
                     }
                     self.net.send_datagram(local, to, &self.buf);
                 }
+                (Destination::PeerSession(to), _) => {
+                    let open = node.sessions.get(&to).is_some_and(|s| s.open);
+                    let Some(local) = node.peer_socket.filter(|_| !node.peer_blocked && open)
+                    else {
+                        continue;
+                    };
+                    if self.buf.first() == Some(&EnvelopeType::DATA.0) {
+                        if let Some(port) = crate::wire::InnerPacket::parse(&self.buf[3..])
+                            .ok()
+                            .and_then(|p| p.udp_ports())
+                        {
+                            node.peer_data_ports.insert(port.0);
+                        }
+                    }
+                    let mut datagram = vec![session_wire::DATA];
+                    datagram.extend_from_slice(&self.buf);
+                    self.net.send_datagram(local, to, &datagram);
+                }
                 _ => {}
             }
         }
@@ -384,6 +450,32 @@ impl World {
                     if let Some(ClientTransport::Stream { id, .. }) = node.transport.take() {
                         let _ = self.net.close_stream(id);
                     }
+                }
+                ClientEvent::OpenPeerSession {
+                    path, fingerprint, ..
+                } => {
+                    node.sessions.insert(
+                        *path,
+                        SimSession {
+                            expected: *fingerprint,
+                            open: false,
+                            initiator: true,
+                        },
+                    );
+                    if let Some(local) = node.peer_socket.filter(|_| !node.peer_blocked) {
+                        let mut hello = vec![session_wire::HELLO];
+                        hello.extend_from_slice(&node.session_cert.unwrap_or_default());
+                        self.net.send_datagram(local, *path, &hello);
+                    }
+                }
+                ClientEvent::AcceptPeerSession {
+                    path, fingerprint, ..
+                } => {
+                    node.authorised.insert(*path, *fingerprint);
+                }
+                ClientEvent::ClosePeerSession { path } => {
+                    node.sessions.remove(path);
+                    node.authorised.remove(path);
                 }
                 _ => {}
             }
@@ -444,9 +536,13 @@ impl World {
             }
             NetEvent::Datagram { from, to, payload } => {
                 if node.peer_socket == Some(to) {
-                    if !node.peer_blocked {
-                        node.client.handle_peer_datagram(now, from, &payload);
+                    if node.peer_blocked {
+                        return;
                     }
+                    if session_wire::is_session(&payload) {
+                        return session_input(node, &mut self.net, now, from, to, &payload);
+                    }
+                    node.client.handle_peer_datagram(now, from, &payload);
                     return;
                 }
                 if let Some(ClientTransport::Udp { local, server }) = &node.transport {
@@ -566,7 +662,77 @@ impl World {
     }
 }
 
-/// A 32-octet seed from a u64.
+/// One datagram of a simulated peer session reaching `node`'s peer socket `local` from `from`.
+fn session_input(
+    node: &mut Node,
+    net: &mut Network,
+    now: Instant,
+    from: SocketAddr,
+    local: SocketAddr,
+    payload: &[u8],
+) {
+    let cert = |body: &[u8]| <[u8; 32]>::try_from(body).ok();
+    match (payload[0], &payload[1..]) {
+        (session_wire::HELLO, body) => match (node.authorised.get(&from), cert(body)) {
+            (Some(expected), Some(got)) if *expected == got => {
+                node.sessions.insert(
+                    from,
+                    SimSession {
+                        expected: *expected,
+                        open: true,
+                        initiator: false,
+                    },
+                );
+                let mut accept = vec![session_wire::ACCEPT];
+                accept.extend_from_slice(&node.session_cert.unwrap_or_default());
+                net.send_datagram(local, from, &accept);
+                node.client.handle_peer_session_open(now, from);
+            }
+            (Some(_), _) => {
+                net.send_datagram(local, from, &[session_wire::REFUSE]);
+                node.client.handle_peer_session_failed(now, from);
+            }
+            (None, _) => node.session_dropped += 1,
+        },
+        (session_wire::ACCEPT, body) => {
+            let Some(s) = node
+                .sessions
+                .get_mut(&from)
+                .filter(|s| s.initiator && !s.open)
+            else {
+                node.session_dropped += 1;
+                return;
+            };
+            if cert(body) == Some(s.expected) {
+                s.open = true;
+                node.client.handle_peer_session_open(now, from);
+            } else {
+                node.sessions.remove(&from);
+                node.client.handle_peer_session_failed(now, from);
+            }
+        }
+        (session_wire::REFUSE, _) => {
+            if node
+                .sessions
+                .get(&from)
+                .is_some_and(|s| s.initiator && !s.open)
+            {
+                node.sessions.remove(&from);
+                node.client.handle_peer_session_failed(now, from);
+            }
+        }
+        (_, envelope) => {
+            if node.sessions.get(&from).is_some_and(|s| s.open) {
+                node.client
+                    .handle_peer_session_datagram(now, from, envelope);
+            } else {
+                node.session_dropped += 1;
+            }
+        }
+    }
+}
+
+/// A 32-octet seed derived from `seed`.
 pub fn seeded(seed: u64) -> [u8; 32] {
     let mut out = [0u8; 32];
     out[..8].copy_from_slice(&seed.to_le_bytes());

@@ -2,6 +2,7 @@
 //! in virtual time. Every scenario runs under a seed guard that prints its seed on failure.
 
 mod peer;
+mod secure;
 mod tunnels;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -54,9 +54,23 @@ pub struct PeerConfig {
     /// them in and reports accepted streams with
     /// [`handle_peer_stream_accepted`](super::super::TunnelClient::handle_peer_stream_accepted).
     pub stream_listeners: Vec<(Transport, SocketAddr)>,
-    /// SHA-256 of the certificate the runtime's TLS peer stream listener presents, sent as the
-    /// Certificate Fingerprint TLV; required with a TLS listener.
+    /// SHA-256 of the certificate the runtime presents on secured peer paths (its TLS peer
+    /// stream listener, its DTLS or QUIC peer sessions), sent as the Certificate Fingerprint
+    /// TLV; required with a TLS listener and with a DTLS or QUIC [`transport`](Self::transport).
     pub certificate_fingerprint: Option<[u8; 32]>,
+    /// The peer transport this client offers on its peer UDP socket, sent as the transport of
+    /// its Connection Info (`docs/PROTOCOL.md` §7.5): [`Transport::UDP`] (the default, plain
+    /// signed envelopes), [`Transport::DTLS`] or [`Transport::QUIC`] (a session the runtime
+    /// runs, see [`ClientEvent::OpenPeerSession`](super::super::ClientEvent::OpenPeerSession)).
+    /// A peer tunnel runs secured only when both sides offer the same secure transport and
+    /// both certificate fingerprints are known; otherwise it runs over plain UDP, unless
+    /// [`require_secure`](Self::require_secure) is set.
+    pub transport: Transport,
+    /// Refuse peer tunnels that would not be secured (default false): such a negotiation ends
+    /// at once, its flows stay on the relay, and it is counted in
+    /// [`PeerStats::insecure_refused`](super::PeerStats::insecure_refused). Needs a DTLS or
+    /// QUIC [`transport`](Self::transport).
+    pub require_secure: bool,
     /// How long the initiator probes UDP candidates without an answer before it opens a
     /// stream to one of the peer's TCP or TLS candidates (default 500 ms).
     pub stream_fallback_delay: Duration,
@@ -75,6 +89,11 @@ impl PeerConfig {
     /// Most peer stream listeners.
     pub const MAX_STREAM_LISTENERS: usize = 2;
 
+    /// Whether [`transport`](Self::transport) is a secure one (DTLS or QUIC).
+    pub fn offers_secure(&self) -> bool {
+        is_secure(self.transport)
+    }
+
     /// The defaults for a peer socket bound at `local_addresses`, asking `stun_servers`.
     pub fn new(local_addresses: Vec<SocketAddr>, stun_servers: Vec<SocketAddr>) -> Self {
         Self {
@@ -92,6 +111,8 @@ impl PeerConfig {
             keep_on_peer_server_tunnel_loss: false,
             stream_listeners: Vec::new(),
             certificate_fingerprint: None,
+            transport: Transport::UDP,
+            require_secure: false,
             stream_fallback_delay: Duration::from_millis(500),
             max_peers: 32,
         }
@@ -130,9 +151,22 @@ impl PeerConfig {
         if !listeners_ok {
             return Err(ConfigError::PeerStreamListeners);
         }
+        let transport_ok = match self.transport {
+            Transport::UDP => !self.require_secure,
+            Transport::DTLS | Transport::QUIC => self.certificate_fingerprint.is_some(),
+            _ => false,
+        };
+        if !transport_ok {
+            return Err(ConfigError::PeerTransport(self.transport));
+        }
         if !(1..=Self::MAX_PEERS_LIMIT).contains(&self.max_peers) {
             return Err(ConfigError::PeerMaxPeers(self.max_peers));
         }
         Ok(())
     }
+}
+
+/// Whether `transport` is a secure peer transport (DTLS or QUIC, `docs/PROTOCOL.md` §7.5).
+pub(super) fn is_secure(transport: Transport) -> bool {
+    matches!(transport, Transport::DTLS | Transport::QUIC)
 }

@@ -16,6 +16,7 @@
 mod config;
 mod path;
 mod service;
+mod session;
 mod stream;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -50,12 +51,16 @@ const NOMINATION_RTO: Duration = Duration::from_millis(250);
 const MAX_STREAMS_PER_PEER: usize = 4;
 /// Accepted peer streams not yet identified by a valid Configuration Request, at most.
 const MAX_PENDING_STREAMS: usize = 16;
+/// Addresses a destination authorises for a peer session handshake, per peer, at most.
+const MAX_AUTHORISED: usize = 4;
 
-/// The way to a peer: its UDP address, or a peer stream.
+/// The way to a peer: its UDP address, a peer stream, or a peer session (DTLS or QUIC) with
+/// its UDP address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Via {
     Udp(SocketAddr),
     Stream(PeerStreamId),
+    Session(SocketAddr),
 }
 
 /// Where packets to a peer go now.
@@ -73,6 +78,13 @@ pub enum PeerPath {
         /// Its remote address.
         addr: SocketAddr,
     },
+    /// Over the peer tunnel inside a peer session (DTLS or QUIC) with this address.
+    Session {
+        /// The peer's address on the direct path.
+        addr: SocketAddr,
+        /// [`Transport::DTLS`] or [`Transport::QUIC`].
+        transport: Transport,
+    },
 }
 
 /// The state of a peer tunnel, as [`TunnelClient::peer_tunnels`] reports it.
@@ -87,6 +99,8 @@ pub enum PeerTunnelState {
     AwaitingPeer,
     /// Probing the peer's candidates.
     Probing,
+    /// The initiator waits for the runtime's peer session handshake on the chosen path.
+    Handshaking,
     /// The Configuration Request is out on the chosen path.
     Nominating,
     /// Up: opted-in flows to the peer take it.
@@ -104,6 +118,9 @@ pub struct PeerTunnelInfo {
     pub path: Option<SocketAddr>,
     /// The peer stream the path runs on, if it is not UDP.
     pub stream: Option<PeerStreamId>,
+    /// The session transport (DTLS or QUIC) securing the path, once agreed
+    /// (`docs/PROTOCOL.md` §7.5); `None` for plain UDP and for streams.
+    pub session: Option<Transport>,
     /// Where the tunnel is.
     pub state: PeerTunnelState,
     /// Time from the first opted-in packet (or the forwarded request) to Up, once up.
@@ -134,6 +151,13 @@ pub enum PeerDownReason {
     Replaced,
     /// The peer stream the tunnel ran on was closed or broke.
     StreamLost,
+    /// The peer session handshake failed: a certificate that does not match the fingerprint,
+    /// a refused or timed out handshake.
+    SessionFailed,
+    /// The peer session the tunnel ran on was closed or broke.
+    SessionLost,
+    /// The tunnel would not be secured and [`PeerConfig::require_secure`] is set.
+    InsecureRefused,
 }
 
 /// Peer tunneling counters of a client, in [`ClientStats::peer`](super::ClientStats::peer).
@@ -203,6 +227,21 @@ pub struct PeerStats {
     pub streams_idle_closed: u64,
     /// Dropped: an envelope on a peer stream the agent does not hold.
     pub dropped_unknown_stream: u64,
+    /// Peer sessions asked for as initiator ([`ClientEvent::OpenPeerSession`]).
+    pub sessions_opened: u64,
+    /// Addresses authorised for a peer session handshake as destination
+    /// ([`ClientEvent::AcceptPeerSession`]).
+    pub sessions_authorised: u64,
+    /// Peer session handshakes that failed (wrong certificate, refused, timed out).
+    pub session_failures: u64,
+    /// Negotiations ended because the tunnel would not be secured and
+    /// [`PeerConfig::require_secure`] is set (here or, as seen from its offer, at the peer).
+    pub insecure_refused: u64,
+    /// Dropped: a plain datagram other than a probe from the path of a secured peer tunnel,
+    /// or a plain Configuration Request for one.
+    pub dropped_plain_on_secure: u64,
+    /// Dropped: input from a peer session the agent does not hold.
+    pub dropped_unknown_session: u64,
 }
 
 /// What the agent borrows from the client for one call.
@@ -256,6 +295,7 @@ enum Phase {
     Requesting,
     AwaitingForward,
     Probing,
+    Handshaking,
     Nominating,
     Up,
     Fallback,
@@ -276,6 +316,14 @@ struct Peer {
     stream_candidates: ArrayVec<(Transport, SocketAddr), MAX_STREAMS_PER_PEER>,
     /// The peer's certificate fingerprint, from the director's Peer Credentials.
     fingerprint: Option<[u8; 32]>,
+    /// The peer transport the peer offers (its Connection Info).
+    offer: Option<Transport>,
+    /// The agreed session transport (DTLS or QUIC), when the tunnel is to be secured.
+    secure: Option<Transport>,
+    /// Whether the current path is the peer session (`secure` is set and the path chosen).
+    secured: bool,
+    /// Destination: addresses authorised for the session handshake.
+    authorised: ArrayVec<SocketAddr, MAX_AUTHORISED>,
     /// Stream candidates tried in this negotiation.
     streams_tried: usize,
     /// Initiator: when to try the next stream candidate.
@@ -314,6 +362,10 @@ impl Peer {
             stream: None,
             stream_candidates: ArrayVec::new(),
             fingerprint: None,
+            offer: None,
+            secure: None,
+            secured: false,
+            authorised: ArrayVec::new(),
             streams_tried: 0,
             next_stream_at: None,
             tunnel_id: 0,
@@ -341,6 +393,10 @@ impl Peer {
         self.stream = None;
         self.stream_candidates.clear();
         self.fingerprint = None;
+        self.offer = None;
+        self.secure = None;
+        self.secured = false;
+        self.authorised.clear();
         self.streams_tried = 0;
         self.next_stream_at = None;
         self.tunnel_id = 0;
@@ -355,9 +411,10 @@ impl Peer {
 
     /// The way to the peer on the current path.
     fn route(&self) -> Option<Via> {
-        match self.stream {
-            Some(id) => Some(Via::Stream(id)),
-            None => self.path.map(Via::Udp),
+        match (self.stream, self.secured) {
+            (Some(id), _) => Some(Via::Stream(id)),
+            (None, true) => self.path.map(Via::Session),
+            (None, false) => self.path.map(Via::Udp),
         }
     }
 
@@ -456,6 +513,7 @@ impl PeerAgent {
                 .min_by_key(|(_, p)| (p.phase == Phase::Up, p.last_used))
                 .map(|(i, _)| i);
             if let Some(i) = victim {
+                self.close_sessions(cx, i);
                 if self.peers[i].phase == Phase::Up {
                     let peer = self.peers[i].addr;
                     cx.event(ClientEvent::PeerTunnelDown {
@@ -529,12 +587,13 @@ impl PeerAgent {
     /// Points peer `i`'s path at `via`.
     fn set_route(&mut self, i: usize, via: Via) {
         let (path, stream) = match via {
-            Via::Udp(addr) => (Some(addr), None),
+            Via::Udp(addr) | Via::Session(addr) => (Some(addr), None),
             Via::Stream(id) => (self.stream_remote(id), Some(id)),
         };
         let p = &mut self.peers[i];
         p.path = path;
         p.stream = stream;
+        p.secured = matches!(via, Via::Session(_));
     }
 
     /// The tunnel with peer `i` is up on `via`.
@@ -573,6 +632,7 @@ impl PeerAgent {
         let max = self.config.retry_backoff.1;
         let addr = self.peers[i].addr;
         self.close_streams(cx, addr, None);
+        self.close_sessions(cx, i);
         let p = &mut self.peers[i];
         let request = p.request;
         p.reset();
@@ -587,6 +647,9 @@ impl PeerAgent {
 
     /// Our server tunnel is gone for good: every peer tunnel goes with it.
     fn drop_all(&mut self, cx: &mut Cx<'_>) {
+        for i in 0..self.peers.len() {
+            self.close_sessions(cx, i);
+        }
         for p in std::mem::take(&mut self.peers) {
             if p.phase != Phase::Fallback {
                 cx.stats.peer.fallbacks += 1;
@@ -636,6 +699,7 @@ impl PeerAgent {
             return Some(match to {
                 Via::Udp(addr) => Destination::Peer(addr),
                 Via::Stream(id) => Destination::PeerStream(id),
+                Via::Session(addr) => Destination::PeerSession(addr),
             });
         }
         self.discovery
@@ -680,11 +744,13 @@ impl PeerAgent {
                 peer: p.addr,
                 path: p.path,
                 stream: p.stream,
+                session: p.secure,
                 state: match p.phase {
                     Phase::Discovering => PeerTunnelState::Discovering,
                     Phase::Requesting => PeerTunnelState::Requesting,
                     Phase::AwaitingForward => PeerTunnelState::AwaitingPeer,
                     Phase::Probing => PeerTunnelState::Probing,
+                    Phase::Handshaking => PeerTunnelState::Handshaking,
                     Phase::Nominating => PeerTunnelState::Nominating,
                     Phase::Up => PeerTunnelState::Up,
                     Phase::Fallback => PeerTunnelState::Fallback,
@@ -785,6 +851,45 @@ impl TunnelClient {
         agent.handle_stream_envelope(&mut cx, stream, envelope);
     }
 
+    /// The peer session on `path` is up: for the initiator, the one asked for with
+    /// [`ClientEvent::OpenPeerSession`] finished its handshake with the peer's certificate
+    /// verified against the pinned fingerprint; for the destination, a handshake from an address
+    /// authorised with [`ClientEvent::AcceptPeerSession`] finished with the initiator's
+    /// certificate verified. A session the client does not want is closed at once
+    /// ([`ClientEvent::ClosePeerSession`]).
+    pub fn handle_peer_session_open(&mut self, now: Instant, path: SocketAddr) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.session_open(&mut cx, path);
+        }
+    }
+
+    /// The peer session on `path` failed its handshake (a certificate that does not match the
+    /// fingerprint, refused, timed out) or, once open, ended or broke. The negotiation or
+    /// tunnel with that peer ends and its flows stay on (or return to) the relay.
+    pub fn handle_peer_session_failed(&mut self, now: Instant, path: SocketAddr) {
+        self.advance_clock(now);
+        if let Some((agent, mut cx)) = self.peer_cx() {
+            agent.session_failed(&mut cx, path);
+        }
+    }
+
+    /// One datagram the peer session on `path` carried, decrypted: one whole envelope, as
+    /// [`Destination::PeerSession`] transmits are.
+    pub fn handle_peer_session_datagram(
+        &mut self,
+        now: Instant,
+        path: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.advance_clock(now);
+        let Some((agent, mut cx)) = self.peer_cx() else {
+            self.stats.peer.dropped_disabled += 1;
+            return;
+        };
+        agent.handle_session_datagram(&mut cx, path, datagram);
+    }
+
     /// Removes the peer tunnel with `peer` (a Configuration Release Request on its path) and
     /// puts its flows back on the relay. No new attempt follows until the backoff has passed
     /// and opted-in traffic to the peer continues, or an application opts a socket in again.
@@ -801,9 +906,12 @@ impl TunnelClient {
             .as_ref()
             .and_then(|a| a.find(peer).map(|i| &a.peers[i]))
             .filter(|p| p.phase == Phase::Up)
-            .and_then(|p| match (p.stream, p.path) {
-                (Some(stream), Some(addr)) => Some(PeerPath::Stream { stream, addr }),
-                (None, Some(addr)) => Some(PeerPath::Peer(addr)),
+            .and_then(|p| match (p.stream, p.path, p.secure) {
+                (Some(stream), Some(addr), _) => Some(PeerPath::Stream { stream, addr }),
+                (None, Some(addr), Some(transport)) if p.secured => {
+                    Some(PeerPath::Session { addr, transport })
+                }
+                (None, Some(addr), _) => Some(PeerPath::Peer(addr)),
                 _ => None,
             })
             .unwrap_or(PeerPath::Relay)

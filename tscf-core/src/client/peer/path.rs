@@ -57,6 +57,9 @@ impl PeerAgent {
         msg: &Message<'_>,
         payload: &[u8],
     ) {
+        if self.plain_on_secure(cx, from) {
+            return;
+        }
         match message_type {
             MessageType::CONFIGURATION_REQUEST => self.on_configuration(cx, from, msg, payload),
             MessageType::CONFIGURATION_RESPONSE => {
@@ -157,6 +160,10 @@ impl PeerAgent {
             // A triggered check: the path just opened from the other side.
             self.send_probe(cx, i, from);
         }
+        let p = &self.peers[i];
+        if p.role == Role::Destination && p.secure.is_some() {
+            self.authorise(cx, i, from);
+        }
     }
 
     fn on_probe_response(
@@ -175,7 +182,11 @@ impl PeerAgent {
             && p.phase == Phase::Probing
             && msg.tlvs.result_code == Some(ResultCode::SUCCESS)
         {
-            self.nominate(cx, i, Via::Udp(from));
+            if p.secure.is_some() {
+                self.start_session(cx, i, from);
+            } else {
+                self.nominate(cx, i, Via::Udp(from));
+            }
         }
     }
 
@@ -204,8 +215,9 @@ impl PeerAgent {
         p.next_probe = None;
         p.next_stream_at = None;
         p.nomination = Some((sequence, bytes));
-        // A stream is reliable: nothing to retransmit there.
-        p.next_nomination = matches!(path, Via::Udp(_)).then(|| after(cx.now, NOMINATION_RTO));
+        // A stream is reliable: nothing to retransmit there. A session may lose datagrams.
+        p.next_nomination =
+            matches!(path, Via::Udp(_) | Via::Session(_)).then(|| after(cx.now, NOMINATION_RTO));
     }
 
     /// A Configuration Request on the peer socket: the initiator nominated a path to us.
@@ -220,6 +232,22 @@ impl PeerAgent {
             return;
         };
         let p = &self.peers[i];
+        let in_session = match from {
+            Via::Session(a) => p.authorised.contains(&a) || (p.secured && p.path == Some(a)),
+            _ => false,
+        };
+        match (p.secure.is_some(), in_session) {
+            (true, false) => {
+                // A secured tunnel is configured only inside its session.
+                cx.stats.peer.dropped_plain_on_secure += 1;
+                return;
+            }
+            (false, _) if matches!(from, Via::Session(_)) => {
+                cx.stats.peer.dropped_bad_control += 1;
+                return;
+            }
+            _ => {}
+        }
         if let Some((_, bytes)) = p.answer.as_ref().filter(|(s, _)| *s == msg.header.sequence) {
             // A retransmission: the same answer again (§6.2).
             let bytes = bytes.clone();
@@ -337,6 +365,9 @@ impl PeerAgent {
     }
 
     fn on_data(&mut self, cx: &mut Cx<'_>, from: Via, payload: &[u8]) {
+        if self.plain_on_secure(cx, from) {
+            return;
+        }
         let Ok(packet) = InnerPacket::parse(payload) else {
             cx.stats.peer.dropped_bad_data += 1;
             return;

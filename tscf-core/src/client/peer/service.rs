@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use arrayvec::ArrayVec;
 use rand_core::RngCore;
 
+use super::session::Agreement;
 use super::{
     after, Cx, Peer, PeerAgent, PeerDownReason, Phase, Role, MAX_REMOTE_CANDIDATES,
     MAX_STREAMS_PER_PEER,
@@ -218,7 +219,7 @@ impl PeerAgent {
             .local_addresses
             .first()
             .map(|&addr| ConnectionInfo {
-                transport: Transport::UDP,
+                transport: self.config.transport,
                 addr,
             })
     }
@@ -362,10 +363,22 @@ impl PeerAgent {
             msg.tlvs.peer_credentials,
         ) {
             (ResultCode::SUCCESS, Some(PeerServiceResult::AVAILABLE), Some(credentials)) => {
+                let offer = msg.tlvs.connection_info.map(|c| c.transport);
+                let agreement = self.agree(offer, credentials.fingerprint);
+                if agreement == Agreement::Refused {
+                    cx.stats.peer.insecure_refused += 1;
+                    self.down(cx, i, PeerDownReason::InsecureRefused);
+                    return true;
+                }
                 let p = &mut self.peers[i];
                 p.role = Role::Initiator;
                 p.token = Some(credentials.token);
                 p.fingerprint = credentials.fingerprint;
+                p.offer = offer;
+                p.secure = match agreement {
+                    Agreement::Secure(t) => Some(t),
+                    _ => None,
+                };
                 set_candidates(p, &msg.tlvs.candidates);
                 p.phase = Phase::Probing;
                 p.next_stream_at = (!p.stream_candidates.is_empty())
@@ -427,11 +440,24 @@ impl PeerAgent {
                     return refuse(ResultCode::PEER_UNAVAILABLE);
                 }
                 cx.stats.peer.forwarded_requests += 1;
+                let offer = msg.tlvs.connection_info.map(|c| c.transport);
+                let agreement = self.agree(offer, credentials.fingerprint);
+                if agreement == Agreement::Refused {
+                    cx.stats.peer.insecure_refused += 1;
+                    return refuse(ResultCode::PEER_UNAVAILABLE);
+                }
                 let i = self.find_or_insert(cx, peer);
                 let p = &self.peers[i];
                 let same = p.token == Some(credentials.token) && p.phase != Phase::Fallback;
                 if !same {
                     self.become_destination(cx, i, credentials.token, &msg.tlvs.candidates);
+                    let p = &mut self.peers[i];
+                    p.fingerprint = credentials.fingerprint;
+                    p.offer = offer;
+                    p.secure = match agreement {
+                        Agreement::Secure(t) => Some(t),
+                        _ => None,
+                    };
                 }
                 let mut reply = refuse(ResultCode::SUCCESS);
                 reply.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);

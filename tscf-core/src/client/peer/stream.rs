@@ -68,6 +68,8 @@ impl PeerAgent {
             // TLS needs the fingerprint to pin; without it the candidate is unusable.
             let fingerprint = match transport {
                 Transport::TLS if p.fingerprint.is_none() => continue,
+                // Plain TCP is not secured.
+                Transport::TCP if self.config.require_secure => continue,
                 Transport::TLS => p.fingerprint,
                 _ => None,
             };

@@ -45,6 +45,8 @@ struct Harness {
     sent: Vec<(Duration, Vec<u8>)>,
     /// (destination, datagram) of every transmit from the peer socket.
     peer_sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// Envelopes sent inside peer sessions.
+    session_sent: Vec<(SocketAddr, Vec<u8>)>,
     /// (stream, envelope) of every transmit on a peer stream.
     stream_sent: Vec<(PeerStreamId, Vec<u8>)>,
     events: Vec<ClientEvent>,
@@ -60,6 +62,7 @@ impl Harness {
             now: start,
             sent: Vec::new(),
             peer_sent: Vec::new(),
+            session_sent: Vec::new(),
             stream_sent: Vec::new(),
             events: Vec::new(),
         };
@@ -78,6 +81,7 @@ impl Harness {
                 Destination::Server => self.sent.push((self.now - self.start, buf.clone())),
                 Destination::Peer(to) => self.peer_sent.push((to, buf.clone())),
                 Destination::PeerStream(id) => self.stream_sent.push((id, buf.clone())),
+                Destination::PeerSession(to) => self.session_sent.push((to, buf.clone())),
             }
         }
         while let Some(e) = self.client.poll_event() {

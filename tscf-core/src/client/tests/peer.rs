@@ -617,3 +617,122 @@ fn silent_and_excess_accepted_streams_are_closed() {
     );
     assert_eq!(h.client.stats().peer.dropped_unknown_stream, 1);
 }
+
+#[test]
+fn a_secured_destination_authorises_probes_and_configures_only_inside_the_session() {
+    const CERT: [u8; 32] = [7; 32];
+    const PEER_CERT: [u8; 32] = [9; 32];
+    let (mut h, _) = peer_client_with(|p| {
+        p.transport = Transport::QUIC;
+        p.certificate_fingerprint = Some(CERT);
+    });
+    // The director forwards a request from PEER, which offers QUIC too.
+    let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0020, TUNNEL);
+    forward.tlvs.service_type = Some(ServiceType::PEER);
+    forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    forward.tlvs.candidates.push(Candidate {
+        kind: CandidateKind::HOST,
+        transport: Transport::UDP,
+        addr: REMOTE,
+    });
+    forward.tlvs.connection_info = Some(crate::wire::ConnectionInfo {
+        transport: Transport::QUIC,
+        addr: REMOTE,
+    });
+    forward.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: Some(PEER_CERT),
+    });
+    h.deliver(&encode(&forward));
+    let answer = h.take_control();
+    let answer = decode(&answer);
+    assert_eq!(
+        answer.tlvs.connection_info.map(|c| c.transport),
+        Some(Transport::QUIC)
+    );
+    assert_eq!(answer.tlvs.certificate_fingerprint, Some(CERT));
+    h.take_events();
+
+    // A probe that does not verify authorises nothing; a verified one authorises its source.
+    let mut probe = Message::new(MessageType::PEER_PROBE, 5, 0);
+    probe.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &encode(&probe));
+    h.drain();
+    assert!(h.take_events().is_empty());
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &signed(&probe));
+    h.drain();
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::AcceptPeerSession {
+            peer: IpAddr::V4(PEER),
+            path: REMOTE,
+            transport: Transport::QUIC,
+            fingerprint: PEER_CERT,
+        }]
+    );
+
+    // A signed Configuration Request outside the session is dropped, without an answer.
+    let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
+    config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    h.peer_sent.clear();
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &signed(&config));
+    let other = SocketAddr::from(([198, 51, 100, 77], 5000));
+    h.client
+        .handle_peer_datagram(h.now, other, &signed(&config));
+    h.drain();
+    assert!(h
+        .peer_sent
+        .iter()
+        .all(|(_, b)| decode_any(b) != Some(MessageType::CONFIGURATION_RESPONSE)));
+    assert_eq!(h.client.stats().peer.dropped_plain_on_secure, 2);
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+
+    // Inside a session from an address never authorised: dropped too.
+    h.client
+        .handle_peer_session_datagram(h.now, other, &signed(&config));
+    assert_eq!(h.client.stats().peer.dropped_unknown_session, 1);
+
+    // Inside the session: answered there, and up on it.
+    h.client.handle_peer_session_open(h.now, REMOTE);
+    h.client
+        .handle_peer_session_datagram(h.now, REMOTE, &signed(&config));
+    h.drain();
+    let (to, accepted) = h.session_sent.pop().expect("an answer in the session");
+    assert_eq!(to, REMOTE);
+    assert_eq!(
+        decode(&accepted).tlvs.result_code,
+        Some(ResultCode::SUCCESS)
+    );
+    assert_eq!(
+        h.client.peer_path(IpAddr::V4(PEER)),
+        PeerPath::Session {
+            addr: REMOTE,
+            transport: Transport::QUIC
+        }
+    );
+    // Data goes in the session; plain data from the path is dropped.
+    let packet = media(PEER, ADDR);
+    h.client
+        .handle_peer_datagram(h.now, REMOTE, &data_envelope(&packet));
+    assert_eq!(h.client.stats().peer.dropped_plain_on_secure, 3);
+    assert_eq!(h.client.stats().peer.data_received, 0);
+    h.client
+        .handle_peer_session_datagram(h.now, REMOTE, &data_envelope(&packet));
+    assert_eq!(h.client.stats().peer.data_received, 1);
+
+    // The session breaks: back on the relay, and the runtime is told to close it.
+    h.take_events();
+    h.client.handle_peer_session_failed(h.now, REMOTE);
+    h.drain();
+    let events = h.take_events();
+    assert!(events.contains(&ClientEvent::ClosePeerSession { path: REMOTE }));
+    assert!(events.contains(&ClientEvent::PeerTunnelDown {
+        peer: IpAddr::V4(PEER),
+        reason: PeerDownReason::SessionLost,
+    }));
+    assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+}
