@@ -46,6 +46,15 @@ pub(crate) struct ClientArgs {
     /// Opt the forwarded sockets in to peer tunneling.
     #[arg(long)]
     peer: bool,
+    /// The peer transport offered to other clients: plain signed UDP, or QUIC with a
+    /// self-signed certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1). A peer
+    /// tunnel runs over QUIC only when both clients offer it.
+    #[arg(long, value_enum, default_value_t = PeerTransportArg::Udp)]
+    peer_transport: PeerTransportArg,
+    /// Refuse peer tunnels that would not be secured (needs `--peer-transport quic`); their
+    /// flows stay on the relay.
+    #[arg(long)]
+    peer_require_secure: bool,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -62,6 +71,22 @@ enum TransportArg {
     Tcp,
     Tls,
     Udp,
+}
+
+/// The peer transports `tscf client` can offer (DTLS will join them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PeerTransportArg {
+    Udp,
+    Quic,
+}
+
+impl PeerTransportArg {
+    fn transport(self) -> Transport {
+        match self {
+            Self::Udp => Transport::UDP,
+            Self::Quic => Transport::QUIC,
+        }
+    }
 }
 
 fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
@@ -216,6 +241,15 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
         config.tls = Some(tls);
     } else if args.fingerprint.is_some() || args.insecure {
         return Err("--fingerprint and --insecure are for --transport tls".into());
+    }
+    if let Some(peer) = &mut config.client.peer {
+        peer.transport = args.peer_transport.transport();
+        if args.peer_require_secure {
+            if args.peer_transport == PeerTransportArg::Udp {
+                return Err("--peer-require-secure needs --peer-transport quic".into());
+            }
+            peer.require_secure = true;
+        }
     }
     config.connect_timeout = Duration::from_secs(args.connect_timeout);
     if let Some(token) = &args.token {

@@ -51,7 +51,18 @@
 //! A [`Tunnel`] whose server endpoint is [`Transport::QUIC`](tscf_core::wire::Transport)
 //! opens a quinn client endpoint on a UDP socket of its own, a new one per attempt; it does
 //! not share the peer socket, so peer tunnels and NAT discovery still use the UDP socket.
-//! Peer tunnels over QUIC are not offered.
+//!
+//! # QUIC peer tunnels
+//!
+//! With `client.peer.transport` set to [`Transport::QUIC`](tscf_core::wire::Transport), a
+//! [`Tunnel`] offers secured peer tunnels (`docs/PROTOCOL.md` §7.5.1). It presents a
+//! certificate ([`TunnelConfig::peer_identity`], or a self-signed one generated at connect)
+//! whose fingerprint it announces, and runs one quinn endpoint on the peer UDP socket itself:
+//! the UDP task hands the endpoint only QUIC datagrams from addresses the client authorised or
+//! connected to (the rest is counted in [`TunnelStats::peer_quic_unauthorised`]), incoming
+//! connections are accepted only from authorised addresses with the initiator's certificate,
+//! and the initiator pins the destination's certificate. Envelopes travel as QUIC datagrams
+//! (ALPN `tscf-peer`). DTLS peer sessions are not offered yet (refused at connect).
 //!
 //! # Example
 //!
@@ -82,6 +93,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod peer_session;
 mod quic;
 mod server;
 mod socket;
@@ -94,9 +106,9 @@ pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
 pub use tscf_runtime_std::tls;
 pub use tscf_runtime_std::{
-    ClientTlsConfig, ConnectError, Fingerprint, LocalAddrs, Notification, RuntimeCounters,
-    ServerConfig, ServerIdentity, ServerStats, ServerTlsConfig, ServerVerification, StartError,
-    TlsConfigError, TunnelConfig, TunnelStats,
+    ClientTlsConfig, ConnectError, Fingerprint, LocalAddrs, Notification, PeerIdentity,
+    RuntimeCounters, ServerConfig, ServerIdentity, ServerStats, ServerTlsConfig,
+    ServerVerification, StartError, TlsConfigError, TunnelConfig, TunnelStats,
 };
 pub use tunnel::Tunnel;
 

@@ -29,13 +29,14 @@ use tscf_core::client::{
 };
 use tscf_core::stun;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::tls::{self, ClientTlsConfig};
+use tscf_runtime_std::tls::{self, ClientTlsConfig, PeerIdentity};
 use tscf_runtime_std::{
     host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
     PeerStreamListen, TunnelConfig, TunnelStats,
 };
 
 use crate::lock;
+use crate::peer_session::{self, PeerSessions};
 use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
@@ -96,6 +97,30 @@ impl Tunnel {
         let udp = Arc::new(Async::<UdpSocket>::bind(udp_bind_addr(
             &config.client.servers,
         ))?);
+        let mut peer_sessions = None;
+        if let Some(peer) = &mut config.client.peer {
+            match peer.transport {
+                Transport::UDP => {}
+                Transport::QUIC => {
+                    let identity = match config.peer_identity.take() {
+                        Some(identity) => identity,
+                        None => PeerIdentity::generate()?,
+                    };
+                    peer.certificate_fingerprint = Some(identity.fingerprint.0);
+                    peer_sessions = Some(PeerSessions::new(udp.clone(), identity)?);
+                }
+                other => {
+                    return Err(ConnectError::Io(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!(
+                            "peer transport {other} is not supported by the smol runtime; \
+                             use UDP or QUIC"
+                        ),
+                    )));
+                }
+            }
+        }
+        let endpoint = peer_sessions.as_ref().map(PeerSessions::endpoint);
         let mut default_opt_in = false;
         let peer_enabled = config.client.peer.is_some();
         if let Some(peer) = &mut config.client.peer {
@@ -113,6 +138,7 @@ impl Tunnel {
                 link: Link::None,
                 generation: 0,
                 udp: udp.clone(),
+                peer_sessions,
                 peer_enabled,
                 peer_blocked: false,
                 default_opt_in,
@@ -138,10 +164,15 @@ impl Tunnel {
         let timer = smol::spawn(async move { s.run_timer().await });
         let s = shared.clone();
         let udp_task = smol::spawn(async move { run_udp(&s, &udp).await });
+        let mut tasks = vec![timer, udp_task];
+        if let Some(endpoint) = endpoint {
+            let s = shared.clone();
+            tasks.push(smol::spawn(peer_session::run_accept(s, endpoint)));
+        }
         let tunnel = Tunnel {
             shared: shared.clone(),
             notifications,
-            tasks: vec![timer, udp_task],
+            tasks,
         };
         lock(&shared.state).drain();
         let started = Instant::now();
@@ -262,7 +293,21 @@ impl Tunnel {
     /// path. The server tunnel is not affected.
     #[doc(hidden)]
     pub fn block_peer_traffic(&self, blocked: bool) {
-        lock(&self.shared.state).peer_blocked = blocked;
+        let mut core = lock(&self.shared.state);
+        core.peer_blocked = blocked;
+        if let Some(sessions) = &core.peer_sessions {
+            sessions.socket.set_blocked(blocked);
+        }
+    }
+
+    /// Test hook: present `identity` in the QUIC peer sessions opened or accepted from now on,
+    /// while the fingerprint announced stays the one of connect, as if the certificate were
+    /// swapped by someone on the path. Nothing without a QUIC peer transport.
+    #[doc(hidden)]
+    pub fn present_peer_identity(&self, identity: PeerIdentity) {
+        if let Some(sessions) = &mut lock(&self.shared.state).peer_sessions {
+            sessions.set_identity(identity);
+        }
     }
 
     /// Releases the tunnel, waits up to a second for the server's answer, and stops the tasks.
@@ -299,6 +344,9 @@ impl Tunnel {
         let mut core = lock(&self.shared.state);
         core.close_link();
         core.stopped = true;
+        if let Some(sessions) = &mut core.peer_sessions {
+            sessions.close_all();
+        }
         for queue in core.sockets.values() {
             queue.close();
         }
@@ -322,6 +370,8 @@ pub(crate) struct ClientCore {
     /// Bumped whenever the transport changes, so that a stale stream task stays quiet.
     generation: u64,
     udp: Arc<Async<UdpSocket>>,
+    /// QUIC peer sessions, when the peer transport offered is QUIC.
+    pub(crate) peer_sessions: Option<PeerSessions>,
     peer_enabled: bool,
     peer_blocked: bool,
     /// What an inner socket goes back to when it is dropped.
@@ -367,6 +417,14 @@ impl ClientCore {
                     Destination::Peer(to) => {
                         let _ = self.udp.get_ref().send_to(&self.buf, to);
                     }
+                    Destination::PeerSession(_) if self.peer_blocked => {
+                        self.stats.peer_blocked += 1;
+                    }
+                    Destination::PeerSession(to) => {
+                        if let Some(sessions) = &self.peer_sessions {
+                            sessions.send(to, &self.buf);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -390,6 +448,34 @@ impl ClientCore {
             }
             ClientEvent::CloseTransport => {
                 self.close_link();
+                return;
+            }
+            ClientEvent::OpenPeerSession {
+                path, fingerprint, ..
+            } => {
+                let opened = match (&mut self.peer_sessions, self.me.upgrade()) {
+                    (Some(sessions), Some(shared)) => sessions.open(shared, path, fingerprint),
+                    _ => Err("no QUIC peer sessions".to_owned()),
+                };
+                if let Err(e) = opened {
+                    tracing::debug!(%path, error = %e, "peer session not opened");
+                    self.stats.peer_session_failures += 1;
+                    self.client.handle_peer_session_failed(now, path);
+                }
+                return;
+            }
+            ClientEvent::AcceptPeerSession {
+                path, fingerprint, ..
+            } => {
+                if let Some(sessions) = &mut self.peer_sessions {
+                    sessions.authorise(path, fingerprint);
+                }
+                return;
+            }
+            ClientEvent::ClosePeerSession { path } => {
+                if let Some(sessions) = &mut self.peer_sessions {
+                    sessions.close(path);
+                }
                 return;
             }
             event => match notification_for(event, &mut self.last_failure) {
@@ -509,6 +595,18 @@ impl ClientCore {
             _ => {}
         }
         self.generation += 1;
+    }
+
+    /// Whether the tunnel is stopping.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Whether peer session `id` on `path` is still the one held.
+    pub(crate) fn holds_peer_session(&self, path: SocketAddr, id: u64) -> bool {
+        self.peer_sessions
+            .as_ref()
+            .is_some_and(|s| s.current(path, id))
     }
 
     fn free_port(&mut self) -> io::Result<u16> {
@@ -751,7 +849,7 @@ fn feed_stream(
 }
 
 /// `work`, or a timeout error at `deadline`.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     deadline: Instant,
     work: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
@@ -781,6 +879,19 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
             core.client.handle_envelope(now, datagram);
         } else if core.peer_blocked {
             core.stats.peer_blocked += 1;
+            continue;
+        } else if peer_session::is_quic(datagram) && core.peer_sessions.is_some() {
+            // QUIC reaches the endpoint only from addresses the client authorised or opened
+            // a session to; nothing else about it is the core's business.
+            let admitted = core
+                .peer_sessions
+                .as_ref()
+                .map(|s| s.admits(from).then(|| s.socket.push(from, datagram)));
+            match admitted.flatten() {
+                Some(true) => {}
+                Some(false) => core.stats.peer_quic_inbox_full += 1,
+                None => core.stats.peer_quic_unauthorised += 1,
+            }
             continue;
         } else if core.peer_enabled {
             core.client.handle_peer_datagram(now, from, datagram);

@@ -97,8 +97,8 @@ pub use server::{
 };
 pub use socket::InnerUdpSocket;
 pub use tls::{
-    ClientTlsConfig, Fingerprint, ServerIdentity, ServerTlsConfig, ServerVerification,
-    TlsConfigError,
+    ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
+    ServerVerification, TlsConfigError,
 };
 pub use tscf_core as core;
 pub use tunnel::{

@@ -13,8 +13,12 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 use sha2::{Digest, Sha256};
 
 /// The SHA-256 hash of a certificate's DER encoding, as pinned by clients.
@@ -223,6 +227,81 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The certificate and key a client presents on its secured peer paths (`docs/PROTOCOL.md`
+/// §7.5.1), and the fingerprint it announces for them.
+pub struct PeerIdentity {
+    /// The certificate chain, end entity first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The SHA-256 of the end-entity certificate.
+    pub fingerprint: Fingerprint,
+}
+
+impl PeerIdentity {
+    /// A fresh self-signed certificate (rcgen, ECDSA P-256).
+    pub fn generate() -> Result<Self, TlsConfigError> {
+        let generated = rcgen::generate_simple_self_signed(vec!["tscf-peer".to_owned()])?;
+        let der = generated.cert.der().clone();
+        Ok(Self {
+            fingerprint: Fingerprint::of(&der),
+            chain: vec![der],
+            key: PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+        })
+    }
+}
+
+impl Clone for PeerIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+impl fmt::Debug for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerIdentity")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client side of a secured peer session (TLS 1.3, ring): presents `identity` and accepts
+/// only a server whose end-entity certificate has the fingerprint `peer`.
+pub fn peer_client_config(
+    identity: &PeerIdentity,
+    peer: Fingerprint,
+) -> Result<rustls::ClientConfig, TlsConfigError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            pinned: Some(peer),
+            algorithms: provider().signature_verification_algorithms,
+        }))
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    Ok(config)
+}
+
+/// The server side of a secured peer session (TLS 1.3, ring): presents `identity`, requires a
+/// client certificate, and accepts only one whose fingerprint is `peer`.
+pub fn peer_server_config(
+    identity: &PeerIdentity,
+    peer: Fingerprint,
+) -> Result<rustls::ServerConfig, TlsConfigError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(PinnedClientVerifier {
+            pinned: peer,
+            algorithms: provider().signature_verification_algorithms,
+        }))
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    Ok(config)
+}
+
 /// The name a client verifies: the configured one, else the server's IP address.
 pub fn server_name(
     config: &ClientTlsConfig,
@@ -271,6 +350,61 @@ impl ServerCertVerifier for PinnedVerifier {
         } else {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(FingerprintMismatch { expected, got })),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Requires a client certificate and accepts only the end-entity certificate with the pinned
+/// SHA-256 hash; verifies the handshake signatures with the ring provider's algorithms.
+#[derive(Debug)]
+struct PinnedClientVerifier {
+    pinned: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for PinnedClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let got = Fingerprint::of(end_entity);
+        if constant_time_eq(&got.0, &self.pinned.0) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(FingerprintMismatch {
+                    expected: self.pinned,
+                    got,
+                })),
             )))
         }
     }

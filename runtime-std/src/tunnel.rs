@@ -77,6 +77,11 @@ pub struct TunnelConfig {
     /// candidate's address); for TLS it generates a self-signed certificate whose fingerprint
     /// goes into `client.peer.certificate_fingerprint` unless that is set already.
     pub peer_streams: PeerStreamListen,
+    /// The certificate presented on secured peer paths (DTLS or QUIC peer transport,
+    /// `docs/PROTOCOL.md` §7.5.1; the smol runtime's QUIC only). Generated at connect (self
+    /// signed) when `None` and the peer transport is secure; its fingerprint goes into
+    /// `client.peer.certificate_fingerprint`.
+    pub peer_identity: Option<crate::tls::PeerIdentity>,
 }
 
 impl TunnelConfig {
@@ -98,6 +103,7 @@ impl TunnelConfig {
             transport_timeout: Duration::from_secs(5),
             socket_queue_len: 256,
             peer_streams: PeerStreamListen::None,
+            peer_identity: None,
         }
     }
 }
@@ -206,6 +212,20 @@ pub struct TunnelStats {
     pub quic_datagrams_received: u64,
     /// Notifications dropped because nobody read them.
     pub notifications_dropped: u64,
+    /// QUIC peer sessions whose handshake finished (`tscf-runtime-smol` only).
+    pub peer_sessions_open: u64,
+    /// QUIC peer session handshakes that failed: a certificate that does not match the
+    /// pinned fingerprint, a refusal, a timeout (`tscf-runtime-smol` only).
+    pub peer_session_failures: u64,
+    /// Incoming QUIC peer connections refused: from an address not authorised
+    /// (`tscf-runtime-smol` only).
+    pub peer_sessions_refused: u64,
+    /// QUIC datagrams on the peer socket from addresses not authorised for a peer session,
+    /// dropped before the QUIC endpoint sees them (`tscf-runtime-smol` only).
+    pub peer_quic_unauthorised: u64,
+    /// QUIC datagrams on the peer socket dropped because the endpoint's inbox was full
+    /// (`tscf-runtime-smol` only).
+    pub peer_quic_inbox_full: u64,
 }
 
 /// The notification the application sees for a client event; `None` for the events that are

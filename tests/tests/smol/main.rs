@@ -8,6 +8,7 @@ mod pki;
 mod bad_input;
 mod cross;
 mod flow;
+mod peer;
 mod quic;
 mod quic_hostile;
 mod reattach;

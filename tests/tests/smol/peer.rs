@@ -1,0 +1,251 @@
+//! QUIC peer tunnels (`docs/PROTOCOL.md` §7.5.1) between two smol clients through a smol
+//! server on loopback: up over QUIC and carrying packets both ways off the relay; a certificate
+//! that does not match the announced fingerprint keeps the flow on the relay; QUIC datagrams
+//! from an unauthorised socket are counted and change nothing; a mixed offer agrees on plain
+//! UDP. Prints the peer setup time and the round trip, UDP against QUIC.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use tscf_core::client::{PeerPath, PeerTunnelState};
+use tscf_core::wire::Transport;
+use tscf_runtime_smol::{Notification, PeerIdentity, ServerHandle, Tunnel, TunnelConfig};
+
+use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config};
+
+/// 2 s at 50 packets/s.
+const PACKETS: u32 = 100;
+
+fn config(server: &ServerHandle, peer: Transport) -> TunnelConfig {
+    let mut c = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::UDP,
+    );
+    c.client.peer.as_mut().expect("peer tunneling on").transport = peer;
+    c
+}
+
+fn relayed(server: &ServerHandle) -> u64 {
+    server.stats().director.frames_relayed
+}
+
+fn ip(t: &Tunnel) -> IpAddr {
+    IpAddr::V4(t.internal_ipv4().unwrap())
+}
+
+fn is_quic(p: PeerPath) -> bool {
+    matches!(
+        p,
+        PeerPath::Session {
+            transport: Transport::QUIC,
+            ..
+        }
+    )
+}
+
+/// The setup time of the first peer tunnel `t` reported.
+fn setup(t: &Tunnel) -> Option<Duration> {
+    std::iter::from_fn(|| t.notifications().try_recv().ok()).find_map(|n| match n {
+        Notification::PeerTunnelUp { setup, .. } => Some(setup),
+        _ => None,
+    })
+}
+
+/// Waits until both tunnels see each other through a peer tunnel (or 5 s pass).
+async fn until_up(a: &Tunnel, b: &Tunnel) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let up = |x: &Tunnel, y: &Tunnel| {
+            x.peer_tunnels()
+                .iter()
+                .any(|p| p.peer == ip(y) && p.state == PeerTunnelState::Up)
+        };
+        if up(a, b) && up(b, a) {
+            return true;
+        }
+        smol::Timer::after(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Median round trip of `n` echoes from `a` to `b`, both sockets opted in.
+async fn rtt(a: &Tunnel, b: &Tunnel, n: usize) -> Duration {
+    let echo = b.bind(7007).unwrap();
+    echo.set_peer_tunneling(true);
+    let ping = a.bind(0).unwrap();
+    ping.set_peer_tunneling(true);
+    ping.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let dst = SocketAddr::new(ip(b), 7007);
+    let echoing = smol::spawn(async move {
+        let mut buf = [0u8; 256];
+        while let Ok((len, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..len], from).await;
+        }
+    });
+    let mut samples = Vec::new();
+    let mut buf = [0u8; 256];
+    for i in 0..n as u32 {
+        let sent = Instant::now();
+        ping.send_to(&i.to_be_bytes(), dst).await.unwrap();
+        if let Ok((4, _)) = ping.recv_from(&mut buf).await {
+            if buf[..4] == i.to_be_bytes() {
+                samples.push(sent.elapsed());
+            }
+        }
+    }
+    drop(echoing);
+    samples.sort();
+    samples
+        .get(samples.len() / 2)
+        .copied()
+        .unwrap_or(Duration::MAX)
+}
+
+/// Brings a peer tunnel up between two clients offering `transport`; returns them with the
+/// initiator's setup time.
+async fn pair(server: &ServerHandle, transport: Transport) -> (Tunnel, Tunnel, Duration) {
+    let a = smol_tunnel(config(server, transport)).await;
+    let b = smol_tunnel(config(server, transport)).await;
+    let got = smol_flow(&a, &b, 50, true).await;
+    assert_eq!(got.len(), 50, "{transport}: nothing lost on the way");
+    assert!(
+        until_up(&a, &b).await,
+        "{transport}: up, {:?}",
+        a.peer_tunnels()
+    );
+    let setup = setup(&a).expect("a PeerTunnelUp notification");
+    (a, b, setup)
+}
+
+#[test]
+fn a_quic_peer_tunnel_carries_packets_both_ways_off_the_relay() {
+    let server = smol_server();
+    smol::block_on(async {
+        let (a, b, quic_setup) = pair(&server, Transport::QUIC).await;
+        assert!(is_quic(a.peer_path(ip(&b))), "{:?}", a.peer_path(ip(&b)));
+        assert!(is_quic(b.peer_path(ip(&a))));
+        assert_eq!(a.peer_tunnels()[0].session, Some(Transport::QUIC));
+        assert!(a.stats().peer_sessions_open >= 1 && b.stats().peer_sessions_open >= 1);
+
+        let before = relayed(&server);
+        let forward = smol_flow(&a, &b, PACKETS, true).await;
+        let back = smol_flow(&b, &a, PACKETS, true).await;
+        if forward.len() != PACKETS as usize || back.len() != PACKETS as usize {
+            eprintln!("a: {:?}\n{:?}", a.stats(), a.peer_tunnels());
+            eprintln!("b: {:?}\n{:?}", b.stats(), b.peer_tunnels());
+            let notes: Vec<_> = std::iter::from_fn(|| a.notifications().try_recv().ok()).collect();
+            eprintln!("{notes:?}");
+        }
+        assert_eq!(forward, (0..PACKETS).collect::<Vec<_>>());
+        assert_eq!(back, (0..PACKETS).collect::<Vec<_>>());
+        assert_eq!(relayed(&server) - before, 0, "nothing relayed");
+        assert!(is_quic(a.peer_path(ip(&b))), "still on QUIC");
+        let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
+        assert!(pa.data_received >= u64::from(PACKETS), "{pa:?}");
+        assert!(pb.data_received >= u64::from(PACKETS), "{pb:?}");
+        assert_eq!(pa.dropped_plain_on_secure + pb.dropped_plain_on_secure, 0);
+        let quic_rtt = rtt(&a, &b, 50).await;
+        a.close().await;
+        b.close().await;
+
+        let (a, b, udp_setup) = pair(&server, Transport::UDP).await;
+        assert!(matches!(a.peer_path(ip(&b)), PeerPath::Peer(_)));
+        let udp_rtt = rtt(&a, &b, 50).await;
+        a.close().await;
+        b.close().await;
+        println!(
+            "peer tunnel on loopback: setup UDP {:.1} ms, QUIC {:.1} ms; median RTT UDP \
+             {:.0} µs, QUIC {:.0} µs",
+            udp_setup.as_secs_f64() * 1e3,
+            quic_setup.as_secs_f64() * 1e3,
+            udp_rtt.as_secs_f64() * 1e6,
+            quic_rtt.as_secs_f64() * 1e6,
+        );
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn a_certificate_that_does_not_match_keeps_the_flow_on_the_relay() {
+    let server = smol_server();
+    // First the destination presents another certificate (the initiator's pin fails), then
+    // the initiator does (the destination's check fails).
+    for liar_is_destination in [true, false] {
+        smol::block_on(async {
+            let a = smol_tunnel(config(&server, Transport::QUIC)).await;
+            let b = smol_tunnel(config(&server, Transport::QUIC)).await;
+            let liar = if liar_is_destination { &b } else { &a };
+            liar.present_peer_identity(PeerIdentity::generate().unwrap());
+            let before = relayed(&server);
+            let got = smol_flow(&a, &b, PACKETS, true).await;
+            assert_eq!(got, (0..PACKETS).collect::<Vec<_>>(), "all on the relay");
+            assert!(relayed(&server) - before >= u64::from(PACKETS));
+            assert_eq!(a.peer_path(ip(&b)), PeerPath::Relay);
+            assert_eq!(b.peer_path(ip(&a)), PeerPath::Relay);
+            let failures =
+                a.stats().client.peer.session_failures + b.stats().client.peer.session_failures;
+            assert!(failures >= 1, "{:?} {:?}", a.stats(), b.stats());
+            assert_eq!(a.stats().client.peer.tunnels_up, 0);
+            a.close().await;
+            b.close().await;
+        });
+    }
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn quic_from_an_unauthorised_socket_is_counted_and_changes_nothing() {
+    let server = smol_server();
+    smol::block_on(async {
+        let (a, b, _) = pair(&server, Transport::QUIC).await;
+        let PeerPath::Session { addr: b_peer, .. } = a.peer_path(ip(&b)) else {
+            panic!("not on a session: {:?}", a.peer_path(ip(&b)));
+        };
+        // QUIC long headers (Initial) and short headers, from a stranger.
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..100u8 {
+            let mut datagram = vec![if i % 2 == 0 { 0xc3 } else { 0x43 }; 1200];
+            datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
+            stranger.send_to(&datagram, b_peer).unwrap();
+            // Paced, so that a loaded machine's socket buffer keeps them all.
+            smol::Timer::after(Duration::from_millis(2)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while b.stats().peer_quic_unauthorised < 100 && Instant::now() < deadline {
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        let counted = b.stats().peer_quic_unauthorised;
+        assert!((90..=100).contains(&counted), "{counted} of 100 counted");
+        assert_eq!(b.stats().peer_sessions_refused, 0, "quinn never saw them");
+        let before = relayed(&server);
+        let got = smol_flow(&a, &b, PACKETS, true).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>());
+        assert_eq!(relayed(&server) - before, 0);
+        assert!(is_quic(b.peer_path(ip(&a))));
+        assert_eq!(b.stats().client.peer.fallbacks, 0);
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn a_mixed_offer_agrees_on_plain_udp() {
+    let server = smol_server();
+    smol::block_on(async {
+        let a = smol_tunnel(config(&server, Transport::QUIC)).await;
+        let b = smol_tunnel(config(&server, Transport::UDP)).await;
+        let got = smol_flow(&a, &b, PACKETS, true).await;
+        assert_eq!(got.len(), PACKETS as usize);
+        assert!(until_up(&a, &b).await);
+        assert!(matches!(a.peer_path(ip(&b)), PeerPath::Peer(_)));
+        assert!(matches!(b.peer_path(ip(&a)), PeerPath::Peer(_)));
+        assert_eq!(a.peer_tunnels()[0].session, None);
+        assert_eq!(a.stats().peer_sessions_open, 0);
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
