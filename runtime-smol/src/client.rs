@@ -170,7 +170,7 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
         // The first Connected notification is the one printed above.
         if let Ok(note) = tunnel.notifications().try_recv() {
             if !matches!(note, Notification::Connected(_)) {
-                out.notification(&note);
+                out.notification(&note, &tunnel);
             }
         }
         let notes = async {
@@ -179,7 +179,7 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                     out.line("terminated", json!({ "reason": format!("{reason:?}") }));
                     return ExitCode::from(EXIT_FAILURE);
                 }
-                out.notification(&note);
+                out.notification(&note, &tunnel);
             }
             ExitCode::from(EXIT_FAILURE)
         };
@@ -351,21 +351,29 @@ impl Printer {
         }
     }
 
-    fn notification(&self, note: &Notification) {
+    fn notification(&self, note: &Notification, tunnel: &Tunnel) {
         match note {
             Notification::PeerTunnelUp { peer, path, setup } => {
+                // What the tunnel runs over: plain UDP, or the session transport securing it.
+                let over = tunnel
+                    .peer_tunnels()
+                    .iter()
+                    .find(|p| p.peer == *peer)
+                    .and_then(|p| p.session)
+                    .unwrap_or(Transport::UDP);
                 if self.json {
                     self.line(
                         "peer_tunnel_up",
                         json!({
                             "peer": peer.to_string(),
                             "path": path.to_string(),
+                            "transport": over.to_string(),
                             "setup_ms": setup.as_secs_f64() * 1e3,
                         }),
                     );
                 } else {
                     println!(
-                        "peer tunnel up: {peer} via {path} (set up in {:.1} ms)",
+                        "peer tunnel up: {peer} via {path} over {over} (set up in {:.1} ms)",
                         setup.as_secs_f64() * 1e3
                     );
                 }

@@ -116,6 +116,11 @@ fn help_and_usage_errors() {
     let out = tscf(&["client", "--transport", "tls", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--fingerprint"));
+    let out = tscf(&["client", "--peer-require-secure", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--peer-transport quic"));
+    let out = tscf(&["client", "--peer-transport", "dtls", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2), "not offered yet");
     let out = tscf(&["server", "--admin", "0.0.0.0:4449", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("loopback"));
@@ -314,10 +319,29 @@ fn spawn_client(
 
 #[test]
 fn two_clients_forward_local_udp_ports_over_a_peer_tunnel() {
-    let (mut server, printed) = spawn_server("forward", "", "8");
+    forward_over_a_peer_tunnel("forward", "udp");
+}
+
+#[test]
+fn two_clients_forward_local_udp_ports_over_a_quic_peer_tunnel() {
+    forward_over_a_peer_tunnel("forward-quic", "quic");
+}
+
+/// Two clients offering `peer_transport` forward local UDP ports to each other; the peer
+/// tunnel comes up over that transport.
+fn forward_over_a_peer_tunnel(name: &str, peer_transport: &str) {
+    let (mut server, printed) = spawn_server(name, "", "8");
     let udp = address(&printed, "udp ");
     // The first client gets 10.77.0.2, the second 10.77.0.3.
-    let common = ["--server", &udp, "--for", "4", "--forward"];
+    let common = [
+        "--server",
+        &udp,
+        "--peer-transport",
+        peer_transport,
+        "--for",
+        "4",
+        "--forward",
+    ];
     let (mut a, a_lines, a_rest) =
         spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.3:5004"]].concat());
     let (mut b, b_lines, b_rest) =
@@ -352,10 +376,12 @@ fn two_clients_forward_local_udp_ports_over_a_peer_tunnel() {
     assert_eq!(a.wait().unwrap().code(), Some(0));
     assert_eq!(b.wait().unwrap().code(), Some(0));
     let (a_rest, b_rest) = (a_rest.join().unwrap(), b_rest.join().unwrap());
-    assert!(
-        a_rest.contains("\"peer_tunnel_up\"") || b_rest.contains("\"peer_tunnel_up\""),
-        "{a_rest}{b_rest}"
-    );
+    let over = format!("\"transport\":\"{}\"", peer_transport.to_uppercase());
+    let up = |rest: &str| {
+        rest.lines()
+            .any(|l| l.contains("\"peer_tunnel_up\"") && l.contains(&over))
+    };
+    assert!(up(&a_rest) || up(&b_rest), "{a_rest}{b_rest}");
     server.kill().unwrap();
     server.wait().unwrap();
 }
