@@ -234,8 +234,8 @@ pub struct PeerStats {
     pub sessions_authorised: u64,
     /// Peer session handshakes that failed (wrong certificate, refused, timed out).
     pub session_failures: u64,
-    /// Negotiations ended because the tunnel would not be secured and
-    /// [`PeerConfig::require_secure`] is set (here or, as seen from its offer, at the peer).
+    /// Negotiations this client ended (as initiator) or refused (as destination) because the
+    /// tunnel would not be secured and its [`PeerConfig::require_secure`] is set.
     pub insecure_refused: u64,
     /// Dropped: a plain datagram other than a probe from the path of a secured peer tunnel,
     /// or a plain Configuration Request for one.
@@ -316,8 +316,6 @@ struct Peer {
     stream_candidates: ArrayVec<(Transport, SocketAddr), MAX_STREAMS_PER_PEER>,
     /// The peer's certificate fingerprint, from the director's Peer Credentials.
     fingerprint: Option<[u8; 32]>,
-    /// The peer transport the peer offers (its Connection Info).
-    offer: Option<Transport>,
     /// The agreed session transport (DTLS or QUIC), when the tunnel is to be secured.
     secure: Option<Transport>,
     /// Whether the current path is the peer session (`secure` is set and the path chosen).
@@ -362,7 +360,6 @@ impl Peer {
             stream: None,
             stream_candidates: ArrayVec::new(),
             fingerprint: None,
-            offer: None,
             secure: None,
             secured: false,
             authorised: ArrayVec::new(),
@@ -393,7 +390,6 @@ impl Peer {
         self.stream = None;
         self.stream_candidates.clear();
         self.fingerprint = None;
-        self.offer = None;
         self.secure = None;
         self.secured = false;
         self.authorised.clear();

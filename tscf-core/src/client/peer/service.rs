@@ -374,7 +374,6 @@ impl PeerAgent {
                 p.role = Role::Initiator;
                 p.token = Some(credentials.token);
                 p.fingerprint = credentials.fingerprint;
-                p.offer = offer;
                 p.secure = match agreement {
                     Agreement::Secure(t) => Some(t),
                     _ => None,
@@ -453,7 +452,6 @@ impl PeerAgent {
                     self.become_destination(cx, i, credentials.token, &msg.tlvs.candidates);
                     let p = &mut self.peers[i];
                     p.fingerprint = credentials.fingerprint;
-                    p.offer = offer;
                     p.secure = match agreement {
                         Agreement::Secure(t) => Some(t),
                         _ => None,
