@@ -324,3 +324,32 @@ fn a_secure_offer_needs_a_certificate_fingerprint() {
     peer.require_secure = true;
     assert!(config(peer).is_err());
 }
+
+/// The initiator's setup time, plain and secured, with a server RTT of 100 ms and a peer RTT of
+/// 20 ms: the session handshake adds one peer RTT (printed for `docs/PEER-SETUP.md`).
+#[test]
+fn measure_secured_setup_time() {
+    let mut rows = Vec::new();
+    for (seed, transport) in [(261, Transport::UDP), (262, Transport::QUIC)] {
+        let _guard = SeedGuard(seed);
+        let (mut w, a, b) = build(seed, offer(transport, CERT_A), offer(transport, CERT_B));
+        call(&mut w, a, b, Duration::from_secs(1));
+        let setup = w.nodes[a].events.iter().find_map(|e| match e {
+            ClientEvent::PeerTunnelUp {
+                setup,
+                initiator: true,
+                ..
+            } => Some(*setup),
+            _ => None,
+        });
+        let setup = setup.expect("up");
+        rows.push((transport, setup));
+    }
+    println!("| peer transport | setup (server RTT 100 ms, peer RTT 20 ms) |");
+    println!("|---|---|");
+    for (transport, setup) in &rows {
+        println!("| {transport} | {} ms |", setup.as_millis());
+    }
+    let (plain, secured) = (rows[0].1, rows[1].1);
+    assert!(secured > plain, "the handshake costs something");
+}
