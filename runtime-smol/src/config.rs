@@ -176,15 +176,13 @@ mod tests {
         let c = ServerFile::default_config()
             .and_then(ServerFile::into_server_config)
             .expect("default parses");
-        assert_eq!(c.tcp, vec!["127.0.0.1:4440".parse().expect("addr")]);
-        assert_eq!(c.quic, vec!["127.0.0.1:4444".parse().expect("addr")]);
+        let addr = |text: &str| text.parse::<SocketAddr>().expect("addr");
+        assert_eq!(c.tcp, vec![addr("127.0.0.1:4440")]);
+        assert_eq!(c.quic, vec![addr("127.0.0.1:4444")]);
         assert!(c.director.peer_tunneling);
         assert!(c.tls_config.is_some());
         let f = ServerFile::default_config().expect("default parses");
-        assert_eq!(
-            f.admin_addr(),
-            Ok(Some("127.0.0.1:4449".parse().expect("addr")))
-        );
+        assert_eq!(f.admin_addr(), Ok(Some(addr("127.0.0.1:4449"))));
     }
 
     #[test]

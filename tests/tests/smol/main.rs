@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cross;
+mod dtls;
 mod flow;
 mod quic;
 mod util;
