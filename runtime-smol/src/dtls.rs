@@ -519,9 +519,10 @@ pub(crate) fn server_config(
         .map_err(|e| DtlsConfigError(e.to_string()))
 }
 
-/// A client-role configuration that checks the server as `check` says and presents
-/// `certificate` if given.
+/// A client-role configuration for the server at `server` that checks it as `check` says and
+/// presents `certificate` if given.
 pub(crate) fn client_config(
+    server: SocketAddr,
     check: PeerCheck,
     certificate: Option<Certificate>,
 ) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
@@ -537,7 +538,7 @@ pub(crate) fn client_config(
         PeerCheck::Insecure => builder.with_insecure_skip_verify(true),
     };
     builder
-        .build(true, None)
+        .build(true, Some(server))
         .map(Arc::new)
         .map_err(|e| DtlsConfigError(e.to_string()))
 }
@@ -587,7 +588,7 @@ mod tests {
         let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
         server.set_acceptor(Some(server_config(cert, None).expect("server config")));
         let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
-        let config = client_config(check, None).expect("client config");
+        let config = client_config(addr(4445), check, None).expect("client config");
         client.connect(now, server.local, config).expect("connect");
         let (mut server_events, mut client_events) = (Vec::new(), Vec::new());
         for _ in 0..16 {
@@ -612,7 +613,8 @@ mod tests {
         let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
         server.set_acceptor(Some(server_config(cert, None).expect("server config")));
         let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
-        let config = client_config(PeerCheck::Pinned(fingerprint_real), None).expect("config");
+        let config =
+            client_config(server.local, PeerCheck::Pinned(fingerprint_real), None).expect("config");
         client.connect(now, server.local, config).expect("connect");
         let mut done = (false, false);
         for _ in 0..16 {
@@ -693,7 +695,7 @@ mod tests {
             .connect(
                 now,
                 server.local,
-                client_config(PeerCheck::Insecure, None).expect("config"),
+                client_config(server.local, PeerCheck::Insecure, None).expect("config"),
             )
             .expect("connect");
         let (_, hello) = other.poll_transmit().expect("a ClientHello");

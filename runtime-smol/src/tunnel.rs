@@ -423,7 +423,7 @@ impl DtlsSettings {
                 PeerCheck::Insecure
             }
         };
-        dtls::client_config(check, self.certificate.clone()).map_err(|e| e.to_string())
+        dtls::client_config(server, check, self.certificate.clone()).map_err(|e| e.to_string())
     }
 }
 
