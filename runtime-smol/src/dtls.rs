@@ -501,17 +501,36 @@ fn pin(fingerprint: Fingerprint) -> VerifyPeerCertificateFn {
     })
 }
 
-/// A server-role configuration presenting `certificate`. With `client_roots`, a client
-/// certificate is asked for and, if given, verified against them (mutual TLS).
+/// How a DTLS server checks the client's certificate.
+pub(crate) enum ClientCheck {
+    /// It asks for none.
+    None,
+    /// It asks for one and, if given, verifies it against these roots (mutual TLS).
+    Roots(RootCertStore),
+    /// It requires one with this SHA-256 fingerprint (a peer tunnel's other end).
+    #[allow(dead_code)] // For peer tunnels; exercised by the tests below.
+    Pinned(Fingerprint),
+}
+
+/// A server-role configuration presenting `certificate` and checking the client as `check`
+/// says.
 pub(crate) fn server_config(
     certificate: Certificate,
-    client_roots: Option<RootCertStore>,
+    check: ClientCheck,
 ) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
     let mut builder = builder().with_certificates(vec![certificate]);
-    if let Some(roots) = client_roots {
-        builder = builder
-            .with_client_auth(ClientAuthType::VerifyClientCertIfGiven)
-            .with_client_cas(roots);
+    match check {
+        ClientCheck::None => {}
+        ClientCheck::Roots(roots) => {
+            builder = builder
+                .with_client_auth(ClientAuthType::VerifyClientCertIfGiven)
+                .with_client_cas(roots);
+        }
+        ClientCheck::Pinned(fingerprint) => {
+            builder = builder
+                .with_client_auth(ClientAuthType::RequireAnyClientCert)
+                .with_verify_peer_certificate(Some(pin(fingerprint)));
+        }
     }
     builder
         .build(false, None)
@@ -586,7 +605,9 @@ mod tests {
         let (cert, _) = server_identity();
         let now = Instant::now();
         let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
-        server.set_acceptor(Some(server_config(cert, None).expect("server config")));
+        server.set_acceptor(Some(
+            server_config(cert, ClientCheck::None).expect("server config"),
+        ));
         let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
         let config = client_config(addr(4445), check, None).expect("client config");
         client.connect(now, server.local, config).expect("connect");
@@ -611,7 +632,9 @@ mod tests {
         assert_ne!(fingerprint, fingerprint_real);
         let now = Instant::now();
         let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
-        server.set_acceptor(Some(server_config(cert, None).expect("server config")));
+        server.set_acceptor(Some(
+            server_config(cert, ClientCheck::None).expect("server config"),
+        ));
         let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
         let config =
             client_config(server.local, PeerCheck::Pinned(fingerprint_real), None).expect("config");
@@ -651,6 +674,74 @@ mod tests {
             .iter()
             .any(|e| matches!(e, DtlsEvent::Closed { .. })));
         assert_eq!(server.established(), 0);
+    }
+
+    #[test]
+    fn an_authorised_address_with_a_pinned_client_certificate_and_no_acceptor() {
+        let (server_cert, server_fp) = server_identity();
+        let (client_cert, client_fp) = server_identity();
+        let (_, other_fp) = server_identity();
+        let now = Instant::now();
+        let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
+        let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
+        let mut stranger = DtlsEndpoint::new(addr(50_001), LIMITS);
+        let pinned = |fp| server_config(server_cert.clone(), ClientCheck::Pinned(fp));
+        // Without an acceptor, only the authorised address gets state.
+        server.authorise(client.local, pinned(client_fp).expect("config"));
+        let check = PeerCheck::Pinned(server_fp);
+        let config = client_config(server.local, check, Some(client_cert.clone()));
+        client
+            .connect(now, server.local, config.expect("config"))
+            .expect("connect");
+        let config = client_config(server.local, PeerCheck::Pinned(server_fp), None);
+        stranger
+            .connect(now, server.local, config.expect("config"))
+            .expect("connect");
+        let mut done = false;
+        for _ in 0..16 {
+            transfer(now, &mut client, &mut server);
+            transfer(now, &mut stranger, &mut server);
+            transfer(now, &mut server, &mut client);
+            for e in events(&mut server) {
+                if let DtlsEvent::HandshakeDone {
+                    peer,
+                    peer_certificate,
+                } = e
+                {
+                    assert_eq!(peer, client.local);
+                    let der = peer_certificate.expect("the client's certificate");
+                    assert_eq!(Fingerprint::of(&der), client_fp);
+                    done = true;
+                }
+            }
+        }
+        assert!(done, "the authorised client completed");
+        assert_eq!((server.established(), server.half_open()), (1, 0));
+        assert!(
+            server.counters().unknown_source > 0,
+            "the stranger was dropped"
+        );
+
+        // A client whose certificate is not the pinned one is refused.
+        let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
+        let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
+        server.authorise(client.local, pinned(other_fp).expect("config"));
+        let config = client_config(
+            server.local,
+            PeerCheck::Pinned(server_fp),
+            Some(client_cert),
+        );
+        client
+            .connect(now, server.local, config.expect("config"))
+            .expect("connect");
+        for _ in 0..16 {
+            transfer(now, &mut client, &mut server);
+            transfer(now, &mut server, &mut client);
+        }
+        assert!(events(&mut server)
+            .iter()
+            .any(|e| matches!(e, DtlsEvent::HandshakeFailed { .. })));
+        assert_eq!(server.established() + server.half_open(), 0);
     }
 
     #[test]

@@ -74,8 +74,12 @@ impl Server {
                     let cert = dtls::certificate(identity.chain.clone(), &identity.key)
                         .map_err(|e| TlsConfigError::Dtls(e.to_string()))?;
                     let client_roots = t.client_ca.as_deref().map(tls::load_roots).transpose()?;
+                    let check = match client_roots {
+                        Some(roots) => dtls::ClientCheck::Roots(roots),
+                        None => dtls::ClientCheck::None,
+                    };
                     Some(
-                        dtls::server_config(cert, client_roots)
+                        dtls::server_config(cert, check)
                             .map_err(|e| TlsConfigError::Dtls(e.to_string()))?,
                     )
                 };
@@ -437,9 +441,9 @@ impl ServerCore {
     /// events; then the DTLS datagrams to their sockets.
     fn drain(&mut self) {
         loop {
-            let dtls_events = self.dtls_events();
             self.drain_director();
-            if !dtls_events {
+            // A send to an association that failed reports it as closed: loop until quiet.
+            if !self.dtls_events() {
                 break;
             }
         }

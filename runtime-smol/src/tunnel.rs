@@ -433,7 +433,6 @@ impl ClientCore {
     pub(crate) fn drain(&mut self) {
         loop {
             let now = Instant::now();
-            let dtls = self.dtls_events(now);
             while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
                 match t.destination {
                     Destination::Server => self.send_to_server(),
@@ -446,10 +445,10 @@ impl ClientCore {
                 }
             }
             self.flush_dtls();
-            match self.client.poll_event() {
-                Some(event) => self.on_event(now, event),
-                None if dtls => {}
-                None => break,
+            if let Some(event) = self.client.poll_event() {
+                self.on_event(now, event);
+            } else if !self.dtls_events(now) {
+                break;
             }
         }
         while self.client.recv_ip(&mut self.packet) {

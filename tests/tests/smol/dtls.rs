@@ -256,13 +256,19 @@ async fn relay_rtt(a: &Tunnel, b: &Tunnel, rounds: usize) -> Vec<Duration> {
     rtts
 }
 
+/// Prints numbers only: the time to connect and the relay round trip, over UDP and DTLS.
 #[test]
 fn dtls_and_udp_relay_round_trips_are_measured() {
     let server = smol_server();
     smol::block_on(async {
         for transport in [Transport::UDP, Transport::DTLS] {
             let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+            let started = Instant::now();
             let a = smol_tunnel(config.clone()).await;
+            println!(
+                "{transport}: Tunnel::connect (transport handshake and configuration) took {:?}",
+                started.elapsed()
+            );
             let b = smol_tunnel(config).await;
             let rtts = relay_rtt(&a, &b, 200).await;
             assert!(rtts.len() >= 190, "{transport}: {} answers", rtts.len());
