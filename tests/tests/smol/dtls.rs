@@ -1,16 +1,20 @@
 //! DTLS: a smol server and smol clients over DTLS 1.2 (one envelope per record); fingerprint
 //! pinning; a cut association and the re-attach that follows; hostile datagrams from many
-//! source ports beside a live tunnel. Prints the handshake time and the relay round trip
-//! over DTLS and over UDP.
+//! source ports beside a live tunnel; CA verification and client certificates. Prints the
+//! handshake time and the relay round trip over DTLS and over UDP.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tscf_core::client::TerminateReason;
 use tscf_core::client::{ClientState, ServerEndpoint};
 use tscf_core::wire::Transport;
 use tscf_runtime_smol::{
-    ClientTlsConfig, ConnectError, Fingerprint, Notification, StartError, Tunnel, TunnelConfig,
+    ClientTlsConfig, ConnectError, Fingerprint, Notification, ServerIdentity, ServerTlsConfig,
+    ServerVerification, StartError, Tunnel, TunnelConfig,
 };
 
 use crate::util::{server_config, smol_flow, smol_server, smol_tunnel, tunnel_config};
@@ -300,4 +304,81 @@ fn dtls_listeners_need_tls_settings_and_the_std_runtime_refuses_them() {
         matches!(err, StartError::Unsupported(what) if what.contains("DTLS")),
         "{err}"
     );
+}
+
+/// A CA, then a server certificate for 127.0.0.1 and a client certificate signed by it, as PEM
+/// files in a fresh directory: (ca, (server cert, key), (client cert, key)).
+fn pki(name: &str) -> (PathBuf, (PathBuf, PathBuf), (PathBuf, PathBuf)) {
+    let dir = std::env::temp_dir().join(format!("tscf-dtls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let write = |file: &str, pem: String| {
+        let path = dir.join(file);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let leaf = |names: Vec<String>, file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (
+            write(&format!("{file}.pem"), cert.pem()),
+            write(&format!("{file}.key"), key.serialize_pem()),
+        )
+    };
+    let server = leaf(vec!["127.0.0.1".into()], "server");
+    let client = leaf(vec!["client.example".into()], "client");
+    (write("ca.pem", ca_cert.pem()), server, client)
+}
+
+#[test]
+fn dtls_verifies_the_server_by_ca_and_admits_a_client_certificate() {
+    let (ca, server_id, client_id) = pki("mtls");
+    let mut config = server_config();
+    config.director.admission.verified_identities = true;
+    config.tls_config = Some(ServerTlsConfig {
+        identity: ServerIdentity::PemFiles {
+            cert: server_id.0,
+            key: server_id.1,
+        },
+        client_ca: Some(ca.clone()),
+    });
+    let server = smol::block_on(tscf_runtime_smol::Server::start(config)).unwrap();
+    let mut config = tunnel_config(server.local_addrs(), None, Transport::DTLS);
+    let tls = |client_identity, server_name| ClientTlsConfig {
+        verification: ServerVerification::CaFile(ca.clone()),
+        server_name,
+        client_identity,
+    };
+    smol::block_on(async {
+        config.tls = Some(tls(Some(client_id.clone()), None));
+        let t = Tunnel::connect(config.clone()).await.unwrap();
+        assert!(t.internal_ipv4().is_some());
+        t.close().await;
+
+        // Without a client certificate the director does not admit it.
+        config.tls = Some(tls(None, None));
+        let err = Tunnel::connect(config.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Refused(TerminateReason::Unauthorized)),
+            "{err}"
+        );
+
+        // The wrong server name fails the chain check.
+        config.tls = Some(tls(Some(client_id), Some("other.example".into())));
+        config.connect_timeout = Duration::from_millis(1500);
+        let err = Tunnel::connect(config).await.unwrap_err().to_string();
+        assert!(
+            err.contains("DTLS") && err.contains("not valid for name"),
+            "{err}"
+        );
+    });
+    assert!(server.stats().director.refused.unauthorized >= 1);
+    smol::block_on(server.shutdown());
 }
