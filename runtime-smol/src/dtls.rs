@@ -51,6 +51,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 use tscf_runtime_std::tls::{constant_time_eq, Fingerprint};
 
+/// Octets of datagrams carrying plaintext (epoch 0) records that one association takes in its
+/// life; beyond it they are dropped (once established) or the handshake fails. A handshake
+/// with certificate chains takes a few kilobytes. rtc-dtls buffers handshake fragments of
+/// any message sequence up to 2 MB per association, so this is what bounds that memory.
+const MAX_PLAINTEXT_OCTETS: usize = 64 * 1024;
+
 /// Bounds of a [`DtlsEndpoint`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct DtlsLimits {
@@ -117,6 +123,8 @@ struct Association {
     established: bool,
     /// When the handshake is given up; `None` once established.
     deadline: Option<Instant>,
+    /// Octets of datagrams with plaintext records fed so far (see [`MAX_PLAINTEXT_OCTETS`]).
+    plaintext_octets: usize,
 }
 
 /// DTLS associations with many addresses over one socket. See the module documentation for
@@ -205,6 +213,17 @@ impl DtlsEndpoint {
         let Some(association) = self.associations.get_mut(&from) else {
             return;
         };
+        if has_plaintext_record(datagram) {
+            association.plaintext_octets += datagram.len();
+            if association.plaintext_octets > MAX_PLAINTEXT_OCTETS {
+                if association.established {
+                    self.counters.bad_records += 1;
+                } else {
+                    self.fail(from, "too much handshake data".to_owned());
+                }
+                return;
+            }
+        }
         let result = association
             .dtls
             .read(now, from, None, BytesMut::from(datagram));
@@ -363,6 +382,7 @@ impl DtlsEndpoint {
                 dtls,
                 established: false,
                 deadline: Some(now + self.limits.handshake_timeout),
+                plaintext_octets: 0,
             },
         );
         self.pending.insert(peer);
@@ -434,6 +454,19 @@ fn looks_like_client_hello(datagram: &[u8]) -> bool {
         && matches!(datagram[2], 0xfd | 0xff)
         && datagram[3..5] == [0, 0]
         && datagram[RECORD_HEADER] == 1
+}
+
+/// Whether any record in `datagram` is of epoch 0 (plaintext), or the records cannot be walked.
+fn has_plaintext_record(mut datagram: &[u8]) -> bool {
+    const RECORD_HEADER: usize = 13;
+    while !datagram.is_empty() {
+        if datagram.len() < RECORD_HEADER || datagram[3..5] == [0, 0] {
+            return true;
+        }
+        let length = usize::from(u16::from_be_bytes([datagram[11], datagram[12]]));
+        datagram = datagram.get(RECORD_HEADER + length..).unwrap_or_default();
+    }
+    false
 }
 
 /// The crypto provider of every DTLS configuration here (ring).
@@ -757,6 +790,32 @@ mod tests {
         assert_eq!(client.half_open() + client.established(), 0);
         assert_eq!(client.counters().handshake_failures, 1);
         assert_eq!(server.established(), 0);
+    }
+
+    #[test]
+    fn plaintext_records_are_bounded_per_association() {
+        let (mut server, client, _, _) = pair(PeerCheck::Insecure);
+        let now = Instant::now();
+        // Epoch-0 handshake records of ever new message sequence numbers, which rtc-dtls would
+        // buffer (an attacker spoofing the client's address can send them).
+        let mut record = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let body = [0u8; 1000];
+        let mut fragment = vec![2, 0, 0x10, 0];
+        for seq in 0..200u16 {
+            record.truncate(13);
+            record[5..11].copy_from_slice(&u64::from(1_000 + seq).to_be_bytes()[2..]);
+            fragment.truncate(4);
+            fragment.extend_from_slice(&(seq + 10).to_be_bytes());
+            fragment.extend_from_slice(&[0, 0, 0, 0, 0x03, 0xe8]);
+            fragment.extend_from_slice(&body);
+            let length = u16::try_from(fragment.len()).expect("small");
+            record[11..13].copy_from_slice(&length.to_be_bytes());
+            record.extend_from_slice(&fragment);
+            server.handle_datagram(now, client.local, &record);
+        }
+        let dropped = server.counters().bad_records;
+        assert!(dropped >= 200 - 64, "{dropped} dropped");
+        assert_eq!(server.established(), 1, "the association is kept");
     }
 
     #[test]
