@@ -132,6 +132,7 @@ fn snapshot(server: &ServerHandle) -> Value {
             "dtls_unknown_source": r.dtls_unknown_source,
             "dtls_bad_records": r.dtls_bad_records,
             "dtls_half_open_evicted": r.dtls_half_open_evicted,
+            "dtls_hello_verify_sent": r.dtls_hello_verify_sent,
         },
     })
 }

@@ -58,10 +58,12 @@
 //! one fingerprint pins all three) and, with a client CA, ask for a client certificate and
 //! verify it if given. Each DTLS association is one director connection of transport DTLS,
 //! and each application data record carries exactly one envelope (`docs/PROTOCOL.md` §2).
-//! A listener keeps state only for associations it has and for at most
-//! [`ServerConfig::dtls_max_half_open`] handshakes in progress (a new one evicts the oldest),
-//! each given [`ServerConfig::dtls_handshake_timeout`]; every other datagram is dropped before
-//! any state is kept, and counted in the `dtls_*` fields of [`RuntimeCounters`].
+//! A listener answers a ClientHello without a cookie statelessly (RFC 6347 §4.2.1, an HMAC
+//! cookie of its own) and keeps state only for associations it has and for at most
+//! [`ServerConfig::dtls_max_half_open`] handshakes in progress of clients that returned a
+//! cookie (a new one evicts the oldest), each given [`ServerConfig::dtls_handshake_timeout`];
+//! every other datagram is dropped before any state is kept, and counted in the `dtls_*`
+//! fields of [`RuntimeCounters`].
 //! [`ServerHandle::cut_connection`] drops a tunnel's DTLS association after a `close_notify`.
 //!
 //! A [`Tunnel`] whose server endpoint is [`Transport::DTLS`](tscf_core::wire::Transport)

@@ -78,10 +78,7 @@ impl Server {
                         Some(roots) => dtls::ClientCheck::Roots(roots),
                         None => dtls::ClientCheck::None,
                     };
-                    Some(
-                        dtls::server_config(cert, check)
-                            .map_err(|e| TlsConfigError::Dtls(e.to_string()))?,
-                    )
+                    Some((cert, check))
                 };
                 let c = tls::server_config_with(t, identity)?;
                 (Some(c), Some(fingerprint), dtls_config)
@@ -124,7 +121,12 @@ impl Server {
                     })?;
                 let local = socket.get_ref().local_addr().map_err(StartError::Thread)?;
                 let mut endpoint = DtlsEndpoint::new(local, dtls_limits);
-                endpoint.set_acceptor(dtls_config.clone());
+                if let Some((cert, check)) = &dtls_config {
+                    let secret = os_seed().map_err(StartError::Randomness)?;
+                    let acceptor = dtls::Acceptor::new(cert.clone(), check.clone(), secret)
+                        .map_err(|e| StartError::Tls(TlsConfigError::Dtls(e.to_string())))?;
+                    endpoint.set_acceptor(Some(acceptor));
+                }
                 Ok(DtlsSite {
                     socket: Arc::new(socket),
                     endpoint,
@@ -260,6 +262,7 @@ impl ServerHandle {
             r.dtls_unknown_source += c.unknown_source;
             r.dtls_bad_records += c.bad_records;
             r.dtls_half_open_evicted += c.half_open_evicted;
+            r.dtls_hello_verify_sent += c.hello_verify_sent;
             stats.dtls_associations += site.endpoint.established();
             stats.dtls_half_open += site.endpoint.half_open();
         }

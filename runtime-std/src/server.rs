@@ -55,8 +55,9 @@ pub struct ServerConfig {
     /// each DTLS record carries one envelope. Only `tscf-runtime-smol` runs them; this runtime
     /// refuses to start with any.
     pub dtls: Vec<SocketAddr>,
-    /// Most DTLS handshakes in progress at once on one DTLS listener (default 256). A
-    /// handshake from a new source beyond it evicts the oldest one, counted in
+    /// Most DTLS handshakes in progress at once on one DTLS listener (default 256); only a
+    /// client that returned the listener's stateless cookie gets one. A handshake from a new
+    /// source beyond it evicts the oldest one, counted in
     /// [`RuntimeCounters::dtls_half_open_evicted`].
     pub dtls_max_half_open: usize,
     /// How long a DTLS handshake may take before its state is dropped (default 5 s).
@@ -195,14 +196,16 @@ pub struct RuntimeCounters {
     /// DTLS handshakes that failed (a bad or unverified certificate, a fatal alert, a record
     /// the handshake could not take) or timed out; their state is dropped.
     pub dtls_handshake_failures: u64,
-    /// Datagrams on a DTLS listener from a source with no DTLS state that are not a
-    /// ClientHello: dropped before any state is kept for the source.
+    /// Datagrams on a DTLS listener from a source with no DTLS state that are neither a
+    /// ClientHello nor one with a valid cookie: dropped before any state is kept for the source.
     pub dtls_unknown_source: u64,
     /// DTLS records that an association refused (malformed, or failing to authenticate once
     /// the association is up) and application data that is not one envelope.
     pub dtls_bad_records: u64,
     /// Half-open DTLS handshakes evicted because `dtls_max_half_open` was reached.
     pub dtls_half_open_evicted: u64,
+    /// HelloVerifyRequests sent, statelessly, to DTLS ClientHellos without a cookie.
+    pub dtls_hello_verify_sent: u64,
 }
 
 /// A snapshot of a running server.

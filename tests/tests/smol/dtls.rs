@@ -150,14 +150,10 @@ fn captured_client_hello() -> Vec<u8> {
 }
 
 #[test]
-fn hostile_datagrams_from_many_ports_stay_bounded_and_the_tunnel_keeps_working() {
+fn hostile_datagrams_from_many_ports_leave_no_state_and_the_tunnel_keeps_working() {
     const SOURCES: usize = 2_000;
-    const CAP: usize = 16;
     let hello = captured_client_hello();
-    let mut config = server_config();
-    config.dtls_max_half_open = CAP;
-    config.dtls_handshake_timeout = Duration::from_secs(1);
-    let server = smol::block_on(tscf_runtime_smol::Server::start(config)).unwrap();
+    let server = smol_server();
     let dtls_addr = server.local_addrs().dtls[0];
     let config = tunnel_config(
         server.local_addrs(),
@@ -184,8 +180,8 @@ fn hostile_datagrams_from_many_ports_stay_bounded_and_the_tunnel_keeps_working()
             }
         };
         let (got, ()) = future::zip(smol_flow(&a, &b, PACKETS, false), flood).await;
-        // Every ClientHello costs the server a key exchange, so a flood may cost the tunnel a
-        // few packets (the listener's socket buffer overflows), never the tunnel itself.
+        // A flood may cost the tunnel a few packets (the listener's socket buffer overflows),
+        // never the tunnel itself.
         println!(
             "DTLS flood: the live tunnel delivered {} of {PACKETS}",
             got.len()
@@ -197,27 +193,17 @@ fn hostile_datagrams_from_many_ports_stay_bounded_and_the_tunnel_keeps_working()
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
         let stats = server.stats();
         println!("DTLS flood from {SOURCES} ports: {:?}", stats.runtime);
-        assert!(
-            max_half_open <= CAP,
-            "half-open {max_half_open} > cap {CAP}"
-        );
-        assert!(stats.dtls_half_open <= CAP);
+        // No source that did not return a cookie got any state (the unit tests of the
+        // endpoint check the cap on those that do).
+        assert_eq!(max_half_open, 0);
+        assert_eq!(stats.dtls_half_open, 0);
+        assert_eq!(stats.runtime.dtls_half_open_evicted, 0);
         assert_eq!(stats.dtls_associations, 2);
         // The kernel may drop some of the flood before the server reads it, so the counts
         // are not exact here (the unit tests of the endpoint check them exactly); each kind
         // of hostile datagram is seen and counted.
         assert!(stats.runtime.dtls_unknown_source > SOURCES as u64 / 2);
-        assert!(stats.runtime.dtls_half_open_evicted > (SOURCES / 4) as u64);
-        assert!(stats.runtime.dtls_handshake_failures > 0);
-        // The half-open ones time out; the tunnels stay.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while server.stats().dtls_half_open > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "half-open handshakes never expired"
-            );
-            smol::Timer::after(Duration::from_millis(50)).await;
-        }
+        assert!(stats.runtime.dtls_hello_verify_sent > (SOURCES / 2) as u64);
         let got = smol_flow(&b, &a, 20, false).await;
         assert_eq!(got, (0..20).collect::<Vec<_>>());
         a.close().await;
