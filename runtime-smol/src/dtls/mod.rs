@@ -351,7 +351,7 @@ impl DtlsEndpoint {
 
     /// Associations whose handshake completed.
     pub(crate) fn established(&self) -> usize {
-        self.associations.len() - self.pending.len()
+        self.associations.len().saturating_sub(self.pending.len())
     }
 
     /// Addresses with a handshake in progress (the per-address state hostile input can cause).
