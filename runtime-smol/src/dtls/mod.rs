@@ -134,6 +134,8 @@ struct Association {
     deadline: Option<Instant>,
     /// Octets of datagrams with plaintext records fed so far (see [`MAX_PLAINTEXT_OCTETS`]).
     plaintext_octets: usize,
+    /// Whether this end started the handshake (client role).
+    client: bool,
 }
 
 /// DTLS associations with many addresses over one socket. See the module documentation for
@@ -205,7 +207,7 @@ impl DtlsEndpoint {
         let mut dtls = Endpoint::new(self.local, TransportProtocol::UDP, None);
         dtls.connect(now, peer, config, None)
             .map_err(|e| DtlsConfigError(e.to_string()))?;
-        self.insert(now, peer, dtls);
+        self.insert(now, peer, dtls, true);
         Ok(())
     }
 
@@ -228,7 +230,19 @@ impl DtlsEndpoint {
         let Some(association) = self.associations.get_mut(&from) else {
             return;
         };
-        if has_plaintext_record(datagram) {
+        let records = RecordScan::of(datagram);
+        if records.epoch_change {
+            self.counters.bad_records += 1;
+            return;
+        }
+        if records.plaintext {
+            // The server completes first, so once a client has completed the server sends no
+            // plaintext record any more: any is forged or a duplicate, and rtc-dtls would
+            // answer a handshake record by repeating its last flight.
+            if association.established && association.client {
+                self.counters.bad_records += 1;
+                return;
+            }
             association.plaintext_octets += datagram.len();
             if association.plaintext_octets > MAX_PLAINTEXT_OCTETS {
                 if association.established {
@@ -368,7 +382,7 @@ impl DtlsEndpoint {
         }
         if let Some(config) = self.authorised.get(&from) {
             let dtls = Endpoint::new(self.local, TransportProtocol::UDP, Some(config.clone()));
-            self.insert(now, from, dtls);
+            self.insert(now, from, dtls, false);
             return Admission::Admitted;
         }
         let Some(acceptor) = &self.acceptor else {
@@ -412,11 +426,11 @@ impl DtlsEndpoint {
             return Admission::Refused;
         }
         self.admitted.push_back(from);
-        self.insert(now, from, dtls);
+        self.insert(now, from, dtls, false);
         Admission::Admitted
     }
 
-    fn insert(&mut self, now: Instant, peer: SocketAddr, mut dtls: Endpoint) {
+    fn insert(&mut self, now: Instant, peer: SocketAddr, mut dtls: Endpoint, client: bool) {
         while let Some(t) = dtls.poll_transmit() {
             self.transmits.push_back((peer, t.message));
         }
@@ -427,6 +441,7 @@ impl DtlsEndpoint {
                 established: false,
                 deadline: Some(now + self.limits.handshake_timeout),
                 plaintext_octets: 0,
+                client,
             },
         );
         self.pending.insert(peer);
@@ -510,17 +525,38 @@ fn looks_like_client_hello(datagram: &[u8]) -> bool {
         && datagram[RECORD_HEADER] == 1
 }
 
-/// Whether any record in `datagram` is of epoch 0 (plaintext), or the records cannot be walked.
-fn has_plaintext_record(mut datagram: &[u8]) -> bool {
-    const RECORD_HEADER: usize = 13;
-    while !datagram.is_empty() {
-        if datagram.len() < RECORD_HEADER || datagram[3..5] == [0, 0] {
-            return true;
+/// What the record headers of a datagram say, as far as they can be walked.
+struct RecordScan {
+    /// A record of epoch 0 (plaintext), or a record that cannot be walked.
+    plaintext: bool,
+    /// A ChangeCipherSpec record of an epoch above 0. tscf never renegotiates, so none is
+    /// genuine; and rtc-dtls does not authenticate ChangeCipherSpec records (they are never
+    /// encrypted), so one with the association's current epoch would move it to the next
+    /// epoch and it would never read the peer's records again.
+    epoch_change: bool,
+}
+
+impl RecordScan {
+    fn of(mut datagram: &[u8]) -> Self {
+        const RECORD_HEADER: usize = 13;
+        const CHANGE_CIPHER_SPEC: u8 = 20;
+        let mut scan = Self {
+            plaintext: false,
+            epoch_change: false,
+        };
+        while !datagram.is_empty() {
+            if datagram.len() < RECORD_HEADER {
+                scan.plaintext = true;
+                break;
+            }
+            let epoch_zero = datagram[3..5] == [0, 0];
+            scan.plaintext |= epoch_zero;
+            scan.epoch_change |= datagram[0] == CHANGE_CIPHER_SPEC && !epoch_zero;
+            let length = usize::from(u16::from_be_bytes([datagram[11], datagram[12]]));
+            datagram = datagram.get(RECORD_HEADER + length..).unwrap_or_default();
         }
-        let length = usize::from(u16::from_be_bytes([datagram[11], datagram[12]]));
-        datagram = datagram.get(RECORD_HEADER + length..).unwrap_or_default();
+        scan
     }
-    false
 }
 
 mod config;

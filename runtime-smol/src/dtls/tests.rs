@@ -339,3 +339,142 @@ fn half_open_handshakes_stay_within_the_cap_and_time_out() {
     assert_eq!(server.half_open(), 0);
     assert_eq!(server.established(), 1);
 }
+
+/// A small deterministic generator for the mutation test (xorshift64*).
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Mutations of real handshake datagrams (flipped octets, truncations, spliced tails), fed to
+/// a server from a few addresses and from its client's, and to the client from the server's:
+/// nothing panics, the state stays within its bounds, and the association that was up still
+/// carries data both ways.
+#[test]
+fn mutated_handshake_datagrams_keep_the_endpoints_within_bounds() {
+    let now = Instant::now();
+    let (cert, _) = server_identity();
+    let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
+    server.set_acceptor(Some(
+        Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
+    ));
+    // Record a real exchange, both directions.
+    let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
+    let config = client_config(server.local, PeerCheck::Insecure, None).expect("config");
+    client.connect(now, server.local, config).expect("connect");
+    let mut corpus: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..16 {
+        while let Some((_, d)) = client.poll_transmit() {
+            corpus.push(d.to_vec());
+            server.handle_datagram(now, client.local, &d);
+        }
+        while let Some((_, d)) = server.poll_transmit() {
+            corpus.push(d.to_vec());
+            client.handle_datagram(now, server.local, &d);
+        }
+    }
+    assert_eq!((server.established(), client.established()), (1, 1));
+    let seed = std::env::var("DTLS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_d715);
+    let mut noise = Noise(seed);
+    for round in 0..20_000 {
+        let mut d = corpus[noise.below(corpus.len())].clone();
+        match noise.below(4) {
+            0 => {
+                let i = noise.below(d.len());
+                d[i] ^= 1 << noise.below(8);
+            }
+            1 => d.truncate(noise.below(d.len() + 1)),
+            2 => {
+                let tail = corpus[noise.below(corpus.len())].clone();
+                let at = noise.below(d.len());
+                d.truncate(at);
+                d.extend_from_slice(&tail[noise.below(tail.len())..]);
+            }
+            _ => {
+                let i = noise.below(d.len());
+                d[i] = noise.next() as u8;
+            }
+        }
+        // From strangers, and from the peers' own addresses (as a spoofer would send them).
+        let from = match noise.below(3) {
+            0 => client.local,
+            _ => addr(40_000 + noise.below(8) as u16),
+        };
+        server.handle_datagram(now, from, &d);
+        client.handle_datagram(now, server.local, &d);
+        while server.poll_transmit().is_some() {}
+        while client.poll_transmit().is_some() {}
+        let _ = events(&mut server);
+        let _ = events(&mut client);
+        assert!(
+            server.half_open() <= LIMITS.max_half_open,
+            "seed {seed}, round {round}"
+        );
+        if round % 5_000 == 0 {
+            server.handle_timeout(now + LIMITS.handshake_timeout);
+        }
+    }
+    assert_eq!(
+        (server.established(), client.established()),
+        (1, 1),
+        "seed {seed}"
+    );
+    client.send(now, server.local, b"still up").expect("send");
+    transfer(now, &mut client, &mut server);
+    assert!(
+        events(&mut server)
+            .iter()
+            .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"still up")),
+        "seed {seed}"
+    );
+    server.send(now, client.local, b"and back").expect("send");
+    transfer(now, &mut server, &mut client);
+    assert!(
+        events(&mut client)
+            .iter()
+            .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"and back")),
+        "seed {seed} (DTLS_SEED reruns it)"
+    );
+    println!(
+        "after 20,000 mutated datagrams: server {:?}, client {:?}",
+        server.counters(),
+        client.counters()
+    );
+}
+
+/// rtc-dtls does not authenticate ChangeCipherSpec records: one of the current epoch, which
+/// anyone who can spoof the peer's address can send, would move the association to the next
+/// epoch for good. The endpoint drops it.
+#[test]
+fn a_forged_change_cipher_spec_cannot_end_an_association() {
+    let (mut server, mut client, _, _) = pair(PeerCheck::Insecure);
+    let now = Instant::now();
+    let forged = [20, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 1, 1];
+    client.handle_datagram(now, server.local, &forged);
+    server.handle_datagram(now, client.local, &forged);
+    assert_eq!(client.counters().bad_records, 1);
+    assert_eq!(server.counters().bad_records, 1);
+    server.send(now, client.local, b"down").expect("send");
+    transfer(now, &mut server, &mut client);
+    assert!(events(&mut client)
+        .iter()
+        .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"down")));
+    client.send(now, server.local, b"up").expect("send");
+    transfer(now, &mut client, &mut server);
+    assert!(events(&mut server)
+        .iter()
+        .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"up")));
+}
