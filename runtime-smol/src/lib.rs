@@ -64,7 +64,9 @@
 //! cookie (a new one evicts the oldest), each given [`ServerConfig::dtls_handshake_timeout`];
 //! every other datagram is dropped before any state is kept, and counted in the `dtls_*`
 //! fields of [`RuntimeCounters`].
-//! [`ServerHandle::cut_connection`] drops a tunnel's DTLS association after a `close_notify`.
+//! At most [`ServerConfig::max_stream_connections`] associations are established at once;
+//! one beyond is closed when its handshake completes. [`ServerHandle::cut_connection`] drops a
+//! tunnel's DTLS association after a `close_notify`.
 //!
 //! A [`Tunnel`] whose server endpoint is [`Transport::DTLS`](tscf_core::wire::Transport)
 //! handshakes from a UDP socket of its own, a new one per attempt, and verifies the server as

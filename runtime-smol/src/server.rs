@@ -182,6 +182,7 @@ impl Server {
                     stopped: false,
                     armed: None,
                     counters: counters.clone(),
+                    max_dtls_associations: config.max_stream_connections.max(1),
                 }),
                 timer: Default::default(),
                 changed: Default::default(),
@@ -394,6 +395,8 @@ struct ServerCore {
     dtls: Vec<DtlsSite>,
     /// The director connection of each established DTLS association (listener, remote).
     dtls_peers: HashMap<(usize, SocketAddr), ConnectionHandle>,
+    /// Most established DTLS associations at once (`max_stream_connections`).
+    max_dtls_associations: usize,
     next_handle: u64,
     buf: Vec<u8>,
     stopped: bool,
@@ -461,6 +464,12 @@ impl ServerCore {
             while let Some(event) = self.dtls[site].endpoint.poll_event() {
                 any = true;
                 match event {
+                    DtlsEvent::HandshakeDone { peer, .. }
+                        if self.dtls_peers.len() >= self.max_dtls_associations =>
+                    {
+                        self.dtls[site].endpoint.close(now, peer);
+                        bump(&self.counters.streams_refused);
+                    }
                     DtlsEvent::HandshakeDone {
                         peer,
                         peer_certificate,

@@ -67,6 +67,8 @@ pub struct ServerConfig {
     /// Most stream connections (TCP and TLS, configured or not, handshaking included; QUIC
     /// connections too in `tscf-runtime-smol`) at once; beyond it new connections are closed
     /// at accept (default 1024). Each costs two threads here, one task in the smol runtime.
+    /// `tscf-runtime-smol` also holds at most this many established DTLS associations; one
+    /// beyond is closed when its handshake completes (counted in `streams_refused`).
     pub max_stream_connections: usize,
     /// Envelopes queued for one stream connection's writer; beyond it envelopes for that
     /// connection are dropped and counted (default 1024).
@@ -171,7 +173,8 @@ pub struct LocalAddrs {
 pub struct RuntimeCounters {
     /// Stream connections accepted.
     pub streams_accepted: u64,
-    /// Stream connections closed at accept because `max_stream_connections` were open.
+    /// Stream connections closed at accept because `max_stream_connections` were open (and
+    /// DTLS associations closed at the end of their handshake, in `tscf-runtime-smol`).
     pub streams_refused: u64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: u64,

@@ -368,3 +368,27 @@ fn dtls_verifies_the_server_by_ca_and_admits_a_client_certificate() {
     assert!(server.stats().director.refused.unauthorized >= 1);
     smol::block_on(server.shutdown());
 }
+
+#[test]
+fn dtls_associations_count_against_max_stream_connections() {
+    let mut config = server_config();
+    config.max_stream_connections = 1;
+    let server = smol::block_on(tscf_runtime_smol::Server::start(config)).unwrap();
+    let mut config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::DTLS,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        config.connect_timeout = Duration::from_millis(1500);
+        let err = Tunnel::connect(config).await.unwrap_err();
+        assert!(matches!(err, ConnectError::TimedOut { .. }), "{err}");
+        let stats = server.stats();
+        assert_eq!(stats.dtls_associations, 1);
+        assert!(stats.runtime.streams_refused >= 1, "{:?}", stats.runtime);
+        assert_eq!(a.state(), ClientState::Connected);
+        a.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
