@@ -392,3 +392,25 @@ fn dtls_associations_count_against_max_stream_connections() {
     });
     smol::block_on(server.shutdown());
 }
+
+#[test]
+fn dtls_server_shutdown_notifies_tunnels() {
+    let server = smol_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::DTLS,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config).await;
+        server.shutdown().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "no TunnelClosed");
+            match a.notifications().recv().await.unwrap() {
+                Notification::TunnelClosed { .. } => break,
+                _ => continue,
+            }
+        }
+    });
+}
