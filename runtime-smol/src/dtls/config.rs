@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{
     ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
     RustlsVerifierAdapter, VerifyPeerCertificateFn,
@@ -59,9 +60,19 @@ pub(crate) enum PeerCheck {
     Insecure,
 }
 
+/// ECDHE with an AEAD only (no CBC, no CCM-8, no pre-shared keys), for ECDSA and RSA
+/// certificates.
+const CIPHER_SUITES: [CipherSuiteId; 4] = [
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_ChaCha20_Poly1305_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Rsa_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Rsa_With_ChaCha20_Poly1305_Sha256,
+];
+
 fn builder() -> ConfigBuilder {
     ConfigBuilder::default()
         .with_crypto_provider(provider())
+        .with_cipher_suites(CIPHER_SUITES.to_vec())
         .with_extended_master_secret(ExtendedMasterSecretType::Require)
         .with_rustls_verifier_adapter(RustlsVerifierAdapter::ring())
 }
