@@ -273,6 +273,25 @@ impl Tunnel {
         lock(&self.shared.state).peer_blocked = blocked;
     }
 
+    /// Test hook: forgets the DTLS association with the server without telling it, as a
+    /// client whose DTLS state is lost would, and reports the transport lost (the client then
+    /// re-attaches). False if the transport is not DTLS.
+    #[doc(hidden)]
+    pub fn drop_dtls_association(&self) -> bool {
+        let mut core = lock(&self.shared.state);
+        let Link::Dtls(link) = &core.link else {
+            return false;
+        };
+        let server = link.server;
+        core.link = Link::None;
+        core.generation += 1;
+        core.last_failure = Some(format!("{server} (DTLS): association dropped"));
+        core.client.handle_transport_lost(Instant::now());
+        core.drain();
+        self.shared.rearm(&mut core);
+        true
+    }
+
     /// Releases the tunnel, waits up to a second for the server's answer, and stops the tasks.
     pub async fn close(mut self) {
         self.release();

@@ -414,3 +414,46 @@ fn dtls_server_shutdown_notifies_tunnels() {
         }
     });
 }
+
+#[test]
+fn a_client_that_loses_its_dtls_association_reattaches() {
+    let server = smol_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::DTLS,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        let id = a.tunnel_id().unwrap();
+        assert!(a.drop_dtls_association());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut notes = Vec::new();
+        while !notes
+            .iter()
+            .any(|n| matches!(n, Notification::Reattached(_)))
+        {
+            assert!(Instant::now() < deadline, "no re-attach: {notes:?}");
+            if let Ok(n) = a.notifications().recv().await {
+                notes.push(n);
+            }
+        }
+        assert_eq!(a.tunnel_id(), Some(id), "same tunnel id");
+        // The server moved the tunnel to the new association and let the stale one go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.stats().dtls_associations != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{} associations",
+                server.stats().dtls_associations
+            );
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+        let got = smol_flow(&b, &a, 20, false).await;
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
