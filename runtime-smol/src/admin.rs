@@ -93,6 +93,8 @@ fn snapshot(server: &ServerHandle) -> Value {
             "tcp": addrs.tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "tls": addrs.tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "udp": addrs.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "quic": addrs.quic.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "dtls": addrs.dtls.iter().map(ToString::to_string).collect::<Vec<_>>(),
         },
         "tls_fingerprint": server.tls_fingerprint().map(|f| f.to_string()),
         "tunnels": tunnels,
@@ -122,6 +124,15 @@ fn snapshot(server: &ServerHandle) -> Value {
             "framing_errors": r.framing_errors,
             "stun_answered": r.stun_answered,
             "udp_dropped": r.udp_dropped,
+            "quic_handshake_failures": r.quic_handshake_failures,
+            "dtls_associations": stats.dtls_associations,
+            "dtls_half_open": stats.dtls_half_open,
+            "dtls_handshakes": r.dtls_handshakes,
+            "dtls_handshake_failures": r.dtls_handshake_failures,
+            "dtls_unknown_source": r.dtls_unknown_source,
+            "dtls_bad_records": r.dtls_bad_records,
+            "dtls_half_open_evicted": r.dtls_half_open_evicted,
+            "dtls_hello_verify_sent": r.dtls_hello_verify_sent,
         },
     })
 }
@@ -141,7 +152,7 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
     }
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!("tscf server {}", value["state"].as_str().unwrap_or("?"));
-    for kind in ["tcp", "tls", "udp"] {
+    for kind in ["tcp", "tls", "udp", "quic", "dtls"] {
         for a in value["listeners"][kind].as_array().into_iter().flatten() {
             println!("  {kind} {}", a.as_str().unwrap_or("?"));
         }
@@ -173,6 +184,22 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
         n(&d["frames_relayed"]),
         n(&d["bytes_relayed"]),
     );
+    let r = &value["runtime"];
+    if !value["listeners"]["dtls"]
+        .as_array()
+        .is_none_or(|a| a.is_empty())
+    {
+        println!(
+            "dtls: {} associations, {} half-open; dropped: {} unknown source, {} bad records, \
+             {} failed handshakes, {} evicted half-open",
+            n(&r["dtls_associations"]),
+            n(&r["dtls_half_open"]),
+            n(&r["dtls_unknown_source"]),
+            n(&r["dtls_bad_records"]),
+            n(&r["dtls_handshake_failures"]),
+            n(&r["dtls_half_open_evicted"]),
+        );
+    }
     ExitCode::SUCCESS
 }
 

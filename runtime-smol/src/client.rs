@@ -29,7 +29,7 @@ pub(crate) struct ClientArgs {
     #[arg(long, value_enum, default_value_t = TransportArg::Udp)]
     transport: TransportArg,
     /// The SHA-256 fingerprint of the server's TLS certificate (64 hex digits), as
-    /// `tscf server` prints it.
+    /// `tscf server` prints it (for --transport tls or dtls).
     #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
     fingerprint: Option<String>,
     /// Accept any TLS certificate: anyone on the path can read and change the traffic.
@@ -71,6 +71,8 @@ enum TransportArg {
     Tcp,
     Tls,
     Udp,
+    /// DTLS 1.2 over UDP, verified by --fingerprint like TLS.
+    Dtls,
 }
 
 /// The peer transports `tscf client` can offer (DTLS will join them).
@@ -218,29 +220,32 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
         TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
         TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
         TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
+        TransportArg::Dtls => (Transport::DTLS, "127.0.0.1:4445"),
     };
     let addr = match args.server {
         Some(a) => a,
         None => default.parse().map_err(|_| "bad default address")?,
     };
     let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
-    if transport == Transport::TLS {
+    if transport == Transport::TLS || transport == Transport::DTLS {
         let verification = match (&args.fingerprint, args.insecure) {
             (Some(hex), _) => ServerVerification::Pinned(
                 Fingerprint::from_hex(hex).map_err(|e| format!("--fingerprint: {e}"))?,
             ),
             (None, true) => ServerVerification::Insecure,
             (None, false) => {
-                return Err("TLS needs --fingerprint HEX (as tscf server prints it) \
-                            or --insecure"
-                    .into())
+                return Err(
+                    "TLS and DTLS need --fingerprint HEX (as tscf server prints \
+                            it) or --insecure"
+                        .into(),
+                )
             }
         };
         let mut tls = ClientTlsConfig::pinned(Fingerprint([0; 32]));
         tls.verification = verification;
         config.tls = Some(tls);
     } else if args.fingerprint.is_some() || args.insecure {
-        return Err("--fingerprint and --insecure are for --transport tls".into());
+        return Err("--fingerprint and --insecure are for --transport tls or dtls".into());
     }
     if let Some(peer) = &mut config.client.peer {
         peer.transport = args.peer_transport.transport();

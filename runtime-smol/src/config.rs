@@ -6,6 +6,7 @@
 //! tls = ["127.0.0.1:4443"]          # TLS listeners
 //! udp = ["127.0.0.1:4440"]          # UDP listeners (tscf and STUN)
 //! quic = ["127.0.0.1:4444"]         # QUIC listeners (UDP; the TLS identity, ALPN "tscf")
+//! dtls = ["127.0.0.1:4445"]         # DTLS 1.2 listeners (UDP; the TLS identity)
 //! ipv4_pool = "10.77.0.0/16"        # internal IPv4 addresses ("" for none)
 //! ipv6_pool = "fd77::/48"           # internal IPv6 addresses ("" for none)
 //! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
@@ -31,6 +32,7 @@ tcp = ["127.0.0.1:4440"]
 tls = ["127.0.0.1:4443"]
 udp = ["127.0.0.1:4440"]
 quic = ["127.0.0.1:4444"]
+dtls = ["127.0.0.1:4445"]
 ipv4_pool = "10.77.0.0/16"
 ipv6_pool = "fd77::/48"
 peer_tunneling = true
@@ -51,6 +53,8 @@ pub(crate) struct ServerFile {
     udp: Vec<SocketAddr>,
     #[serde(default)]
     quic: Vec<SocketAddr>,
+    #[serde(default)]
+    dtls: Vec<SocketAddr>,
     ipv4_pool: Option<Pool<Ipv4Addr>>,
     ipv6_pool: Option<Pool<Ipv6Addr>>,
     peer_tunneling: Option<bool>,
@@ -119,6 +123,7 @@ impl ServerFile {
             tls: self.tls,
             udp: self.udp,
             quic: self.quic,
+            dtls: self.dtls,
             ..ServerConfig::default()
         };
         if let Some(Pool(p)) = self.ipv4_pool {
@@ -136,7 +141,9 @@ impl ServerFile {
             .map(String::into_bytes)
             .collect();
         let identity = match self.tls_identity {
-            None if config.tls.is_empty() && config.quic.is_empty() => None,
+            None if config.tls.is_empty() && config.quic.is_empty() && config.dtls.is_empty() => {
+                None
+            }
             None => Some(ServerIdentity::SelfSigned {
                 names: vec!["127.0.0.1".into(), "localhost".into()],
             }),
@@ -176,15 +183,14 @@ mod tests {
         let c = ServerFile::default_config()
             .and_then(ServerFile::into_server_config)
             .expect("default parses");
-        assert_eq!(c.tcp, vec!["127.0.0.1:4440".parse().expect("addr")]);
-        assert_eq!(c.quic, vec!["127.0.0.1:4444".parse().expect("addr")]);
+        let addr = |text: &str| text.parse::<SocketAddr>().expect("addr");
+        assert_eq!(c.tcp, vec![addr("127.0.0.1:4440")]);
+        assert_eq!(c.quic, vec![addr("127.0.0.1:4444")]);
+        assert_eq!(c.dtls, vec![addr("127.0.0.1:4445")]);
         assert!(c.director.peer_tunneling);
         assert!(c.tls_config.is_some());
         let f = ServerFile::default_config().expect("default parses");
-        assert_eq!(
-            f.admin_addr(),
-            Ok(Some("127.0.0.1:4449".parse().expect("addr")))
-        );
+        assert_eq!(f.admin_addr(), Ok(Some(addr("127.0.0.1:4449"))));
     }
 
     #[test]

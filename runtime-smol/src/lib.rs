@@ -1,7 +1,6 @@
 //! Async runtime for tscf on [smol](https://docs.rs/smol): drives the sans-IO state machines
-//! of [`tscf_core`] over async sockets (TCP, TLS, UDP, QUIC). It owns sockets, TLS and QUIC
-//! sessions, timers
-//! and tasks; every protocol decision stays in the core.
+//! of [`tscf_core`] over async sockets (TCP, TLS, UDP, QUIC, DTLS). It owns sockets, TLS,
+//! QUIC and DTLS sessions, timers and tasks; every protocol decision stays in the core.
 //!
 //! It offers the same nouns and names as `tscf-runtime-std`, so an embedder switches runtime
 //! by changing an import (and adding `.await`):
@@ -32,8 +31,7 @@
 //! connection is closed at the director's `pending_timeout`.
 //!
 //! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
-//! threads. DTLS is not in this runtime yet: a [`Tunnel`] reports it as a failed attempt and a
-//! [`ServerConfig`] has no listeners for it.
+//! threads.
 //!
 //! # QUIC
 //!
@@ -64,6 +62,30 @@
 //! and the initiator pins the destination's certificate. Envelopes travel as QUIC datagrams
 //! (ALPN `tscf-peer`). DTLS peer sessions are not offered yet (refused at connect).
 //!
+//! # DTLS
+//!
+//! [`ServerConfig::dtls`] lists DTLS 1.2 listeners (rtc-dtls, sans-IO, with ring). They
+//! present the certificate of [`ServerConfig::tls_config`] (the same one as TLS and QUIC, so
+//! one fingerprint pins all three) and, with a client CA, ask for a client certificate and
+//! verify it if given. Each DTLS association is one director connection of transport DTLS,
+//! and each application data record carries exactly one envelope (`docs/PROTOCOL.md` §2).
+//! A listener answers a ClientHello without a cookie statelessly (RFC 6347 §4.2.1, an HMAC
+//! cookie of its own) and keeps state only for associations it has and for at most
+//! [`ServerConfig::dtls_max_half_open`] handshakes in progress of clients that returned a
+//! cookie (a new one evicts the oldest), each given [`ServerConfig::dtls_handshake_timeout`];
+//! every other datagram is dropped before any state is kept, and counted in the `dtls_*`
+//! fields of [`RuntimeCounters`].
+//! At most [`ServerConfig::max_stream_connections`] associations are established at once;
+//! one beyond is closed when its handshake completes. [`ServerHandle::cut_connection`] drops a
+//! tunnel's DTLS association after a `close_notify`.
+//!
+//! A [`Tunnel`] whose server endpoint is [`Transport::DTLS`](tscf_core::wire::Transport)
+//! handshakes from a UDP socket of its own, a new one per attempt, and verifies the server as
+//! its [`ClientTlsConfig`] says: a pinned fingerprint, a CA file and the server name, or
+//! (with a warning) not at all; a client certificate is presented if configured. A
+//! `close_notify` from the server, or a failed send, is a lost transport: the client
+//! re-attaches as over QUIC.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -93,6 +115,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod dtls;
 mod peer_session;
 mod quic;
 mod server;

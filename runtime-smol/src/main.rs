@@ -3,7 +3,8 @@
 //! `tscf server` runs a tunnel server on the smol runtime. Without `--config` it uses the
 //! embedded default configuration ([`config::DEFAULT`]): loopback listeners for TCP
 //! (127.0.0.1:4440), TLS with a self-signed certificate (127.0.0.1:4443), UDP
-//! (127.0.0.1:4440) and QUIC with the same certificate (127.0.0.1:4444/UDP), the pools `10.77.0.0/16` and `fd77::/48`, peer tunneling on. It prints
+//! (127.0.0.1:4440), and QUIC (127.0.0.1:4444/UDP) and DTLS (127.0.0.1:4445/UDP) with the same
+//! certificate, the pools `10.77.0.0/16` and `fd77::/48`, peer tunneling on. It prints
 //! its listening addresses and the TLS fingerprint clients pin. Logging goes to standard
 //! error, filtered by `RUST_LOG` (nothing below warnings by default).
 //!
@@ -52,7 +53,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a tunnel server (TCP, TLS, UDP and QUIC listeners).
+    /// Run a tunnel server (TCP, TLS, UDP, QUIC and DTLS listeners).
     Server {
         /// A TOML configuration file; without it the embedded default configuration is used.
         #[arg(long, value_name = "FILE")]
@@ -173,6 +174,9 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
         }
         for a in &addrs.quic {
             println!("  quic {a}");
+        }
+        for a in &addrs.dtls {
+            println!("  dtls {a}");
         }
         if let Some(f) = handle.tls_fingerprint() {
             println!("  tls fingerprint {f}");

@@ -2,8 +2,10 @@
 //! driven by smol tasks.
 //!
 //! Tasks: one acceptor per TCP, TLS or QUIC listener, one per stream or QUIC connection (it
-//! handshakes, then reads and writes), one per UDP listener (tscf and STUN), and one timer task.
-//! quinn runs each QUIC endpoint's own driver task.
+//! handshakes, then reads and writes), one per UDP listener (tscf and STUN), one per DTLS
+//! listener, and one timer task. quinn runs each QUIC endpoint's own driver task. The DTLS
+//! associations of a listener live in a [`DtlsEndpoint`] beside the director, behind the same
+//! lock; the timer task drives both.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -21,11 +23,12 @@ use tscf_core::director::{
 };
 use tscf_core::stun;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::tls::{self, Fingerprint};
+use tscf_runtime_std::tls::{self, Fingerprint, TlsConfigError};
 use tscf_runtime_std::{
     os_seed, LocalAddrs, RuntimeCounters, ServerConfig, ServerStats, StartError,
 };
 
+use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::lock;
 use crate::quic::{self, Side};
 use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
@@ -48,6 +51,7 @@ impl Server {
             .chain(&config.tls)
             .chain(&config.udp)
             .chain(&config.quic)
+            .chain(&config.dtls)
             .copied()
             .collect();
         if all.is_empty() {
@@ -58,14 +62,29 @@ impl Server {
         if !config.keep_seed {
             config.director.rng_seed = os_seed().map_err(StartError::Randomness)?;
         }
-        let needs_tls = !config.tls.is_empty() || !config.quic.is_empty();
-        let (acceptor, fingerprint) = match (&config.tls_config, needs_tls) {
+        let needs_tls =
+            !config.tls.is_empty() || !config.quic.is_empty() || !config.dtls.is_empty();
+        let (acceptor, fingerprint, dtls_config) = match (&config.tls_config, needs_tls) {
             (Some(t), _) => {
-                let (c, f) = tls::server_config(t)?;
-                (Some(c), Some(f))
+                let identity = tls::load_identity(&t.identity)?;
+                let fingerprint = identity.fingerprint;
+                let dtls_config = if config.dtls.is_empty() {
+                    None
+                } else {
+                    let cert = dtls::certificate(identity.chain.clone(), &identity.key)
+                        .map_err(|e| TlsConfigError::Dtls(e.to_string()))?;
+                    let client_roots = t.client_ca.as_deref().map(tls::load_roots).transpose()?;
+                    let check = match client_roots {
+                        Some(roots) => dtls::ClientCheck::Roots(roots),
+                        None => dtls::ClientCheck::None,
+                    };
+                    Some((cert, check))
+                };
+                let c = tls::server_config_with(t, identity)?;
+                (Some(c), Some(fingerprint), dtls_config)
             }
             (None, true) => return Err(StartError::MissingTls),
-            (None, false) => (None, None),
+            (None, false) => (None, None, None),
         };
         let bind_tcp = |addr: &SocketAddr| {
             Async::<TcpListener>::bind(*addr).map_err(|source| StartError::Bind {
@@ -87,6 +106,33 @@ impl Server {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let dtls_limits = DtlsLimits {
+            max_half_open: config.dtls_max_half_open.max(1),
+            handshake_timeout: config.dtls_handshake_timeout,
+        };
+        let dtls_sites: Vec<DtlsSite> = config
+            .dtls
+            .iter()
+            .map(|addr| {
+                let socket =
+                    Async::<UdpSocket>::bind(*addr).map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                let local = socket.get_ref().local_addr().map_err(StartError::Thread)?;
+                let mut endpoint = DtlsEndpoint::new(local, dtls_limits);
+                if let Some((cert, check)) = &dtls_config {
+                    let secret = os_seed().map_err(StartError::Randomness)?;
+                    let acceptor = dtls::Acceptor::new(cert.clone(), check.clone(), secret)
+                        .map_err(|e| StartError::Tls(TlsConfigError::Dtls(e.to_string())))?;
+                    endpoint.set_acceptor(Some(acceptor));
+                }
+                Ok(DtlsSite {
+                    socket: Arc::new(socket),
+                    endpoint,
+                })
+            })
+            .collect::<Result<_, StartError>>()?;
         let quic_config = match (&acceptor, config.quic.is_empty()) {
             (Some(tls), false) => Some(quic::server_config(tls)?),
             _ => None,
@@ -114,6 +160,7 @@ impl Server {
                 .iter()
                 .map(|s| s.get_ref().local_addr().map_err(StartError::Thread))
                 .collect::<Result<_, _>>()?,
+            dtls: dtls_sites.iter().map(|site| site.endpoint_addr()).collect(),
             quic: quic_endpoints
                 .iter()
                 .map(|e| e.local_addr().map_err(StartError::Thread))
@@ -121,17 +168,21 @@ impl Server {
         };
         let counters = Arc::new(Counters::default());
         let director = SessionDirector::new(config.director.clone())?;
+        let dtls_sockets: Vec<_> = dtls_sites.iter().map(|s| s.socket.clone()).collect();
         let inner = Arc::new(ServerInner {
             shared: Shared {
                 state: Mutex::new(ServerCore {
                     director,
                     routes: HashMap::new(),
                     udp_peers: HashMap::new(),
+                    dtls: dtls_sites,
+                    dtls_peers: HashMap::new(),
                     next_handle: 0,
                     buf: Vec::new(),
                     stopped: false,
                     armed: None,
                     counters: counters.clone(),
+                    max_dtls_associations: config.max_stream_connections.max(1),
                 }),
                 timer: Default::default(),
                 changed: Default::default(),
@@ -160,6 +211,9 @@ impl Server {
         for endpoint in &quic_endpoints {
             tasks.push(smol::spawn(inner.clone().accept_quic(endpoint.clone())));
         }
+        for (site, socket) in dtls_sockets.into_iter().enumerate() {
+            tasks.push(smol::spawn(inner.clone().run_dtls(site, socket)));
+        }
         Ok(ServerHandle {
             inner,
             addrs,
@@ -187,8 +241,8 @@ impl ServerHandle {
         &self.addrs
     }
 
-    /// The SHA-256 fingerprint of the TLS certificate, which QUIC listeners present too (for
-    /// clients that pin it).
+    /// The SHA-256 fingerprint of the TLS certificate, which QUIC and DTLS listeners present
+    /// too (for clients that pin it).
     pub fn tls_fingerprint(&self) -> Option<Fingerprint> {
         self.fingerprint
     }
@@ -201,6 +255,18 @@ impl ServerHandle {
         stats.runtime = self.inner.counters.snapshot();
         stats.stream_connections = self.inner.stream_count.load(Ordering::Relaxed);
         stats.udp_connections = core.udp_peers.len();
+        for site in &core.dtls {
+            let c = site.endpoint.counters();
+            let r = &mut stats.runtime;
+            r.dtls_handshakes += c.handshakes;
+            r.dtls_handshake_failures += c.handshake_failures;
+            r.dtls_unknown_source += c.unknown_source;
+            r.dtls_bad_records += c.bad_records;
+            r.dtls_half_open_evicted += c.half_open_evicted;
+            r.dtls_hello_verify_sent += c.hello_verify_sent;
+            stats.dtls_associations += site.endpoint.established();
+            stats.dtls_half_open += site.endpoint.half_open();
+        }
         stats
     }
 
@@ -209,12 +275,13 @@ impl ServerHandle {
         lock(&self.inner.shared.state).director.tunnels().collect()
     }
 
-    /// Cuts the TCP, TLS or QUIC connection that carries `tunnel_id`, as a network failure
+    /// Cuts the connection or DTLS association that carries `tunnel_id`, as a network failure
     /// would: a TCP connection ends without a TLS close_notify and without writing what is
-    /// queued, a QUIC connection is closed at once. Returns false if the tunnel is unknown, persistent, or on
-    /// UDP. For tests and operators.
+    /// queued, a QUIC connection is closed at once, a DTLS association is dropped after a
+    /// `close_notify` (so the client notices at once). Returns false if the tunnel is unknown,
+    /// persistent, or on UDP. For tests and operators.
     pub fn cut_connection(&self, tunnel_id: u64) -> bool {
-        let core = lock(&self.inner.shared.state);
+        let mut core = lock(&self.inner.shared.state);
         let connection = core
             .director
             .tunnels()
@@ -226,6 +293,17 @@ impl ServerHandle {
                 true
             }
             Some(Route::Stream { tx }) => tx.try_send(Outgoing::Abort).is_ok(),
+            Some(Route::Dtls { site, peer }) => {
+                let (site, peer) = (*site, *peer);
+                let now = Instant::now();
+                if let Some(s) = core.dtls.get_mut(site) {
+                    s.endpoint.close(now, peer);
+                }
+                core.dtls_closed(now, site, peer);
+                core.drain();
+                self.inner.shared.rearm(&mut core);
+                true
+            }
             _ => false,
         }
     }
@@ -271,9 +349,17 @@ impl ServerHandle {
                         tx.close();
                     }
                 }
-                Route::Udp { .. } => {}
+                Route::Udp { .. } | Route::Dtls { .. } => {}
             }
         }
+        let now = Instant::now();
+        let peers: Vec<(usize, SocketAddr)> = core.dtls_peers.keys().copied().collect();
+        for (site, peer) in peers {
+            if let Some(s) = core.dtls.get_mut(site) {
+                s.endpoint.close(now, peer);
+            }
+        }
+        core.flush_dtls();
         inner.shared.timer.notify(usize::MAX);
         true
     }
@@ -306,6 +392,12 @@ struct ServerCore {
     director: SessionDirector,
     routes: HashMap<ConnectionHandle, Route>,
     udp_peers: HashMap<(SocketAddr, SocketAddr), ConnectionHandle>,
+    /// The DTLS listeners and their associations.
+    dtls: Vec<DtlsSite>,
+    /// The director connection of each established DTLS association (listener, remote).
+    dtls_peers: HashMap<(usize, SocketAddr), ConnectionHandle>,
+    /// Most established DTLS associations at once (`max_stream_connections`).
+    max_dtls_associations: usize,
     next_handle: u64,
     buf: Vec<u8>,
     stopped: bool,
@@ -330,11 +422,108 @@ enum Route {
         local: SocketAddr,
         peer: SocketAddr,
     },
+    /// A DTLS association: listener `site` of [`ServerCore::dtls`] and the remote.
+    Dtls { site: usize, peer: SocketAddr },
+}
+
+/// A DTLS listener: its socket and the associations on it.
+#[derive(Debug)]
+struct DtlsSite {
+    socket: Arc<Async<UdpSocket>>,
+    endpoint: DtlsEndpoint,
+}
+
+impl DtlsSite {
+    fn endpoint_addr(&self) -> SocketAddr {
+        self.socket
+            .get_ref()
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
 }
 
 impl ServerCore {
-    /// Drains the director after an input: transmits to their connections, then events.
+    /// Drains the director and the DTLS listeners after an input, until neither has more to
+    /// say: DTLS events into the director, director transmits to their connections, director
+    /// events; then the DTLS datagrams to their sockets.
     fn drain(&mut self) {
+        loop {
+            self.drain_director();
+            // A send to an association that failed reports it as closed: loop until quiet.
+            if !self.dtls_events() {
+                break;
+            }
+        }
+        self.flush_dtls();
+    }
+
+    /// Feeds the director what the DTLS listeners report; false if they reported nothing.
+    fn dtls_events(&mut self) -> bool {
+        let mut any = false;
+        let now = Instant::now();
+        for site in 0..self.dtls.len() {
+            while let Some(event) = self.dtls[site].endpoint.poll_event() {
+                any = true;
+                match event {
+                    DtlsEvent::HandshakeDone { peer, .. }
+                        if self.dtls_peers.len() >= self.max_dtls_associations =>
+                    {
+                        self.dtls[site].endpoint.close(now, peer);
+                        bump(&self.counters.streams_refused);
+                    }
+                    DtlsEvent::HandshakeDone {
+                        peer,
+                        peer_certificate,
+                    } => {
+                        let handle = self.handle();
+                        self.dtls_peers.insert((site, peer), handle);
+                        self.routes.insert(handle, Route::Dtls { site, peer });
+                        let info = ConnectionInfo {
+                            transport: Transport::DTLS,
+                            remote: peer,
+                            verified_identity: peer_certificate.is_some(),
+                        };
+                        // Handles are fresh, so the director cannot know this one.
+                        let _ = self.director.handle_connect(now, handle, info);
+                    }
+                    DtlsEvent::Data { peer, payload } => match self.dtls_peers.get(&(site, peer)) {
+                        Some(handle) => {
+                            let handle = *handle;
+                            self.director.handle_datagram(now, handle, &payload);
+                        }
+                        None => bump(&self.counters.udp_dropped),
+                    },
+                    DtlsEvent::Closed { peer } => self.dtls_closed(now, site, peer),
+                    DtlsEvent::HandshakeFailed { peer, reason } => {
+                        tracing::debug!(%peer, %reason, "DTLS handshake failed");
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Tells the director that the association with `peer` on listener `site` is gone.
+    fn dtls_closed(&mut self, now: Instant, site: usize, peer: SocketAddr) {
+        if let Some(handle) = self.dtls_peers.remove(&(site, peer)) {
+            self.routes.remove(&handle);
+            self.director.handle_disconnect(now, handle);
+        }
+    }
+
+    /// Sends what the DTLS listeners queued (non-blocking sends).
+    fn flush_dtls(&mut self) {
+        for site in &mut self.dtls {
+            while let Some((to, datagram)) = site.endpoint.poll_transmit() {
+                if site.socket.get_ref().send_to(&datagram, to).is_err() {
+                    bump(&self.counters.udp_send_errors);
+                }
+            }
+        }
+    }
+
+    /// Drains the director: transmits to their connections, then events.
+    fn drain_director(&mut self) {
         while let Some(t) = self.director.poll_transmit(&mut self.buf) {
             match self.routes.get(&t.connection) {
                 Some(Route::Stream { tx }) => {
@@ -347,6 +536,13 @@ impl ServerCore {
                     if socket.get_ref().send_to(&self.buf, *peer).is_err() =>
                 {
                     bump(&self.counters.udp_send_errors);
+                }
+                Some(Route::Dtls { site, peer }) => {
+                    let (site, peer) = (*site, *peer);
+                    if let Some(s) = self.dtls.get_mut(site) {
+                        // A failed send drops the association and reports it as closed.
+                        let _ = s.endpoint.send(Instant::now(), peer, &self.buf);
+                    }
                 }
                 Some(Route::Quic { conn, tx }) => {
                     if quic::try_send_datagram(conn, &self.buf) {
@@ -373,6 +569,12 @@ impl ServerCore {
                     Some(Route::Udp { local, peer, .. }) => {
                         self.udp_peers.remove(&(local, peer));
                     }
+                    Some(Route::Dtls { site, peer }) => {
+                        self.dtls_peers.remove(&(site, peer));
+                        if let Some(s) = self.dtls.get_mut(site) {
+                            s.endpoint.close(Instant::now(), peer);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -387,11 +589,15 @@ impl ServerCore {
 
 impl Timed for ServerCore {
     fn deadline(&self) -> Option<Instant> {
-        self.director.poll_timeout()
+        let dtls = self.dtls.iter().filter_map(|s| s.endpoint.poll_timeout());
+        self.director.poll_timeout().into_iter().chain(dtls).min()
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.director.handle_timeout(now);
+        for site in &mut self.dtls {
+            site.endpoint.handle_timeout(now);
+        }
         self.drain();
     }
 
@@ -713,6 +919,28 @@ impl ServerInner {
                 }
                 _ => bump(&self.counters.udp_dropped),
             }
+        }
+    }
+}
+
+impl ServerInner {
+    /// The task of DTLS listener `site`: every datagram goes to its endpoint, under the lock.
+    async fn run_dtls(self: Arc<Self>, site: usize, socket: Arc<Async<UdpSocket>>) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                continue;
+            };
+            let mut core = lock(&self.shared.state);
+            if core.stopped {
+                continue;
+            }
+            let Some(s) = core.dtls.get_mut(site) else {
+                return;
+            };
+            s.endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
+            core.drain();
+            self.shared.rearm(&mut core);
         }
     }
 }

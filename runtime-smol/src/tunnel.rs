@@ -9,7 +9,9 @@
 //! peer tunnels ([`Destination::Peer`]).
 //!
 //! A QUIC transport gets a quinn endpoint on a UDP socket of its own (a fresh one per attempt,
-//! so a re-attach comes from a new port), not the peer socket.
+//! so a re-attach comes from a new port), not the peer socket. So does a DTLS transport: a
+//! [`DtlsEndpoint`] with the one association, beside the client behind the same lock, and a
+//! task that feeds it what its socket receives.
 
 use std::collections::HashMap;
 use std::io;
@@ -29,12 +31,15 @@ use tscf_core::client::{
 };
 use tscf_core::stun;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::tls::{self, ClientTlsConfig, PeerIdentity};
+use tscf_runtime_std::tls::{
+    self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError,
+};
 use tscf_runtime_std::{
     host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
     PeerStreamListen, TunnelConfig, TunnelStats,
 };
 
+use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck};
 use crate::lock;
 use crate::peer_session::{self, PeerSessions};
 use crate::quic::{self, Side};
@@ -94,6 +99,10 @@ impl Tunnel {
             }
             None => None,
         };
+        let dtls = match &config.tls {
+            Some(t) => Some(DtlsSettings::new(t)?),
+            None => None,
+        };
         let udp = Arc::new(Async::<UdpSocket>::bind(udp_bind_addr(
             &config.client.servers,
         ))?);
@@ -144,6 +153,7 @@ impl Tunnel {
                 default_opt_in,
                 tls,
                 quic,
+                dtls,
                 transport_timeout: config.transport_timeout,
                 sockets: HashMap::new(),
                 socket_queue_len: config.socket_queue_len.max(1),
@@ -310,6 +320,25 @@ impl Tunnel {
         }
     }
 
+    /// Test hook: forgets the DTLS association with the server without telling it, as a
+    /// client whose DTLS state is lost would, and reports the transport lost (the client then
+    /// re-attaches). False if the transport is not DTLS.
+    #[doc(hidden)]
+    pub fn drop_dtls_association(&self) -> bool {
+        let mut core = lock(&self.shared.state);
+        let Link::Dtls(link) = &core.link else {
+            return false;
+        };
+        let server = link.server;
+        core.link = Link::None;
+        core.generation += 1;
+        core.last_failure = Some(format!("{server} (DTLS): association dropped"));
+        core.client.handle_transport_lost(Instant::now());
+        core.drain();
+        self.shared.rearm(&mut core);
+        true
+    }
+
     /// Releases the tunnel, waits up to a second for the server's answer, and stops the tasks.
     pub async fn close(mut self) {
         self.release();
@@ -378,6 +407,7 @@ pub(crate) struct ClientCore {
     pub(crate) default_opt_in: bool,
     tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
     quic: Option<(quinn::ClientConfig, ClientTlsConfig)>,
+    dtls: Option<DtlsSettings>,
     transport_timeout: Duration,
     pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
     socket_queue_len: usize,
@@ -401,6 +431,71 @@ enum Link {
     Udp(SocketAddr),
     /// A QUIC connection and its task's queue (for the stream); `None` while it connects.
     Quic(Option<(quinn::Connection, OutgoingQueue)>),
+    /// A DTLS association on a socket of its own.
+    Dtls(Box<DtlsLink>),
+}
+
+/// The DTLS transport to the server.
+#[derive(Debug)]
+struct DtlsLink {
+    endpoint: DtlsEndpoint,
+    socket: Arc<Async<UdpSocket>>,
+    server: SocketAddr,
+}
+
+/// How DTLS transports check the server, and the client certificate they present.
+#[derive(Debug)]
+struct DtlsSettings {
+    verification: ServerVerification,
+    roots: Option<rustls::RootCertStore>,
+    server_name: Option<String>,
+    certificate: Option<rtc_dtls::crypto::Certificate>,
+}
+
+impl DtlsSettings {
+    fn new(config: &ClientTlsConfig) -> Result<Self, TlsConfigError> {
+        let roots = match &config.verification {
+            ServerVerification::CaFile(path) => Some(tls::load_roots(path)?),
+            _ => None,
+        };
+        let certificate = match &config.client_identity {
+            Some((cert, key)) => {
+                let (chain, key) = tls::load_pem_identity(cert, key)?;
+                Some(
+                    dtls::certificate(chain, &key)
+                        .map_err(|e| TlsConfigError::Dtls(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            verification: config.verification.clone(),
+            roots,
+            server_name: config.server_name.clone(),
+            certificate,
+        })
+    }
+
+    fn handshake_config(
+        &self,
+        server: SocketAddr,
+    ) -> Result<Arc<rtc_dtls::config::HandshakeConfig>, String> {
+        let check = match (&self.verification, &self.roots) {
+            (ServerVerification::Pinned(fingerprint), _) => PeerCheck::Pinned(*fingerprint),
+            (ServerVerification::CaFile(_), Some(roots)) => PeerCheck::Roots {
+                roots: roots.clone(),
+                name: self
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| server.ip().to_string()),
+            },
+            _ => {
+                tracing::warn!(%server, "DTLS server certificate is not verified");
+                PeerCheck::Insecure
+            }
+        };
+        dtls::client_config(server, check, self.certificate.clone()).map_err(|e| e.to_string())
+    }
 }
 
 impl ClientCore {
@@ -428,10 +523,12 @@ impl ClientCore {
                     _ => {}
                 }
             }
-            let Some(event) = self.client.poll_event() else {
+            self.flush_dtls();
+            if let Some(event) = self.client.poll_event() {
+                self.on_event(now, event);
+            } else if !self.dtls_events(now) {
                 break;
-            };
-            self.on_event(now, event);
+            }
         }
         while self.client.recv_ip(&mut self.packet) {
             let packet = std::mem::take(&mut self.packet);
@@ -529,6 +626,11 @@ impl ClientCore {
                 };
                 smol::spawn(stream.run()).detach();
             }
+            Transport::DTLS => {
+                if let Err(why) = self.open_dtls(now, server.addr) {
+                    self.failed(now, format!("{} (DTLS): {why}", server.addr));
+                }
+            }
             Transport::QUIC => {
                 let Some((config, settings)) = &self.quic else {
                     return self.failed(now, format!("{}: no TLS settings", server.addr));
@@ -558,6 +660,84 @@ impl ClientCore {
         }
     }
 
+    /// Starts a DTLS handshake with `server` from a socket of its own, and the task that
+    /// reads that socket.
+    fn open_dtls(&mut self, now: Instant, server: SocketAddr) -> Result<(), String> {
+        let config = match &self.dtls {
+            Some(settings) => settings.handshake_config(server)?,
+            None => return Err("no TLS settings".to_owned()),
+        };
+        let bind = match server {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let socket = Async::<UdpSocket>::bind(bind).map_err(|e| e.to_string())?;
+        let local = socket.get_ref().local_addr().map_err(|e| e.to_string())?;
+        let limits = DtlsLimits {
+            max_half_open: 1,
+            handshake_timeout: self.transport_timeout,
+        };
+        let mut endpoint = DtlsEndpoint::new(local, limits);
+        endpoint
+            .connect(now, server, config)
+            .map_err(|e| e.to_string())?;
+        let socket = Arc::new(socket);
+        let Some(shared) = self.me.upgrade() else {
+            return Ok(());
+        };
+        self.link = Link::Dtls(Box::new(DtlsLink {
+            endpoint,
+            socket: socket.clone(),
+            server,
+        }));
+        let generation = self.generation;
+        smol::spawn(async move { run_dtls(&shared, generation, &socket).await }).detach();
+        Ok(())
+    }
+
+    /// Acts on what the DTLS transport reports; false if it reported nothing.
+    fn dtls_events(&mut self, now: Instant) -> bool {
+        let Link::Dtls(link) = &mut self.link else {
+            return false;
+        };
+        let server = link.server;
+        let events: Vec<DtlsEvent> = std::iter::from_fn(|| link.endpoint.poll_event()).collect();
+        let any = !events.is_empty();
+        for event in events {
+            if !matches!(self.link, Link::Dtls(_)) {
+                break;
+            }
+            match event {
+                DtlsEvent::HandshakeDone { .. } => self.client.handle_transport_open(now),
+                DtlsEvent::Data { payload, .. } => {
+                    self.stats.dtls_records_received += 1;
+                    self.client.handle_envelope(now, &payload);
+                }
+                DtlsEvent::HandshakeFailed { reason, .. } => {
+                    self.flush_dtls();
+                    self.failed(now, format!("{server} (DTLS): {reason}"));
+                    self.generation += 1;
+                }
+                DtlsEvent::Closed { .. } => {
+                    self.link = Link::None;
+                    self.generation += 1;
+                    self.last_failure = Some(format!("{server} (DTLS): closed by the server"));
+                    self.client.handle_transport_lost(now);
+                }
+            }
+        }
+        any
+    }
+
+    /// Sends what the DTLS transport queued (non-blocking sends; loss is DTLS's to repair).
+    fn flush_dtls(&mut self) {
+        if let Link::Dtls(link) = &mut self.link {
+            while let Some((to, datagram)) = link.endpoint.poll_transmit() {
+                let _ = link.socket.get_ref().send_to(&datagram, to);
+            }
+        }
+    }
+
     fn failed(&mut self, now: Instant, why: String) {
         self.last_failure = Some(why);
         self.link = Link::None;
@@ -565,7 +745,7 @@ impl ClientCore {
     }
 
     fn send_to_server(&mut self) {
-        match &self.link {
+        match &mut self.link {
             // A failed write shows up in the stream task, which reports the loss.
             Link::Stream(Some(tx)) => {
                 let _ = tx.try_send(Outgoing::Envelope(self.buf.clone()));
@@ -580,6 +760,11 @@ impl ClientCore {
                     let _ = tx.try_send(Outgoing::Envelope(self.buf.clone()));
                 }
             }
+            // A failed send drops the association and reports it as closed.
+            Link::Dtls(link) => {
+                let sent = link.endpoint.send(Instant::now(), link.server, &self.buf);
+                self.stats.dtls_records_sent += u64::from(sent.is_ok());
+            }
             _ => {}
         }
     }
@@ -591,6 +776,12 @@ impl ClientCore {
                 if tx.try_send(Outgoing::Close).is_err() =>
             {
                 tx.close();
+            }
+            Link::Dtls(mut link) => {
+                link.endpoint.close(Instant::now(), link.server);
+                while let Some((to, datagram)) = link.endpoint.poll_transmit() {
+                    let _ = link.socket.get_ref().send_to(&datagram, to);
+                }
             }
             _ => {}
         }
@@ -631,11 +822,18 @@ impl ClientCore {
 
 impl Timed for ClientCore {
     fn deadline(&self) -> Option<Instant> {
-        self.client.poll_timeout()
+        let dtls = match &self.link {
+            Link::Dtls(link) => link.endpoint.poll_timeout(),
+            _ => None,
+        };
+        self.client.poll_timeout().into_iter().chain(dtls).min()
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.client.handle_timeout(now);
+        if let Link::Dtls(link) = &mut self.link {
+            link.endpoint.handle_timeout(now);
+        }
         self.drain();
     }
 
@@ -858,6 +1056,33 @@ pub(crate) async fn bounded<T>(
         Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
     })
     .await
+}
+
+/// The task of a DTLS transport's socket: every datagram goes to its endpoint, under the lock,
+/// until the transport of `generation` is gone.
+async fn run_dtls(shared: &Shared<ClientCore>, generation: u64, socket: &Async<UdpSocket>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = future::or(async { Some(socket.recv_from(&mut buf).await) }, async {
+            // Wake up now and then to notice a transport that was replaced without a datagram.
+            Timer::after(Duration::from_secs(1)).await;
+            None
+        })
+        .await;
+        let mut core = lock(&shared.state);
+        if core.stopped || core.generation != generation || !matches!(core.link, Link::Dtls(_)) {
+            return;
+        }
+        let Some(Ok((n, from))) = received else {
+            continue;
+        };
+        if let Link::Dtls(link) = &mut core.link {
+            link.endpoint
+                .handle_datagram(Instant::now(), from, &buf[..n]);
+        }
+        core.drain();
+        shared.rearm(&mut core);
+    }
 }
 
 /// The UDP task: envelopes from the server tunnel go to the client's server side, everything

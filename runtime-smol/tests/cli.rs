@@ -67,6 +67,7 @@ fn server_with_the_default_configuration() {
             assert!(stdout.contains("tls 127.0.0.1:4443"), "{stdout}");
             assert!(stdout.contains("udp 127.0.0.1:4440"), "{stdout}");
             assert!(stdout.contains("quic 127.0.0.1:4444"), "{stdout}");
+            assert!(stdout.contains("dtls 127.0.0.1:4445"), "{stdout}");
             assert!(stdout.contains("tls fingerprint "), "{stdout}");
         }
         Some(1) => assert!(stderr.contains("cannot listen"), "{stderr}"),
@@ -121,6 +122,9 @@ fn help_and_usage_errors() {
     assert!(text(&out.stderr).contains("--peer-transport quic"));
     let out = tscf(&["client", "--peer-transport", "dtls", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2), "not offered yet");
+    let out = tscf(&["client", "--transport", "dtls", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--fingerprint"));
     let out = tscf(&["server", "--admin", "0.0.0.0:4449", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("loopback"));
@@ -418,6 +422,38 @@ fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let out = tscf(&[&base[..], &["--fingerprint", "xyz"]].concat());
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn client_over_dtls_pins_the_fingerprint() {
+    let (mut server, printed) = spawn_server("dtls", "dtls = [\"127.0.0.1:0\"]\n", "6");
+    let dtls = address(&printed, "dtls ");
+    let fingerprint = address(&printed, "tls fingerprint ");
+    let base = [
+        "client",
+        "--transport",
+        "dtls",
+        "--server",
+        &dtls,
+        "--for",
+        "1",
+    ];
+    let out = tscf(&[&base[..], &["--fingerprint", &fingerprint]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("internal 10.77."));
+    // Another certificate's fingerprint: no tunnel, a runtime failure.
+    let wrong = "ab".repeat(32);
+    let out = tscf(
+        &[
+            &base[..],
+            &["--fingerprint", &wrong, "--connect-timeout", "1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("DTLS"), "{}", text(&out.stderr));
     server.kill().unwrap();
     server.wait().unwrap();
 }

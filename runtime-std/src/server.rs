@@ -51,11 +51,24 @@ pub struct ServerConfig {
     /// QUIC listeners (UDP), with the certificate of [`tls_config`](Self::tls_config) and ALPN
     /// `tscf`. Only `tscf-runtime-smol` runs them; this runtime refuses to start with any.
     pub quic: Vec<SocketAddr>,
-    /// Certificate, key and optional client CA of the TLS and QUIC listeners.
+    /// DTLS 1.2 listeners (UDP), with the certificate of [`tls_config`](Self::tls_config);
+    /// each DTLS record carries one envelope. Only `tscf-runtime-smol` runs them; this runtime
+    /// refuses to start with any.
+    pub dtls: Vec<SocketAddr>,
+    /// Most DTLS handshakes in progress at once on one DTLS listener (default 256); only a
+    /// client that returned the listener's stateless cookie gets one. A handshake from a new
+    /// source beyond it evicts the oldest one, counted in
+    /// [`RuntimeCounters::dtls_half_open_evicted`].
+    pub dtls_max_half_open: usize,
+    /// How long a DTLS handshake may take before its state is dropped (default 5 s).
+    pub dtls_handshake_timeout: Duration,
+    /// Certificate, key and optional client CA of the TLS, QUIC and DTLS listeners.
     pub tls_config: Option<ServerTlsConfig>,
     /// Most stream connections (TCP and TLS, configured or not, handshaking included; QUIC
     /// connections too in `tscf-runtime-smol`) at once; beyond it new connections are closed
     /// at accept (default 1024). Each costs two threads here, one task in the smol runtime.
+    /// `tscf-runtime-smol` also holds at most this many established DTLS associations; one
+    /// beyond is closed when its handshake completes (counted in `streams_refused`).
     pub max_stream_connections: usize,
     /// Envelopes queued for one stream connection's writer; beyond it envelopes for that
     /// connection are dropped and counted (default 1024).
@@ -71,6 +84,9 @@ impl Default for ServerConfig {
             tls: Vec::new(),
             udp: Vec::new(),
             quic: Vec::new(),
+            dtls: Vec::new(),
+            dtls_max_half_open: 256,
+            dtls_handshake_timeout: Duration::from_secs(5),
             tls_config: None,
             max_stream_connections: 1024,
             stream_queue_len: 1024,
@@ -110,11 +126,11 @@ pub enum StartError {
     /// The TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
-    /// TLS or QUIC listeners are configured without TLS settings.
-    #[error("TLS or QUIC listeners configured without tls_config")]
+    /// TLS, QUIC or DTLS listeners are configured without TLS settings.
+    #[error("TLS, QUIC or DTLS listeners configured without tls_config")]
     MissingTls,
-    /// The configuration asks for something this runtime does not run (QUIC listeners in
-    /// `tscf-runtime-std`).
+    /// The configuration asks for something this runtime does not run (QUIC and DTLS
+    /// listeners in `tscf-runtime-std`).
     #[error("not supported by this runtime: {0}")]
     Unsupported(&'static str),
     /// No listener is configured.
@@ -147,6 +163,8 @@ pub struct LocalAddrs {
     pub udp: Vec<SocketAddr>,
     /// QUIC listeners (UDP).
     pub quic: Vec<SocketAddr>,
+    /// DTLS listeners (UDP).
+    pub dtls: Vec<SocketAddr>,
 }
 
 /// Counters of the server runtime (the director keeps its own in [`DirectorStats`]).
@@ -155,7 +173,8 @@ pub struct LocalAddrs {
 pub struct RuntimeCounters {
     /// Stream connections accepted.
     pub streams_accepted: u64,
-    /// Stream connections closed at accept because `max_stream_connections` were open.
+    /// Stream connections closed at accept because `max_stream_connections` were open (and
+    /// DTLS associations closed at the end of their handshake, in `tscf-runtime-smol`).
     pub streams_refused: u64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: u64,
@@ -175,6 +194,21 @@ pub struct RuntimeCounters {
     pub quic_datagrams_sent: u64,
     /// QUIC datagrams received (each one envelope).
     pub quic_datagrams_received: u64,
+    /// DTLS handshakes completed.
+    pub dtls_handshakes: u64,
+    /// DTLS handshakes that failed (a bad or unverified certificate, a fatal alert, a record
+    /// the handshake could not take) or timed out; their state is dropped.
+    pub dtls_handshake_failures: u64,
+    /// Datagrams on a DTLS listener from a source with no DTLS state that are neither a
+    /// ClientHello nor one with a valid cookie: dropped before any state is kept for the source.
+    pub dtls_unknown_source: u64,
+    /// DTLS records that an association refused (malformed, or failing to authenticate once
+    /// the association is up) and application data that is not one envelope.
+    pub dtls_bad_records: u64,
+    /// Half-open DTLS handshakes evicted because `dtls_max_half_open` was reached.
+    pub dtls_half_open_evicted: u64,
+    /// HelloVerifyRequests sent, statelessly, to DTLS ClientHellos without a cookie.
+    pub dtls_hello_verify_sent: u64,
 }
 
 /// A snapshot of a running server.
@@ -189,6 +223,11 @@ pub struct ServerStats {
     pub stream_connections: usize,
     /// UDP remote addresses mapped to a director connection now.
     pub udp_connections: usize,
+    /// DTLS associations with completed handshakes now (each one director connection).
+    pub dtls_associations: usize,
+    /// DTLS handshakes in progress now, over all DTLS listeners (each bounded by
+    /// `dtls_max_half_open`).
+    pub dtls_half_open: usize,
 }
 
 /// Starts servers.
@@ -197,12 +236,17 @@ pub struct Server;
 
 impl Server {
     /// Binds every listener and starts the threads. Refuses open admission on a listener
-    /// beyond loopback ([`DirectorConfig::check_listeners`]), and QUIC listeners
+    /// beyond loopback ([`DirectorConfig::check_listeners`]), and QUIC and DTLS listeners
     /// ([`StartError::Unsupported`]).
     pub fn start(mut config: ServerConfig) -> Result<ServerHandle, StartError> {
         if !config.quic.is_empty() {
             return Err(StartError::Unsupported(
                 "QUIC listeners (use tscf-runtime-smol)",
+            ));
+        }
+        if !config.dtls.is_empty() {
+            return Err(StartError::Unsupported(
+                "DTLS listeners (use tscf-runtime-smol)",
             ));
         }
         let all: Vec<SocketAddr> = config
@@ -258,6 +302,7 @@ impl Server {
                 .map(|s| s.local_addr().map_err(StartError::Thread))
                 .collect::<Result<_, _>>()?,
             quic: Vec::new(),
+            dtls: Vec::new(),
         };
         let director = SessionDirector::new(config.director.clone())?;
         let inner = Arc::new(ServerInner {
@@ -352,6 +397,8 @@ impl ServerHandle {
             runtime: self.inner.counters.snapshot(),
             stream_connections: self.inner.stream_count.load(Ordering::Relaxed),
             udp_connections: core.udp_peers.len(),
+            dtls_associations: 0,
+            dtls_half_open: 0,
         }
     }
 

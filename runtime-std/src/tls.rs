@@ -156,6 +156,9 @@ pub enum TlsConfigError {
     /// The server name is not a valid DNS name or IP address.
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
+    /// The DTLS library refused the certificate, key or settings.
+    #[error("DTLS configuration: {0}")]
+    Dtls(String),
 }
 
 /// The ring provider; every rustls configuration here is built from it.
@@ -163,12 +166,21 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A rustls server configuration (ring provider) and the fingerprint of its certificate.
-/// Runtime-independent: `tscf-runtime-smol` builds its TLS listeners with it too.
-pub fn server_config(
-    config: &ServerTlsConfig,
-) -> Result<(Arc<rustls::ServerConfig>, Fingerprint), TlsConfigError> {
-    let (chain, key) = match &config.identity {
+/// A server's certificate chain and private key, loaded or generated once, so that every
+/// listener (TLS, QUIC, DTLS) presents the same certificate and one fingerprint pins them all.
+#[derive(Debug)]
+pub struct LoadedIdentity {
+    /// The certificate chain, end entity first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The SHA-256 fingerprint of the end-entity certificate.
+    pub fingerprint: Fingerprint,
+}
+
+/// Reads the PEM files of `identity`, or generates the self-signed certificate.
+pub fn load_identity(identity: &ServerIdentity) -> Result<LoadedIdentity, TlsConfigError> {
+    let (chain, key) = match identity {
         ServerIdentity::PemFiles { cert, key } => (read_certs(cert)?, read_key(key)?),
         ServerIdentity::SelfSigned { names } => {
             let generated = rcgen::generate_simple_self_signed(names.clone())?;
@@ -180,6 +192,42 @@ pub fn server_config(
         .first()
         .map(|c| Fingerprint::of(c))
         .ok_or_else(|| TlsConfigError::Rustls(rustls::Error::NoCertificatesPresented))?;
+    Ok(LoadedIdentity {
+        chain,
+        key,
+        fingerprint,
+    })
+}
+
+/// Reads a PEM certificate chain and a PEM private key (a client's identity for mutual TLS).
+pub fn load_pem_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
+    Ok((read_certs(cert)?, read_key(key)?))
+}
+
+/// The CA certificates of a PEM file, as a root store.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsConfigError> {
+    root_store(path)
+}
+
+/// A rustls server configuration (ring provider) and the fingerprint of its certificate.
+/// Runtime-independent: `tscf-runtime-smol` builds its TLS listeners with it too.
+pub fn server_config(
+    config: &ServerTlsConfig,
+) -> Result<(Arc<rustls::ServerConfig>, Fingerprint), TlsConfigError> {
+    let identity = load_identity(&config.identity)?;
+    let fingerprint = identity.fingerprint;
+    Ok((server_config_with(config, identity)?, fingerprint))
+}
+
+/// A rustls server configuration (ring provider) presenting an identity already loaded.
+pub fn server_config_with(
+    config: &ServerTlsConfig,
+    identity: LoadedIdentity,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let LoadedIdentity { chain, key, .. } = identity;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match &config.client_ca {
@@ -193,7 +241,7 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    Ok((Arc::new(builder.with_single_cert(chain, key)?), fingerprint))
+    Ok(Arc::new(builder.with_single_cert(chain, key)?))
 }
 
 /// A rustls client configuration (ring provider) that verifies the server as `config` says.
@@ -463,6 +511,6 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsConfigError> {
 }
 
 /// Equality whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

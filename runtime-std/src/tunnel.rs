@@ -210,6 +210,10 @@ pub struct TunnelStats {
     pub quic_datagrams_sent: u64,
     /// QUIC datagrams received from the server (`tscf-runtime-smol` only).
     pub quic_datagrams_received: u64,
+    /// Envelopes sent to the server as DTLS records (`tscf-runtime-smol` only).
+    pub dtls_records_sent: u64,
+    /// DTLS records received from the server, each one envelope (`tscf-runtime-smol` only).
+    pub dtls_records_received: u64,
     /// Notifications dropped because nobody read them.
     pub notifications_dropped: u64,
     /// QUIC peer sessions whose handshake finished (`tscf-runtime-smol` only).

@@ -7,6 +7,7 @@ mod pki;
 
 mod bad_input;
 mod cross;
+mod dtls;
 mod flow;
 mod peer;
 mod quic;

@@ -1,4 +1,4 @@
-//! Shared helpers: servers of either runtime on ephemeral loopback ports (smol also on QUIC), tunnel
+//! Shared helpers: servers of either runtime on ephemeral loopback ports (smol also on QUIC and DTLS), tunnel
 //! configurations, and 50 packet/s flows over smol and std tunnels.
 
 use std::net::SocketAddr;
@@ -23,6 +23,7 @@ pub fn server_config() -> ServerConfig {
         tls: vec![any],
         udp: vec![any],
         quic: vec![any],
+        dtls: vec![any],
         tls_config: Some(ServerTlsConfig {
             identity: ServerIdentity::SelfSigned {
                 names: vec!["127.0.0.1".into()],
@@ -39,8 +40,9 @@ pub fn smol_server() -> tscf_runtime_smol::ServerHandle {
 
 pub fn std_server() -> tscf_runtime_std::ServerHandle {
     let mut config = server_config();
-    // The blocking runtime has no QUIC listeners.
+    // The blocking runtime has no QUIC or DTLS listeners.
     config.quic.clear();
+    config.dtls.clear();
     tscf_runtime_std::Server::start(config).expect("std server")
 }
 
@@ -54,6 +56,7 @@ pub fn tunnel_config(
         Transport::TCP => addrs.tcp[0],
         Transport::TLS => addrs.tls[0],
         Transport::QUIC => addrs.quic[0],
+        Transport::DTLS => addrs.dtls[0],
         _ => addrs.udp[0],
     };
     let mut c = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);

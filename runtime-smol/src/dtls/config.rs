@@ -1,0 +1,164 @@
+//! rtc-dtls configurations: certificates, how each side checks the other.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rtc_dtls::cipher_suite::CipherSuiteId;
+use rtc_dtls::config::{
+    ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
+    RustlsVerifierAdapter, VerifyPeerCertificateFn,
+};
+use rtc_dtls::crypto::Certificate;
+use rtc_dtls::crypto_provider::providers::RingProvider;
+use rtc_dtls::crypto_provider::{RTCCryptoProvider, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+use tscf_runtime_std::tls::{constant_time_eq, Fingerprint};
+
+use super::DtlsConfigError;
+
+/// The crypto provider of every DTLS configuration here (ring).
+fn provider() -> Arc<dyn RTCCryptoProvider> {
+    Arc::new(RingProvider::new())
+}
+
+/// A DTLS certificate from a chain and a PKCS#8 key (rtc-dtls imports PKCS#8 only).
+pub(crate) fn certificate(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<Certificate, DtlsConfigError> {
+    let PrivateKeyDer::Pkcs8(key) = key else {
+        return Err(DtlsConfigError(
+            "the private key must be PKCS#8 for DTLS".to_owned(),
+        ));
+    };
+    let provider = provider();
+    let signing_key = [
+        SignatureScheme::EcdsaP256Sha256,
+        SignatureScheme::EcdsaP384Sha384,
+        SignatureScheme::Ed25519,
+        SignatureScheme::RsaPkcs1Sha256,
+    ]
+    .into_iter()
+    .find_map(|scheme| {
+        provider
+            .crypto()
+            .import_signing_key(scheme, key.secret_pkcs8_der())
+            .ok()
+    })
+    .ok_or_else(|| DtlsConfigError("unsupported private key type".to_owned()))?;
+    Ok(Certificate::from_signing_key(chain, signing_key))
+}
+
+/// How a DTLS client checks the server's certificate.
+pub(crate) enum PeerCheck {
+    /// The end-entity certificate has this SHA-256 fingerprint.
+    Pinned(Fingerprint),
+    /// The chain verifies against these roots for this name (a DNS name or an IP address).
+    Roots { roots: RootCertStore, name: String },
+    /// Anything (the handshake signature is still verified).
+    Insecure,
+}
+
+/// ECDHE with an AEAD only (no CBC, no CCM-8, no pre-shared keys), for ECDSA and RSA
+/// certificates.
+const CIPHER_SUITES: [CipherSuiteId; 4] = [
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_ChaCha20_Poly1305_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Rsa_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Rsa_With_ChaCha20_Poly1305_Sha256,
+];
+
+fn builder() -> ConfigBuilder {
+    ConfigBuilder::default()
+        .with_crypto_provider(provider())
+        .with_cipher_suites(CIPHER_SUITES.to_vec())
+        .with_extended_master_secret(ExtendedMasterSecretType::Require)
+        .with_rustls_verifier_adapter(RustlsVerifierAdapter::ring())
+}
+
+fn pin(fingerprint: Fingerprint) -> VerifyPeerCertificateFn {
+    Arc::new(move |certs: &[Vec<u8>], _| {
+        let matches = certs
+            .first()
+            .is_some_and(|c| constant_time_eq(&Fingerprint::of(c).0, &fingerprint.0));
+        if matches {
+            Ok(())
+        } else {
+            Err(rtc_shared::error::Error::Other(
+                "certificate fingerprint does not match the pinned one".to_owned(),
+            ))
+        }
+    })
+}
+
+/// How a DTLS server checks the client's certificate.
+#[derive(Clone)]
+pub(crate) enum ClientCheck {
+    /// It asks for none.
+    None,
+    /// It asks for one and, if given, verifies it against these roots (mutual TLS).
+    Roots(RootCertStore),
+    /// It requires one with this SHA-256 fingerprint (a peer tunnel's other end).
+    #[allow(dead_code)] // For peer tunnels; exercised by the tests.
+    Pinned(Fingerprint),
+}
+
+/// A server-role configuration presenting `certificate` and checking the client as `check`
+/// says (for [`DtlsEndpoint::authorise`]; a listener uses an [`Acceptor`]).
+#[allow(dead_code)] // For peer tunnels; exercised by the tests.
+pub(crate) fn server_config(
+    certificate: Certificate,
+    check: ClientCheck,
+) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
+    server_builder(certificate, check)
+        .build(false, None)
+        .map(Arc::new)
+        .map_err(|e| DtlsConfigError(e.to_string()))
+}
+
+pub(super) fn server_builder(certificate: Certificate, check: ClientCheck) -> ConfigBuilder {
+    // Server certificates are for clients to verify; skipping it here skips building a
+    // verifier the server never uses.
+    let mut builder = builder()
+        .with_certificates(vec![certificate])
+        .with_insecure_skip_verify(true);
+    match check {
+        ClientCheck::None => {}
+        ClientCheck::Roots(roots) => {
+            builder = builder
+                .with_client_auth(ClientAuthType::VerifyClientCertIfGiven)
+                .with_client_cas(roots);
+        }
+        ClientCheck::Pinned(fingerprint) => {
+            builder = builder
+                .with_client_auth(ClientAuthType::RequireAnyClientCert)
+                .with_verify_peer_certificate(Some(pin(fingerprint)));
+        }
+    }
+    builder
+}
+
+/// A client-role configuration for the server at `server` that checks it as `check` says and
+/// presents `certificate` if given.
+pub(crate) fn client_config(
+    server: SocketAddr,
+    check: PeerCheck,
+    certificate: Option<Certificate>,
+) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
+    let mut builder = builder();
+    if let Some(certificate) = certificate {
+        builder = builder.with_certificates(vec![certificate]);
+    }
+    builder = match check {
+        PeerCheck::Pinned(fingerprint) => builder
+            .with_insecure_skip_verify(true)
+            .with_verify_peer_certificate(Some(pin(fingerprint))),
+        PeerCheck::Roots { roots, name } => builder.with_roots_cas(roots).with_server_name(name),
+        PeerCheck::Insecure => builder.with_insecure_skip_verify(true),
+    };
+    builder
+        .build(true, Some(server))
+        .map(Arc::new)
+        .map_err(|e| DtlsConfigError(e.to_string()))
+}
