@@ -2,6 +2,7 @@
 //! into the tunnel and reports path changes until `--for` elapses or a signal comes.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,24 +11,29 @@ use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
 use smol::Async;
-use tscf_runtime_smol::core::client::ServerEndpoint;
+use tscf_runtime_smol::core::client::{PeerConfig, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
     ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
     Tunnel, TunnelConfig,
 };
 
+use crate::config::ClientFile;
 use crate::{EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE};
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
+    /// A TOML file with the keys `server`, `transport`, `token`, `stun`, `forward` and `peer`
+    /// (see below); options given on the command line win, lists are joined.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The server's address (default: the default server's listener for the transport).
     #[arg(long, value_name = "ADDR")]
     server: Option<SocketAddr>,
-    /// The transport to the server.
-    #[arg(long, value_enum, default_value_t = TransportArg::Udp)]
-    transport: TransportArg,
+    /// The transport to the server (default udp).
+    #[arg(long, value_enum)]
+    transport: Option<TransportArg>,
     /// The SHA-256 fingerprint of the server's TLS certificate (64 hex digits), as
     /// `tscf server` prints it.
     #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
@@ -46,6 +52,10 @@ pub(crate) struct ClientArgs {
     /// Opt the forwarded sockets in to peer tunneling.
     #[arg(long)]
     peer: bool,
+    /// A STUN server for NAT discovery of the peer socket (at most 8). Repeatable; without
+    /// one, the server's own STUN responder (its UDP listener) is asked.
+    #[arg(long, value_name = "ADDR")]
+    stun: Vec<SocketAddr>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -57,14 +67,15 @@ pub(crate) struct ClientArgs {
     run_for: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TransportArg {
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TransportArg {
     Tcp,
     Tls,
     Udp,
 }
 
-fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+pub(crate) fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
     let (local, internal) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
@@ -79,6 +90,13 @@ fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
 
 /// Runs `tscf client`.
 pub(crate) fn run(args: ClientArgs) -> ExitCode {
+    let args = match with_file(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tscf: configuration error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let config = match tunnel_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -188,8 +206,25 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
     })
 }
 
+/// Merges the `--config` file into the command line's options.
+fn with_file(mut args: ClientArgs) -> Result<ClientArgs, String> {
+    let Some(path) = &args.config else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    args.server = args.server.or(file.server);
+    args.transport = args.transport.or(file.transport);
+    args.token = args.token.take().or(file.token);
+    args.peer |= file.peer.unwrap_or(false);
+    args.stun.splice(0..0, file.stun);
+    args.forward
+        .splice(0..0, file.forward.into_iter().map(|f| f.0));
+    Ok(args)
+}
+
 fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
-    let (transport, default) = match args.transport {
+    let (transport, default) = match args.transport.unwrap_or(TransportArg::Udp) {
         TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
         TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
         TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
@@ -220,6 +255,18 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
     config.connect_timeout = Duration::from_secs(args.connect_timeout);
     if let Some(token) = &args.token {
         config.client.auth_token = Some(token.clone().into_bytes());
+    }
+    if !args.stun.is_empty() {
+        if args.stun.len() > PeerConfig::MAX_STUN_SERVERS {
+            return Err(format!(
+                "{} STUN servers, at most {} allowed",
+                args.stun.len(),
+                PeerConfig::MAX_STUN_SERVERS
+            ));
+        }
+        if let Some(peer) = &mut config.client.peer {
+            peer.stun_servers = args.stun.clone();
+        }
     }
     Ok(config)
 }
@@ -346,6 +393,16 @@ impl Printer {
                     println!("peer tunnel down: {peer} ({reason:?}); back on the relay");
                 }
             }
+            Notification::NatDiscovered {
+                public,
+                varies_by_destination,
+            } => self.line(
+                "nat_discovered",
+                json!({
+                    "public": public.map(|a| a.to_string()),
+                    "varies_by_destination": varies_by_destination,
+                }),
+            ),
             Notification::TransportLost => self.line("transport_lost", json!({})),
             Notification::Reattached(_) => self.line("reattached", json!({})),
             Notification::TunnelClosed { reason } => {
