@@ -420,7 +420,10 @@ fn netcheck_asks_each_stun_server_for_the_mapping() {
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("public address: 127.0.0.1:"), "{stdout}");
-    assert!(stdout.contains("varies by destination: unknown"), "{stdout}");
+    assert!(
+        stdout.contains("varies by destination: unknown"),
+        "{stdout}"
+    );
 
     // Nobody answers on a port that was just free: exit 1 after the retransmissions.
     let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
