@@ -588,7 +588,11 @@ fn a_panicking_test_leaves_no_namespace_or_process_behind() {
             .args(["netns", "pids", &ns])
             .output()
             .unwrap();
-        std::panic::panic_any((names, String::from_utf8_lossy(&pids.stdout).into_owned()));
+        // Unwinds like a failed assertion, without the panic message.
+        std::panic::resume_unwind(Box::new((
+            names,
+            String::from_utf8_lossy(&pids.stdout).into_owned(),
+        )));
     });
     let payload = made.expect_err("the closure panics");
     let (names, pids) = payload
