@@ -49,6 +49,13 @@ impl Proc {
         }
     }
 
+    /// Takes every line printed so far without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(e) = self.lines.try_recv() {
+            self.seen.push(e);
+        }
+    }
+
     /// Reads lines until a JSON line with `"event": name` (returned), waiting at most
     /// `timeout` in all.
     pub fn wait_for(&mut self, name: &str, timeout: Duration) -> Option<Event> {

@@ -309,6 +309,8 @@ fn nat_matrix() {
                         "{label}/{transport}: media stopped\n{}",
                         call.transcript()
                     );
+                    call.a.drain();
+                    call.b.drain();
                     let seen_up = |p: &Proc| p.transcript().contains("\"peer_tunnel_up\"");
                     assert!(
                         !seen_up(&call.a) && !seen_up(&call.b),
