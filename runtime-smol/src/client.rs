@@ -1,7 +1,8 @@
 //! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
 //! into the tunnel and reports path changes until `--for` elapses or a signal comes.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -133,7 +134,10 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 return ExitCode::from(code);
             }
         };
-        let out = Printer { json: args.json };
+        let out = Printer {
+            json: args.json,
+            paths: Mutex::default(),
+        };
         out.connected(&tunnel);
         let mut forwards = Vec::new();
         for &(local, internal) in &args.forward {
@@ -308,9 +312,10 @@ async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAd
 }
 
 /// Prints text or JSON lines.
-#[derive(Clone, Copy)]
 struct Printer {
     json: bool,
+    /// The path of each peer tunnel that is up, to say which one went down.
+    paths: Mutex<HashMap<IpAddr, SocketAddr>>,
 }
 
 impl Printer {
@@ -367,6 +372,10 @@ impl Printer {
     fn notification(&self, note: &Notification) {
         match note {
             Notification::PeerTunnelUp { peer, path, setup } => {
+                self.paths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*peer, *path);
                 if self.json {
                     self.line(
                         "peer_tunnel_up",
@@ -384,10 +393,20 @@ impl Printer {
                 }
             }
             Notification::PeerTunnelDown { peer, reason } => {
+                // None when a setup failed: no tunnel was up.
+                let path = self
+                    .paths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer);
                 if self.json {
                     self.line(
                         "peer_tunnel_down",
-                        json!({ "peer": peer.to_string(), "reason": format!("{reason:?}") }),
+                        json!({
+                            "peer": peer.to_string(),
+                            "path": path.map(|p| p.to_string()),
+                            "reason": format!("{reason:?}"),
+                        }),
                     );
                 } else {
                     println!("peer tunnel down: {peer} ({reason:?}); back on the relay");

@@ -317,6 +317,7 @@ fn nat_matrix() {
                         "{label}/{transport}: a peer tunnel came up\n{}",
                         call.transcript()
                     );
+                    assert!(down.json().unwrap()["path"].is_null(), "no tunnel was up");
                     let reason = down.json().unwrap()["reason"]
                         .as_str()
                         .unwrap_or("")
@@ -487,6 +488,7 @@ fn a_cut_path_falls_back_to_the_relay_and_a_stopped_peer_takes_its_tunnel_down()
         };
         let reason = down.json().unwrap()["reason"].clone();
         assert_eq!(reason, "Silence", "{}", call.transcript());
+        assert_eq!(down.json().unwrap()["path"], up.json().unwrap()["path"]);
         assert!(
             call.media_flows_after(down.at, Duration::from_secs(5)),
             "{transport}: media did not return over the relay\n{}",
