@@ -14,6 +14,10 @@ use tscf_tests::lab::{public_addr, tscf_binary, Lab, Media, Nat, Proc, Site, SER
 const SERVER_PORT: u16 = 4440;
 /// coturn's port.
 const STUN_PORT: u16 = 3478;
+/// The server's admin endpoint, on the public namespace's loopback.
+const ADMIN: &str = "127.0.0.1:4449";
+/// How long a matrix cell watches the media once the path is settled.
+const WINDOW: Duration = Duration::from_secs(1);
 /// The inner UDP port the media uses on both clients.
 const MEDIA_PORT: u16 = 5004;
 /// One media datagram every 20 ms, both ways.
@@ -60,7 +64,7 @@ fn start_server(lab: &mut Lab, tscf: &Path) -> (Proc, SocketAddr) {
     std::fs::write(
         &config,
         format!(
-            "udp = [\"{addr}\"]\ntcp = []\ntls = []\nquic = []\nadmin = \"\"\n\
+            "udp = [\"{addr}\"]\ntcp = []\ntls = []\nquic = []\nadmin = \"{ADMIN}\"\n\
              auth_tokens = [\"{}\"]\n",
             tscf_tests::lab::TOKEN
         ),
@@ -79,6 +83,16 @@ fn start_server(lab: &mut Lab, tscf: &Path) -> (Proc, SocketAddr) {
         panic!("the server did not start\n{}", server.transcript());
     }
     (server, addr)
+}
+
+/// Data frames the server has relayed so far (`tscf status`).
+fn relayed(lab: &Lab, tscf: &Path) -> u64 {
+    let out = lab.run(
+        lab.public(),
+        &[tscf.to_str().unwrap(), "status", "--admin", ADMIN, "--json"],
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["director"]["frames_relayed"].as_u64().unwrap()
 }
 
 /// Starts coturn as a plain STUN server in the public namespace on [`STUN_IP`].
@@ -290,7 +304,11 @@ fn nat_matrix() {
                     };
                     (
                         format!("{kind} {path}"),
-                        format!("{:.1} ms", up_json["setup_ms"].as_f64().unwrap()),
+                        format!(
+                            "{:.1} ms (up {:.0} ms after the media started)",
+                            up_json["setup_ms"].as_f64().unwrap(),
+                            (up.at - call.started).as_secs_f64() * 1e3
+                        ),
                     )
                 }
                 Expect::Relay => {
@@ -303,18 +321,9 @@ fn nat_matrix() {
                             call.transcript()
                         );
                     };
-                    let window = down.at;
                     assert!(
-                        call.media_flows_after(window, Duration::from_secs(3)),
+                        call.media_flows_after(down.at, Duration::from_secs(3)),
                         "{label}/{transport}: media stopped\n{}",
-                        call.transcript()
-                    );
-                    call.a.drain();
-                    call.b.drain();
-                    let seen_up = |p: &Proc| p.transcript().contains("\"peer_tunnel_up\"");
-                    assert!(
-                        !seen_up(&call.a) && !seen_up(&call.b),
-                        "{label}/{transport}: a peer tunnel came up\n{}",
                         call.transcript()
                     );
                     assert!(down.json().unwrap()["path"].is_null(), "no tunnel was up");
@@ -322,23 +331,57 @@ fn nat_matrix() {
                         .as_str()
                         .unwrap_or("")
                         .to_owned();
-                    ("relay".to_owned(), format!("attempt failed: {reason}"))
+                    (
+                        "relay".to_owned(),
+                        format!(
+                            "attempt failed after {:.1} s: {reason}",
+                            (down.at - call.started).as_secs_f64()
+                        ),
+                    )
                 }
             };
-            let (a, b) = (call.media_a.stats(), call.media_b.stats());
+            // Watch the settled path for a while: media arrives both ways, and the server
+            // relays it (relay) or nothing of it (peer tunnel).
+            let (frames_before, t0) = (relayed(&lab, &tscf), Instant::now());
+            std::thread::sleep(WINDOW);
+            let relayed_frames = relayed(&lab, &tscf) - frames_before;
+            let (got_a, got_b) = (
+                call.media_a.received_after(t0),
+                call.media_b.received_after(t0),
+            );
+            let sent = (WINDOW.as_millis() / MEDIA_INTERVAL.as_millis()) as usize;
+            assert!(
+                got_a > sent / 2 && got_b > sent / 2,
+                "{label}/{transport}: media received {got_a}/{got_b} of about {sent}\n{}",
+                call.transcript()
+            );
+            match expect {
+                // The two counts are read a few milliseconds apart: allow a frame or two.
+                Expect::Relay => assert!(
+                    relayed_frames as usize >= (got_a + got_b) * 9 / 10,
+                    "{label}/{transport}: {relayed_frames} relayed, {got_a}+{got_b} received"
+                ),
+                _ => assert!(
+                    (relayed_frames as usize) < (got_a + got_b) / 10,
+                    "{label}/{transport}: {relayed_frames} relayed on a peer tunnel"
+                ),
+            }
+            call.a.drain();
+            call.b.drain();
+            let seen_up = |p: &Proc| p.transcript().contains("\"peer_tunnel_up\"");
+            if expect == Expect::Relay {
+                assert!(
+                    !seen_up(&call.a) && !seen_up(&call.b),
+                    "{label}/{transport}: a peer tunnel came up\n{}",
+                    call.transcript()
+                );
+            }
             rows.push((
                 label,
                 *transport,
                 cell.0,
                 cell.1,
-                format!(
-                    "{}/{} {}/{} in {:.1} s",
-                    a.received,
-                    b.sent,
-                    b.received,
-                    a.sent,
-                    call.started.elapsed().as_secs_f64()
-                ),
+                format!("{got_a}/{got_b}, {relayed_frames} relayed"),
             ));
             let Call { server, a, b, .. } = call;
             for p in [&a, &b, &server] {
@@ -347,15 +390,17 @@ fn nat_matrix() {
         }
     }
     println!(
-        "\nNAT lab matrix (peer transports: {})",
-        PEER_TRANSPORTS.len()
+        "\nNAT lab matrix: path and setup time per NAT pair and peer transport; media \
+         received in {} s at a/b (about {} each) and data frames the server relayed meanwhile",
+        WINDOW.as_secs(),
+        WINDOW.as_millis() / MEDIA_INTERVAL.as_millis()
     );
     println!(
-        "{:<38} {:<6} {:<32} {:<40} media received (a/sent b, b/sent a)",
+        "{:<36} {:<5} {:<28} {:<44} media",
         "NAT pair", "peer", "path", "setup"
     );
     for (label, transport, path, setup, media) in rows {
-        println!("{label:<38} {transport:<6} {path:<32} {setup:<40} {media}");
+        println!("{label:<36} {transport:<5} {path:<28} {setup:<44} {media}");
     }
 }
 
@@ -478,6 +523,7 @@ fn a_cut_path_falls_back_to_the_relay_and_a_stopped_peer_takes_its_tunnel_down()
         assert!(call.media_flows_after(up.at, Duration::from_secs(5)));
 
         // Remove the NAT mapping mid-call and keep it from coming back.
+        let relayed_before = relayed(&lab, &tscf);
         let cut = Instant::now();
         lab.cut(&site_a, site_b.public_ip);
         let Some(down) = call.a.wait_for("peer_tunnel_down", Duration::from_secs(10)) else {
@@ -493,6 +539,12 @@ fn a_cut_path_falls_back_to_the_relay_and_a_stopped_peer_takes_its_tunnel_down()
             call.media_flows_after(down.at, Duration::from_secs(5)),
             "{transport}: media did not return over the relay\n{}",
             call.transcript()
+        );
+        // The media that arrives again came through the server.
+        let relayed_after = relayed(&lab, &tscf);
+        assert!(
+            relayed_after >= relayed_before + 10,
+            "{relayed_before} -> {relayed_after}"
         );
         let gap_a = call.media_a.longest_gap_after(cut);
         let gap_b = call.media_b.longest_gap_after(cut);
