@@ -4,6 +4,7 @@
 //! `scripts/lab` runs it alone with the matrix visible.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,7 +37,8 @@ fn lab() -> Option<(Lab, PathBuf)> {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("the NAT lab cannot run (CI=true): {why}");
         }
-        eprintln!("NAT lab skipped: {why}");
+        // Straight to standard error, past the test harness's capture, so that a skip shows.
+        let _ = writeln!(std::io::stderr(), "NAT lab skipped: {why}");
     };
     if tscf_tests::lab::turnserver().is_none() {
         skip(&"`turnserver` not found (scripts/lab-deps installs coturn)");
@@ -610,10 +612,10 @@ fn a_cut_path_falls_back_to_the_relay_and_a_stopped_peer_takes_its_tunnel_down()
 fn namespaces_of_a_crashed_run_are_removed() {
     // No process has this id (above the kernel's pid_max), like a run that crashed.
     let stale = "tscflab-999999999-z-pub";
-    let status = std::process::Command::new("ip")
+    let made = std::process::Command::new("ip")
         .args(["netns", "add", stale])
-        .status();
-    if !status.is_ok_and(|s| s.success()) {
+        .output();
+    if !made.is_ok_and(|out| out.status.success()) {
         // lab() says why namespaces cannot be made, or fails under CI.
         let _ = lab();
         return;
