@@ -145,6 +145,7 @@ fn check(servers: &[SocketAddr]) -> std::io::Result<(Option<SocketAddr>, Vec<Ans
                     e.kind(),
                     std::io::ErrorKind::WouldBlock
                         | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                         | std::io::ErrorKind::ConnectionRefused
                 ) => {}
             Err(e) => return Err(e),
