@@ -111,10 +111,10 @@ impl Lab {
         if !rustix::process::geteuid().is_root() {
             return Err(Unavailable("not running as root".into()));
         }
-        for tool in ["ip", "nft", "conntrack"] {
-            if which(tool).is_none() {
+        for program in ["ip", "nft", "conntrack"] {
+            if which(program).is_none() {
                 return Err(Unavailable(format!(
-                    "`{tool}` not found (scripts/lab-deps installs it)"
+                    "`{program}` not found (scripts/lab-deps installs it)"
                 )));
             }
         }
@@ -414,11 +414,11 @@ pub fn turnserver() -> Option<PathBuf> {
     which("turnserver")
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(tool))
+        .map(|dir| dir.join(program))
         .find(|p| p.is_file())
 }
 

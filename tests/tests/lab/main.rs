@@ -30,7 +30,7 @@ const SILENCE: Duration = Duration::from_millis(1500);
 /// arguments that select it.
 const PEER_TRANSPORTS: &[(&str, &[&str])] = &[("udp", &[])];
 
-/// The lab, or `None` (after saying why) where namespaces cannot be made or a tool is
+/// The lab, or `None` (after saying why) where namespaces cannot be made or a program is
 /// missing; under `CI=true` that is a failure instead.
 fn lab() -> Option<(Lab, PathBuf)> {
     let skip = |why: &dyn std::fmt::Display| {
