@@ -1,7 +1,9 @@
 //! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
 //! into the tunnel and reports path changes until `--for` elapses or a signal comes.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,24 +12,29 @@ use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
 use smol::Async;
-use tscf_runtime_smol::core::client::ServerEndpoint;
+use tscf_runtime_smol::core::client::{PeerConfig, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
     ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
     Tunnel, TunnelConfig,
 };
 
+use crate::config::ClientFile;
 use crate::{EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE};
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
+    /// A TOML file with the keys `server`, `transport`, `token`, `stun`, `forward` and `peer`
+    /// (see below); options given on the command line win, lists are joined.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The server's address (default: the default server's listener for the transport).
     #[arg(long, value_name = "ADDR")]
     server: Option<SocketAddr>,
-    /// The transport to the server.
-    #[arg(long, value_enum, default_value_t = TransportArg::Udp)]
-    transport: TransportArg,
+    /// The transport to the server (default udp).
+    #[arg(long, value_enum)]
+    transport: Option<TransportArg>,
     /// The SHA-256 fingerprint of the server's TLS certificate (64 hex digits), as
     /// `tscf server` prints it (for --transport tls or dtls).
     #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
@@ -55,6 +62,10 @@ pub(crate) struct ClientArgs {
     /// flows stay on the relay.
     #[arg(long)]
     peer_require_secure: bool,
+    /// A STUN server for NAT discovery of the peer socket (at most 8). Repeatable; without
+    /// one, the server's own STUN responder (its UDP listener) is asked.
+    #[arg(long, value_name = "ADDR")]
+    stun: Vec<SocketAddr>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -66,8 +77,9 @@ pub(crate) struct ClientArgs {
     run_for: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TransportArg {
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TransportArg {
     Tcp,
     Tls,
     Udp,
@@ -91,7 +103,7 @@ impl PeerTransportArg {
     }
 }
 
-fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+pub(crate) fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
     let (local, internal) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
@@ -106,6 +118,13 @@ fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
 
 /// Runs `tscf client`.
 pub(crate) fn run(args: ClientArgs) -> ExitCode {
+    let args = match with_file(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tscf: configuration error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let config = match tunnel_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -142,7 +161,10 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 return ExitCode::from(code);
             }
         };
-        let out = Printer { json: args.json };
+        let out = Printer {
+            json: args.json,
+            paths: Mutex::default(),
+        };
         out.connected(&tunnel);
         let mut forwards = Vec::new();
         for &(local, internal) in &args.forward {
@@ -215,8 +237,25 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
     })
 }
 
+/// Merges the `--config` file into the command line's options.
+fn with_file(mut args: ClientArgs) -> Result<ClientArgs, String> {
+    let Some(path) = &args.config else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    args.server = args.server.or(file.server);
+    args.transport = args.transport.or(file.transport);
+    args.token = args.token.take().or(file.token);
+    args.peer |= file.peer.unwrap_or(false);
+    args.stun.splice(0..0, file.stun);
+    args.forward
+        .splice(0..0, file.forward.into_iter().map(|f| f.0));
+    Ok(args)
+}
+
 fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
-    let (transport, default) = match args.transport {
+    let (transport, default) = match args.transport.unwrap_or(TransportArg::Udp) {
         TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
         TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
         TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
@@ -260,6 +299,18 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
     if let Some(token) = &args.token {
         config.client.auth_token = Some(token.clone().into_bytes());
     }
+    if !args.stun.is_empty() {
+        if args.stun.len() > PeerConfig::MAX_STUN_SERVERS {
+            return Err(format!(
+                "{} STUN servers, at most {} allowed",
+                args.stun.len(),
+                PeerConfig::MAX_STUN_SERVERS
+            ));
+        }
+        if let Some(peer) = &mut config.client.peer {
+            peer.stun_servers = args.stun.clone();
+        }
+    }
     Ok(config)
 }
 
@@ -300,9 +351,10 @@ async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAd
 }
 
 /// Prints text or JSON lines.
-#[derive(Clone, Copy)]
 struct Printer {
     json: bool,
+    /// The path of each peer tunnel that is up, to say which one went down.
+    paths: Mutex<HashMap<IpAddr, SocketAddr>>,
 }
 
 impl Printer {
@@ -366,6 +418,10 @@ impl Printer {
                     .find(|p| p.peer == *peer)
                     .and_then(|p| p.session)
                     .unwrap_or(Transport::UDP);
+                self.paths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*peer, *path);
                 if self.json {
                     self.line(
                         "peer_tunnel_up",
@@ -384,15 +440,35 @@ impl Printer {
                 }
             }
             Notification::PeerTunnelDown { peer, reason } => {
+                // None when a setup failed: no tunnel was up.
+                let path = self
+                    .paths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer);
                 if self.json {
                     self.line(
                         "peer_tunnel_down",
-                        json!({ "peer": peer.to_string(), "reason": format!("{reason:?}") }),
+                        json!({
+                            "peer": peer.to_string(),
+                            "path": path.map(|p| p.to_string()),
+                            "reason": format!("{reason:?}"),
+                        }),
                     );
                 } else {
                     println!("peer tunnel down: {peer} ({reason:?}); back on the relay");
                 }
             }
+            Notification::NatDiscovered {
+                public,
+                varies_by_destination,
+            } => self.line(
+                "nat_discovered",
+                json!({
+                    "public": public.map(|a| a.to_string()),
+                    "varies_by_destination": varies_by_destination,
+                }),
+            ),
             Notification::TransportLost => self.line("transport_lost", json!({})),
             Notification::Reattached(_) => self.line("reattached", json!({})),
             Notification::TunnelClosed { reason } => {

@@ -174,6 +174,49 @@ impl ServerFile {
     }
 }
 
+/// The `tscf client --config` file (TOML). Every key is optional; unknown keys are errors.
+///
+/// ```toml
+/// server = "203.0.113.1:4440"       # the server's address
+/// transport = "udp"                 # tcp, tls or udp
+/// token = "secret"                  # the admission token
+/// stun = ["203.0.113.2:3478"]       # STUN servers (default: the server's responder)
+/// forward = ["127.0.0.1:5004=10.77.0.3:5004"]
+/// peer = true                       # opt the forwarded sockets in to peer tunneling
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientFile {
+    pub(crate) server: Option<SocketAddr>,
+    pub(crate) transport: Option<crate::client::TransportArg>,
+    pub(crate) token: Option<String>,
+    #[serde(default)]
+    pub(crate) stun: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(crate) forward: Vec<Forward>,
+    pub(crate) peer: Option<bool>,
+}
+
+/// A `LOCAL=INTERNAL` forward, as on the command line.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct Forward(pub(crate) (SocketAddr, SocketAddr));
+
+impl TryFrom<String> for Forward {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        crate::client::parse_forward(&text).map(Forward)
+    }
+}
+
+impl ClientFile {
+    /// Parses TOML; the error shows the line, the key and the reason.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +244,25 @@ mod tests {
         assert_eq!(f.admin_addr(), Ok(None));
         let f = ServerFile::parse("admin = \"[::1]:0\"").expect("parses");
         assert!(f.admin_addr().expect("loopback").is_some());
+    }
+
+    #[test]
+    fn client_file_takes_stun_servers_and_forwards() {
+        let f = ClientFile::parse(
+            "server = \"192.0.2.1:4440\"\ntransport = \"udp\"\n\
+             stun = [\"192.0.2.2:3478\", \"192.0.2.3:3478\"]\n\
+             forward = [\"127.0.0.1:0=10.77.0.3:5004\"]\npeer = true\n",
+        )
+        .expect("parses");
+        assert_eq!(f.stun.len(), 2);
+        assert_eq!(f.forward.len(), 1);
+        assert_eq!(f.peer, Some(true));
+        let e = ClientFile::parse("stun = [\"nowhere\"]").expect_err("bad address");
+        assert!(e.contains("stun"), "{e}");
+        let e = ClientFile::parse("forward = [\"127.0.0.1:1\"]").expect_err("no =");
+        assert!(e.contains("forward"), "{e}");
+        let e = ClientFile::parse("stun_servers = []").expect_err("unknown key");
+        assert!(e.contains("stun_servers"), "{e}");
     }
 
     #[test]

@@ -16,17 +16,20 @@
 //!
 //! `tscf client` opens a tunnel, prints its addresses and forwards local UDP ports into it;
 //! `tscf demo` runs a server and two clients in one process and measures the relay and the
-//! peer tunnel; `tscf status` prints the state of a running server.
+//! peer tunnel; `tscf status` prints the state of a running server; `tscf netcheck` asks STUN
+//! servers for the public mapping and tells whether it varies by destination.
 //!
 //! Exit codes: 0 when it stopped normally (signal or `--for`), 1 on a runtime failure (a
 //! listener cannot be bound, no randomness, the server unreachable), 2 on a usage or
-//! configuration error, 3 when the server refused the tunnel (`tscf client`).
+//! configuration error, 3 when the server refused the tunnel (`tscf client`). `tscf netcheck`
+//! exits 1 when no STUN server answered.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod client;
 mod config;
 mod demo;
+mod netcheck;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +76,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask STUN servers for this host's public mapping: NAT kind and usable addresses.
+    Netcheck(netcheck::NetcheckArgs),
     /// Print the state of a running server, from its admin endpoint.
     Status {
         /// The server's admin endpoint.
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         } => server(config, run_for, admin),
         Command::Client(args) => client::run(args),
         Command::Demo { json } => demo::run(json),
+        Command::Netcheck(args) => netcheck::run(args),
         Command::Status { admin, json } => admin::status(admin, json),
     }
 }

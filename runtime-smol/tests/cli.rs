@@ -457,3 +457,95 @@ fn client_over_dtls_pins_the_fingerprint() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn netcheck_asks_each_stun_server_for_the_mapping() {
+    let (mut a, printed_a) = spawn_server("netcheck-a", "", "10");
+    let (mut b, printed_b) = spawn_server("netcheck-b", "", "10");
+    let (udp_a, udp_b) = (address(&printed_a, "udp "), address(&printed_b, "udp "));
+    let out = tscf(&["netcheck", "--server", &udp_a, "--stun", &udp_b, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report = &json_lines(&text(&out.stdout))[0];
+    let servers = report["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{report}");
+    assert_eq!(servers[0]["server"], udp_a.as_str());
+    assert_eq!(servers[1]["server"], udp_b.as_str());
+    // No NAT on loopback: both see the socket's own address, which is the public one.
+    assert_eq!(servers[0]["mapped"], servers[1]["mapped"], "{report}");
+    assert_eq!(report["public"], servers[0]["mapped"]);
+    assert_eq!(report["host"], report["public"]);
+    assert_eq!(report["mapping_varies_by_destination"], false);
+    assert_eq!(report["behind_nat"], false);
+    assert_eq!(report["host_usable"], false, "loopback is no LAN address");
+
+    let out = tscf(&["netcheck", "--server", &udp_a]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("public address: 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains("varies by destination: unknown"),
+        "{stdout}"
+    );
+
+    // Nobody answers on a port that was just free: exit 1 after the retransmissions.
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = tscf(&["netcheck", "--stun", &silent, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let report = &json_lines(&text(&out.stdout))[0];
+    assert_eq!(report["servers"][0]["timed_out"], true);
+    assert!(report["public"].is_null());
+    for s in [&mut a, &mut b] {
+        s.kill().unwrap();
+        s.wait().unwrap();
+    }
+}
+
+#[test]
+fn client_asks_the_stun_servers_it_is_given() {
+    let (mut a, printed_a) = spawn_server("stun-a", "", "8");
+    let (mut b, printed_b) = spawn_server("stun-b", "", "8");
+    let (udp_a, udp_b) = (address(&printed_a, "udp "), address(&printed_b, "udp "));
+    // Without --stun only the server's responder is asked: one answer, no verdict.
+    let out = tscf(&["client", "--server", &udp_a, "--for", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    let nat = lines
+        .iter()
+        .find(|l| l["event"] == "nat_discovered")
+        .expect("nat discovery reported");
+    assert_eq!(nat["public"], lines[0]["observed"]);
+    assert!(nat["varies_by_destination"].is_null(), "{nat}");
+
+    // Two STUN servers, one from the configuration file and one on the command line.
+    let path = config_file("client-stun", &format!("stun = [\"{udp_b}\"]\n"));
+    let out = tscf(&[
+        "client",
+        "--server",
+        &udp_a,
+        "--config",
+        path.to_str().unwrap(),
+        "--stun",
+        &udp_a,
+        "--for",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    let nat = lines
+        .iter()
+        .find(|l| l["event"] == "nat_discovered")
+        .expect("nat discovery reported");
+    assert_eq!(nat["varies_by_destination"], false, "{nat}");
+
+    let path = config_file("client-bad", "stun = [\"nowhere\"]\n");
+    let out = tscf(&["client", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("stun"), "{}", text(&out.stderr));
+    for s in [&mut a, &mut b] {
+        s.kill().unwrap();
+        s.wait().unwrap();
+    }
+}

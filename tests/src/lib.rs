@@ -1,1 +1,7 @@
 //! Shared helpers for the tscf integration tests live here; the tests themselves are in `tests/`.
+//!
+//! [`lab`] builds NAT topologies in Linux network namespaces and runs the real `tscf` program
+//! in them (the `lab` test target).
+#![deny(missing_docs)]
+
+pub mod lab;
