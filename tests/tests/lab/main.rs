@@ -28,7 +28,8 @@ const SILENCE: Duration = Duration::from_millis(1500);
 
 /// Peer transports the matrix covers: one column each. A transport is the extra `tscf client`
 /// arguments that select it.
-const PEER_TRANSPORTS: &[(&str, &[&str])] = &[("udp", &[])];
+const PEER_TRANSPORTS: &[(&str, &[&str])] =
+    &[("udp", &[]), ("quic", &["--peer-transport", "quic"])];
 
 /// The lab, or `None` (after saying why) where namespaces cannot be made or a program is
 /// missing; under `CI=true` that is a failure instead.
@@ -281,6 +282,13 @@ fn nat_matrix() {
                     };
                     let up_json = up.json().unwrap();
                     let path: SocketAddr = up_json["path"].as_str().unwrap().parse().unwrap();
+                    assert!(
+                        up_json["transport"]
+                            .as_str()
+                            .is_some_and(|t| t.eq_ignore_ascii_case(transport)),
+                        "{label}/{transport}: runs over {}",
+                        up_json["transport"]
+                    );
                     assert_eq!(
                         path.ip(),
                         b_path_ip,
