@@ -379,6 +379,17 @@ struct FingerprintMismatch {
     got: Fingerprint,
 }
 
+/// Accepts `got` if it is the pinned fingerprint (compared in constant time).
+fn check_pin(expected: Fingerprint, got: Fingerprint) -> Result<(), rustls::Error> {
+    if constant_time_eq(&got.0, &expected.0) {
+        Ok(())
+    } else {
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(FingerprintMismatch { expected, got })),
+        )))
+    }
+}
+
 impl ServerCertVerifier for PinnedVerifier {
     fn verify_server_cert(
         &self,
@@ -393,13 +404,7 @@ impl ServerCertVerifier for PinnedVerifier {
             tracing::warn!(fingerprint = %got, "TLS server certificate NOT verified (insecure mode)");
             return Ok(ServerCertVerified::assertion());
         };
-        if constant_time_eq(&got.0, &expected.0) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(FingerprintMismatch { expected, got })),
-            )))
-        }
+        check_pin(expected, got).map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -444,17 +449,8 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let got = Fingerprint::of(end_entity);
-        if constant_time_eq(&got.0, &self.pinned.0) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(FingerprintMismatch {
-                    expected: self.pinned,
-                    got,
-                })),
-            )))
-        }
+        check_pin(self.pinned, Fingerprint::of(end_entity))
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -61,6 +61,11 @@ fn quic_connection_cut_reattaches_with_the_same_tunnel() {
 }
 
 #[test]
+fn dtls_association_cut_reattaches_with_the_same_tunnel() {
+    cut_reattaches(Transport::DTLS);
+}
+
+#[test]
 fn udp_tunnels_have_no_connection_to_cut() {
     let server = smol_server();
     let config = tunnel_config(
