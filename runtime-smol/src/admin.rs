@@ -125,6 +125,7 @@ fn snapshot(server: &ServerHandle) -> Value {
             "stun_answered": r.stun_answered,
             "udp_dropped": r.udp_dropped,
             "quic_handshake_failures": r.quic_handshake_failures,
+            "quic_retries": r.quic_retries,
             "dtls_associations": stats.dtls_associations,
             "dtls_half_open": stats.dtls_half_open,
             "dtls_handshakes": r.dtls_handshakes,

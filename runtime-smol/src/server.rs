@@ -194,6 +194,8 @@ impl Server {
             pending_timeout: config.director.pending_timeout,
             max_streams: config.max_stream_connections.max(1),
             queue_len: config.stream_queue_len.max(1),
+            quic_handshaking: AtomicUsize::new(0),
+            quic_retry_above: config.quic_retry_above,
         });
         let mut tasks = Vec::new();
         let i = inner.clone();
@@ -384,6 +386,9 @@ struct ServerInner {
     pending_timeout: Duration,
     max_streams: usize,
     queue_len: usize,
+    /// QUIC handshakes in progress, and how many may be before new clients get a Retry.
+    quic_handshaking: AtomicUsize,
+    quic_retry_above: usize,
 }
 
 /// The director and the routes of its connections.
@@ -740,6 +745,17 @@ impl ServerInner {
                 incoming.refuse();
                 continue;
             }
+            // Past the threshold a client must show it receives at its address before it
+            // gets handshake state: a Retry costs the server nothing to remember.
+            if !incoming.remote_address_validated()
+                && self.quic_handshaking.load(Ordering::SeqCst) >= self.quic_retry_above
+            {
+                bump(&self.counters.quic_retries);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
             bump(&self.counters.streams_accepted);
             self.stream_count.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
@@ -756,11 +772,13 @@ impl ServerInner {
     /// Handshakes, registers the connection with the director and runs it until it ends.
     async fn serve_quic(&self, incoming: quinn::Incoming) -> Result<(), StreamError> {
         let timeout = self.pending_timeout;
+        self.quic_handshaking.fetch_add(1, Ordering::SeqCst);
         let handshake = future::or(async { Some(incoming.await) }, async {
             Timer::after(timeout).await;
             None
         })
         .await;
+        self.quic_handshaking.fetch_sub(1, Ordering::SeqCst);
         let conn = match handshake {
             Some(Ok(conn)) => conn,
             Some(Err(e)) => {
@@ -956,6 +974,7 @@ struct Counters {
     udp_dropped: AtomicU64,
     udp_send_errors: AtomicU64,
     quic_handshake_failures: AtomicU64,
+    quic_retries: AtomicU64,
     quic_datagrams_sent: AtomicU64,
     quic_datagrams_received: AtomicU64,
 }
@@ -973,6 +992,7 @@ impl Counters {
         r.udp_dropped = get(&self.udp_dropped);
         r.udp_send_errors = get(&self.udp_send_errors);
         r.quic_handshake_failures = get(&self.quic_handshake_failures);
+        r.quic_retries = get(&self.quic_retries);
         r.quic_datagrams_sent = get(&self.quic_datagrams_sent);
         r.quic_datagrams_received = get(&self.quic_datagrams_received);
         r

@@ -62,6 +62,11 @@ pub struct ServerConfig {
     pub dtls_max_half_open: usize,
     /// How long a DTLS handshake may take before its state is dropped (default 5 s).
     pub dtls_handshake_timeout: Duration,
+    /// QUIC handshakes in progress at once beyond which a new client must first prove
+    /// its address with a Retry (RFC 9000 §8.1), so that spoofed Initial packets cannot hold
+    /// handshake state (default 64; 0 validates every client). Counted in
+    /// [`RuntimeCounters::quic_retries`].
+    pub quic_retry_above: usize,
     /// Certificate, key and optional client CA of the TLS, QUIC and DTLS listeners.
     pub tls_config: Option<ServerTlsConfig>,
     /// Most stream connections (TCP and TLS, configured or not, handshaking included; QUIC
@@ -87,6 +92,7 @@ impl Default for ServerConfig {
             dtls: Vec::new(),
             dtls_max_half_open: 256,
             dtls_handshake_timeout: Duration::from_secs(5),
+            quic_retry_above: 64,
             tls_config: None,
             max_stream_connections: 1024,
             stream_queue_len: 1024,
@@ -190,6 +196,9 @@ pub struct RuntimeCounters {
     pub udp_send_errors: u64,
     /// QUIC handshakes that failed or timed out.
     pub quic_handshake_failures: u64,
+    /// New QUIC clients sent a Retry to prove their address (see
+    /// [`ServerConfig::quic_retry_above`]).
+    pub quic_retries: u64,
     /// Data envelopes sent as QUIC datagrams (RFC 9221) rather than on the QUIC stream.
     pub quic_datagrams_sent: u64,
     /// QUIC datagrams received (each one envelope).

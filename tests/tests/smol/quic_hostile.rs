@@ -241,3 +241,46 @@ fn a_client_without_quic_datagrams_gets_its_data_on_the_stream() {
     });
     smol::block_on(server.shutdown());
 }
+
+#[test]
+fn past_the_threshold_new_quic_clients_prove_their_address_with_a_retry() {
+    // The default threshold: one client handshakes at once.
+    let server = hostile_server();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config).await;
+        a.close().await;
+    });
+    assert_eq!(server.stats().runtime.quic_retries, 0);
+    smol::block_on(server.shutdown());
+
+    // Threshold 0: every client is sent a Retry first, and still gets its tunnel.
+    let mut config = server_config();
+    config.quic_retry_above = 0;
+    let server = smol::block_on(Server::start(config)).unwrap();
+    let config = tunnel_config(
+        server.local_addrs(),
+        server.tls_fingerprint(),
+        Transport::QUIC,
+    );
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        assert_eq!(
+            smol_flow(&a, &b, 10, false).await,
+            (0..10).collect::<Vec<_>>()
+        );
+        a.close().await;
+        b.close().await;
+    });
+    assert_eq!(
+        server.stats().runtime.quic_retries,
+        2,
+        "one Retry per client"
+    );
+    smol::block_on(server.shutdown());
+}
