@@ -2,7 +2,7 @@
 //! through a smol server on loopback: up over the offered transport and carrying packets both
 //! ways off the relay; a certificate that does not match the announced fingerprint keeps the
 //! flow on the relay; QUIC or DTLS datagrams from an unauthorised socket are counted and change
-//! nothing; a mixed offer agrees on plain UDP. Each transport's test runs the same helper and
+//! nothing; a mixed offer agrees on plain UDP. Each transport's test runs the same function and
 //! prints the peer setup time and the round trip against plain UDP.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
