@@ -53,13 +53,13 @@ pub(crate) struct ClientArgs {
     /// Opt the forwarded sockets in to peer tunneling.
     #[arg(long)]
     peer: bool,
-    /// The peer transport offered to other clients: plain signed UDP, or QUIC with a
+    /// The peer transport offered to other clients: plain signed UDP, or DTLS or QUIC with a
     /// self-signed certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1). A peer
-    /// tunnel runs over QUIC only when both clients offer it.
+    /// tunnel runs over DTLS or QUIC only when both clients offer the same one.
     #[arg(long, value_enum, default_value_t = PeerTransportArg::Udp)]
     peer_transport: PeerTransportArg,
-    /// Refuse peer tunnels that would not be secured (needs `--peer-transport quic`); their
-    /// flows stay on the relay.
+    /// Refuse peer tunnels that would not be secured (needs `--peer-transport dtls` or
+    /// `quic`); their flows stay on the relay.
     #[arg(long)]
     peer_require_secure: bool,
     /// A STUN server for NAT discovery of the peer socket (at most 8). Repeatable; without
@@ -87,10 +87,11 @@ pub(crate) enum TransportArg {
     Dtls,
 }
 
-/// The peer transports `tscf client` can offer (DTLS will join them).
+/// The peer transports `tscf client` can offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PeerTransportArg {
     Udp,
+    Dtls,
     Quic,
 }
 
@@ -98,6 +99,7 @@ impl PeerTransportArg {
     fn transport(self) -> Transport {
         match self {
             Self::Udp => Transport::UDP,
+            Self::Dtls => Transport::DTLS,
             Self::Quic => Transport::QUIC,
         }
     }
@@ -290,7 +292,7 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
         peer.transport = args.peer_transport.transport();
         if args.peer_require_secure {
             if args.peer_transport == PeerTransportArg::Udp {
-                return Err("--peer-require-secure needs --peer-transport quic".into());
+                return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
             }
             peer.require_secure = true;
         }

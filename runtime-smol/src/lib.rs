@@ -50,7 +50,7 @@
 //! opens a quinn client endpoint on a UDP socket of its own, a new one per attempt; it does
 //! not share the peer socket, so peer tunnels and NAT discovery still use the UDP socket.
 //!
-//! # QUIC peer tunnels
+//! # QUIC and DTLS peer tunnels
 //!
 //! With `client.peer.transport` set to [`Transport::QUIC`](tscf_core::wire::Transport), a
 //! [`Tunnel`] offers secured peer tunnels (`docs/PROTOCOL.md` §7.5.1). It presents a
@@ -60,7 +60,16 @@
 //! connected to (the rest is counted in [`TunnelStats::peer_quic_unauthorised`]), incoming
 //! connections are accepted only from authorised addresses with the initiator's certificate,
 //! and the initiator pins the destination's certificate. Envelopes travel as QUIC datagrams
-//! (ALPN `tscf-peer`). DTLS peer sessions are not offered yet (refused at connect).
+//! (ALPN `tscf-peer`).
+//!
+//! With [`Transport::DTLS`](tscf_core::wire::Transport) instead, the same certificate runs
+//! DTLS 1.2 peer sessions (rtc-dtls, as for DTLS server tunnels) through one DTLS endpoint on
+//! the peer UDP socket, driven under the client's lock: the UDP task feeds it only DTLS
+//! datagrams (first octet 20–63) from addresses the client authorised or connected to (the
+//! rest is counted in [`TunnelStats::peer_dtls_unauthorised`]), the initiator is the DTLS
+//! client and pins the destination's certificate, the destination requires the initiator's
+//! certificate, and each envelope travels as one application data record. Its handshake
+//! retransmissions and timeouts run on the tunnel's timer.
 //!
 //! # DTLS
 //!
@@ -116,6 +125,7 @@
 #![deny(missing_docs)]
 
 mod dtls;
+mod peer_dtls;
 mod peer_session;
 mod quic;
 mod server;

@@ -6,7 +6,9 @@
 //!
 //! The UDP socket carries the server tunnel when it runs over UDP, and is also the client's
 //! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
-//! peer tunnels ([`Destination::Peer`]).
+//! peer tunnels ([`Destination::Peer`]). Secured peer sessions share it too: QUIC ones
+//! through a quinn endpoint fed by the UDP task (`peer_session`), DTLS ones through a
+//! [`DtlsEndpoint`] the client drives under its lock (`peer_dtls`).
 //!
 //! A QUIC transport gets a quinn endpoint on a UDP socket of its own (a fresh one per attempt,
 //! so a re-attach comes from a new port), not the peer socket. So does a DTLS transport: a
@@ -41,6 +43,7 @@ use tscf_runtime_std::{
 
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck};
 use crate::lock;
+use crate::peer_dtls::{PeerDtls, PeerDtlsEvent};
 use crate::peer_session::{self, PeerSessions};
 use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
@@ -107,25 +110,30 @@ impl Tunnel {
             &config.client.servers,
         ))?);
         let mut peer_sessions = None;
+        let mut peer_dtls = None;
         if let Some(peer) = &mut config.client.peer {
-            match peer.transport {
-                Transport::UDP => {}
-                Transport::QUIC => {
-                    let identity = match config.peer_identity.take() {
-                        Some(identity) => identity,
-                        None => PeerIdentity::generate()?,
-                    };
-                    peer.certificate_fingerprint = Some(identity.fingerprint.0);
-                    peer_sessions = Some(PeerSessions::new(udp.clone(), identity)?);
-                }
+            let identity = match peer.transport {
+                Transport::UDP => None,
+                Transport::QUIC | Transport::DTLS => Some(match config.peer_identity.take() {
+                    Some(identity) => identity,
+                    None => PeerIdentity::generate()?,
+                }),
                 other => {
                     return Err(ConnectError::Io(io::Error::new(
                         io::ErrorKind::Unsupported,
                         format!(
                             "peer transport {other} is not supported by the smol runtime; \
-                             use UDP or QUIC"
+                             use UDP, DTLS or QUIC"
                         ),
                     )));
+                }
+            };
+            if let Some(identity) = identity {
+                peer.certificate_fingerprint = Some(identity.fingerprint.0);
+                if peer.transport == Transport::QUIC {
+                    peer_sessions = Some(PeerSessions::new(udp.clone(), identity)?);
+                } else {
+                    peer_dtls = Some(PeerDtls::new(udp.get_ref().local_addr()?, identity)?);
                 }
             }
         }
@@ -148,6 +156,7 @@ impl Tunnel {
                 generation: 0,
                 udp: udp.clone(),
                 peer_sessions,
+                peer_dtls,
                 peer_enabled,
                 peer_blocked: false,
                 default_opt_in,
@@ -310,12 +319,18 @@ impl Tunnel {
         }
     }
 
-    /// Test hook: present `identity` in the QUIC peer sessions opened or accepted from now on,
-    /// while the fingerprint announced stays the one of connect, as if the certificate were
-    /// swapped by someone on the path. Nothing without a QUIC peer transport.
+    /// Test hook: present `identity` in the QUIC or DTLS peer sessions opened or accepted
+    /// from now on, while the fingerprint announced stays the one of connect, as if the
+    /// certificate were swapped by someone on the path. Nothing without a secured peer
+    /// transport.
     #[doc(hidden)]
     pub fn present_peer_identity(&self, identity: PeerIdentity) {
-        if let Some(sessions) = &mut lock(&self.shared.state).peer_sessions {
+        let mut core = lock(&self.shared.state);
+        if let Some(dtls) = &mut core.peer_dtls {
+            // A key rtc-dtls cannot use leaves the identity as it was.
+            let _ = dtls.set_identity(identity.clone());
+        }
+        if let Some(sessions) = &mut core.peer_sessions {
             sessions.set_identity(identity);
         }
     }
@@ -376,6 +391,10 @@ impl Tunnel {
         if let Some(sessions) = &mut core.peer_sessions {
             sessions.close_all();
         }
+        if let Some(dtls) = &mut core.peer_dtls {
+            dtls.close_all(Instant::now());
+        }
+        core.flush_peer_dtls();
         for queue in core.sockets.values() {
             queue.close();
         }
@@ -401,6 +420,8 @@ pub(crate) struct ClientCore {
     udp: Arc<Async<UdpSocket>>,
     /// QUIC peer sessions, when the peer transport offered is QUIC.
     pub(crate) peer_sessions: Option<PeerSessions>,
+    /// DTLS peer sessions, when the peer transport offered is DTLS.
+    peer_dtls: Option<PeerDtls>,
     peer_enabled: bool,
     peer_blocked: bool,
     /// What an inner socket goes back to when it is dropped.
@@ -516,7 +537,9 @@ impl ClientCore {
                         self.stats.peer_blocked += 1;
                     }
                     Destination::PeerSession(to) => {
-                        if let Some(sessions) = &self.peer_sessions {
+                        if let Some(dtls) = &mut self.peer_dtls {
+                            dtls.send(now, to, &self.buf);
+                        } else if let Some(sessions) = &self.peer_sessions {
                             sessions.send(to, &self.buf);
                         }
                     }
@@ -524,9 +547,10 @@ impl ClientCore {
                 }
             }
             self.flush_dtls();
+            self.flush_peer_dtls();
             if let Some(event) = self.client.poll_event() {
                 self.on_event(now, event);
-            } else if !self.dtls_events(now) {
+            } else if !self.dtls_events(now) && !self.peer_dtls_event(now) {
                 break;
             }
         }
@@ -548,11 +572,18 @@ impl ClientCore {
                 return;
             }
             ClientEvent::OpenPeerSession {
-                path, fingerprint, ..
+                path,
+                transport,
+                fingerprint,
+                ..
             } => {
-                let opened = match (&mut self.peer_sessions, self.me.upgrade()) {
-                    (Some(sessions), Some(shared)) => sessions.open(shared, path, fingerprint),
-                    _ => Err("no QUIC peer sessions".to_owned()),
+                let opened = match (transport, &mut self.peer_sessions, &mut self.peer_dtls) {
+                    (Transport::DTLS, _, Some(dtls)) => dtls.open(now, path, fingerprint),
+                    (Transport::QUIC, Some(sessions), _) => match self.me.upgrade() {
+                        Some(shared) => sessions.open(shared, path, fingerprint),
+                        None => return,
+                    },
+                    _ => Err(format!("no {transport} peer sessions")),
                 };
                 if let Err(e) = opened {
                     tracing::debug!(%path, error = %e, "peer session not opened");
@@ -562,16 +593,32 @@ impl ClientCore {
                 return;
             }
             ClientEvent::AcceptPeerSession {
-                path, fingerprint, ..
+                path,
+                transport,
+                fingerprint,
+                ..
             } => {
-                if let Some(sessions) = &mut self.peer_sessions {
-                    sessions.authorise(path, fingerprint);
+                let authorised = match (transport, &mut self.peer_sessions, &mut self.peer_dtls) {
+                    (Transport::DTLS, _, Some(dtls)) => dtls.authorise(path, fingerprint),
+                    (Transport::QUIC, Some(sessions), _) => {
+                        sessions.authorise(path, fingerprint);
+                        Ok(())
+                    }
+                    _ => Err(format!("no {transport} peer sessions")),
+                };
+                if let Err(e) = authorised {
+                    tracing::debug!(%path, error = %e, "peer session not accepted");
+                    self.stats.peer_session_failures += 1;
+                    self.client.handle_peer_session_failed(now, path);
                 }
                 return;
             }
             ClientEvent::ClosePeerSession { path } => {
                 if let Some(sessions) = &mut self.peer_sessions {
                     sessions.close(path);
+                }
+                if let Some(dtls) = &mut self.peer_dtls {
+                    dtls.close(now, path);
                 }
                 return;
             }
@@ -729,6 +776,42 @@ impl ClientCore {
         any
     }
 
+    /// Sends what the DTLS peer sessions queued, on the peer socket.
+    fn flush_peer_dtls(&mut self) {
+        let Some(dtls) = &mut self.peer_dtls else {
+            return;
+        };
+        while let Some((to, datagram)) = dtls.poll_transmit() {
+            if self.peer_blocked {
+                self.stats.peer_blocked += 1;
+            } else {
+                let _ = self.udp.get_ref().send_to(&datagram, to);
+            }
+        }
+    }
+
+    /// Acts on one event of the DTLS peer sessions; false if there was none.
+    fn peer_dtls_event(&mut self, now: Instant) -> bool {
+        let Some(event) = self.peer_dtls.as_mut().and_then(|d| d.poll_event(now)) else {
+            return false;
+        };
+        match event {
+            PeerDtlsEvent::Open { path } => {
+                self.stats.peer_sessions_open += 1;
+                self.client.handle_peer_session_open(now, path);
+            }
+            PeerDtlsEvent::Failed { path, handshake } => {
+                self.stats.peer_session_failures += u64::from(handshake);
+                self.client.handle_peer_session_failed(now, path);
+            }
+            PeerDtlsEvent::Envelope { path, envelope } => {
+                self.client
+                    .handle_peer_session_datagram(now, path, &envelope);
+            }
+        }
+        true
+    }
+
     /// Sends what the DTLS transport queued (non-blocking sends; loss is DTLS's to repair).
     fn flush_dtls(&mut self) {
         if let Link::Dtls(link) = &mut self.link {
@@ -826,13 +909,22 @@ impl Timed for ClientCore {
             Link::Dtls(link) => link.endpoint.poll_timeout(),
             _ => None,
         };
-        self.client.poll_timeout().into_iter().chain(dtls).min()
+        let peer_dtls = self.peer_dtls.as_ref().and_then(PeerDtls::poll_timeout);
+        self.client
+            .poll_timeout()
+            .into_iter()
+            .chain(dtls)
+            .chain(peer_dtls)
+            .min()
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.client.handle_timeout(now);
         if let Link::Dtls(link) = &mut self.link {
             link.endpoint.handle_timeout(now);
+        }
+        if let Some(dtls) = &mut self.peer_dtls {
+            dtls.handle_timeout(now);
         }
         self.drain();
     }
@@ -1118,6 +1210,15 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
                 None => core.stats.peer_quic_unauthorised += 1,
             }
             continue;
+        } else if is_dtls(datagram) && core.peer_dtls.is_some() {
+            // Likewise DTLS: only from addresses the client authorised or opened a session to.
+            match core.peer_dtls.as_mut().filter(|d| d.admits(from)) {
+                Some(dtls) => dtls.handle_datagram(now, from, datagram),
+                None => {
+                    core.stats.peer_dtls_unauthorised += 1;
+                    continue;
+                }
+            }
         } else if core.peer_enabled {
             core.client.handle_peer_datagram(now, from, datagram);
         } else {
@@ -1127,4 +1228,9 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
         core.drain();
         shared.rearm(&mut core);
     }
+}
+
+/// Whether `datagram` is DTLS by its first octet (`docs/PROTOCOL.md` §2.4).
+fn is_dtls(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(20..=63))
 }

@@ -119,9 +119,9 @@ fn help_and_usage_errors() {
     assert!(text(&out.stderr).contains("--fingerprint"));
     let out = tscf(&["client", "--peer-require-secure", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--peer-transport quic"));
-    let out = tscf(&["client", "--peer-transport", "dtls", "--for", "1"]);
-    assert_eq!(out.status.code(), Some(2), "not offered yet");
+    assert!(text(&out.stderr).contains("--peer-transport dtls or quic"));
+    let out = tscf(&["client", "--peer-transport", "tcp", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2), "no peer transport over TCP");
     let out = tscf(&["client", "--transport", "dtls", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--fingerprint"));
@@ -329,6 +329,11 @@ fn two_clients_forward_local_udp_ports_over_a_peer_tunnel() {
 #[test]
 fn two_clients_forward_local_udp_ports_over_a_quic_peer_tunnel() {
     forward_over_a_peer_tunnel("forward-quic", "quic");
+}
+
+#[test]
+fn two_clients_forward_local_udp_ports_over_a_dtls_peer_tunnel() {
+    forward_over_a_peer_tunnel("forward-dtls", "dtls");
 }
 
 /// Two clients offering `peer_transport` forward local UDP ports to each other; the peer

@@ -216,9 +216,9 @@ pub struct TunnelStats {
     pub dtls_records_received: u64,
     /// Notifications dropped because nobody read them.
     pub notifications_dropped: u64,
-    /// QUIC peer sessions whose handshake finished (`tscf-runtime-smol` only).
+    /// QUIC or DTLS peer sessions whose handshake finished (`tscf-runtime-smol` only).
     pub peer_sessions_open: u64,
-    /// QUIC peer session handshakes that failed: a certificate that does not match the
+    /// QUIC or DTLS peer session handshakes that failed: a certificate that does not match the
     /// pinned fingerprint, a refusal, a timeout (`tscf-runtime-smol` only).
     pub peer_session_failures: u64,
     /// Incoming QUIC peer connections refused: from an address not authorised
@@ -230,6 +230,9 @@ pub struct TunnelStats {
     /// QUIC datagrams on the peer socket dropped because the endpoint's inbox was full
     /// (`tscf-runtime-smol` only).
     pub peer_quic_inbox_full: u64,
+    /// DTLS datagrams on the peer socket from addresses not authorised for a peer session,
+    /// dropped before the DTLS endpoint sees them (`tscf-runtime-smol` only).
+    pub peer_dtls_unauthorised: u64,
 }
 
 /// The notification the application sees for a client event; `None` for the events that are

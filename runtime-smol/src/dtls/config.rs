@@ -100,13 +100,11 @@ pub(crate) enum ClientCheck {
     /// It asks for one and, if given, verifies it against these roots (mutual TLS).
     Roots(RootCertStore),
     /// It requires one with this SHA-256 fingerprint (a peer tunnel's other end).
-    #[allow(dead_code)] // For peer tunnels; exercised by the tests.
     Pinned(Fingerprint),
 }
 
 /// A server-role configuration presenting `certificate` and checking the client as `check`
 /// says (for [`DtlsEndpoint::authorise`]; a listener uses an [`Acceptor`]).
-#[allow(dead_code)] // For peer tunnels; exercised by the tests.
 pub(crate) fn server_config(
     certificate: Certificate,
     check: ClientCheck,

@@ -1,5 +1,6 @@
 //! DTLS 1.2 associations with many remote addresses over one UDP socket (rtc-dtls: sans-IO,
-//! ring), for the server's DTLS listeners and a client's DTLS transport.
+//! ring), for the server's DTLS listeners, a client's DTLS transport and its DTLS peer
+//! sessions.
 //!
 //! [`DtlsEndpoint`] owns no socket and reads no clock: the caller feeds it each datagram whose
 //! first octet is a DTLS record (20..=63, `docs/PROTOCOL.md` §2.4) with
@@ -51,7 +52,6 @@ use rtc_dtls::endpoint::{Endpoint, EndpointEvent};
 use rtc_shared::TransportProtocol;
 use tscf_runtime_std::tls::constant_time_eq;
 
-#[allow(unused_imports)] // server_config: for peer tunnels and the tests.
 pub(crate) use config::{certificate, client_config, server_config, ClientCheck, PeerCheck};
 pub(crate) use cookie::Acceptor;
 use cookie::ClientHello;
@@ -191,7 +191,6 @@ impl DtlsEndpoint {
 
     /// Accepts a handshake (server role, with `config`, which may pin the peer's certificate)
     /// from `peer`, whose datagrams are dropped until then. Not counted against the cap.
-    #[allow(dead_code)] // The API for peer tunnels on a shared socket.
     pub(crate) fn authorise(&mut self, peer: SocketAddr, config: Arc<HandshakeConfig>) {
         self.authorised.insert(peer, config);
     }

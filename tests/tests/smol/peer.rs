@@ -1,8 +1,9 @@
-//! QUIC peer tunnels (`docs/PROTOCOL.md` §7.5.1) between two smol clients through a smol
-//! server on loopback: up over QUIC and carrying packets both ways off the relay; a certificate
-//! that does not match the announced fingerprint keeps the flow on the relay; QUIC datagrams
-//! from an unauthorised socket are counted and change nothing; a mixed offer agrees on plain
-//! UDP. Prints the peer setup time and the round trip, UDP against QUIC.
+//! Secured peer tunnels (`docs/PROTOCOL.md` §7.5.1), QUIC and DTLS, between two smol clients
+//! through a smol server on loopback: up over the offered transport and carrying packets both
+//! ways off the relay; a certificate that does not match the announced fingerprint keeps the
+//! flow on the relay; QUIC or DTLS datagrams from an unauthorised socket are counted and change
+//! nothing; a mixed offer agrees on plain UDP. Each transport's test runs the same function and
+//! prints the peer setup time and the round trip against plain UDP.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -34,14 +35,9 @@ fn ip(t: &Tunnel) -> IpAddr {
     IpAddr::V4(t.internal_ipv4().unwrap())
 }
 
-fn is_quic(p: PeerPath) -> bool {
-    matches!(
-        p,
-        PeerPath::Session {
-            transport: Transport::QUIC,
-            ..
-        }
-    )
+/// Whether `p` is a peer session over `transport`.
+fn is_session(p: PeerPath, transport: Transport) -> bool {
+    matches!(p, PeerPath::Session { transport: t, .. } if t == transport)
 }
 
 /// The setup time of the first peer tunnel `t` reported.
@@ -119,14 +115,19 @@ async fn pair(server: &ServerHandle, transport: Transport) -> (Tunnel, Tunnel, D
     (a, b, setup)
 }
 
-#[test]
-fn a_quic_peer_tunnel_carries_packets_both_ways_off_the_relay() {
+/// A peer tunnel over `secure` comes up, says so, and carries 100 packets each way with
+/// nothing relayed; prints its setup time and round trip against plain UDP.
+fn carries_packets_both_ways_off_the_relay(secure: Transport) {
     let server = smol_server();
     smol::block_on(async {
-        let (a, b, quic_setup) = pair(&server, Transport::QUIC).await;
-        assert!(is_quic(a.peer_path(ip(&b))), "{:?}", a.peer_path(ip(&b)));
-        assert!(is_quic(b.peer_path(ip(&a))));
-        assert_eq!(a.peer_tunnels()[0].session, Some(Transport::QUIC));
+        let (a, b, secure_setup) = pair(&server, secure).await;
+        assert!(
+            is_session(a.peer_path(ip(&b)), secure),
+            "{:?}",
+            a.peer_path(ip(&b))
+        );
+        assert!(is_session(b.peer_path(ip(&a)), secure));
+        assert_eq!(a.peer_tunnels()[0].session, Some(secure));
         assert!(a.stats().peer_sessions_open >= 1 && b.stats().peer_sessions_open >= 1);
 
         let before = relayed(&server);
@@ -141,12 +142,12 @@ fn a_quic_peer_tunnel_carries_packets_both_ways_off_the_relay() {
         assert_eq!(forward, (0..PACKETS).collect::<Vec<_>>());
         assert_eq!(back, (0..PACKETS).collect::<Vec<_>>());
         assert_eq!(relayed(&server) - before, 0, "nothing relayed");
-        assert!(is_quic(a.peer_path(ip(&b))), "still on QUIC");
+        assert!(is_session(a.peer_path(ip(&b)), secure), "still on {secure}");
         let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
         assert!(pa.data_received >= u64::from(PACKETS), "{pa:?}");
         assert!(pb.data_received >= u64::from(PACKETS), "{pb:?}");
         assert_eq!(pa.dropped_plain_on_secure + pb.dropped_plain_on_secure, 0);
-        let quic_rtt = rtt(&a, &b, 50).await;
+        let secure_rtt = rtt(&a, &b, 50).await;
         a.close().await;
         b.close().await;
 
@@ -156,26 +157,36 @@ fn a_quic_peer_tunnel_carries_packets_both_ways_off_the_relay() {
         a.close().await;
         b.close().await;
         println!(
-            "peer tunnel on loopback: setup UDP {:.1} ms, QUIC {:.1} ms; median RTT UDP \
-             {:.0} µs, QUIC {:.0} µs",
+            "peer tunnel on loopback: setup UDP {:.1} ms, {secure} {:.1} ms; median RTT UDP \
+             {:.0} µs, {secure} {:.0} µs",
             udp_setup.as_secs_f64() * 1e3,
-            quic_setup.as_secs_f64() * 1e3,
+            secure_setup.as_secs_f64() * 1e3,
             udp_rtt.as_secs_f64() * 1e6,
-            quic_rtt.as_secs_f64() * 1e6,
+            secure_rtt.as_secs_f64() * 1e6,
         );
     });
     smol::block_on(server.shutdown());
 }
 
 #[test]
-fn a_certificate_that_does_not_match_keeps_the_flow_on_the_relay() {
+fn a_quic_peer_tunnel_carries_packets_both_ways_off_the_relay() {
+    carries_packets_both_ways_off_the_relay(Transport::QUIC);
+}
+
+#[test]
+fn a_dtls_peer_tunnel_carries_packets_both_ways_off_the_relay() {
+    carries_packets_both_ways_off_the_relay(Transport::DTLS);
+}
+
+/// With `secure` offered, a certificate other than the announced one keeps the flow on the
+/// relay: first the destination presents it (the initiator's pin fails), then the initiator
+/// does (the destination's check fails).
+fn a_wrong_certificate_keeps_the_flow_on_the_relay(secure: Transport) {
     let server = smol_server();
-    // First the destination presents another certificate (the initiator's pin fails), then
-    // the initiator does (the destination's check fails).
     for liar_is_destination in [true, false] {
         smol::block_on(async {
-            let a = smol_tunnel(config(&server, Transport::QUIC)).await;
-            let b = smol_tunnel(config(&server, Transport::QUIC)).await;
+            let a = smol_tunnel(config(&server, secure)).await;
+            let b = smol_tunnel(config(&server, secure)).await;
             let liar = if liar_is_destination { &b } else { &a };
             liar.present_peer_identity(PeerIdentity::generate().unwrap());
             let before = relayed(&server);
@@ -196,34 +207,75 @@ fn a_certificate_that_does_not_match_keeps_the_flow_on_the_relay() {
 }
 
 #[test]
-fn quic_from_an_unauthorised_socket_is_counted_and_changes_nothing() {
+fn a_certificate_that_does_not_match_keeps_the_flow_on_the_relay() {
+    a_wrong_certificate_keeps_the_flow_on_the_relay(Transport::QUIC);
+}
+
+#[test]
+fn a_dtls_certificate_that_does_not_match_keeps_the_flow_on_the_relay() {
+    a_wrong_certificate_keeps_the_flow_on_the_relay(Transport::DTLS);
+}
+
+/// What a stranger sends at a `secure` peer session: for QUIC, long (Initial) and short
+/// headers; for DTLS, ClientHello records and application data records of epoch 1.
+fn stranger_datagram(secure: Transport, i: u8) -> Vec<u8> {
+    if secure == Transport::QUIC {
+        let mut datagram = vec![if i % 2 == 0 { 0xc3 } else { 0x43 }; 1200];
+        datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
+        return datagram;
+    }
+    let (content, epoch, body) = if i % 2 == 0 {
+        // A handshake record: ClientHello, message sequence 0, 100 octets of body.
+        let mut hello = vec![1, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 100];
+        hello.extend_from_slice(&[0xfe, 0xfd]);
+        hello.resize(12 + 100, i);
+        (22u8, 0u16, hello)
+    } else {
+        (23, 1, vec![i; 64])
+    };
+    let mut datagram = vec![content, 0xfe, 0xfd];
+    datagram.extend_from_slice(&epoch.to_be_bytes());
+    datagram.extend_from_slice(&[0, 0, 0, 0, 0, i]);
+    datagram.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    datagram.extend_from_slice(&body);
+    datagram
+}
+
+/// Datagrams of the `secure` session's protocol from a socket nobody authorised are counted
+/// and dropped, and the session goes on.
+fn unauthorised_datagrams_change_nothing(secure: Transport) {
     let server = smol_server();
     smol::block_on(async {
-        let (a, b, _) = pair(&server, Transport::QUIC).await;
+        let (a, b, _) = pair(&server, secure).await;
         let PeerPath::Session { addr: b_peer, .. } = a.peer_path(ip(&b)) else {
             panic!("not on a session: {:?}", a.peer_path(ip(&b)));
         };
-        // QUIC long headers (Initial) and short headers, from a stranger.
+        let unauthorised = |t: &Tunnel| match secure {
+            Transport::QUIC => t.stats().peer_quic_unauthorised,
+            _ => t.stats().peer_dtls_unauthorised,
+        };
+        let failures = b.stats().peer_session_failures;
         let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..100u8 {
-            let mut datagram = vec![if i % 2 == 0 { 0xc3 } else { 0x43 }; 1200];
-            datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
-            stranger.send_to(&datagram, b_peer).unwrap();
+            stranger
+                .send_to(&stranger_datagram(secure, i), b_peer)
+                .unwrap();
             // Paced, so that a loaded machine's socket buffer keeps them all.
             smol::Timer::after(Duration::from_millis(2)).await;
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        while b.stats().peer_quic_unauthorised < 100 && Instant::now() < deadline {
+        while unauthorised(&b) < 100 && Instant::now() < deadline {
             smol::Timer::after(Duration::from_millis(10)).await;
         }
-        let counted = b.stats().peer_quic_unauthorised;
+        let counted = unauthorised(&b);
         assert!((90..=100).contains(&counted), "{counted} of 100 counted");
         assert_eq!(b.stats().peer_sessions_refused, 0, "quinn never saw them");
+        assert_eq!(b.stats().peer_session_failures, failures);
         let before = relayed(&server);
         let got = smol_flow(&a, &b, PACKETS, true).await;
         assert_eq!(got, (0..PACKETS).collect::<Vec<_>>());
         assert_eq!(relayed(&server) - before, 0);
-        assert!(is_quic(b.peer_path(ip(&a))));
+        assert!(is_session(b.peer_path(ip(&a)), secure));
         assert_eq!(b.stats().client.peer.fallbacks, 0);
         a.close().await;
         b.close().await;
@@ -232,11 +284,21 @@ fn quic_from_an_unauthorised_socket_is_counted_and_changes_nothing() {
 }
 
 #[test]
-fn a_mixed_offer_agrees_on_plain_udp() {
+fn quic_from_an_unauthorised_socket_is_counted_and_changes_nothing() {
+    unauthorised_datagrams_change_nothing(Transport::QUIC);
+}
+
+#[test]
+fn dtls_from_an_unauthorised_socket_is_counted_and_changes_nothing() {
+    unauthorised_datagrams_change_nothing(Transport::DTLS);
+}
+
+/// Clients offering `offers` agree on a plain UDP peer tunnel.
+fn mixed_offer_agrees_on_plain_udp(offers: (Transport, Transport)) {
     let server = smol_server();
     smol::block_on(async {
-        let a = smol_tunnel(config(&server, Transport::QUIC)).await;
-        let b = smol_tunnel(config(&server, Transport::UDP)).await;
+        let a = smol_tunnel(config(&server, offers.0)).await;
+        let b = smol_tunnel(config(&server, offers.1)).await;
         let got = smol_flow(&a, &b, PACKETS, true).await;
         assert_eq!(got.len(), PACKETS as usize);
         assert!(until_up(&a, &b).await);
@@ -244,8 +306,19 @@ fn a_mixed_offer_agrees_on_plain_udp() {
         assert!(matches!(b.peer_path(ip(&a)), PeerPath::Peer(_)));
         assert_eq!(a.peer_tunnels()[0].session, None);
         assert_eq!(a.stats().peer_sessions_open, 0);
+        assert_eq!(b.stats().peer_sessions_open, 0);
         a.close().await;
         b.close().await;
     });
     smol::block_on(server.shutdown());
+}
+
+#[test]
+fn a_mixed_offer_agrees_on_plain_udp() {
+    mixed_offer_agrees_on_plain_udp((Transport::QUIC, Transport::UDP));
+}
+
+#[test]
+fn a_dtls_and_a_quic_offer_agree_on_plain_udp() {
+    mixed_offer_agrees_on_plain_udp((Transport::DTLS, Transport::QUIC));
 }
