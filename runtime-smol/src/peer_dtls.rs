@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use rtc_dtls::crypto::Certificate;
 use tscf_runtime_std::tls::{constant_time_eq, Fingerprint, PeerIdentity, TlsConfigError};
 
-use crate::dtls::{self, ClientCheck, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck};
+use crate::dtls::{
+    self, ClientCheck, DtlsCounters, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck,
+};
 
 /// Bound of one handshake (the core's establishment timeout is the real limit).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -136,6 +138,12 @@ impl PeerDtls {
         for path in paths {
             self.close(now, path);
         }
+    }
+
+    /// The endpoint's counters (its drops of hostile or stale input among them).
+    #[must_use]
+    pub(crate) fn counters(&self) -> DtlsCounters {
+        self.endpoint.counters()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.

@@ -260,6 +260,11 @@ impl Tunnel {
         let core = lock(&self.shared.state);
         let mut stats = core.stats;
         stats.client = *core.client.stats();
+        if let Some(dtls) = &core.peer_dtls {
+            let counters = dtls.counters();
+            stats.peer_dtls_bad_records = counters.bad_records;
+            stats.peer_dtls_unknown_source = counters.unknown_source;
+        }
         stats
     }
 
@@ -333,6 +338,13 @@ impl Tunnel {
         if let Some(sessions) = &mut core.peer_sessions {
             sessions.set_identity(identity);
         }
+    }
+
+    /// Test hook: sends `datagram` to `to` from the peer socket, as someone able to spoof its
+    /// address would.
+    #[doc(hidden)]
+    pub fn send_from_peer_socket(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<usize> {
+        lock(&self.shared.state).udp.get_ref().send_to(datagram, to)
     }
 
     /// Test hook: forgets the DTLS association with the server without telling it, as a

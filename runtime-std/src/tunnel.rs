@@ -233,6 +233,14 @@ pub struct TunnelStats {
     /// DTLS datagrams on the peer socket from addresses not authorised for a peer session,
     /// dropped before the DTLS endpoint sees them (`tscf-runtime-smol` only).
     pub peer_dtls_unauthorised: u64,
+    /// Datagrams from an authorised address that the DTLS peer endpoint refused: records an
+    /// established session could not authenticate, forged `ChangeCipherSpec` records, plaintext
+    /// handshake records after the handshake or past its bound, and datagrams that are no DTLS
+    /// record (`tscf-runtime-smol` only).
+    pub peer_dtls_bad_records: u64,
+    /// Datagrams from an authorised address without a DTLS session that do not start an
+    /// allowed handshake (`tscf-runtime-smol` only).
+    pub peer_dtls_unknown_source: u64,
 }
 
 /// The notification the application sees for a client event; `None` for the events that are

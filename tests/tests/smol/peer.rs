@@ -322,3 +322,75 @@ fn a_mixed_offer_agrees_on_plain_udp() {
 fn a_dtls_and_a_quic_offer_agree_on_plain_udp() {
     mixed_offer_agrees_on_plain_udp((Transport::DTLS, Transport::QUIC));
 }
+
+/// Forged DTLS records from the peers' own sockets (as someone able to spoof their addresses
+/// would send them) reach the DTLS endpoints, which count and drop them: `ChangeCipherSpec`
+/// records of epoch 1 at the destination, handshake records (a ClientHello) at the initiator,
+/// whose handshake is over. The session goes on.
+#[test]
+fn forged_dtls_records_from_an_authorised_address_are_counted_and_change_nothing() {
+    let server = smol_server();
+    smol::block_on(async {
+        let (a, b, _) = pair(&server, Transport::DTLS).await;
+        let PeerPath::Session { addr: b_peer, .. } = a.peer_path(ip(&b)) else {
+            panic!("not on a session: {:?}", a.peer_path(ip(&b)));
+        };
+        let PeerPath::Session { addr: a_peer, .. } = b.peer_path(ip(&a)) else {
+            panic!("not on a session: {:?}", b.peer_path(ip(&a)));
+        };
+        let (before_a, before) = (a.stats(), b.stats());
+        assert_eq!(before.peer_dtls_bad_records, 0, "{before:?}");
+        assert_eq!(before_a.peer_dtls_bad_records, 0, "{before_a:?}");
+        for i in 0..25u8 {
+            // A ChangeCipherSpec record of epoch 1, to the destination.
+            let mut ccs = stranger_datagram(Transport::DTLS, 1);
+            ccs[0] = 20;
+            ccs.truncate(13);
+            ccs.push(1);
+            ccs[11..13].copy_from_slice(&1u16.to_be_bytes());
+            a.send_from_peer_socket(b_peer, &ccs).unwrap();
+            // A ClientHello record, to the initiator.
+            b.send_from_peer_socket(a_peer, &stranger_datagram(Transport::DTLS, 2 * i))
+                .unwrap();
+            smol::Timer::after(Duration::from_millis(2)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let counted = || {
+            (
+                b.stats().peer_dtls_bad_records,
+                a.stats().peer_dtls_bad_records,
+            )
+        };
+        while counted() != (25, 25) && Instant::now() < deadline {
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        let (after_a, after) = (a.stats(), b.stats());
+        println!(
+            "forged DTLS records counted as bad: {} of 25 ChangeCipherSpec at the destination, \
+             {} of 25 ClientHello at the initiator",
+            after.peer_dtls_bad_records, after_a.peer_dtls_bad_records
+        );
+        assert!(
+            (22..=25).contains(&after.peer_dtls_bad_records),
+            "{after:?}"
+        );
+        assert!(
+            (22..=25).contains(&after_a.peer_dtls_bad_records),
+            "{after_a:?}"
+        );
+        assert_eq!(
+            after_a.peer_session_failures,
+            before_a.peer_session_failures
+        );
+        assert_eq!(after.peer_dtls_unauthorised, before.peer_dtls_unauthorised);
+        assert_eq!(after.peer_session_failures, before.peer_session_failures);
+        let relayed_before = relayed(&server);
+        let got = smol_flow(&a, &b, PACKETS, true).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>());
+        assert_eq!(relayed(&server) - relayed_before, 0);
+        assert!(is_session(b.peer_path(ip(&a)), Transport::DTLS));
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
