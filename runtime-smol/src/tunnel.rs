@@ -541,9 +541,10 @@ impl ClientCore {
                 match t.destination {
                     Destination::Server => self.send_to_server(),
                     Destination::Peer(_) if self.peer_blocked => self.stats.peer_blocked += 1,
-                    // Loss on a peer path is the core's to notice.
+                    // Loss on a peer path is the core's to notice; a failed send is counted.
                     Destination::Peer(to) => {
-                        let _ = self.udp.get_ref().send_to(&self.buf, to);
+                        let sent = self.udp.get_ref().send_to(&self.buf, to);
+                        self.stats.peer_send_errors += u64::from(sent.is_err());
                     }
                     Destination::PeerSession(_) if self.peer_blocked => {
                         self.stats.peer_blocked += 1;
@@ -796,8 +797,8 @@ impl ClientCore {
         while let Some((to, datagram)) = dtls.poll_transmit() {
             if self.peer_blocked {
                 self.stats.peer_blocked += 1;
-            } else {
-                let _ = self.udp.get_ref().send_to(&datagram, to);
+            } else if self.udp.get_ref().send_to(&datagram, to).is_err() {
+                self.stats.peer_send_errors += 1;
             }
         }
     }

@@ -241,6 +241,11 @@ pub struct TunnelStats {
     /// Datagrams from an authorised address without a DTLS session that do not start an
     /// allowed handshake (`tscf-runtime-smol` only).
     pub peer_dtls_unknown_source: u64,
+    /// Datagrams the peer socket failed to send, each a counted loss: above all those larger
+    /// than one UDP datagram may be (65 507 octets over IPv4), which a data envelope of the
+    /// largest inner packets is inside a DTLS record (`docs/PROTOCOL.md` §7.5.1)
+    /// (`tscf-runtime-smol` only).
+    pub peer_send_errors: u64,
 }
 
 /// The notification the application sees for a client event; `None` for the events that are
