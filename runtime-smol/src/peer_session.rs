@@ -175,6 +175,19 @@ pub(crate) struct PeerSessions {
     next_id: u64,
 }
 
+/// How [`PeerSessions::send`] sent an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// As one QUIC datagram.
+    Datagram,
+    /// Queued for the session's stream: the peer takes no datagram that large, or none.
+    Stream,
+    /// Dropped: the session's stream queue is full.
+    StreamFull,
+    /// Dropped: no open session on that path.
+    NotOpen,
+}
+
 /// One session: its id (so that a stale task stays quiet), its connection once the handshake
 /// is done, and its task's queue for envelopes that go on the stream.
 #[derive(Debug)]
@@ -258,21 +271,24 @@ impl PeerSessions {
 
     /// Sends one envelope inside the session on `path`: a QUIC datagram when it fits, else on
     /// the session's stream. Nothing when the session is not open (the core notices loss).
-    pub(crate) fn send(&self, path: SocketAddr, envelope: &[u8]) -> bool {
+    pub(crate) fn send(&self, path: SocketAddr, envelope: &[u8]) -> Sent {
         let Some(Session {
             conn: Some((conn, tx)),
             ..
         }) = self.sessions.get(&path)
         else {
-            return false;
+            return Sent::NotOpen;
         };
         let fits = conn
             .max_datagram_size()
             .is_some_and(|max| envelope.len() <= max);
         if fits && conn.send_datagram(Bytes::copy_from_slice(envelope)).is_ok() {
-            return true;
+            return Sent::Datagram;
         }
-        tx.try_send(Outgoing::Envelope(envelope.to_vec())).is_ok()
+        match tx.try_send(Outgoing::Envelope(envelope.to_vec())) {
+            Ok(()) => Sent::Stream,
+            Err(_) => Sent::StreamFull,
+        }
     }
 
     /// Initiator: connects to `path`, accepting only the certificate `fingerprint`. The

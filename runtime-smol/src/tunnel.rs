@@ -44,7 +44,7 @@ use tscf_runtime_std::{
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck};
 use crate::lock;
 use crate::peer_dtls::{PeerDtls, PeerDtlsEvent};
-use crate::peer_session::{self, PeerSessions};
+use crate::peer_session::{self, PeerSessions, Sent};
 use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
@@ -553,7 +553,11 @@ impl ClientCore {
                         if let Some(dtls) = &mut self.peer_dtls {
                             dtls.send(now, to, &self.buf);
                         } else if let Some(sessions) = &self.peer_sessions {
-                            sessions.send(to, &self.buf);
+                            match sessions.send(to, &self.buf) {
+                                Sent::Stream => self.stats.peer_quic_stream_envelopes += 1,
+                                Sent::StreamFull => self.stats.peer_quic_stream_full += 1,
+                                Sent::Datagram | Sent::NotOpen => {}
+                            }
                         }
                     }
                     _ => {}

@@ -246,6 +246,12 @@ pub struct TunnelStats {
     /// largest inner packets is inside a DTLS record (`docs/PROTOCOL.md` §7.5.1)
     /// (`tscf-runtime-smol` only).
     pub peer_send_errors: u64,
+    /// Envelopes a QUIC peer session sent on its stream because the peer takes no QUIC
+    /// datagram that large, or none (`tscf-runtime-smol` only).
+    pub peer_quic_stream_envelopes: u64,
+    /// Envelopes dropped because a QUIC peer session's stream queue was full
+    /// (`tscf-runtime-smol` only).
+    pub peer_quic_stream_full: u64,
 }
 
 /// The notification the application sees for a client event; `None` for the events that are

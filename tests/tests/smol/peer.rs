@@ -499,3 +499,33 @@ fn full_size_packets_cross_a_quic_peer_tunnel() {
 fn full_size_packets_cross_a_dtls_peer_tunnel_or_are_counted() {
     full_size_packets_cross_a_secured_peer_tunnel(Transport::DTLS);
 }
+
+/// A QUIC peer session sends an envelope no QUIC datagram can hold on its stream: 20 packets
+/// of 8000 octets and 20 of the largest size all take the stream and arrive whole and in
+/// order, while 160-octet packets before and after still go as QUIC datagrams. Packets of 1200
+/// octets arrive too; whether they fit a datagram depends on the path MTU quinn found, so how
+/// many took the stream is printed, not asserted.
+#[test]
+fn large_envelopes_take_the_quic_peer_session_stream() {
+    let server = smol_server();
+    smol::block_on(async {
+        let (a, b, _) = pair(&server, Transport::QUIC).await;
+        let stream = |t: &Tunnel| t.stats().peer_quic_stream_envelopes;
+        for (k, size) in [160, 1200, 8000, LARGEST, 160].into_iter().enumerate() {
+            let (before, relayed_before) = (stream(&a), relayed(&server));
+            let got = sized_flow(&a, &b, 6100 + k as u16, size, 20).await;
+            let on_stream = stream(&a) - before;
+            println!("QUIC peer session, {size} octets: {on_stream} of 20 on the stream");
+            assert_eq!(got, (0..20).collect::<Vec<_>>(), "{size}");
+            if size != 1200 {
+                assert_eq!(on_stream, if size > 1500 { 20 } else { 0 }, "{size}");
+            }
+            assert_eq!(relayed(&server) - relayed_before, 0);
+        }
+        assert_eq!(a.stats().peer_quic_stream_full, 0);
+        assert!(is_session(a.peer_path(ip(&b)), Transport::QUIC));
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
