@@ -317,13 +317,20 @@ impl PeerSessions {
     }
 
     /// Destination: an incoming connection. Accepted only from an authorised address, pinned
-    /// to the fingerprint authorised for it; refused (and counted) otherwise.
+    /// to the fingerprint authorised for it, and only while no session on that address is
+    /// open (a new handshake from the address of an open session is someone replaying or
+    /// spoofing it: the initiator never opens a second one); refused (and counted) otherwise.
+    /// A handshake still in progress is replaced by a newer one from its address.
     pub(crate) fn accept(
         &mut self,
         shared: Arc<Shared<ClientCore>>,
         incoming: quinn::Incoming,
     ) -> bool {
         let path = incoming.remote_address();
+        if self.sessions.get(&path).is_some_and(|s| s.conn.is_some()) {
+            incoming.refuse();
+            return false;
+        }
         let Some(fingerprint) = self.authorised.get(&path).copied() else {
             incoming.refuse();
             return false;

@@ -6,10 +6,12 @@
 //! prints the peer setup time and the round trip against plain UDP.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tscf_core::client::{PeerPath, PeerTunnelState};
 use tscf_core::wire::Transport;
+use tscf_runtime_smol::tls::{self, ClientTlsConfig};
 use tscf_runtime_smol::{Notification, PeerIdentity, ServerHandle, Tunnel, TunnelConfig};
 
 use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config};
@@ -524,6 +526,78 @@ fn large_envelopes_take_the_quic_peer_session_stream() {
         }
         assert_eq!(a.stats().peer_quic_stream_full, 0);
         assert!(is_session(a.peer_path(ip(&b)), Transport::QUIC));
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
+
+/// The first datagram of a QUIC handshake for a peer session (a quinn client's Initial),
+/// captured at a socket of ours: what someone able to spoof a peer's address would replay.
+fn captured_initial(server: &ServerHandle) -> Vec<u8> {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let pinned = ClientTlsConfig::pinned(server.tls_fingerprint().unwrap());
+    let mut rustls_config = (*tls::client_config(&pinned).unwrap()).clone();
+    rustls_config.alpn_protocols = vec![b"tscf-peer".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_config).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let _connecting = endpoint
+        .connect_with(config, sink.local_addr().unwrap(), "tscf-peer")
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = sink.recv_from(&mut buf).unwrap();
+    endpoint.close(0u32.into(), b"");
+    buf[..n].to_vec()
+}
+
+/// A QUIC handshake that someone able to spoof the initiator's address starts while the
+/// session is up (a replayed Initial from the initiator's own peer socket) is refused and
+/// counted: it does not replace the open session, which goes on carrying the flow.
+#[test]
+fn a_spoofed_quic_handshake_does_not_replace_an_open_peer_session() {
+    let server = smol_server();
+    let initial = captured_initial(&server);
+    assert!(
+        initial.len() >= 1200,
+        "an Initial: {} octets",
+        initial.len()
+    );
+    smol::block_on(async {
+        let (a, b, _) = pair(&server, Transport::QUIC).await;
+        let PeerPath::Session { addr: b_peer, .. } = a.peer_path(ip(&b)) else {
+            panic!("not on a session: {:?}", a.peer_path(ip(&b)));
+        };
+        let before = b.stats();
+        a.send_from_peer_socket(b_peer, &initial).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while b.stats().peer_sessions_refused == before.peer_sessions_refused
+            && Instant::now() < deadline
+        {
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        let after = b.stats();
+        println!(
+            "spoofed QUIC Initial: refused {}, session failures {}, peer tunnels down {}",
+            after.peer_sessions_refused - before.peer_sessions_refused,
+            after.peer_session_failures - before.peer_session_failures,
+            after.client.peer.fallbacks - before.client.peer.fallbacks,
+        );
+        assert_eq!(
+            after.peer_sessions_refused,
+            before.peer_sessions_refused + 1
+        );
+        let relayed_before = relayed(&server);
+        let got = smol_flow(&a, &b, PACKETS, true).await;
+        assert_eq!(got, (0..PACKETS).collect::<Vec<_>>());
+        assert_eq!(relayed(&server) - relayed_before, 0, "nothing relayed");
+        assert!(is_session(b.peer_path(ip(&a)), Transport::QUIC));
+        assert!(is_session(a.peer_path(ip(&b)), Transport::QUIC));
+        assert_eq!(
+            b.stats().client.peer.tunnels_up,
+            before.client.peer.tunnels_up
+        );
         a.close().await;
         b.close().await;
     });
