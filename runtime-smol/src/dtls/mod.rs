@@ -259,6 +259,18 @@ impl DtlsEndpoint {
         self.flush(from);
         match result {
             Ok(events) => {
+                // rtc-dtls drops, without an error, application data records it cannot
+                // authenticate (or has seen): count those an established association took
+                // without delivering.
+                let delivered = events
+                    .iter()
+                    .filter(|e| matches!(e, EndpointEvent::ApplicationData(_)))
+                    .count();
+                if established {
+                    self.counters.bad_records += records
+                        .application_data
+                        .saturating_sub(u64::try_from(delivered).unwrap_or(u64::MAX));
+                }
                 for event in events {
                     self.on_event(from, event);
                 }
@@ -533,15 +545,19 @@ struct RecordScan {
     /// encrypted), so one with the association's current epoch would move it to the next
     /// epoch and it would never read the peer's records again.
     epoch_change: bool,
+    /// Application data records of an epoch above 0.
+    application_data: u64,
 }
 
 impl RecordScan {
     fn of(mut datagram: &[u8]) -> Self {
         const RECORD_HEADER: usize = 13;
         const CHANGE_CIPHER_SPEC: u8 = 20;
+        const APPLICATION_DATA: u8 = 23;
         let mut scan = Self {
             plaintext: false,
             epoch_change: false,
+            application_data: 0,
         };
         while !datagram.is_empty() {
             if datagram.len() < RECORD_HEADER {
@@ -551,6 +567,7 @@ impl RecordScan {
             let epoch_zero = datagram[3..5] == [0, 0];
             scan.plaintext |= epoch_zero;
             scan.epoch_change |= datagram[0] == CHANGE_CIPHER_SPEC && !epoch_zero;
+            scan.application_data += u64::from(datagram[0] == APPLICATION_DATA && !epoch_zero);
             let length = usize::from(u16::from_be_bytes([datagram[11], datagram[12]]));
             datagram = datagram.get(RECORD_HEADER + length..).unwrap_or_default();
         }
