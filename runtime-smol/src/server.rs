@@ -21,9 +21,9 @@ use smol::Task;
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorEvent, SessionDirector, TunnelSummary,
 };
-use tscf_core::stun;
 use tscf_core::wire::Transport;
 use tscf_runtime_std::tls::{self, Fingerprint, TlsConfigError};
+use tscf_runtime_std::udp::{self, Demux, UdpPeers};
 use tscf_runtime_std::{
     os_seed, LocalAddrs, RuntimeCounters, ServerConfig, ServerStats, StartError,
 };
@@ -174,7 +174,7 @@ impl Server {
                 state: Mutex::new(ServerCore {
                     director,
                     routes: HashMap::new(),
-                    udp_peers: HashMap::new(),
+                    udp_peers: UdpPeers::new(),
                     dtls: dtls_sites,
                     dtls_peers: HashMap::new(),
                     next_handle: 0,
@@ -396,7 +396,7 @@ struct ServerInner {
 struct ServerCore {
     director: SessionDirector,
     routes: HashMap<ConnectionHandle, Route>,
-    udp_peers: HashMap<(SocketAddr, SocketAddr), ConnectionHandle>,
+    udp_peers: UdpPeers,
     /// The DTLS listeners and their associations.
     dtls: Vec<DtlsSite>,
     /// The director connection of each established DTLS association (listener, remote).
@@ -572,7 +572,7 @@ impl ServerCore {
                         tx.close();
                     }
                     Some(Route::Udp { local, peer, .. }) => {
-                        self.udp_peers.remove(&(local, peer));
+                        self.udp_peers.remove(local, peer);
                     }
                     Some(Route::Dtls { site, peer }) => {
                         self.dtls_peers.remove(&(site, peer));
@@ -587,8 +587,7 @@ impl ServerCore {
     }
 
     fn handle(&mut self) -> ConnectionHandle {
-        self.next_handle += 1;
-        ConnectionHandle(self.next_handle)
+        fresh_handle(&mut self.next_handle)
     }
 }
 
@@ -891,51 +890,40 @@ impl ServerInner {
                 continue;
             };
             let datagram = &buf[..n];
-            match datagram.first() {
-                Some(0..=3) => {
-                    if stun::is_stun(datagram)
-                        && stun::answer_binding_request(datagram, from, &mut answer).is_ok()
-                    {
-                        bump(&self.counters.stun_answered);
-                        if socket.get_ref().send_to(&answer, from).is_err() {
-                            bump(&self.counters.udp_send_errors);
-                        }
-                    } else {
-                        bump(&self.counters.udp_dropped);
+            match udp::demux(datagram, from, &mut answer) {
+                Demux::Answer => {
+                    bump(&self.counters.stun_answered);
+                    if socket.get_ref().send_to(&answer, from).is_err() {
+                        bump(&self.counters.udp_send_errors);
                     }
                 }
-                Some(4 | 5) => {
-                    let mut core = lock(&self.shared.state);
+                Demux::Envelope => {
+                    let mut guard = lock(&self.shared.state);
+                    let core = &mut *guard;
                     if core.stopped {
                         continue;
                     }
-                    let now = Instant::now();
-                    let handle = match core.udp_peers.get(&(local, from)) {
-                        Some(h) => *h,
-                        None => {
-                            let h = core.handle();
-                            core.udp_peers.insert((local, from), h);
-                            let route = Route::Udp {
-                                socket: socket.clone(),
-                                local,
-                                peer: from,
-                            };
-                            core.routes.insert(h, route);
-                            let info = ConnectionInfo {
-                                transport: Transport::UDP,
-                                remote: from,
-                                verified_identity: false,
-                            };
-                            // Handles are fresh, so the director cannot know this one.
-                            let _ = core.director.handle_connect(now, h, info);
-                            h
-                        }
-                    };
-                    core.director.handle_datagram(now, handle, datagram);
+                    let next_handle = &mut core.next_handle;
+                    let new = core.udp_peers.handle_datagram(
+                        &mut core.director,
+                        Instant::now(),
+                        local,
+                        from,
+                        datagram,
+                        || fresh_handle(next_handle),
+                    );
+                    if let Some(h) = new {
+                        let route = Route::Udp {
+                            socket: socket.clone(),
+                            local,
+                            peer: from,
+                        };
+                        core.routes.insert(h, route);
+                    }
                     core.drain();
-                    self.shared.rearm(&mut core);
+                    self.shared.rearm(core);
                 }
-                _ => bump(&self.counters.udp_dropped),
+                Demux::Drop => bump(&self.counters.udp_dropped),
             }
         }
     }
@@ -997,6 +985,12 @@ impl Counters {
         r.quic_datagrams_received = get(&self.quic_datagrams_received);
         r
     }
+}
+
+/// The next connection handle of a counter that only grows.
+fn fresh_handle(next: &mut u64) -> ConnectionHandle {
+    *next += 1;
+    ConnectionHandle(*next)
 }
 
 fn bump(counter: &AtomicU64) {

@@ -18,6 +18,9 @@
 //!   configuration builders ([`tls::server_config`], [`tls::client_config`]) and [`os_seed`]
 //!   hold no I/O, so `tscf-runtime-smol` uses them as they are, with these configuration,
 //!   statistics and notification types.
+//! - [`inner`] and [`udp`]: the parts of an inner socket and of a server's UDP listener that
+//!   do not depend on how a runtime waits (packet building and parsing; STUN or envelope, and
+//!   which director connection a UDP remote is), shared with `tscf-runtime-smol`.
 //!
 //! # Threads and limits
 //!
@@ -90,6 +93,7 @@ mod stream;
 mod timer;
 pub mod tls;
 mod tunnel;
+pub mod udp;
 
 pub use peer_stream::PeerStreamListen;
 pub use server::{

@@ -19,12 +19,12 @@ use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, DirectorConfigError, DirectorEvent,
     DirectorStats, SessionDirector, TunnelSummary,
 };
-use tscf_core::stun;
 use tscf_core::wire::{Envelope, Transport};
 
 use crate::stream::{self, StreamError, StreamWriter};
 use crate::timer::{Shared, Timed};
 use crate::tls::{self, Fingerprint, ServerIdentity, ServerTlsConfig, TlsConfigError};
+use crate::udp::{self, Demux, UdpPeers};
 use crate::{lock, os_seed};
 
 /// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
@@ -319,7 +319,7 @@ impl Server {
                 state: Mutex::new(ServerCore {
                     director,
                     routes: HashMap::new(),
-                    udp_peers: HashMap::new(),
+                    udp_peers: UdpPeers::new(),
                     next_handle: 0,
                     buf: Vec::new(),
                     stopped: false,
@@ -506,7 +506,7 @@ struct ServerInner {
 struct ServerCore {
     director: SessionDirector,
     routes: HashMap<ConnectionHandle, Route>,
-    udp_peers: HashMap<(SocketAddr, SocketAddr), ConnectionHandle>,
+    udp_peers: UdpPeers,
     next_handle: u64,
     buf: Vec<u8>,
     stopped: bool,
@@ -559,7 +559,7 @@ impl ServerCore {
                     }
                     Some(Route::Udp { socket, peer }) => {
                         if let Ok(local) = socket.local_addr() {
-                            self.udp_peers.remove(&(local, peer));
+                            self.udp_peers.remove(local, peer);
                         }
                     }
                     _ => {}
@@ -569,8 +569,7 @@ impl ServerCore {
     }
 
     fn handle(&mut self) -> ConnectionHandle {
-        self.next_handle += 1;
-        ConnectionHandle(self.next_handle)
+        fresh_handle(&mut self.next_handle)
     }
 }
 
@@ -741,52 +740,39 @@ impl ServerInner {
                 continue;
             };
             let datagram = &buf[..n];
-            match datagram.first() {
-                Some(0..=3) => {
-                    if stun::is_stun(datagram)
-                        && stun::answer_binding_request(datagram, from, &mut answer).is_ok()
-                    {
-                        bump(&self.counters.stun_answered);
-                        if socket.send_to(&answer, from).is_err() {
-                            bump(&self.counters.udp_send_errors);
-                        }
-                    } else {
-                        bump(&self.counters.udp_dropped);
+            match udp::demux(datagram, from, &mut answer) {
+                Demux::Answer => {
+                    bump(&self.counters.stun_answered);
+                    if socket.send_to(&answer, from).is_err() {
+                        bump(&self.counters.udp_send_errors);
                     }
                 }
-                Some(4 | 5) => {
-                    let mut core = lock(&self.shared.state);
+                Demux::Envelope => {
+                    let mut guard = lock(&self.shared.state);
+                    let core = &mut *guard;
                     if core.stopped {
                         continue;
                     }
-                    let now = Instant::now();
-                    let handle = match core.udp_peers.get(&(local, from)) {
-                        Some(h) => *h,
-                        None => {
-                            let h = core.handle();
-                            core.udp_peers.insert((local, from), h);
-                            core.routes.insert(
-                                h,
-                                Route::Udp {
-                                    socket: socket.clone(),
-                                    peer: from,
-                                },
-                            );
-                            let info = ConnectionInfo {
-                                transport: Transport::UDP,
-                                remote: from,
-                                verified_identity: false,
-                            };
-                            // Handles are fresh, so the director cannot know this one.
-                            let _ = core.director.handle_connect(now, h, info);
-                            h
-                        }
-                    };
-                    core.director.handle_datagram(now, handle, datagram);
+                    let next_handle = &mut core.next_handle;
+                    let new = core.udp_peers.handle_datagram(
+                        &mut core.director,
+                        Instant::now(),
+                        local,
+                        from,
+                        datagram,
+                        || fresh_handle(next_handle),
+                    );
+                    if let Some(h) = new {
+                        let route = Route::Udp {
+                            socket: socket.clone(),
+                            peer: from,
+                        };
+                        core.routes.insert(h, route);
+                    }
                     core.drain();
-                    self.shared.rearm(&mut core);
+                    self.shared.rearm(core);
                 }
-                _ => bump(&self.counters.udp_dropped),
+                Demux::Drop => bump(&self.counters.udp_dropped),
             }
         }
     }
@@ -847,6 +833,12 @@ impl Counters {
             ..RuntimeCounters::default()
         }
     }
+}
+
+/// The next connection handle of a counter that only grows.
+fn fresh_handle(next: &mut u64) -> ConnectionHandle {
+    *next += 1;
+    ConnectionHandle(*next)
 }
 
 fn bump(counter: &AtomicU64) {
