@@ -15,7 +15,7 @@ use futures_lite::future;
 use crate::lock;
 use crate::timer::Shared;
 use crate::tunnel::ClientCore;
-use tscf_runtime_std::inner;
+use tscf_runtime_std::inner::{self, DatagramQueue};
 
 /// A UDP socket on the tunnel's internal address, like `async_net::UdpSocket`. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
@@ -116,7 +116,7 @@ impl InnerUdpSocket {
 impl Drop for InnerUdpSocket {
     fn drop(&mut self) {
         let mut core = lock(&self.shared.state);
-        core.sockets.remove(&self.port);
+        core.sockets.remove(self.port);
         let default = core.default_opt_in;
         core.client.set_peer_tunneling(self.port, default);
     }
@@ -148,22 +148,14 @@ impl SocketQueue {
     }
 }
 
-/// Hands one inner packet received from the tunnel to the socket bound to its destination
-/// port, or counts why not.
-pub(crate) fn deliver(core: &mut ClientCore, packet: Vec<u8>) {
-    let Some(datagram) = inner::parse_udp(&packet) else {
-        core.stats.not_udp += 1;
-        return;
-    };
-    let Some(queue) = core.sockets.get(&datagram.port) else {
-        core.stats.unbound_port += 1;
-        return;
-    };
-    let mut packets = lock(&queue.packets);
-    if packets.len() >= queue.limit {
-        core.stats.socket_queue_full += 1;
-        return;
+impl DatagramQueue for SocketQueue {
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+        let mut packets = lock(&self.packets);
+        if packets.len() >= self.limit {
+            return false;
+        }
+        packets.push_back((payload.to_vec(), from));
+        self.ready.notify(1);
+        true
     }
-    packets.push_back((datagram.payload.to_vec(), datagram.from));
-    queue.ready.notify(1);
 }

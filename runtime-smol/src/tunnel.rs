@@ -15,7 +15,6 @@
 //! [`DtlsEndpoint`] with the one association, beside the client behind the same lock, and a
 //! task that feeds it what its socket receives.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Arc, Mutex, Weak};
@@ -33,6 +32,7 @@ use tscf_core::client::{
 };
 use tscf_core::stun;
 use tscf_core::wire::Transport;
+use tscf_runtime_std::inner::SocketTable;
 use tscf_runtime_std::tls::{
     self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError,
 };
@@ -56,8 +56,6 @@ const NOTIFICATION_QUEUE: usize = 256;
 const STREAM_QUEUE: usize = 1024;
 /// How long closing a tunnel waits for the server to acknowledge the release.
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
-/// First port [`Tunnel::bind`] picks for port 0.
-const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
 /// QUIC keep-alive, well within quinn's default idle timeout of 30 s.
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
@@ -164,9 +162,8 @@ impl Tunnel {
                 quic,
                 dtls,
                 transport_timeout: config.transport_timeout,
-                sockets: HashMap::new(),
+                sockets: SocketTable::new(),
                 socket_queue_len: config.socket_queue_len.max(1),
-                next_port: *EPHEMERAL_PORTS.start(),
                 notifications: tx,
                 last_failure: None,
                 terminated: None,
@@ -278,18 +275,8 @@ impl Tunnel {
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
         let mut core = lock(&self.shared.state);
-        let port = if port == 0 {
-            core.free_port()?
-        } else if core.sockets.contains_key(&port) {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("inner port {port} is bound"),
-            ));
-        } else {
-            port
-        };
-        let queue = Arc::new(SocketQueue::new(core.socket_queue_len));
-        core.sockets.insert(port, queue.clone());
+        let limit = core.socket_queue_len;
+        let (port, queue) = core.sockets.bind(port, || SocketQueue::new(limit))?;
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
@@ -407,7 +394,7 @@ impl Tunnel {
             dtls.close_all(Instant::now());
         }
         core.flush_peer_dtls();
-        for queue in core.sockets.values() {
+        for queue in core.sockets.queues() {
             queue.close();
         }
         self.shared.timer.notify(usize::MAX);
@@ -442,9 +429,8 @@ pub(crate) struct ClientCore {
     quic: Option<(quinn::ClientConfig, ClientTlsConfig)>,
     dtls: Option<DtlsSettings>,
     transport_timeout: Duration,
-    pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
+    pub(crate) sockets: SocketTable<SocketQueue>,
     socket_queue_len: usize,
-    next_port: u16,
     notifications: Sender<Notification>,
     last_failure: Option<String>,
     terminated: Option<TerminateReason>,
@@ -572,8 +558,7 @@ impl ClientCore {
             }
         }
         while self.client.recv_ip(&mut self.packet) {
-            let packet = std::mem::take(&mut self.packet);
-            crate::socket::deliver(self, packet);
+            self.sockets.deliver(&self.packet, &mut self.stats);
         }
     }
 
@@ -898,25 +883,6 @@ impl ClientCore {
         self.peer_sessions
             .as_ref()
             .is_some_and(|s| s.current(path, id))
-    }
-
-    fn free_port(&mut self) -> io::Result<u16> {
-        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
-        for _ in 0..=span {
-            let port = self.next_port;
-            self.next_port = if port == *EPHEMERAL_PORTS.end() {
-                *EPHEMERAL_PORTS.start()
-            } else {
-                port + 1
-            };
-            if !self.sockets.contains_key(&port) {
-                return Ok(port);
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "no free inner port",
-        ))
     }
 }
 

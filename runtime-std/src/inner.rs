@@ -1,13 +1,17 @@
-//! Inner UDP datagrams as IP packets: the part of an inner socket that does not depend on how
-//! a runtime waits, shared by this crate's [`InnerUdpSocket`](crate::InnerUdpSocket) and the
-//! smol runtime's.
+//! Inner UDP datagrams as IP packets and the table of inner sockets: the part of an inner
+//! socket that does not depend on how a runtime waits, shared by this crate's
+//! [`InnerUdpSocket`](crate::InnerUdpSocket) and the smol runtime's.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use tscf_core::client::{SendError, TunnelClient};
+
+use crate::TunnelStats;
 
 /// Hop limit of the inner packets sent.
 const INNER_TTL: u8 = 64;
@@ -105,6 +109,107 @@ fn send_error(e: SendError) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// The first port [`SocketTable::bind`] tries for port 0, and the range it picks from.
+const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
+
+/// The receive queue of one inner socket, as a runtime builds it around its own wake-up
+/// (a condition variable for threads, an event for tasks).
+pub trait DatagramQueue {
+    /// Queues `payload` from `from` and wakes a reader; false (and nothing queued) if the
+    /// queue is full.
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool;
+}
+
+/// The inner sockets of a tunnel: the receive queue bound to each port, and which port 0
+/// picks next.
+#[derive(Debug)]
+pub struct SocketTable<Q> {
+    queues: HashMap<u16, Arc<Q>>,
+    next_port: u16,
+}
+
+impl<Q> Default for SocketTable<Q> {
+    fn default() -> Self {
+        Self {
+            queues: HashMap::new(),
+            next_port: *EPHEMERAL_PORTS.start(),
+        }
+    }
+}
+
+impl<Q> SocketTable<Q> {
+    /// No socket bound.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Binds `port` to a queue made by `queue`; port 0 picks a free one from 49152 up
+    /// (round-robin, so that a port just unbound is not reused at once). A bound port is
+    /// [`io::ErrorKind::AddrInUse`]. Returns the port and the queue.
+    pub fn bind(&mut self, port: u16, queue: impl FnOnce() -> Q) -> io::Result<(u16, Arc<Q>)> {
+        let port = if port == 0 {
+            self.free_port()?
+        } else if self.queues.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("inner port {port} is bound"),
+            ));
+        } else {
+            port
+        };
+        let queue = Arc::new(queue());
+        self.queues.insert(port, queue.clone());
+        Ok((port, queue))
+    }
+
+    /// Unbinds `port`.
+    pub fn remove(&mut self, port: u16) {
+        self.queues.remove(&port);
+    }
+
+    /// Every bound queue.
+    pub fn queues(&self) -> impl Iterator<Item = &Arc<Q>> {
+        self.queues.values()
+    }
+
+    fn free_port(&mut self) -> io::Result<u16> {
+        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
+        for _ in 0..=span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                port + 1
+            };
+            if !self.queues.contains_key(&port) {
+                return Ok(port);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free inner port",
+        ))
+    }
+}
+
+impl<Q: DatagramQueue> SocketTable<Q> {
+    /// Hands one inner packet received from the tunnel to the socket bound to its destination
+    /// port, or counts in `stats` why not (`not_udp`, `unbound_port`, `socket_queue_full`).
+    pub fn deliver(&self, packet: &[u8], stats: &mut TunnelStats) {
+        let Some(datagram) = parse_udp(packet) else {
+            stats.not_udp += 1;
+            return;
+        };
+        let Some(queue) = self.queues.get(&datagram.port) else {
+            stats.unbound_port += 1;
+            return;
+        };
+        if !queue.push(datagram.payload, datagram.from) {
+            stats.socket_queue_full += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +230,57 @@ mod tests {
         assert_eq!(parse_udp(&packet[..10]), None);
         assert!(check_read_timeout(Some(Duration::ZERO)).is_err());
         assert!(check_read_timeout(None).is_ok());
+    }
+    /// A queue of at most one datagram.
+    #[derive(Debug, Default)]
+    struct One(std::sync::Mutex<Option<(Vec<u8>, SocketAddr)>>);
+
+    impl DatagramQueue for One {
+        fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+            let mut slot = self.0.lock().expect("not poisoned");
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some((payload.to_vec(), from));
+            true
+        }
+    }
+
+    #[test]
+    fn the_socket_table_binds_picks_free_ports_and_counts_what_it_cannot_deliver() {
+        let mut table = SocketTable::<One>::new();
+        let (port, _) = table.bind(0, One::default).expect("a free port");
+        assert_eq!(port, 49_152);
+        let (port, queue) = table.bind(6000, One::default).expect("port 6000");
+        assert_eq!(port, 6000);
+        let err = table
+            .bind(6000, One::default)
+            .expect_err("port 6000 is bound");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // Port 0 goes on round-robin rather than reusing a port just unbound.
+        table.remove(49_152);
+        assert_eq!(table.bind(0, One::default).expect("a free port").0, 49_153);
+        assert_eq!(table.queues().count(), 2);
+
+        let mut stats = TunnelStats::default();
+        let datagram = |to: u16| {
+            let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, to);
+            let mut packet = Vec::new();
+            builder.write(&mut packet, b"rtp").expect("a packet");
+            packet
+        };
+        table.deliver(&datagram(6000), &mut stats);
+        let got = queue.0.lock().expect("not poisoned").clone();
+        assert_eq!(
+            got,
+            Some((b"rtp".to_vec(), SocketAddr::from(([10, 77, 0, 2], 5004))))
+        );
+        table.deliver(&datagram(6000), &mut stats);
+        table.deliver(&datagram(7000), &mut stats);
+        table.deliver(b"not a packet", &mut stats);
+        assert_eq!(
+            (stats.socket_queue_full, stats.unbound_port, stats.not_udp),
+            (1, 1, 1)
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::inner;
+use crate::inner::{self, DatagramQueue};
 use crate::lock;
 use crate::timer::Shared;
 use crate::tunnel::ClientCore;
@@ -120,7 +120,7 @@ impl InnerUdpSocket {
 impl Drop for InnerUdpSocket {
     fn drop(&mut self) {
         let mut core = lock(&self.shared.state);
-        core.sockets.remove(&self.port);
+        core.sockets.remove(self.port);
         let default = core.default_opt_in;
         core.client.set_peer_tunneling(self.port, default);
     }
@@ -153,22 +153,14 @@ impl SocketQueue {
     }
 }
 
-/// Hands one inner packet received from the tunnel to the socket bound to its destination
-/// port, or counts why not.
-pub(crate) fn deliver(core: &mut ClientCore, packet: Vec<u8>) {
-    let Some(datagram) = inner::parse_udp(&packet) else {
-        core.stats.not_udp += 1;
-        return;
-    };
-    let Some(queue) = core.sockets.get(&datagram.port) else {
-        core.stats.unbound_port += 1;
-        return;
-    };
-    let mut packets = lock(&queue.packets);
-    if packets.len() >= queue.limit {
-        core.stats.socket_queue_full += 1;
-        return;
+impl DatagramQueue for SocketQueue {
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+        let mut packets = lock(&self.packets);
+        if packets.len() >= self.limit {
+            return false;
+        }
+        packets.push_back((payload.to_vec(), from));
+        self.ready.notify_one();
+        true
     }
-    packets.push_back((datagram.payload.to_vec(), datagram.from));
-    queue.ready.notify_one();
 }

@@ -9,7 +9,6 @@
 //! peer tunnels. A datagram from the server's UDP endpoint that is not STUN goes to
 //! [`TunnelClient::handle_envelope`]; every other one to [`TunnelClient::handle_peer_datagram`].
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +26,7 @@ use tscf_core::client::{
 use tscf_core::stun;
 use tscf_core::wire::{ResultCode, Transport};
 
+use crate::inner::SocketTable;
 use crate::peer_stream::{self, PeerStreamListen, PeerStreams};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::stream::{self, StreamReader, StreamWriter};
@@ -40,8 +40,6 @@ const UDP_POLL: Duration = Duration::from_millis(100);
 const NOTIFICATION_QUEUE: usize = 256;
 /// How long closing a tunnel waits for the server to acknowledge the release.
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
-/// First port [`Tunnel::bind`] picks for port 0.
-const EPHEMERAL_PORTS: core::ops::RangeInclusive<u16> = 49_152..=65_535;
 
 /// What [`Tunnel::connect`] needs.
 ///
@@ -377,9 +375,8 @@ impl Tunnel {
                 default_opt_in,
                 tls,
                 transport_timeout: config.transport_timeout,
-                sockets: HashMap::new(),
+                sockets: SocketTable::new(),
                 socket_queue_len: config.socket_queue_len.max(1),
-                next_port: *EPHEMERAL_PORTS.start(),
                 notifications: tx,
                 last_failure: None,
                 terminated: None,
@@ -504,18 +501,8 @@ impl Tunnel {
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
         let mut core = lock(&self.shared.state);
-        let port = if port == 0 {
-            core.free_port()?
-        } else if core.sockets.contains_key(&port) {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("inner port {port} is bound"),
-            ));
-        } else {
-            port
-        };
-        let queue = Arc::new(SocketQueue::new(core.socket_queue_len));
-        core.sockets.insert(port, queue.clone());
+        let limit = core.socket_queue_len;
+        let (port, queue) = core.sockets.bind(port, || SocketQueue::new(limit))?;
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
@@ -609,7 +596,7 @@ impl Tunnel {
         for id in core.peer_streams.ids() {
             core.peer_streams.close(id);
         }
-        for queue in core.sockets.values() {
+        for queue in core.sockets.queues() {
             queue.close();
         }
         self.shared.timer.notify_all();
@@ -643,9 +630,8 @@ pub(crate) struct ClientCore {
     pub(crate) default_opt_in: bool,
     tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
     transport_timeout: Duration,
-    pub(crate) sockets: HashMap<u16, Arc<SocketQueue>>,
+    pub(crate) sockets: SocketTable<SocketQueue>,
     socket_queue_len: usize,
-    next_port: u16,
     notifications: SyncSender<Notification>,
     last_failure: Option<String>,
     terminated: Option<TerminateReason>,
@@ -690,8 +676,7 @@ impl ClientCore {
             self.on_event(now, event);
         }
         while self.client.recv_ip(&mut self.packet) {
-            let packet = std::mem::take(&mut self.packet);
-            crate::socket::deliver(self, packet);
+            self.sockets.deliver(&self.packet, &mut self.stats);
         }
     }
 
@@ -805,25 +790,6 @@ impl ClientCore {
             writer.close();
         }
         self.generation += 1;
-    }
-
-    fn free_port(&mut self) -> io::Result<u16> {
-        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
-        for _ in 0..=span {
-            let port = self.next_port;
-            self.next_port = if port == *EPHEMERAL_PORTS.end() {
-                *EPHEMERAL_PORTS.start()
-            } else {
-                port + 1
-            };
-            if !self.sockets.contains_key(&port) {
-                return Ok(port);
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "no free inner port",
-        ))
     }
 }
 
