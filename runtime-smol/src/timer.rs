@@ -9,21 +9,10 @@ use event_listener::Event;
 use futures_lite::future;
 
 use crate::lock;
+pub(crate) use tscf_runtime_std::Timed;
 
 /// Longest sleep without a deadline, so that a stop is noticed even if a wake-up is missed.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
-
-/// A state machine driven by [`Shared::run_timer`].
-pub(crate) trait Timed {
-    /// When `on_timeout` is next due.
-    fn deadline(&self) -> Option<Instant>;
-    /// Calls `handle_timeout` and drains the outputs.
-    fn on_timeout(&mut self, now: Instant);
-    /// Whether the timer task should end.
-    fn stopped(&self) -> bool;
-    /// The deadline the timer task sleeps until (kept by the state so inputs can compare).
-    fn armed(&mut self) -> &mut Option<Instant>;
-}
 
 /// A state machine behind a mutex that is only held for its synchronous calls (never across
 /// an `.await`), with the timer task's wake-up and a "something changed" signal for waiters.
@@ -38,9 +27,7 @@ impl<T: Timed> Shared<T> {
     /// Wakes the timer task if `state`'s deadline is now earlier than the one it sleeps to.
     /// Call after every input, with the lock held.
     pub(crate) fn rearm(&self, state: &mut T) {
-        let deadline = state.deadline();
-        let armed = *state.armed();
-        if deadline.is_some_and(|d| armed.is_none_or(|a| d < a)) || state.stopped() {
+        if state.needs_wake() {
             self.timer.notify(usize::MAX);
         }
     }

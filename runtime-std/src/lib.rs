@@ -100,6 +100,8 @@ pub use server::{
     LocalAddrs, RuntimeCounters, Server, ServerConfig, ServerHandle, ServerStats, StartError,
 };
 pub use socket::InnerUdpSocket;
+#[doc(hidden)]
+pub use timer::Timed;
 pub use tls::{
     ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
     ServerVerification, TlsConfigError,

@@ -9,16 +9,25 @@ use crate::lock;
 /// Longest sleep without a deadline, so that a stop is noticed even if a wake-up is missed.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// A state machine driven by [`run`].
-pub(crate) trait Timed {
+/// A state machine driven by a timer thread or task: this crate's and the smol runtime's.
+#[doc(hidden)]
+pub trait Timed {
     /// When `on_timeout` is next due.
     fn deadline(&self) -> Option<Instant>;
     /// Calls `handle_timeout` and drains the outputs.
     fn on_timeout(&mut self, now: Instant);
-    /// Whether the timer thread should end.
+    /// Whether the timer should end.
     fn stopped(&self) -> bool;
-    /// The deadline the timer thread sleeps until (kept by the state so inputs can compare).
+    /// The deadline the timer sleeps until (kept by the state so inputs can compare).
     fn armed(&mut self) -> &mut Option<Instant>;
+
+    /// Whether the timer must wake after an input: the deadline is now earlier than the one it
+    /// sleeps to, or the state stopped.
+    fn needs_wake(&mut self) -> bool {
+        let deadline = self.deadline();
+        let armed = *self.armed();
+        deadline.is_some_and(|d| armed.is_none_or(|a| d < a)) || self.stopped()
+    }
 }
 
 /// A state machine behind a mutex, with the timer thread's condition variable.
@@ -32,9 +41,7 @@ impl<T: Timed> Shared<T> {
     /// Wakes the timer thread if `state`'s deadline is now earlier than the one it sleeps to.
     /// Call after every input, with the lock held.
     pub(crate) fn rearm(&self, state: &mut T) {
-        let deadline = state.deadline();
-        let armed = *state.armed();
-        if deadline.is_some_and(|d| armed.is_none_or(|a| d < a)) || state.stopped() {
+        if state.needs_wake() {
             self.timer.notify_all();
         }
     }
