@@ -25,7 +25,7 @@ use tscf_core::wire::Transport;
 use tscf_runtime_std::tls::{self, Fingerprint, TlsConfigError};
 use tscf_runtime_std::udp::{self, Demux, UdpPeers};
 use tscf_runtime_std::{
-    os_seed, LocalAddrs, RuntimeCounters, ServerConfig, ServerStats, StartError,
+    os_seed, LocalAddrs, ServerConfig, ServerCounters, ServerStats, StartError,
 };
 
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
@@ -166,7 +166,7 @@ impl Server {
                 .map(|e| e.local_addr().map_err(StartError::Thread))
                 .collect::<Result<_, _>>()?,
         };
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(ServerCounters::default());
         let director = SessionDirector::new(config.director.clone())?;
         let dtls_sockets: Vec<_> = dtls_sites.iter().map(|s| s.socket.clone()).collect();
         let inner = Arc::new(ServerInner {
@@ -379,7 +379,7 @@ impl Drop for ServerHandle {
 #[derive(Debug)]
 struct ServerInner {
     shared: Shared<ServerCore>,
-    counters: Arc<Counters>,
+    counters: Arc<ServerCounters>,
     stopping: AtomicBool,
     stream_count: AtomicUsize,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -407,7 +407,7 @@ struct ServerCore {
     buf: Vec<u8>,
     stopped: bool,
     armed: Option<Instant>,
-    counters: Arc<Counters>,
+    counters: Arc<ServerCounters>,
 }
 
 /// How envelopes reach a connection.
@@ -948,42 +948,6 @@ impl ServerInner {
             core.drain();
             self.shared.rearm(&mut core);
         }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    streams_accepted: AtomicU64,
-    streams_refused: AtomicU64,
-    tls_handshake_failures: AtomicU64,
-    framing_errors: AtomicU64,
-    stream_queue_full: AtomicU64,
-    stun_answered: AtomicU64,
-    udp_dropped: AtomicU64,
-    udp_send_errors: AtomicU64,
-    quic_handshake_failures: AtomicU64,
-    quic_retries: AtomicU64,
-    quic_datagrams_sent: AtomicU64,
-    quic_datagrams_received: AtomicU64,
-}
-
-impl Counters {
-    fn snapshot(&self) -> RuntimeCounters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut r = RuntimeCounters::default();
-        r.streams_accepted = get(&self.streams_accepted);
-        r.streams_refused = get(&self.streams_refused);
-        r.tls_handshake_failures = get(&self.tls_handshake_failures);
-        r.framing_errors = get(&self.framing_errors);
-        r.stream_queue_full = get(&self.stream_queue_full);
-        r.stun_answered = get(&self.stun_answered);
-        r.udp_dropped = get(&self.udp_dropped);
-        r.udp_send_errors = get(&self.udp_send_errors);
-        r.quic_handshake_failures = get(&self.quic_handshake_failures);
-        r.quic_retries = get(&self.quic_retries);
-        r.quic_datagrams_sent = get(&self.quic_datagrams_sent);
-        r.quic_datagrams_received = get(&self.quic_datagrams_received);
-        r
     }
 }
 

@@ -96,6 +96,8 @@ mod tunnel;
 pub mod udp;
 
 pub use peer_stream::PeerStreamListen;
+#[doc(hidden)]
+pub use server::ServerCounters;
 pub use server::{
     LocalAddrs, RuntimeCounters, Server, ServerConfig, ServerHandle, ServerStats, StartError,
 };

@@ -487,7 +487,7 @@ impl Drop for ServerHandle {
 #[derive(Debug)]
 struct ServerInner {
     shared: Shared<ServerCore>,
-    counters: Arc<Counters>,
+    counters: Arc<ServerCounters>,
     /// Every open stream socket, so that shutdown can unblock its threads.
     streams: Mutex<HashMap<u64, TcpStream>>,
     /// Connection threads, pruned as they finish.
@@ -511,7 +511,7 @@ struct ServerCore {
     buf: Vec<u8>,
     stopped: bool,
     armed: Option<Instant>,
-    counters: Arc<Counters>,
+    counters: Arc<ServerCounters>,
 }
 
 /// How envelopes reach a connection.
@@ -806,20 +806,29 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The runtime's own counters of a server, which its threads or tasks bump;
+/// [`snapshot`](Self::snapshot) reads them into [`RuntimeCounters`]. Plumbing shared with
+/// `tscf-runtime-smol` (this runtime never bumps the QUIC ones).
+#[doc(hidden)]
 #[derive(Debug, Default)]
-struct Counters {
-    streams_accepted: AtomicU64,
-    streams_refused: AtomicU64,
-    tls_handshake_failures: AtomicU64,
-    framing_errors: AtomicU64,
-    stream_queue_full: AtomicU64,
-    stun_answered: AtomicU64,
-    udp_dropped: AtomicU64,
-    udp_send_errors: AtomicU64,
+pub struct ServerCounters {
+    pub streams_accepted: AtomicU64,
+    pub streams_refused: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub framing_errors: AtomicU64,
+    pub stream_queue_full: AtomicU64,
+    pub stun_answered: AtomicU64,
+    pub udp_dropped: AtomicU64,
+    pub udp_send_errors: AtomicU64,
+    pub quic_handshake_failures: AtomicU64,
+    pub quic_retries: AtomicU64,
+    pub quic_datagrams_sent: AtomicU64,
+    pub quic_datagrams_received: AtomicU64,
 }
 
-impl Counters {
-    fn snapshot(&self) -> RuntimeCounters {
+impl ServerCounters {
+    /// The counters now; the DTLS ones, which the DTLS endpoints keep, are zero.
+    pub fn snapshot(&self) -> RuntimeCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RuntimeCounters {
             streams_accepted: get(&self.streams_accepted),
@@ -830,6 +839,10 @@ impl Counters {
             stun_answered: get(&self.stun_answered),
             udp_dropped: get(&self.udp_dropped),
             udp_send_errors: get(&self.udp_send_errors),
+            quic_handshake_failures: get(&self.quic_handshake_failures),
+            quic_retries: get(&self.quic_retries),
+            quic_datagrams_sent: get(&self.quic_datagrams_sent),
+            quic_datagrams_received: get(&self.quic_datagrams_received),
             ..RuntimeCounters::default()
         }
     }
