@@ -5,7 +5,8 @@ use tscf_core::client::ClientState;
 use tscf_core::wire::Transport;
 
 use crate::util::{
-    smol_flow, smol_server, smol_tunnel, std_flow, std_server, tunnel_config, TRANSPORTS,
+    config_for, smol_flow, smol_server, smol_tunnel, std_flow, std_server, tunnel_config,
+    TRANSPORTS,
 };
 
 /// 1 s at 50 packets/s.
@@ -13,7 +14,7 @@ const PACKETS: u32 = 50;
 
 fn std_clients_on_smol_server(transport: Transport) {
     let server = smol_server();
-    let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+    let config = config_for(&server, transport);
     let a = tscf_runtime_std::Tunnel::connect(config.clone()).expect("std tunnel");
     let b = tscf_runtime_std::Tunnel::connect(config).expect("std tunnel");
     assert_eq!(a.state(), ClientState::Connected);

@@ -15,7 +15,10 @@ use tscf_runtime_smol::{
     ServerVerification, StartError, Tunnel, TunnelConfig,
 };
 
-use crate::util::{server_config, smol_flow, smol_server, smol_tunnel, tunnel_config};
+use crate::util::{
+    config_for, connect_with_a_wrong_pin, server_config, smol_flow, smol_server, smol_tunnel,
+    tunnel_config,
+};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
@@ -23,11 +26,7 @@ const PACKETS: u32 = 100;
 #[test]
 fn dtls_configuration_relay_and_flow_both_ways() {
     let server = smol_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
+    let config = config_for(&server, Transport::DTLS);
     smol::block_on(async {
         let started = Instant::now();
         let a = smol_tunnel(config.clone()).await;
@@ -70,16 +69,7 @@ fn dtls_configuration_relay_and_flow_both_ways() {
 #[test]
 fn dtls_wrong_fingerprint_is_refused() {
     let server = smol_server();
-    let mut config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
-    config.tls = Some(ClientTlsConfig::pinned(Fingerprint([0xab; 32])));
-    config.connect_timeout = Duration::from_millis(1500);
-    let err = smol::block_on(Tunnel::connect(config)).unwrap_err();
-    let text = err.to_string();
-    assert!(matches!(err, ConnectError::TimedOut { .. }), "{text}");
+    let text = connect_with_a_wrong_pin(&server, Transport::DTLS);
     assert!(
         text.contains("DTLS") && text.contains("fingerprint"),
         "unclear error: {text}"
@@ -116,11 +106,7 @@ fn hostile_datagrams_from_many_ports_leave_no_state_and_the_tunnel_keeps_working
     let hello = captured_client_hello();
     let server = smol_server();
     let dtls_addr = server.local_addrs().dtls[0];
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
+    let config = config_for(&server, Transport::DTLS);
     let mut max_half_open = 0;
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
@@ -213,7 +199,7 @@ fn dtls_and_udp_relay_round_trips_are_measured() {
     let server = smol_server();
     smol::block_on(async {
         for transport in [Transport::UDP, Transport::DTLS] {
-            let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+            let config = config_for(&server, transport);
             let started = Instant::now();
             let a = smol_tunnel(config.clone()).await;
             println!(
@@ -310,11 +296,7 @@ fn dtls_associations_count_against_max_stream_connections() {
     let mut config = server_config();
     config.max_stream_connections = 1;
     let server = smol::block_on(tscf_runtime_smol::Server::start(config)).unwrap();
-    let mut config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
+    let mut config = config_for(&server, Transport::DTLS);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         config.connect_timeout = Duration::from_millis(1500);
@@ -332,11 +314,7 @@ fn dtls_associations_count_against_max_stream_connections() {
 #[test]
 fn dtls_server_shutdown_notifies_tunnels() {
     let server = smol_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
+    let config = config_for(&server, Transport::DTLS);
     smol::block_on(async {
         let a = smol_tunnel(config).await;
         server.shutdown().await;
@@ -354,11 +332,7 @@ fn dtls_server_shutdown_notifies_tunnels() {
 #[test]
 fn a_client_that_loses_its_dtls_association_reattaches() {
     let server = smol_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::DTLS,
-    );
+    let config = config_for(&server, Transport::DTLS);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;

@@ -7,14 +7,14 @@ use tscf_core::client::{ClientState, PeerPath};
 use tscf_core::wire::Transport;
 use tscf_runtime_smol::Notification;
 
-use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS};
+use crate::util::{config_for, smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
 
 fn relay_then_peer_tunnel(transport: Transport) {
     let server = smol_server();
-    let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+    let config = config_for(&server, transport);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;
@@ -111,11 +111,7 @@ fn stun_binding_is_answered_on_the_udp_listener() {
 #[test]
 fn peer_stream_listeners_are_refused_not_ignored() {
     let server = smol_server();
-    let mut config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::UDP,
-    );
+    let mut config = config_for(&server, Transport::UDP);
     config.peer_streams =
         tscf_runtime_std::PeerStreamListen::Tcp("127.0.0.1:0".parse().expect("addr"));
     let result = smol::block_on(tscf_runtime_smol::Tunnel::connect(config));

@@ -14,17 +14,13 @@ use tscf_core::wire::Transport;
 use tscf_runtime_smol::tls::{self, ClientTlsConfig};
 use tscf_runtime_smol::{Notification, PeerIdentity, ServerHandle, Tunnel, TunnelConfig};
 
-use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config};
+use crate::util::{config_for, smol_flow, smol_server, smol_tunnel};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
 
 fn config(server: &ServerHandle, peer: Transport) -> TunnelConfig {
-    let mut c = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::UDP,
-    );
+    let mut c = config_for(server, Transport::UDP);
     c.client.peer.as_mut().expect("peer tunneling on").transport = peer;
     c
 }

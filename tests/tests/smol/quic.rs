@@ -1,15 +1,13 @@
 //! QUIC: a smol server and two smol clients over QUIC, with data as QUIC datagrams and control
 //! on the stream; fingerprint pinning.
 
-use std::time::Duration;
-
 use tscf_core::client::ClientState;
 use tscf_core::wire::Transport;
-use tscf_runtime_smol::{
-    ClientTlsConfig, ConnectError, Fingerprint, Notification, StartError, Tunnel,
-};
+use tscf_runtime_smol::{Notification, StartError};
 
-use crate::util::{server_config, smol_flow, smol_server, smol_tunnel, tunnel_config};
+use crate::util::{
+    config_for, connect_with_a_wrong_pin, server_config, smol_flow, smol_server, smol_tunnel,
+};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
@@ -17,11 +15,7 @@ const PACKETS: u32 = 100;
 #[test]
 fn quic_configuration_relay_and_flow_as_datagrams() {
     let server = smol_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::QUIC,
-    );
+    let config = config_for(&server, Transport::QUIC);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;
@@ -62,16 +56,7 @@ fn quic_configuration_relay_and_flow_as_datagrams() {
 #[test]
 fn quic_wrong_fingerprint_is_refused_with_a_clear_error() {
     let server = smol_server();
-    let mut config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::QUIC,
-    );
-    config.tls = Some(ClientTlsConfig::pinned(Fingerprint([0xab; 32])));
-    config.connect_timeout = Duration::from_millis(1500);
-    let err = smol::block_on(Tunnel::connect(config)).unwrap_err();
-    let text = err.to_string();
-    assert!(matches!(err, ConnectError::TimedOut { .. }), "{text}");
+    let text = connect_with_a_wrong_pin(&server, Transport::QUIC);
     assert!(
         text.contains("QUIC")
             && text.contains("invalid peer certificate")

@@ -16,7 +16,7 @@ use tscf_runtime_smol::{
 
 use crate::bad_input::{eventually, hostile_server};
 use crate::pki::pki;
-use crate::util::{server_config, smol_flow, smol_tunnel, tunnel_config};
+use crate::util::{config_for, server_config, smol_flow, smol_tunnel, tunnel_config};
 
 /// A raw quinn client endpoint that pins `server`'s certificate and speaks `alpn`.
 fn raw_client(server: &ServerHandle, alpn: &[u8]) -> (quinn::Endpoint, quinn::ClientConfig) {
@@ -187,11 +187,7 @@ fn a_client_without_quic_datagrams_gets_its_data_on_the_stream() {
     use tscf_core::wire::{EnvelopeType, Message, MessageType};
 
     let server = hostile_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::QUIC,
-    );
+    let config = config_for(&server, Transport::QUIC);
     smol::block_on(async {
         let b = smol_tunnel(config).await;
         let (endpoint, mut client) = raw_client(&server, b"tscf");
@@ -246,11 +242,7 @@ fn a_client_without_quic_datagrams_gets_its_data_on_the_stream() {
 fn past_the_threshold_new_quic_clients_prove_their_address_with_a_retry() {
     // The default threshold: one client handshakes at once.
     let server = hostile_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::QUIC,
-    );
+    let config = config_for(&server, Transport::QUIC);
     smol::block_on(async {
         let a = smol_tunnel(config).await;
         a.close().await;
@@ -262,11 +254,7 @@ fn past_the_threshold_new_quic_clients_prove_their_address_with_a_retry() {
     let mut config = server_config();
     config.quic_retry_above = 0;
     let server = smol::block_on(Server::start(config)).unwrap();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::QUIC,
-    );
+    let config = config_for(&server, Transport::QUIC);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use tscf_core::wire::Transport;
 use tscf_runtime_smol::Notification;
 
-use crate::util::{smol_flow, smol_server, smol_tunnel, tunnel_config};
+use crate::util::{config_for, smol_flow, smol_server, smol_tunnel};
 
 fn cut_reattaches(transport: Transport) {
     let server = smol_server();
-    let config = tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport);
+    let config = config_for(&server, transport);
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;
@@ -68,11 +68,7 @@ fn dtls_association_cut_reattaches_with_the_same_tunnel() {
 #[test]
 fn udp_tunnels_have_no_connection_to_cut() {
     let server = smol_server();
-    let config = tunnel_config(
-        server.local_addrs(),
-        server.tls_fingerprint(),
-        Transport::UDP,
-    );
+    let config = config_for(&server, Transport::UDP);
     smol::block_on(async {
         let a = smol_tunnel(config).await;
         assert!(!server.cut_connection(a.tunnel_id().unwrap()));

@@ -157,3 +157,26 @@ pub fn std_flow(
         receiver.join().unwrap()
     })
 }
+
+/// A tunnel config for `server`'s listener of `transport`, pinning its certificate.
+pub fn config_for(server: &tscf_runtime_smol::ServerHandle, transport: Transport) -> TunnelConfig {
+    tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport)
+}
+
+/// Connects to `server` over `transport` pinning a fingerprint that is not the server's, and
+/// returns the error (after 1.5 s at most); it must be a time-out naming the failure.
+pub fn connect_with_a_wrong_pin(
+    server: &tscf_runtime_smol::ServerHandle,
+    transport: Transport,
+) -> String {
+    let mut config = config_for(server, transport);
+    config.tls = Some(ClientTlsConfig::pinned(Fingerprint([0xab; 32])));
+    config.connect_timeout = Duration::from_millis(1500);
+    let err = smol::block_on(tscf_runtime_smol::Tunnel::connect(config)).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, tscf_runtime_smol::ConnectError::TimedOut { .. }),
+        "{text}"
+    );
+    text
+}
