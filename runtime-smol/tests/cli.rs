@@ -395,26 +395,26 @@ fn forward_over_a_peer_tunnel(name: &str, peer_transport: &str) {
     server.wait().unwrap();
 }
 
-#[test]
-fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
-    let (mut server, printed) = spawn_server("tls", "tls = [\"127.0.0.1:0\"]\n", "6");
-    let tls = address(&printed, "tls ");
+/// Runs `tscf client --transport TRANSPORT` (tls or dtls) against a server of its own: the
+/// printed fingerprint is accepted; another one fails with exit 1. Then `more` gets the base
+/// arguments, and the stderr of the failure is returned.
+fn client_pins_the_fingerprint(transport: &str, more: impl FnOnce(&[&str])) -> String {
+    let listener = format!("{transport} = [\"127.0.0.1:0\"]\n");
+    let (mut server, printed) = spawn_server(transport, &listener, "6");
+    let addr = address(&printed, &format!("{transport} "));
     let fingerprint = address(&printed, "tls fingerprint ");
     let base = [
         "client",
         "--transport",
-        "tls",
+        transport,
         "--server",
-        &tls,
+        &addr,
         "--for",
         "1",
     ];
     let out = tscf(&[&base[..], &["--fingerprint", &fingerprint]].concat());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("internal 10.77."));
-    let out = tscf(&[&base[..], &["--insecure"]].concat());
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("warning: --insecure"));
     // Another certificate's fingerprint: no tunnel, a runtime failure.
     let wrong = "ab".repeat(32);
     let out = tscf(
@@ -425,42 +425,27 @@ fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
         .concat(),
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let out = tscf(&[&base[..], &["--fingerprint", "xyz"]].concat());
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    more(&base);
     server.kill().unwrap();
     server.wait().unwrap();
+    text(&out.stderr)
+}
+
+#[test]
+fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
+    client_pins_the_fingerprint("tls", |base| {
+        let out = tscf(&[base, &["--insecure"]].concat());
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("warning: --insecure"));
+        let out = tscf(&[base, &["--fingerprint", "xyz"]].concat());
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    });
 }
 
 #[test]
 fn client_over_dtls_pins_the_fingerprint() {
-    let (mut server, printed) = spawn_server("dtls", "dtls = [\"127.0.0.1:0\"]\n", "6");
-    let dtls = address(&printed, "dtls ");
-    let fingerprint = address(&printed, "tls fingerprint ");
-    let base = [
-        "client",
-        "--transport",
-        "dtls",
-        "--server",
-        &dtls,
-        "--for",
-        "1",
-    ];
-    let out = tscf(&[&base[..], &["--fingerprint", &fingerprint]].concat());
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("internal 10.77."));
-    // Another certificate's fingerprint: no tunnel, a runtime failure.
-    let wrong = "ab".repeat(32);
-    let out = tscf(
-        &[
-            &base[..],
-            &["--fingerprint", &wrong, "--connect-timeout", "1"],
-        ]
-        .concat(),
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("DTLS"), "{}", text(&out.stderr));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    let stderr = client_pins_the_fingerprint("dtls", |_| {});
+    assert!(stderr.contains("DTLS"), "{stderr}");
 }
 
 #[test]
