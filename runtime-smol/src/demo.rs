@@ -149,8 +149,8 @@ async fn demo(as_json: bool) -> Result<(), String> {
     if !as_json {
         println!();
         println!(
-            "{:<6} {:>9} {:>9} {:>9} {:>5} {:>9} {:>10} {:>9}",
-            "path", "rtt min", "median", "max", "lost", "received", "packets/s", "Mbit/s"
+            "{:<6} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10} {:>9}",
+            "path", "rtt min", "median", "max", "pings lost", "burst recv", "packets/s", "Mbit/s"
         );
     }
     for r in [&relay, &peer] {
@@ -158,7 +158,7 @@ async fn demo(as_json: bool) -> Result<(), String> {
         say(
             "result",
             format!(
-                "{:<6} {:>7.0}us {:>7.0}us {:>7.0}us {:>5} {:>9} {:>10.0} {:>9.1}",
+                "{:<6} {:>7.0}us {:>7.0}us {:>7.0}us {:>10} {:>11} {:>10.0} {:>9.1}",
                 r.name,
                 min,
                 median,
@@ -178,6 +178,13 @@ async fn demo(as_json: bool) -> Result<(), String> {
                 "packets_per_sec": r.packets_per_sec(),
                 "mbit_per_sec": r.mbit_per_sec(),
             }),
+        );
+    }
+    if !as_json {
+        println!(
+            "\nrtt: {PINGS} echoed pings of 5 octets (lost: no echo within 500 ms); burst: \
+             {BURST} datagrams of {BURST_SIZE} octets sent back to back, how many arrived and \
+             how fast"
         );
     }
     a.close().await;
