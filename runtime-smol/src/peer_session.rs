@@ -47,11 +47,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// quinn's idle timer from firing if they stop.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// Whether `datagram` is QUIC by its first octet (`docs/PROTOCOL.md` §2.4).
-pub(crate) fn is_quic(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(64..=127 | 192..=255))
-}
-
 /// The tunnel's UDP socket as quinn sees it: sends go straight out, receives come from the
 /// bounded inbox the UDP task fills.
 pub(crate) struct SharedSocket {

@@ -31,7 +31,7 @@ use tscf_core::client::{
     TerminateReason, TunnelClient, TunnelInfo,
 };
 use tscf_core::stun;
-use tscf_core::wire::Transport;
+use tscf_core::wire::{DatagramKind, Transport};
 use tscf_runtime_std::inner::SocketTable;
 use tscf_runtime_std::tls::{
     self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError,
@@ -1175,12 +1175,13 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
         }
         let from_server = matches!(core.link, Link::Udp(server) if server == from);
         let now = Instant::now();
+        let kind = DatagramKind::of(datagram);
         if from_server && !stun::is_stun(datagram) {
             core.client.handle_envelope(now, datagram);
         } else if core.peer_blocked {
             core.stats.peer_blocked += 1;
             continue;
-        } else if peer_session::is_quic(datagram) && core.peer_sessions.is_some() {
+        } else if kind == DatagramKind::Quic && core.peer_sessions.is_some() {
             // QUIC reaches the endpoint only from addresses the client authorised or opened
             // a session to; nothing else about it is the core's business.
             let admitted = core
@@ -1193,7 +1194,7 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
                 None => core.stats.peer_quic_unauthorised += 1,
             }
             continue;
-        } else if is_dtls(datagram) && core.peer_dtls.is_some() {
+        } else if kind == DatagramKind::Dtls && core.peer_dtls.is_some() {
             // Likewise DTLS: only from addresses the client authorised or opened a session to.
             match core.peer_dtls.as_mut().filter(|d| d.admits(from)) {
                 Some(dtls) => dtls.handle_datagram(now, from, datagram),
@@ -1211,9 +1212,4 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
         core.drain();
         shared.rearm(&mut core);
     }
-}
-
-/// Whether `datagram` is DTLS by its first octet (`docs/PROTOCOL.md` §2.4).
-fn is_dtls(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(20..=63))
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tscf_core::director::{ConnectionHandle, ConnectionInfo, SessionDirector};
 use tscf_core::stun;
-use tscf_core::wire::Transport;
+use tscf_core::wire::{DatagramKind, Transport};
 
 /// What a UDP listener does with one received datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,8 +30,8 @@ pub enum Demux {
 /// it is a valid Binding request), 4 and 5 a tscf envelope, anything else (and an empty
 /// datagram) is dropped.
 pub fn demux(datagram: &[u8], from: SocketAddr, answer: &mut Vec<u8>) -> Demux {
-    match datagram.first() {
-        Some(0..=3) => {
+    match DatagramKind::of(datagram) {
+        DatagramKind::Stun => {
             if stun::is_stun(datagram)
                 && stun::answer_binding_request(datagram, from, answer).is_ok()
             {
@@ -40,7 +40,7 @@ pub fn demux(datagram: &[u8], from: SocketAddr, answer: &mut Vec<u8>) -> Demux {
                 Demux::Drop
             }
         }
-        Some(4 | 5) => Demux::Envelope,
+        DatagramKind::Envelope => Demux::Envelope,
         _ => Demux::Drop,
     }
 }

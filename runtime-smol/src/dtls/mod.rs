@@ -50,6 +50,7 @@ use bytes::BytesMut;
 use rtc_dtls::config::HandshakeConfig;
 use rtc_dtls::endpoint::{Endpoint, EndpointEvent};
 use rtc_shared::TransportProtocol;
+use tscf_core::wire::DatagramKind;
 use tscf_runtime_std::tls::constant_time_eq;
 
 pub(crate) use config::{certificate, client_config, server_config, ClientCheck, PeerCheck};
@@ -212,7 +213,7 @@ impl DtlsEndpoint {
 
     /// Feeds one datagram received from `from`.
     pub(crate) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        if !matches!(datagram.first(), Some(20..=63)) {
+        if DatagramKind::of(datagram) != DatagramKind::Dtls {
             self.counters.bad_records += 1;
             return;
         }

@@ -17,6 +17,7 @@
 
 mod codes;
 mod deframer;
+mod demux;
 mod envelope;
 mod integrity;
 mod ip;
@@ -29,6 +30,7 @@ pub use codes::{
     ServiceType, TlvType, Transport,
 };
 pub use deframer::{DeframeError, StreamDeframer, MAX_BUFFERED};
+pub use demux::DatagramKind;
 pub use envelope::{
     Envelope, EnvelopeError, PayloadTooLarge, ENVELOPE_HEADER_LEN, MAX_ENVELOPE_LEN,
     MAX_PAYLOAD_LEN,
