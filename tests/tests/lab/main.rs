@@ -410,12 +410,31 @@ fn nat_matrix() {
         WINDOW.as_secs(),
         WINDOW.as_millis() / MEDIA_INTERVAL.as_millis()
     );
-    println!(
-        "{:<36} {:<5} {:<28} {:<44} media",
-        "NAT pair", "peer", "path", "setup"
-    );
-    for (label, transport, path, setup, media) in rows {
-        println!("{label:<36} {transport:<5} {path:<28} {setup:<44} {media}");
+    let header = ["NAT pair", "peer", "path", "setup", "media"].map(String::from);
+    let rows: Vec<[String; 5]> = rows
+        .into_iter()
+        .map(|(label, transport, path, setup, media)| {
+            [label.to_owned(), transport.to_owned(), path, setup, media]
+        })
+        .collect();
+    // Each column as wide as its widest cell, two spaces apart.
+    let widths: Vec<usize> = (0..5)
+        .map(|c| {
+            rows.iter()
+                .chain([&header])
+                .map(|r| r[c].len())
+                .max()
+                .unwrap_or(0)
+                + 2
+        })
+        .collect();
+    for row in [&header].into_iter().chain(&rows) {
+        let line: String = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.trim_end());
     }
 }
 
