@@ -1,7 +1,13 @@
 //! `tscf demo`: a server and two clients in one process on loopback. Client A pings an echo
 //! socket on client B, first over the relay (sockets opted out of peer tunneling), then over
-//! the peer tunnel (opted in), and sends a short bulk burst of 1,200-octet datagrams on each
-//! path; B counts what it receives.
+//! the peer tunnel (opted in), and sends a bulk transfer of 1,200-octet datagrams on each path;
+//! B counts what it receives.
+//!
+//! The bulk sender keeps at most [`WINDOW`] datagrams in flight, as a transport with flow
+//! control would: B's receive task hands a credit back for every datagram it gets. Sent back to
+//! back instead, the datagrams would overrun a 208 KiB socket receive buffer somewhere on the
+//! way within microseconds, and the table would show the kernel's buffer size, not the path's
+//! throughput.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -19,9 +25,13 @@ use crate::EXIT_FAILURE;
 
 /// Pings per path.
 const PINGS: u32 = 50;
-/// Datagrams in a bulk burst, and their size.
-const BURST: u32 = 3_000;
-const BURST_SIZE: usize = 1_200;
+/// Datagrams in a bulk transfer, and their size.
+const BULK: u32 = 20_000;
+const BULK_SIZE: usize = 1_200;
+/// Bulk datagrams in flight at most: 77 KB, well inside any socket buffer on the way.
+const WINDOW: u32 = 64;
+/// With no credit back for this long, the datagrams in flight are counted lost.
+const STALL: Duration = Duration::from_millis(100);
 
 /// What was measured on one path.
 struct PathResult {
@@ -29,7 +39,7 @@ struct PathResult {
     rtt_us: Vec<f64>,
     lost: u32,
     received: u64,
-    burst_secs: f64,
+    bulk_secs: f64,
 }
 
 impl PathResult {
@@ -43,11 +53,11 @@ impl PathResult {
     }
 
     fn packets_per_sec(&self) -> f64 {
-        self.received as f64 / self.burst_secs.max(1e-9)
+        self.received as f64 / self.bulk_secs.max(1e-9)
     }
 
     fn mbit_per_sec(&self) -> f64 {
-        self.packets_per_sec() * (BURST_SIZE * 8) as f64 / 1e6
+        self.packets_per_sec() * (BULK_SIZE * 8) as f64 / 1e6
     }
 }
 
@@ -149,8 +159,8 @@ async fn demo(as_json: bool) -> Result<(), String> {
     if !as_json {
         println!();
         println!(
-            "{:<6} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10} {:>9}",
-            "path", "rtt min", "median", "max", "pings lost", "burst recv", "packets/s", "Mbit/s"
+            "{:<6} {:>9} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9}",
+            "path", "rtt min", "median", "max", "pings lost", "bulk recv", "packets/s", "Mbit/s"
         );
     }
     for r in [&relay, &peer] {
@@ -158,13 +168,13 @@ async fn demo(as_json: bool) -> Result<(), String> {
         say(
             "result",
             format!(
-                "{:<6} {:>7.0}us {:>7.0}us {:>7.0}us {:>10} {:>11} {:>10.0} {:>9.1}",
+                "{:<6} {:>7.0}us {:>7.0}us {:>7.0}us {:>10} {:>12} {:>10.0} {:>9.1}",
                 r.name,
                 min,
                 median,
                 max,
                 r.lost,
-                format!("{}/{BURST}", r.received),
+                format!("{}/{BULK}", r.received),
                 r.packets_per_sec(),
                 r.mbit_per_sec()
             ),
@@ -173,8 +183,8 @@ async fn demo(as_json: bool) -> Result<(), String> {
                 "rtt_us": { "min": min, "median": median, "max": max },
                 "pings": PINGS,
                 "lost": r.lost,
-                "burst": { "sent": BURST, "received": r.received, "size": BURST_SIZE,
-                           "seconds": r.burst_secs },
+                "bulk": { "sent": BULK, "received": r.received, "size": BULK_SIZE,
+                           "window": WINDOW, "seconds": r.bulk_secs },
                 "packets_per_sec": r.packets_per_sec(),
                 "mbit_per_sec": r.mbit_per_sec(),
             }),
@@ -182,9 +192,9 @@ async fn demo(as_json: bool) -> Result<(), String> {
     }
     if !as_json {
         println!(
-            "\nrtt: {PINGS} echoed pings of 5 octets (lost: no echo within 500 ms); burst: \
-             {BURST} datagrams of {BURST_SIZE} octets sent back to back, how many arrived and \
-             how fast"
+            "\nrtt: {PINGS} echoed pings of 5 octets (lost: no echo within 500 ms); bulk: \
+             {BULK} datagrams of {BULK_SIZE} octets, at most {WINDOW} in flight, how many \
+             arrived and how fast"
         );
     }
     a.close().await;
@@ -227,7 +237,7 @@ async fn form_peer_tunnel(a: &Tunnel, b: &Tunnel) -> Result<Duration, String> {
     Err("the peer tunnel did not form within 5 s".into())
 }
 
-/// Pings and a burst from A to an echo socket on B's `port`.
+/// Pings and a bulk transfer from A to an echo socket on B's `port`.
 async fn measure(
     a: &Tunnel,
     b: &Tunnel,
@@ -245,6 +255,7 @@ async fn measure(
         .map_err(|e| e.to_string())?;
     let received = Arc::new(AtomicU64::new(0));
     let last = Arc::new(Mutex::new(None::<Instant>));
+    let (credit_tx, credits) = smol::channel::unbounded::<()>();
     let echo_task = {
         let (received, last) = (received.clone(), last.clone());
         smol::spawn(async move {
@@ -255,6 +266,7 @@ async fn measure(
                 } else {
                     received.fetch_add(1, Ordering::Relaxed);
                     *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    let _ = credit_tx.try_send(());
                 }
             }
         })
@@ -283,14 +295,29 @@ async fn measure(
         }
     }
 
-    let mut datagram = vec![b'B'; BURST_SIZE];
+    let mut datagram = vec![b'B'; BULK_SIZE];
     let start = Instant::now();
-    for seq in 0..BURST {
+    let mut in_flight = 0;
+    for seq in 0..BULK {
+        // A late arrival's credit, after its datagram was counted lost, is ignored.
+        while credits.try_recv().is_ok() {
+            in_flight = u32::saturating_sub(in_flight, 1);
+        }
+        while in_flight >= WINDOW {
+            let credit = async { credits.recv().await.is_ok() };
+            let stall = async {
+                smol::Timer::after(STALL).await;
+                false
+            };
+            in_flight = match future::or(credit, stall).await {
+                true => in_flight - 1,
+                // Lost on the way.
+                false => 0,
+            };
+        }
         datagram[1..5].copy_from_slice(&seq.to_be_bytes());
         let _ = tx.send_to(&datagram, dst).await;
-        if seq % 32 == 31 {
-            future::yield_now().await;
-        }
+        in_flight += 1;
     }
     // Wait until nothing has come for 200 ms (or 3 s in all).
     let give_up = Instant::now() + Duration::from_secs(3);
@@ -314,6 +341,6 @@ async fn measure(
         rtt_us,
         lost,
         received: got,
-        burst_secs: end.saturating_duration_since(start).as_secs_f64(),
+        bulk_secs: end.saturating_duration_since(start).as_secs_f64(),
     })
 }

@@ -259,7 +259,7 @@ fn demo_forms_a_peer_tunnel_and_measures_both_paths() {
         let rtt = &r["rtt_us"];
         assert!(rtt["min"].as_f64().unwrap() <= rtt["median"].as_f64().unwrap());
         assert!(rtt["median"].as_f64().unwrap() <= rtt["max"].as_f64().unwrap());
-        assert!(r["burst"]["received"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["bulk"]["received"].as_u64().unwrap() > 0, "{r}");
         assert!(r["mbit_per_sec"].as_f64().unwrap() > 0.0, "{r}");
     }
     let peer = lines.iter().find(|l| l["event"] == "peer").unwrap();
