@@ -25,8 +25,9 @@ use crate::{EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE};
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
-    /// A TOML file with the keys `server`, `transport`, `token`, `stun`, `forward` and `peer`
-    /// (see below); options given on the command line win, lists are joined.
+    /// A TOML file with the keys `server`, `transport`, `fingerprint`, `token`, `stun`,
+    /// `forward` and `peer` (see below); options given on the command line win, lists are
+    /// joined.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// The server's address (default: the default server's listener for the transport).
@@ -36,7 +37,7 @@ pub(crate) struct ClientArgs {
     #[arg(long, value_enum)]
     transport: Option<TransportArg>,
     /// The SHA-256 fingerprint of the server's TLS certificate (64 hex digits), as
-    /// `tscf server` prints it (for --transport tls or dtls).
+    /// `tscf server` prints it (for --transport tls, dtls or quic).
     #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
     fingerprint: Option<String>,
     /// Accept any TLS certificate: anyone on the path can read and change the traffic.
@@ -85,6 +86,9 @@ pub(crate) enum TransportArg {
     Udp,
     /// DTLS 1.2 over UDP, verified by --fingerprint like TLS.
     Dtls,
+    /// QUIC (TLS 1.3, ALPN "tscf"): data frames as QUIC datagrams, verified by --fingerprint
+    /// like TLS.
+    Quic,
 }
 
 /// The peer transports `tscf client` can offer.
@@ -248,6 +252,10 @@ fn with_file(mut args: ClientArgs) -> Result<ClientArgs, String> {
     let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     args.server = args.server.or(file.server);
     args.transport = args.transport.or(file.transport);
+    // --insecure on the command line wins over a pinned fingerprint in the file.
+    if !args.insecure {
+        args.fingerprint = args.fingerprint.take().or(file.fingerprint);
+    }
     args.token = args.token.take().or(file.token);
     args.peer |= file.peer.unwrap_or(false);
     args.stun.splice(0..0, file.stun);
@@ -262,31 +270,30 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
         TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
         TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
         TransportArg::Dtls => (Transport::DTLS, "127.0.0.1:4445"),
+        TransportArg::Quic => (Transport::QUIC, "127.0.0.1:4444"),
     };
     let addr = match args.server {
         Some(a) => a,
         None => default.parse().map_err(|_| "bad default address")?,
     };
     let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
-    if transport == Transport::TLS || transport == Transport::DTLS {
+    if [Transport::TLS, Transport::DTLS, Transport::QUIC].contains(&transport) {
         let verification = match (&args.fingerprint, args.insecure) {
             (Some(hex), _) => ServerVerification::Pinned(
                 Fingerprint::from_hex(hex).map_err(|e| format!("--fingerprint: {e}"))?,
             ),
             (None, true) => ServerVerification::Insecure,
             (None, false) => {
-                return Err(
-                    "TLS and DTLS need --fingerprint HEX (as tscf server prints \
-                            it) or --insecure"
-                        .into(),
-                )
+                return Err("TLS, DTLS and QUIC need --fingerprint HEX (as tscf server \
+                     prints it) or --insecure"
+                    .into())
             }
         };
         let mut tls = ClientTlsConfig::pinned(Fingerprint([0; 32]));
         tls.verification = verification;
         config.tls = Some(tls);
     } else if args.fingerprint.is_some() || args.insecure {
-        return Err("--fingerprint and --insecure are for --transport tls or dtls".into());
+        return Err("--fingerprint and --insecure are for --transport tls, dtls or quic".into());
     }
     if let Some(peer) = &mut config.client.peer {
         peer.transport = args.peer_transport.transport();

@@ -178,7 +178,8 @@ impl ServerFile {
 ///
 /// ```toml
 /// server = "203.0.113.1:4440"       # the server's address
-/// transport = "udp"                 # tcp, tls or udp
+/// transport = "udp"                 # tcp, tls, udp, dtls or quic
+/// fingerprint = "14bc…"             # the server certificate's SHA-256 (tls, dtls, quic)
 /// token = "secret"                  # the admission token
 /// stun = ["203.0.113.2:3478"]       # STUN servers (default: the server's responder)
 /// forward = ["127.0.0.1:5004=10.77.0.3:5004"]
@@ -189,6 +190,7 @@ impl ServerFile {
 pub(crate) struct ClientFile {
     pub(crate) server: Option<SocketAddr>,
     pub(crate) transport: Option<crate::client::TransportArg>,
+    pub(crate) fingerprint: Option<String>,
     pub(crate) token: Option<String>,
     #[serde(default)]
     pub(crate) stun: Vec<SocketAddr>,

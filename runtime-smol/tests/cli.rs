@@ -395,10 +395,10 @@ fn forward_over_a_peer_tunnel(name: &str, peer_transport: &str) {
     server.wait().unwrap();
 }
 
-/// Runs `tscf client --transport TRANSPORT` (tls or dtls) against a server of its own: the
+/// Runs `tscf client --transport TRANSPORT` (tls, dtls or quic) against a server of its own: the
 /// printed fingerprint is accepted; another one fails with exit 1. Then `more` gets the base
-/// arguments, and the stderr of the failure is returned.
-fn client_pins_the_fingerprint(transport: &str, more: impl FnOnce(&[&str])) -> String {
+/// arguments and the fingerprint, and the stderr of the failure is returned.
+fn client_pins_the_fingerprint(transport: &str, more: impl FnOnce(&[&str], &str)) -> String {
     let listener = format!("{transport} = [\"127.0.0.1:0\"]\n");
     let (mut server, printed) = spawn_server(transport, &listener, "6");
     let addr = address(&printed, &format!("{transport} "));
@@ -425,7 +425,7 @@ fn client_pins_the_fingerprint(transport: &str, more: impl FnOnce(&[&str])) -> S
         .concat(),
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    more(&base);
+    more(&base, &fingerprint);
     server.kill().unwrap();
     server.wait().unwrap();
     text(&out.stderr)
@@ -433,7 +433,7 @@ fn client_pins_the_fingerprint(transport: &str, more: impl FnOnce(&[&str])) -> S
 
 #[test]
 fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
-    client_pins_the_fingerprint("tls", |base| {
+    client_pins_the_fingerprint("tls", |base, _| {
         let out = tscf(&[base, &["--insecure"]].concat());
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("warning: --insecure"));
@@ -444,8 +444,25 @@ fn client_over_tls_pins_the_fingerprint_or_warns_when_insecure() {
 
 #[test]
 fn client_over_dtls_pins_the_fingerprint() {
-    let stderr = client_pins_the_fingerprint("dtls", |_| {});
+    let stderr = client_pins_the_fingerprint("dtls", |_, _| {});
     assert!(stderr.contains("DTLS"), "{stderr}");
+}
+
+#[test]
+fn client_over_quic_pins_the_fingerprint() {
+    client_pins_the_fingerprint("quic", |base, fingerprint| {
+        // The same from a configuration file: transport, server and fingerprint.
+        let server = base[4];
+        let path = config_file(
+            "client-quic",
+            &format!(
+                "transport = \"quic\"\nserver = \"{server}\"\nfingerprint = \"{fingerprint}\"\n"
+            ),
+        );
+        let out = tscf(&["client", "--config", path.to_str().unwrap(), "--for", "1"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("internal 10.77."));
+    });
 }
 
 #[test]
