@@ -372,6 +372,7 @@ impl Printer {
         let v4 = tunnel.internal_ipv4();
         let v6 = tunnel.internal_ipv6();
         let seen = tunnel.observed_address();
+        let max_packet = tunnel.info().map(|i| i.max_packet_len);
         if self.json {
             self.line(
                 "connected",
@@ -380,6 +381,7 @@ impl Printer {
                     "ipv4": v4.map(|a| a.to_string()),
                     "ipv6": v6.map(|a| a.to_string()),
                     "observed": seen.map(|a| a.to_string()),
+                    "max_packet": max_packet,
                 }),
             );
             return;
@@ -394,6 +396,13 @@ impl Printer {
         }
         if let Some(a) = seen {
             println!("  seen by the server as {a}");
+        }
+        if let Some(n) = max_packet {
+            // IPv4 and UDP headers take 28 octets of the inner packet.
+            println!(
+                "  inner packets up to {n} octets (UDP payload up to {})",
+                n.saturating_sub(28)
+            );
         }
     }
 

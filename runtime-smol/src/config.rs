@@ -10,6 +10,7 @@
 //! ipv4_pool = "10.77.0.0/16"        # internal IPv4 addresses ("" for none)
 //! ipv6_pool = "fd77::/48"           # internal IPv6 addresses ("" for none)
 //! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
+//! max_packet_len = 1400             # largest inner IP packet relayed, told to clients
 //! auth_tokens = ["secret"]          # required for listeners beyond loopback
 //! admin = "127.0.0.1:4449"          # `tscf status` endpoint, loopback only ("" for none)
 //!
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use tscf_runtime_smol::core::director::{Ipv4Pool, Ipv6Pool};
+use tscf_runtime_smol::core::wire::{MAX_PAYLOAD_LEN, MIN_MAX_PACKET_SIZE};
 use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
 
 /// The configuration used without `--config`.
@@ -58,6 +60,7 @@ pub(crate) struct ServerFile {
     ipv4_pool: Option<Pool<Ipv4Addr>>,
     ipv6_pool: Option<Pool<Ipv6Addr>>,
     peer_tunneling: Option<bool>,
+    max_packet_len: Option<usize>,
     #[serde(default)]
     auth_tokens: Vec<String>,
     tls_identity: Option<Identity>,
@@ -134,6 +137,17 @@ impl ServerFile {
         }
         if let Some(on) = self.peer_tunneling {
             config.director.peer_tunneling = on;
+        }
+        if let Some(len) = self.max_packet_len {
+            let allowed = usize::from(MIN_MAX_PACKET_SIZE)..=MAX_PAYLOAD_LEN;
+            if !allowed.contains(&len) {
+                return Err(format!(
+                    "max_packet_len: {len} is not {} to {} octets",
+                    allowed.start(),
+                    allowed.end()
+                ));
+            }
+            config.director.max_packet_len = len;
         }
         config.director.admission.tokens = self
             .auth_tokens
@@ -265,6 +279,16 @@ mod tests {
         assert!(e.contains("forward"), "{e}");
         let e = ClientFile::parse("stun_servers = []").expect_err("unknown key");
         assert!(e.contains("stun_servers"), "{e}");
+    }
+
+    #[test]
+    fn the_packet_limit_is_checked_with_its_key() {
+        let f = ServerFile::parse("max_packet_len = 9000").expect("parses");
+        let c = f.into_server_config().expect("a jumbo limit is fine");
+        assert_eq!(c.director.max_packet_len, 9000);
+        let f = ServerFile::parse("max_packet_len = 40").expect("parses");
+        let e = f.into_server_config().expect_err("below 68");
+        assert!(e.contains("max_packet_len"), "{e}");
     }
 
     #[test]

@@ -183,6 +183,10 @@ fn client_prints_its_internal_address_and_stops() {
         stdout.contains("seen by the server as 127.0.0.1:"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("inner packets up to 1400 octets (UDP payload up to 1372)"),
+        "{stdout}"
+    );
 
     let tcp = address(&printed, "tcp ");
     let out = tscf(&[
@@ -201,6 +205,7 @@ fn client_prints_its_internal_address_and_stops() {
     let lines = json_lines(&text(&out.stdout));
     assert_eq!(lines[0]["event"], "connected");
     assert!(lines[0]["ipv4"].as_str().unwrap().starts_with("10.77."));
+    assert_eq!(lines[0]["max_packet"], 1400);
     assert_eq!(lines[1]["event"], "forward");
     assert_eq!(lines.last().unwrap()["event"], "stopped");
     server.kill().unwrap();

@@ -459,6 +459,7 @@ fn arbitrary_message<'a>(u: &mut Unstructured<'a>) -> ArbitraryResult<Message<'a
     t.message_integrity = u.arbitrary()?;
     t.software = u.arbitrary()?;
     t.diagnostic = u.arbitrary()?;
+    t.max_packet_size = u.arbitrary()?;
     Ok(message)
 }
 

@@ -66,6 +66,7 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
         .push(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1)));
     m.tlvs.keepalive_interval_ms = Some(300_000);
     m.tlvs.observed_address = Some(sock("198.51.100.7:40000"));
+    m.tlvs.max_packet_size = Some(1400);
     v.push(("configuration-response", m));
 
     let mut m = Message::new(MessageType::CONFIGURATION_RESPONSE, 1, 0);

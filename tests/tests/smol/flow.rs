@@ -123,3 +123,43 @@ fn peer_stream_listeners_are_refused_not_ignored() {
         other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
     }
 }
+
+/// The director announces its packet limit (1400 by default) and both runtimes' inner sockets
+/// refuse a larger datagram with an error, instead of the director dropping it silently.
+#[test]
+fn an_inner_datagram_beyond_the_servers_maximum_is_refused_at_the_socket() {
+    // 1400 octets of IP packet: 28 of IPv4 and UDP headers, 1372 of payload.
+    const FITS: usize = 1372;
+    let server = smol_server();
+    let config = config_for(&server, Transport::UDP);
+    let refused = |e: std::io::Error| {
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("maximum of 1400"), "{e}");
+    };
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config.clone()).await;
+        assert_eq!(a.info().unwrap().max_packet_len, 1400);
+        let rx = b.bind(7).unwrap();
+        let tx = a.bind(0).unwrap();
+        let dst = std::net::SocketAddr::new(b.internal_ipv4().unwrap().into(), 7);
+        tx.send_to(&[1; FITS], dst).await.expect("fits");
+        let mut buf = [0u8; 2048];
+        let (n, _) = rx.recv_from(&mut buf).await.unwrap();
+        assert_eq!(n, FITS);
+        refused(tx.send_to(&[2; FITS + 1], dst).await.unwrap_err());
+
+        // The blocking runtime's client, against the same server.
+        let c = tscf_runtime_std::Tunnel::connect(config).expect("std tunnel");
+        let tx = c.bind(0).unwrap();
+        refused(tx.send_to(&[3; FITS + 1], dst).unwrap_err());
+        tx.send_to(&[4; FITS], dst).expect("fits");
+        let (n, _) = rx.recv_from(&mut buf).await.unwrap();
+        assert_eq!(
+            (n, buf[0]),
+            (FITS, 4),
+            "the refused datagrams never arrived"
+        );
+    });
+    assert_eq!(server.stats().director.dropped.oversized, 0);
+}

@@ -178,6 +178,11 @@ pub struct TunnelInfo {
     pub keepalive_interval: Duration,
     /// This client's transport address as the server saw it (behind a NAT: the NAT's mapping).
     pub observed_address: Option<SocketAddr>,
+    /// The largest inner IP packet the tunnel carries, in octets: the server's Maximum Packet
+    /// Size, else what one envelope holds. Larger packets are refused by
+    /// [`TunnelClient::send_ip`](super::TunnelClient::send_ip) on every path, so that a flow
+    /// behaves the same on a peer tunnel and on the relay.
+    pub max_packet_len: usize,
     /// The server holding the tunnel.
     pub server: ServerEndpoint,
 }
@@ -260,9 +265,14 @@ pub enum SendError {
     /// The packet's source is not an internal address of the tunnel; the server would drop it.
     #[error("source {0} is not an internal address of the tunnel")]
     WrongSource(IpAddr),
-    /// The packet does not fit in one envelope.
-    #[error("packet of {0} octets does not fit in an envelope")]
-    TooLarge(usize),
+    /// The packet is larger than the tunnel carries ([`TunnelInfo::max_packet_len`]).
+    #[error("inner packet of {len} octets exceeds the tunnel's maximum of {max}")]
+    TooLarge {
+        /// The packet's size.
+        len: usize,
+        /// The tunnel's maximum.
+        max: usize,
+    },
     /// [`max_queued_packets`](super::ClientConfig::max_queued_packets) packets are waiting
     /// already (while re-attaching, or because `poll_transmit` is not being drained).
     #[error("send queue full")]

@@ -6,7 +6,9 @@ use core::time::Duration;
 use super::{after, TerminateReason, Timer, MAX_CONTROL_QUEUE};
 use super::{ClientEvent, Phase, RequestKind, Tunnel, TunnelClient, TunnelInfo};
 use super::{DEFAULT_KEEPALIVE_DATAGRAM, DEFAULT_KEEPALIVE_STREAM};
-use crate::wire::{InnerPacket, Message, MessageType, PeerServiceResult, ResultCode, ServiceType};
+use crate::wire::{
+    InnerPacket, Message, MessageType, PeerServiceResult, ResultCode, ServiceType, MAX_PAYLOAD_LEN,
+};
 
 impl TunnelClient {
     pub(super) fn on_data(&mut self, payload: &[u8]) {
@@ -177,6 +179,10 @@ impl TunnelClient {
             dns_servers: msg.tlvs.dns_servers.to_vec(),
             keepalive_interval,
             observed_address: msg.tlvs.observed_address,
+            max_packet_len: msg
+                .tlvs
+                .max_packet_size
+                .map_or(MAX_PAYLOAD_LEN, usize::from),
             server,
         };
         let same = reattach

@@ -29,8 +29,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::wire::{
-    Capabilities, Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode,
-    MAX_PAYLOAD_LEN, VERSION,
+    Capabilities, Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode, VERSION,
 };
 
 pub use config::{ClientConfig, ConfigError, ServerEndpoint};
@@ -361,8 +360,12 @@ impl TunnelClient {
             return Err(SendError::Closed);
         }
         let tunnel = self.tunnel.as_ref().ok_or(SendError::NotConnected)?;
-        if packet.len() > MAX_PAYLOAD_LEN {
-            return Err(SendError::TooLarge(packet.len()));
+        let max = tunnel.info.max_packet_len;
+        if packet.len() > max {
+            return Err(SendError::TooLarge {
+                len: packet.len(),
+                max,
+            });
         }
         let parsed = InnerPacket::parse(packet)?;
         if !tunnel.info.owns(parsed.source()) {

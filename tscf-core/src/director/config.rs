@@ -3,6 +3,8 @@
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 
+use crate::wire::{MAX_PAYLOAD_LEN, MIN_MAX_PACKET_SIZE};
+
 /// The director's configuration. [`DirectorConfig::default`] is the embedded default: pools
 /// `10.77.0.0/16` and `fd77::/48`, open admission (fit only for loopback; see
 /// [`DirectorConfig::check_listeners`]).
@@ -30,7 +32,8 @@ pub struct DirectorConfig {
     pub pending_timeout: Duration,
     /// Who may open a tunnel.
     pub admission: Admission,
-    /// Largest inner IP packet relayed, in octets (default 1400).
+    /// Largest inner IP packet relayed, in octets (default 1400, at least 68); clients learn it
+    /// from the Configuration Response and refuse larger packets themselves.
     pub max_packet_len: usize,
     /// Frames queued for one tunnel before further frames are dropped (default 256).
     pub max_queued_frames: usize,
@@ -124,9 +127,15 @@ impl DirectorConfig {
                 "tunnel and connection limits must be > 0",
             ));
         }
-        if self.max_queued_frames == 0 || self.max_packet_len < 20 {
+        if self.max_queued_frames == 0 {
             return Err(DirectorConfigError::Invalid(
-                "queue and packet limits too small",
+                "max_queued_frames must be > 0",
+            ));
+        }
+        // The bound goes to clients in a Maximum Packet Size TLV (PROTOCOL §3.3).
+        if !(usize::from(MIN_MAX_PACKET_SIZE)..=MAX_PAYLOAD_LEN).contains(&self.max_packet_len) {
+            return Err(DirectorConfigError::Invalid(
+                "max_packet_len must be 68 to 65,532 octets",
             ));
         }
         Ok(())

@@ -250,6 +250,8 @@ impl SessionDirector {
         reply.tlvs.keepalive_interval_ms =
             Some(u32::try_from(t.keepalive.as_millis()).unwrap_or(u32::MAX));
         reply.tlvs.observed_address = self.connections.get(&connection).map(|c| c.info.remote);
+        // validate() keeps it within 68..=65,532.
+        reply.tlvs.max_packet_size = u16::try_from(self.config.max_packet_len).ok();
         self.send_and_remember(connection, id, request, &reply);
     }
 

@@ -164,6 +164,7 @@ fn configuration_assigns_unique_tunnels_and_addresses() {
     // A 1 s proposal is clamped up to the 5 s minimum.
     assert_eq!(m.tlvs.keepalive_interval_ms, Some(5_000));
     assert_eq!(m.tlvs.observed_address, Some(info(STREAM).remote));
+    assert_eq!(m.tlvs.max_packet_size, Some(1400));
     let (_, id2, _, ip2) = h.configure(2, DGRAM);
     assert_ne!(id2, m.header.tunnel_id);
     assert_eq!(ip2, Ipv4Addr::new(10, 77, 0, 3));
@@ -230,6 +231,17 @@ fn open_admission_is_refused_beyond_loopback() {
         config.check_listeners(&["0.0.0.0:4443".parse().expect("addr")]),
         Err(DirectorConfigError::OpenRelay(_))
     ));
+}
+
+#[test]
+fn the_packet_limit_must_fit_the_maximum_packet_size_tlv() {
+    for (len, ok) in [(67, false), (68, true), (65_532, true), (65_533, false)] {
+        let config = DirectorConfig {
+            max_packet_len: len,
+            ..DirectorConfig::default()
+        };
+        assert_eq!(config.validate().is_ok(), ok, "max_packet_len {len}");
+    }
 }
 
 #[test]

@@ -165,6 +165,8 @@ wire_code! {
         SOFTWARE = 0x80 => "Software",
         /// Free-text detail for a result code.
         DIAGNOSTIC = 0x81 => "Diagnostic",
+        /// Largest inner IP packet the director relays for the tunnel, in octets.
+        MAX_PACKET_SIZE = 0x82 => "Maximum Packet Size",
     }
 }
 

@@ -30,6 +30,8 @@ pub const MAX_DNS_SERVERS: usize = 4;
 pub const MESSAGE_INTEGRITY_TLV_LEN: usize = 2 + 32;
 /// Allowed Keepalive Interval values, in milliseconds (100 ms to one day).
 pub const KEEPALIVE_INTERVAL_RANGE_MS: core::ops::RangeInclusive<u32> = 100..=86_400_000;
+/// The smallest legal Maximum Packet Size: the minimum IPv4 MTU (RFC 791).
+pub const MIN_MAX_PACKET_SIZE: u16 = 68;
 
 /// The fixed part of every control message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -180,6 +182,8 @@ pub struct Tlvs<'a> {
     pub software: Option<&'a str>,
     /// Diagnostic.
     pub diagnostic: Option<&'a str>,
+    /// Maximum Packet Size in octets (at least [`MIN_MAX_PACKET_SIZE`]).
+    pub max_packet_size: Option<u16>,
 }
 
 /// A control message: header and typed TLVs.
@@ -523,6 +527,13 @@ impl<'a> Tlvs<'a> {
             TlvType::MESSAGE_INTEGRITY => self.message_integrity = r.array(),
             TlvType::SOFTWARE => self.software = Some(text(v)?),
             TlvType::DIAGNOSTIC => self.diagnostic = Some(text(v)?),
+            TlvType::MAX_PACKET_SIZE => {
+                let size = r.u16().unwrap_or_default();
+                if size < MIN_MAX_PACKET_SIZE {
+                    return Err("Maximum Packet Size below 68");
+                }
+                self.max_packet_size = Some(size);
+            }
             _ => {}
         }
         Ok(())
@@ -613,6 +624,9 @@ impl<'a> Tlvs<'a> {
         }
         if let Some(diagnostic) = self.diagnostic {
             f(TlvType::DIAGNOSTIC, diagnostic.as_bytes());
+        }
+        if let Some(size) = self.max_packet_size {
+            f(TlvType::MAX_PACKET_SIZE, &size.to_be_bytes());
         }
         // Last, so that it can cover everything before it.
         if let Some(mac) = &self.message_integrity {
@@ -732,6 +746,35 @@ mod tests {
         assert_eq!(
             kind(&bytes),
             DecodeErrorKind::IllegalValue("Keepalive Interval out of range")
+        );
+    }
+
+    #[test]
+    fn maximum_packet_size_is_checked_and_kept() {
+        let with_size = |size: u16| {
+            let mut tlvs = vec![0x08, 2, 0, 0, 0x82, 2];
+            tlvs.extend(size.to_be_bytes());
+            with_tlvs(MessageType::CONFIGURATION_RESPONSE, &tlvs)
+        };
+        let bytes = with_size(1400);
+        let m = Message::decode(&bytes).expect("decodes");
+        assert_eq!(m.tlvs.max_packet_size, Some(1400));
+        assert_eq!(
+            Message::decode(&with_size(MIN_MAX_PACKET_SIZE))
+                .expect("the smallest legal size")
+                .tlvs
+                .max_packet_size,
+            Some(68)
+        );
+        assert_eq!(
+            kind(&with_size(67)),
+            DecodeErrorKind::IllegalValue("Maximum Packet Size below 68")
+        );
+        // Only a Configuration Response carries it.
+        let bytes = with_tlvs(MessageType::KEEPALIVE, &[0x82, 2, 5, 0x78]);
+        assert_eq!(
+            kind(&bytes),
+            DecodeErrorKind::Malformed("TLV not allowed in this message")
         );
     }
 

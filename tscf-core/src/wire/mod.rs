@@ -40,7 +40,8 @@ pub use ip::{InnerPacket, InnerPacketError};
 pub use message::{
     Candidate, Capabilities, ConnectionInfo, DecodeError, DecodeErrorKind, EncodeError, Header,
     InternalAddress, Message, PeerCredentials, Tlvs, HEADER_LEN, KEEPALIVE_INTERVAL_RANGE_MS,
-    MAX_CANDIDATES, MAX_CONTROL_LEN, MAX_DNS_SERVERS, MAX_TLVS, MESSAGE_INTEGRITY_TLV_LEN, VERSION,
+    MAX_CANDIDATES, MAX_CONTROL_LEN, MAX_DNS_SERVERS, MAX_TLVS, MESSAGE_INTEGRITY_TLV_LEN,
+    MIN_MAX_PACKET_SIZE, VERSION,
 };
 pub use reader::Reader;
 pub use tlv::{RawTlv, MAX_AUTH_TOKEN_LEN, MAX_TEXT_LEN};

@@ -5,7 +5,7 @@ use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use etherparse::PacketBuilder;
 
 use super::*;
-use crate::wire::{Capabilities, InternalAddress, Transport};
+use crate::wire::{Capabilities, InternalAddress, Transport, MAX_PAYLOAD_LEN};
 
 mod data;
 mod peer;
@@ -152,8 +152,22 @@ fn encode(msg: &Message<'_>) -> Vec<u8> {
     out
 }
 
+/// The largest inner packet the fake server relays, as the director's default.
+const MAX_PACKET: u16 = 1400;
+
 fn config_response(seq: u32, tunnel: u64, addr: Ipv4Addr, interval_ms: u32) -> Vec<u8> {
+    config_response_with(seq, tunnel, addr, interval_ms, Some(MAX_PACKET))
+}
+
+fn config_response_with(
+    seq: u32,
+    tunnel: u64,
+    addr: Ipv4Addr,
+    interval_ms: u32,
+    max_packet_size: Option<u16>,
+) -> Vec<u8> {
     let mut msg = Message::new(MessageType::CONFIGURATION_RESPONSE, seq, tunnel);
+    msg.tlvs.max_packet_size = max_packet_size;
     msg.tlvs.result_code = Some(ResultCode::SUCCESS);
     msg.tlvs.reattach_secret = Some(SECRET);
     msg.tlvs.internal_ipv4 = Some(InternalAddress {
@@ -187,6 +201,46 @@ fn data_envelope(packet: &[u8]) -> Vec<u8> {
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
+}
+
+#[test]
+fn packets_beyond_the_servers_maximum_are_refused_at_the_sender() {
+    let mut h = Harness::new(ClientConfig::new(vec![udp()]));
+    h.take_events();
+    let info = h.connect(30_000);
+    assert_eq!(info.max_packet_len, usize::from(MAX_PACKET));
+    // 28 octets of IPv4 and UDP headers.
+    let fits = udp_packet(ADDR, PEER, &[7; 1400 - 28]);
+    h.client.send_ip(h.now, &fits).expect("fits");
+    h.drain();
+    assert_eq!(h.take_sent().len(), 1);
+    let too_big = udp_packet(ADDR, PEER, &[7; 1400 - 27]);
+    assert_eq!(
+        h.client.send_ip(h.now, &too_big),
+        Err(SendError::TooLarge {
+            len: 1401,
+            max: 1400
+        })
+    );
+    h.drain();
+    assert!(
+        h.take_sent().is_empty(),
+        "nothing left for the server to drop"
+    );
+
+    // A director that does not announce a maximum: what one envelope holds.
+    let mut h = Harness::new(ClientConfig::new(vec![udp()]));
+    h.take_events();
+    h.open();
+    let seq = decode(&h.take_control()).header.sequence;
+    h.deliver(&config_response_with(seq, TUNNEL, ADDR, 30_000, None));
+    match h.take_events().as_slice() {
+        [ClientEvent::Connected(info)] => assert_eq!(info.max_packet_len, MAX_PAYLOAD_LEN),
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    h.client
+        .send_ip(h.now, &too_big)
+        .expect("within an envelope");
 }
 
 #[test]

@@ -184,6 +184,15 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     h.client.send_ip(h.now, &media(ADDR, PEER)).expect("sent");
     h.drain();
     assert_eq!(h.peer_sent.len(), 1);
+    // The server's maximum holds on the peer tunnel too, so a flow that falls back to the
+    // relay keeps working.
+    let big = udp_packet(ADDR, PEER, &vec![0; usize::from(MAX_PACKET) - 27]);
+    assert!(matches!(
+        h.client.send_ip(h.now, &big),
+        Err(SendError::TooLarge { .. })
+    ));
+    h.drain();
+    assert_eq!(h.peer_sent.len(), 1);
     assert_eq!(h.peer_sent[0].1[0], EnvelopeType::DATA.0);
     assert!(h.take_sent().is_empty());
     // Data from the peer on the path is received; from elsewhere it is dropped.
