@@ -16,7 +16,7 @@ use futures_lite::future;
 use tscf_core::wire::EnvelopeType;
 use tscf_runtime_std::tls::TlsConfigError;
 
-use crate::stream::{Outgoing, StreamError};
+use crate::stream::{Outgoing, StreamError, WriteBatch, WRITE_BATCH};
 
 /// The ALPN protocol name of tscf over QUIC.
 pub(crate) const ALPN: &[u8] = b"tscf";
@@ -96,9 +96,14 @@ pub(crate) async fn serve(
         streams = Some(conn.open_bi().await.map_err(std::io::Error::from)?);
     }
     let mut chunk = vec![0u8; READ_CHUNK];
+    let mut batch = WriteBatch::default();
+    // Work taken from the queue while batching but not written with the batch.
+    let mut left = None;
     loop {
         // Every branch is cancel-safe: a future that loses the race has consumed nothing.
-        let step = {
+        let step = if let Some(work) = left.take() {
+            Step::Out(Some(work))
+        } else {
             let io = async {
                 match &mut streams {
                     Some((_, recv)) => Step::Read(recv.read(&mut chunk).await),
@@ -125,9 +130,13 @@ pub(crate) async fn serve(
             Step::Read(Err(e)) => return Err(std::io::Error::from(e).into()),
             Step::Datagram(Ok(bytes)) => on_datagram(&bytes)?,
             Step::Datagram(Err(e)) => return Err(std::io::Error::from(e).into()),
-            Step::Out(Some(Outgoing::Envelope(bytes))) => match &mut streams {
-                Some((send, _)) => write(send, &bytes).await?,
-                None => pending.push_back(bytes),
+            Step::Out(Some(Outgoing::Envelope(first))) => match &mut streams {
+                Some((send, _)) => {
+                    let (bytes, rest) = batch.gather(&first, outgoing, WRITE_BATCH);
+                    left = rest;
+                    write(send, bytes).await?;
+                }
+                None => pending.push_back(first),
             },
             Step::Out(Some(Outgoing::Abort)) => {
                 close(conn);

@@ -12,6 +12,9 @@ use tscf_core::wire::DeframeError;
 const READ_SMALL: usize = 2 * 1024;
 /// Octets read at a time while reads fill the buffer (a busy connection).
 const READ_LARGE: usize = 16 * 1024;
+/// Most octets of queued envelopes written as one: the most plaintext one TLS record carries,
+/// so a batch costs one seal and one system call.
+pub(crate) const WRITE_BATCH: usize = 16 * 1024;
 
 /// What the connection's owner asks the connection task to do.
 #[derive(Debug)]
@@ -56,6 +59,60 @@ impl OutgoingQueue {
     }
 }
 
+/// Joins envelopes already queued into one write, so that a busy connection seals one TLS
+/// record and makes one system call for many envelopes rather than one for each. It never
+/// waits for more: a lone envelope goes out as it is, uncopied.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBatch {
+    joined: Vec<u8>,
+}
+
+impl WriteBatch {
+    /// The envelope `first` followed by those queued behind it in `outgoing`, taken without
+    /// waiting while all of them fit in `bound` octets, in order; and what was taken but not
+    /// joined: an envelope that did not fit, a Close or an Abort, which the caller handles
+    /// after writing the batch, as it would have had it come next.
+    pub(crate) fn gather<'a>(
+        &'a mut self,
+        first: &'a [u8],
+        outgoing: &Receiver<Outgoing>,
+        bound: usize,
+    ) -> (&'a [u8], Option<Outgoing>) {
+        // A busy moment's 16 KiB is not kept once batches are small again (`joined` still
+        // holds the last batch, or nothing if the last envelope went alone).
+        if self.joined.len() < READ_SMALL && self.joined.capacity() > READ_SMALL {
+            self.joined = Vec::new();
+        }
+        self.joined.clear();
+        let mut len = first.len();
+        let mut left = None;
+        while len < bound {
+            let Ok(work) = outgoing.try_recv() else {
+                break;
+            };
+            match work {
+                Outgoing::Envelope(next) if len + next.len() <= bound => {
+                    if self.joined.is_empty() {
+                        self.joined.reserve(bound.min(2 * (len + next.len())));
+                        self.joined.extend_from_slice(first);
+                    }
+                    self.joined.extend_from_slice(&next);
+                    len += next.len();
+                }
+                other => {
+                    left = Some(other);
+                    break;
+                }
+            }
+        }
+        if self.joined.is_empty() {
+            (first, left)
+        } else {
+            (&self.joined, left)
+        }
+    }
+}
+
 /// Why a stream ended other than by a clean close.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StreamError {
@@ -85,12 +142,20 @@ where
         Out(Option<Outgoing>),
     }
     let mut chunk = vec![0u8; READ_SMALL];
+    let mut batch = WriteBatch::default();
+    // Work taken from the queue while batching but not written with the batch.
+    let mut left = None;
     loop {
-        // Reading is cancel-safe: a read that loses the race has consumed nothing.
-        let step = future::or(async { Step::Read(stream.read(&mut chunk).await) }, async {
-            Step::Out(outgoing.recv().await.ok())
-        })
-        .await;
+        let step = match left.take() {
+            Some(work) => Step::Out(Some(work)),
+            // Reading is cancel-safe: a read that loses the race has consumed nothing.
+            None => {
+                future::or(async { Step::Read(stream.read(&mut chunk).await) }, async {
+                    Step::Out(outgoing.recv().await.ok())
+                })
+                .await
+            }
+        };
         match step {
             Step::Read(Ok(0)) => return Ok(()),
             Step::Read(Ok(n)) => {
@@ -103,8 +168,10 @@ where
                 }
             }
             Step::Read(Err(e)) => return Err(e.into()),
-            Step::Out(Some(Outgoing::Envelope(bytes))) => {
-                stream.write_all(&bytes).await?;
+            Step::Out(Some(Outgoing::Envelope(first))) => {
+                let (bytes, rest) = batch.gather(&first, outgoing, WRITE_BATCH);
+                left = rest;
+                stream.write_all(bytes).await?;
                 stream.flush().await?;
             }
             Step::Out(Some(Outgoing::Abort)) => {
@@ -120,7 +187,155 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
     use super::*;
+
+    /// A stream that never has anything to read and records what is written to it.
+    #[derive(Default)]
+    struct Recorder {
+        written: Vec<u8>,
+        writes: usize,
+        flushes: usize,
+        closed: bool,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            self.writes += 1;
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn envelope(byte: u8, len: usize) -> Outgoing {
+        Outgoing::Envelope(vec![byte; len])
+    }
+
+    #[test]
+    fn a_lone_envelope_goes_as_it_is() {
+        let (_queue, rx) = OutgoingQueue::new(8);
+        let mut batch = WriteBatch::default();
+        let first = vec![1u8; 100];
+        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        assert!(std::ptr::eq(bytes, first.as_slice()), "not copied");
+        assert!(left.is_none());
+    }
+
+    #[test]
+    fn a_batch_keeps_order_and_stops_at_the_bound() {
+        let (queue, rx) = OutgoingQueue::new(8);
+        for (byte, len) in [(2, 300), (3, 300), (4, 300), (5, 1)] {
+            assert!(queue.try_send(envelope(byte, len)).is_ok());
+        }
+        let mut batch = WriteBatch::default();
+        let first = vec![1u8; 300];
+        // Three envelopes make 900 octets; a fourth of 300 would pass the bound.
+        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        let want: Vec<u8> = [1u8, 2, 3].iter().flat_map(|b| [*b; 300]).collect();
+        assert_eq!(bytes, want.as_slice());
+        assert!(matches!(left, Some(Outgoing::Envelope(b)) if b == [4; 300]));
+        // The rest stays queued for the next batch.
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Envelope(b)) if b == [5]));
+    }
+
+    #[test]
+    fn a_full_batch_takes_nothing_more() {
+        let (queue, rx) = OutgoingQueue::new(8);
+        assert!(queue.try_send(envelope(2, 500)).is_ok());
+        assert!(queue.try_send(envelope(3, 1)).is_ok());
+        let mut batch = WriteBatch::default();
+        let first = vec![1u8; 500];
+        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        assert_eq!(bytes.len(), 1000);
+        assert!(left.is_none());
+        assert_eq!(
+            rx.len(),
+            1,
+            "the envelope that would not fit is still queued"
+        );
+    }
+
+    #[test]
+    fn a_batch_ends_at_close_or_abort() {
+        for end in [Outgoing::Close, Outgoing::Abort] {
+            let (queue, rx) = OutgoingQueue::new(8);
+            assert!(queue.try_send(envelope(2, 10)).is_ok());
+            let closing = matches!(end, Outgoing::Close);
+            assert!(queue.try_send(end).is_ok());
+            assert!(queue.try_send(envelope(3, 10)).is_ok());
+            let mut batch = WriteBatch::default();
+            let first = vec![1u8; 10];
+            let (bytes, left) = batch.gather(&first, &rx, 1000);
+            assert_eq!(bytes.len(), 20);
+            match left {
+                Some(Outgoing::Close) => assert!(closing),
+                Some(Outgoing::Abort) => assert!(!closing),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn serve_writes_queued_envelopes_at_once_then_aborts() {
+        let (queue, rx) = OutgoingQueue::new(8);
+        for byte in 1..=3 {
+            assert!(queue.try_send(envelope(byte, 10)).is_ok());
+        }
+        assert!(queue.try_send(Outgoing::Abort).is_ok());
+        assert!(queue.try_send(envelope(4, 10)).is_ok());
+        let mut stream = Recorder::default();
+        let result = future::block_on(serve(&mut stream, &rx, |_| Ok(())));
+        assert!(
+            matches!(result, Err(StreamError::Io(e)) if e.kind() == io::ErrorKind::ConnectionAborted)
+        );
+        let want: Vec<u8> = [1u8, 2, 3].iter().flat_map(|b| [*b; 10]).collect();
+        assert_eq!(stream.written, want);
+        assert_eq!((stream.writes, stream.flushes), (1, 1));
+        assert!(!stream.closed, "an abort writes nothing more");
+    }
+
+    #[test]
+    fn serve_writes_what_did_not_fit_then_closes() {
+        let (queue, rx) = OutgoingQueue::new(8);
+        assert!(queue.try_send(envelope(1, WRITE_BATCH - 10)).is_ok());
+        assert!(queue.try_send(envelope(2, 20)).is_ok());
+        assert!(queue.try_send(envelope(3, 20)).is_ok());
+        assert!(queue.try_send(Outgoing::Close).is_ok());
+        let mut stream = Recorder::default();
+        let result = future::block_on(serve(&mut stream, &rx, |_| Ok(())));
+        assert!(result.is_ok());
+        assert_eq!(stream.written.len(), WRITE_BATCH + 30);
+        assert_eq!(stream.written[WRITE_BATCH - 10..WRITE_BATCH + 10], [2; 20]);
+        assert_eq!(stream.written[WRITE_BATCH + 10..], [3; 20]);
+        assert_eq!((stream.writes, stream.flushes), (2, 2));
+        assert!(stream.closed);
+    }
 
     #[test]
     fn the_queue_bounds_envelopes_but_always_takes_close_and_abort() {
