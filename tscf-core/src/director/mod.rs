@@ -527,6 +527,9 @@ impl SessionDirector {
         let Ok(header) = Envelope::header_bytes(EnvelopeType::DATA, payload.len()) else {
             return;
         };
+        // One allocation of the exact size when the caller kept the last frame (a stream
+        // connection's queue takes it) and left an empty buffer to recycle.
+        frame.reserve_exact(header.len() + payload.len());
         frame.extend_from_slice(&header);
         frame.extend_from_slice(payload);
         dst.queue.push_back(frame);
@@ -540,7 +543,8 @@ impl SessionDirector {
     }
 
     fn recycle(&mut self, mut buf: Vec<u8>) {
-        if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() <= 2048 {
+        // An empty buffer (the caller took the frame) is not worth a slot.
+        if self.spare.len() < MAX_SPARE_BUFFERS && (1..=2048).contains(&buf.capacity()) {
             buf.clear();
             self.spare.push(buf);
         }

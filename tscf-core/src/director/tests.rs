@@ -310,6 +310,23 @@ fn relays_between_tunnels_and_drops_what_it_must() {
 }
 
 #[test]
+fn a_caller_that_keeps_each_frame_gets_it_in_one_exact_allocation() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, _, _, ip1) = h.configure(1, STREAM);
+    let (_, _, _, ip2) = h.configure(2, STREAM);
+    let mut buf = Vec::new();
+    for size in [100, 1200, 7] {
+        let envelope = data(&udp_packet(ip1, ip2, &vec![9; size]));
+        h.d.handle_datagram(h.now, c1, &envelope);
+        assert!(h.d.poll_transmit(&mut buf).is_some());
+        // What a stream connection's queue does: keep the frame, leave an empty buffer.
+        let frame = std::mem::take(&mut buf);
+        assert_eq!(frame, envelope);
+        assert_eq!(frame.capacity(), frame.len());
+    }
+}
+
+#[test]
 fn per_tunnel_queue_is_bounded() {
     let mut h = Harness::new(DirectorConfig {
         max_queued_frames: 4,
