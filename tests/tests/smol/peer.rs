@@ -14,7 +14,7 @@ use tscf_core::wire::Transport;
 use tscf_runtime_smol::tls::{self, ClientTlsConfig};
 use tscf_runtime_smol::{Notification, PeerIdentity, ServerHandle, Tunnel, TunnelConfig};
 
-use crate::util::{config_for, smol_flow, smol_server, smol_tunnel};
+use crate::util::{config_for, server_config, smol_flow, smol_server, smol_tunnel};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
@@ -442,6 +442,14 @@ const DTLS_LARGEST: usize = 65_507 - 37 - 3 - 28;
 /// The largest UDP payload the tunnel takes (an inner packet of 65 532 octets).
 const LARGEST: usize = 65_535 - 3 - 28;
 
+/// A server that relays inner packets as large as one envelope holds. Clients keep to the
+/// server's bound on peer tunnels too (PROTOCOL §3.3), so full-size packets need this one.
+fn jumbo_server() -> ServerHandle {
+    let mut config = server_config();
+    config.director.max_packet_len = tscf_core::wire::MAX_PAYLOAD_LEN;
+    smol::block_on(tscf_runtime_smol::Server::start(config)).expect("smol server")
+}
+
 /// Full-size inner packets over a `secure` peer tunnel: 1200 octets of UDP payload, 1372 (an
 /// inner packet of 1400, the relay's default bound), 8000, the largest whose DTLS record fits
 /// a UDP datagram and the largest the tunnel takes. QUIC delivers them all (on the session's
@@ -449,7 +457,7 @@ const LARGEST: usize = 65_535 - 3 - 28;
 /// cannot be one UDP datagram: each of those is a counted send error, not a silent loss.
 /// Nothing goes on the relay, and the tunnel stays on its session.
 fn full_size_packets_cross_a_secured_peer_tunnel(secure: Transport) {
-    let server = smol_server();
+    let server = jumbo_server();
     smol::block_on(async {
         let (a, b, _) = pair(&server, secure).await;
         let too_large = a.bind(0).unwrap();
@@ -509,7 +517,7 @@ fn full_size_packets_cross_a_dtls_peer_tunnel_or_are_counted() {
 /// many took the stream is printed, not asserted.
 #[test]
 fn large_envelopes_take_the_quic_peer_session_stream() {
-    let server = smol_server();
+    let server = jumbo_server();
     smol::block_on(async {
         let (a, b, _) = pair(&server, Transport::QUIC).await;
         let stream = |t: &Tunnel| t.stats().peer_quic_stream_envelopes;
