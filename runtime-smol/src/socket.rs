@@ -77,17 +77,14 @@ impl InnerUdpSocket {
         let timeout = *lock(&self.read_timeout);
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let ready = self.queue.ready.listen();
-            if let Some((data, from)) = lock(&self.queue.packets).pop_front() {
-                let n = data.len().min(buf.len());
-                buf[..n].copy_from_slice(&data[..n]);
-                return Ok((n, from));
+            // A queued datagram needs no listener; without one, listen, then look again so
+            // that a datagram pushed in between is not waited for.
+            if let Some(got) = self.queue.pop(buf)? {
+                return Ok(got);
             }
-            if self.queue.closed.load(Ordering::SeqCst) {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "the tunnel is closed",
-                ));
+            let ready = self.queue.ready.listen();
+            if let Some(got) = self.queue.pop(buf)? {
+                return Ok(got);
             }
             match deadline {
                 None => ready.await,
@@ -139,6 +136,24 @@ impl SocketQueue {
             closed: AtomicBool::new(false),
             limit,
         }
+    }
+
+    /// Copies the oldest datagram into `buf` (truncating it) and says its length and sender;
+    /// `None` if none waits, and [`io::ErrorKind::NotConnected`] if none waits and the tunnel
+    /// is closed.
+    fn pop(&self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+        if let Some((data, from)) = lock(&self.packets).pop_front() {
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            return Ok(Some((n, from)));
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the tunnel is closed",
+            ));
+        }
+        Ok(None)
     }
 
     /// The tunnel is gone: wake the readers for good.
