@@ -17,6 +17,7 @@ use async_channel::TrySendError;
 use async_io::{Async, Timer};
 use futures_lite::future;
 use futures_rustls::TlsAcceptor;
+use rustc_hash::FxHashMap;
 use smol::Task;
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorEvent, SessionDirector, TunnelSummary,
@@ -173,7 +174,7 @@ impl Server {
             shared: Shared {
                 state: Mutex::new(ServerCore {
                     director,
-                    routes: HashMap::new(),
+                    routes: FxHashMap::default(),
                     udp_peers: UdpPeers::new(),
                     dtls: dtls_sites,
                     dtls_peers: HashMap::new(),
@@ -395,7 +396,8 @@ struct ServerInner {
 #[derive(Debug)]
 struct ServerCore {
     director: SessionDirector,
-    routes: HashMap<ConnectionHandle, Route>,
+    /// Keyed by handles the server hands out itself, so a fast unkeyed hash will do.
+    routes: FxHashMap<ConnectionHandle, Route>,
     udp_peers: UdpPeers,
     /// The DTLS listeners and their associations.
     dtls: Vec<DtlsSite>,

@@ -2,13 +2,13 @@
 //! socket that does not depend on how a runtime waits, shared by this crate's
 //! [`InnerUdpSocket`](crate::InnerUdpSocket) and the smol runtime's.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use rustc_hash::FxHashMap;
 use tscf_core::client::{SendError, TunnelClient};
 
 use crate::TunnelStats;
@@ -124,14 +124,16 @@ pub trait DatagramQueue {
 /// picks next.
 #[derive(Debug)]
 pub struct SocketTable<Q> {
-    queues: HashMap<u16, Arc<Q>>,
+    /// Keyed by the port of an inner socket of this tunnel, which the application binds: no
+    /// one on the network picks these keys, so a fast unkeyed hash will do.
+    queues: FxHashMap<u16, Arc<Q>>,
     next_port: u16,
 }
 
 impl<Q> Default for SocketTable<Q> {
     fn default() -> Self {
         Self {
-            queues: HashMap::new(),
+            queues: FxHashMap::default(),
             next_port: *EPHEMERAL_PORTS.start(),
         }
     }

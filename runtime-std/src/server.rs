@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, DirectorConfigError, DirectorEvent,
     DirectorStats, SessionDirector, TunnelSummary,
@@ -323,7 +324,7 @@ impl Server {
             shared: Shared {
                 state: Mutex::new(ServerCore {
                     director,
-                    routes: HashMap::new(),
+                    routes: FxHashMap::default(),
                     udp_peers: UdpPeers::new(),
                     next_handle: 0,
                     buf: Vec::new(),
@@ -510,7 +511,8 @@ struct ServerInner {
 #[derive(Debug)]
 struct ServerCore {
     director: SessionDirector,
-    routes: HashMap<ConnectionHandle, Route>,
+    /// Keyed by handles the server hands out itself, so a fast unkeyed hash will do.
+    routes: FxHashMap<ConnectionHandle, Route>,
     udp_peers: UdpPeers,
     next_handle: u64,
     buf: Vec<u8>,
