@@ -52,10 +52,12 @@ impl InnerUdpSocket {
     /// while the tunnel re-attaches the datagram waits in the client's bounded queue, and a
     /// full queue is [`io::ErrorKind::WouldBlock`].
     pub async fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        let mut core = lock(&self.shared.state);
-        inner::send_udp(&mut core.client, Instant::now(), self.port, dst, buf)?;
+        let mut guard = lock(&self.shared.state);
+        let core = &mut *guard;
+        let now = Instant::now();
+        inner::send_udp(&mut core.client, now, self.port, dst, buf, &mut core.packet)?;
         core.drain();
-        self.shared.rearm(&mut core);
+        self.shared.rearm(core);
         Ok(buf.len())
     }
 

@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{
+    IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice, UdpHeader,
+};
 use rustc_hash::FxHashMap;
 use tscf_core::client::{SendError, TunnelClient};
 
@@ -27,7 +29,8 @@ pub fn local_addr(client: &TunnelClient, port: u16) -> io::Result<SocketAddr> {
 }
 
 /// Wraps `payload` in a UDP packet from the tunnel's internal address of `dst`'s family and
-/// `port` to `dst`, and hands it to `client`. Errors as an inner socket reports them: no
+/// `port` to `dst`, and hands it to `client`. `packet` is scratch space for the packet, kept
+/// by the caller so that a send allocates nothing. Errors as an inner socket reports them: no
 /// tunnel yet is [`io::ErrorKind::NotConnected`], a full send queue
 /// [`io::ErrorKind::WouldBlock`].
 pub fn send_udp(
@@ -36,23 +39,66 @@ pub fn send_udp(
     port: u16,
     dst: SocketAddr,
     payload: &[u8],
+    packet: &mut Vec<u8>,
 ) -> io::Result<()> {
-    let builder = match dst.ip() {
-        IpAddr::V4(to) => {
-            let from = client.internal_ipv4().ok_or_else(no_tunnel)?;
-            PacketBuilder::ipv4(from.octets(), to.octets(), INNER_TTL)
+    let from = match dst.ip() {
+        IpAddr::V4(_) => client.internal_ipv4().map(IpAddr::V4),
+        IpAddr::V6(_) => client.internal_ipv6().map(IpAddr::V6),
+    };
+    let from = SocketAddr::new(from.ok_or_else(no_tunnel)?, port);
+    write_udp(packet, from, dst, payload)?;
+    client.send_ip(now, packet).map_err(send_error)
+}
+
+/// Writes into `packet` (replacing what it held) the IPv4 or IPv6 UDP packet from `from` to
+/// `to` that carries `payload`, with both checksums: what etherparse's `PacketBuilder` writes,
+/// without its intermediate steps. `from` and `to` are of the same family.
+fn write_udp(
+    packet: &mut Vec<u8>,
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: &[u8],
+) -> io::Result<()> {
+    let udp_len = u16::try_from(UdpHeader::LEN + payload.len())
+        .map_err(|_| invalid("UDP payload too long"))?;
+    packet.clear();
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(source), IpAddr::V4(destination)) => {
+            let mut ip = Ipv4Header::new(
+                udp_len,
+                INNER_TTL,
+                IpNumber::UDP,
+                source.octets(),
+                destination.octets(),
+            )
+            .map_err(invalid)?;
+            ip.header_checksum = ip.calc_header_checksum();
+            let udp = UdpHeader::with_ipv4_checksum(from.port(), to.port(), &ip, payload)
+                .map_err(invalid)?;
+            packet.reserve(Ipv4Header::MIN_LEN + usize::from(udp_len));
+            packet.extend_from_slice(&ip.to_bytes());
+            packet.extend_from_slice(&udp.to_bytes());
         }
-        IpAddr::V6(to) => {
-            let from = client.internal_ipv6().ok_or_else(no_tunnel)?;
-            PacketBuilder::ipv6(from.octets(), to.octets(), INNER_TTL)
+        (IpAddr::V6(source), IpAddr::V6(destination)) => {
+            let ip = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: udp_len,
+                next_header: IpNumber::UDP,
+                hop_limit: INNER_TTL,
+                source: source.octets(),
+                destination: destination.octets(),
+            };
+            let udp = UdpHeader::with_ipv6_checksum(from.port(), to.port(), &ip, payload)
+                .map_err(invalid)?;
+            packet.reserve(Ipv6Header::LEN + usize::from(udp_len));
+            packet.extend_from_slice(&ip.to_bytes());
+            packet.extend_from_slice(&udp.to_bytes());
         }
+        _ => return Err(invalid("source and destination of different families")),
     }
-    .udp(port, dst.port());
-    let mut packet = Vec::with_capacity(builder.size(payload.len()));
-    builder
-        .write(&mut packet, payload)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    client.send_ip(now, &packet).map_err(send_error)
+    packet.extend_from_slice(payload);
+    Ok(())
 }
 
 /// A UDP datagram received in the tunnel.
@@ -93,6 +139,10 @@ pub fn check_read_timeout(timeout: Option<Duration>) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 fn no_tunnel() -> io::Error {
@@ -215,6 +265,7 @@ impl<Q: DatagramQueue> SocketTable<Q> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etherparse::PacketBuilder;
 
     #[test]
     fn parse_finds_the_datagram_and_refuses_other_packets() {
@@ -233,6 +284,48 @@ mod tests {
         assert!(check_read_timeout(Some(Duration::ZERO)).is_err());
         assert!(check_read_timeout(None).is_ok());
     }
+
+    #[test]
+    fn packets_written_are_those_of_the_packet_builder() {
+        let cases = [
+            (
+                SocketAddr::from(([10, 77, 0, 2], 49_152)),
+                SocketAddr::from(([10, 77, 0, 3], 9000)),
+            ),
+            (
+                SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 2], 5004)),
+                SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 3], 6000)),
+            ),
+        ];
+        let mut packet = b"left over from an earlier packet".to_vec();
+        for (from, to) in cases {
+            for payload in [&b""[..], b"rtp", &[0xa5; 1372], &[0xff; 1201]] {
+                let builder = match (from.ip(), to.ip()) {
+                    (IpAddr::V4(a), IpAddr::V4(b)) => {
+                        PacketBuilder::ipv4(a.octets(), b.octets(), INNER_TTL)
+                    }
+                    (IpAddr::V6(a), IpAddr::V6(b)) => {
+                        PacketBuilder::ipv6(a.octets(), b.octets(), INNER_TTL)
+                    }
+                    _ => unreachable!("one family per case"),
+                }
+                .udp(from.port(), to.port());
+                let mut expected = Vec::new();
+                builder.write(&mut expected, payload).expect("a packet");
+                write_udp(&mut packet, from, to, payload).expect("a packet");
+                assert_eq!(packet, expected, "{from} to {to}, {} octets", payload.len());
+                let d = parse_udp(&packet).expect("a UDP packet");
+                assert_eq!((d.from, d.port, d.payload), (from, to.port(), payload));
+            }
+        }
+        let v6 = SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 3], 6000));
+        let err = write_udp(&mut packet, cases[0].0, v6, b"x").expect_err("mixed families");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let err = write_udp(&mut packet, cases[0].0, cases[0].1, &[0; 65_528])
+            .expect_err("too long for UDP");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
     /// A queue of at most one datagram.
     #[derive(Debug, Default)]
     struct One(std::sync::Mutex<Option<(Vec<u8>, SocketAddr)>>);

@@ -48,10 +48,12 @@ impl InnerUdpSocket {
     /// re-attaches the datagram waits in the client's bounded queue; a full queue is
     /// [`io::ErrorKind::WouldBlock`].
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        let mut core = lock(&self.shared.state);
-        inner::send_udp(&mut core.client, Instant::now(), self.port, dst, buf)?;
+        let mut guard = lock(&self.shared.state);
+        let core = &mut *guard;
+        let now = Instant::now();
+        inner::send_udp(&mut core.client, now, self.port, dst, buf, &mut core.packet)?;
         core.drain();
-        self.shared.rearm(&mut core);
+        self.shared.rearm(core);
         Ok(buf.len())
     }
 

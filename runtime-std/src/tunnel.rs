@@ -638,7 +638,8 @@ pub(crate) struct ClientCore {
     stopped: bool,
     armed: Option<Instant>,
     buf: Vec<u8>,
-    packet: Vec<u8>,
+    /// The inner packet received or sent last, kept for its capacity.
+    pub(crate) packet: Vec<u8>,
     pub(crate) peer_streams: PeerStreams,
     pub(crate) stats: TunnelStats,
 }
