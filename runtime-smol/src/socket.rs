@@ -124,16 +124,30 @@ impl Drop for InnerUdpSocket {
 /// Datagrams received for one inner socket.
 #[derive(Debug)]
 pub(crate) struct SocketQueue {
-    packets: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
+    packets: Mutex<Datagrams>,
     ready: Event,
     closed: AtomicBool,
     limit: usize,
 }
 
+/// Buffers kept for reuse once their datagram is read, at most.
+const SPARE_BUFFERS: usize = 16;
+/// The largest buffer kept for reuse: a full-sized inner packet's payload fits, while a rare
+/// large datagram's buffer is freed rather than kept.
+const SPARE_CAPACITY: usize = 2048;
+
+/// The datagrams waiting, oldest first, and buffers of datagrams already read, so that a
+/// steady flow reuses them instead of allocating one per datagram.
+#[derive(Debug, Default)]
+struct Datagrams {
+    queued: VecDeque<(Vec<u8>, SocketAddr)>,
+    spare: Vec<Vec<u8>>,
+}
+
 impl SocketQueue {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            packets: Mutex::new(VecDeque::new()),
+            packets: Mutex::new(Datagrams::default()),
             ready: Event::new(),
             closed: AtomicBool::new(false),
             limit,
@@ -144,9 +158,13 @@ impl SocketQueue {
     /// `None` if none waits, and [`io::ErrorKind::NotConnected`] if none waits and the tunnel
     /// is closed.
     fn pop(&self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-        if let Some((data, from)) = lock(&self.packets).pop_front() {
+        let mut packets = lock(&self.packets);
+        if let Some((data, from)) = packets.queued.pop_front() {
             let n = data.len().min(buf.len());
             buf[..n].copy_from_slice(&data[..n]);
+            if packets.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_CAPACITY {
+                packets.spare.push(data);
+            }
             return Ok(Some((n, from)));
         }
         if self.closed.load(Ordering::SeqCst) {
@@ -168,11 +186,59 @@ impl SocketQueue {
 impl DatagramQueue for SocketQueue {
     fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
         let mut packets = lock(&self.packets);
-        if packets.len() >= self.limit {
+        if packets.queued.len() >= self.limit {
             return false;
         }
-        packets.push_back((payload.to_vec(), from));
+        let mut data = packets.spare.pop().unwrap_or_default();
+        data.clear();
+        data.extend_from_slice(payload);
+        packets.queued.push_back((data, from));
         self.ready.notify(1);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_keeps_order_stops_at_its_limit_and_keeps_few_small_buffers() {
+        let queue = SocketQueue::new(20);
+        let from = SocketAddr::from(([10, 77, 0, 2], 5004));
+        let mut buf = [0u8; 4096];
+        assert_eq!(queue.pop(&mut buf).expect("open"), None);
+        for round in 0..3u8 {
+            for i in 0..20u8 {
+                assert!(queue.push(&[round, i, 7], from));
+            }
+            assert!(!queue.push(b"one too many", from), "the limit holds");
+            for i in 0..20u8 {
+                assert_eq!(queue.pop(&mut buf).expect("open"), Some((3, from)));
+                assert_eq!(buf[..3], [round, i, 7], "oldest first");
+            }
+            assert_eq!(queue.pop(&mut buf).expect("open"), None);
+            assert_eq!(lock(&queue.packets).spare.len(), SPARE_BUFFERS);
+        }
+        // A reused buffer holds the new datagram only, and a short read truncates.
+        assert!(queue.push(b"x", from));
+        assert_eq!(queue.pop(&mut buf).expect("open"), Some((1, from)));
+        assert_eq!(&buf[..1], b"x");
+        assert!(queue.push(b"truncated", from));
+        assert_eq!(queue.pop(&mut buf[..5]).expect("open"), Some((5, from)));
+        assert_eq!(&buf[..5], b"trunc");
+        // A large datagram's buffer is not kept.
+        lock(&queue.packets).spare.clear();
+        assert!(queue.push(&[1; SPARE_CAPACITY + 1], from));
+        assert_eq!(
+            queue.pop(&mut buf).expect("open"),
+            Some((SPARE_CAPACITY + 1, from))
+        );
+        assert!(lock(&queue.packets).spare.is_empty());
+        queue.close();
+        assert_eq!(
+            queue.pop(&mut buf).expect_err("closed").kind(),
+            io::ErrorKind::NotConnected
+        );
     }
 }
