@@ -131,7 +131,7 @@ pub(crate) struct SocketQueue {
 }
 
 /// Buffers kept for reuse once their datagram is read, at most.
-const SPARE_BUFFERS: usize = 16;
+const SPARE_BUFFERS: usize = 64;
 /// The largest buffer kept for reuse: a full-sized inner packet's payload fits, while a rare
 /// large datagram's buffer is freed rather than kept.
 const SPARE_CAPACITY: usize = 2048;
@@ -204,18 +204,19 @@ mod tests {
 
     #[test]
     fn the_queue_keeps_order_stops_at_its_limit_and_keeps_few_small_buffers() {
-        let queue = SocketQueue::new(20);
+        let limit = SPARE_BUFFERS + 4;
+        let queue = SocketQueue::new(limit);
         let from = SocketAddr::from(([10, 77, 0, 2], 5004));
         let mut buf = [0u8; 4096];
         assert_eq!(queue.pop(&mut buf).expect("open"), None);
         for round in 0..3u8 {
-            for i in 0..20u8 {
-                assert!(queue.push(&[round, i, 7], from));
+            for i in 0..limit {
+                assert!(queue.push(&[round, i as u8, 7], from));
             }
             assert!(!queue.push(b"one too many", from), "the limit holds");
-            for i in 0..20u8 {
+            for i in 0..limit {
                 assert_eq!(queue.pop(&mut buf).expect("open"), Some((3, from)));
-                assert_eq!(buf[..3], [round, i, 7], "oldest first");
+                assert_eq!(buf[..3], [round, i as u8, 7], "oldest first");
             }
             assert_eq!(queue.pop(&mut buf).expect("open"), None);
             assert_eq!(lock(&queue.packets).spare.len(), SPARE_BUFFERS);
