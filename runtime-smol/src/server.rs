@@ -467,10 +467,12 @@ impl ServerCore {
     /// Feeds the director what the DTLS listeners report; false if they reported nothing.
     fn dtls_events(&mut self) -> bool {
         let mut any = false;
-        let now = Instant::now();
+        // Read the clock only when there is an event: most drains have none.
+        let mut clock = None;
         for site in 0..self.dtls.len() {
             while let Some(event) = self.dtls[site].endpoint.poll_event() {
                 any = true;
+                let now = *clock.get_or_insert_with(Instant::now);
                 match event {
                     DtlsEvent::HandshakeDone { peer, .. }
                         if self.dtls_peers.len() >= self.max_dtls_associations =>

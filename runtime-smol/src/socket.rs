@@ -56,7 +56,7 @@ impl InnerUdpSocket {
         let core = &mut *guard;
         let now = Instant::now();
         inner::send_udp(&mut core.client, now, self.port, dst, buf, &mut core.packet)?;
-        core.drain();
+        core.drain_at(now);
         self.shared.rearm(core);
         Ok(buf.len())
     }

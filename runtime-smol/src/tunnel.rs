@@ -522,8 +522,12 @@ impl ClientCore {
     /// Drains the client after an input: transmits, then events (acting on each), until both
     /// are empty; then hands received packets to the inner sockets.
     pub(crate) fn drain(&mut self) {
+        self.drain_at(Instant::now());
+    }
+
+    /// [`drain`](Self::drain) for an input handled at `now`, which stands for the whole drain.
+    pub(crate) fn drain_at(&mut self, now: Instant) {
         loop {
-            let now = Instant::now();
             while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
                 match t.destination {
                     Destination::Server => self.send_to_server(),
@@ -910,7 +914,7 @@ impl Timed for ClientCore {
         if let Some(dtls) = &mut self.peer_dtls {
             dtls.handle_timeout(now);
         }
-        self.drain();
+        self.drain_at(now);
     }
 
     fn stopped(&self) -> bool {
@@ -1152,11 +1156,11 @@ async fn run_dtls(shared: &Shared<ClientCore>, generation: u64, socket: &Async<U
         let Some(Ok((n, from))) = received else {
             continue;
         };
+        let now = Instant::now();
         if let Link::Dtls(link) = &mut core.link {
-            link.endpoint
-                .handle_datagram(Instant::now(), from, &buf[..n]);
+            link.endpoint.handle_datagram(now, from, &buf[..n]);
         }
-        core.drain();
+        core.drain_at(now);
         shared.rearm(&mut core);
     }
 }
@@ -1210,7 +1214,7 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
             core.stats.udp_dropped += 1;
             continue;
         }
-        core.drain();
+        core.drain_at(now);
         shared.rearm(&mut core);
     }
 }
