@@ -893,17 +893,15 @@ impl ClientCore {
 
 impl Timed for ClientCore {
     fn deadline(&self) -> Option<Instant> {
-        let dtls = match &self.link {
-            Link::Dtls(link) => link.endpoint.poll_timeout(),
-            _ => None,
-        };
-        let peer_dtls = self.peer_dtls.as_ref().and_then(PeerDtls::poll_timeout);
-        self.client
-            .poll_timeout()
-            .into_iter()
-            .chain(dtls)
-            .chain(peer_dtls)
-            .min()
+        // Asked after every input: plain code, and the DTLS endpoints only when they exist.
+        let mut at = self.client.poll_timeout();
+        if let Link::Dtls(link) = &self.link {
+            at = earliest(at, link.endpoint.poll_timeout());
+        }
+        if let Some(dtls) = &self.peer_dtls {
+            at = earliest(at, dtls.poll_timeout());
+        }
+        at
     }
 
     fn on_timeout(&mut self, now: Instant) {
@@ -1124,6 +1122,14 @@ fn feed_stream(
     core.drain();
     shared.rearm(&mut core);
     outcome
+}
+
+/// The earlier of two deadlines, either of which may be unset.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `work`, or a timeout error at `deadline`.

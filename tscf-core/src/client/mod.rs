@@ -503,10 +503,7 @@ impl TunnelClient {
     /// timer runs.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.timers.next(), self.peer_poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        timer::earliest(self.timers.next(), self.peer_poll_timeout())
     }
 
     // ---- observability ----

@@ -25,6 +25,15 @@ impl Timer {
     }
 }
 
+/// The earlier of two deadlines, either of which may be unset: plain code rather than an
+/// iterator chain, because runtimes ask for `poll_timeout` after every input.
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Deadlines of every [`Timer`]; `None` when stopped.
 #[derive(Clone, Debug, Default)]
 pub(super) struct TimerTable {
@@ -50,7 +59,7 @@ impl TimerTable {
 
     /// The earliest deadline.
     pub(super) fn next(&self) -> Option<Instant> {
-        self.deadlines.iter().flatten().min().copied()
+        self.deadlines.iter().fold(None, |at, d| earliest(at, *d))
     }
 
     /// Stops and returns the earliest timer whose deadline is at or before `now`.
@@ -68,5 +77,45 @@ impl TimerTable {
             .min_by_key(|t| self.get(*t))?;
         self.stop(timer);
         Some(timer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[allow(clippy::disallowed_methods)]
+    fn base() -> Instant {
+        // The only clock read: a fixed origin for virtual time.
+        Instant::now()
+    }
+
+    #[test]
+    fn next_is_the_earliest_deadline_set_and_follows_every_change() {
+        let t0 = base();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut table = TimerTable::default();
+        assert_eq!(table.next(), None);
+        table.set(Timer::Silence, at(300));
+        assert_eq!(table.next(), Some(at(300)));
+        table.set(Timer::Keepalive, at(100));
+        table.set(Timer::Reconnect, at(200));
+        assert_eq!(table.next(), Some(at(100)));
+        // Moving the earliest later, or stopping it, uncovers the next one.
+        table.set(Timer::Keepalive, at(400));
+        assert_eq!(table.next(), Some(at(200)));
+        table.stop(Timer::Reconnect);
+        assert_eq!(table.next(), Some(at(300)));
+        // A timer brought forward is the deadline at once.
+        table.set(Timer::Retransmit, at(50));
+        assert_eq!(table.next(), Some(at(50)));
+        assert_eq!(table.pop_expired(at(60)), Some(Timer::Retransmit));
+        assert_eq!(table.next(), Some(at(300)));
+        table.stop_all();
+        assert_eq!(table.next(), None);
+        assert_eq!(earliest(None, Some(at(1))), Some(at(1)));
+        assert_eq!(earliest(Some(at(2)), None), Some(at(2)));
+        assert_eq!(earliest(Some(at(2)), Some(at(1))), Some(at(1)));
     }
 }

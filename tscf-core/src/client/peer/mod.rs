@@ -31,6 +31,7 @@ pub use config::PeerConfig;
 
 use super::event::PeerStreamId;
 use super::queue::{BufferPool, PacketQueue};
+use super::timer::earliest;
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
 use crate::wire::{InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
@@ -666,18 +667,19 @@ impl PeerAgent {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
+        // Plain loops: the runtime asks after every input, and most of these are empty.
         let silence = self.config.silence_timeout;
-        let peers = self.peers.iter().filter_map(|p| p.next_deadline(silence));
-        let requests = self
-            .requests
-            .iter()
-            .filter_map(ServiceRequest::next_deadline);
-        let streams = self.streams.iter().filter_map(|s| s.deadline);
-        peers
-            .chain(requests)
-            .chain(streams)
-            .chain(self.discovery.poll_timeout())
-            .min()
+        let mut at = self.discovery.poll_timeout();
+        for p in &self.peers {
+            at = earliest(at, p.next_deadline(silence));
+        }
+        for r in &self.requests {
+            at = earliest(at, r.next_deadline());
+        }
+        for s in &self.streams {
+            at = earliest(at, s.deadline);
+        }
+        at
     }
 
     fn handle_timeout(&mut self, cx: &mut Cx<'_>) {
