@@ -15,6 +15,8 @@
 //! the tunnels were set up and then over 10 s of idleness. Linux only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -31,8 +33,6 @@ use tscf_runtime_smol::{
 const PER_CHILD: usize = 5_000;
 /// Tunnels connecting at once.
 const BATCH: usize = 200;
-/// `USER_HZ`: the unit of the CPU times in `/proc/<pid>/stat`.
-const USER_HZ: f64 = 100.0;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -53,7 +53,7 @@ fn server(tunnels: usize) {
         return;
     }
     let (rss0, hwm0) = memory_kib();
-    let cpu0 = cpu_seconds();
+    let cpu0 = common::cpu_seconds();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut config = ServerConfig {
         tls: vec![any],
@@ -98,10 +98,10 @@ fn server(tunnels: usize) {
     let stats = server.stats();
     assert_eq!(stats.director.active_tunnels, tunnels, "{stats:?}");
     let (rss1, hwm1) = memory_kib();
-    let cpu1 = cpu_seconds();
+    let cpu1 = common::cpu_seconds();
     std::thread::sleep(Duration::from_secs(10));
     let (rss2, _) = memory_kib();
-    let cpu2 = cpu_seconds();
+    let cpu2 = common::cpu_seconds();
 
     println!(
         "{tunnels} TLS tunnels up in {:.1} s ({} stream connections)",
@@ -137,7 +137,7 @@ fn clients(addr: &str, fingerprint: &str, count: usize) {
     ));
     config.client.peer = None;
     config.connect_timeout = Duration::from_secs(60);
-    let cpu0 = cpu_seconds();
+    let cpu0 = common::cpu_seconds();
     let tunnels = smol::block_on(async {
         let mut tunnels = Vec::with_capacity(count);
         while tunnels.len() < count {
@@ -154,7 +154,7 @@ fn clients(addr: &str, fingerprint: &str, count: usize) {
     let (rss, _) = memory_kib();
     println!(
         "ready: {count} tunnels, client process VmRSS {rss} KiB, CPU {:.2} s",
-        cpu_seconds() - cpu0
+        common::cpu_seconds() - cpu0
     );
     std::io::stdout().flush().unwrap();
     let _ = std::io::stdin().read_line(&mut String::new());
@@ -173,21 +173,6 @@ fn memory_kib() -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// User plus system CPU time of this process, in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The command name may hold spaces; the fields after it are plain numbers. utime and stime
-    // are fields 14 and 15, the 12th and 13th after the name.
-    let rest = &stat[stat.rfind(')').expect("a name") + 2..];
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    fields.iter().sum::<u64>() as f64 / USER_HZ
 }
 
 /// The soft limit on open files, from `/proc/self/limits`.

@@ -28,6 +28,8 @@
 //! datagrams rather than on the stream. Linux only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -44,8 +46,6 @@ use tscf_runtime_smol::{
 const WINDOW: u32 = 64;
 /// With no credit back for this long, the datagrams in flight are counted lost.
 const STALL: Duration = Duration::from_millis(100);
-/// `USER_HZ`: the unit of the CPU times in `/proc/<pid>/stat`.
-const USER_HZ: f64 = 100.0;
 /// IPv4 and UDP headers of an inner packet.
 const HEADERS: usize = 28;
 /// The inner port B receives on.
@@ -202,7 +202,7 @@ async fn measure(
     let dst = SocketAddr::new(b.internal_ipv4().expect("B's address").into(), PORT);
     let (credit_tx, credits) = smol::channel::unbounded::<()>();
     let before = server.stats();
-    let cpu0 = cpu_seconds();
+    let cpu0 = common::cpu_seconds();
     let start = Instant::now();
 
     let sent = Cell::new(0u64);
@@ -248,7 +248,7 @@ async fn measure(
         }
     };
     future::or(receive, send).await;
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = common::cpu_seconds() - cpu0;
     let after = server.stats();
     let quic_datagrams = (transport == Transport::QUIC).then(|| {
         (
@@ -299,19 +299,4 @@ fn print_row(row: &Row) {
         mbit,
     );
     println!("{}", line.trim_end());
-}
-
-/// User plus system CPU time of this process, in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The command name may hold spaces; the fields after it are plain numbers. utime and stime
-    // are fields 14 and 15, the 12th and 13th after the name.
-    let rest = &stat[stat.rfind(')').expect("a name") + 2..];
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    fields.iter().sum::<u64>() as f64 / USER_HZ
 }
