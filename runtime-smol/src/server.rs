@@ -168,7 +168,7 @@ impl Server {
                 .collect::<Result<_, _>>()?,
         };
         let counters = Arc::new(ServerCounters::default());
-        let director = SessionDirector::new(config.director.clone())?;
+        let director = SessionDirector::new(addrs.director_config(&config.director))?;
         let dtls_sockets: Vec<_> = dtls_sites.iter().map(|s| s.socket.clone()).collect();
         let inner = Arc::new(ServerInner {
             shared: Shared {

@@ -179,6 +179,16 @@ pub struct LocalAddrs {
     pub dtls: Vec<SocketAddr>,
 }
 
+impl LocalAddrs {
+    /// `config` with its STUN port set, unless set already, to the first UDP listener's: the
+    /// STUN responder that clients on any transport are told of (PROTOCOL §3.3).
+    pub fn director_config(&self, config: &DirectorConfig) -> DirectorConfig {
+        let mut config = config.clone();
+        config.stun_port = config.stun_port.or(self.udp.first().map(|a| a.port()));
+        config
+    }
+}
+
 /// Counters of the server runtime (the director keeps its own in [`DirectorStats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -319,7 +329,7 @@ impl Server {
             quic: Vec::new(),
             dtls: Vec::new(),
         };
-        let director = SessionDirector::new(config.director.clone())?;
+        let director = SessionDirector::new(addrs.director_config(&config.director))?;
         let inner = Arc::new(ServerInner {
             shared: Shared {
                 state: Mutex::new(ServerCore {

@@ -156,7 +156,8 @@ pub enum Notification {
         /// The transport failure, as text, when there was one.
         error: Option<String>,
     },
-    /// NAT discovery of the peer socket finished (with the STUN servers of the configuration).
+    /// NAT discovery of the peer socket finished (with the STUN servers of the configuration,
+    /// or else the STUN responder the server announced).
     NatDiscovered {
         /// The peer socket's address as a STUN server saw it, if one answered.
         public: Option<SocketAddr>,

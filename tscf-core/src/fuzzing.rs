@@ -460,6 +460,7 @@ fn arbitrary_message<'a>(u: &mut Unstructured<'a>) -> ArbitraryResult<Message<'a
     t.software = u.arbitrary()?;
     t.diagnostic = u.arbitrary()?;
     t.max_packet_size = u.arbitrary()?;
+    t.stun_port = u.arbitrary()?;
     Ok(message)
 }
 

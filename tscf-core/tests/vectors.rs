@@ -67,6 +67,7 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
     m.tlvs.keepalive_interval_ms = Some(300_000);
     m.tlvs.observed_address = Some(sock("198.51.100.7:40000"));
     m.tlvs.max_packet_size = Some(1400);
+    m.tlvs.stun_port = Some(4440);
     v.push(("configuration-response", m));
 
     let mut m = Message::new(MessageType::CONFIGURATION_RESPONSE, 1, 0);

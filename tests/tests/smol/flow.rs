@@ -163,3 +163,52 @@ fn an_inner_datagram_beyond_the_servers_maximum_is_refused_at_the_socket() {
     });
     assert_eq!(server.stats().director.dropped.oversized, 0);
 }
+
+/// A client on a transport other than UDP, configured with no STUN server, learns its
+/// server-reflexive candidate from the STUN responder the server announces (STUN Port) on its
+/// UDP listener. Without it, NAT discovery on TLS, TCP, QUIC and DTLS had nobody to ask.
+#[test]
+fn clients_on_every_transport_discover_their_mapping_from_the_announced_responder() {
+    let server = smol_server();
+    let udp_port = server.local_addrs().udp[0].port();
+    let transports = [
+        Transport::TCP,
+        Transport::TLS,
+        Transport::QUIC,
+        Transport::DTLS,
+    ];
+    smol::block_on(async {
+        for transport in transports {
+            let config = config_for(&server, transport);
+            assert!(config.client.peer.as_ref().unwrap().stun_servers.is_empty());
+            let t = smol_tunnel(config).await;
+            let info = t.info().unwrap();
+            assert_eq!(info.stun_server.map(|s| s.port()), Some(udp_port));
+            let public = loop {
+                let wait = async {
+                    smol::Timer::after(std::time::Duration::from_secs(3)).await;
+                    None
+                };
+                match futures_lite::future::or(async { t.notifications().recv().await.ok() }, wait)
+                    .await
+                {
+                    Some(Notification::NatDiscovered { public, .. }) => break public,
+                    Some(_) => continue,
+                    None => panic!("{transport}: no NAT discovery"),
+                }
+            };
+            assert!(
+                public.is_some_and(|p| p.ip().is_loopback()),
+                "{transport}: {public:?}"
+            );
+            t.close().await;
+        }
+    });
+    // The blocking runtime's client is told the same.
+    let config = config_for(&server, Transport::TLS);
+    let t = tscf_runtime_std::Tunnel::connect(config).expect("std tunnel");
+    assert_eq!(
+        t.info().unwrap().stun_server.map(|s| s.port()),
+        Some(udp_port)
+    );
+}

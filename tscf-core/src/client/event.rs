@@ -183,6 +183,9 @@ pub struct TunnelInfo {
     /// [`TunnelClient::send_ip`](super::TunnelClient::send_ip) on every path, so that a flow
     /// behaves the same on a peer tunnel and on the relay.
     pub max_packet_len: usize,
+    /// The director's STUN responder, when it announced one (STUN Port, at the server's
+    /// address): NAT discovery asks it when the peer configuration names no STUN server.
+    pub stun_server: Option<SocketAddr>,
     /// The server holding the tunnel.
     pub server: ServerEndpoint,
 }

@@ -1,6 +1,7 @@
 //! Input from the server: data envelopes, server requests (answered, with the duplicate rule
 //! of `docs/PROTOCOL.md` §6.2) and responses to the client's own requests.
 
+use core::net::SocketAddr;
 use core::time::Duration;
 
 use super::{after, TerminateReason, Timer, MAX_CONTROL_QUEUE};
@@ -183,6 +184,10 @@ impl TunnelClient {
                 .tlvs
                 .max_packet_size
                 .map_or(MAX_PAYLOAD_LEN, usize::from),
+            stun_server: msg
+                .tlvs
+                .stun_port
+                .map(|port| SocketAddr::new(server.addr.ip(), port)),
             server,
         };
         let same = reattach

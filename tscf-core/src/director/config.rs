@@ -41,6 +41,11 @@ pub struct DirectorConfig {
     pub max_total_queued_frames: usize,
     /// Offer the peer service (§7); when off, peer requests get Service Not Enabled.
     pub peer_tunneling: bool,
+    /// The UDP port of the director's STUN responder, announced in the Configuration Response
+    /// (STUN Port, PROTOCOL §3.3) so that clients on other transports can discover their NAT
+    /// mapping: they ask the address they reached, on this port. The runtime sets it to its
+    /// first UDP listener's port (default none).
+    pub stun_port: Option<u16>,
     /// How long a destination has to answer a forwarded peer request (default 1 s).
     pub peer_answer_timeout: Duration,
     /// Peer requests one tunnel may make per `peer_request_window` (default 10 per 10 s).
@@ -74,6 +79,7 @@ impl Default for DirectorConfig {
             max_queued_frames: 256,
             max_total_queued_frames: 65_536,
             peer_tunneling: true,
+            stun_port: None,
             peer_answer_timeout: Duration::from_secs(1),
             peer_request_limit: 10,
             peer_request_window: Duration::from_secs(10),

@@ -252,6 +252,9 @@ impl SessionDirector {
         reply.tlvs.observed_address = self.connections.get(&connection).map(|c| c.info.remote);
         // validate() keeps it within 68..=65,532.
         reply.tlvs.max_packet_size = u16::try_from(self.config.max_packet_len).ok();
+        if self.config.peer_tunneling {
+            reply.tlvs.stun_port = self.config.stun_port.filter(|p| *p != 0);
+        }
         self.send_and_remember(connection, id, request, &reply);
     }
 

@@ -234,6 +234,25 @@ fn open_admission_is_refused_beyond_loopback() {
 }
 
 #[test]
+fn the_stun_port_is_announced_while_the_peer_service_is_offered() {
+    for (stun_port, peer_tunneling, announced) in [
+        (Some(4440), true, Some(4440)),
+        (Some(4440), false, None),
+        (None, true, None),
+    ] {
+        let mut h = Harness::new(DirectorConfig {
+            stun_port,
+            peer_tunneling,
+            ..DirectorConfig::default()
+        });
+        let c = h.connect(1, STREAM);
+        let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        let out = h.send(c, &req);
+        assert_eq!(out[0].message().tlvs.stun_port, announced);
+    }
+}
+
+#[test]
 fn the_packet_limit_must_fit_the_maximum_packet_size_tlv() {
     for (len, ok) in [(67, false), (68, true), (65_532, true), (65_533, false)] {
         let config = DirectorConfig {

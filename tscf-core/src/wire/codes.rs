@@ -167,6 +167,8 @@ wire_code! {
         DIAGNOSTIC = 0x81 => "Diagnostic",
         /// Largest inner IP packet the director relays for the tunnel, in octets.
         MAX_PACKET_SIZE = 0x82 => "Maximum Packet Size",
+        /// UDP port of the director's STUN responder, at the address the client reached.
+        STUN_PORT = 0x83 => "STUN Port",
     }
 }
 

@@ -184,6 +184,8 @@ pub struct Tlvs<'a> {
     pub diagnostic: Option<&'a str>,
     /// Maximum Packet Size in octets (at least [`MIN_MAX_PACKET_SIZE`]).
     pub max_packet_size: Option<u16>,
+    /// STUN Port (never 0).
+    pub stun_port: Option<u16>,
 }
 
 /// A control message: header and typed TLVs.
@@ -534,6 +536,10 @@ impl<'a> Tlvs<'a> {
                 }
                 self.max_packet_size = Some(size);
             }
+            TlvType::STUN_PORT => match r.u16() {
+                Some(0) | None => return Err("port 0"),
+                port => self.stun_port = port,
+            },
             _ => {}
         }
         Ok(())
@@ -627,6 +633,9 @@ impl<'a> Tlvs<'a> {
         }
         if let Some(size) = self.max_packet_size {
             f(TlvType::MAX_PACKET_SIZE, &size.to_be_bytes());
+        }
+        if let Some(port) = self.stun_port {
+            f(TlvType::STUN_PORT, &port.to_be_bytes());
         }
         // Last, so that it can cover everything before it.
         if let Some(mac) = &self.message_integrity {
@@ -770,7 +779,22 @@ mod tests {
             kind(&with_size(67)),
             DecodeErrorKind::IllegalValue("Maximum Packet Size below 68")
         );
-        // Only a Configuration Response carries it.
+        // STUN Port beside it; port 0 is no responder.
+        let bytes = with_tlvs(
+            MessageType::CONFIGURATION_RESPONSE,
+            &[0x08, 2, 0, 0, 0x82, 2, 5, 0x78, 0x83, 2, 0x11, 0x58],
+        );
+        let m = Message::decode(&bytes).expect("decodes");
+        assert_eq!(
+            (m.tlvs.max_packet_size, m.tlvs.stun_port),
+            (Some(1400), Some(4440))
+        );
+        let bytes = with_tlvs(
+            MessageType::CONFIGURATION_RESPONSE,
+            &[0x08, 2, 0, 0, 0x83, 2, 0, 0],
+        );
+        assert_eq!(kind(&bytes), DecodeErrorKind::IllegalValue("port 0"));
+        // Only a Configuration Response carries them.
         let bytes = with_tlvs(MessageType::KEEPALIVE, &[0x82, 2, 5, 0x78]);
         assert_eq!(
             kind(&bytes),

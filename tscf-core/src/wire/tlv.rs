@@ -226,6 +226,7 @@ pub(crate) const REGISTRY: &[TlvRule] = &[
         ALL,
     ),
     rule(TlvType::MAX_PACKET_SIZE, Lengths::OneOf(&[2]), 1, CONF_RESP),
+    rule(TlvType::STUN_PORT, Lengths::OneOf(&[2]), 1, CONF_RESP),
 ];
 
 const fn rule(ty: TlvType, lengths: Lengths, max_count: u8, messages: u16) -> TlvRule {

@@ -960,8 +960,9 @@ impl TunnelClient {
 
     /// The server tunnel is (again) usable: discover and announce.
     pub(super) fn peer_server_up(&mut self) {
+        let announced = self.tunnel.as_ref().and_then(|t| t.info.stun_server);
         if let Some((agent, mut cx)) = self.peer_cx() {
-            agent.start_discovery(&mut cx);
+            agent.start_discovery(&mut cx, announced);
         }
     }
 

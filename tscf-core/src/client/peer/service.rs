@@ -90,18 +90,23 @@ impl PeerAgent {
     // ---- discovery and announce ----
 
     /// The server tunnel is up (fresh or re-attached): learn our server-reflexive address,
-    /// then announce our candidates.
-    pub(super) fn start_discovery(&mut self, cx: &mut Cx<'_>) {
+    /// then announce our candidates. The configured STUN servers are asked, or else the one
+    /// the director `announced`.
+    pub(super) fn start_discovery(&mut self, cx: &mut Cx<'_>, announced: Option<SocketAddr>) {
         // Requests sent on the old transport go out again on the new one.
         for r in &mut self.requests {
             r.due = true;
         }
-        if self.config.stun_servers.is_empty() {
-            self.discovery = Discovery::Idle;
-            return self.finish_discovery(cx, None, None);
-        }
+        let servers = match (self.config.stun_servers.is_empty(), announced) {
+            (false, _) => self.config.stun_servers.clone(),
+            (true, Some(server)) => vec![server],
+            (true, None) => {
+                self.discovery = Discovery::Idle;
+                return self.finish_discovery(cx, None, None);
+            }
+        };
         let nat = NatDiscovery::new(
-            NatDiscoveryConfig::new(self.config.stun_servers.clone()),
+            NatDiscoveryConfig::new(servers),
             self.rng.next_u64(),
             cx.now,
         );

@@ -745,3 +745,60 @@ fn a_secured_destination_authorises_probes_and_configures_only_inside_the_sessio
     }));
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
 }
+
+/// A client over TCP whose peer configuration names no STUN server asks the director's STUN
+/// responder it announced (at the server's address), and announces what it learnt; without
+/// the announcement it announces its host candidate only.
+#[test]
+fn nat_discovery_asks_the_stun_responder_the_director_announced() {
+    for announced in [Some(3478), None] {
+        let mut config = ClientConfig::new(vec![tcp()]);
+        config.peer = Some(PeerConfig::new(vec![LOCAL], Vec::new()));
+        let mut h = Harness::new(config);
+        h.take_events();
+        h.open();
+        let seq = decode(&h.take_control()).header.sequence;
+        let mut response = Message::new(MessageType::CONFIGURATION_RESPONSE, seq, TUNNEL);
+        response.tlvs.result_code = Some(ResultCode::SUCCESS);
+        response.tlvs.internal_ipv4 = Some(InternalAddress {
+            addr: ADDR,
+            prefix_len: 16,
+        });
+        response.tlvs.stun_port = announced;
+        h.deliver(&encode(&response));
+        let responder = announced.map(|port| SocketAddr::new(tcp().addr.ip(), port));
+        let events = h.take_events();
+        assert!(
+            matches!(
+                events.first(),
+                Some(ClientEvent::Connected(info)) if info.stun_server == responder
+            ),
+            "{events:?}"
+        );
+        let expected = match responder {
+            Some(responder) => {
+                let (to, binding) = h.peer_sent.pop().expect("a STUN request");
+                assert_eq!(to, responder);
+                let mut answer = Vec::new();
+                stun::answer_binding_request(&binding, PUBLIC, &mut answer).expect("valid");
+                h.client.handle_peer_datagram(h.now, responder, &answer);
+                h.drain();
+                vec![
+                    (CandidateKind::HOST, LOCAL),
+                    (CandidateKind::SERVER_REFLEXIVE, PUBLIC),
+                ]
+            }
+            None => {
+                assert!(h.peer_sent.is_empty(), "no STUN server to ask");
+                vec![(CandidateKind::HOST, LOCAL)]
+            }
+        };
+        let announce = decode(&h.take_control())
+            .tlvs
+            .candidates
+            .iter()
+            .map(|c| (c.kind, c.addr))
+            .collect::<Vec<_>>();
+        assert_eq!(announce, expected, "announced {announced:?}");
+    }
+}
