@@ -13,6 +13,8 @@ use tscf_tests::lab::{public_addr, tscf_binary, Lab, Media, Nat, Proc, Site, SER
 
 /// The server's UDP port (tscf and its STUN responder).
 const SERVER_PORT: u16 = 4440;
+/// The server's TLS port.
+const SERVER_TLS_PORT: u16 = 4443;
 /// coturn's port.
 const STUN_PORT: u16 = 3478;
 /// The server's admin endpoint, on the public namespace's loopback.
@@ -63,15 +65,17 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// Starts `tscf server` in the public namespace on [`SERVER_IP`], admitting by token.
+/// Starts `tscf server` in the public namespace on [`SERVER_IP`] (UDP, and TLS with a
+/// self-signed certificate), admitting by token; returns its UDP address.
 fn start_server(lab: &mut Lab, tscf: &Path) -> (Proc, SocketAddr) {
     let addr = public_addr(SERVER_IP, SERVER_PORT);
+    let tls = public_addr(SERVER_IP, SERVER_TLS_PORT);
     let config = lab.dir().join("server.toml");
     std::fs::write(
         &config,
         format!(
-            "udp = [\"{addr}\"]\ntcp = []\ntls = []\nquic = []\nadmin = \"{ADMIN}\"\n\
-             auth_tokens = [\"{}\"]\n",
+            "udp = [\"{addr}\"]\ntcp = []\ntls = [\"{tls}\"]\nquic = []\ndtls = []\n\
+             admin = \"{ADMIN}\"\nauth_tokens = [\"{}\"]\n",
             tscf_tests::lab::TOKEN
         ),
     )
@@ -178,10 +182,30 @@ struct Call {
 }
 
 impl Call {
+    /// Clients on the server's UDP listener, offering the peer `transport`.
     fn start(lab: &mut Lab, tscf: &Path, a_ns: &str, b_ns: &str, transport: &[&str]) -> Self {
-        let (server, addr) = start_server(lab, tscf);
-        let (a, local_a) = start_client(lab, tscf, a_ns, addr, SECOND, transport);
-        let (b, local_b) = start_client(lab, tscf, b_ns, addr, FIRST, transport);
+        Self::start_on(lab, tscf, a_ns, b_ns, false, transport)
+    }
+
+    /// [`Call::start`], the clients on the server's TLS listener when `tls`. Over TLS they
+    /// have no STUN server of their own: NAT discovery asks the responder the server
+    /// announces (STUN Port).
+    fn start_on(
+        lab: &mut Lab,
+        tscf: &Path,
+        a_ns: &str,
+        b_ns: &str,
+        tls: bool,
+        transport: &[&str],
+    ) -> Self {
+        let (server, mut addr) = start_server(lab, tscf);
+        let mut extra = transport.to_vec();
+        if tls {
+            addr = public_addr(SERVER_IP, SERVER_TLS_PORT);
+            extra.extend(["--transport", "tls", "--insecure"]);
+        }
+        let (a, local_a) = start_client(lab, tscf, a_ns, addr, SECOND, &extra);
+        let (b, local_b) = start_client(lab, tscf, b_ns, addr, FIRST, &extra);
         let started = Instant::now();
         let media_a = Media::start(a_ns, local_a, MEDIA_INTERVAL).unwrap();
         let media_b = Media::start(b_ns, local_b, MEDIA_INTERVAL).unwrap();
@@ -435,6 +459,62 @@ fn nat_matrix() {
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         println!("{}", line.trim_end());
+    }
+}
+
+/// Clients that reach the server over TLS name no STUN server: the responder the server
+/// announces on its UDP port (STUN Port) tells each its NAT's mapping, and with that they punch
+/// through two port-restricted NATs as UDP clients do. Without the announcement they would
+/// offer host candidates only and stay on the relay.
+#[test]
+fn clients_over_tls_punch_through_with_the_stun_responder_the_server_announces() {
+    let Some((mut lab, tscf)) = lab() else { return };
+    let cone_a = lab.add_site(Nat::PortRestricted, 1);
+    let cone_b = lab.add_site(Nat::PortRestricted, 1);
+    let (a_ns, b_ns) = (cone_a.hosts[0].0.clone(), cone_b.hosts[0].0.clone());
+    let mut call = Call::start_on(&mut lab, &tscf, &a_ns, &b_ns, true, &[]);
+    for (name, site) in [("a", &cone_a), ("b", &cone_b)] {
+        let p = if name == "a" {
+            &mut call.a
+        } else {
+            &mut call.b
+        };
+        let Some(nat) = p.wait_for("nat_discovered", Duration::from_secs(10)) else {
+            panic!("{name}: no NAT discovery\n{}", call.transcript());
+        };
+        let public = nat.json().unwrap()["public"].as_str().map(str::to_owned);
+        let public: Option<SocketAddr> = public.and_then(|p| p.parse().ok());
+        assert_eq!(
+            public.map(|p| p.ip()),
+            Some(std::net::IpAddr::V4(site.public_ip)),
+            "{name}: the NAT's mapping\n{}",
+            call.transcript()
+        );
+    }
+    let Some(up) = call.a.wait_for("peer_tunnel_up", Duration::from_secs(15)) else {
+        panic!("over TLS: no peer tunnel\n{}", call.transcript());
+    };
+    let up_json = up.json().unwrap();
+    let path: SocketAddr = up_json["path"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        path.ip(),
+        cone_b.public_ip,
+        "punched\n{}",
+        call.transcript()
+    );
+    assert!(
+        call.media_flows_after(up.at, Duration::from_secs(5)),
+        "no media on the peer tunnel\n{}",
+        call.transcript()
+    );
+    println!(
+        "clients over TLS, port-restricted <-> port-restricted: punched {path}, set up in \
+         {:.1} ms",
+        up_json["setup_ms"].as_f64().unwrap()
+    );
+    let Call { server, a, b, .. } = call;
+    for p in [&a, &b, &server] {
+        lab.terminate(p);
     }
 }
 
