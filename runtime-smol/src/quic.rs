@@ -16,7 +16,7 @@ use futures_lite::future;
 use tscf_core::wire::EnvelopeType;
 use tscf_runtime_std::tls::TlsConfigError;
 
-use crate::stream::{Outgoing, StreamError, WriteBatch, WRITE_BATCH};
+use crate::stream::{gather, Outgoing, StreamError, WriteBatch, WRITE_BATCH};
 
 /// The ALPN protocol name of tscf over QUIC.
 pub(crate) const ALPN: &[u8] = b"tscf";
@@ -132,7 +132,7 @@ pub(crate) async fn serve(
             Step::Datagram(Err(e)) => return Err(std::io::Error::from(e).into()),
             Step::Out(Some(Outgoing::Envelope(first))) => match &mut streams {
                 Some((send, _)) => {
-                    let (bytes, rest) = batch.gather(&first, outgoing, WRITE_BATCH);
+                    let (bytes, rest) = gather(&mut batch, &first, outgoing, WRITE_BATCH);
                     left = rest;
                     write(send, bytes).await?;
                 }

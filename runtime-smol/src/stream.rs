@@ -7,14 +7,12 @@ use async_channel::{Receiver, Sender, TrySendError};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tscf_core::wire::DeframeError;
+pub(crate) use tscf_runtime_std::batch::{WriteBatch, WRITE_BATCH};
 
 /// Octets read at a time while a connection is quiet: what an idle connection holds.
 const READ_SMALL: usize = 2 * 1024;
 /// Octets read at a time while reads fill the buffer (a busy connection).
 const READ_LARGE: usize = 16 * 1024;
-/// Most octets of queued envelopes written as one: the most plaintext one TLS record carries,
-/// so a batch costs one seal and one system call.
-pub(crate) const WRITE_BATCH: usize = 16 * 1024;
 
 /// What the connection's owner asks the connection task to do.
 #[derive(Debug)]
@@ -59,58 +57,31 @@ impl OutgoingQueue {
     }
 }
 
-/// Joins envelopes already queued into one write, so that a busy connection seals one TLS
-/// record and makes one system call for many envelopes rather than one for each. It never
-/// waits for more: a lone envelope goes out as it is, uncopied.
-#[derive(Debug, Default)]
-pub(crate) struct WriteBatch {
-    joined: Vec<u8>,
-}
-
-impl WriteBatch {
-    /// The envelope `first` followed by those queued behind it in `outgoing`, taken without
-    /// waiting while all of them fit in `bound` octets, in order; and what was taken but not
-    /// joined: an envelope that did not fit, a Close or an Abort, which the caller handles
-    /// after writing the batch, as it would have had it come next.
-    pub(crate) fn gather<'a>(
-        &'a mut self,
-        first: &'a [u8],
-        outgoing: &Receiver<Outgoing>,
-        bound: usize,
-    ) -> (&'a [u8], Option<Outgoing>) {
-        // A busy moment's 16 KiB is not kept once batches are small again (`joined` still
-        // holds the last batch, or nothing if the last envelope went alone).
-        if self.joined.len() < READ_SMALL && self.joined.capacity() > READ_SMALL {
-            self.joined = Vec::new();
-        }
-        self.joined.clear();
-        let mut len = first.len();
-        let mut left = None;
-        while len < bound {
-            let Ok(work) = outgoing.try_recv() else {
-                break;
-            };
-            match work {
-                Outgoing::Envelope(next) if len + next.len() <= bound => {
-                    if self.joined.is_empty() {
-                        self.joined.reserve(bound.min(2 * (len + next.len())));
-                        self.joined.extend_from_slice(first);
-                    }
-                    self.joined.extend_from_slice(&next);
-                    len += next.len();
-                }
-                other => {
-                    left = Some(other);
-                    break;
-                }
-            }
-        }
-        if self.joined.is_empty() {
-            (first, left)
-        } else {
-            (&self.joined, left)
+impl Outgoing {
+    /// The envelope, or the other work as it is (for [`WriteBatch::gather`]).
+    fn into_envelope(self) -> Result<Vec<u8>, Self> {
+        match self {
+            Self::Envelope(bytes) => Ok(bytes),
+            other => Err(other),
         }
     }
+}
+
+/// The envelope `first` and those queued behind it in `outgoing`, joined while they fit in
+/// `bound` octets ([`WriteBatch::gather`]); and what was taken but not joined (an envelope
+/// that did not fit, a Close or an Abort), to handle after writing the batch.
+pub(crate) fn gather<'a>(
+    batch: &'a mut WriteBatch,
+    first: &'a [u8],
+    outgoing: &Receiver<Outgoing>,
+    bound: usize,
+) -> (&'a [u8], Option<Outgoing>) {
+    let next = || outgoing.try_recv().ok().map(Outgoing::into_envelope);
+    let (bytes, rest) = batch.gather(first, bound, next);
+    (
+        bytes,
+        rest.map(|r| r.map_or_else(|w| w, Outgoing::Envelope)),
+    )
 }
 
 /// Why a stream ended other than by a clean close.
@@ -169,7 +140,7 @@ where
             }
             Step::Read(Err(e)) => return Err(e.into()),
             Step::Out(Some(Outgoing::Envelope(first))) => {
-                let (bytes, rest) = batch.gather(&first, outgoing, WRITE_BATCH);
+                let (bytes, rest) = gather(&mut batch, &first, outgoing, WRITE_BATCH);
                 left = rest;
                 stream.write_all(bytes).await?;
                 stream.flush().await?;
@@ -242,7 +213,7 @@ mod tests {
         let (_queue, rx) = OutgoingQueue::new(8);
         let mut batch = WriteBatch::default();
         let first = vec![1u8; 100];
-        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        let (bytes, left) = gather(&mut batch, &first, &rx, 1000);
         assert!(std::ptr::eq(bytes, first.as_slice()), "not copied");
         assert!(left.is_none());
     }
@@ -256,7 +227,7 @@ mod tests {
         let mut batch = WriteBatch::default();
         let first = vec![1u8; 300];
         // Three envelopes make 900 octets; a fourth of 300 would pass the bound.
-        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        let (bytes, left) = gather(&mut batch, &first, &rx, 1000);
         let want: Vec<u8> = [1u8, 2, 3].iter().flat_map(|b| [*b; 300]).collect();
         assert_eq!(bytes, want.as_slice());
         assert!(matches!(left, Some(Outgoing::Envelope(b)) if b == [4; 300]));
@@ -271,7 +242,7 @@ mod tests {
         assert!(queue.try_send(envelope(3, 1)).is_ok());
         let mut batch = WriteBatch::default();
         let first = vec![1u8; 500];
-        let (bytes, left) = batch.gather(&first, &rx, 1000);
+        let (bytes, left) = gather(&mut batch, &first, &rx, 1000);
         assert_eq!(bytes.len(), 1000);
         assert!(left.is_none());
         assert_eq!(
@@ -291,7 +262,7 @@ mod tests {
             assert!(queue.try_send(envelope(3, 10)).is_ok());
             let mut batch = WriteBatch::default();
             let first = vec![1u8; 10];
-            let (bytes, left) = batch.gather(&first, &rx, 1000);
+            let (bytes, left) = gather(&mut batch, &first, &rx, 1000);
             assert_eq!(bytes.len(), 20);
             match left {
                 Some(Outgoing::Close) => assert!(closing),

@@ -22,6 +22,7 @@ use tscf_core::director::{
 };
 use tscf_core::wire::{Envelope, Transport};
 
+use crate::batch::{WriteBatch, WRITE_BATCH};
 use crate::stream::{self, StreamError, StreamWriter};
 use crate::timer::{Shared, Timed};
 use crate::tls::{self, Fingerprint, ServerIdentity, ServerTlsConfig, TlsConfigError};
@@ -34,11 +35,6 @@ const UDP_POLL: Duration = Duration::from_millis(100);
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// Stack of connection threads; they hold a few small buffers on the heap only.
 const CONNECTION_STACK: usize = 256 * 1024;
-/// Most octets of queued envelopes a stream writer sends as one: the most plaintext one TLS
-/// record carries, so a batch costs one seal and one system call.
-const WRITE_BATCH: usize = 16 * 1024;
-/// Capacity of a writer's batch buffer kept once its batches are small again.
-const WRITE_KEEP: usize = 2 * 1024;
 
 /// What a [`Server`] listens on and how it runs its director.
 #[derive(Clone, Debug)]
@@ -550,6 +546,16 @@ enum Outgoing {
     Close,
 }
 
+impl Outgoing {
+    /// The envelope, or the other work as it is (for [`WriteBatch::gather`]).
+    fn into_envelope(self) -> Result<Vec<u8>, Self> {
+        match self {
+            Self::Envelope(bytes) => Ok(bytes),
+            other => Err(other),
+        }
+    }
+}
+
 impl ServerCore {
     /// Drains the director after an input: transmits to their connections, then events.
     fn drain(&mut self) {
@@ -796,16 +802,17 @@ impl ServerInner {
 }
 
 /// A stream connection's writer thread: sends queued envelopes until told to close or until
-/// the route is dropped. Envelopes already queued go out together (see [`gather`]).
+/// the route is dropped. Envelopes already queued go out together ([`WriteBatch`]).
 fn write_stream(mut writer: StreamWriter, rx: Receiver<Outgoing>) {
-    let mut joined = Vec::new();
+    let mut batch = WriteBatch::default();
     // Work taken from the queue while batching but not sent with the batch.
     let mut left = None;
     while let Some(out) = left.take().or_else(|| rx.recv().ok()) {
         match out {
             Outgoing::Envelope(first) => {
-                let (bytes, rest) = gather(&first, &rx, WRITE_BATCH, &mut joined);
-                left = rest;
+                let next = || rx.try_recv().ok().map(Outgoing::into_envelope);
+                let (bytes, rest) = batch.gather(&first, WRITE_BATCH, next);
+                left = rest.map(|r| r.map_or_else(|w| w, Outgoing::Envelope));
                 if writer.send(bytes).is_err() {
                     writer.close();
                     return;
@@ -816,50 +823,6 @@ fn write_stream(mut writer: StreamWriter, rx: Receiver<Outgoing>) {
                 return;
             }
         }
-    }
-}
-
-/// The envelope `first` followed by those queued behind it in `rx`, taken without waiting
-/// while all of them fit in `bound` octets, in order (joined in `joined` when there is more
-/// than `first`, which goes uncopied alone); and what was taken but not joined: an envelope
-/// that did not fit, or a Close, for the writer to handle after sending the batch.
-fn gather<'a>(
-    first: &'a [u8],
-    rx: &Receiver<Outgoing>,
-    bound: usize,
-    joined: &'a mut Vec<u8>,
-) -> (&'a [u8], Option<Outgoing>) {
-    // A busy moment's 16 KiB is not kept once batches are small again (`joined` still holds
-    // the last batch, or nothing if the last envelope went alone).
-    if joined.len() < WRITE_KEEP && joined.capacity() > WRITE_KEEP {
-        *joined = Vec::new();
-    }
-    joined.clear();
-    let mut len = first.len();
-    let mut left = None;
-    while len < bound {
-        let Ok(out) = rx.try_recv() else {
-            break;
-        };
-        match out {
-            Outgoing::Envelope(next) if len + next.len() <= bound => {
-                if joined.is_empty() {
-                    joined.reserve(bound.min(2 * (len + next.len())));
-                    joined.extend_from_slice(first);
-                }
-                joined.extend_from_slice(&next);
-                len += next.len();
-            }
-            other => {
-                left = Some(other);
-                break;
-            }
-        }
-    }
-    if joined.is_empty() {
-        (first, left)
-    } else {
-        (joined, left)
     }
 }
 
@@ -922,53 +885,4 @@ fn fresh_handle(next: &mut u64) -> ConnectionHandle {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn queue(envelopes: &[(u8, usize)]) -> Receiver<Outgoing> {
-        let (tx, rx) = mpsc::sync_channel(16);
-        for &(byte, len) in envelopes {
-            assert!(tx.try_send(Outgoing::Envelope(vec![byte; len])).is_ok());
-        }
-        rx
-    }
-
-    #[test]
-    fn a_lone_envelope_goes_as_it_is() {
-        let rx = queue(&[]);
-        let mut joined = Vec::new();
-        let first = vec![1u8; 100];
-        let (bytes, left) = gather(&first, &rx, 1000, &mut joined);
-        assert!(std::ptr::eq(bytes, first.as_slice()), "not copied");
-        assert!(left.is_none());
-    }
-
-    #[test]
-    fn a_batch_keeps_order_and_stops_at_the_bound() {
-        let rx = queue(&[(2, 300), (3, 300), (4, 300), (5, 1)]);
-        let mut joined = Vec::new();
-        let first = vec![1u8; 300];
-        // Three envelopes make 900 octets; a fourth of 300 would pass the bound.
-        let (bytes, left) = gather(&first, &rx, 1000, &mut joined);
-        let want: Vec<u8> = [1u8, 2, 3].iter().flat_map(|b| [*b; 300]).collect();
-        assert_eq!(bytes, want.as_slice());
-        assert!(matches!(left, Some(Outgoing::Envelope(b)) if b == [4; 300]));
-        assert!(matches!(rx.try_recv(), Ok(Outgoing::Envelope(b)) if b == [5]));
-    }
-
-    #[test]
-    fn a_batch_ends_at_close() {
-        let (tx, rx) = mpsc::sync_channel(16);
-        assert!(tx.try_send(Outgoing::Envelope(vec![2; 10])).is_ok());
-        assert!(tx.try_send(Outgoing::Close).is_ok());
-        assert!(tx.try_send(Outgoing::Envelope(vec![3; 10])).is_ok());
-        let mut joined = Vec::new();
-        let first = vec![1u8; 10];
-        let (bytes, left) = gather(&first, &rx, 1000, &mut joined);
-        assert_eq!(bytes.len(), 20);
-        assert!(matches!(left, Some(Outgoing::Close)));
-    }
 }
