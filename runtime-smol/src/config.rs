@@ -24,8 +24,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tscf_runtime_smol::core::director::{Ipv4Pool, Ipv6Pool};
-use tscf_runtime_smol::core::wire::{MAX_PAYLOAD_LEN, MIN_MAX_PACKET_SIZE};
+use tscf_runtime_smol::core::director::{DirectorConfig, Ipv4Pool, Ipv6Pool};
 use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
 
 /// The configuration used without `--config`.
@@ -139,7 +138,7 @@ impl ServerFile {
             config.director.peer_tunneling = on;
         }
         if let Some(len) = self.max_packet_len {
-            let allowed = usize::from(MIN_MAX_PACKET_SIZE)..=MAX_PAYLOAD_LEN;
+            let allowed = DirectorConfig::MAX_PACKET_LEN;
             if !allowed.contains(&len) {
                 return Err(format!(
                     "max_packet_len: {len} is not {} to {} octets",

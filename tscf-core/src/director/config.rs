@@ -107,6 +107,11 @@ pub enum DirectorConfigError {
 }
 
 impl DirectorConfig {
+    /// Allowed `max_packet_len` values: the smallest IPv4 MTU up to what one envelope holds
+    /// (the bound goes to clients in a Maximum Packet Size TLV, PROTOCOL §3.3).
+    pub const MAX_PACKET_LEN: core::ops::RangeInclusive<usize> =
+        (MIN_MAX_PACKET_SIZE as usize)..=MAX_PAYLOAD_LEN;
+
     /// Checks the settings the director depends on.
     pub fn validate(&self) -> Result<(), DirectorConfigError> {
         if self.ipv4_pool.is_none() && self.ipv6_pool.is_none() {
@@ -138,8 +143,7 @@ impl DirectorConfig {
                 "max_queued_frames must be > 0",
             ));
         }
-        // The bound goes to clients in a Maximum Packet Size TLV (PROTOCOL §3.3).
-        if !(usize::from(MIN_MAX_PACKET_SIZE)..=MAX_PAYLOAD_LEN).contains(&self.max_packet_len) {
+        if !Self::MAX_PACKET_LEN.contains(&self.max_packet_len) {
             return Err(DirectorConfigError::Invalid(
                 "max_packet_len must be 68 to 65,532 octets",
             ));
