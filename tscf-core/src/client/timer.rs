@@ -83,13 +83,8 @@ impl TimerTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::tests::base;
     use std::time::Duration;
-
-    #[allow(clippy::disallowed_methods)]
-    fn base() -> Instant {
-        // The only clock read: a fixed origin for virtual time.
-        Instant::now()
-    }
 
     #[test]
     fn next_is_the_earliest_deadline_set_and_follows_every_change() {

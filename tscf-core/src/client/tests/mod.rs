@@ -16,8 +16,8 @@ const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 const SECRET: [u8; 16] = *b"re-attach secret";
 
 #[allow(clippy::disallowed_methods)]
-fn base() -> Instant {
-    // The only clock read: a fixed origin for virtual time.
+pub(super) fn base() -> Instant {
+    // The client's tests' only clock read: a fixed origin for virtual time.
     Instant::now()
 }
 
