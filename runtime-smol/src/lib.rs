@@ -14,9 +14,11 @@
 //!   [`TunnelClient`](tscf_core::client::TunnelClient)'s timer, one its UDP socket (server
 //!   tunnel on UDP and peer socket), one each open stream or QUIC transport.
 //!   [`Tunnel::notifications`] is an async channel of [`Notification`]s.
-//! - The `tscf` program (`src/main.rs`): `tscf server` with an embedded default configuration
-//!   or a TOML file and a loopback admin endpoint, `tscf client`, `tscf status` and
-//!   `tscf demo`.
+//! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
+//!   embedded default configuration or a TOML file and a loopback admin endpoint,
+//!   `tscf client`, `tscf status`, `tscf demo` and `tscf netcheck`. Its dependencies (clap,
+//!   toml, serde, serde_json, tracing-subscriber, async-signal) are optional: an embedder
+//!   that wants the library only sets `default-features = false`.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
 //!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
 //!   whether packets to a peer take the relay or a peer tunnel.
