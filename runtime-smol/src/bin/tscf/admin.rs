@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use smol::Async;
 use tscf_runtime_smol::ServerHandle;
 
+use crate::exit;
+
 /// Where the admin endpoint listens unless configured otherwise.
 pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:4449";
 
@@ -144,7 +146,7 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
         Ok(v) => v,
         Err(e) => {
             eprintln!("tscf: cannot reach the server's admin endpoint at {admin}: {e}");
-            return ExitCode::from(crate::EXIT_FAILURE);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     if as_json {

@@ -19,8 +19,8 @@ use tscf_runtime_smol::{
     Tunnel, TunnelConfig,
 };
 
-use crate::config::ClientFile;
-use crate::{EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE};
+use crate::config::{parse_forward, ClientFile, TransportArg};
+use crate::exit;
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
@@ -78,19 +78,6 @@ pub(crate) struct ClientArgs {
     run_for: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum TransportArg {
-    Tcp,
-    Tls,
-    Udp,
-    /// DTLS 1.2 over UDP, verified by --fingerprint like TLS.
-    Dtls,
-    /// QUIC (TLS 1.3, ALPN "tscf"): data frames as QUIC datagrams, verified by --fingerprint
-    /// like TLS.
-    Quic,
-}
-
 /// The peer transports `tscf client` can offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PeerTransportArg {
@@ -109,33 +96,20 @@ impl PeerTransportArg {
     }
 }
 
-pub(crate) fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
-    let (local, internal) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
-    let local = local
-        .parse()
-        .map_err(|_| format!("{local:?} is not an address and port"))?;
-    let internal = internal
-        .parse()
-        .map_err(|_| format!("{internal:?} is not an address and port"))?;
-    Ok((local, internal))
-}
-
 /// Runs `tscf client`.
 pub(crate) fn run(args: ClientArgs) -> ExitCode {
     let args = match with_file(args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(exit::USAGE);
         }
     };
     let config = match tunnel_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(exit::USAGE);
         }
     };
     if args.insecure {
@@ -152,7 +126,7 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("tscf: cannot handle signals: {e}");
-                return ExitCode::from(EXIT_FAILURE);
+                return ExitCode::from(exit::FAILURE);
             }
         };
         let tunnel = match Tunnel::connect(config).await {
@@ -160,9 +134,9 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             Err(e) => {
                 eprintln!("tscf: no tunnel: {e}");
                 let code = match e {
-                    ConnectError::Refused(_) => EXIT_REFUSED,
-                    ConnectError::Config(_) | ConnectError::Tls(_) => EXIT_USAGE,
-                    _ => EXIT_FAILURE,
+                    ConnectError::Refused(_) => exit::REFUSED,
+                    ConnectError::Config(_) | ConnectError::Tls(_) => exit::USAGE,
+                    _ => exit::FAILURE,
                 };
                 return ExitCode::from(code);
             }
@@ -183,7 +157,7 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tscf: cannot forward {local}: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
+                    return ExitCode::from(exit::FAILURE);
                 }
             }
         }
@@ -207,11 +181,11 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             while let Ok(note) = tunnel.notifications().recv().await {
                 if let Notification::Terminated { reason } = note {
                     out.line("terminated", json!({ "reason": format!("{reason:?}") }));
-                    return ExitCode::from(EXIT_FAILURE);
+                    return ExitCode::from(exit::FAILURE);
                 }
                 out.notification(&note, &tunnel);
             }
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(exit::FAILURE)
         };
         let stop = async {
             let elapsed = async {

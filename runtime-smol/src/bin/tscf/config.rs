@@ -19,10 +19,14 @@
 //! # cert = "server.pem"             # or a PEM chain and key
 //! # key = "server.key"
 //! ```
+//!
+//! [`ClientFile`] is the `tscf client --config` file; [`TransportArg`] and [`parse_forward`]
+//! read what it shares with the command line.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
+use clap::ValueEnum;
 use serde::Deserialize;
 use tscf_runtime_smol::core::director::{DirectorConfig, Ipv4Pool, Ipv6Pool};
 use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
@@ -202,7 +206,7 @@ impl ServerFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientFile {
     pub(crate) server: Option<SocketAddr>,
-    pub(crate) transport: Option<crate::client::TransportArg>,
+    pub(crate) transport: Option<TransportArg>,
     pub(crate) fingerprint: Option<String>,
     pub(crate) token: Option<String>,
     #[serde(default)]
@@ -221,7 +225,7 @@ impl TryFrom<String> for Forward {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
-        crate::client::parse_forward(&text).map(Forward)
+        parse_forward(&text).map(Forward)
     }
 }
 
@@ -230,6 +234,34 @@ impl ClientFile {
     pub(crate) fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e: toml::de::Error| e.to_string())
     }
+}
+
+/// The transport to the server, as `--transport` and the file's `transport` name it.
+#[derive(Clone, Copy, Debug, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TransportArg {
+    Tcp,
+    Tls,
+    Udp,
+    /// DTLS 1.2 over UDP, verified by --fingerprint like TLS.
+    Dtls,
+    /// QUIC (TLS 1.3, ALPN "tscf"): data frames as QUIC datagrams, verified by --fingerprint
+    /// like TLS.
+    Quic,
+}
+
+/// Parses a `LOCAL=INTERNAL` forward, as `--forward` and the file's `forward` give it.
+pub(crate) fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (local, internal) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
+    let local = local
+        .parse()
+        .map_err(|_| format!("{local:?} is not an address and port"))?;
+    let internal = internal
+        .parse()
+        .map_err(|_| format!("{internal:?} is not an address and port"))?;
+    Ok((local, internal))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tscf_runtime_smol::core::client::{PeerPath, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{Notification, Server, ServerConfig, Tunnel, TunnelConfig};
 
-use crate::EXIT_FAILURE;
+use crate::exit;
 
 /// Pings per path.
 const PINGS: u32 = 50;
@@ -67,7 +67,7 @@ pub(crate) fn run(as_json: bool) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tscf demo: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(exit::FAILURE)
         }
     }
 }

@@ -29,6 +29,7 @@ mod admin;
 mod client;
 mod config;
 mod demo;
+mod exit;
 mod netcheck;
 
 use std::net::SocketAddr;
@@ -38,13 +39,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tscf_runtime_smol::{Server, StartError};
-
-/// Usage or configuration error.
-const EXIT_USAGE: u8 = 2;
-/// Runtime failure.
-const EXIT_FAILURE: u8 = 1;
-/// The server refused the tunnel.
-const EXIT_REFUSED: u8 = 3;
 
 /// TSC tunnels with server-assisted peer tunneling.
 #[derive(Debug, Parser)]
@@ -132,7 +126,7 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(exit::USAGE);
         }
     };
     smol::block_on(async {
@@ -144,7 +138,7 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
             Ok(s) => s,
             Err(e) => {
                 eprintln!("tscf: cannot handle signals: {e}");
-                return ExitCode::from(EXIT_FAILURE);
+                return ExitCode::from(exit::FAILURE);
             }
         };
         let handle = match Server::start(config).await {
@@ -153,9 +147,9 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
                 eprintln!("tscf: cannot start the server: {e}");
                 let code = match e {
                     StartError::Bind { .. } | StartError::Thread(_) | StartError::Randomness(_) => {
-                        EXIT_FAILURE
+                        exit::FAILURE
                     }
-                    _ => EXIT_USAGE,
+                    _ => exit::USAGE,
                 };
                 return ExitCode::from(code);
             }
@@ -164,7 +158,7 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
             Ok(a) => a,
             Err(e) => {
                 eprintln!("tscf: cannot listen for admin clients: {e}");
-                return ExitCode::from(EXIT_FAILURE);
+                return ExitCode::from(exit::FAILURE);
             }
         };
         let addrs = handle.local_addrs();

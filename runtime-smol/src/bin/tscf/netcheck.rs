@@ -20,7 +20,7 @@ use tscf_runtime_smol::core::client::ServerEndpoint;
 use tscf_runtime_smol::core::stun::{NatDiscovery, NatDiscoveryConfig, NatEvent, NatReport};
 use tscf_runtime_smol::core::wire::Transport;
 
-use crate::{EXIT_FAILURE, EXIT_USAGE};
+use crate::exit;
 
 /// The default server's UDP listener, asked when no server is given.
 const DEFAULT_SERVER: &str = "127.0.0.1:4440";
@@ -66,13 +66,13 @@ pub(crate) fn run(args: NetcheckArgs) -> ExitCode {
             servers.len(),
             NatDiscoveryConfig::MAX_SERVERS
         );
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(exit::USAGE);
     }
     match check(&servers) {
         Ok((host, answers, report)) => print(args.json, host, &servers, &answers, &report),
         Err(e) => {
             eprintln!("tscf: netcheck failed: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(exit::FAILURE)
         }
     }
 }
@@ -233,6 +233,6 @@ fn print(
     if public.is_some() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_FAILURE)
+        ExitCode::from(exit::FAILURE)
     }
 }
