@@ -1,7 +1,7 @@
 //! The `tscf` program, run as a process.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -241,6 +241,18 @@ fn status_reports_a_running_server_and_fails_without_one() {
     let out = tscf(&["status", "--admin", &admin]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("tunnels: 0 active"));
+    // A request other than `status` is answered with an error.
+    let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+    stream.write_all(b"hello\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({ "error": "unknown request \"hello\"" })
+    );
     assert_eq!(server.wait().unwrap().code(), Some(0));
 
     // The server has stopped: nobody answers.

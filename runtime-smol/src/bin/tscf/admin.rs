@@ -6,12 +6,13 @@
 //! so it must not be reachable from elsewhere.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_lite::{AsyncBufReadExt, AsyncWriteExt};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use smol::Async;
 use tscf_runtime_smol::ServerHandle;
 
@@ -53,10 +54,15 @@ pub(crate) async fn serve(listener: &Async<TcpListener>, server: &ServerHandle) 
                 return;
             }
             let reply = match line.trim() {
-                "status" => snapshot(server),
-                other => json!({ "error": format!("unknown request {other:?}") }),
+                "status" => serde_json::to_string(&Status::of(server)),
+                other => serde_json::to_string(&Refusal {
+                    error: format!("unknown request {other:?}"),
+                }),
             };
-            let mut text = reply.to_string();
+            // Neither type holds anything serde_json cannot write.
+            let Ok(mut text) = reply else {
+                return;
+            };
             text.push('\n');
             let mut stream = reader.into_inner();
             let _ = stream.write_all(text.as_bytes()).await;
@@ -69,75 +75,159 @@ pub(crate) async fn serve(listener: &Async<TcpListener>, server: &ServerHandle) 
     }
 }
 
-/// The server's state as JSON: listeners, tunnels, peer service and counters.
-fn snapshot(server: &ServerHandle) -> Value {
-    let addrs = server.local_addrs();
-    let stats = server.stats();
-    let d = &stats.director;
-    let r = &stats.runtime;
-    let tunnels: Vec<Value> = server
-        .tunnels()
-        .into_iter()
-        .map(|t| {
-            json!({
-                "tunnel_id": t.tunnel_id,
-                "ipv4": t.ipv4.map(|a| a.to_string()),
-                "ipv6": t.ipv6.map(|a| a.to_string()),
-                "transport": t.transport.to_string(),
-                "connected": t.connection.is_some(),
-                "queued_frames": t.queued_frames,
-            })
-        })
-        .collect();
-    json!({
-        "state": "listening",
-        "listeners": {
-            "tcp": addrs.tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "tls": addrs.tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "udp": addrs.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "quic": addrs.quic.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "dtls": addrs.dtls.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        },
-        "tls_fingerprint": server.tls_fingerprint().map(|f| f.to_string()),
-        "tunnels": tunnels,
-        "director": {
-            "active_tunnels": d.active_tunnels,
-            "persistent_tunnels": d.persistent_tunnels,
-            "pending_connections": d.pending_connections,
-            "tunnels_opened": d.tunnels_opened,
-            "tunnels_closed": d.tunnels_closed,
-            "reattaches": d.reattaches,
-            "frames_relayed": d.frames_relayed,
-            "bytes_relayed": d.bytes_relayed,
-            "control_answered": d.control_answered,
-        },
-        "peer": {
-            "requests_forwarded": d.peer.requests_forwarded,
-            "introductions": d.peer.introductions,
-            "refused_by_destination": d.peer.refused_by_destination,
-            "timeouts": d.peer.timeouts,
-        },
-        "runtime": {
-            "stream_connections": stats.stream_connections,
-            "udp_connections": stats.udp_connections,
-            "streams_accepted": r.streams_accepted,
-            "streams_refused": r.streams_refused,
-            "tls_handshake_failures": r.tls_handshake_failures,
-            "framing_errors": r.framing_errors,
-            "stun_answered": r.stun_answered,
-            "udp_dropped": r.udp_dropped,
-            "quic_handshake_failures": r.quic_handshake_failures,
-            "quic_retries": r.quic_retries,
-            "dtls_associations": stats.dtls_associations,
-            "dtls_half_open": stats.dtls_half_open,
-            "dtls_handshakes": r.dtls_handshakes,
-            "dtls_handshake_failures": r.dtls_handshake_failures,
-            "dtls_unknown_source": r.dtls_unknown_source,
-            "dtls_bad_records": r.dtls_bad_records,
-            "dtls_half_open_evicted": r.dtls_half_open_evicted,
-            "dtls_hello_verify_sent": r.dtls_hello_verify_sent,
-        },
-    })
+/// The answer to `status`: the server's listeners, tunnels, peer service and counters, one
+/// JSON object.
+#[derive(Serialize)]
+struct Status<'a> {
+    state: &'static str,
+    listeners: Listeners<'a>,
+    tls_fingerprint: Option<String>,
+    tunnels: Vec<TunnelEntry>,
+    director: DirectorCounters,
+    peer: PeerCounters,
+    runtime: RuntimeCounters,
+}
+
+/// The addresses the server listens on, by transport.
+#[derive(Serialize)]
+struct Listeners<'a> {
+    tcp: &'a [SocketAddr],
+    tls: &'a [SocketAddr],
+    udp: &'a [SocketAddr],
+    quic: &'a [SocketAddr],
+    dtls: &'a [SocketAddr],
+}
+
+/// One tunnel the director holds.
+#[derive(Serialize)]
+struct TunnelEntry {
+    tunnel_id: u64,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+    transport: String,
+    connected: bool,
+    queued_frames: usize,
+}
+
+/// The director's tunnels and relay.
+#[derive(Serialize)]
+struct DirectorCounters {
+    active_tunnels: usize,
+    persistent_tunnels: usize,
+    pending_connections: usize,
+    tunnels_opened: u64,
+    tunnels_closed: u64,
+    reattaches: u64,
+    frames_relayed: u64,
+    bytes_relayed: u64,
+    control_answered: u64,
+}
+
+/// The director's peer service.
+#[derive(Serialize)]
+struct PeerCounters {
+    requests_forwarded: u64,
+    introductions: u64,
+    refused_by_destination: u64,
+    timeouts: u64,
+}
+
+/// The runtime's connections and what it accepted, refused and dropped.
+#[derive(Serialize)]
+struct RuntimeCounters {
+    stream_connections: usize,
+    udp_connections: usize,
+    streams_accepted: u64,
+    streams_refused: u64,
+    tls_handshake_failures: u64,
+    framing_errors: u64,
+    stun_answered: u64,
+    udp_dropped: u64,
+    quic_handshake_failures: u64,
+    quic_retries: u64,
+    dtls_associations: usize,
+    dtls_half_open: usize,
+    dtls_handshakes: u64,
+    dtls_handshake_failures: u64,
+    dtls_unknown_source: u64,
+    dtls_bad_records: u64,
+    dtls_half_open_evicted: u64,
+    dtls_hello_verify_sent: u64,
+}
+
+/// The answer to a request the endpoint does not know.
+#[derive(Serialize)]
+struct Refusal {
+    error: String,
+}
+
+impl<'a> Status<'a> {
+    fn of(server: &'a ServerHandle) -> Self {
+        let addrs = server.local_addrs();
+        let stats = server.stats();
+        let d = &stats.director;
+        let r = &stats.runtime;
+        Status {
+            state: "listening",
+            listeners: Listeners {
+                tcp: &addrs.tcp,
+                tls: &addrs.tls,
+                udp: &addrs.udp,
+                quic: &addrs.quic,
+                dtls: &addrs.dtls,
+            },
+            tls_fingerprint: server.tls_fingerprint().map(|f| f.to_string()),
+            tunnels: server
+                .tunnels()
+                .into_iter()
+                .map(|t| TunnelEntry {
+                    tunnel_id: t.tunnel_id,
+                    ipv4: t.ipv4,
+                    ipv6: t.ipv6,
+                    transport: t.transport.to_string(),
+                    connected: t.connection.is_some(),
+                    queued_frames: t.queued_frames,
+                })
+                .collect(),
+            director: DirectorCounters {
+                active_tunnels: d.active_tunnels,
+                persistent_tunnels: d.persistent_tunnels,
+                pending_connections: d.pending_connections,
+                tunnels_opened: d.tunnels_opened,
+                tunnels_closed: d.tunnels_closed,
+                reattaches: d.reattaches,
+                frames_relayed: d.frames_relayed,
+                bytes_relayed: d.bytes_relayed,
+                control_answered: d.control_answered,
+            },
+            peer: PeerCounters {
+                requests_forwarded: d.peer.requests_forwarded,
+                introductions: d.peer.introductions,
+                refused_by_destination: d.peer.refused_by_destination,
+                timeouts: d.peer.timeouts,
+            },
+            runtime: RuntimeCounters {
+                stream_connections: stats.stream_connections,
+                udp_connections: stats.udp_connections,
+                streams_accepted: r.streams_accepted,
+                streams_refused: r.streams_refused,
+                tls_handshake_failures: r.tls_handshake_failures,
+                framing_errors: r.framing_errors,
+                stun_answered: r.stun_answered,
+                udp_dropped: r.udp_dropped,
+                quic_handshake_failures: r.quic_handshake_failures,
+                quic_retries: r.quic_retries,
+                dtls_associations: stats.dtls_associations,
+                dtls_half_open: stats.dtls_half_open,
+                dtls_handshakes: r.dtls_handshakes,
+                dtls_handshake_failures: r.dtls_handshake_failures,
+                dtls_unknown_source: r.dtls_unknown_source,
+                dtls_bad_records: r.dtls_bad_records,
+                dtls_half_open_evicted: r.dtls_half_open_evicted,
+                dtls_hello_verify_sent: r.dtls_hello_verify_sent,
+            },
+        }
+    }
 }
 
 /// `tscf status`: asks the server at `admin` and prints its answer. Exit 1 if unreachable.
