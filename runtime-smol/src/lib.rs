@@ -137,15 +137,26 @@ mod tunnel;
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
-pub use tscf_runtime_std::tls;
+pub use tscf_core::tls;
+pub use tscf_core::tls::{
+    ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
+    ServerVerification, TlsConfigError,
+};
 pub use tscf_runtime_std::{
-    ClientTlsConfig, ConnectError, Fingerprint, LocalAddrs, Notification, PeerIdentity,
-    RuntimeCounters, ServerConfig, ServerIdentity, ServerStats, ServerTlsConfig,
-    ServerVerification, StartError, TlsConfigError, TunnelConfig, TunnelStats,
+    ConnectError, LocalAddrs, Notification, RuntimeCounters, ServerConfig, ServerStats, StartError,
+    TunnelConfig, TunnelStats,
 };
 pub use tunnel::Tunnel;
 
 use std::sync::{Mutex, MutexGuard};
+
+/// What this runtime gives [`tls`]'s builders: files read with `std::fs::read` (once, when a
+/// server starts or a tunnel connects), keys for self-signed certificates from
+/// `rcgen::KeyPair::generate` (ECDSA P-256, the operating system's secure source through ring).
+pub const OS: tls::Os = tls::Os {
+    read_file: |path| std::fs::read(path),
+    generate_key: rcgen::KeyPair::generate,
+};
 
 /// Locks `m`, going on with the data if a task panicked while holding it: every critical
 /// section leaves the state machines consistent between inputs.

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rtc_dtls::crypto::Certificate;
-use tscf_runtime_std::tls::{constant_time_eq, Fingerprint, PeerIdentity, TlsConfigError};
+use tscf_core::tls::{Fingerprint, PeerIdentity, TlsConfigError};
 
 use crate::dtls::{
     self, ClientCheck, DtlsCounters, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck,
@@ -176,7 +176,7 @@ impl PeerDtls {
                 let pinned = self.pins.get(&peer).is_some_and(|pin| {
                     peer_certificate
                         .as_deref()
-                        .is_some_and(|c| constant_time_eq(&Fingerprint::of(c).0, &pin.0))
+                        .is_some_and(|c| Fingerprint::of(c).matches(pin))
                 });
                 if pinned {
                     PeerDtlsEvent::Open { path: peer }

@@ -31,11 +31,9 @@ use tscf_core::client::{
     TerminateReason, TunnelClient, TunnelInfo,
 };
 use tscf_core::stun;
+use tscf_core::tls::{self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError};
 use tscf_core::wire::{DatagramKind, Transport};
 use tscf_runtime_std::inner::SocketTable;
-use tscf_runtime_std::tls::{
-    self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError,
-};
 use tscf_runtime_std::{
     host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
     PeerStreamListen, TunnelConfig, TunnelStats,
@@ -87,7 +85,7 @@ impl Tunnel {
             config.client.rng_seed = u64::from_le_bytes(first);
         }
         let tls = match &config.tls {
-            Some(t) => Some((tls::client_config(t)?, t.clone())),
+            Some(t) => Some((tls::client_config(t, crate::OS)?, t.clone())),
             None => None,
         };
         let quic = match &tls {
@@ -114,7 +112,7 @@ impl Tunnel {
                 Transport::UDP => None,
                 Transport::QUIC | Transport::DTLS => Some(match config.peer_identity.take() {
                     Some(identity) => identity,
-                    None => PeerIdentity::generate()?,
+                    None => PeerIdentity::generate(crate::OS)?,
                 }),
                 other => {
                     return Err(ConnectError::Io(io::Error::new(
@@ -475,12 +473,12 @@ struct DtlsSettings {
 impl DtlsSettings {
     fn new(config: &ClientTlsConfig) -> Result<Self, TlsConfigError> {
         let roots = match &config.verification {
-            ServerVerification::CaFile(path) => Some(tls::load_roots(path)?),
+            ServerVerification::CaFile(path) => Some(tls::load_roots(path, crate::OS)?),
             _ => None,
         };
         let certificate = match &config.client_identity {
             Some((cert, key)) => {
-                let (chain, key) = tls::load_pem_identity(cert, key)?;
+                let (chain, key) = tls::load_pem_identity(cert, key, crate::OS)?;
                 Some(
                     dtls::certificate(chain, &key)
                         .map_err(|e| TlsConfigError::Dtls(e.to_string()))?,

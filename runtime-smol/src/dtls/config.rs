@@ -13,7 +13,7 @@ use rtc_dtls::crypto_provider::providers::RingProvider;
 use rtc_dtls::crypto_provider::{RTCCryptoProvider, SignatureScheme};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
-use tscf_runtime_std::tls::{constant_time_eq, Fingerprint};
+use tscf_core::tls::Fingerprint;
 
 use super::DtlsConfigError;
 
@@ -81,7 +81,7 @@ fn pin(fingerprint: Fingerprint) -> VerifyPeerCertificateFn {
     Arc::new(move |certs: &[Vec<u8>], _| {
         let matches = certs
             .first()
-            .is_some_and(|c| constant_time_eq(&Fingerprint::of(c).0, &fingerprint.0));
+            .is_some_and(|c| Fingerprint::of(c).matches(&fingerprint));
         if matches {
             Ok(())
         } else {

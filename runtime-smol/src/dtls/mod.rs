@@ -50,8 +50,8 @@ use bytes::BytesMut;
 use rtc_dtls::config::HandshakeConfig;
 use rtc_dtls::endpoint::{Endpoint, EndpointEvent};
 use rtc_shared::TransportProtocol;
+use subtle::ConstantTimeEq;
 use tscf_core::wire::DatagramKind;
-use tscf_runtime_std::tls::constant_time_eq;
 
 pub(crate) use config::{certificate, client_config, server_config, ClientCheck, PeerCheck};
 pub(crate) use cookie::Acceptor;
@@ -413,7 +413,7 @@ impl DtlsEndpoint {
         let Some(replayed) = hello.replayed_first() else {
             return Admission::Refused;
         };
-        if !constant_time_eq(hello.cookie, &cookie) {
+        if !bool::from(hello.cookie.ct_eq(&cookie[..])) {
             return Admission::Refused;
         }
         let config = acceptor.config.clone();

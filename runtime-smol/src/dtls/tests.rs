@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rtc_dtls::crypto::Certificate;
 use rustls::pki_types::PrivateKeyDer;
-use tscf_runtime_std::tls::Fingerprint;
+use tscf_core::tls::Fingerprint;
 
 use super::*;
 
