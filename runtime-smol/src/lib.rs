@@ -63,8 +63,9 @@
 //! (ALPN `tscf-peer`).
 //!
 //! With [`Transport::DTLS`](tscf_core::wire::Transport) instead, the same certificate runs
-//! DTLS 1.2 peer sessions (rtc-dtls, as for DTLS server tunnels) through one DTLS endpoint on
-//! the peer UDP socket, driven under the client's lock: the UDP task feeds it only DTLS
+//! DTLS 1.2 peer sessions (rtc-dtls, as for DTLS server tunnels) through the core's
+//! [`PeerSessions`](tscf_core::dtls::PeerSessions) on the peer UDP socket, driven under the
+//! client's lock: the UDP task feeds it only DTLS
 //! datagrams (first octet 20–63) from addresses the client authorised or connected to (the
 //! rest is counted in [`TunnelStats::peer_dtls_unauthorised`]), the initiator is the DTLS
 //! client and pins the destination's certificate, the destination requires the initiator's
@@ -124,8 +125,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-mod dtls;
-mod peer_dtls;
 mod peer_session;
 mod quic;
 mod server;

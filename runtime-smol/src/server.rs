@@ -22,6 +22,7 @@ use smol::Task;
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorEvent, SessionDirector, TunnelSummary,
 };
+use tscf_core::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use tscf_core::tls::{self, Fingerprint, TlsConfigError};
 use tscf_core::wire::Transport;
 use tscf_runtime_std::udp::{self, Demux, UdpPeers};
@@ -29,7 +30,6 @@ use tscf_runtime_std::{
     os_seed, LocalAddrs, ServerConfig, ServerCounters, ServerStats, StartError,
 };
 
-use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::lock;
 use crate::quic::{self, Side};
 use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
@@ -73,7 +73,7 @@ impl Server {
                     None
                 } else {
                     let cert = dtls::certificate(identity.chain.clone(), &identity.key)
-                        .map_err(|e| TlsConfigError::Dtls(e.to_string()))?;
+                        .map_err(TlsConfigError::from)?;
                     let client_roots = t
                         .client_ca
                         .as_deref()
@@ -129,7 +129,7 @@ impl Server {
                 if let Some((cert, check)) = &dtls_config {
                     let secret = os_seed().map_err(StartError::Randomness)?;
                     let acceptor = dtls::Acceptor::new(cert.clone(), check.clone(), secret)
-                        .map_err(|e| StartError::Tls(TlsConfigError::Dtls(e.to_string())))?;
+                        .map_err(|e| StartError::Tls(e.into()))?;
                     endpoint.set_acceptor(Some(acceptor));
                 }
                 Ok(DtlsSite {
@@ -510,6 +510,7 @@ impl ServerCore {
                     DtlsEvent::HandshakeFailed { peer, reason } => {
                         tracing::debug!(%peer, %reason, "DTLS handshake failed");
                     }
+                    _ => {}
                 }
             }
         }

@@ -19,6 +19,11 @@
            mutual TLS, self-signed certificates."
 )]
 #![cfg_attr(
+    feature = "dtls",
+    doc = "- [`dtls`]: DTLS 1.2 associations with many addresses over one UDP socket (rtc-dtls), \
+           their configurations, and DTLS peer sessions."
+)]
+#![cfg_attr(
     feature = "sim",
     doc = "- [`sim`]: the deterministic network simulator."
 )]
@@ -35,6 +40,8 @@ pub mod director;
 pub mod stun;
 pub mod wire;
 
+#[cfg(feature = "dtls")]
+pub mod dtls;
 #[cfg(feature = "tls")]
 pub mod tls;
 

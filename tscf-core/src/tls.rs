@@ -5,8 +5,8 @@
 //! [`Fingerprint`] is returned for pinning. Clients verify the server by a CA file, by a pinned
 //! fingerprint, or (explicitly, with a warning) not at all. A server configured with a client CA
 //! asks for client certificates and verifies them (mutual TLS). The builders return rustls
-//! configurations that any runtime hands to its TLS or QUIC sessions; the DTLS ones are in
-//! [`dtls`](crate::dtls) (feature `dtls`).
+//! configurations that any runtime hands to its TLS or QUIC sessions; the DTLS ones are in the
+//! `dtls` module (feature `dtls`).
 //!
 //! # What comes from the operating system
 //!
