@@ -65,8 +65,9 @@
 //! (ALPN `tscf-peer`).
 //!
 //! With [`Transport::DTLS`](tscf_core::wire::Transport) instead, the same certificate runs
-//! DTLS 1.2 peer sessions (rtc-dtls, as for DTLS server tunnels) through one DTLS endpoint on
-//! the peer UDP socket, driven under the client's lock: the UDP task feeds it only DTLS
+//! DTLS 1.2 peer sessions (rtc-dtls, as for DTLS server tunnels) through the core's
+//! [`PeerSessions`](tscf_core::dtls::PeerSessions) on the peer UDP socket, driven under the
+//! client's lock: the UDP task feeds it only DTLS
 //! datagrams (first octet 20–63) from addresses the client authorised or connected to (the
 //! rest is counted in [`TunnelStats::peer_dtls_unauthorised`]), the initiator is the DTLS
 //! client and pins the destination's certificate, the destination requires the initiator's
@@ -126,8 +127,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-mod dtls;
-mod peer_dtls;
 mod peer_session;
 mod quic;
 mod server;
@@ -139,15 +138,26 @@ mod tunnel;
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
-pub use tscf_runtime_std::tls;
+pub use tscf_core::tls;
+pub use tscf_core::tls::{
+    ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
+    ServerVerification, TlsConfigError,
+};
 pub use tscf_runtime_std::{
-    ClientTlsConfig, ConnectError, Fingerprint, LocalAddrs, Notification, PeerIdentity,
-    RuntimeCounters, ServerConfig, ServerIdentity, ServerStats, ServerTlsConfig,
-    ServerVerification, StartError, TlsConfigError, TunnelConfig, TunnelStats,
+    ConnectError, LocalAddrs, Notification, RuntimeCounters, ServerConfig, ServerStats, StartError,
+    TunnelConfig, TunnelStats,
 };
 pub use tunnel::Tunnel;
 
 use std::sync::{Mutex, MutexGuard};
+
+/// What this runtime gives [`tls`]'s builders: files read with `std::fs::read` (once, when a
+/// server starts or a tunnel connects), keys for self-signed certificates from
+/// `rcgen::KeyPair::generate` (ECDSA P-256, the operating system's secure source through ring).
+pub const OS: tls::Os = tls::Os {
+    read_file: |path| std::fs::read(path),
+    generate_key: rcgen::KeyPair::generate,
+};
 
 /// Locks `m`, going on with the data if a task panicked while holding it: every critical
 /// section leaves the state machines consistent between inputs.

@@ -27,7 +27,7 @@ use async_io::Async;
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tscf_runtime_std::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
+use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 
 use crate::lock;
 use crate::quic::{self, Side};

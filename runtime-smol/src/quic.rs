@@ -13,8 +13,8 @@ use async_channel::Receiver;
 use async_io::Timer;
 use bytes::Bytes;
 use futures_lite::future;
+use tscf_core::tls::TlsConfigError;
 use tscf_core::wire::EnvelopeType;
-use tscf_runtime_std::tls::TlsConfigError;
 
 use crate::stream::{gather, Outgoing, StreamError, WriteBatch, WRITE_BATCH};
 

@@ -22,14 +22,14 @@ use smol::Task;
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorEvent, SessionDirector, TunnelSummary,
 };
+use tscf_core::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
+use tscf_core::tls::{self, Fingerprint, TlsConfigError};
 use tscf_core::wire::Transport;
-use tscf_runtime_std::tls::{self, Fingerprint, TlsConfigError};
 use tscf_runtime_std::udp::{self, Demux, UdpPeers};
 use tscf_runtime_std::{
     os_seed, LocalAddrs, ServerConfig, ServerCounters, ServerStats, StartError,
 };
 
-use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::lock;
 use crate::quic::{self, Side};
 use crate::stream::{self, Outgoing, OutgoingQueue, StreamError};
@@ -67,21 +67,25 @@ impl Server {
             !config.tls.is_empty() || !config.quic.is_empty() || !config.dtls.is_empty();
         let (acceptor, fingerprint, dtls_config) = match (&config.tls_config, needs_tls) {
             (Some(t), _) => {
-                let identity = tls::load_identity(&t.identity)?;
+                let identity = tls::load_identity(&t.identity, crate::OS)?;
                 let fingerprint = identity.fingerprint;
                 let dtls_config = if config.dtls.is_empty() {
                     None
                 } else {
                     let cert = dtls::certificate(identity.chain.clone(), &identity.key)
-                        .map_err(|e| TlsConfigError::Dtls(e.to_string()))?;
-                    let client_roots = t.client_ca.as_deref().map(tls::load_roots).transpose()?;
+                        .map_err(TlsConfigError::from)?;
+                    let client_roots = t
+                        .client_ca
+                        .as_deref()
+                        .map(|p| tls::load_roots(p, crate::OS))
+                        .transpose()?;
                     let check = match client_roots {
                         Some(roots) => dtls::ClientCheck::Roots(roots),
                         None => dtls::ClientCheck::None,
                     };
                     Some((cert, check))
                 };
-                let c = tls::server_config_with(t, identity)?;
+                let c = tls::server_config_with(t, identity, crate::OS)?;
                 (Some(c), Some(fingerprint), dtls_config)
             }
             (None, true) => return Err(StartError::MissingTls),
@@ -125,7 +129,7 @@ impl Server {
                 if let Some((cert, check)) = &dtls_config {
                     let secret = os_seed().map_err(StartError::Randomness)?;
                     let acceptor = dtls::Acceptor::new(cert.clone(), check.clone(), secret)
-                        .map_err(|e| StartError::Tls(TlsConfigError::Dtls(e.to_string())))?;
+                        .map_err(|e| StartError::Tls(e.into()))?;
                     endpoint.set_acceptor(Some(acceptor));
                 }
                 Ok(DtlsSite {
@@ -506,6 +510,7 @@ impl ServerCore {
                     DtlsEvent::HandshakeFailed { peer, reason } => {
                         tracing::debug!(%peer, %reason, "DTLS handshake failed");
                     }
+                    _ => {}
                 }
             }
         }

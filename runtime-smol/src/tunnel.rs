@@ -8,7 +8,7 @@
 //! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
 //! peer tunnels ([`Destination::Peer`]). Secured peer sessions share it too: QUIC ones
 //! through a quinn endpoint fed by the UDP task (`peer_session`), DTLS ones through a
-//! [`DtlsEndpoint`] the client drives under its lock (`peer_dtls`).
+//! [`PeerSessions`](tscf_core::dtls::PeerSessions) the client drives under its lock.
 //!
 //! A QUIC transport gets a quinn endpoint on a UDP socket of its own (a fresh one per attempt,
 //! so a re-attach comes from a new port), not the peer socket. So does a DTLS transport: a
@@ -30,20 +30,17 @@ use tscf_core::client::{
     ClientEvent, ClientState, Destination, PeerPath, PeerTunnelInfo, ServerEndpoint,
     TerminateReason, TunnelClient, TunnelInfo,
 };
+use tscf_core::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerSessionEvent};
 use tscf_core::stun;
+use tscf_core::tls::{self, ClientTlsConfig, PeerIdentity, TlsConfigError};
 use tscf_core::wire::{DatagramKind, Transport};
 use tscf_runtime_std::inner::SocketTable;
-use tscf_runtime_std::tls::{
-    self, ClientTlsConfig, PeerIdentity, ServerVerification, TlsConfigError,
-};
 use tscf_runtime_std::{
     host_candidates, notification_for, os_seed, udp_bind_addr, ConnectError, Notification,
     PeerStreamListen, TunnelConfig, TunnelStats,
 };
 
-use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck};
 use crate::lock;
-use crate::peer_dtls::{PeerDtls, PeerDtlsEvent};
 use crate::peer_session::{self, PeerSessions, Sent};
 use crate::quic::{self, Side};
 use crate::socket::{InnerUdpSocket, SocketQueue};
@@ -56,6 +53,9 @@ const NOTIFICATION_QUEUE: usize = 256;
 const STREAM_QUEUE: usize = 1024;
 /// How long closing a tunnel waits for the server to acknowledge the release.
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
+/// Bound of one DTLS peer session handshake (the core's establishment timeout is the real
+/// limit).
+const PEER_DTLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// QUIC keep-alive, well within quinn's default idle timeout of 30 s.
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
@@ -87,7 +87,7 @@ impl Tunnel {
             config.client.rng_seed = u64::from_le_bytes(first);
         }
         let tls = match &config.tls {
-            Some(t) => Some((tls::client_config(t)?, t.clone())),
+            Some(t) => Some((tls::client_config(t, crate::OS)?, t.clone())),
             None => None,
         };
         let quic = match &tls {
@@ -101,7 +101,7 @@ impl Tunnel {
             None => None,
         };
         let dtls = match &config.tls {
-            Some(t) => Some(DtlsSettings::new(t)?),
+            Some(t) => Some(dtls::ClientSettings::new(t, crate::OS)?),
             None => None,
         };
         let udp = Arc::new(Async::<UdpSocket>::bind(udp_bind_addr(
@@ -114,7 +114,7 @@ impl Tunnel {
                 Transport::UDP => None,
                 Transport::QUIC | Transport::DTLS => Some(match config.peer_identity.take() {
                     Some(identity) => identity,
-                    None => PeerIdentity::generate()?,
+                    None => PeerIdentity::generate(crate::OS)?,
                 }),
                 other => {
                     return Err(ConnectError::Io(io::Error::new(
@@ -131,7 +131,11 @@ impl Tunnel {
                 if peer.transport == Transport::QUIC {
                     peer_sessions = Some(PeerSessions::new(udp.clone(), identity)?);
                 } else {
-                    peer_dtls = Some(PeerDtls::new(udp.get_ref().local_addr()?, identity)?);
+                    let local = udp.get_ref().local_addr()?;
+                    peer_dtls = Some(
+                        dtls::PeerSessions::new(local, identity, PEER_DTLS_HANDSHAKE_TIMEOUT)
+                            .map_err(TlsConfigError::from)?,
+                    );
                 }
             }
         }
@@ -420,14 +424,14 @@ pub(crate) struct ClientCore {
     /// QUIC peer sessions, when the peer transport offered is QUIC.
     pub(crate) peer_sessions: Option<PeerSessions>,
     /// DTLS peer sessions, when the peer transport offered is DTLS.
-    peer_dtls: Option<PeerDtls>,
+    peer_dtls: Option<dtls::PeerSessions>,
     peer_enabled: bool,
     peer_blocked: bool,
     /// What an inner socket goes back to when it is dropped.
     pub(crate) default_opt_in: bool,
     tls: Option<(Arc<rustls::ClientConfig>, ClientTlsConfig)>,
     quic: Option<(quinn::ClientConfig, ClientTlsConfig)>,
-    dtls: Option<DtlsSettings>,
+    dtls: Option<dtls::ClientSettings>,
     transport_timeout: Duration,
     pub(crate) sockets: SocketTable<SocketQueue>,
     socket_queue_len: usize,
@@ -461,61 +465,6 @@ struct DtlsLink {
     endpoint: DtlsEndpoint,
     socket: Arc<Async<UdpSocket>>,
     server: SocketAddr,
-}
-
-/// How DTLS transports check the server, and the client certificate they present.
-#[derive(Debug)]
-struct DtlsSettings {
-    verification: ServerVerification,
-    roots: Option<rustls::RootCertStore>,
-    server_name: Option<String>,
-    certificate: Option<rtc_dtls::crypto::Certificate>,
-}
-
-impl DtlsSettings {
-    fn new(config: &ClientTlsConfig) -> Result<Self, TlsConfigError> {
-        let roots = match &config.verification {
-            ServerVerification::CaFile(path) => Some(tls::load_roots(path)?),
-            _ => None,
-        };
-        let certificate = match &config.client_identity {
-            Some((cert, key)) => {
-                let (chain, key) = tls::load_pem_identity(cert, key)?;
-                Some(
-                    dtls::certificate(chain, &key)
-                        .map_err(|e| TlsConfigError::Dtls(e.to_string()))?,
-                )
-            }
-            None => None,
-        };
-        Ok(Self {
-            verification: config.verification.clone(),
-            roots,
-            server_name: config.server_name.clone(),
-            certificate,
-        })
-    }
-
-    fn handshake_config(
-        &self,
-        server: SocketAddr,
-    ) -> Result<Arc<rtc_dtls::config::HandshakeConfig>, String> {
-        let check = match (&self.verification, &self.roots) {
-            (ServerVerification::Pinned(fingerprint), _) => PeerCheck::Pinned(*fingerprint),
-            (ServerVerification::CaFile(_), Some(roots)) => PeerCheck::Roots {
-                roots: roots.clone(),
-                name: self
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| server.ip().to_string()),
-            },
-            _ => {
-                tracing::warn!(%server, "DTLS server certificate is not verified");
-                PeerCheck::Insecure
-            }
-        };
-        dtls::client_config(server, check, self.certificate.clone()).map_err(|e| e.to_string())
-    }
 }
 
 impl ClientCore {
@@ -585,7 +534,9 @@ impl ClientCore {
                 ..
             } => {
                 let opened = match (transport, &mut self.peer_sessions, &mut self.peer_dtls) {
-                    (Transport::DTLS, _, Some(dtls)) => dtls.open(now, path, fingerprint),
+                    (Transport::DTLS, _, Some(dtls)) => {
+                        dtls.open(now, path, fingerprint).map_err(|e| e.to_string())
+                    }
                     (Transport::QUIC, Some(sessions), _) => match self.me.upgrade() {
                         Some(shared) => sessions.open(shared, path, fingerprint),
                         None => return,
@@ -606,7 +557,9 @@ impl ClientCore {
                 ..
             } => {
                 let authorised = match (transport, &mut self.peer_sessions, &mut self.peer_dtls) {
-                    (Transport::DTLS, _, Some(dtls)) => dtls.authorise(path, fingerprint),
+                    (Transport::DTLS, _, Some(dtls)) => {
+                        dtls.authorise(path, fingerprint).map_err(|e| e.to_string())
+                    }
                     (Transport::QUIC, Some(sessions), _) => {
                         sessions.authorise(path, fingerprint);
                         Ok(())
@@ -718,7 +671,9 @@ impl ClientCore {
     /// reads that socket.
     fn open_dtls(&mut self, now: Instant, server: SocketAddr) -> Result<(), String> {
         let config = match &self.dtls {
-            Some(settings) => settings.handshake_config(server)?,
+            Some(settings) => settings
+                .handshake_config(server)
+                .map_err(|e| e.to_string())?,
             None => return Err("no TLS settings".to_owned()),
         };
         let bind = match server {
@@ -778,6 +733,7 @@ impl ClientCore {
                     self.last_failure = Some(format!("{server} (DTLS): closed by the server"));
                     self.client.handle_transport_lost(now);
                 }
+                _ => {}
             }
         }
         any
@@ -803,18 +759,19 @@ impl ClientCore {
             return false;
         };
         match event {
-            PeerDtlsEvent::Open { path } => {
+            PeerSessionEvent::Open { path } => {
                 self.stats.peer_sessions_open += 1;
                 self.client.handle_peer_session_open(now, path);
             }
-            PeerDtlsEvent::Failed { path, handshake } => {
+            PeerSessionEvent::Failed { path, handshake } => {
                 self.stats.peer_session_failures += u64::from(handshake);
                 self.client.handle_peer_session_failed(now, path);
             }
-            PeerDtlsEvent::Envelope { path, envelope } => {
+            PeerSessionEvent::Envelope { path, envelope } => {
                 self.client
                     .handle_peer_session_datagram(now, path, &envelope);
             }
+            _ => {}
         }
         true
     }

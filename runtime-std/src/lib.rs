@@ -14,10 +14,10 @@
 //!   [`InnerUdpSocket::set_peer_tunneling`] move to a direct UDP path to the other client once
 //!   the core has set one up ([`Notification::PeerTunnelUp`], [`Tunnel::peer_path`]) and back
 //!   to the relay when it fails ([`Notification::PeerTunnelDown`]). Only UDP peer paths exist.
-//! - [`tls`]: rustls with the ring provider; pinned fingerprints, CA files, mutual TLS. Its
-//!   configuration builders ([`tls::server_config`], [`tls::client_config`]) and [`os_seed`]
-//!   hold no I/O, so `tscf-runtime-smol` uses them as they are, with these configuration,
-//!   statistics and notification types.
+//! - [`tls`]: the core's [`tscf_core::tls`] (rustls with the ring provider; pinned
+//!   fingerprints, CA files, mutual TLS), re-exported; its builders read files and generate
+//!   keys through [`OS`]. [`os_seed`] and these configuration, statistics and notification
+//!   types are shared with `tscf-runtime-smol`.
 //! - [`inner`] and [`udp`]: the parts of an inner socket and of a server's UDP listener that
 //!   do not depend on how a runtime waits (packet building and parsing; STUN or envelope, and
 //!   which director connection a UDP remote is), shared with `tscf-runtime-smol`.
@@ -92,7 +92,6 @@ mod server;
 mod socket;
 mod stream;
 mod timer;
-pub mod tls;
 mod tunnel;
 pub mod udp;
 
@@ -110,6 +109,7 @@ pub use tls::{
     ServerVerification, TlsConfigError,
 };
 pub use tscf_core as core;
+pub use tscf_core::tls;
 pub use tunnel::{
     host_candidates, notification_for, udp_bind_addr, ConnectError, Notification, Tunnel,
     TunnelConfig, TunnelStats,
@@ -122,6 +122,14 @@ use std::sync::{Mutex, MutexGuard};
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// What this runtime gives [`tls`]'s builders: files read with `std::fs::read`, keys for
+/// self-signed certificates from `rcgen::KeyPair::generate` (ECDSA P-256, the operating
+/// system's secure source through ring).
+pub const OS: tls::Os = tls::Os {
+    read_file: |path| std::fs::read(path),
+    generate_key: rcgen::KeyPair::generate,
+};
 
 /// 32 octets from the operating system's secure source. There is no fallback: tunnel ids,
 /// re-attach secrets and peer tokens drawn from a guessable seed would let anyone hijack a

@@ -89,12 +89,15 @@ pub(crate) fn bind(listen: PeerStreamListen) -> Result<Option<Listener>, crate::
     let socket = TcpListener::bind(addr)?;
     socket.set_nonblocking(true)?;
     let (tls, fingerprint) = if with_tls {
-        let (config, fingerprint) = tls::server_config(&ServerTlsConfig {
-            identity: ServerIdentity::SelfSigned {
-                names: vec!["tscf-peer".to_owned()],
+        let (config, fingerprint) = tls::server_config(
+            &ServerTlsConfig {
+                identity: ServerIdentity::SelfSigned {
+                    names: vec!["tscf-peer".to_owned()],
+                },
+                client_ca: None,
             },
-            client_ca: None,
-        })?;
+            crate::OS,
+        )?;
         (Some(config), Some(fingerprint))
     } else {
         (None, None)
@@ -190,7 +193,7 @@ pub(crate) fn open(
 ) {
     let tls = match fingerprint {
         None => Ok(None),
-        Some(fp) => tls::client_config(&ClientTlsConfig::pinned(Fingerprint(fp)))
+        Some(fp) => tls::client_config(&ClientTlsConfig::pinned(Fingerprint(fp)), crate::OS)
             .map(|config| Some((config, ServerName::IpAddress(addr.ip().into())))),
     };
     core.peer_streams.streams.insert(id, None);

@@ -287,7 +287,7 @@ impl Server {
         }
         let (tls_server, fingerprint) = match (&config.tls_config, config.tls.is_empty()) {
             (Some(t), _) => {
-                let (c, f) = tls::server_config(t)?;
+                let (c, f) = tls::server_config(t, crate::OS)?;
                 (Some(c), Some(f))
             }
             (None, false) => return Err(StartError::MissingTls),

@@ -331,7 +331,7 @@ impl Tunnel {
             config.client.rng_seed = u64::from_le_bytes(first);
         }
         let tls = match &config.tls {
-            Some(t) => Some((tls::client_config(t)?, t.clone())),
+            Some(t) => Some((tls::client_config(t, crate::OS)?, t.clone())),
             None => None,
         };
         let udp = Arc::new(UdpSocket::bind(udp_bind_addr(&config.client.servers))?);

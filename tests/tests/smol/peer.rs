@@ -186,7 +186,7 @@ fn a_wrong_certificate_keeps_the_flow_on_the_relay(secure: Transport) {
             let a = smol_tunnel(config(&server, secure)).await;
             let b = smol_tunnel(config(&server, secure)).await;
             let liar = if liar_is_destination { &b } else { &a };
-            liar.present_peer_identity(PeerIdentity::generate().unwrap());
+            liar.present_peer_identity(PeerIdentity::generate(tscf_runtime_smol::OS).unwrap());
             let before = relayed(&server);
             let got = smol_flow(&a, &b, PACKETS, true).await;
             assert_eq!(got, (0..PACKETS).collect::<Vec<_>>(), "all on the relay");
@@ -546,7 +546,7 @@ fn captured_initial(server: &ServerHandle) -> Vec<u8> {
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let pinned = ClientTlsConfig::pinned(server.tls_fingerprint().unwrap());
-    let mut rustls_config = (*tls::client_config(&pinned).unwrap()).clone();
+    let mut rustls_config = (*tls::client_config(&pinned, tscf_runtime_smol::OS).unwrap()).clone();
     rustls_config.alpn_protocols = vec![b"tscf-peer".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_config).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

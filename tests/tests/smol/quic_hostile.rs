@@ -21,7 +21,7 @@ use crate::util::{config_for, server_config, smol_flow, smol_tunnel, tunnel_conf
 /// A raw quinn client endpoint that pins `server`'s certificate and speaks `alpn`.
 fn raw_client(server: &ServerHandle, alpn: &[u8]) -> (quinn::Endpoint, quinn::ClientConfig) {
     let pinned = ClientTlsConfig::pinned(server.tls_fingerprint().unwrap());
-    let mut rustls_config = (*tls::client_config(&pinned).unwrap()).clone();
+    let mut rustls_config = (*tls::client_config(&pinned, tscf_runtime_smol::OS).unwrap()).clone();
     rustls_config.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_config).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

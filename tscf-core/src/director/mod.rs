@@ -23,6 +23,7 @@ use std::time::Instant;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use rustc_hash::FxHashMap;
+use subtle::ConstantTimeEq;
 
 pub use config::{
     Admission, DirectorConfig, DirectorConfigError, Ipv4Pool, Ipv6Pool, KeepaliveConfig,
@@ -668,7 +669,7 @@ fn negotiate(k: &KeepaliveConfig, transport: Transport, proposal_ms: Option<u32>
     }
 }
 
-/// Equality whose time does not depend on where the inputs differ.
+/// Equality whose time does not depend on where the inputs differ (only on their lengths).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }

@@ -1,4 +1,5 @@
-//! rtc-dtls configurations: certificates, how each side checks the other.
+//! rtc-dtls configurations: certificates, how each side checks the other, and the settings of
+//! a client's DTLS transport.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +14,9 @@ use rtc_dtls::crypto_provider::providers::RingProvider;
 use rtc_dtls::crypto_provider::{RTCCryptoProvider, SignatureScheme};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
-use tscf_runtime_std::tls::{constant_time_eq, Fingerprint};
 
 use super::DtlsConfigError;
+use crate::tls::{self, ClientTlsConfig, Fingerprint, Os, ServerVerification, TlsConfigError};
 
 /// The crypto provider of every DTLS configuration here (ring).
 fn provider() -> Arc<dyn RTCCryptoProvider> {
@@ -23,7 +24,7 @@ fn provider() -> Arc<dyn RTCCryptoProvider> {
 }
 
 /// A DTLS certificate from a chain and a PKCS#8 key (rtc-dtls imports PKCS#8 only).
-pub(crate) fn certificate(
+pub fn certificate(
     chain: Vec<CertificateDer<'static>>,
     key: &PrivateKeyDer<'_>,
 ) -> Result<Certificate, DtlsConfigError> {
@@ -51,11 +52,17 @@ pub(crate) fn certificate(
 }
 
 /// How a DTLS client checks the server's certificate.
-pub(crate) enum PeerCheck {
+#[derive(Clone, Debug)]
+pub enum PeerCheck {
     /// The end-entity certificate has this SHA-256 fingerprint.
     Pinned(Fingerprint),
     /// The chain verifies against these roots for this name (a DNS name or an IP address).
-    Roots { roots: RootCertStore, name: String },
+    Roots {
+        /// The trusted CA certificates.
+        roots: RootCertStore,
+        /// The name the certificate must carry.
+        name: String,
+    },
     /// Anything (the handshake signature is still verified).
     Insecure,
 }
@@ -81,7 +88,7 @@ fn pin(fingerprint: Fingerprint) -> VerifyPeerCertificateFn {
     Arc::new(move |certs: &[Vec<u8>], _| {
         let matches = certs
             .first()
-            .is_some_and(|c| constant_time_eq(&Fingerprint::of(c).0, &fingerprint.0));
+            .is_some_and(|c| Fingerprint::of(c).matches(&fingerprint));
         if matches {
             Ok(())
         } else {
@@ -93,8 +100,8 @@ fn pin(fingerprint: Fingerprint) -> VerifyPeerCertificateFn {
 }
 
 /// How a DTLS server checks the client's certificate.
-#[derive(Clone)]
-pub(crate) enum ClientCheck {
+#[derive(Clone, Debug)]
+pub enum ClientCheck {
     /// It asks for none.
     None,
     /// It asks for one and, if given, verifies it against these roots (mutual TLS).
@@ -104,8 +111,9 @@ pub(crate) enum ClientCheck {
 }
 
 /// A server-role configuration presenting `certificate` and checking the client as `check`
-/// says (for [`DtlsEndpoint::authorise`]; a listener uses an [`Acceptor`]).
-pub(crate) fn server_config(
+/// says (for [`DtlsEndpoint::authorise`](super::DtlsEndpoint::authorise); a listener uses an
+/// [`Acceptor`](super::Acceptor)).
+pub fn server_config(
     certificate: Certificate,
     check: ClientCheck,
 ) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
@@ -139,7 +147,7 @@ pub(super) fn server_builder(certificate: Certificate, check: ClientCheck) -> Co
 
 /// A client-role configuration for the server at `server` that checks it as `check` says and
 /// presents `certificate` if given.
-pub(crate) fn client_config(
+pub fn client_config(
     server: SocketAddr,
     check: PeerCheck,
     certificate: Option<Certificate>,
@@ -159,4 +167,62 @@ pub(crate) fn client_config(
         .build(true, Some(server))
         .map(Arc::new)
         .map_err(|e| DtlsConfigError(e.to_string()))
+}
+
+/// How a client's DTLS transports check the server, and the client certificate they present:
+/// a [`ClientTlsConfig`] with its files read once, from which each attempt's handshake
+/// configuration is one call.
+#[derive(Debug)]
+pub struct ClientSettings {
+    verification: ServerVerification,
+    roots: Option<RootCertStore>,
+    server_name: Option<String>,
+    certificate: Option<Certificate>,
+}
+
+impl ClientSettings {
+    /// Reads the CA file and the client certificate `config` names, through `os`.
+    pub fn new(config: &ClientTlsConfig, os: Os) -> Result<Self, TlsConfigError> {
+        let roots = match &config.verification {
+            ServerVerification::CaFile(path) => Some(tls::load_roots(path, os)?),
+            _ => None,
+        };
+        let certificate = match &config.client_identity {
+            Some((cert, key)) => {
+                let (chain, key) = tls::load_pem_identity(cert, key, os)?;
+                Some(certificate(chain, &key)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            verification: config.verification.clone(),
+            roots,
+            server_name: config.server_name.clone(),
+            certificate,
+        })
+    }
+
+    /// The client-role configuration for a handshake with `server`: pinned, or verified
+    /// against the CA file for the configured name (by default the server's IP address), or
+    /// not verified at all, with a warning logged.
+    pub fn handshake_config(
+        &self,
+        server: SocketAddr,
+    ) -> Result<Arc<HandshakeConfig>, DtlsConfigError> {
+        let check = match (&self.verification, &self.roots) {
+            (ServerVerification::Pinned(fingerprint), _) => PeerCheck::Pinned(*fingerprint),
+            (ServerVerification::CaFile(_), Some(roots)) => PeerCheck::Roots {
+                roots: roots.clone(),
+                name: self
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| server.ip().to_string()),
+            },
+            _ => {
+                tracing::warn!(%server, "DTLS server certificate is not verified");
+                PeerCheck::Insecure
+            }
+        };
+        client_config(server, check, self.certificate.clone())
+    }
 }

@@ -1,11 +1,29 @@
-//! TLS for the stream transport: rustls with the ring provider only (never the process default).
+//! TLS for tscf's transports and secured peer sessions: rustls with the ring provider only
+//! (never the process default), fingerprint pinning, CA files and mutual TLS.
 //!
 //! Servers present a certificate from PEM files or a generated self-signed one whose SHA-256
 //! [`Fingerprint`] is returned for pinning. Clients verify the server by a CA file, by a pinned
 //! fingerprint, or (explicitly, with a warning) not at all. A server configured with a client CA
-//! asks for client certificates and verifies them (mutual TLS).
+//! asks for client certificates and verifies them (mutual TLS). The builders return rustls
+//! configurations that any runtime hands to its TLS or QUIC sessions; the DTLS ones are in the
+//! `dtls` module (feature `dtls`).
+//!
+//! # What comes from the operating system
+//!
+//! The core reads no file and draws no randomness of its own, yet a configuration may name PEM
+//! files and a self-signed certificate needs a fresh key. Both come from the caller as one
+//! [`Os`] value: a function that reads a file and one that generates a key pair. A runtime
+//! builds it once (`std::fs::read`, `rcgen::KeyPair::generate`) and passes it to every builder
+//! that may need it, so each call site stays one argument longer and no more; a test may read
+//! from memory instead. The handshakes themselves draw their randoms and ephemeral keys from
+//! ring inside rustls (and rtc-dtls), as every TLS stack does: that is the TLS library's, not a
+//! decision of the core.
+//!
+//! No input from the network reaches this module except certificates presented in a
+//! handshake, which the verifiers below hash and compare; nothing here panics.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,6 +38,18 @@ use rustls::{
     SignatureScheme,
 };
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// What building a TLS configuration needs from the operating system; see the module
+/// documentation for why the caller supplies it.
+#[derive(Clone, Copy, Debug)]
+pub struct Os {
+    /// Reads a whole file: PEM certificate chains, private keys, CA certificates.
+    pub read_file: fn(&Path) -> io::Result<Vec<u8>>,
+    /// A fresh key pair from a secure random source, for a self-signed certificate
+    /// (`rcgen::KeyPair::generate` makes ECDSA P-256 keys).
+    pub generate_key: fn() -> Result<rcgen::KeyPair, rcgen::Error>,
+}
 
 /// The SHA-256 hash of a certificate's DER encoding, as pinned by clients.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,29 +61,24 @@ impl Fingerprint {
         Self(Sha256::digest(der).into())
     }
 
+    /// Whether `self` equals `other`, compared in constant time.
+    pub fn matches(&self, other: &Fingerprint) -> bool {
+        self.0[..].ct_eq(&other.0[..]).into()
+    }
+
     /// Parses 64 hex digits, optionally separated by `:`.
     pub fn from_hex(text: &str) -> Result<Self, TlsConfigError> {
         let digits: Vec<u8> = text.bytes().filter(|&b| b != b':').collect();
         let mut out = [0u8; 32];
-        if digits.len() != 64 {
-            return Err(TlsConfigError::BadFingerprint(text.to_owned()));
-        }
-        for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
-            let hex = std::str::from_utf8(pair).ok();
-            *byte = hex
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| TlsConfigError::BadFingerprint(text.to_owned()))?;
-        }
+        hex::decode_to_slice(digits, &mut out)
+            .map_err(|_| TlsConfigError::BadFingerprint(text.to_owned()))?;
         Ok(Self(out))
     }
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -73,9 +98,9 @@ pub enum ServerIdentity {
         /// The private key (PKCS#8, PKCS#1 or SEC1).
         key: PathBuf,
     },
-    /// A certificate generated at start for these names (DNS names or IP addresses); clients
-    /// pin its fingerprint, which [`ServerHandle::tls_fingerprint`](crate::ServerHandle::tls_fingerprint)
-    /// returns.
+    /// A certificate generated at start for these names (DNS names or IP addresses), with a key
+    /// from [`Os::generate_key`]; clients pin its fingerprint, which [`load_identity`] and
+    /// [`server_config`] return (and the runtimes' `ServerHandle::tls_fingerprint`).
     SelfSigned {
         /// Subject alternative names.
         names: Vec<String>,
@@ -89,7 +114,7 @@ pub struct ServerTlsConfig {
     pub identity: ServerIdentity,
     /// A PEM file of CA certificates that sign client certificates. When set, the server asks
     /// every client for a certificate and verifies it; a verified client is admitted if the
-    /// director's [`Admission::verified_identities`](tscf_core::director::Admission) is set.
+    /// director's [`Admission::verified_identities`](crate::director::Admission) is set.
     /// Clients without a certificate still complete the handshake and need another credential.
     pub client_ca: Option<PathBuf>,
 }
@@ -179,14 +204,10 @@ pub struct LoadedIdentity {
 }
 
 /// Reads the PEM files of `identity`, or generates the self-signed certificate.
-pub fn load_identity(identity: &ServerIdentity) -> Result<LoadedIdentity, TlsConfigError> {
+pub fn load_identity(identity: &ServerIdentity, os: Os) -> Result<LoadedIdentity, TlsConfigError> {
     let (chain, key) = match identity {
-        ServerIdentity::PemFiles { cert, key } => (read_certs(cert)?, read_key(key)?),
-        ServerIdentity::SelfSigned { names } => {
-            let generated = rcgen::generate_simple_self_signed(names.clone())?;
-            let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-            (vec![generated.cert.der().clone()], key)
-        }
+        ServerIdentity::PemFiles { cert, key } => (read_certs(cert, os)?, read_key(key, os)?),
+        ServerIdentity::SelfSigned { names } => return self_signed(names.clone(), os),
     };
     let fingerprint = chain
         .first()
@@ -203,36 +224,42 @@ pub fn load_identity(identity: &ServerIdentity) -> Result<LoadedIdentity, TlsCon
 pub fn load_pem_identity(
     cert: &Path,
     key: &Path,
+    os: Os,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
-    Ok((read_certs(cert)?, read_key(key)?))
+    Ok((read_certs(cert, os)?, read_key(key, os)?))
 }
 
 /// The CA certificates of a PEM file, as a root store.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsConfigError> {
-    root_store(path)
+pub fn load_roots(path: &Path, os: Os) -> Result<RootCertStore, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path, os)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
 }
 
 /// A rustls server configuration (ring provider) and the fingerprint of its certificate.
-/// Runtime-independent: `tscf-runtime-smol` builds its TLS listeners with it too.
 pub fn server_config(
     config: &ServerTlsConfig,
+    os: Os,
 ) -> Result<(Arc<rustls::ServerConfig>, Fingerprint), TlsConfigError> {
-    let identity = load_identity(&config.identity)?;
+    let identity = load_identity(&config.identity, os)?;
     let fingerprint = identity.fingerprint;
-    Ok((server_config_with(config, identity)?, fingerprint))
+    Ok((server_config_with(config, identity, os)?, fingerprint))
 }
 
 /// A rustls server configuration (ring provider) presenting an identity already loaded.
 pub fn server_config_with(
     config: &ServerTlsConfig,
     identity: LoadedIdentity,
+    os: Os,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let LoadedIdentity { chain, key, .. } = identity;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match &config.client_ca {
         Some(path) => {
-            let roots = Arc::new(root_store(path)?);
+            let roots = Arc::new(load_roots(path, os)?);
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
                 .allow_unauthenticated()
                 .build()
@@ -247,12 +274,13 @@ pub fn server_config_with(
 /// A rustls client configuration (ring provider) that verifies the server as `config` says.
 pub fn client_config(
     config: &ClientTlsConfig,
+    os: Os,
 ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let algorithms = provider().signature_verification_algorithms;
     let builder = match &config.verification {
-        ServerVerification::CaFile(path) => builder.with_root_certificates(root_store(path)?),
+        ServerVerification::CaFile(path) => builder.with_root_certificates(load_roots(path, os)?),
         ServerVerification::Pinned(fingerprint) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
@@ -269,7 +297,9 @@ pub fn client_config(
         }
     };
     let config = match &config.client_identity {
-        Some((cert, key)) => builder.with_client_auth_cert(read_certs(cert)?, read_key(key)?)?,
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(read_certs(cert, os)?, read_key(key, os)?)?
+        }
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -287,14 +317,17 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// A fresh self-signed certificate (rcgen, ECDSA P-256).
-    pub fn generate() -> Result<Self, TlsConfigError> {
-        let generated = rcgen::generate_simple_self_signed(vec!["tscf-peer".to_owned()])?;
-        let der = generated.cert.der().clone();
+    /// A fresh self-signed certificate (rcgen) with a key from [`Os::generate_key`].
+    pub fn generate(os: Os) -> Result<Self, TlsConfigError> {
+        let LoadedIdentity {
+            chain,
+            key,
+            fingerprint,
+        } = self_signed(vec!["tscf-peer".to_owned()], os)?;
         Ok(Self {
-            fingerprint: Fingerprint::of(&der),
-            chain: vec![der],
-            key: PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+            chain,
+            key,
+            fingerprint,
         })
     }
 }
@@ -381,7 +414,7 @@ struct FingerprintMismatch {
 
 /// Accepts `got` if it is the pinned fingerprint (compared in constant time).
 fn check_pin(expected: Fingerprint, got: Fingerprint) -> Result<(), rustls::Error> {
-    if constant_time_eq(&got.0, &expected.0) {
+    if got.matches(&expected) {
         Ok(())
     } else {
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
@@ -476,13 +509,24 @@ impl ClientCertVerifier for PinnedClientVerifier {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+/// A certificate for `names` signed by a fresh key of its own, with that key.
+fn self_signed(names: Vec<String>, os: Os) -> Result<LoadedIdentity, TlsConfigError> {
+    let key = (os.generate_key)()?;
+    let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+    Ok(LoadedIdentity {
+        fingerprint: Fingerprint::of(cert.der()),
+        chain: vec![cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    })
+}
+
+fn read_certs(path: &Path, os: Os) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let pem_error = |reason: String| TlsConfigError::Pem {
         path: path.to_owned(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(e.to_string()))?
+    let pem = read_pem(path, os)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(e.to_string()))?;
     if certs.is_empty() {
@@ -491,22 +535,179 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigErro
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsConfigError::Pem {
+fn read_key(path: &Path, os: Os) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    let pem = read_pem(path, os)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsConfigError::Pem {
         path: path.to_owned(),
         reason: e.to_string(),
     })
 }
 
-fn root_store(path: &Path) -> Result<RootCertStore, TlsConfigError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(path)? {
-        roots.add(cert)?;
-    }
-    Ok(roots)
+fn read_pem(path: &Path, os: Os) -> Result<Vec<u8>, TlsConfigError> {
+    (os.read_file)(path).map_err(|e| TlsConfigError::Pem {
+        path: path.to_owned(),
+        // As rustls-pki-types words a file it cannot read.
+        reason: rustls::pki_types::pem::Error::Io(e).to_string(),
+    })
 }
 
-/// Equality whose time does not depend on where the inputs differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    /// A certificate and key as PEM files "on disk": in memory, generated once.
+    fn files() -> &'static (String, String) {
+        static FILES: OnceLock<(String, String)> = OnceLock::new();
+        FILES.get_or_init(|| {
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let params = rcgen::CertificateParams::new(vec!["server.test".to_owned()]);
+            let cert = params
+                .expect("names")
+                .self_signed(&key)
+                .expect("a certificate");
+            (cert.pem(), key.serialize_pem())
+        })
+    }
+
+    /// Reads `cert.pem` and `key.pem` from [`files`]; anything else does not exist.
+    const MEMORY: Os = Os {
+        read_file: |path| match path.to_str() {
+            Some("cert.pem") => Ok(files().0.clone().into_bytes()),
+            Some("key.pem") => Ok(files().1.clone().into_bytes()),
+            _ => Err(io::ErrorKind::NotFound.into()),
+        },
+        generate_key: rcgen::KeyPair::generate,
+    };
+
+    /// Runs a handshake in memory; `Err` carries the first side's error.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from(name.to_owned()).expect("a name");
+        let mut client = rustls::ClientConnection::new(client, name)?;
+        let mut server = rustls::ServerConnection::new(server)?;
+        let mut wire = Vec::new();
+        for _ in 0..8 {
+            wire.clear();
+            while client.wants_write() {
+                client.write_tls(&mut wire).expect("to memory");
+            }
+            let mut input = &wire[..];
+            while !input.is_empty() {
+                server.read_tls(&mut input).expect("from memory");
+            }
+            server.process_new_packets()?;
+            wire.clear();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("to memory");
+            }
+            let mut input = &wire[..];
+            while !input.is_empty() {
+                client.read_tls(&mut input).expect("from memory");
+            }
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General(
+            "the handshake did not finish".to_owned(),
+        ))
+    }
+
+    #[test]
+    fn fingerprints_print_and_parse_as_hex() {
+        let f = Fingerprint(core::array::from_fn(|i| i as u8 * 7));
+        let text = f.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(Fingerprint::from_hex(&text).expect("hex"), f);
+        let colons: Vec<String> = f.0.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(Fingerprint::from_hex(&colons.join(":")).expect("hex"), f);
+        for bad in ["0f:0f", &text[..62], &format!("{}zz", &text[..62])] {
+            assert!(Fingerprint::from_hex(bad).is_err(), "{bad}");
+        }
+        assert!(f.matches(&f));
+        assert!(!f.matches(&Fingerprint([0; 32])));
+    }
+
+    #[test]
+    fn pem_files_are_read_through_the_callers_reader() {
+        let identity = ServerIdentity::PemFiles {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+        };
+        let loaded = load_identity(&identity, MEMORY).expect("the files load");
+        assert_eq!(loaded.chain.len(), 1);
+        assert_eq!(loaded.fingerprint, Fingerprint::of(&loaded.chain[0]));
+        let missing = ServerIdentity::PemFiles {
+            cert: "missing.pem".into(),
+            key: "key.pem".into(),
+        };
+        let err = load_identity(&missing, MEMORY).expect_err("no such file");
+        assert!(
+            matches!(&err, TlsConfigError::Pem { path, .. } if path == Path::new("missing.pem"))
+        );
+        // A key is no certificate.
+        let swapped = ServerIdentity::PemFiles {
+            cert: "key.pem".into(),
+            key: "key.pem".into(),
+        };
+        assert!(load_identity(&swapped, MEMORY).is_err());
+    }
+
+    #[test]
+    fn a_pinned_client_accepts_only_the_pinned_certificate() {
+        let config = ServerTlsConfig {
+            identity: ServerIdentity::SelfSigned {
+                names: vec!["server.test".to_owned()],
+            },
+            client_ca: None,
+        };
+        let (server, fingerprint) = server_config(&config, MEMORY).expect("a server");
+        let client = client_config(&ClientTlsConfig::pinned(fingerprint), MEMORY).expect("client");
+        handshake(client, server.clone(), "server.test").expect("the pinned certificate");
+
+        let other = client_config(&ClientTlsConfig::pinned(Fingerprint([1; 32])), MEMORY);
+        let err = handshake(other.expect("client"), server.clone(), "server.test");
+        assert!(
+            matches!(err, Err(rustls::Error::InvalidCertificate(_))),
+            "{err:?}"
+        );
+
+        // Verified by CA file and name: the self-signed certificate is its own CA.
+        let files = ServerTlsConfig {
+            identity: ServerIdentity::PemFiles {
+                cert: "cert.pem".into(),
+                key: "key.pem".into(),
+            },
+            client_ca: None,
+        };
+        let (server, _) = server_config(&files, MEMORY).expect("a server");
+        let by_ca = ClientTlsConfig {
+            verification: ServerVerification::CaFile("cert.pem".into()),
+            server_name: None,
+            client_identity: None,
+        };
+        let client = client_config(&by_ca, MEMORY).expect("client");
+        handshake(client.clone(), server.clone(), "server.test").expect("the CA's name");
+        assert!(handshake(client, server, "other.test").is_err());
+    }
+
+    #[test]
+    fn peer_sessions_pin_both_ends() {
+        let a = PeerIdentity::generate(MEMORY).expect("a");
+        let b = PeerIdentity::generate(MEMORY).expect("b");
+        assert_ne!(a.fingerprint, b.fingerprint);
+        let name = "tscf-peer";
+        let client = Arc::new(peer_client_config(&a, b.fingerprint).expect("client"));
+        let server = Arc::new(peer_server_config(&b, a.fingerprint).expect("server"));
+        handshake(client.clone(), server, name).expect("both pins hold");
+        // The server pins another client.
+        let server = Arc::new(peer_server_config(&b, b.fingerprint).expect("server"));
+        assert!(handshake(client, server, name).is_err());
+    }
 }

@@ -4,17 +4,22 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rtc_dtls::crypto::Certificate;
 use rustls::pki_types::PrivateKeyDer;
-use tscf_runtime_std::tls::Fingerprint;
 
 use super::*;
+use crate::tls::{Fingerprint, PeerIdentity};
 
 const SECRET: [u8; 32] = [7; 32];
 const LIMITS: DtlsLimits = DtlsLimits {
     max_half_open: 8,
     handshake_timeout: Duration::from_secs(5),
 };
+
+/// An origin for the time the tests pass by hand.
+#[allow(clippy::disallowed_methods)]
+fn start() -> Instant {
+    Instant::now()
+}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -48,7 +53,7 @@ fn events(endpoint: &mut DtlsEndpoint) -> Vec<DtlsEvent> {
 
 fn pair(check: PeerCheck) -> (DtlsEndpoint, DtlsEndpoint, Vec<DtlsEvent>, Vec<DtlsEvent>) {
     let (cert, _) = server_identity();
-    let now = Instant::now();
+    let now = start();
     let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
     server.set_acceptor(Some(
         Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
@@ -75,7 +80,7 @@ fn a_pinned_handshake_carries_data_both_ways() {
     // A different certificate per call: pin the one the server really has.
     let (cert, fingerprint_real) = server_identity();
     assert_ne!(fingerprint, fingerprint_real);
-    let now = Instant::now();
+    let now = start();
     let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
     server.set_acceptor(Some(
         Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
@@ -126,7 +131,7 @@ fn an_authorised_address_with_a_pinned_client_certificate_and_no_acceptor() {
     let (server_cert, server_fp) = server_identity();
     let (client_cert, client_fp) = server_identity();
     let (_, other_fp) = server_identity();
-    let now = Instant::now();
+    let now = start();
     let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
     let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
     let mut stranger = DtlsEndpoint::new(addr(50_001), LIMITS);
@@ -207,7 +212,7 @@ fn a_wrong_pin_fails_the_handshake_and_leaves_no_state() {
 #[test]
 fn plaintext_records_are_bounded_per_association() {
     let (mut server, client, _, _) = pair(PeerCheck::Insecure);
-    let now = Instant::now();
+    let now = start();
     // Epoch-0 handshake records of ever new message sequence numbers, which rtc-dtls would
     // buffer (an attacker spoofing the client's address can send them).
     let mut record = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -233,7 +238,7 @@ fn plaintext_records_are_bounded_per_association() {
 #[test]
 fn garbage_from_many_sources_keeps_no_state() {
     let (mut server, _client, _, _) = pair(PeerCheck::Insecure);
-    let now = Instant::now();
+    let now = start();
     let before = server.counters();
     for port in 1_000..3_000u16 {
         server.handle_datagram(now, addr(port), &[22, 0xfe, 0xfd, 0, 0, 1, 2, 3]);
@@ -259,7 +264,7 @@ fn first_hello(now: Instant, from: SocketAddr, server: SocketAddr) -> (DtlsEndpo
 #[test]
 fn client_hellos_without_a_cookie_are_answered_without_state() {
     let (mut server, _client, _, _) = pair(PeerCheck::Insecure);
-    let now = Instant::now();
+    let now = start();
     let (_, hello) = first_hello(now, addr(50_001), server.local);
     let before = server.counters();
     for port in 1_000..3_000u16 {
@@ -282,7 +287,7 @@ fn client_hellos_without_a_cookie_are_answered_without_state() {
 #[test]
 fn a_cookie_is_bound_to_the_source_address() {
     let (cert, _) = server_identity();
-    let now = Instant::now();
+    let now = start();
     let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
     server.set_acceptor(Some(
         Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
@@ -310,7 +315,7 @@ fn a_cookie_is_bound_to_the_source_address() {
 #[test]
 fn half_open_handshakes_stay_within_the_cap_and_time_out() {
     let (mut server, _client, _, _) = pair(PeerCheck::Insecure);
-    let now = Instant::now();
+    let now = start();
     let sources = 3 * LIMITS.max_half_open as u16;
     for port in 0..sources {
         // Clients that answer the cookie and then go silent.
@@ -362,7 +367,7 @@ impl Noise {
 /// carries data both ways.
 #[test]
 fn mutated_handshake_datagrams_keep_the_endpoints_within_bounds() {
-    let now = Instant::now();
+    let now = start();
     let (cert, _) = server_identity();
     let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
     server.set_acceptor(Some(
@@ -448,7 +453,7 @@ fn mutated_handshake_datagrams_keep_the_endpoints_within_bounds() {
             .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"and back")),
         "seed {seed} (DTLS_SEED reruns it)"
     );
-    println!(
+    eprintln!(
         "after 20,000 mutated datagrams: server {:?}, client {:?}",
         server.counters(),
         client.counters()
@@ -461,7 +466,7 @@ fn mutated_handshake_datagrams_keep_the_endpoints_within_bounds() {
 #[test]
 fn a_forged_change_cipher_spec_cannot_end_an_association() {
     let (mut server, mut client, _, _) = pair(PeerCheck::Insecure);
-    let now = Instant::now();
+    let now = start();
     let forged = [20, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 1, 1];
     client.handle_datagram(now, server.local, &forged);
     server.handle_datagram(now, client.local, &forged);
@@ -477,4 +482,176 @@ fn a_forged_change_cipher_spec_cannot_end_an_association() {
     assert!(events(&mut server)
         .iter()
         .any(|e| matches!(e, DtlsEvent::Data { payload, .. } if &payload[..] == b"up")));
+}
+
+/// Keys from rcgen; no files.
+const OS: crate::tls::Os = crate::tls::Os {
+    read_file: |_| Err(std::io::ErrorKind::NotFound.into()),
+    generate_key: rcgen::KeyPair::generate,
+};
+
+/// Delivers what `from` queued to `to` if `to` admits its address, as a runtime's UDP task does.
+fn deliver(
+    now: Instant,
+    from: (&mut PeerSessions, SocketAddr),
+    to: (&mut PeerSessions, SocketAddr),
+) {
+    while let Some((dest, datagram)) = from.0.poll_transmit() {
+        if dest == to.1 && to.0.admits(from.1) {
+            to.0.handle_datagram(now, from.1, &datagram);
+        }
+    }
+}
+
+fn session_events(sessions: &mut PeerSessions, now: Instant) -> Vec<PeerSessionEvent> {
+    std::iter::from_fn(|| sessions.poll_event(now)).collect()
+}
+
+#[test]
+fn peer_sessions_open_with_both_pins_and_carry_envelopes() {
+    let now = start();
+    let timeout = Duration::from_secs(3);
+    let (a_addr, b_addr) = (addr(40_001), addr(40_002));
+    let a_id = PeerIdentity::generate(OS).expect("a");
+    let b_id = PeerIdentity::generate(OS).expect("b");
+    let mut a = PeerSessions::new(a_addr, a_id.clone(), timeout).expect("a");
+    let mut b = PeerSessions::new(b_addr, b_id.clone(), timeout).expect("b");
+    assert!(!b.admits(a_addr));
+    b.authorise(a_addr, a_id.fingerprint.0).expect("authorise");
+    a.open(now, b_addr, b_id.fingerprint.0).expect("open");
+    let (mut opened_a, mut opened_b) = (false, false);
+    for _ in 0..16 {
+        deliver(now, (&mut a, a_addr), (&mut b, b_addr));
+        deliver(now, (&mut b, b_addr), (&mut a, a_addr));
+        opened_a |= session_events(&mut a, now)
+            .iter()
+            .any(|e| matches!(e, PeerSessionEvent::Open { path } if *path == b_addr));
+        opened_b |= session_events(&mut b, now)
+            .iter()
+            .any(|e| matches!(e, PeerSessionEvent::Open { path } if *path == a_addr));
+    }
+    assert!(opened_a && opened_b);
+    assert!(a.send(now, b_addr, b"envelope"));
+    deliver(now, (&mut a, a_addr), (&mut b, b_addr));
+    assert!(session_events(&mut b, now).iter().any(|e| matches!(
+        e,
+        PeerSessionEvent::Envelope { path, envelope } if *path == a_addr && &envelope[..] == b"envelope"
+    )));
+    // Closing withdraws the authorisation; the other side sees the session end.
+    b.close(now, a_addr);
+    assert!(!b.admits(a_addr));
+    while let Some((_, datagram)) = b.poll_transmit() {
+        a.handle_datagram(now, b_addr, &datagram);
+    }
+    assert!(session_events(&mut a, now).iter().any(|e| matches!(
+        e,
+        PeerSessionEvent::Failed { path, handshake: false } if *path == b_addr
+    )));
+    assert!(!a.admits(b_addr));
+    assert!(!a.send(now, b_addr, b"gone"));
+}
+
+#[test]
+fn a_peer_session_with_the_wrong_certificate_fails_and_is_forgotten() {
+    let now = start();
+    let timeout = Duration::from_secs(3);
+    let (a_addr, b_addr) = (addr(40_001), addr(40_002));
+    let a_id = PeerIdentity::generate(OS).expect("a");
+    let b_id = PeerIdentity::generate(OS).expect("b");
+    let liar = PeerIdentity::generate(OS).expect("liar");
+    let mut a = PeerSessions::new(a_addr, a_id.clone(), timeout).expect("a");
+    let mut b = PeerSessions::new(b_addr, b_id.clone(), timeout).expect("b");
+    // b presents a certificate other than the one a was told of.
+    b.set_identity(liar).expect("identity");
+    b.authorise(a_addr, a_id.fingerprint.0).expect("authorise");
+    a.open(now, b_addr, b_id.fingerprint.0).expect("open");
+    let mut failed = false;
+    for _ in 0..16 {
+        deliver(now, (&mut a, a_addr), (&mut b, b_addr));
+        deliver(now, (&mut b, b_addr), (&mut a, a_addr));
+        for e in session_events(&mut a, now) {
+            assert!(!matches!(e, PeerSessionEvent::Open { .. }), "{e:?}");
+            failed |=
+                matches!(e, PeerSessionEvent::Failed { path, handshake: true } if path == b_addr);
+        }
+        let _ = session_events(&mut b, now);
+    }
+    assert!(failed);
+    assert!(!a.admits(b_addr));
+    assert_eq!(a.counters().handshake_failures, 1);
+}
+
+#[test]
+fn an_unanswered_peer_session_gives_up_at_its_handshake_timeout() {
+    let now = start();
+    let timeout = Duration::from_millis(1_500);
+    let b_addr = addr(40_002);
+    let mut a = PeerSessions::new(
+        addr(40_001),
+        PeerIdentity::generate(OS).expect("a"),
+        timeout,
+    )
+    .expect("a");
+    a.open(now, b_addr, [9; 32]).expect("open");
+    while a.poll_transmit().is_some() {}
+    let due = a.poll_timeout().expect("a timer");
+    assert!(due <= now + timeout);
+    a.handle_timeout(now + timeout - Duration::from_millis(1));
+    assert!(session_events(&mut a, now).is_empty());
+    a.handle_timeout(now + timeout);
+    assert!(matches!(
+        session_events(&mut a, now + timeout)[..],
+        [PeerSessionEvent::Failed {
+            handshake: true,
+            ..
+        }]
+    ));
+    assert!(a.poll_timeout().is_none());
+}
+
+#[test]
+fn client_settings_pin_the_server_or_take_its_certificate_as_it_comes() {
+    let (cert, fingerprint) = server_identity();
+    let now = start();
+    let server_at = addr(4445);
+    let handshake = |verification| {
+        let settings = ClientSettings::new(
+            &crate::tls::ClientTlsConfig {
+                verification,
+                server_name: None,
+                client_identity: None,
+            },
+            OS,
+        )
+        .expect("settings");
+        let mut server = DtlsEndpoint::new(server_at, LIMITS);
+        server.set_acceptor(Some(
+            Acceptor::new(cert.clone(), ClientCheck::None, SECRET).expect("acceptor"),
+        ));
+        let mut client = DtlsEndpoint::new(addr(50_000), LIMITS);
+        let config = settings.handshake_config(server_at).expect("config");
+        client.connect(now, server_at, config).expect("connect");
+        for _ in 0..16 {
+            transfer(now, &mut client, &mut server);
+            transfer(now, &mut server, &mut client);
+        }
+        client.established()
+    };
+    use crate::tls::ServerVerification;
+    assert_eq!(handshake(ServerVerification::Pinned(fingerprint)), 1);
+    assert_eq!(
+        handshake(ServerVerification::Pinned(Fingerprint([3; 32]))),
+        0
+    );
+    assert_eq!(handshake(ServerVerification::Insecure), 1);
+    // A CA file that cannot be read is an error when the settings are made, not per attempt.
+    let missing = crate::tls::ClientTlsConfig {
+        verification: ServerVerification::CaFile("ca.pem".into()),
+        server_name: None,
+        client_identity: None,
+    };
+    assert!(matches!(
+        ClientSettings::new(&missing, OS),
+        Err(crate::tls::TlsConfigError::Pem { .. })
+    ));
 }

@@ -1,6 +1,19 @@
 //! DTLS 1.2 associations with many remote addresses over one UDP socket (rtc-dtls: sans-IO,
-//! ring), for the server's DTLS listeners, a client's DTLS transport and its DTLS peer
-//! sessions.
+//! ring), for a server's DTLS listeners, a client's DTLS transport and its DTLS peer sessions
+//! (`docs/PROTOCOL.md` §2.5, §7.5.1).
+//!
+//! - [`DtlsEndpoint`]: the associations of one socket, with its [`DtlsLimits`], [`DtlsEvent`]s
+//!   and [`DtlsCounters`];
+//! - [`certificate`], [`server_config`], [`client_config`]: rtc-dtls configurations (ring,
+//!   ECDHE with an AEAD, extended master secret) checking the other side as [`PeerCheck`] or
+//!   [`ClientCheck`] says; [`ClientSettings`]: a client's DTLS transport settings from its
+//!   [`ClientTlsConfig`](crate::tls::ClientTlsConfig), one handshake configuration per server;
+//! - [`Acceptor`]: a server listener's stateless cookie exchange;
+//! - [`PeerSessions`]: the DTLS peer sessions of one tunnel, in the client's terms.
+//!
+//! None of it owns a socket, reads a clock or starts a task, so it lives in the core and every
+//! runtime drives it the same way. (rtc-dtls draws each handshake's randoms and ephemeral keys
+//! from ring, as rustls does; the certificates and the cookie secret come from the caller.)
 //!
 //! [`DtlsEndpoint`] owns no socket and reads no clock: the caller feeds it each datagram whose
 //! first octet is a DTLS record (20..=63, `docs/PROTOCOL.md` §2.4) with
@@ -47,15 +60,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rtc_dtls::config::HandshakeConfig;
 use rtc_dtls::endpoint::{Endpoint, EndpointEvent};
 use rtc_shared::TransportProtocol;
-use tscf_core::wire::DatagramKind;
-use tscf_runtime_std::tls::constant_time_eq;
+use subtle::ConstantTimeEq;
 
-pub(crate) use config::{certificate, client_config, server_config, ClientCheck, PeerCheck};
-pub(crate) use cookie::Acceptor;
+use crate::wire::DatagramKind;
 use cookie::ClientHello;
+
+pub use config::{
+    certificate, client_config, server_config, ClientCheck, ClientSettings, PeerCheck,
+};
+pub use cookie::Acceptor;
+pub use peer::{PeerSessionEvent, PeerSessions};
+/// One side's handshake configuration, as rtc-dtls takes it ([`server_config`],
+/// [`client_config`]).
+pub use rtc_dtls::config::HandshakeConfig;
+/// A certificate chain and its signing key, as rtc-dtls presents them ([`certificate`]).
+pub use rtc_dtls::crypto::Certificate;
 
 /// Octets of datagrams carrying plaintext (epoch 0) records that one association takes in its
 /// life; beyond it they are dropped (once established) or the handshake fails. A handshake
@@ -67,64 +88,92 @@ const COOKIE_LENGTH: usize = 20;
 
 /// Bounds of a [`DtlsEndpoint`].
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct DtlsLimits {
-    /// Most half-open handshakes admitted from unknown sources (by the acceptor) at once.
-    pub(crate) max_half_open: usize,
+pub struct DtlsLimits {
+    /// Most half-open handshakes admitted from unknown sources (by the acceptor) at once; a
+    /// new one evicts the oldest. At least 1 is used.
+    pub max_half_open: usize,
     /// How long any handshake may take before its state is dropped.
-    pub(crate) handshake_timeout: Duration,
+    pub handshake_timeout: Duration,
 }
 
 /// What a [`DtlsEndpoint`] reports.
 #[derive(Debug)]
 #[non_exhaustive]
-pub(crate) enum DtlsEvent {
+pub enum DtlsEvent {
     /// The handshake with `peer` completed; [`DtlsEndpoint::send`] works from now on.
     HandshakeDone {
+        /// The remote address.
         peer: SocketAddr,
         /// The peer's end-entity certificate (DER), if it presented one.
         peer_certificate: Option<Vec<u8>>,
     },
     /// The handshake with `peer` failed or timed out; its state is gone.
-    HandshakeFailed { peer: SocketAddr, reason: String },
+    HandshakeFailed {
+        /// The remote address.
+        peer: SocketAddr,
+        /// What went wrong, for logs.
+        reason: String,
+    },
     /// One application data record's payload from `peer`.
-    Data { peer: SocketAddr, payload: BytesMut },
+    Data {
+        /// The remote address.
+        peer: SocketAddr,
+        /// The record's plaintext.
+        payload: BytesMut,
+    },
     /// The association with `peer` ended (the peer's `close_notify`, or a send that failed);
     /// its state is gone.
-    Closed { peer: SocketAddr },
+    Closed {
+        /// The remote address.
+        peer: SocketAddr,
+    },
 }
 
 /// Counters of a [`DtlsEndpoint`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct DtlsCounters {
+pub struct DtlsCounters {
     /// Handshakes completed.
-    pub(crate) handshakes: u64,
+    pub handshakes: u64,
     /// Handshakes that failed or timed out.
-    pub(crate) handshake_failures: u64,
+    pub handshake_failures: u64,
     /// Datagrams from a source without state that do not start an allowed handshake.
-    pub(crate) unknown_source: u64,
+    pub unknown_source: u64,
     /// Records an established association refused, and datagrams that are no DTLS record.
-    pub(crate) bad_records: u64,
+    pub bad_records: u64,
     /// Half-open handshakes evicted because the cap was reached.
-    pub(crate) half_open_evicted: u64,
+    pub half_open_evicted: u64,
     /// HelloVerifyRequests sent (statelessly) to ClientHellos without a cookie.
-    pub(crate) hello_verify_sent: u64,
+    pub hello_verify_sent: u64,
 }
 
 /// Why [`DtlsEndpoint::send`] did not send.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum DtlsSendError {
+#[non_exhaustive]
+pub enum DtlsSendError {
     /// No association with this address has completed its handshake.
     #[error("no established DTLS association with {0}")]
     NotEstablished(SocketAddr),
-    /// The association refused the data; it has been dropped.
+    /// The association refused the data; it has been dropped (a [`DtlsEvent::Closed`]
+    /// follows).
     #[error("DTLS association with {peer} failed: {reason}")]
-    Failed { peer: SocketAddr, reason: String },
+    Failed {
+        /// The remote address.
+        peer: SocketAddr,
+        /// What rtc-dtls said.
+        reason: String,
+    },
 }
 
-/// A configuration rtc-dtls cannot use.
+/// A certificate, key or configuration rtc-dtls cannot use.
 #[derive(Debug, thiserror::Error)]
 #[error("DTLS configuration: {0}")]
-pub(crate) struct DtlsConfigError(String);
+pub struct DtlsConfigError(String);
+
+impl From<DtlsConfigError> for crate::tls::TlsConfigError {
+    fn from(e: DtlsConfigError) -> Self {
+        Self::Dtls(e.0)
+    }
+}
 
 /// One association: an rtc-dtls endpoint holding exactly the association with one address, so
 /// that each address gets its own configuration (role, pinned fingerprint).
@@ -141,7 +190,7 @@ struct Association {
 
 /// DTLS associations with many addresses over one socket. See the module documentation for
 /// the call order and what is fed to rtc-dtls.
-pub(crate) struct DtlsEndpoint {
+pub struct DtlsEndpoint {
     local: SocketAddr,
     limits: DtlsLimits,
     acceptor: Option<Acceptor>,
@@ -169,7 +218,7 @@ impl std::fmt::Debug for DtlsEndpoint {
 
 impl DtlsEndpoint {
     /// An endpoint for the socket bound to `local`, with no association and no acceptor.
-    pub(crate) fn new(local: SocketAddr, limits: DtlsLimits) -> Self {
+    pub fn new(local: SocketAddr, limits: DtlsLimits) -> Self {
         Self {
             local,
             limits,
@@ -186,18 +235,18 @@ impl DtlsEndpoint {
 
     /// Accepts handshakes (server role) from any source that returns a cookie, within the
     /// half-open cap; `None` accepts only authorised addresses.
-    pub(crate) fn set_acceptor(&mut self, acceptor: Option<Acceptor>) {
+    pub fn set_acceptor(&mut self, acceptor: Option<Acceptor>) {
         self.acceptor = acceptor;
     }
 
     /// Accepts a handshake (server role, with `config`, which may pin the peer's certificate)
     /// from `peer`, whose datagrams are dropped until then. Not counted against the cap.
-    pub(crate) fn authorise(&mut self, peer: SocketAddr, config: Arc<HandshakeConfig>) {
+    pub fn authorise(&mut self, peer: SocketAddr, config: Arc<HandshakeConfig>) {
         self.authorised.insert(peer, config);
     }
 
     /// Starts a handshake with `peer` in the client role. Replaces any association with it.
-    pub(crate) fn connect(
+    pub fn connect(
         &mut self,
         now: Instant,
         peer: SocketAddr,
@@ -212,7 +261,7 @@ impl DtlsEndpoint {
     }
 
     /// Feeds one datagram received from `from`.
-    pub(crate) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         if DatagramKind::of(datagram) != DatagramKind::Dtls {
             self.counters.bad_records += 1;
             return;
@@ -282,7 +331,7 @@ impl DtlsEndpoint {
     }
 
     /// Sends `payload` to `peer` as one application data record.
-    pub(crate) fn send(
+    pub fn send(
         &mut self,
         now: Instant,
         peer: SocketAddr,
@@ -307,7 +356,7 @@ impl DtlsEndpoint {
 
     /// Ends the association with `peer` (sending `close_notify`) and forgets it, its
     /// authorisation included. No event follows.
-    pub(crate) fn close(&mut self, now: Instant, peer: SocketAddr) {
+    pub fn close(&mut self, now: Instant, peer: SocketAddr) {
         if let Some(association) = self.associations.get_mut(&peer) {
             // The association is dropped below whatever this returns.
             let _ = association.dtls.stop(now, peer);
@@ -319,7 +368,7 @@ impl DtlsEndpoint {
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.
     #[must_use]
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.pending
             .iter()
             .filter_map(|peer| {
@@ -334,7 +383,7 @@ impl DtlsEndpoint {
     }
 
     /// Retransmits handshake flights that are due and gives up handshakes past their deadline.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<SocketAddr> = self.pending.iter().copied().collect();
         for peer in due {
             let Some(association) = self.associations.get_mut(&peer) else {
@@ -360,28 +409,28 @@ impl DtlsEndpoint {
 
     /// The next datagram to send on the socket, and where.
     #[must_use]
-    pub(crate) fn poll_transmit(&mut self) -> Option<(SocketAddr, BytesMut)> {
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, BytesMut)> {
         self.transmits.pop_front()
     }
 
     /// The next event.
     #[must_use]
-    pub(crate) fn poll_event(&mut self) -> Option<DtlsEvent> {
+    pub fn poll_event(&mut self) -> Option<DtlsEvent> {
         self.events.pop_front()
     }
 
     /// Counters so far.
-    pub(crate) fn counters(&self) -> DtlsCounters {
+    pub fn counters(&self) -> DtlsCounters {
         self.counters
     }
 
     /// Associations whose handshake completed.
-    pub(crate) fn established(&self) -> usize {
+    pub fn established(&self) -> usize {
         self.associations.len().saturating_sub(self.pending.len())
     }
 
     /// Addresses with a handshake in progress (the per-address state hostile input can cause).
-    pub(crate) fn half_open(&self) -> usize {
+    pub fn half_open(&self) -> usize {
         self.pending.len()
     }
 
@@ -413,7 +462,7 @@ impl DtlsEndpoint {
         let Some(replayed) = hello.replayed_first() else {
             return Admission::Refused;
         };
-        if !constant_time_eq(hello.cookie, &cookie) {
+        if !bool::from(hello.cookie.ct_eq(&cookie[..])) {
             return Admission::Refused;
         }
         let config = acceptor.config.clone();
@@ -578,5 +627,6 @@ impl RecordScan {
 
 mod config;
 mod cookie;
+mod peer;
 #[cfg(test)]
 mod tests;

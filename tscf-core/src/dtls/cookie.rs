@@ -2,7 +2,7 @@
 //! to rtc-dtls (see the documentation of the parent module).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use rtc_dtls::config::HandshakeConfig;
@@ -13,9 +13,15 @@ use rtc_dtls::crypto_provider::{CryptoError, RTCCrypto, RTCCryptoProvider, RTCRa
 use super::config::{server_builder, ClientCheck};
 use super::{DtlsConfigError, COOKIE_LENGTH};
 
+/// Locks `m`, going on with the data if a thread panicked while holding it: the slot holds
+/// one cookie or none, consistent at any point.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What a server listener accepts handshakes with: the configuration, the crypto provider's
-/// cookie slot, and the secret of the cookies.
-pub(crate) struct Acceptor {
+/// cookie slot, and the secret of the cookies ([`DtlsEndpoint::set_acceptor`](super::DtlsEndpoint::set_acceptor)).
+pub struct Acceptor {
     pub(super) config: Arc<HandshakeConfig>,
     pub(super) random: Arc<CookieRandom>,
     secret: ring::hmac::Key,
@@ -23,8 +29,8 @@ pub(crate) struct Acceptor {
 
 impl Acceptor {
     /// An acceptor presenting `certificate`, checking clients as `check` says, with cookies
-    /// keyed by `secret` (random, per listener).
-    pub(crate) fn new(
+    /// keyed by `secret` (the caller draws it from a secure source, one per listener).
+    pub fn new(
         certificate: Certificate,
         check: ClientCheck,
         secret: [u8; 32],
@@ -96,18 +102,18 @@ pub(super) struct CookieRandom {
 
 impl CookieRandom {
     pub(super) fn set_next(&self, cookie: [u8; COOKIE_LENGTH]) {
-        *crate::lock(&self.next) = Some(cookie);
+        *lock(&self.next) = Some(cookie);
     }
 
     pub(super) fn clear(&self) {
-        *crate::lock(&self.next) = None;
+        *lock(&self.next) = None;
     }
 }
 
 impl RTCRandom for CookieRandom {
     fn fill(&self, output: &mut [u8]) -> Result<(), CryptoError> {
         if output.len() == COOKIE_LENGTH {
-            if let Some(cookie) = crate::lock(&self.next).take() {
+            if let Some(cookie) = lock(&self.next).take() {
                 output.copy_from_slice(&cookie);
                 return Ok(());
             }

@@ -1,10 +1,11 @@
-//! DTLS peer sessions (`docs/PROTOCOL.md` §7.5.1) on the tunnel's shared peer UDP socket.
+//! DTLS peer sessions (`docs/PROTOCOL.md` §7.5.1) on a tunnel's shared peer UDP socket.
 //!
-//! One [`DtlsEndpoint`] per tunnel, holding no socket: the UDP task hands it the DTLS
+//! One [`DtlsEndpoint`] per tunnel, holding no socket: the runtime hands it the DTLS
 //! datagrams (first octet 20–63, §2.4) that come from an address the client authorised or
-//! opened a session to, and the tunnel's drain sends what it queues on the peer socket. Other
-//! DTLS datagrams are counted and dropped before the endpoint sees them. The core decides
-//! which sessions exist ([`ClientEvent::OpenPeerSession`](tscf_core::client::ClientEvent),
+//! opened a session to ([`PeerSessions::admits`]), and sends what it queues on the peer socket.
+//! Other DTLS datagrams are counted and dropped before the endpoint sees them. The
+//! [`TunnelClient`](crate::client::TunnelClient) decides which sessions exist
+//! ([`ClientEvent::OpenPeerSession`](crate::client::ClientEvent::OpenPeerSession),
 //! `AcceptPeerSession`, `ClosePeerSession`); this module runs them: the initiator connects
 //! as DTLS client pinning the destination's certificate fingerprint and presenting its own
 //! certificate, the destination accepts a handshake only from an authorised address and only
@@ -15,33 +16,53 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rtc_dtls::crypto::Certificate;
-use tscf_runtime_std::tls::{constant_time_eq, Fingerprint, PeerIdentity, TlsConfigError};
+use bytes::BytesMut;
 
-use crate::dtls::{
-    self, ClientCheck, DtlsCounters, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck,
+use super::{
+    ClientCheck, DtlsConfigError, DtlsCounters, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerCheck,
 };
+use crate::dtls::Certificate;
+use crate::tls::{Fingerprint, PeerIdentity};
 
-/// Bound of one handshake (the core's establishment timeout is the real limit).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// What a DTLS peer session reports to the client, in the core's terms.
+/// What a DTLS peer session reports, in the terms of the client's inputs.
 #[derive(Debug)]
-pub(crate) enum PeerDtlsEvent {
-    /// The handshake on `path` completed with the pinned certificate.
-    Open { path: SocketAddr },
-    /// The handshake on `path` failed, or the session ended.
-    Failed { path: SocketAddr, handshake: bool },
-    /// One envelope received in the session on `path`.
-    Envelope {
+#[non_exhaustive]
+pub enum PeerSessionEvent {
+    /// The handshake on `path` completed with the pinned certificate
+    /// ([`TunnelClient::handle_peer_session_open`](crate::client::TunnelClient::handle_peer_session_open)).
+    Open {
+        /// The peer path.
         path: SocketAddr,
-        envelope: bytes::BytesMut,
+    },
+    /// The handshake on `path` failed, or the session ended
+    /// ([`TunnelClient::handle_peer_session_failed`](crate::client::TunnelClient::handle_peer_session_failed));
+    /// its state and authorisation are gone.
+    Failed {
+        /// The peer path.
+        path: SocketAddr,
+        /// Whether it was the handshake that failed (rather than an open session that ended).
+        handshake: bool,
+    },
+    /// One envelope received in the session on `path`
+    /// ([`TunnelClient::handle_peer_session_datagram`](crate::client::TunnelClient::handle_peer_session_datagram)).
+    Envelope {
+        /// The peer path.
+        path: SocketAddr,
+        /// The envelope.
+        envelope: BytesMut,
     },
 }
 
 /// The DTLS peer sessions of one tunnel.
+///
+/// Call order, as for [`DtlsEndpoint`]: feed [`handle_datagram`](Self::handle_datagram) (only
+/// for an address that [`admits`](Self::admits)) and [`handle_timeout`](Self::handle_timeout)
+/// at [`poll_timeout`](Self::poll_timeout); act on the client's session events with
+/// [`open`](Self::open), [`authorise`](Self::authorise) and [`close`](Self::close); after any
+/// input drain [`poll_transmit`](Self::poll_transmit) and [`poll_event`](Self::poll_event) until
+/// both return `None`.
 #[derive(Debug)]
-pub(crate) struct PeerDtls {
+pub struct PeerSessions {
     endpoint: DtlsEndpoint,
     identity: PeerIdentity,
     certificate: Certificate,
@@ -49,14 +70,20 @@ pub(crate) struct PeerDtls {
     pins: HashMap<SocketAddr, Fingerprint>,
 }
 
-impl PeerDtls {
-    /// Sessions for the peer socket bound to `local`, presenting `identity`.
-    pub(crate) fn new(local: SocketAddr, identity: PeerIdentity) -> Result<Self, TlsConfigError> {
+impl PeerSessions {
+    /// Sessions for the peer socket bound to `local`, presenting `identity`, each handshake
+    /// given up after `handshake_timeout` (the client's own establishment timeout bounds the
+    /// attempt as a whole).
+    pub fn new(
+        local: SocketAddr,
+        identity: PeerIdentity,
+        handshake_timeout: Duration,
+    ) -> Result<Self, DtlsConfigError> {
         let certificate = certificate(&identity)?;
         let limits = DtlsLimits {
             // No acceptor: only authorised addresses start handshakes here.
             max_half_open: 1,
-            handshake_timeout: HANDSHAKE_TIMEOUT,
+            handshake_timeout,
         };
         Ok(Self {
             endpoint: DtlsEndpoint::new(local, limits),
@@ -66,74 +93,71 @@ impl PeerDtls {
         })
     }
 
-    /// Presents `identity` in the sessions opened or accepted from now on (a test hook).
-    pub(crate) fn set_identity(&mut self, identity: PeerIdentity) -> Result<(), TlsConfigError> {
+    /// Presents `identity` in the sessions opened or accepted from now on (a test hook). A key
+    /// rtc-dtls cannot use leaves the identity as it was.
+    pub fn set_identity(&mut self, identity: PeerIdentity) -> Result<(), DtlsConfigError> {
         self.certificate = certificate(&identity)?;
         self.identity = identity;
         Ok(())
     }
 
     /// Whether a DTLS datagram from `from` may reach the endpoint.
-    pub(crate) fn admits(&self, from: SocketAddr) -> bool {
+    pub fn admits(&self, from: SocketAddr) -> bool {
         self.pins.contains_key(&from)
     }
 
     /// Feeds one DTLS datagram from an admitted address.
-    pub(crate) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.endpoint.handle_datagram(now, from, datagram);
     }
 
     /// Initiator: starts a handshake with `path`, accepting only the certificate `fingerprint`.
-    pub(crate) fn open(
+    pub fn open(
         &mut self,
         now: Instant,
         path: SocketAddr,
         fingerprint: [u8; 32],
-    ) -> Result<(), String> {
-        let config = dtls::client_config(
+    ) -> Result<(), DtlsConfigError> {
+        let config = super::client_config(
             path,
             PeerCheck::Pinned(Fingerprint(fingerprint)),
             Some(self.certificate.clone()),
-        )
-        .map_err(|e| e.to_string())?;
-        self.endpoint
-            .connect(now, path, config)
-            .map_err(|e| e.to_string())?;
+        )?;
+        self.endpoint.connect(now, path, config)?;
         self.pins.insert(path, Fingerprint(fingerprint));
         Ok(())
     }
 
     /// Destination: accepts a handshake from `path`, only with a client certificate of
     /// `fingerprint`.
-    pub(crate) fn authorise(
+    pub fn authorise(
         &mut self,
         path: SocketAddr,
         fingerprint: [u8; 32],
-    ) -> Result<(), String> {
-        let config = dtls::server_config(
+    ) -> Result<(), DtlsConfigError> {
+        let config = super::server_config(
             self.certificate.clone(),
             ClientCheck::Pinned(Fingerprint(fingerprint)),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         self.endpoint.authorise(path, config);
         self.pins.insert(path, Fingerprint(fingerprint));
         Ok(())
     }
 
     /// Sends one envelope in the session on `path`; false when it is not open (the core
-    /// notices the loss) or the send ended it (reported as a [`PeerDtlsEvent::Failed`]).
-    pub(crate) fn send(&mut self, now: Instant, path: SocketAddr, envelope: &[u8]) -> bool {
+    /// notices the loss) or the send ended it (reported as a [`PeerSessionEvent::Failed`]).
+    pub fn send(&mut self, now: Instant, path: SocketAddr, envelope: &[u8]) -> bool {
         self.endpoint.send(now, path, envelope).is_ok()
     }
 
     /// Closes the session on `path` (with `close_notify`) and withdraws its authorisation.
-    pub(crate) fn close(&mut self, now: Instant, path: SocketAddr) {
+    pub fn close(&mut self, now: Instant, path: SocketAddr) {
         self.endpoint.close(now, path);
         self.pins.remove(&path);
     }
 
     /// Closes everything (the tunnel stops).
-    pub(crate) fn close_all(&mut self, now: Instant) {
+    pub fn close_all(&mut self, now: Instant) {
         let paths: Vec<SocketAddr> = self.pins.keys().copied().collect();
         for path in paths {
             self.close(now, path);
@@ -142,30 +166,30 @@ impl PeerDtls {
 
     /// The endpoint's counters (its drops of hostile or stale input among them).
     #[must_use]
-    pub(crate) fn counters(&self) -> DtlsCounters {
+    pub fn counters(&self) -> DtlsCounters {
         self.endpoint.counters()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.
     #[must_use]
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.endpoint.poll_timeout()
     }
 
     /// Retransmits handshake flights and gives up handshakes past their deadline.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant) {
         self.endpoint.handle_timeout(now);
     }
 
     /// The next datagram to send on the peer socket, and where.
     #[must_use]
-    pub(crate) fn poll_transmit(&mut self) -> Option<(SocketAddr, bytes::BytesMut)> {
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, BytesMut)> {
         self.endpoint.poll_transmit()
     }
 
     /// The next event. A session that ends or fails is forgotten, its authorisation included.
     #[must_use]
-    pub(crate) fn poll_event(&mut self, now: Instant) -> Option<PeerDtlsEvent> {
+    pub fn poll_event(&mut self, now: Instant) -> Option<PeerSessionEvent> {
         let event = match self.endpoint.poll_event()? {
             DtlsEvent::HandshakeDone {
                 peer,
@@ -176,13 +200,13 @@ impl PeerDtls {
                 let pinned = self.pins.get(&peer).is_some_and(|pin| {
                     peer_certificate
                         .as_deref()
-                        .is_some_and(|c| constant_time_eq(&Fingerprint::of(c).0, &pin.0))
+                        .is_some_and(|c| Fingerprint::of(c).matches(pin))
                 });
                 if pinned {
-                    PeerDtlsEvent::Open { path: peer }
+                    PeerSessionEvent::Open { path: peer }
                 } else {
                     self.close(now, peer);
-                    PeerDtlsEvent::Failed {
+                    PeerSessionEvent::Failed {
                         path: peer,
                         handshake: true,
                     }
@@ -191,19 +215,19 @@ impl PeerDtls {
             DtlsEvent::HandshakeFailed { peer, reason } => {
                 tracing::debug!(path = %peer, %reason, "DTLS peer session handshake failed");
                 self.close(now, peer);
-                PeerDtlsEvent::Failed {
+                PeerSessionEvent::Failed {
                     path: peer,
                     handshake: true,
                 }
             }
             DtlsEvent::Closed { peer } => {
                 self.close(now, peer);
-                PeerDtlsEvent::Failed {
+                PeerSessionEvent::Failed {
                     path: peer,
                     handshake: false,
                 }
             }
-            DtlsEvent::Data { peer, payload } => PeerDtlsEvent::Envelope {
+            DtlsEvent::Data { peer, payload } => PeerSessionEvent::Envelope {
                 path: peer,
                 envelope: payload,
             },
@@ -212,7 +236,6 @@ impl PeerDtls {
     }
 }
 
-fn certificate(identity: &PeerIdentity) -> Result<Certificate, TlsConfigError> {
-    dtls::certificate(identity.chain.clone(), &identity.key)
-        .map_err(|e| TlsConfigError::Dtls(e.to_string()))
+fn certificate(identity: &PeerIdentity) -> Result<Certificate, DtlsConfigError> {
+    super::certificate(identity.chain.clone(), &identity.key)
 }
