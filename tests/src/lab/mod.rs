@@ -414,7 +414,8 @@ pub fn turnserver() -> Option<PathBuf> {
     which("turnserver")
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// `program`'s path: the first match in `PATH`, then `/usr/sbin` and `/sbin`.
+pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into()])
