@@ -325,10 +325,7 @@ impl Tunnel {
             )));
         }
         if !config.keep_seed {
-            let seed = os_seed()?;
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&seed[..8]);
-            config.client.rng_seed = u64::from_le_bytes(first);
+            config.client.rng_seed = os_seed()?;
         }
         let tls = match &config.tls {
             Some(t) => Some((tls::client_config(t)?, t.clone())),

@@ -211,14 +211,18 @@ impl TunnelClient {
     /// A client for `config`; it asks for a transport to the first server at once.
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ConfigError> {
         config.validate()?;
-        let mut rng = ChaCha20Rng::seed_from_u64(config.rng_seed);
+        let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
+        let next_sequence = rng.next_u32() & SEQUENCE_MASK;
+        // The peer agent's generator is keyed with 32 octets drawn from the client's, so both
+        // derive from `rng_seed` and neither repeats the other's draws.
+        let peer = config.peer.clone().map(|p| {
+            let mut seed = [0; 32];
+            rng.fill_bytes(&mut seed);
+            PeerAgent::new(p, seed)
+        });
         let queue_limit = config.max_queued_packets;
-        let peer = config
-            .peer
-            .clone()
-            .map(|p| PeerAgent::new(p, config.rng_seed));
         let mut client = Self {
-            next_sequence: rng.next_u32() & SEQUENCE_MASK,
+            next_sequence,
             phase: Phase::Waiting,
             link: Link::None,
             server: 0,

@@ -225,7 +225,8 @@ impl World {
             config.peer = Some(peer);
         }
         let host = self.net.add_host(site, ip, access);
-        config.rng_seed = self.net.seed() ^ (self.nodes.len() as u64 + 1).wrapping_mul(0x9e37_79b9);
+        config.rng_seed =
+            seeded(self.net.seed() ^ (self.nodes.len() as u64 + 1).wrapping_mul(0x9e37_79b9));
         let client = TunnelClient::new(config, self.net.now()).expect("valid client config");
         self.nodes.push(Node {
             host,

@@ -454,10 +454,10 @@ pub(in crate::client) struct PeerAgent {
 }
 
 impl PeerAgent {
-    pub(super) fn new(config: PeerConfig, rng_seed: u64) -> Self {
+    pub(super) fn new(config: PeerConfig, rng_seed: [u8; 32]) -> Self {
         Self {
             config,
-            rng: ChaCha20Rng::seed_from_u64(rng_seed ^ 0x7065_6572_5f61_6721),
+            rng: ChaCha20Rng::from_seed(rng_seed),
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,

@@ -813,8 +813,8 @@ fn sequence_numbers_increment_from_a_seeded_start() {
         h.open();
         decode(&h.take_control()).header.sequence
     };
-    assert_eq!(first_sequence(1), first_sequence(1));
-    assert_ne!(first_sequence(1), first_sequence(2));
+    assert_eq!(first_sequence([1; 32]), first_sequence([1; 32]));
+    assert_ne!(first_sequence([1; 32]), first_sequence([2; 32]));
 
     let mut h = Harness::with_servers(vec![tcp()]);
     h.take_events();
