@@ -378,7 +378,12 @@ impl SessionDirector {
     }
 
     /// The next envelope to send, written into `buf` (which is replaced, not appended to).
-    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+    ///
+    /// `now` is the time of the call, as for every poll that writes; the director dates its
+    /// timers when it queues a message, so nothing here depends on it yet.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let _ = now;
         if let Some((connection, mut bytes)) = self.control_out.pop_front() {
             core::mem::swap(buf, &mut bytes);
             self.recycle(bytes);

@@ -340,7 +340,7 @@ impl World {
         let now = self.net.now();
         loop {
             let mut moved = false;
-            while let Some(t) = self.director.poll_transmit(&mut self.buf) {
+            while let Some(t) = self.director.poll_transmit(now, &mut self.buf) {
                 moved = true;
                 match self.routes.get(&t.connection) {
                     Some(Route::Stream(id)) => {
