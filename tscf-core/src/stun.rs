@@ -515,7 +515,8 @@ impl Probe {
 /// Sans-IO NAT discovery: asks each configured STUN server for our mapped address, once and in
 /// parallel, with retransmissions.
 ///
-/// Call order, as with quinn-proto: after construction and after any input
+/// It has the shape of every state machine of the crate (see [the crate docs](crate)). Call
+/// order: after construction and after any input
 /// ([`handle_input`](Self::handle_input), [`handle_timeout`](Self::handle_timeout)), drain the
 /// polls until [`poll_transmit`](Self::poll_transmit) and [`poll_event`](Self::poll_event)
 /// return `None`, then arm a timer for [`poll_timeout`](Self::poll_timeout) and call
