@@ -27,6 +27,7 @@ use async_io::Async;
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tscf_core::client::Input;
 use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 
 use crate::lock;
@@ -409,7 +410,7 @@ impl SessionTask {
             }
             core.stats.peer_sessions_open += 1;
             core.client
-                .handle_peer_session_open(Instant::now(), self.path);
+                .handle_input(Instant::now(), Input::PeerSessionOpen(self.path));
             core.drain();
             self.shared.rearm(&mut core);
         }
@@ -428,10 +429,12 @@ impl SessionTask {
                 while outcome.is_ok() {
                     match deframer.next_raw() {
                         Ok(Some(envelope)) => {
-                            core.client.handle_peer_session_datagram(
+                            core.client.handle_input(
                                 Instant::now(),
-                                self.path,
-                                envelope,
+                                Input::PeerSessionDatagram {
+                                    path: self.path,
+                                    datagram: envelope,
+                                },
                             );
                         }
                         Ok(None) => break,
@@ -447,8 +450,13 @@ impl SessionTask {
                 if !core.holds_peer_session(self.path, self.id) {
                     return Err(StreamError::Stale);
                 }
-                core.client
-                    .handle_peer_session_datagram(Instant::now(), self.path, datagram);
+                core.client.handle_input(
+                    Instant::now(),
+                    Input::PeerSessionDatagram {
+                        path: self.path,
+                        datagram,
+                    },
+                );
                 core.drain();
                 self.shared.rearm(&mut core);
                 Ok(())
@@ -480,7 +488,7 @@ impl SessionTask {
             core.stats.peer_session_failures += 1;
         }
         core.client
-            .handle_peer_session_failed(Instant::now(), self.path);
+            .handle_input(Instant::now(), Input::PeerSessionFailed(self.path));
         core.drain();
         self.shared.rearm(&mut core);
     }

@@ -307,7 +307,7 @@ impl ServerHandle {
                     s.endpoint.close(now, peer);
                 }
                 core.dtls_closed(now, site, peer);
-                core.drain();
+                core.drain(now);
                 self.inner.shared.rearm(&mut core);
                 true
             }
@@ -341,8 +341,9 @@ impl ServerHandle {
             return false;
         }
         let mut core = lock(&inner.shared.state);
-        core.director.shutdown(Instant::now());
-        core.drain();
+        let now = Instant::now();
+        core.director.shutdown(now);
+        core.drain(now);
         core.stopped = true;
         for route in core.routes.values() {
             match route {
@@ -359,7 +360,6 @@ impl ServerHandle {
                 Route::Udp { .. } | Route::Dtls { .. } => {}
             }
         }
-        let now = Instant::now();
         let peers: Vec<(usize, SocketAddr)> = core.dtls_peers.keys().copied().collect();
         for (site, peer) in peers {
             if let Some(s) = core.dtls.get_mut(site) {
@@ -454,12 +454,12 @@ impl DtlsSite {
 }
 
 impl ServerCore {
-    /// Drains the director and the DTLS listeners after an input, until neither has more to
-    /// say: DTLS events into the director, director transmits to their connections, director
-    /// events; then the DTLS datagrams to their sockets.
-    fn drain(&mut self) {
+    /// Drains the director and the DTLS listeners after an input at `now`, until neither has
+    /// more to say: DTLS events into the director, director transmits to their connections,
+    /// director events; then the DTLS datagrams to their sockets.
+    fn drain(&mut self, now: Instant) {
         loop {
-            self.drain_director();
+            self.drain_director(now);
             // A send to an association that failed reports it as closed: loop until quiet.
             if !self.dtls_events() {
                 break;
@@ -537,8 +537,8 @@ impl ServerCore {
     }
 
     /// Drains the director: transmits to their connections, then events.
-    fn drain_director(&mut self) {
-        while let Some(t) = self.director.poll_transmit(&mut self.buf) {
+    fn drain_director(&mut self, now: Instant) {
+        while let Some(t) = self.director.poll_transmit(now, &mut self.buf) {
             match self.routes.get(&t.connection) {
                 Some(Route::Stream { tx }) => {
                     let frame = std::mem::take(&mut self.buf);
@@ -611,7 +611,7 @@ impl Timed for ServerCore {
         for site in &mut self.dtls {
             site.endpoint.handle_timeout(now);
         }
-        self.drain();
+        self.drain(now);
     }
 
     fn stopped(&self) -> bool {
@@ -721,8 +721,9 @@ impl ServerInner {
                 verified_identity,
             };
             // Handles are fresh, so the director cannot know this one.
-            let _ = core.director.handle_connect(Instant::now(), handle, info);
-            core.drain();
+            let now = Instant::now();
+            let _ = core.director.handle_connect(now, handle, info);
+            core.drain(now);
             self.shared.rearm(&mut core);
             handle
         };
@@ -735,9 +736,10 @@ impl ServerInner {
             bump(&self.counters.framing_errors);
         }
         let mut core = lock(&self.shared.state);
-        core.director.handle_disconnect(Instant::now(), handle);
+        let now = Instant::now();
+        core.director.handle_disconnect(now, handle);
         core.routes.remove(&handle);
-        core.drain();
+        core.drain(now);
         self.shared.rearm(&mut core);
         result
     }
@@ -828,8 +830,9 @@ impl ServerInner {
                 verified_identity,
             };
             // Handles are fresh, so the director cannot know this one.
-            let _ = core.director.handle_connect(Instant::now(), handle, info);
-            core.drain();
+            let now = Instant::now();
+            let _ = core.director.handle_connect(now, handle, info);
+            core.drain(now);
             self.shared.rearm(&mut core);
             handle
         };
@@ -842,9 +845,9 @@ impl ServerInner {
             |datagram| {
                 bump(&self.counters.quic_datagrams_received);
                 let mut core = lock(&self.shared.state);
-                core.director
-                    .handle_datagram(Instant::now(), handle, datagram);
-                core.drain();
+                let now = Instant::now();
+                core.director.handle_datagram(now, handle, datagram);
+                core.drain(now);
                 self.shared.rearm(&mut core);
                 Ok(())
             },
@@ -855,9 +858,10 @@ impl ServerInner {
             quic::close(&conn);
         }
         let mut core = lock(&self.shared.state);
-        core.director.handle_disconnect(Instant::now(), handle);
+        let now = Instant::now();
+        core.director.handle_disconnect(now, handle);
         core.routes.remove(&handle);
-        core.drain();
+        core.drain(now);
         self.shared.rearm(&mut core);
         result
     }
@@ -883,7 +887,7 @@ impl ServerInner {
                 Err(e) => outcome = Err(e.into()),
             }
         }
-        core.drain();
+        core.drain(Instant::now());
         self.shared.rearm(&mut core);
         outcome
     }
@@ -913,9 +917,10 @@ impl ServerInner {
                         continue;
                     }
                     let next_handle = &mut core.next_handle;
+                    let now = Instant::now();
                     let new = core.udp_peers.handle_datagram(
                         &mut core.director,
-                        Instant::now(),
+                        now,
                         local,
                         from,
                         datagram,
@@ -929,7 +934,7 @@ impl ServerInner {
                         };
                         core.routes.insert(h, route);
                     }
-                    core.drain();
+                    core.drain(now);
                     self.shared.rearm(core);
                 }
                 Demux::Drop => bump(&self.counters.udp_dropped),
@@ -953,8 +958,9 @@ impl ServerInner {
             let Some(s) = core.dtls.get_mut(site) else {
                 return;
             };
-            s.endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
-            core.drain();
+            let now = Instant::now();
+            s.endpoint.handle_datagram(now, from, &buf[..n]);
+            core.drain(now);
             self.shared.rearm(&mut core);
         }
     }

@@ -27,7 +27,7 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
 use smol::Task;
 use tscf_core::client::{
-    ClientEvent, ClientState, Destination, PeerPath, PeerTunnelInfo, ServerEndpoint,
+    ClientEvent, ClientState, Destination, Input, PeerPath, PeerTunnelInfo, ServerEndpoint,
     TerminateReason, TunnelClient, TunnelInfo,
 };
 use tscf_core::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits, PeerSessionEvent};
@@ -81,10 +81,7 @@ impl Tunnel {
             )));
         }
         if !config.keep_seed {
-            let seed = os_seed()?;
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&seed[..8]);
-            config.client.rng_seed = u64::from_le_bytes(first);
+            config.client.rng_seed = os_seed()?;
         }
         let tls = match &config.tls {
             Some(t) => Some((tls::client_config(t, crate::OS)?, t.clone())),
@@ -351,7 +348,8 @@ impl Tunnel {
         core.link = Link::None;
         core.generation += 1;
         core.last_failure = Some(format!("{server} (DTLS): association dropped"));
-        core.client.handle_transport_lost(Instant::now());
+        core.client
+            .handle_input(Instant::now(), Input::TransportLost);
         core.drain();
         self.shared.rearm(&mut core);
         true
@@ -546,7 +544,8 @@ impl ClientCore {
                 if let Err(e) = opened {
                     tracing::debug!(%path, error = %e, "peer session not opened");
                     self.stats.peer_session_failures += 1;
-                    self.client.handle_peer_session_failed(now, path);
+                    self.client
+                        .handle_input(now, Input::PeerSessionFailed(path));
                 }
                 return;
             }
@@ -569,7 +568,8 @@ impl ClientCore {
                 if let Err(e) = authorised {
                     tracing::debug!(%path, error = %e, "peer session not accepted");
                     self.stats.peer_session_failures += 1;
-                    self.client.handle_peer_session_failed(now, path);
+                    self.client
+                        .handle_input(now, Input::PeerSessionFailed(path));
                 }
                 return;
             }
@@ -605,7 +605,7 @@ impl ClientCore {
         match server.transport {
             Transport::UDP => {
                 self.link = Link::Udp(server.addr);
-                self.client.handle_transport_open(now);
+                self.client.handle_input(now, Input::TransportOpen);
             }
             Transport::TCP | Transport::TLS => {
                 let tls = match (&self.tls, server.transport == Transport::TLS) {
@@ -717,10 +717,12 @@ impl ClientCore {
                 break;
             }
             match event {
-                DtlsEvent::HandshakeDone { .. } => self.client.handle_transport_open(now),
+                DtlsEvent::HandshakeDone { .. } => {
+                    self.client.handle_input(now, Input::TransportOpen)
+                }
                 DtlsEvent::Data { payload, .. } => {
                     self.stats.dtls_records_received += 1;
-                    self.client.handle_envelope(now, &payload);
+                    self.client.handle_input(now, Input::Envelope(&payload));
                 }
                 DtlsEvent::HandshakeFailed { reason, .. } => {
                     self.flush_dtls();
@@ -731,7 +733,7 @@ impl ClientCore {
                     self.link = Link::None;
                     self.generation += 1;
                     self.last_failure = Some(format!("{server} (DTLS): closed by the server"));
-                    self.client.handle_transport_lost(now);
+                    self.client.handle_input(now, Input::TransportLost);
                 }
                 _ => {}
             }
@@ -761,15 +763,21 @@ impl ClientCore {
         match event {
             PeerSessionEvent::Open { path } => {
                 self.stats.peer_sessions_open += 1;
-                self.client.handle_peer_session_open(now, path);
+                self.client.handle_input(now, Input::PeerSessionOpen(path));
             }
             PeerSessionEvent::Failed { path, handshake } => {
                 self.stats.peer_session_failures += u64::from(handshake);
-                self.client.handle_peer_session_failed(now, path);
+                self.client
+                    .handle_input(now, Input::PeerSessionFailed(path));
             }
             PeerSessionEvent::Envelope { path, envelope } => {
-                self.client
-                    .handle_peer_session_datagram(now, path, &envelope);
+                self.client.handle_input(
+                    now,
+                    Input::PeerSessionDatagram {
+                        path,
+                        datagram: &envelope,
+                    },
+                );
             }
             _ => {}
         }
@@ -788,7 +796,7 @@ impl ClientCore {
     fn failed(&mut self, now: Instant, why: String) {
         self.last_failure = Some(why);
         self.link = Link::None;
-        self.client.handle_transport_failed(now);
+        self.client.handle_input(now, Input::TransportFailed);
     }
 
     fn send_to_server(&mut self) {
@@ -919,7 +927,8 @@ impl StreamTask {
             core.link = Link::None;
             core.generation += 1;
             core.last_failure = Some(format!("{}: {why}", self.server.addr));
-            core.client.handle_transport_lost(Instant::now());
+            core.client
+                .handle_input(Instant::now(), Input::TransportLost);
             core.drain();
             self.shared.rearm(&mut core);
         }
@@ -945,7 +954,8 @@ impl StreamTask {
                 return Err(StreamError::Stale);
             }
             core.link = Link::Stream(Some(tx));
-            core.client.handle_transport_open(Instant::now());
+            core.client
+                .handle_input(Instant::now(), Input::TransportOpen);
             core.drain();
             self.shared.rearm(&mut core);
         }
@@ -1006,7 +1016,8 @@ impl QuicTask {
             core.link = Link::None;
             core.generation += 1;
             core.last_failure = Some(format!("{}: {why}", self.server.addr));
-            core.client.handle_transport_lost(Instant::now());
+            core.client
+                .handle_input(Instant::now(), Input::TransportLost);
             core.drain();
             self.shared.rearm(&mut core);
         }
@@ -1029,7 +1040,8 @@ impl QuicTask {
                 return Err(StreamError::Stale);
             }
             core.link = Link::Quic(Some((conn.clone(), tx)));
-            core.client.handle_transport_open(Instant::now());
+            core.client
+                .handle_input(Instant::now(), Input::TransportOpen);
             core.drain();
             self.shared.rearm(&mut core);
         }
@@ -1045,7 +1057,8 @@ impl QuicTask {
                     return Err(StreamError::Stale);
                 }
                 core.stats.quic_datagrams_received += 1;
-                core.client.handle_envelope(Instant::now(), datagram);
+                core.client
+                    .handle_input(Instant::now(), Input::Envelope(datagram));
                 core.drain();
                 self.shared.rearm(&mut core);
                 Ok(())
@@ -1071,7 +1084,9 @@ fn feed_stream(
     let mut outcome = pushed.map_err(StreamError::from);
     while outcome.is_ok() {
         match deframer.next_raw() {
-            Ok(Some(envelope)) => core.client.handle_envelope(Instant::now(), envelope),
+            Ok(Some(envelope)) => core
+                .client
+                .handle_input(Instant::now(), Input::Envelope(envelope)),
             Ok(None) => break,
             Err(e) => outcome = Err(e.into()),
         }
@@ -1145,7 +1160,7 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
         let now = Instant::now();
         let kind = DatagramKind::of(datagram);
         if from_server && !stun::is_stun(datagram) {
-            core.client.handle_envelope(now, datagram);
+            core.client.handle_input(now, Input::Envelope(datagram));
         } else if core.peer_blocked {
             core.stats.peer_blocked += 1;
             continue;
@@ -1172,7 +1187,8 @@ async fn run_udp(shared: &Shared<ClientCore>, udp: &Async<UdpSocket>) {
                 }
             }
         } else if core.peer_enabled {
-            core.client.handle_peer_datagram(now, from, datagram);
+            core.client
+                .handle_input(now, Input::PeerDatagram { from, datagram });
         } else {
             core.stats.udp_dropped += 1;
             continue;

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tscf_core::client::PeerStreamId;
+use tscf_core::client::{Input, PeerStreamId};
 
 use crate::lock;
 use crate::stream::{self, StreamReader, StreamWriter};
@@ -173,8 +173,10 @@ fn accepted(
         streams.next_accepted = (streams.next_accepted + 1) & !PeerStreamId::CLIENT_CHOSEN;
         let id = PeerStreamId(streams.next_accepted);
         streams.streams.insert(id, Some(writer));
-        core.client
-            .handle_peer_stream_accepted(Instant::now(), id, remote);
+        core.client.handle_input(
+            Instant::now(),
+            Input::PeerStreamAccepted { stream: id, remote },
+        );
         core.drain();
         shared.rearm(&mut core);
         id
@@ -206,7 +208,8 @@ pub(crate) fn open(
     };
     if !spawned {
         core.peer_streams.streams.remove(&id);
-        core.client.handle_peer_stream_failed(Instant::now(), id);
+        core.client
+            .handle_input(Instant::now(), Input::PeerStreamFailed(id));
     }
 }
 
@@ -230,14 +233,14 @@ fn opened(
             }
             Ok((reader, writer)) => {
                 core.peer_streams.streams.insert(id, Some(writer));
-                core.client.handle_peer_stream_open(now, id);
+                core.client.handle_input(now, Input::PeerStreamOpen(id));
                 Some(reader)
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "peer stream failed");
                 if wanted {
                     core.peer_streams.streams.remove(&id);
-                    core.client.handle_peer_stream_failed(now, id);
+                    core.client.handle_input(now, Input::PeerStreamFailed(id));
                 }
                 None
             }
@@ -260,8 +263,13 @@ fn read_loop(shared: &Shared<ClientCore>, id: PeerStreamId, mut reader: StreamRe
         let read = reader.read(|envelope| {
             let core = guard.get_or_insert_with(|| lock(&shared.state));
             if core.peer_streams.streams.contains_key(&id) {
-                core.client
-                    .handle_peer_stream_envelope(Instant::now(), id, envelope);
+                core.client.handle_input(
+                    Instant::now(),
+                    Input::PeerStreamEnvelope {
+                        stream: id,
+                        envelope,
+                    },
+                );
             } else {
                 stale = true;
             }
@@ -276,7 +284,8 @@ fn read_loop(shared: &Shared<ClientCore>, id: PeerStreamId, mut reader: StreamRe
     }
     let mut core = lock(&shared.state);
     if core.peer_streams.close(id) && !core.stopped() {
-        core.client.handle_peer_stream_lost(Instant::now(), id);
+        core.client
+            .handle_input(Instant::now(), Input::PeerStreamLost(id));
         core.drain();
         shared.rearm(&mut core);
     }

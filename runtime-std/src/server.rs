@@ -457,8 +457,9 @@ impl ServerHandle {
         }
         {
             let mut core = lock(&inner.shared.state);
-            core.director.shutdown(Instant::now());
-            core.drain();
+            let now = Instant::now();
+            core.director.shutdown(now);
+            core.drain(now);
             core.stopped = true;
             for route in core.routes.values() {
                 if let Route::Stream { tx, sock } = route {
@@ -557,9 +558,10 @@ impl Outgoing {
 }
 
 impl ServerCore {
-    /// Drains the director after an input: transmits to their connections, then events.
-    fn drain(&mut self) {
-        while let Some(t) = self.director.poll_transmit(&mut self.buf) {
+    /// Drains the director after an input at `now`: transmits to their connections, then
+    /// events.
+    fn drain(&mut self, now: Instant) {
+        while let Some(t) = self.director.poll_transmit(now, &mut self.buf) {
             match self.routes.get(&t.connection) {
                 Some(Route::Stream { tx, .. }) => {
                     let frame = std::mem::take(&mut self.buf);
@@ -603,7 +605,7 @@ impl Timed for ServerCore {
 
     fn on_timeout(&mut self, now: Instant) {
         self.director.handle_timeout(now);
-        self.drain();
+        self.drain(now);
     }
 
     fn stopped(&self) -> bool {
@@ -704,8 +706,9 @@ impl ServerInner {
                 verified_identity,
             };
             // Handles are fresh, so the director cannot know this one.
-            let _ = core.director.handle_connect(Instant::now(), handle, info);
-            core.drain();
+            let now = Instant::now();
+            let _ = core.director.handle_connect(now, handle, info);
+            core.drain(now);
             self.shared.rearm(&mut core);
             handle
         };
@@ -723,7 +726,7 @@ impl ServerInner {
                 }
             });
             if let Some(mut core) = core {
-                core.drain();
+                core.drain(Instant::now());
                 self.shared.rearm(&mut core);
             }
             match read {
@@ -739,9 +742,10 @@ impl ServerInner {
         };
         {
             let mut core = lock(&self.shared.state);
-            core.director.handle_disconnect(Instant::now(), handle);
+            let now = Instant::now();
+            core.director.handle_disconnect(now, handle);
             core.routes.remove(&handle);
-            core.drain();
+            core.drain(now);
             self.shared.rearm(&mut core);
         }
         let _ = sock.shutdown(Shutdown::Both);
@@ -777,9 +781,10 @@ impl ServerInner {
                         continue;
                     }
                     let next_handle = &mut core.next_handle;
+                    let now = Instant::now();
                     let new = core.udp_peers.handle_datagram(
                         &mut core.director,
-                        Instant::now(),
+                        now,
                         local,
                         from,
                         datagram,
@@ -792,7 +797,7 @@ impl ServerInner {
                         };
                         core.routes.insert(h, route);
                     }
-                    core.drain();
+                    core.drain(now);
                     self.shared.rearm(core);
                 }
                 Demux::Drop => bump(&self.counters.udp_dropped),

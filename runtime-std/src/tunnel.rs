@@ -6,8 +6,8 @@
 //!
 //! The UDP socket carries the server tunnel when it runs over UDP, and is also the client's
 //! peer socket (`docs/PROTOCOL.md` §7): STUN requests to the server's UDP listener, probes and
-//! peer tunnels. A datagram from the server's UDP endpoint that is not STUN goes to
-//! [`TunnelClient::handle_envelope`]; every other one to [`TunnelClient::handle_peer_datagram`].
+//! peer tunnels. A datagram from the server's UDP endpoint that is not STUN goes to the client
+//! as an [`Input::Envelope`]; every other one as an [`Input::PeerDatagram`].
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tscf_core::client::{
-    ClientConfig, ClientEvent, ClientState, ClientStats, ConfigError, Destination, PeerConfig,
-    PeerDownReason, PeerPath, PeerTunnelInfo, ServerEndpoint, TerminateReason, TunnelClient,
-    TunnelInfo,
+    ClientConfig, ClientEvent, ClientState, ClientStats, ConfigError, Destination, Input,
+    PeerConfig, PeerDownReason, PeerPath, PeerTunnelInfo, ServerEndpoint, TerminateReason,
+    TunnelClient, TunnelInfo,
 };
 use tscf_core::stun;
 use tscf_core::wire::{ResultCode, Transport};
@@ -325,10 +325,7 @@ impl Tunnel {
             )));
         }
         if !config.keep_seed {
-            let seed = os_seed()?;
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&seed[..8]);
-            config.client.rng_seed = u64::from_le_bytes(first);
+            config.client.rng_seed = os_seed()?;
         }
         let tls = match &config.tls {
             Some(t) => Some((tls::client_config(t, crate::OS)?, t.clone())),
@@ -541,7 +538,8 @@ impl Tunnel {
         let mut core = lock(&self.shared.state);
         for id in core.peer_streams.ids() {
             core.peer_streams.close(id);
-            core.client.handle_peer_stream_lost(Instant::now(), id);
+            core.client
+                .handle_input(Instant::now(), Input::PeerStreamLost(id));
         }
         core.drain();
         self.shared.rearm(&mut core);
@@ -560,7 +558,8 @@ impl Tunnel {
         core.udp = Arc::new(udp);
         core.link = Link::None;
         core.generation += 1;
-        core.client.handle_transport_lost(Instant::now());
+        core.client
+            .handle_input(Instant::now(), Input::TransportLost);
         core.drain();
         self.shared.rearm(&mut core);
         Ok(())
@@ -734,7 +733,7 @@ impl ClientCore {
         match server.transport {
             Transport::UDP => {
                 self.link = Link::Udp(server.addr);
-                self.client.handle_transport_open(now);
+                self.client.handle_input(now, Input::TransportOpen);
             }
             Transport::TCP | Transport::TLS => {
                 let tls = match (&self.tls, server.transport == Transport::TLS) {
@@ -770,7 +769,7 @@ impl ClientCore {
     fn failed(&mut self, now: Instant, why: String) {
         self.last_failure = Some(why);
         self.link = Link::None;
-        self.client.handle_transport_failed(now);
+        self.client.handle_input(now, Input::TransportFailed);
     }
 
     fn send_to_server(&mut self) {
@@ -835,7 +834,7 @@ fn run_stream(
         let reader = match opened {
             Ok((reader, writer)) => {
                 core.link = Link::Stream(Some(writer));
-                core.client.handle_transport_open(now);
+                core.client.handle_input(now, Input::TransportOpen);
                 Some(reader)
             }
             Err(e) => {
@@ -856,7 +855,8 @@ fn run_stream(
         let read = reader.read(|envelope| {
             let core = guard.get_or_insert_with(|| lock(&shared.state));
             if core.generation == generation {
-                core.client.handle_envelope(Instant::now(), envelope);
+                core.client
+                    .handle_input(Instant::now(), Input::Envelope(envelope));
             } else {
                 stale = true;
             }
@@ -877,7 +877,8 @@ fn run_stream(
         core.link = Link::None;
         core.generation += 1;
         core.last_failure = Some(format!("{}: {why}", server.addr));
-        core.client.handle_transport_lost(Instant::now());
+        core.client
+            .handle_input(Instant::now(), Input::TransportLost);
         core.drain();
         shared.rearm(&mut core);
     }
@@ -916,12 +917,13 @@ fn run_udp(shared: &Shared<ClientCore>, stop: &AtomicBool) {
         let from_server = matches!(core.link, Link::Udp(server) if server == from);
         let now = Instant::now();
         if from_server && !stun::is_stun(datagram) {
-            core.client.handle_envelope(now, datagram);
+            core.client.handle_input(now, Input::Envelope(datagram));
         } else if core.peer_blocked {
             core.stats.peer_blocked += 1;
             continue;
         } else if core.peer_enabled {
-            core.client.handle_peer_datagram(now, from, datagram);
+            core.client
+                .handle_input(now, Input::PeerDatagram { from, datagram });
         } else {
             core.stats.udp_dropped += 1;
             continue;

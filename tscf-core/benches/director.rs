@@ -71,7 +71,7 @@ fn configure(
     d.handle_connect(now, c, info(conn)).expect("fresh handle");
     d.handle_datagram(now, c, request);
     let mut result = (0, Ipv4Addr::UNSPECIFIED);
-    while d.poll_transmit(buf).is_some() {
+    while d.poll_transmit(now, buf).is_some() {
         let env = Envelope::decode_datagram(buf).expect("valid");
         let m = Message::decode(env.payload).expect("valid");
         let ip = m
@@ -100,7 +100,7 @@ fn configuration_exchanges(now: Instant) {
         release.encode_envelope(&mut buf).expect("encodable");
         let bytes = buf.clone();
         d.handle_datagram(now, ConnectionHandle(i), &bytes);
-        while d.poll_transmit(&mut buf).is_some() {}
+        while d.poll_transmit(now, &mut buf).is_some() {}
         while d.poll_event().is_some() {}
     }
     let secs = start.elapsed().as_secs_f64();
@@ -129,13 +129,13 @@ fn relay(now: Instant) {
     // Warm the buffer pool so the measured loop is in steady state.
     for _ in 0..1000 {
         d.handle_datagram(now, ConnectionHandle(1), &frame);
-        while d.poll_transmit(&mut buf).is_some() {}
+        while d.poll_transmit(now, &mut buf).is_some() {}
     }
     let allocs_before = allocations();
     let start = Instant::now();
     for _ in 0..n {
         d.handle_datagram(now, ConnectionHandle(1), black_box(&frame));
-        while let Some(t) = d.poll_transmit(&mut buf) {
+        while let Some(t) = d.poll_transmit(now, &mut buf) {
             let _ = black_box(t);
             relayed += 1;
         }

@@ -305,7 +305,7 @@ fn nat_discovery(data: &[u8]) {
     // The state machine only compares and offsets instants, so any origin will do.
     #[allow(clippy::disallowed_methods)]
     let now = Instant::now();
-    let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![server]), 7, now);
+    let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![server]), [7; 32], now);
 
     // Before any request, everything is unsolicited.
     assert!(!discovery.handle_input(now, server, data));

@@ -7,6 +7,33 @@
 //! randoms and ephemeral keys from ring themselves; files and long-lived keys come from the
 //! caller, see the `tls` module.)
 //!
+//! # One shape for every state machine
+//!
+//! [`SessionDirector`](director::SessionDirector), [`TunnelClient`](client::TunnelClient) and
+//! [`NatDiscovery`](stun::NatDiscovery) are driven the same way:
+//!
+//! - **Inputs** are `handle_*` methods that take the current time, `now`, first: what the
+//!   network and the runtime report (grouped as `handle_input(now, Input)` where a family
+//!   grew: [`TunnelClient::handle_input`](client::TunnelClient::handle_input) with a
+//!   [`client::Input`]), and `handle_timeout(now)` once `poll_timeout` is reached. The
+//!   application's commands (`send_ip`, `release`, `close_tunnel`, …) are inputs too.
+//! - **Outputs** are polled: `poll_transmit(now, &mut buf)` writes the next datagram or
+//!   envelope into a buffer the caller owns and reuses, and says where it goes;
+//!   `poll_event()` returns the next event of a `#[non_exhaustive]` enum; `poll_timeout()`
+//!   says when `handle_timeout` is next due.
+//! - **After any input, drain `poll_transmit` and `poll_event` until both return `None`**,
+//!   transmits first (a transmit polled before an event that closes its transport belongs to
+//!   that transport), then arm a timer for `poll_timeout`.
+//!
+//! Randomness follows one convention: a `rng_seed: [u8; 32]` in the configuration
+//! ([`DirectorConfig::rng_seed`](director::DirectorConfig::rng_seed),
+//! [`ClientConfig::rng_seed`](client::ClientConfig::rng_seed), the seed of
+//! [`NatDiscovery::new`](stun::NatDiscovery::new)) keys a ChaCha20 generator, and everything
+//! the machine draws derives from those 32 octets. The runtimes fill them from the operating
+//! system's secure source; tests fix them, so that every run is reproducible.
+//!
+//! # Modules
+//!
 //! - [`wire`]: the tscf wire protocol of `docs/PROTOCOL.md` (envelopes, control messages, TLVs,
 //!   the stream deframer, inner IP packet checks).
 //! - [`director`]: the session director (tunnel server) state machine.

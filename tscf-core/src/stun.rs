@@ -515,7 +515,8 @@ impl Probe {
 /// Sans-IO NAT discovery: asks each configured STUN server for our mapped address, once and in
 /// parallel, with retransmissions.
 ///
-/// Call order, as with quinn-proto: after construction and after any input
+/// It has the shape of every state machine of the crate (see [the crate docs](crate)). Call
+/// order: after construction and after any input
 /// ([`handle_input`](Self::handle_input), [`handle_timeout`](Self::handle_timeout)), drain the
 /// polls until [`poll_transmit`](Self::poll_transmit) and [`poll_event`](Self::poll_event)
 /// return `None`, then arm a timer for [`poll_timeout`](Self::poll_timeout) and call
@@ -537,8 +538,8 @@ pub struct NatDiscovery {
 impl NatDiscovery {
     /// Starts a run. Transaction IDs come from a ChaCha20 generator seeded with `rng_seed`,
     /// which should itself be random so that off-path attackers cannot forge responses.
-    pub fn new(config: NatDiscoveryConfig, rng_seed: u64, now: Instant) -> Self {
-        let mut rng = ChaCha20Rng::seed_from_u64(rng_seed);
+    pub fn new(config: NatDiscoveryConfig, rng_seed: [u8; 32], now: Instant) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(rng_seed);
         let initial_rto = config.initial_rto.clamp(
             NatDiscoveryConfig::MIN_RTO,
             NatDiscoveryConfig::MAX_RTO_LIMIT,
@@ -1302,7 +1303,7 @@ mod tests {
         let now = origin();
         let (a, b) = (addr(SERVER_A), addr(SERVER_B));
         let public = addr("203.0.113.9:50000");
-        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b]), 1, now);
+        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b]), [1; 32], now);
         assert_eq!(serve(&mut discovery, now, &[(a, public), (b, public)]), 2);
         let report = NatReport {
             mappings: vec![(a, public), (b, public)],
@@ -1336,7 +1337,7 @@ mod tests {
         let now = origin();
         let (a, b) = (addr(SERVER_A), addr(SERVER_B));
         let c = addr("[2001:db8::3]:3478");
-        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b, c]), 2, now);
+        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b, c]), [2; 32], now);
         let answers = [
             (a, addr("203.0.113.9:50000")),
             (b, addr("203.0.113.9:50001")),
@@ -1369,7 +1370,7 @@ mod tests {
         let at = |ms: u64| start + Duration::from_millis(ms);
         let (a, b) = (addr(SERVER_A), addr(SERVER_B));
         let public = addr("203.0.113.9:50000");
-        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b]), 3, start);
+        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a, b]), [3; 32], start);
         assert_eq!(serve(&mut discovery, start, &[(b, public)]), 1);
         let mut buf = Vec::new();
         let mut first_request = None;
@@ -1432,7 +1433,7 @@ mod tests {
     fn unsolicited_responses_are_counted_and_ignored() {
         let now = origin();
         let (a, b) = (addr(SERVER_A), addr(SERVER_B));
-        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a]), 4, now);
+        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a]), [4; 32], now);
         let mut request = Vec::new();
         assert_eq!(
             discovery.poll_transmit(now, &mut request),
@@ -1487,7 +1488,7 @@ mod tests {
     fn error_response_ends_the_server_transaction() {
         let now = origin();
         let a = addr(SERVER_A);
-        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a]), 5, now);
+        let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(vec![a]), [5; 32], now);
         let mut request = Vec::new();
         assert!(discovery.poll_transmit(now, &mut request).is_some());
         let message = Message::from_bytes(&request).expect("own request");
@@ -1510,7 +1511,7 @@ mod tests {
     #[test]
     fn config_is_bounded_and_deduplicated() {
         let now = origin();
-        let empty = NatDiscovery::new(NatDiscoveryConfig::default(), 6, now);
+        let empty = NatDiscovery::new(NatDiscoveryConfig::default(), [6; 32], now);
         assert!(empty.is_finished());
         assert_eq!(empty.report(), Some(&NatReport::default()));
 
@@ -1523,7 +1524,7 @@ mod tests {
             max_transmissions: 0,
             ..NatDiscoveryConfig::new(servers.clone())
         };
-        let mut discovery = NatDiscovery::new(config, 6, now);
+        let mut discovery = NatDiscovery::new(config, [6; 32], now);
         let mut buf = Vec::new();
         let destinations: Vec<SocketAddr> =
             std::iter::from_fn(|| discovery.poll_transmit(now, &mut buf))
@@ -1552,7 +1553,7 @@ mod tests {
             assert!(discovery.poll_transmit(now, &mut buf).is_some());
             buf
         };
-        assert_eq!(request(7), request(7));
-        assert_ne!(request(7), request(8));
+        assert_eq!(request([7; 32]), request([7; 32]));
+        assert_ne!(request([7; 32]), request([8; 32]));
     }
 }

@@ -53,9 +53,11 @@ pub struct ClientConfig {
     /// and packets received but not yet read (default 256, at most
     /// [`MAX_QUEUED_PACKETS_LIMIT`](Self::MAX_QUEUED_PACKETS_LIMIT)).
     pub max_queued_packets: usize,
-    /// Seed of the ChaCha20 generator that draws the first sequence number. Give it a random
-    /// value, so that off-path senders cannot guess the sequence of a request on UDP.
-    pub rng_seed: u64,
+    /// Seed of the ChaCha20 generator everything the client draws comes from: its first
+    /// sequence number and, with peer tunneling, STUN transaction ids and tie-breakers. The
+    /// runtime fills it from the operating system's secure source, so that off-path senders
+    /// cannot guess the sequence of a request on UDP; tests fix it.
+    pub rng_seed: [u8; 32],
     /// Sent as the Software TLV (at most 255 octets of UTF-8).
     pub software: Option<String>,
     /// Peer tunneling (`docs/PROTOCOL.md` §7); `None` (the default) turns it off, and the
@@ -87,7 +89,7 @@ impl ClientConfig {
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             silence_intervals: 3,
             max_queued_packets: 256,
-            rng_seed: 0,
+            rng_seed: [0; 32],
             software: Some(concat!("tscf/", env!("CARGO_PKG_VERSION")).to_owned()),
             peer: None,
         }

@@ -13,10 +13,11 @@ use crate::wire::{InnerPacketError, InternalAddress, ResultCode};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientEvent {
-    /// Open a transport to `server`, then call
-    /// [`handle_transport_open`](super::TunnelClient::handle_transport_open) or
-    /// [`handle_transport_failed`](super::TunnelClient::handle_transport_failed). Any transport
-    /// open before is no longer used.
+    /// Open a transport to `server`, then report
+    /// [`Input::TransportOpen`](super::Input::TransportOpen) or
+    /// [`Input::TransportFailed`](super::Input::TransportFailed) to
+    /// [`handle_input`](super::TunnelClient::handle_input). Any transport open before is no
+    /// longer used.
     OpenTransport {
         /// Where to, and over what.
         server: ServerEndpoint,
@@ -77,10 +78,10 @@ pub enum ClientEvent {
     },
     /// Open a peer stream to `addr` (TCP, or TLS verifying that the server certificate's
     /// SHA-256 is `fingerprint`), then report it with
-    /// [`handle_peer_stream_open`](super::TunnelClient::handle_peer_stream_open) or
-    /// [`handle_peer_stream_failed`](super::TunnelClient::handle_peer_stream_failed), feed its
-    /// envelopes to [`handle_peer_stream_envelope`](super::TunnelClient::handle_peer_stream_envelope)
-    /// and its end to [`handle_peer_stream_lost`](super::TunnelClient::handle_peer_stream_lost).
+    /// [`Input::PeerStreamOpen`](super::Input::PeerStreamOpen) or
+    /// [`Input::PeerStreamFailed`](super::Input::PeerStreamFailed), its envelopes with
+    /// [`Input::PeerStreamEnvelope`](super::Input::PeerStreamEnvelope) and its end with
+    /// [`Input::PeerStreamLost`](super::Input::PeerStreamLost).
     OpenPeerStream {
         /// The peer's internal address.
         peer: IpAddr,
@@ -104,10 +105,10 @@ pub enum ClientEvent {
     /// the peer UDP socket to `path`, and accept it only if the SHA-256 of the peer's
     /// end-entity certificate (DER) is `fingerprint`; present our own certificate (the one
     /// whose fingerprint is [`PeerConfig::certificate_fingerprint`](super::PeerConfig::certificate_fingerprint)).
-    /// Then report it with [`handle_peer_session_open`](super::TunnelClient::handle_peer_session_open)
-    /// or [`handle_peer_session_failed`](super::TunnelClient::handle_peer_session_failed), send
-    /// [`Destination::PeerSession`] transmits in it and feed what it carries to
-    /// [`handle_peer_session_datagram`](super::TunnelClient::handle_peer_session_datagram).
+    /// Then report it with [`Input::PeerSessionOpen`](super::Input::PeerSessionOpen) or
+    /// [`Input::PeerSessionFailed`](super::Input::PeerSessionFailed), send
+    /// [`Destination::PeerSession`] transmits in it and report what it carries with
+    /// [`Input::PeerSessionDatagram`](super::Input::PeerSessionDatagram).
     OpenPeerSession {
         /// The peer's internal address.
         peer: IpAddr,
@@ -224,8 +225,8 @@ pub enum Destination {
 
 /// A peer stream (TCP or TLS, `docs/PROTOCOL.md` §7.7). Ids of streams the client asks to open
 /// ([`ClientEvent::OpenPeerStream`]) have the top bit set; the runtime picks the ids of the
-/// streams it accepts ([`TunnelClient::handle_peer_stream_accepted`](super::TunnelClient::handle_peer_stream_accepted))
-/// with the top bit clear.
+/// streams it accepts ([`Input::PeerStreamAccepted`](super::Input::PeerStreamAccepted)) with
+/// the top bit clear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerStreamId(pub u64);
 
@@ -295,7 +296,7 @@ pub struct ClientStats {
     pub retransmissions: u64,
     /// Keepalive requests started (not counting their retransmissions).
     pub keepalives_sent: u64,
-    /// Envelopes given to `handle_envelope`.
+    /// Envelopes reported with [`Input::Envelope`](super::Input::Envelope).
     pub envelopes_received: u64,
     /// Inner packets queued for `recv_ip`.
     pub data_received: u64,

@@ -3,7 +3,8 @@
 //! §6).
 //!
 //! [`TunnelClient`] is sans-IO: the runtime opens and closes transports when told to by
-//! [`ClientEvent`]s, feeds received envelopes in, sends what
+//! [`ClientEvent`]s, reports how they fare and what they carry with
+//! [`handle_input`](TunnelClient::handle_input), sends what
 //! [`poll_transmit`](TunnelClient::poll_transmit) writes, and calls
 //! [`handle_timeout`](TunnelClient::handle_timeout) at [`poll_timeout`](TunnelClient::poll_timeout).
 //!
@@ -16,6 +17,7 @@ mod event;
 mod input;
 mod peer;
 mod queue;
+mod server;
 mod timer;
 
 #[cfg(test)]
@@ -37,6 +39,7 @@ pub use event::{
     ClientEvent, ClientState, ClientStats, Destination, PeerStreamId, SendError, TerminateReason,
     Transmit, TunnelInfo,
 };
+pub use input::Input;
 pub use peer::{PeerConfig, PeerDownReason, PeerPath, PeerStats, PeerTunnelInfo, PeerTunnelState};
 
 use peer::PeerAgent;
@@ -59,30 +62,33 @@ const DEFAULT_KEEPALIVE_STREAM: Duration = Duration::from_secs(300);
 ///
 /// # Driving it
 ///
+/// It has the shape of every state machine of the crate (see [the crate docs](crate)).
 /// Construct it with [`new`](Self::new): it asks at once for a transport to the first server
-/// ([`ClientEvent::OpenTransport`]). After construction and after **any** input
-/// (`handle_*`, [`send_ip`](Self::send_ip), [`release`](Self::release)), drain the polls:
-/// call [`poll_transmit`](Self::poll_transmit) until it returns `None` and send each envelope
-/// on the current transport, then [`poll_event`](Self::poll_event) until it returns `None` and
-/// act on each event; then arm a timer for [`poll_timeout`](Self::poll_timeout) and call
-/// [`handle_timeout`](Self::handle_timeout) when it fires. Draining transmits before events
-/// matters: a transmit polled before a [`ClientEvent::CloseTransport`] belongs to the transport
-/// about to be closed.
+/// ([`ClientEvent::OpenTransport`]). Inputs are [`handle_input`](Self::handle_input) with an
+/// [`Input`] for whatever the runtime reports, [`handle_timeout`](Self::handle_timeout) when
+/// [`poll_timeout`](Self::poll_timeout) is reached, and the application's commands
+/// ([`send_ip`](Self::send_ip), [`release`](Self::release),
+/// [`set_peer_tunneling`](Self::set_peer_tunneling),
+/// [`release_peer_tunnel`](Self::release_peer_tunnel)). **After construction and after any
+/// input, drain [`poll_transmit`](Self::poll_transmit) and then
+/// [`poll_event`](Self::poll_event) until both return `None`**: send each envelope where its
+/// [`Transmit`] says, act on each event, then arm a timer for `poll_timeout`. Draining
+/// transmits before events matters: a transmit polled before a [`ClientEvent::CloseTransport`]
+/// belongs to the transport about to be closed.
 ///
-/// The runtime reports on the transport it was asked to open with
-/// [`handle_transport_open`](Self::handle_transport_open),
-/// [`handle_transport_failed`](Self::handle_transport_failed) and
-/// [`handle_transport_lost`](Self::handle_transport_lost); it does not report on a transport
+/// The runtime reports on the transport it was asked to open with [`Input::TransportOpen`],
+/// [`Input::TransportFailed`] and [`Input::TransportLost`]; it does not report on a transport
 /// the client told it to close. Each whole envelope received (one datagram, or one envelope cut
-/// from a stream by [`StreamDeframer`](crate::wire::StreamDeframer)) goes to
-/// [`handle_envelope`](Self::handle_envelope).
+/// from a stream by [`StreamDeframer`](crate::wire::StreamDeframer)) is an
+/// [`Input::Envelope`].
 ///
 /// # Peer tunneling
 ///
 /// With [`ClientConfig::peer`] set, the client also owns a peer UDP socket's protocol
 /// (`docs/PROTOCOL.md` §7, see [`PeerConfig`]): transmits with [`Destination::Peer`] go out of
-/// that socket to the given address, and every datagram it receives goes to
-/// [`handle_peer_datagram`](Self::handle_peer_datagram). Applications opt inner UDP sockets in
+/// that socket to the given address, and every datagram it receives is an
+/// [`Input::PeerDatagram`]; peer streams and peer sessions the client asks for are reported
+/// with the other `Input::Peer*` variants. Applications opt inner UDP sockets in
 /// with [`set_peer_tunneling`](Self::set_peer_tunneling); their packets take the relay until a
 /// peer tunnel is up ([`ClientEvent::PeerTunnelUp`]) and return to it when the tunnel goes down
 /// ([`ClientEvent::PeerTunnelDown`]). Nothing waits for a negotiation.
@@ -211,14 +217,18 @@ impl TunnelClient {
     /// A client for `config`; it asks for a transport to the first server at once.
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ConfigError> {
         config.validate()?;
-        let mut rng = ChaCha20Rng::seed_from_u64(config.rng_seed);
+        let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
+        let next_sequence = rng.next_u32() & SEQUENCE_MASK;
+        // The peer agent's generator is keyed with 32 octets drawn from the client's, so both
+        // derive from `rng_seed` and neither repeats the other's draws.
+        let peer = config.peer.clone().map(|p| {
+            let mut seed = [0; 32];
+            rng.fill_bytes(&mut seed);
+            PeerAgent::new(p, seed)
+        });
         let queue_limit = config.max_queued_packets;
-        let peer = config
-            .peer
-            .clone()
-            .map(|p| PeerAgent::new(p, config.rng_seed));
         let mut client = Self {
-            next_sequence: rng.next_u32() & SEQUENCE_MASK,
+            next_sequence,
             phase: Phase::Waiting,
             link: Link::None,
             server: 0,
@@ -245,9 +255,39 @@ impl TunnelClient {
 
     // ---- runtime → client ----
 
-    /// The transport asked for by [`ClientEvent::OpenTransport`] is up.
-    pub fn handle_transport_open(&mut self, now: Instant) {
+    /// What the runtime reports, at `now`: the server transport's fate and the envelopes it
+    /// carries; with peer tunneling, what the peer UDP socket, the peer streams and the peer
+    /// sessions receive and how they fare. See [`Input`] for each.
+    ///
+    /// Network input is hostile: what is malformed or unexpected is dropped and counted in
+    /// [`stats`](Self::stats) (or answered with a protocol error code). A report about a
+    /// transport, stream or session the client does not hold (any more) is ignored.
+    pub fn handle_input(&mut self, now: Instant, input: Input<'_>) {
         self.advance_clock(now);
+        match input {
+            Input::TransportOpen => self.on_transport_open(),
+            Input::TransportFailed => self.on_transport_failed(),
+            Input::TransportLost => self.on_transport_lost(),
+            Input::Envelope(envelope) => self.on_envelope(envelope),
+            Input::PeerDatagram { from, datagram } => self.on_peer_datagram(from, datagram),
+            Input::PeerStreamAccepted { stream, remote } => {
+                self.on_peer_stream_accepted(stream, remote);
+            }
+            Input::PeerStreamOpen(stream) => self.on_peer_stream_open(stream),
+            Input::PeerStreamFailed(stream) => self.on_peer_stream_failed(stream),
+            Input::PeerStreamLost(stream) => self.on_peer_stream_lost(stream),
+            Input::PeerStreamEnvelope { stream, envelope } => {
+                self.on_peer_stream_envelope(stream, envelope);
+            }
+            Input::PeerSessionOpen(path) => self.on_peer_session_open(path),
+            Input::PeerSessionFailed(path) => self.on_peer_session_failed(path),
+            Input::PeerSessionDatagram { path, datagram } => {
+                self.on_peer_session_datagram(path, datagram);
+            }
+        }
+    }
+
+    fn on_transport_open(&mut self) {
         if self.phase != Phase::Opening || self.link != Link::Opening {
             return;
         }
@@ -255,18 +295,14 @@ impl TunnelClient {
         self.send_configuration_request();
     }
 
-    /// The transport asked for by [`ClientEvent::OpenTransport`] could not be opened.
-    pub fn handle_transport_failed(&mut self, now: Instant) {
-        self.advance_clock(now);
+    fn on_transport_failed(&mut self) {
         if self.phase == Phase::Opening && self.link == Link::Opening {
             self.forget_transport();
             self.fail_attempt(None);
         }
     }
 
-    /// The open transport closed or was reset.
-    pub fn handle_transport_lost(&mut self, now: Instant) {
-        self.advance_clock(now);
+    fn on_transport_lost(&mut self) {
         match (self.phase, self.link) {
             (_, Link::None) => {}
             (_, Link::Closing) => self.forget_transport(),
@@ -286,9 +322,7 @@ impl TunnelClient {
         }
     }
 
-    /// One whole envelope received from the server transport.
-    pub fn handle_envelope(&mut self, now: Instant, envelope: &[u8]) {
-        self.advance_clock(now);
+    fn on_envelope(&mut self, envelope: &[u8]) {
         self.stats.envelopes_received += 1;
         if self.phase == Phase::Terminated {
             self.stats.dropped_terminated += 1;

@@ -136,13 +136,16 @@ pub struct TunnelSummary {
 
 /// The tunnel server's state machine.
 ///
-/// Call order: feed inputs with [`handle_connect`](Self::handle_connect),
+/// It has the shape of every state machine of the crate (see [the crate docs](crate)). Call
+/// order: feed inputs with [`handle_connect`](Self::handle_connect),
 /// [`handle_datagram`](Self::handle_datagram) / [`handle_envelope`](Self::handle_envelope),
-/// [`handle_disconnect`](Self::handle_disconnect) and [`handle_timeout`](Self::handle_timeout)
-/// (when [`poll_timeout`](Self::poll_timeout) is reached). **After any input, drain
-/// [`poll_transmit`](Self::poll_transmit) and then [`poll_event`](Self::poll_event) until both
-/// return `None`**; a [`DirectorEvent::CloseConnection`] applies after the transmits drained
-/// before it.
+/// [`handle_disconnect`](Self::handle_disconnect), [`handle_timeout`](Self::handle_timeout)
+/// (when [`poll_timeout`](Self::poll_timeout) is reached) and the operator's commands
+/// ([`close_tunnel`](Self::close_tunnel), [`shutdown`](Self::shutdown)). **After any input,
+/// drain [`poll_transmit`](Self::poll_transmit) and then [`poll_event`](Self::poll_event) until
+/// both return `None`**; a [`DirectorEvent::CloseConnection`] applies after the transmits
+/// drained before it. Randomness (tunnel ids, secrets, tokens) comes from
+/// [`DirectorConfig::rng_seed`].
 ///
 /// Hostile input never panics and never fails the director: it is answered with a result code
 /// or dropped, and counted in [`stats`](Self::stats).
@@ -379,7 +382,12 @@ impl SessionDirector {
     }
 
     /// The next envelope to send, written into `buf` (which is replaced, not appended to).
-    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+    ///
+    /// `now` is the time of the call, as for every poll that writes; the director dates its
+    /// timers when it queues a message, so nothing here depends on it yet.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let _ = now;
         if let Some((connection, mut bytes)) = self.control_out.pop_front() {
             core::mem::swap(buf, &mut bytes);
             self.recycle(bytes);

@@ -66,7 +66,7 @@ impl Harness {
     fn drain(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
-        while let Some(t) = self.d.poll_transmit(&mut buf) {
+        while let Some(t) = self.d.poll_transmit(self.now, &mut buf) {
             out.push(Out {
                 connection: t.connection,
                 bytes: buf.clone(),
@@ -337,7 +337,7 @@ fn a_caller_that_keeps_each_frame_gets_it_in_one_exact_allocation() {
     for size in [100, 1200, 7] {
         let envelope = data(&udp_packet(ip1, ip2, &vec![9; size]));
         h.d.handle_datagram(h.now, c1, &envelope);
-        assert!(h.d.poll_transmit(&mut buf).is_some());
+        assert!(h.d.poll_transmit(h.now, &mut buf).is_some());
         // What a stream connection's queue does: keep the frame, leave an empty buffer.
         let frame = std::mem::take(&mut buf);
         assert_eq!(frame, envelope);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{Delivery, HostId, LinkConfig, NetEvent, Network, SiteConfig, SiteId, StreamId};
 use crate::client::{
-    ClientConfig, ClientEvent, Destination, PeerConfig, ServerEndpoint, TunnelClient,
+    ClientConfig, ClientEvent, Destination, Input, PeerConfig, ServerEndpoint, TunnelClient,
 };
 use crate::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, DirectorEvent, SessionDirector,
@@ -225,7 +225,8 @@ impl World {
             config.peer = Some(peer);
         }
         let host = self.net.add_host(site, ip, access);
-        config.rng_seed = self.net.seed() ^ (self.nodes.len() as u64 + 1).wrapping_mul(0x9e37_79b9);
+        config.rng_seed =
+            seeded(self.net.seed() ^ (self.nodes.len() as u64 + 1).wrapping_mul(0x9e37_79b9));
         let client = TunnelClient::new(config, self.net.now()).expect("valid client config");
         self.nodes.push(Node {
             host,
@@ -339,7 +340,7 @@ impl World {
         let now = self.net.now();
         loop {
             let mut moved = false;
-            while let Some(t) = self.director.poll_transmit(&mut self.buf) {
+            while let Some(t) = self.director.poll_transmit(now, &mut self.buf) {
                 moved = true;
                 match self.routes.get(&t.connection) {
                     Some(Route::Stream(id)) => {
@@ -436,7 +437,7 @@ impl World {
                             local,
                             server: server.addr,
                         });
-                        node.client.handle_transport_open(now);
+                        node.client.handle_input(now, Input::TransportOpen);
                     } else {
                         let id = self.net.connect_stream(local, server.addr);
                         node.transport = Some(ClientTransport::Stream {
@@ -506,7 +507,7 @@ impl World {
                 if let Some(ClientTransport::Stream { id, open, .. }) = &mut node.transport {
                     if *id == stream {
                         *open = true;
-                        node.client.handle_transport_open(now);
+                        node.client.handle_input(now, Input::TransportOpen);
                     }
                 }
             }
@@ -518,7 +519,7 @@ impl World {
                     return;
                 }
                 while let Ok(Some(envelope)) = deframer.next_raw() {
-                    node.client.handle_envelope(now, envelope);
+                    node.client.handle_input(now, Input::Envelope(envelope));
                 }
             }
             NetEvent::StreamClosed { stream } | NetEvent::StreamReset { stream } => {
@@ -527,9 +528,9 @@ impl World {
                         let was_open = *open;
                         node.transport = None;
                         if was_open {
-                            node.client.handle_transport_lost(now);
+                            node.client.handle_input(now, Input::TransportLost);
                         } else {
-                            node.client.handle_transport_failed(now);
+                            node.client.handle_input(now, Input::TransportFailed);
                         }
                     }
                 }
@@ -542,12 +543,18 @@ impl World {
                     if session_wire::is_session(&payload) {
                         return session_input(node, &mut self.net, now, from, to, &payload);
                     }
-                    node.client.handle_peer_datagram(now, from, &payload);
+                    node.client.handle_input(
+                        now,
+                        Input::PeerDatagram {
+                            from,
+                            datagram: &payload,
+                        },
+                    );
                     return;
                 }
                 if let Some(ClientTransport::Udp { local, server }) = &node.transport {
                     if *server == from && local.port() == to.port() {
-                        node.client.handle_envelope(now, &payload);
+                        node.client.handle_input(now, Input::Envelope(&payload));
                     }
                 }
             }
@@ -686,11 +693,12 @@ fn session_input(
                 let mut accept = vec![session_wire::ACCEPT];
                 accept.extend_from_slice(&node.session_cert.unwrap_or_default());
                 net.send_datagram(local, from, &accept);
-                node.client.handle_peer_session_open(now, from);
+                node.client.handle_input(now, Input::PeerSessionOpen(from));
             }
             (Some(_), _) => {
                 net.send_datagram(local, from, &[session_wire::REFUSE]);
-                node.client.handle_peer_session_failed(now, from);
+                node.client
+                    .handle_input(now, Input::PeerSessionFailed(from));
             }
             (None, _) => node.session_dropped += 1,
         },
@@ -705,10 +713,11 @@ fn session_input(
             };
             if cert(body) == Some(s.expected) {
                 s.open = true;
-                node.client.handle_peer_session_open(now, from);
+                node.client.handle_input(now, Input::PeerSessionOpen(from));
             } else {
                 node.sessions.remove(&from);
-                node.client.handle_peer_session_failed(now, from);
+                node.client
+                    .handle_input(now, Input::PeerSessionFailed(from));
             }
         }
         (session_wire::REFUSE, _) => {
@@ -718,13 +727,19 @@ fn session_input(
                 .is_some_and(|s| s.initiator && !s.open)
             {
                 node.sessions.remove(&from);
-                node.client.handle_peer_session_failed(now, from);
+                node.client
+                    .handle_input(now, Input::PeerSessionFailed(from));
             }
         }
         (_, envelope) => {
             if node.sessions.get(&from).is_some_and(|s| s.open) {
-                node.client
-                    .handle_peer_session_datagram(now, from, envelope);
+                node.client.handle_input(
+                    now,
+                    Input::PeerSessionDatagram {
+                        path: from,
+                        datagram: envelope,
+                    },
+                );
             } else {
                 node.session_dropped += 1;
             }

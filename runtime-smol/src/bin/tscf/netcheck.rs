@@ -91,14 +91,8 @@ fn check(servers: &[SocketAddr]) -> std::io::Result<(Option<SocketAddr>, Vec<Ans
         .first()
         .copied();
     let seed = tscf_runtime_std::os_seed()?;
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&seed[..8]);
     let now = Instant::now();
-    let mut discovery = NatDiscovery::new(
-        NatDiscoveryConfig::new(servers.to_vec()),
-        u64::from_le_bytes(first),
-        now,
-    );
+    let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(servers.to_vec()), seed, now);
     let mut answers: Vec<Answer> = servers.iter().map(|_| Answer::TimedOut).collect();
     let mut buf = Vec::new();
     let mut datagram = vec![0u8; 2048];

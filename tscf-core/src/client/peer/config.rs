@@ -52,7 +52,7 @@ pub struct PeerConfig {
     /// candidates with transport TCP or TLS (at most
     /// [`MAX_STREAM_LISTENERS`](Self::MAX_STREAM_LISTENERS); default none). The runtime fills
     /// them in and reports accepted streams with
-    /// [`handle_peer_stream_accepted`](super::super::TunnelClient::handle_peer_stream_accepted).
+    /// [`Input::PeerStreamAccepted`](super::super::Input::PeerStreamAccepted).
     pub stream_listeners: Vec<(Transport, SocketAddr)>,
     /// SHA-256 of the certificate the runtime presents on secured peer paths (its TLS peer
     /// stream listener, its DTLS or QUIC peer sessions), sent as the Certificate Fingerprint

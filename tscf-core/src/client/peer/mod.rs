@@ -454,10 +454,10 @@ pub(in crate::client) struct PeerAgent {
 }
 
 impl PeerAgent {
-    pub(super) fn new(config: PeerConfig, rng_seed: u64) -> Self {
+    pub(super) fn new(config: PeerConfig, rng_seed: [u8; 32]) -> Self {
         Self {
             config,
-            rng: ChaCha20Rng::seed_from_u64(rng_seed ^ 0x7065_6572_5f61_6721),
+            rng: ChaCha20Rng::from_seed(rng_seed),
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,
@@ -774,11 +774,8 @@ impl TunnelClient {
         }
     }
 
-    /// One datagram received on the client's peer UDP socket, from `from`: STUN answers,
-    /// probes, the peer tunnels' control messages and data. Anything else is dropped and
-    /// counted.
-    pub fn handle_peer_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerDatagram`](super::Input::PeerDatagram).
+    pub(super) fn on_peer_datagram(&mut self, from: SocketAddr, datagram: &[u8]) {
         let Some((agent, mut cx)) = self.peer_cx() else {
             self.stats.peer.dropped_disabled += 1;
             return;
@@ -786,44 +783,29 @@ impl TunnelClient {
         agent.handle_datagram(&mut cx, from, datagram);
     }
 
-    /// The peer stream asked for with [`ClientEvent::OpenPeerStream`] is connected (for TLS,
-    /// its handshake done with the pinned fingerprint verified).
-    pub fn handle_peer_stream_open(&mut self, now: Instant, stream: PeerStreamId) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerStreamOpen`](super::Input::PeerStreamOpen).
+    pub(super) fn on_peer_stream_open(&mut self, stream: PeerStreamId) {
         if let Some((agent, mut cx)) = self.peer_cx() {
             agent.stream_open(&mut cx, stream);
         }
     }
 
-    /// The peer stream asked for with [`ClientEvent::OpenPeerStream`] could not be opened
-    /// (refused, timed out, or a TLS certificate that does not match the fingerprint).
-    pub fn handle_peer_stream_failed(&mut self, now: Instant, stream: PeerStreamId) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerStreamFailed`](super::Input::PeerStreamFailed).
+    pub(super) fn on_peer_stream_failed(&mut self, stream: PeerStreamId) {
         if let Some((agent, mut cx)) = self.peer_cx() {
             agent.stream_gone(&mut cx, stream, true);
         }
     }
 
-    /// An open peer stream (opened or accepted) ended or broke.
-    pub fn handle_peer_stream_lost(&mut self, now: Instant, stream: PeerStreamId) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerStreamLost`](super::Input::PeerStreamLost).
+    pub(super) fn on_peer_stream_lost(&mut self, stream: PeerStreamId) {
         if let Some((agent, mut cx)) = self.peer_cx() {
             agent.stream_gone(&mut cx, stream, false);
         }
     }
 
-    /// The runtime's peer stream listener accepted a stream (for TLS, after its handshake)
-    /// from `remote`, and named it `stream` (top bit clear, unique among its open streams).
-    /// The client may close it at once ([`ClientEvent::ClosePeerStream`]): too many pending,
-    /// a bad id, or peer tunneling off; and closes it if nothing valid arrives within the
-    /// establishment timeout.
-    pub fn handle_peer_stream_accepted(
-        &mut self,
-        now: Instant,
-        stream: PeerStreamId,
-        remote: SocketAddr,
-    ) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerStreamAccepted`](super::Input::PeerStreamAccepted).
+    pub(super) fn on_peer_stream_accepted(&mut self, stream: PeerStreamId, remote: SocketAddr) {
         match self.peer_cx() {
             Some((agent, mut cx)) => agent.stream_accepted(&mut cx, stream, remote),
             None => {
@@ -833,15 +815,8 @@ impl TunnelClient {
         }
     }
 
-    /// One whole envelope (as [`StreamDeframer`](crate::wire::StreamDeframer) yields it)
-    /// received on a peer stream.
-    pub fn handle_peer_stream_envelope(
-        &mut self,
-        now: Instant,
-        stream: PeerStreamId,
-        envelope: &[u8],
-    ) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerStreamEnvelope`](super::Input::PeerStreamEnvelope).
+    pub(super) fn on_peer_stream_envelope(&mut self, stream: PeerStreamId, envelope: &[u8]) {
         let Some((agent, mut cx)) = self.peer_cx() else {
             self.stats.peer.dropped_disabled += 1;
             return;
@@ -849,38 +824,22 @@ impl TunnelClient {
         agent.handle_stream_envelope(&mut cx, stream, envelope);
     }
 
-    /// The peer session on `path` is up: for the initiator, the one asked for with
-    /// [`ClientEvent::OpenPeerSession`] finished its handshake with the peer's certificate
-    /// verified against the pinned fingerprint; for the destination, a handshake from an address
-    /// authorised with [`ClientEvent::AcceptPeerSession`] finished with the initiator's
-    /// certificate verified. A session the client does not want is closed at once
-    /// ([`ClientEvent::ClosePeerSession`]).
-    pub fn handle_peer_session_open(&mut self, now: Instant, path: SocketAddr) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerSessionOpen`](super::Input::PeerSessionOpen).
+    pub(super) fn on_peer_session_open(&mut self, path: SocketAddr) {
         if let Some((agent, mut cx)) = self.peer_cx() {
             agent.session_open(&mut cx, path);
         }
     }
 
-    /// The peer session on `path` failed its handshake (a certificate that does not match the
-    /// fingerprint, refused, timed out) or, once open, ended or broke. The negotiation or
-    /// tunnel with that peer ends and its flows stay on (or return to) the relay.
-    pub fn handle_peer_session_failed(&mut self, now: Instant, path: SocketAddr) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerSessionFailed`](super::Input::PeerSessionFailed).
+    pub(super) fn on_peer_session_failed(&mut self, path: SocketAddr) {
         if let Some((agent, mut cx)) = self.peer_cx() {
             agent.session_failed(&mut cx, path);
         }
     }
 
-    /// One datagram the peer session on `path` carried, decrypted: one whole envelope, as
-    /// [`Destination::PeerSession`] transmits are.
-    pub fn handle_peer_session_datagram(
-        &mut self,
-        now: Instant,
-        path: SocketAddr,
-        datagram: &[u8],
-    ) {
-        self.advance_clock(now);
+    /// Handles [`Input::PeerSessionDatagram`](super::Input::PeerSessionDatagram).
+    pub(super) fn on_peer_session_datagram(&mut self, path: SocketAddr, datagram: &[u8]) {
         let Some((agent, mut cx)) = self.peer_cx() else {
             self.stats.peer.dropped_disabled += 1;
             return;

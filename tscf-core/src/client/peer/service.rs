@@ -105,11 +105,10 @@ impl PeerAgent {
                 return self.finish_discovery(cx, None, None);
             }
         };
-        let nat = NatDiscovery::new(
-            NatDiscoveryConfig::new(servers),
-            self.rng.next_u64(),
-            cx.now,
-        );
+        // Each run gets its own key from the agent's generator.
+        let mut seed = [0; 32];
+        self.rng.fill_bytes(&mut seed);
+        let nat = NatDiscovery::new(NatDiscoveryConfig::new(servers), seed, cx.now);
         self.discovery = Discovery::Running {
             nat: Box::new(nat),
             deadline: after(cx.now, self.config.discovery_timeout),

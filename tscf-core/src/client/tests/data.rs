@@ -66,7 +66,7 @@ fn packets_queue_while_reattaching_up_to_the_bound() {
     let mut h = Harness::new(config);
     h.take_events();
     h.connect(30_000);
-    h.client.handle_transport_lost(h.now);
+    h.client.handle_input(h.now, Input::TransportLost);
     h.drain();
     h.take_events();
     let packets: Vec<Vec<u8>> = (0..5u8).map(|i| udp_packet(ADDR, PEER, &[i])).collect();

@@ -101,12 +101,13 @@ impl Harness {
     }
 
     fn open(&mut self) {
-        self.client.handle_transport_open(self.now);
+        self.client.handle_input(self.now, Input::TransportOpen);
         self.drain();
     }
 
     fn deliver(&mut self, envelope: &[u8]) {
-        self.client.handle_envelope(self.now, envelope);
+        self.client
+            .handle_input(self.now, Input::Envelope(envelope));
         self.drain();
     }
 
@@ -323,7 +324,7 @@ fn stream_request_times_out_and_the_round_starts_over_with_backoff() {
         h.take_events(),
         [ClientEvent::OpenTransport { server: tcp() }]
     );
-    h.client.handle_transport_failed(h.now);
+    h.client.handle_input(h.now, Input::TransportFailed);
     h.drain();
     h.take_events();
     h.advance(ms(199));
@@ -396,7 +397,7 @@ fn fails_over_along_the_server_list() {
     );
     let mut h = Harness::with_servers(vec![a, b, c]);
     assert_eq!(h.take_events(), [ClientEvent::OpenTransport { server: a }]);
-    h.client.handle_transport_failed(h.now);
+    h.client.handle_input(h.now, Input::TransportFailed);
     h.drain();
     assert_eq!(
         h.take_events(),
@@ -491,7 +492,7 @@ fn idle_keepalive_then_silence_then_reattach() {
     assert_eq!(h.client.stats().reattaches, 1);
 
     // The next re-attach presents the fresh secret.
-    h.client.handle_transport_lost(h.now);
+    h.client.handle_input(h.now, Input::TransportLost);
     h.drain();
     assert_eq!(
         h.take_events(),
@@ -538,7 +539,7 @@ fn refused_reattach_gets_a_fresh_tunnel_on_the_same_transport() {
     let mut h = Harness::with_servers(vec![tcp()]);
     h.take_events();
     h.connect(30_000);
-    h.client.handle_transport_lost(h.now);
+    h.client.handle_input(h.now, Input::TransportLost);
     h.drain();
     h.take_events();
     let packet = udp_packet(ADDR, PEER, b"old");
@@ -813,8 +814,8 @@ fn sequence_numbers_increment_from_a_seeded_start() {
         h.open();
         decode(&h.take_control()).header.sequence
     };
-    assert_eq!(first_sequence(1), first_sequence(1));
-    assert_ne!(first_sequence(1), first_sequence(2));
+    assert_eq!(first_sequence([1; 32]), first_sequence([1; 32]));
+    assert_ne!(first_sequence([1; 32]), first_sequence([2; 32]));
 
     let mut h = Harness::with_servers(vec![tcp()]);
     h.take_events();
@@ -864,7 +865,7 @@ fn reattach_retries_its_server_after_backoff_then_fails_over() {
     let mut h = Harness::with_servers(vec![a, b]);
     h.take_events();
     h.connect(30_000);
-    h.client.handle_transport_lost(h.now);
+    h.client.handle_input(h.now, Input::TransportLost);
     h.drain();
     assert_eq!(
         h.take_events(),
@@ -873,7 +874,7 @@ fn reattach_retries_its_server_after_backoff_then_fails_over() {
             ClientEvent::OpenTransport { server: a },
         ]
     );
-    h.client.handle_transport_failed(h.now);
+    h.client.handle_input(h.now, Input::TransportFailed);
     h.drain();
     assert_eq!(
         h.take_events(),
@@ -884,7 +885,7 @@ fn reattach_retries_its_server_after_backoff_then_fails_over() {
     );
     h.advance(ms(100));
     assert_eq!(h.take_events(), [ClientEvent::OpenTransport { server: a }]);
-    h.client.handle_transport_failed(h.now);
+    h.client.handle_input(h.now, Input::TransportFailed);
     h.drain();
     assert_eq!(
         h.take_events(),

@@ -12,6 +12,32 @@ const PUBLIC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113,
 const REMOTE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9)), 5000);
 const TOKEN: [u8; 16] = *b"one-time token!!";
 
+impl Harness {
+    /// A datagram on the peer socket from `from`, at the current time.
+    fn peer_datagram(&mut self, from: SocketAddr, datagram: &[u8]) {
+        let input = Input::PeerDatagram { from, datagram };
+        self.client.handle_input(self.now, input);
+    }
+
+    /// A peer stream the runtime accepted, at the current time.
+    fn peer_stream_accepted(&mut self, stream: PeerStreamId, remote: SocketAddr) {
+        let input = Input::PeerStreamAccepted { stream, remote };
+        self.client.handle_input(self.now, input);
+    }
+
+    /// An envelope on a peer stream, at the current time.
+    fn peer_stream_envelope(&mut self, stream: PeerStreamId, envelope: &[u8]) {
+        let input = Input::PeerStreamEnvelope { stream, envelope };
+        self.client.handle_input(self.now, input);
+    }
+
+    /// A datagram a peer session carried, at the current time.
+    fn peer_session_datagram(&mut self, path: SocketAddr, datagram: &[u8]) {
+        let input = Input::PeerSessionDatagram { path, datagram };
+        self.client.handle_input(self.now, input);
+    }
+}
+
 /// A connected peer-enabled client whose NAT discovery has finished; returns it with the
 /// Announce it sent.
 fn peer_client() -> (Harness, Vec<u8>) {
@@ -39,7 +65,7 @@ fn peer_client_with(adjust: impl FnOnce(&mut PeerConfig)) -> (Harness, Vec<u8>) 
     assert!(stun::is_stun(&binding));
     let mut answer = Vec::new();
     stun::answer_binding_request(&binding, PUBLIC, &mut answer).expect("valid request");
-    h.client.handle_peer_datagram(h.now, STUN, &answer);
+    h.peer_datagram(STUN, &answer);
     h.drain();
     assert!(h.take_events().contains(&ClientEvent::NatDiscovered {
         public: Some(PUBLIC),
@@ -148,10 +174,9 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     response
         .encode_envelope_with_integrity(&[0; 16], &mut forged)
         .expect("encodable");
-    h.client.handle_peer_datagram(h.now, REMOTE, &forged);
+    h.peer_datagram(REMOTE, &forged);
     assert_eq!(h.client.stats().peer.integrity_failures, 1);
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &signed(&response));
+    h.peer_datagram(REMOTE, &signed(&response));
     h.drain();
     let (to, config) = h.peer_sent.pop().expect("a Configuration Request");
     assert_eq!(to, REMOTE);
@@ -168,7 +193,7 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     let mut done = Message::response_to(&config_msg.header, ResultCode::SUCCESS);
     done.header.tunnel_id = 77;
     done.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client.handle_peer_datagram(h.now, REMOTE, &signed(&done));
+    h.peer_datagram(REMOTE, &signed(&done));
     h.drain();
     let up = h.take_events();
     assert!(
@@ -197,9 +222,9 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     assert!(h.take_sent().is_empty());
     // Data from the peer on the path is received; from elsewhere it is dropped.
     let inbound = data_envelope(&media(PEER, ADDR));
-    h.client.handle_peer_datagram(h.now, PUBLIC, &inbound);
+    h.peer_datagram(PUBLIC, &inbound);
     assert_eq!(h.client.stats().peer.dropped_bad_data, 1);
-    h.client.handle_peer_datagram(h.now, REMOTE, &inbound);
+    h.peer_datagram(REMOTE, &inbound);
     let mut got = Vec::new();
     assert!(h.client.recv_ip(&mut got));
     assert_eq!(got, media(PEER, ADDR));
@@ -250,8 +275,7 @@ fn destination_answers_probes_and_rejects_unsigned_configuration() {
     let elsewhere = SocketAddr::from(([198, 51, 100, 9], 41_000));
     let mut probe = Message::new(MessageType::PEER_PROBE, 5, 0);
     probe.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client
-        .handle_peer_datagram(h.now, elsewhere, &signed(&probe));
+    h.peer_datagram(elsewhere, &signed(&probe));
     h.drain();
     let (to, reply) = h.peer_sent.pop().expect("a probe response");
     assert_eq!(to, elsewhere);
@@ -262,8 +286,7 @@ fn destination_answers_probes_and_rejects_unsigned_configuration() {
     // Without valid integrity: Unauthorized, nothing changes.
     let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
     config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client
-        .handle_peer_datagram(h.now, elsewhere, &encode(&config));
+    h.peer_datagram(elsewhere, &encode(&config));
     h.drain();
     let (_, refused) = h.peer_sent.pop().expect("an answer");
     assert_eq!(
@@ -273,8 +296,7 @@ fn destination_answers_probes_and_rejects_unsigned_configuration() {
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
 
     // Signed: up on that address, answered with a tunnel id; a duplicate gets the same answer.
-    h.client
-        .handle_peer_datagram(h.now, elsewhere, &signed(&config));
+    h.peer_datagram(elsewhere, &signed(&config));
     h.drain();
     let (_, accepted) = h.peer_sent.pop().expect("an answer");
     let accepted_msg = decode(&accepted);
@@ -285,8 +307,7 @@ fn destination_answers_probes_and_rejects_unsigned_configuration() {
         h.client.peer_path(IpAddr::V4(PEER)),
         PeerPath::Peer(elsewhere)
     );
-    h.client
-        .handle_peer_datagram(h.now, elsewhere, &signed(&config));
+    h.peer_datagram(elsewhere, &signed(&config));
     h.drain();
     assert_eq!(h.peer_sent.pop().map(|(_, b)| b), Some(accepted));
     assert_eq!(h.client.stats().peer.unauthorized_sent, 1);
@@ -319,7 +340,7 @@ fn garbage_on_the_peer_socket_is_counted() {
         &[0x04, 0, 4, 0x45],
         &[0xff; 40],
     ] {
-        h.client.handle_peer_datagram(h.now, REMOTE, datagram);
+        h.peer_datagram(REMOTE, datagram);
     }
     let stats = h.client.stats().peer;
     assert_eq!(
@@ -345,8 +366,7 @@ fn a_policy_may_keep_the_peer_tunnel_when_the_peer_server_tunnel_goes() {
     h.take_control();
     let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
     config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &signed(&config));
+    h.peer_datagram(REMOTE, &signed(&config));
     h.drain();
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
 
@@ -435,7 +455,7 @@ fn initiator_falls_back_to_a_pinned_stream_when_udp_is_silent() {
     assert_ne!(stream.0 & PeerStreamId::CLIENT_CHOSEN, 0);
 
     // Open: the signed Configuration Request goes on the stream, once.
-    h.client.handle_peer_stream_open(h.now, stream);
+    h.client.handle_input(h.now, Input::PeerStreamOpen(stream));
     h.drain();
     let (on, config) = h.stream_sent.pop().expect("a Configuration Request");
     assert_eq!(on, stream);
@@ -452,9 +472,8 @@ fn initiator_falls_back_to_a_pinned_stream_when_udp_is_silent() {
     done.header.tunnel_id = 78;
     done.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
     // The same answer over UDP is not for this path.
-    h.client.handle_peer_datagram(h.now, REMOTE, &signed(&done));
-    h.client
-        .handle_peer_stream_envelope(h.now, stream, &signed(&done));
+    h.peer_datagram(REMOTE, &signed(&done));
+    h.peer_stream_envelope(stream, &signed(&done));
     h.drain();
     assert!(h.take_events().iter().any(|e| matches!(
         e,
@@ -474,8 +493,7 @@ fn initiator_falls_back_to_a_pinned_stream_when_udp_is_silent() {
     h.drain();
     assert_eq!(h.stream_sent.len(), 1);
     assert_eq!(h.stream_sent[0].1[0], EnvelopeType::DATA.0);
-    h.client
-        .handle_peer_stream_envelope(h.now, stream, &data_envelope(&media(PEER, ADDR)));
+    h.peer_stream_envelope(stream, &data_envelope(&media(PEER, ADDR)));
     let mut got = Vec::new();
     assert!(h.client.recv_ip(&mut got));
     h.advance(ms(510));
@@ -485,7 +503,7 @@ fn initiator_falls_back_to_a_pinned_stream_when_udp_is_silent() {
         .any(|(_, b)| decode_any(b) == Some(MessageType::KEEPALIVE)));
 
     // The stream breaks: back on the relay.
-    h.client.handle_peer_stream_lost(h.now, stream);
+    h.client.handle_input(h.now, Input::PeerStreamLost(stream));
     h.drain();
     assert!(h.take_events().contains(&ClientEvent::PeerTunnelDown {
         peer: IpAddr::V4(PEER),
@@ -510,7 +528,8 @@ fn a_failed_stream_leaves_the_flow_on_the_relay() {
     let mut h = initiator_with_stream_candidates();
     h.advance(ms(550));
     let (stream, ..) = open_request(&h.take_events()).expect("a stream");
-    h.client.handle_peer_stream_failed(h.now, stream);
+    h.client
+        .handle_input(h.now, Input::PeerStreamFailed(stream));
     h.drain();
     assert_eq!(h.client.stats().peer.stream_failures, 1);
     // No other stream candidate: it stays on the relay until the setup times out.
@@ -557,12 +576,10 @@ fn destination_announces_stream_listeners_and_answers_on_an_accepted_stream() {
     assert_eq!(answer, Some(FINGERPRINT));
 
     let stream = PeerStreamId(1);
-    h.client
-        .handle_peer_stream_accepted(h.now, stream, STREAM_REMOTE);
+    h.peer_stream_accepted(stream, STREAM_REMOTE);
     let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
     config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client
-        .handle_peer_stream_envelope(h.now, stream, &encode(&config));
+    h.peer_stream_envelope(stream, &encode(&config));
     h.drain();
     let (on, refused) = h.stream_sent.pop().expect("Unauthorized");
     assert_eq!(on, stream);
@@ -570,8 +587,7 @@ fn destination_announces_stream_listeners_and_answers_on_an_accepted_stream() {
         decode(&refused).tlvs.result_code,
         Some(ResultCode::UNAUTHORIZED)
     );
-    h.client
-        .handle_peer_stream_envelope(h.now, stream, &signed(&config));
+    h.peer_stream_envelope(stream, &signed(&config));
     h.drain();
     let (_, accepted) = h.stream_sent.pop().expect("an answer");
     assert_eq!(
@@ -597,14 +613,11 @@ fn destination_announces_stream_listeners_and_answers_on_an_accepted_stream() {
 #[test]
 fn silent_and_excess_accepted_streams_are_closed() {
     let (mut h, _) = peer_client();
-    h.client
-        .handle_peer_stream_accepted(h.now, PeerStreamId(PeerStreamId::CLIENT_CHOSEN), REMOTE);
+    h.peer_stream_accepted(PeerStreamId(PeerStreamId::CLIENT_CHOSEN), REMOTE);
     for n in 0..17 {
-        h.client
-            .handle_peer_stream_accepted(h.now, PeerStreamId(n), REMOTE);
+        h.peer_stream_accepted(PeerStreamId(n), REMOTE);
     }
-    h.client
-        .handle_peer_stream_envelope(h.now, PeerStreamId(3), &[0xff; 20]);
+    h.peer_stream_envelope(PeerStreamId(3), &[0xff; 20]);
     h.drain();
     let closed = |events: &[ClientEvent]| {
         events
@@ -619,11 +632,7 @@ fn silent_and_excess_accepted_streams_are_closed() {
     h.advance(ms(3001));
     assert_eq!(closed(&h.take_events()), 16);
     assert_eq!(h.client.stats().peer.streams_idle_closed, 16);
-    h.client.handle_peer_stream_envelope(
-        h.now,
-        PeerStreamId(3),
-        &data_envelope(&media(PEER, ADDR)),
-    );
+    h.peer_stream_envelope(PeerStreamId(3), &data_envelope(&media(PEER, ADDR)));
     assert_eq!(h.client.stats().peer.dropped_unknown_stream, 1);
 }
 
@@ -666,12 +675,10 @@ fn a_secured_destination_authorises_probes_and_configures_only_inside_the_sessio
     // A probe that does not verify authorises nothing; a verified one authorises its source.
     let mut probe = Message::new(MessageType::PEER_PROBE, 5, 0);
     probe.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &encode(&probe));
+    h.peer_datagram(REMOTE, &encode(&probe));
     h.drain();
     assert!(h.take_events().is_empty());
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &signed(&probe));
+    h.peer_datagram(REMOTE, &signed(&probe));
     h.drain();
     assert_eq!(
         h.take_events(),
@@ -687,11 +694,9 @@ fn a_secured_destination_authorises_probes_and_configures_only_inside_the_sessio
     let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
     config.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
     h.peer_sent.clear();
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &signed(&config));
+    h.peer_datagram(REMOTE, &signed(&config));
     let other = SocketAddr::from(([198, 51, 100, 77], 5000));
-    h.client
-        .handle_peer_datagram(h.now, other, &signed(&config));
+    h.peer_datagram(other, &signed(&config));
     h.drain();
     assert!(h
         .peer_sent
@@ -701,14 +706,12 @@ fn a_secured_destination_authorises_probes_and_configures_only_inside_the_sessio
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
 
     // Inside a session from an address never authorised: dropped too.
-    h.client
-        .handle_peer_session_datagram(h.now, other, &signed(&config));
+    h.peer_session_datagram(other, &signed(&config));
     assert_eq!(h.client.stats().peer.dropped_unknown_session, 1);
 
     // Inside the session: answered there, and up on it.
-    h.client.handle_peer_session_open(h.now, REMOTE);
-    h.client
-        .handle_peer_session_datagram(h.now, REMOTE, &signed(&config));
+    h.client.handle_input(h.now, Input::PeerSessionOpen(REMOTE));
+    h.peer_session_datagram(REMOTE, &signed(&config));
     h.drain();
     let (to, accepted) = h.session_sent.pop().expect("an answer in the session");
     assert_eq!(to, REMOTE);
@@ -725,17 +728,16 @@ fn a_secured_destination_authorises_probes_and_configures_only_inside_the_sessio
     );
     // Data goes in the session; plain data from the path is dropped.
     let packet = media(PEER, ADDR);
-    h.client
-        .handle_peer_datagram(h.now, REMOTE, &data_envelope(&packet));
+    h.peer_datagram(REMOTE, &data_envelope(&packet));
     assert_eq!(h.client.stats().peer.dropped_plain_on_secure, 3);
     assert_eq!(h.client.stats().peer.data_received, 0);
-    h.client
-        .handle_peer_session_datagram(h.now, REMOTE, &data_envelope(&packet));
+    h.peer_session_datagram(REMOTE, &data_envelope(&packet));
     assert_eq!(h.client.stats().peer.data_received, 1);
 
     // The session breaks: back on the relay, and the runtime is told to close it.
     h.take_events();
-    h.client.handle_peer_session_failed(h.now, REMOTE);
+    h.client
+        .handle_input(h.now, Input::PeerSessionFailed(REMOTE));
     h.drain();
     let events = h.take_events();
     assert!(events.contains(&ClientEvent::ClosePeerSession { path: REMOTE }));
@@ -781,7 +783,7 @@ fn nat_discovery_asks_the_stun_responder_the_director_announced() {
                 assert_eq!(to, responder);
                 let mut answer = Vec::new();
                 stun::answer_binding_request(&binding, PUBLIC, &mut answer).expect("valid");
-                h.client.handle_peer_datagram(h.now, responder, &answer);
+                h.peer_datagram(responder, &answer);
                 h.drain();
                 vec![
                     (CandidateKind::HOST, LOCAL),
