@@ -40,6 +40,7 @@
 //! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
 //! - [`client`]: the tunnel client state machine (configuration, keepalive, re-attach,
 //!   release, inner packets).
+//! - [`inner`]: the client's inner UDP stack (packets, the table of inner sockets).
 #![cfg_attr(
     feature = "tls",
     doc = "- [`tls`]: rustls configurations with the ring provider: pinned fingerprints, CA files, \
@@ -49,6 +50,11 @@
     feature = "dtls",
     doc = "- [`dtls`]: DTLS 1.2 associations with many addresses over one UDP socket (rtc-dtls), \
            their configurations, and DTLS peer sessions."
+)]
+#![cfg_attr(
+    feature = "host",
+    doc = "- [`io`], [`server`], [`tunnel`]: the hosts a runtime drives, a director or a client \
+           behind its sockets, and what they ask of the runtime."
 )]
 #![cfg_attr(
     feature = "sim",
@@ -64,8 +70,16 @@
 
 pub mod client;
 pub mod director;
+pub mod inner;
 pub mod stun;
 pub mod wire;
+
+#[cfg(feature = "host")]
+pub mod io;
+#[cfg(feature = "host")]
+pub mod server;
+#[cfg(feature = "host")]
+pub mod tunnel;
 
 #[cfg(feature = "dtls")]
 pub mod dtls;

@@ -1,0 +1,513 @@
+//! The client's inner UDP stack: datagrams between internal addresses, carried as IPv4 or IPv6
+//! packets in the tunnel and handed to inner sockets by destination port.
+//!
+//! The table of bound ports and the building and parsing of packets live here; the receive
+//! queue of each socket is the runtime's, built around its own way of waking a reader (a
+//! condition variable for threads, an event for tasks) over [`Datagrams`], which holds the
+//! datagrams and reuses their buffers. A runtime's inner socket reads its queue without taking
+//! the tunnel's lock, so a busy receiver does not slow the tunnel down.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etherparse::{
+    IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice, UdpHeader,
+};
+use rustc_hash::FxHashMap;
+
+use crate::client::{SendError, TunnelClient};
+
+/// Hop limit of the inner packets sent.
+const INNER_TTL: u8 = 64;
+/// The ports port 0 picks from.
+const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
+/// Buffers a queue keeps for reuse once their datagram is read, at most.
+const SPARE_BUFFERS: usize = 64;
+/// The largest buffer kept for reuse: a full-sized inner packet's payload fits, while a rare
+/// large datagram's buffer is freed rather than kept.
+const SPARE_CAPACITY: usize = 2048;
+
+/// The tunnel's internal IPv4 address (IPv6 if it has none) and `port`.
+pub fn local_addr(client: &TunnelClient, port: u16) -> io::Result<SocketAddr> {
+    let ip = client
+        .internal_ipv4()
+        .map(IpAddr::V4)
+        .or(client.internal_ipv6().map(IpAddr::V6))
+        .ok_or_else(no_tunnel)?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Wraps `payload` in a UDP packet from the tunnel's internal address of `dst`'s family and
+/// `port` to `dst`, and hands it to `client`. `packet` is scratch space for the packet, kept by
+/// the caller so that a send allocates nothing. Errors as an inner socket reports them: no
+/// tunnel yet is [`io::ErrorKind::NotConnected`], a full send queue
+/// [`io::ErrorKind::WouldBlock`], a packet larger than the tunnel carries
+/// [`io::ErrorKind::InvalidInput`].
+pub fn send_udp(
+    client: &mut TunnelClient,
+    now: Instant,
+    port: u16,
+    dst: SocketAddr,
+    payload: &[u8],
+    packet: &mut Vec<u8>,
+) -> io::Result<()> {
+    let from = match dst.ip() {
+        IpAddr::V4(_) => client.internal_ipv4().map(IpAddr::V4),
+        IpAddr::V6(_) => client.internal_ipv6().map(IpAddr::V6),
+    };
+    let from = SocketAddr::new(from.ok_or_else(no_tunnel)?, port);
+    write_udp(packet, from, dst, payload)?;
+    client.send_ip(now, packet).map_err(send_error)
+}
+
+/// Writes into `packet` (replacing what it held) the IPv4 or IPv6 UDP packet from `from` to
+/// `to` that carries `payload`, with both checksums: what etherparse's `PacketBuilder` writes,
+/// without its intermediate steps. `from` and `to` are of the same family.
+fn write_udp(
+    packet: &mut Vec<u8>,
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: &[u8],
+) -> io::Result<()> {
+    let udp_len = u16::try_from(UdpHeader::LEN + payload.len())
+        .map_err(|_| invalid("UDP payload too long"))?;
+    packet.clear();
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(source), IpAddr::V4(destination)) => {
+            let mut ip = Ipv4Header::new(
+                udp_len,
+                INNER_TTL,
+                IpNumber::UDP,
+                source.octets(),
+                destination.octets(),
+            )
+            .map_err(invalid)?;
+            ip.header_checksum = ip.calc_header_checksum();
+            let udp = UdpHeader::with_ipv4_checksum(from.port(), to.port(), &ip, payload)
+                .map_err(invalid)?;
+            packet.reserve(Ipv4Header::MIN_LEN + usize::from(udp_len));
+            packet.extend_from_slice(&ip.to_bytes());
+            packet.extend_from_slice(&udp.to_bytes());
+        }
+        (IpAddr::V6(source), IpAddr::V6(destination)) => {
+            let ip = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: udp_len,
+                next_header: IpNumber::UDP,
+                hop_limit: INNER_TTL,
+                source: source.octets(),
+                destination: destination.octets(),
+            };
+            let udp = UdpHeader::with_ipv6_checksum(from.port(), to.port(), &ip, payload)
+                .map_err(invalid)?;
+            packet.reserve(Ipv6Header::LEN + usize::from(udp_len));
+            packet.extend_from_slice(&ip.to_bytes());
+            packet.extend_from_slice(&udp.to_bytes());
+        }
+        _ => return Err(invalid("source and destination of different families")),
+    }
+    packet.extend_from_slice(payload);
+    Ok(())
+}
+
+/// A UDP datagram received in the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpDatagram<'a> {
+    /// The sender's internal address and port.
+    pub from: SocketAddr,
+    /// The destination port: the inner socket it is for.
+    pub port: u16,
+    /// The UDP payload.
+    pub payload: &'a [u8],
+}
+
+/// The UDP datagram an inner IP packet carries; `None` if it is not IPv4 or IPv6 UDP.
+pub fn parse_udp(packet: &[u8]) -> Option<UdpDatagram<'_>> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let from_ip = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
+        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
+        _ => return None,
+    };
+    let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+        return None;
+    };
+    Some(UdpDatagram {
+        from: SocketAddr::new(from_ip, udp.source_port()),
+        port: udp.destination_port(),
+        payload: udp.payload(),
+    })
+}
+
+/// Checks a read timeout as std sockets do: zero is an error.
+pub fn check_read_timeout(timeout: Option<Duration>) -> io::Result<()> {
+    if timeout == Some(Duration::ZERO) {
+        return Err(invalid("zero read timeout"));
+    }
+    Ok(())
+}
+
+/// The error of a read on an inner socket whose tunnel is gone.
+pub fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the tunnel is closed")
+}
+
+/// The error of a read that waited its whole timeout.
+pub fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::WouldBlock, "read timed out")
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+fn no_tunnel() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet")
+}
+
+fn send_error(e: SendError) -> io::Error {
+    let kind = match e {
+        SendError::NotConnected => io::ErrorKind::NotConnected,
+        SendError::Closed => io::ErrorKind::BrokenPipe,
+        SendError::QueueFull => io::ErrorKind::WouldBlock,
+        _ => io::ErrorKind::InvalidInput,
+    };
+    io::Error::new(kind, e)
+}
+
+/// The receive queue of one inner socket, as a runtime builds it around its own wake-up over
+/// [`Datagrams`].
+pub trait DatagramQueue {
+    /// Queues `payload` from `from` and wakes a reader; false (and nothing queued) if the
+    /// queue is full.
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool;
+    /// The tunnel is gone: wake every reader for good.
+    fn close(&self);
+}
+
+/// What [`SocketTable::deliver`] did with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the socket bound to its port.
+    Queued,
+    /// Not an IPv4 or IPv6 UDP packet.
+    NotUdp,
+    /// No socket is bound to its destination port.
+    Unbound,
+    /// The socket's queue is full.
+    QueueFull,
+}
+
+/// The inner sockets of a tunnel: the receive queue bound to each port, and which port 0
+/// picks next.
+#[derive(Debug)]
+pub struct SocketTable<Q> {
+    /// Keyed by the port of an inner socket of this tunnel, which the application binds: no
+    /// one on the network picks these keys, so a fast unkeyed hash will do.
+    queues: FxHashMap<u16, Arc<Q>>,
+    next_port: u16,
+}
+
+impl<Q> Default for SocketTable<Q> {
+    fn default() -> Self {
+        Self {
+            queues: FxHashMap::default(),
+            next_port: *EPHEMERAL_PORTS.start(),
+        }
+    }
+}
+
+impl<Q: DatagramQueue> SocketTable<Q> {
+    /// No socket bound.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Binds `port` to a queue made by `queue`; port 0 picks a free one from 49152 up
+    /// (round-robin, so that a port just unbound is not reused at once). A bound port is
+    /// [`io::ErrorKind::AddrInUse`]. Returns the port and the queue.
+    pub fn bind(&mut self, port: u16, queue: impl FnOnce() -> Q) -> io::Result<(u16, Arc<Q>)> {
+        let port = if port == 0 {
+            self.free_port()?
+        } else if self.queues.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("inner port {port} is bound"),
+            ));
+        } else {
+            port
+        };
+        let queue = Arc::new(queue());
+        self.queues.insert(port, queue.clone());
+        Ok((port, queue))
+    }
+
+    /// Unbinds `port`.
+    pub fn remove(&mut self, port: u16) {
+        self.queues.remove(&port);
+    }
+
+    /// Closes every queue: their readers see the tunnel gone.
+    pub fn close_all(&self) {
+        for queue in self.queues.values() {
+            queue.close();
+        }
+    }
+
+    /// Hands one inner packet received from the tunnel to the socket bound to its destination
+    /// port, and says what became of it.
+    pub fn deliver(&self, packet: &[u8]) -> Delivery {
+        let Some(datagram) = parse_udp(packet) else {
+            return Delivery::NotUdp;
+        };
+        let Some(queue) = self.queues.get(&datagram.port) else {
+            return Delivery::Unbound;
+        };
+        if queue.push(datagram.payload, datagram.from) {
+            Delivery::Queued
+        } else {
+            Delivery::QueueFull
+        }
+    }
+
+    fn free_port(&mut self) -> io::Result<u16> {
+        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start();
+        for _ in 0..=span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                port + 1
+            };
+            if !self.queues.contains_key(&port) {
+                return Ok(port);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free inner port",
+        ))
+    }
+}
+
+/// The datagrams waiting on one inner socket, oldest first, at most `limit`, and the buffers
+/// of datagrams already read, so that a steady flow reuses them instead of allocating one per
+/// datagram. A runtime keeps it behind its own lock, beside its wake-up.
+#[derive(Debug)]
+pub struct Datagrams {
+    queued: VecDeque<(Vec<u8>, SocketAddr)>,
+    spare: Vec<Vec<u8>>,
+    limit: usize,
+    closed: bool,
+}
+
+impl Datagrams {
+    /// An empty queue of at most `limit` datagrams (at least one).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            queued: VecDeque::new(),
+            spare: Vec::new(),
+            limit: limit.max(1),
+            closed: false,
+        }
+    }
+
+    /// Queues a copy of `payload` from `from`; false (nothing queued) when `limit` wait.
+    pub fn push(&mut self, payload: &[u8], from: SocketAddr) -> bool {
+        if self.queued.len() >= self.limit {
+            return false;
+        }
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        data.extend_from_slice(payload);
+        self.queued.push_back((data, from));
+        true
+    }
+
+    /// Copies the oldest datagram into `buf` (truncating it, like UDP) and says its length and
+    /// sender; `Ok(None)` if none waits, and [`closed`] if none waits and the tunnel is gone.
+    pub fn pop(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+        let Some((data, from)) = self.queued.pop_front() else {
+            return if self.closed { Err(closed()) } else { Ok(None) };
+        };
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        if self.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_CAPACITY {
+            self.spare.push(data);
+        }
+        Ok(Some((n, from)))
+    }
+
+    /// Marks the tunnel gone: once drained, reads fail with [`closed`].
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Whether the tunnel is gone.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+    use std::sync::Mutex;
+
+    #[test]
+    fn parse_finds_the_datagram_and_refuses_other_packets() {
+        let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, 6000);
+        let mut packet = Vec::new();
+        builder.write(&mut packet, b"rtp").expect("a packet");
+        let d = parse_udp(&packet).expect("a UDP packet");
+        assert_eq!(d.from, SocketAddr::from(([10, 77, 0, 2], 5004)));
+        assert_eq!(d.port, 6000);
+        assert_eq!(d.payload, b"rtp");
+        let builder = PacketBuilder::ipv6([1; 16], [2; 16], 64).tcp(1, 2, 0, 1024);
+        let mut tcp = Vec::new();
+        builder.write(&mut tcp, b"x").expect("a packet");
+        assert_eq!(parse_udp(&tcp), None);
+        assert_eq!(parse_udp(&packet[..10]), None);
+        assert!(check_read_timeout(Some(Duration::ZERO)).is_err());
+        assert!(check_read_timeout(None).is_ok());
+    }
+
+    #[test]
+    fn packets_written_are_those_of_the_packet_builder() {
+        let cases = [
+            (
+                SocketAddr::from(([10, 77, 0, 2], 49_152)),
+                SocketAddr::from(([10, 77, 0, 3], 9000)),
+            ),
+            (
+                SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 2], 5004)),
+                SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 3], 6000)),
+            ),
+        ];
+        let mut packet = b"left over from an earlier packet".to_vec();
+        for (from, to) in cases {
+            for payload in [&b""[..], b"rtp", &[0xa5; 1372], &[0xff; 1201]] {
+                let builder = match (from.ip(), to.ip()) {
+                    (IpAddr::V4(a), IpAddr::V4(b)) => {
+                        PacketBuilder::ipv4(a.octets(), b.octets(), INNER_TTL)
+                    }
+                    (IpAddr::V6(a), IpAddr::V6(b)) => {
+                        PacketBuilder::ipv6(a.octets(), b.octets(), INNER_TTL)
+                    }
+                    _ => unreachable!("one family per case"),
+                }
+                .udp(from.port(), to.port());
+                let mut expected = Vec::new();
+                builder.write(&mut expected, payload).expect("a packet");
+                write_udp(&mut packet, from, to, payload).expect("a packet");
+                assert_eq!(packet, expected, "{from} to {to}, {} octets", payload.len());
+                let d = parse_udp(&packet).expect("a UDP packet");
+                assert_eq!((d.from, d.port, d.payload), (from, to.port(), payload));
+            }
+        }
+        let v6 = SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 3], 6000));
+        let err = write_udp(&mut packet, cases[0].0, v6, b"x").expect_err("mixed families");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let err = write_udp(&mut packet, cases[0].0, cases[0].1, &[0; 65_528])
+            .expect_err("too long for UDP");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// A queue over [`Datagrams`] behind a plain mutex, as a runtime builds one.
+    #[derive(Debug)]
+    struct Queue(Mutex<Datagrams>);
+
+    impl DatagramQueue for Queue {
+        fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+            self.0.lock().expect("not poisoned").push(payload, from)
+        }
+        fn close(&self) {
+            self.0.lock().expect("not poisoned").close();
+        }
+    }
+
+    #[test]
+    fn the_socket_table_binds_picks_free_ports_and_says_what_it_cannot_deliver() {
+        let mut table = SocketTable::<Queue>::new();
+        let one = || Queue(Mutex::new(Datagrams::new(1)));
+        let (port, _) = table.bind(0, one).expect("a free port");
+        assert_eq!(port, 49_152);
+        let (port, queue) = table.bind(6000, one).expect("port 6000");
+        assert_eq!(port, 6000);
+        let err = table.bind(6000, one).expect_err("port 6000 is bound");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // Port 0 goes on round-robin rather than reusing a port just unbound.
+        table.remove(49_152);
+        assert_eq!(table.bind(0, one).expect("a free port").0, 49_153);
+
+        let datagram = |to: u16| {
+            let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, to);
+            let mut packet = Vec::new();
+            builder.write(&mut packet, b"rtp").expect("a packet");
+            packet
+        };
+        assert_eq!(table.deliver(&datagram(6000)), Delivery::Queued);
+        assert_eq!(table.deliver(&datagram(6000)), Delivery::QueueFull);
+        assert_eq!(table.deliver(&datagram(7000)), Delivery::Unbound);
+        assert_eq!(table.deliver(b"not a packet"), Delivery::NotUdp);
+        let mut buf = [0u8; 16];
+        let got = queue.0.lock().expect("not poisoned").pop(&mut buf);
+        assert_eq!(
+            got.expect("open"),
+            Some((3, SocketAddr::from(([10, 77, 0, 2], 5004))))
+        );
+        assert_eq!(&buf[..3], b"rtp");
+        table.close_all();
+        let err = queue.0.lock().expect("not poisoned").pop(&mut buf);
+        assert_eq!(err.expect_err("closed").kind(), io::ErrorKind::NotConnected);
+    }
+
+    #[test]
+    fn datagrams_keep_order_stop_at_their_limit_and_keep_few_small_buffers() {
+        let limit = SPARE_BUFFERS + 4;
+        let mut queue = Datagrams::new(limit);
+        let from = SocketAddr::from(([10, 77, 0, 2], 5004));
+        let mut buf = [0u8; 4096];
+        assert_eq!(queue.pop(&mut buf).expect("open"), None);
+        for round in 0..3u8 {
+            for i in 0..limit {
+                assert!(queue.push(&[round, i as u8, 7], from));
+            }
+            assert!(!queue.push(b"one too many", from), "the limit holds");
+            for i in 0..limit {
+                assert_eq!(queue.pop(&mut buf).expect("open"), Some((3, from)));
+                assert_eq!(buf[..3], [round, i as u8, 7], "oldest first");
+            }
+            assert_eq!(queue.pop(&mut buf).expect("open"), None);
+            assert_eq!(queue.spare.len(), SPARE_BUFFERS);
+        }
+        // A reused buffer holds the new datagram only, and a short read truncates.
+        assert!(queue.push(b"x", from));
+        assert_eq!(queue.pop(&mut buf).expect("open"), Some((1, from)));
+        assert_eq!(&buf[..1], b"x");
+        assert!(queue.push(b"truncated", from));
+        assert_eq!(queue.pop(&mut buf[..5]).expect("open"), Some((5, from)));
+        assert_eq!(&buf[..5], b"trunc");
+        // A large datagram's buffer is not kept.
+        queue.spare.clear();
+        assert!(queue.push(&[1; SPARE_CAPACITY + 1], from));
+        assert_eq!(
+            queue.pop(&mut buf).expect("open"),
+            Some((SPARE_CAPACITY + 1, from))
+        );
+        assert!(queue.spare.is_empty());
+        // What is queued is still read after the close.
+        assert!(queue.push(b"last", from));
+        queue.close();
+        assert_eq!(queue.pop(&mut buf).expect("queued"), Some((4, from)));
+        assert_eq!(
+            queue.pop(&mut buf).expect_err("closed").kind(),
+            io::ErrorKind::NotConnected
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! What a host asks of the runtime that drives it, and what the runtime tells it back.
+//!
+//! A *host* ([`ServerHost`](crate::server::ServerHost), [`ClientHost`](crate::tunnel::ClientHost))
+//! is a state machine of the core together with everything it decides about sockets: which
+//! datagram on a shared UDP socket goes where, which address may reach a session, how a byte
+//! stream is cut into envelopes, how much may wait for a slow connection and for how long. The
+//! runtime that drives it owns the sockets, the TLS and QUIC sessions, the threads or tasks and
+//! the clock, and only moves bytes:
+//!
+//! - it reads a datagram from a [`SocketId`] and hands it over as [`Input::Datagram`]; it sends
+//!   every [`Transmit`] the host polls;
+//! - it connects the streams the host asks for ([`IoEvent::Connect`]) and accepts those its
+//!   listeners take (after asking the host, which may refuse), runs their TLS handshake, and
+//!   reports [`Input::StreamOpen`], [`Input::StreamData`] and [`Input::StreamClosed`];
+//! - it writes what the host queues for a stream: after [`IoEvent::StreamReady`] it takes the
+//!   bytes with the host's `take_output` and writes them, and asks again once they are written;
+//! - it closes what the host closes ([`IoEvent::CloseStream`], [`IoEvent::CloseSocket`]), at
+//!   once when told to abort, even while a write is blocked.
+//!
+//! Every host follows the shape of the core's state machines: after any input, drain
+//! `poll_transmit` and `poll_event` until both return `None`, then arm a timer for
+//! `poll_timeout`.
+
+use core::fmt;
+use core::net::SocketAddr;
+use std::time::Instant;
+
+use crate::wire::Transport;
+
+/// A UDP socket the runtime owns for a host: a server's UDP or DTLS listener, a client's peer
+/// socket, or the socket of a client's DTLS transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u32);
+
+/// A byte stream the runtime owns for a host: a TCP connection (plain or with TLS), or a QUIC
+/// connection with its one stream. Ids are never reused while the host knows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream {}", self.0)
+    }
+}
+
+/// What the runtime reports to a host. Pass it to the host's `handle_input` with the time it
+/// happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Input<'a> {
+    /// A datagram arrived on `socket` from `from`.
+    Datagram {
+        /// The socket it arrived on.
+        socket: SocketId,
+        /// Its source address.
+        from: SocketAddr,
+        /// Its payload.
+        data: &'a [u8],
+    },
+    /// The stream is connected and, for TLS and QUIC, its handshake is done: one the host
+    /// asked for with [`IoEvent::Connect`], or one a listener accepted.
+    StreamOpen {
+        /// The stream.
+        stream: StreamId,
+        /// Whether the peer presented a certificate the TLS layer verified (mutual TLS).
+        verified_identity: bool,
+    },
+    /// Bytes read from the stream.
+    StreamData {
+        /// The stream.
+        stream: StreamId,
+        /// What was read.
+        data: &'a [u8],
+    },
+    /// One QUIC datagram (RFC 9221) received on the stream's connection.
+    StreamDatagram {
+        /// The stream.
+        stream: StreamId,
+        /// The datagram.
+        data: &'a [u8],
+    },
+    /// The stream ended or could not be opened; the host forgets it. Also reported for a
+    /// stream the host asked to close, once it is closed.
+    StreamClosed {
+        /// The stream.
+        stream: StreamId,
+        /// Why, if it did not end cleanly.
+        error: Option<StreamError>,
+    },
+    /// The socket asked for with [`IoEvent::BindSocket`] is bound to `local`.
+    SocketBound {
+        /// The socket.
+        socket: SocketId,
+        /// Its local address.
+        local: SocketAddr,
+    },
+    /// The socket asked for with [`IoEvent::BindSocket`] could not be bound.
+    SocketFailed {
+        /// The socket.
+        socket: SocketId,
+        /// Why, as text.
+        error: &'a str,
+    },
+    /// Sending a transmit failed at the socket (counted; loss is the protocol's to notice).
+    SendFailed,
+    /// A [`Transmit::QuicDatagram`] did not fit in a QUIC datagram and went on the stream
+    /// instead (counted).
+    QuicFallback {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The QUIC peer session on `path` finished its handshake with the pinned certificate.
+    SessionOpen {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+    },
+    /// The QUIC peer session on `path` ended or could not be set up.
+    SessionClosed {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+        /// Whether its handshake failed (counted), rather than an open session ending.
+        failed: bool,
+    },
+    /// One envelope carried by the QUIC peer session on `path`.
+    SessionData {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+        /// The envelope.
+        data: &'a [u8],
+    },
+}
+
+/// Why a stream ended badly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The connection could not be made (refused, unreachable, timed out).
+    Connect,
+    /// The TLS or QUIC handshake failed (a bad certificate, an alert, garbage).
+    Handshake,
+    /// The connection failed or was reset after it was open.
+    Io,
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connection failed",
+            Self::Handshake => "handshake failed",
+            Self::Io => "connection lost",
+        })
+    }
+}
+
+/// How a stream the host asks for is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Security {
+    /// Plain TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls(Verify),
+    /// A QUIC connection (ALPN `tscf`) and the one stream the client opens.
+    Quic(Verify),
+}
+
+impl Security {
+    /// The transport this security stands for.
+    pub fn transport(self) -> Transport {
+        match self {
+            Self::Tcp => Transport::TCP,
+            Self::Tls(_) => Transport::TLS,
+            Self::Quic(_) => Transport::QUIC,
+        }
+    }
+}
+
+/// How the runtime checks the certificate of a stream it connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verify {
+    /// As the tunnel's TLS settings say (a CA file and name, a pinned fingerprint): the
+    /// transport to a server.
+    Server,
+    /// Exactly the certificate whose SHA-256 is this: a peer stream, pinned through the
+    /// director.
+    Pinned([u8; 32]),
+}
+
+/// What a host asks of the runtime's sockets and streams. Carried by each host's event type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoEvent {
+    /// Connect `stream` to `to`, secured as `security` says, within the host's transport
+    /// timeout, then report [`Input::StreamOpen`] or [`Input::StreamClosed`].
+    Connect {
+        /// The new stream's id.
+        stream: StreamId,
+        /// Where to.
+        to: SocketAddr,
+        /// How to secure it.
+        security: Security,
+    },
+    /// Bytes wait for `stream`: take them with the host's `take_output` and write them.
+    StreamReady {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// Close `stream`. With `abort`, at once, as a network failure would (no TLS
+    /// close_notify, nothing more written, a blocked write ended); otherwise after writing
+    /// what `take_output` still gives. Report [`Input::StreamClosed`] once it is closed.
+    CloseStream {
+        /// The stream.
+        stream: StreamId,
+        /// End it at once.
+        abort: bool,
+    },
+    /// Bind a new UDP socket of `remote`'s address family (unspecified address, any port)
+    /// for `socket`, then report [`Input::SocketBound`] or [`Input::SocketFailed`].
+    BindSocket {
+        /// The socket's id.
+        socket: SocketId,
+        /// The address it will talk to.
+        remote: SocketAddr,
+    },
+    /// Close `socket`, after sending the transmits polled before this event.
+    CloseSocket {
+        /// The socket.
+        socket: SocketId,
+    },
+}
+
+/// Where the bytes a host's `poll_transmit` wrote go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+#[non_exhaustive]
+pub enum Transmit {
+    /// One UDP datagram from `socket` to `to`.
+    Datagram {
+        /// The socket to send from.
+        socket: SocketId,
+        /// The destination.
+        to: SocketAddr,
+    },
+    /// One QUIC datagram on `stream`'s connection; when the connection takes no datagram that
+    /// large now, the runtime writes it on the stream instead and reports
+    /// [`Input::QuicFallback`].
+    QuicDatagram {
+        /// The stream of the QUIC connection.
+        stream: StreamId,
+    },
+    /// One envelope inside the QUIC peer session on `path`.
+    PeerSession {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+    },
+}
+
+/// What every host offers its runtime, so that one drive loop serves them all.
+pub trait Host {
+    /// What the host reports: the runtime's work ([`IoEvent`]) and the host's own news.
+    type Event;
+
+    /// Something happened on a socket or stream.
+    fn handle_input(&mut self, now: Instant, input: Input<'_>);
+    /// Runs what is due at `now`.
+    fn handle_timeout(&mut self, now: Instant);
+    /// Writes the next datagram into `buf` and says where it goes.
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit>;
+    /// The next event.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// When [`handle_timeout`](Self::handle_timeout) is next due.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Hands the runtime what waits for `stream` (see [`IoEvent::StreamReady`]).
+    fn take_output(&mut self, now: Instant, stream: StreamId, out: &mut Vec<u8>) -> bool;
+    /// The socket and stream work among the host's events, if `event` is such.
+    fn io_event(event: &Self::Event) -> Option<IoEvent>;
+}
+
+/// The bytes waiting to be written to one stream: whole envelopes, in order, up to a bound.
+///
+/// Envelopes are appended as they are polled from the state machine; the runtime takes
+/// everything at once with [`take`](Self::take), so that a busy stream writes many envelopes
+/// in one system call (and one TLS record per 16 KiB) while a lone one is written at once.
+#[derive(Debug, Default)]
+pub(crate) struct StreamOutput {
+    queued: Vec<u8>,
+    /// Taken by the runtime and not yet reported written (it has not asked again).
+    in_flight: bool,
+}
+
+/// Capacity kept by an emptied output buffer: a quiet stream gives back what a burst grew.
+const KEEP_OUTPUT: usize = 16 * 1024;
+
+impl StreamOutput {
+    /// Appends `envelope` unless `bound` octets would then be waiting; false if it did not fit.
+    pub(crate) fn push(&mut self, envelope: &[u8], bound: usize) -> bool {
+        if self.queued.len() + envelope.len() > bound {
+            return false;
+        }
+        self.queued.extend_from_slice(envelope);
+        true
+    }
+
+    /// Whether nothing waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+    }
+
+    /// Whether the runtime holds bytes it has not finished writing.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Hands everything waiting to the runtime in `out` (whose old contents are dropped);
+    /// false, and the stream marked idle, when nothing waits.
+    pub(crate) fn take(&mut self, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if self.queued.is_empty() {
+            self.in_flight = false;
+            if self.queued.capacity() > KEEP_OUTPUT {
+                self.queued = Vec::new();
+            }
+            return false;
+        }
+        core::mem::swap(out, &mut self.queued);
+        self.in_flight = true;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_output_joins_envelopes_in_order_up_to_its_bound() {
+        let mut output = StreamOutput::default();
+        let mut out = Vec::new();
+        assert!(!output.take(&mut out), "nothing waits");
+        assert!(output.push(&[1; 10], 25));
+        assert!(output.push(&[2; 10], 25));
+        assert!(!output.push(&[3; 10], 25), "30 octets would pass the bound");
+        assert!(output.push(&[4; 5], 25));
+        assert!(output.take(&mut out));
+        assert!(output.in_flight());
+        let want: Vec<u8> = [[1u8; 10].as_slice(), &[2; 10], &[4; 5]].concat();
+        assert_eq!(out, want);
+        assert!(output.is_empty());
+        // The bound counts what waits, not what the runtime is writing.
+        assert!(output.push(&[5; 25], 25));
+        assert!(output.take(&mut out));
+        assert_eq!(out, [5; 25]);
+        assert!(!output.take(&mut out));
+        assert!(
+            !output.in_flight(),
+            "asking again with nothing left marks it idle"
+        );
+    }
+}

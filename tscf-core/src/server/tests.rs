@@ -1,0 +1,486 @@
+//! Unit tests of the server host against scripted sockets and streams.
+
+use super::*;
+use crate::stun::{decode_binding_response, encode_binding_request, TransactionId};
+use crate::wire::{Envelope, Message, MessageType, ResultCode};
+
+#[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+fn t0() -> Instant {
+    Instant::now()
+}
+
+const CLIENT: &str = "198.51.100.7:40000";
+const UDP_LISTENER: &str = "127.0.0.1:4440";
+
+struct Harness {
+    host: ServerHost,
+    now: Instant,
+    buf: Vec<u8>,
+}
+
+/// What the host wants done after an input.
+#[derive(Debug, Default)]
+struct Drained {
+    datagrams: Vec<(SocketId, SocketAddr, Vec<u8>)>,
+    quic: Vec<(StreamId, Vec<u8>)>,
+    io: Vec<IoEvent>,
+    director: Vec<DirectorEvent>,
+}
+
+impl Harness {
+    fn new(config: ServerConfig) -> Self {
+        let local = LocalAddrs {
+            udp: vec![UDP_LISTENER.parse().expect("addr")],
+            tcp: vec!["127.0.0.1:4441".parse().expect("addr")],
+            ..LocalAddrs::default()
+        };
+        let now = t0();
+        Self {
+            host: ServerHost::new(config, &local, None, now).expect("valid config"),
+            now,
+            buf: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) -> Drained {
+        let mut out = Drained::default();
+        loop {
+            while let Some(t) = self.host.poll_transmit(self.now, &mut self.buf) {
+                match t {
+                    Transmit::Datagram { socket, to } => {
+                        out.datagrams.push((socket, to, self.buf.clone()));
+                    }
+                    Transmit::QuicDatagram { stream } => out.quic.push((stream, self.buf.clone())),
+                    other => panic!("a server sends no {other:?}"),
+                }
+            }
+            match self.host.poll_event() {
+                Some(ServerEvent::Io(io)) => out.io.push(io),
+                Some(ServerEvent::Director(event)) => out.director.push(event),
+                None => return out,
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input<'_>) -> Drained {
+        self.host.handle_input(self.now, input);
+        self.drain()
+    }
+
+    fn advance(&mut self, by: Duration) -> Drained {
+        let until = self.now + by;
+        let mut out = Drained::default();
+        while let Some(at) = self.host.poll_timeout().filter(|at| *at <= until) {
+            self.now = self.now.max(at);
+            self.host.handle_timeout(self.now);
+            let more = self.drain();
+            out.datagrams.extend(more.datagrams);
+            out.io.extend(more.io);
+            out.director.extend(more.director);
+        }
+        self.now = until;
+        out
+    }
+
+    /// Accepts and opens a stream of `transport`.
+    fn open_stream(&mut self, transport: Transport) -> StreamId {
+        let stream = self
+            .host
+            .accept_stream(self.now, transport, CLIENT.parse().expect("addr"))
+            .expect("admitted");
+        self.input(Input::StreamOpen {
+            stream,
+            verified_identity: false,
+        });
+        stream
+    }
+}
+
+fn configuration_request(sequence: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0)
+        .encode_envelope(&mut bytes)
+        .expect("encodable");
+    bytes
+}
+
+/// The control message in one envelope.
+fn message(envelope: &[u8]) -> Message<'_> {
+    let env = Envelope::decode_datagram(envelope).expect("an envelope");
+    Message::decode(env.payload).expect("a message")
+}
+
+#[test]
+fn a_udp_listener_answers_stun_maps_each_remote_to_a_connection_and_drops_noise() {
+    let mut h = Harness::new(ServerConfig::default());
+    let from: SocketAddr = CLIENT.parse().expect("addr");
+    let mut request = Vec::new();
+    encode_binding_request(TransactionId([7; 12]), &mut request);
+    let out = h.input(Input::Datagram {
+        socket: SocketId(0),
+        from,
+        data: &request,
+    });
+    assert_eq!(out.datagrams.len(), 1);
+    let (socket, to, answer) = &out.datagrams[0];
+    assert_eq!((*socket, *to), (SocketId(0), from));
+    assert_eq!(decode_binding_response(answer).expect("STUN").mapped, from);
+
+    let out = h.input(Input::Datagram {
+        socket: SocketId(0),
+        from,
+        data: &configuration_request(1),
+    });
+    assert_eq!(out.datagrams.len(), 1, "the Configuration Response");
+    assert_eq!(out.datagrams[0].1, from);
+    let response = message(&out.datagrams[0].2);
+    assert_eq!(response.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(h.host.stats().udp_connections, 1);
+
+    for noise in [&[9u8, 1, 2][..], &[1, 2, 3], &[]] {
+        let out = h.input(Input::Datagram {
+            socket: SocketId(0),
+            from,
+            data: noise,
+        });
+        assert!(out.datagrams.is_empty());
+    }
+    let stats = h.host.stats();
+    assert_eq!(stats.transport.stun_answered, 1);
+    assert_eq!(stats.transport.udp_dropped, 3);
+}
+
+#[test]
+fn a_stream_is_cut_into_envelopes_and_answered_through_its_output() {
+    let mut h = Harness::new(ServerConfig::default());
+    let stream = h.open_stream(Transport::TCP);
+    let request = configuration_request(1);
+    // Split over two reads: the host reassembles the envelope.
+    let (a, b) = request.split_at(5);
+    let out = h.input(Input::StreamData { stream, data: a });
+    assert!(out.io.is_empty());
+    let out = h.input(Input::StreamData { stream, data: b });
+    assert_eq!(out.io, [IoEvent::StreamReady { stream }]);
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let response = message(&written);
+    assert_eq!(response.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert!(
+        !h.host.take_output(h.now, stream, &mut written),
+        "nothing more"
+    );
+    assert_eq!(h.host.stats().director.active_tunnels, 1);
+    // The client goes away: the tunnel becomes persistent and the slot is free.
+    h.input(Input::StreamClosed {
+        stream,
+        error: Some(StreamError::Io),
+    });
+    let stats = h.host.stats();
+    assert_eq!(stats.stream_connections, 0);
+    assert_eq!(stats.director.persistent_tunnels, 1);
+}
+
+#[test]
+fn lost_framing_aborts_the_stream_and_is_counted() {
+    let mut h = Harness::new(ServerConfig::default());
+    let stream = h.open_stream(Transport::TLS);
+    let out = h.input(Input::StreamData {
+        stream,
+        data: &[5, 0, 1, 0],
+    });
+    assert_eq!(
+        out.io,
+        [IoEvent::CloseStream {
+            stream,
+            abort: true
+        }]
+    );
+    assert_eq!(h.host.stats().transport.framing_errors, 1);
+    // What the stream carries after that is ignored.
+    let out = h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    assert!(out.io.is_empty() && out.datagrams.is_empty());
+    h.input(Input::StreamClosed {
+        stream,
+        error: None,
+    });
+    assert_eq!(h.host.stats().stream_connections, 0);
+}
+
+#[test]
+fn a_handshake_still_running_at_the_pending_timeout_is_cut() {
+    let mut h = Harness::new(ServerConfig::default());
+    let stream = h
+        .host
+        .accept_stream(h.now, Transport::TLS, CLIENT.parse().expect("addr"))
+        .expect("admitted");
+    let pending = h.host.director().config().pending_timeout;
+    let out = h.advance(pending - Duration::from_millis(1));
+    assert!(out.io.is_empty(), "not yet");
+    let out = h.advance(Duration::from_millis(1));
+    assert_eq!(
+        out.io,
+        [IoEvent::CloseStream {
+            stream,
+            abort: true
+        }]
+    );
+    h.input(Input::StreamClosed {
+        stream,
+        error: Some(StreamError::Handshake),
+    });
+    let stats = h.host.stats();
+    assert_eq!(stats.transport.tls_handshake_failures, 1);
+    assert_eq!(stats.stream_connections, 0);
+}
+
+#[test]
+fn a_writer_that_makes_no_progress_loses_its_slot() {
+    let config = ServerConfig {
+        stream_write_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let stream = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    // The runtime never comes back: its write is blocked by a peer that does not read.
+    let out = h.advance(Duration::from_millis(1999));
+    assert!(out.io.is_empty());
+    let out = h.advance(Duration::from_millis(1));
+    assert_eq!(
+        out.io,
+        [IoEvent::CloseStream {
+            stream,
+            abort: true
+        }]
+    );
+    let stats = h.host.stats();
+    assert_eq!(stats.transport.stream_write_timeouts, 1);
+    assert_eq!(stats.director.persistent_tunnels, 1, "its tunnel waits");
+}
+
+#[test]
+fn a_writer_that_keeps_writing_keeps_its_slot() {
+    let config = ServerConfig {
+        stream_write_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let stream = h.open_stream(Transport::TCP);
+    let mut written = Vec::new();
+    for sequence in 1..=5 {
+        h.input(Input::StreamData {
+            stream,
+            data: &configuration_request(sequence),
+        });
+        assert!(h.host.take_output(h.now, stream, &mut written));
+        let out = h.advance(Duration::from_millis(1500));
+        assert!(out.io.is_empty(), "each write finishes in time");
+        assert!(!h.host.take_output(h.now, stream, &mut written));
+    }
+    assert_eq!(h.host.stats().transport.stream_write_timeouts, 0);
+}
+
+#[test]
+fn admission_stops_at_max_stream_connections() {
+    let config = ServerConfig {
+        max_stream_connections: 2,
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let remote: SocketAddr = CLIENT.parse().expect("addr");
+    let a = h.host.accept_stream(h.now, Transport::TCP, remote);
+    let b = h.host.accept_stream(h.now, Transport::TLS, remote);
+    assert!(a.is_some() && b.is_some());
+    assert_eq!(h.host.accept_stream(h.now, Transport::TCP, remote), None);
+    assert_eq!(
+        h.host.accept_quic(h.now, remote, true),
+        QuicAdmission::Refuse
+    );
+    let stats = h.host.stats();
+    assert_eq!(stats.transport.streams_refused, 2);
+    assert_eq!(stats.stream_connections, 2);
+    h.input(Input::StreamClosed {
+        stream: a.expect("admitted"),
+        error: None,
+    });
+    assert!(h
+        .host
+        .accept_stream(h.now, Transport::TCP, remote)
+        .is_some());
+}
+
+#[test]
+fn quic_clients_must_prove_their_address_past_the_retry_threshold() {
+    let config = ServerConfig {
+        quic_retry_above: 1,
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let remote: SocketAddr = CLIENT.parse().expect("addr");
+    let QuicAdmission::Accept(first) = h.host.accept_quic(h.now, remote, false) else {
+        panic!("the first handshake needs no Retry");
+    };
+    assert_eq!(
+        h.host.accept_quic(h.now, remote, false),
+        QuicAdmission::Retry
+    );
+    assert!(matches!(
+        h.host.accept_quic(h.now, remote, true),
+        QuicAdmission::Accept(_)
+    ));
+    assert_eq!(h.host.stats().transport.quic_retries, 1);
+    // Once the first handshake is done, a new client needs no Retry again... after the
+    // second one finishes too.
+    h.input(Input::StreamOpen {
+        stream: first,
+        verified_identity: false,
+    });
+    assert_eq!(
+        h.host.accept_quic(h.now, remote, false),
+        QuicAdmission::Retry
+    );
+}
+
+#[test]
+fn quic_data_envelopes_go_as_datagrams_and_control_on_the_stream() {
+    let mut h = Harness::new(ServerConfig::default());
+    let a = h.open_stream(Transport::QUIC);
+    let b = h.open_stream(Transport::QUIC);
+    let mut written = Vec::new();
+    let mut addresses = Vec::new();
+    for stream in [a, b] {
+        let out = h.input(Input::StreamData {
+            stream,
+            data: &configuration_request(1),
+        });
+        assert_eq!(out.io, [IoEvent::StreamReady { stream }]);
+        assert!(h.host.take_output(h.now, stream, &mut written));
+        addresses.push(message(&written).tlvs.internal_ipv4.expect("IPv4").addr);
+    }
+    // A data envelope from a to b, sent as a QUIC datagram.
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(addresses[0].octets(), addresses[1].octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"rtp")
+        .expect("a packet");
+    let mut envelope = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, &packet, &mut envelope).expect("fits");
+    let out = h.input(Input::StreamDatagram {
+        stream: a,
+        data: &envelope,
+    });
+    assert_eq!(out.quic, [(b, envelope.clone())]);
+    assert!(out.io.is_empty(), "nothing on the stream");
+    let stats = h.host.stats().transport;
+    assert_eq!(
+        (stats.quic_datagrams_received, stats.quic_datagrams_sent),
+        (1, 1)
+    );
+    h.input(Input::QuicFallback { stream: b });
+    assert_eq!(h.host.stats().transport.quic_datagrams_sent, 0);
+}
+
+#[test]
+fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
+    let config = ServerConfig {
+        close_grace: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let stream = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    assert!(!h.host.take_output(h.now, stream, &mut written));
+    h.host.shutdown(h.now);
+    let out = h.drain();
+    // The release notification is queued before the close, so the writer sends it first.
+    assert_eq!(
+        out.io,
+        [
+            IoEvent::StreamReady { stream },
+            IoEvent::CloseStream {
+                stream,
+                abort: false
+            }
+        ]
+    );
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    assert_eq!(
+        message(&written).header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert!(h
+        .host
+        .accept_stream(h.now, Transport::TCP, CLIENT.parse().expect("addr"))
+        .is_none());
+    // The peer never lets the connection close: it is cut after the grace period.
+    let out = h.advance(Duration::from_secs(1));
+    assert_eq!(
+        out.io,
+        [IoEvent::CloseStream {
+            stream,
+            abort: true
+        }]
+    );
+    assert_eq!(h.host.stats().transport.stream_close_timeouts, 1);
+    h.input(Input::StreamClosed {
+        stream,
+        error: None,
+    });
+    assert_eq!(h.host.stats().stream_connections, 0);
+    let out = h.advance(Duration::from_secs(5));
+    assert!(
+        out.io.is_empty(),
+        "a closed stream has no more timers to act on"
+    );
+}
+
+#[test]
+fn a_full_stream_queue_drops_and_counts_envelopes() {
+    let config = ServerConfig {
+        stream_queue_bytes: 100,
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let stream = h.open_stream(Transport::TCP);
+    // Keepalives pipelined in one read: each answer is a short envelope.
+    let mut reads = Vec::new();
+    reads.extend(configuration_request(1));
+    let out = h.input(Input::StreamData {
+        stream,
+        data: &reads,
+    });
+    assert_eq!(out.io.len(), 1);
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let tunnel = message(&written).header.tunnel_id;
+    let mut keepalives = Vec::new();
+    for sequence in 2..40 {
+        Message::new(MessageType::KEEPALIVE, sequence, tunnel)
+            .encode_envelope(&mut keepalives)
+            .expect("encodable");
+    }
+    h.input(Input::StreamData {
+        stream,
+        data: &keepalives,
+    });
+    let queued = {
+        let mut all = Vec::new();
+        assert!(h.host.take_output(h.now, stream, &mut all) || all.is_empty());
+        all.len()
+    };
+    assert!(queued <= 100, "{queued} octets queued");
+    assert!(h.host.stats().transport.stream_queue_full > 0);
+}

@@ -1,0 +1,157 @@
+//! What a tunnel is told at start, and why it may not come up.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, TerminateReason};
+use crate::tls::{ClientTlsConfig, PeerIdentity, TlsConfigError};
+use crate::wire::Transport;
+
+/// What a tunnel needs: the client state machine's configuration and the bounds and settings
+/// of its transports.
+///
+/// # Peer tunneling
+///
+/// Peer tunneling is on by default, as it is on the server: [`TunnelConfig::new`] sets
+/// `client.peer` to [`PeerConfig::new`] with no local address and, as STUN server, the first
+/// UDP server endpoint (none if no server is on UDP; the director's announced responder is
+/// asked then). The runtime fills in `local_addresses` when it is empty, from the tunnel's
+/// peer UDP socket: its bound address, or for an unspecified bind the local address the
+/// system routes to the first server from. Set `client.peer` to `None` to turn peer tunneling
+/// off, or change its fields (STUN servers, timers, `default_opt_in`, the peer transport).
+/// Even when it is on, only inner sockets opted in (or all, with `default_opt_in`) leave the
+/// relay.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// The client state machine's configuration: servers (tried in order), credential,
+    /// timers, peer tunneling. Its `rng_seed` is replaced by one from the operating system
+    /// unless [`keep_seed`](Self::keep_seed) is set.
+    pub client: ClientConfig,
+    /// Keep `client.rng_seed` as given.
+    pub keep_seed: bool,
+    /// TLS settings; required if any server uses TLS, DTLS or QUIC.
+    pub tls: Option<ClientTlsConfig>,
+    /// How long connecting waits for the first tunnel (default 10 s).
+    pub connect_timeout: Duration,
+    /// Bound of one transport attempt: a TCP connect plus TLS handshake, a DTLS or QUIC
+    /// handshake (default 5 s).
+    pub transport_timeout: Duration,
+    /// Datagrams queued on one inner socket before further ones are dropped (default 256).
+    pub socket_queue_len: usize,
+    /// Octets of envelopes waiting for one stream's writer (the server transport or a peer
+    /// stream); beyond, envelopes are dropped and counted (default 256 KiB).
+    pub stream_queue_bytes: usize,
+    /// How long closing a tunnel waits for the server to acknowledge the release (default
+    /// 1 s).
+    pub release_wait: Duration,
+    /// A listener for peer streams (`docs/PROTOCOL.md` §7.7; default none). With peer
+    /// tunneling on, the runtime binds it and it is announced in
+    /// `client.peer.stream_listeners` (an unspecified address is announced with the UDP host
+    /// candidate's address); for TLS a self-signed certificate is generated whose fingerprint
+    /// goes into `client.peer.certificate_fingerprint` unless that is set already.
+    pub peer_streams: PeerStreamListen,
+    /// The certificate presented on secured peer paths (DTLS or QUIC peer transport, TLS peer
+    /// streams; `docs/PROTOCOL.md` §7.5.1). Generated at connect (self signed) when `None` and
+    /// one is needed; its fingerprint goes into `client.peer.certificate_fingerprint`.
+    pub peer_identity: Option<PeerIdentity>,
+}
+
+impl TunnelConfig {
+    /// The defaults for these servers.
+    pub fn new(servers: Vec<ServerEndpoint>) -> Self {
+        let stun_servers = servers
+            .iter()
+            .find(|s| s.transport == Transport::UDP)
+            .map(|s| s.addr)
+            .into_iter()
+            .collect();
+        let mut client = ClientConfig::new(servers);
+        client.peer = Some(PeerConfig::new(Vec::new(), stun_servers));
+        Self {
+            client,
+            keep_seed: false,
+            tls: None,
+            connect_timeout: Duration::from_secs(10),
+            transport_timeout: Duration::from_secs(5),
+            socket_queue_len: 256,
+            stream_queue_bytes: 256 * 1024,
+            release_wait: Duration::from_secs(1),
+            peer_streams: PeerStreamListen::None,
+            peer_identity: None,
+        }
+    }
+
+    /// Where the tunnel's peer UDP socket binds: loopback when the servers are on loopback,
+    /// else the unspecified address of the first datagram (or first) server's family.
+    pub fn udp_bind_addr(&self) -> SocketAddr {
+        let servers = &self.client.servers;
+        let first = servers
+            .iter()
+            .find(|s| s.transport.is_datagram())
+            .or(servers.first());
+        let ip = match first.map(|s| s.addr.ip()) {
+            Some(ip) if ip.is_loopback() => ip,
+            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        SocketAddr::new(ip, 0)
+    }
+
+    /// The server whose route picks the host candidate's address when the peer socket is
+    /// bound to the unspecified address.
+    pub fn route_probe(&self) -> Option<SocketAddr> {
+        self.client.servers.first().map(|s| s.addr)
+    }
+}
+
+/// Whether and how a tunnel listens for peer streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerStreamListen {
+    /// No listener (the default): peer tunnels to this client run over UDP (plain or inside
+    /// a DTLS or QUIC session) only.
+    #[default]
+    None,
+    /// Plain TCP on this address (port 0 picks one).
+    Tcp(SocketAddr),
+    /// TLS on this address, with a self-signed certificate generated for the tunnel.
+    Tls(SocketAddr),
+}
+
+impl PeerStreamListen {
+    /// The address to listen on and whether with TLS; `None` for no listener.
+    pub fn listen(self) -> Option<(SocketAddr, bool)> {
+        match self {
+            Self::None => None,
+            Self::Tcp(addr) => Some((addr, false)),
+            Self::Tls(addr) => Some((addr, true)),
+        }
+    }
+}
+
+/// Why a tunnel did not come up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The client configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS settings are unusable, or missing for a TLS server.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    /// A local socket, thread or task could not be set up.
+    #[error("local I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The server refused the tunnel for good (for instance Unauthorized).
+    #[error("the server refused the tunnel: {0:?}")]
+    Refused(TerminateReason),
+    /// No tunnel within the connect timeout.
+    #[error("no tunnel after {waited:?}; last failure: {}", last_failure.as_deref().unwrap_or("none"))]
+    TimedOut {
+        /// How long it waited.
+        waited: Duration,
+        /// The last transport or server failure, as text.
+        last_failure: Option<String>,
+    },
+}

@@ -1,0 +1,496 @@
+//! Unit tests of the client host: against a server host in memory, and against scripted
+//! hostile datagrams.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::inner::Datagrams;
+use crate::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost};
+use crate::tls::{ClientTlsConfig, Os, ServerVerification};
+
+#[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+fn t0() -> Instant {
+    Instant::now()
+}
+
+const SERVER_UDP: &str = "192.0.2.1:4440";
+const SERVER_TCP: &str = "192.0.2.1:4441";
+
+/// An inner socket's queue behind a plain mutex.
+#[derive(Debug)]
+struct Queue(Mutex<Datagrams>);
+
+impl DatagramQueue for Queue {
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+        self.0.lock().expect("not poisoned").push(payload, from)
+    }
+    fn close(&self) {
+        self.0.lock().expect("not poisoned").close();
+    }
+}
+
+impl Queue {
+    fn pop(&self) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = [0u8; 2048];
+        let got = self.0.lock().expect("not poisoned").pop(&mut buf);
+        got.expect("open")
+            .map(|(n, from)| (buf[..n].to_vec(), from))
+    }
+}
+
+fn no_files() -> Os {
+    Os {
+        read_file: |_| Err(io::Error::other("no files here")),
+        generate_key: rcgen::KeyPair::generate,
+    }
+}
+
+fn setup(peer_socket: &str) -> Setup {
+    Setup {
+        peer_socket: peer_socket.parse().expect("addr"),
+        route_source: None,
+        stream_listener: None,
+        peer_identity: None,
+        dtls: None,
+        quic: false,
+    }
+}
+
+fn config(server: &str, transport: Transport) -> TunnelConfig {
+    TunnelConfig::new(vec![ServerEndpoint {
+        addr: server.parse().expect("addr"),
+        transport,
+    }])
+}
+
+/// Clients and a server host wired together in memory: datagrams go straight to their
+/// destination, streams are pipes whose bytes are delivered on the next pump.
+struct Net {
+    server: ServerHost,
+    clients: Vec<Client>,
+    now: Instant,
+    buf: Vec<u8>,
+    /// Client stream id ↔ server stream id, with the client's index.
+    pipes: Vec<(usize, StreamId, StreamId)>,
+}
+
+struct Client {
+    host: ClientHost<Queue>,
+    addr: SocketAddr,
+    notes: Vec<Notification>,
+}
+
+impl Net {
+    fn new(server: ServerConfig) -> Self {
+        let local = LocalAddrs {
+            udp: vec![SERVER_UDP.parse().expect("addr")],
+            tcp: vec![SERVER_TCP.parse().expect("addr")],
+            ..LocalAddrs::default()
+        };
+        let now = t0();
+        Self {
+            server: ServerHost::new(server, &local, None, now).expect("server"),
+            clients: Vec::new(),
+            now,
+            buf: Vec::new(),
+            pipes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, config: TunnelConfig, addr: &str) -> usize {
+        let host = ClientHost::new(config, setup(addr), self.now).expect("client");
+        self.clients.push(Client {
+            host,
+            addr: addr.parse().expect("addr"),
+            notes: Vec::new(),
+        });
+        self.clients.len() - 1
+    }
+
+    /// Moves everything until nothing moves.
+    fn pump(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..self.clients.len() {
+                moved |= self.pump_client(i);
+            }
+            moved |= self.pump_server();
+            if !moved {
+                return;
+            }
+        }
+        panic!("the hosts never settle");
+    }
+
+    fn pump_client(&mut self, i: usize) -> bool {
+        let mut moved = false;
+        let now = self.now;
+        loop {
+            let client = &mut self.clients[i];
+            while let Some(t) = client.host.poll_transmit(now, &mut self.buf) {
+                moved = true;
+                match t {
+                    Transmit::Datagram { socket, to } => {
+                        assert_eq!(socket, PEER_SOCKET);
+                        if to == SERVER_UDP.parse::<SocketAddr>().expect("addr") {
+                            let from = client.addr;
+                            let data = self.buf.clone();
+                            self.server.handle_input(
+                                now,
+                                Input::Datagram {
+                                    socket: SocketId(0),
+                                    from,
+                                    data: &data,
+                                },
+                            );
+                        }
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let client = &mut self.clients[i];
+            let Some(event) = client.host.poll_event() else {
+                return moved;
+            };
+            moved = true;
+            match event {
+                TunnelEvent::Io(IoEvent::Connect { stream, to, .. }) => {
+                    assert_eq!(to, SERVER_TCP.parse::<SocketAddr>().expect("addr"));
+                    let server_stream = self
+                        .server
+                        .accept_stream(now, Transport::TCP, client.addr)
+                        .expect("admitted");
+                    self.server.handle_input(
+                        now,
+                        Input::StreamOpen {
+                            stream: server_stream,
+                            verified_identity: false,
+                        },
+                    );
+                    client.host.handle_input(
+                        now,
+                        Input::StreamOpen {
+                            stream,
+                            verified_identity: false,
+                        },
+                    );
+                    self.pipes.push((i, stream, server_stream));
+                }
+                TunnelEvent::Io(IoEvent::StreamReady { stream }) => {
+                    let mut bytes = Vec::new();
+                    while client.host.take_output(stream, &mut bytes) {
+                        let to = self
+                            .pipes
+                            .iter()
+                            .find(|p| p.0 == i && p.1 == stream)
+                            .expect("a pipe")
+                            .2;
+                        self.server.handle_input(
+                            now,
+                            Input::StreamData {
+                                stream: to,
+                                data: &bytes,
+                            },
+                        );
+                    }
+                }
+                TunnelEvent::Io(IoEvent::CloseStream { stream, .. }) => {
+                    if let Some(p) = self.pipes.iter().position(|p| p.0 == i && p.1 == stream) {
+                        let (_, c, s) = self.pipes.remove(p);
+                        self.server.handle_input(
+                            now,
+                            Input::StreamClosed {
+                                stream: s,
+                                error: None,
+                            },
+                        );
+                        client.host.handle_input(
+                            now,
+                            Input::StreamClosed {
+                                stream: c,
+                                error: None,
+                            },
+                        );
+                    }
+                }
+                TunnelEvent::Notification(note) => client.notes.push(note),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn pump_server(&mut self) -> bool {
+        let mut moved = false;
+        let now = self.now;
+        loop {
+            while let Some(t) = self.server.poll_transmit(now, &mut self.buf) {
+                moved = true;
+                let Transmit::Datagram { to, .. } = t else {
+                    panic!("unexpected {t:?}");
+                };
+                let Some(client) = self.clients.iter_mut().find(|c| c.addr == to) else {
+                    continue;
+                };
+                let from = SERVER_UDP.parse().expect("addr");
+                let data = self.buf.clone();
+                client.host.handle_input(
+                    now,
+                    Input::Datagram {
+                        socket: PEER_SOCKET,
+                        from,
+                        data: &data,
+                    },
+                );
+            }
+            let Some(event) = self.server.poll_event() else {
+                return moved;
+            };
+            moved = true;
+            match event {
+                ServerEvent::Io(IoEvent::StreamReady { stream }) => {
+                    let mut bytes = Vec::new();
+                    while self.server.take_output(now, stream, &mut bytes) {
+                        let (i, to, _) =
+                            *self.pipes.iter().find(|p| p.2 == stream).expect("a pipe");
+                        self.clients[i].host.handle_input(
+                            now,
+                            Input::StreamData {
+                                stream: to,
+                                data: &bytes,
+                            },
+                        );
+                    }
+                }
+                ServerEvent::Io(other) => panic!("unexpected {other:?}"),
+                ServerEvent::Director(_) => {}
+            }
+        }
+    }
+
+    fn socket(&mut self, i: usize, port: u16) -> Arc<Queue> {
+        let (_, queue) = self.clients[i]
+            .host
+            .bind(port, |len| Queue(Mutex::new(Datagrams::new(len))))
+            .expect("bind");
+        queue
+    }
+
+    fn ipv4(&self, i: usize) -> Ipv4Addr {
+        self.clients[i]
+            .host
+            .client()
+            .internal_ipv4()
+            .expect("a tunnel")
+    }
+}
+
+#[test]
+fn clients_on_udp_and_tcp_get_tunnels_and_exchange_datagrams_through_the_server() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    let b = net.add(config(SERVER_TCP, Transport::TCP), "198.51.100.2:5000");
+    net.pump();
+    for i in [a, b] {
+        assert_eq!(net.clients[i].host.state(), ClientState::Connected);
+        assert!(matches!(
+            net.clients[i].notes.first(),
+            Some(Notification::Connected(_))
+        ));
+    }
+    let qa = net.socket(a, 5004);
+    let qb = net.socket(b, 6000);
+    let (ipa, ipb) = (net.ipv4(a), net.ipv4(b));
+    let now = net.now;
+    net.clients[a]
+        .host
+        .send_to(now, 5004, SocketAddr::from((ipb, 6000)), b"over udp")
+        .expect("sent");
+    net.pump();
+    assert_eq!(
+        qb.pop(),
+        Some((b"over udp".to_vec(), SocketAddr::from((ipa, 5004))))
+    );
+    net.clients[b]
+        .host
+        .send_to(now, 6000, SocketAddr::from((ipa, 5004)), b"over tcp")
+        .expect("sent");
+    net.pump();
+    assert_eq!(
+        qa.pop(),
+        Some((b"over tcp".to_vec(), SocketAddr::from((ipb, 6000))))
+    );
+    // A datagram for a port nobody bound is counted, not lost silently.
+    net.clients[a]
+        .host
+        .send_to(now, 5004, SocketAddr::from((ipb, 7000)), b"nobody")
+        .expect("sent");
+    net.pump();
+    assert_eq!(net.clients[b].host.stats().unbound_port, 1);
+}
+
+#[test]
+fn a_lost_stream_transport_is_reported_and_the_client_reattaches_on_a_new_one() {
+    let mut net = Net::new(ServerConfig::default());
+    let b = net.add(config(SERVER_TCP, Transport::TCP), "198.51.100.2:5000");
+    net.pump();
+    let id = net.clients[b].host.client().tunnel_id();
+    let (_, stream, server_stream) = net.pipes.pop().expect("a pipe");
+    let now = net.now;
+    net.server.handle_input(
+        now,
+        Input::StreamClosed {
+            stream: server_stream,
+            error: Some(StreamError::Io),
+        },
+    );
+    net.clients[b].host.handle_input(
+        now,
+        Input::StreamClosed {
+            stream,
+            error: Some(StreamError::Io),
+        },
+    );
+    net.pump();
+    let notes = &net.clients[b].notes;
+    assert!(notes.contains(&Notification::TransportLost), "{notes:?}");
+    let lost = notes
+        .iter()
+        .position(|n| *n == Notification::TransportLost)
+        .expect("lost");
+    assert!(
+        notes[lost..]
+            .iter()
+            .any(|n| matches!(n, Notification::Reattached(info) if Some(info.tunnel_id) == id)),
+        "{notes:?}"
+    );
+    assert_eq!(
+        net.clients[b].host.last_failure(),
+        Some("192.0.2.1:4441: connection lost")
+    );
+}
+
+#[test]
+fn the_peer_socket_counts_what_no_session_layer_may_see() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    net.pump();
+    let stranger: SocketAddr = "203.0.113.9:1234".parse().expect("addr");
+    let now = net.now;
+    let host = &mut net.clients[a].host;
+    // No QUIC or DTLS peer sessions: such datagrams go to the peer agent, which drops them.
+    host.handle_input(
+        now,
+        Input::Datagram {
+            socket: PEER_SOCKET,
+            from: stranger,
+            data: &[0xc0, 0, 0, 0, 1],
+        },
+    );
+    // With the peer socket blocked, nothing reaches anything, and it is counted.
+    host.set_peer_blocked(true);
+    host.handle_input(
+        now,
+        Input::Datagram {
+            socket: PEER_SOCKET,
+            from: stranger,
+            data: &[4, 0, 3],
+        },
+    );
+    assert_eq!(host.stats().peer_blocked, 1);
+    // The server's own datagrams still get through a blocked peer socket.
+    host.set_peer_blocked(false);
+    assert_eq!(host.state(), ClientState::Connected);
+    // An inbound QUIC session from an address nobody authorised is refused and counted.
+    assert_eq!(host.accept_quic_session(stranger), None);
+    assert_eq!(host.stats().peer_sessions_refused, 0, "no QUIC here at all");
+}
+
+#[test]
+fn quic_peer_datagrams_reach_the_runtime_only_from_authorised_addresses() {
+    let mut peer_config = config(SERVER_UDP, Transport::UDP);
+    if let Some(peer) = &mut peer_config.client.peer {
+        peer.transport = Transport::QUIC;
+        peer.certificate_fingerprint = Some([1; 32]);
+    }
+    let mut s = setup("198.51.100.1:5000");
+    s.quic = true;
+    let now = t0();
+    let mut host: ClientHost<Queue> = ClientHost::new(peer_config, s, now).expect("client");
+    let stranger: SocketAddr = "203.0.113.9:1234".parse().expect("addr");
+    let initial = [0xc0u8, 0, 0, 0, 1, 2, 3];
+    host.handle_input(
+        now,
+        Input::Datagram {
+            socket: PEER_SOCKET,
+            from: stranger,
+            data: &initial,
+        },
+    );
+    assert_eq!(host.stats().peer_quic_unauthorised, 1);
+    assert_eq!(host.take_quic_datagram(&mut [0; 64]), None);
+    assert_eq!(host.accept_quic_session(stranger), None);
+    assert_eq!(host.stats().peer_sessions_refused, 1);
+    // Authorised (as the core does after a verified probe): datagrams queue, and one
+    // handshake is accepted with the pinned fingerprint; a second from the same address
+    // (a replayed Initial) is refused.
+    host.authorise_session(now, stranger, Transport::QUIC, [7; 32]);
+    host.handle_input(
+        now,
+        Input::Datagram {
+            socket: PEER_SOCKET,
+            from: stranger,
+            data: &initial,
+        },
+    );
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        host.take_quic_datagram(&mut buf),
+        Some((initial.len(), stranger))
+    );
+    assert_eq!(host.poll_event(), Some(TunnelEvent::QuicReadable));
+    assert_eq!(host.accept_quic_session(stranger), Some([7; 32]));
+    assert_eq!(host.accept_quic_session(stranger), None);
+    assert_eq!(host.stats().peer_sessions_refused, 2);
+}
+
+#[test]
+fn a_dtls_transport_binds_a_socket_of_its_own_and_handshakes_on_it() {
+    let tls = ClientTlsConfig {
+        verification: ServerVerification::Insecure,
+        server_name: None,
+        client_identity: None,
+    };
+    let mut c = config("192.0.2.1:4445", Transport::DTLS);
+    c.tls = Some(tls.clone());
+    let mut s = setup("198.51.100.1:5000");
+    s.dtls = Some(dtls::ClientSettings::new(&tls, no_files()).expect("settings"));
+    let now = t0();
+    let mut host: ClientHost<Queue> = ClientHost::new(c, s, now).expect("client");
+    let mut buf = Vec::new();
+    assert_eq!(host.poll_transmit(now, &mut buf), None);
+    let Some(TunnelEvent::Io(IoEvent::BindSocket { socket, remote })) = host.poll_event() else {
+        panic!("a socket first");
+    };
+    assert_ne!(socket, PEER_SOCKET);
+    assert_eq!(
+        remote,
+        "192.0.2.1:4445".parse::<SocketAddr>().expect("addr")
+    );
+    host.handle_input(
+        now,
+        Input::SocketBound {
+            socket,
+            local: "0.0.0.0:6000".parse().expect("addr"),
+        },
+    );
+    let t = host.poll_transmit(now, &mut buf).expect("a ClientHello");
+    assert_eq!(t, Transmit::Datagram { socket, to: remote });
+    assert_eq!(DatagramKind::of(&buf), DatagramKind::Dtls);
+    // Giving up the attempt closes that socket.
+    assert!(host.lose_server_transport(now));
+    let mut closed = false;
+    while let Some(event) = host.poll_event() {
+        closed |= event == TunnelEvent::Io(IoEvent::CloseSocket { socket });
+    }
+    assert!(closed);
+}
