@@ -1,31 +1,28 @@
 //! Inner UDP sockets: datagrams between internal addresses, carried as IPv4 or IPv6 packets
-//! in the tunnel and handed to sockets by destination port.
+//! in the tunnel and handed to sockets by destination port ([`tscf_core::inner`]).
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::inner::{self, DatagramQueue};
+use tscf_core::inner::{self, DatagramQueue, Datagrams};
+
 use crate::lock;
-use crate::timer::Shared;
-use crate::tunnel::ClientCore;
+use crate::tunnel::TunnelShared;
 
 /// A UDP socket on the tunnel's internal address, like [`std::net::UdpSocket`]. Datagrams go
-/// to other tunnels' internal addresses through the server; received datagrams wait in a
-/// bounded queue. Dropping it unbinds the port.
-#[derive(Debug)]
+/// to other tunnels' internal addresses through the server (or a peer tunnel); received
+/// datagrams wait in a bounded queue. Dropping it unbinds the port.
 pub struct InnerUdpSocket {
     port: u16,
     queue: Arc<SocketQueue>,
-    shared: Arc<Shared<ClientCore>>,
+    shared: Arc<TunnelShared>,
     read_timeout: Mutex<Option<Duration>>,
 }
 
 impl InnerUdpSocket {
-    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, shared: Arc<Shared<ClientCore>>) -> Self {
+    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, shared: Arc<TunnelShared>) -> Self {
         Self {
             port,
             queue,
@@ -41,19 +38,15 @@ impl InnerUdpSocket {
 
     /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        inner::local_addr(&lock(&self.shared.state).client, self.port)
+        lock(&self.shared.state).host.local_addr(self.port)
     }
 
     /// Sends `buf` to `dst`, an internal address and port of another tunnel. While the tunnel
     /// re-attaches the datagram waits in the client's bounded queue; a full queue is
     /// [`io::ErrorKind::WouldBlock`].
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        let mut guard = lock(&self.shared.state);
-        let core = &mut *guard;
-        let now = Instant::now();
-        inner::send_udp(&mut core.client, now, self.port, dst, buf, &mut core.packet)?;
-        core.drain();
-        self.shared.rearm(core);
+        self.shared
+            .drive(|state, now| state.host.send_to(now, self.port, dst, buf))?;
         Ok(buf.len())
     }
 
@@ -64,45 +57,34 @@ impl InnerUdpSocket {
     /// default is the configuration's `default_opt_in` (false unless changed); it comes back
     /// when the socket is dropped.
     pub fn set_peer_tunneling(&self, enabled: bool) {
-        let mut core = lock(&self.shared.state);
-        core.client.set_peer_tunneling(self.port, enabled);
-        core.drain();
-        self.shared.rearm(&mut core);
+        self.shared
+            .drive(|state, _| state.host.set_peer_tunneling(self.port, enabled));
     }
 
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
     /// who sent it. Blocks up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let timeout = *lock(&self.read_timeout);
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut packets = lock(&self.queue.packets);
+        let deadline = lock(&self.read_timeout).map(|t| Instant::now() + t);
+        let mut datagrams = lock(&self.queue.datagrams);
         loop {
-            if let Some((data, from)) = packets.pop_front() {
-                let n = data.len().min(buf.len());
-                buf[..n].copy_from_slice(&data[..n]);
-                return Ok((n, from));
+            if let Some(got) = datagrams.pop(buf)? {
+                return Ok(got);
             }
-            if self.queue.closed.load(Ordering::SeqCst) {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "the tunnel is closed",
-                ));
-            }
-            packets = match deadline {
+            datagrams = match deadline {
                 None => self
                     .queue
                     .ready
-                    .wait(packets)
+                    .wait(datagrams)
                     .unwrap_or_else(|e| e.into_inner()),
                 Some(at) => {
                     let now = Instant::now();
                     if now >= at {
-                        return Err(io::Error::new(io::ErrorKind::WouldBlock, "read timed out"));
+                        return Err(inner::timed_out());
                     }
                     self.queue
                         .ready
-                        .wait_timeout(packets, at - now)
+                        .wait_timeout(datagrams, at - now)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
@@ -119,50 +101,47 @@ impl InnerUdpSocket {
     }
 }
 
-impl Drop for InnerUdpSocket {
-    fn drop(&mut self) {
-        let mut core = lock(&self.shared.state);
-        core.sockets.remove(self.port);
-        let default = core.default_opt_in;
-        core.client.set_peer_tunneling(self.port, default);
+impl std::fmt::Debug for InnerUdpSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InnerUdpSocket")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
     }
 }
 
-/// Datagrams received for one inner socket.
+impl Drop for InnerUdpSocket {
+    fn drop(&mut self) {
+        lock(&self.shared.state).host.unbind(self.port);
+    }
+}
+
+/// The datagrams waiting on one inner socket, and its readers' wake-up.
 #[derive(Debug)]
 pub(crate) struct SocketQueue {
-    packets: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
+    datagrams: Mutex<Datagrams>,
     ready: Condvar,
-    closed: AtomicBool,
-    limit: usize,
 }
 
 impl SocketQueue {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            packets: Mutex::new(VecDeque::new()),
+            datagrams: Mutex::new(Datagrams::new(limit)),
             ready: Condvar::new(),
-            closed: AtomicBool::new(false),
-            limit,
         }
-    }
-
-    /// The tunnel is gone: wake the readers for good.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        let _guard = lock(&self.packets);
-        self.ready.notify_all();
     }
 }
 
 impl DatagramQueue for SocketQueue {
     fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
-        let mut packets = lock(&self.packets);
-        if packets.len() >= self.limit {
-            return false;
+        let pushed = lock(&self.datagrams).push(payload, from);
+        if pushed {
+            self.ready.notify_one();
         }
-        packets.push_back((payload.to_vec(), from));
-        self.ready.notify_one();
-        true
+        pushed
+    }
+
+    fn close(&self) {
+        lock(&self.datagrams).close();
+        self.ready.notify_all();
     }
 }

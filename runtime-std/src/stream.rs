@@ -1,31 +1,27 @@
-//! Envelopes over a blocking TCP stream, plain or TLS.
+//! Bytes over a blocking TCP stream, plain or TLS.
 //!
 //! A connection is split into a [`StreamReader`] (one thread blocks in `read`) and a
-//! [`StreamWriter`] (used by whoever sends). With TLS both halves share the rustls connection
-//! behind a mutex that is never held while blocking in `read`, and never held while calling
-//! back into a state machine, so it nests inside the caller's lock and not the other way round.
+//! [`StreamWriter`] (the stream's writer thread). With TLS both halves share the rustls
+//! connection behind a mutex that is never held while blocking in `read`, and never while
+//! calling into a host, so it nests inside the host's lock and not the other way round.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tscf_core::wire::{DeframeError, StreamDeframer};
-
 use crate::lock;
 
 /// Octets read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Why a stream ended other than by a clean close.
+/// Why a stream could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StreamError {
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
     #[error("TLS: {}", describe_tls(.0))]
     Tls(#[from] rustls::Error),
-    #[error("lost framing: {0}")]
-    Framing(#[from] DeframeError),
 }
 
 /// rustls prints a custom certificate error with `Debug`; ours deserve their own message.
@@ -40,7 +36,8 @@ fn describe_tls(e: &rustls::Error) -> String {
 
 type SharedTls = Arc<Mutex<rustls::Connection>>;
 
-/// Runs the TLS handshake on `sock` to completion, or fails at `deadline`.
+/// Runs the TLS handshake on `sock` to completion, or fails at `deadline` (or when the socket
+/// is shut down from another thread).
 pub(crate) fn handshake(
     sock: &mut TcpStream,
     conn: &mut rustls::Connection,
@@ -86,8 +83,7 @@ pub(crate) fn split(
     let reader = StreamReader {
         sock,
         tls,
-        deframer: StreamDeframer::new(),
-        chunk: Vec::new(),
+        chunk: vec![0; READ_CHUNK],
         plain: Vec::new(),
         primed: false,
     };
@@ -102,13 +98,13 @@ pub(crate) struct StreamWriter {
 }
 
 impl StreamWriter {
-    /// Writes one whole envelope.
-    pub(crate) fn send(&mut self, envelope: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` (whole envelopes).
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match &self.tls {
-            None => self.sock.write_all(envelope),
+            None => self.sock.write_all(bytes),
             Some(tls) => {
                 let mut conn = lock(tls);
-                conn.writer().write_all(envelope)?;
+                conn.writer().write_all(bytes)?;
                 while conn.wants_write() {
                     conn.write_tls(&mut self.sock)?;
                 }
@@ -128,12 +124,11 @@ impl StreamWriter {
     }
 }
 
-/// The receiving half: cuts the stream into envelopes.
+/// The receiving half.
 #[derive(Debug)]
 pub(crate) struct StreamReader {
     sock: TcpStream,
     tls: Option<SharedTls>,
-    deframer: StreamDeframer,
     chunk: Vec<u8>,
     plain: Vec<u8>,
     /// Plaintext buffered during the handshake has been taken.
@@ -141,37 +136,30 @@ pub(crate) struct StreamReader {
 }
 
 impl StreamReader {
-    /// Blocks until bytes arrive and hands each whole envelope received (as its encoded bytes)
-    /// to `on_envelope`. Returns `Ok(false)` once the peer closed the stream cleanly.
-    pub(crate) fn read(&mut self, mut on_envelope: impl FnMut(&[u8])) -> Result<bool, StreamError> {
-        let open = match &self.tls {
-            None => {
-                let sock = &mut self.sock;
-                let n = self.deframer.read_into(READ_CHUNK, |b| sock.read(b))??;
-                n > 0
-            }
-            Some(tls) => {
-                // The handshake may have read application data already: take it first.
-                let n = if self.primed {
-                    self.chunk.resize(READ_CHUNK, 0);
-                    let n = self.sock.read(&mut self.chunk)?;
-                    if n == 0 {
-                        return Ok(false);
-                    }
-                    n
-                } else {
-                    self.primed = true;
-                    0
-                };
-                let open = decrypt(tls, &mut self.sock, &self.chunk[..n], &mut self.plain)?;
-                self.deframer.push(&self.plain)?;
-                open
-            }
+    /// Blocks until bytes arrive and returns them (decrypted); empty once the peer closed the
+    /// stream cleanly.
+    pub(crate) fn read(&mut self) -> Result<&[u8], StreamError> {
+        let Some(tls) = &self.tls else {
+            let n = self.sock.read(&mut self.chunk)?;
+            return Ok(&self.chunk[..n]);
         };
-        while let Some(envelope) = self.deframer.next_raw()? {
-            on_envelope(envelope);
+        loop {
+            // The handshake may have read application data already: take it first.
+            let n = if self.primed {
+                let n = self.sock.read(&mut self.chunk)?;
+                if n == 0 {
+                    return Ok(&[]);
+                }
+                n
+            } else {
+                self.primed = true;
+                0
+            };
+            let open = decrypt(tls, &mut self.sock, &self.chunk[..n], &mut self.plain)?;
+            if !self.plain.is_empty() || !open {
+                return Ok(&self.plain);
+            }
         }
-        Ok(open)
     }
 }
 

@@ -154,7 +154,6 @@ impl fmt::Display for StreamError {
 
 /// How a stream the host asks for is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Security {
     /// Plain TCP.
     Tcp,
@@ -177,7 +176,6 @@ impl Security {
 
 /// How the runtime checks the certificate of a stream it connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Verify {
     /// As the tunnel's TLS settings say (a CA file and name, a pinned fingerprint): the
     /// transport to a server.
@@ -189,7 +187,6 @@ pub enum Verify {
 
 /// What a host asks of the runtime's sockets and streams. Carried by each host's event type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum IoEvent {
     /// Connect `stream` to `to`, secured as `security` says, within the host's transport
     /// timeout, then report [`Input::StreamOpen`] or [`Input::StreamClosed`].
@@ -233,7 +230,6 @@ pub enum IoEvent {
 /// Where the bytes a host's `poll_transmit` wrote go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
-#[non_exhaustive]
 pub enum Transmit {
     /// One UDP datagram from `socket` to `to`.
     Datagram {
@@ -275,6 +271,33 @@ pub trait Host {
     fn take_output(&mut self, now: Instant, stream: StreamId, out: &mut Vec<u8>) -> bool;
     /// The socket and stream work among the host's events, if `event` is such.
     fn io_event(event: &Self::Event) -> Option<IoEvent>;
+}
+
+/// What a runtime does with a host's output: it sends the datagrams and acts on the events.
+pub trait Driver<H: Host> {
+    /// Sends the bytes of one transmit; false if the socket refused them.
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> bool;
+    /// Acts on one event. The host is lent back for the inputs an event causes at once (a
+    /// socket bound, a connection that failed to start).
+    fn act(&mut self, host: &mut H, now: Instant, event: H::Event);
+}
+
+/// The drain every runtime runs after an input at `now`: the host's transmits are sent, then
+/// one event is acted on, until the host has neither left. A send the socket refused is
+/// reported to the host ([`Input::SendFailed`]). `buf` is the runtime's scratch buffer, kept
+/// between drains so that a transmit allocates nothing.
+pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, buf: &mut Vec<u8>) {
+    loop {
+        while let Some(transmit) = host.poll_transmit(now, buf) {
+            if !driver.send(transmit, buf) {
+                host.handle_input(now, Input::SendFailed);
+            }
+        }
+        match host.poll_event() {
+            Some(event) => driver.act(host, now, event),
+            None => return,
+        }
+    }
 }
 
 /// The bytes waiting to be written to one stream: whole envelopes, in order, up to a bound.

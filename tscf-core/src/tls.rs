@@ -40,8 +40,9 @@ use rustls::{
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// What building a TLS configuration needs from the operating system; see the module
-/// documentation for why the caller supplies it.
+/// What the core needs from the operating system and never takes itself: files, fresh keys
+/// and the seeds of its generators. A runtime builds it once; see the module documentation for
+/// why the caller supplies it.
 #[derive(Clone, Copy, Debug)]
 pub struct Os {
     /// Reads a whole file: PEM certificate chains, private keys, CA certificates.
@@ -49,6 +50,24 @@ pub struct Os {
     /// A fresh key pair from a secure random source, for a self-signed certificate
     /// (`rcgen::KeyPair::generate` makes ECDSA P-256 keys).
     pub generate_key: fn() -> Result<rcgen::KeyPair, rcgen::Error>,
+    /// Fills a buffer from the operating system's secure random source.
+    pub fill_random: fn(&mut [u8]) -> io::Result<()>,
+}
+
+impl Os {
+    /// 32 octets from the secure random source: the `rng_seed` of a director or a client.
+    /// There is no fallback: tunnel ids, re-attach secrets and peer tokens drawn from a
+    /// guessable seed would let anyone hijack a tunnel, so without a secure source nothing
+    /// starts.
+    pub fn seed(&self) -> io::Result<[u8; 32]> {
+        let mut seed = [0u8; 32];
+        (self.fill_random)(&mut seed).map_err(|e| {
+            io::Error::other(format!(
+                "no secure randomness from the operating system: {e}"
+            ))
+        })?;
+        Ok(seed)
+    }
 }
 
 /// The SHA-256 hash of a certificate's DER encoding, as pinned by clients.
@@ -579,6 +598,7 @@ mod tests {
             _ => Err(io::ErrorKind::NotFound.into()),
         },
         generate_key: rcgen::KeyPair::generate,
+        fill_random: |_| Err(io::ErrorKind::Unsupported.into()),
     };
 
     /// Runs a handshake in memory; `Err` carries the first side's error.

@@ -488,6 +488,7 @@ fn a_forged_change_cipher_spec_cannot_end_an_association() {
 const OS: crate::tls::Os = crate::tls::Os {
     read_file: |_| Err(std::io::ErrorKind::NotFound.into()),
     generate_key: rcgen::KeyPair::generate,
+    fill_random: |_| Err(std::io::ErrorKind::Unsupported.into()),
 };
 
 /// Delivers what `from` queued to `to` if `to` admits its address, as a runtime's UDP task does.

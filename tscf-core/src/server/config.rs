@@ -2,10 +2,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::DtlsListenerConfig;
 use crate::director::{DirectorConfig, DirectorConfigError};
-use crate::tls::{ServerIdentity, ServerTlsConfig, TlsConfigError};
+use crate::dtls::{self, ClientCheck};
+use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
 
 /// What a server listens on, how it runs its director, and the bounds of its transports.
 #[derive(Clone, Debug)]
@@ -129,6 +132,17 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// What a runtime does before it binds anything: [`check`](Self::check), the director's
+    /// seed from `os` (unless [`keep_seed`](Self::keep_seed)), and the certificate loaded.
+    pub fn prepare(mut self, os: Os) -> Result<(Self, Option<ServerCredentials>), StartError> {
+        self.check()?;
+        if !self.keep_seed {
+            self.director.rng_seed = os.seed().map_err(StartError::Randomness)?;
+        }
+        let credentials = ServerCredentials::load(&self, os)?;
+        Ok((self, credentials))
+    }
+
     /// Whether a TLS, QUIC or DTLS listener is configured.
     pub fn needs_certificate(&self) -> bool {
         !self.tls.is_empty() || !self.quic.is_empty() || !self.dtls.is_empty()
@@ -200,5 +214,49 @@ impl LocalAddrs {
     /// [`SocketId`](crate::io::SocketId)s count: the UDP listeners, then the DTLS listeners.
     pub fn datagram_sockets(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.udp.iter().chain(&self.dtls).copied()
+    }
+}
+
+/// The certificate a server's TLS, QUIC and DTLS listeners present, loaded (or generated) once
+/// so that one fingerprint pins them all.
+#[derive(Debug)]
+pub struct ServerCredentials {
+    /// The rustls configuration of the TLS listeners (QUIC listeners take it with their ALPN).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The SHA-256 fingerprint of the certificate, for clients that pin it.
+    pub fingerprint: Fingerprint,
+    /// What the DTLS listeners present and how they check clients, when there are any.
+    pub dtls: Option<DtlsListenerConfig>,
+}
+
+impl ServerCredentials {
+    /// Loads the certificate of `config.tls_config` (through `os`: its files, or a fresh key
+    /// for a self-signed one); `None` without TLS settings.
+    pub fn load(config: &ServerConfig, os: Os) -> Result<Option<Self>, StartError> {
+        let Some(settings) = &config.tls_config else {
+            return Ok(None);
+        };
+        let identity = tls::load_identity(&settings.identity, os)?;
+        let fingerprint = identity.fingerprint;
+        let dtls = if config.dtls.is_empty() {
+            None
+        } else {
+            let certificate = dtls::certificate(identity.chain.clone(), &identity.key)
+                .map_err(TlsConfigError::from)?;
+            let client_check = match &settings.client_ca {
+                Some(path) => ClientCheck::Roots(tls::load_roots(path, os)?),
+                None => ClientCheck::None,
+            };
+            Some(DtlsListenerConfig {
+                certificate,
+                client_check,
+            })
+        };
+        let tls = tls::server_config_with(settings, identity, os)?;
+        Ok(Some(Self {
+            tls,
+            fingerprint,
+            dtls,
+        }))
     }
 }

@@ -40,7 +40,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use rustc_hash::FxHashMap;
 
-pub use config::{LocalAddrs, ServerConfig, StartError};
+pub use config::{LocalAddrs, ServerConfig, ServerCredentials, StartError};
 pub use stats::{ServerStats, TransportCounters};
 
 use crate::director::{
@@ -58,7 +58,6 @@ const MAX_ANSWERS: usize = 256;
 
 /// What a [`ServerHost`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum ServerEvent {
     /// Something for the runtime's sockets and streams to do.
     Io(IoEvent),

@@ -2,10 +2,18 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, TerminateReason};
-use crate::tls::{ClientTlsConfig, PeerIdentity, TlsConfigError};
+use rustls::pki_types::ServerName;
+
+use crate::dtls;
+use crate::io::Verify;
+use crate::tls::{
+    self, ClientTlsConfig, Fingerprint, LoadedIdentity, Os, PeerIdentity, ServerIdentity,
+    ServerTlsConfig, TlsConfigError,
+};
 use crate::wire::Transport;
 
 /// What a tunnel needs: the client state machine's configuration and the bounds and settings
@@ -103,6 +111,16 @@ impl TunnelConfig {
     pub fn route_probe(&self) -> Option<SocketAddr> {
         self.client.servers.first().map(|s| s.addr)
     }
+
+    /// What a runtime does before it binds anything: the client's seed from `os` (unless
+    /// [`keep_seed`](Self::keep_seed)) and the TLS material loaded.
+    pub fn prepare(mut self, os: Os) -> Result<(Self, TunnelCredentials), ConnectError> {
+        if !self.keep_seed {
+            self.client.rng_seed = os.seed()?;
+        }
+        let credentials = TunnelCredentials::load(&self, os)?;
+        Ok((self, credentials))
+    }
 }
 
 /// Whether and how a tunnel listens for peer streams.
@@ -154,4 +172,84 @@ pub enum ConnectError {
         /// The last transport or server failure, as text.
         last_failure: Option<String>,
     },
+}
+
+/// The TLS material of a tunnel, loaded once at start: how its TLS and QUIC transports check
+/// the server, how its DTLS transports do, the certificate of its secured peer paths and the
+/// configuration of its TLS peer stream listener.
+#[derive(Debug, Default)]
+pub struct TunnelCredentials {
+    /// The rustls configuration of TLS and QUIC transports to the server.
+    pub server: Option<Arc<rustls::ClientConfig>>,
+    /// How DTLS transports to the server check it.
+    pub dtls: Option<dtls::ClientSettings>,
+    /// The certificate presented on secured peer paths, when one is needed: the configured
+    /// one, or a fresh self-signed one.
+    pub peer_identity: Option<PeerIdentity>,
+    /// The rustls configuration of the TLS peer stream listener (it presents the peer
+    /// identity; the other client pins its fingerprint).
+    pub listener: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl TunnelCredentials {
+    /// Loads what `config` needs, through `os` (its files, fresh keys).
+    pub fn load(config: &TunnelConfig, os: Os) -> Result<Self, ConnectError> {
+        let mut credentials = Self::default();
+        if let Some(settings) = &config.tls {
+            credentials.server = Some(tls::client_config(settings, os)?);
+            credentials.dtls = Some(dtls::ClientSettings::new(settings, os)?);
+        }
+        let Some(peer) = &config.client.peer else {
+            return Ok(credentials);
+        };
+        let listener_tls = matches!(config.peer_streams, PeerStreamListen::Tls(_));
+        if !peer.offers_secure() && !listener_tls {
+            return Ok(credentials);
+        }
+        let identity = match &config.peer_identity {
+            Some(identity) => identity.clone(),
+            None => PeerIdentity::generate(os)?,
+        };
+        if listener_tls {
+            let loaded = LoadedIdentity {
+                chain: identity.chain.clone(),
+                key: identity.key.clone_key(),
+                fingerprint: identity.fingerprint,
+            };
+            // No client CA: the other client is known by the director's introduction, and it
+            // pins this certificate.
+            let settings = ServerTlsConfig {
+                identity: ServerIdentity::SelfSigned { names: Vec::new() },
+                client_ca: None,
+            };
+            credentials.listener = Some(tls::server_config_with(&settings, loaded, os)?);
+        }
+        credentials.peer_identity = Some(identity);
+        Ok(credentials)
+    }
+
+    /// The rustls configuration and the name to verify for a stream the host asks to connect
+    /// to `to` ([`IoEvent::Connect`](crate::io::IoEvent::Connect)): the server's settings, or
+    /// the pinned certificate of a peer stream.
+    pub fn connect_config(
+        &self,
+        verify: Verify,
+        to: SocketAddr,
+        settings: Option<&ClientTlsConfig>,
+        os: Os,
+    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), TlsConfigError> {
+        match (verify, &self.server, settings) {
+            (Verify::Server, Some(config), Some(settings)) => {
+                Ok((config.clone(), tls::server_name(settings, to)?))
+            }
+            (Verify::Pinned(fingerprint), _, _) => {
+                let pinned = ClientTlsConfig::pinned(Fingerprint(fingerprint));
+                let name = ServerName::IpAddress(to.ip().into());
+                Ok((tls::client_config(&pinned, os)?, name))
+            }
+            _ => Err(TlsConfigError::Rustls(rustls::Error::General(
+                "no TLS settings".to_owned(),
+            ))),
+        }
+    }
 }

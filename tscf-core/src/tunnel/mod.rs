@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-pub use config::{ConnectError, PeerStreamListen, TunnelConfig};
+pub use config::{ConnectError, PeerStreamListen, TunnelConfig, TunnelCredentials};
 pub use notification::Notification;
 pub use stats::TunnelStats;
 
@@ -74,7 +74,6 @@ const MAX_PENDING: usize = 64;
 
 /// What a [`ClientHost`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum TunnelEvent {
     /// Something for the runtime's sockets and streams to do.
     Io(IoEvent),
@@ -119,6 +118,29 @@ pub struct Setup {
     pub dtls: Option<dtls::ClientSettings>,
     /// Whether the runtime runs QUIC (server transports and peer sessions).
     pub quic: bool,
+}
+
+impl Setup {
+    /// What a runtime bound: the peer socket at `peer_socket` (and the source of its route
+    /// to the first server, when it is bound to the unspecified address), the peer stream
+    /// listener at `stream_listener`; the TLS material it takes from `credentials`; and
+    /// whether it runs QUIC.
+    pub fn new(
+        credentials: &mut TunnelCredentials,
+        peer_socket: SocketAddr,
+        route_source: Option<IpAddr>,
+        stream_listener: Option<SocketAddr>,
+        quic: bool,
+    ) -> Self {
+        Self {
+            peer_socket,
+            route_source,
+            stream_listener,
+            peer_identity: credentials.peer_identity.clone(),
+            dtls: credentials.dtls.take(),
+            quic,
+        }
+    }
 }
 
 /// A tunnel client and everything it decides about its sockets. `Q` is the runtime's receive

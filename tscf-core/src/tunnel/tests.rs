@@ -42,6 +42,7 @@ fn no_files() -> Os {
     Os {
         read_file: |_| Err(io::Error::other("no files here")),
         generate_key: rcgen::KeyPair::generate,
+        fill_random: |_| Err(io::ErrorKind::Unsupported.into()),
     }
 }
 

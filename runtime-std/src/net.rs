@@ -1,0 +1,317 @@
+//! The threads that move bytes: one per UDP socket, one acceptor per listener, and two per
+//! stream (a reader that feeds the host, a writer that takes what the host queued).
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tscf_core::io::{Host, Input, SocketId, StreamError, StreamId};
+use tscf_core::wire::Transport;
+
+use crate::drive::{Extra, Shared, Slot};
+use crate::lock;
+use crate::stream::{self, StreamReader, StreamWriter};
+
+/// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
+const UDP_POLL: Duration = Duration::from_millis(100);
+/// Stack of stream threads; they hold a few small buffers on the heap only.
+const STREAM_STACK: usize = 256 * 1024;
+
+/// A UDP socket's thread: every datagram goes to the host, until the socket is closed (or
+/// replaced) or the host stops.
+pub(crate) fn run_udp<H, X>(shared: &Arc<Shared<H, X>>, socket: SocketId, sock: &Arc<UdpSocket>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let _ = sock.set_read_timeout(Some(UDP_POLL));
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = sock.recv_from(&mut buf);
+        let mut state = lock(&shared.state);
+        let current = state
+            .io
+            .sockets
+            .get(&socket)
+            .is_some_and(|s| Arc::ptr_eq(s, sock));
+        if state.stopped || !current {
+            return;
+        }
+        let Ok((n, from)) = received else {
+            continue;
+        };
+        let now = Instant::now();
+        let data = &buf[..n];
+        state
+            .host
+            .handle_input(now, Input::Datagram { socket, from, data });
+        shared.drain(&mut state, now);
+    }
+}
+
+/// A listener's thread: each connection the host admits gets a thread of its own, which runs
+/// the TLS handshake with `tls` (if any) and then the stream.
+pub(crate) fn accept<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    listener: &TcpListener,
+    transport: Transport,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    for sock in listener.incoming() {
+        let Ok(sock) = sock else {
+            if lock(&shared.state).stopped {
+                return;
+            }
+            // Out of descriptors or an aborted connection: let the system catch up.
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let Ok(remote) = sock.peer_addr() else {
+            continue;
+        };
+        let admitted = shared.drive(|state, now| {
+            if state.stopped {
+                return Err(true);
+            }
+            let stream = X::accept(&mut state.host, now, transport, remote).ok_or(false)?;
+            state
+                .io
+                .streams
+                .insert(stream, Slot::new(sock.try_clone().ok()));
+            Ok(stream)
+        });
+        let stream = match admitted {
+            Ok(stream) => stream,
+            Err(true) => return,
+            Err(false) => continue,
+        };
+        let thread_shared = shared.clone();
+        let tls = tls.clone();
+        let spawned = thread::Builder::new()
+            .name("tscf-stream".to_owned())
+            .stack_size(STREAM_STACK)
+            .spawn(move || accepted(&thread_shared, stream, sock, tls));
+        if spawned.is_err() {
+            report_closed(shared, stream, Some(StreamError::Io));
+        }
+    }
+}
+
+fn accepted<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    mut sock: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let _ = sock.set_nodelay(true);
+    let mut verified_identity = false;
+    let conn = match tls {
+        None => None,
+        Some(config) => {
+            let conn = rustls::ServerConnection::new(config)
+                .map_err(stream::StreamError::from)
+                .and_then(|c| {
+                    let mut conn = rustls::Connection::Server(c);
+                    // The host cuts a handshake that is too slow: no deadline of our own.
+                    let far = Instant::now() + Duration::from_secs(3600);
+                    stream::handshake(&mut sock, &mut conn, far).map(|()| conn)
+                });
+            match conn {
+                Ok(conn) => {
+                    verified_identity = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                    Some(conn)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return report_closed(shared, stream, Some(StreamError::Handshake));
+                }
+            }
+        }
+    };
+    open(shared, stream, sock, conn, verified_identity);
+}
+
+/// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
+pub(crate) fn connect<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    to: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut sock = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(sock) => sock,
+        Err(e) => {
+            tracing::debug!(%to, error = %e, "connect failed");
+            return report_closed(shared, stream, Some(StreamError::Connect));
+        }
+    };
+    let _ = sock.set_nodelay(true);
+    // Register the socket so that a close from the host can cut the handshake.
+    let wanted = {
+        let mut state = lock(&shared.state);
+        match (state.io.streams.get_mut(&stream), sock.try_clone()) {
+            (Some(slot), Ok(clone)) if !slot.closing => {
+                slot.sock = Some(clone);
+                true
+            }
+            _ => false,
+        }
+    };
+    if !wanted {
+        let _ = sock.shutdown(Shutdown::Both);
+        return report_closed(shared, stream, Some(StreamError::Connect));
+    }
+    let conn = match tls {
+        None => None,
+        Some((config, name)) => {
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(stream::StreamError::from)
+                .and_then(|c| {
+                    let mut conn = rustls::Connection::Client(c);
+                    stream::handshake(&mut sock, &mut conn, deadline).map(|()| conn)
+                });
+            match conn {
+                Ok(conn) => Some(conn),
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "TLS handshake failed");
+                    return report_closed(shared, stream, Some(StreamError::Handshake));
+                }
+            }
+        }
+    };
+    open(shared, stream, sock, conn, false);
+}
+
+/// Reports the stream open and runs it: a writer thread, and this thread reads.
+fn open<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    sock: TcpStream,
+    conn: Option<rustls::Connection>,
+    verified_identity: bool,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let (reader, writer) = match stream::split(sock, conn) {
+        Ok(halves) => halves,
+        Err(_) => return report_closed(shared, stream, Some(StreamError::Io)),
+    };
+    let ready = shared.drive(|state, now| {
+        let ready = state.io.streams.get(&stream).map(|slot| slot.ready.clone());
+        if ready.is_some() {
+            let open = Input::StreamOpen {
+                stream,
+                verified_identity,
+            };
+            state.host.handle_input(now, open);
+        }
+        ready
+    });
+    let Some(ready) = ready else {
+        return report_closed(shared, stream, Some(StreamError::Io));
+    };
+    let writer_shared = shared.clone();
+    let spawned = thread::Builder::new()
+        .name("tscf-stream-writer".to_owned())
+        .stack_size(STREAM_STACK)
+        .spawn(move || write_loop(&writer_shared, stream, writer, &ready));
+    let error = match spawned {
+        Ok(_) => read_loop(shared, stream, reader),
+        Err(_) => Some(StreamError::Io),
+    };
+    report_closed(shared, stream, error);
+}
+
+/// Feeds what the stream reads to the host until it ends; the error, if it did not end
+/// cleanly.
+fn read_loop<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    mut reader: StreamReader,
+) -> Option<StreamError>
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    loop {
+        match reader.read() {
+            Ok([]) => return None,
+            Ok(data) => shared.drive(|state, now| {
+                state
+                    .host
+                    .handle_input(now, Input::StreamData { stream, data });
+            }),
+            Err(_) => return Some(StreamError::Io),
+        }
+    }
+}
+
+/// The stream's writer thread: writes what the host queued, waits for more, and closes the
+/// stream when the host closes it.
+fn write_loop<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    mut writer: StreamWriter,
+    ready: &std::sync::Condvar,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let mut out = Vec::new();
+    loop {
+        let mut state = lock(&shared.state);
+        loop {
+            let took = state.host.take_output(Instant::now(), stream, &mut out);
+            shared.rearm(&state);
+            if took {
+                break;
+            }
+            match state.io.streams.get(&stream) {
+                Some(slot) if !slot.closing && !state.stopped => {
+                    state = ready.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                _ => {
+                    drop(state);
+                    writer.close();
+                    return;
+                }
+            }
+        }
+        drop(state);
+        if writer.send(&out).is_err() {
+            // The reader sees the failure and reports the end.
+            writer.close();
+            return;
+        }
+    }
+}
+
+/// Reports the end of `stream` to the host and forgets its slot.
+fn report_closed<H, X>(shared: &Arc<Shared<H, X>>, stream: StreamId, error: Option<StreamError>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    shared.drive(|state, now| {
+        if let Some(slot) = state.io.streams.remove(&stream) {
+            slot.ready.notify_all();
+        }
+        state
+            .host
+            .handle_input(now, Input::StreamClosed { stream, error });
+    });
+}
