@@ -32,11 +32,11 @@ where
         let received = sock.recv_from(&mut buf);
         let mut state = lock(&shared.state);
         let current = state
-            .io
+            .driver
             .sockets
             .get(&socket)
             .is_some_and(|s| Arc::ptr_eq(s, sock));
-        if state.stopped || !current {
+        if state.driver.stopped || !current {
             return;
         }
         let Ok((n, from)) = received else {
@@ -64,7 +64,7 @@ pub(crate) fn accept<H, X>(
 {
     for sock in listener.incoming() {
         let Ok(sock) = sock else {
-            if lock(&shared.state).stopped {
+            if lock(&shared.state).driver.stopped {
                 return;
             }
             // Out of descriptors or an aborted connection: let the system catch up.
@@ -74,15 +74,12 @@ pub(crate) fn accept<H, X>(
         let Ok(remote) = sock.peer_addr() else {
             continue;
         };
-        let admitted = shared.drive(|state, now| {
-            if state.stopped {
+        let admitted = shared.drive(|host, io, now| {
+            if io.stopped {
                 return Err(true);
             }
-            let stream = X::accept(&mut state.host, now, transport, remote).ok_or(false)?;
-            state
-                .io
-                .streams
-                .insert(stream, Slot::new(sock.try_clone().ok()));
+            let stream = X::accept(host, now, transport, remote).ok_or(false)?;
+            io.streams.insert(stream, Slot::new(sock.try_clone().ok()));
             Ok(stream)
         });
         let stream = match admitted {
@@ -162,7 +159,7 @@ pub(crate) fn connect<H, X>(
     // Register the socket so that a close from the host can cut the handshake.
     let wanted = {
         let mut state = lock(&shared.state);
-        match (state.io.streams.get_mut(&stream), sock.try_clone()) {
+        match (state.driver.streams.get_mut(&stream), sock.try_clone()) {
             (Some(slot), Ok(clone)) if !slot.closing => {
                 slot.sock = Some(clone);
                 true
@@ -210,14 +207,14 @@ fn open<H, X>(
         Ok(halves) => halves,
         Err(_) => return report_closed(shared, stream, Some(StreamError::Io)),
     };
-    let ready = shared.drive(|state, now| {
-        let ready = state.io.streams.get(&stream).map(|slot| slot.ready.clone());
+    let ready = shared.drive(|host, io, now| {
+        let ready = io.streams.get(&stream).map(|slot| slot.ready.clone());
         if ready.is_some() {
             let open = Input::StreamOpen {
                 stream,
                 verified_identity,
             };
-            state.host.handle_input(now, open);
+            host.handle_input(now, open);
         }
         ready
     });
@@ -250,10 +247,8 @@ where
     loop {
         match reader.read() {
             Ok([]) => return None,
-            Ok(data) => shared.drive(|state, now| {
-                state
-                    .host
-                    .handle_input(now, Input::StreamData { stream, data });
+            Ok(data) => shared.drive(|host, _, now| {
+                host.handle_input(now, Input::StreamData { stream, data });
             }),
             Err(_) => return Some(StreamError::Io),
         }
@@ -276,12 +271,12 @@ fn write_loop<H, X>(
         let mut state = lock(&shared.state);
         loop {
             let took = state.host.take_output(Instant::now(), stream, &mut out);
-            shared.rearm(&state);
+            shared.wake(state.timer_behind());
             if took {
                 break;
             }
-            match state.io.streams.get(&stream) {
-                Some(slot) if !slot.closing && !state.stopped => {
+            match state.driver.streams.get(&stream) {
+                Some(slot) if !slot.closing && !state.driver.stopped => {
                     state = ready.wait(state).unwrap_or_else(|e| e.into_inner());
                 }
                 _ => {
@@ -306,12 +301,10 @@ where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
-    shared.drive(|state, now| {
-        if let Some(slot) = state.io.streams.remove(&stream) {
+    shared.drive(|host, io, now| {
+        if let Some(slot) = io.streams.remove(&stream) {
             slot.ready.notify_all();
         }
-        state
-            .host
-            .handle_input(now, Input::StreamClosed { stream, error });
+        host.handle_input(now, Input::StreamClosed { stream, error });
     });
 }

@@ -18,7 +18,7 @@ use tscf_core::tls::Fingerprint;
 use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Io, Shared};
+use crate::drive::{Extra, Shared};
 use crate::{lock, net, OS};
 
 /// How long shutdown waits for stream connections to write their last envelopes.
@@ -95,8 +95,13 @@ impl Server {
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
-        let io = Io::new(TunnelCredentials::default(), None, Duration::ZERO);
-        let shared = Shared::new(host, io, ServerExtra);
+        let shared = Shared::new(
+            host,
+            ServerExtra,
+            TunnelCredentials::default(),
+            None,
+            Duration::ZERO,
+        );
         let mut handle = ServerHandle {
             shared: shared.clone(),
             addrs,
@@ -118,7 +123,10 @@ impl Server {
         }
         for (i, socket) in datagram.into_iter().enumerate() {
             let id = SocketId(i as u32);
-            lock(&shared.state).io.sockets.insert(id, socket.clone());
+            lock(&shared.state)
+                .driver
+                .sockets
+                .insert(id, socket.clone());
             let s = shared.clone();
             handle.spawn("tscf-udp", move || net::run_udp(&s, id, &socket))?;
         }
@@ -164,7 +172,7 @@ impl ServerHandle {
     /// [`ServerHost::cut_connection`]. For tests and operators.
     pub fn cut_connection(&self, tunnel_id: u64) -> bool {
         self.shared
-            .drive(|state, now| state.host.cut_connection(now, tunnel_id))
+            .drive(|host, _, now| host.cut_connection(now, tunnel_id))
     }
 
     /// Closes every tunnel with reason Shutdown (the release notifications are sent), waits
@@ -175,9 +183,9 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
-        let first = self.shared.drive(|state, now| {
-            let first = !state.host.is_stopped();
-            state.host.shutdown(now);
+        let first = self.shared.drive(|host, _, now| {
+            let first = !host.is_stopped();
+            host.shutdown(now);
             first
         });
         if !first {
@@ -185,7 +193,7 @@ impl ServerHandle {
         }
         let state = lock(&self.shared.state);
         let deadline = Instant::now() + FLUSH_GRACE;
-        let (mut state, _) = self.shared.wait_until(state, deadline, |state| {
+        let mut state = self.shared.wait_until(state, deadline, |state| {
             state.host.stats().stream_connections == 0
         });
         self.shared.stop(&mut state);

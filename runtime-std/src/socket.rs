@@ -46,7 +46,7 @@ impl InnerUdpSocket {
     /// [`io::ErrorKind::WouldBlock`].
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
         self.shared
-            .drive(|state, now| state.host.send_to(now, self.port, dst, buf))?;
+            .drive(|host, _, now| host.send_to(now, self.port, dst, buf))?;
         Ok(buf.len())
     }
 
@@ -58,7 +58,7 @@ impl InnerUdpSocket {
     /// when the socket is dropped.
     pub fn set_peer_tunneling(&self, enabled: bool) {
         self.shared
-            .drive(|state, _| state.host.set_peer_tunneling(self.port, enabled));
+            .drive(|host, _, _| host.set_peer_tunneling(self.port, enabled));
     }
 
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says

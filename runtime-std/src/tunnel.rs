@@ -21,7 +21,7 @@ use tscf_core::tunnel::{
 };
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Io, Shared};
+use crate::drive::{Extra, Shared};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::{lock, net, OS};
 
@@ -90,12 +90,13 @@ impl Tunnel {
         let setup = Setup::new(&mut credentials, local, route_source, listener_addr, false);
         let listener_tls = credentials.listener.clone();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
-        let io = Io::new(credentials, config.tls.clone(), config.transport_timeout);
+        let (tls, timeout) = (config.tls.clone(), config.transport_timeout);
         let host = ClientHost::new(config, setup, Instant::now())?;
         let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
-        let shared = Shared::new(host, io, TunnelExtra { notifications: tx });
+        let extra = TunnelExtra { notifications: tx };
+        let shared = Shared::new(host, extra, credentials, tls, timeout);
         lock(&shared.state)
-            .io
+            .driver
             .sockets
             .insert(PEER_SOCKET, udp.clone());
         let mut tunnel = Self {
@@ -122,9 +123,9 @@ impl Tunnel {
         }
         let started = Instant::now();
         // What the host asked for at its start (a transport) is acted on here.
-        shared.drive(|_, _| ());
+        shared.drive(|_, _, _| ());
         let state = lock(&shared.state);
-        let (state, _) = shared.wait_until(state, started + connect_timeout, |state| {
+        let state = shared.wait_until(state, started + connect_timeout, |state| {
             matches!(
                 state.host.state(),
                 ClientState::Connected | ClientState::Terminated
@@ -209,7 +210,7 @@ impl Tunnel {
     /// [`TunnelClient::release_peer_tunnel`](tscf_core::client::TunnelClient::release_peer_tunnel).
     pub fn release_peer_tunnel(&self, peer: IpAddr) {
         self.shared
-            .drive(|state, now| state.host.release_peer_tunnel(now, peer));
+            .drive(|host, _, now| host.release_peer_tunnel(now, peer));
     }
 
     /// Test hook: while `blocked`, every datagram the peer socket would send or receive (STUN,
@@ -225,7 +226,7 @@ impl Tunnel {
     #[doc(hidden)]
     pub fn drop_peer_streams(&self) {
         self.shared
-            .drive(|state, now| state.host.drop_peer_streams(now));
+            .drive(|host, _, now| host.drop_peer_streams(now));
     }
 
     /// Test hook: makes the transport to the server look lost. The peer socket is replaced by
@@ -236,7 +237,7 @@ impl Tunnel {
         let udp = {
             let state = lock(&self.shared.state);
             let old = state
-                .io
+                .driver
                 .sockets
                 .get(&PEER_SOCKET)
                 .ok_or(io::ErrorKind::NotFound)?;
@@ -244,9 +245,9 @@ impl Tunnel {
         };
         let s = self.shared.clone();
         let reader = udp.clone();
-        self.shared.drive(|state, now| {
-            state.io.sockets.insert(PEER_SOCKET, udp);
-            state.host.lose_server_transport(now);
+        self.shared.drive(|host, io, now| {
+            io.sockets.insert(PEER_SOCKET, udp);
+            host.lose_server_transport(now);
         });
         thread::Builder::new()
             .name("tscf-tunnel-udp".to_owned())
@@ -260,13 +261,13 @@ impl Tunnel {
     }
 
     fn stop(&mut self) {
-        if lock(&self.shared.state).stopped {
+        if lock(&self.shared.state).driver.stopped {
             return;
         }
         let started = Instant::now();
-        self.shared.drive(|state, now| state.host.release(now));
+        self.shared.drive(|host, _, now| host.release(now));
         let state = lock(&self.shared.state);
-        let (mut state, _) = self
+        let mut state = self
             .shared
             .wait_until(state, started + self.release_wait, |state| {
                 state.host.state() == ClientState::Terminated

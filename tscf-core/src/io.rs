@@ -300,6 +300,68 @@ pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, b
     }
 }
 
+/// A host and the runtime's driver of it, as the runtime keeps them behind its lock: every
+/// input goes through [`run`](Self::run), which drains the host after it, and the runtime's
+/// timer asks [`on_timer`](Self::on_timer) what to do and how long to sleep.
+#[derive(Debug)]
+pub struct Driven<H, D> {
+    /// The host.
+    pub host: H,
+    /// The runtime's driver: its sockets, streams and channels.
+    pub driver: D,
+    buf: Vec<u8>,
+    /// The deadline the runtime's timer sleeps to, if it sleeps.
+    armed: Option<Instant>,
+}
+
+impl<H: Host, D: Driver<H>> Driven<H, D> {
+    /// `host` driven by `driver`.
+    pub fn new(host: H, driver: D) -> Self {
+        Self {
+            host,
+            driver,
+            buf: Vec::new(),
+            armed: None,
+        }
+    }
+
+    /// Runs `input` at `now`, then drains the host ([`drain`]). Returns what `input` returned,
+    /// and whether the runtime must wake its timer: the host's next deadline is now earlier
+    /// than the one the timer sleeps to.
+    pub fn run<R>(
+        &mut self,
+        now: Instant,
+        input: impl FnOnce(&mut H, &mut D, Instant) -> R,
+    ) -> (R, bool) {
+        let r = input(&mut self.host, &mut self.driver, now);
+        (r, self.drain(now))
+    }
+
+    /// Drains the host after an input at `now`; true if the runtime must wake its timer.
+    pub fn drain(&mut self, now: Instant) -> bool {
+        drain(&mut self.host, &mut self.driver, now, &mut self.buf);
+        self.timer_behind()
+    }
+
+    /// Whether the host's next deadline is earlier than the one the runtime's timer sleeps to.
+    pub fn timer_behind(&self) -> bool {
+        let due = self.host.poll_timeout();
+        due.is_some_and(|d| self.armed.is_none_or(|a| d < a))
+    }
+
+    /// The runtime's timer woke at `now`: runs the host's timers if they are due, and returns
+    /// the deadline to sleep to (`None`: no timer runs), which it remembers. A deadline at or
+    /// before `now` asks for another call at once.
+    pub fn on_timer(&mut self, now: Instant) -> Option<Instant> {
+        if self.host.poll_timeout().is_some_and(|at| at <= now) {
+            self.host.handle_timeout(now);
+            drain(&mut self.host, &mut self.driver, now, &mut self.buf);
+        }
+        self.armed = self.host.poll_timeout();
+        self.armed
+    }
+}
+
 /// The bytes waiting to be written to one stream: whole envelopes, in order, up to a bound.
 ///
 /// Envelopes are appended as they are polled from the state machine; the runtime takes
