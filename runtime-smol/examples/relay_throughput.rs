@@ -252,7 +252,7 @@ async fn measure(
     let after = server.stats();
     let quic_datagrams = (transport == Transport::QUIC).then(|| {
         (
-            after.runtime.quic_datagrams_sent - before.runtime.quic_datagrams_sent,
+            after.transport.quic_datagrams_sent - before.transport.quic_datagrams_sent,
             after.director.frames_relayed - before.director.frames_relayed,
         )
     });

@@ -196,15 +196,16 @@ where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> bool {
-        match transmit {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
+        let sent = match transmit {
             Transmit::Datagram { socket, to } => self
                 .sockets
                 .get(&socket)
                 .is_some_and(|s| s.send_to(bytes, to).is_ok()),
             // No QUIC here: a host told so never asks for it.
             Transmit::QuicDatagram { .. } | Transmit::PeerSession { .. } => false,
-        }
+        };
+        (!sent).then_some(Input::SendFailed)
     }
 
     fn act(&mut self, host: &mut H, now: Instant, event: H::Event) {
@@ -307,7 +308,7 @@ where
             Err(why) => {
                 tracing::debug!(%to, %why, "stream not connected");
                 let error = Some(StreamError::Connect);
-                host.handle_input(now, Input::StreamClosed { stream, error });
+                host.handle_input(now, Input::StreamClosed { stream, error, detail: None });
             }
         }
     }

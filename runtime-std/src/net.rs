@@ -1,7 +1,7 @@
 //! The threads that move bytes: one per UDP socket, one acceptor per listener, and two per
 //! stream (a reader that feeds the host, a writer that takes what the host queued).
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -94,7 +94,7 @@ pub(crate) fn accept<H, X>(
             .stack_size(STREAM_STACK)
             .spawn(move || accepted(&thread_shared, stream, sock, tls));
         if spawned.is_err() {
-            report_closed(shared, stream, Some(StreamError::Io));
+            report_closed(shared, stream, Some(StreamError::Io), None);
         }
     }
 }
@@ -127,8 +127,8 @@ fn accepted<H, X>(
                     Some(conn)
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                    return report_closed(shared, stream, Some(StreamError::Handshake));
+                    let detail = e.to_string();
+                    return report_closed(shared, stream, Some(StreamError::Handshake), Some(&detail));
                 }
             }
         }
@@ -151,8 +151,8 @@ pub(crate) fn connect<H, X>(
     let mut sock = match TcpStream::connect_timeout(&to, timeout) {
         Ok(sock) => sock,
         Err(e) => {
-            tracing::debug!(%to, error = %e, "connect failed");
-            return report_closed(shared, stream, Some(StreamError::Connect));
+            let detail = e.to_string();
+            return report_closed(shared, stream, Some(StreamError::Connect), Some(&detail));
         }
     };
     let _ = sock.set_nodelay(true);
@@ -169,7 +169,7 @@ pub(crate) fn connect<H, X>(
     };
     if !wanted {
         let _ = sock.shutdown(Shutdown::Both);
-        return report_closed(shared, stream, Some(StreamError::Connect));
+        return report_closed(shared, stream, Some(StreamError::Connect), None);
     }
     let conn = match tls {
         None => None,
@@ -183,8 +183,8 @@ pub(crate) fn connect<H, X>(
             match conn {
                 Ok(conn) => Some(conn),
                 Err(e) => {
-                    tracing::debug!(%to, error = %e, "TLS handshake failed");
-                    return report_closed(shared, stream, Some(StreamError::Handshake));
+                    let detail = e.to_string();
+                    return report_closed(shared, stream, Some(StreamError::Handshake), Some(&detail));
                 }
             }
         }
@@ -205,7 +205,7 @@ fn open<H, X>(
 {
     let (reader, writer) = match stream::split(sock, conn) {
         Ok(halves) => halves,
-        Err(_) => return report_closed(shared, stream, Some(StreamError::Io)),
+        Err(_) => return report_closed(shared, stream, Some(StreamError::Io), None),
     };
     let ready = shared.drive(|host, io, now| {
         let ready = io.streams.get(&stream).map(|slot| slot.ready.clone());
@@ -219,7 +219,7 @@ fn open<H, X>(
         ready
     });
     let Some(ready) = ready else {
-        return report_closed(shared, stream, Some(StreamError::Io));
+        return report_closed(shared, stream, Some(StreamError::Io), None);
     };
     let writer_shared = shared.clone();
     let spawned = thread::Builder::new()
@@ -230,7 +230,7 @@ fn open<H, X>(
         Ok(_) => read_loop(shared, stream, reader),
         Err(_) => Some(StreamError::Io),
     };
-    report_closed(shared, stream, error);
+    report_closed(shared, stream, error, None);
 }
 
 /// Feeds what the stream reads to the host until it ends; the error, if it did not end
@@ -296,8 +296,12 @@ fn write_loop<H, X>(
 }
 
 /// Reports the end of `stream` to the host and forgets its slot.
-fn report_closed<H, X>(shared: &Arc<Shared<H, X>>, stream: StreamId, error: Option<StreamError>)
-where
+fn report_closed<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    error: Option<StreamError>,
+    detail: Option<&str>,
+) where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
@@ -305,6 +309,17 @@ where
         if let Some(slot) = io.streams.remove(&stream) {
             slot.ready.notify_all();
         }
-        host.handle_input(now, Input::StreamClosed { stream, error });
+        host.handle_input(now, Input::StreamClosed { stream, error, detail });
     });
+}
+
+/// Wakes a listener's thread, blocked in `accept`, with a connection of our own (it then sees
+/// the stop): to `addr`, or loopback for an unspecified address.
+pub(crate) fn wake_acceptor(addr: SocketAddr) {
+    let ip: IpAddr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), Duration::from_millis(200));
 }

@@ -4,7 +4,7 @@
 //! feeds the host and a writer that takes what it queued), one per UDP or DTLS listener, and
 //! one timer thread.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -198,9 +198,8 @@ impl ServerHandle {
         });
         self.shared.stop(&mut state);
         drop(state);
-        // Wake the acceptors with a connection of their own.
         for addr in self.addrs.tcp.iter().chain(&self.addrs.tls) {
-            let _ = TcpStream::connect_timeout(&reachable(*addr), Duration::from_millis(200));
+            net::wake_acceptor(*addr);
         }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -228,14 +227,5 @@ impl std::fmt::Debug for ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Where to connect to reach a listener bound to `addr` (loopback for an unspecified address).
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
-        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
-        _ => addr,
     }
 }

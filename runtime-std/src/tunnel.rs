@@ -68,6 +68,8 @@ pub struct Tunnel {
     notifications: Receiver<Notification>,
     threads: Vec<JoinHandle<()>>,
     release_wait: std::time::Duration,
+    /// The peer stream listener, whose thread waits in `accept`.
+    listener: Option<SocketAddr>,
 }
 
 impl Tunnel {
@@ -104,6 +106,7 @@ impl Tunnel {
             notifications,
             threads: Vec::new(),
             release_wait,
+            listener: listener_addr,
         };
         let s = shared.clone();
         tunnel.spawn("tscf-tunnel-timer", move || s.run_timer())?;
@@ -277,6 +280,9 @@ impl Tunnel {
         self.shared.drain(&mut state, now);
         self.shared.stop(&mut state);
         drop(state);
+        if let Some(addr) = self.listener {
+            net::wake_acceptor(addr);
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

@@ -86,6 +86,9 @@ pub enum Input<'a> {
         stream: StreamId,
         /// Why, if it did not end cleanly.
         error: Option<StreamError>,
+        /// What the runtime knows of why, as text (a TLS alert, a certificate that does not
+        /// match its pin): what the user sees as the last failure.
+        detail: Option<&'a str>,
     },
     /// The socket asked for with [`IoEvent::BindSocket`] is bound to `local`.
     SocketBound {
@@ -120,6 +123,15 @@ pub enum Input<'a> {
         path: SocketAddr,
         /// Whether its handshake failed (counted), rather than an open session ending.
         failed: bool,
+    },
+    /// An envelope for the QUIC peer session on `path` did not fit in a QUIC datagram and went
+    /// on the session's stream, or was dropped because that stream's queue was full (both
+    /// counted).
+    SessionStream {
+        /// The peer's address on the direct path.
+        path: SocketAddr,
+        /// Whether it was dropped.
+        dropped: bool,
     },
     /// One envelope carried by the QUIC peer session on `path`.
     SessionData {
@@ -275,22 +287,23 @@ pub trait Host {
 
 /// What a runtime does with a host's output: it sends the datagrams and acts on the events.
 pub trait Driver<H: Host> {
-    /// Sends the bytes of one transmit; false if the socket refused them.
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> bool;
+    /// Sends the bytes of one transmit; what to report to the host about it, if anything
+    /// ([`Input::SendFailed`] when the socket refused them, [`Input::QuicFallback`]).
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>>;
     /// Acts on one event. The host is lent back for the inputs an event causes at once (a
     /// socket bound, a connection that failed to start).
     fn act(&mut self, host: &mut H, now: Instant, event: H::Event);
 }
 
 /// The drain every runtime runs after an input at `now`: the host's transmits are sent, then
-/// one event is acted on, until the host has neither left. A send the socket refused is
-/// reported to the host ([`Input::SendFailed`]). `buf` is the runtime's scratch buffer, kept
-/// between drains so that a transmit allocates nothing.
+/// one event is acted on, until the host has neither left. What the driver says of a send is
+/// reported to the host. `buf` is the runtime's scratch buffer, kept between drains so that a
+/// transmit allocates nothing.
 pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, buf: &mut Vec<u8>) {
     loop {
         while let Some(transmit) = host.poll_transmit(now, buf) {
-            if !driver.send(transmit, buf) {
-                host.handle_input(now, Input::SendFailed);
+            if let Some(report) = driver.send(transmit, buf) {
+                host.handle_input(now, report);
             }
         }
         match host.poll_event() {

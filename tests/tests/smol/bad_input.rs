@@ -47,19 +47,19 @@ fn garbage_tls_framing_loss_and_udp_noise() {
     tls.write_all(&[0x42; 64]).unwrap();
     assert!(closed(&mut tls), "garbage instead of a ClientHello");
     eventually("tls_handshake_failures", || {
-        server.stats().runtime.tls_handshake_failures == 1
+        server.stats().transport.tls_handshake_failures == 1
     });
 
     let mut tcp = TcpStream::connect(addrs.tcp[0]).unwrap();
     tcp.write_all(&[5, 0, 1, 9, 9]).unwrap();
     assert!(closed(&mut tcp), "length below 3 loses framing");
     eventually("framing_errors", || {
-        server.stats().runtime.framing_errors == 1
+        server.stats().transport.framing_errors == 1
     });
 
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.send_to(&[0xff; 40], addrs.udp[0]).unwrap();
-    eventually("udp_dropped", || server.stats().runtime.udp_dropped == 1);
+    eventually("udp_dropped", || server.stats().transport.udp_dropped == 1);
 
     let mut slow = TcpStream::connect(addrs.tcp[0]).unwrap();
     slow.write_all(&[5]).unwrap();

@@ -52,7 +52,7 @@ fn dtls_configuration_relay_and_flow_both_ways() {
         let stats = server.stats();
         assert_eq!(stats.director.active_tunnels, 2);
         assert_eq!(stats.dtls_associations, 2);
-        assert_eq!(stats.runtime.dtls_handshakes, 2);
+        assert_eq!(stats.transport.dtls_handshakes, 2);
         assert!(stats.director.frames_relayed >= u64::from(2 * PACKETS));
         // Every envelope went as a DTLS record.
         assert!(a.stats().dtls_records_sent >= u64::from(PACKETS));
@@ -139,18 +139,18 @@ fn hostile_datagrams_from_many_ports_leave_no_state_and_the_tunnel_keeps_working
         );
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
         let stats = server.stats();
-        println!("DTLS flood from {SOURCES} ports: {:?}", stats.runtime);
+        println!("DTLS flood from {SOURCES} ports: {:?}", stats.transport);
         // No source that did not return a cookie got any state (the unit tests of the
         // endpoint check the cap on those that do).
         assert_eq!(max_half_open, 0);
         assert_eq!(stats.dtls_half_open, 0);
-        assert_eq!(stats.runtime.dtls_half_open_evicted, 0);
+        assert_eq!(stats.transport.dtls_half_open_evicted, 0);
         assert_eq!(stats.dtls_associations, 2);
         // The kernel may drop some of the flood before the server reads it, so the counts
         // are not exact here (the unit tests of the endpoint check them exactly); each kind
         // of hostile datagram is seen and counted.
-        assert!(stats.runtime.dtls_unknown_source > SOURCES as u64 / 2);
-        assert!(stats.runtime.dtls_hello_verify_sent > (SOURCES / 2) as u64);
+        assert!(stats.transport.dtls_unknown_source > SOURCES as u64 / 2);
+        assert!(stats.transport.dtls_hello_verify_sent > (SOURCES / 2) as u64);
         let got = smol_flow(&b, &a, 20, false).await;
         assert_eq!(got, (0..20).collect::<Vec<_>>());
         a.close().await;
@@ -304,7 +304,7 @@ fn dtls_associations_count_against_max_stream_connections() {
         assert!(matches!(err, ConnectError::TimedOut { .. }), "{err}");
         let stats = server.stats();
         assert_eq!(stats.dtls_associations, 1);
-        assert!(stats.runtime.streams_refused >= 1, "{:?}", stats.runtime);
+        assert!(stats.transport.streams_refused >= 1, "{:?}", stats.transport);
         assert_eq!(a.state(), ClientState::Connected);
         a.close().await;
     });
@@ -337,7 +337,7 @@ fn a_client_that_loses_its_dtls_association_reattaches() {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;
         let id = a.tunnel_id().unwrap();
-        assert!(a.drop_dtls_association());
+        a.drop_server_transport().expect("a new peer socket");
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut notes = Vec::new();
         while !notes

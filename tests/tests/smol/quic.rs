@@ -41,8 +41,8 @@ fn quic_configuration_relay_and_flow_as_datagrams() {
             "{:?}",
             a.stats()
         );
-        assert!(stats.runtime.quic_datagrams_received >= u64::from(PACKETS));
-        assert!(stats.runtime.quic_datagrams_sent >= u64::from(PACKETS));
+        assert!(stats.transport.quic_datagrams_received >= u64::from(PACKETS));
+        assert!(stats.transport.quic_datagrams_sent >= u64::from(PACKETS));
         assert!(b.stats().quic_datagrams_received >= u64::from(PACKETS));
 
         a.close().await;

@@ -104,11 +104,11 @@ fn noise_forged_packets_wrong_alpn_idle_and_garbage_streams_leave_a_tunnel_worki
     });
     let stats = server.stats();
     assert!(
-        stats.runtime.quic_handshake_failures >= 1,
+        stats.transport.quic_handshake_failures >= 1,
         "the wrong ALPN is counted: {stats:?}"
     );
     assert!(
-        stats.runtime.framing_errors >= 1,
+        stats.transport.framing_errors >= 1,
         "the garbage stream is counted: {stats:?}"
     );
     eventually("only the closed tunnels' connections are gone", || {
@@ -247,7 +247,7 @@ fn past_the_threshold_new_quic_clients_prove_their_address_with_a_retry() {
         let a = smol_tunnel(config).await;
         a.close().await;
     });
-    assert_eq!(server.stats().runtime.quic_retries, 0);
+    assert_eq!(server.stats().transport.quic_retries, 0);
     smol::block_on(server.shutdown());
 
     // Threshold 0: every client is sent a Retry first, and still gets its tunnel.
@@ -266,7 +266,7 @@ fn past_the_threshold_new_quic_clients_prove_their_address_with_a_retry() {
         b.close().await;
     });
     assert_eq!(
-        server.stats().runtime.quic_retries,
+        server.stats().transport.quic_retries,
         2,
         "one Retry per client"
     );

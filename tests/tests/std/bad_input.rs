@@ -109,7 +109,7 @@ fn malformed_streams_and_messages() {
     s.write_all(&[0x05, 0x00, 0x01]).unwrap();
     let _ = s.write_all(&junk);
     assert!(closed_within(&mut s, Duration::from_millis(500)));
-    assert!(server.stats().runtime.framing_errors >= 1);
+    assert!(server.stats().transport.framing_errors >= 1);
 
     // Truncated envelope: waits for the rest, closed at the pending timeout.
     let mut s = raw(&server);
@@ -235,7 +235,7 @@ fn garbage_instead_of_a_client_hello() {
         .unwrap();
     let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: tscf\r\n\r\n");
     assert!(closed_within(&mut s, Duration::from_secs(1)));
-    assert_eq!(server.stats().runtime.tls_handshake_failures, 1);
+    assert_eq!(server.stats().transport.tls_handshake_failures, 1);
     still_serves(&a, &b);
 }
 

@@ -73,5 +73,5 @@ fn stun_binding_is_answered_on_the_udp_listener() {
     let (n, _) = sock.recv_from(&mut buf).unwrap();
     let answer = tscf_core::stun::decode_binding_response(&buf[..n]).unwrap();
     assert_eq!(answer.mapped, sock.local_addr().unwrap());
-    assert_eq!(server.stats().runtime.stun_answered, 1);
+    assert_eq!(server.stats().transport.stun_answered, 1);
 }

@@ -192,7 +192,7 @@ fn udp_tunnel_discovers_its_address_with_the_servers_stun() {
     };
     // The same socket carries the server tunnel, so STUN sees what the director saw.
     assert_eq!(public, a.observed_address());
-    assert!(server.stats().runtime.stun_answered >= 1);
+    assert!(server.stats().transport.stun_answered >= 1);
     assert_eq!(a.stats().client.peer.dropped_stun, 0);
 }
 
@@ -322,9 +322,10 @@ fn tls_peer_stream_with_a_wrong_certificate_is_refused() {
 }
 
 #[test]
-fn a_secure_peer_transport_is_refused_at_connect_and_udp_peers_still_work() {
+fn a_quic_peer_transport_is_refused_at_connect_and_udp_peers_still_work() {
     let server = server(|_| {});
-    for transport in [Transport::QUIC, Transport::DTLS] {
+    // This runtime has no QUIC stack; DTLS peer sessions it runs (the core's endpoint).
+    for transport in [Transport::QUIC] {
         let mut config = tunnel_config(&server, Transport::UDP);
         let peer = config.client.peer.as_mut().expect("peer tunneling on");
         peer.transport = transport;

@@ -32,7 +32,7 @@ fn wrong_fingerprint_is_refused_with_a_clear_error() {
         text.contains("does not match the pinned abababab"),
         "unclear error: {text}"
     );
-    assert!(server.stats().runtime.tls_handshake_failures >= 1);
+    assert!(server.stats().transport.tls_handshake_failures >= 1);
 }
 
 #[test]

@@ -334,7 +334,7 @@ impl ServerHost {
                     self.director.handle_datagram(now, handle, data);
                 }
             }
-            Input::StreamClosed { stream, error } => self.on_stream_closed(now, stream, error),
+            Input::StreamClosed { stream, error, .. } => self.on_stream_closed(now, stream, error),
             Input::SendFailed => self.counters.udp_send_errors += 1,
             Input::QuicFallback { .. } => {
                 self.counters.quic_datagrams_sent =
@@ -345,6 +345,7 @@ impl ServerHost {
             | Input::SocketFailed { .. }
             | Input::SessionOpen { .. }
             | Input::SessionClosed { .. }
+            | Input::SessionStream { .. }
             | Input::SessionData { .. } => {}
         }
     }

@@ -174,6 +174,7 @@ fn a_stream_is_cut_into_envelopes_and_answered_through_its_output() {
     h.input(Input::StreamClosed {
         stream,
         error: Some(StreamError::Io),
+        detail: None,
     });
     let stats = h.host.stats();
     assert_eq!(stats.stream_connections, 0);
@@ -205,6 +206,7 @@ fn lost_framing_aborts_the_stream_and_is_counted() {
     h.input(Input::StreamClosed {
         stream,
         error: None,
+        detail: None,
     });
     assert_eq!(h.host.stats().stream_connections, 0);
 }
@@ -230,6 +232,7 @@ fn a_handshake_still_running_at_the_pending_timeout_is_cut() {
     h.input(Input::StreamClosed {
         stream,
         error: Some(StreamError::Handshake),
+        detail: None,
     });
     let stats = h.host.stats();
     assert_eq!(stats.transport.tls_handshake_failures, 1);
@@ -310,6 +313,7 @@ fn admission_stops_at_max_stream_connections() {
     h.input(Input::StreamClosed {
         stream: a.expect("admitted"),
         error: None,
+        detail: None,
     });
     assert!(h
         .host
@@ -438,6 +442,7 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
     h.input(Input::StreamClosed {
         stream,
         error: None,
+        detail: None,
     });
     assert_eq!(h.host.stats().stream_connections, 0);
     let out = h.advance(Duration::from_secs(5));

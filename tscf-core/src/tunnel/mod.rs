@@ -345,7 +345,11 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     self.client.handle_input(now, client::Input::Envelope(data));
                 }
             }
-            Input::StreamClosed { stream, error } => self.on_stream_closed(now, stream, error),
+            Input::StreamClosed {
+                stream,
+                error,
+                detail,
+            } => self.on_stream_closed(now, stream, error, detail),
             Input::SocketBound { socket, local } => self.on_socket_bound(now, socket, local),
             Input::SocketFailed { socket, error } => {
                 if matches!(self.link, Link::Dtls { socket: s, .. } if s == socket) {
@@ -377,6 +381,13 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     self.stats.peer_session_failures += u64::from(failed);
                     self.client
                         .handle_input(now, client::Input::PeerSessionFailed(path));
+                }
+            }
+            Input::SessionStream { dropped, .. } => {
+                if dropped {
+                    self.stats.peer_quic_stream_full += 1;
+                } else {
+                    self.stats.peer_quic_stream_envelopes += 1;
                 }
             }
             Input::SessionData { path, data } => {
@@ -1322,10 +1333,17 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         }
     }
 
-    fn on_stream_closed(&mut self, now: Instant, stream: StreamId, error: Option<StreamError>) {
-        let why = match error {
-            Some(e) => e.to_string(),
-            None => "closed by the server".to_owned(),
+    fn on_stream_closed(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        error: Option<StreamError>,
+        detail: Option<&str>,
+    ) {
+        let why = match (detail, error) {
+            (Some(detail), _) => detail.to_owned(),
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "closed by the server".to_owned(),
         };
         self.stream_ended(now, stream, error, &why);
         self.streams.remove(&stream);

@@ -203,6 +203,7 @@ impl Net {
                             Input::StreamClosed {
                                 stream: s,
                                 error: None,
+                                detail: None,
                             },
                         );
                         client.host.handle_input(
@@ -210,6 +211,7 @@ impl Net {
                             Input::StreamClosed {
                                 stream: c,
                                 error: None,
+                                detail: None,
                             },
                         );
                     }
@@ -342,6 +344,7 @@ fn a_lost_stream_transport_is_reported_and_the_client_reattaches_on_a_new_one() 
         Input::StreamClosed {
             stream: server_stream,
             error: Some(StreamError::Io),
+            detail: None,
         },
     );
     net.clients[b].host.handle_input(
@@ -349,6 +352,7 @@ fn a_lost_stream_transport_is_reported_and_the_client_reattaches_on_a_new_one() 
         Input::StreamClosed {
             stream,
             error: Some(StreamError::Io),
+            detail: None,
         },
     );
     net.pump();

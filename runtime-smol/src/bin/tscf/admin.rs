@@ -166,7 +166,7 @@ impl<'a> Status<'a> {
         let addrs = server.local_addrs();
         let stats = server.stats();
         let d = &stats.director;
-        let r = &stats.runtime;
+        let r = &stats.transport;
         Status {
             state: "listening",
             listeners: Listeners {

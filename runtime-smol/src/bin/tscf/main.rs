@@ -146,7 +146,7 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
             Err(e) => {
                 eprintln!("tscf: cannot start the server: {e}");
                 let code = match e {
-                    StartError::Bind { .. } | StartError::Thread(_) | StartError::Randomness(_) => {
+                    StartError::Bind { .. } | StartError::Io(_) | StartError::Randomness(_) => {
                         exit::FAILURE
                     }
                     _ => exit::USAGE,

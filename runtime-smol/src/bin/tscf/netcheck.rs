@@ -19,6 +19,7 @@ use serde_json::json;
 use tscf_runtime_smol::core::client::ServerEndpoint;
 use tscf_runtime_smol::core::stun::{NatDiscovery, NatDiscoveryConfig, NatEvent, NatReport};
 use tscf_runtime_smol::core::wire::Transport;
+use tscf_runtime_smol::TunnelConfig;
 
 use crate::exit;
 
@@ -77,6 +78,19 @@ pub(crate) fn run(args: NetcheckArgs) -> ExitCode {
     }
 }
 
+/// The address this host sends from on `socket`: its bound address, or when it is bound to
+/// the unspecified address, the one the system routes to `probe` from (connecting a UDP socket
+/// sends nothing).
+fn host_address(socket: &UdpSocket, probe: Option<SocketAddr>) -> std::io::Result<Option<SocketAddr>> {
+    let local = socket.local_addr()?;
+    let (true, Some(probe)) = (local.ip().is_unspecified(), probe) else {
+        return Ok(Some(local));
+    };
+    let route = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+    route.connect(probe)?;
+    Ok(Some(SocketAddr::new(route.local_addr()?.ip(), local.port())))
+}
+
 /// Runs one NAT discovery over a fresh socket: the host address and each server's answer.
 fn check(servers: &[SocketAddr]) -> std::io::Result<(Option<SocketAddr>, Vec<Answer>, NatReport)> {
     let endpoints: Vec<ServerEndpoint> = servers
@@ -86,11 +100,10 @@ fn check(servers: &[SocketAddr]) -> std::io::Result<(Option<SocketAddr>, Vec<Ans
             transport: Transport::UDP,
         })
         .collect();
-    let socket = UdpSocket::bind(tscf_runtime_std::udp_bind_addr(&endpoints))?;
-    let host = tscf_runtime_std::host_candidates(&socket, &endpoints)?
-        .first()
-        .copied();
-    let seed = tscf_runtime_std::os_seed()?;
+    let config = TunnelConfig::new(endpoints);
+    let socket = UdpSocket::bind(config.udp_bind_addr())?;
+    let host = host_address(&socket, config.route_probe())?;
+    let seed = tscf_runtime_smol::OS.seed()?;
     let now = Instant::now();
     let mut discovery = NatDiscovery::new(NatDiscoveryConfig::new(servers.to_vec()), seed, now);
     let mut answers: Vec<Answer> = servers.iter().map(|_| Answer::TimedOut).collect();

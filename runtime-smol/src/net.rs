@@ -1,0 +1,348 @@
+//! The tasks that move bytes: one per UDP socket, one acceptor per listener, and one per TCP
+//! or TLS stream, which reads and writes.
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::{TlsAcceptor, TlsConnector};
+use rustls::pki_types::ServerName;
+use tscf_core::io::{Host, Input, SocketId, StreamError, StreamId};
+use tscf_core::wire::Transport;
+
+use crate::drive::{Extra, Shared, Slot};
+use crate::lock;
+
+/// Octets read at a time while a stream is quiet: what an idle connection holds.
+const READ_SMALL: usize = 2 * 1024;
+/// Octets read at a time while reads fill the buffer (a busy connection).
+const READ_LARGE: usize = 16 * 1024;
+
+/// A UDP socket's task: every datagram goes to the host. It ends when the host closes the
+/// socket (its task is dropped with it) or stops.
+pub(crate) async fn run_udp<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    socket: SocketId,
+    sock: &Async<UdpSocket>,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let mut state = lock(&shared.state);
+        if state.driver.stopped {
+            return;
+        }
+        let now = Instant::now();
+        let data = &buf[..n];
+        state
+            .host
+            .handle_input(now, Input::Datagram { socket, from, data });
+        let behind = state.drain(now);
+        shared.wake(behind);
+    }
+}
+
+/// A listener's task: each connection the host admits gets a task of its own, which runs the
+/// TLS handshake with `tls` (if any) and then the stream.
+pub(crate) async fn accept<H, X>(
+    shared: Arc<Shared<H, X>>,
+    listener: Async<TcpListener>,
+    transport: Transport,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    loop {
+        let Ok((sock, remote)) = listener.accept().await else {
+            // Out of descriptors or an aborted connection: let the system catch up.
+            Timer::after(Duration::from_millis(10)).await;
+            continue;
+        };
+        let stream = shared.drive(|host, io, now| {
+            if io.stopped {
+                return None;
+            }
+            let stream = X::accept(host, now, transport, remote)?;
+            io.streams.insert(stream, Slot::default());
+            Some(stream)
+        });
+        let Some(stream) = stream else {
+            continue;
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        smol::spawn(async move {
+            let error = accepted(&shared, stream, sock, tls).await;
+            closed(&shared, stream, error);
+        })
+        .detach();
+    }
+}
+
+async fn accepted<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    sock: Async<TcpStream>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Ended
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let _ = sock.get_ref().set_nodelay(true);
+    let Some(config) = tls else {
+        opened(shared, stream, false);
+        return serve(shared, stream, sock).await;
+    };
+    // The host cuts a handshake that is too slow: no deadline of our own.
+    match abortable(shared, stream, TlsAcceptor::from(config).accept(sock)).await {
+        Some(Ok(tls)) => {
+            let verified = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            opened(shared, stream, verified);
+            serve(shared, stream, tls).await
+        }
+        Some(Err(e)) => failed(StreamError::Handshake, e),
+        None => failed(StreamError::Handshake, "cut"),
+    }
+}
+
+/// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
+pub(crate) async fn connect<H, X>(
+    shared: &Arc<Shared<H, X>>,
+    stream: StreamId,
+    to: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let deadline = Instant::now() + timeout;
+    let error = async {
+        let sock = match bounded(deadline, Async::<TcpStream>::connect(to)).await {
+            Ok(sock) => sock,
+            Err(e) => return failed(StreamError::Connect, e),
+        };
+        let _ = sock.get_ref().set_nodelay(true);
+        let Some((config, name)) = tls else {
+            opened(shared, stream, false);
+            return serve(shared, stream, sock).await;
+        };
+        let handshake = bounded(deadline, TlsConnector::from(config).connect(name, sock));
+        match abortable(shared, stream, handshake).await {
+            Some(Ok(tls)) => {
+                opened(shared, stream, false);
+                serve(shared, stream, tls).await
+            }
+            Some(Err(e)) => failed(StreamError::Handshake, describe(&e)),
+            None => failed(StreamError::Handshake, "cut"),
+        }
+    }
+    .await;
+    closed(shared, stream, error);
+}
+
+/// What a stream's task does next.
+pub(crate) enum Next {
+    Write,
+    Idle,
+    Close,
+    Abort,
+}
+
+/// Takes what waits for `stream` into `out` and says what to do with it.
+pub(crate) fn next<H, X>(shared: &Shared<H, X>, stream: StreamId, out: &mut Vec<u8>) -> Next
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let mut state = lock(&shared.state);
+    let stopped = state.driver.stopped;
+    let Some(slot) = state.driver.streams.get_mut(&stream) else {
+        return Next::Abort;
+    };
+    if slot.abort || stopped {
+        return Next::Abort;
+    }
+    let closing = slot.closing;
+    if let Some(fallback) = slot.fallback.pop_front() {
+        *out = fallback;
+        return Next::Write;
+    }
+    let took = state.host.take_output(Instant::now(), stream, out);
+    shared.wake(state.timer_behind());
+    match (took, closing) {
+        (true, _) => Next::Write,
+        (false, true) => Next::Close,
+        (false, false) => Next::Idle,
+    }
+}
+
+/// Runs a connected stream: writes what the host queues, feeds what it reads, until either
+/// side closes it. Its error, if it did not end cleanly.
+async fn serve<H, X, S>(shared: &Arc<Shared<H, X>>, stream: StreamId, mut io: S) -> Ended
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(wake) = lock(&shared.state)
+        .driver
+        .streams
+        .get(&stream)
+        .map(|s| s.wake.clone())
+    else {
+        return None;
+    };
+    let mut chunk = vec![0u8; READ_SMALL];
+    let mut out = Vec::new();
+    loop {
+        // Listen before looking, so that a wake-up in between is not lost.
+        let woken = wake.listen();
+        match next(shared, stream, &mut out) {
+            Next::Abort => return failed(StreamError::Io, "cut"),
+            Next::Close => {
+                let _ = io.close().await;
+                return None;
+            }
+            Next::Write => {
+                let write = async { io.write_all(&out).await.and(io.flush().await) };
+                match abortable(shared, stream, write).await {
+                    Some(Ok(())) => continue,
+                    Some(Err(e)) => return failed(StreamError::Io, e),
+                    None => return failed(StreamError::Io, "cut"),
+                }
+            }
+            Next::Idle => {}
+        }
+        let read = future::or(async { Some(io.read(&mut chunk).await) }, async {
+            woken.await;
+            None
+        })
+        .await;
+        match read {
+            None => {}
+            Some(Ok(0)) => return None,
+            Some(Ok(n)) => {
+                let data = &chunk[..n];
+                shared.drive(|host, _, now| {
+                    host.handle_input(now, Input::StreamData { stream, data });
+                });
+                // Grow while reads fill the buffer; give it back once they no longer do.
+                if n == chunk.len() && chunk.len() < READ_LARGE {
+                    chunk.resize(READ_LARGE, 0);
+                } else if n < READ_SMALL && chunk.len() > READ_SMALL {
+                    chunk = vec![0u8; READ_SMALL];
+                }
+            }
+            Some(Err(e)) => return failed(StreamError::Io, e),
+        }
+    }
+}
+
+/// How a stream ended: cleanly (`None`), or with an error and what is known of it.
+pub(crate) type Ended = Option<(StreamError, String)>;
+
+/// A stream that ended with `error`, because of `why`.
+pub(crate) fn failed(error: StreamError, why: impl std::fmt::Display) -> Ended {
+    Some((error, why.to_string()))
+}
+
+/// An I/O error as the user should read it: rustls's own, when it carries one (its custom
+/// certificate errors print with `Debug` otherwise).
+fn describe(e: &io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {other}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Reports `stream` open to the host.
+pub(crate) fn opened<H, X>(shared: &Shared<H, X>, stream: StreamId, verified_identity: bool)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    shared.drive(|host, _, now| {
+        let open = Input::StreamOpen {
+            stream,
+            verified_identity,
+        };
+        host.handle_input(now, open);
+    });
+}
+
+/// Reports the end of `stream` to the host and forgets its slot.
+pub(crate) fn closed<H, X>(shared: &Shared<H, X>, stream: StreamId, ended: Ended)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let (error, detail) = match &ended {
+        Some((error, why)) => (Some(*error), Some(why.as_str())),
+        None => (None, None),
+    };
+    shared.drive(|host, io, now| {
+        io.streams.remove(&stream);
+        let closed = Input::StreamClosed {
+            stream,
+            error,
+            detail,
+        };
+        host.handle_input(now, closed);
+    });
+}
+
+/// `work`, unless the host aborts `stream` first (`None`).
+pub(crate) async fn abortable<H, X, T>(
+    shared: &Shared<H, X>,
+    stream: StreamId,
+    work: impl Future<Output = T>,
+) -> Option<T>
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let aborted = async {
+        loop {
+            let wake = {
+                let state = lock(&shared.state);
+                match state.driver.streams.get(&stream) {
+                    Some(slot) if !slot.abort && !state.driver.stopped => slot.wake.listen(),
+                    _ => return None,
+                }
+            };
+            wake.await;
+        }
+    };
+    future::or(async { Some(work.await) }, aborted).await
+}
+
+/// `work`, or a timeout error at `deadline`.
+pub(crate) async fn bounded<T>(
+    deadline: Instant,
+    work: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    future::or(work, async {
+        Timer::at(deadline).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+    })
+    .await
+}
