@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
-use smol::Task;
 use event_listener::Event;
 use futures_lite::future;
+use smol::Task;
 use tscf_core::io::{
     Driven, Driver, Host, Input, IoEvent, Security, SocketId, StreamError, StreamId, Transmit,
 };
@@ -35,11 +35,19 @@ pub(crate) trait Extra<H: Host>: Send + Sized + 'static {
     fn on_event(io: &mut Io<H, Self>, host: &mut H, now: Instant, event: H::Event);
     /// A listener accepted a connection of `transport` from `remote`: its stream id, or
     /// `None` to close it.
-    fn accept(host: &mut H, now: Instant, transport: Transport, remote: SocketAddr)
-        -> Option<StreamId>;
+    fn accept(
+        host: &mut H,
+        now: Instant,
+        transport: Transport,
+        remote: SocketAddr,
+    ) -> Option<StreamId>;
     /// Sends one envelope inside the QUIC peer session on `path`; what to report to the host
     /// about it (a send with no session open fails).
-    fn send_session(io: &mut Io<H, Self>, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {
+    fn send_session(
+        io: &mut Io<H, Self>,
+        path: SocketAddr,
+        bytes: &[u8],
+    ) -> Option<Input<'static>> {
         let _ = (io, path, bytes);
         Some(Input::SendFailed)
     }
@@ -141,7 +149,11 @@ where
     }
 
     /// Waits until `done` holds or `deadline` passes.
-    pub(crate) async fn wait_until(&self, deadline: Instant, mut done: impl FnMut(&State<H, X>) -> bool) {
+    pub(crate) async fn wait_until(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&State<H, X>) -> bool,
+    ) {
         loop {
             let changed = self.changed.listen();
             if done(&lock(&self.state)) || Instant::now() >= deadline {
@@ -308,7 +320,14 @@ where
     ) {
         let (Some(shared), false) = (self.me.upgrade(), self.stopped) else {
             let error = Some(StreamError::Connect);
-            return host.handle_input(now, Input::StreamClosed { stream, error, detail: None });
+            return host.handle_input(
+                now,
+                Input::StreamClosed {
+                    stream,
+                    error,
+                    detail: None,
+                },
+            );
         };
         let verify = match security {
             Security::Tcp => None,
@@ -323,7 +342,14 @@ where
             Err(e) => {
                 tracing::debug!(%to, error = %e, "stream not connected");
                 let error = Some(StreamError::Connect);
-                return host.handle_input(now, Input::StreamClosed { stream, error, detail: None });
+                return host.handle_input(
+                    now,
+                    Input::StreamClosed {
+                        stream,
+                        error,
+                        detail: None,
+                    },
+                );
             }
         };
         self.streams.insert(stream, Slot::default());

@@ -266,7 +266,10 @@ pub(crate) fn failed(error: StreamError, why: impl std::fmt::Display) -> Ended {
 /// An I/O error as the user should read it: rustls's own, when it carries one (its custom
 /// certificate errors print with `Debug` otherwise).
 fn describe(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
             format!("invalid peer certificate: {other}")
         }

@@ -30,8 +30,8 @@ use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 use tscf_core::wire::StreamDeframer;
 
 use crate::drive::{Extra, Shared, Slot};
-use crate::net::{self, Next};
 use crate::lock;
+use crate::net::{self, Next};
 use crate::tunnel::TunnelShared;
 
 /// The ALPN protocol name of tscf over QUIC.
@@ -175,7 +175,9 @@ pub(crate) async fn connect<H, X>(
             Ok(connecting) => connecting,
             Err(e) => return net::failed(StreamError::Connect, e),
         };
-        let handshake = net::bounded(deadline, async { connecting.await.map_err(io::Error::from) });
+        let handshake = net::bounded(deadline, async {
+            connecting.await.map_err(io::Error::from)
+        });
         match net::abortable(shared, stream, handshake).await {
             Some(Ok(conn)) => serve(shared, stream, conn, true, false).await,
             Some(Err(e)) => net::failed(StreamError::Handshake, e),
@@ -252,15 +254,20 @@ where
         }
         let read = async { Step::Read(recv.read(&mut chunk).await) };
         let datagram = async { Step::Datagram(conn.read_datagram().await) };
-        let step = future::or(read, future::or(datagram, async {
-            woken.await;
-            Step::Woken
-        }))
+        let step = future::or(
+            read,
+            future::or(datagram, async {
+                woken.await;
+                Step::Woken
+            }),
+        )
         .await;
         match step {
             Step::Read(Ok(Some(n))) => {
                 let data = &chunk[..n];
-                shared.drive(|host, _, now| host.handle_input(now, Input::StreamData { stream, data }));
+                shared.drive(|host, _, now| {
+                    host.handle_input(now, Input::StreamData { stream, data })
+                });
             }
             Step::Datagram(Ok(datagram)) => {
                 let data = &datagram[..];
@@ -362,7 +369,12 @@ impl PeerQuic {
     }
 
     /// Initiator: connects to `path`, accepting only the certificate `fingerprint`.
-    pub(crate) fn open(&mut self, shared: Arc<TunnelShared>, path: SocketAddr, fingerprint: [u8; 32]) -> bool {
+    pub(crate) fn open(
+        &mut self,
+        shared: Arc<TunnelShared>,
+        path: SocketAddr,
+        fingerprint: [u8; 32],
+    ) -> bool {
         let config = tls::peer_client_config(&self.identity, Fingerprint(fingerprint))
             .and_then(|tls| client_config(&tls, PEER_ALPN, PEER_KEEP_ALIVE));
         let Ok(config) = config else {
@@ -377,7 +389,12 @@ impl PeerQuic {
     }
 
     /// Destination: an incoming connection the host authorised, pinned to `fingerprint`.
-    fn accept(&mut self, shared: Arc<TunnelShared>, incoming: quinn::Incoming, fingerprint: [u8; 32]) {
+    fn accept(
+        &mut self,
+        shared: Arc<TunnelShared>,
+        incoming: quinn::Incoming,
+        fingerprint: [u8; 32],
+    ) {
         let path = incoming.remote_address();
         let config = match peer_server_config(&self.identity, Fingerprint(fingerprint)) {
             Ok(config) => config,
@@ -406,13 +423,18 @@ impl PeerQuic {
         for path in paths {
             self.close(path);
         }
-        self.endpoint.close(quinn::VarInt::from_u32(CLOSE_CODE), b"closed");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(CLOSE_CODE), b"closed");
     }
 
     /// Sends one envelope inside the session on `path`: a QUIC datagram when it fits, else on
     /// the session's stream. What to report to the host about it, or `Err` when no session is
     /// open there.
-    pub(crate) fn send(&mut self, path: SocketAddr, envelope: &[u8]) -> Result<Option<Input<'static>>, ()> {
+    pub(crate) fn send(
+        &mut self,
+        path: SocketAddr,
+        envelope: &[u8],
+    ) -> Result<Option<Input<'static>>, ()> {
         let session = self.sessions.get_mut(&path).ok_or(())?;
         let conn = session.conn.as_ref().ok_or(())?;
         if try_send_datagram(conn, envelope) {
@@ -480,7 +502,13 @@ async fn run_session(
     };
     let wake = {
         let mut state = lock(&shared.state);
-        let Some(session) = state.driver.extra.quic.as_mut().and_then(|q| q.current(path, id)) else {
+        let Some(session) = state
+            .driver
+            .extra
+            .quic
+            .as_mut()
+            .and_then(|q| q.current(path, id))
+        else {
             return close(&conn);
         };
         session.conn = Some(conn.clone());
@@ -500,7 +528,13 @@ async fn run_session(
         if let Some((send, _)) = &mut streams {
             let queued = {
                 let mut state = lock(&shared.state);
-                match state.driver.extra.quic.as_mut().and_then(|q| q.current(path, id)) {
+                match state
+                    .driver
+                    .extra
+                    .quic
+                    .as_mut()
+                    .and_then(|q| q.current(path, id))
+                {
                     Some(session) => session.queue.pop_front(),
                     None => return close(&conn),
                 }
@@ -525,10 +559,13 @@ async fn run_session(
             }
         };
         let datagram = async { Step::Datagram(conn.read_datagram().await) };
-        let step = future::or(io, future::or(datagram, async {
-            woken.await;
-            Step::Woken
-        }))
+        let step = future::or(
+            io,
+            future::or(datagram, async {
+                woken.await;
+                Step::Woken
+            }),
+        )
         .await;
         match step {
             Step::Opened(Ok(opened)) => streams = Some(opened),
@@ -539,14 +576,18 @@ async fn run_session(
                 let mut state = lock(&shared.state);
                 let now = Instant::now();
                 while let Ok(Some(data)) = deframer.next_raw() {
-                    state.host.handle_input(now, Input::SessionData { path, data });
+                    state
+                        .host
+                        .handle_input(now, Input::SessionData { path, data });
                 }
                 let behind = state.drain(now);
                 shared.wake(behind);
             }
             Step::Datagram(Ok(datagram)) => {
                 let data = &datagram[..];
-                shared.drive(|host, _, now| host.handle_input(now, Input::SessionData { path, data }));
+                shared.drive(|host, _, now| {
+                    host.handle_input(now, Input::SessionData { path, data })
+                });
             }
             Step::Woken => {}
             _ => break,
@@ -559,7 +600,12 @@ async fn run_session(
 /// The session's handshake failed (`failed`) or it ended: tell the host, if it still holds it.
 fn ended(shared: &TunnelShared, path: SocketAddr, id: u64, failed: bool) {
     shared.drive(|host, io, now| {
-        let held = io.extra.quic.as_mut().and_then(|q| q.current(path, id)).is_some();
+        let held = io
+            .extra
+            .quic
+            .as_mut()
+            .and_then(|q| q.current(path, id))
+            .is_some();
         if held && !io.stopped {
             if let Some(quic) = io.extra.quic.as_mut() {
                 quic.sessions.remove(&path);

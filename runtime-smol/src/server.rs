@@ -91,8 +91,14 @@ impl Server {
         let local = |s: std::io::Result<SocketAddr>| s.map_err(StartError::Io);
         let udp_count = config.udp.len();
         let addrs = LocalAddrs {
-            tcp: tcp.iter().map(|l| local(l.get_ref().local_addr())).collect::<Result<_, _>>()?,
-            tls: tls.iter().map(|l| local(l.get_ref().local_addr())).collect::<Result<_, _>>()?,
+            tcp: tcp
+                .iter()
+                .map(|l| local(l.get_ref().local_addr()))
+                .collect::<Result<_, _>>()?,
+            tls: tls
+                .iter()
+                .map(|l| local(l.get_ref().local_addr()))
+                .collect::<Result<_, _>>()?,
             udp: datagram[..udp_count]
                 .iter()
                 .map(|s| local(s.get_ref().local_addr()))
@@ -101,7 +107,10 @@ impl Server {
                 .iter()
                 .map(|s| local(s.get_ref().local_addr()))
                 .collect::<Result<_, _>>()?,
-            quic: quic.iter().map(|e| local(e.local_addr())).collect::<Result<_, _>>()?,
+            quic: quic
+                .iter()
+                .map(|e| local(e.local_addr()))
+                .collect::<Result<_, _>>()?,
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
@@ -116,12 +125,17 @@ impl Server {
         let s = shared.clone();
         tasks.push(smol::spawn(async move { s.run_timer().await }));
         let tls_config = credentials.as_ref().map(|c| c.tls.clone());
-        let listeners = tcp
-            .into_iter()
-            .map(|l| (l, Transport::TCP, None))
-            .chain(tls.into_iter().map(|l| (l, Transport::TLS, tls_config.clone())));
+        let listeners = tcp.into_iter().map(|l| (l, Transport::TCP, None)).chain(
+            tls.into_iter()
+                .map(|l| (l, Transport::TLS, tls_config.clone())),
+        );
         for (listener, transport, tls) in listeners {
-            tasks.push(smol::spawn(net::accept(shared.clone(), listener, transport, tls)));
+            tasks.push(smol::spawn(net::accept(
+                shared.clone(),
+                listener,
+                transport,
+                tls,
+            )));
         }
         for endpoint in &quic {
             tasks.push(smol::spawn(quic::accept(shared.clone(), endpoint.clone())));

@@ -127,10 +127,13 @@ impl Tunnel {
             .map(|l| l.get_ref().local_addr())
             .transpose()?;
         let setup = Setup::new(&mut credentials, local, route_source, listener_addr, true);
-        let quic_identity = credentials
-            .peer_identity
-            .clone()
-            .filter(|_| config.client.peer.as_ref().is_some_and(|p| p.transport == Transport::QUIC));
+        let quic_identity = credentials.peer_identity.clone().filter(|_| {
+            config
+                .client
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.transport == Transport::QUIC)
+        });
         let listener_tls = credentials.listener.clone();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
         let (tls, timeout) = (config.tls.clone(), config.transport_timeout);
@@ -241,9 +244,7 @@ impl Tunnel {
     /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
-        let (port, queue) = lock(&self.shared.state)
-            .host
-            .bind(port, SocketQueue::new)?;
+        let (port, queue) = lock(&self.shared.state).host.bind(port, SocketQueue::new)?;
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
@@ -293,7 +294,11 @@ impl Tunnel {
     #[doc(hidden)]
     pub fn send_from_peer_socket(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<usize> {
         let state = lock(&self.shared.state);
-        let udp = state.driver.sockets.get(&PEER_SOCKET).ok_or(io::ErrorKind::NotFound)?;
+        let udp = state
+            .driver
+            .sockets
+            .get(&PEER_SOCKET)
+            .ok_or(io::ErrorKind::NotFound)?;
         udp.get_ref().send_to(datagram, to)
     }
 

@@ -308,7 +308,14 @@ where
             Err(why) => {
                 tracing::debug!(%to, %why, "stream not connected");
                 let error = Some(StreamError::Connect);
-                host.handle_input(now, Input::StreamClosed { stream, error, detail: None });
+                host.handle_input(
+                    now,
+                    Input::StreamClosed {
+                        stream,
+                        error,
+                        detail: None,
+                    },
+                );
             }
         }
     }

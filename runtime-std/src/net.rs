@@ -1,7 +1,9 @@
 //! The threads that move bytes: one per UDP socket, one acceptor per listener, and two per
 //! stream (a reader that feeds the host, a writer that takes what the host queued).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -128,7 +130,12 @@ fn accepted<H, X>(
                 }
                 Err(e) => {
                     let detail = e.to_string();
-                    return report_closed(shared, stream, Some(StreamError::Handshake), Some(&detail));
+                    return report_closed(
+                        shared,
+                        stream,
+                        Some(StreamError::Handshake),
+                        Some(&detail),
+                    );
                 }
             }
         }
@@ -184,7 +191,12 @@ pub(crate) fn connect<H, X>(
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     let detail = e.to_string();
-                    return report_closed(shared, stream, Some(StreamError::Handshake), Some(&detail));
+                    return report_closed(
+                        shared,
+                        stream,
+                        Some(StreamError::Handshake),
+                        Some(&detail),
+                    );
                 }
             }
         }
@@ -309,7 +321,14 @@ fn report_closed<H, X>(
         if let Some(slot) = io.streams.remove(&stream) {
             slot.ready.notify_all();
         }
-        host.handle_input(now, Input::StreamClosed { stream, error, detail });
+        host.handle_input(
+            now,
+            Input::StreamClosed {
+                stream,
+                error,
+                detail,
+            },
+        );
     });
 }
 
@@ -321,5 +340,8 @@ pub(crate) fn wake_acceptor(addr: SocketAddr) {
         IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
         ip => ip,
     };
-    let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), Duration::from_millis(200));
+    let _ = TcpStream::connect_timeout(
+        &SocketAddr::new(ip, addr.port()),
+        Duration::from_millis(200),
+    );
 }

@@ -1,11 +1,11 @@
 //! Per transport, a smol server and two smol clients: configuration, relay, a 50 packet/s
 //! flow for 2 s complete and in order, then a peer tunnel between the clients carrying a flow.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tscf_core::client::{ClientState, PeerPath};
 use tscf_core::wire::Transport;
-use tscf_runtime_smol::Notification;
+use tscf_runtime_smol::{Notification, PeerStreamListen};
 
 use crate::util::{config_for, smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS};
 
@@ -107,21 +107,52 @@ fn stun_binding_is_answered_on_the_udp_listener() {
     assert_eq!(server.stats().transport.stun_answered, 1);
 }
 
-/// The smol runtime opens no peer streams yet; asking for a listener is refused, not ignored.
-#[test]
-fn peer_stream_listeners_are_refused_not_ignored() {
+/// Two smol tunnels whose UDP peer traffic is blocked, B listening for peer streams with
+/// `listen`: an opted-in flow moves onto a peer stream (TCP or TLS) and the relay carries
+/// nothing more once it is up.
+fn peer_stream_between_smol_clients(listen: fn(SocketAddr) -> PeerStreamListen) {
+    const COUNT: u32 = 150;
     let server = smol_server();
-    let mut config = config_for(&server, Transport::UDP);
-    config.peer_streams =
-        tscf_runtime_std::PeerStreamListen::Tcp("127.0.0.1:0".parse().expect("addr"));
-    let result = smol::block_on(tscf_runtime_smol::Tunnel::connect(config));
-    match result {
-        Err(tscf_runtime_std::ConnectError::Io(e)) => {
-            assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
-            assert!(e.to_string().contains("peer stream"), "{e}");
-        }
-        other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
-    }
+    smol::block_on(async {
+        let a = smol_tunnel(config_for(&server, Transport::UDP)).await;
+        let mut config = config_for(&server, Transport::UDP);
+        config.peer_streams = listen("127.0.0.1:0".parse().expect("addr"));
+        let b = smol_tunnel(config).await;
+        a.block_peer_traffic(true);
+        b.block_peer_traffic(true);
+        let got = smol_flow(&a, &b, COUNT, true).await;
+        assert_eq!(got, (0..COUNT).collect::<Vec<_>>(), "complete, in order");
+        let ib = IpAddr::V4(b.internal_ipv4().unwrap());
+        assert!(
+            matches!(a.peer_path(ib), PeerPath::Stream { .. }),
+            "{:?}",
+            a.peer_path(ib)
+        );
+        let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
+        assert!(
+            pa.streams_opened >= 1 && pb.streams_accepted >= 1,
+            "{pa:?} {pb:?}"
+        );
+        // Most of the flow took the stream, not the relay.
+        assert!(
+            server.stats().director.frames_relayed < u64::from(COUNT / 2),
+            "{:?}",
+            server.stats().director
+        );
+        a.close().await;
+        b.close().await;
+    });
+    smol::block_on(server.shutdown());
+}
+
+#[test]
+fn a_tcp_peer_stream_joins_two_smol_clients() {
+    peer_stream_between_smol_clients(PeerStreamListen::Tcp);
+}
+
+#[test]
+fn a_tls_peer_stream_joins_two_smol_clients() {
+    peer_stream_between_smol_clients(PeerStreamListen::Tls);
 }
 
 /// The director announces its packet limit (1400 by default) and both runtimes' inner sockets

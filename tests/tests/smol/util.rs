@@ -13,7 +13,13 @@ use tscf_runtime_smol::{
     TunnelConfig,
 };
 
-pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
+/// The server transports both runtimes run.
+pub const TRANSPORTS: [Transport; 4] = [
+    Transport::TCP,
+    Transport::TLS,
+    Transport::UDP,
+    Transport::DTLS,
+];
 
 /// 127.0.0.1 with ephemeral ports for every transport, and a self-signed certificate.
 pub fn server_config() -> ServerConfig {
@@ -40,9 +46,8 @@ pub fn smol_server() -> tscf_runtime_smol::ServerHandle {
 
 pub fn std_server() -> tscf_runtime_std::ServerHandle {
     let mut config = server_config();
-    // The blocking runtime has no QUIC or DTLS listeners.
+    // The blocking runtime has no QUIC listeners.
     config.quic.clear();
-    config.dtls.clear();
     tscf_runtime_std::Server::start(config).expect("std server")
 }
 

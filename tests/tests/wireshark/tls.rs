@@ -103,7 +103,9 @@ struct Assigned {
 
 /// Configures a tunnel over TLS, sends a keepalive and one inner packet, and releases it.
 fn run_tunnel(server: SocketAddr, fingerprint: tls::Fingerprint, keylog: &Path) -> Assigned {
-    let mut config = (*tls::client_config(&ClientTlsConfig::pinned(fingerprint), tscf_runtime_std::OS).unwrap()).clone();
+    let mut config =
+        (*tls::client_config(&ClientTlsConfig::pinned(fingerprint), tscf_runtime_std::OS).unwrap())
+            .clone();
     config.key_log = Arc::new(KeyLogFile(Mutex::new(File::create(keylog).unwrap())));
     let tcp = TcpStream::connect(server).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -1367,12 +1367,23 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         s.closing = true;
         match role {
             Role::Server => {
-                if !matches!(self.link, Link::Stream { stream: current, .. } if current == stream) {
+                let Link::Stream {
+                    stream: current,
+                    quic,
+                    ..
+                } = self.link
+                else {
+                    return;
+                };
+                if current != stream {
                     return;
                 }
                 self.link = Link::None;
                 let server = s.remote;
-                let text = format!("{server}: {why}");
+                let text = match quic {
+                    true => format!("{server} (QUIC): {why}"),
+                    false => format!("{server}: {why}"),
+                };
                 self.last_failure = Some(text);
                 let input = if was_open {
                     client::Input::TransportLost

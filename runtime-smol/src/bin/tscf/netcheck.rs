@@ -81,14 +81,20 @@ pub(crate) fn run(args: NetcheckArgs) -> ExitCode {
 /// The address this host sends from on `socket`: its bound address, or when it is bound to
 /// the unspecified address, the one the system routes to `probe` from (connecting a UDP socket
 /// sends nothing).
-fn host_address(socket: &UdpSocket, probe: Option<SocketAddr>) -> std::io::Result<Option<SocketAddr>> {
+fn host_address(
+    socket: &UdpSocket,
+    probe: Option<SocketAddr>,
+) -> std::io::Result<Option<SocketAddr>> {
     let local = socket.local_addr()?;
     let (true, Some(probe)) = (local.ip().is_unspecified(), probe) else {
         return Ok(Some(local));
     };
     let route = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
     route.connect(probe)?;
-    Ok(Some(SocketAddr::new(route.local_addr()?.ip(), local.port())))
+    Ok(Some(SocketAddr::new(
+        route.local_addr()?.ip(),
+        local.port(),
+    )))
 }
 
 /// Runs one NAT discovery over a fresh socket: the host address and each server's answer.
