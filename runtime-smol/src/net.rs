@@ -201,14 +201,12 @@ where
     X: Extra<H>,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(wake) = lock(&shared.state)
+    // A stream the host already forgot has nothing to serve.
+    let wake = lock(&shared.state)
         .driver
         .streams
         .get(&stream)
-        .map(|s| s.wake.clone())
-    else {
-        return None;
-    };
+        .map(|s| s.wake.clone())?;
     let mut chunk = vec![0u8; READ_SMALL];
     let mut out = Vec::new();
     loop {

@@ -157,7 +157,10 @@ fn peer_stream_between_smol_clients(listen: fn(SocketAddr) -> PeerStreamListen) 
             "nothing relayed once the stream is up"
         );
         let (pa, pb) = (a.stats().client.peer, b.stats().client.peer);
-        assert!(pa.streams_opened >= 1 && pb.streams_accepted >= 1, "{pa:?} {pb:?}");
+        assert!(
+            pa.streams_opened >= 1 && pb.streams_accepted >= 1,
+            "{pa:?} {pb:?}"
+        );
         a.close().await;
         b.close().await;
     });
