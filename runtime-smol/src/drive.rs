@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
@@ -16,13 +16,11 @@ use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
 use tscf_core::io::{
-    Driven, Driver, Host, Input, IoEvent, Security, SocketId, StreamError, StreamId, Transmit,
+    self, Driven, Driver, Host, Input, IoEvent, Runtime, SocketId, StreamId, Transmit,
 };
 use tscf_core::tls::ClientTlsConfig;
-use tscf_core::tunnel::{unspecified_for, TunnelCredentials};
+use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
-
-use crate::{lock, net, quic};
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -54,15 +52,32 @@ pub(crate) trait Extra<H: Host>: Send + Sized + 'static {
 }
 
 /// A host and its driver behind a lock, with the wake-ups of the tasks that drive it.
-pub(crate) struct Shared<H, X> {
-    pub(crate) state: Mutex<Driven<H, Io<H, X>>>,
-    timer: Event,
-    /// Notified after every drain, for tasks that wait on the host's state.
-    pub(crate) changed: Event,
-}
+pub(crate) type Shared<H, X> = io::Shared<H, Io<H, X>, Tasks>;
 
 /// The guarded state.
 pub(crate) type State<H, X> = Driven<H, Io<H, X>>;
+
+/// The clock and the wake-ups of this runtime's tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Tasks {
+    timer: Event,
+    /// Notified after every drain, for tasks that wait on the host's state.
+    changed: Event,
+}
+
+impl Runtime for Tasks {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wake_timer(&self) {
+        self.timer.notify(usize::MAX);
+    }
+
+    fn notify_changed(&self) {
+        self.changed.notify(usize::MAX);
+    }
+}
 
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<H, X> {
@@ -91,120 +106,102 @@ pub(crate) struct Slot {
     pub(crate) fallback: VecDeque<Vec<u8>>,
 }
 
-impl<H, X> Shared<H, X>
+/// `host` driven by this runtime, with `extra`; streams it connects are secured with
+/// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
+pub(crate) fn shared<H, X>(
+    host: H,
+    extra: X,
+    credentials: TunnelCredentials,
+    tls: Option<ClientTlsConfig>,
+    timeout: Duration,
+) -> Arc<Shared<H, X>>
 where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
-    /// `host` driven by this runtime, with `extra`; streams it connects are secured with
-    /// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-    pub(crate) fn new(
-        host: H,
-        extra: X,
-        credentials: TunnelCredentials,
-        tls: Option<ClientTlsConfig>,
-        timeout: Duration,
-    ) -> Arc<Self> {
-        Arc::new_cyclic(|me| {
-            let io = Io {
-                me: me.clone(),
-                sockets: HashMap::new(),
-                socket_tasks: HashMap::new(),
-                streams: HashMap::new(),
-                extra,
-                stopped: false,
-                credentials,
-                tls,
-                timeout,
-            };
-            Self {
-                state: Mutex::new(Driven::new(host, io)),
-                timer: Event::new(),
-                changed: Event::new(),
-            }
-        })
-    }
+    Arc::new_cyclic(|me| {
+        let io = Io {
+            me: me.clone(),
+            sockets: HashMap::new(),
+            socket_tasks: HashMap::new(),
+            streams: HashMap::new(),
+            extra,
+            stopped: false,
+            credentials,
+            tls,
+            timeout,
+        };
+        Shared::new(host, io, Tasks::default())
+    })
+}
 
-    /// Runs `input` on the host at the current time, then drains it.
-    pub(crate) fn drive<R>(&self, input: impl FnOnce(&mut H, &mut Io<H, X>, Instant) -> R) -> R {
-        let mut state = lock(&self.state);
-        let (r, behind) = state.run(Instant::now(), input);
-        self.wake(behind);
-        r
-    }
-
-    /// Drains the host after an input at `now` made with the lock held.
-    pub(crate) fn drain(&self, state: &mut State<H, X>, now: Instant) {
-        let behind = state.drain(now);
-        self.wake(behind);
-    }
-
-    /// Wakes the timer task if it sleeps past the host's next deadline (`behind`), and the
-    /// tasks that wait for a change.
-    pub(crate) fn wake(&self, behind: bool) {
-        if behind {
-            self.timer.notify(usize::MAX);
+/// Waits until `done` holds or `deadline` passes.
+pub(crate) async fn wait_until<H, X>(
+    shared: &Shared<H, X>,
+    deadline: Instant,
+    mut done: impl FnMut(&State<H, X>) -> bool,
+) where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    loop {
+        let changed = shared.runtime.changed.listen();
+        if done(&shared.lock()) || Instant::now() >= deadline {
+            return;
         }
-        self.changed.notify(usize::MAX);
+        future::or(changed, async {
+            Timer::at(deadline).await;
+        })
+        .await;
     }
+}
 
-    /// Waits until `done` holds or `deadline` passes.
-    pub(crate) async fn wait_until(
-        &self,
-        deadline: Instant,
-        mut done: impl FnMut(&State<H, X>) -> bool,
-    ) {
-        loop {
-            let changed = self.changed.listen();
-            if done(&lock(&self.state)) || Instant::now() >= deadline {
+/// The timer task's body.
+pub(crate) async fn run_timer<H, X>(shared: &Shared<H, X>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    loop {
+        let wake = shared.runtime.timer.listen();
+        let until = {
+            let mut state = shared.lock();
+            if state.driver.stopped {
                 return;
             }
-            future::or(changed, async {
-                Timer::at(deadline).await;
-            })
-            .await;
-        }
+            let now = Instant::now();
+            let until = state.on_timer(now);
+            shared.runtime.notify_changed();
+            match until {
+                Some(at) if at <= now => continue,
+                Some(at) => at,
+                None => now + IDLE_WAIT,
+            }
+        };
+        future::or(
+            async {
+                Timer::at(until).await;
+            },
+            wake,
+        )
+        .await;
     }
+}
 
-    /// The timer task's body.
-    pub(crate) async fn run_timer(&self) {
-        loop {
-            let wake = self.timer.listen();
-            let until = {
-                let mut state = lock(&self.state);
-                if state.driver.stopped {
-                    return;
-                }
-                let now = Instant::now();
-                let until = state.on_timer(now);
-                self.changed.notify(usize::MAX);
-                match until {
-                    Some(at) if at <= now => continue,
-                    Some(at) => at,
-                    None => now + IDLE_WAIT,
-                }
-            };
-            future::or(
-                async {
-                    Timer::at(until).await;
-                },
-                wake,
-            )
-            .await;
-        }
+/// Stops the timer task and tells every stream task to end.
+pub(crate) fn stop<H, X>(shared: &Shared<H, X>, state: &mut State<H, X>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    state.driver.stopped = true;
+    state.driver.socket_tasks.clear();
+    for slot in state.driver.streams.values_mut() {
+        slot.abort = true;
+        slot.wake.notify(usize::MAX);
     }
-
-    /// Stops the timer task and tells every stream task to end.
-    pub(crate) fn stop(&self, state: &mut State<H, X>) {
-        state.driver.stopped = true;
-        state.driver.socket_tasks.clear();
-        for slot in state.driver.streams.values_mut() {
-            slot.abort = true;
-            slot.wake.notify(usize::MAX);
-        }
-        self.timer.notify(usize::MAX);
-        self.changed.notify(usize::MAX);
-    }
+    shared.runtime.wake_timer();
+    shared.runtime.notify_changed();
 }
 
 impl<H, X> Driver<H> for Io<H, X>
@@ -219,21 +216,7 @@ where
                 .sockets
                 .get(&socket)
                 .is_some_and(|s| s.get_ref().send_to(bytes, to).is_ok()),
-            Transmit::QuicDatagram { stream } => {
-                let Some(slot) = self.streams.get_mut(&stream) else {
-                    return Some(Input::SendFailed);
-                };
-                let Some(conn) = &slot.quic else {
-                    return Some(Input::SendFailed);
-                };
-                if quic::try_send_datagram(conn, bytes) {
-                    return None;
-                }
-                // Too large for a datagram now: the stream takes it, and the host counts it.
-                slot.fallback.push_back(bytes.to_vec());
-                slot.wake.notify(usize::MAX);
-                return Some(Input::QuicFallback { stream });
-            }
+            Transmit::QuicDatagram { stream } => return self.quic_datagram(stream, bytes),
             Transmit::PeerSession { path } => return X::send_session(self, path, bytes),
         };
         (!sent).then_some(Input::SendFailed)
@@ -280,87 +263,5 @@ where
                 self.socket_tasks.remove(&socket);
             }
         }
-    }
-}
-
-impl<H, X> Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
-    /// A new UDP socket for `socket` and its task; its local address.
-    fn bind(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        let sock = Arc::new(Async::<UdpSocket>::bind(unspecified_for(remote))?);
-        let local = sock.get_ref().local_addr()?;
-        self.add_socket(socket, sock)?;
-        Ok(local)
-    }
-
-    /// Adds `sock` as `socket` with its task (replacing one held under that id).
-    pub(crate) fn add_socket(
-        &mut self,
-        socket: SocketId,
-        sock: Arc<Async<UdpSocket>>,
-    ) -> std::io::Result<()> {
-        let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
-        self.sockets.insert(socket, sock.clone());
-        let task = smol::spawn(async move { net::run_udp(&shared, socket, &sock).await });
-        self.socket_tasks.insert(socket, task);
-        Ok(())
-    }
-
-    /// Starts connecting `stream` in a task of its own.
-    fn connect(
-        &mut self,
-        host: &mut H,
-        now: Instant,
-        stream: StreamId,
-        to: SocketAddr,
-        security: Security,
-    ) {
-        let (Some(shared), false) = (self.me.upgrade(), self.stopped) else {
-            let error = Some(StreamError::Connect);
-            return host.handle_input(
-                now,
-                Input::StreamClosed {
-                    stream,
-                    error,
-                    detail: None,
-                },
-            );
-        };
-        let verify = match security {
-            Security::Tcp => None,
-            Security::Tls(verify) | Security::Quic(verify) => Some(verify),
-        };
-        let config = verify.map(|verify| {
-            self.credentials
-                .connect_config(verify, to, self.tls.as_ref(), crate::OS)
-        });
-        let config = match config.transpose() {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::debug!(%to, error = %e, "stream not connected");
-                let error = Some(StreamError::Connect);
-                return host.handle_input(
-                    now,
-                    Input::StreamClosed {
-                        stream,
-                        error,
-                        detail: None,
-                    },
-                );
-            }
-        };
-        self.streams.insert(stream, Slot::default());
-        let timeout = self.timeout;
-        let quic = security.transport() == Transport::QUIC;
-        smol::spawn(async move {
-            match (config, quic) {
-                (Some(config), true) => quic::connect(&shared, stream, to, config, timeout).await,
-                (config, _) => net::connect(&shared, stream, to, config, timeout).await,
-            }
-        })
-        .detach();
     }
 }

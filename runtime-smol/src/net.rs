@@ -13,10 +13,10 @@ use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::{TlsAcceptor, TlsConnector};
 use rustls::pki_types::ServerName;
 use tscf_core::io::{Host, Input, SocketId, StreamError, StreamId};
+use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Shared, Slot};
-use crate::lock;
+use crate::drive::{Extra, Io, Shared, Slot};
 
 /// Octets read at a time while a stream is quiet: what an idle connection holds.
 const READ_SMALL: usize = 2 * 1024;
@@ -38,7 +38,7 @@ pub(crate) async fn run_udp<H, X>(
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             continue;
         };
-        let mut state = lock(&shared.state);
+        let mut state = shared.lock();
         if state.driver.stopped {
             return;
         }
@@ -48,7 +48,7 @@ pub(crate) async fn run_udp<H, X>(
             .host
             .handle_input(now, Input::Datagram { socket, from, data });
         let behind = state.drain(now);
-        shared.wake(behind);
+        shared.woken(behind);
     }
 }
 
@@ -171,7 +171,7 @@ where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
-    let mut state = lock(&shared.state);
+    let mut state = shared.lock();
     let stopped = state.driver.stopped;
     let Some(slot) = state.driver.streams.get_mut(&stream) else {
         return Next::Abort;
@@ -185,7 +185,7 @@ where
         return Next::Write;
     }
     let took = state.host.take_output(Instant::now(), stream, out);
-    shared.wake(state.timer_behind());
+    shared.woken(state.timer_behind());
     match (took, closing) {
         (true, _) => Next::Write,
         (false, true) => Next::Close,
@@ -202,7 +202,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // A stream the host already forgot has nothing to serve.
-    let wake = lock(&shared.state)
+    let wake = shared
+        .lock()
         .driver
         .streams
         .get(&stream)
@@ -324,7 +325,7 @@ where
     let aborted = async {
         loop {
             let wake = {
-                let state = lock(&shared.state);
+                let state = shared.lock();
                 match state.driver.streams.get(&stream) {
                     Some(slot) if !slot.abort && !state.driver.stopped => slot.wake.listen(),
                     _ => return None,
@@ -346,4 +347,35 @@ pub(crate) async fn bounded<T>(
         Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
     })
     .await
+}
+
+impl<H, X> Io<H, X>
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    /// A new UDP socket for `socket` and its task; its local address.
+    pub(crate) fn bind(
+        &mut self,
+        socket: SocketId,
+        remote: SocketAddr,
+    ) -> std::io::Result<SocketAddr> {
+        let sock = Arc::new(Async::<UdpSocket>::bind(unspecified_for(remote))?);
+        let local = sock.get_ref().local_addr()?;
+        self.add_socket(socket, sock)?;
+        Ok(local)
+    }
+
+    /// Adds `sock` as `socket` with its task (replacing one held under that id).
+    pub(crate) fn add_socket(
+        &mut self,
+        socket: SocketId,
+        sock: Arc<Async<UdpSocket>>,
+    ) -> std::io::Result<()> {
+        let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
+        self.sockets.insert(socket, sock.clone());
+        let task = smol::spawn(async move { run_udp(&shared, socket, &sock).await });
+        self.socket_tasks.insert(socket, task);
+        Ok(())
+    }
 }

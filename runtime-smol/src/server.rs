@@ -20,8 +20,8 @@ use tscf_core::tls::Fingerprint;
 use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Io, Shared};
-use crate::{lock, net, quic, OS};
+use crate::drive::{self, Extra, Io, Shared};
+use crate::{net, quic, OS};
 
 /// How long shutdown waits for stream connections to write their last envelopes.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -114,7 +114,7 @@ impl Server {
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
-        let shared = Shared::new(
+        let shared = drive::shared(
             host,
             ServerExtra,
             TunnelCredentials::default(),
@@ -123,7 +123,7 @@ impl Server {
         );
         let mut tasks = Vec::new();
         let s = shared.clone();
-        tasks.push(smol::spawn(async move { s.run_timer().await }));
+        tasks.push(smol::spawn(async move { drive::run_timer(&s).await }));
         let tls_config = credentials.as_ref().map(|c| c.tls.clone());
         let listeners = tcp.into_iter().map(|l| (l, Transport::TCP, None)).chain(
             tls.into_iter()
@@ -141,7 +141,7 @@ impl Server {
             tasks.push(smol::spawn(quic::accept(shared.clone(), endpoint.clone())));
         }
         {
-            let mut state = lock(&shared.state);
+            let mut state = shared.lock();
             for (i, socket) in datagram.into_iter().enumerate() {
                 state
                     .driver
@@ -183,12 +183,12 @@ impl ServerHandle {
 
     /// Current statistics.
     pub fn stats(&self) -> ServerStats {
-        lock(&self.shared.state).host.stats()
+        self.shared.lock().host.stats()
     }
 
     /// The tunnels the director holds.
     pub fn tunnels(&self) -> Vec<TunnelSummary> {
-        lock(&self.shared.state).host.tunnels().collect()
+        self.shared.lock().host.tunnels().collect()
     }
 
     /// Cuts the connection or DTLS association that carries `tunnel_id`, as a network failure
@@ -206,9 +206,10 @@ impl ServerHandle {
             return;
         }
         let deadline = Instant::now() + FLUSH_GRACE;
-        self.shared
-            .wait_until(deadline, |state| state.host.stats().stream_connections == 0)
-            .await;
+        drive::wait_until(&self.shared, deadline, |state| {
+            state.host.stats().stream_connections == 0
+        })
+        .await;
         self.stop();
         for task in self.tasks.drain(..) {
             task.cancel().await;
@@ -225,7 +226,9 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
-        self.shared.stop(&mut lock(&self.shared.state));
+        let mut state = self.shared.lock();
+        drive::stop(&self.shared, &mut state);
+        drop(state);
         for endpoint in self.quic.drain(..) {
             endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         }

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use event_listener::Event;
 use futures_lite::future;
-use tscf_core::inner::{self, DatagramQueue, Datagrams};
+use tscf_core::inner::{self, DatagramQueue, Datagrams, SocketHost};
 
 use crate::lock;
-use crate::tunnel::TunnelShared;
 
 /// A UDP socket on the tunnel's internal address, like `async_net::UdpSocket`. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
@@ -20,16 +19,16 @@ use crate::tunnel::TunnelShared;
 pub struct InnerUdpSocket {
     port: u16,
     queue: Arc<SocketQueue>,
-    shared: Arc<TunnelShared>,
+    tunnel: Arc<dyn SocketHost>,
     read_timeout: Mutex<Option<Duration>>,
 }
 
 impl InnerUdpSocket {
-    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, shared: Arc<TunnelShared>) -> Self {
+    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, tunnel: Arc<dyn SocketHost>) -> Self {
         Self {
             port,
             queue,
-            shared,
+            tunnel,
             read_timeout: Mutex::new(None),
         }
     }
@@ -41,15 +40,14 @@ impl InnerUdpSocket {
 
     /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        lock(&self.shared.state).host.local_addr(self.port)
+        self.tunnel.local_addr(self.port)
     }
 
     /// Sends `buf` to `dst`, an internal address and port of another tunnel. It never waits:
     /// while the tunnel re-attaches the datagram waits in the client's bounded queue, and a
     /// full queue is [`io::ErrorKind::WouldBlock`].
     pub async fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        self.shared
-            .drive(|host, _, now| host.send_to(now, self.port, dst, buf))?;
+        self.tunnel.send_to(self.port, dst, buf)?;
         Ok(buf.len())
     }
 
@@ -58,8 +56,7 @@ impl InnerUdpSocket {
     /// up and the relay otherwise. Its default, restored on drop, is the configuration's
     /// `default_opt_in`.
     pub fn set_peer_tunneling(&self, enabled: bool) {
-        self.shared
-            .drive(|host, _, _| host.set_peer_tunneling(self.port, enabled));
+        self.tunnel.set_peer_tunneling(self.port, enabled);
     }
 
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
@@ -109,7 +106,7 @@ impl std::fmt::Debug for InnerUdpSocket {
 
 impl Drop for InnerUdpSocket {
     fn drop(&mut self) {
-        lock(&self.shared.state).host.unbind(self.port);
+        self.tunnel.unbind(self.port);
     }
 }
 

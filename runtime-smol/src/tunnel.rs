@@ -11,91 +11,21 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_channel::{Receiver, Sender};
+use async_channel::Receiver;
 use async_io::Async;
 use smol::Task;
 use tscf_core::client::{ClientState, PeerPath, PeerTunnelInfo, TerminateReason, TunnelInfo};
-use tscf_core::io::{Input, StreamId};
 use tscf_core::tls::PeerIdentity;
 use tscf_core::tunnel::{
-    unspecified_for, ClientHost, ConnectError, Notification, Setup, TunnelConfig, TunnelEvent,
-    TunnelStats, PEER_SOCKET,
+    unspecified_for, ClientHost, ConnectError, Notification, Setup, TunnelConfig, TunnelStats,
+    PEER_SOCKET,
 };
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Io, Shared};
-use crate::quic::{self, PeerQuic};
+use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared, NOTIFICATION_QUEUE};
+use crate::drive;
 use crate::socket::{InnerUdpSocket, SocketQueue};
-use crate::{lock, net, OS};
-
-/// Notifications waiting to be read; beyond, new ones are dropped and counted.
-const NOTIFICATION_QUEUE: usize = 256;
-
-pub(crate) type TunnelShared = Shared<ClientHost<SocketQueue>, TunnelExtra>;
-type TunnelIo = Io<ClientHost<SocketQueue>, TunnelExtra>;
-
-/// What this runtime adds to a client host: the channel of notifications and the QUIC peer
-/// sessions.
-pub(crate) struct TunnelExtra {
-    notifications: Sender<Notification>,
-    pub(crate) quic: Option<PeerQuic>,
-}
-
-impl Extra<ClientHost<SocketQueue>> for TunnelExtra {
-    fn on_event(
-        io: &mut TunnelIo,
-        host: &mut ClientHost<SocketQueue>,
-        now: Instant,
-        event: TunnelEvent,
-    ) {
-        match event {
-            TunnelEvent::Notification(note) => {
-                tracing::debug!(?note, "tunnel");
-                if io.extra.notifications.try_send(note).is_err() {
-                    host.notification_dropped();
-                }
-            }
-            TunnelEvent::QuicReadable => {
-                if let Some(waker) = io.extra.quic.as_mut().and_then(|q| q.waker.take()) {
-                    waker.wake();
-                }
-            }
-            TunnelEvent::OpenQuicSession { path, fingerprint } => {
-                let opened = match (io.me.upgrade(), io.extra.quic.as_mut()) {
-                    (Some(shared), Some(quic)) => quic.open(shared, path, fingerprint),
-                    _ => false,
-                };
-                if !opened {
-                    let failed = Input::SessionClosed { path, failed: true };
-                    host.handle_input(now, failed);
-                }
-            }
-            TunnelEvent::CloseQuicSession { path } => {
-                if let Some(quic) = io.extra.quic.as_mut() {
-                    quic.close(path);
-                }
-            }
-            // Routed to the driver before this is called.
-            TunnelEvent::Io(_) => {}
-        }
-    }
-
-    fn accept(
-        host: &mut ClientHost<SocketQueue>,
-        now: Instant,
-        _: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId> {
-        host.accept_peer_stream(now, remote)
-    }
-
-    fn send_session(io: &mut TunnelIo, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {
-        match io.extra.quic.as_mut().map(|q| q.send(path, bytes)) {
-            Some(Ok(report)) => report,
-            _ => Some(Input::SendFailed),
-        }
-    }
-}
+use crate::{net, OS};
 
 /// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
 /// tasks; [`close`](Self::close) also waits for the server's answer.
@@ -143,20 +73,23 @@ impl Tunnel {
             notifications: tx,
             quic: None,
         };
-        let shared = Shared::new(host, extra, credentials, tls, timeout);
+        let shared = drive::shared(host, extra, credentials, tls, timeout);
         let mut tasks = Vec::new();
         {
-            let mut state = lock(&shared.state);
+            let mut state = shared.lock();
             state.driver.add_socket(PEER_SOCKET, udp.clone())?;
             if let Some(identity) = quic_identity {
                 let quic = PeerQuic::new(udp, Arc::downgrade(&shared), identity)?;
                 let endpoint = quic.endpoint();
                 state.driver.extra.quic = Some(quic);
-                tasks.push(smol::spawn(quic::accept_sessions(shared.clone(), endpoint)));
+                tasks.push(smol::spawn(client::accept_sessions(
+                    shared.clone(),
+                    endpoint,
+                )));
             }
         }
         let s = shared.clone();
-        tasks.push(smol::spawn(async move { s.run_timer().await }));
+        tasks.push(smol::spawn(async move { drive::run_timer(&s).await }));
         if let Some(listener) = listener {
             let transport = match listener_tls {
                 Some(_) => Transport::TLS,
@@ -174,15 +107,14 @@ impl Tunnel {
         let started = Instant::now();
         // What the host asked for at its start (a transport) is acted on here.
         shared.drive(|_, _, _| ());
-        shared
-            .wait_until(started + connect_timeout, |state| {
-                matches!(
-                    state.host.state(),
-                    ClientState::Connected | ClientState::Terminated
-                )
-            })
-            .await;
-        let state = lock(&shared.state);
+        drive::wait_until(&shared, started + connect_timeout, |state| {
+            matches!(
+                state.host.state(),
+                ClientState::Connected | ClientState::Terminated
+            )
+        })
+        .await;
+        let state = shared.lock();
         match state.host.state() {
             ClientState::Connected => {}
             ClientState::Terminated => {
@@ -222,17 +154,17 @@ impl Tunnel {
 
     /// The configuration the server gave the tunnel.
     pub fn info(&self) -> Option<TunnelInfo> {
-        lock(&self.shared.state).host.info().cloned()
+        self.shared.lock().host.info().cloned()
     }
 
     /// Where the client is in its life cycle.
     pub fn state(&self) -> ClientState {
-        lock(&self.shared.state).host.state()
+        self.shared.lock().host.state()
     }
 
     /// Counters so far.
     pub fn stats(&self) -> TunnelStats {
-        lock(&self.shared.state).host.stats()
+        self.shared.lock().host.stats()
     }
 
     /// What happened to the tunnel, in order, as an async channel (at most 256 wait; later
@@ -244,18 +176,18 @@ impl Tunnel {
     /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
-        let (port, queue) = lock(&self.shared.state).host.bind(port, SocketQueue::new)?;
+        let (port, queue) = self.shared.lock().host.bind(port, SocketQueue::new)?;
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
     /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
     pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
-        lock(&self.shared.state).host.peer_path(peer)
+        self.shared.lock().host.peer_path(peer)
     }
 
     /// Every peer the client holds peer tunneling state for.
     pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
-        lock(&self.shared.state).host.peer_tunnels()
+        self.shared.lock().host.peer_tunnels()
     }
 
     /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
@@ -270,7 +202,7 @@ impl Tunnel {
     /// path. The server tunnel is not affected.
     #[doc(hidden)]
     pub fn block_peer_traffic(&self, blocked: bool) {
-        let mut state = lock(&self.shared.state);
+        let mut state = self.shared.lock();
         state.host.set_peer_blocked(blocked);
         if let Some(quic) = &state.driver.extra.quic {
             quic.set_blocked(blocked);
@@ -282,7 +214,7 @@ impl Tunnel {
     /// were swapped by someone on the path. Nothing without a secured peer transport.
     #[doc(hidden)]
     pub fn present_peer_identity(&self, identity: PeerIdentity) {
-        let mut state = lock(&self.shared.state);
+        let mut state = self.shared.lock();
         if let Some(quic) = &mut state.driver.extra.quic {
             quic.set_identity(identity.clone());
         }
@@ -293,7 +225,7 @@ impl Tunnel {
     /// address would.
     #[doc(hidden)]
     pub fn send_from_peer_socket(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<usize> {
-        let state = lock(&self.shared.state);
+        let state = self.shared.lock();
         let udp = state
             .driver
             .sockets
@@ -308,7 +240,7 @@ impl Tunnel {
     /// candidates already announced are not updated, and QUIC peer sessions keep the old one.
     #[doc(hidden)]
     pub fn drop_server_transport(&self) -> io::Result<()> {
-        let mut state = lock(&self.shared.state);
+        let mut state = self.shared.lock();
         let old = state
             .driver
             .sockets
@@ -336,11 +268,10 @@ impl Tunnel {
     pub async fn close(mut self) {
         let started = Instant::now();
         self.shared.drive(|host, _, now| host.release(now));
-        self.shared
-            .wait_until(started + self.release_wait, |state| {
-                state.host.state() == ClientState::Terminated
-            })
-            .await;
+        drive::wait_until(&self.shared, started + self.release_wait, |state| {
+            state.host.state() == ClientState::Terminated
+        })
+        .await;
         self.stop();
         for task in self.tasks.drain(..) {
             task.cancel().await;
@@ -348,7 +279,7 @@ impl Tunnel {
     }
 
     fn stop(&mut self) {
-        let mut state = lock(&self.shared.state);
+        let mut state = self.shared.lock();
         if state.driver.stopped {
             return;
         }
@@ -358,7 +289,7 @@ impl Tunnel {
             quic.close_all();
         }
         self.shared.drain(&mut state, now);
-        self.shared.stop(&mut state);
+        drive::stop(&self.shared, &mut state);
     }
 }
 

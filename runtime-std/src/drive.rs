@@ -1,24 +1,21 @@
 //! The one drive loop of this runtime: a host behind a mutex ([`Driven`]), the timer thread,
 //! and the threads of the sockets and streams the host asks for.
 //!
-//! Every input goes through [`Shared::drive`]: lock, hand the input to the host and drain it
-//! ([`Driven::run`]: send its datagrams, act on its events), wake the timer thread if the next
-//! deadline moved forward, and wake whoever waits for the host's state to change.
+//! Every input goes through the core's [`io::Shared::drive`]: lock, hand the input to the host
+//! and drain it ([`Driven::run`]: send its datagrams, act on its events), wake the timer thread
+//! if the next deadline moved forward, and wake whoever waits for the host's state to change.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::thread;
+use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tscf_core::io::{
-    Driven, Driver, Host, Input, IoEvent, Security, SocketId, StreamError, StreamId, Transmit,
+    self, Driven, Driver, Host, Input, IoEvent, Runtime, SocketId, StreamId, Transmit,
 };
 use tscf_core::tls::ClientTlsConfig;
-use tscf_core::tunnel::{unspecified_for, TunnelCredentials};
+use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
-
-use crate::{lock, net, OS};
 
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -40,28 +37,45 @@ pub(crate) trait Extra<H: Host>: Send + Sized + 'static {
 }
 
 /// A host and its driver behind a mutex, with the wake-ups of the threads that drive it.
-pub(crate) struct Shared<H, X> {
-    pub(crate) state: Mutex<Driven<H, Io<H, X>>>,
-    timer: Condvar,
-    /// Signalled after every drain, for threads that wait on the host's state.
-    pub(crate) changed: Condvar,
-}
+pub(crate) type Shared<H, X> = io::Shared<H, Io<H, X>, Threads>;
 
 /// The guarded state.
 pub(crate) type State<H, X> = Driven<H, Io<H, X>>;
 
+/// The clock and the wake-ups of this runtime's threads.
+#[derive(Debug, Default)]
+pub(crate) struct Threads {
+    timer: Condvar,
+    /// Signalled after every drain, for threads that wait on the host's state.
+    changed: Condvar,
+}
+
+impl Runtime for Threads {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wake_timer(&self) {
+        self.timer.notify_all();
+    }
+
+    fn notify_changed(&self) {
+        self.changed.notify_all();
+    }
+}
+
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<H, X> {
-    me: Weak<Shared<H, X>>,
+    pub(crate) me: Weak<Shared<H, X>>,
     pub(crate) sockets: HashMap<SocketId, Arc<UdpSocket>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
     pub(crate) stopped: bool,
     /// How streams the host connects are secured (a client's; a server connects none).
-    credentials: TunnelCredentials,
-    tls: Option<ClientTlsConfig>,
+    pub(crate) credentials: TunnelCredentials,
+    pub(crate) tls: Option<ClientTlsConfig>,
     /// Bound of one connect and TLS handshake.
-    timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// One stream: its socket (for a shutdown from any thread; `None` while connecting) and its
@@ -82,113 +96,98 @@ impl Slot {
     }
 }
 
-impl<H, X> Shared<H, X>
+/// `host` driven by this runtime, with `extra`; streams it connects are secured with
+/// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
+pub(crate) fn shared<H, X>(
+    host: H,
+    extra: X,
+    credentials: TunnelCredentials,
+    tls: Option<ClientTlsConfig>,
+    timeout: Duration,
+) -> Arc<Shared<H, X>>
 where
     H: Host + Send + 'static,
     X: Extra<H>,
 {
-    /// `host` driven by this runtime, with `extra`; streams it connects are secured with
-    /// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-    pub(crate) fn new(
-        host: H,
-        extra: X,
-        credentials: TunnelCredentials,
-        tls: Option<ClientTlsConfig>,
-        timeout: Duration,
-    ) -> Arc<Self> {
-        Arc::new_cyclic(|me| {
-            let io = Io {
-                me: me.clone(),
-                sockets: HashMap::new(),
-                streams: HashMap::new(),
-                extra,
-                stopped: false,
-                credentials,
-                tls,
-                timeout,
-            };
-            Self {
-                state: Mutex::new(Driven::new(host, io)),
-                timer: Condvar::new(),
-                changed: Condvar::new(),
-            }
-        })
-    }
+    Arc::new_cyclic(|me| {
+        let io = Io {
+            me: me.clone(),
+            sockets: HashMap::new(),
+            streams: HashMap::new(),
+            extra,
+            stopped: false,
+            credentials,
+            tls,
+            timeout,
+        };
+        Shared::new(host, io, Threads::default())
+    })
+}
 
-    /// Runs `input` on the host at the current time, then drains it.
-    pub(crate) fn drive<R>(&self, input: impl FnOnce(&mut H, &mut Io<H, X>, Instant) -> R) -> R {
-        let mut state = lock(&self.state);
-        let (r, behind) = state.run(Instant::now(), input);
-        self.wake(behind);
-        r
-    }
-
-    /// Drains the host after an input at `now` made with the lock held.
-    pub(crate) fn drain(&self, state: &mut State<H, X>, now: Instant) {
-        let behind = state.drain(now);
-        self.wake(behind);
-    }
-
-    /// Wakes the timer thread if it sleeps past the host's next deadline (`behind`), and the
-    /// threads that wait for a change.
-    pub(crate) fn wake(&self, behind: bool) {
-        if behind {
-            self.timer.notify_all();
+/// Waits until `done` holds or `deadline` passes.
+pub(crate) fn wait_until<'a, H, X>(
+    shared: &'a Shared<H, X>,
+    mut state: MutexGuard<'a, State<H, X>>,
+    deadline: Instant,
+    mut done: impl FnMut(&State<H, X>) -> bool,
+) -> MutexGuard<'a, State<H, X>>
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    loop {
+        let now = Instant::now();
+        if done(&state) || now >= deadline {
+            return state;
         }
-        self.changed.notify_all();
+        state = shared
+            .runtime
+            .changed
+            .wait_timeout(state, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
+}
 
-    /// Waits on `changed` until `done` holds or `deadline` passes.
-    pub(crate) fn wait_until<'a>(
-        &self,
-        mut state: MutexGuard<'a, State<H, X>>,
-        deadline: Instant,
-        mut done: impl FnMut(&State<H, X>) -> bool,
-    ) -> MutexGuard<'a, State<H, X>> {
-        loop {
-            let now = Instant::now();
-            if done(&state) || now >= deadline {
-                return state;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+/// The timer thread's body.
+pub(crate) fn run_timer<H, X>(shared: &Shared<H, X>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    let mut state = shared.lock();
+    while !state.driver.stopped {
+        let now = Instant::now();
+        let wait = match state.on_timer(now) {
+            Some(at) if at <= now => continue,
+            Some(at) => at - now,
+            None => IDLE_WAIT,
+        };
+        shared.runtime.notify_changed();
+        state = shared
+            .runtime
+            .timer
+            .wait_timeout(state, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
+}
 
-    /// The timer thread's body.
-    pub(crate) fn run_timer(&self) {
-        let mut state = lock(&self.state);
-        while !state.driver.stopped {
-            let now = Instant::now();
-            let wait = match state.on_timer(now) {
-                Some(at) if at <= now => continue,
-                Some(at) => at - now,
-                None => IDLE_WAIT,
-            };
-            self.changed.notify_all();
-            state = self
-                .timer
-                .wait_timeout(state, wait)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+/// Stops the timer thread and every thread that checks `stopped`.
+pub(crate) fn stop<H, X>(shared: &Shared<H, X>, state: &mut State<H, X>)
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    state.driver.stopped = true;
+    for slot in state.driver.streams.values() {
+        if let Some(sock) = &slot.sock {
+            let _ = sock.shutdown(Shutdown::Both);
         }
+        slot.ready.notify_all();
     }
-
-    /// Stops the timer thread and every thread that checks `stopped`.
-    pub(crate) fn stop(&self, state: &mut State<H, X>) {
-        state.driver.stopped = true;
-        for slot in state.driver.streams.values() {
-            if let Some(sock) = &slot.sock {
-                let _ = sock.shutdown(Shutdown::Both);
-            }
-            slot.ready.notify_all();
-        }
-        self.timer.notify_all();
-        self.changed.notify_all();
-    }
+    shared.runtime.wake_timer();
+    shared.runtime.notify_changed();
 }
 
 impl<H, X> Driver<H> for Io<H, X>
@@ -248,74 +247,6 @@ where
             }
             IoEvent::CloseSocket { socket } => {
                 self.sockets.remove(&socket);
-            }
-        }
-    }
-}
-
-impl<H, X> Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
-    /// A new UDP socket for `socket` and its thread; its local address.
-    fn bind(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        let sock = Arc::new(UdpSocket::bind(unspecified_for(remote))?);
-        let local = sock.local_addr()?;
-        let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
-        self.sockets.insert(socket, sock.clone());
-        let spawned = thread::Builder::new()
-            .name("tscf-udp".to_owned())
-            .spawn(move || net::run_udp(&shared, socket, &sock));
-        if let Err(e) = spawned {
-            self.sockets.remove(&socket);
-            return Err(e);
-        }
-        Ok(local)
-    }
-
-    /// Starts connecting `stream` in a thread of its own.
-    fn connect(
-        &mut self,
-        host: &mut H,
-        now: Instant,
-        stream: StreamId,
-        to: SocketAddr,
-        security: Security,
-    ) {
-        let tls = match security {
-            Security::Tcp => Ok(None),
-            Security::Tls(verify) => self
-                .credentials
-                .connect_config(verify, to, self.tls.as_ref(), OS)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            Security::Quic(_) => Err("QUIC is not supported by tscf-runtime-std".to_owned()),
-        };
-        let shared = self.me.upgrade();
-        let timeout = self.timeout;
-        let spawned = tls.and_then(|tls| {
-            let shared = shared.ok_or_else(|| "stopping".to_owned())?;
-            thread::Builder::new()
-                .name("tscf-stream".to_owned())
-                .spawn(move || net::connect(&shared, stream, to, tls, timeout))
-                .map_err(|e| e.to_string())
-        });
-        match spawned {
-            Ok(_) => {
-                self.streams.insert(stream, Slot::new(None));
-            }
-            Err(why) => {
-                tracing::debug!(%to, %why, "stream not connected");
-                let error = Some(StreamError::Connect);
-                host.handle_input(
-                    now,
-                    Input::StreamClosed {
-                        stream,
-                        error,
-                        detail: None,
-                    },
-                );
             }
         }
     }

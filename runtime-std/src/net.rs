@@ -9,12 +9,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tscf_core::io::{Host, Input, SocketId, StreamError, StreamId};
+use tscf_core::io::{Host, Input, Security, SocketId, StreamError, StreamId};
+use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Shared, Slot};
-use crate::lock;
+use crate::drive::{Extra, Io, Shared, Slot};
 use crate::stream::{self, StreamReader, StreamWriter};
+use crate::OS;
 
 /// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
 const UDP_POLL: Duration = Duration::from_millis(100);
@@ -32,7 +33,7 @@ where
     let mut buf = vec![0u8; 65_536];
     loop {
         let received = sock.recv_from(&mut buf);
-        let mut state = lock(&shared.state);
+        let mut state = shared.lock();
         let current = state
             .driver
             .sockets
@@ -66,7 +67,7 @@ pub(crate) fn accept<H, X>(
 {
     for sock in listener.incoming() {
         let Ok(sock) = sock else {
-            if lock(&shared.state).driver.stopped {
+            if shared.lock().driver.stopped {
                 return;
             }
             // Out of descriptors or an aborted connection: let the system catch up.
@@ -165,7 +166,7 @@ pub(crate) fn connect<H, X>(
     let _ = sock.set_nodelay(true);
     // Register the socket so that a close from the host can cut the handshake.
     let wanted = {
-        let mut state = lock(&shared.state);
+        let mut state = shared.lock();
         match (state.driver.streams.get_mut(&stream), sock.try_clone()) {
             (Some(slot), Ok(clone)) if !slot.closing => {
                 slot.sock = Some(clone);
@@ -280,10 +281,10 @@ fn write_loop<H, X>(
 {
     let mut out = Vec::new();
     loop {
-        let mut state = lock(&shared.state);
+        let mut state = shared.lock();
         loop {
             let took = state.host.take_output(Instant::now(), stream, &mut out);
-            shared.wake(state.timer_behind());
+            shared.woken(state.timer_behind());
             if took {
                 break;
             }
@@ -344,4 +345,76 @@ pub(crate) fn wake_acceptor(addr: SocketAddr) {
         &SocketAddr::new(ip, addr.port()),
         Duration::from_millis(200),
     );
+}
+
+impl<H, X> Io<H, X>
+where
+    H: Host + Send + 'static,
+    X: Extra<H>,
+{
+    /// A new UDP socket for `socket` and its thread; its local address.
+    pub(crate) fn bind(
+        &mut self,
+        socket: SocketId,
+        remote: SocketAddr,
+    ) -> std::io::Result<SocketAddr> {
+        let sock = Arc::new(UdpSocket::bind(unspecified_for(remote))?);
+        let local = sock.local_addr()?;
+        let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
+        self.sockets.insert(socket, sock.clone());
+        let spawned = thread::Builder::new()
+            .name("tscf-udp".to_owned())
+            .spawn(move || run_udp(&shared, socket, &sock));
+        if let Err(e) = spawned {
+            self.sockets.remove(&socket);
+            return Err(e);
+        }
+        Ok(local)
+    }
+
+    /// Starts connecting `stream` in a thread of its own.
+    pub(crate) fn connect(
+        &mut self,
+        host: &mut H,
+        now: Instant,
+        stream: StreamId,
+        to: SocketAddr,
+        security: Security,
+    ) {
+        let tls = match security {
+            Security::Tcp => Ok(None),
+            Security::Tls(verify) => self
+                .credentials
+                .connect_config(verify, to, self.tls.as_ref(), OS)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Security::Quic(_) => Err("QUIC is not supported by tscf-runtime-std".to_owned()),
+        };
+        let shared = self.me.upgrade();
+        let timeout = self.timeout;
+        let spawned = tls.and_then(|tls| {
+            let shared = shared.ok_or_else(|| "stopping".to_owned())?;
+            thread::Builder::new()
+                .name("tscf-stream".to_owned())
+                .spawn(move || connect(&shared, stream, to, tls, timeout))
+                .map_err(|e| e.to_string())
+        });
+        match spawned {
+            Ok(_) => {
+                self.streams.insert(stream, Slot::new(None));
+            }
+            Err(why) => {
+                tracing::debug!(%to, %why, "stream not connected");
+                let error = Some(StreamError::Connect);
+                host.handle_input(
+                    now,
+                    Input::StreamClosed {
+                        stream,
+                        error,
+                        detail: None,
+                    },
+                );
+            }
+        }
+    }
 }

@@ -18,8 +18,8 @@ use tscf_core::tls::Fingerprint;
 use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Shared};
-use crate::{lock, net, OS};
+use crate::drive::{self, Extra, Shared};
+use crate::{net, OS};
 
 /// How long shutdown waits for stream connections to write their last envelopes.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -95,7 +95,7 @@ impl Server {
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
-        let shared = Shared::new(
+        let shared = drive::shared(
             host,
             ServerExtra,
             TunnelCredentials::default(),
@@ -109,7 +109,7 @@ impl Server {
             threads: Vec::new(),
         };
         let s = shared.clone();
-        handle.spawn("tscf-timer", move || s.run_timer())?;
+        handle.spawn("tscf-timer", move || drive::run_timer(&s))?;
         let tls_config = credentials.map(|c| c.tls);
         let listeners = tcp.into_iter().map(|l| (l, Transport::TCP, None)).chain(
             tls.into_iter()
@@ -123,10 +123,7 @@ impl Server {
         }
         for (i, socket) in datagram.into_iter().enumerate() {
             let id = SocketId(i as u32);
-            lock(&shared.state)
-                .driver
-                .sockets
-                .insert(id, socket.clone());
+            shared.lock().driver.sockets.insert(id, socket.clone());
             let s = shared.clone();
             handle.spawn("tscf-udp", move || net::run_udp(&s, id, &socket))?;
         }
@@ -160,12 +157,12 @@ impl ServerHandle {
 
     /// Current statistics.
     pub fn stats(&self) -> ServerStats {
-        lock(&self.shared.state).host.stats()
+        self.shared.lock().host.stats()
     }
 
     /// The tunnels the director holds.
     pub fn tunnels(&self) -> Vec<TunnelSummary> {
-        lock(&self.shared.state).host.tunnels().collect()
+        self.shared.lock().host.tunnels().collect()
     }
 
     /// Cuts the connection that carries `tunnel_id`, as a network failure would; see
@@ -191,12 +188,12 @@ impl ServerHandle {
         if !first {
             return;
         }
-        let state = lock(&self.shared.state);
+        let state = self.shared.lock();
         let deadline = Instant::now() + FLUSH_GRACE;
-        let mut state = self.shared.wait_until(state, deadline, |state| {
+        let mut state = drive::wait_until(&self.shared, state, deadline, |state| {
             state.host.stats().stream_connections == 0
         });
-        self.shared.stop(&mut state);
+        drive::stop(&self.shared, &mut state);
         drop(state);
         for addr in self.addrs.tcp.iter().chain(&self.addrs.tls) {
             net::wake_acceptor(*addr);

@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tscf_core::inner::{self, DatagramQueue, Datagrams};
+use tscf_core::inner::{self, DatagramQueue, Datagrams, SocketHost};
 
 use crate::lock;
-use crate::tunnel::TunnelShared;
 
 /// A UDP socket on the tunnel's internal address, like [`std::net::UdpSocket`]. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
@@ -17,16 +16,16 @@ use crate::tunnel::TunnelShared;
 pub struct InnerUdpSocket {
     port: u16,
     queue: Arc<SocketQueue>,
-    shared: Arc<TunnelShared>,
+    tunnel: Arc<dyn SocketHost>,
     read_timeout: Mutex<Option<Duration>>,
 }
 
 impl InnerUdpSocket {
-    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, shared: Arc<TunnelShared>) -> Self {
+    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, tunnel: Arc<dyn SocketHost>) -> Self {
         Self {
             port,
             queue,
-            shared,
+            tunnel,
             read_timeout: Mutex::new(None),
         }
     }
@@ -38,15 +37,14 @@ impl InnerUdpSocket {
 
     /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        lock(&self.shared.state).host.local_addr(self.port)
+        self.tunnel.local_addr(self.port)
     }
 
     /// Sends `buf` to `dst`, an internal address and port of another tunnel. While the tunnel
     /// re-attaches the datagram waits in the client's bounded queue; a full queue is
     /// [`io::ErrorKind::WouldBlock`].
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        self.shared
-            .drive(|host, _, now| host.send_to(now, self.port, dst, buf))?;
+        self.tunnel.send_to(self.port, dst, buf)?;
         Ok(buf.len())
     }
 
@@ -57,8 +55,7 @@ impl InnerUdpSocket {
     /// default is the configuration's `default_opt_in` (false unless changed); it comes back
     /// when the socket is dropped.
     pub fn set_peer_tunneling(&self, enabled: bool) {
-        self.shared
-            .drive(|host, _, _| host.set_peer_tunneling(self.port, enabled));
+        self.tunnel.set_peer_tunneling(self.port, enabled);
     }
 
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
@@ -111,7 +108,7 @@ impl std::fmt::Debug for InnerUdpSocket {
 
 impl Drop for InnerUdpSocket {
     fn drop(&mut self) {
-        lock(&self.shared.state).host.unbind(self.port);
+        self.tunnel.unbind(self.port);
     }
 }
 

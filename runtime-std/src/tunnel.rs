@@ -21,9 +21,9 @@ use tscf_core::tunnel::{
 };
 use tscf_core::wire::Transport;
 
-use crate::drive::{Extra, Shared};
+use crate::drive::{self, Extra, Shared};
 use crate::socket::{InnerUdpSocket, SocketQueue};
-use crate::{lock, net, OS};
+use crate::{net, OS};
 
 /// Notifications waiting to be read; beyond, new ones are dropped and counted.
 const NOTIFICATION_QUEUE: usize = 256;
@@ -96,8 +96,9 @@ impl Tunnel {
         let host = ClientHost::new(config, setup, Instant::now())?;
         let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
         let extra = TunnelExtra { notifications: tx };
-        let shared = Shared::new(host, extra, credentials, tls, timeout);
-        lock(&shared.state)
+        let shared = drive::shared(host, extra, credentials, tls, timeout);
+        shared
+            .lock()
             .driver
             .sockets
             .insert(PEER_SOCKET, udp.clone());
@@ -109,7 +110,7 @@ impl Tunnel {
             listener: listener_addr,
         };
         let s = shared.clone();
-        tunnel.spawn("tscf-tunnel-timer", move || s.run_timer())?;
+        tunnel.spawn("tscf-tunnel-timer", move || drive::run_timer(&s))?;
         let s = shared.clone();
         tunnel.spawn("tscf-tunnel-udp", move || {
             net::run_udp(&s, PEER_SOCKET, &udp)
@@ -127,8 +128,8 @@ impl Tunnel {
         let started = Instant::now();
         // What the host asked for at its start (a transport) is acted on here.
         shared.drive(|_, _, _| ());
-        let state = lock(&shared.state);
-        let state = shared.wait_until(state, started + connect_timeout, |state| {
+        let state = shared.lock();
+        let state = drive::wait_until(&shared, state, started + connect_timeout, |state| {
             matches!(
                 state.host.state(),
                 ClientState::Connected | ClientState::Terminated
@@ -153,17 +154,17 @@ impl Tunnel {
 
     /// The tunnel's internal IPv4 address (kept across re-attaches).
     pub fn internal_ipv4(&self) -> Option<Ipv4Addr> {
-        lock(&self.shared.state).host.client().internal_ipv4()
+        self.shared.lock().host.client().internal_ipv4()
     }
 
     /// The tunnel's internal IPv6 address.
     pub fn internal_ipv6(&self) -> Option<Ipv6Addr> {
-        lock(&self.shared.state).host.client().internal_ipv6()
+        self.shared.lock().host.client().internal_ipv6()
     }
 
     /// The tunnel id.
     pub fn tunnel_id(&self) -> Option<u64> {
-        lock(&self.shared.state).host.client().tunnel_id()
+        self.shared.lock().host.client().tunnel_id()
     }
 
     /// This client's transport address as the server saw it (behind a NAT, the mapping).
@@ -173,17 +174,17 @@ impl Tunnel {
 
     /// The configuration the server gave the tunnel.
     pub fn info(&self) -> Option<TunnelInfo> {
-        lock(&self.shared.state).host.info().cloned()
+        self.shared.lock().host.info().cloned()
     }
 
     /// Where the client is in its life cycle.
     pub fn state(&self) -> ClientState {
-        lock(&self.shared.state).host.state()
+        self.shared.lock().host.state()
     }
 
     /// Counters so far.
     pub fn stats(&self) -> TunnelStats {
-        lock(&self.shared.state).host.stats()
+        self.shared.lock().host.stats()
     }
 
     /// What happened to the tunnel, in order (at most 256 wait; later ones are dropped and
@@ -195,18 +196,18 @@ impl Tunnel {
     /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
-        let (port, queue) = lock(&self.shared.state).host.bind(port, SocketQueue::new)?;
+        let (port, queue) = self.shared.lock().host.bind(port, SocketQueue::new)?;
         Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
     }
 
     /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
     pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
-        lock(&self.shared.state).host.peer_path(peer)
+        self.shared.lock().host.peer_path(peer)
     }
 
     /// Every peer the client holds peer tunneling state for.
     pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
-        lock(&self.shared.state).host.peer_tunnels()
+        self.shared.lock().host.peer_tunnels()
     }
 
     /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
@@ -221,7 +222,7 @@ impl Tunnel {
     /// firewall cut the direct path. The server tunnel is not affected.
     #[doc(hidden)]
     pub fn block_peer_traffic(&self, blocked: bool) {
-        lock(&self.shared.state).host.set_peer_blocked(blocked);
+        self.shared.lock().host.set_peer_blocked(blocked);
     }
 
     /// Test hook: closes every peer stream of this tunnel and reports each as lost to the
@@ -238,7 +239,7 @@ impl Tunnel {
     #[doc(hidden)]
     pub fn drop_server_transport(&self) -> io::Result<()> {
         let udp = {
-            let state = lock(&self.shared.state);
+            let state = self.shared.lock();
             let old = state
                 .driver
                 .sockets
@@ -264,21 +265,20 @@ impl Tunnel {
     }
 
     fn stop(&mut self) {
-        if lock(&self.shared.state).driver.stopped {
+        if self.shared.lock().driver.stopped {
             return;
         }
         let started = Instant::now();
         self.shared.drive(|host, _, now| host.release(now));
-        let state = lock(&self.shared.state);
-        let mut state = self
-            .shared
-            .wait_until(state, started + self.release_wait, |state| {
+        let state = self.shared.lock();
+        let mut state =
+            drive::wait_until(&self.shared, state, started + self.release_wait, |state| {
                 state.host.state() == ClientState::Terminated
             });
         let now = Instant::now();
         state.host.stop(now);
         self.shared.drain(&mut state, now);
-        self.shared.stop(&mut state);
+        drive::stop(&self.shared, &mut state);
         drop(state);
         if let Some(addr) = self.listener {
             net::wake_acceptor(addr);

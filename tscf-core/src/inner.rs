@@ -189,6 +189,20 @@ pub trait DatagramQueue {
     fn close(&self);
 }
 
+/// What a runtime's inner socket asks of the tunnel it belongs to: the runtime implements it
+/// for whatever holds the tunnel's host (behind its lock, draining after each call), so that
+/// its sockets need not know that type.
+pub trait SocketHost: Send + Sync {
+    /// Sends `payload` from inner port `port` to `dst` (see [`send_udp`]).
+    fn send_to(&self, port: u16, dst: SocketAddr, payload: &[u8]) -> io::Result<()>;
+    /// Opts inner port `port` in or out of peer tunneling.
+    fn set_peer_tunneling(&self, port: u16, enabled: bool);
+    /// The tunnel's internal address with `port` (see [`local_addr`]).
+    fn local_addr(&self, port: u16) -> io::Result<SocketAddr>;
+    /// Unbinds `port` (the socket is dropped).
+    fn unbind(&self, port: u16);
+}
+
 /// What [`SocketTable::deliver`] did with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {

@@ -23,6 +23,7 @@
 
 use core::fmt;
 use core::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::wire::Transport;
@@ -372,6 +373,66 @@ impl<H: Host, D: Driver<H>> Driven<H, D> {
         }
         self.armed = self.host.poll_timeout();
         self.armed
+    }
+}
+
+/// What a runtime gives the [`Shared`] state of its threads or tasks: the clock, and its ways
+/// of waking them.
+pub trait Runtime {
+    /// The current time.
+    fn now(&self) -> Instant;
+    /// Wakes the timer: the host's next deadline is earlier than the one it sleeps to.
+    fn wake_timer(&self);
+    /// Wakes whoever waits for the host's state to change (a connect, a close).
+    fn notify_changed(&self);
+}
+
+/// A host and its driver behind a lock, with the runtime's clock and wake-ups: what a
+/// runtime's threads or tasks share. The lock is held only for the host's synchronous calls.
+#[derive(Debug)]
+pub struct Shared<H, D, R> {
+    /// The host and the driver.
+    pub state: Mutex<Driven<H, D>>,
+    /// The runtime's clock and wake-ups.
+    pub runtime: R,
+}
+
+impl<H: Host, D: Driver<H>, R: Runtime> Shared<H, D, R> {
+    /// `host` driven by `driver` in `runtime`.
+    pub fn new(host: H, driver: D, runtime: R) -> Self {
+        Self {
+            state: Mutex::new(Driven::new(host, driver)),
+            runtime,
+        }
+    }
+
+    /// Locks the state, going on if a thread panicked while holding it: every input leaves
+    /// the host consistent.
+    pub fn lock(&self) -> MutexGuard<'_, Driven<H, D>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `input` on the host now, then drains it and wakes what must wake.
+    pub fn drive<T>(&self, input: impl FnOnce(&mut H, &mut D, Instant) -> T) -> T {
+        let mut state = self.lock();
+        let (r, behind) = state.run(self.runtime.now(), input);
+        self.woken(behind);
+        r
+    }
+
+    /// Drains the host after an input at `now` made with the lock held.
+    pub fn drain(&self, state: &mut Driven<H, D>, now: Instant) {
+        let behind = state.drain(now);
+        self.woken(behind);
+    }
+
+    /// Wakes the timer if it sleeps past the host's next deadline (`behind`), and whoever
+    /// waits for a change.
+    pub fn woken(&self, behind: bool) {
+        if behind {
+            self.runtime.wake_timer();
+        }
+        self.runtime.notify_changed();
     }
 }
 

@@ -29,13 +29,13 @@ use crate::tls::{Fingerprint, PeerIdentity};
 #[non_exhaustive]
 pub enum PeerSessionEvent {
     /// The handshake on `path` completed with the pinned certificate
-    /// ([`TunnelClient::handle_peer_session_open`](crate::client::TunnelClient::handle_peer_session_open)).
+    /// ([`Input::PeerSessionOpen`](crate::client::Input::PeerSessionOpen)).
     Open {
         /// The peer path.
         path: SocketAddr,
     },
     /// The handshake on `path` failed, or the session ended
-    /// ([`TunnelClient::handle_peer_session_failed`](crate::client::TunnelClient::handle_peer_session_failed));
+    /// ([`Input::PeerSessionFailed`](crate::client::Input::PeerSessionFailed));
     /// its state and authorisation are gone.
     Failed {
         /// The peer path.
@@ -44,7 +44,7 @@ pub enum PeerSessionEvent {
         handshake: bool,
     },
     /// One envelope received in the session on `path`
-    /// ([`TunnelClient::handle_peer_session_datagram`](crate::client::TunnelClient::handle_peer_session_datagram)).
+    /// ([`Input::PeerSessionDatagram`](crate::client::Input::PeerSessionDatagram)).
     Envelope {
         /// The peer path.
         path: SocketAddr,

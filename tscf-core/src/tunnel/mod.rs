@@ -52,9 +52,10 @@ use crate::client::{
     ServerEndpoint, TerminateReason, TunnelClient, TunnelInfo,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
-use crate::inner::{self, DatagramQueue, Delivery, SocketTable};
+use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    Input, IoEvent, Security, SocketId, StreamError, StreamId, StreamOutput, Transmit, Verify,
+    Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError, StreamId,
+    StreamOutput, Transmit, Verify,
 };
 use crate::stun;
 use crate::tls::{Fingerprint, PeerIdentity};
@@ -1437,6 +1438,30 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     fn advance(&mut self, now: Instant) {
         self.now = self.now.max(now);
+    }
+}
+
+/// An inner socket's calls go to the tunnel's host behind the runtime's lock.
+impl<Q, D, R> SocketHost for Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync,
+    D: Driver<ClientHost<Q>> + Send,
+    R: Runtime + Send + Sync,
+{
+    fn send_to(&self, port: u16, dst: SocketAddr, payload: &[u8]) -> std::io::Result<()> {
+        self.drive(|host, _, now| host.send_to(now, port, dst, payload))
+    }
+
+    fn set_peer_tunneling(&self, port: u16, enabled: bool) {
+        self.drive(|host, _, _| host.set_peer_tunneling(port, enabled));
+    }
+
+    fn local_addr(&self, port: u16) -> std::io::Result<SocketAddr> {
+        self.lock().host.local_addr(port)
+    }
+
+    fn unbind(&self, port: u16) {
+        self.lock().host.unbind(port);
     }
 }
 
