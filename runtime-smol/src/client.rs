@@ -23,10 +23,10 @@ use event_listener::Event;
 use futures_lite::future;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tscf_core::io::{Input, StreamId};
+use tscf_core::io::Input;
 use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 use tscf_core::tunnel::{ClientHost, Notification, TunnelEvent};
-use tscf_core::wire::{StreamDeframer, Transport};
+use tscf_core::wire::StreamDeframer;
 
 use crate::drive::{Extra, Io, Shared};
 use crate::net;
@@ -44,8 +44,8 @@ const SESSION_QUEUE: usize = 256;
 /// Notifications waiting to be read; beyond, new ones are dropped and counted.
 pub(crate) const NOTIFICATION_QUEUE: usize = 256;
 
-pub(crate) type TunnelShared = Shared<ClientHost<SocketQueue>, TunnelExtra>;
-type TunnelIo = Io<ClientHost<SocketQueue>, TunnelExtra>;
+pub(crate) type TunnelShared = Shared<TunnelExtra>;
+type TunnelIo = Io<TunnelExtra>;
 
 /// What this runtime adds to a client host: the channel of notifications and the QUIC peer
 /// sessions.
@@ -54,7 +54,9 @@ pub(crate) struct TunnelExtra {
     pub(crate) quic: Option<PeerQuic>,
 }
 
-impl Extra<ClientHost<SocketQueue>> for TunnelExtra {
+impl Extra for TunnelExtra {
+    type Host = ClientHost<SocketQueue>;
+
     fn on_event(
         io: &mut TunnelIo,
         host: &mut ClientHost<SocketQueue>,
@@ -91,15 +93,6 @@ impl Extra<ClientHost<SocketQueue>> for TunnelExtra {
             // Routed to the driver before this is called.
             TunnelEvent::Io(_) => {}
         }
-    }
-
-    fn accept(
-        host: &mut ClientHost<SocketQueue>,
-        now: Instant,
-        _: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId> {
-        host.accept_peer_stream(now, remote)
     }
 
     fn send_session(io: &mut TunnelIo, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {

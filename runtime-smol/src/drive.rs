@@ -20,42 +20,35 @@ use tscf_core::io::{
 };
 use tscf_core::tls::ClientTlsConfig;
 use tscf_core::tunnel::TunnelCredentials;
-use tscf_core::wire::Transport;
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// What a runtime adds to a host of its own kind: what to do with the host's own events, and
-/// how a listener's connection is admitted.
-pub(crate) trait Extra<H: Host>: Send + Sized + 'static {
+/// What a runtime adds to a host of its own kind: what to do with the host's own events.
+pub(crate) trait Extra: Send + Sized + 'static {
+    /// The host.
+    type Host: Host + Send + 'static;
     /// Acts on an event of the host that is not socket or stream work.
-    fn on_event(io: &mut Io<H, Self>, host: &mut H, now: Instant, event: H::Event);
-    /// A listener accepted a connection of `transport` from `remote`: its stream id, or
-    /// `None` to close it.
-    fn accept(
-        host: &mut H,
+    fn on_event(
+        io: &mut Io<Self>,
+        host: &mut Self::Host,
         now: Instant,
-        transport: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId>;
+        event: <Self::Host as Host>::Event,
+    );
     /// Sends one envelope inside the QUIC peer session on `path`; what to report to the host
     /// about it (a send with no session open fails).
-    fn send_session(
-        io: &mut Io<H, Self>,
-        path: SocketAddr,
-        bytes: &[u8],
-    ) -> Option<Input<'static>> {
+    fn send_session(io: &mut Io<Self>, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {
         let _ = (io, path, bytes);
         Some(Input::SendFailed)
     }
 }
 
 /// A host and its driver behind a lock, with the wake-ups of the tasks that drive it.
-pub(crate) type Shared<H, X> = io::Shared<H, Io<H, X>, Tasks>;
+pub(crate) type Shared<X> = io::Shared<<X as Extra>::Host, Io<X>, Tasks>;
 
 /// The guarded state.
-pub(crate) type State<H, X> = Driven<H, Io<H, X>>;
+pub(crate) type State<X> = Driven<<X as Extra>::Host, Io<X>>;
 
 /// The clock and the wake-ups of this runtime's tasks.
 #[derive(Debug, Default)]
@@ -80,8 +73,8 @@ impl Runtime for Tasks {
 }
 
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
-pub(crate) struct Io<H, X> {
-    pub(crate) me: Weak<Shared<H, X>>,
+pub(crate) struct Io<X: Extra> {
+    pub(crate) me: Weak<Shared<X>>,
     pub(crate) sockets: HashMap<SocketId, Arc<Async<UdpSocket>>>,
     /// The task of each socket; dropping it ends the task.
     pub(crate) socket_tasks: HashMap<SocketId, Task<()>>,
@@ -108,17 +101,13 @@ pub(crate) struct Slot {
 
 /// `host` driven by this runtime, with `extra`; streams it connects are secured with
 /// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-pub(crate) fn shared<H, X>(
-    host: H,
+pub(crate) fn shared<X: Extra>(
+    host: X::Host,
     extra: X,
     credentials: TunnelCredentials,
     tls: Option<ClientTlsConfig>,
     timeout: Duration,
-) -> Arc<Shared<H, X>>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> Arc<Shared<X>> {
     Arc::new_cyclic(|me| {
         let io = Io {
             me: me.clone(),
@@ -136,14 +125,11 @@ where
 }
 
 /// Waits until `done` holds or `deadline` passes.
-pub(crate) async fn wait_until<H, X>(
-    shared: &Shared<H, X>,
+pub(crate) async fn wait_until<X: Extra>(
+    shared: &Shared<X>,
     deadline: Instant,
-    mut done: impl FnMut(&State<H, X>) -> bool,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+    mut done: impl FnMut(&State<X>) -> bool,
+) {
     loop {
         let changed = shared.runtime.changed.listen();
         if done(&shared.lock()) || Instant::now() >= deadline {
@@ -157,11 +143,7 @@ pub(crate) async fn wait_until<H, X>(
 }
 
 /// The timer task's body.
-pub(crate) async fn run_timer<H, X>(shared: &Shared<H, X>)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) async fn run_timer<X: Extra>(shared: &Shared<X>) {
     loop {
         let wake = shared.runtime.timer.listen();
         let until = {
@@ -189,11 +171,7 @@ where
 }
 
 /// Stops the timer task and tells every stream task to end.
-pub(crate) fn stop<H, X>(shared: &Shared<H, X>, state: &mut State<H, X>)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
     state.driver.stopped = true;
     state.driver.socket_tasks.clear();
     for slot in state.driver.streams.values_mut() {
@@ -204,11 +182,7 @@ where
     shared.runtime.notify_changed();
 }
 
-impl<H, X> Driver<H> for Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+impl<X: Extra> Driver<X::Host> for Io<X> {
     fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
         let sent = match transmit {
             // Non-blocking: a full socket buffer is a loss, as on the wire.
@@ -222,17 +196,13 @@ where
         (!sent).then_some(Input::SendFailed)
     }
 
-    fn act(&mut self, host: &mut H, now: Instant, event: H::Event) {
-        let Some(io) = H::io_event(&event) else {
+    fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {
+        let Some(io) = X::Host::io_event(&event) else {
             X::on_event(self, host, now, event);
             return;
         };
         match io {
-            IoEvent::Connect {
-                stream,
-                to,
-                security,
-            } => self.connect(host, now, stream, to, security),
+            IoEvent::Connect(connect) => self.connect(host, now, connect),
             IoEvent::StreamReady { stream } => {
                 if let Some(slot) = self.streams.get(&stream) {
                     slot.wake.notify(usize::MAX);

@@ -88,17 +88,8 @@ mod tunnel;
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
-pub use tscf_core::server::{LocalAddrs, ServerConfig, ServerStats, StartError, TransportCounters};
-pub use tscf_core::tls::{
-    self, ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
-    ServerVerification, TlsConfigError,
-};
-pub use tscf_core::tunnel::{
-    ConnectError, Notification, PeerStreamListen, TunnelConfig, TunnelStats,
-};
+pub use tscf_core::runtime::*;
 pub use tunnel::Tunnel;
-
-use std::sync::{Mutex, MutexGuard};
 
 /// What this runtime gives the core: files read with `std::fs::read`, keys for self-signed
 /// certificates from rcgen, and seeds from the operating system's secure source.
@@ -107,9 +98,3 @@ pub const OS: tls::Os = tls::Os {
     generate_key: rcgen::KeyPair::generate,
     fill_random: |buf| getrandom::fill(buf).map_err(std::io::Error::other),
 };
-
-/// Locks `m`, going on with the data if a task panicked while holding it: every critical
-/// section leaves the host consistent between inputs.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}

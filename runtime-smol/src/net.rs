@@ -25,14 +25,11 @@ const READ_LARGE: usize = 16 * 1024;
 
 /// A UDP socket's task: every datagram goes to the host. It ends when the host closes the
 /// socket (its task is dropped with it) or stops.
-pub(crate) async fn run_udp<H, X>(
-    shared: &Arc<Shared<H, X>>,
+pub(crate) async fn run_udp<X: Extra>(
+    shared: &Arc<Shared<X>>,
     socket: SocketId,
     sock: &Async<UdpSocket>,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
@@ -54,15 +51,12 @@ pub(crate) async fn run_udp<H, X>(
 
 /// A listener's task: each connection the host admits gets a task of its own, which runs the
 /// TLS handshake with `tls` (if any) and then the stream.
-pub(crate) async fn accept<H, X>(
-    shared: Arc<Shared<H, X>>,
+pub(crate) async fn accept<X: Extra>(
+    shared: Arc<Shared<X>>,
     listener: Async<TcpListener>,
     transport: Transport,
     tls: Option<Arc<rustls::ServerConfig>>,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     loop {
         let Ok((sock, remote)) = listener.accept().await else {
             // Out of descriptors or an aborted connection: let the system catch up.
@@ -73,7 +67,7 @@ pub(crate) async fn accept<H, X>(
             if io.stopped {
                 return None;
             }
-            let stream = X::accept(host, now, transport, remote)?;
+            let stream = host.accept(now, transport, remote)?;
             io.streams.insert(stream, Slot::default());
             Some(stream)
         });
@@ -90,16 +84,12 @@ pub(crate) async fn accept<H, X>(
     }
 }
 
-async fn accepted<H, X>(
-    shared: &Arc<Shared<H, X>>,
+async fn accepted<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     sock: Async<TcpStream>,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> Ended
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> Ended {
     let _ = sock.get_ref().set_nodelay(true);
     let Some(config) = tls else {
         opened(shared, stream, false);
@@ -122,16 +112,13 @@ where
 }
 
 /// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
-pub(crate) async fn connect<H, X>(
-    shared: &Arc<Shared<H, X>>,
+pub(crate) async fn connect<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     timeout: Duration,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let deadline = Instant::now() + timeout;
     let error = async {
         let sock = match bounded(deadline, Async::<TcpStream>::connect(to)).await {
@@ -166,11 +153,7 @@ pub(crate) enum Next {
 }
 
 /// Takes what waits for `stream` into `out` and says what to do with it.
-pub(crate) fn next<H, X>(shared: &Shared<H, X>, stream: StreamId, out: &mut Vec<u8>) -> Next
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn next<X: Extra>(shared: &Shared<X>, stream: StreamId, out: &mut Vec<u8>) -> Next {
     let mut state = shared.lock();
     let stopped = state.driver.stopped;
     let Some(slot) = state.driver.streams.get_mut(&stream) else {
@@ -195,10 +178,8 @@ where
 
 /// Runs a connected stream: writes what the host queues, feeds what it reads, until either
 /// side closes it. Its error, if it did not end cleanly.
-async fn serve<H, X, S>(shared: &Arc<Shared<H, X>>, stream: StreamId, mut io: S) -> Ended
+async fn serve<X: Extra, S>(shared: &Arc<Shared<X>>, stream: StreamId, mut io: S) -> Ended
 where
-    H: Host + Send + 'static,
-    X: Extra<H>,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // A stream the host already forgot has nothing to serve.
@@ -277,11 +258,7 @@ fn describe(e: &io::Error) -> String {
 }
 
 /// Reports `stream` open to the host.
-pub(crate) fn opened<H, X>(shared: &Shared<H, X>, stream: StreamId, verified_identity: bool)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn opened<X: Extra>(shared: &Shared<X>, stream: StreamId, verified_identity: bool) {
     shared.drive(|host, _, now| {
         let open = Input::StreamOpen {
             stream,
@@ -292,11 +269,7 @@ where
 }
 
 /// Reports the end of `stream` to the host and forgets its slot.
-pub(crate) fn closed<H, X>(shared: &Shared<H, X>, stream: StreamId, ended: Ended)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn closed<X: Extra>(shared: &Shared<X>, stream: StreamId, ended: Ended) {
     let (error, detail) = match &ended {
         Some((error, why)) => (Some(*error), Some(why.as_str())),
         None => (None, None),
@@ -313,15 +286,11 @@ where
 }
 
 /// `work`, unless the host aborts `stream` first (`None`).
-pub(crate) async fn abortable<H, X, T>(
-    shared: &Shared<H, X>,
+pub(crate) async fn abortable<X: Extra, T>(
+    shared: &Shared<X>,
     stream: StreamId,
     work: impl Future<Output = T>,
-) -> Option<T>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> Option<T> {
     let aborted = async {
         loop {
             let wake = {
@@ -349,11 +318,7 @@ pub(crate) async fn bounded<T>(
     .await
 }
 
-impl<H, X> Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+impl<X: Extra> Io<X> {
     /// A new UDP socket for `socket` and its task; its local address.
     pub(crate) fn bind(
         &mut self,

@@ -17,7 +17,7 @@ use async_io::Timer;
 use bytes::Bytes;
 use futures_lite::future;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tscf_core::io::{Host, Input, Security, StreamError, StreamId};
+use tscf_core::io::{Connect, Host, Input, Security, StreamError, StreamId};
 use tscf_core::server::{QuicAdmission, ServerHost};
 use tscf_core::tls::TlsConfigError;
 use tscf_core::wire::Transport;
@@ -82,9 +82,9 @@ pub(crate) fn close(conn: &quinn::Connection) {
 
 /// A QUIC listener's task: each new connection is admitted, retried or refused as the host
 /// says, and an admitted one gets a task of its own.
-pub(crate) async fn accept<X>(shared: Arc<Shared<ServerHost, X>>, endpoint: quinn::Endpoint)
+pub(crate) async fn accept<X>(shared: Arc<Shared<X>>, endpoint: quinn::Endpoint)
 where
-    X: Extra<ServerHost>,
+    X: Extra<Host = ServerHost>,
 {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
@@ -131,16 +131,13 @@ where
 
 /// A QUIC transport the host asked for: connects from an endpoint of its own (a new port per
 /// attempt) within `timeout`, then runs it.
-pub(crate) async fn connect<H, X>(
-    shared: &Arc<Shared<H, X>>,
+pub(crate) async fn connect<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
     (tls, name): (Arc<rustls::ClientConfig>, ServerName<'static>),
     timeout: Duration,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let deadline = Instant::now() + timeout;
     let error = async {
         let config = match client_config(&tls, ALPN, KEEP_ALIVE) {
@@ -174,17 +171,13 @@ pub(crate) async fn connect<H, X>(
 
 /// Runs an established QUIC transport: the stream (opened here on the client's side, accepted
 /// on the server's) and the datagrams, until either side closes it.
-async fn serve<H, X>(
-    shared: &Arc<Shared<H, X>>,
+async fn serve<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     conn: quinn::Connection,
     client: bool,
     verified_identity: bool,
-) -> net::Ended
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> net::Ended {
     let wake = {
         let mut state = shared.lock();
         let slot = state.driver.streams.get_mut(&stream)?;
@@ -269,20 +262,14 @@ where
     error
 }
 
-impl<H, X> Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+impl<X: Extra> Io<X> {
     /// Starts connecting `stream` in a task of its own.
-    pub(crate) fn connect(
-        &mut self,
-        host: &mut H,
-        now: Instant,
-        stream: StreamId,
-        to: SocketAddr,
-        security: Security,
-    ) {
+    pub(crate) fn connect(&mut self, host: &mut X::Host, now: Instant, request: Connect) {
+        let Connect {
+            stream,
+            to,
+            security,
+        } = request;
         let (Some(shared), false) = (self.me.upgrade(), self.stopped) else {
             let error = Some(StreamError::Connect);
             return host.handle_input(

@@ -11,11 +11,8 @@ use std::time::{Duration, Instant};
 
 use async_io::Async;
 use smol::Task;
-use tscf_core::director::TunnelSummary;
-use tscf_core::io::{SocketId, StreamId};
-use tscf_core::server::{
-    LocalAddrs, ServerConfig, ServerEvent, ServerHost, ServerStats, StartError,
-};
+use tscf_core::io::SocketId;
+use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost, StartError};
 use tscf_core::tls::Fingerprint;
 use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
@@ -26,26 +23,19 @@ use crate::{net, quic, OS};
 /// How long shutdown waits for stream connections to write their last envelopes.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
-type ServerShared = Shared<ServerHost, ServerExtra>;
+type ServerShared = Shared<ServerExtra>;
 
 /// What this runtime adds to a server host: the director's events go to the log.
 #[derive(Debug)]
 pub(crate) struct ServerExtra;
 
-impl Extra<ServerHost> for ServerExtra {
-    fn on_event(_: &mut Io<ServerHost, Self>, _: &mut ServerHost, _: Instant, event: ServerEvent) {
+impl Extra for ServerExtra {
+    type Host = ServerHost;
+
+    fn on_event(_: &mut Io<Self>, _: &mut ServerHost, _: Instant, event: ServerEvent) {
         if let ServerEvent::Director(event) = event {
             tracing::debug!(?event, "director");
         }
-    }
-
-    fn accept(
-        host: &mut ServerHost,
-        now: Instant,
-        transport: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId> {
-        host.accept_stream(now, transport, remote)
     }
 }
 
@@ -181,23 +171,6 @@ impl ServerHandle {
         self.fingerprint
     }
 
-    /// Current statistics.
-    pub fn stats(&self) -> ServerStats {
-        self.shared.lock().host.stats()
-    }
-
-    /// The tunnels the director holds.
-    pub fn tunnels(&self) -> Vec<TunnelSummary> {
-        self.shared.lock().host.tunnels().collect()
-    }
-
-    /// Cuts the connection or DTLS association that carries `tunnel_id`, as a network failure
-    /// would; see [`ServerHost::cut_connection`]. For tests and operators.
-    pub fn cut_connection(&self, tunnel_id: u64) -> bool {
-        self.shared
-            .drive(|host, _, now| host.cut_connection(now, tunnel_id))
-    }
-
     /// Closes every tunnel with reason Shutdown (the release notifications are sent), waits
     /// up to a second for the stream connections to write them and close, then stops every
     /// task.
@@ -232,6 +205,14 @@ impl ServerHandle {
         for endpoint in self.quic.drain(..) {
             endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         }
+    }
+}
+
+impl std::ops::Deref for ServerHandle {
+    type Target = dyn tscf_core::server::ServerControl;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.shared
     }
 }
 

@@ -3,75 +3,60 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::ops::Deref;
+use std::time::Instant;
 
 use async_io::Timer;
 use event_listener::Event;
 use futures_lite::future;
-use tscf_core::inner::{self, DatagramQueue, Datagrams, SocketHost};
-
-use crate::lock;
+use tscf_core::inner::{self, SocketControl};
 
 /// A UDP socket on the tunnel's internal address, like `async_net::UdpSocket`. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
-/// datagrams wait in a bounded queue. Dropping it unbinds the port.
-pub struct InnerUdpSocket {
-    port: u16,
-    queue: Arc<SocketQueue>,
-    tunnel: Arc<dyn SocketHost>,
-    read_timeout: Mutex<Option<Duration>>,
+/// datagrams wait in a bounded queue. Dropping it unbinds the port. Its port, address, peer
+/// tunneling and read timeout are [`SocketControl`]'s.
+#[derive(Debug)]
+pub struct InnerUdpSocket(pub(crate) inner::Socket<Ready>);
+
+/// The receive queue of an inner socket: its readers wait on an event.
+pub(crate) type SocketQueue = inner::SocketQueue<Ready>;
+
+/// The wake-up of an inner socket's readers.
+#[derive(Debug, Default)]
+pub(crate) struct Ready(Event);
+
+impl inner::Ready for Ready {
+    fn one(&self) {
+        self.0.notify(1);
+    }
+
+    fn all(&self) {
+        self.0.notify(usize::MAX);
+    }
 }
 
 impl InnerUdpSocket {
-    pub(crate) fn new(port: u16, queue: Arc<SocketQueue>, tunnel: Arc<dyn SocketHost>) -> Self {
-        Self {
-            port,
-            queue,
-            tunnel,
-            read_timeout: Mutex::new(None),
-        }
-    }
-
-    /// The local port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tunnel.local_addr(self.port)
-    }
-
     /// Sends `buf` to `dst`, an internal address and port of another tunnel. It never waits:
     /// while the tunnel re-attaches the datagram waits in the client's bounded queue, and a
     /// full queue is [`io::ErrorKind::WouldBlock`].
     pub async fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
-        self.tunnel.send_to(self.port, dst, buf)?;
-        Ok(buf.len())
-    }
-
-    /// Opts this socket in or out of peer tunneling (the `tsc_setsockopt` of the TSC API), as
-    /// in the blocking runtime: an opted-in socket's datagrams take a peer tunnel once one is
-    /// up and the relay otherwise. Its default, restored on drop, is the configuration's
-    /// `default_opt_in`.
-    pub fn set_peer_tunneling(&self, enabled: bool) {
-        self.tunnel.set_peer_tunneling(self.port, enabled);
+        self.0.send(buf, dst)
     }
 
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
     /// who sent it. Waits up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let deadline = lock(&self.read_timeout).map(|t| Instant::now() + t);
+        let deadline = self.0.read_deadline(Instant::now());
+        let queue = self.0.queue();
         loop {
             // A queued datagram needs no listener; without one, listen, then look again so
             // that a datagram pushed in between is not waited for.
-            if let Some(got) = lock(&self.queue.datagrams).pop(buf)? {
+            if let Some(got) = queue.lock().pop(buf)? {
                 return Ok(got);
             }
-            let ready = self.queue.ready.listen();
-            if let Some(got) = lock(&self.queue.datagrams).pop(buf)? {
+            let ready = queue.ready.0.listen();
+            if let Some(got) = queue.lock().pop(buf)? {
                 return Ok(got);
             }
             match deadline {
@@ -86,57 +71,12 @@ impl InnerUdpSocket {
             }
         }
     }
-
-    /// How long [`recv_from`](Self::recv_from) waits; `None` waits until a datagram comes.
-    /// A zero duration is an error, as for std sockets.
-    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        inner::check_read_timeout(timeout)?;
-        *lock(&self.read_timeout) = timeout;
-        Ok(())
-    }
 }
 
-impl std::fmt::Debug for InnerUdpSocket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InnerUdpSocket")
-            .field("port", &self.port)
-            .finish_non_exhaustive()
-    }
-}
+impl Deref for InnerUdpSocket {
+    type Target = dyn SocketControl;
 
-impl Drop for InnerUdpSocket {
-    fn drop(&mut self) {
-        self.tunnel.unbind(self.port);
-    }
-}
-
-/// The datagrams waiting on one inner socket, and its readers' wake-up.
-#[derive(Debug)]
-pub(crate) struct SocketQueue {
-    datagrams: Mutex<Datagrams>,
-    ready: Event,
-}
-
-impl SocketQueue {
-    pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            datagrams: Mutex::new(Datagrams::new(limit)),
-            ready: Event::new(),
-        }
-    }
-}
-
-impl DatagramQueue for SocketQueue {
-    fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
-        let pushed = lock(&self.datagrams).push(payload, from);
-        if pushed {
-            self.ready.notify(1);
-        }
-        pushed
-    }
-
-    fn close(&self) {
-        lock(&self.datagrams).close();
-        self.ready.notify(usize::MAX);
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }

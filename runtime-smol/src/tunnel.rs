@@ -7,24 +7,23 @@
 //! one, and the QUIC peer endpoint's when the peer transport is QUIC.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_channel::Receiver;
 use async_io::Async;
 use smol::Task;
-use tscf_core::client::{ClientState, PeerPath, PeerTunnelInfo, TerminateReason, TunnelInfo};
+use tscf_core::client::ClientState;
 use tscf_core::tls::PeerIdentity;
 use tscf_core::tunnel::{
-    unspecified_for, ClientHost, ConnectError, Notification, Setup, TunnelConfig, TunnelStats,
-    PEER_SOCKET,
+    unspecified_for, ClientHost, ConnectError, Notification, Setup, TunnelConfig, PEER_SOCKET,
 };
 use tscf_core::wire::Transport;
 
 use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared, NOTIFICATION_QUEUE};
 use crate::drive;
-use crate::socket::{InnerUdpSocket, SocketQueue};
+use crate::socket::InnerUdpSocket;
 use crate::{net, OS};
 
 /// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
@@ -108,63 +107,14 @@ impl Tunnel {
         // What the host asked for at its start (a transport) is acted on here.
         shared.drive(|_, _, _| ());
         drive::wait_until(&shared, started + connect_timeout, |state| {
-            matches!(
-                state.host.state(),
-                ClientState::Connected | ClientState::Terminated
-            )
+            state
+                .host
+                .connect_result(started.elapsed(), false)
+                .is_some()
         })
         .await;
-        let state = shared.lock();
-        match state.host.state() {
-            ClientState::Connected => {}
-            ClientState::Terminated => {
-                let reason = state.host.terminated().unwrap_or(TerminateReason::Released);
-                return Err(ConnectError::Refused(reason));
-            }
-            _ => {
-                return Err(ConnectError::TimedOut {
-                    waited: started.elapsed(),
-                    last_failure: state.host.last_failure().map(str::to_owned),
-                });
-            }
-        }
-        drop(state);
-        Ok(tunnel)
-    }
-
-    /// The tunnel's internal IPv4 address (kept across re-attaches).
-    pub fn internal_ipv4(&self) -> Option<Ipv4Addr> {
-        self.info()?.ipv4.map(|a| a.addr)
-    }
-
-    /// The tunnel's internal IPv6 address.
-    pub fn internal_ipv6(&self) -> Option<Ipv6Addr> {
-        self.info()?.ipv6.map(|a| a.addr)
-    }
-
-    /// The tunnel id.
-    pub fn tunnel_id(&self) -> Option<u64> {
-        self.info().map(|i| i.tunnel_id)
-    }
-
-    /// This client's transport address as the server saw it (behind a NAT, the mapping).
-    pub fn observed_address(&self) -> Option<SocketAddr> {
-        self.info()?.observed_address
-    }
-
-    /// The configuration the server gave the tunnel.
-    pub fn info(&self) -> Option<TunnelInfo> {
-        self.shared.lock().host.info().cloned()
-    }
-
-    /// Where the client is in its life cycle.
-    pub fn state(&self) -> ClientState {
-        self.shared.lock().host.state()
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> TunnelStats {
-        self.shared.lock().host.stats()
+        let result = shared.lock().host.connect_result(started.elapsed(), true);
+        result.unwrap_or(Ok(())).map(|()| tunnel)
     }
 
     /// What happened to the tunnel, in order, as an async channel (at most 256 wait; later
@@ -176,25 +126,7 @@ impl Tunnel {
     /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
-        let (port, queue) = self.shared.lock().host.bind(port, SocketQueue::new)?;
-        Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
-    }
-
-    /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
-    pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
-        self.shared.lock().host.peer_path(peer)
-    }
-
-    /// Every peer the client holds peer tunneling state for.
-    pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
-        self.shared.lock().host.peer_tunnels()
-    }
-
-    /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
-    /// [`TunnelClient::release_peer_tunnel`](tscf_core::client::TunnelClient::release_peer_tunnel).
-    pub fn release_peer_tunnel(&self, peer: IpAddr) {
-        self.shared
-            .drive(|host, _, now| host.release_peer_tunnel(now, peer));
+        self.shared.bind_socket(port).map(InnerUdpSocket)
     }
 
     /// Test hook: while `blocked`, every datagram the peer socket would send or receive is
@@ -255,14 +187,6 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Test hook: closes every peer stream of this tunnel and reports each as lost to the
-    /// client, as if the connections broke.
-    #[doc(hidden)]
-    pub fn drop_peer_streams(&self) {
-        self.shared
-            .drive(|host, _, now| host.drop_peer_streams(now));
-    }
-
     /// Releases the tunnel, waits up to the configured release wait for the server's answer,
     /// and stops the tasks.
     pub async fn close(mut self) {
@@ -290,6 +214,14 @@ impl Tunnel {
         }
         self.shared.drain(&mut state, now);
         drive::stop(&self.shared, &mut state);
+    }
+}
+
+impl std::ops::Deref for Tunnel {
+    type Target = dyn tscf_core::tunnel::TunnelControl;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.shared
     }
 }
 

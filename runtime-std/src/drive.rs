@@ -6,7 +6,7 @@
 //! if the next deadline moved forward, and wake whoever waits for the host's state to change.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Shutdown, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,32 +15,24 @@ use tscf_core::io::{
 };
 use tscf_core::tls::ClientTlsConfig;
 use tscf_core::tunnel::TunnelCredentials;
-use tscf_core::wire::Transport;
 
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// What a runtime adds to a host of its own kind: what to do with the host's own events, and
-/// how a listener's connection is admitted.
-pub(crate) trait Extra<H: Host>: Send + Sized + 'static {
+/// What a runtime adds to a host of its own kind: what to do with the host's own events.
+pub(crate) trait Extra: Send + Sized + 'static {
+    /// The host.
+    type Host: Host + Send + 'static;
     /// Acts on an event of the host that is not socket or stream work.
-    fn on_event(&mut self, host: &mut H, event: H::Event);
-    /// A listener accepted a connection of `transport` from `remote`: its stream id, or
-    /// `None` to close it.
-    fn accept(
-        host: &mut H,
-        now: Instant,
-        transport: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId>;
+    fn on_event(&mut self, host: &mut Self::Host, event: <Self::Host as Host>::Event);
 }
 
 /// A host and its driver behind a mutex, with the wake-ups of the threads that drive it.
-pub(crate) type Shared<H, X> = io::Shared<H, Io<H, X>, Threads>;
+pub(crate) type Shared<X> = io::Shared<<X as Extra>::Host, Io<X>, Threads>;
 
 /// The guarded state.
-pub(crate) type State<H, X> = Driven<H, Io<H, X>>;
+pub(crate) type State<X> = Driven<<X as Extra>::Host, Io<X>>;
 
 /// The clock and the wake-ups of this runtime's threads.
 #[derive(Debug, Default)]
@@ -65,8 +57,8 @@ impl Runtime for Threads {
 }
 
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
-pub(crate) struct Io<H, X> {
-    pub(crate) me: Weak<Shared<H, X>>,
+pub(crate) struct Io<X: Extra> {
+    pub(crate) me: Weak<Shared<X>>,
     pub(crate) sockets: HashMap<SocketId, Arc<UdpSocket>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
@@ -98,17 +90,13 @@ impl Slot {
 
 /// `host` driven by this runtime, with `extra`; streams it connects are secured with
 /// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-pub(crate) fn shared<H, X>(
-    host: H,
+pub(crate) fn shared<X: Extra>(
+    host: X::Host,
     extra: X,
     credentials: TunnelCredentials,
     tls: Option<ClientTlsConfig>,
     timeout: Duration,
-) -> Arc<Shared<H, X>>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> Arc<Shared<X>> {
     Arc::new_cyclic(|me| {
         let io = Io {
             me: me.clone(),
@@ -125,16 +113,12 @@ where
 }
 
 /// Waits until `done` holds or `deadline` passes.
-pub(crate) fn wait_until<'a, H, X>(
-    shared: &'a Shared<H, X>,
-    mut state: MutexGuard<'a, State<H, X>>,
+pub(crate) fn wait_until<'a, X: Extra>(
+    shared: &'a Shared<X>,
+    mut state: MutexGuard<'a, State<X>>,
     deadline: Instant,
-    mut done: impl FnMut(&State<H, X>) -> bool,
-) -> MutexGuard<'a, State<H, X>>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+    mut done: impl FnMut(&State<X>) -> bool,
+) -> MutexGuard<'a, State<X>> {
     loop {
         let now = Instant::now();
         if done(&state) || now >= deadline {
@@ -150,11 +134,7 @@ where
 }
 
 /// The timer thread's body.
-pub(crate) fn run_timer<H, X>(shared: &Shared<H, X>)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn run_timer<X: Extra>(shared: &Shared<X>) {
     let mut state = shared.lock();
     while !state.driver.stopped {
         let now = Instant::now();
@@ -174,11 +154,7 @@ where
 }
 
 /// Stops the timer thread and every thread that checks `stopped`.
-pub(crate) fn stop<H, X>(shared: &Shared<H, X>, state: &mut State<H, X>)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
     state.driver.stopped = true;
     for slot in state.driver.streams.values() {
         if let Some(sock) = &slot.sock {
@@ -190,11 +166,7 @@ where
     shared.runtime.notify_changed();
 }
 
-impl<H, X> Driver<H> for Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+impl<X: Extra> Driver<X::Host> for Io<X> {
     fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
         let sent = match transmit {
             Transmit::Datagram { socket, to } => self
@@ -207,17 +179,13 @@ where
         (!sent).then_some(Input::SendFailed)
     }
 
-    fn act(&mut self, host: &mut H, now: Instant, event: H::Event) {
-        let Some(io) = H::io_event(&event) else {
+    fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {
+        let Some(io) = X::Host::io_event(&event) else {
             self.extra.on_event(host, event);
             return;
         };
         match io {
-            IoEvent::Connect {
-                stream,
-                to,
-                security,
-            } => self.connect(host, now, stream, to, security),
+            IoEvent::Connect(connect) => self.connect(host, now, connect),
             IoEvent::StreamReady { stream } => {
                 if let Some(slot) = self.streams.get(&stream) {
                     slot.ready.notify_all();

@@ -70,14 +70,7 @@ mod tunnel;
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tscf_core as core;
-pub use tscf_core::server::{LocalAddrs, ServerConfig, ServerStats, StartError, TransportCounters};
-pub use tscf_core::tls::{
-    self, ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
-    ServerVerification, TlsConfigError,
-};
-pub use tscf_core::tunnel::{
-    ConnectError, Notification, PeerStreamListen, TunnelConfig, TunnelStats,
-};
+pub use tscf_core::runtime::*;
 pub use tunnel::Tunnel;
 
 use std::sync::{Mutex, MutexGuard};

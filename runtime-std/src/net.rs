@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tscf_core::io::{Host, Input, Security, SocketId, StreamError, StreamId};
+use tscf_core::io::{Connect, Host, Input, Security, SocketId, StreamError, StreamId};
 use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
@@ -24,11 +24,7 @@ const STREAM_STACK: usize = 256 * 1024;
 
 /// A UDP socket's thread: every datagram goes to the host, until the socket is closed (or
 /// replaced) or the host stops.
-pub(crate) fn run_udp<H, X>(shared: &Arc<Shared<H, X>>, socket: SocketId, sock: &Arc<UdpSocket>)
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Arc<UdpSocket>) {
     let _ = sock.set_read_timeout(Some(UDP_POLL));
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -56,15 +52,12 @@ where
 
 /// A listener's thread: each connection the host admits gets a thread of its own, which runs
 /// the TLS handshake with `tls` (if any) and then the stream.
-pub(crate) fn accept<H, X>(
-    shared: &Arc<Shared<H, X>>,
+pub(crate) fn accept<X: Extra>(
+    shared: &Arc<Shared<X>>,
     listener: &TcpListener,
     transport: Transport,
     tls: Option<Arc<rustls::ServerConfig>>,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     for sock in listener.incoming() {
         let Ok(sock) = sock else {
             if shared.lock().driver.stopped {
@@ -81,7 +74,7 @@ pub(crate) fn accept<H, X>(
             if io.stopped {
                 return Err(true);
             }
-            let stream = X::accept(host, now, transport, remote).ok_or(false)?;
+            let stream = host.accept(now, transport, remote).ok_or(false)?;
             io.streams.insert(stream, Slot::new(sock.try_clone().ok()));
             Ok(stream)
         });
@@ -102,15 +95,12 @@ pub(crate) fn accept<H, X>(
     }
 }
 
-fn accepted<H, X>(
-    shared: &Arc<Shared<H, X>>,
+fn accepted<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     mut sock: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let _ = sock.set_nodelay(true);
     let mut verified_identity = false;
     let conn = match tls {
@@ -145,16 +135,13 @@ fn accepted<H, X>(
 }
 
 /// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
-pub(crate) fn connect<H, X>(
-    shared: &Arc<Shared<H, X>>,
+pub(crate) fn connect<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     timeout: Duration,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let deadline = Instant::now() + timeout;
     let mut sock = match TcpStream::connect_timeout(&to, timeout) {
         Ok(sock) => sock,
@@ -206,16 +193,13 @@ pub(crate) fn connect<H, X>(
 }
 
 /// Reports the stream open and runs it: a writer thread, and this thread reads.
-fn open<H, X>(
-    shared: &Arc<Shared<H, X>>,
+fn open<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     sock: TcpStream,
     conn: Option<rustls::Connection>,
     verified_identity: bool,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let (reader, writer) = match stream::split(sock, conn) {
         Ok(halves) => halves,
         Err(_) => return report_closed(shared, stream, Some(StreamError::Io), None),
@@ -248,15 +232,11 @@ fn open<H, X>(
 
 /// Feeds what the stream reads to the host until it ends; the error, if it did not end
 /// cleanly.
-fn read_loop<H, X>(
-    shared: &Arc<Shared<H, X>>,
+fn read_loop<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     mut reader: StreamReader,
-) -> Option<StreamError>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) -> Option<StreamError> {
     loop {
         match reader.read() {
             Ok([]) => return None,
@@ -270,15 +250,12 @@ where
 
 /// The stream's writer thread: writes what the host queued, waits for more, and closes the
 /// stream when the host closes it.
-fn write_loop<H, X>(
-    shared: &Arc<Shared<H, X>>,
+fn write_loop<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     mut writer: StreamWriter,
     ready: &std::sync::Condvar,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     let mut out = Vec::new();
     loop {
         let mut state = shared.lock();
@@ -309,15 +286,12 @@ fn write_loop<H, X>(
 }
 
 /// Reports the end of `stream` to the host and forgets its slot.
-fn report_closed<H, X>(
-    shared: &Arc<Shared<H, X>>,
+fn report_closed<X: Extra>(
+    shared: &Arc<Shared<X>>,
     stream: StreamId,
     error: Option<StreamError>,
     detail: Option<&str>,
-) where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+) {
     shared.drive(|host, io, now| {
         if let Some(slot) = io.streams.remove(&stream) {
             slot.ready.notify_all();
@@ -347,11 +321,7 @@ pub(crate) fn wake_acceptor(addr: SocketAddr) {
     );
 }
 
-impl<H, X> Io<H, X>
-where
-    H: Host + Send + 'static,
-    X: Extra<H>,
-{
+impl<X: Extra> Io<X> {
     /// A new UDP socket for `socket` and its thread; its local address.
     pub(crate) fn bind(
         &mut self,
@@ -373,14 +343,12 @@ where
     }
 
     /// Starts connecting `stream` in a thread of its own.
-    pub(crate) fn connect(
-        &mut self,
-        host: &mut H,
-        now: Instant,
-        stream: StreamId,
-        to: SocketAddr,
-        security: Security,
-    ) {
+    pub(crate) fn connect(&mut self, host: &mut X::Host, now: Instant, request: Connect) {
+        let Connect {
+            stream,
+            to,
+            security,
+        } = request;
         let tls = match security {
             Security::Tcp => Ok(None),
             Security::Tls(verify) => self

@@ -9,11 +9,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use tscf_core::director::TunnelSummary;
-use tscf_core::io::{SocketId, StreamId};
-use tscf_core::server::{
-    LocalAddrs, ServerConfig, ServerEvent, ServerHost, ServerStats, StartError,
-};
+use tscf_core::io::SocketId;
+use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost, StartError};
 use tscf_core::tls::Fingerprint;
 use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
@@ -24,26 +21,19 @@ use crate::{net, OS};
 /// How long shutdown waits for stream connections to write their last envelopes.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
-type ServerShared = Shared<ServerHost, ServerExtra>;
+type ServerShared = Shared<ServerExtra>;
 
 /// What this runtime adds to a server host: the director's events go to the log.
 #[derive(Debug)]
 pub(crate) struct ServerExtra;
 
-impl Extra<ServerHost> for ServerExtra {
+impl Extra for ServerExtra {
+    type Host = ServerHost;
+
     fn on_event(&mut self, _: &mut ServerHost, event: ServerEvent) {
         if let ServerEvent::Director(event) = event {
             tracing::debug!(?event, "director");
         }
-    }
-
-    fn accept(
-        host: &mut ServerHost,
-        now: Instant,
-        transport: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId> {
-        host.accept_stream(now, transport, remote)
     }
 }
 
@@ -155,23 +145,6 @@ impl ServerHandle {
         self.fingerprint
     }
 
-    /// Current statistics.
-    pub fn stats(&self) -> ServerStats {
-        self.shared.lock().host.stats()
-    }
-
-    /// The tunnels the director holds.
-    pub fn tunnels(&self) -> Vec<TunnelSummary> {
-        self.shared.lock().host.tunnels().collect()
-    }
-
-    /// Cuts the connection that carries `tunnel_id`, as a network failure would; see
-    /// [`ServerHost::cut_connection`]. For tests and operators.
-    pub fn cut_connection(&self, tunnel_id: u64) -> bool {
-        self.shared
-            .drive(|host, _, now| host.cut_connection(now, tunnel_id))
-    }
-
     /// Closes every tunnel with reason Shutdown (the release notifications are sent), waits
     /// up to a second for the stream connections to write them and close, then stops every
     /// thread.
@@ -210,6 +183,14 @@ impl ServerHandle {
             .map_err(StartError::Io)?;
         self.threads.push(thread);
         Ok(())
+    }
+}
+
+impl std::ops::Deref for ServerHandle {
+    type Target = dyn tscf_core::server::ServerControl;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.shared
     }
 }
 

@@ -7,17 +7,16 @@
 //! is one.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
-use tscf_core::client::{ClientState, PeerPath, PeerTunnelInfo, TerminateReason, TunnelInfo};
-use tscf_core::io::StreamId;
+use tscf_core::client::ClientState;
 use tscf_core::tunnel::{
     unspecified_for, ClientHost, ConnectError, Notification, Setup, TunnelConfig, TunnelEvent,
-    TunnelStats, PEER_SOCKET,
+    PEER_SOCKET,
 };
 use tscf_core::wire::Transport;
 
@@ -28,14 +27,16 @@ use crate::{net, OS};
 /// Notifications waiting to be read; beyond, new ones are dropped and counted.
 const NOTIFICATION_QUEUE: usize = 256;
 
-pub(crate) type TunnelShared = Shared<ClientHost<SocketQueue>, TunnelExtra>;
+pub(crate) type TunnelShared = Shared<TunnelExtra>;
 
 /// What this runtime adds to a client host: the channel of notifications.
 pub(crate) struct TunnelExtra {
     notifications: SyncSender<Notification>,
 }
 
-impl Extra<ClientHost<SocketQueue>> for TunnelExtra {
+impl Extra for TunnelExtra {
+    type Host = ClientHost<SocketQueue>;
+
     fn on_event(&mut self, host: &mut ClientHost<SocketQueue>, event: TunnelEvent) {
         match event {
             TunnelEvent::Notification(note) => {
@@ -50,15 +51,6 @@ impl Extra<ClientHost<SocketQueue>> for TunnelExtra {
             | TunnelEvent::OpenQuicSession { .. }
             | TunnelEvent::CloseQuicSession { .. } => {}
         }
-    }
-
-    fn accept(
-        host: &mut ClientHost<SocketQueue>,
-        now: Instant,
-        _: Transport,
-        remote: SocketAddr,
-    ) -> Option<StreamId> {
-        host.accept_peer_stream(now, remote)
     }
 }
 
@@ -128,63 +120,17 @@ impl Tunnel {
         let started = Instant::now();
         // What the host asked for at its start (a transport) is acted on here.
         shared.drive(|_, _, _| ());
-        let state = shared.lock();
-        let state = drive::wait_until(&shared, state, started + connect_timeout, |state| {
-            matches!(
-                state.host.state(),
-                ClientState::Connected | ClientState::Terminated
-            )
+        let deadline = started + connect_timeout;
+        let state = drive::wait_until(&shared, shared.lock(), deadline, |state| {
+            state
+                .host
+                .connect_result(started.elapsed(), false)
+                .is_some()
         });
-        match state.host.state() {
-            ClientState::Connected => {}
-            ClientState::Terminated => {
-                let reason = state.host.terminated().unwrap_or(TerminateReason::Released);
-                return Err(ConnectError::Refused(reason));
-            }
-            _ => {
-                return Err(ConnectError::TimedOut {
-                    waited: started.elapsed(),
-                    last_failure: state.host.last_failure().map(str::to_owned),
-                });
-            }
-        }
+        let waited = started.elapsed();
+        let result = state.host.connect_result(waited, true);
         drop(state);
-        Ok(tunnel)
-    }
-
-    /// The tunnel's internal IPv4 address (kept across re-attaches).
-    pub fn internal_ipv4(&self) -> Option<Ipv4Addr> {
-        self.shared.lock().host.client().internal_ipv4()
-    }
-
-    /// The tunnel's internal IPv6 address.
-    pub fn internal_ipv6(&self) -> Option<Ipv6Addr> {
-        self.shared.lock().host.client().internal_ipv6()
-    }
-
-    /// The tunnel id.
-    pub fn tunnel_id(&self) -> Option<u64> {
-        self.shared.lock().host.client().tunnel_id()
-    }
-
-    /// This client's transport address as the server saw it (behind a NAT, the mapping).
-    pub fn observed_address(&self) -> Option<SocketAddr> {
-        self.info().and_then(|i| i.observed_address)
-    }
-
-    /// The configuration the server gave the tunnel.
-    pub fn info(&self) -> Option<TunnelInfo> {
-        self.shared.lock().host.info().cloned()
-    }
-
-    /// Where the client is in its life cycle.
-    pub fn state(&self) -> ClientState {
-        self.shared.lock().host.state()
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> TunnelStats {
-        self.shared.lock().host.stats()
+        result.unwrap_or(Ok(())).map(|()| tunnel)
     }
 
     /// What happened to the tunnel, in order (at most 256 wait; later ones are dropped and
@@ -196,41 +142,7 @@ impl Tunnel {
     /// An inner UDP socket on `port` of the tunnel's internal address; port 0 picks a free
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
-        let (port, queue) = self.shared.lock().host.bind(port, SocketQueue::new)?;
-        Ok(InnerUdpSocket::new(port, queue, self.shared.clone()))
-    }
-
-    /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
-    pub fn peer_path(&self, peer: IpAddr) -> PeerPath {
-        self.shared.lock().host.peer_path(peer)
-    }
-
-    /// Every peer the client holds peer tunneling state for.
-    pub fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
-        self.shared.lock().host.peer_tunnels()
-    }
-
-    /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
-    /// [`TunnelClient::release_peer_tunnel`](tscf_core::client::TunnelClient::release_peer_tunnel).
-    pub fn release_peer_tunnel(&self, peer: IpAddr) {
-        self.shared
-            .drive(|host, _, now| host.release_peer_tunnel(now, peer));
-    }
-
-    /// Test hook: while `blocked`, every datagram the peer socket would send or receive (STUN,
-    /// probes, peer tunnels) is dropped and counted in [`TunnelStats::peer_blocked`], as if a
-    /// firewall cut the direct path. The server tunnel is not affected.
-    #[doc(hidden)]
-    pub fn block_peer_traffic(&self, blocked: bool) {
-        self.shared.lock().host.set_peer_blocked(blocked);
-    }
-
-    /// Test hook: closes every peer stream of this tunnel and reports each as lost to the
-    /// client, as if the connections broke.
-    #[doc(hidden)]
-    pub fn drop_peer_streams(&self) {
-        self.shared
-            .drive(|host, _, now| host.drop_peer_streams(now));
+        self.shared.bind_socket(port).map(InnerUdpSocket)
     }
 
     /// Test hook: makes the transport to the server look lost. The peer socket is replaced by
@@ -292,6 +204,14 @@ impl Tunnel {
         self.threads
             .push(thread::Builder::new().name(name.to_owned()).spawn(f)?);
         Ok(())
+    }
+}
+
+impl std::ops::Deref for Tunnel {
+    type Target = dyn tscf_core::tunnel::TunnelControl;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.shared
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use etherparse::{
@@ -201,6 +201,158 @@ pub trait SocketHost: Send + Sync {
     fn local_addr(&self, port: u16) -> io::Result<SocketAddr>;
     /// Unbinds `port` (the socket is dropped).
     fn unbind(&self, port: u16);
+}
+
+/// How a runtime wakes the readers of an inner socket's queue (a condition variable for
+/// threads, an event for tasks).
+pub trait Ready: Send + Sync {
+    /// Wakes one reader: a datagram came.
+    fn one(&self);
+    /// Wakes every reader: the tunnel is gone.
+    fn all(&self);
+}
+
+impl Ready for std::sync::Condvar {
+    fn one(&self) {
+        self.notify_one();
+    }
+
+    fn all(&self) {
+        self.notify_all();
+    }
+}
+
+/// The receive queue of one inner socket: its [`Datagrams`] behind a lock of their own (a
+/// reader never takes the tunnel's), and the runtime's way of waking its readers.
+#[derive(Debug)]
+pub struct SocketQueue<W> {
+    datagrams: Mutex<Datagrams>,
+    /// The readers' wake-up; a reader with nothing to read waits on it.
+    pub ready: W,
+}
+
+impl<W: Ready + Default> SocketQueue<W> {
+    /// An empty queue of at most `limit` datagrams.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            datagrams: Mutex::new(Datagrams::new(limit)),
+            ready: W::default(),
+        }
+    }
+}
+
+impl<W> SocketQueue<W> {
+    /// The datagrams, locked (going on if a reader panicked while holding them).
+    pub fn lock(&self) -> MutexGuard<'_, Datagrams> {
+        self.datagrams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<W: Ready> DatagramQueue for SocketQueue<W> {
+    fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
+        let pushed = self.lock().push(payload, from);
+        if pushed {
+            self.ready.one();
+        }
+        pushed
+    }
+
+    fn close(&self) {
+        self.lock().close();
+        self.ready.all();
+    }
+}
+
+/// What an application steers of an inner UDP socket, whichever runtime drives it: each
+/// runtime's `InnerUdpSocket` dereferences to it and adds `send_to` and `recv_from` in its own
+/// style (blocking or async).
+pub trait SocketControl: Send + Sync {
+    /// The local port.
+    fn port(&self) -> u16;
+    /// The tunnel's internal IPv4 address (IPv6 if it has none) and this socket's port.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Opts this socket in or out of peer tunneling (the `tsc_setsockopt` of the TSC API). An
+    /// opted-in socket's datagrams to another tunnel take the relay until a peer tunnel with
+    /// it is up, then go straight to it, and back to the relay if that tunnel goes down.
+    /// Without peer tunneling in the tunnel's configuration it does nothing. The default is
+    /// the configuration's `default_opt_in` (false unless changed); it comes back when the
+    /// socket is dropped.
+    fn set_peer_tunneling(&self, enabled: bool);
+    /// How long `recv_from` waits; `None` waits until a datagram comes. A zero duration is
+    /// an error, as for std sockets.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+/// An inner UDP socket, as both runtimes hold it: its port, its receive queue, its way to the
+/// tunnel and its read timeout. Dropping it unbinds the port.
+pub struct Socket<W> {
+    port: u16,
+    queue: Arc<SocketQueue<W>>,
+    tunnel: Arc<dyn SocketHost>,
+    read_timeout: Mutex<Option<Duration>>,
+}
+
+impl<W> Socket<W> {
+    /// The socket bound to `port` with `queue`, in `tunnel`.
+    pub fn new(port: u16, queue: Arc<SocketQueue<W>>, tunnel: Arc<dyn SocketHost>) -> Self {
+        Self {
+            port,
+            queue,
+            tunnel,
+            read_timeout: Mutex::new(None),
+        }
+    }
+
+    /// Its receive queue, where a runtime's `recv_from` takes datagrams and waits.
+    pub fn queue(&self) -> &SocketQueue<W> {
+        &self.queue
+    }
+
+    /// Sends `payload` to `dst` through the tunnel; its length.
+    pub fn send(&self, payload: &[u8], dst: SocketAddr) -> io::Result<usize> {
+        self.tunnel.send_to(self.port, dst, payload)?;
+        Ok(payload.len())
+    }
+
+    /// When a read that starts at `now` gives up, if it does.
+    pub fn read_deadline(&self, now: Instant) -> Option<Instant> {
+        let timeout = *self.read_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        timeout.map(|t| now + t)
+    }
+}
+
+impl<W: Send + Sync> SocketControl for Socket<W> {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tunnel.local_addr(self.port)
+    }
+
+    fn set_peer_tunneling(&self, enabled: bool) {
+        self.tunnel.set_peer_tunneling(self.port, enabled);
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        check_read_timeout(timeout)?;
+        *self.read_timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
+        Ok(())
+    }
+}
+
+impl<W> std::fmt::Debug for Socket<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W> Drop for Socket<W> {
+    fn drop(&mut self) {
+        self.tunnel.unbind(self.port);
+    }
 }
 
 /// What [`SocketTable::deliver`] did with a packet.

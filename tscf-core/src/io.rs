@@ -201,16 +201,9 @@ pub enum Verify {
 /// What a host asks of the runtime's sockets and streams. Carried by each host's event type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoEvent {
-    /// Connect `stream` to `to`, secured as `security` says, within the host's transport
-    /// timeout, then report [`Input::StreamOpen`] or [`Input::StreamClosed`].
-    Connect {
-        /// The new stream's id.
-        stream: StreamId,
-        /// Where to.
-        to: SocketAddr,
-        /// How to secure it.
-        security: Security,
-    },
+    /// Connect a stream as [`Connect`] says, within the host's transport timeout, then report
+    /// [`Input::StreamOpen`] or [`Input::StreamClosed`].
+    Connect(Connect),
     /// Bytes wait for `stream`: take them with the host's `take_output` and write them.
     StreamReady {
         /// The stream.
@@ -238,6 +231,17 @@ pub enum IoEvent {
         /// The socket.
         socket: SocketId,
     },
+}
+
+/// A stream the host asks the runtime to connect ([`IoEvent::Connect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    /// The new stream's id.
+    pub stream: StreamId,
+    /// Where to.
+    pub to: SocketAddr,
+    /// How to secure it.
+    pub security: Security,
 }
 
 /// Where the bytes a host's `poll_transmit` wrote go.
@@ -284,6 +288,14 @@ pub trait Host {
     fn take_output(&mut self, now: Instant, stream: StreamId, out: &mut Vec<u8>) -> bool;
     /// The socket and stream work among the host's events, if `event` is such.
     fn io_event(event: &Self::Event) -> Option<IoEvent>;
+    /// A listener of the runtime accepted a TCP connection of `transport` from `remote`: its
+    /// stream id, or `None` if it must be closed at once (counted).
+    fn accept(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        remote: SocketAddr,
+    ) -> Option<StreamId>;
 }
 
 /// What a runtime does with a host's output: it sends the datagrams and acts on the events.

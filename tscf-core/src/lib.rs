@@ -81,6 +81,22 @@ pub mod server;
 #[cfg(feature = "host")]
 pub mod tunnel;
 
+/// The names both runtimes offer at their root (configuration, statistics, notifications,
+/// errors, TLS settings), so that an embedder switches runtime by changing an import.
+#[cfg(feature = "host")]
+pub mod runtime {
+    pub use crate::server::{
+        LocalAddrs, ServerConfig, ServerControl, ServerStats, StartError, TransportCounters,
+    };
+    pub use crate::tls::{
+        self, ClientTlsConfig, Fingerprint, PeerIdentity, ServerIdentity, ServerTlsConfig,
+        ServerVerification, TlsConfigError,
+    };
+    pub use crate::tunnel::{
+        ConnectError, Notification, PeerStreamListen, TunnelConfig, TunnelControl, TunnelStats,
+    };
+}
+
 #[cfg(feature = "dtls")]
 pub mod dtls;
 #[cfg(feature = "tls")]

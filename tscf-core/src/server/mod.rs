@@ -881,6 +881,36 @@ fn after(now: Instant, d: Duration) -> Instant {
     now.checked_add(d).unwrap_or(now)
 }
 
+/// What an operator reads and steers of a running server, whichever runtime drives it: each
+/// runtime's `ServerHandle` dereferences to it.
+pub trait ServerControl: Send + Sync {
+    /// Current statistics.
+    fn stats(&self) -> ServerStats;
+    /// The tunnels the director holds.
+    fn tunnels(&self) -> Vec<TunnelSummary>;
+    /// Cuts the connection that carries `tunnel_id`, as a network failure would; see
+    /// [`ServerHost::cut_connection`]. For tests and operators.
+    fn cut_connection(&self, tunnel_id: u64) -> bool;
+}
+
+impl<D, R> ServerControl for crate::io::Shared<ServerHost, D, R>
+where
+    D: crate::io::Driver<ServerHost> + Send,
+    R: crate::io::Runtime + Send + Sync,
+{
+    fn stats(&self) -> ServerStats {
+        self.lock().host.stats()
+    }
+
+    fn tunnels(&self) -> Vec<TunnelSummary> {
+        self.lock().host.tunnels().collect()
+    }
+
+    fn cut_connection(&self, tunnel_id: u64) -> bool {
+        self.drive(|host, _, now| host.cut_connection(now, tunnel_id))
+    }
+}
+
 impl crate::io::Host for ServerHost {
     type Event = ServerEvent;
 
@@ -913,5 +943,14 @@ impl crate::io::Host for ServerHost {
             ServerEvent::Io(io) => Some(*io),
             ServerEvent::Director(_) => None,
         }
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        remote: SocketAddr,
+    ) -> Option<StreamId> {
+        self.accept_stream(now, transport, remote)
     }
 }

@@ -54,7 +54,7 @@ use crate::client::{
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError, StreamId,
+    Connect, Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError, StreamId,
     StreamOutput, Transmit, Verify,
 };
 use crate::stun;
@@ -728,6 +728,27 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         self.last_failure.as_deref()
     }
 
+    /// How waiting for the first tunnel ends: `None` while the client is still getting it,
+    /// `Some(Ok(()))` once connected, else why not (refused for good, or `timed_out` after
+    /// `waited`).
+    pub fn connect_result(
+        &self,
+        waited: Duration,
+        timed_out: bool,
+    ) -> Option<Result<(), ConnectError>> {
+        match self.client.state() {
+            ClientState::Connected => Some(Ok(())),
+            ClientState::Terminated => Some(Err(ConnectError::Refused(
+                self.terminated.unwrap_or(TerminateReason::Released),
+            ))),
+            _ if timed_out => Some(Err(ConnectError::TimedOut {
+                waited,
+                last_failure: self.last_failure.clone(),
+            })),
+            _ => None,
+        }
+    }
+
     /// Why the client terminated, once it has.
     pub fn terminated(&self) -> Option<TerminateReason> {
         self.terminated
@@ -847,11 +868,11 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             server: server.addr,
             quic: security.transport() == Transport::QUIC,
         };
-        let connect = IoEvent::Connect {
+        let connect = IoEvent::Connect(Connect {
             stream,
             to: server.addr,
             security,
-        };
+        });
         self.events.push_back(TunnelEvent::Io(connect));
     }
 
@@ -1122,11 +1143,11 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     }
                 };
                 let stream = self.new_stream(Role::PeerOpened(id), addr);
-                let connect = IoEvent::Connect {
+                let connect = IoEvent::Connect(Connect {
                     stream,
                     to: addr,
                     security,
-                };
+                });
                 self.events.push_back(TunnelEvent::Io(connect));
             }
             ClientEvent::ClosePeerStream { stream: id } => {
@@ -1441,6 +1462,111 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     }
 }
 
+/// What an application reads and steers of a tunnel, whichever runtime drives it: each
+/// runtime's `Tunnel` dereferences to it, so that both offer these methods with the same names.
+pub trait TunnelControl: Send + Sync {
+    /// The tunnel's internal IPv4 address (kept across re-attaches).
+    fn internal_ipv4(&self) -> Option<Ipv4Addr>;
+    /// The tunnel's internal IPv6 address.
+    fn internal_ipv6(&self) -> Option<Ipv6Addr>;
+    /// The tunnel id.
+    fn tunnel_id(&self) -> Option<u64>;
+    /// This client's transport address as the server saw it (behind a NAT, the mapping).
+    fn observed_address(&self) -> Option<SocketAddr>;
+    /// The configuration the server gave the tunnel.
+    fn info(&self) -> Option<TunnelInfo>;
+    /// Where the client is in its life cycle.
+    fn state(&self) -> ClientState;
+    /// Counters so far.
+    fn stats(&self) -> TunnelStats;
+    /// Where packets to `peer` (an internal address) go now: the relay, or a peer tunnel.
+    fn peer_path(&self, peer: IpAddr) -> PeerPath;
+    /// Every peer the client holds peer tunneling state for.
+    fn peer_tunnels(&self) -> Vec<PeerTunnelInfo>;
+    /// Removes the peer tunnel with `peer` and puts its flows back on the relay; see
+    /// [`TunnelClient::release_peer_tunnel`].
+    fn release_peer_tunnel(&self, peer: IpAddr);
+    /// Test hook: while `blocked`, every datagram the peer socket would send or receive
+    /// (STUN, probes, peer tunnels and sessions) is dropped and counted in
+    /// [`TunnelStats::peer_blocked`], as if a firewall cut the direct path. The server tunnel
+    /// is not affected.
+    #[doc(hidden)]
+    fn block_peer_traffic(&self, blocked: bool);
+    /// Test hook: closes every peer stream of this tunnel and reports each as lost to the
+    /// client, as if the connections broke.
+    #[doc(hidden)]
+    fn drop_peer_streams(&self);
+}
+
+impl<Q, D, R> TunnelControl for Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync,
+    D: Driver<ClientHost<Q>> + Send,
+    R: Runtime + Send + Sync,
+{
+    fn internal_ipv4(&self) -> Option<Ipv4Addr> {
+        self.lock().host.client.internal_ipv4()
+    }
+
+    fn internal_ipv6(&self) -> Option<Ipv6Addr> {
+        self.lock().host.client.internal_ipv6()
+    }
+
+    fn tunnel_id(&self) -> Option<u64> {
+        self.lock().host.client.tunnel_id()
+    }
+
+    fn observed_address(&self) -> Option<SocketAddr> {
+        self.lock().host.info()?.observed_address
+    }
+
+    fn info(&self) -> Option<TunnelInfo> {
+        self.lock().host.info().cloned()
+    }
+
+    fn state(&self) -> ClientState {
+        self.lock().host.state()
+    }
+
+    fn stats(&self) -> TunnelStats {
+        self.lock().host.stats()
+    }
+
+    fn peer_path(&self, peer: IpAddr) -> PeerPath {
+        self.lock().host.peer_path(peer)
+    }
+
+    fn peer_tunnels(&self) -> Vec<PeerTunnelInfo> {
+        self.lock().host.peer_tunnels()
+    }
+
+    fn release_peer_tunnel(&self, peer: IpAddr) {
+        self.drive(|host, _, now| host.release_peer_tunnel(now, peer));
+    }
+
+    fn block_peer_traffic(&self, blocked: bool) {
+        self.lock().host.set_peer_blocked(blocked);
+    }
+
+    fn drop_peer_streams(&self) {
+        self.drive(|host, _, now| host.drop_peer_streams(now));
+    }
+}
+
+impl<W, D, R> Shared<ClientHost<inner::SocketQueue<W>>, D, R>
+where
+    W: inner::Ready + Default + Send + Sync + 'static,
+    D: Driver<ClientHost<inner::SocketQueue<W>>> + Send + 'static,
+    R: Runtime + Send + Sync + 'static,
+{
+    /// An inner UDP socket on `port` of the tunnel's internal address (0 picks a free one
+    /// from 49152 up).
+    pub fn bind_socket(self: &Arc<Self>, port: u16) -> io::Result<inner::Socket<W>> {
+        let (port, queue) = self.lock().host.bind(port, inner::SocketQueue::new)?;
+        Ok(inner::Socket::new(port, queue, self.clone()))
+    }
+}
+
 /// An inner socket's calls go to the tunnel's host behind the runtime's lock.
 impl<Q, D, R> SocketHost for Shared<ClientHost<Q>, D, R>
 where
@@ -1535,5 +1661,9 @@ impl<Q: DatagramQueue> crate::io::Host for ClientHost<Q> {
             TunnelEvent::Io(io) => Some(*io),
             _ => None,
         }
+    }
+
+    fn accept(&mut self, now: Instant, _: Transport, remote: SocketAddr) -> Option<StreamId> {
+        self.accept_peer_stream(now, remote)
     }
 }

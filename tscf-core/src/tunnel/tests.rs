@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::inner::Datagrams;
+use crate::io::Connect;
 use crate::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost};
 use crate::tls::{ClientTlsConfig, Os, ServerVerification};
 
@@ -155,7 +156,7 @@ impl Net {
             };
             moved = true;
             match event {
-                TunnelEvent::Io(IoEvent::Connect { stream, to, .. }) => {
+                TunnelEvent::Io(IoEvent::Connect(Connect { stream, to, .. })) => {
                     assert_eq!(to, SERVER_TCP.parse::<SocketAddr>().expect("addr"));
                     let server_stream = self
                         .server
