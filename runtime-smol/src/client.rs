@@ -310,7 +310,7 @@ async fn run_session(
     connecting: quinn::Connecting,
     initiator: bool,
 ) {
-    let timeout = shared.lock().driver.timeout;
+    let timeout = shared.lock().host.quic_handshake_timeout();
     let conn = net::bounded(Instant::now() + timeout, async {
         connecting.await.map_err(io::Error::from)
     })

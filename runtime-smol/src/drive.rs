@@ -16,10 +16,8 @@ use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
 use tscf_core::io::{
-    self, Driven, Driver, Host, Input, IoEvent, Runtime, SocketId, StreamId, Transmit,
+    self, Connect, Driven, Driver, Host, Input, Runtime, SocketId, StreamId, Transmit,
 };
-use tscf_core::tls::ClientTlsConfig;
-use tscf_core::tunnel::TunnelCredentials;
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -81,11 +79,6 @@ pub(crate) struct Io<X: Extra> {
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
     pub(crate) stopped: bool,
-    /// How streams the host connects are secured (a client's; a server connects none).
-    pub(crate) credentials: TunnelCredentials,
-    pub(crate) tls: Option<ClientTlsConfig>,
-    /// Bound of one connect and handshake.
-    pub(crate) timeout: Duration,
 }
 
 /// One stream: its task's wake-up, what the host asked of it, and for QUIC the connection
@@ -99,15 +92,8 @@ pub(crate) struct Slot {
     pub(crate) fallback: VecDeque<Vec<u8>>,
 }
 
-/// `host` driven by this runtime, with `extra`; streams it connects are secured with
-/// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-pub(crate) fn shared<X: Extra>(
-    host: X::Host,
-    extra: X,
-    credentials: TunnelCredentials,
-    tls: Option<ClientTlsConfig>,
-    timeout: Duration,
-) -> Arc<Shared<X>> {
+/// `host` driven by this runtime, with `extra`.
+pub(crate) fn shared<X: Extra>(host: X::Host, extra: X) -> Arc<Shared<X>> {
     Arc::new_cyclic(|me| {
         let io = Io {
             me: me.clone(),
@@ -116,9 +102,6 @@ pub(crate) fn shared<X: Extra>(
             streams: HashMap::new(),
             extra,
             stopped: false,
-            credentials,
-            tls,
-            timeout,
         };
         Shared::new(host, io, Tasks::default())
     })
@@ -196,42 +179,34 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
         (!sent).then_some(Input::SendFailed)
     }
 
-    fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {
-        let Some(io) = X::Host::io_event(&event) else {
-            X::on_event(self, host, now, event);
-            return;
-        };
-        match io {
-            IoEvent::Connect(connect) => self.connect(host, now, connect),
-            IoEvent::StreamReady { stream } => {
-                if let Some(slot) = self.streams.get(&stream) {
-                    slot.wake.notify(usize::MAX);
-                }
-            }
-            IoEvent::CloseStream { stream, abort } => {
-                if let Some(slot) = self.streams.get_mut(&stream) {
-                    slot.closing = true;
-                    slot.abort |= abort;
-                    slot.wake.notify(usize::MAX);
-                }
-            }
-            IoEvent::BindSocket { socket, remote } => {
-                let bound = self.bind(socket, remote).map_err(|e| e.to_string());
-                match bound {
-                    Ok(local) => host.handle_input(now, Input::SocketBound { socket, local }),
-                    Err(error) => {
-                        let failed = Input::SocketFailed {
-                            socket,
-                            error: &error,
-                        };
-                        host.handle_input(now, failed);
-                    }
-                }
-            }
-            IoEvent::CloseSocket { socket } => {
-                self.sockets.remove(&socket);
-                self.socket_tasks.remove(&socket);
-            }
+    fn connect(&mut self, connect: Connect) -> Result<(), String> {
+        Io::connect(self, connect)
+    }
+
+    fn stream_ready(&mut self, stream: StreamId) {
+        if let Some(slot) = self.streams.get(&stream) {
+            slot.wake.notify(usize::MAX);
         }
+    }
+
+    fn close_stream(&mut self, stream: StreamId, abort: bool) {
+        if let Some(slot) = self.streams.get_mut(&stream) {
+            slot.closing = true;
+            slot.abort |= abort;
+            slot.wake.notify(usize::MAX);
+        }
+    }
+
+    fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
+        self.bind(socket, remote)
+    }
+
+    fn close_socket(&mut self, socket: SocketId) {
+        self.sockets.remove(&socket);
+        self.socket_tasks.remove(&socket);
+    }
+
+    fn on_event(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {
+        X::on_event(self, host, now, event);
     }
 }

@@ -11,8 +11,7 @@ use async_io::{Async, Timer};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::{TlsAcceptor, TlsConnector};
-use rustls::pki_types::ServerName;
-use tscf_core::io::{Host, Input, SocketId, StreamError, StreamId};
+use tscf_core::io::{ClientTls, Host, Input, SocketId, StreamError, StreamId};
 use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
@@ -116,7 +115,7 @@ pub(crate) async fn connect<X: Extra>(
     shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    tls: Option<ClientTls>,
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
@@ -126,7 +125,7 @@ pub(crate) async fn connect<X: Extra>(
             Err(e) => return failed(StreamError::Connect, e),
         };
         let _ = sock.get_ref().set_nodelay(true);
-        let Some((config, name)) = tls else {
+        let Some(ClientTls { config, name }) = tls else {
             opened(shared, stream, false);
             return serve(shared, stream, sock).await;
         };

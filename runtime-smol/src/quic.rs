@@ -17,10 +17,9 @@ use async_io::Timer;
 use bytes::Bytes;
 use futures_lite::future;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tscf_core::io::{Connect, Host, Input, Security, StreamError, StreamId};
+use tscf_core::io::{ClientTls, Connect, Host, Input, Security, StreamError, StreamId};
 use tscf_core::server::{QuicAdmission, ServerHost};
 use tscf_core::tls::TlsConfigError;
-use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
 use crate::net::{self, Next};
@@ -135,7 +134,7 @@ pub(crate) async fn connect<X: Extra>(
     shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
-    (tls, name): (Arc<rustls::ClientConfig>, ServerName<'static>),
+    ClientTls { config: tls, name }: ClientTls,
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
@@ -263,57 +262,29 @@ async fn serve<X: Extra>(
 }
 
 impl<X: Extra> Io<X> {
-    /// Starts connecting `stream` in a task of its own.
-    pub(crate) fn connect(&mut self, host: &mut X::Host, now: Instant, request: Connect) {
+    /// Starts connecting a stream in a task of its own.
+    pub(crate) fn connect(&mut self, connect: Connect) -> Result<(), String> {
         let Connect {
             stream,
             to,
             security,
-        } = request;
-        let (Some(shared), false) = (self.me.upgrade(), self.stopped) else {
-            let error = Some(StreamError::Connect);
-            return host.handle_input(
-                now,
-                Input::StreamClosed {
-                    stream,
-                    error,
-                    detail: None,
-                },
-            );
-        };
-        let verify = match security {
-            Security::Tcp => None,
-            Security::Tls(verify) | Security::Quic(verify) => Some(verify),
-        };
-        let config = verify.map(|verify| {
-            self.credentials
-                .connect_config(verify, to, self.tls.as_ref(), crate::OS)
-        });
-        let config = match config.transpose() {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::debug!(%to, error = %e, "stream not connected");
-                let error = Some(StreamError::Connect);
-                return host.handle_input(
-                    now,
-                    Input::StreamClosed {
-                        stream,
-                        error,
-                        detail: None,
-                    },
-                );
-            }
-        };
+            timeout,
+        } = connect;
+        let shared = self
+            .me
+            .upgrade()
+            .filter(|_| !self.stopped)
+            .ok_or("stopping")?;
         self.streams.insert(stream, Slot::default());
-        let timeout = self.timeout;
-        let quic = security.transport() == Transport::QUIC;
         smol::spawn(async move {
-            match (config, quic) {
-                (Some(config), true) => connect(&shared, stream, to, config, timeout).await,
-                (config, _) => net::connect(&shared, stream, to, config, timeout).await,
+            match security {
+                Security::Quic(tls) => self::connect(&shared, stream, to, tls, timeout).await,
+                Security::Tls(tls) => net::connect(&shared, stream, to, Some(tls), timeout).await,
+                Security::Tcp => net::connect(&shared, stream, to, None, timeout).await,
             }
         })
         .detach();
+        Ok(())
     }
 
     /// Sends one data envelope as a QUIC datagram on `stream`'s connection, or when it does

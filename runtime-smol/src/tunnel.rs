@@ -63,16 +63,15 @@ impl Tunnel {
                 .as_ref()
                 .is_some_and(|p| p.transport == Transport::QUIC)
         });
-        let listener_tls = credentials.listener.clone();
+        let listener_tls = credentials.listener.take();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
-        let (tls, timeout) = (config.tls.clone(), config.transport_timeout);
         let host = ClientHost::new(config, setup, Instant::now())?;
         let (tx, notifications) = async_channel::bounded(NOTIFICATION_QUEUE);
         let extra = TunnelExtra {
             notifications: tx,
             quic: None,
         };
-        let shared = drive::shared(host, extra, credentials, tls, timeout);
+        let shared = drive::shared(host, extra);
         let mut tasks = Vec::new();
         {
             let mut state = shared.lock();

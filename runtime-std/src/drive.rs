@@ -6,15 +6,13 @@
 //! if the next deadline moved forward, and wake whoever waits for the host's state to change.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tscf_core::io::{
-    self, Driven, Driver, Host, Input, IoEvent, Runtime, SocketId, StreamId, Transmit,
+    self, Connect, Driven, Driver, Host, Input, Runtime, SocketId, StreamId, Transmit,
 };
-use tscf_core::tls::ClientTlsConfig;
-use tscf_core::tunnel::TunnelCredentials;
 
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -63,11 +61,6 @@ pub(crate) struct Io<X: Extra> {
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
     pub(crate) stopped: bool,
-    /// How streams the host connects are secured (a client's; a server connects none).
-    pub(crate) credentials: TunnelCredentials,
-    pub(crate) tls: Option<ClientTlsConfig>,
-    /// Bound of one connect and TLS handshake.
-    pub(crate) timeout: Duration,
 }
 
 /// One stream: its socket (for a shutdown from any thread; `None` while connecting) and its
@@ -88,25 +81,17 @@ impl Slot {
     }
 }
 
-/// `host` driven by this runtime, with `extra`; streams it connects are secured with
-/// `credentials` and `tls` (the tunnel's settings), each within `timeout`.
-pub(crate) fn shared<X: Extra>(
-    host: X::Host,
-    extra: X,
-    credentials: TunnelCredentials,
-    tls: Option<ClientTlsConfig>,
-    timeout: Duration,
-) -> Arc<Shared<X>> {
+/// `host` driven by this runtime, with `extra`.
+pub(crate) fn shared<X: Extra>(host: X::Host, extra: X) -> Arc<Shared<X>> {
     Arc::new_cyclic(|me| {
+        let sockets = HashMap::new();
+        let (streams, stopped) = (HashMap::new(), false);
         let io = Io {
             me: me.clone(),
-            sockets: HashMap::new(),
-            streams: HashMap::new(),
+            sockets,
+            streams,
             extra,
-            stopped: false,
-            credentials,
-            tls,
-            timeout,
+            stopped,
         };
         Shared::new(host, io, Threads::default())
     })
@@ -179,43 +164,35 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
         (!sent).then_some(Input::SendFailed)
     }
 
-    fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {
-        let Some(io) = X::Host::io_event(&event) else {
-            self.extra.on_event(host, event);
-            return;
-        };
-        match io {
-            IoEvent::Connect(connect) => self.connect(host, now, connect),
-            IoEvent::StreamReady { stream } => {
-                if let Some(slot) = self.streams.get(&stream) {
-                    slot.ready.notify_all();
-                }
-            }
-            IoEvent::CloseStream { stream, abort } => {
-                if let Some(slot) = self.streams.get_mut(&stream) {
-                    slot.closing = true;
-                    if let (true, Some(sock)) = (abort, &slot.sock) {
-                        let _ = sock.shutdown(Shutdown::Both);
-                    }
-                    slot.ready.notify_all();
-                }
-            }
-            IoEvent::BindSocket { socket, remote } => {
-                let bound = self.bind(socket, remote).map_err(|e| e.to_string());
-                match bound {
-                    Ok(local) => host.handle_input(now, Input::SocketBound { socket, local }),
-                    Err(error) => {
-                        let failed = Input::SocketFailed {
-                            socket,
-                            error: &error,
-                        };
-                        host.handle_input(now, failed);
-                    }
-                }
-            }
-            IoEvent::CloseSocket { socket } => {
-                self.sockets.remove(&socket);
-            }
+    fn connect(&mut self, connect: Connect) -> Result<(), String> {
+        Io::connect(self, connect)
+    }
+
+    fn stream_ready(&mut self, stream: StreamId) {
+        if let Some(slot) = self.streams.get(&stream) {
+            slot.ready.notify_all();
         }
+    }
+
+    fn close_stream(&mut self, stream: StreamId, abort: bool) {
+        if let Some(slot) = self.streams.get_mut(&stream) {
+            slot.closing = true;
+            if let (true, Some(sock)) = (abort, &slot.sock) {
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+            slot.ready.notify_all();
+        }
+    }
+
+    fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
+        self.bind(socket, remote)
+    }
+
+    fn close_socket(&mut self, socket: SocketId) {
+        self.sockets.remove(&socket);
+    }
+
+    fn on_event(&mut self, host: &mut X::Host, _: Instant, event: <X::Host as Host>::Event) {
+        self.extra.on_event(host, event);
     }
 }

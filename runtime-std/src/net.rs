@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tscf_core::io::{Connect, Host, Input, Security, SocketId, StreamError, StreamId};
+use tscf_core::io::{ClientTls, Connect, Host, Input, Security, SocketId, StreamError, StreamId};
 use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
 use crate::stream::{self, StreamReader, StreamWriter};
-use crate::OS;
 
 /// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
 const UDP_POLL: Duration = Duration::from_millis(100);
@@ -139,7 +137,7 @@ pub(crate) fn connect<X: Extra>(
     shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    tls: Option<ClientTls>,
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
@@ -168,7 +166,7 @@ pub(crate) fn connect<X: Extra>(
     }
     let conn = match tls {
         None => None,
-        Some((config, name)) => {
+        Some(ClientTls { config, name }) => {
             let conn = rustls::ClientConnection::new(config, name)
                 .map_err(stream::StreamError::from)
                 .and_then(|c| {
@@ -342,47 +340,25 @@ impl<X: Extra> Io<X> {
         Ok(local)
     }
 
-    /// Starts connecting `stream` in a thread of its own.
-    pub(crate) fn connect(&mut self, host: &mut X::Host, now: Instant, request: Connect) {
+    /// Starts connecting a stream in a thread of its own.
+    pub(crate) fn connect(&mut self, connect: Connect) -> Result<(), String> {
         let Connect {
             stream,
             to,
             security,
-        } = request;
+            timeout,
+        } = connect;
         let tls = match security {
-            Security::Tcp => Ok(None),
-            Security::Tls(verify) => self
-                .credentials
-                .connect_config(verify, to, self.tls.as_ref(), OS)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            Security::Quic(_) => Err("QUIC is not supported by tscf-runtime-std".to_owned()),
+            Security::Tcp => None,
+            Security::Tls(tls) => Some(tls),
+            Security::Quic(_) => return Err("QUIC is not supported by tscf-runtime-std".into()),
         };
-        let shared = self.me.upgrade();
-        let timeout = self.timeout;
-        let spawned = tls.and_then(|tls| {
-            let shared = shared.ok_or_else(|| "stopping".to_owned())?;
-            thread::Builder::new()
-                .name("tscf-stream".to_owned())
-                .spawn(move || connect(&shared, stream, to, tls, timeout))
-                .map_err(|e| e.to_string())
-        });
-        match spawned {
-            Ok(_) => {
-                self.streams.insert(stream, Slot::new(None));
-            }
-            Err(why) => {
-                tracing::debug!(%to, %why, "stream not connected");
-                let error = Some(StreamError::Connect);
-                host.handle_input(
-                    now,
-                    Input::StreamClosed {
-                        stream,
-                        error,
-                        detail: None,
-                    },
-                );
-            }
-        }
+        let shared = self.me.upgrade().ok_or("stopping")?;
+        thread::Builder::new()
+            .name("tscf-stream".to_owned())
+            .spawn(move || self::connect(&shared, stream, to, tls, timeout))
+            .map_err(|e| e.to_string())?;
+        self.streams.insert(stream, Slot::new(None));
+        Ok(())
     }
 }

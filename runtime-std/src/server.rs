@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use tscf_core::io::SocketId;
 use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost, StartError};
 use tscf_core::tls::Fingerprint;
-use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
@@ -85,13 +84,7 @@ impl Server {
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
-        let shared = drive::shared(
-            host,
-            ServerExtra,
-            TunnelCredentials::default(),
-            None,
-            Duration::ZERO,
-        );
+        let shared = drive::shared(host, ServerExtra);
         let mut handle = ServerHandle {
             shared: shared.clone(),
             addrs,

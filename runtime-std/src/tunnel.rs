@@ -82,13 +82,12 @@ impl Tunnel {
         };
         let listener_addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let setup = Setup::new(&mut credentials, local, route_source, listener_addr, false);
-        let listener_tls = credentials.listener.clone();
+        let listener_tls = credentials.listener.take();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
-        let (tls, timeout) = (config.tls.clone(), config.transport_timeout);
         let host = ClientHost::new(config, setup, Instant::now())?;
         let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
         let extra = TunnelExtra { notifications: tx };
-        let shared = drive::shared(host, extra, credentials, tls, timeout);
+        let shared = drive::shared(host, extra);
         shared
             .lock()
             .driver

@@ -23,8 +23,9 @@
 
 use core::fmt;
 use core::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::wire::Transport;
 
@@ -165,20 +166,21 @@ impl fmt::Display for StreamError {
     }
 }
 
-/// How a stream the host asks for is secured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a stream the host asks for is secured: the host has chosen the rustls configuration
+/// and the name to verify, so the runtime only runs the handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Security {
     /// Plain TCP.
     Tcp,
     /// TLS over TCP.
-    Tls(Verify),
+    Tls(ClientTls),
     /// A QUIC connection (ALPN `tscf`) and the one stream the client opens.
-    Quic(Verify),
+    Quic(ClientTls),
 }
 
 impl Security {
     /// The transport this security stands for.
-    pub fn transport(self) -> Transport {
+    pub fn transport(&self) -> Transport {
         match self {
             Self::Tcp => Transport::TCP,
             Self::Tls(_) => Transport::TLS,
@@ -187,22 +189,30 @@ impl Security {
     }
 }
 
-/// How the runtime checks the certificate of a stream it connects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verify {
-    /// As the tunnel's TLS settings say (a CA file and name, a pinned fingerprint): the
-    /// transport to a server.
-    Server,
-    /// Exactly the certificate whose SHA-256 is this: a peer stream, pinned through the
-    /// director.
-    Pinned([u8; 32]),
+/// The client side of a TLS or QUIC handshake: the server's settings for a transport to the
+/// server, or the certificate pinned through the director for a peer stream.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The rustls configuration.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the server's certificate is verified for.
+    pub name: rustls::pki_types::ServerName<'static>,
 }
 
+/// The same configuration (the same allocation) and the same name.
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.name == other.name
+    }
+}
+
+impl Eq for ClientTls {}
+
 /// What a host asks of the runtime's sockets and streams. Carried by each host's event type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IoEvent {
-    /// Connect a stream as [`Connect`] says, within the host's transport timeout, then report
-    /// [`Input::StreamOpen`] or [`Input::StreamClosed`].
+    /// Connect a stream as [`Connect`] says, then report [`Input::StreamOpen`] or
+    /// [`Input::StreamClosed`].
     Connect(Connect),
     /// Bytes wait for `stream`: take them with the host's `take_output` and write them.
     StreamReady {
@@ -234,7 +244,7 @@ pub enum IoEvent {
 }
 
 /// A stream the host asks the runtime to connect ([`IoEvent::Connect`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connect {
     /// The new stream's id.
     pub stream: StreamId,
@@ -242,6 +252,8 @@ pub struct Connect {
     pub to: SocketAddr,
     /// How to secure it.
     pub security: Security,
+    /// Bound of the connect and the handshake together.
+    pub timeout: Duration,
 }
 
 /// Where the bytes a host's `poll_transmit` wrote go.
@@ -286,8 +298,8 @@ pub trait Host {
     fn poll_timeout(&self) -> Option<Instant>;
     /// Hands the runtime what waits for `stream` (see [`IoEvent::StreamReady`]).
     fn take_output(&mut self, now: Instant, stream: StreamId, out: &mut Vec<u8>) -> bool;
-    /// The socket and stream work among the host's events, if `event` is such.
-    fn io_event(event: &Self::Event) -> Option<IoEvent>;
+    /// The socket and stream work among the host's events: `event` as such, or given back.
+    fn io_event(event: Self::Event) -> Result<IoEvent, Self::Event>;
     /// A listener of the runtime accepted a TCP connection of `transport` from `remote`: its
     /// stream id, or `None` if it must be closed at once (counted).
     fn accept(
@@ -303,15 +315,65 @@ pub trait Driver<H: Host> {
     /// Sends the bytes of one transmit; what to report to the host about it, if anything
     /// ([`Input::SendFailed`] when the socket refused them, [`Input::QuicFallback`]).
     fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>>;
-    /// Acts on one event. The host is lent back for the inputs an event causes at once (a
-    /// socket bound, a connection that failed to start).
-    fn act(&mut self, host: &mut H, now: Instant, event: H::Event);
+    /// Starts connecting a stream ([`IoEvent::Connect`]); `Err` if it cannot even start (the
+    /// host is told the stream closed).
+    fn connect(&mut self, connect: Connect) -> Result<(), String>;
+    /// Bytes wait for `stream` ([`IoEvent::StreamReady`]): wake its writer.
+    fn stream_ready(&mut self, stream: StreamId);
+    /// Closes `stream` ([`IoEvent::CloseStream`]).
+    fn close_stream(&mut self, stream: StreamId, abort: bool);
+    /// Binds a UDP socket for `socket` ([`IoEvent::BindSocket`]) and starts reading it; its
+    /// local address.
+    fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> io::Result<SocketAddr>;
+    /// Closes `socket` ([`IoEvent::CloseSocket`]).
+    fn close_socket(&mut self, socket: SocketId);
+    /// Acts on an event of the host that is not socket or stream work. The host is lent
+    /// back for what the event causes at once.
+    fn on_event(&mut self, host: &mut H, now: Instant, event: H::Event);
+}
+
+/// Acts on one event of `host` through `driver`, and reports to the host what happened at
+/// once: a socket bound or not, a stream that could not start connecting.
+pub fn act<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, event: H::Event) {
+    let io = match H::io_event(event) {
+        Ok(io) => io,
+        Err(event) => return driver.on_event(host, now, event),
+    };
+    match io {
+        IoEvent::Connect(connect) => {
+            let stream = connect.stream;
+            if let Err(why) = driver.connect(connect) {
+                let closed = Input::StreamClosed {
+                    stream,
+                    error: Some(StreamError::Connect),
+                    detail: Some(&why),
+                };
+                host.handle_input(now, closed);
+            }
+        }
+        IoEvent::StreamReady { stream } => driver.stream_ready(stream),
+        IoEvent::CloseStream { stream, abort } => driver.close_stream(stream, abort),
+        IoEvent::BindSocket { socket, remote } => match driver.bind_socket(socket, remote) {
+            Ok(local) => host.handle_input(now, Input::SocketBound { socket, local }),
+            Err(error) => {
+                let error = error.to_string();
+                host.handle_input(
+                    now,
+                    Input::SocketFailed {
+                        socket,
+                        error: &error,
+                    },
+                );
+            }
+        },
+        IoEvent::CloseSocket { socket } => driver.close_socket(socket),
+    }
 }
 
 /// The drain every runtime runs after an input at `now`: the host's transmits are sent, then
-/// one event is acted on, until the host has neither left. What the driver says of a send is
-/// reported to the host. `buf` is the runtime's scratch buffer, kept between drains so that a
-/// transmit allocates nothing.
+/// one event is acted on ([`act`]), until the host has neither left. What the driver says of a
+/// send is reported to the host. `buf` is the runtime's scratch buffer, kept between drains so
+/// that a transmit allocates nothing.
 pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, buf: &mut Vec<u8>) {
     loop {
         while let Some(transmit) = host.poll_transmit(now, buf) {
@@ -320,7 +382,7 @@ pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, b
             }
         }
         match host.poll_event() {
-            Some(event) => driver.act(host, now, event),
+            Some(event) => act(host, driver, now, event),
             None => return,
         }
     }

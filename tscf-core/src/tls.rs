@@ -290,6 +290,19 @@ pub fn server_config_with(
     Ok(Arc::new(builder.with_single_cert(chain, key)?))
 }
 
+/// The client configuration of a peer stream: it accepts exactly the certificate whose
+/// SHA-256 is `fingerprint` and presents none, so it reads no file.
+pub fn pinned_client_config(
+    fingerprint: Fingerprint,
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    let no_files = Os {
+        read_file: |_| Err(io::ErrorKind::Unsupported.into()),
+        generate_key: || Err(rcgen::Error::KeyGenerationUnavailable),
+        fill_random: |_| Err(io::ErrorKind::Unsupported.into()),
+    };
+    client_config(&ClientTlsConfig::pinned(fingerprint), no_files)
+}
+
 /// A rustls client configuration (ring provider) that verifies the server as `config` says.
 pub fn client_config(
     config: &ClientTlsConfig,

@@ -938,10 +938,10 @@ impl crate::io::Host for ServerHost {
         ServerHost::take_output(self, now, stream, out)
     }
 
-    fn io_event(event: &ServerEvent) -> Option<IoEvent> {
+    fn io_event(event: ServerEvent) -> Result<IoEvent, ServerEvent> {
         match event {
-            ServerEvent::Io(io) => Some(*io),
-            ServerEvent::Director(_) => None,
+            ServerEvent::Io(io) => Ok(io),
+            other => Err(other),
         }
     }
 

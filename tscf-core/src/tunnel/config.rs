@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, TerminateReason};
-use rustls::pki_types::ServerName;
 
 use crate::dtls;
-use crate::io::Verify;
 use crate::tls::{
-    self, ClientTlsConfig, Fingerprint, LoadedIdentity, Os, PeerIdentity, ServerIdentity,
-    ServerTlsConfig, TlsConfigError,
+    self, ClientTlsConfig, LoadedIdentity, Os, PeerIdentity, ServerIdentity, ServerTlsConfig,
+    TlsConfigError,
 };
 use crate::wire::Transport;
 
@@ -226,30 +224,5 @@ impl TunnelCredentials {
         }
         credentials.peer_identity = Some(identity);
         Ok(credentials)
-    }
-
-    /// The rustls configuration and the name to verify for a stream the host asks to connect
-    /// to `to` ([`IoEvent::Connect`](crate::io::IoEvent::Connect)): the server's settings, or
-    /// the pinned certificate of a peer stream.
-    pub fn connect_config(
-        &self,
-        verify: Verify,
-        to: SocketAddr,
-        settings: Option<&ClientTlsConfig>,
-        os: Os,
-    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), TlsConfigError> {
-        match (verify, &self.server, settings) {
-            (Verify::Server, Some(config), Some(settings)) => {
-                Ok((config.clone(), tls::server_name(settings, to)?))
-            }
-            (Verify::Pinned(fingerprint), _, _) => {
-                let pinned = ClientTlsConfig::pinned(Fingerprint(fingerprint));
-                let name = ServerName::IpAddress(to.ip().into());
-                Ok((tls::client_config(&pinned, os)?, name))
-            }
-            _ => Err(TlsConfigError::Rustls(rustls::Error::General(
-                "no TLS settings".to_owned(),
-            ))),
-        }
     }
 }

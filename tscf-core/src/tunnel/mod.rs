@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
+use rustls::pki_types::ServerName;
 
 pub use config::{ConnectError, PeerStreamListen, TunnelConfig, TunnelCredentials};
 pub use notification::Notification;
@@ -54,11 +55,11 @@ use crate::client::{
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    Connect, Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError, StreamId,
-    StreamOutput, Transmit, Verify,
+    ClientTls, Connect, Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError,
+    StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
-use crate::tls::{Fingerprint, PeerIdentity};
+use crate::tls::{self, ClientTlsConfig, Fingerprint, PeerIdentity};
 use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport};
 
 /// The peer UDP socket: the one socket every tunnel has from the start.
@@ -117,6 +118,8 @@ pub struct Setup {
     pub peer_identity: Option<PeerIdentity>,
     /// How a DTLS transport to the server checks it (from the tunnel's TLS settings).
     pub dtls: Option<dtls::ClientSettings>,
+    /// How TLS and QUIC transports to the server check it.
+    pub server_tls: Option<Arc<rustls::ClientConfig>>,
     /// Whether the runtime runs QUIC (server transports and peer sessions).
     pub quic: bool,
 }
@@ -139,6 +142,7 @@ impl Setup {
             stream_listener,
             peer_identity: credentials.peer_identity.clone(),
             dtls: credentials.dtls.take(),
+            server_tls: credentials.server.take(),
             quic,
         }
     }
@@ -177,8 +181,8 @@ struct Settings {
     transport_timeout: Duration,
     dtls: Option<dtls::ClientSettings>,
     quic: bool,
-    /// Whether the tunnel has TLS settings (for TLS and QUIC server transports).
-    tls: bool,
+    /// The tunnel's TLS settings and how TLS and QUIC transports check the server.
+    tls: Option<(ClientTlsConfig, Arc<rustls::ClientConfig>)>,
 }
 
 /// The transport to the server, as far as the host is concerned.
@@ -242,6 +246,8 @@ struct QuicPeers {
     /// Paths with a session opened, accepted or being set up.
     sessions: HashMap<SocketAddr, bool>,
     inbox: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Bound of a session's handshake: the peer tunnel's establishment bound.
+    handshake_timeout: Duration,
 }
 
 impl QuicPeers {
@@ -290,7 +296,12 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                             .map_err(|e| ConnectError::Tls(e.into()))?;
                     peer.dtls = Some(sessions);
                 }
-                Transport::QUIC if setup.quic => peer.quic = Some(QuicPeers::default()),
+                Transport::QUIC if setup.quic => {
+                    peer.quic = Some(QuicPeers {
+                        handshake_timeout: p.establish_timeout,
+                        ..QuicPeers::default()
+                    });
+                }
                 other => {
                     return Err(unsupported(&format!(
                         "peer transport {other} is not supported by this runtime"
@@ -320,7 +331,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 transport_timeout: config.transport_timeout,
                 dtls: setup.dtls,
                 quic: setup.quic,
-                tls: config.tls.is_some(),
+                tls: config.tls.clone().zip(setup.server_tls),
             },
             last_failure: None,
             terminated: None,
@@ -415,6 +426,15 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         }
         self.peer.handshaking += 1;
         Some(self.new_stream(Role::PeerAccepted(None), remote))
+    }
+
+    /// How long a QUIC peer session's handshake may take (the peer tunnel's establishment
+    /// bound); zero without QUIC peer sessions.
+    pub fn quic_handshake_timeout(&self) -> Duration {
+        self.peer
+            .quic
+            .as_ref()
+            .map_or(Duration::ZERO, |q| q.handshake_timeout)
     }
 
     /// An incoming QUIC peer connection from `remote` reached the runtime's QUIC endpoint: the
@@ -842,10 +862,6 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 return;
             }
             Transport::TCP => Security::Tcp,
-            Transport::TLS if self.settings.tls => Security::Tls(Verify::Server),
-            Transport::QUIC if self.settings.tls && self.settings.quic => {
-                Security::Quic(Verify::Server)
-            }
             Transport::QUIC if !self.settings.quic => {
                 return self.fail_link(
                     now,
@@ -853,7 +869,21 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 );
             }
             Transport::TLS | Transport::QUIC => {
-                return self.fail_link(now, format!("{}: no TLS settings", server.addr));
+                let Some((settings, config)) = &self.settings.tls else {
+                    return self.fail_link(now, format!("{}: no TLS settings", server.addr));
+                };
+                let name = match tls::server_name(settings, server.addr) {
+                    Ok(name) => name,
+                    Err(e) => return self.fail_link(now, format!("{}: {e}", server.addr)),
+                };
+                let tls = ClientTls {
+                    config: config.clone(),
+                    name,
+                };
+                match server.transport {
+                    Transport::TLS => Security::Tls(tls),
+                    _ => Security::Quic(tls),
+                }
             }
             other => {
                 return self.fail_link(
@@ -872,6 +902,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             stream,
             to: server.addr,
             security,
+            timeout: self.settings.transport_timeout,
         });
         self.events.push_back(TunnelEvent::Io(connect));
     }
@@ -1133,8 +1164,12 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 fingerprint,
                 ..
             } => {
-                let security = match (transport, fingerprint) {
-                    (Transport::TLS, Some(fp)) => Security::Tls(Verify::Pinned(fp)),
+                let pinned = |fp| tls::pinned_client_config(Fingerprint(fp));
+                let security = match (transport, fingerprint.map(pinned)) {
+                    (Transport::TLS, Some(Ok(config))) => Security::Tls(ClientTls {
+                        config,
+                        name: ServerName::IpAddress(addr.ip().into()),
+                    }),
                     (Transport::TCP, _) => Security::Tcp,
                     _ => {
                         self.client
@@ -1147,6 +1182,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     stream,
                     to: addr,
                     security,
+                    timeout: self.settings.transport_timeout,
                 });
                 self.events.push_back(TunnelEvent::Io(connect));
             }
@@ -1656,10 +1692,10 @@ impl<Q: DatagramQueue> crate::io::Host for ClientHost<Q> {
         ClientHost::take_output(self, stream, out)
     }
 
-    fn io_event(event: &TunnelEvent) -> Option<IoEvent> {
+    fn io_event(event: TunnelEvent) -> Result<IoEvent, TunnelEvent> {
         match event {
-            TunnelEvent::Io(io) => Some(*io),
-            _ => None,
+            TunnelEvent::Io(io) => Ok(io),
+            other => Err(other),
         }
     }
 

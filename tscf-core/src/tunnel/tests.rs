@@ -54,6 +54,7 @@ fn setup(peer_socket: &str) -> Setup {
         stream_listener: None,
         peer_identity: None,
         dtls: None,
+        server_tls: None,
         quic: false,
     }
 }
