@@ -198,7 +198,10 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
     }
 
     fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        self.bind(socket, remote)
+        let sock = Async::<UdpSocket>::bind(tscf_core::tunnel::unspecified_for(remote))?;
+        let local = sock.get_ref().local_addr()?;
+        self.add_socket(socket, Arc::new(sock))?;
+        Ok(local)
     }
 
     fn close_socket(&mut self, socket: SocketId) {

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,7 @@ use async_io::{Async, Timer};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::{TlsAcceptor, TlsConnector};
-use tscf_core::io::{ClientTls, Host, Input, SocketId, StreamError, StreamId};
-use tscf_core::tunnel::unspecified_for;
+use tscf_core::io::{ClientTls, Connect, Host, Input, Security, SocketId, StreamError, StreamId};
 use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
@@ -38,12 +37,7 @@ pub(crate) async fn run_udp<X: Extra>(
         if state.driver.stopped {
             return;
         }
-        let now = Instant::now();
-        let data = &buf[..n];
-        state
-            .host
-            .handle_input(now, Input::Datagram { socket, from, data });
-        let behind = state.drain(now);
+        let behind = state.datagram(Instant::now(), socket, from, &buf[..n]);
         shared.woken(behind);
     }
 }
@@ -110,15 +104,15 @@ async fn accepted<X: Extra>(
     }
 }
 
-/// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
-pub(crate) async fn connect<X: Extra>(
-    shared: &Arc<Shared<X>>,
-    stream: StreamId,
-    to: SocketAddr,
-    tls: Option<ClientTls>,
-    timeout: Duration,
-) {
-    let deadline = Instant::now() + timeout;
+/// A TCP or TLS stream the host asked for: connects and handshakes within its bound, then
+/// runs it.
+pub(crate) async fn connect<X: Extra>(shared: &Arc<Shared<X>>, connect: Connect) {
+    let Connect { stream, to, .. } = connect;
+    let deadline = Instant::now() + connect.timeout;
+    let tls = match connect.security {
+        Security::Tls(tls) => Some(tls),
+        Security::Tcp | Security::Quic(_) => None,
+    };
     let error = async {
         let sock = match bounded(deadline, Async::<TcpStream>::connect(to)).await {
             Ok(sock) => sock,
@@ -318,18 +312,6 @@ pub(crate) async fn bounded<T>(
 }
 
 impl<X: Extra> Io<X> {
-    /// A new UDP socket for `socket` and its task; its local address.
-    pub(crate) fn bind(
-        &mut self,
-        socket: SocketId,
-        remote: SocketAddr,
-    ) -> std::io::Result<SocketAddr> {
-        let sock = Arc::new(Async::<UdpSocket>::bind(unspecified_for(remote))?);
-        let local = sock.get_ref().local_addr()?;
-        self.add_socket(socket, sock)?;
-        Ok(local)
-    }
-
     /// Adds `sock` as `socket` with its task (replacing one held under that id).
     pub(crate) fn add_socket(
         &mut self,

@@ -264,23 +264,19 @@ async fn serve<X: Extra>(
 impl<X: Extra> Io<X> {
     /// Starts connecting a stream in a task of its own.
     pub(crate) fn connect(&mut self, connect: Connect) -> Result<(), String> {
-        let Connect {
-            stream,
-            to,
-            security,
-            timeout,
-        } = connect;
         let shared = self
             .me
             .upgrade()
             .filter(|_| !self.stopped)
             .ok_or("stopping")?;
-        self.streams.insert(stream, Slot::default());
+        self.streams.insert(connect.stream, Slot::default());
         smol::spawn(async move {
-            match security {
-                Security::Quic(tls) => self::connect(&shared, stream, to, tls, timeout).await,
-                Security::Tls(tls) => net::connect(&shared, stream, to, Some(tls), timeout).await,
-                Security::Tcp => net::connect(&shared, stream, to, None, timeout).await,
+            match connect.security {
+                Security::Quic(tls) => {
+                    let Connect { stream, to, .. } = connect;
+                    self::connect(&shared, stream, to, tls, connect.timeout).await
+                }
+                Security::Tcp | Security::Tls(_) => net::connect(&shared, connect).await,
             }
         })
         .detach();

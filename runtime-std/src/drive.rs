@@ -185,7 +185,10 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
     }
 
     fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        self.bind(socket, remote)
+        let sock = UdpSocket::bind(tscf_core::tunnel::unspecified_for(remote))?;
+        let local = sock.local_addr()?;
+        self.add_socket(socket, sock)?;
+        Ok(local)
     }
 
     fn close_socket(&mut self, socket: SocketId) {

@@ -9,7 +9,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tscf_core::io::{ClientTls, Connect, Host, Input, Security, SocketId, StreamError, StreamId};
-use tscf_core::tunnel::unspecified_for;
 use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
@@ -39,12 +38,8 @@ pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock:
         let Ok((n, from)) = received else {
             continue;
         };
-        let now = Instant::now();
-        let data = &buf[..n];
-        state
-            .host
-            .handle_input(now, Input::Datagram { socket, from, data });
-        shared.drain(&mut state, now);
+        let behind = state.datagram(Instant::now(), socket, from, &buf[..n]);
+        shared.woken(behind);
     }
 }
 
@@ -132,15 +127,20 @@ fn accepted<X: Extra>(
     open(shared, stream, sock, conn, verified_identity);
 }
 
-/// A stream the host asked for: connects and handshakes within `timeout`, then runs it.
-pub(crate) fn connect<X: Extra>(
-    shared: &Arc<Shared<X>>,
-    stream: StreamId,
-    to: SocketAddr,
-    tls: Option<ClientTls>,
-    timeout: Duration,
-) {
+/// A TCP or TLS stream the host asked for: connects and handshakes within its bound, then
+/// runs it.
+pub(crate) fn connect<X: Extra>(shared: &Arc<Shared<X>>, connect: Connect) {
+    let Connect {
+        stream,
+        to,
+        timeout,
+        ..
+    } = connect;
     let deadline = Instant::now() + timeout;
+    let tls = match connect.security {
+        Security::Tls(tls) => Some(tls),
+        Security::Tcp | Security::Quic(_) => None,
+    };
     let mut sock = match TcpStream::connect_timeout(&to, timeout) {
         Ok(sock) => sock,
         Err(e) => {
@@ -320,43 +320,29 @@ pub(crate) fn wake_acceptor(addr: SocketAddr) {
 }
 
 impl<X: Extra> Io<X> {
-    /// A new UDP socket for `socket` and its thread; its local address.
-    pub(crate) fn bind(
-        &mut self,
-        socket: SocketId,
-        remote: SocketAddr,
-    ) -> std::io::Result<SocketAddr> {
-        let sock = Arc::new(UdpSocket::bind(unspecified_for(remote))?);
-        let local = sock.local_addr()?;
+    /// Adds `sock` as `socket` with its thread.
+    pub(crate) fn add_socket(&mut self, socket: SocketId, sock: UdpSocket) -> std::io::Result<()> {
         let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
+        let sock = Arc::new(sock);
         self.sockets.insert(socket, sock.clone());
         let spawned = thread::Builder::new()
             .name("tscf-udp".to_owned())
             .spawn(move || run_udp(&shared, socket, &sock));
-        if let Err(e) = spawned {
+        spawned.map(drop).inspect_err(|_| {
             self.sockets.remove(&socket);
-            return Err(e);
-        }
-        Ok(local)
+        })
     }
 
     /// Starts connecting a stream in a thread of its own.
     pub(crate) fn connect(&mut self, connect: Connect) -> Result<(), String> {
-        let Connect {
-            stream,
-            to,
-            security,
-            timeout,
-        } = connect;
-        let tls = match security {
-            Security::Tcp => None,
-            Security::Tls(tls) => Some(tls),
-            Security::Quic(_) => return Err("QUIC is not supported by tscf-runtime-std".into()),
-        };
+        if let Security::Quic(_) = connect.security {
+            return Err("QUIC is not supported by tscf-runtime-std".into());
+        }
         let shared = self.me.upgrade().ok_or("stopping")?;
+        let stream = connect.stream;
         thread::Builder::new()
             .name("tscf-stream".to_owned())
-            .spawn(move || self::connect(&shared, stream, to, tls, timeout))
+            .spawn(move || self::connect(&shared, connect))
             .map_err(|e| e.to_string())?;
         self.streams.insert(stream, Slot::new(None));
         Ok(())

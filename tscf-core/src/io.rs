@@ -425,6 +425,20 @@ impl<H: Host, D: Driver<H>> Driven<H, D> {
         (r, self.drain(now))
     }
 
+    /// Hands the host a datagram that `socket` received from `from` at `now`, then drains it;
+    /// true if the runtime must wake its timer.
+    pub fn datagram(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        let datagram = Input::Datagram { socket, from, data };
+        self.host.handle_input(now, datagram);
+        self.drain(now)
+    }
+
     /// Drains the host after an input at `now`; true if the runtime must wake its timer.
     pub fn drain(&mut self, now: Instant) -> bool {
         drain(&mut self.host, &mut self.driver, now, &mut self.buf);
