@@ -5,6 +5,7 @@
 #[path = "../common/pki.rs"]
 mod pki;
 
+mod attacks;
 mod bad_input;
 mod cross;
 mod dtls;

@@ -37,8 +37,16 @@ pub struct DirectorConfig {
     pub max_packet_len: usize,
     /// Frames queued for one tunnel before further frames are dropped (default 256).
     pub max_queued_frames: usize,
-    /// Frames queued across all tunnels before further frames are dropped (default 65,536).
+    /// Frames queued across all active tunnels before further frames are dropped (default
+    /// 65,536). Frames for active tunnels leave the queue at the next poll; only those held
+    /// for persistent tunnels stay, and they have bounds of their own, so that tunnels left
+    /// persistent cannot fill this queue and stop all relaying.
     pub max_total_queued_frames: usize,
+    /// Frames held for one persistent tunnel until it re-attaches (default 16); further
+    /// frames are dropped.
+    pub max_held_frames: usize,
+    /// Frames held across all persistent tunnels (default 4,096).
+    pub max_total_held_frames: usize,
     /// Offer the peer service (§7); when off, peer requests get Service Not Enabled.
     pub peer_tunneling: bool,
     /// The UDP port of the director's STUN responder, announced in the Configuration Response
@@ -78,6 +86,8 @@ impl Default for DirectorConfig {
             max_packet_len: 1400,
             max_queued_frames: 256,
             max_total_queued_frames: 65_536,
+            max_held_frames: 16,
+            max_total_held_frames: 4096,
             peer_tunneling: true,
             stun_port: None,
             peer_answer_timeout: Duration::from_secs(1),

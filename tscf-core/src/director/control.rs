@@ -185,6 +185,11 @@ impl SessionDirector {
             return self.answer(connection, &request.header, ResultCode::UNAUTHORIZED);
         }
         let old = tunnel.connection.replace(connection);
+        if old.is_none() {
+            // Held frames are queued again, for the new transport.
+            self.held_frames -= tunnel.queue.len();
+            self.queued_frames += tunnel.queue.len();
+        }
         let transport = self.connections.get(&connection).map(|c| c.info.transport);
         tunnel.transport = transport.unwrap_or(tunnel.transport);
         tunnel.keepalive = negotiate(

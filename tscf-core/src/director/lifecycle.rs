@@ -121,6 +121,16 @@ impl SessionDirector {
             return;
         }
         t.persistent_since = Some(now);
+        // Frames not yet polled are held for the re-attach, within the held bounds.
+        self.queued_frames -= t.queue.len();
+        let room = self
+            .config
+            .max_total_held_frames
+            .saturating_sub(self.held_frames);
+        let keep = t.queue.len().min(self.config.max_held_frames).min(room);
+        self.stats.dropped.held_full += (t.queue.len() - keep) as u64;
+        t.queue.truncate(keep);
+        self.held_frames += keep;
         let at = now + self.config.persistence_timeout;
         self.timers.push(Reverse((at, Timer::Persistence(id))));
         self.events
@@ -140,7 +150,10 @@ impl SessionDirector {
         if let (Some((_, offset)), Some(pool)) = (t.ipv6, self.ipv6_pool.as_mut()) {
             pool.release(offset);
         }
-        self.queued_frames -= t.queue.len();
+        match t.connection {
+            Some(_) => self.queued_frames -= t.queue.len(),
+            None => self.held_frames -= t.queue.len(),
+        }
         if let Some(c) = t.connection.and_then(|c| self.connections.get_mut(&c)) {
             c.tunnel = None;
         }

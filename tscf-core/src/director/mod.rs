@@ -166,7 +166,10 @@ pub struct SessionDirector {
     control_out: VecDeque<(ConnectionHandle, Vec<u8>)>,
     /// Tunnels with queued frames, served round-robin.
     ready: VecDeque<u64>,
+    /// Frames queued for active tunnels.
     queued_frames: usize,
+    /// Frames held for persistent tunnels.
+    held_frames: usize,
     /// Spare frame buffers, so that relaying does not allocate in steady state.
     spare: Vec<Vec<u8>>,
     events: VecDeque<DirectorEvent>,
@@ -266,6 +269,7 @@ impl SessionDirector {
             control_out: VecDeque::new(),
             ready: VecDeque::new(),
             queued_frames: 0,
+            held_frames: 0,
             spare: Vec::new(),
             events: VecDeque::new(),
             peer: peer::PeerService::default(),
@@ -518,19 +522,26 @@ impl SessionDirector {
             self.stats.dropped.unknown_destination += 1;
             return;
         };
-        if self.queued_frames >= self.config.max_total_queued_frames {
-            self.stats.dropped.queue_full += 1;
-            return;
-        }
-        let mut frame = self.spare.pop().unwrap_or_default();
         let Some(dst) = self.tunnels.get_mut(&dst_id) else {
             return;
         };
-        if dst.queue.len() >= self.config.max_queued_frames {
-            self.stats.dropped.queue_full += 1;
-            self.spare.push(frame);
+        let c = &self.config;
+        let (room, counter) = match dst.connection {
+            Some(_) => (
+                dst.queue.len() < c.max_queued_frames
+                    && self.queued_frames < c.max_total_queued_frames,
+                &mut self.stats.dropped.queue_full,
+            ),
+            None => (
+                dst.queue.len() < c.max_held_frames && self.held_frames < c.max_total_held_frames,
+                &mut self.stats.dropped.held_full,
+            ),
+        };
+        if !room {
+            *counter += 1;
             return;
         }
+        let mut frame = self.spare.pop().unwrap_or_default();
         frame.clear();
         // The payload is at most max_packet_len, which validate() keeps below the envelope max.
         let Ok(header) = Envelope::header_bytes(EnvelopeType::DATA, payload.len()) else {
@@ -542,10 +553,14 @@ impl SessionDirector {
         frame.extend_from_slice(&header);
         frame.extend_from_slice(payload);
         dst.queue.push_back(frame);
-        self.queued_frames += 1;
-        if !dst.in_ready && dst.connection.is_some() {
-            dst.in_ready = true;
-            self.ready.push_back(dst_id);
+        if dst.connection.is_none() {
+            self.held_frames += 1;
+        } else {
+            self.queued_frames += 1;
+            if !dst.in_ready {
+                dst.in_ready = true;
+                self.ready.push_back(dst_id);
+            }
         }
         self.stats.frames_relayed += 1;
         self.stats.bytes_relayed += payload.len() as u64;

@@ -88,6 +88,9 @@ pub struct DropCounters {
     pub unknown_destination: u64,
     /// The destination's queue (or the global queue) was full.
     pub queue_full: u64,
+    /// The destination is persistent and its held frames (or all held frames) reached their
+    /// bound.
+    pub held_full: u64,
     /// A control message that failed validation and is not answered.
     pub bad_control: u64,
     /// A message whose header names another tunnel than its connection's.

@@ -363,6 +363,82 @@ fn per_tunnel_queue_is_bounded() {
     assert_eq!(h.drain().len(), 1);
 }
 
+/// The attack: many tunnels left persistent, then a flood of packets to them. Frames for
+/// persistent tunnels used to count against the global queue until it was full, and then no
+/// tunnel got anything relayed.
+#[test]
+fn persistent_tunnels_cannot_starve_relaying() {
+    let mut h = Harness::new(DirectorConfig {
+        max_total_queued_frames: 1024,
+        ..DirectorConfig::default()
+    });
+    let (attacker, _, _, from) = h.configure(1, DGRAM);
+    let mut held = Vec::new();
+    for c in 0..64u64 {
+        let (conn, _, _, ip) = h.configure(100 + c, STREAM);
+        h.d.handle_disconnect(h.now, conn);
+        held.push(ip);
+    }
+    assert_eq!(h.d.stats().persistent_tunnels, 64);
+    for _ in 0..100 {
+        for ip in &held {
+            h.d.handle_datagram(h.now, attacker, &data(&udp_packet(from, *ip, &[0; 1000])));
+        }
+    }
+    let stats = h.d.stats();
+    assert_eq!(stats.dropped.queue_full, 0);
+    assert_eq!(
+        stats.dropped.held_full,
+        64 * 100 - 64 * 16,
+        "16 frames held per tunnel"
+    );
+
+    let (c2, _, _, ip2) = h.configure(2, DGRAM);
+    let (c3, _, _, ip3) = h.configure(3, DGRAM);
+    for i in 0..20u8 {
+        h.d.handle_datagram(h.now, c2, &data(&udp_packet(ip2, ip3, &[i])));
+    }
+    let delivered = h.drain().iter().filter(|o| o.connection == c3).count();
+    assert_eq!(delivered, 20, "an innocent pair is unaffected");
+}
+
+/// Held frames reach the tunnel once it re-attaches, and a tunnel going persistent keeps
+/// only the held bound of what waited for it.
+#[test]
+fn held_frames_are_bounded_and_delivered_after_reattach() {
+    let mut h = Harness::new(DirectorConfig {
+        max_held_frames: 3,
+        max_total_held_frames: 5,
+        ..DirectorConfig::default()
+    });
+    let (src, _, _, ip_src) = h.configure(1, STREAM);
+    let (c1, id1, secret1, ip1) = h.configure(2, STREAM);
+    let (c2, _, _, ip2) = h.configure(3, STREAM);
+    // Queued while active, then the transport goes: 3 of 4 are kept.
+    for i in 0..4u8 {
+        h.d.handle_datagram(h.now, src, &data(&udp_packet(ip_src, ip1, &[i])));
+    }
+    h.d.handle_disconnect(h.now, c1);
+    assert_eq!(h.d.stats().dropped.held_full, 1);
+    // The second persistent tunnel gets the 2 left of the total.
+    h.d.handle_disconnect(h.now, c2);
+    for i in 0..4u8 {
+        h.d.handle_datagram(h.now, src, &data(&udp_packet(ip_src, ip2, &[i])));
+    }
+    assert_eq!(h.d.stats().dropped.held_full, 3);
+    assert!(h.drain().is_empty());
+
+    let c4 = h.connect(4, STREAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.tunnel_id = Some(id1);
+    req.tlvs.reattach_secret = Some(secret1);
+    let out = h.send(c4, &req);
+    assert_eq!(out.iter().filter(|o| o.connection == c4).count(), 1 + 3);
+    // Room freed: the other tunnel may hold its full share now.
+    h.d.handle_datagram(h.now, src, &data(&udp_packet(ip_src, ip2, b"more")));
+    assert_eq!(h.d.stats().dropped.held_full, 3);
+}
+
 #[test]
 fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_secret() {
     let mut h = Harness::new(DirectorConfig::default());
