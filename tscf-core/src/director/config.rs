@@ -35,17 +35,21 @@ pub struct DirectorConfig {
     /// Largest inner IP packet relayed, in octets (default 1400, at least 68); clients learn it
     /// from the Configuration Response and refuse larger packets themselves.
     pub max_packet_len: usize,
-    /// Frames queued for one tunnel before further frames are dropped (default 256).
+    /// Frames queued for one active tunnel before further frames are dropped (default 1024):
+    /// the frames one input may bring for one destination before the runtime polls them, such
+    /// as a 16 KiB stream read of small packets (528 at most).
     pub max_queued_frames: usize,
     /// Frames queued across all active tunnels before further frames are dropped (default
     /// 65,536). Frames for active tunnels leave the queue at the next poll; only those held
     /// for persistent tunnels stay, and they have bounds of their own, so that tunnels left
     /// persistent cannot fill this queue and stop all relaying.
     pub max_total_queued_frames: usize,
-    /// Frames held for one persistent tunnel until it re-attaches (default 16); further
-    /// frames are dropped.
+    /// Frames held for one persistent tunnel until it re-attaches (default 64, 1.3 s of a
+    /// 50 packet/s stream); beyond, the oldest is dropped for each new one, so that the
+    /// freshest reach the client.
     pub max_held_frames: usize,
-    /// Frames held across all persistent tunnels (default 4,096).
+    /// Frames held across all persistent tunnels (default 4,096); beyond, new frames for
+    /// persistent tunnels are dropped.
     pub max_total_held_frames: usize,
     /// Offer the peer service (§7); when off, peer requests get Service Not Enabled.
     pub peer_tunneling: bool,
@@ -84,9 +88,9 @@ impl Default for DirectorConfig {
             pending_timeout: Duration::from_secs(10),
             admission: Admission::default(),
             max_packet_len: 1400,
-            max_queued_frames: 256,
+            max_queued_frames: 1024,
             max_total_queued_frames: 65_536,
-            max_held_frames: 16,
+            max_held_frames: 64,
             max_total_held_frames: 4096,
             peer_tunneling: true,
             stun_port: None,
@@ -148,6 +152,16 @@ impl DirectorConfig {
                 "tunnel and connection limits must be > 0",
             ));
         }
+        if self
+            .admission
+            .tokens
+            .iter()
+            .any(|t| !Admission::TOKEN_LEN.contains(&t.len()))
+        {
+            return Err(DirectorConfigError::Invalid(
+                "auth tokens must be 16 to 255 octets long",
+            ));
+        }
         if self.max_queued_frames == 0 {
             return Err(DirectorConfigError::Invalid(
                 "max_queued_frames must be > 0",
@@ -174,15 +188,40 @@ impl DirectorConfig {
 }
 
 /// Who may open a tunnel. Open (no token, no certificates) when both are empty.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Admission {
-    /// Auth Tokens that admit a client; compared in constant time.
+    /// Auth Tokens that admit a client, each [`Self::TOKEN_LEN`] octets long. The director
+    /// compares the SHA-256 of the token presented with each one's in constant time, so that
+    /// neither a token's content nor its length leaks through timing.
     pub tokens: Vec<Vec<u8>>,
     /// Admit a client whose TLS certificate the runtime verified (mutual TLS).
     pub verified_identities: bool,
+    /// Failed admissions (a wrong or missing token, a wrong re-attach secret) one source IP
+    /// address may make per [`failure_window`](Self::failure_window) (default 10); beyond,
+    /// its Configuration Requests are answered Rate Limited (12) unchecked until the window
+    /// ends.
+    pub failure_limit: u16,
+    /// The window of `failure_limit` (default 60 s).
+    pub failure_window: Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            verified_identities: false,
+            failure_limit: 10,
+            failure_window: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Admission {
+    /// Allowed lengths of an Auth Token: at least 16 octets, so that guessing one is out of
+    /// reach (a random 22-character base64 string is 132 bits), and at most what one TLV
+    /// holds comfortably.
+    pub const TOKEN_LEN: core::ops::RangeInclusive<usize> = 16..=255;
+
     /// Whether anyone may open a tunnel.
     pub fn is_open(&self) -> bool {
         self.tokens.is_empty() && !self.verified_identities

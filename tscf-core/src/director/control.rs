@@ -108,11 +108,17 @@ impl SessionDirector {
         let Some(info) = self.connections.get(&connection).map(|c| c.info) else {
             return;
         };
+        let source = info.remote.ip();
+        if self.failing(now, source) {
+            self.stats.refused.rate_limited += 1;
+            return self.answer(connection, &request.header, ResultCode::RATE_LIMITED);
+        }
         if let Some(id) = request.tlvs.tunnel_id {
             return self.reattach(now, connection, id, request);
         }
         if !self.admits(&info, request.tlvs.auth_token) {
             self.stats.refused.unauthorized += 1;
+            self.record_failure(now, source);
             return self.answer(connection, &request.header, ResultCode::UNAUTHORIZED);
         }
         if self.tunnels.len() >= self.config.max_tunnels {
@@ -182,6 +188,10 @@ impl SessionDirector {
             .is_some_and(|s| constant_time_eq(&s, &tunnel.secret));
         if !secret_ok {
             self.stats.refused.bad_reattach_secret += 1;
+            if let Some(c) = self.connections.get(&connection) {
+                let source = c.info.remote.ip();
+                self.record_failure(now, source);
+            }
             return self.answer(connection, &request.header, ResultCode::UNAUTHORIZED);
         }
         let old = tunnel.connection.replace(connection);

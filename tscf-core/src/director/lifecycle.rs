@@ -121,15 +121,17 @@ impl SessionDirector {
             return;
         }
         t.persistent_since = Some(now);
-        // Frames not yet polled are held for the re-attach, within the held bounds.
+        // Frames not yet polled are held for the re-attach, the freshest within the held
+        // bounds.
         self.queued_frames -= t.queue.len();
         let room = self
             .config
             .max_total_held_frames
             .saturating_sub(self.held_frames);
         let keep = t.queue.len().min(self.config.max_held_frames).min(room);
-        self.stats.dropped.held_full += (t.queue.len() - keep) as u64;
-        t.queue.truncate(keep);
+        let dropped = t.queue.len() - keep;
+        self.stats.dropped.held_full += dropped as u64;
+        t.queue.drain(..dropped);
         self.held_frames += keep;
         let at = now + self.config.persistence_timeout;
         self.timers.push(Reverse((at, Timer::Persistence(id))));

@@ -23,6 +23,7 @@ use std::time::Instant;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub use config::{
@@ -154,7 +155,8 @@ pub struct SessionDirector {
     config: DirectorConfig,
     rng: ChaCha20Rng,
     connections: FxHashMap<ConnectionHandle, Connection>,
-    /// Unconfigured connections, oldest first (may hold handles since configured or gone).
+    /// Unconfigured connections, oldest first (may hold handles since configured or gone,
+    /// at most about as many as there are unconfigured ones).
     pending: VecDeque<ConnectionHandle>,
     pending_count: usize,
     tunnels: FxHashMap<u64, Tunnel>,
@@ -176,6 +178,10 @@ pub struct SessionDirector {
     peer: peer::PeerService,
     /// Sequence numbers of director-originated requests (top bit set, §3.1).
     next_sequence: u32,
+    /// SHA-256 of each admission token.
+    token_digests: Vec<[u8; 32]>,
+    /// Failed admissions per source address: the start of its window and the count.
+    failures: FxHashMap<IpAddr, (Instant, u16)>,
     stats: DirectorStats,
 }
 
@@ -239,6 +245,8 @@ enum Timer {
 /// Internal addresses given to one tunnel, with their offsets in the pools.
 type Assigned = (Option<(Ipv4Addr, u128)>, Option<(Ipv6Addr, u128)>);
 
+/// Sources whose failed admissions are tracked, at most.
+const MAX_FAILING_SOURCES: usize = 4096;
 /// Spare frame buffers kept for reuse.
 const MAX_SPARE_BUFFERS: usize = 1024;
 /// Bit set in the sequence numbers of director-originated requests.
@@ -257,7 +265,6 @@ impl SessionDirector {
             .map(|p| AddressPool::for_prefix(128, p.prefix_len, false, cap));
         Ok(Self {
             rng: ChaCha20Rng::from_seed(config.rng_seed),
-            config,
             connections: FxHashMap::default(),
             pending: VecDeque::new(),
             pending_count: 0,
@@ -274,7 +281,15 @@ impl SessionDirector {
             events: VecDeque::new(),
             peer: peer::PeerService::default(),
             next_sequence: DIRECTOR_SEQUENCE_BIT,
+            token_digests: config
+                .admission
+                .tokens
+                .iter()
+                .map(|t| Sha256::digest(t).into())
+                .collect(),
+            failures: FxHashMap::default(),
             stats: DirectorStats::default(),
+            config,
         })
     }
 
@@ -305,6 +320,13 @@ impl SessionDirector {
                 notification: None,
             },
         );
+        // Handles configured or gone since are dropped from the queue once they are most of
+        // it, so that it holds O(pending) entries however many connections come and go.
+        if self.pending.len() >= 2 * self.pending_count + 64 {
+            let connections = &self.connections;
+            self.pending
+                .retain(|c| connections.get(c).is_some_and(|c| !c.configured));
+        }
         self.pending.push_back(connection);
         self.pending_count += 1;
         self.timers.push(Reverse((
@@ -526,22 +548,28 @@ impl SessionDirector {
             return;
         };
         let c = &self.config;
-        let (room, counter) = match dst.connection {
-            Some(_) => (
-                dst.queue.len() < c.max_queued_frames
-                    && self.queued_frames < c.max_total_queued_frames,
-                &mut self.stats.dropped.queue_full,
-            ),
-            None => (
-                dst.queue.len() < c.max_held_frames && self.held_frames < c.max_total_held_frames,
-                &mut self.stats.dropped.held_full,
-            ),
+        let mut frame = match dst.connection {
+            Some(_) => {
+                if dst.queue.len() >= c.max_queued_frames
+                    || self.queued_frames >= c.max_total_queued_frames
+                {
+                    self.stats.dropped.queue_full += 1;
+                    return;
+                }
+                self.spare.pop().unwrap_or_default()
+            }
+            // Held for the re-attach: the freshest frames, within the held bounds.
+            None if dst.queue.len() >= c.max_held_frames => {
+                self.stats.dropped.held_full += 1;
+                self.held_frames -= 1;
+                dst.queue.pop_front().unwrap_or_default()
+            }
+            None if self.held_frames >= c.max_total_held_frames => {
+                self.stats.dropped.held_full += 1;
+                return;
+            }
+            None => self.spare.pop().unwrap_or_default(),
         };
-        if !room {
-            *counter += 1;
-            return;
-        }
-        let mut frame = self.spare.pop().unwrap_or_default();
         frame.clear();
         // The payload is at most max_packet_len, which validate() keeps below the envelope max.
         let Ok(header) = Envelope::header_bytes(EnvelopeType::DATA, payload.len()) else {
@@ -613,9 +641,41 @@ impl SessionDirector {
 
     fn admits(&self, info: &ConnectionInfo, token: Option<&[u8]>) -> bool {
         let admission = &self.config.admission;
+        let token_ok = || {
+            let digest: [u8; 32] = Sha256::digest(token.unwrap_or_default()).into();
+            // Every digest is compared, so the time does not tell which one matched.
+            let matches = self.token_digests.iter().map(|d| d.ct_eq(&digest));
+            matches.fold(subtle::Choice::from(0), |a, b| a | b).into()
+        };
         admission.is_open()
             || (admission.verified_identities && info.verified_identity)
-            || token.is_some_and(|t| admission.tokens.iter().any(|k| constant_time_eq(k, t)))
+            || (token.is_some() && token_ok())
+    }
+
+    /// Whether `source` has used up its failed admissions in the current window.
+    fn failing(&self, now: Instant, source: IpAddr) -> bool {
+        let admission = &self.config.admission;
+        self.failures.get(&source).is_some_and(|(since, count)| {
+            *count >= admission.failure_limit && now < *since + admission.failure_window
+        })
+    }
+
+    /// Counts a failed admission of `source`. The table is bounded: when it is full, sources
+    /// whose window ended are forgotten, and if none has, the new source is not tracked
+    /// (spoofed sources must not lock out real ones by filling it).
+    fn record_failure(&mut self, now: Instant, source: IpAddr) {
+        let window = self.config.admission.failure_window;
+        if self.failures.len() >= MAX_FAILING_SOURCES && !self.failures.contains_key(&source) {
+            self.failures.retain(|_, (since, _)| now < *since + window);
+            if self.failures.len() >= MAX_FAILING_SOURCES {
+                return;
+            }
+        }
+        let entry = self.failures.entry(source).or_insert((now, 0));
+        if now >= entry.0 + window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 
     fn allocate_addresses(&mut self) -> Option<Assigned> {

@@ -58,6 +58,8 @@ pub struct RefusalCounters {
     pub unauthorized: u64,
     /// Re-attach with a wrong secret.
     pub bad_reattach_secret: u64,
+    /// Answered Rate Limited: the source made too many failed admissions.
+    pub rate_limited: u64,
     /// Re-attach of a tunnel the director does not hold.
     pub tunnel_not_found: u64,
     /// At `max_tunnels`.

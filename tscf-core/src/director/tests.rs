@@ -177,9 +177,62 @@ fn configuration_assigns_unique_tunnels_and_addresses() {
 }
 
 #[test]
+fn short_admission_tokens_are_refused() {
+    let mut config = DirectorConfig::default();
+    config.admission.tokens = vec![b"secret".to_vec()];
+    assert!(matches!(
+        config.validate(),
+        Err(DirectorConfigError::Invalid(_))
+    ));
+}
+
+/// Guessing tokens: after 10 failures in a minute a source is answered Rate Limited without
+/// its token being looked at, even a right one; other sources are not affected, and the
+/// window ends.
+#[test]
+fn token_guessing_is_rate_limited_per_source() {
+    let mut config = DirectorConfig::default();
+    config.admission.tokens = vec![b"the-right-token!".to_vec()];
+    let mut h = Harness::new(config);
+    let c = h.connect(1, STREAM);
+    let attempt = |h: &mut Harness, c, token: &'static [u8]| {
+        let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        req.tlvs.auth_token = Some(token);
+        h.send(c, &req)[0].message().tlvs.result_code
+    };
+    for _ in 0..10 {
+        assert_eq!(
+            attempt(&mut h, c, b"a-wrong-guess..."),
+            Some(ResultCode::UNAUTHORIZED)
+        );
+    }
+    assert_eq!(
+        attempt(&mut h, c, b"the-right-token!"),
+        Some(ResultCode::RATE_LIMITED)
+    );
+    assert_eq!(h.d.stats().refused.rate_limited, 1);
+
+    let mut other = info(STREAM);
+    other.remote = "203.0.113.50:1".parse().expect("addr");
+    let c2 = ConnectionHandle(2);
+    h.d.handle_connect(h.now, c2, other).expect("new");
+    assert_eq!(
+        attempt(&mut h, c2, b"the-right-token!"),
+        Some(ResultCode::SUCCESS)
+    );
+
+    h.advance(Duration::from_secs(61));
+    let c3 = h.connect(3, STREAM);
+    assert_eq!(
+        attempt(&mut h, c3, b"the-right-token!"),
+        Some(ResultCode::SUCCESS)
+    );
+}
+
+#[test]
 fn admission_requires_a_credential_when_configured() {
     let mut config = DirectorConfig::default();
-    config.admission.tokens = vec![b"letmein".to_vec()];
+    config.admission.tokens = vec![b"letmein-letmein!".to_vec()];
     let mut h = Harness::new(config);
     let c = h.connect(1, STREAM);
     let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
@@ -188,13 +241,13 @@ fn admission_requires_a_credential_when_configured() {
         Some(ResultCode::UNAUTHORIZED)
     );
     let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
-    req.tlvs.auth_token = Some(b"letmeiN");
+    req.tlvs.auth_token = Some(b"letmein-letmein?");
     assert_eq!(
         h.send(c, &req)[0].message().tlvs.result_code,
         Some(ResultCode::UNAUTHORIZED)
     );
     req.header.sequence += 1;
-    req.tlvs.auth_token = Some(b"letmein");
+    req.tlvs.auth_token = Some(b"letmein-letmein!");
     assert_eq!(
         h.send(c, &req)[0].message().tlvs.result_code,
         Some(ResultCode::SUCCESS)
@@ -389,8 +442,8 @@ fn persistent_tunnels_cannot_starve_relaying() {
     assert_eq!(stats.dropped.queue_full, 0);
     assert_eq!(
         stats.dropped.held_full,
-        64 * 100 - 64 * 16,
-        "16 frames held per tunnel"
+        64 * 100 - 64 * 64,
+        "64 frames held per tunnel"
     );
 
     let (c2, _, _, ip2) = h.configure(2, DGRAM);
@@ -414,7 +467,7 @@ fn held_frames_are_bounded_and_delivered_after_reattach() {
     let (src, _, _, ip_src) = h.configure(1, STREAM);
     let (c1, id1, secret1, ip1) = h.configure(2, STREAM);
     let (c2, _, _, ip2) = h.configure(3, STREAM);
-    // Queued while active, then the transport goes: 3 of 4 are kept.
+    // Queued while active, then the transport goes: the last 3 of 4 are kept.
     for i in 0..4u8 {
         h.d.handle_datagram(h.now, src, &data(&udp_packet(ip_src, ip1, &[i])));
     }
@@ -433,7 +486,12 @@ fn held_frames_are_bounded_and_delivered_after_reattach() {
     req.tlvs.tunnel_id = Some(id1);
     req.tlvs.reattach_secret = Some(secret1);
     let out = h.send(c4, &req);
-    assert_eq!(out.iter().filter(|o| o.connection == c4).count(), 1 + 3);
+    let held: Vec<u8> = out
+        .iter()
+        .filter(|o| o.connection == c4 && o.bytes[0] == EnvelopeType::DATA.0)
+        .map(|o| *o.bytes.last().expect("payload"))
+        .collect();
+    assert_eq!(held, [1, 2, 3], "the freshest are kept");
     // Room freed: the other tunnel may hold its full share now.
     h.d.handle_datagram(h.now, src, &data(&udp_packet(ip_src, ip2, b"more")));
     assert_eq!(h.d.stats().dropped.held_full, 3);
@@ -1045,4 +1103,21 @@ mod peer {
         assert!(h.send(cb, &answer).is_empty());
         assert_eq!(h.d.stats().peer.answered_from_announcement, 1);
     }
+}
+
+/// The queue of unconfigured connections used to keep one entry per connection ever seen
+/// (about 13 bytes each, never freed).
+#[test]
+fn pending_queue_does_not_grow_with_connections_ever_seen() {
+    let mut h = Harness::new(DirectorConfig::default());
+    for c in 0..10_000 {
+        let (conn, ..) = h.configure(c, STREAM);
+        h.d.handle_disconnect(h.now, conn);
+        let id = h.d.tunnels().next().expect("one tunnel").tunnel_id;
+        h.d.close_tunnel(h.now, id, ResultCode::ADMINISTRATIVE)
+            .expect("held");
+        h.drain();
+        h.events();
+    }
+    assert!(h.d.pending.len() <= 64, "{} entries", h.d.pending.len());
 }
