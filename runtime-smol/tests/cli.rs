@@ -214,13 +214,20 @@ fn client_prints_its_internal_address_and_stops() {
 
 #[test]
 fn a_refused_client_exits_3() {
-    let (mut server, printed) = spawn_server("refused", "auth_tokens = [\"s3cret\"]\n", "5");
+    let (mut server, printed) =
+        spawn_server("refused", "auth_tokens = [\"s3cret-s3cret-s3cret\"]\n", "5");
     let udp = address(&printed, "udp ");
     let out = tscf(&["client", "--server", &udp, "--for", "1", "--token", "wrong"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("Unauthorized"));
     let out = tscf(&[
-        "client", "--server", &udp, "--for", "1", "--token", "s3cret",
+        "client",
+        "--server",
+        &udp,
+        "--for",
+        "1",
+        "--token",
+        "s3cret-s3cret-s3cret",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     server.kill().unwrap();
@@ -259,6 +266,36 @@ fn status_reports_a_running_server_and_fails_without_one() {
     let out = tscf(&["status", "--admin", &admin]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("cannot reach"));
+}
+
+/// One loopback client used to push the server to 1.27 GB by sending a request line without
+/// end, and clients were served one at a time: a client that sent nothing held the endpoint
+/// for everyone. Now a request is bounded and slow clients do not block others.
+#[test]
+fn admin_endpoint_bounds_requests_and_serves_clients_side_by_side() {
+    let (mut server, printed) = spawn_server("admin-flood", "", "10");
+    let admin = address(&printed, "admin ");
+    let silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&admin).unwrap())
+        .collect();
+    let mut flood = std::net::TcpStream::connect(&admin).unwrap();
+    // The server answers after 256 octets and closes; the rest of the flood may be refused.
+    let _ = flood.write_all(&vec![b'x'; 4 << 20]);
+    let mut line = String::new();
+    std::io::BufReader::new(&flood)
+        .read_line(&mut line)
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({ "error": "request longer than 256 octets" })
+    );
+    // Silent clients hold slots; status still answers at once.
+    let out = tscf(&["status", "--admin", &admin, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    drop(silent);
+    server.kill().unwrap();
+    server.wait().unwrap();
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The STUN server's public address.
 pub const STUN_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// The admission token of the lab's tunnel servers (they listen beyond loopback).
-pub const TOKEN: &str = "lab-token";
+pub const TOKEN: &str = "lab-admission-token";
 
 /// Labs created by this process so far: the letter in the prefix.
 static LABS: AtomicU32 = AtomicU32::new(0);

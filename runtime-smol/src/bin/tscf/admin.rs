@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures_lite::{AsyncBufReadExt, AsyncWriteExt};
+use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use serde::Serialize;
 use serde_json::Value;
 use smol::Async;
@@ -41,38 +41,62 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Async<TcpListener>> {
     Async::<TcpListener>::bind(addr)
 }
 
-/// Answers admin clients one after the other, forever.
+/// The longest request line read, newline included; a client that sends more is refused.
+const MAX_REQUEST: u64 = 256;
+/// Admin clients served at once; beyond, new connections wait in the listener's backlog.
+const MAX_CLIENTS: usize = 8;
+
+/// Answers admin clients, up to [`MAX_CLIENTS`] at once, forever. Each has
+/// [`REQUEST_TIMEOUT`] to send a request of at most [`MAX_REQUEST`] octets.
 pub(crate) async fn serve(listener: &Async<TcpListener>, server: &ServerHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let answer = async {
-            let mut reader = futures_lite::io::BufReader::new(stream);
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.is_err() {
-                return;
+    let slots = smol::lock::Semaphore::new(MAX_CLIENTS);
+    let clients = smol::LocalExecutor::new();
+    clients
+        .run(async {
+            loop {
+                let slot = slots.acquire().await;
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let answer = futures_lite::future::or(answer(stream, server), async {
+                    smol::Timer::after(REQUEST_TIMEOUT).await;
+                });
+                clients
+                    .spawn(async move {
+                        answer.await;
+                        drop(slot);
+                    })
+                    .detach();
             }
-            let reply = match line.trim() {
-                "status" => serde_json::to_string(&Status::of(server)),
-                other => serde_json::to_string(&Refusal {
-                    error: format!("unknown request {other:?}"),
-                }),
-            };
-            // Neither type holds anything serde_json cannot write.
-            let Ok(mut text) = reply else {
-                return;
-            };
-            text.push('\n');
-            let mut stream = reader.into_inner();
-            let _ = stream.write_all(text.as_bytes()).await;
-            let _ = stream.flush().await;
-        };
-        futures_lite::future::or(answer, async {
-            smol::Timer::after(REQUEST_TIMEOUT).await;
         })
         .await;
-    }
+}
+
+/// Reads one request from `stream` and answers it.
+async fn answer(stream: Async<TcpStream>, server: &ServerHandle) {
+    let mut reader = futures_lite::io::BufReader::new(stream);
+    let mut line = String::new();
+    let read = (&mut reader).take(MAX_REQUEST).read_line(&mut line).await;
+    let reply = match (read, line.trim()) {
+        (Err(_), _) => return,
+        (Ok(_), _) if !line.ends_with('\n') && line.len() as u64 == MAX_REQUEST => {
+            serde_json::to_string(&Refusal {
+                error: format!("request longer than {MAX_REQUEST} octets"),
+            })
+        }
+        (Ok(_), "status") => serde_json::to_string(&Status::of(server)),
+        (Ok(_), other) => serde_json::to_string(&Refusal {
+            error: format!("unknown request {other:?}"),
+        }),
+    };
+    // Neither type holds anything serde_json cannot write.
+    let Ok(mut text) = reply else {
+        return;
+    };
+    text.push('\n');
+    let mut stream = reader.into_inner();
+    let _ = stream.write_all(text.as_bytes()).await;
+    let _ = stream.flush().await;
 }
 
 /// The answer to `status`: the server's listeners, tunnels, peer service and counters, one

@@ -43,8 +43,9 @@ pub(crate) struct ClientArgs {
     /// Accept any TLS certificate: anyone on the path can read and change the traffic.
     #[arg(long)]
     insecure: bool,
-    /// The admission token, if the server wants one.
-    #[arg(long)]
+    /// The admission token, if the server wants one. Other local users can read a command
+    /// line: prefer the TSCF_TOKEN environment variable or the `token` key of --config.
+    #[arg(long, env = "TSCF_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
     /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
