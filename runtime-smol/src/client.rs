@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_channel::Sender;
 use async_io::Async;
@@ -23,26 +23,20 @@ use event_listener::Event;
 use futures_lite::future;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tscf_core::io::Input;
+use tscf_core::io::{Input, QuicLimits, Sent};
 use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 use tscf_core::tunnel::{ClientHost, Notification, TunnelEvent};
 use tscf_core::wire::StreamDeframer;
 
 use crate::drive::{Extra, Io, Shared};
 use crate::net;
-use crate::quic::{client_config, close, tls_error, try_send_datagram, CLOSE_CODE, READ_CHUNK};
+use crate::quic::{
+    client_config, close, server_config, tls_error, try_send_datagram, CLOSE_CODE, READ_CHUNK,
+};
 use crate::socket::SocketQueue;
 
 /// The ALPN protocol name of a QUIC peer session.
 const PEER_ALPN: &[u8] = b"tscf-peer";
-/// Keep-alive of a peer session: the core's own keepalives run every 500 ms; this only keeps
-/// quinn's idle timer from firing if they stop.
-const PEER_KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// Envelopes waiting for a peer session's stream, at most.
-const SESSION_QUEUE: usize = 256;
-
-/// Notifications waiting to be read; beyond, new ones are dropped and counted.
-pub(crate) const NOTIFICATION_QUEUE: usize = 256;
 
 pub(crate) type TunnelShared = Shared<TunnelExtra>;
 type TunnelIo = Io<TunnelExtra>;
@@ -95,10 +89,10 @@ impl Extra for TunnelExtra {
         }
     }
 
-    fn send_session(io: &mut TunnelIo, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {
-        match io.extra.quic.as_mut().map(|q| q.send(path, bytes)) {
-            Some(Ok(report)) => report,
-            _ => Some(Input::SendFailed),
+    fn send_session(io: &mut TunnelIo, path: SocketAddr, bytes: &[u8]) -> Sent {
+        match io.extra.quic.as_mut() {
+            Some(quic) => quic.send(path, bytes),
+            None => Sent::Failed,
         }
     }
 }
@@ -111,6 +105,9 @@ pub(crate) struct PeerQuic {
     endpoint: quinn::Endpoint,
     socket: Arc<PeerSocket>,
     identity: PeerIdentity,
+    limits: QuicLimits,
+    /// Envelopes waiting for a session's stream, at most.
+    session_queue: usize,
     sessions: HashMap<SocketAddr, Session>,
     next_id: u64,
     /// Where quinn waits for datagrams from the host.
@@ -141,6 +138,8 @@ impl PeerQuic {
         udp: Arc<Async<UdpSocket>>,
         shared: Weak<TunnelShared>,
         identity: PeerIdentity,
+        limits: QuicLimits,
+        session_queue: usize,
     ) -> Result<Self, TlsConfigError> {
         let socket = Arc::new(PeerSocket {
             udp,
@@ -149,7 +148,7 @@ impl PeerQuic {
         });
         // Every connection is accepted with a configuration pinned to its initiator; this
         // default pins our own certificate, which no peer presents.
-        let default = peer_server_config(&identity, identity.fingerprint)?;
+        let default = peer_server_config(&identity, identity.fingerprint, &limits)?;
         // No greasing of the QUIC bit (RFC 9287): the peer socket tells QUIC from tscf and STUN
         // by the first octet (§2.4), so every QUIC packet must keep it set.
         let mut endpoint_config = quinn::EndpointConfig::default();
@@ -165,6 +164,8 @@ impl PeerQuic {
             endpoint,
             socket,
             identity,
+            limits,
+            session_queue: session_queue.max(1),
             sessions: HashMap::new(),
             next_id: 0,
             waker: None,
@@ -194,7 +195,7 @@ impl PeerQuic {
         fingerprint: [u8; 32],
     ) -> bool {
         let config = tls::peer_client_config(&self.identity, Fingerprint(fingerprint))
-            .and_then(|tls| client_config(&tls, PEER_ALPN, PEER_KEEP_ALIVE));
+            .and_then(|tls| client_config(&tls, PEER_ALPN, &self.limits));
         let Ok(config) = config else {
             return false;
         };
@@ -214,10 +215,11 @@ impl PeerQuic {
         fingerprint: [u8; 32],
     ) {
         let path = incoming.remote_address();
-        let config = match peer_server_config(&self.identity, Fingerprint(fingerprint)) {
-            Ok(config) => config,
-            Err(_) => return incoming.refuse(),
-        };
+        let config =
+            match peer_server_config(&self.identity, Fingerprint(fingerprint), &self.limits) {
+                Ok(config) => config,
+                Err(_) => return incoming.refuse(),
+            };
         let Ok(connecting) = incoming.accept_with(Arc::new(config)) else {
             return;
         };
@@ -246,24 +248,23 @@ impl PeerQuic {
     }
 
     /// Sends one envelope inside the session on `path`: a QUIC datagram when it fits, else on
-    /// the session's stream. What to report to the host about it, or `Err` when no session is
-    /// open there.
-    pub(crate) fn send(
-        &mut self,
-        path: SocketAddr,
-        envelope: &[u8],
-    ) -> Result<Option<Input<'static>>, ()> {
-        let session = self.sessions.get_mut(&path).ok_or(())?;
-        let conn = session.conn.as_ref().ok_or(())?;
+    /// the session's stream (a send with no session open there fails).
+    pub(crate) fn send(&mut self, path: SocketAddr, envelope: &[u8]) -> Sent {
+        let Some(session) = self.sessions.get_mut(&path) else {
+            return Sent::Failed;
+        };
+        let Some(conn) = &session.conn else {
+            return Sent::Failed;
+        };
         if try_send_datagram(conn, envelope) {
-            return Ok(None);
+            return Sent::Done;
         }
-        let dropped = session.queue.len() >= SESSION_QUEUE;
+        let dropped = session.queue.len() >= self.session_queue;
         if !dropped {
             session.queue.push_back(envelope.to_vec());
             session.wake.notify(usize::MAX);
         }
-        Ok(Some(Input::SessionStream { path, dropped }))
+        Sent::SessionStream { dropped }
     }
 
     fn insert(&mut self, path: SocketAddr) -> u64 {
@@ -436,15 +437,10 @@ fn ended(shared: &TunnelShared, path: SocketAddr, id: u64, failed: bool) {
 fn peer_server_config(
     identity: &PeerIdentity,
     peer: Fingerprint,
+    limits: &QuicLimits,
 ) -> Result<quinn::ServerConfig, TlsConfigError> {
-    let mut tls = tls::peer_server_config(identity, peer)?;
-    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(PEER_KEEP_ALIVE));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    let tls = tls::peer_server_config(identity, peer)?;
+    server_config(tls, PEER_ALPN, limits)
 }
 
 /// The tunnel's peer socket as quinn sees it: sends go straight out, receives come from the

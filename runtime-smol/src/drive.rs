@@ -6,7 +6,7 @@
 //! ([`Driven::run`]: send its datagrams without waiting, act on its events), wake the timer
 //! task if the next deadline moved forward, and wake whoever waits for a change.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
 use tscf_core::io::{
-    self, Connect, Driven, Driver, Host, Input, Runtime, SocketId, StreamId, Transmit,
+    self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
@@ -34,11 +34,11 @@ pub(crate) trait Extra: Send + Sized + 'static {
         now: Instant,
         event: <Self::Host as Host>::Event,
     );
-    /// Sends one envelope inside the QUIC peer session on `path`; what to report to the host
-    /// about it (a send with no session open fails).
-    fn send_session(io: &mut Io<Self>, path: SocketAddr, bytes: &[u8]) -> Option<Input<'static>> {
+    /// Sends one envelope inside the QUIC peer session on `path` (a send with no session
+    /// open fails).
+    fn send_session(io: &mut Io<Self>, path: SocketAddr, bytes: &[u8]) -> Sent {
         let _ = (io, path, bytes);
-        Some(Input::SendFailed)
+        Sent::Failed
     }
 }
 
@@ -82,14 +82,13 @@ pub(crate) struct Io<X: Extra> {
 }
 
 /// One stream: its task's wake-up, what the host asked of it, and for QUIC the connection
-/// (datagrams go straight to it) with the envelopes that did not fit one.
+/// (datagrams go straight to it).
 #[derive(Default)]
 pub(crate) struct Slot {
     pub(crate) wake: Arc<Event>,
     pub(crate) closing: bool,
     pub(crate) abort: bool,
     pub(crate) quic: Option<quinn::Connection>,
-    pub(crate) fallback: VecDeque<Vec<u8>>,
 }
 
 /// `host` driven by this runtime, with `extra`.
@@ -166,17 +165,16 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
-        let sent = match transmit {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent {
+        match transmit {
             // Non-blocking: a full socket buffer is a loss, as on the wire.
-            Transmit::Datagram { socket, to } => self
-                .sockets
-                .get(&socket)
-                .is_some_and(|s| s.get_ref().send_to(bytes, to).is_ok()),
-            Transmit::QuicDatagram { stream } => return self.quic_datagram(stream, bytes),
-            Transmit::PeerSession { path } => return X::send_session(self, path, bytes),
-        };
-        (!sent).then_some(Input::SendFailed)
+            Transmit::Datagram { socket, to } => match self.sockets.get(&socket) {
+                Some(s) if s.get_ref().send_to(bytes, to).is_ok() => Sent::Done,
+                _ => Sent::Failed,
+            },
+            Transmit::QuicDatagram { stream } => self.quic_datagram(stream, bytes),
+            Transmit::PeerSession { path } => X::send_session(self, path, bytes),
+        }
     }
 
     fn connect(&mut self, connect: Connect) -> Result<(), String> {

@@ -111,7 +111,7 @@ pub(crate) async fn connect<X: Extra>(shared: &Arc<Shared<X>>, connect: Connect)
     let deadline = Instant::now() + connect.timeout;
     let tls = match connect.security {
         Security::Tls(tls) => Some(tls),
-        Security::Tcp | Security::Quic(_) => None,
+        Security::Tcp | Security::Quic(..) => None,
     };
     let error = async {
         let sock = match bounded(deadline, Async::<TcpStream>::connect(to)).await {
@@ -156,10 +156,6 @@ pub(crate) fn next<X: Extra>(shared: &Shared<X>, stream: StreamId, out: &mut Vec
         return Next::Abort;
     }
     let closing = slot.closing;
-    if let Some(fallback) = slot.fallback.pop_front() {
-        *out = fallback;
-        return Next::Write;
-    }
     let took = state.host.take_output(Instant::now(), stream, out);
     shared.woken(state.timer_behind());
     match (took, closing) {

@@ -17,7 +17,9 @@ use async_io::Timer;
 use bytes::Bytes;
 use futures_lite::future;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tscf_core::io::{ClientTls, Connect, Host, Input, Security, StreamError, StreamId};
+use tscf_core::io::{
+    ClientTls, Connect, Host, Input, QuicLimits, Security, Sent, StreamError, StreamId,
+};
 use tscf_core::server::{QuicAdmission, ServerHost};
 use tscf_core::tls::TlsConfigError;
 
@@ -25,40 +27,59 @@ use crate::drive::{Extra, Io, Shared, Slot};
 use crate::net::{self, Next};
 
 /// The ALPN protocol name of tscf over QUIC.
-const ALPN: &[u8] = b"tscf";
+pub(crate) const ALPN: &[u8] = b"tscf";
 /// Octets read from a stream at a time.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// How long closing waits for the peer to acknowledge what the stream still holds.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Application error code of a connection closed by tscf (no error: the tunnel layer says why).
 pub(crate) const CLOSE_CODE: u32 = 0;
-/// QUIC keep-alive of a transport to the server, well within quinn's idle timeout.
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
-
-/// A quinn server configuration from a rustls one (ring provider), with ALPN `tscf`.
+/// A quinn server configuration from a rustls one (ring provider), with ALPN `alpn` and the
+/// transport limits `limits`.
 pub(crate) fn server_config(
-    tls: &rustls::ServerConfig,
+    mut tls: rustls::ServerConfig,
+    alpn: &[u8],
+    limits: &QuicLimits,
 ) -> Result<quinn::ServerConfig, TlsConfigError> {
-    let mut tls = tls.clone();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(
+        limits,
+        QuicLimits::CLIENT_STREAMS,
+    )));
+    Ok(config)
 }
 
-/// A quinn client configuration from a rustls one (ring provider), with ALPN `tscf`.
+/// A quinn client configuration from a rustls one (ring provider), with ALPN `alpn` and the
+/// transport limits `limits`.
 pub(crate) fn client_config(
     tls: &rustls::ClientConfig,
     alpn: &[u8],
-    keep_alive: Duration,
+    limits: &QuicLimits,
 ) -> Result<quinn::ClientConfig, TlsConfigError> {
     let mut tls = tls.clone();
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(keep_alive));
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport_config(limits, 0)));
     Ok(config)
+}
+
+/// The transport parameters of `limits`, letting the other side open `streams`
+/// bidirectional streams and no unidirectional one.
+fn transport_config(limits: &QuicLimits, streams: u32) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(limits.stream_window.into())
+        .receive_window(limits.connection_window.into())
+        .datagram_receive_buffer_size(Some(limits.datagram_buffer as usize))
+        .send_window(limits.send_window.into())
+        .keep_alive_interval(Some(limits.keep_alive))
+        .max_idle_timeout(limits.idle_timeout.try_into().ok());
+    transport
 }
 
 pub(crate) fn tls_error(e: impl fmt::Display) -> TlsConfigError {
@@ -134,12 +155,12 @@ pub(crate) async fn connect<X: Extra>(
     shared: &Arc<Shared<X>>,
     stream: StreamId,
     to: SocketAddr,
-    ClientTls { config: tls, name }: ClientTls,
+    (ClientTls { config: tls, name }, limits): (ClientTls, QuicLimits),
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
     let error = async {
-        let config = match client_config(&tls, ALPN, KEEP_ALIVE) {
+        let config = match client_config(&tls, ALPN, &limits) {
             Ok(config) => config,
             Err(e) => return net::failed(StreamError::Connect, e),
         };
@@ -272,9 +293,9 @@ impl<X: Extra> Io<X> {
         self.streams.insert(connect.stream, Slot::default());
         smol::spawn(async move {
             match connect.security {
-                Security::Quic(tls) => {
+                Security::Quic(tls, limits) => {
                     let Connect { stream, to, .. } = connect;
-                    self::connect(&shared, stream, to, tls, connect.timeout).await
+                    self::connect(&shared, stream, to, (tls, limits), connect.timeout).await
                 }
                 Security::Tcp | Security::Tls(_) => net::connect(&shared, connect).await,
             }
@@ -283,24 +304,13 @@ impl<X: Extra> Io<X> {
         Ok(())
     }
 
-    /// Sends one data envelope as a QUIC datagram on `stream`'s connection, or when it does
-    /// not fit one now, queues it for the stream (the host counts that).
-    pub(crate) fn quic_datagram(
-        &mut self,
-        stream: StreamId,
-        bytes: &[u8],
-    ) -> Option<Input<'static>> {
-        let Some(slot) = self.streams.get_mut(&stream) else {
-            return Some(Input::SendFailed);
-        };
-        let Some(conn) = &slot.quic else {
-            return Some(Input::SendFailed);
-        };
-        if try_send_datagram(conn, bytes) {
-            return None;
+    /// Sends one data envelope as a QUIC datagram on `stream`'s connection, if it takes one
+    /// that large now.
+    pub(crate) fn quic_datagram(&mut self, stream: StreamId, bytes: &[u8]) -> Sent {
+        match self.streams.get(&stream).and_then(|s| s.quic.as_ref()) {
+            Some(conn) if try_send_datagram(conn, bytes) => Sent::Done,
+            Some(_) => Sent::NotDatagram,
+            None => Sent::Failed,
         }
-        slot.fallback.push_back(bytes.to_vec());
-        slot.wake.notify(usize::MAX);
-        Some(Input::QuicFallback { stream })
     }
 }

@@ -7,7 +7,7 @@
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_io::Async;
 use smol::Task;
@@ -18,9 +18,6 @@ use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Io, Shared};
 use crate::{net, quic, OS};
-
-/// How long shutdown waits for stream connections to write their last envelopes.
-const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 type ServerShared = Shared<ServerExtra>;
 
@@ -68,7 +65,11 @@ impl Server {
             })
             .collect::<Result<_, _>>()?;
         let quic_config = match (&credentials, config.quic.is_empty()) {
-            (Some(c), false) => Some(quic::server_config(&c.tls)?),
+            (Some(c), false) => Some(quic::server_config(
+                rustls::ServerConfig::clone(&c.tls),
+                quic::ALPN,
+                &config.quic_limits,
+            )?),
             _ => None,
         };
         let quic: Vec<quinn::Endpoint> = config
@@ -171,7 +172,7 @@ impl ServerHandle {
         if !self.begin_shutdown() {
             return;
         }
-        let deadline = Instant::now() + FLUSH_GRACE;
+        let deadline = Instant::now() + self.shared.lock().host.close_grace();
         drive::wait_until(&self.shared, deadline, |state| {
             state.host.stats().stream_connections == 0
         })

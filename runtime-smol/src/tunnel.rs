@@ -21,7 +21,7 @@ use tscf_core::tunnel::{
 };
 use tscf_core::wire::Transport;
 
-use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared, NOTIFICATION_QUEUE};
+use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared};
 use crate::drive;
 use crate::socket::InnerUdpSocket;
 use crate::{net, OS};
@@ -65,8 +65,9 @@ impl Tunnel {
         });
         let listener_tls = credentials.listener.take();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
+        let (quic_limits, session_queue) = (config.quic_limits, config.session_queue);
+        let (tx, notifications) = async_channel::bounded(config.notification_queue.max(1));
         let host = ClientHost::new(config, setup, Instant::now())?;
-        let (tx, notifications) = async_channel::bounded(NOTIFICATION_QUEUE);
         let extra = TunnelExtra {
             notifications: tx,
             quic: None,
@@ -77,7 +78,13 @@ impl Tunnel {
             let mut state = shared.lock();
             state.driver.add_socket(PEER_SOCKET, udp.clone())?;
             if let Some(identity) = quic_identity {
-                let quic = PeerQuic::new(udp, Arc::downgrade(&shared), identity)?;
+                let quic = PeerQuic::new(
+                    udp,
+                    Arc::downgrade(&shared),
+                    identity,
+                    quic_limits,
+                    session_queue,
+                )?;
                 let endpoint = quic.endpoint();
                 state.driver.extra.quic = Some(quic);
                 tasks.push(smol::spawn(client::accept_sessions(

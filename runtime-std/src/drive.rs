@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tscf_core::io::{
-    self, Connect, Driven, Driver, Host, Input, Runtime, SocketId, StreamId, Transmit,
+    self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
 
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
@@ -152,7 +152,7 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent {
         let sent = match transmit {
             Transmit::Datagram { socket, to } => self
                 .sockets
@@ -161,7 +161,11 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
             // No QUIC here: a host told so never asks for it.
             Transmit::QuicDatagram { .. } | Transmit::PeerSession { .. } => false,
         };
-        (!sent).then_some(Input::SendFailed)
+        if sent {
+            Sent::Done
+        } else {
+            Sent::Failed
+        }
     }
 
     fn connect(&mut self, connect: Connect) -> Result<(), String> {

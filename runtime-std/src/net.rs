@@ -139,7 +139,7 @@ pub(crate) fn connect<X: Extra>(shared: &Arc<Shared<X>>, connect: Connect) {
     let deadline = Instant::now() + timeout;
     let tls = match connect.security {
         Security::Tls(tls) => Some(tls),
-        Security::Tcp | Security::Quic(_) => None,
+        Security::Tcp | Security::Quic(..) => None,
     };
     let mut sock = match TcpStream::connect_timeout(&to, timeout) {
         Ok(sock) => sock,
@@ -335,7 +335,7 @@ impl<X: Extra> Io<X> {
 
     /// Starts connecting a stream in a thread of its own.
     pub(crate) fn connect(&mut self, connect: Connect) -> Result<(), String> {
-        if let Security::Quic(_) = connect.security {
+        if let Security::Quic(..) = connect.security {
             return Err("QUIC is not supported by tscf-runtime-std".into());
         }
         let shared = self.me.upgrade().ok_or("stopping")?;

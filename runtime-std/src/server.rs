@@ -7,7 +7,7 @@
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tscf_core::io::SocketId;
 use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost, StartError};
@@ -16,9 +16,6 @@ use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
 use crate::{net, OS};
-
-/// How long shutdown waits for stream connections to write their last envelopes.
-const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 type ServerShared = Shared<ServerExtra>;
 
@@ -155,7 +152,7 @@ impl ServerHandle {
             return;
         }
         let state = self.shared.lock();
-        let deadline = Instant::now() + FLUSH_GRACE;
+        let deadline = Instant::now() + state.host.close_grace();
         let mut state = drive::wait_until(&self.shared, state, deadline, |state| {
             state.host.stats().stream_connections == 0
         });

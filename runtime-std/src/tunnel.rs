@@ -24,9 +24,6 @@ use crate::drive::{self, Extra, Shared};
 use crate::socket::{InnerUdpSocket, SocketQueue};
 use crate::{net, OS};
 
-/// Notifications waiting to be read; beyond, new ones are dropped and counted.
-const NOTIFICATION_QUEUE: usize = 256;
-
 pub(crate) type TunnelShared = Shared<TunnelExtra>;
 
 /// What this runtime adds to a client host: the channel of notifications.
@@ -84,8 +81,8 @@ impl Tunnel {
         let setup = Setup::new(&mut credentials, local, route_source, listener_addr, false);
         let listener_tls = credentials.listener.take();
         let (connect_timeout, release_wait) = (config.connect_timeout, config.release_wait);
+        let (tx, notifications) = mpsc::sync_channel(config.notification_queue.max(1));
         let host = ClientHost::new(config, setup, Instant::now())?;
-        let (tx, notifications) = mpsc::sync_channel(NOTIFICATION_QUEUE);
         let extra = TunnelExtra { notifications: tx };
         let shared = drive::shared(host, extra);
         shared

@@ -108,11 +108,13 @@ pub enum Input<'a> {
     },
     /// Sending a transmit failed at the socket (counted; loss is the protocol's to notice).
     SendFailed,
-    /// A [`Transmit::QuicDatagram`] did not fit in a QUIC datagram and went on the stream
-    /// instead (counted).
+    /// A [`Transmit::QuicDatagram`] did not fit in a QUIC datagram now: the host queues
+    /// `envelope` on the stream instead, within the stream's bound.
     QuicFallback {
         /// The stream.
         stream: StreamId,
+        /// The envelope.
+        envelope: &'a [u8],
     },
     /// The QUIC peer session on `path` finished its handshake with the pinned certificate.
     SessionOpen {
@@ -174,8 +176,9 @@ pub enum Security {
     Tcp,
     /// TLS over TCP.
     Tls(ClientTls),
-    /// A QUIC connection (ALPN `tscf`) and the one stream the client opens.
-    Quic(ClientTls),
+    /// A QUIC connection (ALPN `tscf`) with these limits, and the one stream the client
+    /// opens.
+    Quic(ClientTls, QuicLimits),
 }
 
 impl Security {
@@ -184,7 +187,7 @@ impl Security {
         match self {
             Self::Tcp => Transport::TCP,
             Self::Tls(_) => Transport::TLS,
-            Self::Quic(_) => Transport::QUIC,
+            Self::Quic(..) => Transport::QUIC,
         }
     }
 }
@@ -207,6 +210,50 @@ impl PartialEq for ClientTls {
 }
 
 impl Eq for ClientTls {}
+
+/// The QUIC transport parameters (RFC 9000 §18.2) a runtime sets on every QUIC connection it
+/// runs for a host: what the other side may make it buffer, and how long a connection lives
+/// without traffic. A tscf QUIC connection carries one bidirectional stream, opened by the
+/// client; the other side may open no other stream (`initial_max_streams_bidi` 1 to a client,
+/// 0 to a server, and `initial_max_streams_uni` 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuicLimits {
+    /// Octets the other side may send on the stream ahead of what was read (default 131,070:
+    /// two maximal envelopes, `docs/PROTOCOL.md` §2.1).
+    pub stream_window: u32,
+    /// Octets across the connection's streams ahead of what was read (default 131,070).
+    pub connection_window: u32,
+    /// Octets of received QUIC datagrams waiting to be read (default 131,070); beyond, the
+    /// oldest are dropped.
+    pub datagram_buffer: u32,
+    /// Octets written to the stream and not yet acknowledged that the connection keeps
+    /// (default 262,144); beyond, the writer waits, and a writer that waits past its deadline
+    /// loses the connection.
+    pub send_window: u32,
+    /// A connection with no packet in either direction for this long is closed (default 30 s).
+    pub idle_timeout: Duration,
+    /// A connection sends a PING when it has sent nothing for this long (default 10 s), so
+    /// that a tunnel quiet for its whole keepalive interval stays open.
+    pub keep_alive: Duration,
+}
+
+impl QuicLimits {
+    /// Bidirectional streams a client may open: the tunnel's (or session's) one stream.
+    pub const CLIENT_STREAMS: u32 = 1;
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            stream_window: 131_070,
+            connection_window: 131_070,
+            datagram_buffer: 131_070,
+            send_window: 262_144,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
+        }
+    }
+}
 
 /// What a host asks of the runtime's sockets and streams. Carried by each host's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,8 +315,8 @@ pub enum Transmit {
         to: SocketAddr,
     },
     /// One QUIC datagram on `stream`'s connection; when the connection takes no datagram that
-    /// large now, the runtime writes it on the stream instead and reports
-    /// [`Input::QuicFallback`].
+    /// large now, the runtime answers [`Sent::NotDatagram`] and the host queues it on the
+    /// stream ([`Input::QuicFallback`]).
     QuicDatagram {
         /// The stream of the QUIC connection.
         stream: StreamId,
@@ -312,9 +359,8 @@ pub trait Host {
 
 /// What a runtime does with a host's output: it sends the datagrams and acts on the events.
 pub trait Driver<H: Host> {
-    /// Sends the bytes of one transmit; what to report to the host about it, if anything
-    /// ([`Input::SendFailed`] when the socket refused them, [`Input::QuicFallback`]).
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>>;
+    /// Sends the bytes of one transmit.
+    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent;
     /// Starts connecting a stream ([`IoEvent::Connect`]); `Err` if it cannot even start (the
     /// host is told the stream closed).
     fn connect(&mut self, connect: Connect) -> Result<(), String>;
@@ -330,6 +376,26 @@ pub trait Driver<H: Host> {
     /// Acts on an event of the host that is not socket or stream work. The host is lent
     /// back for what the event causes at once.
     fn on_event(&mut self, host: &mut H, now: Instant, event: H::Event);
+}
+
+/// What became of a transmit the driver was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Handed to the socket or the connection.
+    Done,
+    /// Refused (a full socket buffer, a closed socket or session): the host counts a send
+    /// error ([`Input::SendFailed`]).
+    Failed,
+    /// A [`Transmit::QuicDatagram`] the connection takes no datagram that large for now: the
+    /// host queues it on the stream ([`Input::QuicFallback`]).
+    NotDatagram,
+    /// A [`Transmit::PeerSession`] too large for a datagram: the runtime queued it on the
+    /// session's stream, or dropped it because that queue was full
+    /// ([`Input::SessionStream`]).
+    SessionStream {
+        /// Whether it was dropped.
+        dropped: bool,
+    },
 }
 
 /// Acts on one event of `host` through `driver`, and reports to the host what happened at
@@ -372,13 +438,24 @@ pub fn act<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, eve
 
 /// The drain every runtime runs after an input at `now`: the host's transmits are sent, then
 /// one event is acted on ([`act`]), until the host has neither left. What the driver says of a
-/// send is reported to the host. `buf` is the runtime's scratch buffer, kept between drains so
+/// send is reported to the host ([`Sent`]). `buf` is the runtime's scratch buffer, kept between drains so
 /// that a transmit allocates nothing.
 pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, buf: &mut Vec<u8>) {
     loop {
         while let Some(transmit) = host.poll_transmit(now, buf) {
-            if let Some(report) = driver.send(transmit, buf) {
-                host.handle_input(now, report);
+            match (driver.send(transmit, buf), transmit) {
+                (Sent::Done, _) => {}
+                (Sent::NotDatagram, Transmit::QuicDatagram { stream }) => {
+                    let fallback = Input::QuicFallback {
+                        stream,
+                        envelope: buf,
+                    };
+                    host.handle_input(now, fallback);
+                }
+                (Sent::SessionStream { dropped }, Transmit::PeerSession { path }) => {
+                    host.handle_input(now, Input::SessionStream { path, dropped });
+                }
+                _ => host.handle_input(now, Input::SendFailed),
             }
         }
         match host.poll_event() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::DtlsListenerConfig;
 use crate::director::{DirectorConfig, DirectorConfigError};
 use crate::dtls::{self, ClientCheck};
+use crate::io::QuicLimits;
 use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
 
 /// What a server listens on, how it runs its director, and the bounds of its transports.
@@ -61,6 +62,16 @@ pub struct ServerConfig {
     /// How long a stream connection the server closes may take to write its last envelopes
     /// before it is cut (default 1 s).
     pub close_grace: Duration,
+    /// Stream connections (TCP, TLS, QUIC) from one source not yet configured (in their
+    /// handshake, or open without a Configuration exchange) at once: one IPv4 address, or one
+    /// IPv6 /64 (default 16). Beyond, new connections from it are closed at accept, counted in
+    /// [`TransportCounters::streams_refused_per_source`](super::TransportCounters::streams_refused_per_source).
+    /// With [`max_stream_connections`](Self::max_stream_connections) reached, a new
+    /// connection takes the slot of the oldest unconfigured one, so that idle connections
+    /// cannot lock clients out.
+    pub max_unconfigured_per_source: usize,
+    /// The transport limits of QUIC listeners.
+    pub quic_limits: QuicLimits,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +92,8 @@ impl Default for ServerConfig {
             stream_queue_bytes: 256 * 1024,
             stream_write_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
+            max_unconfigured_per_source: 16,
+            quic_limits: QuicLimits::default(),
         }
     }
 }

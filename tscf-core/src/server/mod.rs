@@ -33,7 +33,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha20Rng;
@@ -108,6 +108,12 @@ pub struct ServerHost {
     udp_remotes: usize,
     dtls_remotes: usize,
     quic_handshaking: usize,
+    /// Unconfigured stream connections, oldest first (may hold handles since configured or
+    /// gone, at most about as many as there are unconfigured ones).
+    unconfigured: VecDeque<ConnectionHandle>,
+    /// Unconfigured stream connections per source ([`source_of`]).
+    by_source: FxHashMap<IpAddr, u32>,
+    unconfigured_count: usize,
     timers: BinaryHeap<Reverse<(Instant, StreamTimer)>>,
     answers: VecDeque<(SocketId, SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
@@ -129,6 +135,7 @@ struct Bounds {
     write_timeout: Duration,
     close_grace: Duration,
     quic_retry_above: usize,
+    max_unconfigured_per_source: usize,
 }
 
 #[derive(Debug)]
@@ -162,6 +169,8 @@ struct Stream {
     write_started: Option<Instant>,
     /// A write timer is in the heap.
     write_timer: bool,
+    /// Not configured yet: counted in its source's unconfigured connections.
+    unconfigured: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +236,7 @@ impl ServerHost {
                 write_timeout: config.stream_write_timeout,
                 close_grace: config.close_grace,
                 quic_retry_above: config.quic_retry_above,
+                max_unconfigured_per_source: config.max_unconfigured_per_source.max(1),
             },
             now,
             director,
@@ -238,6 +248,9 @@ impl ServerHost {
             udp_remotes: 0,
             dtls_remotes: 0,
             quic_handshaking: 0,
+            unconfigured: VecDeque::new(),
+            by_source: FxHashMap::default(),
+            unconfigured_count: 0,
             timers: BinaryHeap::new(),
             answers: VecDeque::new(),
             events: VecDeque::new(),
@@ -262,10 +275,49 @@ impl ServerHost {
         remote: SocketAddr,
     ) -> Option<StreamId> {
         self.advance(now);
-        if self.stopped || self.streams >= self.bounds.max_streams {
-            self.counters.streams_refused += 1;
+        if !self.admissible(remote) || !self.make_room(now) {
             return None;
         }
+        Some(self.open_stream(now, transport, remote))
+    }
+
+    /// Whether a new stream connection from `remote` may be considered: the server runs, and
+    /// the source holds fewer unconfigured connections than its bound. Counts a refusal.
+    fn admissible(&mut self, remote: SocketAddr) -> bool {
+        if self.stopped {
+            self.counters.streams_refused += 1;
+            return false;
+        }
+        let held = self.by_source.get(&source_of(remote)).copied().unwrap_or(0);
+        if held as usize >= self.bounds.max_unconfigured_per_source {
+            self.counters.streams_refused_per_source += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Whether a stream slot is free, after closing the oldest unconfigured connection if
+    /// all are taken. Counts a refusal.
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.streams < self.bounds.max_streams {
+            return true;
+        }
+        while let Some(oldest) = self.unconfigured.pop_front() {
+            let evictable = matches!(
+                self.routes.get(&oldest),
+                Some(Route::Stream(s)) if s.unconfigured && s.state != StreamState::Closing
+            );
+            if evictable {
+                self.counters.streams_evicted += 1;
+                self.close_connection(now, oldest, true);
+                return true;
+            }
+        }
+        self.counters.streams_refused += 1;
+        false
+    }
+
+    fn open_stream(&mut self, now: Instant, transport: Transport, remote: SocketAddr) -> StreamId {
         self.counters.streams_accepted += 1;
         self.streams += 1;
         let handle = self.fresh_handle();
@@ -279,12 +331,34 @@ impl ServerHost {
                 output: StreamOutput::default(),
                 write_started: None,
                 write_timer: false,
+                unconfigured: true,
             })),
         );
+        *self.by_source.entry(source_of(remote)).or_default() += 1;
+        self.unconfigured_count += 1;
+        if self.unconfigured.len() >= 2 * self.unconfigured_count + 64 {
+            let routes = &self.routes;
+            self.unconfigured
+                .retain(|h| matches!(routes.get(h), Some(Route::Stream(s)) if s.unconfigured));
+        }
+        self.unconfigured.push_back(handle);
         let at = after(now, self.bounds.handshake_timeout);
         self.timers
             .push(Reverse((at, StreamTimer::Handshake(handle))));
-        Some(StreamId(handle.0))
+        StreamId(handle.0)
+    }
+
+    /// An unconfigured stream connection from `remote` is configured, or gone: it no longer
+    /// counts against its source's bound.
+    fn settle(&mut self, remote: SocketAddr) {
+        self.unconfigured_count -= 1;
+        let source = source_of(remote);
+        if let Some(held) = self.by_source.get_mut(&source) {
+            *held -= 1;
+            if *held == 0 {
+                self.by_source.remove(&source);
+            }
+        }
     }
 
     /// A QUIC listener received the first packet of a new connection from `remote`;
@@ -298,8 +372,7 @@ impl ServerHost {
         validated: bool,
     ) -> QuicAdmission {
         self.advance(now);
-        if self.stopped || self.streams >= self.bounds.max_streams {
-            self.counters.streams_refused += 1;
+        if !self.admissible(remote) {
             return QuicAdmission::Refuse;
         }
         // Past the threshold a client must show it receives at its address before it gets
@@ -308,13 +381,11 @@ impl ServerHost {
             self.counters.quic_retries += 1;
             return QuicAdmission::Retry;
         }
-        match self.accept_stream(now, Transport::QUIC, remote) {
-            Some(stream) => {
-                self.quic_handshaking += 1;
-                QuicAdmission::Accept(stream)
-            }
-            None => QuicAdmission::Refuse,
+        if !self.make_room(now) {
+            return QuicAdmission::Refuse;
         }
+        self.quic_handshaking += 1;
+        QuicAdmission::Accept(self.open_stream(now, Transport::QUIC, remote))
     }
 
     /// Something happened on a socket or stream; see [`Input`].
@@ -336,9 +407,10 @@ impl ServerHost {
             }
             Input::StreamClosed { stream, error, .. } => self.on_stream_closed(now, stream, error),
             Input::SendFailed => self.counters.udp_send_errors += 1,
-            Input::QuicFallback { .. } => {
+            Input::QuicFallback { stream, envelope } => {
                 self.counters.quic_datagrams_sent =
                     self.counters.quic_datagrams_sent.saturating_sub(1);
+                self.queue_on_stream(ConnectionHandle(stream.0), envelope);
             }
             // A server binds all its sockets at start and runs no peer sessions.
             Input::SocketBound { .. }
@@ -488,17 +560,10 @@ impl ServerHost {
                         let stream = StreamId(transmit.connection.0);
                         return Some(Transmit::QuicDatagram { stream });
                     }
-                    let was_idle = s.output.is_empty() && !s.output.in_flight();
-                    if !s.output.push(buf, self.bounds.stream_queue_bytes) {
-                        self.counters.stream_queue_full += 1;
-                    } else if was_idle {
-                        let stream = StreamId(transmit.connection.0);
-                        self.events
-                            .push_back(ServerEvent::Io(IoEvent::StreamReady { stream }));
-                    }
+                    self.queue_on_stream(transmit.connection, buf);
                 }
                 // Closing, or already gone: the frame has nowhere to go.
-                _ => {}
+                Some(Route::Stream(_)) | None => self.counters.sent_to_closed += 1,
             }
         }
     }
@@ -511,8 +576,20 @@ impl ServerHost {
             return Some(event);
         }
         let event = self.director.poll_event()?;
-        if let DirectorEvent::CloseConnection { connection } = event {
-            self.close_connection(self.now, connection, false);
+        match event {
+            DirectorEvent::CloseConnection { connection } => {
+                self.close_connection(self.now, connection, false);
+            }
+            DirectorEvent::TunnelOpened { connection, .. }
+            | DirectorEvent::TunnelReattached { connection, .. } => {
+                if let Some(Route::Stream(s)) = self.routes.get_mut(&connection) {
+                    if std::mem::take(&mut s.unconfigured) {
+                        let remote = s.remote;
+                        self.settle(remote);
+                    }
+                }
+            }
+            _ => {}
         }
         Some(ServerEvent::Director(event))
     }
@@ -531,6 +608,12 @@ impl ServerHost {
             .chain(streams)
             .chain(dtls)
             .min()
+    }
+
+    /// How long a closed stream connection may take to write its last envelopes: what a
+    /// runtime shutting down waits for its streams at most.
+    pub fn close_grace(&self) -> Duration {
+        self.bounds.close_grace
     }
 
     // ---- observability ----
@@ -738,6 +821,9 @@ impl ServerHost {
         let Some(Route::Stream(s)) = self.routes.remove(&handle) else {
             return;
         };
+        if s.unconfigured {
+            self.settle(s.remote);
+        }
         self.streams = self.streams.saturating_sub(1);
         match s.state {
             StreamState::Handshaking => {
@@ -796,6 +882,25 @@ impl ServerHost {
     }
 
     // ---- helpers ----
+
+    /// Appends `envelope` to what waits for open stream connection `handle`, within its
+    /// bound (dropped and counted beyond).
+    fn queue_on_stream(&mut self, handle: ConnectionHandle, envelope: &[u8]) {
+        let Some(Route::Stream(s)) = self.routes.get_mut(&handle) else {
+            return;
+        };
+        if s.state != StreamState::Open {
+            return self.counters.sent_to_closed += 1;
+        }
+        let was_idle = s.output.is_empty() && !s.output.in_flight();
+        if !s.output.push(envelope, self.bounds.stream_queue_bytes) {
+            self.counters.stream_queue_full += 1;
+        } else if was_idle {
+            let stream = StreamId(handle.0);
+            self.events
+                .push_back(ServerEvent::Io(IoEvent::StreamReady { stream }));
+        }
+    }
 
     /// Counts the handshake of stream connection `handle` as failed.
     fn count_handshake_failure(&mut self, handle: ConnectionHandle) {
@@ -952,5 +1057,17 @@ impl crate::io::Host for ServerHost {
         remote: SocketAddr,
     ) -> Option<StreamId> {
         self.accept_stream(now, transport, remote)
+    }
+}
+
+/// The source a connection from `remote` counts against: its IPv4 address, or the /64 of its
+/// IPv6 address (one host or one site may hold a whole /64).
+fn source_of(remote: SocketAddr) -> IpAddr {
+    match remote.ip() {
+        IpAddr::V4(ip) => IpAddr::V4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(ip) & !(u128::MAX >> 64)).into()),
+        },
     }
 }

@@ -11,6 +11,14 @@ pub struct TransportCounters {
     /// Stream connections closed at accept because `max_stream_connections` were open, and
     /// DTLS associations closed at the end of their handshake for the same reason.
     pub streams_refused: u64,
+    /// Stream connections closed at accept because their source held
+    /// `max_unconfigured_per_source` unconfigured ones.
+    pub streams_refused_per_source: u64,
+    /// Unconfigured stream connections closed to make room for a new one when
+    /// `max_stream_connections` were open.
+    pub streams_evicted: u64,
+    /// Envelopes for a connection that was closing or gone, dropped.
+    pub sent_to_closed: u64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: u64,
     /// Streams closed because they lost framing (`docs/PROTOCOL.md` §2.1).

@@ -292,16 +292,21 @@ fn a_writer_that_keeps_writing_keeps_its_slot() {
 }
 
 #[test]
-fn admission_stops_at_max_stream_connections() {
+fn admission_stops_at_max_stream_connections_of_configured_tunnels() {
     let config = ServerConfig {
         max_stream_connections: 2,
         ..ServerConfig::default()
     };
     let mut h = Harness::new(config);
     let remote: SocketAddr = CLIENT.parse().expect("addr");
-    let a = h.host.accept_stream(h.now, Transport::TCP, remote);
-    let b = h.host.accept_stream(h.now, Transport::TLS, remote);
-    assert!(a.is_some() && b.is_some());
+    let a = h.open_stream(Transport::TCP);
+    let b = h.open_stream(Transport::TLS);
+    for stream in [a, b] {
+        h.input(Input::StreamData {
+            stream,
+            data: &configuration_request(1),
+        });
+    }
     assert_eq!(h.host.accept_stream(h.now, Transport::TCP, remote), None);
     assert_eq!(
         h.host.accept_quic(h.now, remote, true),
@@ -311,7 +316,7 @@ fn admission_stops_at_max_stream_connections() {
     assert_eq!(stats.transport.streams_refused, 2);
     assert_eq!(stats.stream_connections, 2);
     h.input(Input::StreamClosed {
-        stream: a.expect("admitted"),
+        stream: a,
         error: None,
         detail: None,
     });
@@ -319,6 +324,79 @@ fn admission_stops_at_max_stream_connections() {
         .host
         .accept_stream(h.now, Transport::TCP, remote)
         .is_some());
+}
+
+/// Unconfigured connections cannot lock a full server: a new one takes the slot of the
+/// oldest, which is cut at once.
+#[test]
+fn a_full_server_evicts_its_oldest_unconfigured_connection() {
+    let config = ServerConfig {
+        max_stream_connections: 2,
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let configured = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream: configured,
+        data: &configuration_request(1),
+    });
+    let idle = h.open_stream(Transport::TLS);
+    let other: SocketAddr = "203.0.113.9:5000".parse().expect("addr");
+    assert!(h.host.accept_stream(h.now, Transport::TCP, other).is_some());
+    let out = h.drain();
+    assert_eq!(
+        out.io,
+        [IoEvent::CloseStream {
+            stream: idle,
+            abort: true
+        }]
+    );
+    assert_eq!(h.host.stats().transport.streams_evicted, 1);
+    // The configured one is never evicted.
+    h.input(Input::StreamClosed {
+        stream: idle,
+        error: None,
+        detail: None,
+    });
+    let third: SocketAddr = "203.0.113.10:5000".parse().expect("addr");
+    assert!(h.host.accept_stream(h.now, Transport::TCP, third).is_some());
+    assert_eq!(h.host.stats().transport.streams_evicted, 2);
+    assert_eq!(h.host.stats().director.active_tunnels, 1);
+}
+
+/// One source holds a bounded number of unconfigured connections (IPv6: per /64); once one
+/// is configured, the source may open another.
+#[test]
+fn one_source_holds_a_bounded_number_of_unconfigured_connections() {
+    let config = ServerConfig {
+        max_unconfigured_per_source: 2,
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let first = h.open_stream(Transport::TCP);
+    h.open_stream(Transport::TCP);
+    let same: SocketAddr = "198.51.100.7:1".parse().expect("addr");
+    assert_eq!(h.host.accept_stream(h.now, Transport::TCP, same), None);
+    assert_eq!(h.host.accept_quic(h.now, same, true), QuicAdmission::Refuse);
+    assert_eq!(h.host.stats().transport.streams_refused_per_source, 2);
+    let v6: Vec<SocketAddr> = ["[2001:db8::1]:1", "[2001:db8::2]:1", "[2001:db8:0:1::1]:1"]
+        .iter()
+        .map(|a| a.parse().expect("addr"))
+        .collect();
+    assert!(h.host.accept_stream(h.now, Transport::TCP, v6[0]).is_some());
+    assert!(h.host.accept_stream(h.now, Transport::TCP, v6[1]).is_some());
+    assert_eq!(
+        h.host.accept_stream(h.now, Transport::TCP, v6[0]),
+        None,
+        "same /64"
+    );
+    assert!(h.host.accept_stream(h.now, Transport::TCP, v6[2]).is_some());
+
+    h.input(Input::StreamData {
+        stream: first,
+        data: &configuration_request(1),
+    });
+    assert!(h.host.accept_stream(h.now, Transport::TCP, same).is_some());
 }
 
 #[test]
@@ -388,8 +466,20 @@ fn quic_data_envelopes_go_as_datagrams_and_control_on_the_stream() {
         (stats.quic_datagrams_received, stats.quic_datagrams_sent),
         (1, 1)
     );
-    h.input(Input::QuicFallback { stream: b });
+    // Too large for a datagram now: queued on b's stream, within its bound.
+    assert!(
+        !h.host.take_output(h.now, b, &mut written),
+        "b's last write is done"
+    );
+    let out = h.input(Input::QuicFallback {
+        stream: b,
+        envelope: &envelope,
+    });
     assert_eq!(h.host.stats().transport.quic_datagrams_sent, 0);
+    assert_eq!(out.io, [IoEvent::StreamReady { stream: b }]);
+    written.clear();
+    assert!(h.host.take_output(h.now, b, &mut written));
+    assert_eq!(written, envelope);
 }
 
 #[test]

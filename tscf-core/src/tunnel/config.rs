@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, TerminateReason};
 
 use crate::dtls;
+use crate::io::QuicLimits;
 use crate::tls::{
     self, ClientTlsConfig, LoadedIdentity, Os, PeerIdentity, ServerIdentity, ServerTlsConfig,
     TlsConfigError,
@@ -51,6 +52,15 @@ pub struct TunnelConfig {
     /// How long closing a tunnel waits for the server to acknowledge the release (default
     /// 1 s).
     pub release_wait: Duration,
+    /// The transport limits of QUIC connections: to the server, and of QUIC peer sessions.
+    pub quic_limits: QuicLimits,
+    /// Notifications waiting to be read; beyond, new ones are dropped and counted in
+    /// [`TunnelStats::notifications_dropped`](super::TunnelStats::notifications_dropped)
+    /// (default 256).
+    pub notification_queue: usize,
+    /// Envelopes waiting for the stream of a QUIC peer session (those too large for a QUIC
+    /// datagram); beyond, they are dropped and counted as send errors (default 256).
+    pub session_queue: usize,
     /// A listener for peer streams (`docs/PROTOCOL.md` §7.7; default none). With peer
     /// tunneling on, the runtime binds it and it is announced in
     /// `client.peer.stream_listeners` (an unspecified address is announced with the UDP host
@@ -83,6 +93,9 @@ impl TunnelConfig {
             socket_queue_len: 256,
             stream_queue_bytes: 256 * 1024,
             release_wait: Duration::from_secs(1),
+            quic_limits: QuicLimits::default(),
+            notification_queue: 256,
+            session_queue: 256,
             peer_streams: PeerStreamListen::None,
             peer_identity: None,
         }

@@ -55,8 +55,8 @@ use crate::client::{
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    ClientTls, Connect, Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError,
-    StreamId, StreamOutput, Transmit,
+    ClientTls, Connect, Driver, Input, IoEvent, QuicLimits, Runtime, Security, Shared, SocketId,
+    StreamError, StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::tls::{self, ClientTlsConfig, Fingerprint, PeerIdentity};
@@ -183,6 +183,7 @@ struct Settings {
     quic: bool,
     /// The tunnel's TLS settings and how TLS and QUIC transports check the server.
     tls: Option<(ClientTlsConfig, Arc<rustls::ClientConfig>)>,
+    quic_limits: QuicLimits,
 }
 
 /// The transport to the server, as far as the host is concerned.
@@ -332,6 +333,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 dtls: setup.dtls,
                 quic: setup.quic,
                 tls: config.tls.clone().zip(setup.server_tls),
+                quic_limits: config.quic_limits,
             },
             last_failure: None,
             terminated: None,
@@ -370,8 +372,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 }
             }
             Input::SendFailed => self.stats.peer_send_errors += 1,
-            Input::QuicFallback { .. } => {
+            Input::QuicFallback { stream, envelope } => {
                 self.stats.quic_datagrams_sent = self.stats.quic_datagrams_sent.saturating_sub(1);
+                self.queue_on_stream(stream, envelope);
             }
             Input::SessionOpen { path } => {
                 if self.quic_session(path) {
@@ -426,6 +429,11 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         }
         self.peer.handshaking += 1;
         Some(self.new_stream(Role::PeerAccepted(None), remote))
+    }
+
+    /// The transport limits of the tunnel's QUIC connections.
+    pub fn quic_limits(&self) -> QuicLimits {
+        self.settings.quic_limits
     }
 
     /// How long a QUIC peer session's handshake may take (the peer tunnel's establishment
@@ -882,7 +890,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 };
                 match server.transport {
                     Transport::TLS => Security::Tls(tls),
-                    _ => Security::Quic(tls),
+                    _ => Security::Quic(tls, self.settings.quic_limits),
                 }
             }
             other => {
