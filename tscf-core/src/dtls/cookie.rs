@@ -52,9 +52,15 @@ impl Acceptor {
         })
     }
 
-    /// The cookie of a ClientHello with `random` from `from`.
-    pub(super) fn cookie(&self, from: SocketAddr, random: &[u8]) -> [u8; COOKIE_LENGTH] {
+    /// The cookie of a ClientHello with `random` from `from`, in cookie period `period`.
+    pub(super) fn cookie(
+        &self,
+        period: u64,
+        from: SocketAddr,
+        random: &[u8],
+    ) -> [u8; COOKIE_LENGTH] {
         let mut context = ring::hmac::Context::with_key(&self.secret);
+        context.update(&period.to_be_bytes());
         match from {
             SocketAddr::V4(a) => {
                 context.update(&[4]);

@@ -94,6 +94,11 @@ pub struct DtlsLimits {
     pub max_half_open: usize,
     /// How long any handshake may take before its state is dropped.
     pub handshake_timeout: Duration,
+    /// How long a cookie the acceptor handed out is accepted: between this and twice this
+    /// (the cookie secret is mixed with the current period of this length, and the previous
+    /// period's cookies are still accepted), so that a ClientHello with a cookie cannot be
+    /// replayed for ever.
+    pub cookie_lifetime: Duration,
 }
 
 /// What a [`DtlsEndpoint`] reports.
@@ -144,6 +149,8 @@ pub struct DtlsCounters {
     pub half_open_evicted: u64,
     /// HelloVerifyRequests sent (statelessly) to ClientHellos without a cookie.
     pub hello_verify_sent: u64,
+    /// ClientHellos with a cookie that is wrong or expired.
+    pub bad_cookies: u64,
 }
 
 /// Why [`DtlsEndpoint::send`] did not send.
@@ -203,6 +210,8 @@ pub struct DtlsEndpoint {
     transmits: VecDeque<(SocketAddr, BytesMut)>,
     events: VecDeque<DtlsEvent>,
     counters: DtlsCounters,
+    /// The start of the first cookie period: the first time the acceptor was asked.
+    cookie_start: Option<Instant>,
 }
 
 impl std::fmt::Debug for DtlsEndpoint {
@@ -230,6 +239,7 @@ impl DtlsEndpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: DtlsCounters::default(),
+            cookie_start: None,
         }
     }
 
@@ -452,19 +462,31 @@ impl DtlsEndpoint {
         let Some(hello) = ClientHello::parse(datagram) else {
             return Admission::Refused;
         };
-        let cookie = acceptor.cookie(from, hello.random);
+        let start = *self.cookie_start.get_or_insert(now);
+        let lifetime = self.limits.cookie_lifetime.max(Duration::from_millis(1));
+        let period =
+            (now.saturating_duration_since(start).as_millis() / lifetime.as_millis()) as u64;
+        let fresh = acceptor.cookie(period, from, hello.random);
         if hello.cookie.is_empty() {
             self.transmits
-                .push_back((from, hello.verify_request(&cookie)));
+                .push_back((from, hello.verify_request(&fresh)));
             self.counters.hello_verify_sent += 1;
             return Admission::Answered;
         }
         let Some(replayed) = hello.replayed_first() else {
             return Admission::Refused;
         };
-        if !bool::from(hello.cookie.ct_eq(&cookie[..])) {
+        let previous = period
+            .checked_sub(1)
+            .map(|p| acceptor.cookie(p, from, hello.random));
+        let Some(cookie) = [Some(fresh), previous]
+            .into_iter()
+            .flatten()
+            .find(|c| bool::from(hello.cookie.ct_eq(&c[..])))
+        else {
+            self.counters.bad_cookies += 1;
             return Admission::Refused;
-        }
+        };
         let config = acceptor.config.clone();
         let random = acceptor.random.clone();
         while self.admitted.len() >= self.limits.max_half_open.max(1) {

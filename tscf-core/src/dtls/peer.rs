@@ -84,6 +84,7 @@ impl PeerSessions {
             // No acceptor: only authorised addresses start handshakes here.
             max_half_open: 1,
             handshake_timeout,
+            cookie_lifetime: handshake_timeout,
         };
         Ok(Self {
             endpoint: DtlsEndpoint::new(local, limits),

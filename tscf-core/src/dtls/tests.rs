@@ -13,6 +13,7 @@ const SECRET: [u8; 32] = [7; 32];
 const LIMITS: DtlsLimits = DtlsLimits {
     max_half_open: 8,
     handshake_timeout: Duration::from_secs(5),
+    cookie_lifetime: Duration::from_secs(30),
 };
 
 /// An origin for the time the tests pass by hand.
@@ -310,6 +311,39 @@ fn a_cookie_is_bound_to_the_source_address() {
         transfer(now, &mut client, &mut server);
     }
     assert_eq!((server.established(), client.established()), (1, 1));
+}
+
+/// A ClientHello with a cookie used to be accepted for ever: each replay cost the server a
+/// flight and a half-open slot. A cookie now lives one to two cookie periods.
+#[test]
+fn replayed_cookie_expires() {
+    let (cert, _) = server_identity();
+    let now = start();
+    let mut server = DtlsEndpoint::new(addr(4445), LIMITS);
+    server.set_acceptor(Some(
+        Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
+    ));
+    let (mut client, hello) = first_hello(now, addr(50_000), server.local);
+    server.handle_datagram(now, client.local, &hello);
+    transfer(now, &mut server, &mut client);
+    let (_, second) = client
+        .poll_transmit()
+        .expect("a ClientHello with the cookie");
+    // Within its period and the next, the cookie admits.
+    let later = now + LIMITS.cookie_lifetime + Duration::from_secs(1);
+    server.handle_datagram(later, client.local, &second);
+    assert_eq!(server.half_open(), 1);
+    // Two periods on, a replay of it is refused and counted.
+    let mut server2 = DtlsEndpoint::new(addr(4446), LIMITS);
+    let (cert, _) = server_identity();
+    server2.set_acceptor(Some(
+        Acceptor::new(cert, ClientCheck::None, SECRET).expect("acceptor"),
+    ));
+    server2.handle_datagram(now, client.local, &hello);
+    let expired = now + 2 * LIMITS.cookie_lifetime;
+    server2.handle_datagram(expired, client.local, &second);
+    assert_eq!(server2.half_open(), 0);
+    assert_eq!(server2.counters().bad_cookies, 1);
 }
 
 #[test]

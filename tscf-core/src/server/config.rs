@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub dtls_max_half_open: usize,
     /// How long a DTLS handshake may take before its state is dropped (default 5 s).
     pub dtls_handshake_timeout: Duration,
+    /// How long a DTLS listener accepts the stateless cookie it handed out: between this and
+    /// twice this (default 30 s); a ClientHello with an older cookie is refused, counted in
+    /// [`TransportCounters::dtls_bad_cookies`](super::TransportCounters::dtls_bad_cookies).
+    pub dtls_cookie_lifetime: Duration,
     /// QUIC handshakes in progress at once beyond which a new client must first prove its
     /// address with a Retry (RFC 9000 §8.1), so that spoofed Initial packets cannot hold
     /// handshake state (default 64; 0 validates every client). Counted in
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             dtls: Vec::new(),
             dtls_max_half_open: 256,
             dtls_handshake_timeout: Duration::from_secs(5),
+            dtls_cookie_lifetime: Duration::from_secs(30),
             quic_retry_above: 64,
             tls_config: None,
             max_stream_connections: 1024,

@@ -209,6 +209,7 @@ impl ServerHost {
         let limits = DtlsLimits {
             max_half_open: config.dtls_max_half_open.max(1),
             handshake_timeout: config.dtls_handshake_timeout,
+            cookie_lifetime: config.dtls_cookie_lifetime,
         };
         let mut listeners: Vec<Listener> = local.udp.iter().map(|_| Listener::Udp).collect();
         for addr in &local.dtls {
@@ -637,6 +638,7 @@ impl ServerHost {
                 t.dtls_bad_records += c.bad_records;
                 t.dtls_half_open_evicted += c.half_open_evicted;
                 t.dtls_hello_verify_sent += c.hello_verify_sent;
+                t.dtls_bad_cookies += c.bad_cookies;
                 stats.dtls_associations += endpoint.established();
                 stats.dtls_half_open += endpoint.half_open();
             }

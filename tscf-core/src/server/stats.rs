@@ -61,6 +61,8 @@ pub struct TransportCounters {
     pub dtls_half_open_evicted: u64,
     /// HelloVerifyRequests sent, statelessly, to DTLS ClientHellos without a cookie.
     pub dtls_hello_verify_sent: u64,
+    /// DTLS ClientHellos with a wrong or expired cookie.
+    pub dtls_bad_cookies: u64,
 }
 
 /// A snapshot of a running server.

@@ -970,6 +970,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         let limits = DtlsLimits {
             max_half_open: 1,
             handshake_timeout: self.settings.transport_timeout,
+            // No acceptor: no cookies.
+            cookie_lifetime: self.settings.transport_timeout,
         };
         let mut endpoint = DtlsEndpoint::new(local, limits);
         let started = settings
