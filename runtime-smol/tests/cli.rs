@@ -449,6 +449,60 @@ fn forward_over_a_peer_tunnel(name: &str, peer_transport: &str) {
     server.wait().unwrap();
 }
 
+/// `--forward` used to take datagrams from any tunnel, hand the reply path to any local
+/// sender, and drop datagrams too large for the tunnel without a word. Now it refuses the
+/// first two, and each kind of drop is reported once and counted at the end.
+#[test]
+fn forward_refuses_foreign_senders_and_reports_every_drop() {
+    let (mut server, printed) = spawn_server("forward-drops", "", "8");
+    let udp = address(&printed, "udp ");
+    let common = ["--server", &udp, "--for", "4", "--forward"];
+    // A (10.77.0.2) forwards to B's port 7000; C (10.77.0.4) writes to A's port 7000 too.
+    let (mut a, a_lines, a_rest) =
+        spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.3:7000"]].concat());
+    let (mut b, _, _) = spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.2:7000"]].concat());
+    let (mut c, c_lines, _) =
+        spawn_client(&[&common[..], &["127.0.0.1:0=10.77.0.2:7000"]].concat());
+    assert_eq!(a_lines[0]["ipv4"], "10.77.0.2", "{a_lines:?}");
+    assert_eq!(c_lines[0]["ipv4"], "10.77.0.4", "{c_lines:?}");
+    let local_a: std::net::SocketAddr = a_lines[1]["local"].as_str().unwrap().parse().unwrap();
+    let local_c: std::net::SocketAddr = c_lines[1]["local"].as_str().unwrap().parse().unwrap();
+
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let intruder = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    let app_c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.send_to(b"the application", local_a).unwrap();
+    intruder.send_to(b"another host", local_a).unwrap();
+    app.send_to(&[0u8; 1500], local_a).unwrap();
+    app_c.send_to(b"from another tunnel", local_c).unwrap();
+
+    assert_eq!(a.wait().unwrap().code(), Some(0));
+    let rest = a_rest.join().unwrap();
+    let lines = json_lines(&rest);
+    let reasons: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["event"] == "forward_dropped")
+        .filter_map(|l| l["reason"].as_str())
+        .collect();
+    for reason in [
+        "foreign_local_sender",
+        "send_failed",
+        "foreign_inner_source",
+    ] {
+        assert!(reasons.contains(&reason), "{reason} in {rest}");
+    }
+    let summary = lines
+        .iter()
+        .find(|l| l["event"] == "forward_drops")
+        .unwrap_or_else(|| panic!("{rest}"));
+    assert_eq!(summary["send_failed"], 1, "{summary}");
+    for child in [&mut b, &mut c] {
+        child.wait().unwrap();
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
 /// Runs `tscf client --transport TRANSPORT` (tls, dtls or quic) against a server of its own: the
 /// printed fingerprint is accepted; another one fails with exit 1. Then `more` gets the base
 /// arguments and the fingerprint, and the stderr of the failure is returned.

@@ -1,11 +1,11 @@
 //! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
 //! into the tunnel and reports path changes until `--for` elapses or a signal comes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -142,10 +142,11 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 return ExitCode::from(code);
             }
         };
-        let out = Printer {
+        let out = Arc::new(Printer {
             json: args.json,
             paths: Mutex::default(),
-        };
+            drops: Mutex::default(),
+        });
         out.connected(&tunnel);
         let mut forwards = Vec::new();
         for &(local, internal) in &args.forward {
@@ -166,7 +167,8 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             let tasks: Vec<_> = forwards
                 .into_iter()
                 .map(|(sock, inner, internal)| {
-                    smol::spawn(async move { relay(sock, inner, internal).await })
+                    let out = out.clone();
+                    smol::spawn(async move { relay(sock, inner, internal, &out).await })
                 })
                 .collect();
             future::pending::<()>().await;
@@ -213,6 +215,10 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
         )
         .await;
         tunnel.close().await;
+        let drops = std::mem::take(&mut *out.drops.lock().unwrap_or_else(|e| e.into_inner()));
+        if !drops.is_empty() {
+            out.line("forward_drops", json!(drops));
+        }
         out.line("stopped", json!({}));
         code
     })
@@ -313,21 +319,48 @@ fn forward(
 }
 
 /// Copies datagrams between the local socket and the inner socket until either fails.
-async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAddr) {
+///
+/// Only datagrams from `internal` come back out, and they go to the last local sender; local
+/// senders must share the address of the first one (an application may restart on another
+/// port, another host may not take over the replies). Every datagram dropped is counted by
+/// reason, and the first of each reason is reported.
+async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAddr, out: &Printer) {
     let last_sender: Mutex<Option<SocketAddr>> = Mutex::new(None);
+    let local = sock.get_ref().local_addr().ok();
+    let drop = |reason: &str, error: Option<String>| {
+        out.dropped(local, internal, reason, error);
+    };
     let outbound = async {
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            *last_sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-            let _ = inner.send_to(&buf[..n], internal).await;
+            {
+                let mut last = last_sender.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_some_and(|l| l.ip() != from.ip()) {
+                    drop("foreign_local_sender", Some(from.to_string()));
+                    continue;
+                }
+                *last = Some(from);
+            }
+            if let Err(e) = inner.send_to(&buf[..n], internal).await {
+                drop("send_failed", Some(format!("{n} octets: {e}")));
+            }
         }
     };
     let inbound = async {
         let mut buf = vec![0u8; 65_536];
-        while let Ok((n, _)) = inner.recv_from(&mut buf).await {
+        while let Ok((n, from)) = inner.recv_from(&mut buf).await {
+            if from != internal {
+                drop("foreign_inner_source", Some(from.to_string()));
+                continue;
+            }
             let to = *last_sender.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(to) = to {
-                let _ = sock.send_to(&buf[..n], to).await;
+            match to {
+                Some(to) => {
+                    if let Err(e) = sock.send_to(&buf[..n], to).await {
+                        drop("local_send_failed", Some(e.to_string()));
+                    }
+                }
+                None => drop("no_local_sender_yet", None),
             }
         }
     };
@@ -337,11 +370,43 @@ async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAd
 /// Prints text or JSON lines.
 struct Printer {
     json: bool,
+    /// Datagrams the forwarders dropped, by reason.
+    drops: Mutex<BTreeMap<String, u64>>,
     /// The path of each peer tunnel that is up, to say which one went down.
     paths: Mutex<HashMap<IpAddr, SocketAddr>>,
 }
 
 impl Printer {
+    /// Counts a datagram a forwarder dropped; the first of each reason is reported at once.
+    fn dropped(
+        &self,
+        local: Option<SocketAddr>,
+        internal: SocketAddr,
+        reason: &str,
+        detail: Option<String>,
+    ) {
+        let first = {
+            let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+            let count = drops.entry(reason.to_owned()).or_default();
+            *count += 1;
+            *count == 1
+        };
+        if !first {
+            return;
+        }
+        let local = local.map(|a| a.to_string());
+        tracing::warn!(?local, %internal, reason, ?detail, "forwarded datagram dropped (first of its kind)");
+        self.line(
+            "forward_dropped",
+            json!({
+                "local": local,
+                "internal": internal.to_string(),
+                "reason": reason,
+                "detail": detail,
+            }),
+        );
+    }
+
     fn connected(&self, tunnel: &Tunnel) {
         let id = tunnel.tunnel_id().unwrap_or(0);
         let v4 = tunnel.internal_ipv4();
