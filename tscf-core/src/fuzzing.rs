@@ -476,3 +476,196 @@ fn arbitrary_ip(u: &mut Unstructured<'_>) -> ArbitraryResult<IpAddr> {
 fn arbitrary_socket(u: &mut Unstructured<'_>) -> ArbitraryResult<SocketAddr> {
     Ok(SocketAddr::new(arbitrary_ip(u)?, u.arbitrary()?))
 }
+
+/// A director serving two honest clients against hostile connections driven by `u`.
+///
+/// Two tunnels are configured first, on TLS connections (the honest pair). Then hostile
+/// connections of every transport open and close, send arbitrary bytes, structured control
+/// messages (naming the honest tunnels' ids among others) and data envelopes with inner
+/// packets from and to any address, while time passes (the honest pair keeps its tunnels
+/// alive with keepalives). After every step:
+///
+/// - the director holds no more tunnels, pending connections or queued frames than its
+///   bounds allow, and everything it sends is one valid envelope;
+///
+/// and at the end the honest tunnels are still held, on their connections and with their
+/// addresses, and a packet from one to the other is relayed.
+pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
+    use crate::director::SessionDirector;
+    use crate::director::{ConnectionHandle, ConnectionInfo as Conn, DirectorConfig, Ipv4Pool};
+
+    let config = DirectorConfig {
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 28)),
+        ipv6_pool: None,
+        max_tunnels: 8,
+        max_pending_connections: 4,
+        max_queued_frames: 8,
+        max_total_queued_frames: 32,
+        max_held_frames: 4,
+        max_total_held_frames: 8,
+        ..DirectorConfig::default()
+    };
+    let bound = config.max_queued_frames.max(config.max_held_frames);
+    let (max_tunnels, max_pending) = (config.max_tunnels, config.max_pending_connections);
+    let mut d = SessionDirector::new(config).expect("a valid configuration");
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+    let mut now = Instant::now();
+    let mut buf = Vec::new();
+    let mut drain = |d: &mut SessionDirector, now: Instant| {
+        let mut sent = Vec::new();
+        while let Some(t) = d.poll_transmit(now, &mut buf) {
+            assert!(
+                Envelope::decode_datagram(&buf).is_ok(),
+                "the director sent {buf:?}, not one envelope"
+            );
+            sent.push((t.connection, buf.clone()));
+        }
+        while d.poll_event().is_some() {}
+        sent
+    };
+
+    // The honest pair.
+    let mut honest = Vec::new();
+    for i in 0..2u64 {
+        let handle = ConnectionHandle(i);
+        let info = Conn {
+            transport: Transport::TLS,
+            remote: SocketAddr::from(([198, 51, 100, 1 + i as u8], 40_000)),
+            verified_identity: false,
+        };
+        d.handle_connect(now, handle, info).expect("a fresh handle");
+        let mut request = Vec::new();
+        let m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        m.encode_envelope(&mut request).expect("encodable");
+        d.handle_datagram(now, handle, &request);
+        let (_, answer) = drain(&mut d, now).pop().expect("a Configuration Response");
+        let env = Envelope::decode_datagram(&answer).expect("an envelope");
+        let m = Message::decode(env.payload).expect("a message");
+        let ip = m.tlvs.internal_ipv4.expect("an address").addr;
+        honest.push((handle, m.header.tunnel_id, ip));
+    }
+
+    let mut hostile: Vec<ConnectionHandle> = Vec::new();
+    let mut next = 100u64;
+    let mut sequence = 1u32;
+    for _ in 0..256 {
+        if u.is_empty() {
+            break;
+        }
+        match u.int_in_range(0..=5)? {
+            0 if hostile.len() < 16 => {
+                let transports = [
+                    Transport::UDP,
+                    Transport::TCP,
+                    Transport::TLS,
+                    Transport::QUIC,
+                    Transport::DTLS,
+                ];
+                let info = Conn {
+                    transport: *u.choose(&transports)?,
+                    remote: arbitrary_socket(u)?,
+                    verified_identity: u.arbitrary()?,
+                };
+                let handle = ConnectionHandle(next);
+                next += 1;
+                d.handle_connect(now, handle, info).expect("a fresh handle");
+                hostile.push(handle);
+            }
+            1 if !hostile.is_empty() => {
+                let i = u.choose_index(hostile.len())?;
+                d.handle_disconnect(now, hostile.swap_remove(i));
+            }
+            2 if !hostile.is_empty() => {
+                let handle = *u.choose(&hostile)?;
+                let len = u.int_in_range(0..=1500)?;
+                d.handle_datagram(now, handle, u.bytes(len)?);
+            }
+            3 if !hostile.is_empty() => {
+                let handle = *u.choose(&hostile)?;
+                let mut message = arbitrary_message(u)?;
+                message.header.version = VERSION;
+                message.header.tunnel_id = match u.int_in_range(0..=3)? {
+                    0 => 0,
+                    1 => honest[0].1,
+                    2 => honest[1].1,
+                    _ => u.arbitrary()?,
+                };
+                let mut bytes = Vec::new();
+                if message.encode_envelope(&mut bytes).is_ok() {
+                    d.handle_datagram(now, handle, &bytes);
+                }
+            }
+            4 if !hostile.is_empty() => {
+                let handle = *u.choose(&hostile)?;
+                let pick = |u: &mut Unstructured<'_>| -> ArbitraryResult<Ipv4Addr> {
+                    Ok(match u.int_in_range(0..=2)? {
+                        0 => honest[0].2,
+                        1 => honest[1].2,
+                        _ => Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
+                    })
+                };
+                let (src, dst) = (pick(u)?, pick(u)?);
+                let len = u.int_in_range(0..=1400)?;
+                let payload = u.bytes(len)?;
+                let mut packet = Vec::new();
+                let builder =
+                    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
+                if builder.write(&mut packet, payload).is_ok() {
+                    let mut bytes = Vec::new();
+                    if Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).is_ok() {
+                        d.handle_datagram(now, handle, &bytes);
+                    }
+                }
+            }
+            _ => {
+                // The honest pair keeps its tunnels alive; time passes.
+                for (handle, id, _) in &honest {
+                    sequence += 1;
+                    let mut bytes = Vec::new();
+                    let m = Message::new(MessageType::KEEPALIVE, sequence, *id);
+                    m.encode_envelope(&mut bytes).expect("encodable");
+                    d.handle_datagram(now, *handle, &bytes);
+                }
+                now += Duration::from_millis(u.int_in_range(0..=20_000)?);
+                d.handle_timeout(now);
+            }
+        }
+        drain(&mut d, now);
+        let stats = d.stats();
+        assert!(stats.active_tunnels + stats.persistent_tunnels <= max_tunnels);
+        assert!(stats.pending_connections <= max_pending);
+        for t in d.tunnels() {
+            assert!(
+                t.queued_frames <= bound,
+                "{} frames queued",
+                t.queued_frames
+            );
+        }
+    }
+
+    for (handle, id, ip) in &honest {
+        let held = d.tunnels().find(|t| t.tunnel_id == *id);
+        let held = held.unwrap_or_else(|| panic!("honest tunnel {id:#x} is gone"));
+        assert_eq!(
+            held.connection,
+            Some(*handle),
+            "honest tunnel {id:#x} moved"
+        );
+        assert_eq!(held.ipv4, Some(*ip));
+    }
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(honest[0].2.octets(), honest[1].2.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"still relayed")
+        .expect("a packet");
+    let mut bytes = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).expect("fits");
+    d.handle_datagram(now, honest[0].0, &bytes);
+    let sent = drain(&mut d, now);
+    assert!(
+        sent.iter()
+            .any(|(c, b)| *c == honest[1].0 && b[3..] == packet[..]),
+        "the honest pair no longer relays"
+    );
+    Ok(())
+}

@@ -64,3 +64,10 @@ fn structured_message_corpus() {
         let _ = fuzzing::structured_message(&mut Unstructured::new(bytes));
     });
 }
+
+#[test]
+fn director_corpus() {
+    replay("director", |bytes| {
+        let _ = fuzzing::director(&mut Unstructured::new(bytes));
+    });
+}
