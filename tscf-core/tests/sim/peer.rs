@@ -695,7 +695,6 @@ fn forged_credentials_cannot_form_or_inject() {
         after.integrity_failures >= before.integrity_failures + 10,
         "probes, requests"
     );
-    assert_eq!(after.unauthorized_sent, before.unauthorized_sent + 5);
     assert!(
         after.dropped_unknown_peer >= before.dropped_unknown_peer + 10,
         "keepalive, release"
@@ -717,14 +716,13 @@ fn forged_credentials_cannot_form_or_inject() {
     );
     assert!(is_peer(w.nodes[b].client.peer_path(ia)));
     assert_eq!(call.astray, 0, "nothing injected reached the application");
-    // Mallory only ever hears Unauthorized.
-    for d in w.unclaimed.iter() {
-        if let tscf_core::sim::NetEvent::Datagram { payload, .. } = &d.event {
-            let env = Envelope::decode_datagram(payload).expect("envelope");
-            let msg = Message::decode(env.payload).expect("message");
-            assert_eq!(msg.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
-        }
-    }
+    // Mallory hears nothing.
+    assert!(
+        !w.unclaimed
+            .iter()
+            .any(|d| matches!(d.event, tscf_core::sim::NetEvent::Datagram { .. })),
+        "no answer to forgeries"
+    );
 }
 
 #[test]

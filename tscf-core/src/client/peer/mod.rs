@@ -15,6 +15,7 @@
 
 mod config;
 mod path;
+mod probe;
 mod service;
 mod session;
 mod stream;
@@ -27,12 +28,13 @@ use arrayvec::ArrayVec;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-pub use config::PeerConfig;
+pub use config::{PeerConfig, ProbeBudget};
 
 use super::event::PeerStreamId;
 use super::queue::{BufferPool, PacketQueue};
 use super::timer::earliest;
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
+use crate::rate::TokenBucket;
 use crate::wire::{InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
 
@@ -177,6 +179,12 @@ pub struct PeerStats {
     pub forwarded_requests: u64,
     /// Peer Probes sent.
     pub probes_sent: u64,
+    /// Peer Probes held back: the client's probe budget was spent, or the negotiation's
+    /// credit (`docs/PROTOCOL.md` §7.5).
+    pub probes_limited: u64,
+    /// Remote candidates not probed: implausible (unspecified, multicast, broadcast, port 0,
+    /// our own, loopback or link-local out of place), duplicate or beyond the limit.
+    pub candidates_refused: u64,
     /// Peer Probes answered.
     pub probes_answered: u64,
     /// Valid Peer Probe Responses received.
@@ -193,12 +201,12 @@ pub struct PeerStats {
     pub data_queue_full: u64,
     /// Keepalives sent on peer tunnels.
     pub keepalives_sent: u64,
-    /// Configuration Requests answered with Unauthorized.
-    pub unauthorized_sent: u64,
     /// Peers forgotten because `max_peers` was reached.
     pub evictions: u64,
     /// Dropped: a message whose Message Integrity is missing or wrong.
     pub integrity_failures: u64,
+    /// Dropped: a verified Peer Probe Response that answers no probe we sent to its source.
+    pub dropped_unmatched_response: u64,
     /// Dropped: a message naming a peer we hold no credentials for, or not on its tunnel.
     pub dropped_unknown_peer: u64,
     /// Dropped: a datagram that is neither STUN nor a tscf envelope, or a bad envelope.
@@ -309,7 +317,12 @@ struct Peer {
     role: Role,
     phase: Phase,
     token: Option<[u8; 16]>,
-    candidates: ArrayVec<SocketAddr, MAX_REMOTE_CANDIDATES>,
+    /// The peer's UDP candidates and their checks.
+    checks: ArrayVec<probe::Check, MAX_REMOTE_CANDIDATES>,
+    /// Octets of probes the negotiation may still send (§7.5).
+    credit: usize,
+    /// When the negotiation last sent a probe, for pacing.
+    last_probe: Option<Instant>,
     path: Option<SocketAddr>,
     /// The peer stream the path runs on, when it is not UDP.
     stream: Option<PeerStreamId>,
@@ -356,7 +369,9 @@ impl Peer {
             role: Role::Initiator,
             phase: Phase::Fallback,
             token: None,
-            candidates: ArrayVec::new(),
+            checks: ArrayVec::new(),
+            credit: 0,
+            last_probe: None,
             path: None,
             stream: None,
             stream_candidates: ArrayVec::new(),
@@ -386,7 +401,7 @@ impl Peer {
     /// Forgets everything about the current negotiation or tunnel.
     fn reset(&mut self) {
         self.token = None;
-        self.candidates.clear();
+        self.reset_checks();
         self.path = None;
         self.stream = None;
         self.stream_candidates.clear();
@@ -398,7 +413,6 @@ impl Peer {
         self.next_stream_at = None;
         self.tunnel_id = 0;
         self.deadline = None;
-        self.next_probe = None;
         self.nomination = None;
         self.next_nomination = None;
         self.answer = None;
@@ -440,6 +454,8 @@ impl Peer {
 pub(in crate::client) struct PeerAgent {
     config: PeerConfig,
     rng: ChaCha20Rng,
+    /// Every probe of every negotiation is paid from it (§7.5).
+    probe_budget: TokenBucket,
     /// Explicit opt-in settings by inner UDP source port.
     opt: BTreeMap<u16, bool>,
     discovery: Discovery,
@@ -458,6 +474,7 @@ impl PeerAgent {
         Self {
             config,
             rng: ChaCha20Rng::from_seed(rng_seed),
+            probe_budget: TokenBucket::default(),
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,

@@ -77,7 +77,12 @@ impl PeerAgent {
 
     /// The peer a message names by Peer Internal Address, if its integrity verifies under
     /// that peer's token.
-    fn verified(&self, cx: &mut Cx<'_>, msg: &Message<'_>, payload: &[u8]) -> Option<usize> {
+    pub(super) fn verified(
+        &self,
+        cx: &mut Cx<'_>,
+        msg: &Message<'_>,
+        payload: &[u8],
+    ) -> Option<usize> {
         let found = msg
             .tlvs
             .peer_internal_address
@@ -95,7 +100,7 @@ impl PeerAgent {
     }
 
     /// Signs `msg` with peer `i`'s token and queues it to `to`.
-    fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: Via, msg: &Message<'_>) {
+    pub(super) fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: Via, msg: &Message<'_>) {
         let Some(token) = self.peers[i].token else {
             return;
         };
@@ -106,87 +111,6 @@ impl PeerAgent {
             .is_ok()
         {
             self.queue_control(cx, to, &bytes);
-        }
-    }
-
-    // ---- probing ----
-
-    /// One round of Peer Probes to every candidate of peer `i`.
-    pub(super) fn send_probes(&mut self, cx: &mut Cx<'_>, i: usize) {
-        let interval = self.config.probe_interval;
-        let targets = self.peers[i].candidates.clone();
-        for to in targets {
-            self.send_probe(cx, i, to);
-        }
-        self.peers[i].next_probe = Some(after(cx.now, interval));
-    }
-
-    fn send_probe(&mut self, cx: &mut Cx<'_>, i: usize, to: SocketAddr) {
-        let peer = self.peers[i].addr;
-        let Some(own) = cx.own_for(peer) else {
-            return;
-        };
-        let sequence = cx.take_sequence();
-        let mut msg = Message::new(MessageType::PEER_PROBE, sequence, 0);
-        msg.tlvs.peer_internal_address = Some(own);
-        self.send_signed(cx, i, Via::Udp(to), &msg);
-        cx.stats.peer.probes_sent += 1;
-    }
-
-    fn on_probe(&mut self, cx: &mut Cx<'_>, from: SocketAddr, msg: &Message<'_>, payload: &[u8]) {
-        let Some(i) = self.verified(cx, msg, payload) else {
-            return;
-        };
-        let Some(own) = cx.own_for(self.peers[i].addr) else {
-            return;
-        };
-        let mut reply = Message::response_to(&msg.header, ResultCode::SUCCESS);
-        reply.tlvs.peer_internal_address = Some(own);
-        reply.tlvs.observed_address = Some(from);
-        self.send_signed(cx, i, Via::Udp(from), &reply);
-        cx.stats.peer.probes_answered += 1;
-        let p = &mut self.peers[i];
-        if p.phase == Phase::Up && p.route() == Some(Via::Udp(from)) {
-            p.last_heard = cx.now;
-        }
-        if matches!(p.phase, Phase::Probing | Phase::Nominating) && !p.candidates.contains(&from) {
-            // A peer-reflexive candidate: the peer's NAT mapping towards us.
-            if p.candidates.is_full() {
-                p.candidates.pop();
-            }
-            p.candidates.push(from);
-        }
-        if p.role == Role::Initiator && p.phase == Phase::Probing {
-            // A triggered check: the path just opened from the other side.
-            self.send_probe(cx, i, from);
-        }
-        let p = &self.peers[i];
-        if p.role == Role::Destination && p.secure.is_some() {
-            self.authorise(cx, i, from);
-        }
-    }
-
-    fn on_probe_response(
-        &mut self,
-        cx: &mut Cx<'_>,
-        from: SocketAddr,
-        msg: &Message<'_>,
-        payload: &[u8],
-    ) {
-        let Some(i) = self.verified(cx, msg, payload) else {
-            return;
-        };
-        cx.stats.peer.probe_responses += 1;
-        let p = &self.peers[i];
-        if p.role == Role::Initiator
-            && p.phase == Phase::Probing
-            && msg.tlvs.result_code == Some(ResultCode::SUCCESS)
-        {
-            if p.secure.is_some() {
-                self.start_session(cx, i, from);
-            } else {
-                self.nominate(cx, i, Via::Udp(from));
-            }
         }
     }
 
@@ -222,13 +146,9 @@ impl PeerAgent {
 
     /// A Configuration Request on the peer socket: the initiator nominated a path to us.
     fn on_configuration(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
+        // Only a request that verifies under a pair's token gets an answer: anyone can send
+        // the rest, and an answer would make this socket a reflector (counted by `verified`).
         let Some(i) = self.verified(cx, msg, payload) else {
-            let reply = Message::response_to(&msg.header, ResultCode::UNAUTHORIZED);
-            let mut bytes = Vec::new();
-            if reply.encode_envelope(&mut bytes).is_ok() {
-                self.queue_control(cx, from, &bytes);
-            }
-            cx.stats.peer.unauthorized_sent += 1;
             return;
         };
         let p = &self.peers[i];
@@ -430,7 +350,7 @@ impl PeerAgent {
                 continue;
             }
             if p.next_probe.is_some_and(|t| t <= now) && p.phase == Phase::Probing {
-                self.send_probes(cx, i);
+                self.probe(cx, i);
             }
             let p = &self.peers[i];
             if p.next_stream_at.is_some_and(|t| t <= now) && p.phase == Phase::Probing {
