@@ -73,8 +73,8 @@ impl PeerAgent {
             if c.transport != Transport::UDP && !(stream && c.kind == CandidateKind::HOST) {
                 continue;
             }
-            let duplicate = checks.iter().any(|k| k.addr == c.addr)
-                || streams.contains(&(c.transport, c.addr));
+            let duplicate =
+                checks.iter().any(|k| k.addr == c.addr) || streams.contains(&(c.transport, c.addr));
             if duplicate || !self.plausible(c.addr) {
                 refused += 1;
             } else if stream {
