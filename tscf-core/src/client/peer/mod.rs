@@ -16,6 +16,7 @@
 mod config;
 mod path;
 mod probe;
+mod release;
 mod service;
 mod session;
 mod stream;
@@ -201,6 +202,11 @@ pub struct PeerStats {
     pub data_queue_full: u64,
     /// Keepalives sent on peer tunnels.
     pub keepalives_sent: u64,
+    /// Peer tunnels we tore down and told the peer about with a Configuration Release
+    /// Request on the path.
+    pub releases_sent: u64,
+    /// Retransmitted Configuration Release Requests (not answered in time).
+    pub release_retransmissions: u64,
     /// Peers forgotten because `max_peers` was reached.
     pub evictions: u64,
     /// Dropped: a message whose Message Integrity is missing or wrong.
@@ -465,6 +471,8 @@ pub(in crate::client) struct PeerAgent {
     out: VecDeque<(Via, Vec<u8>)>,
     /// Peer streams opened or accepted.
     streams: Vec<stream::StreamSlot>,
+    /// Tunnels we tore down whose peer has not acknowledged the release (§7.6).
+    releasing: Vec<release::Releasing>,
     /// Counter for the ids of the streams we open.
     next_stream: u64,
 }
@@ -482,6 +490,7 @@ impl PeerAgent {
             peers: Vec::new(),
             out: VecDeque::new(),
             streams: Vec::new(),
+            releasing: Vec::new(),
             next_stream: 0,
         }
     }
@@ -527,6 +536,7 @@ impl PeerAgent {
                 .min_by_key(|(_, p)| (p.phase == Phase::Up, p.last_used))
                 .map(|(i, _)| i);
             if let Some(i) = victim {
+                self.tell_release(cx, i);
                 self.close_sessions(cx, i);
                 if self.peers[i].phase == Phase::Up {
                     let peer = self.peers[i].addr;
@@ -616,8 +626,9 @@ impl PeerAgent {
         let initial_backoff = self.config.retry_backoff.0;
         self.set_route(i, via);
         let (addr, keep) = (self.peers[i].addr, self.peers[i].stream);
-        // Other streams to the peer are not needed any more.
+        // Other streams to the peer are not needed any more, nor an old release.
         self.close_streams(cx, addr, keep);
+        self.forget_release(addr);
         let p = &mut self.peers[i];
         let path = p.path.unwrap_or(SocketAddr::new(addr, 0));
         p.phase = Phase::Up;
@@ -661,7 +672,12 @@ impl PeerAgent {
 
     /// Our server tunnel is gone for good: every peer tunnel goes with it.
     fn drop_all(&mut self, cx: &mut Cx<'_>) {
+        for (_, buf) in self.out.drain(..) {
+            cx.pool.give(buf);
+        }
         for i in 0..self.peers.len() {
+            // Our peers hear it on the path before the director tells them.
+            self.tell_release(cx, i);
             self.close_sessions(cx, i);
         }
         for p in std::mem::take(&mut self.peers) {
@@ -676,9 +692,6 @@ impl PeerAgent {
         self.requests.clear();
         for s in std::mem::take(&mut self.streams) {
             cx.event(ClientEvent::ClosePeerStream { stream: s.id });
-        }
-        for (_, buf) in self.out.drain(..) {
-            cx.pool.give(buf);
         }
         self.discovery = Discovery::Idle;
     }
@@ -696,7 +709,7 @@ impl PeerAgent {
         for s in &self.streams {
             at = earliest(at, s.deadline);
         }
-        at
+        earliest(at, self.releases_deadline())
     }
 
     fn handle_timeout(&mut self, cx: &mut Cx<'_>) {
@@ -704,6 +717,7 @@ impl PeerAgent {
         self.requests_timeout(cx);
         self.peers_timeout(cx);
         self.streams_timeout(cx);
+        self.releases_timeout(cx);
     }
 
     /// The next envelope for the peer socket or a peer stream.

@@ -255,6 +255,11 @@ impl PeerAgent {
 
     /// Keepalives and release on an up tunnel: found by path and tunnel id, then verified.
     fn on_tunnel_control(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
+        if msg.header.message_type == MessageType::CONFIGURATION_RELEASE_RESPONSE
+            && self.on_release_response(from, msg, payload)
+        {
+            return;
+        }
         let found = self.peers.iter().position(|p| {
             p.phase == Phase::Up && p.route() == Some(from) && p.tunnel_id == msg.header.tunnel_id
         });
@@ -293,14 +298,22 @@ impl PeerAgent {
             return;
         };
         let source = packet.source();
-        let found = self
-            .find(source)
-            .filter(|i| self.peers[*i].phase == Phase::Up && self.peers[*i].route() == Some(from));
-        let Some(i) = found.filter(|_| cx.owns(packet.destination())) else {
+        let found = self.find(source).filter(|i| {
+            let p = &self.peers[*i];
+            // The initiator takes data on the path it nominated as soon as its Configuration
+            // Request is out: the destination sends there once it has answered, and a lost
+            // answer must not lose that data (§7.5).
+            let nominated = p.phase == Phase::Nominating && p.role == Role::Initiator;
+            (p.phase == Phase::Up || nominated) && p.route() == Some(from)
+        });
+        let releasing = found.is_none() && self.releasing_accepts(source, from);
+        if !cx.owns(packet.destination()) || (found.is_none() && !releasing) {
             cx.stats.peer.dropped_bad_data += 1;
             return;
-        };
-        self.peers[i].last_heard = cx.now;
+        }
+        if let Some(i) = found.filter(|i| self.peers[*i].phase == Phase::Up) {
+            self.peers[i].last_heard = cx.now;
+        }
         if cx.inbound.push(cx.pool, payload) {
             cx.stats.peer.data_received += 1;
             cx.stats.data_received += 1;
@@ -314,20 +327,10 @@ impl PeerAgent {
         let Some(i) = self.find(peer) else {
             return;
         };
-        let p = &self.peers[i];
-        if p.phase == Phase::Fallback {
+        if self.peers[i].phase == Phase::Fallback {
             return;
         }
-        if let (Phase::Up, Some(path)) = (p.phase, p.route()) {
-            let sequence = cx.take_sequence();
-            let mut msg = Message::new(
-                MessageType::CONFIGURATION_RELEASE_REQUEST,
-                sequence,
-                p.tunnel_id,
-            );
-            msg.tlvs.result_code = Some(ResultCode::SUCCESS);
-            self.send_signed(cx, i, path, &msg);
-        }
+        self.tell_release(cx, i);
         self.down(cx, i, PeerDownReason::Released);
     }
 
@@ -346,6 +349,8 @@ impl PeerAgent {
                 continue;
             }
             if p.phase == Phase::Up && after(p.last_heard, self.config.silence_timeout) <= now {
+                // The path may have failed one way only: the peer may still hear us.
+                self.tell_release(cx, i);
                 self.down(cx, i, PeerDownReason::Silence);
                 continue;
             }

@@ -429,6 +429,8 @@ impl PeerAgent {
                     let keep = self.config.keep_on_peer_server_tunnel_loss
                         && self.peers[i].phase == Phase::Up;
                     if self.peers[i].phase != Phase::Fallback && !keep {
+                        // The peer may still be there (its own policy may keep the tunnel).
+                        self.tell_release(cx, i);
                         self.down(cx, i, PeerDownReason::PeerServerTunnelGone);
                     }
                 }
