@@ -786,6 +786,95 @@ fn one_sided_teardown_moves_other_side_to_relay_at_once() {
     assert_eq!(call.duplicates() + call.astray as usize, 0);
 }
 
+/// The probe reflection attack of the loopback test in `tests/` (a client asks again and
+/// again for a peer tunnel to an innocent one, naming a victim's addresses as its
+/// candidates), for a whole minute of virtual time and at several request rates: the victim
+/// gets at most three octets of probes per octet of the requests the director forwarded, in
+/// any minute, however the attacker paces them.
+#[test]
+fn probe_reflection_amplification_is_bounded_over_a_minute() {
+    use super::{control, RawHost};
+    use tscf_core::wire::{
+        Candidate, CandidateKind, ConnectionInfo, PeerServiceResult, ServiceAction, ServiceType,
+    };
+    for (seed, every) in [(98, ms(50)), (99, ms(1000)), (100, ms(7000))] {
+        let _guard = SeedGuard(seed);
+        let (mut w, _, b) = build(seed, Scenario::default());
+        let target = ipv4(&w, b);
+        let victim_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 99));
+        w.add_raw_host(None, victim_ip, LinkConfig::with_latency(ms(5)));
+        let attacker = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 66)));
+        attacker.send(
+            &mut w,
+            &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
+        );
+        w.run_for(ms(200));
+        let replies = attacker.received(&mut w);
+        let tunnel_id = control(&replies[0]).header.tunnel_id;
+
+        let (start, mut n) = (w.now(), 0u32);
+        let mut requests: Vec<(u32, usize)> = Vec::new();
+        let mut forwarded_bytes = 0;
+        while w.now() < start + Duration::from_secs(60) {
+            let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 100 + n, tunnel_id);
+            request.tlvs.service_type = Some(ServiceType::PEER);
+            request.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+            request.tlvs.peer_internal_address = Some(target);
+            request.tlvs.connection_info = Some(ConnectionInfo {
+                transport: Transport::UDP,
+                addr: std::net::SocketAddr::new(victim_ip, 1000),
+            });
+            for port in 1000..1008 {
+                request.tlvs.candidates.push(Candidate {
+                    kind: CandidateKind::HOST,
+                    transport: Transport::UDP,
+                    addr: std::net::SocketAddr::new(victim_ip, port),
+                });
+            }
+            let mut bytes = Vec::new();
+            request.encode_envelope(&mut bytes).expect("encodable");
+            attacker.send_bytes(&mut w, &bytes);
+            requests.push((100 + n, bytes.len()));
+            n += 1;
+            w.run_for(every);
+            for reply in attacker.received(&mut w) {
+                let m = control(&reply);
+                let available = m.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE);
+                if let Some(k) = requests.iter().position(|(s, _)| *s == m.header.sequence) {
+                    let (_, len) = requests.swap_remove(k);
+                    forwarded_bytes += if available { len } else { 0 };
+                }
+            }
+        }
+        // The last negotiations end (the establishment bound).
+        w.run_for(Duration::from_secs(5));
+        let victim_bytes: usize = w
+            .unclaimed
+            .iter()
+            .filter_map(|d| match &d.event {
+                tscf_core::sim::NetEvent::Datagram { to, payload, .. } if to.ip() == victim_ip => {
+                    Some(payload.len())
+                }
+                _ => None,
+            })
+            .sum();
+        let stats = w.nodes[b].client.stats().peer;
+        eprintln!(
+            "a request every {every:?}: {n} sent, {} forwarded ({forwarded_bytes} octets); the \
+             victim got {victim_bytes} octets ({} probes, {} held back): {:.2} per octet",
+            w.director.stats().peer.requests_forwarded,
+            stats.probes_sent,
+            stats.probes_limited,
+            victim_bytes as f64 / forwarded_bytes.max(1) as f64,
+        );
+        assert!(forwarded_bytes > 0);
+        assert!(
+            victim_bytes <= 3 * forwarded_bytes,
+            "{victim_bytes} > 3 × {forwarded_bytes}"
+        );
+    }
+}
+
 /// Anyone may send a peer socket a Configuration Request without Message Integrity, from any
 /// (spoofed) source: it is dropped and counted, never answered, so the socket reflects
 /// nothing to a victim.
