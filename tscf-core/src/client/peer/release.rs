@@ -1,10 +1,11 @@
 //! Tearing a peer tunnel down on one side (`docs/PROTOCOL.md` §7.6): the application releases
 //! it, the peer is evicted, our server tunnel is gone, the path fell silent, or the director
 //! reported the peer's server tunnel closed. The other side is told at once with a signed
-//! Configuration Release Request on the path, sent again until answered (at most
+//! Configuration Release Request on the path, on plain UDP sent again until answered (at most
 //! [`RELEASE_TRANSMISSIONS`] times, every [`RELEASE_INTERVAL`]), so that it moves its flows to
 //! the relay without waiting for its silence timeout. Until then, data it still sends on the
-//! path is delivered: nothing is lost while it learns.
+//! path is delivered: nothing is lost while it learns. A stream or a session carries the
+//! request once, before it closes with the tunnel.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -57,6 +58,11 @@ impl PeerAgent {
         self.queue_control(cx, via, &envelope);
         cx.stats.peer.releases_sent += 1;
         self.releasing.retain(|r| r.peer != peer);
+        if !matches!(via, Via::Udp(_)) {
+            // A stream or session is reliable and closes with the tunnel: the peer sees the
+            // request go out before the close, or the close itself.
+            return;
+        }
         if self.releasing.len() >= self.config.max_peers {
             self.releasing.remove(0);
         }
