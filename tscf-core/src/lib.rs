@@ -71,6 +71,7 @@
 pub mod client;
 pub mod director;
 pub mod inner;
+mod rate;
 pub mod stun;
 pub mod wire;
 

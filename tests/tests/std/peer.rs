@@ -349,3 +349,144 @@ fn a_quic_peer_transport_is_refused_at_connect_and_udp_peers_still_work() {
     b.close();
     server.shutdown();
 }
+
+// ---- probe reflection (docs/SECURITY.md, "Peer probing and peer tunnels") ----
+
+/// Reads one envelope from a stream transport.
+fn read_envelope(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut header = [0u8; 3];
+    s.read_exact(&mut header).ok()?;
+    let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+    let mut out = header.to_vec();
+    out.resize(len.max(3), 0);
+    s.read_exact(&mut out[3..]).ok()?;
+    Some(out)
+}
+
+/// Writes `msg` and reads envelopes until the response to it arrives.
+fn exchange(
+    s: &mut std::net::TcpStream,
+    msg: &tscf_core::wire::Message<'_>,
+) -> (
+    usize,
+    tscf_core::wire::Header,
+    Option<tscf_core::wire::PeerServiceResult>,
+) {
+    use std::io::Write;
+    use tscf_core::wire::{Envelope, Message};
+    let mut bytes = Vec::new();
+    msg.encode_envelope(&mut bytes).unwrap();
+    s.write_all(&bytes).unwrap();
+    loop {
+        let env = read_envelope(s).expect("an answer");
+        let env = Envelope::decode_datagram(&env).unwrap();
+        let Ok(answer) = Message::decode(env.payload) else {
+            continue;
+        };
+        if answer.header.sequence == msg.header.sequence && !answer.header.message_type.is_request()
+        {
+            return (bytes.len(), answer.header, answer.tlvs.peer_service_result);
+        }
+    }
+}
+
+/// The attack of a malicious client: its tunnel asks, again and again, for a peer tunnel to
+/// an innocent client, naming as its candidates eight UDP ports of a victim. The innocent
+/// client probes them. Whatever the attacker does, the victim gets at most three octets of
+/// probes per octet of the requests the director forwarded.
+#[test]
+fn probe_reflection_amplification_is_bounded() {
+    use std::net::{SocketAddr, TcpStream, UdpSocket};
+    use tscf_core::wire::{
+        Candidate, CandidateKind, ConnectionInfo, Message, MessageType, PeerServiceResult,
+        ServiceAction, ServiceType,
+    };
+    const REQUESTS: u32 = 30;
+
+    let server = server(|_| {});
+    // The innocent client, peer-capable (it announces its candidates).
+    let reflector = tunnel(&server, Transport::UDP);
+    let target = IpAddr::V4(reflector.internal_ipv4().unwrap());
+    // The victim: eight UDP ports on the reflector's host, counting what reaches them.
+    let victims: Vec<UdpSocket> = (0..8)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let candidates: Vec<SocketAddr> = victims.iter().map(|v| v.local_addr().unwrap()).collect();
+
+    // The attacker: a raw tunnel over TCP.
+    let mut s = TcpStream::connect(server.local_addrs().tcp[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let configure = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    let (_, header, _) = exchange(&mut s, &configure);
+    let tunnel_id = header.tunnel_id;
+    assert_ne!(tunnel_id, 0, "the attacker has a tunnel");
+
+    let (mut forwarded_bytes, mut forwarded, mut sent_bytes) = (0usize, 0u32, 0usize);
+    for n in 0..REQUESTS {
+        let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 100 + n, tunnel_id);
+        request.tlvs.service_type = Some(ServiceType::PEER);
+        request.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+        request.tlvs.peer_internal_address = Some(target);
+        request.tlvs.connection_info = Some(ConnectionInfo {
+            transport: Transport::UDP,
+            addr: candidates[0],
+        });
+        for &addr in &candidates {
+            request.tlvs.candidates.push(Candidate {
+                kind: CandidateKind::HOST,
+                transport: Transport::UDP,
+                addr,
+            });
+        }
+        let (len, answer, result) = exchange(&mut s, &request);
+        sent_bytes += len;
+        // Answered Available (from the reflector's announcement): the director forwarded it.
+        if answer.message_type == MessageType::CLIENT_SERVICE_RESPONSE
+            && result == Some(PeerServiceResult::AVAILABLE)
+        {
+            forwarded += 1;
+            forwarded_bytes += len;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(forwarded >= 1, "the director forwarded some requests");
+    assert_eq!(
+        u64::from(forwarded),
+        server.stats().director.peer.requests_forwarded
+    );
+
+    // Every negotiation the attack started ends (the establishment bound); then the victim's
+    // sockets hold everything that was ever sent to them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reflector
+        .peer_tunnels()
+        .iter()
+        .any(|t| t.state != tscf_core::client::PeerTunnelState::Fallback)
+    {
+        assert!(Instant::now() < deadline, "{:?}", reflector.peer_tunnels());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut victim_bytes = 0usize;
+    let mut buf = [0u8; 2048];
+    for v in &victims {
+        v.set_nonblocking(true).unwrap();
+        while let Ok(n) = v.recv(&mut buf) {
+            victim_bytes += n;
+        }
+    }
+    let probes = reflector.stats().client.peer.probes_sent;
+    eprintln!(
+        "{REQUESTS} requests ({sent_bytes} octets), {forwarded} forwarded ({forwarded_bytes} \
+         octets); the victim got {victim_bytes} octets ({probes} probes sent): \
+         {:.2} per forwarded octet",
+        victim_bytes as f64 / forwarded_bytes as f64
+    );
+    assert!(
+        victim_bytes <= 3 * forwarded_bytes,
+        "amplification {:.1}",
+        victim_bytes as f64 / forwarded_bytes as f64
+    );
+    reflector.close();
+    server.shutdown();
+}

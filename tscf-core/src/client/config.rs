@@ -203,6 +203,13 @@ pub enum ConfigError {
     /// [`PeerConfig::max_peers`] is 0 or above [`PeerConfig::MAX_PEERS_LIMIT`].
     #[error("max_peers {0} outside 1 to {max}", max = PeerConfig::MAX_PEERS_LIMIT)]
     PeerMaxPeers(usize),
+    /// [`PeerConfig::probe_transmissions`] is 0 or above
+    /// [`PeerConfig::MAX_PROBE_TRANSMISSIONS`], or a [`PeerConfig::probe_budget`] figure is 0.
+    #[error(
+        "probe_transmissions must be 1 to {max}, the probe budget's burst and rate above 0",
+        max = PeerConfig::MAX_PROBE_TRANSMISSIONS
+    )]
+    PeerProbeBudget,
     /// [`PeerConfig::transport`] is not UDP, DTLS or QUIC; or DTLS or QUIC without
     /// [`PeerConfig::certificate_fingerprint`]; or [`PeerConfig::require_secure`] with UDP.
     #[error(

@@ -40,7 +40,9 @@ pub use event::{
     Transmit, TunnelInfo,
 };
 pub use input::Input;
-pub use peer::{PeerConfig, PeerDownReason, PeerPath, PeerStats, PeerTunnelInfo, PeerTunnelState};
+pub use peer::{
+    PeerConfig, PeerDownReason, PeerPath, PeerStats, PeerTunnelInfo, PeerTunnelState, ProbeBudget,
+};
 
 use peer::PeerAgent;
 use queue::{BufferPool, PacketQueue};

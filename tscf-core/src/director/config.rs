@@ -60,10 +60,18 @@ pub struct DirectorConfig {
     pub stun_port: Option<u16>,
     /// How long a destination has to answer a forwarded peer request (default 1 s).
     pub peer_answer_timeout: Duration,
-    /// Peer requests one tunnel may make per `peer_request_window` (default 10 per 10 s).
+    /// Peer requests one tunnel may make: a token bucket of this many, refilled at this many
+    /// per `peer_request_window` (default 10, and 10 per 10 s: one per second). 0 refuses all.
     pub peer_request_limit: u16,
-    /// The window of `peer_request_limit`.
+    /// The refill window of `peer_request_limit`.
     pub peer_request_window: Duration,
+    /// Introductions of one initiator to one destination: a token bucket of this many,
+    /// refilled at this many per `peer_introduction_window` (default 3, and 3 per 30 s: one
+    /// every 10 s), so that one client cannot have another probe for it again and again.
+    /// 0 refuses all.
+    pub peer_introduction_limit: u16,
+    /// The refill window of `peer_introduction_limit`.
+    pub peer_introduction_window: Duration,
     /// Retransmission of director-originated requests on datagram transports (§6.3).
     pub retransmit: RetransmitConfig,
     /// Seed of the generator of tunnel ids, secrets and tokens. The runtime fills it from the
@@ -97,6 +105,8 @@ impl Default for DirectorConfig {
             peer_answer_timeout: Duration::from_secs(1),
             peer_request_limit: 10,
             peer_request_window: Duration::from_secs(10),
+            peer_introduction_limit: 3,
+            peer_introduction_window: Duration::from_secs(30),
             retransmit: RetransmitConfig::default(),
             rng_seed: [0; 32],
         }

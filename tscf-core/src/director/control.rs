@@ -150,7 +150,6 @@ impl SessionDirector {
             last_heard: now,
             persistent_since: None,
             last_answer: [None, None],
-            peer_window: (now, 0),
             announced: None,
             queue: VecDeque::new(),
             in_ready: false,
@@ -230,6 +229,7 @@ impl SessionDirector {
             connection,
         });
         self.send_configuration(connection, id, &request.header);
+        self.peer_reattached(now, id);
     }
 
     /// Answers a Configuration Request with tunnel `id`'s configuration, and remembers it.

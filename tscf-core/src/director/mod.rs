@@ -219,8 +219,6 @@ struct Tunnel {
     /// Service Requests have their own slot: a client may have one outstanding beside a
     /// keepalive, and a late retransmission must not start a second negotiation.
     last_answer: [Option<(MessageType, u32, Vec<u8>)>; 2],
-    /// Start of the current peer request window and the requests made in it.
-    peer_window: (Instant, u16),
     /// Peer candidates the client announced (§7.2); boxed so that tunnels that never announce
     /// pay one pointer.
     announced: Option<Box<peer::Announcement>>,

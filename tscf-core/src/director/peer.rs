@@ -1,9 +1,14 @@
 //! The peer service on the director (`docs/PROTOCOL.md` §7.3, §7.4, §7.6): it introduces two
 //! clients to each other with fresh credentials, and tells a client when the other end of a
 //! peer tunnel it introduced has lost its server tunnel.
+//!
+//! Its part in bounding probe reflection (§7.3): a token bucket of peer requests per tunnel,
+//! another of introductions per initiator and destination, and no implausible candidate
+//! forwarded. Every lookup on a request or a tunnel's close goes through an index, never a walk
+//! of all negotiations.
 
 use std::cmp::Reverse;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use rand_core::RngCore;
@@ -12,6 +17,7 @@ use rustc_hash::FxHashMap;
 use super::{ConnectionHandle, SessionDirector, Timer};
 use arrayvec::ArrayVec;
 
+use crate::rate::{self, TokenBucket};
 use crate::wire::{
     Candidate, Capabilities, ConnectionInfo, Header, Message, MessageType, PeerCredentials,
     PeerServiceResult, ResultCode, ServiceAction, ServiceType, MAX_CANDIDATES,
@@ -20,6 +26,9 @@ use crate::wire::{
 /// The most peers one tunnel is remembered to have been introduced to; the oldest is forgotten
 /// beyond it (it then gets no release notice).
 const MAX_PEERS_PER_TUNNEL: usize = 64;
+/// Destinations whose introduction budget one initiator is remembered for; beyond, the one
+/// closest to a full budget is forgotten.
+const MAX_DESTINATIONS_PER_INITIATOR: usize = 16;
 
 /// Peer service state of a director.
 #[derive(Debug, Default)]
@@ -28,10 +37,40 @@ pub(super) struct PeerService {
     negotiations: FxHashMap<u32, Negotiation>,
     /// Pairs with a negotiation under way (smaller tunnel id first) → forwarded sequence.
     pending_pairs: FxHashMap<(u64, u64), u32>,
+    /// The initiator's tunnel and request sequence → forwarded sequence, so that a
+    /// retransmitted request is found at once.
+    by_request: FxHashMap<(u64, u32), u32>,
+    /// For each tunnel, the negotiations it takes part in (forwarded sequences).
+    by_tunnel: FxHashMap<u64, Vec<u32>>,
     /// For each tunnel, the tunnels it was introduced to.
     introduced: FxHashMap<u64, Vec<u64>>,
     /// Release notices awaiting their response, by sequence.
     releases: FxHashMap<u32, Notice>,
+    /// Release notices for tunnels that were persistent: the departed clients' addresses, sent
+    /// when the tunnel is re-attached.
+    held: FxHashMap<u64, Vec<IpAddr>>,
+    /// The rate limits of each tunnel that made peer requests.
+    requesters: FxHashMap<u64, Requester>,
+}
+
+#[cfg(test)]
+impl PeerService {
+    /// Sizes of the negotiations, their request index and their tunnel index.
+    pub(super) fn indexed(&self) -> (usize, usize, usize) {
+        (
+            self.negotiations.len(),
+            self.by_request.len(),
+            self.by_tunnel.len(),
+        )
+    }
+}
+
+/// The rate limits of one initiator (§7.3).
+#[derive(Debug, Default)]
+struct Requester {
+    requests: TokenBucket,
+    /// Introductions towards each destination.
+    towards: ArrayVec<(u64, TokenBucket), MAX_DESTINATIONS_PER_INITIATOR>,
 }
 
 /// What a client announced about its peer endpoint.
@@ -61,12 +100,25 @@ struct Negotiation {
 #[derive(Debug)]
 struct Notice {
     tunnel: u64,
+    /// The departed client's address, as the notice names it.
+    departed: IpAddr,
     bytes: Vec<u8>,
     sent: u32,
 }
 
 fn pair(a: u64, b: u64) -> (u64, u64) {
     (a.min(b), a.max(b))
+}
+
+/// Whether a candidate address may be forwarded at all (§7.3).
+fn plausible(addr: SocketAddr, on_loopback: bool) -> bool {
+    let ip = addr.ip().to_canonical();
+    let broadcast = matches!(ip, IpAddr::V4(a) if a.is_broadcast());
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !broadcast
+        && (on_loopback || !ip.is_loopback())
 }
 
 impl SessionDirector {
@@ -90,9 +142,10 @@ impl SessionDirector {
             return refuse(self, ResultCode::SERVICE_NOT_ENABLED, None);
         }
         if request.tlvs.service_action == Some(ServiceAction::ANNOUNCE) {
+            let candidates = self.forwardable(connection, &request.tlvs.candidates);
             if let Some(t) = self.tunnels.get_mut(&id) {
                 t.announced = Some(Box::new(Announcement {
-                    candidates: request.tlvs.candidates.clone(),
+                    candidates,
                     connection_info: request.tlvs.connection_info,
                     fingerprint: request.tlvs.certificate_fingerprint,
                 }));
@@ -109,12 +162,7 @@ impl SessionDirector {
             return refuse(self, ResultCode::SUCCESS, None);
         }
         // A retransmission of a request whose forward is still waiting for its answer.
-        let waiting = self
-            .peer
-            .negotiations
-            .values()
-            .any(|n| n.initiator == id && n.request.sequence == header.sequence);
-        if waiting {
+        if self.peer.by_request.contains_key(&(id, header.sequence)) {
             return;
         }
         if !self.allow_peer_request(now, id) {
@@ -143,6 +191,9 @@ impl SessionDirector {
         let Some(initiator_addr) = self.tunnel_address(id, family_v6) else {
             return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
         };
+        if !self.allow_introduction(now, id, dest) {
+            return refuse(self, ResultCode::RATE_LIMITED, None);
+        }
         let mut token = [0u8; 16];
         self.rng.fill_bytes(&mut token);
         let sequence = self.next_director_sequence();
@@ -151,7 +202,7 @@ impl SessionDirector {
         forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
         forward.tlvs.peer_internal_address = Some(initiator_addr);
         forward.tlvs.connection_info = request.tlvs.connection_info;
-        forward.tlvs.candidates = request.tlvs.candidates.clone();
+        forward.tlvs.candidates = self.forwardable(connection, &request.tlvs.candidates);
         forward.tlvs.peer_credentials = Some(PeerCredentials {
             token,
             fingerprint: request.tlvs.certificate_fingerprint,
@@ -166,6 +217,10 @@ impl SessionDirector {
         self.timers
             .push(Reverse((deadline.min(rto), Timer::PeerAnswer(sequence))));
         self.peer.pending_pairs.insert(pair(id, dest), sequence);
+        self.peer.by_request.insert((id, header.sequence), sequence);
+        for t in [id, dest] {
+            self.peer.by_tunnel.entry(t).or_default().push(sequence);
+        }
         // Fast path (§7.3): a destination that announced its candidates is known to be able to
         // answer, so the initiator hears them now and both sides start probing about one server
         // round trip after the request instead of two.
@@ -280,14 +335,20 @@ impl SessionDirector {
         let Some(n) = self.peer.releases.get_mut(&sequence) else {
             return;
         };
-        let connection = self.tunnels.get(&n.tunnel).and_then(|t| t.connection);
-        match connection {
-            Some(c) if n.sent < max => {
+        let tunnel = self.tunnels.get(&n.tunnel);
+        match tunnel.map(|t| t.connection) {
+            Some(Some(c)) if n.sent < max => {
                 n.sent += 1;
                 self.control_out.push_back((c, n.bytes.clone()));
                 let at = now + self.config.retransmit.rto(n.sent);
                 self.timers
                     .push(Reverse((at, Timer::PeerRelease(sequence))));
+            }
+            Some(None) => {
+                // Persistent: the notice waits for the re-attach.
+                if let Some(n) = self.peer.releases.remove(&sequence) {
+                    self.hold_notice(n.tunnel, n.departed);
+                }
             }
             _ => {
                 self.peer.releases.remove(&sequence);
@@ -295,17 +356,17 @@ impl SessionDirector {
         }
     }
 
+    /// Tunnel `id` was re-attached: the release notices it missed while persistent go out.
+    pub(super) fn peer_reattached(&mut self, now: Instant, id: u64) {
+        for departed in self.peer.held.remove(&id).unwrap_or_default() {
+            self.send_release_notice(now, id, departed);
+        }
+    }
+
     /// Tunnel `id` closed: fail the negotiations it was part of and tell the clients it was
     /// introduced to that their peer tunnel with it is gone.
     pub(super) fn peer_tunnel_closed(&mut self, now: Instant, id: u64, addresses: &[IpAddr]) {
-        let failed: Vec<u32> = self
-            .peer
-            .negotiations
-            .iter()
-            .filter(|(_, n)| n.initiator == id || n.responder == id)
-            .map(|(s, _)| *s)
-            .collect();
-        for sequence in failed {
+        for sequence in self.peer.by_tunnel.remove(&id).unwrap_or_default() {
             let Some(n) = self.take_negotiation(sequence) else {
                 continue;
             };
@@ -316,7 +377,9 @@ impl SessionDirector {
                 self.answer_initiator(n.initiator, &n.request, &reply);
             }
         }
-        self.peer.releases.retain(|_, n| n.tunnel != id);
+        // Its own pending notices die at their next timer; the held ones and its limits now.
+        self.peer.held.remove(&id);
+        self.peer.requesters.remove(&id);
         let Some(partners) = self.peer.introduced.remove(&id) else {
             return;
         };
@@ -327,10 +390,6 @@ impl SessionDirector {
             let Some(t) = self.tunnels.get(&other) else {
                 continue;
             };
-            let Some(connection) = t.connection else {
-                continue;
-            };
-            let datagram = t.transport.is_datagram();
             // Name the departed client by the address family the partner uses.
             let Some(&addr) = addresses
                 .iter()
@@ -339,31 +398,62 @@ impl SessionDirector {
             else {
                 continue;
             };
-            let sequence = self.next_director_sequence();
-            let mut notice = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, other);
-            notice.tlvs.service_type = Some(ServiceType::PEER);
-            notice.tlvs.service_action = Some(ServiceAction::RELEASE);
-            notice.tlvs.peer_internal_address = Some(addr);
-            let mut bytes = Vec::new();
-            if notice.encode_envelope(&mut bytes).is_err() {
-                continue;
-            }
-            self.control_out.push_back((connection, bytes.clone()));
-            self.stats.peer.release_notices += 1;
-            if datagram {
-                self.peer.releases.insert(
-                    sequence,
-                    Notice {
-                        tunnel: other,
-                        bytes,
-                        sent: 1,
-                    },
-                );
-                let at = now + self.config.retransmit.rto(1);
-                self.timers
-                    .push(Reverse((at, Timer::PeerRelease(sequence))));
+            if t.connection.is_some() {
+                self.send_release_notice(now, other, addr);
+            } else {
+                self.hold_notice(other, addr);
             }
         }
+    }
+
+    /// Tells tunnel `to` that the client at `departed` lost its server tunnel (§7.6), and
+    /// retransmits on a datagram transport until answered.
+    fn send_release_notice(&mut self, now: Instant, to: u64, departed: IpAddr) {
+        let Some(t) = self.tunnels.get(&to) else {
+            return;
+        };
+        let Some(connection) = t.connection else {
+            return self.hold_notice(to, departed);
+        };
+        let datagram = t.transport.is_datagram();
+        let sequence = self.next_director_sequence();
+        let mut notice = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, to);
+        notice.tlvs.service_type = Some(ServiceType::PEER);
+        notice.tlvs.service_action = Some(ServiceAction::RELEASE);
+        notice.tlvs.peer_internal_address = Some(departed);
+        let mut bytes = Vec::new();
+        if notice.encode_envelope(&mut bytes).is_err() {
+            return;
+        }
+        self.control_out.push_back((connection, bytes.clone()));
+        self.stats.peer.release_notices += 1;
+        if datagram {
+            self.peer.releases.insert(
+                sequence,
+                Notice {
+                    tunnel: to,
+                    departed,
+                    bytes,
+                    sent: 1,
+                },
+            );
+            let at = now + self.config.retransmit.rto(1);
+            self.timers
+                .push(Reverse((at, Timer::PeerRelease(sequence))));
+        }
+    }
+
+    /// Keeps a release notice for persistent tunnel `to` until it is re-attached.
+    fn hold_notice(&mut self, to: u64, departed: IpAddr) {
+        let held = self.peer.held.entry(to).or_default();
+        if held.contains(&departed) {
+            return;
+        }
+        if held.len() >= MAX_PEERS_PER_TUNNEL {
+            held.remove(0);
+        }
+        held.push(departed);
+        self.stats.peer.release_notices_held += 1;
     }
 
     /// Answers the initiator from the destination's announcement, if it made one.
@@ -401,6 +491,17 @@ impl SessionDirector {
         self.peer
             .pending_pairs
             .remove(&pair(n.initiator, n.responder));
+        self.peer
+            .by_request
+            .remove(&(n.initiator, n.request.sequence));
+        for t in [n.initiator, n.responder] {
+            if let Some(list) = self.peer.by_tunnel.get_mut(&t) {
+                list.retain(|s| *s != sequence);
+                if list.is_empty() {
+                    self.peer.by_tunnel.remove(&t);
+                }
+            }
+        }
         Some(n)
     }
 
@@ -411,24 +512,79 @@ impl SessionDirector {
         self.send_and_remember(connection, initiator, request, reply);
     }
 
-    /// Sliding-window rate limit of peer requests per tunnel.
+    /// The token bucket of peer requests of tunnel `id` (§7.3): false when it is empty.
     fn allow_peer_request(&mut self, now: Instant, id: u64) -> bool {
         let (limit, window) = (
             self.config.peer_request_limit,
             self.config.peer_request_window,
         );
-        let Some(t) = self.tunnels.get_mut(&id) else {
+        if !self.tunnels.contains_key(&id) {
             return false;
-        };
-        if now.saturating_duration_since(t.peer_window.0) >= window {
-            t.peer_window = (now, 0);
         }
-        if t.peer_window.1 >= limit {
+        let bucket = &mut self.peer.requesters.entry(id).or_default().requests;
+        let interval = rate::interval(u32::from(limit), window);
+        if limit == 0 || !bucket.take(now, u32::from(limit), interval) {
             self.stats.peer.rate_limited += 1;
             return false;
         }
-        t.peer_window.1 += 1;
         true
+    }
+
+    /// The token bucket of introductions of initiator `id` to `dest` (§7.3): false when it is
+    /// empty.
+    fn allow_introduction(&mut self, now: Instant, id: u64, dest: u64) -> bool {
+        let (limit, window) = (
+            self.config.peer_introduction_limit,
+            self.config.peer_introduction_window,
+        );
+        let interval = rate::interval(u32::from(limit), window);
+        let towards = &mut self.peer.requesters.entry(id).or_default().towards;
+        let k = match towards.iter().position(|(d, _)| *d == dest) {
+            Some(k) => k,
+            None => {
+                if towards.is_full() {
+                    // Forget the destination whose bucket is fullest (soonest full again).
+                    let fullest = towards
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, (_, b))| b.available_at(now, u32::from(limit), interval))
+                        .map(|(k, _)| k);
+                    if let Some(k) = fullest {
+                        towards.swap_remove(k);
+                    }
+                }
+                towards.push((dest, TokenBucket::default()));
+                towards.len() - 1
+            }
+        };
+        if limit == 0 || !towards[k].1.take(now, u32::from(limit), interval) {
+            self.stats.peer.introductions_limited += 1;
+            return false;
+        }
+        true
+    }
+
+    /// The candidates of a request or an announcement made on `connection` that are worth
+    /// forwarding: no unspecified, multicast or broadcast address, no loopback address unless
+    /// the client itself reaches us from loopback, no duplicate.
+    fn forwardable(
+        &mut self,
+        connection: ConnectionHandle,
+        candidates: &[Candidate],
+    ) -> ArrayVec<Candidate, MAX_CANDIDATES> {
+        let on_loopback = self
+            .connections
+            .get(&connection)
+            .is_some_and(|c| c.info.remote.ip().to_canonical().is_loopback());
+        let mut out = ArrayVec::new();
+        for c in candidates {
+            if plausible(c.addr, on_loopback) && !out.iter().any(|o: &Candidate| o.addr == c.addr) {
+                out.push(*c);
+            } else {
+                self.stats.peer.candidates_dropped += 1;
+            }
+        }
+        out
     }
 
     fn remember_introduction(&mut self, a: u64, b: u64) {

@@ -44,10 +44,16 @@ pub struct PeerCounters {
     pub refused_by_destination: u64,
     /// Destinations that did not answer in time.
     pub timeouts: u64,
-    /// Requests refused by the rate limit.
+    /// Requests refused by the rate limit of the initiator's peer requests.
     pub rate_limited: u64,
+    /// Requests refused by the limit of introductions of one initiator to one destination.
+    pub introductions_limited: u64,
+    /// Candidates not forwarded (implausible or duplicate).
+    pub candidates_dropped: u64,
     /// Release notices sent because a server tunnel closed.
     pub release_notices: u64,
+    /// Release notices held for a persistent tunnel, to be sent on its re-attach.
+    pub release_notices_held: u64,
 }
 
 /// Configuration Requests refused, by result code.

@@ -1103,6 +1103,178 @@ mod peer {
         assert!(h.send(cb, &answer).is_empty());
         assert_eq!(h.d.stats().peer.answered_from_announcement, 1);
     }
+
+    /// A fixed window of 10 per 10 s let 20 requests through in a tenth of a second around
+    /// its edge; the token bucket lets 10 through and then one per second.
+    #[test]
+    fn doubled_peer_request_rate_at_a_window_edge_is_refused() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let allowed = |h: &mut Harness| {
+            (0..10)
+                .filter(|_| {
+                    let req = peer_request(h, a, Ipv4Addr::new(10, 77, 50, 50));
+                    let out = h.send(ca, &req);
+                    out[0].message().tlvs.result_code != Some(ResultCode::RATE_LIMITED)
+                })
+                .count()
+        };
+        h.advance(Duration::from_millis(9_950));
+        assert_eq!(allowed(&mut h), 10, "a full bucket");
+        h.advance(Duration::from_millis(100));
+        assert_eq!(allowed(&mut h), 0, "a tenth of a token since");
+        h.advance(Duration::from_secs(3));
+        assert_eq!(allowed(&mut h), 3, "one per second");
+        assert_eq!(h.d.stats().peer.rate_limited, 17);
+    }
+
+    /// One client asks again and again for a peer tunnel to the same destination (each
+    /// negotiation answered at once): the destination is introduced three times, then once
+    /// every 10 s.
+    #[test]
+    fn repeated_introductions_to_one_destination_are_limited() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let (_, _, ipb) = capable(&mut h, 2, STREAM);
+        let (_, _, ipc) = capable(&mut h, 3, STREAM);
+        let ask = |h: &mut Harness, dest: Ipv4Addr| {
+            let req = peer_request(h, a, dest);
+            let out = h.send(ca, &req);
+            // Forwarded, or refused with Rate Limited.
+            match out.iter().find(|o| o.connection != ca) {
+                Some(out) => {
+                    let fwd = out.message();
+                    let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+                    answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+                    h.send(out.connection, &answer);
+                    true
+                }
+                None => false,
+            }
+        };
+        let forwarded = (0..6).filter(|_| ask(&mut h, ipb)).count();
+        assert_eq!(forwarded, 3);
+        assert_eq!(h.d.stats().peer.introductions_limited, 3);
+        assert!(ask(&mut h, ipc), "another destination is not limited by it");
+        h.advance(Duration::from_secs(10));
+        assert!(ask(&mut h, ipb), "one more after 10 s");
+        assert!(!ask(&mut h, ipb));
+    }
+
+    /// An initiator names as candidates addresses no client can have: they are not forwarded
+    /// (loopback only between clients that reach the director from loopback).
+    #[test]
+    fn implausible_candidates_are_not_forwarded() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, _) = capable(&mut h, 1, STREAM);
+        let (cb, _, ipb) = capable(&mut h, 2, STREAM);
+        let mut req = peer_request(&mut h, a, ipb);
+        let good = req.tlvs.candidates[0];
+        for addr in [
+            "0.0.0.0:5000",
+            "224.0.0.251:5353",
+            "255.255.255.255:9",
+            "127.0.0.1:53",
+            "[::1]:53",
+            "[ff02::1]:9",
+            "192.168.1.10:50000",
+        ] {
+            req.tlvs.candidates.push(Candidate {
+                kind: CandidateKind::HOST,
+                transport: Transport::UDP,
+                addr: addr.parse().expect("addr"),
+            });
+        }
+        let out = h.send(ca, &req);
+        let fwd = out.iter().find(|o| o.connection == cb).expect("forwarded");
+        assert_eq!(fwd.message().tlvs.candidates.as_slice(), [good]);
+        assert_eq!(h.d.stats().peer.candidates_dropped, 7);
+    }
+
+    /// The peer of a tunnel that closes is persistent at that moment (its transport broke):
+    /// the release notice waits for its re-attach instead of being lost.
+    #[test]
+    fn release_notice_reaches_a_partner_that_was_persistent() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let cb = h.connect(2, DGRAM);
+        let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        req.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
+        let m = h.send(cb, &req);
+        let m = m[0].message();
+        let (b, secret) = (m.header.tunnel_id, m.tlvs.reattach_secret.expect("secret"));
+        let ipb = m.tlvs.internal_ipv4.expect("v4").addr;
+        let req = peer_request(&mut h, a, ipb);
+        let fwd = h.send(ca, &req);
+        let fwd = fwd[0].message();
+        let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        h.send(cb, &answer);
+
+        h.d.handle_disconnect(h.now, cb);
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, a);
+        let out = h.send(ca, &release);
+        assert!(out.iter().all(|o| o.connection == ca), "nobody to tell yet");
+        assert!(h.advance(Duration::from_secs(20)).is_empty());
+
+        let cb2 = h.connect(3, DGRAM);
+        let mut reattach = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        reattach.tlvs.tunnel_id = Some(b);
+        reattach.tlvs.reattach_secret = Some(secret);
+        let out = h.send(cb2, &reattach);
+        assert_eq!(
+            out[0].message().header.message_type,
+            MessageType::CONFIGURATION_RESPONSE
+        );
+        let notice = out
+            .get(1)
+            .expect("the notice follows the configuration")
+            .message();
+        assert_eq!(notice.tlvs.service_action, Some(ServiceAction::RELEASE));
+        assert_eq!(notice.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+        assert_eq!(h.d.stats().peer.release_notices_held, 1);
+    }
+
+    /// Many negotiations under way at once: a retransmitted request, a tunnel's close and a
+    /// destination's answer each find theirs through an index (no walk of all of them under
+    /// the director's lock), and nothing is left behind once they end.
+    #[test]
+    fn a_flood_of_negotiations_is_looked_up_by_index() {
+        const N: u64 = 300;
+        let mut h = Harness::new(DirectorConfig::default());
+        let (cd, d, ipd) = capable(&mut h, 1, DGRAM);
+        let mut initiators = Vec::new();
+        for c in 0..N {
+            let (conn, id, _) = capable(&mut h, 10 + c, STREAM);
+            let req = peer_request(&mut h, id, ipd);
+            let out = h.send(conn, &req);
+            assert_eq!(out[0].connection, cd);
+            initiators.push((conn, id, req));
+        }
+        assert_eq!(h.d.peer.indexed(), (N as usize, N as usize, N as usize + 1));
+        // A retransmission is recognised, whichever initiator sends it.
+        for (conn, _, req) in initiators.iter().rev().take(5) {
+            assert!(h.send(*conn, req).is_empty());
+        }
+        // One initiator leaves: only its negotiation ends.
+        let (conn, id, _) = initiators.pop().expect("one");
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, id);
+        h.send(conn, &release);
+        assert_eq!(
+            h.d.peer.indexed(),
+            (N as usize - 1, N as usize - 1, N as usize)
+        );
+        // The destination leaves: every initiator hears Peer Unavailable.
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, d);
+        let out = h.send(cd, &release);
+        let unavailable = out
+            .iter()
+            .filter(|o| o.connection != cd)
+            .filter(|o| o.message().tlvs.result_code == Some(ResultCode::PEER_UNAVAILABLE))
+            .count();
+        assert_eq!(unavailable, N as usize - 1);
+        assert_eq!(h.d.peer.indexed(), (0, 0, 0));
+    }
 }
 
 /// The queue of unconfigured connections used to keep one entry per connection ever seen

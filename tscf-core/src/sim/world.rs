@@ -48,6 +48,10 @@ enum ClientTransport {
     },
 }
 
+/// A filter of a peer socket's outgoing datagrams: true drops the datagram (its destination
+/// and bytes are given).
+pub type PeerDrop = Box<dyn FnMut(SocketAddr, &[u8]) -> bool>;
+
 /// One client host and its state machine.
 pub struct Node {
     /// The host in the network.
@@ -69,6 +73,9 @@ pub struct Node {
     pub peer_socket: Option<SocketAddr>,
     /// Drops everything the peer socket sends or receives (a firewalled or dead socket).
     pub peer_blocked: bool,
+    /// Drops the peer socket's outgoing datagrams (plain, not in a session) for which it
+    /// returns true, given their destination and bytes: a test's way to lose one message.
+    pub peer_drop: Option<PeerDrop>,
     /// Inner UDP source ports of the data packets sent on peer paths.
     pub peer_data_ports: std::collections::BTreeSet<u16>,
     /// The certificate fingerprint this node presents in peer session handshakes: its
@@ -239,6 +246,7 @@ impl World {
             received_at: Vec::new(),
             peer_socket,
             peer_blocked: false,
+            peer_drop: None,
             peer_data_ports: Default::default(),
             session_cert: None,
             sessions: BTreeMap::new(),
@@ -395,6 +403,13 @@ impl World {
                     let Some(local) = node.peer_socket.filter(|_| !node.peer_blocked) else {
                         continue;
                     };
+                    if node
+                        .peer_drop
+                        .as_mut()
+                        .is_some_and(|drop| drop(to, &self.buf))
+                    {
+                        continue;
+                    }
                     if self.buf.first() == Some(&EnvelopeType::DATA.0) {
                         if let Some(port) = crate::wire::InnerPacket::parse(&self.buf[3..])
                             .ok()

@@ -2,8 +2,10 @@
 //! fallback, simultaneous initiation, path loss, removal, forged credentials, invariants over
 //! many seeds, and the measured setup time.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tscf_core::client::{ClientConfig, ClientEvent, PeerConfig, PeerDownReason, PeerPath};
@@ -45,6 +47,8 @@ struct Scenario {
     transport: Transport,
     director: fn() -> DirectorConfig,
     peer_b: bool,
+    /// Adjusts a's peer configuration.
+    peer_a: fn(&mut PeerConfig),
 }
 
 impl Default for Scenario {
@@ -59,6 +63,7 @@ impl Default for Scenario {
             transport: Transport::UDP,
             director: DirectorConfig::default,
             peer_b: true,
+            peer_a: |_| {},
         }
     }
 }
@@ -107,7 +112,9 @@ fn build_with(seed: u64, s: Scenario, announce_b: bool) -> (World, usize, usize)
     let peer = || PeerConfig::new(Vec::new(), Vec::new());
     let (ip_a, ip_b) = (ip(site_a, 10), ip(site_b, 11));
     let link = lossy(access, s.loss);
-    let a = w.add_peer_client(site_a, ip_a, link.clone(), config(), peer());
+    let mut peer_a = peer();
+    (s.peer_a)(&mut peer_a);
+    let a = w.add_peer_client(site_a, ip_a, link.clone(), config(), peer_a);
     let peer_b = s.peer_b.then(|| PeerConfig {
         announce: announce_b,
         ..peer()
@@ -640,6 +647,276 @@ fn release_by_the_application_removes_the_tunnel_on_both_sides() {
     assert_eq!(call.lost(), 0);
 }
 
+/// The message type of a control envelope.
+fn control_type(envelope: &[u8]) -> Option<MessageType> {
+    let env = Envelope::decode_datagram(envelope).ok()?;
+    (env.kind == EnvelopeType::CONTROL)
+        .then(|| {
+            Message::decode(env.payload)
+                .ok()
+                .map(|m| m.header.message_type)
+        })
+        .flatten()
+}
+
+/// Drops the first `n` datagrams of type `kind` that node `i`'s peer socket sends; returns
+/// how many it dropped so far.
+fn drop_first(w: &mut World, i: usize, kind: MessageType, n: u32) -> Rc<Cell<u32>> {
+    let dropped = Rc::new(Cell::new(0));
+    let count = dropped.clone();
+    w.nodes[i].peer_drop = Some(Box::new(move |_, bytes| {
+        let hit = control_type(bytes) == Some(kind) && count.get() < n;
+        if hit {
+            count.set(count.get() + 1);
+        }
+        hit
+    }));
+    dropped
+}
+
+/// The destination answers the initiator's Configuration Request and starts sending on the
+/// peer path; its answer is lost. The initiator takes that data all the same (it nominated the
+/// path), so nothing is lost while it retransmits its request.
+#[test]
+fn lost_configuration_response_loses_no_data() {
+    for seed in [91, 92, 93] {
+        let _guard = SeedGuard(seed);
+        let (mut w, a, b) = build(seed, Scenario::default());
+        let dropped = drop_first(&mut w, b, MessageType::CONFIGURATION_RESPONSE, 1);
+        let mut call = Call::new(&w, a, b, ms(20));
+        call.run(&mut w, Duration::from_secs(3));
+        call.drain(&mut w, ms(500));
+        dump_unless(both_up(&w, a, b), &w, a, b);
+        assert!(both_up(&w, a, b));
+        assert_eq!(dropped.get(), 1, "the first answer was lost");
+        assert!(
+            w.nodes[a].client.stats().peer.data_received > 0,
+            "echoes came on the peer path"
+        );
+        assert_eq!(call.lost(), 0, "every frame and echo delivered");
+        assert_eq!(call.duplicates() + call.astray as usize, 0);
+    }
+}
+
+/// A peer tunnel that one side tears down alone: the other side hears it on the path at
+/// once (and again if that is lost) and moves to the relay, and what it sent meanwhile on the
+/// path is still delivered.
+#[test]
+fn one_sided_teardown_moves_other_side_to_relay_at_once() {
+    // a is evicted from b's peer table (b keeps one peer) when b starts talking to another.
+    let _guard = SeedGuard(95);
+    let (mut w, a, b) = build(
+        95,
+        Scenario {
+            peer_a: |p| p.max_peers = 1,
+            ..Scenario::default()
+        },
+    );
+    let (ia, ib) = (v4(&w, a), v4(&w, b));
+    // b → a on the opted-in port; a answers nothing on it, so only b's side asks.
+    let (mut sent, mut got) = (0u32, Vec::new());
+    let mut step = |w: &mut World, d: Duration| {
+        let end = w.now() + d;
+        while w.now() < end {
+            w.send_udp_ports(b, MEDIA, ia, MEDIA, &tag(b'A', sent));
+            sent += 1;
+            w.run_for(ms(20));
+        }
+    };
+    step(&mut w, Duration::from_secs(2));
+    assert!(is_peer(w.nodes[b].client.peer_path(IpAddr::V4(ia))));
+    assert!(is_peer(w.nodes[a].client.peer_path(IpAddr::V4(ib))));
+    // a sends one opted-in packet to a third address: b's state is evicted.
+    let evicted = w.now();
+    w.send_udp_ports(a, MEDIA, Ipv4Addr::new(10, 77, 3, 3), MEDIA, b"x");
+    let mut back = None;
+    while w.now() < evicted + Duration::from_secs(1) {
+        step(&mut w, ms(20));
+        if back.is_none() && !is_peer(w.nodes[b].client.peer_path(IpAddr::V4(ia))) {
+            back = Some(w.now() - evicted);
+        }
+    }
+    // The last packets, on the relay, arrive.
+    w.run_for(ms(500));
+    for p in &w.nodes[a].received {
+        if let Some((b'A', seq)) = untag(p) {
+            got.push(seq);
+        }
+    }
+    let back = back.expect("b back on the relay");
+    eprintln!("evicted: b on the relay {back:?} later");
+    assert!(
+        back <= ms(50),
+        "b told at once, not at its silence timeout: {back:?}"
+    );
+    assert!(down_reasons(&w, b).contains(&PeerDownReason::Released));
+    got.sort_unstable();
+    got.dedup();
+    let missing: Vec<u32> = (0..sent)
+        .filter(|s| got.binary_search(s).is_err())
+        .collect();
+    dump_unless(missing.is_empty(), &w, a, b);
+    assert!(
+        missing.is_empty(),
+        "nothing lost across the teardown: {missing:?} of {sent}"
+    );
+
+    // a releases the tunnel; its first Configuration Release Request is lost.
+    let _guard = SeedGuard(96);
+    let (mut w, a, b) = build(96, Scenario::default());
+    let mut call = Call::new(&w, a, b, ms(20));
+    call.run(&mut w, Duration::from_secs(2));
+    assert!(both_up(&w, a, b));
+    let dropped = drop_first(&mut w, a, MessageType::CONFIGURATION_RELEASE_REQUEST, 1);
+    let (now, peer) = (w.now(), ipv4(&w, b));
+    w.nodes[a].client.release_peer_tunnel(now, peer);
+    let mut back = None;
+    while w.now() < now + Duration::from_secs(1) {
+        call.run(&mut w, ms(10));
+        if back.is_none() && !is_peer(w.nodes[b].client.peer_path(ipv4(&w, a))) {
+            back = Some(w.now() - now);
+        }
+    }
+    call.drain(&mut w, ms(500));
+    let back = back.expect("b back on the relay");
+    eprintln!("released, first request lost: b on the relay {back:?} later");
+    assert_eq!(dropped.get(), 1);
+    assert!(back <= ms(150), "the release is sent again: {back:?}");
+    assert_eq!(call.lost(), 0, "nothing lost across the teardown");
+    assert_eq!(call.duplicates() + call.astray as usize, 0);
+}
+
+/// The probe reflection attack of the loopback test in `tests/` (a client asks again and
+/// again for a peer tunnel to an innocent one, naming a victim's addresses as its
+/// candidates), for a whole minute of virtual time and at several request rates: the victim
+/// gets at most three octets of probes per octet of the requests the director forwarded, in
+/// any minute, however the attacker paces them.
+#[test]
+fn probe_reflection_amplification_is_bounded_over_a_minute() {
+    use super::{control, RawHost};
+    use tscf_core::wire::{
+        Candidate, CandidateKind, ConnectionInfo, PeerServiceResult, ServiceAction, ServiceType,
+    };
+    for (seed, every) in [(98, ms(50)), (99, ms(1000)), (100, ms(7000))] {
+        let _guard = SeedGuard(seed);
+        let (mut w, _, b) = build(seed, Scenario::default());
+        let target = ipv4(&w, b);
+        let victim_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 99));
+        w.add_raw_host(None, victim_ip, LinkConfig::with_latency(ms(5)));
+        let attacker = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 66)));
+        attacker.send(
+            &mut w,
+            &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
+        );
+        w.run_for(ms(200));
+        let replies = attacker.received(&mut w);
+        let tunnel_id = control(&replies[0]).header.tunnel_id;
+
+        let (start, mut n) = (w.now(), 0u32);
+        let mut requests: Vec<(u32, usize)> = Vec::new();
+        let mut forwarded_bytes = 0;
+        while w.now() < start + Duration::from_secs(60) {
+            let mut request = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 100 + n, tunnel_id);
+            request.tlvs.service_type = Some(ServiceType::PEER);
+            request.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+            request.tlvs.peer_internal_address = Some(target);
+            request.tlvs.connection_info = Some(ConnectionInfo {
+                transport: Transport::UDP,
+                addr: std::net::SocketAddr::new(victim_ip, 1000),
+            });
+            for port in 1000..1008 {
+                request.tlvs.candidates.push(Candidate {
+                    kind: CandidateKind::HOST,
+                    transport: Transport::UDP,
+                    addr: std::net::SocketAddr::new(victim_ip, port),
+                });
+            }
+            let mut bytes = Vec::new();
+            request.encode_envelope(&mut bytes).expect("encodable");
+            attacker.send_bytes(&mut w, &bytes);
+            requests.push((100 + n, bytes.len()));
+            n += 1;
+            w.run_for(every);
+            for reply in attacker.received(&mut w) {
+                let m = control(&reply);
+                let available = m.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE);
+                if let Some(k) = requests.iter().position(|(s, _)| *s == m.header.sequence) {
+                    let (_, len) = requests.swap_remove(k);
+                    forwarded_bytes += if available { len } else { 0 };
+                }
+            }
+        }
+        // The last negotiations end (the establishment bound).
+        w.run_for(Duration::from_secs(5));
+        let victim_bytes: usize = w
+            .unclaimed
+            .iter()
+            .filter_map(|d| match &d.event {
+                tscf_core::sim::NetEvent::Datagram { to, payload, .. } if to.ip() == victim_ip => {
+                    Some(payload.len())
+                }
+                _ => None,
+            })
+            .sum();
+        let stats = w.nodes[b].client.stats().peer;
+        eprintln!(
+            "a request every {every:?}: {n} sent, {} forwarded ({forwarded_bytes} octets); the \
+             victim got {victim_bytes} octets ({} probes, {} held back): {:.2} per octet",
+            w.director.stats().peer.requests_forwarded,
+            stats.probes_sent,
+            stats.probes_limited,
+            victim_bytes as f64 / forwarded_bytes.max(1) as f64,
+        );
+        assert!(forwarded_bytes > 0);
+        assert!(
+            victim_bytes <= 3 * forwarded_bytes,
+            "{victim_bytes} > 3 × {forwarded_bytes}"
+        );
+    }
+}
+
+/// Anyone may send a peer socket a Configuration Request without Message Integrity, from any
+/// (spoofed) source: it is dropped and counted, never answered, so the socket reflects
+/// nothing to a victim.
+#[test]
+fn unsigned_configuration_requests_on_the_peer_socket_get_no_answer() {
+    let _guard = SeedGuard(97);
+    let (mut w, a, b) = build(97, Scenario::default());
+    let victim_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 77));
+    w.add_raw_host(None, victim_ip, LinkConfig::with_latency(ms(5)));
+    let victim = std::net::SocketAddr::new(victim_ip, 53);
+    let target = w.nodes[a].peer_socket.expect("socket");
+    let before = w.nodes[a].client.stats().peer;
+    for (n, pia) in [
+        None,
+        Some(ipv4(&w, b)),
+        Some(IpAddr::V4(Ipv4Addr::new(10, 77, 9, 9))),
+    ]
+    .into_iter()
+    .cycle()
+    .take(30)
+    .enumerate()
+    {
+        let mut config = Message::new(MessageType::CONFIGURATION_REQUEST, n as u32, 0);
+        config.tlvs.peer_internal_address = pia;
+        let mut bytes = Vec::new();
+        config.encode_envelope(&mut bytes).expect("encodable");
+        w.net.send_datagram(victim, target, &bytes);
+        w.run_for(ms(10));
+    }
+    w.run_for(ms(200));
+    assert!(
+        !w.unclaimed
+            .iter()
+            .any(|d| matches!(d.event, tscf_core::sim::NetEvent::Datagram { .. })),
+        "the victim hears nothing"
+    );
+    let after = w.nodes[a].client.stats().peer;
+    let dropped = (after.dropped_unknown_peer - before.dropped_unknown_peer)
+        + (after.integrity_failures - before.integrity_failures);
+    assert_eq!(dropped, 30, "each one counted");
+}
+
 #[test]
 fn forged_credentials_cannot_form_or_inject() {
     let _guard = SeedGuard(71);
@@ -695,7 +972,6 @@ fn forged_credentials_cannot_form_or_inject() {
         after.integrity_failures >= before.integrity_failures + 10,
         "probes, requests"
     );
-    assert_eq!(after.unauthorized_sent, before.unauthorized_sent + 5);
     assert!(
         after.dropped_unknown_peer >= before.dropped_unknown_peer + 10,
         "keepalive, release"
@@ -717,14 +993,13 @@ fn forged_credentials_cannot_form_or_inject() {
     );
     assert!(is_peer(w.nodes[b].client.peer_path(ia)));
     assert_eq!(call.astray, 0, "nothing injected reached the application");
-    // Mallory only ever hears Unauthorized.
-    for d in w.unclaimed.iter() {
-        if let tscf_core::sim::NetEvent::Datagram { payload, .. } = &d.event {
-            let env = Envelope::decode_datagram(payload).expect("envelope");
-            let msg = Message::decode(env.payload).expect("message");
-            assert_eq!(msg.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
-        }
-    }
+    // Mallory hears nothing.
+    assert!(
+        !w.unclaimed
+            .iter()
+            .any(|d| matches!(d.event, tscf_core::sim::NetEvent::Datagram { .. })),
+        "no answer to forgeries"
+    );
 }
 
 #[test]

@@ -25,8 +25,18 @@ pub struct PeerConfig {
     /// Whether to announce our candidates to the director once the server tunnel is up
     /// (default true), so that peer requests for us are answered at once.
     pub announce: bool,
-    /// Interval between Peer Probes to each remote candidate (default 50 ms).
+    /// Wait before the second Peer Probe to a remote candidate that has not answered; it
+    /// doubles for each further probe (default 50 ms: probes at 0, 50, 150, 350 and 750 ms).
     pub probe_interval: Duration,
+    /// Peer Probes sent to one remote candidate in one negotiation, at most (default 5, at
+    /// most [`MAX_PROBE_TRANSMISSIONS`](Self::MAX_PROBE_TRANSMISSIONS)).
+    pub probe_transmissions: u8,
+    /// Pacing of one negotiation's Peer Probes, RFC 8445's Ta: at most one probe per interval
+    /// (default 10 ms).
+    pub probe_pacing: Duration,
+    /// The client's probe budget, across all its negotiations, which no new request refills
+    /// (default 100 probes, then 20 per second). See [`ProbeBudget`].
+    pub probe_budget: ProbeBudget,
     /// Bound of the whole setup, from the first opted-in packet (or the forwarded request) to
     /// the Configuration Response (default 3 s).
     pub establish_timeout: Duration,
@@ -88,6 +98,8 @@ impl PeerConfig {
     pub const MAX_STUN_SERVERS: usize = 8;
     /// Most peer stream listeners.
     pub const MAX_STREAM_LISTENERS: usize = 2;
+    /// Largest allowed [`probe_transmissions`](Self::probe_transmissions).
+    pub const MAX_PROBE_TRANSMISSIONS: u8 = 8;
 
     /// Whether [`transport`](Self::transport) is a secure one (DTLS or QUIC).
     pub fn offers_secure(&self) -> bool {
@@ -102,6 +114,9 @@ impl PeerConfig {
             default_opt_in: false,
             announce: true,
             probe_interval: Duration::from_millis(50),
+            probe_transmissions: 5,
+            probe_pacing: Duration::from_millis(10),
+            probe_budget: ProbeBudget::default(),
             establish_timeout: Duration::from_secs(3),
             answer_timeout: Duration::from_secs(3),
             discovery_timeout: Duration::from_secs(1),
@@ -130,6 +145,7 @@ impl PeerConfig {
         let (initial, max) = self.retry_backoff;
         let timers = [
             self.probe_interval,
+            self.probe_pacing,
             self.establish_timeout,
             self.answer_timeout,
             self.discovery_timeout,
@@ -162,7 +178,40 @@ impl PeerConfig {
         if !(1..=Self::MAX_PEERS_LIMIT).contains(&self.max_peers) {
             return Err(ConfigError::PeerMaxPeers(self.max_peers));
         }
+        let budget = self.probe_budget;
+        if !(1..=Self::MAX_PROBE_TRANSMISSIONS).contains(&self.probe_transmissions)
+            || budget.burst == 0
+            || budget.per_second == 0
+        {
+            return Err(ConfigError::PeerProbeBudget);
+        }
         Ok(())
+    }
+}
+
+/// The token bucket every Peer Probe of a client is paid from (`docs/PROTOCOL.md` §7.5), across
+/// all its negotiations: a new request does not refill it. A probe that finds it empty waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeBudget {
+    /// Probes the bucket holds (default 100).
+    pub burst: u32,
+    /// Probes it regains per second (default 20).
+    pub per_second: u32,
+}
+
+impl Default for ProbeBudget {
+    fn default() -> Self {
+        Self {
+            burst: 100,
+            per_second: 20,
+        }
+    }
+}
+
+impl ProbeBudget {
+    /// The time the bucket takes to regain one probe.
+    pub(super) fn interval(&self) -> Duration {
+        crate::rate::interval(self.per_second, Duration::from_secs(1))
     }
 }
 

@@ -15,6 +15,8 @@
 
 mod config;
 mod path;
+mod probe;
+mod release;
 mod service;
 mod session;
 mod stream;
@@ -27,12 +29,13 @@ use arrayvec::ArrayVec;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-pub use config::PeerConfig;
+pub use config::{PeerConfig, ProbeBudget};
 
 use super::event::PeerStreamId;
 use super::queue::{BufferPool, PacketQueue};
 use super::timer::earliest;
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
+use crate::rate::TokenBucket;
 use crate::wire::{InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
 
@@ -177,6 +180,12 @@ pub struct PeerStats {
     pub forwarded_requests: u64,
     /// Peer Probes sent.
     pub probes_sent: u64,
+    /// Peer Probes held back: the client's probe budget was spent, or the negotiation's
+    /// credit (`docs/PROTOCOL.md` §7.5).
+    pub probes_limited: u64,
+    /// Remote candidates not probed: implausible (unspecified, multicast, broadcast, port 0,
+    /// our own, loopback or link-local out of place), duplicate or beyond the limit.
+    pub candidates_refused: u64,
     /// Peer Probes answered.
     pub probes_answered: u64,
     /// Valid Peer Probe Responses received.
@@ -193,12 +202,17 @@ pub struct PeerStats {
     pub data_queue_full: u64,
     /// Keepalives sent on peer tunnels.
     pub keepalives_sent: u64,
-    /// Configuration Requests answered with Unauthorized.
-    pub unauthorized_sent: u64,
+    /// Peer tunnels we tore down and told the peer about with a Configuration Release
+    /// Request on the path.
+    pub releases_sent: u64,
+    /// Retransmitted Configuration Release Requests (not answered in time).
+    pub release_retransmissions: u64,
     /// Peers forgotten because `max_peers` was reached.
     pub evictions: u64,
     /// Dropped: a message whose Message Integrity is missing or wrong.
     pub integrity_failures: u64,
+    /// Dropped: a verified Peer Probe Response that answers no probe we sent to its source.
+    pub dropped_unmatched_response: u64,
     /// Dropped: a message naming a peer we hold no credentials for, or not on its tunnel.
     pub dropped_unknown_peer: u64,
     /// Dropped: a datagram that is neither STUN nor a tscf envelope, or a bad envelope.
@@ -309,7 +323,12 @@ struct Peer {
     role: Role,
     phase: Phase,
     token: Option<[u8; 16]>,
-    candidates: ArrayVec<SocketAddr, MAX_REMOTE_CANDIDATES>,
+    /// The peer's UDP candidates and their checks.
+    checks: ArrayVec<probe::Check, MAX_REMOTE_CANDIDATES>,
+    /// Octets of probes the negotiation may still send (§7.5).
+    credit: usize,
+    /// When the negotiation last sent a probe, for pacing.
+    last_probe: Option<Instant>,
     path: Option<SocketAddr>,
     /// The peer stream the path runs on, when it is not UDP.
     stream: Option<PeerStreamId>,
@@ -356,7 +375,9 @@ impl Peer {
             role: Role::Initiator,
             phase: Phase::Fallback,
             token: None,
-            candidates: ArrayVec::new(),
+            checks: ArrayVec::new(),
+            credit: 0,
+            last_probe: None,
             path: None,
             stream: None,
             stream_candidates: ArrayVec::new(),
@@ -386,7 +407,7 @@ impl Peer {
     /// Forgets everything about the current negotiation or tunnel.
     fn reset(&mut self) {
         self.token = None;
-        self.candidates.clear();
+        self.reset_checks();
         self.path = None;
         self.stream = None;
         self.stream_candidates.clear();
@@ -398,7 +419,6 @@ impl Peer {
         self.next_stream_at = None;
         self.tunnel_id = 0;
         self.deadline = None;
-        self.next_probe = None;
         self.nomination = None;
         self.next_nomination = None;
         self.answer = None;
@@ -440,6 +460,8 @@ impl Peer {
 pub(in crate::client) struct PeerAgent {
     config: PeerConfig,
     rng: ChaCha20Rng,
+    /// Every probe of every negotiation is paid from it (§7.5).
+    probe_budget: TokenBucket,
     /// Explicit opt-in settings by inner UDP source port.
     opt: BTreeMap<u16, bool>,
     discovery: Discovery,
@@ -449,6 +471,8 @@ pub(in crate::client) struct PeerAgent {
     out: VecDeque<(Via, Vec<u8>)>,
     /// Peer streams opened or accepted.
     streams: Vec<stream::StreamSlot>,
+    /// Tunnels we tore down whose peer has not acknowledged the release (§7.6).
+    releasing: Vec<release::Releasing>,
     /// Counter for the ids of the streams we open.
     next_stream: u64,
 }
@@ -458,6 +482,7 @@ impl PeerAgent {
         Self {
             config,
             rng: ChaCha20Rng::from_seed(rng_seed),
+            probe_budget: TokenBucket::default(),
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,
@@ -465,6 +490,7 @@ impl PeerAgent {
             peers: Vec::new(),
             out: VecDeque::new(),
             streams: Vec::new(),
+            releasing: Vec::new(),
             next_stream: 0,
         }
     }
@@ -510,6 +536,7 @@ impl PeerAgent {
                 .min_by_key(|(_, p)| (p.phase == Phase::Up, p.last_used))
                 .map(|(i, _)| i);
             if let Some(i) = victim {
+                self.tell_release(cx, i);
                 self.close_sessions(cx, i);
                 if self.peers[i].phase == Phase::Up {
                     let peer = self.peers[i].addr;
@@ -599,8 +626,9 @@ impl PeerAgent {
         let initial_backoff = self.config.retry_backoff.0;
         self.set_route(i, via);
         let (addr, keep) = (self.peers[i].addr, self.peers[i].stream);
-        // Other streams to the peer are not needed any more.
+        // Other streams to the peer are not needed any more, nor an old release.
         self.close_streams(cx, addr, keep);
+        self.forget_release(addr);
         let p = &mut self.peers[i];
         let path = p.path.unwrap_or(SocketAddr::new(addr, 0));
         p.phase = Phase::Up;
@@ -644,7 +672,12 @@ impl PeerAgent {
 
     /// Our server tunnel is gone for good: every peer tunnel goes with it.
     fn drop_all(&mut self, cx: &mut Cx<'_>) {
+        for (_, buf) in self.out.drain(..) {
+            cx.pool.give(buf);
+        }
         for i in 0..self.peers.len() {
+            // Our peers hear it on the path before the director tells them.
+            self.tell_release(cx, i);
             self.close_sessions(cx, i);
         }
         for p in std::mem::take(&mut self.peers) {
@@ -659,9 +692,6 @@ impl PeerAgent {
         self.requests.clear();
         for s in std::mem::take(&mut self.streams) {
             cx.event(ClientEvent::ClosePeerStream { stream: s.id });
-        }
-        for (_, buf) in self.out.drain(..) {
-            cx.pool.give(buf);
         }
         self.discovery = Discovery::Idle;
     }
@@ -679,7 +709,7 @@ impl PeerAgent {
         for s in &self.streams {
             at = earliest(at, s.deadline);
         }
-        at
+        earliest(at, self.releases_deadline())
     }
 
     fn handle_timeout(&mut self, cx: &mut Cx<'_>) {
@@ -687,6 +717,7 @@ impl PeerAgent {
         self.requests_timeout(cx);
         self.peers_timeout(cx);
         self.streams_timeout(cx);
+        self.releases_timeout(cx);
     }
 
     /// The next envelope for the peer socket or a peer stream.

@@ -77,7 +77,12 @@ impl PeerAgent {
 
     /// The peer a message names by Peer Internal Address, if its integrity verifies under
     /// that peer's token.
-    fn verified(&self, cx: &mut Cx<'_>, msg: &Message<'_>, payload: &[u8]) -> Option<usize> {
+    pub(super) fn verified(
+        &self,
+        cx: &mut Cx<'_>,
+        msg: &Message<'_>,
+        payload: &[u8],
+    ) -> Option<usize> {
         let found = msg
             .tlvs
             .peer_internal_address
@@ -95,7 +100,7 @@ impl PeerAgent {
     }
 
     /// Signs `msg` with peer `i`'s token and queues it to `to`.
-    fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: Via, msg: &Message<'_>) {
+    pub(super) fn send_signed(&mut self, cx: &mut Cx<'_>, i: usize, to: Via, msg: &Message<'_>) {
         let Some(token) = self.peers[i].token else {
             return;
         };
@@ -106,87 +111,6 @@ impl PeerAgent {
             .is_ok()
         {
             self.queue_control(cx, to, &bytes);
-        }
-    }
-
-    // ---- probing ----
-
-    /// One round of Peer Probes to every candidate of peer `i`.
-    pub(super) fn send_probes(&mut self, cx: &mut Cx<'_>, i: usize) {
-        let interval = self.config.probe_interval;
-        let targets = self.peers[i].candidates.clone();
-        for to in targets {
-            self.send_probe(cx, i, to);
-        }
-        self.peers[i].next_probe = Some(after(cx.now, interval));
-    }
-
-    fn send_probe(&mut self, cx: &mut Cx<'_>, i: usize, to: SocketAddr) {
-        let peer = self.peers[i].addr;
-        let Some(own) = cx.own_for(peer) else {
-            return;
-        };
-        let sequence = cx.take_sequence();
-        let mut msg = Message::new(MessageType::PEER_PROBE, sequence, 0);
-        msg.tlvs.peer_internal_address = Some(own);
-        self.send_signed(cx, i, Via::Udp(to), &msg);
-        cx.stats.peer.probes_sent += 1;
-    }
-
-    fn on_probe(&mut self, cx: &mut Cx<'_>, from: SocketAddr, msg: &Message<'_>, payload: &[u8]) {
-        let Some(i) = self.verified(cx, msg, payload) else {
-            return;
-        };
-        let Some(own) = cx.own_for(self.peers[i].addr) else {
-            return;
-        };
-        let mut reply = Message::response_to(&msg.header, ResultCode::SUCCESS);
-        reply.tlvs.peer_internal_address = Some(own);
-        reply.tlvs.observed_address = Some(from);
-        self.send_signed(cx, i, Via::Udp(from), &reply);
-        cx.stats.peer.probes_answered += 1;
-        let p = &mut self.peers[i];
-        if p.phase == Phase::Up && p.route() == Some(Via::Udp(from)) {
-            p.last_heard = cx.now;
-        }
-        if matches!(p.phase, Phase::Probing | Phase::Nominating) && !p.candidates.contains(&from) {
-            // A peer-reflexive candidate: the peer's NAT mapping towards us.
-            if p.candidates.is_full() {
-                p.candidates.pop();
-            }
-            p.candidates.push(from);
-        }
-        if p.role == Role::Initiator && p.phase == Phase::Probing {
-            // A triggered check: the path just opened from the other side.
-            self.send_probe(cx, i, from);
-        }
-        let p = &self.peers[i];
-        if p.role == Role::Destination && p.secure.is_some() {
-            self.authorise(cx, i, from);
-        }
-    }
-
-    fn on_probe_response(
-        &mut self,
-        cx: &mut Cx<'_>,
-        from: SocketAddr,
-        msg: &Message<'_>,
-        payload: &[u8],
-    ) {
-        let Some(i) = self.verified(cx, msg, payload) else {
-            return;
-        };
-        cx.stats.peer.probe_responses += 1;
-        let p = &self.peers[i];
-        if p.role == Role::Initiator
-            && p.phase == Phase::Probing
-            && msg.tlvs.result_code == Some(ResultCode::SUCCESS)
-        {
-            if p.secure.is_some() {
-                self.start_session(cx, i, from);
-            } else {
-                self.nominate(cx, i, Via::Udp(from));
-            }
         }
     }
 
@@ -222,13 +146,9 @@ impl PeerAgent {
 
     /// A Configuration Request on the peer socket: the initiator nominated a path to us.
     fn on_configuration(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
+        // Only a request that verifies under a pair's token gets an answer: anyone can send
+        // the rest, and an answer would make this socket a reflector (counted by `verified`).
         let Some(i) = self.verified(cx, msg, payload) else {
-            let reply = Message::response_to(&msg.header, ResultCode::UNAUTHORIZED);
-            let mut bytes = Vec::new();
-            if reply.encode_envelope(&mut bytes).is_ok() {
-                self.queue_control(cx, from, &bytes);
-            }
-            cx.stats.peer.unauthorized_sent += 1;
             return;
         };
         let p = &self.peers[i];
@@ -335,6 +255,11 @@ impl PeerAgent {
 
     /// Keepalives and release on an up tunnel: found by path and tunnel id, then verified.
     fn on_tunnel_control(&mut self, cx: &mut Cx<'_>, from: Via, msg: &Message<'_>, payload: &[u8]) {
+        if msg.header.message_type == MessageType::CONFIGURATION_RELEASE_RESPONSE
+            && self.on_release_response(from, msg, payload)
+        {
+            return;
+        }
         let found = self.peers.iter().position(|p| {
             p.phase == Phase::Up && p.route() == Some(from) && p.tunnel_id == msg.header.tunnel_id
         });
@@ -373,14 +298,22 @@ impl PeerAgent {
             return;
         };
         let source = packet.source();
-        let found = self
-            .find(source)
-            .filter(|i| self.peers[*i].phase == Phase::Up && self.peers[*i].route() == Some(from));
-        let Some(i) = found.filter(|_| cx.owns(packet.destination())) else {
+        let found = self.find(source).filter(|i| {
+            let p = &self.peers[*i];
+            // The initiator takes data on the path it nominated as soon as its Configuration
+            // Request is out: the destination sends there once it has answered, and a lost
+            // answer must not lose that data (§7.5).
+            let nominated = p.phase == Phase::Nominating && p.role == Role::Initiator;
+            (p.phase == Phase::Up || nominated) && p.route() == Some(from)
+        });
+        let releasing = found.is_none() && self.releasing_accepts(source, from);
+        if !cx.owns(packet.destination()) || (found.is_none() && !releasing) {
             cx.stats.peer.dropped_bad_data += 1;
             return;
-        };
-        self.peers[i].last_heard = cx.now;
+        }
+        if let Some(i) = found.filter(|i| self.peers[*i].phase == Phase::Up) {
+            self.peers[i].last_heard = cx.now;
+        }
         if cx.inbound.push(cx.pool, payload) {
             cx.stats.peer.data_received += 1;
             cx.stats.data_received += 1;
@@ -394,20 +327,10 @@ impl PeerAgent {
         let Some(i) = self.find(peer) else {
             return;
         };
-        let p = &self.peers[i];
-        if p.phase == Phase::Fallback {
+        if self.peers[i].phase == Phase::Fallback {
             return;
         }
-        if let (Phase::Up, Some(path)) = (p.phase, p.route()) {
-            let sequence = cx.take_sequence();
-            let mut msg = Message::new(
-                MessageType::CONFIGURATION_RELEASE_REQUEST,
-                sequence,
-                p.tunnel_id,
-            );
-            msg.tlvs.result_code = Some(ResultCode::SUCCESS);
-            self.send_signed(cx, i, path, &msg);
-        }
+        self.tell_release(cx, i);
         self.down(cx, i, PeerDownReason::Released);
     }
 
@@ -426,11 +349,13 @@ impl PeerAgent {
                 continue;
             }
             if p.phase == Phase::Up && after(p.last_heard, self.config.silence_timeout) <= now {
+                // The path may have failed one way only: the peer may still hear us.
+                self.tell_release(cx, i);
                 self.down(cx, i, PeerDownReason::Silence);
                 continue;
             }
             if p.next_probe.is_some_and(|t| t <= now) && p.phase == Phase::Probing {
-                self.send_probes(cx, i);
+                self.probe(cx, i);
             }
             let p = &self.peers[i];
             if p.next_stream_at.is_some_and(|t| t <= now) && p.phase == Phase::Probing {

@@ -7,11 +7,9 @@ use std::time::{Duration, Instant};
 use arrayvec::ArrayVec;
 use rand_core::RngCore;
 
+use super::probe::delivered_octets;
 use super::session::Agreement;
-use super::{
-    after, Cx, Peer, PeerAgent, PeerDownReason, Phase, Role, MAX_REMOTE_CANDIDATES,
-    MAX_STREAMS_PER_PEER,
-};
+use super::{after, Cx, PeerAgent, PeerDownReason, Phase, Role};
 use crate::client::ClientEvent;
 use crate::stun::{self, NatDiscovery, NatDiscoveryConfig, NatEvent};
 use crate::wire::{
@@ -382,11 +380,12 @@ impl PeerAgent {
                     Agreement::Secure(t) => Some(t),
                     _ => None,
                 };
-                set_candidates(p, &msg.tlvs.candidates);
                 p.phase = Phase::Probing;
+                self.set_candidates(cx, i, &msg.tlvs.candidates);
+                let p = &mut self.peers[i];
                 p.next_stream_at = (!p.stream_candidates.is_empty())
                     .then(|| after(cx.now, self.config.stream_fallback_delay));
-                self.send_probes(cx, i);
+                self.start_checks(cx, i, delivered_octets(msg));
             }
             (ResultCode::SUCCESS, Some(PeerServiceResult::IN_PROGRESS), _) => {
                 let p = &mut self.peers[i];
@@ -430,6 +429,8 @@ impl PeerAgent {
                     let keep = self.config.keep_on_peer_server_tunnel_loss
                         && self.peers[i].phase == Phase::Up;
                     if self.peers[i].phase != Phase::Fallback && !keep {
+                        // The peer may still be there (its own policy may keep the tunnel).
+                        self.tell_release(cx, i);
                         self.down(cx, i, PeerDownReason::PeerServerTunnelGone);
                     }
                 }
@@ -453,7 +454,7 @@ impl PeerAgent {
                 let p = &self.peers[i];
                 let same = p.token == Some(credentials.token) && p.phase != Phase::Fallback;
                 if !same {
-                    self.become_destination(cx, i, credentials.token, &msg.tlvs.candidates);
+                    self.become_destination(cx, i, credentials.token, msg);
                     let p = &mut self.peers[i];
                     p.fingerprint = credentials.fingerprint;
                     p.secure = match agreement {
@@ -479,14 +480,14 @@ impl PeerAgent {
         cx: &mut Cx<'_>,
         i: usize,
         token: [u8; 16],
-        candidates: &[crate::wire::Candidate],
+        request: &Message<'_>,
     ) {
         if self.peers[i].phase == Phase::Up {
             self.down(cx, i, PeerDownReason::Replaced);
         }
         let establish = self.config.establish_timeout;
         let p = &mut self.peers[i];
-        let request = p.request;
+        let pending = p.request;
         let keep_start = p.in_setup();
         p.reset();
         if !keep_start {
@@ -497,33 +498,11 @@ impl PeerAgent {
         p.token = Some(token);
         p.retry_at = None;
         p.last_used = cx.now;
-        set_candidates(p, candidates);
         p.phase = Phase::Probing;
         p.deadline = Some(after(cx.now, establish));
-        self.forget_request(request);
-        self.send_probes(cx, i);
-    }
-}
-
-/// The peer's UDP candidates, and its TCP and TLS host candidates for peer streams (others
-/// are skipped: an unknown transport is ignored, §4.2).
-fn set_candidates(p: &mut Peer, candidates: &[Candidate]) {
-    p.candidates.clear();
-    p.stream_candidates.clear();
-    for c in candidates {
-        let stream = matches!(c.transport, Transport::TCP | Transport::TLS);
-        if stream
-            && c.kind == CandidateKind::HOST
-            && p.stream_candidates.len() < MAX_STREAMS_PER_PEER
-        {
-            p.stream_candidates.push((c.transport, c.addr));
-        }
-        if c.transport == Transport::UDP
-            && !p.candidates.contains(&c.addr)
-            && p.candidates.len() < MAX_REMOTE_CANDIDATES
-        {
-            p.candidates.push(c.addr);
-        }
+        self.forget_request(pending);
+        self.set_candidates(cx, i, &request.tlvs.candidates);
+        self.start_checks(cx, i, delivered_octets(request));
     }
 }
 
