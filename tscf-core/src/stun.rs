@@ -34,6 +34,9 @@ use stun_types::message::{
 /// Length of the fixed STUN message header.
 const HEADER_LEN: usize = 20;
 
+/// Unknown attributes listed in a 420 answer, at most.
+const MAX_UNKNOWN_LISTED: usize = 8;
+
 /// MAPPED-ADDRESS (RFC 8489 §14.1); `stun-types` parses its value but names no attribute type.
 const MAPPED_ADDRESS: AttributeType = AttributeType::new(0x0001);
 /// SOURCE-ADDRESS (RFC 3489), still sent by older servers next to XOR-MAPPED-ADDRESS.
@@ -236,9 +239,11 @@ pub fn decode_binding_response(datagram: &[u8]) -> Result<BindingResponse, StunE
 /// the request's transaction ID. Anything else is an error and leaves `out` empty: the datagram
 /// must then be dropped, not answered. FINGERPRINT is checked when present but not required.
 ///
-/// Deviation: a request with an unknown comprehension-required attribute (e.g. an ICE check
-/// with USERNAME and MESSAGE-INTEGRITY) gets no 420 error response; the responder stays silent
-/// so that it is never a reflector for anything but plain Binding requests.
+/// A request with comprehension-required attributes the responder does not know (an ICE
+/// check with PRIORITY, say) is answered with a 420 (Unknown Attribute) error response
+/// listing them (RFC 8489 §6.3.1), with FINGERPRINT, when that answer is no larger than the
+/// request: the responder never sends more octets than it received, so it is no amplifier.
+/// Otherwise the request is dropped ([`StunError::UnknownComprehensionRequired`]).
 pub fn answer_binding_request(
     request: &[u8],
     source: SocketAddr,
@@ -250,8 +255,23 @@ pub fn answer_binding_request(
     if !message_type.has_method(BINDING) || !message_type.has_class(MessageClass::Request) {
         return Err(wrong_type(request));
     }
-    check_comprehension_required(&message, &REQUEST_ATTRIBUTES)?;
     let transaction_id = TransactionId::from_stun(message.transaction_id());
+    if let Err(unknown) = check_comprehension_required(&message, &REQUEST_ATTRIBUTES) {
+        let mut attributes = UnknownAttributes::new(&[]);
+        let unknown_types = message
+            .iter_attributes()
+            .map(|(_offset, attribute)| attribute.get_type())
+            .filter(|t| t.comprehension_required() && !REQUEST_ATTRIBUTES.contains(t));
+        for t in unknown_types.take(MAX_UNKNOWN_LISTED) {
+            attributes.add_attribute(t);
+        }
+        write_unknown_attributes(transaction_id, &attributes, out);
+        if out.is_empty() || out.len() > request.len() {
+            out.clear();
+            return Err(unknown);
+        }
+        return Ok(transaction_id);
+    }
     // A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6; on the wire they are IPv4.
     write_binding(
         MessageClass::Success,
@@ -325,6 +345,33 @@ fn write_binding(
     let len = writer.finish();
     // `finish` returns bytes written into `buf`, never more than its length.
     out.extend_from_slice(buf.get(..len).unwrap_or_default());
+}
+
+/// Writes a Binding error response 420 (Unknown Attribute) listing `unknown`, with
+/// FINGERPRINT.
+fn write_unknown_attributes(
+    transaction_id: TransactionId,
+    unknown: &UnknownAttributes,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let stun_transaction_id = transaction_id.to_stun();
+    // Header, ERROR-CODE with its reason, MAX_UNKNOWN_LISTED types, FINGERPRINT.
+    let mut buf = [0; HEADER_LEN + 28 + 4 + 2 * MAX_UNKNOWN_LISTED + 8];
+    let mut writer = Message::builder(
+        MessageType::from_class_method(MessageClass::Error, BINDING),
+        stun_transaction_id,
+        MessageWriteMutSlice::new(&mut buf),
+    );
+    let written = ErrorCode::new(ErrorCode::UNKNOWN_ATTRIBUTE, "Unknown Attribute")
+        .map_err(drop)
+        .and_then(|code| writer.add_attribute(&code).map_err(drop))
+        .and_then(|()| writer.add_attribute(unknown).map_err(drop))
+        .and_then(|()| writer.add_fingerprint().map_err(drop));
+    if written.is_ok() {
+        let len = writer.finish();
+        out.extend_from_slice(buf.get(..len).unwrap_or_default());
+    }
 }
 
 /// Maps IPv4-mapped IPv6 addresses (from dual-stack sockets) to IPv4 so that they compare
@@ -910,12 +957,25 @@ mod tests {
             .is_err());
 
         // It is an ICE check: PRIORITY is comprehension-required and unknown to the responder.
+        // It gets a 420 (RFC 8489 §6.3.1) naming PRIORITY, no larger than the request.
         let mut out = vec![0xff];
         assert_eq!(
             answer_binding_request(&RFC5769_REQUEST, addr("192.0.2.1:32853"), &mut out),
-            Err(StunError::UnknownComprehensionRequired { attribute: 0x0024 })
+            Ok(RFC5769_TRANSACTION_ID)
         );
-        assert!(out.is_empty());
+        assert!(out.len() <= RFC5769_REQUEST.len());
+        let answer = Message::from_bytes(&out).expect("FINGERPRINT verifies");
+        assert!(answer.has_class(MessageClass::Error) && answer.has_method(BINDING));
+        let code = answer.attribute::<ErrorCode>().expect("ERROR-CODE");
+        assert_eq!(code.code(), ErrorCode::UNKNOWN_ATTRIBUTE);
+        let unknown = answer
+            .attribute::<UnknownAttributes>()
+            .expect("UNKNOWN-ATTRIBUTES");
+        assert!(unknown.has_attribute(AttributeType::new(0x0024)));
+        assert_eq!(
+            decode_binding_response(&out),
+            Err(StunError::ErrorResponse { code: Some(420) })
+        );
         assert_eq!(
             decode_binding_response(&RFC5769_REQUEST),
             Err(StunError::WrongMessageType {
@@ -1047,7 +1107,8 @@ mod tests {
             })
         );
 
-        // CHANGE-REQUEST (RFC 5780) is comprehension-required and not supported.
+        // CHANGE-REQUEST (RFC 5780) is comprehension-required and not supported; this request
+        // is shorter than a 420 would be, so it is dropped rather than answered.
         let change_request = RawAttribute::new(AttributeType::new(0x0003), &[0, 0, 0, 6]);
         let message = build(MessageClass::Request, id, &[change_request], true);
         assert_eq!(
