@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::DtlsListenerConfig;
 use crate::director::{DirectorConfig, DirectorConfigError};
 use crate::dtls::{self, ClientCheck};
+use crate::io::Capture;
 use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
 
 /// What a server listens on, how it runs its director, and the bounds of its transports.
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     /// How long a stream connection the server closes may take to write its last envelopes
     /// before it is cut (default 1 s).
     pub close_grace: Duration,
+    /// Where the server shows the packets it relays and the envelopes it exchanges, for a
+    /// packet capture (default none; see [`Capture`]). Captures hold plaintext.
+    pub capture: Option<Capture>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             stream_queue_bytes: 256 * 1024,
             stream_write_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
+            capture: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, Termi
 use rustls::pki_types::ServerName;
 
 use crate::dtls;
-use crate::io::Verify;
+use crate::io::{Capture, Verify};
 use crate::tls::{
     self, ClientTlsConfig, Fingerprint, LoadedIdentity, Os, PeerIdentity, ServerIdentity,
     ServerTlsConfig, TlsConfigError,
@@ -63,6 +63,9 @@ pub struct TunnelConfig {
     /// streams; `docs/PROTOCOL.md` §7.5.1). Generated at connect (self signed) when `None` and
     /// one is needed; its fingerprint goes into `client.peer.certificate_fingerprint`.
     pub peer_identity: Option<PeerIdentity>,
+    /// Where the tunnel shows its inner packets and envelopes, for a packet capture (default
+    /// none; see [`Capture`]). Captures hold plaintext.
+    pub capture: Option<Capture>,
 }
 
 impl TunnelConfig {
@@ -87,6 +90,7 @@ impl TunnelConfig {
             release_wait: Duration::from_secs(1),
             peer_streams: PeerStreamListen::None,
             peer_identity: None,
+            capture: None,
         }
     }
 
