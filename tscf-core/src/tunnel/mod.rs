@@ -1133,7 +1133,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     /// runtime, or `None` when the host took it (a stream's queue, a DTLS record) or dropped
     /// it.
     fn route(&mut self, now: Instant, to: Destination, buf: &[u8]) -> Option<Transmit> {
-        if self.capture.is_some() {
+        // NAT discovery's STUN requests leave here too; a capture shows envelopes only.
+        if self.capture.is_some() && DatagramKind::of(buf) == DatagramKind::Envelope {
             if let Some((transport, local, remote)) = self.capture_ends(to) {
                 self.captured(now, Direction::Sent, transport, local, remote, buf);
             }
