@@ -206,8 +206,17 @@ impl Out<'_, '_> {
         let mut e = self
             .0
             .encode_descriptor(name, help, None, MetricType::Histogram)?;
-        let mut buckets: Vec<(f64, u64)> = h.buckets().map(|(b, n)| (b.as_secs_f64(), n)).collect();
-        buckets.push((f64::INFINITY, h.count()));
+        // The encoder adds the buckets up itself: it takes each bucket's own count.
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = h
+            .buckets()
+            .map(|(bound, at_most)| {
+                let own = at_most - below;
+                below = at_most;
+                (bound.as_secs_f64(), own)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.count() - below));
         e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
             h.sum().as_secs_f64(),
             h.count(),
@@ -227,13 +236,32 @@ impl Collector for ServerMetrics {
         let s = &self.0;
         let d = &s.director;
         let t = &s.transport;
+        // Every transport has its series, zero or not, so that none vanishes when its last
+        // tunnel goes.
         let mut tunnels = Vec::new();
-        for b in &d.tunnels_by_transport {
-            let transport = transport_label(b.transport);
-            tunnels.push(([("state", "active"), ("transport", transport)], b.active));
+        let known = [
+            Transport::TCP,
+            Transport::TLS,
+            Transport::UDP,
+            Transport::DTLS,
+            Transport::QUIC,
+        ];
+        let others = d
+            .tunnels_by_transport
+            .iter()
+            .map(|b| b.transport)
+            .filter(|t| !known.contains(t));
+        for transport in known.into_iter().chain(others) {
+            let held = d
+                .tunnels_by_transport
+                .iter()
+                .find(|b| b.transport == transport);
+            let (active, persistent) = held.map_or((0, 0), |b| (b.active, b.persistent));
+            let transport = transport_label(transport);
+            tunnels.push(([("state", "active"), ("transport", transport)], active));
             tunnels.push((
                 [("state", "persistent"), ("transport", transport)],
-                b.persistent,
+                persistent,
             ));
         }
         out.gauges(
