@@ -67,6 +67,22 @@ async fn exchange<F: Fn() -> Answer>(mut stream: Async<std::net::TcpStream>, met
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() >= MAX_REQUEST {
             let _ = respond(&mut stream, 431, "text/plain", "request too large\n").await;
+            // Closing with unread input would reset the connection, and the client might
+            // lose the answer: read a little more first, briefly.
+            let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
+            let drain = async {
+                let mut left = 64 * 1024;
+                while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                    left -= n.min(left);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            };
+            futures_lite::future::or(drain, async {
+                smol::Timer::after(Duration::from_secs(1)).await;
+            })
+            .await;
             return;
         }
         match stream.read(&mut chunk).await {
