@@ -21,9 +21,10 @@
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
 //!   embedded default configuration or a TOML file and a loopback admin endpoint,
-//!   `tscf client`, `tscf status`, `tscf demo` and `tscf netcheck`. Its dependencies (clap,
-//!   toml, serde, serde_json, tracing-subscriber, async-signal) are optional: an embedder
-//!   turns them off with `default-features = false`.
+//!   `tscf client`, `tscf status`, `tscf ping`, `tscf demo` and `tscf netcheck`, with
+//!   Prometheus metrics and packet captures. Its dependencies (clap, toml, serde, serde_json,
+//!   tracing-subscriber, async-signal, prometheus-client, pcap-file, etherparse) are optional:
+//!   an embedder turns them off with `default-features = false`.
 //!
 //! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
 //! threads.

@@ -765,7 +765,8 @@ fn metrics_endpoints_answer_get_metrics() {
         "--forward",
         "127.0.0.1:0=10.77.0.3:5004",
     ]);
-    let answer = http(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let server_answer = http(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let answer = &server_answer;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.contains("Content-Type: text/plain; version=0.0.4"));
     assert!(answer.contains("\ntscf_server_tunnels{state=\"active\",transport=\"udp\"} 1\n"));
@@ -791,13 +792,42 @@ fn metrics_endpoints_answer_get_metrics() {
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
         .to_owned();
-    let answer = http(&addr, b"GET /metrics HTTP/1.0\r\n\r\n");
+    let client_answer = http(&addr, b"GET /metrics HTTP/1.0\r\n\r\n");
+    let answer = &client_answer;
     assert!(
         answer.contains("\ntscf_client_state{state=\"connected\"} 1\n"),
         "{answer}"
     );
     assert!(answer.contains("# TYPE tscf_client_peer_setup_seconds histogram"));
     assert!(answer.contains("\ntscf_client_peer_setup_seconds_bucket{le=\"+Inf\"} 0\n"));
+
+    // Every metric the example dashboard queries is one the programs serve.
+    let dashboard = include_str!("../../docs/grafana-dashboard.json");
+    let served = format!("{server_answer}{client_answer}");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("tscf_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|name| name.starts_with("tscf_server_") || name.starts_with("tscf_client_"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            served.contains(&format!("# TYPE {family} ")),
+            "{name} is not served"
+        );
+    }
     assert_eq!(client.wait().unwrap().code(), Some(0));
     server.kill().unwrap();
     server.wait().unwrap();

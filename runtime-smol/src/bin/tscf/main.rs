@@ -17,7 +17,11 @@
 //! `tscf client` opens a tunnel, prints its addresses and forwards local UDP ports into it;
 //! `tscf demo` runs a server and two clients in one process and measures the relay and the
 //! peer tunnel; `tscf status` prints the state of a running server; `tscf netcheck` asks STUN
-//! servers for the public mapping and tells whether it varies by destination.
+//! servers for the public mapping and tells whether it varies by destination; `tscf ping`
+//! times round trips to another client's echo port and says which path they took.
+//!
+//! `tscf server` and `tscf client` serve Prometheus metrics with `--metrics ADDR`
+//! (`metrics.rs`, `http.rs`) and write packet captures with `--pcap FILE` (`capture.rs`).
 //!
 //! Exit codes: 0 when it stopped normally (signal or `--for`), 1 on a runtime failure (a
 //! listener cannot be bound, no randomness, the server unreachable), 2 on a usage or
