@@ -249,7 +249,19 @@ pub(crate) async fn pings(
         ping.extend_from_slice(&seq.to_be_bytes());
         ping.extend_from_slice(&nonce.to_be_bytes());
         let started = Instant::now();
-        socket.send_to(&ping, to).await?;
+        // A tunnel between transports refuses to send for a moment: that ping is lost, the
+        // next one may go.
+        if let Err(e) = socket.send_to(&ping, to).await {
+            let mut line = json!({ "event": "error", "seq": seq, "error": e.to_string() });
+            merge(&mut line, path);
+            if !report(line) {
+                break;
+            }
+            if seq < plan.count {
+                smol::Timer::at(started + plan.interval).await;
+            }
+            continue;
+        }
         sent += 1;
         let answer = async {
             loop {
@@ -359,6 +371,11 @@ fn print_line(line: &Value, json: bool) {
             line["seq"]
         ),
         Some("timeout") => println!("timeout (seq {}) {via}", line["seq"]),
+        Some("error") => println!(
+            "not sent (seq {}): {}",
+            line["seq"],
+            line["error"].as_str().unwrap_or("?")
+        ),
         Some("done") => println!(
             "{} sent, {} received{}",
             line["sent"],
