@@ -17,13 +17,14 @@
 //!   [`TunnelConfig::peer_streams`] names a listener. [`Tunnel::notifications`] is an async
 //!   channel of [`Notification`]s.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
-//!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
+//!   [`set_peer_tunneling`](tscf_core::inner::SocketControl::set_peer_tunneling); [`Tunnel::peer_path`](tscf_core::tunnel::TunnelControl::peer_path) says
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
 //!   embedded default configuration or a TOML file and a loopback admin endpoint,
-//!   `tscf client`, `tscf status`, `tscf demo` and `tscf netcheck`. Its dependencies (clap,
-//!   toml, serde, serde_json, tracing-subscriber, async-signal) are optional: an embedder
-//!   turns them off with `default-features = false`.
+//!   `tscf client`, `tscf status`, `tscf ping`, `tscf demo` and `tscf netcheck`, with
+//!   Prometheus metrics and packet captures. Its dependencies (clap, toml, serde, serde_json,
+//!   tracing-subscriber, async-signal, prometheus-client, pcap-file, etherparse) are optional:
+//!   an embedder turns them off with `default-features = false`.
 //!
 //! Tasks run on smol's global executor (`smol::spawn`); set `SMOL_THREADS` to give it more
 //! threads.

@@ -664,3 +664,262 @@ fn client_asks_the_stun_servers_it_is_given() {
         s.wait().unwrap();
     }
 }
+
+/// The admin address a `tscf client --json --admin` printed.
+fn admin_of(lines: &[serde_json::Value]) -> String {
+    lines
+        .iter()
+        .find(|l| l["event"] == "admin")
+        .and_then(|l| l["addr"].as_str())
+        .unwrap_or_else(|| panic!("no admin line in {lines:?}"))
+        .to_owned()
+}
+
+#[test]
+fn ping_through_a_running_client_takes_the_relay_then_the_peer_tunnel() {
+    let (mut server, printed) = spawn_server("ping", "", "10");
+    let udp = address(&printed, "udp ");
+    let (mut a, a_lines, _) = spawn_client(&[
+        "--server",
+        &udp,
+        "--admin",
+        "127.0.0.1:0",
+        "--for",
+        "6",
+        "--forward",
+        "127.0.0.1:0=10.77.0.3:5004",
+    ]);
+    let (mut b, _, _) = spawn_client(&[
+        "--server",
+        &udp,
+        "--for",
+        "6",
+        "--forward",
+        "127.0.0.1:0=10.77.0.2:5004",
+    ]);
+    let admin = admin_of(&a_lines);
+    let out = tscf(&[
+        "ping",
+        "10.77.0.3",
+        "--admin",
+        &admin,
+        "--until-direct",
+        "-c",
+        "50",
+        "--interval",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    let pongs: Vec<_> = lines.iter().filter(|l| l["event"] == "pong").collect();
+    // The first ping asks for the peer tunnel and takes the relay; the last came back over it.
+    assert_eq!(pongs[0]["path"], "relay", "{lines:?}");
+    assert_eq!(pongs[0]["seq"], 1);
+    let last = pongs.last().unwrap();
+    assert_eq!(last["path"], "peer", "{lines:?}");
+    assert_eq!(last["transport"], "udp");
+    assert!(last["peer_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(last["rtt_ms"].as_f64().unwrap() > 0.0);
+    let done = lines.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["direct"], true);
+    assert_eq!(done["received"], pongs.len());
+
+    // As text, a fixed count.
+    let out = tscf(&[
+        "ping",
+        "10.77.0.3",
+        "--admin",
+        &admin,
+        "-c",
+        "2",
+        "--interval",
+        "0.01",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("pong from 10.77.0.3 via peer tunnel 127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 sent, 2 received"), "{stdout}");
+
+    // Nobody holds 10.77.0.99: every ping times out, exit 1.
+    let out = tscf(&[
+        "ping",
+        "10.77.0.99",
+        "--admin",
+        &admin,
+        "-c",
+        "1",
+        "--timeout",
+        "0.2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("timeout (seq 1)"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains("no reply"));
+
+    // A request the endpoint does not know.
+    let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+    stream.write_all(b"status\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"error\""), "{line}");
+
+    // From a tunnel of its own (10.77.0.4), to the first client's echo port.
+    let out = tscf(&[
+        "ping",
+        "10.77.0.2",
+        "--server",
+        &udp,
+        "-c",
+        "2",
+        "--interval",
+        "0.05",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("2 sent, 2 received"));
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.wait().unwrap().code(), Some(0));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn ping_and_capture_usage_errors() {
+    let out = tscf(&["ping", "10.77.0.3", "-c", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["ping", "10.77.0.3", "--interval", "-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["ping", "not-an-address"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tscf(&["client", "--admin", "192.0.2.1:4450", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("loopback"));
+    let out = tscf(&["server", "--pcap-envelopes", "--for", "1"]);
+    assert_eq!(out.status.code(), Some(2), "--pcap-envelopes needs --pcap");
+    let path = config_file("bad-metrics", "metrics = \"nowhere\"\n");
+    let out = tscf(&["server", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("metrics"));
+    let out = tscf(&[
+        "server",
+        "--pcap",
+        "/nonexistent/dir/x.pcapng",
+        "--for",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("packet capture"));
+}
+
+/// One HTTP exchange: `request` sent as is, the whole answer read.
+fn http(addr: &str, request: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn metrics_endpoints_answer_get_metrics() {
+    let (mut server, printed) = spawn_server("metrics", "metrics = \"127.0.0.1:0\"\n", "6");
+    let url = address(&printed, "metrics ");
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let udp = address(&printed, "udp ");
+    let (mut client, lines, _) = spawn_client(&[
+        "--server",
+        &udp,
+        "--metrics",
+        "127.0.0.1:0",
+        "--for",
+        "3",
+        "--forward",
+        "127.0.0.1:0=10.77.0.3:5004",
+    ]);
+    let server_answer = http(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let answer = &server_answer;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("Content-Type: text/plain; version=0.0.4"));
+    assert!(answer.contains("\ntscf_server_tunnels{state=\"active\",transport=\"udp\"} 1\n"));
+    assert!(answer.contains("\ntscf_server_configuration_exchanges_total{result=\"ok\"} 1\n"));
+    assert!(answer.contains("\ntscf_server_dropped_total{reason=\"spoofed_source\"} 0\n"));
+    assert!(answer.contains("# TYPE tscf_server_relayed_frames_total counter"));
+    let answer = http(&addr, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = http(&addr, b"POST /metrics HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    huge.resize(20_000, b'a');
+    let answer = http(&addr, &huge);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    let url = lines
+        .iter()
+        .find(|l| l["event"] == "metrics")
+        .and_then(|l| l["url"].as_str())
+        .unwrap()
+        .to_owned();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let client_answer = http(&addr, b"GET /metrics HTTP/1.0\r\n\r\n");
+    let answer = &client_answer;
+    assert!(
+        answer.contains("\ntscf_client_state{state=\"connected\"} 1\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("# TYPE tscf_client_peer_setup_seconds histogram"));
+    assert!(answer.contains("\ntscf_client_peer_setup_seconds_bucket{le=\"+Inf\"} 0\n"));
+
+    // Every metric the example dashboard queries is one the programs serve.
+    let dashboard = include_str!("../../docs/grafana-dashboard.json");
+    let served = format!("{server_answer}{client_answer}");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("tscf_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|name| name.starts_with("tscf_server_") || name.starts_with("tscf_client_"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            served.contains(&format!("# TYPE {family} ")),
+            "{name} is not served"
+        );
+    }
+    assert_eq!(client.wait().unwrap().code(), Some(0));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -328,6 +328,78 @@ pub enum Transmit {
     },
 }
 
+/// Where a captured packet or envelope went, seen from the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by this host.
+    Sent,
+    /// Received by this host.
+    Received,
+}
+
+/// One envelope a host sent or received, as a capture sees it: in plaintext (before a TLS,
+/// DTLS or QUIC session encrypts it, after it decrypts it), with the outer addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapturedEnvelope<'a> {
+    /// Sent or received.
+    pub direction: Direction,
+    /// The transport it went over (the stream or session's, not the plaintext's).
+    pub transport: Transport,
+    /// The host's own address, when the host knows it (a UDP or DTLS socket's); `None` for
+    /// stream connections, whose local address only the runtime knows.
+    pub local: Option<SocketAddr>,
+    /// The other end's address.
+    pub remote: SocketAddr,
+    /// The whole envelope, header included.
+    pub envelope: &'a [u8],
+}
+
+/// What a host shows a packet capture: the inner IP packets it carries and the envelopes it
+/// exchanges. The runtime gives one to the host in its configuration ([`Capture`]); the host
+/// calls it with the lock held, so a sink only copies what it is shown and writes elsewhere.
+/// Without one the host does nothing of this (a check of an `Option` per packet).
+///
+/// **Captures hold plaintext**: the inner packets and the envelopes before encryption.
+pub trait CaptureSink: Send + Sync {
+    /// An inner IP packet: sent into the tunnel or delivered from it (a client), or relayed
+    /// (a server, once per packet, as it leaves for its destination).
+    fn inner_packet(&self, now: Instant, direction: Direction, packet: &[u8]);
+    /// An envelope sent or received.
+    fn envelope(&self, now: Instant, envelope: &CapturedEnvelope<'_>);
+}
+
+/// A [`CaptureSink`] for a host's configuration (shared, so that configurations stay
+/// clonable).
+#[derive(Clone)]
+pub struct Capture(pub std::sync::Arc<dyn CaptureSink>);
+
+impl fmt::Debug for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Capture")
+    }
+}
+
+impl Capture {
+    /// Shows `packet` to the sink, if there is one.
+    pub(crate) fn inner_packet(
+        capture: &Option<Self>,
+        now: Instant,
+        direction: Direction,
+        packet: &[u8],
+    ) {
+        if let Some(c) = capture {
+            c.0.inner_packet(now, direction, packet);
+        }
+    }
+
+    /// Shows an envelope to the sink, if there is one.
+    pub(crate) fn envelope(capture: &Option<Self>, now: Instant, envelope: CapturedEnvelope<'_>) {
+        if let Some(c) = capture {
+            c.0.envelope(now, &envelope);
+        }
+    }
+}
+
 /// What every host offers its runtime, so that one drive loop serves them all.
 pub trait Host {
     /// What the host reports: the runtime's work ([`IoEvent`]) and the host's own news.
@@ -624,6 +696,11 @@ impl StreamOutput {
         }
         self.queued.extend_from_slice(envelope);
         true
+    }
+
+    /// Octets waiting (not those the runtime is writing).
+    pub(crate) fn len(&self) -> usize {
+        self.queued.len()
     }
 
     /// Whether nothing waits.

@@ -41,6 +41,7 @@
 //! - [`client`]: the tunnel client state machine (configuration, keepalive, re-attach,
 //!   release, inner packets).
 //! - [`inner`]: the client's inner UDP stack (packets, the table of inner sockets).
+//! - [`histogram`]: durations counted in fixed buckets, for the runtimes' metrics.
 #![cfg_attr(
     feature = "tls",
     doc = "- [`tls`]: rustls configurations with the ring provider: pinned fingerprints, CA files, \
@@ -70,6 +71,7 @@
 
 pub mod client;
 pub mod director;
+pub mod histogram;
 pub mod inner;
 mod rate;
 pub mod stun;

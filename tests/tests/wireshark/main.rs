@@ -1,11 +1,13 @@
 //! The Wireshark dissector `contrib/wireshark/tscf.lua`, run by tshark over captures these tests
-//! make (pcap files written with pcap-file) and over a live capture of a TLS tunnel: the decoded
-//! field names and values must be what was sent. Needs `tshark` (`scripts/lab-deps` installs
+//! make (pcap files written with pcap-file), over a live capture of a TLS tunnel, and over the
+//! captures the `tscf` program writes itself (`--pcap`): the decoded field names and values
+//! must be what was sent. Needs `tshark` (`scripts/lab-deps` installs
 //! it); without it every test says why and passes, unless `CI=true`.
 #![allow(missing_docs, clippy::unwrap_used, unreachable_pub)]
 
 mod capture;
 mod pdml;
+mod program;
 mod streams;
 mod tls;
 mod vectors;

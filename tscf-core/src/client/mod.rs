@@ -577,6 +577,12 @@ impl TunnelClient {
         self.tunnel.as_ref().map(|t| &t.info)
     }
 
+    /// Inner packets waiting in the send queue for a transport (bounded by
+    /// [`max_queued_packets`](ClientConfig::max_queued_packets)).
+    pub fn queued_packets(&self) -> usize {
+        self.outbound.len()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &ClientStats {
         &self.stats

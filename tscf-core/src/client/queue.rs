@@ -23,6 +23,10 @@ impl PacketQueue {
         }
     }
 
+    pub(super) fn len(&self) -> usize {
+        self.packets.len()
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.packets.is_empty()
     }

@@ -30,7 +30,7 @@ pub use config::{
     Admission, DirectorConfig, DirectorConfigError, Ipv4Pool, Ipv6Pool, KeepaliveConfig,
     RetransmitConfig,
 };
-pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters};
+pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters, TransportTunnels};
 
 use crate::wire::{
     Capabilities, Envelope, EnvelopeType, InnerPacket, MessageType, ResultCode, Transport,
@@ -486,13 +486,30 @@ impl SessionDirector {
     /// Current statistics.
     pub fn stats(&self) -> DirectorStats {
         let mut stats = self.stats.clone();
-        stats.persistent_tunnels = self
-            .tunnels
-            .values()
-            .filter(|t| t.connection.is_none())
-            .count();
+        let mut by_transport: Vec<TransportTunnels> = Vec::new();
+        for t in self.tunnels.values() {
+            let i = match by_transport.iter().position(|b| b.transport == t.transport) {
+                Some(i) => i,
+                None => {
+                    by_transport.push(TransportTunnels {
+                        transport: t.transport,
+                        active: 0,
+                        persistent: 0,
+                    });
+                    by_transport.len() - 1
+                }
+            };
+            match t.connection {
+                Some(_) => by_transport[i].active += 1,
+                None => by_transport[i].persistent += 1,
+            }
+        }
+        by_transport.sort_by_key(|b| b.transport);
+        stats.persistent_tunnels = by_transport.iter().map(|b| b.persistent).sum();
         stats.active_tunnels = self.tunnels.len() - stats.persistent_tunnels;
+        stats.tunnels_by_transport = by_transport;
         stats.pending_connections = self.pending_count;
+        stats.queued_frames = self.queued_frames;
         stats
     }
 

@@ -1,5 +1,7 @@
 //! Counters a director keeps; every drop has a reason.
 
+use crate::wire::Transport;
+
 /// Statistics of a [`SessionDirector`](super::SessionDirector).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -22,6 +24,10 @@ pub struct DirectorStats {
     pub bytes_relayed: u64,
     /// Control messages answered.
     pub control_answered: u64,
+    /// Data frames waiting in the tunnels' queues now (bounded by `max_total_queued_frames`).
+    pub queued_frames: usize,
+    /// Tunnels held now, by the transport each was last seen on, in transport order.
+    pub tunnels_by_transport: Vec<TransportTunnels>,
     /// Configuration Requests refused, by reason.
     pub refused: RefusalCounters,
     /// Inputs dropped, by reason.
@@ -107,4 +113,17 @@ pub struct DropCounters {
     pub unexpected_message: u64,
     /// Data for a connection the director no longer knows.
     pub unknown_connection: u64,
+}
+
+/// The tunnels of one transport (the one each was last seen on), in
+/// [`DirectorStats::tunnels_by_transport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransportTunnels {
+    /// The transport.
+    pub transport: Transport,
+    /// Tunnels with a live connection.
+    pub active: usize,
+    /// Tunnels waiting for a re-attach.
+    pub persistent: usize,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::DtlsListenerConfig;
 use crate::director::{DirectorConfig, DirectorConfigError};
 use crate::dtls::{self, ClientCheck};
-use crate::io::QuicLimits;
+use crate::io::{Capture, QuicLimits};
 use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
 
 /// What a server listens on, how it runs its director, and the bounds of its transports.
@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub max_unconfigured_per_source: usize,
     /// The transport limits of QUIC listeners.
     pub quic_limits: QuicLimits,
+    /// Where the server shows the packets it relays and the envelopes it exchanges, for a
+    /// packet capture (default none; see [`Capture`]). Captures hold plaintext.
+    pub capture: Option<Capture>,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +102,7 @@ impl Default for ServerConfig {
             close_grace: Duration::from_secs(1),
             max_unconfigured_per_source: 16,
             quic_limits: QuicLimits::default(),
+            capture: None,
         }
     }
 }

@@ -48,9 +48,12 @@ use crate::director::{
     TunnelSummary,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
-use crate::io::{Input, IoEvent, SocketId, StreamError, StreamId, StreamOutput, Transmit};
+use crate::io::{
+    Capture, CapturedEnvelope, Direction, Input, IoEvent, SocketId, StreamError, StreamId,
+    StreamOutput, Transmit,
+};
 use crate::stun;
-use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport};
+use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport, ENVELOPE_HEADER_LEN};
 use remotes::Remotes;
 
 /// STUN answers waiting to be sent, at most; beyond, requests are dropped and counted.
@@ -121,6 +124,10 @@ pub struct ServerHost {
     /// Whether DTLS client certificates are checked against a CA (so that one presented is
     /// a verified identity).
     dtls_verifies_clients: bool,
+    /// Where relayed packets and envelopes are shown, if anywhere.
+    capture: Option<Capture>,
+    /// The local address of each datagram listener, indexed by [`SocketId`] (for captures).
+    datagram_local: Vec<SocketAddr>,
     stopped: bool,
     /// Latest time seen.
     now: Instant,
@@ -258,6 +265,8 @@ impl ServerHost {
             counters: TransportCounters::default(),
             dtls_verifies_clients: dtls
                 .is_some_and(|d| matches!(d.client_check, dtls::ClientCheck::Roots(_))),
+            capture: config.capture,
+            datagram_local: local.udp.iter().chain(&local.dtls).copied().collect(),
             stopped: false,
         })
     }
@@ -402,6 +411,7 @@ impl ServerHost {
             Input::StreamDatagram { stream, data } => {
                 let handle = ConnectionHandle(stream.0);
                 if self.is_open(handle) {
+                    self.captured(now, Direction::Received, handle, data);
                     self.counters.quic_datagrams_received += 1;
                     self.director.handle_datagram(now, handle, data);
                 }
@@ -537,6 +547,13 @@ impl ServerHost {
                 }
             }
             let transmit = self.director.poll_transmit(now, buf)?;
+            if self.capture.is_some() {
+                self.captured(now, Direction::Sent, transmit.connection, buf);
+                if buf.first() == Some(&EnvelopeType::DATA.0) {
+                    let packet = buf.get(ENVELOPE_HEADER_LEN..).unwrap_or_default();
+                    Capture::inner_packet(&self.capture, now, Direction::Sent, packet);
+                }
+            }
             match self.routes.get_mut(&transmit.connection) {
                 Some(Route::Udp { socket, remote }) => {
                     return Some(Transmit::Datagram {
@@ -628,6 +645,14 @@ impl ServerHost {
             udp_connections: self.udp_remotes,
             ..ServerStats::default()
         };
+        stats.stream_queued_bytes = self
+            .routes
+            .values()
+            .map(|r| match r {
+                Route::Stream(s) => s.output.len(),
+                _ => 0,
+            })
+            .sum();
         for listener in &self.listeners {
             if let Listener::Dtls(endpoint) = listener {
                 let c = endpoint.counters();
@@ -711,6 +736,7 @@ impl ServerHost {
                         handle
                     }
                 };
+                self.captured(now, Direction::Received, handle, data);
                 self.director.handle_datagram(now, handle, data);
             }
             _ => self.counters.udp_dropped += 1,
@@ -758,7 +784,10 @@ impl ServerHost {
                     let _ = self.director.handle_connect(now, handle, info);
                 }
                 DtlsEvent::Data { peer, payload } => match self.remotes.get(socket, peer) {
-                    Some(handle) => self.director.handle_datagram(now, handle, &payload),
+                    Some(handle) => {
+                        self.captured(now, Direction::Received, handle, &payload);
+                        self.director.handle_datagram(now, handle, &payload);
+                    }
                     None => self.counters.udp_dropped += 1,
                 },
                 DtlsEvent::Closed { peer } => {
@@ -804,10 +833,22 @@ impl ServerHost {
         if s.state != StreamState::Open {
             return;
         }
+        let (transport, remote) = (s.transport, s.remote);
         let mut framed = s.deframer.push(data).is_ok();
         while framed {
-            match s.deframer.next_envelope() {
-                Ok(Some(envelope)) => self.director.handle_envelope(now, handle, envelope),
+            match s.deframer.next_raw() {
+                Ok(Some(envelope)) => {
+                    let captured = CapturedEnvelope {
+                        direction: Direction::Received,
+                        transport,
+                        local: None,
+                        remote,
+                        envelope,
+                    };
+                    Capture::envelope(&self.capture, now, captured);
+                    // A whole envelope, as the deframer cut it.
+                    self.director.handle_datagram(now, handle, envelope);
+                }
                 Ok(None) => break,
                 Err(_) => framed = false,
             }
@@ -967,6 +1008,43 @@ impl ServerHost {
             Some(Route::Stream(_)) | None => return,
         }
         self.routes.remove(&handle);
+    }
+
+    /// Shows an envelope exchanged on `handle` to the capture, if there is one.
+    fn captured(
+        &self,
+        now: Instant,
+        direction: Direction,
+        handle: ConnectionHandle,
+        envelope: &[u8],
+    ) {
+        let Some(capture) = &self.capture else {
+            return;
+        };
+        let (transport, local, remote) = match self.routes.get(&handle) {
+            Some(&Route::Udp { socket, remote }) => (Transport::UDP, socket, remote),
+            Some(&Route::Dtls { socket, remote }) => (Transport::DTLS, socket, remote),
+            Some(Route::Stream(s)) => {
+                let envelope = CapturedEnvelope {
+                    direction,
+                    transport: s.transport,
+                    local: None,
+                    remote: s.remote,
+                    envelope,
+                };
+                capture.0.envelope(now, &envelope);
+                return;
+            }
+            None => return,
+        };
+        let envelope = CapturedEnvelope {
+            direction,
+            transport,
+            local: self.datagram_local.get(local.0 as usize).copied(),
+            remote,
+            envelope,
+        };
+        capture.0.envelope(now, &envelope);
     }
 
     fn is_open(&self, handle: ConnectionHandle) -> bool {

@@ -82,4 +82,7 @@ pub struct ServerStats {
     /// DTLS handshakes in progress now, over all DTLS listeners (each bounded by
     /// `dtls_max_half_open`).
     pub dtls_half_open: usize,
+    /// Octets of envelopes waiting for the stream connections' writers now, over all of them
+    /// (each bounded by `stream_queue_bytes`).
+    pub stream_queued_bytes: usize,
 }

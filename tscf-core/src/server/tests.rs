@@ -579,3 +579,126 @@ fn a_full_stream_queue_drops_and_counts_envelopes() {
     assert!(queued <= 100, "{queued} octets queued");
     assert!(h.host.stats().transport.stream_queue_full > 0);
 }
+
+/// What a capture sink was shown: (inner packet or envelope, direction, transport, local,
+/// remote, bytes); packets have no transport or addresses.
+type Shown = Vec<(
+    bool,
+    Direction,
+    Option<Transport>,
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+    Vec<u8>,
+)>;
+
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Shown>);
+
+impl crate::io::CaptureSink for Recorder {
+    fn inner_packet(&self, _: Instant, direction: Direction, packet: &[u8]) {
+        let mut shown = self.0.lock().expect("not poisoned");
+        shown.push((true, direction, None, None, None, packet.to_vec()));
+    }
+
+    fn envelope(&self, _: Instant, e: &CapturedEnvelope<'_>) {
+        let mut shown = self.0.lock().expect("not poisoned");
+        let record = (
+            false,
+            e.direction,
+            Some(e.transport),
+            e.local,
+            Some(e.remote),
+        );
+        shown.push((
+            record.0,
+            record.1,
+            record.2,
+            record.3,
+            record.4,
+            e.envelope.to_vec(),
+        ));
+    }
+}
+
+#[test]
+fn a_capture_sees_envelopes_both_ways_and_each_relayed_packet_once() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let config = ServerConfig {
+        capture: Some(Capture(recorder.clone())),
+        ..ServerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let udp_client: SocketAddr = CLIENT.parse().expect("addr");
+    let listener: SocketAddr = UDP_LISTENER.parse().expect("addr");
+    // One tunnel over UDP, one over TCP.
+    let request = configuration_request(1);
+    let out = h.input(Input::Datagram {
+        socket: SocketId(0),
+        from: udp_client,
+        data: &request,
+    });
+    let response = out.datagrams[0].2.clone();
+    let a = message(&response).tlvs.internal_ipv4.expect("IPv4").addr;
+    let stream = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let b = message(&written).tlvs.internal_ipv4.expect("IPv4").addr;
+    {
+        let shown = recorder.0.lock().expect("not poisoned");
+        let udp = (Some(Transport::UDP), Some(listener), Some(udp_client));
+        assert_eq!(
+            shown[0],
+            (
+                false,
+                Direction::Received,
+                udp.0,
+                udp.1,
+                udp.2,
+                request.clone()
+            )
+        );
+        assert_eq!(
+            shown[1],
+            (false, Direction::Sent, udp.0, udp.1, udp.2, response)
+        );
+        // A stream's local address is the runtime's to know.
+        let tcp = (Some(Transport::TCP), None, Some(udp_client));
+        assert_eq!(
+            shown[2],
+            (false, Direction::Received, tcp.0, tcp.1, tcp.2, request)
+        );
+        assert_eq!(
+            shown[3],
+            (false, Direction::Sent, tcp.0, tcp.1, tcp.2, written.clone())
+        );
+        assert_eq!(shown.len(), 4, "{shown:?}");
+    }
+    // A packet from the UDP tunnel to the TCP one: the envelope in, the envelope out, and the
+    // inner packet once.
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(a.octets(), b.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"rtp")
+        .expect("a packet");
+    let mut envelope = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, &packet, &mut envelope).expect("fits");
+    h.input(Input::Datagram {
+        socket: SocketId(0),
+        from: udp_client,
+        data: &envelope,
+    });
+    let shown = recorder.0.lock().expect("not poisoned");
+    let relayed: Vec<_> = shown[4..].iter().map(|s| (s.0, s.1, s.2, &s.5)).collect();
+    assert_eq!(
+        relayed,
+        [
+            (false, Direction::Received, Some(Transport::UDP), &envelope),
+            (false, Direction::Sent, Some(Transport::TCP), &envelope),
+            (true, Direction::Sent, None, &packet),
+        ]
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::client::{ClientConfig, ConfigError, PeerConfig, ServerEndpoint, TerminateReason};
 
 use crate::dtls;
-use crate::io::QuicLimits;
+use crate::io::{Capture, QuicLimits};
 use crate::tls::{
     self, ClientTlsConfig, LoadedIdentity, Os, PeerIdentity, ServerIdentity, ServerTlsConfig,
     TlsConfigError,
@@ -71,6 +71,9 @@ pub struct TunnelConfig {
     /// streams; `docs/PROTOCOL.md` §7.5.1). Generated at connect (self signed) when `None` and
     /// one is needed; its fingerprint goes into `client.peer.certificate_fingerprint`.
     pub peer_identity: Option<PeerIdentity>,
+    /// Where the tunnel shows its inner packets and envelopes, for a packet capture (default
+    /// none; see [`Capture`]). Captures hold plaintext.
+    pub capture: Option<Capture>,
 }
 
 impl TunnelConfig {
@@ -98,6 +101,7 @@ impl TunnelConfig {
             session_queue: 256,
             peer_streams: PeerStreamListen::None,
             peer_identity: None,
+            capture: None,
         }
     }
 

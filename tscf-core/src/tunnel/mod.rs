@@ -55,8 +55,8 @@ use crate::client::{
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    ClientTls, Connect, Driver, Input, IoEvent, QuicLimits, Runtime, Security, Shared, SocketId,
-    StreamError, StreamId, StreamOutput, Transmit,
+    Capture, CapturedEnvelope, ClientTls, Connect, Direction, Driver, Input, IoEvent, QuicLimits,
+    Runtime, Security, Shared, SocketId, StreamError, StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::tls::{self, ClientTlsConfig, Fingerprint, PeerIdentity};
@@ -169,6 +169,10 @@ pub struct ClientHost<Q> {
     settings: Settings,
     last_failure: Option<String>,
     terminated: Option<TerminateReason>,
+    /// Where inner packets and envelopes are shown, if anywhere.
+    capture: Option<Capture>,
+    /// The peer socket's local address, for captures.
+    peer_local: SocketAddr,
     now: Instant,
 }
 
@@ -176,6 +180,8 @@ pub struct ClientHost<Q> {
 #[derive(Debug)]
 struct Settings {
     default_opt_in: bool,
+    /// The transport of accepted peer streams (TCP or TLS).
+    listener_transport: Transport,
     socket_queue_len: usize,
     stream_queue_bytes: usize,
     transport_timeout: Duration,
@@ -209,6 +215,7 @@ enum Link {
 #[derive(Debug)]
 struct Stream {
     role: Role,
+    transport: Transport,
     open: bool,
     /// Closed by the host; ignored until the runtime reports it closed.
     closing: bool,
@@ -311,6 +318,10 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             }
         }
         let client = TunnelClient::new(config.client.clone(), now)?;
+        let listener_transport = match config.peer_streams.listen() {
+            Some((_, true)) => Transport::TLS,
+            _ => Transport::TCP,
+        };
         Ok(Self {
             client,
             sockets: SocketTable::new(),
@@ -327,6 +338,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             stats: TunnelStats::default(),
             settings: Settings {
                 default_opt_in,
+                listener_transport,
                 socket_queue_len: config.socket_queue_len.max(1),
                 stream_queue_bytes: config.stream_queue_bytes.max(1),
                 transport_timeout: config.transport_timeout,
@@ -337,6 +349,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             },
             last_failure: None,
             terminated: None,
+            capture: config.capture,
+            peer_local: setup.peer_socket,
             now,
         })
     }
@@ -354,7 +368,23 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             Input::StreamOpen { stream, .. } => self.on_stream_open(now, stream),
             Input::StreamData { stream, data } => self.on_stream_data(now, stream, data),
             Input::StreamDatagram { stream, data } => {
-                if matches!(self.link, Link::Stream { stream: s, quic: true, .. } if s == stream) {
+                if let Link::Stream {
+                    stream: s,
+                    quic: true,
+                    server,
+                } = self.link
+                {
+                    if s != stream {
+                        return;
+                    }
+                    self.captured(
+                        now,
+                        Direction::Received,
+                        Transport::QUIC,
+                        None,
+                        server,
+                        data,
+                    );
                     self.stats.quic_datagrams_received += 1;
                     self.client.handle_input(now, client::Input::Envelope(data));
                 }
@@ -407,6 +437,14 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             }
             Input::SessionData { path, data } => {
                 if self.quic_session(path) {
+                    self.captured(
+                        now,
+                        Direction::Received,
+                        Transport::QUIC,
+                        Some(self.peer_local),
+                        path,
+                        data,
+                    );
                     let datagram = client::Input::PeerSessionDatagram {
                         path,
                         datagram: data,
@@ -428,7 +466,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             return None;
         }
         self.peer.handshaking += 1;
-        Some(self.new_stream(Role::PeerAccepted(None), remote))
+        let transport = self.settings.listener_transport;
+        Some(self.new_stream(Role::PeerAccepted(None), transport, remote))
     }
 
     /// The transport limits of the tunnel's QUIC connections.
@@ -530,7 +569,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         payload: &[u8],
     ) -> io::Result<()> {
         self.advance(now);
-        inner::send_udp(&mut self.client, now, port, dst, payload, &mut self.packet)
+        inner::send_udp(&mut self.client, now, port, dst, payload, &mut self.packet)?;
+        Capture::inner_packet(&self.capture, now, Direction::Sent, &self.packet);
+        Ok(())
     }
 
     /// The tunnel's internal address of an inner socket on `port`.
@@ -738,6 +779,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     pub fn stats(&self) -> TunnelStats {
         let mut stats = self.stats;
         stats.client = *self.client.stats();
+        stats.send_queue = self.client.queued_packets();
+        stats.stream_queued_bytes = self.streams.values().map(|s| s.output.len()).sum();
         if let Some(dtls) = &self.peer.dtls {
             let counters = dtls.counters();
             stats.peer_dtls_bad_records = counters.bad_records;
@@ -786,6 +829,14 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     fn on_peer_socket(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         if matches!(self.link, Link::Udp(server) if server == from) && !stun::is_stun(data) {
+            self.captured(
+                now,
+                Direction::Received,
+                Transport::UDP,
+                Some(self.peer_local),
+                from,
+                data,
+            );
             self.client.handle_input(now, client::Input::Envelope(data));
             return;
         }
@@ -803,6 +854,16 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 }
             }
             _ if self.peer.enabled => {
+                if DatagramKind::of(data) == DatagramKind::Envelope {
+                    self.captured(
+                        now,
+                        Direction::Received,
+                        Transport::UDP,
+                        Some(self.peer_local),
+                        from,
+                        data,
+                    );
+                }
                 let input = client::Input::PeerDatagram {
                     from,
                     datagram: data,
@@ -900,7 +961,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 );
             }
         };
-        let stream = self.new_stream(Role::Server, server.addr);
+        let stream = self.new_stream(Role::Server, security.transport(), server.addr);
         self.link = Link::Stream {
             stream,
             server: server.addr,
@@ -1021,6 +1082,14 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                         self.client.handle_input(now, client::Input::TransportOpen);
                     }
                     DtlsEvent::Data { payload, .. } => {
+                        let envelope = CapturedEnvelope {
+                            direction: Direction::Received,
+                            transport: Transport::DTLS,
+                            local: None,
+                            remote: server,
+                            envelope: &payload,
+                        };
+                        Capture::envelope(&self.capture, now, envelope);
                         self.stats.dtls_records_received += 1;
                         self.client
                             .handle_input(now, client::Input::Envelope(&payload));
@@ -1050,6 +1119,14 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     .handle_input(now, client::Input::PeerSessionFailed(path));
             }
             dtls::PeerSessionEvent::Envelope { path, envelope } => {
+                self.captured(
+                    now,
+                    Direction::Received,
+                    Transport::DTLS,
+                    Some(self.peer_local),
+                    path,
+                    &envelope,
+                );
                 let input = client::Input::PeerSessionDatagram {
                     path,
                     datagram: &envelope,
@@ -1097,6 +1174,12 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     /// runtime, or `None` when the host took it (a stream's queue, a DTLS record) or dropped
     /// it.
     fn route(&mut self, now: Instant, to: Destination, buf: &[u8]) -> Option<Transmit> {
+        // NAT discovery's STUN requests leave here too; a capture shows envelopes only.
+        if self.capture.is_some() && DatagramKind::of(buf) == DatagramKind::Envelope {
+            if let Some((transport, local, remote)) = self.capture_ends(to) {
+                self.captured(now, Direction::Sent, transport, local, remote, buf);
+            }
+        }
         match to {
             Destination::Server => match &mut self.link {
                 Link::Udp(server) => Some(Transmit::Datagram {
@@ -1187,7 +1270,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                         return;
                     }
                 };
-                let stream = self.new_stream(Role::PeerOpened(id), addr);
+                let stream = self.new_stream(Role::PeerOpened(id), transport, addr);
                 let connect = IoEvent::Connect(Connect {
                     stream,
                     to: addr,
@@ -1293,13 +1376,14 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     // ---- streams ----
 
-    fn new_stream(&mut self, role: Role, remote: SocketAddr) -> StreamId {
+    fn new_stream(&mut self, role: Role, transport: Transport, remote: SocketAddr) -> StreamId {
         self.next_stream += 1;
         let stream = StreamId(self.next_stream);
         self.streams.insert(
             stream,
             Stream {
                 role,
+                transport,
                 open: false,
                 closing: false,
                 deframer: StreamDeframer::new(),
@@ -1373,23 +1457,33 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         if !s.open || s.closing {
             return;
         }
-        let role = s.role;
+        let (role, transport, remote) = (s.role, s.transport, s.remote);
         let mut framed = s.deframer.push(data).is_ok();
         while framed {
             match s.deframer.next_raw() {
-                Ok(Some(envelope)) => match role {
-                    Role::Server => self
-                        .client
-                        .handle_input(now, client::Input::Envelope(envelope)),
-                    Role::PeerOpened(id) | Role::PeerAccepted(Some(id)) => {
-                        let input = client::Input::PeerStreamEnvelope {
-                            stream: id,
-                            envelope,
-                        };
-                        self.client.handle_input(now, input);
+                Ok(Some(envelope)) => {
+                    let captured = CapturedEnvelope {
+                        direction: Direction::Received,
+                        transport,
+                        local: None,
+                        remote,
+                        envelope,
+                    };
+                    Capture::envelope(&self.capture, now, captured);
+                    match role {
+                        Role::Server => self
+                            .client
+                            .handle_input(now, client::Input::Envelope(envelope)),
+                        Role::PeerOpened(id) | Role::PeerAccepted(Some(id)) => {
+                            let input = client::Input::PeerStreamEnvelope {
+                                stream: id,
+                                envelope,
+                            };
+                            self.client.handle_input(now, input);
+                        }
+                        Role::PeerAccepted(None) => {}
                     }
-                    Role::PeerAccepted(None) => {}
-                },
+                }
                 Ok(None) => break,
                 Err(_) => framed = false,
             }
@@ -1483,6 +1577,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     /// Hands the packets the client received to the inner sockets.
     fn deliver_inner(&mut self) {
         while self.client.recv_ip(&mut self.packet) {
+            Capture::inner_packet(&self.capture, self.now, Direction::Received, &self.packet);
             match self.sockets.deliver(&self.packet) {
                 Delivery::Queued => {}
                 Delivery::NotUdp => self.stats.not_udp += 1,
@@ -1505,6 +1600,57 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     fn advance(&mut self, now: Instant) {
         self.now = self.now.max(now);
+    }
+
+    /// Shows an envelope exchanged with `remote` to the capture, if there is one.
+    fn captured(
+        &self,
+        now: Instant,
+        direction: Direction,
+        transport: Transport,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        envelope: &[u8],
+    ) {
+        let envelope = CapturedEnvelope {
+            direction,
+            transport,
+            local,
+            remote,
+            envelope,
+        };
+        Capture::envelope(&self.capture, now, envelope);
+    }
+
+    /// The transport and the two ends of an envelope for `to`, for a capture; `None` when it
+    /// goes nowhere (no transport, or the peer socket blocked by the test hook).
+    fn capture_ends(&self, to: Destination) -> Option<(Transport, Option<SocketAddr>, SocketAddr)> {
+        let on_peer_socket = Some(self.peer_local);
+        match to {
+            Destination::Server => match &self.link {
+                Link::Udp(server) => Some((Transport::UDP, on_peer_socket, *server)),
+                Link::Stream { stream, server, .. } => {
+                    let transport = self.streams.get(stream)?.transport;
+                    Some((transport, None, *server))
+                }
+                Link::Dtls { server, .. } => Some((Transport::DTLS, None, *server)),
+                Link::None => None,
+            },
+            _ if self.peer.blocked => None,
+            Destination::Peer(path) => Some((Transport::UDP, on_peer_socket, path)),
+            Destination::PeerStream(id) => self.streams.values().find_map(|s| {
+                let ours =
+                    matches!(s.role, Role::PeerOpened(p) | Role::PeerAccepted(Some(p)) if p == id);
+                ours.then_some((s.transport, None, s.remote))
+            }),
+            Destination::PeerSession(path) => {
+                let transport = match self.peer.dtls {
+                    Some(_) => Transport::DTLS,
+                    None => Transport::QUIC,
+                };
+                Some((transport, on_peer_socket, path))
+            }
+        }
     }
 }
 

@@ -68,4 +68,10 @@ pub struct TunnelStats {
     pub peer_quic_stream_full: u64,
     /// Accepted peer streams closed at once because too many were in their handshake.
     pub peer_streams_refused: u64,
+    /// Inner packets waiting in the client's send queue now, for a transport to the server
+    /// (bounded by `max_queued_packets`).
+    pub send_queue: usize,
+    /// Octets of envelopes waiting for the stream writers now (the server transport and peer
+    /// streams; each bounded by `stream_queue_bytes`).
+    pub stream_queued_bytes: usize,
 }

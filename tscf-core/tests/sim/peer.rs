@@ -583,6 +583,16 @@ fn a_cut_peer_path_falls_back_to_the_relay() {
         back - cut
     );
     assert!(down_reasons(&w, a).contains(&PeerDownReason::Silence));
+    // The histograms: one setup each, and one silence of the silence timeout (1.5 s, its
+    // timer running on time in the simulator) up to the last packet heard before the cut.
+    let peer = w.nodes[a].client.stats().peer;
+    assert_eq!(peer.setup_times.count(), 1);
+    assert_eq!(peer.silence_to_relay.count(), 1);
+    let silent = peer.silence_to_relay.sum();
+    assert!(
+        (ms(1500)..=ms(1550)).contains(&silent),
+        "silent for {silent:?}"
+    );
     // Frames sent once both sides are back on the relay all arrive.
     let first_after = call
         .sent_at

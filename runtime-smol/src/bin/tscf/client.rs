@@ -12,19 +12,50 @@ use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
 use smol::Async;
-use tscf_runtime_smol::core::client::{PeerConfig, ServerEndpoint};
+use tscf_runtime_smol::core::client::{PeerConfig, PeerTunnelState, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
     ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
     Tunnel, TunnelConfig,
 };
 
+use crate::capture::{self, CaptureArgs, Capturing};
 use crate::config::{parse_forward, ClientFile, TransportArg};
-use crate::exit;
+use crate::metrics::{self, peer_state_label, transport_label, ClientSnapshot, PeerOutcomes};
+use crate::{admin, exit, http, ping};
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
+    /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
+    /// INTERNAL's port to INTERNAL; the answers go back to the last local sender. Repeatable.
+    #[arg(long, value_name = "LOCAL=INTERNAL", value_parser = parse_forward)]
+    forward: Vec<(SocketAddr, SocketAddr)>,
+    /// Opt the forwarded sockets (and the echo port) in to peer tunneling.
+    #[arg(long)]
+    peer: bool,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long = "for", value_name = "SECONDS")]
+    run_for: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// An admin endpoint for `tscf ping --admin ADDR` (loopback only).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    #[command(flatten)]
+    capture: CaptureArgs,
+}
+
+/// How to reach the server: what `tscf client` and `tscf ping` share.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct TunnelArgs {
     /// A TOML file with the keys `server`, `transport`, `fingerprint`, `token`, `stun`,
     /// `forward` and `peer` (see below); options given on the command line win, lists are
     /// joined.
@@ -47,14 +78,6 @@ pub(crate) struct ClientArgs {
     /// line: prefer the TSCF_TOKEN environment variable or the `token` key of --config.
     #[arg(long, env = "TSCF_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
-    /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
-    /// INTERNAL's port to INTERNAL; the answers go back to the last local sender. Repeatable.
-    #[arg(long, value_name = "LOCAL=INTERNAL", value_parser = parse_forward)]
-    forward: Vec<(SocketAddr, SocketAddr)>,
-    /// Opt the forwarded sockets in to peer tunneling.
-    #[arg(long)]
-    peer: bool,
     /// The peer transport offered to other clients: plain signed UDP, or DTLS or QUIC with a
     /// self-signed certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1). A peer
     /// tunnel runs over DTLS or QUIC only when both clients offer the same one.
@@ -68,15 +91,9 @@ pub(crate) struct ClientArgs {
     /// one, the server's own STUN responder (its UDP listener) is asked.
     #[arg(long, value_name = "ADDR")]
     stun: Vec<SocketAddr>,
-    /// One JSON object per line instead of text.
-    #[arg(long)]
-    json: bool,
     /// How long to wait for the first tunnel before giving up (exit 1).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
-    /// Stop after this many seconds (default: run until killed).
-    #[arg(long = "for", value_name = "SECONDS")]
-    run_for: Option<u64>,
 }
 
 /// The peer transports `tscf client` can offer.
@@ -98,22 +115,46 @@ impl PeerTransportArg {
 }
 
 /// Runs `tscf client`.
-pub(crate) fn run(args: ClientArgs) -> ExitCode {
-    let args = match with_file(args) {
-        Ok(a) => a,
+pub(crate) fn run(mut args: ClientArgs) -> ExitCode {
+    match args.tunnel.with_file() {
+        Ok((forward, peer)) => {
+            args.forward.splice(0..0, forward);
+            args.peer |= peer;
+        }
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
             return ExitCode::from(exit::USAGE);
         }
-    };
-    let config = match tunnel_config(&args) {
+    }
+    let config = args
+        .tunnel
+        .tunnel_config()
+        .and_then(|c| args.admin.map(admin::check).transpose().map(|_| c));
+    let mut config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: {e}");
             return ExitCode::from(exit::USAGE);
         }
     };
-    if args.insecure {
+    let capturing = match Capturing::start(&args.capture, Box::new(capture::client_local)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tscf: cannot write the packet capture: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    config.capture = capturing.as_ref().map(Capturing::capture);
+    let code = run_tunnel(&args, config);
+    if let Some(c) = capturing {
+        c.finish();
+    }
+    code
+}
+
+/// Runs the tunnel until a signal, `--for` or its end.
+fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
+    if args.tunnel.insecure {
         eprintln!(
             "tscf: warning: --insecure accepts any TLS certificate; anyone on the path can \
              read and change the traffic"
@@ -146,8 +187,29 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             json: args.json,
             paths: Mutex::default(),
             drops: Mutex::default(),
+            outcomes: Mutex::default(),
         });
         out.connected(&tunnel);
+        let metrics = match args.metrics.map(http::bind).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("tscf: cannot listen for metrics scrapers: {e}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        if let Some(a) = metrics.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
+            out.line("metrics", json!({ "url": format!("http://{a}/metrics") }));
+        }
+        let admin = match args.admin.map(admin::bind).transpose() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("tscf: cannot listen for admin clients: {e}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        if let Some(a) = admin.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
+            out.line("admin", json!({ "addr": a.to_string() }));
+        }
         let mut forwards = Vec::new();
         for &(local, internal) in &args.forward {
             match forward(&tunnel, local, internal, args.peer) {
@@ -163,6 +225,17 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 }
             }
         }
+        // The echo port `tscf ping` asks (a tscf convention, see ping.rs).
+        let echo = match tunnel.bind(ping::ECHO_PORT) {
+            Ok(socket) => {
+                socket.set_peer_tunneling(args.peer);
+                Some(smol::spawn(ping::echo(socket)))
+            }
+            Err(e) => {
+                tracing::warn!(port = ping::ECHO_PORT, error = %e, "no echo port for tscf ping");
+                None
+            }
+        };
         let forwarding = async {
             let tasks: Vec<_> = forwards
                 .into_iter()
@@ -206,14 +279,36 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             .await;
             ExitCode::SUCCESS
         };
+        let answer_metrics = async {
+            match &metrics {
+                Some(listener) => {
+                    http::serve(listener, || {
+                        metrics::client(snapshot(&tunnel, &out.outcomes))
+                    })
+                    .await
+                }
+                None => future::pending::<()>().await,
+            }
+        };
+        let answer_admin = async {
+            match &admin {
+                Some(listener) => ping::serve_admin(listener, &tunnel).await,
+                None => future::pending::<()>().await,
+            }
+        };
+        let endpoints = async {
+            future::or(answer_metrics, answer_admin).await;
+            ExitCode::SUCCESS
+        };
         let code = future::or(
-            stop,
+            future::or(stop, endpoints),
             future::or(notes, async {
                 forwarding.await;
                 ExitCode::SUCCESS
             }),
         )
         .await;
+        drop(echo);
         tunnel.close().await;
         let drops = std::mem::take(&mut *out.drops.lock().unwrap_or_else(|e| e.into_inner()));
         if !drops.is_empty() {
@@ -224,84 +319,105 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
     })
 }
 
-/// Merges the `--config` file into the command line's options.
-fn with_file(mut args: ClientArgs) -> Result<ClientArgs, String> {
-    let Some(path) = &args.config else {
-        return Ok(args);
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    args.server = args.server.or(file.server);
-    args.transport = args.transport.or(file.transport);
-    // --insecure on the command line wins over a pinned fingerprint in the file.
-    if !args.insecure {
-        args.fingerprint = args.fingerprint.take().or(file.fingerprint);
-    }
-    args.token = args.token.take().or(file.token);
-    args.peer |= file.peer.unwrap_or(false);
-    args.stun.splice(0..0, file.stun);
-    args.forward
-        .splice(0..0, file.forward.into_iter().map(|f| f.0));
-    Ok(args)
-}
+/// The forwards and the peer flag of a `--config` file.
+type FileForwards = (Vec<(SocketAddr, SocketAddr)>, bool);
 
-fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
-    let (transport, default) = match args.transport.unwrap_or(TransportArg::Udp) {
-        TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
-        TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
-        TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
-        TransportArg::Dtls => (Transport::DTLS, "127.0.0.1:4445"),
-        TransportArg::Quic => (Transport::QUIC, "127.0.0.1:4444"),
-    };
-    let addr = match args.server {
-        Some(a) => a,
-        None => default.parse().map_err(|_| "bad default address")?,
-    };
-    let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
-    if [Transport::TLS, Transport::DTLS, Transport::QUIC].contains(&transport) {
-        let verification = match (&args.fingerprint, args.insecure) {
-            (Some(hex), _) => ServerVerification::Pinned(
-                Fingerprint::from_hex(hex).map_err(|e| format!("--fingerprint: {e}"))?,
-            ),
-            (None, true) => ServerVerification::Insecure,
-            (None, false) => {
-                return Err("TLS, DTLS and QUIC need --fingerprint HEX (as tscf server \
-                     prints it) or --insecure"
-                    .into())
-            }
+impl TunnelArgs {
+    /// Merges the `--config` file into the command line's options; what the file says of
+    /// forwards, for `tscf client`.
+    fn with_file(&mut self) -> Result<FileForwards, String> {
+        let Some(path) = &self.config else {
+            return Ok((Vec::new(), false));
         };
-        let mut tls = ClientTlsConfig::pinned(Fingerprint([0; 32]));
-        tls.verification = verification;
-        config.tls = Some(tls);
-    } else if args.fingerprint.is_some() || args.insecure {
-        return Err("--fingerprint and --insecure are for --transport tls, dtls or quic".into());
-    }
-    if let Some(peer) = &mut config.client.peer {
-        peer.transport = args.peer_transport.transport();
-        if args.peer_require_secure {
-            if args.peer_transport == PeerTransportArg::Udp {
-                return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
-            }
-            peer.require_secure = true;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.server = self.server.or(file.server);
+        self.transport = self.transport.or(file.transport);
+        // --insecure on the command line wins over a pinned fingerprint in the file.
+        if !self.insecure {
+            self.fingerprint = self.fingerprint.take().or(file.fingerprint);
         }
+        self.token = self.token.take().or(file.token);
+        self.stun.splice(0..0, file.stun);
+        let forward = file.forward.into_iter().map(|f| f.0).collect();
+        Ok((forward, file.peer.unwrap_or(false)))
     }
-    config.connect_timeout = Duration::from_secs(args.connect_timeout);
-    if let Some(token) = &args.token {
-        config.client.auth_token = Some(token.clone().into_bytes());
+
+    /// The tunnel's configuration, with the `--config` file merged in.
+    pub(crate) fn config(&self) -> Result<TunnelConfig, String> {
+        let mut args = self.clone();
+        args.with_file()
+            .map_err(|e| format!("configuration error: {e}"))?;
+        if args.insecure {
+            eprintln!(
+                "tscf: warning: --insecure accepts any TLS certificate; anyone on the path can \
+                 read and change the traffic"
+            );
+        }
+        args.tunnel_config()
     }
-    if !args.stun.is_empty() {
-        if args.stun.len() > PeerConfig::MAX_STUN_SERVERS {
-            return Err(format!(
-                "{} STUN servers, at most {} allowed",
-                args.stun.len(),
-                PeerConfig::MAX_STUN_SERVERS
-            ));
+
+    fn tunnel_config(&self) -> Result<TunnelConfig, String> {
+        let args = self;
+        let (transport, default) = match args.transport.unwrap_or(TransportArg::Udp) {
+            TransportArg::Tcp => (Transport::TCP, "127.0.0.1:4440"),
+            TransportArg::Tls => (Transport::TLS, "127.0.0.1:4443"),
+            TransportArg::Udp => (Transport::UDP, "127.0.0.1:4440"),
+            TransportArg::Dtls => (Transport::DTLS, "127.0.0.1:4445"),
+            TransportArg::Quic => (Transport::QUIC, "127.0.0.1:4444"),
+        };
+        let addr = match args.server {
+            Some(a) => a,
+            None => default.parse().map_err(|_| "bad default address")?,
+        };
+        let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
+        if [Transport::TLS, Transport::DTLS, Transport::QUIC].contains(&transport) {
+            let verification = match (&args.fingerprint, args.insecure) {
+                (Some(hex), _) => ServerVerification::Pinned(
+                    Fingerprint::from_hex(hex).map_err(|e| format!("--fingerprint: {e}"))?,
+                ),
+                (None, true) => ServerVerification::Insecure,
+                (None, false) => {
+                    return Err("TLS, DTLS and QUIC need --fingerprint HEX (as tscf server \
+                     prints it) or --insecure"
+                        .into())
+                }
+            };
+            let mut tls = ClientTlsConfig::pinned(Fingerprint([0; 32]));
+            tls.verification = verification;
+            config.tls = Some(tls);
+        } else if args.fingerprint.is_some() || args.insecure {
+            return Err(
+                "--fingerprint and --insecure are for --transport tls, dtls or quic".into(),
+            );
         }
         if let Some(peer) = &mut config.client.peer {
-            peer.stun_servers = args.stun.clone();
+            peer.transport = args.peer_transport.transport();
+            if args.peer_require_secure {
+                if args.peer_transport == PeerTransportArg::Udp {
+                    return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
+                }
+                peer.require_secure = true;
+            }
         }
+        config.connect_timeout = Duration::from_secs(args.connect_timeout);
+        if let Some(token) = &args.token {
+            config.client.auth_token = Some(token.clone().into_bytes());
+        }
+        if !args.stun.is_empty() {
+            if args.stun.len() > PeerConfig::MAX_STUN_SERVERS {
+                return Err(format!(
+                    "{} STUN servers, at most {} allowed",
+                    args.stun.len(),
+                    PeerConfig::MAX_STUN_SERVERS
+                ));
+            }
+            if let Some(peer) = &mut config.client.peer {
+                peer.stun_servers = args.stun.clone();
+            }
+        }
+        Ok(config)
     }
-    Ok(config)
 }
 
 type Forward = (Async<UdpSocket>, InnerUdpSocket, SocketAddr);
@@ -374,6 +490,8 @@ struct Printer {
     drops: Mutex<BTreeMap<String, u64>>,
     /// The path of each peer tunnel that is up, to say which one went down.
     paths: Mutex<HashMap<IpAddr, SocketAddr>>,
+    /// How negotiations ended and why tunnels went down, for the metrics.
+    outcomes: Mutex<PeerOutcomes>,
 }
 
 impl Printer {
@@ -467,6 +585,19 @@ impl Printer {
     }
 
     fn notification(&self, note: &Notification, tunnel: &Tunnel) {
+        if let Notification::PeerTunnelUp { peer, .. } | Notification::PeerTunnelDown { peer, .. } =
+            note
+        {
+            let was_up = self
+                .paths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(peer);
+            self.outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(note, was_up);
+        }
         match note {
             Notification::PeerTunnelUp { peer, path, setup } => {
                 // What the tunnel runs over: plain UDP, or the session transport securing it.
@@ -564,5 +695,29 @@ impl Printer {
                 false => println!("{event} {}", rest.join(" ")),
             }
         }
+    }
+}
+
+/// What one scrape of the client's metrics shows.
+fn snapshot(tunnel: &Tunnel, outcomes: &Mutex<PeerOutcomes>) -> ClientSnapshot {
+    let mut peer_tunnels = std::collections::BTreeMap::new();
+    let mut peers = std::collections::BTreeMap::new();
+    for p in tunnel.peer_tunnels() {
+        *peers.entry(peer_state_label(p.state)).or_default() += 1;
+        if p.state == PeerTunnelState::Up {
+            let over = match (p.session, p.stream) {
+                (Some(transport), _) => transport_label(transport),
+                (None, Some(_)) => "stream",
+                (None, None) => "udp",
+            };
+            *peer_tunnels.entry(over).or_default() += 1;
+        }
+    }
+    ClientSnapshot {
+        state: tunnel.state(),
+        stats: tunnel.stats(),
+        peer_tunnels,
+        peers,
+        outcomes: outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }

@@ -13,6 +13,7 @@
 //! max_packet_len = 1400             # largest inner IP packet relayed, told to clients
 //! auth_tokens = ["secret"]          # required for listeners beyond loopback
 //! admin = "127.0.0.1:4449"          # `tscf status` endpoint, loopback only ("" for none)
+//! metrics = "127.0.0.1:9477"        # Prometheus metrics at http://ADDR/metrics (default none)
 //!
 //! [tls_identity]                    # default: self-signed for the names below
 //! self_signed = ["127.0.0.1", "localhost"]
@@ -68,6 +69,7 @@ pub(crate) struct ServerFile {
     auth_tokens: Vec<String>,
     tls_identity: Option<Identity>,
     admin: Option<String>,
+    metrics: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +122,17 @@ impl ServerFile {
             .parse()
             .map_err(|_| format!("admin: {text:?} is not an address and port"))?;
         crate::admin::check(addr).map(Some)
+    }
+
+    /// The metrics endpoint's address: `metrics`, none without it or for `""`.
+    pub(crate) fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.metrics.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("metrics: {text:?} is not an address and port")),
+        }
     }
 
     /// The runtime's configuration.

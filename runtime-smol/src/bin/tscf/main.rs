@@ -17,7 +17,11 @@
 //! `tscf client` opens a tunnel, prints its addresses and forwards local UDP ports into it;
 //! `tscf demo` runs a server and two clients in one process and measures the relay and the
 //! peer tunnel; `tscf status` prints the state of a running server; `tscf netcheck` asks STUN
-//! servers for the public mapping and tells whether it varies by destination.
+//! servers for the public mapping and tells whether it varies by destination; `tscf ping`
+//! times round trips to another client's echo port and says which path they took.
+//!
+//! `tscf server` and `tscf client` serve Prometheus metrics with `--metrics ADDR`
+//! (`metrics.rs`, `http.rs`) and write packet captures with `--pcap FILE` (`capture.rs`).
 //!
 //! Exit codes: 0 when it stopped normally (signal or `--for`), 1 on a runtime failure (a
 //! listener cannot be bound, no randomness, the server unreachable), 2 on a usage or
@@ -26,19 +30,27 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod capture;
 mod client;
 mod config;
 mod demo;
 mod exit;
+mod http;
+mod metrics;
 mod netcheck;
+mod ping;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tscf_runtime_smol::{Server, StartError};
+use tscf_runtime_smol::core::wire::Transport;
+use tscf_runtime_smol::{LocalAddrs, Server, StartError};
+
+use capture::{CaptureArgs, Capturing};
 
 /// TSC tunnels with server-assisted peer tunneling.
 #[derive(Debug, Parser)]
@@ -61,6 +73,11 @@ enum Command {
         /// The admin endpoint for `tscf status` (loopback only; overrides the configuration).
         #[arg(long, value_name = "ADDR")]
         admin: Option<SocketAddr>,
+        /// Serve Prometheus metrics on http://ADDR/metrics (overrides the configuration).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        capture: CaptureArgs,
     },
     /// Open a tunnel, print its addresses and forward local UDP ports into it.
     Client(client::ClientArgs),
@@ -72,6 +89,9 @@ enum Command {
     },
     /// Ask STUN servers for this host's public mapping: NAT kind and usable addresses.
     Netcheck(netcheck::NetcheckArgs),
+    /// Ping a tunnel's internal address through `tscf client`'s echo port: the round trip and
+    /// the path (relay, or peer tunnel), from a running client or a tunnel of its own.
+    Ping(ping::PingArgs),
     /// Print the state of a running server, from its admin endpoint.
     Status {
         /// The server's admin endpoint.
@@ -97,15 +117,24 @@ fn main() -> ExitCode {
             config,
             run_for,
             admin,
-        } => server(config, run_for, admin),
+            metrics,
+            capture,
+        } => server(config, run_for, admin, metrics, &capture),
         Command::Client(args) => client::run(args),
         Command::Demo { json } => demo::run(json),
         Command::Netcheck(args) => netcheck::run(args),
+        Command::Ping(args) => ping::run(args),
         Command::Status { admin, json } => admin::status(admin, json),
     }
 }
 
-fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>) -> ExitCode {
+fn server(
+    path: Option<PathBuf>,
+    run_for: Option<u64>,
+    admin: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    capture: &CaptureArgs,
+) -> ExitCode {
     let file = match path {
         None => config::ServerFile::default_config(),
         Some(path) => match std::fs::read_to_string(&path) {
@@ -120,15 +149,60 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
             Some(a) => admin::check(a).map(Some)?,
             None => f.admin_addr()?,
         };
-        Ok((f.into_server_config()?, admin))
+        let metrics = match metrics {
+            Some(a) => Some(a),
+            None => f.metrics_addr()?,
+        };
+        Ok((f.into_server_config()?, admin, metrics))
     });
-    let (config, admin) = match configured {
+    let (mut config, admin, metrics) = match configured {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
             return ExitCode::from(exit::USAGE);
         }
     };
+    // A stream's local address is its listener's, known once the server has bound them.
+    let listeners: Arc<OnceLock<LocalAddrs>> = Arc::default();
+    let local_of = {
+        let listeners = listeners.clone();
+        Box::new(move |transport: Transport, remote: SocketAddr| {
+            let bound = listeners.get().and_then(|a| {
+                let of = match transport {
+                    Transport::TCP => &a.tcp,
+                    Transport::TLS => &a.tls,
+                    Transport::QUIC => &a.quic,
+                    Transport::DTLS => &a.dtls,
+                    _ => &a.udp,
+                };
+                of.first().copied()
+            });
+            bound.unwrap_or_else(|| capture::client_local(transport, remote))
+        })
+    };
+    let capturing = match Capturing::start(capture, local_of) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tscf: cannot write the packet capture: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    config.capture = capturing.as_ref().map(Capturing::capture);
+    let code = serve(config, admin, metrics, run_for, &listeners);
+    if let Some(c) = capturing {
+        c.finish();
+    }
+    code
+}
+
+/// Runs the server until a signal or `run_for` seconds; its admin and metrics endpoints beside.
+fn serve(
+    config: tscf_runtime_smol::ServerConfig,
+    admin: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    run_for: Option<u64>,
+    listeners: &OnceLock<LocalAddrs>,
+) -> ExitCode {
     smol::block_on(async {
         // Before anything is printed, so that a signal after the first line stops it cleanly.
         let signals = match async_signal::Signals::new([
@@ -154,10 +228,18 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
                 return ExitCode::from(code);
             }
         };
+        let _ = listeners.set(handle.local_addrs().clone());
         let admin = match admin.map(admin::bind).transpose() {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("tscf: cannot listen for admin clients: {e}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        let metrics = match metrics.map(http::bind).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("tscf: cannot listen for metrics scrapers: {e}");
                 return ExitCode::from(exit::FAILURE);
             }
         };
@@ -181,6 +263,9 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
         if let Some(f) = handle.tls_fingerprint() {
             println!("  tls fingerprint {f}");
         }
+        if let Some(a) = metrics.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
+            println!("  metrics http://{a}/metrics");
+        }
         if let Some(a) = admin.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
             println!("  admin {a}");
         }
@@ -198,11 +283,18 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
                 None => futures_lite::future::pending::<()>().await,
             }
         };
+        let answer_metrics = async {
+            match &metrics {
+                Some(listener) => http::serve(listener, || metrics::server(handle.stats())).await,
+                None => futures_lite::future::pending::<()>().await,
+            }
+        };
         let stop = futures_lite::future::or(stop_at, async {
             let mut signals = signals;
             let _ = futures_lite::StreamExt::next(&mut signals).await;
         });
-        futures_lite::future::or(stop, answer_admin).await;
+        futures_lite::future::or(stop, futures_lite::future::or(answer_admin, answer_metrics))
+            .await;
         handle.shutdown().await;
         println!("tscf server stopped");
         ExitCode::SUCCESS

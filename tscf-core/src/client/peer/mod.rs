@@ -35,6 +35,7 @@ use super::event::PeerStreamId;
 use super::queue::{BufferPool, PacketQueue};
 use super::timer::earliest;
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
+use crate::histogram::DurationHistogram;
 use crate::rate::TokenBucket;
 use crate::wire::{InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
@@ -257,6 +258,12 @@ pub struct PeerStats {
     pub dropped_plain_on_secure: u64,
     /// Dropped: input from a peer session the agent does not hold.
     pub dropped_unknown_session: u64,
+    /// Setup times of the peer tunnels that came up (as in
+    /// [`ClientEvent::PeerTunnelUp`](super::ClientEvent::PeerTunnelUp)).
+    pub setup_times: DurationHistogram,
+    /// For peer tunnels that went down for silence: how long nothing had been heard on the
+    /// path when their flows went back to the relay.
+    pub silence_to_relay: DurationHistogram,
 }
 
 /// What the agent borrows from the client for one call.
@@ -649,6 +656,7 @@ impl PeerAgent {
             initiator: p.role == Role::Initiator,
         };
         cx.stats.peer.tunnels_up += 1;
+        cx.stats.peer.setup_times.record(setup);
         cx.event(event);
     }
 

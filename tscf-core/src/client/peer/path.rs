@@ -349,6 +349,8 @@ impl PeerAgent {
                 continue;
             }
             if p.phase == Phase::Up && after(p.last_heard, self.config.silence_timeout) <= now {
+                let silent = now.saturating_duration_since(p.last_heard);
+                cx.stats.peer.silence_to_relay.record(silent);
                 // The path may have failed one way only: the peer may still hear us.
                 self.tell_release(cx, i);
                 self.down(cx, i, PeerDownReason::Silence);
