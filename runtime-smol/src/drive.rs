@@ -7,11 +7,11 @@
 //! task if the next deadline moved forward, and wake whoever waits for a change.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use async_io::Timer;
 use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
@@ -20,6 +20,8 @@ use tscf_core::io::{
 };
 use tscf_core::tls::ClientTlsConfig;
 use tscf_core::tunnel::TunnelCredentials;
+
+use crate::udp::Udp;
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -75,7 +77,7 @@ impl Runtime for Tasks {
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<X: Extra> {
     pub(crate) me: Weak<Shared<X>>,
-    pub(crate) sockets: HashMap<SocketId, Arc<Async<UdpSocket>>>,
+    pub(crate) sockets: HashMap<SocketId, Arc<Udp>>,
     /// The task of each socket; dropping it ends the task.
     pub(crate) socket_tasks: HashMap<SocketId, Task<()>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
@@ -183,17 +185,24 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8], segment: usize) -> Option<Input<'static>> {
         let sent = match transmit {
             // Non-blocking: a full socket buffer is a loss, as on the wire.
             Transmit::Datagram { socket, to } => self
                 .sockets
                 .get(&socket)
-                .is_some_and(|s| s.get_ref().send_to(bytes, to).is_ok()),
+                .is_some_and(|s| s.send(to, bytes, segment).is_ok()),
             Transmit::QuicDatagram { stream } => return self.quic_datagram(stream, bytes),
             Transmit::PeerSession { path } => return X::send_session(self, path, bytes),
         };
         (!sent).then_some(Input::SendFailed)
+    }
+
+    fn max_segments(&self, transmit: &Transmit) -> usize {
+        match transmit {
+            Transmit::Datagram { socket, .. } => self.sockets.get(socket).map_or(1, |s| s.batch()),
+            _ => 1,
+        }
     }
 
     fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {

@@ -84,6 +84,7 @@ mod quic;
 mod server;
 mod socket;
 mod tunnel;
+mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;

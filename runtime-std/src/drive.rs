@@ -6,7 +6,7 @@
 //! if the next deadline moved forward, and wake whoever waits for the host's state to change.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream, UdpSocket};
+use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,8 @@ use tscf_core::io::{
 };
 use tscf_core::tls::ClientTlsConfig;
 use tscf_core::tunnel::TunnelCredentials;
+
+use crate::udp::Udp;
 
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -59,7 +61,7 @@ impl Runtime for Threads {
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<X: Extra> {
     pub(crate) me: Weak<Shared<X>>,
-    pub(crate) sockets: HashMap<SocketId, Arc<UdpSocket>>,
+    pub(crate) sockets: HashMap<SocketId, Arc<Udp>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
     pub(crate) stopped: bool,
@@ -167,16 +169,24 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Option<Input<'static>> {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8], segment: usize) -> Option<Input<'static>> {
         let sent = match transmit {
+            // Non-blocking: a full socket buffer is a loss, as on the wire.
             Transmit::Datagram { socket, to } => self
                 .sockets
                 .get(&socket)
-                .is_some_and(|s| s.send_to(bytes, to).is_ok()),
+                .is_some_and(|s| s.send(to, bytes, segment).is_ok()),
             // No QUIC here: a host told so never asks for it.
             Transmit::QuicDatagram { .. } | Transmit::PeerSession { .. } => false,
         };
         (!sent).then_some(Input::SendFailed)
+    }
+
+    fn max_segments(&self, transmit: &Transmit) -> usize {
+        let Transmit::Datagram { socket, .. } = transmit else {
+            return 1;
+        };
+        self.sockets.get(socket).map_or(1, |s| s.batch())
     }
 
     fn act(&mut self, host: &mut X::Host, now: Instant, event: <X::Host as Host>::Event) {

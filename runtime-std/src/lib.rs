@@ -66,6 +66,7 @@ mod server;
 mod socket;
 mod stream;
 mod tunnel;
+mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;

@@ -16,6 +16,7 @@ use tscf_core::tunnel::TunnelCredentials;
 use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
+use crate::udp::Udp;
 use crate::{net, OS};
 
 /// How long shutdown waits for stream connections to write their last envelopes.
@@ -57,18 +58,19 @@ impl Server {
         let tcp: Vec<TcpListener> = config.tcp.iter().map(bind_tcp).collect::<Result<_, _>>()?;
         let tls: Vec<TcpListener> = config.tls.iter().map(bind_tcp).collect::<Result<_, _>>()?;
         // The datagram sockets in the order of their ids: UDP listeners, then DTLS ones.
-        let datagram: Vec<Arc<UdpSocket>> = config
+        let datagram: Vec<Arc<Udp>> = config
             .udp
             .iter()
             .chain(&config.dtls)
             .map(|addr| {
                 UdpSocket::bind(addr)
+                    .and_then(Udp::new)
                     .map(Arc::new)
                     .map_err(|source| bind_error(*addr, source))
             })
             .collect::<Result<_, _>>()?;
         let tcp_addr = |l: &TcpListener| l.local_addr().map_err(StartError::Io);
-        let udp_addr = |s: &Arc<UdpSocket>| s.local_addr().map_err(StartError::Io);
+        let udp_addr = |s: &Arc<Udp>| s.local_addr().map_err(StartError::Io);
         let udp_count = config.udp.len();
         let addrs = LocalAddrs {
             tcp: tcp.iter().map(tcp_addr).collect::<Result<_, _>>()?,
