@@ -4,7 +4,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_io::Async;
 use quinn_udp::{RecvMeta, UdpSocketState};
@@ -20,6 +20,7 @@ pub(crate) struct Udp {
 impl Udp {
     /// `io`, which QUIC peer sessions may share.
     pub(crate) fn new(io: Arc<Async<UdpSocket>>) -> io::Result<Self> {
+        keep_gro_on();
         let state = UdpSocketState::new(io.get_ref().into())?;
         Ok(Self { io, state })
     }
@@ -57,6 +58,23 @@ impl Udp {
             .read_with(|io| self.state.recv(io.into(), slices, meta))
             .await
     }
+}
+
+/// The kernel turns a switch on (a static key) while any socket of a family has UDP GRO, and
+/// turning it on or off is slow: it rewrites kernel code on every CPU. quinn-udp probes GRO on a
+/// throw-away IPv6 socket whenever it sets a socket up, so a process that opens and closes
+/// tunnels would flip it twice per tunnel (a fifth of the tunnels per second it managed). One
+/// socket of each family with GRO, kept for the life of the process, keeps the switch on.
+fn keep_gro_on() {
+    static KEPT: OnceLock<Vec<(UdpSocket, UdpSocketState)>> = OnceLock::new();
+    KEPT.get_or_init(|| {
+        ["[::1]:0", "127.0.0.1:0"]
+            .into_iter()
+            .filter_map(|addr| UdpSocket::bind(addr).ok())
+            .filter_map(|sock| Some((UdpSocketState::new((&sock).into()).ok()?, sock)))
+            .map(|(state, sock)| (sock, state))
+            .collect()
+    });
 }
 
 impl Deref for Udp {

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Deref;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, UdpSocketState};
@@ -21,6 +22,7 @@ pub(crate) struct Udp {
 impl Udp {
     /// `io`, made non-blocking.
     pub(crate) fn new(io: UdpSocket) -> io::Result<Self> {
+        GRO_HELD.get_or_init(hold_gro);
         let state = UdpSocketState::new((&io).into())?;
         Ok(Self { io, state })
     }
@@ -66,6 +68,23 @@ impl Udp {
             got => got,
         }
     }
+}
+
+/// Sockets with UDP GRO held while the process lives: while one of a family has GRO, the
+/// kernel's switch for it (a static key) stays on. Turning it on or off rewrites kernel code on
+/// every CPU, and quinn-udp would do both on a probe socket for every socket it sets up.
+static GRO_HELD: OnceLock<Vec<Udp>> = OnceLock::new();
+
+fn hold_gro() -> Vec<Udp> {
+    let mut held = Vec::new();
+    for addr in ["127.0.0.1:0", "[::1]:0"] {
+        if let Ok(io) = UdpSocket::bind(addr) {
+            if let Ok(state) = UdpSocketState::new((&io).into()) {
+                held.push(Udp { io, state });
+            }
+        }
+    }
+    held
 }
 
 impl Deref for Udp {
