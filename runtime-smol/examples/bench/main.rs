@@ -96,6 +96,9 @@ pub(crate) struct Options {
     pub(crate) json: Option<String>,
     /// Only the paths: no tunnel set-up rates, no simulator.
     pub(crate) paths_only: bool,
+    /// Another build of this program (an earlier version of tscf): its paths are measured in
+    /// the same rounds, against the same raw pair, with a server of its own.
+    pub(crate) before: Option<String>,
     pub(crate) command: String,
 }
 
@@ -121,6 +124,7 @@ fn options(args: &[String]) -> Options {
         svg: None,
         json: None,
         paths_only: false,
+        before: None,
         command: std::iter::once("bench".to_owned())
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
@@ -159,6 +163,7 @@ fn options(args: &[String]) -> Options {
             "--svg" => o.svg = Some(value()),
             "--json" => o.json = Some(value()),
             "--paths-only" => o.paths_only = true,
+            "--before" => o.before = Some(value()),
             _ => usage(a),
         }
     }
@@ -169,7 +174,7 @@ fn usage(at: &str) -> ! {
     eprintln!(
         "bench: bad argument at {at}\nusage: bench [--reps N] [--count N] [--sizes 100,1200] \
          [--paths raw,peer-udp,…] \
-         [--paths-only] [--idle N,…] [--director FILE] [--write BENCHMARKS.md] [--svg FILE] \
+         [--paths-only] [--before EXE] [--idle N,…] [--director FILE] [--write BENCHMARKS.md] [--svg FILE] \
          [--json FILE]"
     );
     std::process::exit(2);
@@ -180,6 +185,8 @@ fn usage(at: &str) -> ! {
 pub(crate) struct Run {
     pub(crate) round: usize,
     pub(crate) path: Path,
+    /// Measured with the `--before` program.
+    pub(crate) before: bool,
     pub(crate) setup_ms: Option<f64>,
     /// CPU time of the source, the sink and the server over the source's run, per datagram
     /// it sent in bulk, in microseconds.
@@ -207,18 +214,12 @@ fn orchestrate(args: &[String]) {
     let o = options(args);
     let machine = report::Machine::read();
     let exe = std::env::current_exe().expect("this program");
-    let mut server = Command::new(&exe)
-        .arg("server")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("server process");
-    let line = read_line(&mut server);
-    let v: serde_json::Value = serde_json::from_str(&line).expect("server info");
-    let info = ServerInfo {
-        addrs: v["addrs"].clone(),
-        fingerprint: v["fingerprint"].as_str().expect("fingerprint").to_owned(),
-    };
+    let (mut server, info) = start_server(&exe);
+    let mut before = o.before.as_ref().map(|b| {
+        let exe = std::path::PathBuf::from(b);
+        let (server, info) = start_server(&exe);
+        (exe, server, info)
+    });
     eprintln!("server up; {} rounds of {} paths", o.reps, o.paths.len());
     let mut runs = Vec::new();
     let mut connects = Vec::new();
@@ -233,6 +234,16 @@ fn orchestrate(args: &[String]) {
             let run = measure(&exe, &info, server.id(), path, &sizes, o.count, round);
             eprintln!("round {round} {:<11} {}", path.name(), summary(&run));
             runs.push(run);
+            if let (Some((exe, server, info)), false) = (&before, path == Path::Raw) {
+                let mut run = measure(exe, info, server.id(), path, &sizes, o.count, round);
+                run.before = true;
+                eprintln!(
+                    "round {round} {:<11} {} (before)",
+                    path.name(),
+                    summary(&run)
+                );
+                runs.push(run);
+            }
         }
         let rates = if o.paths_only {
             &[][..]
@@ -245,8 +256,10 @@ fn orchestrate(args: &[String]) {
             connects.push((t, per_sec));
         }
     }
-    drop(server.stdin.take());
-    let _ = server.wait();
+    for server in std::iter::once(&mut server).chain(before.as_mut().map(|b| &mut b.1)) {
+        drop(server.stdin.take());
+        let _ = server.wait();
+    }
     let seeds = if o.paths_only {
         0
     } else {
@@ -301,6 +314,23 @@ fn summary(run: &Run) -> String {
         s += &format!("  setup {setup:.2} ms");
     }
     s
+}
+
+/// Starts the server process of program `exe`: the process, and its addresses.
+fn start_server(exe: &std::path::Path) -> (Child, ServerInfo) {
+    let mut server = Command::new(exe)
+        .arg("server")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("server process");
+    let line = read_line(&mut server);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("server info");
+    let info = ServerInfo {
+        addrs: v["addrs"].clone(),
+        fingerprint: v["fingerprint"].as_str().expect("fingerprint").to_owned(),
+    };
+    (server, info)
 }
 
 /// One sink and one source on `path`; what the source measured.
@@ -370,6 +400,7 @@ fn measure(
     Run {
         round,
         path,
+        before: false,
         cpu_us: (others + v["cpu_s"].as_f64().unwrap_or(0.0)) * 1e6 / datagrams.max(1) as f64,
         setup_ms: v["setup_ms"].as_f64(),
         rtt_us: v["rtt_us"]

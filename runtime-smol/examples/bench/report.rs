@@ -142,7 +142,35 @@ fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
 }
 
 fn runs(results: &Results, path: Path) -> impl Iterator<Item = &Run> {
-    results.runs.iter().filter(move |r| r.path == path)
+    of(results, (path, false))
+}
+
+/// The runs of one row: a path, measured with this program or with the `--before` one.
+fn of(results: &Results, (path, before): (Path, bool)) -> impl Iterator<Item = &Run> {
+    results
+        .runs
+        .iter()
+        .filter(move |r| r.path == path && r.before == before)
+}
+
+/// The rows of the tables: every path, and after it the same path measured with the
+/// `--before` program, if it was.
+fn rows(results: &Results, o: &Options) -> Vec<(Path, bool)> {
+    let mut rows = Vec::new();
+    for &path in &o.paths {
+        rows.push((path, false));
+        if of(results, (path, true)).next().is_some() {
+            rows.push((path, true));
+        }
+    }
+    rows
+}
+
+fn row_name((path, before): (Path, bool)) -> String {
+    match before {
+        true => format!("{} (before)", path.name()),
+        false => path.name(),
+    }
 }
 
 fn rate(run: &Run, size: usize) -> Option<f64> {
@@ -155,8 +183,8 @@ fn raw_of<'a>(results: &'a Results, run: &Run) -> Option<&'a Run> {
 }
 
 /// Ratios to the raw baseline within each round.
-fn ratios(results: &Results, path: Path, f: impl Fn(&Run) -> Option<f64>) -> Vec<f64> {
-    runs(results, path)
+fn ratios(results: &Results, row: (Path, bool), f: impl Fn(&Run) -> Option<f64>) -> Vec<f64> {
+    of(results, row)
         .filter_map(|r| Some(f(r)? / f(raw_of(results, r)?)?))
         .collect()
 }
@@ -204,8 +232,15 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
     );
     let _ = writeln!(
         s,
-        "- figures are medians over the rounds with (min–max); ratios are taken within each round against the raw UDP pair of that round\n"
+        "- figures are medians over the rounds with (min–max); ratios are taken within each round against the raw UDP pair of that round"
     );
+    if let Some(before) = &o.before {
+        let _ = writeln!(
+            s,
+            "- rows marked (before) are the same measurements made by `{before}`, an earlier build, with a server of its own, in the same rounds and against the same raw pair"
+        );
+    }
+    let _ = writeln!(s);
 
     let _ = writeln!(s, "### Datagram throughput (packets/s, thousands)\n");
     let mut head = String::from("| path |");
@@ -215,12 +250,12 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
         rule += "---|---|---|";
     }
     let _ = writeln!(s, "{head}\n{rule}");
-    for &path in &o.paths {
-        let mut row = format!("| {} |", path.name());
+    for r in rows(results, o) {
+        let mut row = format!("| {} |", row_name(r));
         for &size in &o.sizes {
-            let rates = runs(results, path).filter_map(|r| rate(r, size)).collect();
-            let ratio = ratios(results, path, |r| rate(r, size));
-            let (got, sent) = runs(results, path)
+            let rates = of(results, r).filter_map(|r| rate(r, size)).collect();
+            let ratio = ratios(results, r, |r| rate(r, size));
+            let (got, sent) = of(results, r)
                 .filter_map(|r| r.bulk.iter().find(|b| b.0 == size))
                 .fold((0, 0), |(g, t), b| (g + b.2, t + b.3));
             let delivered = match sent {
@@ -248,14 +283,14 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
         s,
         "| path | CPU per datagram | ratio to raw |\n|---|---|---|"
     );
-    for &path in &o.paths {
-        let cpu = runs(results, path).map(|r| r.cpu_us).collect();
+    for r in rows(results, o) {
+        let cpu = of(results, r).map(|r| r.cpu_us).collect();
         let _ = writeln!(
             s,
             "| {} | {} | {} |",
-            path.name(),
+            row_name(r),
             fmt_spread(spread(cpu), 1.0, 2),
-            fmt_spread(spread(ratios(results, path, |r| Some(r.cpu_us))), 1.0, 2)
+            fmt_spread(spread(ratios(results, r, |r| Some(r.cpu_us))), 1.0, 2)
         );
     }
     let _ = writeln!(s);
@@ -265,30 +300,30 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
         s,
         "| path | p50 | p99 | p50 ratio to raw | p99 ratio to raw |\n|---|---|---|---|---|"
     );
-    for &path in &o.paths {
+    for r in rows(results, o) {
         let q = |q: f64| move |r: &Run| Some(percentile(&r.rtt_us, q));
-        let p50 = runs(results, path).filter_map(q(0.5)).collect();
-        let p99 = runs(results, path).filter_map(q(0.99)).collect();
+        let p50 = of(results, r).filter_map(q(0.5)).collect();
+        let p99 = of(results, r).filter_map(q(0.99)).collect();
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} |",
-            path.name(),
+            row_name(r),
             fmt_spread(spread(p50), 1.0, 0),
             fmt_spread(spread(p99), 1.0, 0),
-            fmt_spread(spread(ratios(results, path, q(0.5))), 1.0, 2),
-            fmt_spread(spread(ratios(results, path, q(0.99))), 1.0, 2),
+            fmt_spread(spread(ratios(results, r, q(0.5))), 1.0, 2),
+            fmt_spread(spread(ratios(results, r, q(0.99))), 1.0, 2),
         );
     }
 
     let _ = writeln!(s, "\n### Peer tunnel setup (ms)\n");
     let _ = writeln!(s, "| where | setup |\n|---|---|");
-    for &path in &o.paths {
-        if let Path::Peer(_) = path {
-            let setups = runs(results, path).filter_map(|r| r.setup_ms).collect();
+    for r in rows(results, o) {
+        if let Path::Peer(_) = r.0 {
+            let setups = of(results, r).filter_map(|r| r.setup_ms).collect();
             let _ = writeln!(
                 s,
                 "| loopback, {} | {} |",
-                path.name(),
+                row_name(r),
                 fmt_spread(spread(setups), 1.0, 2)
             );
         }
@@ -374,17 +409,31 @@ pub(crate) fn plot(path: &str, results: &Results, o: &Options) -> Result<(), Str
                 )
             })
             .collect();
+        let before: Vec<Option<f64>> = o
+            .paths
+            .iter()
+            .map(|&p| {
+                let rates = of(results, (p, true)).filter_map(|r| rate(r, size));
+                spread(rates.map(|x| x / 1e3).collect()).map(|s| s.0)
+            })
+            .collect();
+        let outline = match before.iter().any(Option::is_some) {
+            true => "; outline: before",
+            false => "",
+        };
         let top = stats.iter().flatten().map(|s| s.2).fold(1.0, f64::max) * 1.15;
         let n = o.paths.len() as i32;
         let mut chart = ChartBuilder::on(panel)
             .caption(
-                format!("{size}-octet datagrams: thousands of packets/s (median, min–max)"),
+                format!(
+                    "{size}-octet datagrams: thousands of packets/s (median, min–max{outline})"
+                ),
                 ("sans-serif", 18),
             )
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
@@ -444,6 +493,18 @@ pub(crate) fn plot(path: &str, results: &Results, o: &Options) -> Result<(), Str
                     }),
             )
             .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(before.iter().enumerate().filter_map(|(i, b)| {
+                let i = i as i32;
+                let corners = [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), (*b)?),
+                ];
+                let mut bar = Rectangle::new(corners, BLACK.stroke_width(2));
+                bar.set_margin(0, 0, 20, 20);
+                Some(bar)
+            }))
+            .map_err(|e| e.to_string())?;
         if let Some(Some((raw, _, _))) = stats.first() {
             chart
                 .draw_series(std::iter::once(PathElement::new(
@@ -463,7 +524,8 @@ pub(crate) fn json(results: &Results) -> serde_json::Value {
         .iter()
         .map(|r| {
             json!({
-                "round": r.round, "path": r.path.arg(), "setup_ms": r.setup_ms, "cpu_us": r.cpu_us,
+                "round": r.round, "path": r.path.arg(), "before": r.before,
+                "setup_ms": r.setup_ms, "cpu_us": r.cpu_us,
                 "rtt_p50_us": percentile(&r.rtt_us, 0.5), "rtt_p99_us": percentile(&r.rtt_us, 0.99),
                 "bulk": r.bulk.iter().map(|b| json!({"size": b.0, "packets_per_sec": b.1, "received": b.2, "sent": b.3})).collect::<Vec<_>>(),
             })
