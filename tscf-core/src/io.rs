@@ -803,12 +803,7 @@ mod tests {
             log: Vec::new(),
             fail: false,
         };
-        drain(
-            &mut host,
-            &mut driver,
-            t0(),
-            &mut Batch::default(),
-        );
+        drain(&mut host, &mut driver, t0(), &mut Batch::default());
         driver.log
     }
 
@@ -876,12 +871,7 @@ mod tests {
             log: Vec::new(),
             fail: true,
         };
-        drain(
-            &mut host,
-            &mut driver,
-            t0(),
-            &mut Batch::default(),
-        );
+        drain(&mut host, &mut driver, t0(), &mut Batch::default());
         assert_eq!(driver.log, ["send 1 [10, 10]", "send 2 [10]"]);
         assert_eq!(host.inputs, ["SendFailed", "SendFailed"]);
     }
