@@ -17,7 +17,7 @@
 //!   [`TunnelConfig::peer_streams`] names a listener. [`Tunnel::notifications`] is an async
 //!   channel of [`Notification`]s.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
-//!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
+//!   [`set_peer_tunneling`][opt-in]; [`Tunnel::peer_path`][path] says
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
 //!   embedded default configuration or a TOML file and a loopback admin endpoint,
@@ -74,6 +74,9 @@
 //! })
 //! # }
 //! ```
+//!
+//! [opt-in]: tscf_core::inner::SocketControl::set_peer_tunneling
+//! [path]: tscf_core::tunnel::TunnelControl::peer_path
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
