@@ -11,13 +11,15 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use async_io::Timer;
 use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
 use tscf_core::io::{
     self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
+
+use crate::udp::Udp;
 
 /// Longest sleep of the timer task without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
@@ -73,7 +75,7 @@ impl Runtime for Tasks {
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<X: Extra> {
     pub(crate) me: Weak<Shared<X>>,
-    pub(crate) sockets: HashMap<SocketId, Arc<Async<UdpSocket>>>,
+    pub(crate) sockets: HashMap<SocketId, Arc<Udp>>,
     /// The task of each socket; dropping it ends the task.
     pub(crate) socket_tasks: HashMap<SocketId, Task<()>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
@@ -165,15 +167,22 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8], segment: usize) -> Sent {
         match transmit {
             // Non-blocking: a full socket buffer is a loss, as on the wire.
             Transmit::Datagram { socket, to } => match self.sockets.get(&socket) {
-                Some(s) if s.get_ref().send_to(bytes, to).is_ok() => Sent::Done,
+                Some(s) if s.send(to, bytes, segment).is_ok() => Sent::Done,
                 _ => Sent::Failed,
             },
             Transmit::QuicDatagram { stream } => self.quic_datagram(stream, bytes),
             Transmit::PeerSession { path } => X::send_session(self, path, bytes),
+        }
+    }
+
+    fn max_segments(&self, transmit: &Transmit) -> usize {
+        match transmit {
+            Transmit::Datagram { socket, .. } => self.sockets.get(socket).map_or(1, |s| s.batch()),
+            _ => 1,
         }
     }
 
@@ -196,7 +205,7 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
     }
 
     fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        let sock = Async::<UdpSocket>::bind(tscf_core::tunnel::unspecified_for(remote))?;
+        let sock = async_io::Async::<UdpSocket>::bind(tscf_core::tunnel::unspecified_for(remote))?;
         let local = sock.get_ref().local_addr()?;
         self.add_socket(socket, Arc::new(sock))?;
         Ok(local)

@@ -17,7 +17,7 @@
 //!   [`TunnelConfig::peer_streams`] names a listener. [`Tunnel::notifications`] is an async
 //!   channel of [`Notification`]s.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
-//!   [`set_peer_tunneling`](tscf_core::inner::SocketControl::set_peer_tunneling); [`Tunnel::peer_path`](tscf_core::tunnel::TunnelControl::peer_path) says
+//!   [`set_peer_tunneling`][opt-in]; [`Tunnel::peer_path`][path] says
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
 //!   embedded default configuration or a TOML file and a loopback admin endpoint,
@@ -75,6 +75,9 @@
 //! })
 //! # }
 //! ```
+//!
+//! [opt-in]: tscf_core::inner::SocketControl::set_peer_tunneling
+//! [path]: tscf_core::tunnel::TunnelControl::peer_path
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -85,6 +88,7 @@ mod quic;
 mod server;
 mod socket;
 mod tunnel;
+mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;

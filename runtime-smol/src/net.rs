@@ -11,34 +11,42 @@ use async_io::{Async, Timer};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::{TlsAcceptor, TlsConnector};
-use tscf_core::io::{ClientTls, Connect, Host, Input, Security, SocketId, StreamError, StreamId};
+use quinn_udp::RecvMeta;
+use tscf_core::io::{
+    ClientTls, Connect, Host, Input, RecvBuffers, Security, SocketId, StreamError, StreamId,
+};
 use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
+use crate::udp::Udp;
 
 /// Octets read at a time while a stream is quiet: what an idle connection holds.
 const READ_SMALL: usize = 2 * 1024;
 /// Octets read at a time while reads fill the buffer (a busy connection).
 const READ_LARGE: usize = 16 * 1024;
 
-/// A UDP socket's task: every datagram goes to the host. It ends when the host closes the
-/// socket (its task is dropped with it) or stops.
-pub(crate) async fn run_udp<X: Extra>(
-    shared: &Arc<Shared<X>>,
-    socket: SocketId,
-    sock: &Async<UdpSocket>,
-) {
-    let mut buf = vec![0u8; 65_536];
+/// A UDP socket's task: every datagram goes to the host, as many as one read gives under one
+/// lock. It ends when the host closes the socket (its task is dropped with it) or stops.
+pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Udp) {
+    let mut bufs = RecvBuffers::new();
+    let mut meta = [RecvMeta::default(); RecvBuffers::MAX_SLOTS];
     loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+        let Ok(filled) = sock.recv(&mut bufs, &mut meta).await else {
             continue;
         };
         let mut state = shared.lock();
         if state.driver.stopped {
             return;
         }
-        let behind = state.datagram(Instant::now(), socket, from, &buf[..n]);
+        let datagrams = meta[..filled].iter().enumerate().flat_map(|(slot, m)| {
+            let from = m.addr;
+            bufs.datagrams(slot, m.len, m.stride)
+                .map(move |d| (from, d))
+        });
+        let behind = state.datagrams(Instant::now(), socket, datagrams);
         shared.woken(behind);
+        drop(state);
+        bufs.filled(filled);
     }
 }
 
@@ -315,6 +323,7 @@ impl<X: Extra> Io<X> {
         sock: Arc<Async<UdpSocket>>,
     ) -> std::io::Result<()> {
         let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
+        let sock = Arc::new(Udp::new(sock)?);
         self.sockets.insert(socket, sock.clone());
         let task = smol::spawn(async move { run_udp(&shared, socket, &sock).await });
         self.socket_tasks.insert(socket, task);

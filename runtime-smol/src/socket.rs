@@ -43,6 +43,17 @@ impl InnerUdpSocket {
         self.0.send(buf, dst)
     }
 
+    /// Like `sendmmsg`: every buffer of `bufs` becomes a datagram to `dst`, all handed to the
+    /// tunnel at once, which sends them in as few system calls as it can (UDP GSO). It never
+    /// waits. Returns how many were sent, and fails only when none was.
+    pub async fn send_many<B: AsRef<[u8]>>(
+        &self,
+        bufs: &[B],
+        dst: SocketAddr,
+    ) -> io::Result<usize> {
+        self.0.send_many(bufs, dst)
+    }
+
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
     /// who sent it. Waits up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].

@@ -124,7 +124,9 @@ impl Tunnel {
     }
 
     /// What happened to the tunnel, in order, as an async channel (at most 256 wait; later
-    /// ones are dropped and counted in [`TunnelStats::notifications_dropped`](tscf_core::tunnel::TunnelStats::notifications_dropped)).
+    /// ones are dropped and counted in [`TunnelStats::notifications_dropped`][dropped]).
+    ///
+    /// [dropped]: tscf_core::tunnel::TunnelStats::notifications_dropped
     pub fn notifications(&self) -> &Receiver<Notification> {
         &self.notifications
     }

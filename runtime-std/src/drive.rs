@@ -14,6 +14,8 @@ use tscf_core::io::{
     self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
 
+use crate::udp::Udp;
+
 /// Longest sleep of the timer thread without a deadline, so that a stop is noticed even if a
 /// wake-up is missed.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
@@ -57,7 +59,7 @@ impl Runtime for Threads {
 /// The sockets and streams the host asked for, and what the runtime adds to the host.
 pub(crate) struct Io<X: Extra> {
     pub(crate) me: Weak<Shared<X>>,
-    pub(crate) sockets: HashMap<SocketId, Arc<UdpSocket>>,
+    pub(crate) sockets: HashMap<SocketId, Arc<Udp>>,
     pub(crate) streams: HashMap<StreamId, Slot>,
     pub(crate) extra: X,
     pub(crate) stopped: bool,
@@ -152,12 +154,13 @@ pub(crate) fn stop<X: Extra>(shared: &Shared<X>, state: &mut State<X>) {
 }
 
 impl<X: Extra> Driver<X::Host> for Io<X> {
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent {
+    fn send(&mut self, transmit: Transmit, bytes: &[u8], segment: usize) -> Sent {
         let sent = match transmit {
+            // Non-blocking: a full socket buffer is a loss, as on the wire.
             Transmit::Datagram { socket, to } => self
                 .sockets
                 .get(&socket)
-                .is_some_and(|s| s.send_to(bytes, to).is_ok()),
+                .is_some_and(|s| s.send(to, bytes, segment).is_ok()),
             // No QUIC here: a host told so never asks for it.
             Transmit::QuicDatagram { .. } | Transmit::PeerSession { .. } => false,
         };
@@ -166,6 +169,13 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
         } else {
             Sent::Failed
         }
+    }
+
+    fn max_segments(&self, transmit: &Transmit) -> usize {
+        let Transmit::Datagram { socket, .. } = transmit else {
+            return 1;
+        };
+        self.sockets.get(socket).map_or(1, |s| s.batch())
     }
 
     fn connect(&mut self, connect: Connect) -> Result<(), String> {
@@ -189,7 +199,7 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
     }
 
     fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> std::io::Result<SocketAddr> {
-        let sock = UdpSocket::bind(tscf_core::tunnel::unspecified_for(remote))?;
+        let sock = Udp::new(UdpSocket::bind(tscf_core::tunnel::unspecified_for(remote))?)?;
         let local = sock.local_addr()?;
         self.add_socket(socket, sock)?;
         Ok(local)

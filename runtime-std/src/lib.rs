@@ -12,8 +12,8 @@
 //! - Peer tunnels (`docs/PROTOCOL.md` §7), on by default: over the tunnel's UDP socket
 //!   (plain, or inside DTLS peer sessions with `client.peer.transport = Transport::DTLS`), and
 //!   over peer streams (TCP or TLS) when [`TunnelConfig::peer_streams`] names a listener.
-//!   Sockets opted in with [`InnerUdpSocket::set_peer_tunneling`](tscf_core::inner::SocketControl::set_peer_tunneling) move to the peer tunnel once
-//!   the core has one ([`Notification::PeerTunnelUp`], [`Tunnel::peer_path`](tscf_core::tunnel::TunnelControl::peer_path)) and back to the
+//!   Sockets opted in with [`set_peer_tunneling`][opt-in] move to the peer tunnel once the core
+//!   has one ([`Notification::PeerTunnelUp`], [`peer_path`][path]) and back to the
 //!   relay when it fails ([`Notification::PeerTunnelDown`]).
 //! - [`tls`]: the core's rustls configurations; this runtime gives them files, keys and seeds
 //!   through [`OS`].
@@ -57,6 +57,9 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! [opt-in]: tscf_core::inner::SocketControl::set_peer_tunneling
+//! [path]: tscf_core::tunnel::TunnelControl::peer_path
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -66,6 +69,7 @@ mod server;
 mod socket;
 mod stream;
 mod tunnel;
+mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;

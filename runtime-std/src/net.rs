@@ -1,31 +1,33 @@
 //! The threads that move bytes: one per UDP socket, one acceptor per listener, and two per
 //! stream (a reader that feeds the host, a writer that takes what the host queued).
 
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tscf_core::io::{ClientTls, Connect, Host, Input, Security, SocketId, StreamError, StreamId};
+use quinn_udp::RecvMeta;
+use tscf_core::io::{
+    ClientTls, Connect, Host, Input, RecvBuffers, Security, SocketId, StreamError, StreamId,
+};
 use tscf_core::wire::Transport;
 
 use crate::drive::{Extra, Io, Shared, Slot};
 use crate::stream::{self, StreamReader, StreamWriter};
+use crate::udp::Udp;
 
-/// How long a UDP thread blocks in `recv_from` before it looks at the stop flag.
+/// How long a UDP thread waits for a datagram before it looks at the stop flag.
 const UDP_POLL: Duration = Duration::from_millis(100);
 /// Stack of stream threads; they hold a few small buffers on the heap only.
 const STREAM_STACK: usize = 256 * 1024;
 
-/// A UDP socket's thread: every datagram goes to the host, until the socket is closed (or
-/// replaced) or the host stops.
-pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Arc<UdpSocket>) {
-    let _ = sock.set_read_timeout(Some(UDP_POLL));
-    let mut buf = vec![0u8; 65_536];
+/// A UDP socket's thread: every datagram goes to the host, as many as one read gives under
+/// one lock, until the socket is closed (or replaced) or the host stops.
+pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Arc<Udp>) {
+    let mut bufs = RecvBuffers::new();
+    let mut meta = [RecvMeta::default(); RecvBuffers::MAX_SLOTS];
     loop {
-        let received = sock.recv_from(&mut buf);
+        let received = sock.recv(&mut bufs, &mut meta, UDP_POLL);
         let mut state = shared.lock();
         let current = state
             .driver
@@ -35,11 +37,17 @@ pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock:
         if state.driver.stopped || !current {
             return;
         }
-        let Ok((n, from)) = received else {
-            continue;
-        };
-        let behind = state.datagram(Instant::now(), socket, from, &buf[..n]);
+        let filled = received.unwrap_or(0);
+        let datagrams = meta[..filled].iter().enumerate().flat_map(|(slot, m)| {
+            let from = m.addr;
+            bufs.datagrams(slot, m.len, m.stride)
+                .map(move |d| (from, d))
+        });
+        let now = Instant::now();
+        let behind = state.datagrams(now, socket, datagrams);
         shared.woken(behind);
+        drop(state);
+        bufs.filled(filled);
     }
 }
 
@@ -321,7 +329,7 @@ pub(crate) fn wake_acceptor(addr: SocketAddr) {
 
 impl<X: Extra> Io<X> {
     /// Adds `sock` as `socket` with its thread.
-    pub(crate) fn add_socket(&mut self, socket: SocketId, sock: UdpSocket) -> std::io::Result<()> {
+    pub(crate) fn add_socket(&mut self, socket: SocketId, sock: Udp) -> std::io::Result<()> {
         let shared = self.me.upgrade().ok_or(std::io::ErrorKind::NotConnected)?;
         let sock = Arc::new(sock);
         self.sockets.insert(socket, sock.clone());

@@ -15,6 +15,7 @@ use tscf_core::tls::Fingerprint;
 use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
+use crate::udp::Udp;
 use crate::{net, OS};
 
 type ServerShared = Shared<ServerExtra>;
@@ -53,18 +54,19 @@ impl Server {
         let tcp: Vec<TcpListener> = config.tcp.iter().map(bind_tcp).collect::<Result<_, _>>()?;
         let tls: Vec<TcpListener> = config.tls.iter().map(bind_tcp).collect::<Result<_, _>>()?;
         // The datagram sockets in the order of their ids: UDP listeners, then DTLS ones.
-        let datagram: Vec<Arc<UdpSocket>> = config
+        let datagram: Vec<Arc<Udp>> = config
             .udp
             .iter()
             .chain(&config.dtls)
             .map(|addr| {
                 UdpSocket::bind(addr)
+                    .and_then(Udp::new)
                     .map(Arc::new)
                     .map_err(|source| bind_error(*addr, source))
             })
             .collect::<Result<_, _>>()?;
         let tcp_addr = |l: &TcpListener| l.local_addr().map_err(StartError::Io);
-        let udp_addr = |s: &Arc<UdpSocket>| s.local_addr().map_err(StartError::Io);
+        let udp_addr = |s: &Arc<Udp>| s.local_addr().map_err(StartError::Io);
         let udp_count = config.udp.len();
         let addrs = LocalAddrs {
             tcp: tcp.iter().map(tcp_addr).collect::<Result<_, _>>()?,

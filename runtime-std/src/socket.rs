@@ -27,6 +27,13 @@ impl InnerUdpSocket {
         self.0.send(buf, dst)
     }
 
+    /// Sends each of `bufs` to `dst` as its own datagram, together, as `sendmmsg` does: the
+    /// tunnel takes them under one lock and sends them in as few system calls as the system
+    /// allows (UDP GSO). How many were sent; it fails only if none was.
+    pub fn send_many<B: AsRef<[u8]>>(&self, bufs: &[B], dst: SocketAddr) -> io::Result<usize> {
+        self.0.send_many(bufs, dst)
+    }
+
     /// Receives one datagram into `buf` (truncating it if `buf` is short, like UDP) and says
     /// who sent it. Blocks up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].

@@ -22,6 +22,7 @@ use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
 use crate::socket::{InnerUdpSocket, SocketQueue};
+use crate::udp::Udp;
 use crate::{net, OS};
 
 pub(crate) type TunnelShared = Shared<TunnelExtra>;
@@ -67,7 +68,7 @@ impl Tunnel {
     /// transport to try next.
     pub fn connect(config: TunnelConfig) -> Result<Self, ConnectError> {
         let (config, mut credentials) = config.prepare(OS)?;
-        let udp = Arc::new(UdpSocket::bind(config.udp_bind_addr())?);
+        let udp = Arc::new(Udp::new(UdpSocket::bind(config.udp_bind_addr())?)?);
         let local = udp.local_addr()?;
         let route_source = match config.route_probe() {
             Some(server) if local.ip().is_unspecified() => Some(route_source(server)?),
@@ -130,7 +131,9 @@ impl Tunnel {
     }
 
     /// What happened to the tunnel, in order (at most 256 wait; later ones are dropped and
-    /// counted in [`TunnelStats::notifications_dropped`](tscf_core::tunnel::TunnelStats::notifications_dropped)).
+    /// counted in [`TunnelStats::notifications_dropped`][dropped]).
+    ///
+    /// [dropped]: tscf_core::tunnel::TunnelStats::notifications_dropped
     pub fn notifications(&self) -> &Receiver<Notification> {
         &self.notifications
     }
@@ -153,7 +156,8 @@ impl Tunnel {
                 .sockets
                 .get(&PEER_SOCKET)
                 .ok_or(io::ErrorKind::NotFound)?;
-            Arc::new(UdpSocket::bind(SocketAddr::new(old.local_addr()?.ip(), 0))?)
+            let ip = old.local_addr()?.ip();
+            Arc::new(Udp::new(UdpSocket::bind(SocketAddr::new(ip, 0))?)?)
         };
         let s = self.shared.clone();
         let reader = udp.clone();

@@ -195,6 +195,15 @@ pub trait DatagramQueue {
 pub trait SocketHost: Send + Sync {
     /// Sends `payload` from inner port `port` to `dst` (see [`send_udp`]).
     fn send_to(&self, port: u16, dst: SocketAddr, payload: &[u8]) -> io::Result<()>;
+    /// Sends each of `payloads` from inner port `port` to `dst` under one lock, and drains
+    /// once, so that the datagrams leave together; how many were sent. It stops at the first
+    /// that fails, whose error it returns when it is the first.
+    fn send_many(
+        &self,
+        port: u16,
+        dst: SocketAddr,
+        payloads: &mut dyn Iterator<Item = &[u8]>,
+    ) -> io::Result<usize>;
     /// Opts inner port `port` in or out of peer tunneling.
     fn set_peer_tunneling(&self, port: u16, enabled: bool);
     /// The tunnel's internal address with `port` (see [`local_addr`]).
@@ -312,6 +321,14 @@ impl<W> Socket<W> {
     pub fn send(&self, payload: &[u8], dst: SocketAddr) -> io::Result<usize> {
         self.tunnel.send_to(self.port, dst, payload)?;
         Ok(payload.len())
+    }
+
+    /// Sends each of `payloads` to `dst` as its own datagram, together (as `sendmmsg` does):
+    /// the tunnel takes them all under one lock and its runtime sends them in as few system
+    /// calls as the system allows. How many were sent; an error only if none was.
+    pub fn send_many<B: AsRef<[u8]>>(&self, payloads: &[B], dst: SocketAddr) -> io::Result<usize> {
+        let mut payloads = payloads.iter().map(AsRef::as_ref);
+        self.tunnel.send_many(self.port, dst, &mut payloads)
     }
 
     /// When a read that starts at `now` gives up, if it does.

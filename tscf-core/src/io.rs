@@ -8,7 +8,11 @@
 //! the clock, and only moves bytes:
 //!
 //! - it reads a datagram from a [`SocketId`] and hands it over as [`Input::Datagram`]; it sends
-//!   every [`Transmit`] the host polls;
+//!   every [`Transmit`] the host polls. Datagrams come and go in batches where the system
+//!   allows: a runtime that reads several at once (`recvmmsg`, UDP GRO) into [`RecvBuffers`]
+//!   feeds them all under one lock with [`Driven::datagrams`] and drains once, and the drain
+//!   joins consecutive datagrams to one destination into one send ([`Driver::max_segments`],
+//!   UDP GSO);
 //! - it connects the streams the host asks for ([`IoEvent::Connect`]) and accepts those its
 //!   listeners take (after asking the host, which may refuse), runs their TLS handshake, and
 //!   reports [`Input::StreamOpen`], [`Input::StreamData`] and [`Input::StreamClosed`];
@@ -23,7 +27,7 @@
 
 use core::fmt;
 use core::net::SocketAddr;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -432,7 +436,19 @@ pub trait Host {
 /// What a runtime does with a host's output: it sends the datagrams and acts on the events.
 pub trait Driver<H: Host> {
     /// Sends the bytes of one transmit.
-    fn send(&mut self, transmit: Transmit, bytes: &[u8]) -> Sent;
+    ///
+    /// For a [`Transmit::Datagram`], `bytes` may hold several datagrams to the same
+    /// destination, back to back: each `segment` octets long but the last, which may be
+    /// shorter (what UDP GSO sends in one system call). There are never more than
+    /// [`max_segments`](Self::max_segments) of them; for any other transmit `segment` is the
+    /// length of `bytes`.
+    fn send(&mut self, transmit: Transmit, bytes: &[u8], segment: usize) -> Sent;
+    /// How many datagrams of one [`Transmit::Datagram`] the driver sends in one call, at
+    /// most: 1 (the default) when it sends each on its own.
+    fn max_segments(&self, transmit: &Transmit) -> usize {
+        let _ = transmit;
+        1
+    }
     /// Starts connecting a stream ([`IoEvent::Connect`]); `Err` if it cannot even start (the
     /// host is told the stream closed).
     fn connect(&mut self, connect: Connect) -> Result<(), String>;
@@ -508,19 +524,80 @@ pub fn act<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, eve
     }
 }
 
+/// The largest UDP payload over IPv4, and so the most one send of joined datagrams carries.
+const MAX_BATCH_OCTETS: usize = 65_507;
+
+/// The drain's buffers: the datagrams joined for one send, and the transmit polled after them
+/// that could not join them (it starts the next send). Kept between drains, so that sending
+/// allocates nothing.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    next: Vec<u8>,
+    pending: Option<Transmit>,
+}
+
+impl Batch {
+    /// Polls the host's next transmit into the buffer and joins the datagrams that follow it
+    /// to the same socket and destination, as many as `driver` sends at once, while they are
+    /// as long as the first (the last of them may be shorter). Returns the transmit and the
+    /// segment length; the bytes are in [`bytes`](Self::bytes).
+    pub fn poll<H: Host>(
+        &mut self,
+        host: &mut H,
+        driver: &impl Driver<H>,
+        now: Instant,
+    ) -> Option<(Transmit, usize)> {
+        let first = match self.pending.take() {
+            Some(pending) => {
+                core::mem::swap(&mut self.buf, &mut self.next);
+                pending
+            }
+            None => host.poll_transmit(now, &mut self.buf)?,
+        };
+        let segment = self.buf.len();
+        let max = match first {
+            Transmit::Datagram { .. } if segment > 0 => {
+                driver.max_segments(&first).min(MAX_BATCH_OCTETS / segment)
+            }
+            _ => 1,
+        };
+        for _ in 1..max {
+            let Some(next) = host.poll_transmit(now, &mut self.next) else {
+                break;
+            };
+            if next != first || self.next.is_empty() || self.next.len() > segment {
+                self.pending = Some(next);
+                break;
+            }
+            self.buf.extend_from_slice(&self.next);
+            if self.next.len() < segment {
+                break;
+            }
+        }
+        Some((first, segment))
+    }
+
+    /// The bytes of the transmit [`poll`](Self::poll) returned last.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 /// The drain every runtime runs after an input at `now`: the host's transmits are sent, then
 /// one event is acted on ([`act`]), until the host has neither left. What the driver says of a
-/// send is reported to the host ([`Sent`]). `buf` is the runtime's scratch buffer, kept between drains so
-/// that a transmit allocates nothing.
-pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, buf: &mut Vec<u8>) {
+/// send is reported to the host ([`Sent`]). Consecutive datagrams to one destination go out
+/// together ([`Batch::poll`]); every transmit polled before an event is sent before it is
+/// acted on.
+pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, batch: &mut Batch) {
     loop {
-        while let Some(transmit) = host.poll_transmit(now, buf) {
-            match (driver.send(transmit, buf), transmit) {
+        while let Some((transmit, segment)) = batch.poll(host, driver, now) {
+            match (driver.send(transmit, batch.bytes(), segment), transmit) {
                 (Sent::Done, _) => {}
                 (Sent::NotDatagram, Transmit::QuicDatagram { stream }) => {
                     let fallback = Input::QuicFallback {
                         stream,
-                        envelope: buf,
+                        envelope: batch.bytes(),
                     };
                     host.handle_input(now, fallback);
                 }
@@ -537,6 +614,76 @@ pub fn drain<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, b
     }
 }
 
+/// Buffers for reading several datagrams in one system call (`recvmmsg`), each slot large
+/// enough for the largest datagram or for the datagrams UDP GRO joined. One slot at first (GRO
+/// still joins a burst from one sender into it); the slots double, up to
+/// [`RecvBuffers::MAX_SLOTS`], each time [`RecvBuffers::GROW_AFTER`] reads in a row filled them
+/// all, so that a quiet socket or a tunnel that only connects holds one.
+#[derive(Debug)]
+pub struct RecvBuffers {
+    buf: Vec<u8>,
+    /// Reads in a row that filled every slot.
+    full_reads: u32,
+}
+
+impl Default for RecvBuffers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecvBuffers {
+    /// Octets of one slot: the largest UDP datagram, or what GRO joins at most.
+    pub const SLOT: usize = 64 * 1024;
+    /// Slots at most: what one `recvmmsg` reads.
+    pub const MAX_SLOTS: usize = 32;
+    /// Reads in a row that fill every slot before the slots double.
+    pub const GROW_AFTER: u32 = 8;
+
+    /// One slot.
+    pub fn new() -> Self {
+        Self {
+            buf: vec![0; Self::SLOT],
+            full_reads: 0,
+        }
+    }
+
+    /// How many slots there are now.
+    pub fn slots(&self) -> usize {
+        self.buf.len() / Self::SLOT
+    }
+
+    /// The slots to read into: the first [`slots`](Self::slots), then empty ones.
+    pub fn slices(&mut self) -> [IoSliceMut<'_>; Self::MAX_SLOTS] {
+        let mut chunks = self.buf.chunks_mut(Self::SLOT);
+        core::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
+    }
+
+    /// The datagrams a read left in `slot`: `len` octets, each datagram `stride` long but the
+    /// last (more than one only where GRO joined them).
+    pub fn datagrams(&self, slot: usize, len: usize, stride: usize) -> impl Iterator<Item = &[u8]> {
+        let start = (slot * Self::SLOT).min(self.buf.len());
+        let end = (start + len.min(Self::SLOT)).min(self.buf.len());
+        self.buf[start..end].chunks(stride.max(1))
+    }
+
+    /// A read filled `filled` slots: after [`GROW_AFTER`](Self::GROW_AFTER) reads in a row
+    /// that filled them all, there are twice as many.
+    pub fn filled(&mut self, filled: usize) {
+        let slots = self.slots();
+        if filled < slots {
+            self.full_reads = 0;
+            return;
+        }
+        self.full_reads += 1;
+        if self.full_reads >= Self::GROW_AFTER && slots < Self::MAX_SLOTS {
+            self.full_reads = 0;
+            self.buf
+                .resize((slots * 2).min(Self::MAX_SLOTS) * Self::SLOT, 0);
+        }
+    }
+}
+
 /// A host and the runtime's driver of it, as the runtime keeps them behind its lock: every
 /// input goes through [`run`](Self::run), which drains the host after it, and the runtime's
 /// timer asks [`on_timer`](Self::on_timer) what to do and how long to sleep.
@@ -546,7 +693,7 @@ pub struct Driven<H, D> {
     pub host: H,
     /// The runtime's driver: its sockets, streams and channels.
     pub driver: D,
-    buf: Vec<u8>,
+    batch: Batch,
     /// The deadline the runtime's timer sleeps to, if it sleeps.
     armed: Option<Instant>,
 }
@@ -557,7 +704,7 @@ impl<H: Host, D: Driver<H>> Driven<H, D> {
         Self {
             host,
             driver,
-            buf: Vec::new(),
+            batch: Batch::default(),
             armed: None,
         }
     }
@@ -590,8 +737,24 @@ impl<H: Host, D: Driver<H>> Driven<H, D> {
 
     /// Drains the host after an input at `now`; true if the runtime must wake its timer.
     pub fn drain(&mut self, now: Instant) -> bool {
-        drain(&mut self.host, &mut self.driver, now, &mut self.buf);
+        drain(&mut self.host, &mut self.driver, now, &mut self.batch);
         self.timer_behind()
+    }
+
+    /// Hands the host every datagram of one read from `socket` at `now`, each from its
+    /// source address, then drains it once: what the host sends in answer goes out in
+    /// batches too. True if the runtime must wake its timer.
+    pub fn datagrams<'a>(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        datagrams: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+    ) -> bool {
+        for (from, data) in datagrams {
+            let input = Input::Datagram { socket, from, data };
+            self.host.handle_input(now, input);
+        }
+        self.drain(now)
     }
 
     /// Whether the host's next deadline is earlier than the one the runtime's timer sleeps to.
@@ -606,7 +769,7 @@ impl<H: Host, D: Driver<H>> Driven<H, D> {
     pub fn on_timer(&mut self, now: Instant) -> Option<Instant> {
         if self.host.poll_timeout().is_some_and(|at| at <= now) {
             self.host.handle_timeout(now);
-            drain(&mut self.host, &mut self.driver, now, &mut self.buf);
+            drain(&mut self.host, &mut self.driver, now, &mut self.batch);
         }
         self.armed = self.host.poll_timeout();
         self.armed
@@ -732,6 +895,8 @@ impl StreamOutput {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
 
     #[test]
@@ -757,5 +922,254 @@ mod tests {
             !output.in_flight(),
             "asking again with nothing left marks it idle"
         );
+    }
+
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    /// A host whose transmits and events are scripted, in order.
+    #[derive(Default)]
+    struct Script {
+        out: VecDeque<Result<(Transmit, Vec<u8>), &'static str>>,
+        inputs: Vec<String>,
+    }
+
+    impl Host for Script {
+        type Event = &'static str;
+
+        fn handle_input(&mut self, _: Instant, input: Input<'_>) {
+            self.inputs.push(format!("{input:?}"));
+        }
+
+        fn handle_timeout(&mut self, _: Instant) {}
+
+        fn poll_transmit(&mut self, _: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+            match self.out.front()? {
+                Ok(_) => {
+                    let Some(Ok((t, bytes))) = self.out.pop_front() else {
+                        return None;
+                    };
+                    *buf = bytes;
+                    Some(t)
+                }
+                Err(_) => None,
+            }
+        }
+
+        fn poll_event(&mut self) -> Option<&'static str> {
+            match self.out.pop_front()? {
+                Err(event) => Some(event),
+                Ok(t) => {
+                    self.out.push_front(Ok(t));
+                    None
+                }
+            }
+        }
+
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+
+        fn take_output(&mut self, _: Instant, _: StreamId, _: &mut Vec<u8>) -> bool {
+            false
+        }
+
+        fn io_event(event: &'static str) -> Result<IoEvent, &'static str> {
+            Err(event)
+        }
+
+        fn accept(&mut self, _: Instant, _: Transport, _: SocketAddr) -> Option<StreamId> {
+            None
+        }
+    }
+
+    /// A driver that records what it sends and acts on, joining up to `max` datagrams.
+    struct Record {
+        max: usize,
+        log: Vec<String>,
+        fail: bool,
+    }
+
+    impl Driver<Script> for Record {
+        fn send(&mut self, t: Transmit, bytes: &[u8], segment: usize) -> Sent {
+            let to = match t {
+                Transmit::Datagram { to, .. } => to.port(),
+                _ => 0,
+            };
+            let lens: Vec<usize> = bytes.chunks(segment.max(1)).map(<[u8]>::len).collect();
+            self.log.push(format!("send {to} {lens:?}"));
+            if self.fail {
+                Sent::Failed
+            } else {
+                Sent::Done
+            }
+        }
+
+        fn max_segments(&self, _: &Transmit) -> usize {
+            self.max
+        }
+
+        fn connect(&mut self, _: Connect) -> Result<(), String> {
+            Err("no streams here".into())
+        }
+
+        fn stream_ready(&mut self, _: StreamId) {}
+
+        fn close_stream(&mut self, _: StreamId, _: bool) {}
+
+        fn bind_socket(&mut self, _: SocketId, _: SocketAddr) -> io::Result<SocketAddr> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn close_socket(&mut self, _: SocketId) {}
+
+        fn on_event(&mut self, _: &mut Script, _: Instant, event: &'static str) {
+            self.log.push(format!("act {event}"));
+        }
+    }
+
+    fn datagram(port: u16, len: usize) -> Result<(Transmit, Vec<u8>), &'static str> {
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok((
+            Transmit::Datagram {
+                socket: SocketId(0),
+                to,
+            },
+            vec![port as u8; len],
+        ))
+    }
+
+    fn run(max: usize, out: Vec<Result<(Transmit, Vec<u8>), &'static str>>) -> Vec<String> {
+        let mut host = Script {
+            out: out.into(),
+            ..Script::default()
+        };
+        let mut driver = Record {
+            max,
+            log: Vec::new(),
+            fail: false,
+        };
+        drain(&mut host, &mut driver, t0(), &mut Batch::default());
+        driver.log
+    }
+
+    #[test]
+    fn drain_joins_datagrams_to_one_destination_of_one_size() {
+        let log = run(
+            4,
+            vec![
+                datagram(1, 10),
+                datagram(1, 10),
+                datagram(1, 10),
+                // A shorter one ends the batch it joins.
+                datagram(1, 4),
+                datagram(1, 10),
+                // Another destination starts a new batch, and so does a longer datagram.
+                datagram(2, 10),
+                datagram(2, 20),
+                // At most four join.
+                datagram(3, 5),
+                datagram(3, 5),
+                datagram(3, 5),
+                datagram(3, 5),
+                datagram(3, 5),
+            ],
+        );
+        assert_eq!(
+            log,
+            [
+                "send 1 [10, 10, 10, 4]",
+                "send 1 [10]",
+                "send 2 [10]",
+                "send 2 [20]",
+                "send 3 [5, 5, 5, 5]",
+                "send 3 [5]",
+            ]
+        );
+    }
+
+    #[test]
+    fn drain_sends_what_was_polled_before_an_event_first_and_one_at_a_time_without_gso() {
+        let out = vec![
+            datagram(1, 10),
+            datagram(1, 10),
+            Err("close"),
+            datagram(1, 10),
+        ];
+        assert_eq!(
+            run(8, out.clone()),
+            ["send 1 [10, 10]", "act close", "send 1 [10]"]
+        );
+        assert_eq!(
+            run(1, out),
+            ["send 1 [10]", "send 1 [10]", "act close", "send 1 [10]"]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_is_reported_once_and_the_next_one_still_goes() {
+        let mut host = Script {
+            out: vec![datagram(1, 10), datagram(1, 10), datagram(2, 10)].into(),
+            ..Script::default()
+        };
+        let mut driver = Record {
+            max: 8,
+            log: Vec::new(),
+            fail: true,
+        };
+        drain(&mut host, &mut driver, t0(), &mut Batch::default());
+        assert_eq!(driver.log, ["send 1 [10, 10]", "send 2 [10]"]);
+        assert_eq!(host.inputs, ["SendFailed", "SendFailed"]);
+    }
+
+    #[test]
+    fn no_batch_passes_the_largest_udp_payload() {
+        let out = (0..8).map(|_| datagram(1, 20_000)).collect();
+        assert_eq!(
+            run(64, out),
+            [
+                "send 1 [20000, 20000, 20000]",
+                "send 1 [20000, 20000, 20000]",
+                "send 1 [20000, 20000]"
+            ]
+        );
+    }
+
+    #[test]
+    fn recv_buffers_grow_when_reads_keep_filling_them_and_split_what_gro_joined() {
+        let mut bufs = RecvBuffers::new();
+        assert_eq!(bufs.slots(), 1);
+        assert_eq!(bufs.slices()[0].len(), RecvBuffers::SLOT);
+        assert!(bufs.slices()[1..].iter().all(|s| s.is_empty()));
+        // A few full reads, as a tunnel that only connects makes, keep one slot.
+        for _ in 1..RecvBuffers::GROW_AFTER {
+            bufs.filled(1);
+        }
+        assert_eq!(bufs.slots(), 1);
+        bufs.filled(1);
+        assert_eq!(bufs.slots(), 2);
+        // A read that leaves a slot empty starts the count again.
+        for _ in 1..RecvBuffers::GROW_AFTER {
+            bufs.filled(2);
+        }
+        bufs.filled(1);
+        bufs.filled(2);
+        assert_eq!(bufs.slots(), 2);
+        for _ in 0..100 {
+            let slots = bufs.slots();
+            bufs.filled(slots);
+        }
+        assert_eq!(bufs.slots(), RecvBuffers::MAX_SLOTS);
+        {
+            let mut slices = bufs.slices();
+            slices[1][..25].copy_from_slice(&[7; 25]);
+        }
+        let lens: Vec<usize> = bufs.datagrams(1, 25, 10).map(<[u8]>::len).collect();
+        assert_eq!(lens, [10, 10, 5]);
+        assert!(bufs.datagrams(1, 25, 10).all(|d| d.iter().all(|&b| b == 7)));
+        // A length past the slot is cut at the slot's end.
+        assert_eq!(bufs.datagrams(0, usize::MAX, usize::MAX).count(), 1);
     }
 }

@@ -265,3 +265,70 @@ fn clients_on_every_transport_discover_their_mapping_from_the_announced_responde
         Some(udp_port)
     );
 }
+
+/// Datagrams handed over together with `send_many` leave together (UDP GSO where the system
+/// has it) and arrive whole and in order, over the relay and over a peer tunnel (the
+/// receiving socket reads them with GRO or `recvmmsg`).
+#[test]
+fn datagrams_sent_together_arrive_whole_and_in_order() {
+    let server = smol_server();
+    let config = config_for(&server, Transport::UDP);
+    smol::block_on(async {
+        let a = smol_tunnel(config.clone()).await;
+        let b = smol_tunnel(config).await;
+        let dst = SocketAddr::new(b.internal_ipv4().unwrap().into(), 5006);
+        let rx = b.bind(5006).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let tx = a.bind(0).unwrap();
+        for peer in [false, true] {
+            rx.set_peer_tunneling(peer);
+            tx.set_peer_tunneling(peer);
+            if peer {
+                form_peer_tunnel(&a, &tx, dst).await;
+            }
+            // 40 datagrams of 1,200 octets and a shorter last one: one GSO send holds them.
+            let batch: Vec<Vec<u8>> = (0..41u8)
+                .map(|i| vec![i; if i == 40 { 300 } else { 1200 }])
+                .collect();
+            assert_eq!(tx.send_many(&batch, dst).await.unwrap(), batch.len());
+            let mut buf = [0u8; 2048];
+            let mut got = Vec::new();
+            while got.len() < batch.len() {
+                let (n, _) = rx.recv_from(&mut buf).await.expect("every datagram");
+                if buf[..n] != *b"hello" {
+                    got.push(buf[..n].to_vec());
+                }
+            }
+            assert_eq!(got, batch, "peer tunnel: {peer}");
+        }
+        assert!(matches!(a.peer_path(dst.ip()), PeerPath::Peer(_)));
+    });
+}
+
+/// Sends opted-in datagrams until `tunnel` reports its peer tunnel up.
+async fn form_peer_tunnel(
+    tunnel: &tscf_runtime_smol::Tunnel,
+    tx: &tscf_runtime_smol::InnerUdpSocket,
+    dst: SocketAddr,
+) {
+    for _ in 0..100 {
+        let _ = tx.send_to(b"hello", dst).await;
+        let up = async {
+            while let Ok(note) = tunnel.notifications().recv().await {
+                if let Notification::PeerTunnelUp { .. } = note {
+                    return true;
+                }
+            }
+            false
+        };
+        let wait = async {
+            smol::Timer::after(std::time::Duration::from_millis(50)).await;
+            false
+        };
+        if futures_lite::future::or(up, wait).await {
+            return;
+        }
+    }
+    panic!("no peer tunnel");
+}

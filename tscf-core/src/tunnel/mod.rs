@@ -1770,6 +1770,25 @@ where
         self.drive(|host, _, now| host.send_to(now, port, dst, payload))
     }
 
+    fn send_many(
+        &self,
+        port: u16,
+        dst: SocketAddr,
+        payloads: &mut dyn Iterator<Item = &[u8]>,
+    ) -> std::io::Result<usize> {
+        self.drive(|host, _, now| {
+            let mut sent = 0;
+            for payload in payloads {
+                match host.send_to(now, port, dst, payload) {
+                    Ok(()) => sent += 1,
+                    Err(e) if sent == 0 => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(sent)
+        })
+    }
+
     fn set_peer_tunneling(&self, port: u16, enabled: bool) {
         self.drive(|host, _, _| host.set_peer_tunneling(port, enabled));
     }
