@@ -28,6 +28,8 @@ use crate::net::{self, Next};
 
 /// The ALPN protocol name of tscf over QUIC.
 pub(crate) const ALPN: &[u8] = b"tscf";
+/// QUIC datagrams handed to the host under one lock, at most.
+const DATAGRAM_BATCH: usize = 64;
 /// Octets read from a stream at a time.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// How long closing waits for the peer to acknowledge what the stream still holds.
@@ -217,32 +219,42 @@ async fn serve<X: Extra>(
     };
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();
+    let mut datagrams: Vec<Bytes> = Vec::new();
+    // Listening before looking at what the host asked, so that no wake-up is missed; a new
+    // listener (and a look) only after this one fired.
+    let mut woken = wake.listen();
+    let mut look = true;
     let error = loop {
-        let woken = wake.listen();
-        match net::next(shared, stream, &mut out) {
-            Next::Abort => break net::failed(StreamError::Io, "cut"),
-            Next::Close => {
-                // Let the peer read what the stream still holds before the close.
-                if send.finish().is_ok() {
-                    let stopped = send.stopped();
-                    future::or(
-                        async {
-                            let _ = stopped.await;
-                        },
-                        async {
-                            Timer::after(CLOSE_GRACE).await;
-                        },
-                    )
-                    .await;
+        if look {
+            look = false;
+            match net::next(shared, stream, &mut out) {
+                Next::Abort => break net::failed(StreamError::Io, "cut"),
+                Next::Close => {
+                    // Let the peer read what the stream still holds before the close.
+                    if send.finish().is_ok() {
+                        let stopped = send.stopped();
+                        future::or(
+                            async {
+                                let _ = stopped.await;
+                            },
+                            async {
+                                Timer::after(CLOSE_GRACE).await;
+                            },
+                        )
+                        .await;
+                    }
+                    break None;
                 }
-                break None;
+                Next::Write => match net::abortable(shared, stream, send.write_all(&out)).await {
+                    Some(Ok(())) => {
+                        look = true;
+                        continue;
+                    }
+                    Some(Err(e)) => break net::failed(StreamError::Io, e),
+                    None => break net::failed(StreamError::Io, "cut"),
+                },
+                Next::Idle => {}
             }
-            Next::Write => match net::abortable(shared, stream, send.write_all(&out)).await {
-                Some(Ok(())) => continue,
-                Some(Err(e)) => break net::failed(StreamError::Io, e),
-                None => break net::failed(StreamError::Io, "cut"),
-            },
-            Next::Idle => {}
         }
         enum Step {
             Read(Result<Option<usize>, quinn::ReadError>),
@@ -254,7 +266,7 @@ async fn serve<X: Extra>(
         let step = future::or(
             read,
             future::or(datagram, async {
-                woken.await;
+                (&mut woken).await;
                 Step::Woken
             }),
         )
@@ -266,13 +278,26 @@ async fn serve<X: Extra>(
                     host.handle_input(now, Input::StreamData { stream, data })
                 });
             }
-            Step::Datagram(Ok(datagram)) => {
-                let data = &datagram[..];
+            Step::Datagram(Ok(first)) => {
+                // The datagrams already there go to the host under one lock.
+                datagrams.push(first);
+                while datagrams.len() < DATAGRAM_BATCH {
+                    match future::poll_once(conn.read_datagram()).await {
+                        Some(Ok(more)) => datagrams.push(more),
+                        _ => break,
+                    }
+                }
                 shared.drive(|host, _, now| {
-                    host.handle_input(now, Input::StreamDatagram { stream, data });
+                    for data in &datagrams {
+                        host.handle_input(now, Input::StreamDatagram { stream, data });
+                    }
                 });
+                datagrams.clear();
             }
-            Step::Woken => {}
+            Step::Woken => {
+                woken = wake.listen();
+                look = true;
+            }
             Step::Read(Ok(None)) => break None,
             Step::Read(Err(e)) => break net::failed(StreamError::Io, e),
             Step::Datagram(Err(e)) => break net::failed(StreamError::Io, e),
