@@ -457,6 +457,8 @@ fn arbitrary_message<'a>(u: &mut Unstructured<'a>) -> ArbitraryResult<Message<'a
         t.observed_address = Some(arbitrary_socket(u)?);
     }
     t.message_integrity = u.arbitrary()?;
+    t.client_nonce = u.arbitrary()?;
+    t.control_key = u.arbitrary()?;
     t.software = u.arbitrary()?;
     t.diagnostic = u.arbitrary()?;
     t.max_packet_size = u.arbitrary()?;
