@@ -57,6 +57,45 @@ fn server_runs_for_a_second_and_prints_addresses_and_fingerprint() {
 }
 
 #[test]
+fn plain_listeners_beyond_loopback_need_allow_plain_and_are_warned_about() {
+    let path = config_file(
+        "plain-anywhere",
+        "udp = [\"0.0.0.0:0\"]\ntcp = []\ntls = []\nquic = []\ndtls = []\n\
+         auth_tokens = [\"t\"]\n",
+    );
+    let config = path.to_str().unwrap();
+    let out = tscf(&[
+        "server",
+        "--for",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        config,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("plain UDP listener 0.0.0.0:0"), "{stderr}");
+    let out = tscf(&[
+        "server",
+        "--for",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--allow-plain",
+        "--config",
+        config,
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("udp 0.0.0.0:"), "{stdout}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("plain UDP listener"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn server_with_the_default_configuration() {
     // The default ports are fixed; another program may hold them, which is a runtime failure.
     let out = tscf(&["server", "--for", "1"]);

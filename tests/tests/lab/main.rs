@@ -75,7 +75,7 @@ fn start_server(lab: &mut Lab, tscf: &Path) -> (Proc, SocketAddr) {
         &config,
         format!(
             "udp = [\"{addr}\"]\ntcp = []\ntls = [\"{tls}\"]\nquic = []\ndtls = []\n\
-             admin = \"{ADMIN}\"\nauth_tokens = [\"{}\"]\n",
+             admin = \"{ADMIN}\"\nauth_tokens = [\"{}\"]\nallow_plain = true\n",
             tscf_tests::lab::TOKEN
         ),
     )

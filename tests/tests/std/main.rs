@@ -4,6 +4,7 @@
 #[path = "../common/pki.rs"]
 mod pki;
 
+mod attacks;
 mod bad_input;
 mod flow;
 mod peer;

@@ -61,6 +61,10 @@ enum Command {
         /// The admin endpoint for `tscf status` (loopback only; overrides the configuration).
         #[arg(long, value_name = "ADDR")]
         admin: Option<SocketAddr>,
+        /// Allow plain TCP and UDP listeners on addresses beyond loopback (`allow_plain` in the
+        /// configuration): anyone on the path reads their tunnels and can take them over.
+        #[arg(long)]
+        allow_plain: bool,
     },
     /// Open a tunnel, print its addresses and forward local UDP ports into it.
     Client(client::ClientArgs),
@@ -97,7 +101,8 @@ fn main() -> ExitCode {
             config,
             run_for,
             admin,
-        } => server(config, run_for, admin),
+            allow_plain,
+        } => server(config, run_for, admin, allow_plain),
         Command::Client(args) => client::run(args),
         Command::Demo { json } => demo::run(json),
         Command::Netcheck(args) => netcheck::run(args),
@@ -105,7 +110,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>) -> ExitCode {
+fn server(
+    path: Option<PathBuf>,
+    run_for: Option<u64>,
+    admin: Option<SocketAddr>,
+    allow_plain: bool,
+) -> ExitCode {
     let file = match path {
         None => config::ServerFile::default_config(),
         Some(path) => match std::fs::read_to_string(&path) {
@@ -120,7 +130,9 @@ fn server(path: Option<PathBuf>, run_for: Option<u64>, admin: Option<SocketAddr>
             Some(a) => admin::check(a).map(Some)?,
             None => f.admin_addr()?,
         };
-        Ok((f.into_server_config()?, admin))
+        let mut config = f.into_server_config()?;
+        config.allow_plain_beyond_loopback |= allow_plain;
+        Ok((config, admin))
     });
     let (config, admin) = match configured {
         Ok(c) => c,
