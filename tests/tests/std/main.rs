@@ -9,5 +9,7 @@ mod bad_input;
 mod flow;
 mod peer;
 mod reattach;
+mod relay;
+mod roaming;
 mod tls;
 mod util;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tscf_core::client::ServerEndpoint;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::{ClientTlsConfig, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig};
+use tscf_runtime_std::{
+    ClientTlsConfig, Notification, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig,
+};
 
 pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
 
@@ -104,4 +106,36 @@ pub fn temp_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Waits (up to 15 s, looking every 10 ms) until `done` holds; fails naming `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads `tunnel`'s notifications until one that `last` accepts (up to 15 s), and returns
+/// them all, that one included.
+pub fn wait_for_notification(
+    tunnel: &Tunnel,
+    mut last: impl FnMut(&Notification) -> bool,
+) -> Vec<Notification> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut notes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tunnel.notifications().recv_timeout(left) {
+            Ok(note) => {
+                let done = last(&note);
+                notes.push(note);
+                if done {
+                    return notes;
+                }
+            }
+            Err(_) => panic!("no such notification; got {notes:?}"),
+        }
+    }
 }

@@ -196,10 +196,12 @@ fn transport_loss_reattach_keeps_address_and_tunnel_id() {
         "frames queued at the director while persistent are delivered"
     );
 
-    // A re-attach with the wrong secret is refused and leaves the tunnel alone.
+    // A re-attach without the client's Message Integrity (with a guessed secret, as before
+    // control messages were keyed) is refused and leaves the tunnel alone.
     let rogue = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)));
     let mut req = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
     req.tlvs.tunnel_id = id;
+    req.tlvs.client_nonce = Some([0x66; 16]);
     req.tlvs.reattach_secret = Some([0x42; 16]);
     rogue.send(&mut w, &req);
     w.run_for(ms(100));
@@ -264,10 +266,9 @@ fn spoofed_inner_source_is_dropped_and_counted() {
     let victim = w.nodes[0].client.internal_ipv4().expect("v4");
     let other = w.nodes[1].client.internal_ipv4().expect("v4");
     let rogue = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)));
-    rogue.send(
-        &mut w,
-        &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
-    );
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([0x66; 16]);
+    rogue.send(&mut w, &request);
     w.run_for(ms(100));
     let replies = rogue.received(&mut w);
     let own = control(&replies[0])
