@@ -156,7 +156,14 @@ fn help_and_usage_errors() {
     let out = tscf(&["client", "--transport", "tls", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--fingerprint"));
-    let out = tscf(&["client", "--peer-require-secure", "--for", "1"]);
+    let out = tscf(&[
+        "client",
+        "--peer-transport",
+        "udp",
+        "--peer-require-secure",
+        "--for",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--peer-transport dtls or quic"));
     let out = tscf(&["client", "--peer-transport", "tcp", "--for", "1"]);

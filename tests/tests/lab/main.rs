@@ -31,7 +31,7 @@ const SILENCE: Duration = Duration::from_millis(1500);
 /// Peer transports the matrix covers: one column each. A transport is the extra `tscf client`
 /// arguments that select it.
 const PEER_TRANSPORTS: &[(&str, &[&str])] = &[
-    ("udp", &[]),
+    ("udp", &["--peer-transport", "udp"]),
     ("quic", &["--peer-transport", "quic"]),
     ("dtls", &["--peer-transport", "dtls"]),
 ];

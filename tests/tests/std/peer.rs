@@ -9,7 +9,16 @@ use tscf_core::client::PeerPath;
 use tscf_core::wire::Transport;
 use tscf_runtime_std::{Notification, PeerStreamListen, ServerHandle, Tunnel};
 
-use crate::util::{rtp_flow_opted, server, tunnel, tunnel_config};
+use crate::util::{plain_peers, rtp_flow_opted, server};
+
+/// A tunnel offering plain peer tunnels, which these tests are about.
+fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
+    Tunnel::connect(tunnel_config(server, transport)).expect("tunnel connects")
+}
+
+fn tunnel_config(server: &ServerHandle, transport: Transport) -> tscf_runtime_std::TunnelConfig {
+    plain_peers(crate::util::tunnel_config(server, transport))
+}
 
 /// 6 s of a 50 packet/s flow.
 const PACKETS: u32 = 300;

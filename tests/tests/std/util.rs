@@ -43,6 +43,16 @@ pub fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
     Tunnel::connect(tunnel_config(server, transport)).expect("tunnel connects")
 }
 
+/// `config` offering plain UDP peer tunnels, asked for by name: by default peer tunnels run
+/// inside DTLS sessions.
+pub fn plain_peers(mut config: TunnelConfig) -> TunnelConfig {
+    if let Some(peer) = &mut config.client.peer {
+        peer.transport = Transport::UDP;
+        peer.require_secure = false;
+    }
+    config
+}
+
 /// Sends `count` datagrams of 160 octets (sequence number first) at 50 per second from `from`
 /// to `to`'s port 5004, and returns the sequence numbers `to` received, in order. `at_packet`
 /// runs on the calling thread before each packet is sent.
