@@ -1111,6 +1111,34 @@ mod peer {
     }
 
     #[test]
+    fn a_tunnel_that_moves_keeps_its_introductions() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (_, b, ipb) = capable(&mut h, 2, DGRAM);
+        let req = peer_request(&mut h, a, ipb);
+        let fwd = h.send(ca, &req)[0].message().header;
+        let mut answer = Message::response_to(&fwd, ResultCode::SUCCESS);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        h.send(ConnectionHandle(2), &answer);
+        // B's NAT rebinds it; its next keepalive moves its tunnel.
+        let moved = h.connect(3, DGRAM);
+        let ka = h.request(MessageType::KEEPALIVE, b);
+        h.send(moved, &ka);
+        assert_eq!(h.d.stats().moves, 1);
+        // A leaves: B hears of it at its new address.
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, a);
+        let out = h.send(ca, &release);
+        let notice = out
+            .iter()
+            .find(|o| o.connection == moved)
+            .expect("a release notice at the new address");
+        assert!(h.signed_for(b, std::slice::from_ref(notice)));
+        let notice = notice.message();
+        assert_eq!(notice.tlvs.service_action, Some(ServiceAction::RELEASE));
+        assert_eq!(notice.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+    }
+
+    #[test]
     fn an_announced_destination_lets_the_initiator_start_at_once() {
         let mut h = Harness::new(DirectorConfig::default());
         let (ca, a, ipa) = capable(&mut h, 1, STREAM);
