@@ -108,7 +108,7 @@ fn configuration_exchanges(now: Instant) {
         release.tlvs.result_code = Some(ResultCode::SUCCESS);
         buf.clear();
         release
-            .encode_envelope_with_integrity(key.client_to_director(), &mut buf)
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut buf)
             .expect("encodable");
         let bytes = buf.clone();
         d.handle_datagram(now, ConnectionHandle(i), &bytes);

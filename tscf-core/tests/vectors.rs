@@ -242,8 +242,8 @@ fn keyed(name: &str) -> Option<Direction> {
 fn key_for(direction: Direction) -> [u8; 32] {
     let key = ControlKey::new(&CONTROL_KEY);
     match direction {
-        Direction::FromClient => *key.client_to_director(),
-        Direction::FromDirector => *key.director_to_client(),
+        Direction::FromClient => key.client_to_director(),
+        Direction::FromDirector => key.director_to_client(),
     }
 }
 
@@ -515,8 +515,8 @@ fn print_vectors() {
     }
     let derived = ControlKey::new(&CONTROL_KEY);
     print("key", "control-key", &CONTROL_KEY);
-    print("key", "client-to-director", derived.client_to_director());
-    print("key", "director-to-client", derived.director_to_client());
+    print("key", "client-to-director", &derived.client_to_director());
+    print("key", "director-to-client", &derived.director_to_client());
     let mut out = Vec::new();
     Envelope::encode(EnvelopeType::DATA, &data_packet(), &mut out).expect("fits");
     print("vector", "data-ipv4-udp", &out);

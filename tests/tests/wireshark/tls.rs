@@ -153,7 +153,7 @@ fn send(stream: &mut impl Write, message: &Message<'_>, key: Option<&ControlKey>
     let mut out = Vec::new();
     match key {
         Some(key) => message
-            .encode_envelope_with_integrity(key.client_to_director(), &mut out)
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut out)
             .unwrap(),
         None => message.encode_envelope(&mut out).unwrap(),
     }

@@ -547,7 +547,7 @@ impl TunnelClient {
                 if agent.poll_server(&mut cx, buf, datagram) {
                     // The agent's requests are encoded once and signed at each transmission.
                     if let Some(t) = &self.tunnel {
-                        let _ = append_integrity(buf, 0, t.key.client_to_director());
+                        let _ = append_integrity(buf, 0, &t.key.client_to_director());
                     }
                     return Some(self.sent(false));
                 }
@@ -788,7 +788,7 @@ impl TunnelClient {
         let mut envelope = Vec::new();
         let encoded = match &self.tunnel {
             Some(t) => {
-                msg.encode_envelope_with_integrity(t.key.client_to_director(), &mut envelope)
+                msg.encode_envelope_with_integrity(&t.key.client_to_director(), &mut envelope)
             }
             None => msg.encode_envelope(&mut envelope),
         };

@@ -9,7 +9,7 @@ use super::{negotiate, ConnectionHandle, DirectorEvent, SessionDirector, Tunnel}
 use crate::wire::{
     ControlKey, DecodeError, DecodeErrorKind, Freshness, Header, InternalAddress, Message,
     MessageType, ReplayWindow, ResultCode, CLIENT_NONCE_LEN, CONTROL_KEY_LEN, ENVELOPE_HEADER_LEN,
-    MAX_DNS_SERVERS,
+    MAX_DNS_SERVERS, MESSAGE_INTEGRITY_TLV_LEN,
 };
 use std::collections::VecDeque;
 
@@ -185,7 +185,7 @@ impl SessionDirector {
             // The connection carries a tunnel: its retransmitted request gets the response it
             // lost; any other unkeyed request there is not its client's, and gets nothing (the
             // tunnel's key must never go to whoever took its address over).
-            if !self.answer_duplicate(connection, id, header) {
+            if !self.configuration_again(connection, id, request, true) {
                 self.stats.dropped.unauthenticated += 1;
             }
             return;
@@ -233,6 +233,7 @@ impl SessionDirector {
             last_heard: now,
             persistent_since: None,
             last_answer: [None, None],
+            configuration: (header.sequence, true),
             peer_window: (now, 0),
             announced: None,
             queue: VecDeque::new(),
@@ -251,7 +252,7 @@ impl SessionDirector {
             ipv6: ipv6.map(|(a, _)| a),
             connection,
         });
-        self.send_configuration(connection, id, request, Some(key));
+        self.send_configuration(connection, id, request, true);
     }
 
     /// A Configuration Request naming tunnel `id` (§3.4): its proof is the client's Message
@@ -284,7 +285,8 @@ impl SessionDirector {
             Freshness::Fresh => {}
             // A retransmission on the connection it moved the tunnel to.
             Freshness::Seen
-                if current == Some(id) && self.answer_duplicate(connection, id, header) =>
+                if current == Some(id)
+                    && self.configuration_again(connection, id, request, false) =>
             {
                 return
             }
@@ -310,25 +312,46 @@ impl SessionDirector {
             t.last_heard = now;
         }
         self.stats.reattaches += 1;
-        self.send_configuration(connection, id, request, None);
+        self.send_configuration(connection, id, request, false);
     }
 
-    /// Answers a Configuration Request with tunnel `id`'s configuration, and remembers it.
-    /// `key` is the tunnel's control key, sent once: in the response that creates the tunnel.
+    /// Answers a retransmission of the Configuration Request that created (`created`) or last
+    /// re-attached tunnel `id` as the first time; false if `request` is not that one.
+    fn configuration_again(
+        &mut self,
+        connection: ConnectionHandle,
+        id: u64,
+        request: &Message<'_>,
+        created: bool,
+    ) -> bool {
+        let again = self
+            .tunnels
+            .get(&id)
+            .is_some_and(|t| t.configuration == (request.header.sequence, created));
+        if again {
+            self.send_configuration(connection, id, request, created);
+        }
+        again
+    }
+
+    /// Answers a Configuration Request with tunnel `id`'s configuration: with its control key
+    /// when the request `created` the tunnel (the key is sent in that answer only), without
+    /// when it re-attached it.
     pub(super) fn send_configuration(
         &mut self,
         connection: ConnectionHandle,
         id: u64,
         request: &Message<'_>,
-        key: Option<[u8; CONTROL_KEY_LEN]>,
+        created: bool,
     ) {
-        let Some(t) = self.tunnels.get(&id) else {
+        let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
+        t.configuration = (request.header.sequence, created);
         let mut reply = Message::response_to(&request.header, ResultCode::SUCCESS);
         reply.header.tunnel_id = id;
         reply.tlvs.client_nonce = request.tlvs.client_nonce;
-        reply.tlvs.control_key = key;
+        reply.tlvs.control_key = created.then(|| *t.key.octets());
         reply.tlvs.internal_ipv4 =
             t.ipv4
                 .zip(self.config.ipv4_pool)
@@ -354,7 +377,7 @@ impl SessionDirector {
         if self.config.peer_tunneling {
             reply.tlvs.stun_port = self.config.stun_port.filter(|p| *p != 0);
         }
-        self.send_and_remember(connection, id, &request.header, &reply);
+        self.send(connection, &reply);
     }
 
     /// Resends the remembered response if `header` repeats the last request answered.
@@ -385,7 +408,9 @@ impl SessionDirector {
         request: &Header,
         reply: &Message<'_>,
     ) {
-        let mut bytes = Vec::with_capacity(reply.encoded_len() + ENVELOPE_HEADER_LEN);
+        // Kept until the next answer: the exact size, with the Message Integrity it gets.
+        let len = reply.encoded_len() + ENVELOPE_HEADER_LEN + MESSAGE_INTEGRITY_TLV_LEN;
+        let mut bytes = Vec::with_capacity(len);
         if !self.encode_control(Some(id), reply, &mut bytes) {
             return;
         }

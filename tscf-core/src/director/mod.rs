@@ -232,6 +232,10 @@ struct Tunnel {
     /// Service Requests have their own slot: a client may have one outstanding beside a
     /// keepalive, and a late retransmission must not start a second negotiation.
     last_answer: [Option<(MessageType, u32, Vec<u8>)>; 2],
+    /// The sequence number of the Configuration Request that created the tunnel (true) or
+    /// last re-attached it (false). Its answer is made again for a retransmission rather than
+    /// kept: it is the largest one, and with the control key in it.
+    configuration: (u32, bool),
     /// Start of the current peer request window and the requests made in it.
     peer_window: (Instant, u16),
     /// Peer candidates the client announced (§7.2); boxed so that tunnels that never announce
@@ -673,7 +677,7 @@ impl SessionDirector {
     fn encode_control(&self, id: Option<u64>, message: &Message<'_>, out: &mut Vec<u8>) -> bool {
         match id.and_then(|id| self.tunnels.get(&id)) {
             Some(t) => message
-                .encode_envelope_with_integrity(t.key.director_to_client(), out)
+                .encode_envelope_with_integrity(&t.key.director_to_client(), out)
                 .is_ok(),
             None => message.encode_envelope(out).is_ok(),
         }

@@ -75,7 +75,7 @@ impl Harness {
             Some(m.header.tunnel_id)
         };
         match named.and_then(|id| self.keys.get(&id)).cloned() {
-            Some(key) => self.send_signed(c, &m, key.client_to_director()),
+            Some(key) => self.send_signed(c, &m, &key.client_to_director()),
             None => self.send_unsigned(c, &m),
         }
     }
@@ -436,7 +436,7 @@ fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_proof() {
     req.tlvs.tunnel_id = Some(id);
     req.tlvs.client_nonce = Some(NONCE);
     let wrong = ControlKey::new(&[0x77; 32]);
-    let out = h.send_signed(c3, &req, wrong.client_to_director());
+    let out = h.send_signed(c3, &req, &wrong.client_to_director());
     let m = out[0].message();
     assert_eq!(m.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
     assert_eq!(m.tlvs.client_nonce, Some(NONCE));
@@ -545,7 +545,7 @@ fn control_messages_of_a_tunnel_are_signed_and_must_be() {
     // Unsigned, or signed with the director's own key (reflected): dropped, not answered.
     let ka = h.request(MessageType::KEEPALIVE, id);
     assert!(h.send_unsigned(c, &ka).is_empty());
-    let reflected = h.keys[&id].director_to_client().to_owned();
+    let reflected = h.keys[&id].director_to_client();
     let mut release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, id);
     release.tlvs.result_code = Some(ResultCode::SUCCESS);
     assert!(h.send_signed(c, &release, &reflected).is_empty());
@@ -810,7 +810,7 @@ fn protocol_errors_are_answered_per_the_receiver_rules() {
     Envelope::encode(EnvelopeType::CONTROL, &bytes, &mut env).expect("fits");
     h.d.handle_datagram(h.now, c, &env);
     assert!(h.drain().is_empty());
-    let key = h.keys[&id].client_to_director().to_owned();
+    let key = h.keys[&id].client_to_director();
     crate::wire::append_integrity(&mut env, 0, &key).expect("fits");
     h.d.handle_datagram(h.now, c, &env);
     let out = h.drain();

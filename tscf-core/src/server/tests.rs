@@ -109,7 +109,7 @@ fn keepalive(response: &Message<'_>, sequence: u32) -> Vec<u8> {
     let key = ControlKey::new(&response.tlvs.control_key.expect("a fresh tunnel's key"));
     let mut bytes = Vec::new();
     Message::new(MessageType::KEEPALIVE, sequence, response.header.tunnel_id)
-        .encode_envelope_with_integrity(key.client_to_director(), &mut bytes)
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
         .expect("encodable");
     bytes
 }

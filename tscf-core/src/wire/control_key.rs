@@ -3,21 +3,17 @@
 //! of each direction derived from it, and the [`ReplayWindow`] a receiver keeps of the
 //! sequence numbers of the other side's requests.
 
-use arrayvec::ArrayVec;
-
 use super::integrity::mac;
 use super::message::Message;
 use super::tlv::CONTROL_KEY_LEN;
 
-/// A tunnel's control key and the keys of Message Integrity derived from it, one per
-/// direction, so that a message can never be sent back to its sender as the other side's:
+/// A tunnel's control key, from which the keys of Message Integrity derive, one per direction,
+/// so that a message can never be sent back to its sender as the other side's:
 /// `HMAC-SHA-256(key, label)` with the labels [`CLIENT_LABEL`](Self::CLIENT_LABEL) and
-/// [`DIRECTOR_LABEL`](Self::DIRECTOR_LABEL).
+/// [`DIRECTOR_LABEL`](Self::DIRECTOR_LABEL). Only the 32 octets are kept (a director holds one
+/// per tunnel); each use derives its key again.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ControlKey {
-    client: [u8; 32],
-    director: [u8; 32],
-}
+pub struct ControlKey([u8; CONTROL_KEY_LEN]);
 
 impl ControlKey {
     /// Derives the key of messages from the client to the director.
@@ -25,34 +21,36 @@ impl ControlKey {
     /// Derives the key of messages from the director to the client.
     pub const DIRECTOR_LABEL: &'static [u8] = b"tscf control director to client";
 
-    /// The keys derived from the octets of a Control Key TLV.
+    /// The control key of a Control Key TLV.
     pub fn new(key: &[u8; CONTROL_KEY_LEN]) -> Self {
-        Self {
-            client: mac(key, Self::CLIENT_LABEL),
-            director: mac(key, Self::DIRECTOR_LABEL),
-        }
+        Self(*key)
+    }
+
+    /// The octets of the Control Key TLV.
+    pub fn octets(&self) -> &[u8; CONTROL_KEY_LEN] {
+        &self.0
     }
 
     /// The key of Message Integrity on messages from the client to the director.
-    pub fn client_to_director(&self) -> &[u8; 32] {
-        &self.client
+    pub fn client_to_director(&self) -> [u8; 32] {
+        mac(&self.0, Self::CLIENT_LABEL)
     }
 
     /// The key of Message Integrity on messages from the director to the client.
-    pub fn director_to_client(&self) -> &[u8; 32] {
-        &self.director
+    pub fn director_to_client(&self) -> [u8; 32] {
+        mac(&self.0, Self::DIRECTOR_LABEL)
     }
 
     /// Whether `encoded` (a control message without envelope) carries the client's Message
     /// Integrity.
     pub fn verify_from_client(&self, encoded: &[u8]) -> bool {
-        Message::verify_integrity(encoded, &self.client)
+        Message::verify_integrity(encoded, &self.client_to_director())
     }
 
     /// Whether `encoded` (a control message without envelope) carries the director's Message
     /// Integrity.
     pub fn verify_from_director(&self, encoded: &[u8]) -> bool {
-        Message::verify_integrity(encoded, &self.director)
+        Message::verify_integrity(encoded, &self.director_to_client())
     }
 }
 
@@ -78,23 +76,40 @@ pub enum Freshness {
 /// the other side of a tunnel, and the newest one it forgot (the floor), compared as 31-bit
 /// serial numbers (RFC 1982; the top bit only tells the director's numbers from the client's).
 /// The numbers a receiver sees need not be consecutive: a client's counter also numbers its
-/// peer probes, and a director's is shared by all its tunnels.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// peer probes, and a director's is shared by all its tunnels. Sixteen is more than a sender
+/// ever has outstanding (one request of each kind, eight Client Service Requests, §6.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplayWindow {
-    accepted: ArrayVec<u32, { ReplayWindow::SIZE }>,
-    newest: Option<u32>,
-    floor: Option<u32>,
+    accepted: [u32; ReplayWindow::SIZE],
+    len: u8,
+    /// [`UNSET`] before the first.
+    newest: u32,
+    /// [`UNSET`] until one is forgotten.
+    floor: u32,
 }
 
 /// The serial number space: the low 31 bits.
 const SERIAL: u32 = 0x7fff_ffff;
 /// Half of the serial space: how far ahead a number may be and still count as newer.
 const HALF: u32 = 0x4000_0000;
+/// No number: outside the serial space.
+const UNSET: u32 = u32::MAX;
 
 /// Whether `a` comes after `b` in the serial space.
 fn after(a: u32, b: u32) -> bool {
     let d = a.wrapping_sub(b) & SERIAL;
     d != 0 && d < HALF
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        Self {
+            accepted: [0; ReplayWindow::SIZE],
+            len: 0,
+            newest: UNSET,
+            floor: UNSET,
+        }
+    }
 }
 
 impl ReplayWindow {
@@ -106,12 +121,16 @@ impl ReplayWindow {
         Self::default()
     }
 
+    fn accepted(&self) -> &[u32] {
+        &self.accepted[..usize::from(self.len)]
+    }
+
     /// Where `sequence` stands.
     pub fn check(&self, sequence: u32) -> Freshness {
         let s = sequence & SERIAL;
-        if self.floor.is_some_and(|f| !after(s, f)) {
+        if self.floor != UNSET && !after(s, self.floor) {
             Freshness::Stale
-        } else if self.accepted.contains(&s) {
+        } else if self.accepted().contains(&s) {
             Freshness::Seen
         } else {
             Freshness::Fresh
@@ -122,25 +141,28 @@ impl ReplayWindow {
     /// and becomes the floor.
     pub fn accept(&mut self, sequence: u32) {
         let s = sequence & SERIAL;
-        if self.accepted.contains(&s) {
+        if self.accepted().contains(&s) {
             return;
         }
-        if self.newest.is_none_or(|n| after(s, n)) {
-            self.newest = Some(s);
+        if self.newest == UNSET || after(s, self.newest) {
+            self.newest = s;
         }
-        if self.accepted.is_full() {
-            let newest = self.newest.unwrap_or(s);
-            let oldest = (0..self.accepted.len())
-                .max_by_key(|&i| newest.wrapping_sub(self.accepted[i]) & SERIAL);
-            if let Some(i) = oldest {
-                let forgotten = self.accepted.swap_remove(i);
-                if self.floor.is_none_or(|f| after(forgotten, f)) {
-                    self.floor = Some(forgotten);
-                }
+        let mut len = usize::from(self.len);
+        if len == Self::SIZE {
+            let newest = self.newest;
+            let oldest = (0..len)
+                .max_by_key(|&i| newest.wrapping_sub(self.accepted[i]) & SERIAL)
+                .unwrap_or(0);
+            let forgotten = self.accepted[oldest];
+            self.accepted[oldest] = self.accepted[len - 1];
+            len -= 1;
+            if self.floor == UNSET || after(forgotten, self.floor) {
+                self.floor = forgotten;
             }
         }
-        // Room was made above.
-        let _ = self.accepted.try_push(s);
+        self.accepted[len] = s;
+        // At most SIZE, which fits.
+        self.len = u8::try_from(len + 1).unwrap_or(u8::MAX);
     }
 
     /// [`check`](Self::check), and [`accept`](Self::accept) when fresh.
@@ -164,7 +186,7 @@ mod tests {
         assert_ne!(key.client_to_director(), key.director_to_client());
         let mut out = Vec::new();
         Message::new(MessageType::KEEPALIVE, 5, 9)
-            .encode_envelope_with_integrity(key.client_to_director(), &mut out)
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut out)
             .expect("fits");
         assert!(key.verify_from_client(&out[3..]));
         // Reflected back as the director's, it does not verify.

@@ -167,7 +167,7 @@ fn garbage_is_counted_and_never_fatal() {
     h.deliver_raw(&bad);
     assert!(h.take_sent().is_empty());
     let key = crate::wire::ControlKey::new(&super::KEY);
-    crate::wire::append_integrity(&mut bad, 0, key.director_to_client()).expect("fits");
+    crate::wire::append_integrity(&mut bad, 0, &key.director_to_client()).expect("fits");
     h.deliver_raw(&bad);
     let answer = h.take_control();
     let msg = decode(&answer);

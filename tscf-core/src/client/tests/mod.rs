@@ -161,7 +161,7 @@ impl Harness {
             return unchanged;
         }
         let mut out = Vec::new();
-        msg.encode_envelope_with_integrity(ControlKey::new(&KEY).director_to_client(), &mut out)
+        msg.encode_envelope_with_integrity(&ControlKey::new(&KEY).director_to_client(), &mut out)
             .expect("encodable");
         out
     }
@@ -992,12 +992,12 @@ fn forged_server_requests_are_dropped_once_the_tunnel_is_keyed() {
     let other = ControlKey::new(&[0x99; 32]);
     let mut signed = Vec::new();
     release
-        .encode_envelope_with_integrity(other.director_to_client(), &mut signed)
+        .encode_envelope_with_integrity(&other.director_to_client(), &mut signed)
         .expect("fits");
     h.deliver_raw(&signed);
     signed.clear();
     release
-        .encode_envelope_with_integrity(ControlKey::new(&KEY).client_to_director(), &mut signed)
+        .encode_envelope_with_integrity(&ControlKey::new(&KEY).client_to_director(), &mut signed)
         .expect("fits");
     h.deliver_raw(&signed);
     assert!(h.take_sent().is_empty(), "nothing answered");
