@@ -147,6 +147,8 @@ local tlv_names = {
     [0x12] = "Certificate Fingerprint",
     [0x13] = "Observed Address",
     [0x14] = "Message Integrity",
+    [0x15] = "Client Nonce",
+    [0x16] = "Control Key",
     [0x80] = "Software",
     [0x81] = "Diagnostic",
     [0x82] = "Maximum Packet Size",
@@ -215,6 +217,8 @@ local f = {
     observed_ipv4 = ProtoField.ipv4("tscftun.observed_address.ipv4", "Address"),
     observed_ipv6 = ProtoField.ipv6("tscftun.observed_address.ipv6", "Address"),
     integrity = ProtoField.bytes("tscftun.message_integrity", "HMAC-SHA-256"),
+    client_nonce = ProtoField.bytes("tscftun.client_nonce", "Client Nonce"),
+    control_key = ProtoField.bytes("tscftun.control_key", "Control Key"),
     software = ProtoField.string("tscftun.software", "Software"),
     diagnostic = ProtoField.string("tscftun.diagnostic", "Diagnostic"),
     max_packet_size = ProtoField.uint16("tscftun.max_packet_size", "Maximum Packet Size"),
@@ -439,6 +443,13 @@ local function decode_integrity(tree, v)
     return v:bytes():tohex(true)
 end
 
+local function decode_bytes(field)
+    return function(tree, v)
+        tree:add(field, v)
+        return v:bytes():tohex(true)
+    end
+end
+
 local function decode_text(field)
     return function(tree, v, whole)
         if v == nil then
@@ -506,9 +517,12 @@ local registry = {
         decode = decode_fingerprint },
     [0x13] = { lengths = set_of(6, 18), max = 1, messages = set_of(CONF_RESP, PROBE_RESP),
         decode = decode_observed },
-    [0x14] = { lengths = set_of(32), max = 1,
-        messages = set_of(CONF_REQ, CONF_RESP, REL_REQ, REL_RESP, KA, KA_RESP, PROBE, PROBE_RESP),
+    [0x14] = { lengths = set_of(32), max = 1, messages = ALL_MESSAGES,
         decode = decode_integrity },
+    [0x15] = { lengths = set_of(16), max = 1, messages = set_of(CONF_REQ, CONF_RESP),
+        decode = decode_bytes(f.client_nonce) },
+    [0x16] = { lengths = set_of(32), max = 1, messages = set_of(CONF_RESP),
+        decode = decode_bytes(f.control_key) },
     [0x80] = { lengths = { min = 0, max = 255 }, max = 1, messages = ALL_MESSAGES,
         decode = decode_text(f.software) },
     [0x81] = { lengths = { min = 0, max = 255 }, max = 1, messages = ALL_MESSAGES,

@@ -57,6 +57,45 @@ fn server_runs_for_a_second_and_prints_addresses_and_fingerprint() {
 }
 
 #[test]
+fn plain_listeners_beyond_loopback_need_allow_plain_and_are_warned_about() {
+    let path = config_file(
+        "plain-anywhere",
+        "udp = [\"0.0.0.0:0\"]\ntcp = []\ntls = []\nquic = []\ndtls = []\n\
+         auth_tokens = [\"a-long-enough-token\"]\n",
+    );
+    let config = path.to_str().unwrap();
+    let out = tscf(&[
+        "server",
+        "--for",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        config,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("plain UDP listener 0.0.0.0:0"), "{stderr}");
+    let out = tscf(&[
+        "server",
+        "--for",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--allow-plain",
+        "--config",
+        config,
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("udp 0.0.0.0:"), "{stdout}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("plain UDP listener"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn server_with_the_default_configuration() {
     // The default ports are fixed; another program may hold them, which is a runtime failure.
     let out = tscf(&["server", "--for", "1"]);
@@ -117,7 +156,14 @@ fn help_and_usage_errors() {
     let out = tscf(&["client", "--transport", "tls", "--for", "1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--fingerprint"));
-    let out = tscf(&["client", "--peer-require-secure", "--for", "1"]);
+    let out = tscf(&[
+        "client",
+        "--peer-transport",
+        "udp",
+        "--peer-require-secure",
+        "--for",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--peer-transport dtls or quic"));
     let out = tscf(&["client", "--peer-transport", "tcp", "--for", "1"]);
@@ -718,7 +764,10 @@ fn ping_through_a_running_client_takes_the_relay_then_the_peer_tunnel() {
     assert_eq!(pongs[0]["seq"], 1);
     let last = pongs.last().unwrap();
     assert_eq!(last["path"], "peer", "{lines:?}");
-    assert_eq!(last["transport"], "udp");
+    assert_eq!(
+        last["transport"], "dtls",
+        "DTLS is the default peer transport"
+    );
     assert!(last["peer_addr"]
         .as_str()
         .unwrap()

@@ -28,8 +28,9 @@ impl Path {
     /// The path `tunnel` sends to `peer` on now.
     fn of(tunnel: &Tunnel, peer: IpAddr, transport: Transport) -> Self {
         match tunnel.peer_path(peer) {
-            PeerPath::Peer(_) => Self::Peer,
-            _ => Self::Relay(transport),
+            PeerPath::Relay => Self::Relay(transport),
+            // Plain, inside a DTLS or QUIC session (the default), or on a peer stream.
+            _ => Self::Peer,
         }
     }
 }

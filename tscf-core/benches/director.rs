@@ -17,7 +17,9 @@ use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 use tscf_core::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, Ipv4Pool, SessionDirector,
 };
-use tscf_core::wire::{Envelope, EnvelopeType, Message, MessageType, ResultCode, Transport};
+use tscf_core::wire::{
+    ControlKey, Envelope, EnvelopeType, Message, MessageType, ResultCode, Transport,
+};
 
 /// Counts heap octets and allocation calls without any unsafe code of ours.
 #[global_allocator]
@@ -53,24 +55,27 @@ fn info(i: u64) -> ConnectionInfo {
     }
 }
 
-fn envelope(m: &Message<'_>) -> Vec<u8> {
+/// A client's Configuration Request, with its Client Nonce.
+fn configuration_request() -> Vec<u8> {
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([0x4e; 16]);
     let mut out = Vec::new();
-    m.encode_envelope(&mut out).expect("encodable");
+    request.encode_envelope(&mut out).expect("encodable");
     out
 }
 
-/// Opens a tunnel on `conn` and returns its id and address.
+/// Opens a tunnel on `conn` and returns its id, address and control key.
 fn configure(
     d: &mut SessionDirector,
     now: Instant,
     conn: u64,
     request: &[u8],
     buf: &mut Vec<u8>,
-) -> (u64, Ipv4Addr) {
+) -> (u64, Ipv4Addr, Option<ControlKey>) {
     let c = ConnectionHandle(conn);
     d.handle_connect(now, c, info(conn)).expect("fresh handle");
     d.handle_datagram(now, c, request);
-    let mut result = (0, Ipv4Addr::UNSPECIFIED);
+    let mut result = (0, Ipv4Addr::UNSPECIFIED, None);
     while d.poll_transmit(now, buf).is_some() {
         let env = Envelope::decode_datagram(buf).expect("valid");
         let m = Message::decode(env.payload).expect("valid");
@@ -79,7 +84,11 @@ fn configure(
             .internal_ipv4
             .map(|a| a.addr)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        result = (m.header.tunnel_id, ip);
+        result = (
+            m.header.tunnel_id,
+            ip,
+            m.tlvs.control_key.map(|k| ControlKey::new(&k)),
+        );
     }
     while d.poll_event().is_some() {}
     result
@@ -87,17 +96,20 @@ fn configure(
 
 fn configuration_exchanges(now: Instant) {
     let mut d = SessionDirector::new(config()).expect("valid");
-    let request = envelope(&Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0));
+    let request = configuration_request();
     let mut buf = Vec::new();
     let n = 300_000u64;
     let start = Instant::now();
     for i in 0..n {
-        let (id, _) = configure(&mut d, now, i, &request, &mut buf);
+        let (id, _, key) = configure(&mut d, now, i, &request, &mut buf);
+        let key = key.expect("a fresh tunnel's key");
         // Release it again so the pool and maps stay at a steady size.
         let mut release = Message::new(MessageType::CONFIGURATION_RELEASE_REQUEST, 2, id);
         release.tlvs.result_code = Some(ResultCode::SUCCESS);
         buf.clear();
-        release.encode_envelope(&mut buf).expect("encodable");
+        release
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut buf)
+            .expect("encodable");
         let bytes = buf.clone();
         d.handle_datagram(now, ConnectionHandle(i), &bytes);
         while d.poll_transmit(now, &mut buf).is_some() {}
@@ -105,17 +117,17 @@ fn configuration_exchanges(now: Instant) {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "configuration exchanges: {:.0}/s on one core ({n} exchanges, each with connect, request, response, release; goal >= 500k/s)",
+        "configuration exchanges: {:.0}/s on one core ({n} exchanges, each with connect, request, keyed response, signed release; goal >= 500k/s)",
         n as f64 / secs
     );
 }
 
 fn relay(now: Instant) {
     let mut d = SessionDirector::new(config()).expect("valid");
-    let request = envelope(&Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0));
+    let request = configuration_request();
     let mut buf = Vec::new();
-    let (_, a) = configure(&mut d, now, 1, &request, &mut buf);
-    let (_, b) = configure(&mut d, now, 2, &request, &mut buf);
+    let (_, a, _) = configure(&mut d, now, 1, &request, &mut buf);
+    let (_, b, _) = configure(&mut d, now, 2, &request, &mut buf);
     // A 200-octet RTP-sized IPv4/UDP packet from a to b.
     let mut packet = vec![0x45, 0, 0, 200, 0, 0, 0x40, 0, 64, 17, 0, 0];
     packet.extend_from_slice(&a.octets());
@@ -153,7 +165,7 @@ fn relay(now: Instant) {
 fn memory_per_idle_tunnel(now: Instant) {
     let tunnels = 200_000u64;
     let mut d = SessionDirector::new(config()).expect("valid");
-    let request = envelope(&Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0));
+    let request = configuration_request();
     let mut buf = Vec::new();
     let before = live();
     for i in 0..tunnels {

@@ -467,6 +467,8 @@ fn arbitrary_message<'a>(u: &mut Unstructured<'a>) -> ArbitraryResult<Message<'a
         t.observed_address = Some(arbitrary_socket(u)?);
     }
     t.message_integrity = u.arbitrary()?;
+    t.client_nonce = u.arbitrary()?;
+    t.control_key = u.arbitrary()?;
     t.software = u.arbitrary()?;
     t.diagnostic = u.arbitrary()?;
     t.max_packet_size = u.arbitrary()?;
@@ -503,6 +505,7 @@ fn arbitrary_socket(u: &mut Unstructured<'_>) -> ArbitraryResult<SocketAddr> {
 pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     use crate::director::SessionDirector;
     use crate::director::{ConnectionHandle, ConnectionInfo as Conn, DirectorConfig, Ipv4Pool};
+    use crate::wire::ControlKey;
 
     let config = DirectorConfig {
         ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 28)),
@@ -545,14 +548,16 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
         };
         d.handle_connect(now, handle, info).expect("a fresh handle");
         let mut request = Vec::new();
-        let m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        m.tlvs.client_nonce = Some([i as u8; 16]);
         m.encode_envelope(&mut request).expect("encodable");
         d.handle_datagram(now, handle, &request);
         let (_, answer) = drain(&mut d, now).pop().expect("a Configuration Response");
         let env = Envelope::decode_datagram(&answer).expect("an envelope");
         let m = Message::decode(env.payload).expect("a message");
         let ip = m.tlvs.internal_ipv4.expect("an address").addr;
-        honest.push((handle, m.header.tunnel_id, ip));
+        let key = ControlKey::new(&m.tlvs.control_key.expect("a control key"));
+        honest.push((handle, m.header.tunnel_id, ip, key));
     }
 
     let mut hostile: Vec<ConnectionHandle> = Vec::new();
@@ -629,11 +634,12 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
             }
             _ => {
                 // The honest pair keeps its tunnels alive; time passes.
-                for (handle, id, _) in &honest {
+                for (handle, id, _, key) in &honest {
                     sequence += 1;
                     let mut bytes = Vec::new();
                     let m = Message::new(MessageType::KEEPALIVE, sequence, *id);
-                    m.encode_envelope(&mut bytes).expect("encodable");
+                    m.encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
+                        .expect("encodable");
                     d.handle_datagram(now, *handle, &bytes);
                 }
                 now += Duration::from_millis(u.int_in_range(0..=20_000)?);
@@ -653,7 +659,7 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
         }
     }
 
-    for (handle, id, ip) in &honest {
+    for (handle, id, ip, _) in &honest {
         let held = d.tunnels().find(|t| t.tunnel_id == *id);
         let held = held.unwrap_or_else(|| panic!("honest tunnel {id:#x} is gone"));
         assert_eq!(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tscf_core::wire::{
-    Candidate, CandidateKind, Capabilities, ConnectionInfo, DecodeErrorKind, Envelope,
+    Candidate, CandidateKind, Capabilities, ConnectionInfo, ControlKey, DecodeErrorKind, Envelope,
     EnvelopeType, InnerPacket, InternalAddress, Message, MessageType, PeerCredentials,
     PeerServiceResult, ResultCode, ServiceAction, ServiceType, TlvType, Transport,
 };
@@ -17,8 +17,18 @@ use tscf_core::wire::{
 const PROTOCOL_MD: &str = include_str!("../../docs/PROTOCOL.md");
 
 const TUNNEL: u64 = 0x5a17_c0de_2024_0b01;
-const SECRET: [u8; 16] = *b"re-attach secret";
 const TOKEN: [u8; 16] = *b"peer-pair-token!";
+const NONCE: [u8; 16] = *b"a client's nonce";
+/// The control key of the keyed vectors: the octets 0x00 to 0x1f.
+const CONTROL_KEY: [u8; 32] = {
+    let mut key = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        key[i] = i as u8;
+        i += 1;
+    }
+    key
+};
 const FINGERPRINT: [u8; 32] = [0xfb; 32];
 const LONG_TOKEN: [u8; 300] = [0x61; 300];
 
@@ -35,12 +45,13 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
     m.tlvs.keepalive_interval_ms = Some(300_000);
     m.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
     m.tlvs.auth_token = Some(b"s3cret");
+    m.tlvs.client_nonce = Some(NONCE);
     m.tlvs.software = Some("tscf/0.1");
     v.push(("configuration-request", m));
 
     let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 2, 0);
     m.tlvs.tunnel_id = Some(TUNNEL);
-    m.tlvs.reattach_secret = Some(SECRET);
+    m.tlvs.client_nonce = Some(NONCE);
     v.push(("configuration-request-reattach", m));
 
     let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 3, 0);
@@ -52,7 +63,8 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
         ResultCode::SUCCESS,
     );
     m.header.tunnel_id = TUNNEL;
-    m.tlvs.reattach_secret = Some(SECRET);
+    m.tlvs.client_nonce = Some(NONCE);
+    m.tlvs.control_key = Some(CONTROL_KEY);
     m.tlvs.internal_ipv4 = Some(InternalAddress {
         addr: Ipv4Addr::new(10, 77, 0, 2),
         prefix_len: 16,
@@ -183,11 +195,57 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
     m.tlvs.observed_address = Some(sock("198.51.100.7:61000"));
     v.push(("peer-probe-response", m));
 
+    v.push((
+        "keepalive-keyed",
+        Message::new(MessageType::KEEPALIVE, 8, TUNNEL),
+    ));
+
+    let mut m = Message::new(MessageType::KEEPALIVE_RESPONSE, 8, TUNNEL);
+    m.tlvs.result_code = Some(ResultCode::SUCCESS);
+    v.push(("keepalive-response-keyed", m));
+
+    let mut m = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0002, TUNNEL);
+    m.tlvs.service_type = Some(ServiceType::PEER);
+    m.tlvs.peer_credentials = Some(PeerCredentials {
+        token: TOKEN,
+        fingerprint: None,
+    });
+    m.tlvs.peer_internal_address = Some(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)));
+    m.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    v.push(("client-service-request-forwarded-keyed", m));
+
     v
 }
 
 /// Vectors whose Message Integrity is keyed with [`TOKEN`] and checked as such.
 const SIGNED: &[&str] = &["peer-probe", "peer-probe-response"];
+
+/// Which way a vector keyed with the control key goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    FromClient,
+    FromDirector,
+}
+
+/// Vectors whose Message Integrity is keyed with the key derived from [`CONTROL_KEY`] for
+/// their direction (`docs/PROTOCOL.md` §4.4).
+fn keyed(name: &str) -> Option<Direction> {
+    match name {
+        "configuration-request-reattach" | "keepalive-keyed" => Some(Direction::FromClient),
+        "configuration-response"
+        | "keepalive-response-keyed"
+        | "client-service-request-forwarded-keyed" => Some(Direction::FromDirector),
+        _ => None,
+    }
+}
+
+fn key_for(direction: Direction) -> [u8; 32] {
+    let key = ControlKey::new(&CONTROL_KEY);
+    match direction {
+        Direction::FromClient => key.client_to_director(),
+        Direction::FromDirector => key.director_to_client(),
+    }
+}
 
 /// What each `reject=` block must fail with, and the reply the receiver rules give.
 fn reject_vectors() -> Vec<(&'static str, DecodeErrorKind, Option<Message<'static>>)> {
@@ -304,6 +362,9 @@ fn encode(m: &Message<'_>, name: &str) -> Vec<u8> {
     if SIGNED.contains(&name) {
         m.encode_envelope_with_integrity(&TOKEN, &mut out)
             .expect("encodable");
+    } else if let Some(direction) = keyed(name) {
+        m.encode_envelope_with_integrity(&key_for(direction), &mut out)
+            .expect("encodable");
     } else {
         m.encode_envelope(&mut out).expect("encodable");
     }
@@ -361,6 +422,14 @@ fn document_vectors_match_the_codec_both_ways() {
             );
             decoded.tlvs.message_integrity = None;
         }
+        if let Some(direction) = keyed(&block.name) {
+            assert!(
+                Message::verify_integrity(env.payload, &key_for(direction)),
+                "{}: keyed integrity",
+                block.name
+            );
+            decoded.tlvs.message_integrity = None;
+        }
         assert_eq!(
             decoded, message,
             "{}: decode(document) != message",
@@ -405,6 +474,25 @@ fn document_reject_vectors_fail_as_specified() {
     );
 }
 
+/// The `hex key=NAME` blocks: the control key of the keyed vectors and the keys derived from
+/// it, which an implementation checks its derivation against.
+#[test]
+fn document_control_keys_derive_as_specified() {
+    let blocks = blocks();
+    let key = |name: &str| {
+        blocks
+            .iter()
+            .find(|b| b.tag == "key" && b.name == name)
+            .unwrap_or_else(|| panic!("docs/PROTOCOL.md has no key block {name:?}"))
+            .bytes
+            .clone()
+    };
+    assert_eq!(key("control-key"), CONTROL_KEY);
+    let derived = ControlKey::new(&CONTROL_KEY);
+    assert_eq!(key("client-to-director"), derived.client_to_director());
+    assert_eq!(key("director-to-client"), derived.director_to_client());
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -425,6 +513,10 @@ fn print_vectors() {
     for (name, m) in control_vectors() {
         print("vector", name, &encode(&m, name));
     }
+    let derived = ControlKey::new(&CONTROL_KEY);
+    print("key", "control-key", &CONTROL_KEY);
+    print("key", "client-to-director", &derived.client_to_director());
+    print("key", "director-to-client", &derived.director_to_client());
     let mut out = Vec::new();
     Envelope::encode(EnvelopeType::DATA, &data_packet(), &mut out).expect("fits");
     print("vector", "data-ipv4-udp", &out);

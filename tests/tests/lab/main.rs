@@ -31,7 +31,7 @@ const SILENCE: Duration = Duration::from_millis(1500);
 /// Peer transports the matrix covers: one column each. A transport is the extra `tscf client`
 /// arguments that select it.
 const PEER_TRANSPORTS: &[(&str, &[&str])] = &[
-    ("udp", &[]),
+    ("udp", &["--peer-transport", "udp"]),
     ("quic", &["--peer-transport", "quic"]),
     ("dtls", &["--peer-transport", "dtls"]),
 ];
@@ -75,7 +75,7 @@ fn start_server(lab: &mut Lab, tscf: &Path) -> (Proc, SocketAddr) {
         &config,
         format!(
             "udp = [\"{addr}\"]\ntcp = []\ntls = [\"{tls}\"]\nquic = []\ndtls = []\n\
-             admin = \"{ADMIN}\"\nauth_tokens = [\"{}\"]\n",
+             admin = \"{ADMIN}\"\nauth_tokens = [\"{}\"]\nallow_plain = true\n",
             tscf_tests::lab::TOKEN
         ),
     )

@@ -101,9 +101,10 @@ fn prometheus_scrapes_a_server_carrying_relay_and_peer_traffic() {
     // Every drop reason is a series of its own, all zero here.
     prometheus.wait_for("count(tscf_server_dropped_total)", |v| v >= 12.0);
     prometheus.wait_for("sum(tscf_server_dropped_total)", |v| v == 0.0);
-    // Both clients hold a UDP peer tunnel, and their setup times are in the histogram.
+    // Both clients hold a peer tunnel over DTLS (the default), and their setup times are in
+    // the histogram.
     prometheus.wait_for(
-        "sum(tscf_client_peer_tunnels{job=\"tscf-client\",transport=\"udp\"})",
+        "sum(tscf_client_peer_tunnels{job=\"tscf-client\",transport=\"dtls\"})",
         |v| v == 2.0,
     );
     prometheus.wait_for("sum(tscf_client_peer_setup_seconds_count)", |v| v == 2.0);

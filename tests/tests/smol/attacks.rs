@@ -31,9 +31,9 @@ impl RawClient {
             ipv4: Ipv4Addr::UNSPECIFIED,
         };
         let mut bytes = Vec::new();
-        Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0)
-            .encode_envelope(&mut bytes)
-            .unwrap();
+        let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        request.tlvs.client_nonce = Some(*b"raw client nonce");
+        request.encode_envelope(&mut bytes).unwrap();
         client.sock.write_all(&bytes).unwrap();
         let answer = client.next_control();
         let message = Message::decode(&answer).unwrap();
@@ -269,9 +269,9 @@ async fn configure_quic(
 ) -> (quinn::SendStream, quinn::RecvStream, Ipv4Addr) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut request = Vec::new();
-    Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0)
-        .encode_envelope(&mut request)
-        .unwrap();
+    let mut message = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    message.tlvs.client_nonce = Some(*b"raw client nonce");
+    message.encode_envelope(&mut request).unwrap();
     send.write_all(&request).await.unwrap();
     let mut deframer = StreamDeframer::new();
     let mut chunk = [0u8; 2048];

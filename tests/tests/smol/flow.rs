@@ -7,14 +7,16 @@ use tscf_core::client::{ClientState, PeerPath};
 use tscf_core::wire::Transport;
 use tscf_runtime_smol::{Notification, PeerStreamListen};
 
-use crate::util::{config_for, smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS};
+use crate::util::{
+    config_for, plain_peers, smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS,
+};
 
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
 
 fn relay_then_peer_tunnel(transport: Transport) {
     let server = smol_server();
-    let config = config_for(&server, transport);
+    let config = plain_peers(config_for(&server, transport));
     smol::block_on(async {
         let a = smol_tunnel(config.clone()).await;
         let b = smol_tunnel(config).await;
@@ -114,8 +116,8 @@ fn peer_stream_between_smol_clients(listen: fn(SocketAddr) -> PeerStreamListen) 
     const COUNT: u32 = 100;
     let server = smol_server();
     smol::block_on(async {
-        let a = smol_tunnel(config_for(&server, Transport::UDP)).await;
-        let mut config = config_for(&server, Transport::UDP);
+        let a = smol_tunnel(plain_peers(config_for(&server, Transport::UDP))).await;
+        let mut config = plain_peers(config_for(&server, Transport::UDP));
         config.peer_streams = listen("127.0.0.1:0".parse().expect("addr"));
         let b = smol_tunnel(config).await;
         a.block_peer_traffic(true);
@@ -302,7 +304,10 @@ fn datagrams_sent_together_arrive_whole_and_in_order() {
             }
             assert_eq!(got, batch, "peer tunnel: {peer}");
         }
-        assert!(matches!(a.peer_path(dst.ip()), PeerPath::Peer(_)));
+        assert!(matches!(
+            a.peer_path(dst.ip()),
+            PeerPath::Peer(_) | PeerPath::Session { .. }
+        ));
     });
 }
 

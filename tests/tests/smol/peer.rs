@@ -19,9 +19,13 @@ use crate::util::{config_for, server_config, smol_flow, smol_server, smol_tunnel
 /// 2 s at 50 packets/s.
 const PACKETS: u32 = 100;
 
+/// A client offering `peer`, and settling for plain UDP when the other side offers something
+/// else (these tests are about the agreement itself, §7.5.1).
 fn config(server: &ServerHandle, peer: Transport) -> TunnelConfig {
     let mut c = config_for(server, Transport::UDP);
-    c.client.peer.as_mut().expect("peer tunneling on").transport = peer;
+    let p = c.client.peer.as_mut().expect("peer tunneling on");
+    p.transport = peer;
+    p.require_secure = false;
     c
 }
 

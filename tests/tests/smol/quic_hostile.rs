@@ -201,9 +201,9 @@ fn a_client_without_quic_datagrams_gets_its_data_on_the_stream() {
             .unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let mut request = Vec::new();
-        Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0)
-            .encode_envelope(&mut request)
-            .unwrap();
+        let mut configuration = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        configuration.tlvs.client_nonce = Some([1; 16]);
+        configuration.encode_envelope(&mut request).unwrap();
         send.write_all(&request).await.unwrap();
         let mut deframer = tscf_core::wire::StreamDeframer::new();
         let response = next_envelope(&mut recv, &mut deframer).await;

@@ -168,6 +168,16 @@ pub fn config_for(server: &tscf_runtime_smol::ServerHandle, transport: Transport
     tunnel_config(server.local_addrs(), server.tls_fingerprint(), transport)
 }
 
+/// `config` offering plain UDP peer tunnels, asked for by name: by default peer tunnels run
+/// inside DTLS sessions.
+pub fn plain_peers(mut config: TunnelConfig) -> TunnelConfig {
+    if let Some(peer) = &mut config.client.peer {
+        peer.transport = Transport::UDP;
+        peer.require_secure = false;
+    }
+    config
+}
+
 /// Connects to `server` over `transport` pinning a fingerprint that is not the server's, and
 /// returns the error (after 1.5 s at most); it must be a time-out naming the failure.
 pub fn connect_with_a_wrong_pin(

@@ -200,9 +200,9 @@ fn spoofed_inner_source_is_dropped() {
     // A raw client configures itself, then sends with b's address as source.
     let mut s = raw(&server);
     let mut request = Vec::new();
-    Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0)
-        .encode_envelope(&mut request)
-        .unwrap();
+    let mut configuration = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    configuration.tlvs.client_nonce = Some([1; 16]);
+    configuration.encode_envelope(&mut request).unwrap();
     s.write_all(&request).unwrap();
     let env = read_envelope(&mut s).unwrap();
     let msg = Message::decode(&env[3..]).unwrap();

@@ -4,9 +4,12 @@
 #[path = "../common/pki.rs"]
 mod pki;
 
+mod attacks;
 mod bad_input;
 mod flow;
 mod peer;
 mod reattach;
+mod relay;
+mod roaming;
 mod tls;
 mod util;

@@ -9,7 +9,16 @@ use tscf_core::client::PeerPath;
 use tscf_core::wire::Transport;
 use tscf_runtime_std::{Notification, PeerStreamListen, ServerHandle, Tunnel};
 
-use crate::util::{rtp_flow_opted, server, tunnel, tunnel_config};
+use crate::util::{plain_peers, rtp_flow_opted, server};
+
+/// A tunnel offering plain peer tunnels, which these tests are about.
+fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
+    Tunnel::connect(tunnel_config(server, transport)).expect("tunnel connects")
+}
+
+fn tunnel_config(server: &ServerHandle, transport: Transport) -> tscf_runtime_std::TunnelConfig {
+    plain_peers(crate::util::tunnel_config(server, transport))
+}
 
 /// 6 s of a 50 packet/s flow.
 const PACKETS: u32 = 300;
@@ -365,18 +374,26 @@ fn read_envelope(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
 }
 
 /// Writes `msg` and reads envelopes until the response to it arrives.
+/// Sends `msg` on `s`, signed under `key` (the client's direction of the tunnel's control
+/// key) when given, and reads up to its answer: the octets sent, the answer's header, its
+/// Peer Service Result and Control Key.
 fn exchange(
     s: &mut std::net::TcpStream,
     msg: &tscf_core::wire::Message<'_>,
+    key: Option<&[u8]>,
 ) -> (
     usize,
     tscf_core::wire::Header,
     Option<tscf_core::wire::PeerServiceResult>,
+    Option<[u8; 32]>,
 ) {
     use std::io::Write;
     use tscf_core::wire::{Envelope, Message};
     let mut bytes = Vec::new();
-    msg.encode_envelope(&mut bytes).unwrap();
+    match key {
+        Some(key) => msg.encode_envelope_with_integrity(key, &mut bytes).unwrap(),
+        None => msg.encode_envelope(&mut bytes).unwrap(),
+    }
     s.write_all(&bytes).unwrap();
     loop {
         let env = read_envelope(s).expect("an answer");
@@ -386,7 +403,13 @@ fn exchange(
         };
         if answer.header.sequence == msg.header.sequence && !answer.header.message_type.is_request()
         {
-            return (bytes.len(), answer.header, answer.tlvs.peer_service_result);
+            let t = &answer.tlvs;
+            return (
+                bytes.len(),
+                answer.header,
+                t.peer_service_result,
+                t.control_key,
+            );
         }
     }
 }
@@ -417,10 +440,13 @@ fn probe_reflection_amplification_is_bounded() {
     // The attacker: a raw tunnel over TCP.
     let mut s = TcpStream::connect(server.local_addrs().tcp[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let configure = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
-    let (_, header, _) = exchange(&mut s, &configure);
+    let mut configure = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    configure.tlvs.client_nonce = Some(*b"attacker's nonce");
+    let (_, header, _, key) = exchange(&mut s, &configure, None);
     let tunnel_id = header.tunnel_id;
     assert_ne!(tunnel_id, 0, "the attacker has a tunnel");
+    // An admitted client keys its control messages like any other.
+    let key = tscf_core::wire::ControlKey::new(&key.expect("a control key")).client_to_director();
 
     let (mut forwarded_bytes, mut forwarded, mut sent_bytes) = (0usize, 0u32, 0usize);
     for n in 0..REQUESTS {
@@ -439,7 +465,7 @@ fn probe_reflection_amplification_is_bounded() {
                 addr,
             });
         }
-        let (len, answer, result) = exchange(&mut s, &request);
+        let (len, answer, result, _) = exchange(&mut s, &request, Some(&key));
         sent_bytes += len;
         // Answered Available (from the reflector's announcement): the director forwarded it.
         if answer.message_type == MessageType::CLIENT_SERVICE_RESPONSE

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tscf_core::client::ServerEndpoint;
 use tscf_core::wire::Transport;
-use tscf_runtime_std::{ClientTlsConfig, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig};
+use tscf_runtime_std::{
+    ClientTlsConfig, Notification, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig,
+};
 
 pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
 
@@ -39,6 +41,16 @@ pub fn tunnel_config(server: &ServerHandle, transport: Transport) -> TunnelConfi
 
 pub fn tunnel(server: &ServerHandle, transport: Transport) -> Tunnel {
     Tunnel::connect(tunnel_config(server, transport)).expect("tunnel connects")
+}
+
+/// `config` offering plain UDP peer tunnels, asked for by name: by default peer tunnels run
+/// inside DTLS sessions.
+pub fn plain_peers(mut config: TunnelConfig) -> TunnelConfig {
+    if let Some(peer) = &mut config.client.peer {
+        peer.transport = Transport::UDP;
+        peer.require_secure = false;
+    }
+    config
 }
 
 /// Sends `count` datagrams of 160 octets (sequence number first) at 50 per second from `from`
@@ -104,4 +116,36 @@ pub fn temp_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Waits (up to 15 s, looking every 10 ms) until `done` holds; fails naming `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads `tunnel`'s notifications until one that `last` accepts (up to 15 s), and returns
+/// them all, that one included.
+pub fn wait_for_notification(
+    tunnel: &Tunnel,
+    mut last: impl FnMut(&Notification) -> bool,
+) -> Vec<Notification> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut notes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tunnel.notifications().recv_timeout(left) {
+            Ok(note) => {
+                let done = last(&note);
+                notes.push(note);
+                if done {
+                    return notes;
+                }
+            }
+            Err(_) => panic!("no such notification; got {notes:?}"),
+        }
+    }
 }

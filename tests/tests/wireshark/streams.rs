@@ -171,7 +171,7 @@ fn envelopes_are_split_and_joined_across_tcp_segments() {
         assert_eq!(p.all("tscftun.type"), ["0x05", "0x04", "0x05"], "{context}");
         assert_eq!(p.all("tscftun.msg.type"), ["0x02", "0x08"], "{context}");
         assert_eq!(p.all("tscftun.result_code"), ["0", "0"], "{context}");
-        assert_eq!(p.all("tscftun.len"), ["93", "35", "21"], "{context}");
+        assert_eq!(p.all("tscftun.len"), ["161", "35", "21"], "{context}");
         assert_eq!(p.one("tscftun.internal_ipv4"), "10.77.0.2", "{context}");
         assert_eq!(p.one("tscftun.stun_port"), "4440", "{context}");
         assert_eq!(p.all("udp.srcport"), ["5006"], "{context}");

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tscf_core::wire::{Envelope, EnvelopeType, InternalAddress, Message, MessageType, ResultCode};
+use tscf_core::wire::{
+    ControlKey, Envelope, EnvelopeType, InternalAddress, Message, MessageType, ResultCode,
+};
 use tscf_runtime_std::{tls, ClientTlsConfig, Server, ServerConfig};
 
 use crate::capture::inner_ipv4_udp;
@@ -113,17 +115,18 @@ fn run_tunnel(server: SocketAddr, fingerprint: tls::Fingerprint, keylog: &Path) 
         .expect("TLS client");
     let mut stream = rustls::StreamOwned::new(conn, tcp);
 
-    send(
-        &mut stream,
-        &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
-    );
+    let mut configuration = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    configuration.tlvs.client_nonce = Some([1; 16]);
+    send(&mut stream, &configuration, None);
     let bytes = receive(&mut stream, MessageType::CONFIGURATION_RESPONSE);
     let response = Message::decode(&bytes[3..]).expect("Configuration Response");
     assert_eq!(response.tlvs.result_code, Some(ResultCode::SUCCESS));
     let InternalAddress { addr: internal, .. } = response.tlvs.internal_ipv4.expect("IPv4");
     let id = response.header.tunnel_id;
+    let key = ControlKey::new(&response.tlvs.control_key.expect("the tunnel's key"));
 
-    send(&mut stream, &Message::new(MessageType::KEEPALIVE, 2, id));
+    let keepalive = Message::new(MessageType::KEEPALIVE, 2, id);
+    send(&mut stream, &keepalive, Some(&key));
     receive(&mut stream, MessageType::KEEPALIVE_RESPONSE);
 
     // To the tunnel's own address: the server relays it back.
@@ -138,16 +141,22 @@ fn run_tunnel(server: SocketAddr, fingerprint: tls::Fingerprint, keylog: &Path) 
 
     let mut release = Message::new(MessageType::CONFIGURATION_RELEASE_REQUEST, 3, id);
     release.tlvs.result_code = Some(ResultCode::SUCCESS);
-    send(&mut stream, &release);
+    send(&mut stream, &release, Some(&key));
     receive(&mut stream, MessageType::CONFIGURATION_RELEASE_RESPONSE);
     stream.conn.send_close_notify();
     stream.flush().unwrap();
     Assigned { id, internal }
 }
 
-fn send(stream: &mut impl Write, message: &Message<'_>) {
+/// Sends `message`, signed as the tunnel's client when `key` is given.
+fn send(stream: &mut impl Write, message: &Message<'_>, key: Option<&ControlKey>) {
     let mut out = Vec::new();
-    message.encode_envelope(&mut out).unwrap();
+    match key {
+        Some(key) => message
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut out)
+            .unwrap(),
+        None => message.encode_envelope(&mut out).unwrap(),
+    }
     stream.write_all(&out).unwrap();
 }
 

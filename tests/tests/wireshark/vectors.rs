@@ -70,7 +70,8 @@ const FINGERPRINT: [u8; 32] = [0xfb; 32];
 fn document_expectations(name: &str) -> Option<Expect> {
     let fingerprint = bytes_shown(&FINGERPRINT);
     let token = bytes_shown(b"peer-pair-token!");
-    let secret = bytes_shown(b"re-attach secret");
+    let nonce = bytes_shown(b"a client's nonce");
+    let control_key = bytes_shown(&(0..32).collect::<Vec<u8>>());
     let e = Expect::new();
     Some(match name {
         "configuration-request" => e
@@ -83,6 +84,8 @@ fn document_expectations(name: &str) -> Option<Expect> {
             .field("tscftun.client_capabilities.peer_tunneling", 1)
             .field("tscftun.tlv.type", "0x10")
             .field("tscftun.auth_token", bytes_shown(b"s3cret"))
+            .field("tscftun.tlv.type", "0x15")
+            .field("tscftun.client_nonce", &nonce)
             .field("tscftun.tlv.type", "0x80")
             .field("tscftun.software", "tscf/0.1")
             .shows("Message Type: Configuration Request (0x01)")
@@ -90,15 +93,15 @@ fn document_expectations(name: &str) -> Option<Expect> {
         "configuration-request-reattach" => e
             .field("tscftun.tlv.type", "0x02")
             .field("tscftun.tunnel_id", "0x5a17c0de20240b01")
-            .field("tscftun.tlv.type", "0x03")
-            .field("tscftun.reattach_secret", secret),
+            .field("tscftun.tlv.type", "0x15")
+            .field("tscftun.client_nonce", &nonce)
+            .field("tscftun.tlv.type", "0x14"),
         "configuration-request-long-tlv" => e
             .field("tscftun.tlv.type", "0x10")
             .field("tscftun.tlv.len", 300)
             .field("tscftun.auth_token", bytes_shown(&[0x61; 300]))
             .shows("TLV Length: 300 (long form)"),
         "configuration-response" => e
-            .field("tscftun.reattach_secret", secret)
             .field("tscftun.internal_ipv4", "10.77.0.2")
             .field("tscftun.internal_ipv4.prefix_len", 16)
             .field("tscftun.internal_ipv6", "fd77::2")
@@ -108,8 +111,11 @@ fn document_expectations(name: &str) -> Option<Expect> {
             .field("tscftun.result_code", 0)
             .field("tscftun.observed_address.port", 40_000)
             .field("tscftun.observed_address.ipv4", "198.51.100.7")
+            .field("tscftun.client_nonce", &nonce)
+            .field("tscftun.control_key", &control_key)
             .field("tscftun.max_packet_size", 1400)
             .field("tscftun.stun_port", 4440)
+            .field("tscftun.tlv.type", "0x14")
             .shows("Message Type: Configuration Response (0x02)")
             .shows("Result Code: Success (0)")
             .shows("Internal IPv4 Address: 10.77.0.2/16")
@@ -203,6 +209,21 @@ fn document_expectations(name: &str) -> Option<Expect> {
             .field("tscftun.observed_address.ipv4", "198.51.100.7")
             .field("tscftun.tlv.type", "0x14")
             .shows("Message Type: Peer Probe Response (0x0c)"),
+        "keepalive-keyed" => e
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Message Type: Keepalive (0x07)"),
+        "keepalive-response-keyed" => e
+            .field("tscftun.result_code", 0)
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Message Type: Keepalive Response (0x08)"),
+        "client-service-request-forwarded-keyed" => e
+            .field("tscftun.msg.seq.director", 1)
+            .field("tscftun.service_type", 1)
+            .field("tscftun.peer_credentials.token", token.clone())
+            .field("tscftun.peer_internal_address.ipv4", "10.77.0.2")
+            .field("tscftun.service_action", 1)
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Message Type: Client Service Request (0x09)"),
         "data-ipv4-udp" => e
             .field("tscftun.type", "0x04")
             .field("ip.src", "10.77.0.2")
@@ -269,6 +290,18 @@ fn extra_messages() -> Vec<(&'static str, Vec<u8>, Expect)> {
         .field("tscftun.observed_address.ipv6", "2001:db8::7")
         .shows("Observed Address: [2001:db8::7]:40000");
     extras.push(("configuration-response-ipv6", bytes, e));
+
+    // The retired Re-attach Secret of earlier revisions still shows (§3.4).
+    let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 6, 0);
+    m.tlvs.tunnel_id = Some(0x0123_4567_89ab_cdef);
+    m.tlvs.reattach_secret = Some(*b"re-attach secret");
+    let mut bytes = Vec::new();
+    m.encode_envelope(&mut bytes).unwrap();
+    let e = Expect::new()
+        .field("tscftun.tunnel_id", "0x0123456789abcdef")
+        .field("tscftun.tlv.type", "0x03")
+        .field("tscftun.reattach_secret", bytes_shown(b"re-attach secret"));
+    extras.push(("configuration-request-retired-secret", bytes, e));
 
     let mut m = Message::new(MessageType::KEEPALIVE, 9, 0x0123_4567_89ab_cdef);
     m.tlvs.software = Some("");
@@ -366,7 +399,11 @@ fn document_blocks() -> Vec<(String, Vec<u8>)> {
         let Some(info) = line.trim().strip_prefix("```hex ") else {
             continue;
         };
-        let (_, name) = info.split_once('=').expect("hex block info is tag=name");
+        let (tag, name) = info.split_once('=').expect("hex block info is tag=name");
+        // The keys of §8.3 are no envelopes.
+        if tag == "key" {
+            continue;
+        }
         let hex: String = lines
             .by_ref()
             .take_while(|body| body.trim() != "```")
@@ -458,7 +495,7 @@ fn every_message_type_and_tlv_of_the_specification_decodes() {
         (0..=255).filter(|&c| MessageType(c).is_known()).collect();
     let specified_tlvs: BTreeSet<u8> = (0..=255).filter(|&c| TlvType(c).is_known()).collect();
     assert_eq!(specified_messages.len(), 12);
-    assert_eq!(specified_tlvs.len(), 24);
+    assert_eq!(specified_tlvs.len(), 26);
     assert!(
         message_types.is_superset(&specified_messages),
         "message types not covered: {:?}",

@@ -49,6 +49,12 @@ pub struct ClientConfig {
     /// Keepalive intervals of silence from the server after which the transport counts as lost
     /// (default 3, `docs/PROTOCOL.md` §3.5).
     pub silence_intervals: u32,
+    /// On a UDP transport, how long a silence from the server makes the client send a
+    /// Keepalive before its next data (default 500 ms; `None` never does): if the client's
+    /// address changed meanwhile (a NAT rebinding, a new network), that authenticated request
+    /// moves its tunnel to the new address at once, so that the data after it goes through
+    /// (`docs/PROTOCOL.md` §3.4). A client that only sends pays one keepalive per interval.
+    pub roaming_probe_after: Option<Duration>,
     /// Bound of each packet queue: packets waiting to be sent (for instance while re-attaching)
     /// and packets received but not yet read (default 256, at most
     /// [`MAX_QUEUED_PACKETS_LIMIT`](Self::MAX_QUEUED_PACKETS_LIMIT)).
@@ -88,6 +94,7 @@ impl ClientConfig {
             response_timeout: Duration::from_secs(10),
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             silence_intervals: 3,
+            roaming_probe_after: Some(Duration::from_millis(500)),
             max_queued_packets: 256,
             rng_seed: [0; 32],
             software: Some(concat!("tscf/", env!("CARGO_PKG_VERSION")).to_owned()),
@@ -136,6 +143,9 @@ impl ClientConfig {
         if !(1..=1000).contains(&self.silence_intervals) {
             return Err(ConfigError::SilenceIntervals(self.silence_intervals));
         }
+        if self.roaming_probe_after.is_some_and(|d| !timer(d)) {
+            return Err(ConfigError::RoamingProbe);
+        }
         if !(1..=Self::MAX_QUEUED_PACKETS_LIMIT).contains(&self.max_queued_packets) {
             return Err(ConfigError::MaxQueuedPackets(self.max_queued_packets));
         }
@@ -180,6 +190,9 @@ pub enum ConfigError {
     /// `silence_intervals` is 0 or above 1000.
     #[error("silence_intervals {0} outside 1 to 1000")]
     SilenceIntervals(u32),
+    /// `roaming_probe_after` is zero or above an hour.
+    #[error("roaming_probe_after must be above zero and at most 1 h")]
+    RoamingProbe,
     /// `max_queued_packets` is 0 or above [`ClientConfig::MAX_QUEUED_PACKETS_LIMIT`].
     #[error("max_queued_packets {0} outside 1 to {max}", max = ClientConfig::MAX_QUEUED_PACKETS_LIMIT)]
     MaxQueuedPackets(usize),

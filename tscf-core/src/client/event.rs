@@ -36,9 +36,11 @@ pub enum ClientEvent {
     /// The transport to the server was lost (reported by the runtime, or the server fell
     /// silent); the client re-attaches by itself and packets sent meanwhile are queued.
     TransportLost,
-    /// The server closed the tunnel (Shutdown release notification, or a keepalive answered
-    /// with Tunnel Not Found): its addresses are no longer ours. The client gets a fresh tunnel
-    /// by itself and reports it with [`Connected`](Self::Connected).
+    /// The server closed the tunnel (Shutdown release notification), or it does not hold it
+    /// any more (a re-attach answered Tunnel Not Found or Unauthorized, after a keepalive was
+    /// answered Tunnel Not Found, or after a transport loss): its addresses are no longer ours.
+    /// The client gets a fresh tunnel by itself and reports it with
+    /// [`Connected`](Self::Connected).
     TunnelClosed {
         /// The reason the server gave.
         reason: ResultCode,
@@ -310,6 +312,12 @@ pub struct ClientStats {
     pub transports_lost: u64,
     /// Successful re-attaches.
     pub reattaches: u64,
+    /// Re-attaches on the open transport because the server answered a keepalive with
+    /// Tunnel Not Found (§3.4).
+    pub tunnel_not_found_reattaches: u64,
+    /// Keepalives sent before data after a silence from the server, so that a new address is
+    /// proven to it (roaming, §3.4).
+    pub roaming_probes: u64,
     /// Fresh tunnels obtained.
     pub connects: u64,
     /// Packets refused by `send_ip` because the send queue was full.
@@ -326,8 +334,17 @@ pub struct ClientStats {
     pub dropped_bad_control: u64,
     /// Dropped: a response matching no outstanding request.
     pub dropped_unmatched_response: u64,
-    /// Dropped: a successful Configuration Response without a tunnel id or an address.
+    /// Dropped: a successful Configuration Response without a tunnel id or an address, or
+    /// without a verifying control key.
     pub dropped_invalid_configuration: u64,
+    /// Dropped: a control message for our tunnel without the director's valid Message
+    /// Integrity (forged, or not ours; §4.4).
+    pub dropped_unauthenticated: u64,
+    /// Dropped: a server request accepted before whose answer is no longer remembered, or
+    /// older than the replay window (§6.2).
+    pub dropped_replayed: u64,
+    /// Dropped: a Configuration Response that does not echo our request's Client Nonce.
+    pub dropped_unbound_response: u64,
     /// Dropped: a request this client does not accept from a server, or about another tunnel.
     pub dropped_unexpected_request: u64,
     /// Dropped: a data envelope that is not one whole IP packet.

@@ -31,7 +31,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::wire::{
-    Capabilities, Envelope, EnvelopeType, InnerPacket, Message, MessageType, ResultCode, VERSION,
+    append_integrity, Capabilities, ControlKey, Envelope, EnvelopeType, InnerPacket, Message,
+    MessageType, ReplayWindow, ResultCode, Transport, CLIENT_NONCE_LEN, VERSION,
 };
 
 pub use config::{ClientConfig, ConfigError, ServerEndpoint};
@@ -50,6 +51,8 @@ use timer::{Timer, TimerTable};
 
 /// Responses to server requests waiting for `poll_transmit`, at most.
 const MAX_CONTROL_QUEUE: usize = 16;
+/// Answers to the server's last requests remembered for their retransmissions (§6.2).
+const MAX_ANSWERS: usize = 4;
 /// Events waiting for `poll_event`, at most; beyond, the oldest is dropped.
 const MAX_EVENTS: usize = 256;
 /// Timer actions one `handle_timeout` call runs, at most.
@@ -108,15 +111,34 @@ const DEFAULT_KEEPALIVE_STREAM: Duration = Duration::from_secs(300);
 ///   retransmitted as in §6.3 and fails one (capped) timeout after its last transmission; on a
 ///   stream transport it fails after `response_timeout`. A failed Keepalive counts as a lost
 ///   transport; a failed release still terminates ([`TerminateReason::Released`]).
-/// - **Re-attach.** Success with the same tunnel id and addresses gives
-///   [`ClientEvent::Reattached`] and the queued packets go out. Anything else that succeeds
-///   is a new tunnel ([`ClientEvent::Connected`]) and the queued packets, whose source is no
-///   longer ours, are discarded. Tunnel Not Found or Unauthorized gives
-///   [`ClientEvent::TunnelClosed`], then a plain Configuration Request on the same transport.
+/// - **Keyed control** (§3.3, §4.4). Each Configuration Request carries a fresh Client Nonce;
+///   an answer that does not echo it is dropped and counted, except the Unknown Critical TLV
+///   or Version Not Supported of a director that does not know the nonce, which ends the
+///   attempt. A fresh tunnel comes with its Control Key, and from then on the client signs
+///   every control message it sends on the tunnel and drops (and counts) every one from the
+///   server without the director's Message Integrity, whatever it asks: a forged peer
+///   introduction, release or keepalive changes nothing. A server request accepted before is
+///   answered from memory (the last four answers) or dropped as a replay.
+/// - **Re-attach.** The request names the tunnel and carries our Message Integrity over a
+///   sequence number the director has not seen; no secret crosses the wire. Success with the
+///   same tunnel id and addresses gives [`ClientEvent::Reattached`] and the queued packets go
+///   out; with other addresses the queued packets, whose source is no longer ours, are
+///   discarded and it is reported as [`ClientEvent::Connected`]. Tunnel Not Found or
+///   Unauthorized gives [`ClientEvent::TunnelClosed`], then a plain Configuration Request on
+///   the same transport.
+/// - **Tunnel Not Found.** A Keepalive answered Tunnel Not Found (signed or not: a director
+///   that lost the tunnel has no key to sign with) makes the client re-attach on the same
+///   transport at once, keeping its tunnel; only if that re-attach is refused does it give the
+///   tunnel up, as above.
+/// - **Roaming.** On UDP, a data packet sent after
+///   [`roaming_probe_after`](ClientConfig::roaming_probe_after) of silence from the server
+///   goes out after a Keepalive, so that an address that changed meanwhile (a NAT rebinding)
+///   is proven to the director by that authenticated request and the tunnel follows it
+///   (§3.4).
 /// - **Server release.** A Configuration Release Notification (or Request) for our tunnel is
 ///   acknowledged and terminates the client, except Shutdown: then the client reports
 ///   [`ClientEvent::TunnelClosed`] and gets a fresh tunnel after the backoff, as the director
-///   may come back. A Keepalive Response of Tunnel Not Found is handled as a refused re-attach.
+///   may come back.
 /// - **Release.** [`release`](Self::release) sends the queued packets, then the Configuration
 ///   Release Request. Without a tunnel on an open transport it terminates at once.
 /// - **Liveness.** Any valid control message or data packet from the server restarts the
@@ -134,8 +156,12 @@ pub struct TunnelClient {
     backoff: Duration,
     tunnel: Option<Tunnel>,
     request: Option<Request>,
-    /// Sequence number and encoded envelope of the last server request answered (§6.2).
-    last_answer: Option<(u32, Vec<u8>)>,
+    /// Sequence numbers and encoded envelopes of the last server requests answered (§6.2).
+    answers: VecDeque<(u32, Vec<u8>)>,
+    /// Draws the Client Nonce of each Configuration Request.
+    rng: ChaCha20Rng,
+    /// When the server was last heard: a valid control message, or data.
+    heard_at: Instant,
     control_out: VecDeque<Vec<u8>>,
     outbound: PacketQueue,
     inbound: PacketQueue,
@@ -176,7 +202,10 @@ enum Link {
 #[derive(Debug)]
 struct Tunnel {
     info: TunnelInfo,
-    secret: Option<[u8; 16]>,
+    /// Keys Message Integrity on every control message of the tunnel (§4.4).
+    key: ControlKey,
+    /// Sequence numbers of the director's requests accepted lately (§6.2).
+    replay: ReplayWindow,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +234,8 @@ struct Request {
     transmissions: u32,
     /// A (re)transmission waits for `poll_transmit`.
     due: bool,
+    /// The Client Nonce of a Configuration Request, which its answer must echo.
+    nonce: Option<[u8; CLIENT_NONCE_LEN]>,
 }
 
 /// One step of a round of connection attempts.
@@ -239,7 +270,9 @@ impl TunnelClient {
             backoff: config.reconnect_backoff.0,
             tunnel: None,
             request: None,
-            last_answer: None,
+            answers: VecDeque::new(),
+            rng,
+            heard_at: now,
             control_out: VecDeque::new(),
             outbound: PacketQueue::new(queue_limit),
             inbound: PacketQueue::new(queue_limit),
@@ -481,6 +514,10 @@ impl TunnelClient {
         if self.link != Link::Open {
             return None;
         }
+        if self.roaming_probe_due() {
+            self.stats.roaming_probes += 1;
+            self.start_keepalive();
+        }
         // Queued data goes before the release request, which ends the tunnel.
         let data_first = self
             .request
@@ -510,6 +547,10 @@ impl TunnelClient {
             let datagram = self.current_server().transport.is_datagram();
             if let Some((agent, mut cx)) = self.peer_cx() {
                 if agent.poll_server(&mut cx, buf, datagram) {
+                    // The agent's requests are encoded once and signed at each transmission.
+                    if let Some(t) = &self.tunnel {
+                        let _ = append_integrity(buf, 0, &t.key.client_to_director());
+                    }
                     return Some(self.sent(false));
                 }
             }
@@ -655,15 +696,18 @@ impl TunnelClient {
         self.push_event(ClientEvent::OpenTransport { server });
     }
 
+    /// A Configuration Request on the open transport: for a fresh tunnel, or with our tunnel's
+    /// id and our Message Integrity to re-attach it (§3.3, §3.4). Its Client Nonce binds the
+    /// answer to it.
     fn send_configuration_request(&mut self) {
         let sequence = self.take_sequence();
+        let mut nonce = [0u8; CLIENT_NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
         let mut msg = Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0);
         let versions = [VERSION];
         msg.tlvs.supported_versions = Some(&versions);
-        if let Some(tunnel) = &self.tunnel {
-            msg.tlvs.tunnel_id = Some(tunnel.info.tunnel_id);
-            msg.tlvs.reattach_secret = tunnel.secret;
-        }
+        msg.tlvs.tunnel_id = self.tunnel.as_ref().map(|t| t.info.tunnel_id);
+        msg.tlvs.client_nonce = Some(nonce);
         msg.tlvs.keepalive_interval_ms = self
             .config
             .keepalive_interval
@@ -676,12 +720,12 @@ impl TunnelClient {
         msg.tlvs.auth_token = self.config.auth_token.as_deref();
         msg.tlvs.software = self.config.software.as_deref();
         let reattach = msg.tlvs.tunnel_id.is_some();
-        let mut envelope = Vec::new();
         // The configuration was validated, so every TLV fits its bound and the message 2048.
-        if msg.encode_envelope(&mut envelope).is_err() {
-            envelope.clear();
-        }
+        let envelope = self.encode_signed(&msg).unwrap_or_default();
         self.install_request(RequestKind::Configuration { reattach }, sequence, envelope);
+        if let Some(request) = &mut self.request {
+            request.nonce = Some(nonce);
+        }
         self.phase = Phase::Configuring;
     }
 
@@ -741,12 +785,22 @@ impl TunnelClient {
     }
 
     fn start_request(&mut self, kind: RequestKind, msg: &Message<'_>) {
-        let mut envelope = Vec::new();
         // Messages the client builds hold a few fixed-size TLVs, far below 2048 octets.
-        if msg.encode_envelope(&mut envelope).is_err() {
-            envelope.clear();
-        }
+        let envelope = self.encode_signed(msg).unwrap_or_default();
         self.install_request(kind, msg.header.sequence, envelope);
+    }
+
+    /// `msg` in a control envelope, with our Message Integrity once we hold a tunnel: every
+    /// control message the client sends on its tunnel carries it (§4.4).
+    fn encode_signed(&self, msg: &Message<'_>) -> Option<Vec<u8>> {
+        let mut envelope = Vec::new();
+        let encoded = match &self.tunnel {
+            Some(t) => {
+                msg.encode_envelope_with_integrity(&t.key.client_to_director(), &mut envelope)
+            }
+            None => msg.encode_envelope(&mut envelope),
+        };
+        encoded.ok().map(|()| envelope)
     }
 
     fn install_request(&mut self, kind: RequestKind, sequence: u32, envelope: Vec<u8>) {
@@ -757,6 +811,7 @@ impl TunnelClient {
             envelope,
             transmissions: 0,
             due: true,
+            nonce: None,
         });
     }
 
@@ -799,6 +854,7 @@ impl TunnelClient {
     // ---- helpers ----
 
     fn heard_from_server(&mut self) {
+        self.heard_at = self.now;
         if self.phase != Phase::Connected {
             return;
         }
@@ -809,6 +865,20 @@ impl TunnelClient {
                 .saturating_mul(self.config.silence_intervals);
             self.timers.set(Timer::Silence, after(self.now, silence));
         }
+    }
+
+    /// Whether a keepalive must go out before queued data to prove our address (§3.4): on UDP,
+    /// after a silence from the server, the client's address may have changed (a NAT
+    /// rebinding, a new network) and only an authenticated request moves the tunnel to it.
+    fn roaming_probe_due(&self) -> bool {
+        let Some(after_silence) = self.config.roaming_probe_after else {
+            return false;
+        };
+        self.phase == Phase::Connected
+            && self.request.is_none()
+            && !self.outbound.is_empty()
+            && self.current_server().transport == Transport::UDP
+            && self.now.saturating_duration_since(self.heard_at) >= after_silence
     }
 
     /// Bookkeeping for an envelope just written by `poll_transmit`.
@@ -834,8 +904,8 @@ impl TunnelClient {
         }
         if self.tunnel.take().is_some() {
             self.stats.send_queue_discarded += self.outbound.clear(&mut self.pool) as u64;
-            // The director's sequence space is per tunnel.
-            self.last_answer = None;
+            // The director's requests are answered per tunnel.
+            self.answers.clear();
         }
     }
 

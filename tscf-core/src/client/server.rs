@@ -1,14 +1,16 @@
-//! Input from the server: data envelopes, server requests (answered, with the duplicate rule
-//! of `docs/PROTOCOL.md` §6.2) and responses to the client's own requests.
+//! Input from the server: data envelopes, server requests (verified, answered, with the
+//! duplicate and replay rules of `docs/PROTOCOL.md` §6.2) and responses to the client's own
+//! requests.
 
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use super::{after, TerminateReason, Timer, MAX_CONTROL_QUEUE};
+use super::{after, Request, TerminateReason, Timer, MAX_ANSWERS, MAX_CONTROL_QUEUE};
 use super::{ClientEvent, Phase, RequestKind, Tunnel, TunnelClient, TunnelInfo};
 use super::{DEFAULT_KEEPALIVE_DATAGRAM, DEFAULT_KEEPALIVE_STREAM};
 use crate::wire::{
-    InnerPacket, Message, MessageType, PeerServiceResult, ResultCode, ServiceType, MAX_PAYLOAD_LEN,
+    ControlKey, DecodeError, Freshness, InnerPacket, Message, MessageType, PeerServiceResult,
+    ReplayWindow, ResultCode, ServiceType, MAX_PAYLOAD_LEN,
 };
 
 impl TunnelClient {
@@ -37,32 +39,64 @@ impl TunnelClient {
         }
     }
 
+    /// A control message from the server. Once the client holds a tunnel, only what carries
+    /// the director's Message Integrity under the tunnel's key is taken (§4.4): anything else
+    /// is dropped and counted, with one exception, a Tunnel Not Found answer to our keepalive,
+    /// which a director that lost the tunnel cannot sign, and which only makes the client
+    /// re-attach.
     pub(super) fn on_control(&mut self, payload: &[u8]) {
-        match Message::decode(payload) {
-            Ok(msg) => {
-                self.heard_from_server();
-                if msg.header.message_type.is_request() {
-                    self.on_request(&msg);
-                } else {
-                    self.on_response(&msg);
+        let authentic = self
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.key.verify_from_director(payload));
+        let msg = match Message::decode(payload) {
+            Ok(msg) => msg,
+            Err(error) => return self.on_bad_control(&error, authentic),
+        };
+        if msg.header.message_type == MessageType::CONFIGURATION_RESPONSE {
+            return self.on_configuration_response(&msg, payload, authentic);
+        }
+        if !authentic || self.tunnel_id() != Some(msg.header.tunnel_id) {
+            if self.is_tunnel_not_found(&msg) {
+                return self.reattach_in_place();
+            }
+            self.stats.dropped_unauthenticated += 1;
+            return;
+        }
+        self.heard_from_server();
+        if !msg.header.message_type.is_request() {
+            return self.on_response(&msg);
+        }
+        let Some(tunnel) = &mut self.tunnel else {
+            return;
+        };
+        match tunnel.replay.admit(msg.header.sequence) {
+            Freshness::Fresh => self.on_request(&msg),
+            Freshness::Seen if self.answer_duplicate(msg.header.sequence) => {}
+            Freshness::Seen | Freshness::Stale => self.stats.dropped_replayed += 1,
+        }
+    }
+
+    /// A control message that failed validation: a request the director signed gets the error
+    /// answer of §6.1; nothing else is answered.
+    fn on_bad_control(&mut self, error: &DecodeError, authentic: bool) {
+        if !authentic {
+            self.stats.dropped_bad_control += 1;
+            return;
+        }
+        self.heard_from_server();
+        match error.response() {
+            Some(reply) => {
+                if !self.answer_duplicate(reply.header.sequence) {
+                    self.stats.error_responses_sent += 1;
+                    self.answer(&reply);
                 }
             }
-            Err(error) => match error.response() {
-                Some(reply) => {
-                    if !self.answer_duplicate(reply.header.sequence) {
-                        self.stats.error_responses_sent += 1;
-                        self.answer(&reply);
-                    }
-                }
-                None => self.stats.dropped_bad_control += 1,
-            },
+            None => self.stats.dropped_bad_control += 1,
         }
     }
 
     fn on_request(&mut self, msg: &Message<'_>) {
-        if self.answer_duplicate(msg.header.sequence) {
-            return;
-        }
         let header = &msg.header;
         match header.message_type {
             MessageType::KEEPALIVE => {
@@ -112,46 +146,105 @@ impl TunnelClient {
             }
             return;
         }
-        let Some(kind) = self
-            .request
-            .as_ref()
-            .filter(|r| {
-                r.transmissions > 0
-                    && r.sequence == msg.header.sequence
-                    && r.kind.response_type() == msg.header.message_type
-            })
-            .map(|r| r.kind)
-        else {
+        let Some(kind) = self.outstanding(msg).map(|r| r.kind) else {
             self.stats.dropped_unmatched_response += 1;
             return;
         };
         let result = msg.tlvs.result_code.unwrap_or(ResultCode::MALFORMED);
-        if let RequestKind::Configuration { .. } = kind {
-            let usable = msg.header.tunnel_id != 0
-                && (msg.tlvs.internal_ipv4.is_some() || msg.tlvs.internal_ipv6.is_some());
-            if result == ResultCode::SUCCESS && !usable {
-                // Keep waiting: a broken answer must not end the attempt early.
-                self.stats.dropped_invalid_configuration += 1;
-                return;
-            }
-        }
         self.clear_request();
         match kind {
-            RequestKind::Configuration { reattach } => {
-                self.on_configuration_response(msg, result, reattach);
+            RequestKind::Keepalive if result == ResultCode::TUNNEL_NOT_FOUND => {
+                self.reattach_in_place();
             }
-            RequestKind::Keepalive => {
-                if result == ResultCode::TUNNEL_NOT_FOUND {
-                    self.tunnel_gone(result, true);
-                }
-            }
+            RequestKind::Configuration { .. } | RequestKind::Keepalive => {}
             RequestKind::Release => self.terminate(TerminateReason::Released),
         }
     }
 
-    fn on_configuration_response(&mut self, msg: &Message<'_>, result: ResultCode, reattach: bool) {
+    /// The outstanding request `msg` answers, if any.
+    fn outstanding(&self, msg: &Message<'_>) -> Option<&Request> {
+        self.request.as_ref().filter(|r| {
+            r.transmissions > 0
+                && r.sequence == msg.header.sequence
+                && r.kind.response_type() == msg.header.message_type
+        })
+    }
+
+    /// Whether `msg` answers our outstanding keepalive with Tunnel Not Found, for our tunnel.
+    fn is_tunnel_not_found(&self, msg: &Message<'_>) -> bool {
+        msg.tlvs.result_code == Some(ResultCode::TUNNEL_NOT_FOUND)
+            && self.tunnel_id() == Some(msg.header.tunnel_id)
+            && self
+                .outstanding(msg)
+                .is_some_and(|r| r.kind == RequestKind::Keepalive)
+    }
+
+    /// The director says it does not hold our tunnel. That answer carries no key (a director
+    /// without the tunnel has none), so it is only a reason to re-attach with our proof, on
+    /// this transport and at once (§3.4); the tunnel is given up only if that fails.
+    fn reattach_in_place(&mut self) {
+        self.stats.tunnel_not_found_reattaches += 1;
+        self.clear_request();
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::Silence);
+        self.send_configuration_request();
+    }
+
+    /// The answer to our Configuration Request, if `msg` is one: bound to it by the echoed
+    /// Client Nonce and, when it grants a tunnel, signed (§3.3, §3.4).
+    fn on_configuration_response(&mut self, msg: &Message<'_>, payload: &[u8], authentic: bool) {
+        let Some(request) = self.outstanding(msg) else {
+            self.stats.dropped_unmatched_response += 1;
+            return;
+        };
+        let RequestKind::Configuration { reattach } = request.kind else {
+            return;
+        };
+        let result = msg.tlvs.result_code.unwrap_or(ResultCode::MALFORMED);
+        if msg.tlvs.client_nonce != request.nonce {
+            // Not bound to our request. A director that does not know the Client Nonce
+            // answers, without one, Unknown Critical TLV (or Version Not Supported): that ends
+            // the attempt, as a lost answer would, and is all a forger could get from it.
+            let refused = matches!(
+                result,
+                ResultCode::UNKNOWN_CRITICAL_TLV | ResultCode::VERSION_NOT_SUPPORTED
+            );
+            if msg.tlvs.client_nonce.is_none() && refused {
+                self.clear_request();
+                return self.fail_attempt(Some(result));
+            }
+            self.stats.dropped_unbound_response += 1;
+            return;
+        }
+        if result != ResultCode::SUCCESS {
+            self.clear_request();
+            return self.on_configuration_refused(result, reattach);
+        }
+        // A fresh tunnel comes with its key, and is signed with it; a re-attached one is
+        // signed with the key we hold, and keeps it.
+        let key = match (reattach, msg.tlvs.control_key) {
+            (true, _) if authentic && self.tunnel_id() == Some(msg.header.tunnel_id) => None,
+            (false, Some(key)) if ControlKey::new(&key).verify_from_director(payload) => {
+                Some(ControlKey::new(&key))
+            }
+            _ => {
+                // Keep waiting: a broken or forged answer must not end the attempt early.
+                self.stats.dropped_invalid_configuration += 1;
+                return;
+            }
+        };
+        let usable = msg.header.tunnel_id != 0
+            && (msg.tlvs.internal_ipv4.is_some() || msg.tlvs.internal_ipv6.is_some());
+        if !usable {
+            self.stats.dropped_invalid_configuration += 1;
+            return;
+        }
+        self.clear_request();
+        self.configured(msg, key);
+    }
+
+    fn on_configuration_refused(&mut self, result: ResultCode, reattach: bool) {
         match result {
-            ResultCode::SUCCESS => self.configured(msg, reattach),
             ResultCode::TUNNEL_NOT_FOUND | ResultCode::UNAUTHORIZED if reattach => {
                 self.tunnel_gone(result, true);
             }
@@ -160,7 +253,9 @@ impl TunnelClient {
         }
     }
 
-    fn configured(&mut self, msg: &Message<'_>, reattach: bool) {
+    /// A Configuration Response granted a tunnel: a fresh one with its `key`, or ours again
+    /// (`key` is `None`: a re-attach keeps the key and the replay window).
+    fn configured(&mut self, msg: &Message<'_>, key: Option<ControlKey>) {
         let server = self.current_server();
         let default_interval = if server.transport.is_datagram() {
             DEFAULT_KEEPALIVE_DATAGRAM
@@ -190,19 +285,33 @@ impl TunnelClient {
                 .map(|port| SocketAddr::new(server.addr.ip(), port)),
             server,
         };
-        let same = reattach
+        let same = key.is_none()
             && self.tunnel.as_ref().is_some_and(|t| {
                 t.info.tunnel_id == info.tunnel_id
                     && t.info.ipv4 == info.ipv4
                     && t.info.ipv6 == info.ipv6
             });
-        if !same {
-            self.drop_tunnel();
+        match key {
+            Some(key) => {
+                self.drop_tunnel();
+                self.tunnel = Some(Tunnel {
+                    info: info.clone(),
+                    key,
+                    replay: ReplayWindow::new(),
+                });
+            }
+            None => {
+                if !same {
+                    // Other addresses: the queued packets' source is no longer ours.
+                    self.stats.send_queue_discarded += self.outbound.clear(&mut self.pool) as u64;
+                }
+                // A re-attach answer is only taken for the tunnel we hold.
+                let Some(tunnel) = &mut self.tunnel else {
+                    return;
+                };
+                tunnel.info = info.clone();
+            }
         }
-        self.tunnel = Some(Tunnel {
-            info: info.clone(),
-            secret: msg.tlvs.reattach_secret,
-        });
         self.phase = Phase::Connected;
         self.backoff = self.config.reconnect_backoff.0;
         self.timers.stop(Timer::Reconnect);
@@ -219,12 +328,12 @@ impl TunnelClient {
         self.peer_server_up();
     }
 
-    /// Answers `sequence` from memory if it is the last request answered (§6.2).
+    /// Answers `sequence` from memory if it is one of the last requests answered (§6.2).
     fn answer_duplicate(&mut self, sequence: u32) -> bool {
         let Some(bytes) = self
-            .last_answer
-            .as_ref()
-            .filter(|(seq, _)| *seq == sequence)
+            .answers
+            .iter()
+            .find(|(seq, _)| *seq == sequence)
             .map(|(_, bytes)| bytes.clone())
         else {
             return false;
@@ -234,13 +343,16 @@ impl TunnelClient {
         true
     }
 
+    /// Answers a server request, signed for our tunnel, and remembers the answer.
     fn answer(&mut self, reply: &Message<'_>) {
-        let mut bytes = Vec::new();
-        // Replies carry a few fixed-size TLVs and at most 8 candidates: far below 2048 octets.
-        if reply.encode_envelope(&mut bytes).is_err() {
+        let Some(bytes) = self.encode_signed(reply) else {
             return;
+        };
+        if self.answers.len() >= MAX_ANSWERS {
+            self.answers.pop_front();
         }
-        self.last_answer = Some((reply.header.sequence, bytes.clone()));
+        self.answers
+            .push_back((reply.header.sequence, bytes.clone()));
         self.queue_control(bytes);
     }
 

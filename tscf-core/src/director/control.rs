@@ -1,18 +1,20 @@
-//! The control path of the director: configuration, re-attach, keepalive, release, and the
-//! answers the receiver rules require (`docs/PROTOCOL.md` §3, §6).
+//! The control path of the director: configuration, re-attach, moves, keepalive, release, and
+//! the answers the receiver rules require (`docs/PROTOCOL.md` §3, §4.4, §6).
 
 use std::time::Instant;
 
 use rand_core::RngCore;
 
-use super::{
-    constant_time_eq, negotiate, ConnectionHandle, DirectorEvent, SessionDirector, Tunnel,
-};
+use super::{negotiate, ConnectionHandle, DirectorEvent, SessionDirector, Tunnel};
 use crate::wire::{
-    DecodeErrorKind, Header, InternalAddress, Message, MessageType, ResultCode,
-    ENVELOPE_HEADER_LEN, MAX_DNS_SERVERS,
+    ControlKey, DecodeError, DecodeErrorKind, Freshness, Header, InternalAddress, Message,
+    MessageType, ReplayWindow, ResultCode, CLIENT_NONCE_LEN, CONTROL_KEY_LEN, ENVELOPE_HEADER_LEN,
+    MAX_DNS_SERVERS, MESSAGE_INTEGRITY_TLV_LEN,
 };
 use std::collections::VecDeque;
+
+/// The Diagnostic of the refusal of a Configuration Request without Client Nonce.
+const UNKEYED: &str = "Client Nonce missing: control messages are keyed (PROTOCOL.md 3.3)";
 
 impl SessionDirector {
     pub(super) fn handle_control(
@@ -21,67 +23,149 @@ impl SessionDirector {
         connection: ConnectionHandle,
         bytes: &[u8],
     ) {
+        let current = self.connections.get(&connection).and_then(|c| c.tunnel);
         let message = match Message::decode(bytes) {
             Ok(message) => message,
-            Err(err) => {
-                match err.response() {
-                    Some(reply) => {
-                        self.stats.refused.protocol_errors += 1;
-                        self.send(connection, &reply);
-                    }
-                    None => self.stats.dropped.bad_control += 1,
-                }
-                if err.kind == DecodeErrorKind::Truncated {
-                    return;
-                }
-                self.touch(now, connection);
+            Err(err) => return self.control_error(now, connection, current, bytes, &err),
+        };
+        if message.header.message_type == MessageType::CONFIGURATION_REQUEST {
+            return match message.tlvs.tunnel_id {
+                Some(id) => self.reattach(now, connection, current, id, &message, bytes),
+                None => self.configure(now, connection, current, &message),
+            };
+        }
+        self.handle_tunnel_control(now, connection, current, &message, bytes);
+    }
+
+    /// A message that failed validation (§6.1). On a connection that carries a tunnel, only
+    /// what its client signed is answered.
+    fn control_error(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        current: Option<u64>,
+        bytes: &[u8],
+        err: &DecodeError,
+    ) {
+        if current.is_some_and(|id| !self.verified_from_client(id, bytes)) {
+            self.stats.dropped.unauthenticated += 1;
+            return;
+        }
+        match err.response() {
+            Some(reply) => {
+                self.stats.refused.protocol_errors += 1;
+                self.send(connection, &reply);
+            }
+            None => self.stats.dropped.bad_control += 1,
+        }
+        if err.kind != DecodeErrorKind::Truncated {
+            self.touch(now, connection);
+        }
+    }
+
+    /// Any message but a Configuration Request: it must carry the Message Integrity of the
+    /// tunnel its header names.
+    fn handle_tunnel_control(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        current: Option<u64>,
+        message: &Message<'_>,
+        bytes: &[u8],
+    ) {
+        let header = message.header;
+        let id = header.tunnel_id;
+        if !self.tunnels.contains_key(&id) {
+            return self.answer_without_tunnel(connection, current, &header, bytes);
+        }
+        if !self.verified_from_client(id, bytes) {
+            // Forged, or from a client that lost its key: never answered (an answer would
+            // tell a forger what it reached, and a tunnel held is never Tunnel Not Found).
+            self.stats.dropped.unauthenticated += 1;
+            return;
+        }
+        let request = header.message_type.is_request();
+        if current != Some(id) && request {
+            // From another connection than the tunnel's: a request the director has not seen
+            // means the client is there now (§3.4). A replayed one moves nothing, and an answer
+            // to one of the director's own requests is taken where it comes from.
+            let fresh = self
+                .tunnels
+                .get(&id)
+                .is_some_and(|t| t.replay.check(header.sequence) == Freshness::Fresh);
+            if !fresh {
+                self.stats.dropped.replayed += 1;
                 return;
             }
-        };
-        let tunnel = self.connections.get(&connection).and_then(|c| c.tunnel);
-        if message.header.message_type == MessageType::CONFIGURATION_REQUEST {
-            return self.handle_configuration_request(now, connection, tunnel, &message);
+            self.move_tunnel(now, id, connection);
+            // Release notices held while it was persistent, if it was.
+            self.peer_reattached(now, id);
+            self.stats.moves += 1;
+            self.events.push_back(DirectorEvent::TunnelMoved {
+                tunnel_id: id,
+                connection,
+            });
         }
-        let Some(id) = tunnel else {
-            return self.answer_without_tunnel(connection, &message.header);
-        };
-        if message.header.tunnel_id != id {
-            self.stats.dropped.tunnel_mismatch += 1;
-            if message.header.message_type.is_request() {
-                self.answer(connection, &message.header, ResultCode::TUNNEL_NOT_FOUND);
+        if self.connections.get(&connection).and_then(|c| c.tunnel) == Some(id) {
+            self.touch(now, connection);
+        }
+        if request {
+            let Some(t) = self.tunnels.get_mut(&id) else {
+                return;
+            };
+            match t.replay.admit(header.sequence) {
+                Freshness::Fresh => {}
+                // A retransmission: answered from memory, or still being answered (a
+                // forwarded peer request waits for its destination, §6.2).
+                Freshness::Seen
+                    if self.answer_duplicate(connection, id, &header)
+                        || self.peer_request_waiting(id, header.sequence) =>
+                {
+                    return
+                }
+                Freshness::Seen | Freshness::Stale => {
+                    self.stats.dropped.replayed += 1;
+                    return;
+                }
             }
-            return;
         }
-        self.touch(now, connection);
-        if self.answer_duplicate(connection, id, &message.header) {
-            return;
-        }
-        match message.header.message_type {
+        match header.message_type {
             MessageType::KEEPALIVE => {
-                let reply = Message::response_to(&message.header, ResultCode::SUCCESS);
-                self.send_and_remember(connection, id, &message.header, &reply);
+                let reply = Message::response_to(&header, ResultCode::SUCCESS);
+                self.send_and_remember(connection, id, &header, &reply);
             }
             MessageType::CONFIGURATION_RELEASE_REQUEST => {
-                let reply = Message::response_to(&message.header, ResultCode::SUCCESS);
+                let reply = Message::response_to(&header, ResultCode::SUCCESS);
                 self.send(connection, &reply);
                 self.close(now, id, ResultCode::SUCCESS);
                 self.drop_connection(connection);
             }
             MessageType::CLIENT_SERVICE_REQUEST => {
-                self.handle_service_request(now, connection, id, &message);
+                self.handle_service_request(now, connection, id, message);
             }
-            MessageType::CLIENT_SERVICE_RESPONSE => self.handle_service_response(id, &message),
+            MessageType::CLIENT_SERVICE_RESPONSE => self.handle_service_response(id, message),
             _ => self.stats.dropped.unexpected_message += 1,
         }
     }
 
-    /// A message other than a Configuration Request on a connection without a tunnel.
-    pub(super) fn answer_without_tunnel(&mut self, connection: ConnectionHandle, header: &Header) {
+    /// A message naming a tunnel the director does not hold: the acknowledgement of a release
+    /// notification (its tunnel is closed), or anything else, which only an id not held is
+    /// answered with: Tunnel Not Found (§3.4).
+    fn answer_without_tunnel(
+        &mut self,
+        connection: ConnectionHandle,
+        current: Option<u64>,
+        header: &Header,
+        bytes: &[u8],
+    ) {
         let notification_ack = header.message_type
             == MessageType::CONFIGURATION_RELEASE_NOTIFICATION_RESPONSE
-            && self.ack_notification(connection, header.sequence);
+            && self.ack_notification(connection, header.sequence, bytes);
         if notification_ack {
             return;
+        }
+        if current.is_some() {
+            self.stats.dropped.tunnel_mismatch += 1;
         }
         if header.message_type.is_request() {
             self.answer(connection, header, ResultCode::TUNNEL_NOT_FOUND);
@@ -90,18 +174,21 @@ impl SessionDirector {
         }
     }
 
-    pub(super) fn handle_configuration_request(
+    /// A Configuration Request for a new tunnel (§3.3).
+    fn configure(
         &mut self,
         now: Instant,
         connection: ConnectionHandle,
         current: Option<u64>,
         request: &Message<'_>,
     ) {
+        let header = &request.header;
         if let Some(id) = current {
-            // Already configured on this connection: a retransmission whose response was
-            // lost, or a confused client; either way it gets the configuration it has.
-            if !self.answer_duplicate(connection, id, &request.header) {
-                self.send_configuration(connection, id, &request.header);
+            // The connection carries a tunnel: its retransmitted request gets the response it
+            // lost; any other unkeyed request there is not its client's, and gets nothing (the
+            // tunnel's key must never go to whoever took its address over).
+            if !self.configuration_again(connection, id, request, true) {
+                self.stats.dropped.unauthenticated += 1;
             }
             return;
         }
@@ -111,45 +198,51 @@ impl SessionDirector {
         let source = info.remote.ip();
         if self.failing(now, source) {
             self.stats.refused.rate_limited += 1;
-            return self.answer(connection, &request.header, ResultCode::RATE_LIMITED);
+            let nonce = request.tlvs.client_nonce;
+            return self.answer_bound(connection, header, nonce, ResultCode::RATE_LIMITED);
         }
-        if let Some(id) = request.tlvs.tunnel_id {
-            return self.reattach(now, connection, id, request);
-        }
+        let Some(nonce) = request.tlvs.client_nonce else {
+            self.stats.refused.unkeyed += 1;
+            let mut reply = Message::response_to(header, ResultCode::UNAUTHORIZED);
+            reply.tlvs.diagnostic = Some(UNKEYED);
+            return self.send(connection, &reply);
+        };
+        let nonce = Some(nonce);
         if !self.admits(&info, request.tlvs.auth_token) {
             self.stats.refused.unauthorized += 1;
             self.record_failure(now, source);
-            return self.answer(connection, &request.header, ResultCode::UNAUTHORIZED);
+            return self.answer_bound(connection, header, nonce, ResultCode::UNAUTHORIZED);
         }
         if self.tunnels.len() >= self.config.max_tunnels {
             self.stats.refused.server_full += 1;
-            return self.answer(connection, &request.header, ResultCode::SERVER_FULL);
+            return self.answer_bound(connection, header, nonce, ResultCode::SERVER_FULL);
         }
         let Some((ipv4, ipv6)) = self.allocate_addresses() else {
             self.stats.refused.no_address += 1;
-            return self.answer(
-                connection,
-                &request.header,
-                ResultCode::NO_ADDRESS_AVAILABLE,
-            );
+            let result = ResultCode::NO_ADDRESS_AVAILABLE;
+            return self.answer_bound(connection, header, nonce, result);
         };
         let id = self.fresh_tunnel_id();
         let keepalive =
             self.negotiate_keepalive(info.transport, request.tlvs.keepalive_interval_ms);
-        let mut secret = [0u8; 16];
-        self.rng.fill_bytes(&mut secret);
+        let mut key = [0u8; CONTROL_KEY_LEN];
+        self.rng.fill_bytes(&mut key);
+        let mut replay = ReplayWindow::new();
+        replay.accept(header.sequence);
         let tunnel = Tunnel {
             id,
             ipv4,
             ipv6,
             connection: Some(connection),
             transport: info.transport,
-            secret,
+            key: ControlKey::new(&key),
+            replay,
             keepalive,
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
             last_heard: now,
             persistent_since: None,
             last_answer: [None, None],
+            configuration: (header.sequence, true),
             announced: None,
             queue: VecDeque::new(),
             in_ready: false,
@@ -167,84 +260,119 @@ impl SessionDirector {
             ipv6: ipv6.map(|(a, _)| a),
             connection,
         });
-        self.send_configuration(connection, id, &request.header);
+        self.send_configuration(connection, id, request, true);
     }
 
-    pub(super) fn reattach(
+    /// A Configuration Request naming tunnel `id` (§3.4): its proof is the client's Message
+    /// Integrity under the tunnel's key, over a sequence number the director has not accepted
+    /// before. The bare secret of old never crosses the wire, and a replay moves nothing.
+    fn reattach(
         &mut self,
         now: Instant,
         connection: ConnectionHandle,
+        current: Option<u64>,
         id: u64,
         request: &Message<'_>,
+        bytes: &[u8],
     ) {
-        let Some(tunnel) = self.tunnels.get_mut(&id) else {
+        let header = &request.header;
+        let nonce = request.tlvs.client_nonce;
+        let source = self
+            .connections
+            .get(&connection)
+            .map(|c| c.info.remote.ip());
+        if source.is_some_and(|source| self.failing(now, source)) {
+            self.stats.refused.rate_limited += 1;
+            return self.answer_bound(connection, header, nonce, ResultCode::RATE_LIMITED);
+        }
+        if !self.tunnels.contains_key(&id) {
             self.stats.refused.tunnel_not_found += 1;
-            return self.answer(connection, &request.header, ResultCode::TUNNEL_NOT_FOUND);
-        };
-        let secret_ok = request
-            .tlvs
-            .reattach_secret
-            .is_some_and(|s| constant_time_eq(&s, &tunnel.secret));
-        if !secret_ok {
+            return self.answer_bound(connection, header, nonce, ResultCode::TUNNEL_NOT_FOUND);
+        }
+        if !self.verified_from_client(id, bytes) {
             self.stats.refused.bad_reattach_secret += 1;
             if let Some(c) = self.connections.get(&connection) {
                 let source = c.info.remote.ip();
                 self.record_failure(now, source);
             }
-            return self.answer(connection, &request.header, ResultCode::UNAUTHORIZED);
+            return self.answer_bound(connection, header, nonce, ResultCode::UNAUTHORIZED);
         }
-        let old = tunnel.connection.replace(connection);
-        if old.is_none() {
-            // Held frames are queued again, for the new transport.
-            self.held_frames -= tunnel.queue.len();
-            self.queued_frames += tunnel.queue.len();
+        let freshness = match self.tunnels.get_mut(&id) {
+            Some(t) => t.replay.admit(header.sequence),
+            None => return,
+        };
+        match freshness {
+            Freshness::Fresh => {}
+            // A retransmission on the connection it moved the tunnel to.
+            Freshness::Seen
+                if current == Some(id)
+                    && self.configuration_again(connection, id, request, false) =>
+            {
+                return
+            }
+            Freshness::Seen | Freshness::Stale => {
+                self.stats.dropped.replayed += 1;
+                return;
+            }
+        }
+        if current != Some(id) {
+            self.move_tunnel(now, id, connection);
+            self.events.push_back(DirectorEvent::TunnelReattached {
+                tunnel_id: id,
+                connection,
+            });
         }
         let transport = self.connections.get(&connection).map(|c| c.info.transport);
-        tunnel.transport = transport.unwrap_or(tunnel.transport);
-        tunnel.keepalive = negotiate(
-            &self.config.keepalive,
-            tunnel.transport,
-            request.tlvs.keepalive_interval_ms,
-        );
-        tunnel.persistent_since = None;
-        tunnel.last_heard = now;
-        self.rng.fill_bytes(&mut tunnel.secret);
-        let has_frames = !tunnel.queue.is_empty() && !tunnel.in_ready;
-        if has_frames {
-            tunnel.in_ready = true;
-            self.ready.push_back(id);
+        if let Some(t) = self.tunnels.get_mut(&id) {
+            t.keepalive = negotiate(
+                &self.config.keepalive,
+                transport.unwrap_or(t.transport),
+                request.tlvs.keepalive_interval_ms,
+            );
+            t.last_heard = now;
         }
-        if let Some(old) = old {
-            // The tunnel was still active elsewhere; that transport is stale.
-            if let Some(c) = self.connections.get_mut(&old) {
-                c.tunnel = None;
-            }
-            self.drop_connection(old);
-        }
-        self.bind(connection, id);
-        self.schedule_idle(id);
         self.stats.reattaches += 1;
-        self.events.push_back(DirectorEvent::TunnelReattached {
-            tunnel_id: id,
-            connection,
-        });
-        self.send_configuration(connection, id, &request.header);
+        self.send_configuration(connection, id, request, false);
         self.peer_reattached(now, id);
     }
 
-    /// Answers a Configuration Request with tunnel `id`'s configuration, and remembers it.
+    /// Answers a retransmission of the Configuration Request that created (`created`) or last
+    /// re-attached tunnel `id` as the first time; false if `request` is not that one.
+    fn configuration_again(
+        &mut self,
+        connection: ConnectionHandle,
+        id: u64,
+        request: &Message<'_>,
+        created: bool,
+    ) -> bool {
+        let again = self
+            .tunnels
+            .get(&id)
+            .is_some_and(|t| t.configuration == (request.header.sequence, created));
+        if again {
+            self.send_configuration(connection, id, request, created);
+        }
+        again
+    }
+
+    /// Answers a Configuration Request with tunnel `id`'s configuration: with its control key
+    /// when the request `created` the tunnel (the key is sent in that answer only), without
+    /// when it re-attached it.
     pub(super) fn send_configuration(
         &mut self,
         connection: ConnectionHandle,
         id: u64,
-        request: &Header,
+        request: &Message<'_>,
+        created: bool,
     ) {
-        let Some(t) = self.tunnels.get(&id) else {
+        let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
-        let mut reply = Message::response_to(request, ResultCode::SUCCESS);
+        t.configuration = (request.header.sequence, created);
+        let mut reply = Message::response_to(&request.header, ResultCode::SUCCESS);
         reply.header.tunnel_id = id;
-        reply.tlvs.reattach_secret = Some(t.secret);
+        reply.tlvs.client_nonce = request.tlvs.client_nonce;
+        reply.tlvs.control_key = created.then(|| *t.key.octets());
         reply.tlvs.internal_ipv4 =
             t.ipv4
                 .zip(self.config.ipv4_pool)
@@ -270,7 +398,7 @@ impl SessionDirector {
         if self.config.peer_tunneling {
             reply.tlvs.stun_port = self.config.stun_port.filter(|p| *p != 0);
         }
-        self.send_and_remember(connection, id, request, &reply);
+        self.send(connection, &reply);
     }
 
     /// Resends the remembered response if `header` repeats the last request answered.
@@ -301,8 +429,10 @@ impl SessionDirector {
         request: &Header,
         reply: &Message<'_>,
     ) {
-        let mut bytes = Vec::with_capacity(reply.encoded_len() + ENVELOPE_HEADER_LEN);
-        if reply.encode_envelope(&mut bytes).is_err() {
+        // Kept until the next answer: the exact size, with the Message Integrity it gets.
+        let len = reply.encoded_len() + ENVELOPE_HEADER_LEN + MESSAGE_INTEGRITY_TLV_LEN;
+        let mut bytes = Vec::with_capacity(len);
+        if !self.encode_control(Some(id), reply, &mut bytes) {
             return;
         }
         if let Some(t) = self.tunnels.get_mut(&id) {
@@ -322,10 +452,26 @@ impl SessionDirector {
         self.send(connection, &Message::response_to(request, result));
     }
 
+    /// Answers a Configuration Request with `result`, echoing its Client Nonce so that the
+    /// client knows the answer is to its request (§3.3).
+    fn answer_bound(
+        &mut self,
+        connection: ConnectionHandle,
+        request: &Header,
+        nonce: Option<[u8; CLIENT_NONCE_LEN]>,
+        result: ResultCode,
+    ) {
+        let mut reply = Message::response_to(request, result);
+        reply.tlvs.client_nonce = nonce;
+        self.send(connection, &reply);
+    }
+
+    /// Sends `message` on `connection`, signed for the tunnel the connection carries.
     pub(super) fn send(&mut self, connection: ConnectionHandle, message: &Message<'_>) {
+        let tunnel = self.connections.get(&connection).and_then(|c| c.tunnel);
         let mut bytes = self.spare.pop().unwrap_or_default();
         bytes.clear();
-        if message.encode_envelope(&mut bytes).is_ok() {
+        if self.encode_control(tunnel, message, &mut bytes) {
             self.control_out.push_back((connection, bytes));
             self.stats.control_answered += 1;
         }

@@ -23,9 +23,10 @@ impl SessionDirector {
         );
         message.tlvs.result_code = Some(reason);
         let mut bytes = Vec::new();
-        if message.encode_envelope(&mut bytes).is_err() {
+        if !self.encode_control(Some(tunnel_id), &message, &mut bytes) {
             return;
         }
+        let key = self.tunnels.get(&tunnel_id).map(|t| t.key.clone());
         self.control_out.push_back((connection, bytes.clone()));
         let Some(conn) = self.connections.get_mut(&connection) else {
             return;
@@ -35,6 +36,7 @@ impl SessionDirector {
                 sequence,
                 bytes,
                 sent: 1,
+                key,
             });
             let at = now + self.config.retransmit.rto(1);
             self.timers
@@ -65,15 +67,23 @@ impl SessionDirector {
             .push(Reverse((at, Timer::Notification(connection))));
     }
 
-    pub(super) fn ack_notification(&mut self, connection: ConnectionHandle, sequence: u32) -> bool {
+    /// An acknowledgement of the release notification outstanding on `connection`, signed by
+    /// the client of the closed tunnel: the notification is done and the connection closed.
+    pub(super) fn ack_notification(
+        &mut self,
+        connection: ConnectionHandle,
+        sequence: u32,
+        encoded: &[u8],
+    ) -> bool {
         let Some(conn) = self.connections.get_mut(&connection) else {
             return false;
         };
-        if conn
-            .notification
-            .as_ref()
-            .is_some_and(|n| n.sequence == sequence)
-        {
+        if conn.notification.as_ref().is_some_and(|n| {
+            n.sequence == sequence
+                && n.key
+                    .as_ref()
+                    .is_some_and(|k| k.verify_from_client(encoded))
+        }) {
             conn.notification = None;
             self.drop_connection(connection);
             return true;

@@ -33,7 +33,8 @@ pub use config::{
 pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters, TransportTunnels};
 
 use crate::wire::{
-    Capabilities, Envelope, EnvelopeType, InnerPacket, MessageType, ResultCode, Transport,
+    Capabilities, ControlKey, Envelope, EnvelopeType, InnerPacket, Message, MessageType,
+    ReplayWindow, ResultCode, Transport,
 };
 use pool::AddressPool;
 
@@ -79,6 +80,14 @@ pub enum DirectorEvent {
     },
     /// A persistent (or active) tunnel moved to a new connection.
     TunnelReattached {
+        /// Its id.
+        tunnel_id: u64,
+        /// The new connection.
+        connection: ConnectionHandle,
+    },
+    /// A tunnel followed its client to a new connection (on UDP: a new source address) on an
+    /// authenticated request from there, without a Configuration exchange (roaming).
+    TunnelMoved {
         /// Its id.
         tunnel_id: u64,
         /// The new connection.
@@ -150,6 +159,14 @@ pub struct TunnelSummary {
 ///
 /// Hostile input never panics and never fails the director: it is answered with a result code
 /// or dropped, and counted in [`stats`](Self::stats).
+///
+/// Control messages are keyed (`docs/PROTOCOL.md` §3.3, §4.4): each tunnel gets a control key
+/// in its Configuration Response, and from then on every control message of the tunnel, both
+/// ways, carries Message Integrity under the key of its direction. A message that names a
+/// tunnel and does not verify is dropped and counted, never answered; a request whose sequence
+/// number the director accepted before is a retransmission (answered from memory) or a replay
+/// (dropped). A verified request with a fresh sequence number that arrives on another
+/// connection than its tunnel's moves the tunnel there (roaming, §3.4).
 #[derive(Debug)]
 pub struct SessionDirector {
     config: DirectorConfig,
@@ -200,6 +217,8 @@ struct Outstanding {
     sequence: u32,
     bytes: Vec<u8>,
     sent: u32,
+    /// The closed tunnel's key, which its client's acknowledgement carries.
+    key: Option<ControlKey>,
 }
 
 #[derive(Debug)]
@@ -210,7 +229,10 @@ struct Tunnel {
     /// `None` while persistent.
     connection: Option<ConnectionHandle>,
     transport: Transport,
-    secret: [u8; 16],
+    /// Keys Message Integrity on every control message of the tunnel (§4.4).
+    key: ControlKey,
+    /// Sequence numbers of the client's requests accepted lately (§6.2).
+    replay: ReplayWindow,
     keepalive: Duration,
     capabilities: Capabilities,
     last_heard: Instant,
@@ -219,6 +241,10 @@ struct Tunnel {
     /// Service Requests have their own slot: a client may have one outstanding beside a
     /// keepalive, and a late retransmission must not start a second negotiation.
     last_answer: [Option<(MessageType, u32, Vec<u8>)>; 2],
+    /// The sequence number of the Configuration Request that created the tunnel (true) or
+    /// last re-attached it (false). Its answer is made again for a retransmission rather than
+    /// kept: it is the largest one, and with the control key in it.
+    configuration: (u32, bool),
     /// Peer candidates the client announced (§7.2); boxed so that tunnels that never announce
     /// pay one pointer.
     announced: Option<Box<peer::Announcement>>,
@@ -734,6 +760,61 @@ impl SessionDirector {
     fn negotiate_keepalive(&self, transport: Transport, proposal_ms: Option<u32>) -> Duration {
         negotiate(&self.config.keepalive, transport, proposal_ms)
     }
+
+    /// Encodes `message` in a control envelope into `out`, with Message Integrity under the
+    /// director's key of tunnel `id` when the director holds it: every message to a client on
+    /// its tunnel is signed (§4.4). False if it does not encode.
+    fn encode_control(&self, id: Option<u64>, message: &Message<'_>, out: &mut Vec<u8>) -> bool {
+        match id.and_then(|id| self.tunnels.get(&id)) {
+            Some(t) => message
+                .encode_envelope_with_integrity(&t.key.director_to_client(), out)
+                .is_ok(),
+            None => message.encode_envelope(out).is_ok(),
+        }
+    }
+
+    /// Whether `encoded` carries the Message Integrity of tunnel `id`'s client.
+    fn verified_from_client(&self, id: u64, encoded: &[u8]) -> bool {
+        self.tunnels
+            .get(&id)
+            .is_some_and(|t| t.key.verify_from_client(encoded))
+    }
+
+    /// Moves tunnel `id` to `connection`: frames waiting for it follow, its old connection is
+    /// closed, and a tunnel `connection` carried becomes persistent (its client is no longer
+    /// there). Addresses, key, keepalive and peer introductions stay.
+    fn move_tunnel(&mut self, now: Instant, id: u64, connection: ConnectionHandle) {
+        let previous = self.connections.get(&connection).and_then(|c| c.tunnel);
+        if let Some(other) = previous.filter(|o| *o != id) {
+            self.make_persistent(now, other);
+        }
+        let transport = self.connections.get(&connection).map(|c| c.info.transport);
+        let Some(tunnel) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        let old = tunnel.connection.replace(connection);
+        if old.is_none() {
+            // Held frames are queued again, for the new transport.
+            self.held_frames -= tunnel.queue.len();
+            self.queued_frames += tunnel.queue.len();
+        }
+        tunnel.transport = transport.unwrap_or(tunnel.transport);
+        tunnel.persistent_since = None;
+        tunnel.last_heard = now;
+        if !tunnel.queue.is_empty() && !tunnel.in_ready {
+            tunnel.in_ready = true;
+            self.ready.push_back(id);
+        }
+        if let Some(old) = old.filter(|o| *o != connection) {
+            // The tunnel was still active elsewhere; that transport is stale.
+            if let Some(c) = self.connections.get_mut(&old) {
+                c.tunnel = None;
+            }
+            self.drop_connection(old);
+        }
+        self.bind(connection, id);
+        self.schedule_idle(id);
+    }
 }
 
 impl Tunnel {
@@ -765,9 +846,4 @@ fn negotiate(k: &KeepaliveConfig, transport: Transport, proposal_ms: Option<u32>
         None if transport.is_datagram() => k.default_datagram,
         None => k.default_stream,
     }
-}
-
-/// Equality whose time does not depend on where the inputs differ (only on their lengths).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
 }

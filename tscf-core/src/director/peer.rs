@@ -208,7 +208,7 @@ impl SessionDirector {
             fingerprint: request.tlvs.certificate_fingerprint,
         });
         let mut bytes = Vec::new();
-        if forward.encode_envelope(&mut bytes).is_err() {
+        if !self.encode_control(Some(dest), &forward, &mut bytes) {
             return refuse(self, ResultCode::INTERNAL_ERROR, None);
         }
         self.control_out.push_back((dest_connection, bytes.clone()));
@@ -240,6 +240,14 @@ impl SessionDirector {
             },
         );
         self.stats.peer.requests_forwarded += 1;
+    }
+
+    /// Whether tunnel `id`'s request `sequence` was forwarded and waits for its answer.
+    pub(super) fn peer_request_waiting(&self, id: u64, sequence: u32) -> bool {
+        self.peer
+            .negotiations
+            .values()
+            .any(|n| n.initiator == id && n.request.sequence == sequence)
     }
 
     /// A Client Service Response from tunnel `id`: a destination's answer, or the ack of a
@@ -422,7 +430,7 @@ impl SessionDirector {
         notice.tlvs.service_action = Some(ServiceAction::RELEASE);
         notice.tlvs.peer_internal_address = Some(departed);
         let mut bytes = Vec::new();
-        if notice.encode_envelope(&mut bytes).is_err() {
+        if !self.encode_control(Some(to), &notice, &mut bytes) {
             return;
         }
         self.control_out.push_back((connection, bytes.clone()));

@@ -18,6 +18,9 @@ pub struct DirectorStats {
     pub tunnels_closed: u64,
     /// Successful re-attaches.
     pub reattaches: u64,
+    /// Tunnels that followed their client to another connection (a new address) on an
+    /// authenticated request from there (roaming).
+    pub moves: u64,
     /// Data frames relayed to another tunnel.
     pub frames_relayed: u64,
     /// Octets of inner packets relayed.
@@ -68,10 +71,13 @@ pub struct PeerCounters {
 pub struct RefusalCounters {
     /// No or wrong admission credential.
     pub unauthorized: u64,
-    /// Re-attach with a wrong secret.
+    /// Re-attach whose proof (Message Integrity under the tunnel's key) did not verify.
     pub bad_reattach_secret: u64,
     /// Answered Rate Limited: the source made too many failed admissions.
     pub rate_limited: u64,
+    /// Configuration Requests without a Client Nonce, from clients that do not key their
+    /// control messages: answered Unauthorized.
+    pub unkeyed: u64,
     /// Re-attach of a tunnel the director does not hold.
     pub tunnel_not_found: u64,
     /// At `max_tunnels`.
@@ -109,6 +115,12 @@ pub struct DropCounters {
     pub bad_control: u64,
     /// A message whose header names another tunnel than its connection's.
     pub tunnel_mismatch: u64,
+    /// A control message for a tunnel without its client's valid Message Integrity (forged,
+    /// or from a client that lost its key): never answered.
+    pub unauthenticated: u64,
+    /// A verified request the director had accepted before and does not remember the answer
+    /// of, or one from another connection than its tunnel's that is not fresh: a replay.
+    pub replayed: u64,
     /// A response matching no outstanding request, or a message not meant for a director.
     pub unexpected_message: u64,
     /// Data for a connection the director no longer knows.

@@ -1,7 +1,7 @@
 //! Unit tests of the director against a scripted client that speaks the wire format.
 
 use super::*;
-use crate::wire::{Capabilities, Message, ResultCode};
+use crate::wire::{Capabilities, ControlKey, Message, ResultCode};
 
 const STREAM: Transport = Transport::TLS;
 const DGRAM: Transport = Transport::UDP;
@@ -19,11 +19,18 @@ fn info(transport: Transport) -> ConnectionInfo {
     }
 }
 
+/// A scripted client side: it puts a Client Nonce in its Configuration Requests, learns each
+/// tunnel's control key from the Configuration Response, and signs what it sends for a tunnel
+/// whose key it knows, as a client does.
 struct Harness {
     d: SessionDirector,
     now: Instant,
     seq: u32,
+    keys: FxHashMap<u64, ControlKey>,
 }
+
+/// The Client Nonce of the scripted client's Configuration Requests.
+const NONCE: [u8; 16] = *b"a client's nonce";
 
 /// A decoded transmit: its connection and the owned envelope bytes.
 struct Out {
@@ -45,6 +52,7 @@ impl Harness {
             d: SessionDirector::new(config).expect("valid config"),
             now: t0(),
             seq: 0,
+            keys: FxHashMap::default(),
         }
     }
 
@@ -56,23 +64,66 @@ impl Harness {
         h
     }
 
+    /// Sends `m` as a client would: a Configuration Request with a Client Nonce, anything
+    /// for a tunnel whose key it knows signed with it.
     fn send(&mut self, c: ConnectionHandle, m: &Message<'_>) -> Vec<Out> {
+        let mut m = m.clone();
+        let named = if m.header.message_type == MessageType::CONFIGURATION_REQUEST {
+            m.tlvs.client_nonce.get_or_insert(NONCE);
+            m.tlvs.tunnel_id
+        } else {
+            Some(m.header.tunnel_id)
+        };
+        match named.and_then(|id| self.keys.get(&id)).cloned() {
+            Some(key) => self.send_signed(c, &m, &key.client_to_director()),
+            None => self.send_unsigned(c, &m),
+        }
+    }
+
+    /// Sends `m` exactly as given.
+    fn send_unsigned(&mut self, c: ConnectionHandle, m: &Message<'_>) -> Vec<Out> {
         let mut bytes = Vec::new();
         m.encode_envelope(&mut bytes).expect("encodable");
         self.d.handle_datagram(self.now, c, &bytes);
         self.drain()
     }
 
+    /// Sends `m` with Message Integrity under `key`.
+    fn send_signed(&mut self, c: ConnectionHandle, m: &Message<'_>, key: &[u8]) -> Vec<Out> {
+        let mut bytes = Vec::new();
+        m.encode_envelope_with_integrity(key, &mut bytes)
+            .expect("encodable");
+        self.d.handle_datagram(self.now, c, &bytes);
+        self.drain()
+    }
+
+    /// What the director sent, learning the keys of new tunnels on the way.
     fn drain(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         while let Some(t) = self.d.poll_transmit(self.now, &mut buf) {
-            out.push(Out {
+            let o = Out {
                 connection: t.connection,
                 bytes: buf.clone(),
-            });
+            };
+            // An answer to a request of unknown type does not decode: nothing to learn there.
+            let learned = Envelope::decode_datagram(&o.bytes)
+                .ok()
+                .filter(|e| e.kind == EnvelopeType::CONTROL)
+                .and_then(|e| Message::decode(e.payload).ok())
+                .and_then(|m| Some((m.header.tunnel_id, m.tlvs.control_key?)));
+            if let Some((id, key)) = learned {
+                self.keys.insert(id, ControlKey::new(&key));
+            }
+            out.push(o);
         }
         out
+    }
+
+    /// Whether everything the director sent for tunnel `id` carries its Message Integrity.
+    fn signed_for(&self, id: u64, out: &[Out]) -> bool {
+        let key = self.keys.get(&id).expect("a known tunnel");
+        out.iter().all(|o| key.verify_from_director(&o.bytes[3..]))
     }
 
     fn events(&mut self) -> Vec<DirectorEvent> {
@@ -94,12 +145,12 @@ impl Harness {
         Message::new(t, self.seq, tunnel)
     }
 
-    /// Configures a tunnel on connection `c`; returns (tunnel id, secret, IPv4 address).
+    /// Configures a tunnel on connection `c`; returns (tunnel id, control key, IPv4 address).
     fn configure(
         &mut self,
         c: u64,
         transport: Transport,
-    ) -> (ConnectionHandle, u64, [u8; 16], Ipv4Addr) {
+    ) -> (ConnectionHandle, u64, [u8; 32], Ipv4Addr) {
         let h = self.connect(c, transport);
         let req = self.request(MessageType::CONFIGURATION_REQUEST, 0);
         let out = self.send(h, &req);
@@ -114,7 +165,7 @@ impl Harness {
         (
             h,
             m.header.tunnel_id,
-            m.tlvs.reattach_secret.expect("secret"),
+            m.tlvs.control_key.expect("a key"),
             ip,
         )
     }
@@ -465,7 +516,7 @@ fn held_frames_are_bounded_and_delivered_after_reattach() {
         ..DirectorConfig::default()
     });
     let (src, _, _, ip_src) = h.configure(1, STREAM);
-    let (c1, id1, secret1, ip1) = h.configure(2, STREAM);
+    let (c1, id1, _, ip1) = h.configure(2, STREAM);
     let (c2, _, _, ip2) = h.configure(3, STREAM);
     // Queued while active, then the transport goes: the last 3 of 4 are kept.
     for i in 0..4u8 {
@@ -484,7 +535,6 @@ fn held_frames_are_bounded_and_delivered_after_reattach() {
     let c4 = h.connect(4, STREAM);
     let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
     req.tlvs.tunnel_id = Some(id1);
-    req.tlvs.reattach_secret = Some(secret1);
     let out = h.send(c4, &req);
     let held: Vec<u8> = out
         .iter()
@@ -498,9 +548,9 @@ fn held_frames_are_bounded_and_delivered_after_reattach() {
 }
 
 #[test]
-fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_secret() {
+fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_proof() {
     let mut h = Harness::new(DirectorConfig::default());
-    let (c1, id, secret, ip) = h.configure(1, STREAM);
+    let (c1, id, key, ip) = h.configure(1, STREAM);
     let (c2, _, _, ip2) = h.configure(2, STREAM);
     h.events();
     h.d.handle_disconnect(h.now, c1);
@@ -513,33 +563,36 @@ fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_secret() {
     h.d.handle_datagram(h.now, c2, &data(&udp_packet(ip2, ip, b"wait")));
     assert!(h.drain().is_empty());
 
+    // Signed with another key, or not at all: Unauthorized, bound to the request.
     let c3 = h.connect(3, STREAM);
     let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
     req.tlvs.tunnel_id = Some(id);
-    req.tlvs.reattach_secret = Some([0; 16]);
-    assert_eq!(
-        h.send(c3, &req)[0].message().tlvs.result_code,
-        Some(ResultCode::UNAUTHORIZED)
-    );
-    assert_eq!(h.d.stats().refused.bad_reattach_secret, 1);
+    req.tlvs.client_nonce = Some(NONCE);
+    let wrong = ControlKey::new(&[0x77; 32]);
+    let out = h.send_signed(c3, &req, &wrong.client_to_director());
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
+    assert_eq!(m.tlvs.client_nonce, Some(NONCE));
+    req.header.sequence += 1;
+    let m = h.send_unsigned(c3, &req)[0].message().tlvs.result_code;
+    assert_eq!(m, Some(ResultCode::UNAUTHORIZED));
+    assert_eq!(h.d.stats().refused.bad_reattach_secret, 2);
     assert_eq!(
         h.d.stats().persistent_tunnels,
         1,
-        "a wrong secret leaves the tunnel alone"
+        "a wrong proof leaves the tunnel alone"
     );
 
     req.header.sequence += 1;
-    req.tlvs.reattach_secret = Some(secret);
     let out = h.send(c3, &req);
     let m = out[0].message();
     assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
     assert_eq!(m.header.tunnel_id, id);
     assert_eq!(m.tlvs.internal_ipv4.map(|a| a.addr), Some(ip));
-    assert_ne!(
-        m.tlvs.reattach_secret,
-        Some(secret),
-        "the secret is renewed"
-    );
+    assert_eq!(m.tlvs.client_nonce, Some(NONCE));
+    // The key is given once, when the tunnel is made, and a re-attach keeps it.
+    assert_eq!((m.tlvs.control_key, m.tlvs.reattach_secret), (None, None));
+    assert!(ControlKey::new(&key).verify_from_director(&out[0].bytes[3..]));
     // The waiting frame follows the response.
     assert_eq!(out.len(), 2);
     assert_eq!(
@@ -554,27 +607,163 @@ fn reattach_keeps_tunnel_and_address_and_refuses_a_wrong_secret() {
     let c4 = h.connect(4, STREAM);
     let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
     req.tlvs.tunnel_id = Some(id ^ 1);
-    req.tlvs.reattach_secret = Some(secret);
-    assert_eq!(
-        h.send(c4, &req)[0].message().tlvs.result_code,
-        Some(ResultCode::TUNNEL_NOT_FOUND)
-    );
+    let out = h.send(c4, &req);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::TUNNEL_NOT_FOUND));
+    assert_eq!(m.tlvs.client_nonce, Some(NONCE));
+}
+
+#[test]
+fn a_replayed_reattach_moves_nothing() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, id, _, _) = h.configure(1, DGRAM);
+    h.events();
+    let c2 = h.connect(2, DGRAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.tunnel_id = Some(id);
+    let out = h.send(c2, &req);
+    assert_eq!(out[0].message().tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert!(h
+        .events()
+        .contains(&DirectorEvent::CloseConnection { connection: c1 }));
+    // The client's retransmission on its new connection gets the same answer.
+    assert_eq!(h.send(c2, &req)[0].bytes, out[0].bytes);
+    // The same request from elsewhere gets nothing and moves nothing.
+    let c3 = h.connect(3, DGRAM);
+    assert!(h.send(c3, &req).is_empty());
+    assert_eq!(h.d.stats().dropped.replayed, 1);
+    assert_eq!(h.d.tunnels().next().and_then(|t| t.connection), Some(c2));
+    assert_eq!(h.d.stats().reattaches, 1);
 }
 
 #[test]
 fn reattach_while_active_moves_the_tunnel_and_closes_the_old_connection() {
     let mut h = Harness::new(DirectorConfig::default());
-    let (c1, id, secret, _) = h.configure(1, DGRAM);
+    let (c1, id, _, _) = h.configure(1, DGRAM);
     h.events();
     let c2 = h.connect(2, DGRAM);
     let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
     req.tlvs.tunnel_id = Some(id);
-    req.tlvs.reattach_secret = Some(secret);
     assert_eq!(h.send(c2, &req)[0].message().header.tunnel_id, id);
     let events = h.events();
     assert!(events.contains(&DirectorEvent::CloseConnection { connection: c1 }));
     assert_eq!(h.d.stats().pending_connections, 0);
     assert_eq!(h.d.stats().active_tunnels, 1);
+}
+
+#[test]
+fn a_configuration_request_without_a_client_nonce_is_refused_with_a_reason() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let c = h.connect(1, DGRAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    let out = h.send_unsigned(c, &req);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::UNAUTHORIZED));
+    assert!(m
+        .tlvs
+        .diagnostic
+        .is_some_and(|d| d.contains("Client Nonce")));
+    assert_eq!(h.d.stats().refused.unkeyed, 1);
+    assert_eq!(h.d.stats().tunnels_opened, 0);
+}
+
+#[test]
+fn control_messages_of_a_tunnel_are_signed_and_must_be() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, DGRAM);
+    let ka = h.request(MessageType::KEEPALIVE, id);
+    let out = h.send(c, &ka);
+    assert_eq!(out[0].message().tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert!(h.signed_for(id, &out));
+    // Unsigned, or signed with the director's own key (reflected): dropped, not answered.
+    let ka = h.request(MessageType::KEEPALIVE, id);
+    assert!(h.send_unsigned(c, &ka).is_empty());
+    let reflected = h.keys[&id].director_to_client();
+    let mut release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, id);
+    release.tlvs.result_code = Some(ResultCode::SUCCESS);
+    assert!(h.send_signed(c, &release, &reflected).is_empty());
+    assert_eq!(h.d.stats().dropped.unauthenticated, 2);
+    assert_eq!(
+        h.d.stats().active_tunnels,
+        1,
+        "a forged release closes nothing"
+    );
+    // A fresh request on a connection that carries a tunnel is not its client's.
+    let fresh = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    assert!(h.send(c, &fresh).is_empty());
+    assert_eq!(h.d.stats().tunnels_opened, 1);
+    // A replayed keepalive (accepted before, answer forgotten) gets nothing.
+    let first = h.request(MessageType::KEEPALIVE, id);
+    h.send(c, &first);
+    let svc = {
+        let mut m = h.request(MessageType::KEEPALIVE, id);
+        m.header.sequence += 100;
+        m
+    };
+    h.send(c, &svc);
+    assert!(h.send(c, &first).is_empty());
+    assert_eq!(h.d.stats().dropped.replayed, 1);
+}
+
+#[test]
+fn an_authenticated_request_from_a_new_address_moves_the_tunnel_there() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c1, id, _, ip) = h.configure(1, DGRAM);
+    let (c2, _, _, ip2) = h.configure(2, DGRAM);
+    h.events();
+    // The client's NAT gave it a new port: data from there first is dropped.
+    let rebound = h.connect(3, DGRAM);
+    h.d.handle_datagram(h.now, rebound, &data(&udp_packet(ip, ip2, b"early")));
+    assert!(h.drain().is_empty());
+    // Unsigned, or a replay of an earlier request: no move, and no Tunnel Not Found either.
+    let ka = h.request(MessageType::KEEPALIVE, id);
+    assert!(h.send_unsigned(rebound, &ka).is_empty());
+    let old = h.request(MessageType::KEEPALIVE, id);
+    h.send(c1, &old);
+    assert!(h.send(rebound, &old).is_empty());
+    assert_eq!(h.d.stats().moves, 0);
+    // Its next keepalive moves the tunnel, and is answered there.
+    let ka = h.request(MessageType::KEEPALIVE, id);
+    let out = h.send(rebound, &ka);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].connection, rebound);
+    assert_eq!(out[0].message().tlvs.result_code, Some(ResultCode::SUCCESS));
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelMoved {
+        tunnel_id: id,
+        connection: rebound
+    }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c1 }));
+    assert_eq!((h.d.stats().moves, h.d.stats().reattaches), (1, 0));
+    // The relay follows at once, both ways.
+    h.d.handle_datagram(h.now, c2, &data(&udp_packet(ip2, ip, b"to the new port")));
+    assert_eq!(h.drain()[0].connection, rebound);
+    h.d.handle_datagram(h.now, rebound, &data(&udp_packet(ip, ip2, b"from it")));
+    assert_eq!(h.drain()[0].connection, c2);
+}
+
+#[test]
+fn a_persistent_tunnel_is_moved_back_not_answered_tunnel_not_found() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, DGRAM);
+    h.advance(Duration::from_secs(91));
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelPersistent { tunnel_id: id }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+    // The same address again is a new connection for the director.
+    let again = h.connect(2, DGRAM);
+    let ka = h.request(MessageType::KEEPALIVE, id);
+    let out = h.send(again, &ka);
+    assert_eq!(out[0].message().tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(h.d.stats().persistent_tunnels, 0);
+    assert_eq!(h.d.stats().moves, 1);
+    // A tunnel the director does not hold is Tunnel Not Found.
+    let ka = h.request(MessageType::KEEPALIVE, id ^ 1);
+    let out = h.send(again, &ka);
+    assert_eq!(
+        out[0].message().tlvs.result_code,
+        Some(ResultCode::TUNNEL_NOT_FOUND)
+    );
 }
 
 #[test]
@@ -744,7 +933,7 @@ fn protocol_errors_are_answered_per_the_receiver_rules() {
         h.send(c, &svc)[0].message().tlvs.result_code,
         Some(ResultCode::SERVICE_NOT_ENABLED)
     );
-    // Unknown critical TLV in a keepalive.
+    // Unknown critical TLV in a keepalive its client signed; unsigned, it is not answered.
     let mut bytes = Vec::new();
     h.request(MessageType::KEEPALIVE, id)
         .encode(&mut bytes)
@@ -752,6 +941,10 @@ fn protocol_errors_are_answered_per_the_receiver_rules() {
     bytes.extend([0x7e, 0]);
     let mut env = Vec::new();
     Envelope::encode(EnvelopeType::CONTROL, &bytes, &mut env).expect("fits");
+    h.d.handle_datagram(h.now, c, &env);
+    assert!(h.drain().is_empty());
+    let key = h.keys[&id].client_to_director();
+    crate::wire::append_integrity(&mut env, 0, &key).expect("fits");
     h.d.handle_datagram(h.now, c, &env);
     let out = h.drain();
     assert_eq!(
@@ -1051,6 +1244,34 @@ mod peer {
     }
 
     #[test]
+    fn a_tunnel_that_moves_keeps_its_introductions() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (_, b, ipb) = capable(&mut h, 2, DGRAM);
+        let req = peer_request(&mut h, a, ipb);
+        let fwd = h.send(ca, &req)[0].message().header;
+        let mut answer = Message::response_to(&fwd, ResultCode::SUCCESS);
+        answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+        h.send(ConnectionHandle(2), &answer);
+        // B's NAT rebinds it; its next keepalive moves its tunnel.
+        let moved = h.connect(3, DGRAM);
+        let ka = h.request(MessageType::KEEPALIVE, b);
+        h.send(moved, &ka);
+        assert_eq!(h.d.stats().moves, 1);
+        // A leaves: B hears of it at its new address.
+        let release = h.request(MessageType::CONFIGURATION_RELEASE_REQUEST, a);
+        let out = h.send(ca, &release);
+        let notice = out
+            .iter()
+            .find(|o| o.connection == moved)
+            .expect("a release notice at the new address");
+        assert!(h.signed_for(b, std::slice::from_ref(notice)));
+        let notice = notice.message();
+        assert_eq!(notice.tlvs.service_action, Some(ServiceAction::RELEASE));
+        assert_eq!(notice.tlvs.peer_internal_address, Some(IpAddr::V4(ipa)));
+    }
+
+    #[test]
     fn an_announced_destination_lets_the_initiator_start_at_once() {
         let mut h = Harness::new(DirectorConfig::default());
         let (ca, a, ipa) = capable(&mut h, 1, STREAM);
@@ -1202,7 +1423,7 @@ mod peer {
         req.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
         let m = h.send(cb, &req);
         let m = m[0].message();
-        let (b, secret) = (m.header.tunnel_id, m.tlvs.reattach_secret.expect("secret"));
+        let b = m.header.tunnel_id;
         let ipb = m.tlvs.internal_ipv4.expect("v4").addr;
         let req = peer_request(&mut h, a, ipb);
         let fwd = h.send(ca, &req);
@@ -1220,7 +1441,6 @@ mod peer {
         let cb2 = h.connect(3, DGRAM);
         let mut reattach = h.request(MessageType::CONFIGURATION_REQUEST, 0);
         reattach.tlvs.tunnel_id = Some(b);
-        reattach.tlvs.reattach_secret = Some(secret);
         let out = h.send(cb2, &reattach);
         assert_eq!(
             out[0].message().header.message_type,

@@ -10,6 +10,7 @@ use crate::director::{DirectorConfig, DirectorConfigError};
 use crate::dtls::{self, ClientCheck};
 use crate::io::{Capture, QuicLimits};
 use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
+use crate::wire::Transport;
 
 /// What a server listens on, how it runs its director, and the bounds of its transports.
 #[derive(Clone, Debug)]
@@ -79,6 +80,13 @@ pub struct ServerConfig {
     /// Where the server shows the packets it relays and the envelopes it exchanges, for a
     /// packet capture (default none; see [`Capture`]). Captures hold plaintext.
     pub capture: Option<Capture>,
+    /// Run plain TCP and UDP listeners on addresses beyond loopback (default false). A plain
+    /// transport protects its tunnels from no one who sees their traffic: such an observer
+    /// reads the inner packets and the tunnel's control key, and with the key can act as the
+    /// client; off the path, keyed control messages (`docs/PROTOCOL.md` §4.4) still hold, but
+    /// data can be injected (§2.6). Without this [`check`](Self::check) refuses such a
+    /// listener; with it, [`prepare`](Self::prepare) logs a warning for each.
+    pub allow_plain_beyond_loopback: bool,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +111,7 @@ impl Default for ServerConfig {
             max_unconfigured_per_source: 16,
             quic_limits: QuicLimits::default(),
             capture: None,
+            allow_plain_beyond_loopback: false,
         }
     }
 }
@@ -138,9 +147,19 @@ impl ServerConfig {
             .copied()
     }
 
+    /// The plain (TCP and UDP) listeners on addresses beyond loopback.
+    pub fn plain_listeners_beyond_loopback(
+        &self,
+    ) -> impl Iterator<Item = (Transport, SocketAddr)> + '_ {
+        let tcp = self.tcp.iter().map(|a| (Transport::TCP, *a));
+        let udp = self.udp.iter().map(|a| (Transport::UDP, *a));
+        tcp.chain(udp).filter(|(_, a)| !a.ip().is_loopback())
+    }
+
     /// Checks what must hold before anything is bound: a listener at all, a valid director
-    /// configuration, no open admission beyond loopback, and TLS settings where a listener
-    /// needs them.
+    /// configuration, no open admission beyond loopback, no plain listener beyond loopback
+    /// unless [`allow_plain_beyond_loopback`](Self::allow_plain_beyond_loopback), and TLS
+    /// settings where a listener needs them.
     pub fn check(&self) -> Result<(), StartError> {
         let all: Vec<SocketAddr> = self.listeners().collect();
         if all.is_empty() {
@@ -148,6 +167,11 @@ impl ServerConfig {
         }
         self.director.validate()?;
         self.director.check_listeners(&all)?;
+        if !self.allow_plain_beyond_loopback {
+            if let Some((transport, addr)) = self.plain_listeners_beyond_loopback().next() {
+                return Err(StartError::PlainBeyondLoopback { transport, addr });
+            }
+        }
         if self.needs_certificate() && self.tls_config.is_none() {
             return Err(StartError::MissingTls);
         }
@@ -158,6 +182,12 @@ impl ServerConfig {
     /// seed from `os` (unless [`keep_seed`](Self::keep_seed)), and the certificate loaded.
     pub fn prepare(mut self, os: Os) -> Result<(Self, Option<ServerCredentials>), StartError> {
         self.check()?;
+        for (transport, addr) in self.plain_listeners_beyond_loopback() {
+            tracing::warn!(
+                "plain {transport} listener {addr} is reachable beyond loopback: anyone on the \
+                 path reads its tunnels and can take them over; use TLS, DTLS or QUIC there"
+            );
+        }
         if !self.keep_seed {
             self.director.rng_seed = os.seed().map_err(StartError::Randomness)?;
         }
@@ -185,6 +215,19 @@ pub enum StartError {
     /// TLS, QUIC or DTLS listeners are configured without TLS settings.
     #[error("TLS, QUIC or DTLS listeners configured without tls_config")]
     MissingTls,
+    /// A plain TCP or UDP listener on an address beyond loopback, without
+    /// [`ServerConfig::allow_plain_beyond_loopback`].
+    #[error(
+        "plain {transport} listener {addr} is reachable beyond loopback: anyone on the path \
+         reads its tunnels and can take them over; use TLS, DTLS or QUIC there, or allow plain \
+         listeners explicitly"
+    )]
+    PlainBeyondLoopback {
+        /// TCP or UDP.
+        transport: Transport,
+        /// The listener's address.
+        addr: SocketAddr,
+    },
     /// The configuration asks for something this runtime does not run (QUIC listeners in
     /// `tscf-runtime-std`).
     #[error("not supported by this runtime: {0}")]

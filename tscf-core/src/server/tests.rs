@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::stun::{decode_binding_response, encode_binding_request, TransactionId};
-use crate::wire::{Envelope, Message, MessageType, ResultCode};
+use crate::wire::{ControlKey, Envelope, Message, MessageType, ResultCode};
 
 #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
 fn t0() -> Instant {
@@ -97,9 +97,19 @@ impl Harness {
 }
 
 fn configuration_request(sequence: u32) -> Vec<u8> {
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0);
+    request.tlvs.client_nonce = Some([sequence as u8; 16]);
     let mut bytes = Vec::new();
-    Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0)
-        .encode_envelope(&mut bytes)
+    request.encode_envelope(&mut bytes).expect("encodable");
+    bytes
+}
+
+/// A keepalive for the tunnel a Configuration Response granted, signed as its client signs.
+fn keepalive(response: &Message<'_>, sequence: u32) -> Vec<u8> {
+    let key = ControlKey::new(&response.tlvs.control_key.expect("a fresh tunnel's key"));
+    let mut bytes = Vec::new();
+    Message::new(MessageType::KEEPALIVE, sequence, response.header.tunnel_id)
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
         .expect("encodable");
     bytes
 }
@@ -278,10 +288,18 @@ fn a_writer_that_keeps_writing_keeps_its_slot() {
     let mut h = Harness::new(config);
     let stream = h.open_stream(Transport::TCP);
     let mut written = Vec::new();
-    for sequence in 1..=5 {
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let configured = written.clone();
+    let response = message(&configured);
+    assert!(!h.host.take_output(h.now, stream, &mut written));
+    for sequence in 2..=5 {
         h.input(Input::StreamData {
             stream,
-            data: &configuration_request(sequence),
+            data: &keepalive(&response, sequence),
         });
         assert!(h.host.take_output(h.now, stream, &mut written));
         let out = h.advance(Duration::from_millis(1500));
@@ -545,7 +563,7 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
 #[test]
 fn a_full_stream_queue_drops_and_counts_envelopes() {
     let config = ServerConfig {
-        stream_queue_bytes: 100,
+        stream_queue_bytes: 300,
         ..ServerConfig::default()
     };
     let mut h = Harness::new(config);
@@ -560,12 +578,11 @@ fn a_full_stream_queue_drops_and_counts_envelopes() {
     assert_eq!(out.io.len(), 1);
     let mut written = Vec::new();
     assert!(h.host.take_output(h.now, stream, &mut written));
-    let tunnel = message(&written).header.tunnel_id;
+    let configured = written.clone();
+    let response = message(&configured);
     let mut keepalives = Vec::new();
     for sequence in 2..40 {
-        Message::new(MessageType::KEEPALIVE, sequence, tunnel)
-            .encode_envelope(&mut keepalives)
-            .expect("encodable");
+        keepalives.extend(keepalive(&response, sequence));
     }
     h.input(Input::StreamData {
         stream,
@@ -576,7 +593,7 @@ fn a_full_stream_queue_drops_and_counts_envelopes() {
         assert!(h.host.take_output(h.now, stream, &mut all) || all.is_empty());
         all.len()
     };
-    assert!(queued <= 100, "{queued} octets queued");
+    assert!(queued <= 300, "{queued} octets queued");
     assert!(h.host.stats().transport.stream_queue_full > 0);
 }
 

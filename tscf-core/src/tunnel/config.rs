@@ -29,6 +29,12 @@ use crate::wire::Transport;
 /// off, or change its fields (STUN servers, timers, `default_opt_in`, the peer transport).
 /// Even when it is on, only inner sockets opted in (or all, with `default_opt_in`) leave the
 /// relay.
+///
+/// Peer tunnels are secured by default: the peer transport is DTLS, with a certificate the
+/// runtime generates at connect, and [`PeerConfig::require_secure`] is set, so that a peer
+/// tunnel never carries data another host could forge (plain peer tunnels authenticate their
+/// control messages only; `docs/PROTOCOL.md` §2.6). Plain peer tunnels are there when asked
+/// for: set the peer transport to [`Transport::UDP`] (and `require_secure` to false).
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
     /// The client state machine's configuration: servers (tried in order), credential,
@@ -86,7 +92,11 @@ impl TunnelConfig {
             .into_iter()
             .collect();
         let mut client = ClientConfig::new(servers);
-        client.peer = Some(PeerConfig::new(Vec::new(), stun_servers));
+        client.peer = Some(PeerConfig {
+            transport: Transport::DTLS,
+            require_secure: true,
+            ..PeerConfig::new(Vec::new(), stun_servers)
+        });
         Self {
             client,
             keep_seed: false,

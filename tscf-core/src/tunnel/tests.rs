@@ -7,7 +7,7 @@ use super::*;
 use crate::inner::Datagrams;
 use crate::io::Connect;
 use crate::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost};
-use crate::tls::{ClientTlsConfig, Os, ServerVerification};
+use crate::tls::{ClientTlsConfig, Os, PeerIdentity, ServerVerification};
 
 #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
 fn t0() -> Instant {
@@ -47,12 +47,13 @@ fn no_files() -> Os {
     }
 }
 
+/// What a runtime sets up: the peer socket, and the certificate of secured peer paths.
 fn setup(peer_socket: &str) -> Setup {
     Setup {
         peer_socket: peer_socket.parse().expect("addr"),
         route_source: None,
         stream_listener: None,
-        peer_identity: None,
+        peer_identity: Some(PeerIdentity::generate(no_files()).expect("a certificate")),
         dtls: None,
         server_tls: None,
         quic: false,
@@ -125,19 +126,50 @@ impl Net {
         panic!("the hosts never settle");
     }
 
+    /// Moves virtual time on by `by`, firing every host's timers on the way.
+    fn advance(&mut self, by: Duration) {
+        let until = self.now + by;
+        self.pump();
+        loop {
+            let next = self
+                .clients
+                .iter()
+                .filter_map(|c| c.host.poll_timeout())
+                .chain(self.server.poll_timeout())
+                .min()
+                .filter(|at| *at <= until);
+            let Some(at) = next else {
+                break;
+            };
+            self.now = self.now.max(at);
+            let now = self.now;
+            for c in &mut self.clients {
+                if c.host.poll_timeout().is_some_and(|t| t <= now) {
+                    c.host.handle_timeout(now);
+                }
+            }
+            if self.server.poll_timeout().is_some_and(|t| t <= now) {
+                self.server.handle_timeout(now);
+            }
+            self.pump();
+        }
+        self.now = until;
+    }
+
     fn pump_client(&mut self, i: usize) -> bool {
         let mut moved = false;
         let now = self.now;
         loop {
+            let mut direct = Vec::new();
             let client = &mut self.clients[i];
             while let Some(t) = client.host.poll_transmit(now, &mut self.buf) {
                 moved = true;
                 match t {
                     Transmit::Datagram { socket, to } => {
                         assert_eq!(socket, PEER_SOCKET);
+                        let from = client.addr;
+                        let data = self.buf.clone();
                         if to == SERVER_UDP.parse::<SocketAddr>().expect("addr") {
-                            let from = client.addr;
-                            let data = self.buf.clone();
                             self.server.handle_input(
                                 now,
                                 Input::Datagram {
@@ -146,9 +178,24 @@ impl Net {
                                     data: &data,
                                 },
                             );
+                        } else {
+                            // The direct path between two clients.
+                            direct.push((to, from, data));
                         }
                     }
                     other => panic!("unexpected {other:?}"),
+                }
+            }
+            for (to, from, data) in direct {
+                if let Some(peer) = self.clients.iter_mut().find(|c| c.addr == to) {
+                    peer.host.handle_input(
+                        now,
+                        Input::Datagram {
+                            socket: PEER_SOCKET,
+                            from,
+                            data: &data,
+                        },
+                    );
                 }
             }
             let client = &mut self.clients[i];
@@ -500,4 +547,83 @@ fn a_dtls_transport_binds_a_socket_of_its_own_and_handshakes_on_it() {
         closed |= event == TunnelEvent::Io(IoEvent::CloseSocket { socket });
     }
     assert!(closed);
+}
+
+/// An off-path attacker who knows the direct path between two clients sends one of them a data
+/// envelope as if from the other. With the defaults a peer tunnel runs inside a DTLS session
+/// (plain peer tunnels are off unless asked for), so the plain datagram never reaches an inner
+/// socket. (On loopback, sending from another client's address takes raw sockets; in memory it
+/// is one input, and the decision is the core's.)
+#[test]
+fn forged_data_on_plain_peer_tunnel_is_dropped() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    let b = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.2:5000");
+    net.pump();
+    let (qa, _qb) = (net.socket(a, 5004), net.socket(b, 5004));
+    let (ipa, ipb) = (net.ipv4(a), net.ipv4(b));
+    for i in [a, b] {
+        net.clients[i].host.set_peer_tunneling(5004, true);
+    }
+    // B's media to A: the peer tunnel comes up on the way.
+    for _ in 0..100 {
+        let now = net.now;
+        net.clients[b]
+            .host
+            .send_to(now, 5004, SocketAddr::from((ipa, 5004)), b"media")
+            .expect("sent");
+        net.advance(Duration::from_millis(20));
+        if net.clients[a].host.peer_path(IpAddr::V4(ipb)) != PeerPath::Relay
+            && net.clients[b].host.peer_path(IpAddr::V4(ipa)) != PeerPath::Relay
+        {
+            break;
+        }
+    }
+    let path = net.clients[a].host.peer_path(IpAddr::V4(ipb));
+    assert_ne!(path, PeerPath::Relay, "the peer tunnel is up");
+    while qa.pop().is_some() {}
+
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(ipb.octets(), ipa.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"forged")
+        .expect("a packet");
+    let mut forged = Vec::new();
+    crate::wire::Envelope::encode(EnvelopeType::DATA, &packet, &mut forged).expect("fits");
+    let b_addr = net.clients[b].addr;
+    let now = net.now;
+    net.clients[a].host.handle_input(
+        now,
+        Input::Datagram {
+            socket: PEER_SOCKET,
+            from: b_addr,
+            data: &forged,
+        },
+    );
+    net.pump();
+    while let Some((payload, from)) = qa.pop() {
+        assert_ne!(
+            payload, b"forged",
+            "forged data from {from} delivered on {path:?}"
+        );
+    }
+    assert!(
+        matches!(
+            path,
+            PeerPath::Session {
+                transport: Transport::DTLS,
+                ..
+            }
+        ),
+        "{path:?}"
+    );
+    assert!(
+        net.clients[a]
+            .host
+            .stats()
+            .client
+            .peer
+            .dropped_plain_on_secure
+            >= 1
+    );
 }

@@ -125,7 +125,8 @@ wire_code! {
         SUPPORTED_VERSION = 0x01 => "Supported Version",
         /// The tunnel a Configuration Request wants to re-attach.
         TUNNEL_ID = 0x02 => "Tunnel Id",
-        /// Secret that authorises a re-attach.
+        /// Retired: the bare secret that authorised a re-attach before control messages were
+        /// keyed (`docs/PROTOCOL.md` §3.4). Still decoded; never sent.
         REATTACH_SECRET = 0x03 => "Re-attach Secret",
         /// Internal IPv4 address and prefix length.
         INTERNAL_IPV4 = 0x04 => "Internal IPv4 Address",
@@ -159,8 +160,15 @@ wire_code! {
         CERTIFICATE_FINGERPRINT = 0x12 => "Certificate Fingerprint",
         /// Source transport address of a probe, as the receiver saw it.
         OBSERVED_ADDRESS = 0x13 => "Observed Address",
-        /// HMAC-SHA-256 over the message, keyed with the peer token; always last.
+        /// HMAC-SHA-256 over the message, keyed with the peer token or the tunnel's control
+        /// key; always last.
         MESSAGE_INTEGRITY = 0x14 => "Message Integrity",
+        /// Random octets of a Configuration Request, echoed in its response, which they bind
+        /// to the request.
+        CLIENT_NONCE = 0x15 => "Client Nonce",
+        /// The tunnel's control key, from which the keys of Message Integrity on the server
+        /// tunnel derive.
+        CONTROL_KEY = 0x16 => "Control Key",
         /// Free-text name and version of the sender's software.
         SOFTWARE = 0x80 => "Software",
         /// Free-text detail for a result code.

@@ -12,7 +12,9 @@ use super::codes::{
 };
 use super::envelope::{Envelope, ENVELOPE_HEADER_LEN};
 use super::reader::Reader;
-use super::tlv::{self, RawTlv, MAX_AUTH_TOKEN_LEN, MAX_TEXT_LEN, REGISTRY};
+use super::tlv::{
+    self, RawTlv, CLIENT_NONCE_LEN, CONTROL_KEY_LEN, MAX_AUTH_TOKEN_LEN, MAX_TEXT_LEN, REGISTRY,
+};
 
 /// The protocol version this implementation speaks.
 pub const VERSION: u8 = 1;
@@ -142,7 +144,7 @@ pub struct Tlvs<'a> {
     pub supported_versions: Option<&'a [u8]>,
     /// Tunnel Id: the tunnel a Configuration Request re-attaches.
     pub tunnel_id: Option<u64>,
-    /// Re-attach Secret.
+    /// Re-attach Secret (retired: decoded, never sent, `docs/PROTOCOL.md` §3.4).
     pub reattach_secret: Option<[u8; 16]>,
     /// Internal IPv4 Address.
     pub internal_ipv4: Option<InternalAddress<Ipv4Addr>>,
@@ -178,6 +180,10 @@ pub struct Tlvs<'a> {
     pub observed_address: Option<SocketAddr>,
     /// Message Integrity (HMAC-SHA-256); always encoded last.
     pub message_integrity: Option<[u8; 32]>,
+    /// Client Nonce: a Configuration Request's random octets, echoed in its response.
+    pub client_nonce: Option<[u8; CLIENT_NONCE_LEN]>,
+    /// Control Key: the tunnel's key of Message Integrity on the server tunnel.
+    pub control_key: Option<[u8; CONTROL_KEY_LEN]>,
     /// Software.
     pub software: Option<&'a str>,
     /// Diagnostic.
@@ -527,6 +533,8 @@ impl<'a> Tlvs<'a> {
             TlvType::CERTIFICATE_FINGERPRINT => self.certificate_fingerprint = r.array(),
             TlvType::OBSERVED_ADDRESS => self.observed_address = Some(socket(v)?),
             TlvType::MESSAGE_INTEGRITY => self.message_integrity = r.array(),
+            TlvType::CLIENT_NONCE => self.client_nonce = r.array(),
+            TlvType::CONTROL_KEY => self.control_key = r.array(),
             TlvType::SOFTWARE => self.software = Some(text(v)?),
             TlvType::DIAGNOSTIC => self.diagnostic = Some(text(v)?),
             TlvType::MAX_PACKET_SIZE => {
@@ -624,6 +632,13 @@ impl<'a> Tlvs<'a> {
         if let Some(addr) = self.observed_address {
             let n = put_socket(&mut buf, addr);
             f(TlvType::OBSERVED_ADDRESS, &buf[..n]);
+        }
+        // Message Integrity (0x14) comes between these in code order, and last on the wire.
+        if let Some(nonce) = &self.client_nonce {
+            f(TlvType::CLIENT_NONCE, nonce);
+        }
+        if let Some(key) = &self.control_key {
+            f(TlvType::CONTROL_KEY, key);
         }
         if let Some(software) = self.software {
             f(TlvType::SOFTWARE, software.as_bytes());

@@ -102,7 +102,6 @@ const REL_REQ: u16 = bit(MessageType::CONFIGURATION_RELEASE_REQUEST);
 const REL_RESP: u16 = bit(MessageType::CONFIGURATION_RELEASE_RESPONSE);
 const REL_NOTE: u16 = bit(MessageType::CONFIGURATION_RELEASE_NOTIFICATION);
 const REL_NOTE_RESP: u16 = bit(MessageType::CONFIGURATION_RELEASE_NOTIFICATION_RESPONSE);
-const KA: u16 = bit(MessageType::KEEPALIVE);
 const KA_RESP: u16 = bit(MessageType::KEEPALIVE_RESPONSE);
 const SVC_REQ: u16 = bit(MessageType::CLIENT_SERVICE_REQUEST);
 const SVC_RESP: u16 = bit(MessageType::CLIENT_SERVICE_RESPONSE);
@@ -110,6 +109,11 @@ const PROBE: u16 = bit(MessageType::PEER_PROBE);
 const PROBE_RESP: u16 = bit(MessageType::PEER_PROBE_RESPONSE);
 const RESPONSES: u16 = CONF_RESP | REL_RESP | REL_NOTE_RESP | KA_RESP | SVC_RESP | PROBE_RESP;
 const ALL: u16 = 0x1ffe;
+
+/// Octets of a Client Nonce.
+pub const CLIENT_NONCE_LEN: usize = 16;
+/// Octets of a Control Key.
+pub const CONTROL_KEY_LEN: usize = 32;
 
 /// Upper bound of an Auth Token value; long enough for a signed bearer token.
 pub const MAX_AUTH_TOKEN_LEN: usize = 1024;
@@ -207,11 +211,18 @@ pub(crate) const REGISTRY: &[TlvRule] = &[
         1,
         CONF_RESP | PROBE_RESP,
     ),
+    rule(TlvType::MESSAGE_INTEGRITY, Lengths::OneOf(&[32]), 1, ALL),
     rule(
-        TlvType::MESSAGE_INTEGRITY,
-        Lengths::OneOf(&[32]),
+        TlvType::CLIENT_NONCE,
+        Lengths::OneOf(&[CLIENT_NONCE_LEN as u16]),
         1,
-        CONF_REQ | CONF_RESP | REL_REQ | REL_RESP | KA | KA_RESP | PROBE | PROBE_RESP,
+        CONF_REQ | CONF_RESP,
+    ),
+    rule(
+        TlvType::CONTROL_KEY,
+        Lengths::OneOf(&[CONTROL_KEY_LEN as u16]),
+        1,
+        CONF_RESP,
     ),
     rule(
         TlvType::SOFTWARE,

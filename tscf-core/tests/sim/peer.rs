@@ -814,13 +814,16 @@ fn probe_reflection_amplification_is_bounded_over_a_minute() {
         let victim_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 99));
         w.add_raw_host(None, victim_ip, LinkConfig::with_latency(ms(5)));
         let attacker = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 66)));
-        attacker.send(
-            &mut w,
-            &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
-        );
+        // An admitted client: it keys its control messages like any other.
+        let mut configure = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        configure.tlvs.client_nonce = Some(*b"attacker's nonce");
+        attacker.send(&mut w, &configure);
         w.run_for(ms(200));
         let replies = attacker.received(&mut w);
-        let tunnel_id = control(&replies[0]).header.tunnel_id;
+        let answer = control(&replies[0]);
+        let tunnel_id = answer.header.tunnel_id;
+        let key = tscf_core::wire::ControlKey::new(&answer.tlvs.control_key.expect("a key"))
+            .client_to_director();
 
         let (start, mut n) = (w.now(), 0u32);
         let mut requests: Vec<(u32, usize)> = Vec::new();
@@ -842,7 +845,9 @@ fn probe_reflection_amplification_is_bounded_over_a_minute() {
                 });
             }
             let mut bytes = Vec::new();
-            request.encode_envelope(&mut bytes).expect("encodable");
+            request
+                .encode_envelope_with_integrity(&key, &mut bytes)
+                .expect("encodable");
             attacker.send_bytes(&mut w, &bytes);
             requests.push((100 + n, bytes.len()));
             n += 1;

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use tscf_core::client::ClientEvent;
+use tscf_core::client::{ClientConfig, ClientEvent};
 use tscf_core::director::{DirectorConfig, DirectorEvent, Ipv4Pool};
 use tscf_core::sim::world::{udp_packet, udp_payload, World, DIRECTOR_IP};
-use tscf_core::sim::{for_each_seed, LinkConfig, LinkId, SeedGuard};
+use tscf_core::sim::{
+    for_each_seed, LinkConfig, LinkId, NatConfig, NatKind, SeedGuard, SiteConfig,
+};
 use tscf_core::wire::{Envelope, EnvelopeType, Message, MessageType, ResultCode, Transport};
 
 use super::*;
@@ -200,10 +202,12 @@ fn transport_loss_reattach_keeps_address_and_tunnel_id() {
     );
     assert!(got.ends_with(&(200 - held as u32..200).collect::<Vec<_>>()));
 
-    // A re-attach with the wrong secret is refused and leaves the tunnel alone.
+    // A re-attach without the client's Message Integrity (with a guessed secret, as before
+    // control messages were keyed) is refused and leaves the tunnel alone.
     let rogue = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)));
     let mut req = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
     req.tlvs.tunnel_id = id;
+    req.tlvs.client_nonce = Some([0x66; 16]);
     req.tlvs.reattach_secret = Some([0x42; 16]);
     rogue.send(&mut w, &req);
     w.run_for(ms(100));
@@ -268,10 +272,9 @@ fn spoofed_inner_source_is_dropped_and_counted() {
     let victim = w.nodes[0].client.internal_ipv4().expect("v4");
     let other = w.nodes[1].client.internal_ipv4().expect("v4");
     let rogue = RawHost::new(&mut w, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)));
-    rogue.send(
-        &mut w,
-        &Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0),
-    );
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([0x66; 16]);
+    rogue.send(&mut w, &request);
     w.run_for(ms(100));
     let replies = rogue.received(&mut w);
     let own = control(&replies[0])
@@ -410,4 +413,63 @@ fn random_seeds_keep_the_invariants() {
         "{seeds} seeds: {} tagged frames delivered, none twice, none astray",
         delivered.load(std::sync::atomic::Ordering::Relaxed)
     );
+}
+
+/// A client behind a NAT that gives it a new public port mid-call (its mappings flushed, as
+/// when conntrack forgets them): its next packets come from an address the director has never
+/// seen, and the first authenticated request from there moves the tunnel. Same tunnel, same
+/// address, no re-attach, and the media resumes both ways.
+#[test]
+fn a_nat_rebinding_moves_the_tunnel_and_the_media_resumes() {
+    for_each_seed(0..8, |seed| {
+        let mut w = World::new(seed, DirectorConfig::default(), ms(10));
+        let site = w.net.add_site(SiteConfig {
+            nat: Some(NatConfig::new(
+                NatKind::Symmetric,
+                IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
+            )),
+            uplink: LinkConfig::default(),
+        });
+        let config = ClientConfig::new(vec![World::endpoint(Transport::UDP)]);
+        let a = w.add_client(
+            Some(site),
+            client_ip(0),
+            LinkConfig::with_latency(ms(5)),
+            config,
+        );
+        let b = add_client(&mut w, 1, Transport::UDP, LinkConfig::with_latency(ms(5)));
+        w.run_for(Duration::from_secs(1));
+        assert!(w.connected(a) && w.connected(b));
+        let id = w.nodes[a].client.tunnel_id();
+        let (ia, ib) = (
+            w.nodes[a].client.internal_ipv4().expect("v4"),
+            w.nodes[b].client.internal_ipv4().expect("v4"),
+        );
+        for n in 0..150u32 {
+            if n == 50 {
+                w.net.flush_nat(site);
+            }
+            assert!(w.send_udp(a, ib, &n.to_be_bytes()));
+            assert!(w.send_udp(b, ia, &n.to_be_bytes()));
+            w.run_for(ms(20));
+        }
+        w.run_for(ms(500));
+        let got = |w: &World, i: usize| -> Vec<u32> {
+            w.nodes[i]
+                .received
+                .iter()
+                .map(|p| u32::from_be_bytes(udp_payload(p).try_into().expect("4 octets")))
+                .collect()
+        };
+        for (what, at) in [("to a", a), ("to b", b)] {
+            let got = got(&w, at);
+            assert!(got.contains(&149), "{what}: the media resumes: {got:?}");
+            assert!(got.len() >= 110, "{what}: {} of 150", got.len());
+        }
+        assert_eq!(w.nodes[a].client.tunnel_id(), id);
+        assert_eq!(connected_events(&w, a).len(), 1, "no fresh tunnel");
+        let stats = w.director.stats();
+        assert_eq!((stats.moves, stats.reattaches), (1, 0));
+        assert!(w.nodes[a].client.stats().roaming_probes >= 1);
+    });
 }

@@ -78,13 +78,15 @@ pub(crate) struct TunnelArgs {
     /// line: prefer the TSCF_TOKEN environment variable or the `token` key of --config.
     #[arg(long, env = "TSCF_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The peer transport offered to other clients: plain signed UDP, or DTLS or QUIC with a
-    /// self-signed certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1). A peer
-    /// tunnel runs over DTLS or QUIC only when both clients offer the same one.
-    #[arg(long, value_enum, default_value_t = PeerTransportArg::Udp)]
+    /// The peer transport offered to other clients: DTLS or QUIC with a self-signed
+    /// certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1), or, when asked for,
+    /// plain UDP, whose data anyone who knows the path can forge. A peer tunnel runs over DTLS
+    /// or QUIC only when both clients offer the same one; with `dtls` or `quic` a peer tunnel
+    /// that would not be secured is refused and its flows stay on the relay.
+    #[arg(long, value_enum, default_value_t = PeerTransportArg::Dtls)]
     peer_transport: PeerTransportArg,
-    /// Refuse peer tunnels that would not be secured (needs `--peer-transport dtls` or
-    /// `quic`); their flows stay on the relay.
+    /// Refuse peer tunnels that would not be secured: the default with `--peer-transport
+    /// dtls` or `quic`, and not possible with `udp`.
     #[arg(long)]
     peer_require_secure: bool,
     /// A STUN server for NAT discovery of the peer socket (at most 8). Repeatable; without
@@ -391,14 +393,13 @@ impl TunnelArgs {
                 "--fingerprint and --insecure are for --transport tls, dtls or quic".into(),
             );
         }
+        if args.peer_require_secure && args.peer_transport == PeerTransportArg::Udp {
+            return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
+        }
         if let Some(peer) = &mut config.client.peer {
             peer.transport = args.peer_transport.transport();
-            if args.peer_require_secure {
-                if args.peer_transport == PeerTransportArg::Udp {
-                    return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
-                }
-                peer.require_secure = true;
-            }
+            // Plain peer tunnels only when asked for by name.
+            peer.require_secure = args.peer_transport != PeerTransportArg::Udp;
         }
         config.connect_timeout = Duration::from_secs(args.connect_timeout);
         if let Some(token) = &args.token {

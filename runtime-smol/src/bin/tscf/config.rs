@@ -12,6 +12,7 @@
 //! peer_tunneling = true             # offer the peer service (PROTOCOL.md §7)
 //! max_packet_len = 1400             # largest inner IP packet relayed, told to clients
 //! auth_tokens = ["secret"]          # required for listeners beyond loopback
+//! allow_plain = false               # plain tcp/udp listeners beyond loopback (read: insecure)
 //! admin = "127.0.0.1:4449"          # `tscf status` endpoint, loopback only ("" for none)
 //! metrics = "127.0.0.1:9477"        # Prometheus metrics at http://ADDR/metrics (default none)
 //!
@@ -67,6 +68,9 @@ pub(crate) struct ServerFile {
     max_packet_len: Option<usize>,
     #[serde(default)]
     auth_tokens: Vec<String>,
+    /// Allow plain TCP and UDP listeners on addresses beyond loopback.
+    #[serde(default)]
+    allow_plain: bool,
     tls_identity: Option<Identity>,
     admin: Option<String>,
     metrics: Option<String>,
@@ -143,6 +147,7 @@ impl ServerFile {
             udp: self.udp,
             quic: self.quic,
             dtls: self.dtls,
+            allow_plain_beyond_loopback: self.allow_plain,
             ..ServerConfig::default()
         };
         if let Some(Pool(p)) = self.ipv4_pool {
@@ -333,6 +338,23 @@ mod tests {
         let f = ServerFile::parse("max_packet_len = 40").expect("parses");
         let e = f.into_server_config().expect_err("below 68");
         assert!(e.contains("max_packet_len"), "{e}");
+    }
+
+    #[test]
+    fn plain_listeners_beyond_loopback_are_allowed_only_by_name() {
+        let text = "udp = [\"0.0.0.0:4440\"]\nauth_tokens = [\"a-long-enough-token\"]\n";
+        let c = ServerFile::parse(text)
+            .and_then(ServerFile::into_server_config)
+            .expect("parses");
+        assert!(matches!(
+            c.check(),
+            Err(tscf_runtime_smol::StartError::PlainBeyondLoopback { .. })
+        ));
+        let c = ServerFile::parse(&format!("{text}allow_plain = true\n"))
+            .and_then(ServerFile::into_server_config)
+            .expect("parses");
+        assert!(c.allow_plain_beyond_loopback);
+        assert!(c.check().is_ok());
     }
 
     #[test]

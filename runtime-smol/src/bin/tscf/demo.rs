@@ -133,6 +133,7 @@ async fn demo(as_json: bool) -> Result<(), String> {
     let setup = form_peer_tunnel(&a, &b).await?;
     let path = match a.peer_path(IpAddr::V4(ib)) {
         PeerPath::Peer(p) => p.to_string(),
+        PeerPath::Session { addr, transport } => format!("{addr} ({transport})"),
         other => format!("{other:?}"),
     };
     say(

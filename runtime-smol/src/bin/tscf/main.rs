@@ -78,6 +78,10 @@ enum Command {
         metrics: Option<SocketAddr>,
         #[command(flatten)]
         capture: CaptureArgs,
+        /// Allow plain TCP and UDP listeners on addresses beyond loopback (`allow_plain` in the
+        /// configuration): anyone on the path reads their tunnels and can take them over.
+        #[arg(long)]
+        allow_plain: bool,
     },
     /// Open a tunnel, print its addresses and forward local UDP ports into it.
     Client(client::ClientArgs),
@@ -119,7 +123,8 @@ fn main() -> ExitCode {
             admin,
             metrics,
             capture,
-        } => server(config, run_for, admin, metrics, &capture),
+            allow_plain,
+        } => server(config, run_for, admin, metrics, &capture, allow_plain),
         Command::Client(args) => client::run(args),
         Command::Demo { json } => demo::run(json),
         Command::Netcheck(args) => netcheck::run(args),
@@ -134,6 +139,7 @@ fn server(
     admin: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     capture: &CaptureArgs,
+    allow_plain: bool,
 ) -> ExitCode {
     let file = match path {
         None => config::ServerFile::default_config(),
@@ -153,7 +159,9 @@ fn server(
             Some(a) => Some(a),
             None => f.metrics_addr()?,
         };
-        Ok((f.into_server_config()?, admin, metrics))
+        let mut config = f.into_server_config()?;
+        config.allow_plain_beyond_loopback |= allow_plain;
+        Ok((config, admin, metrics))
     });
     let (mut config, admin, metrics) = match configured {
         Ok(c) => c,

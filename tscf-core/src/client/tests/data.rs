@@ -158,12 +158,17 @@ fn garbage_is_counted_and_never_fatal() {
     );
     assert!(h.take_sent().is_empty());
 
-    // Unknown critical TLV in a request: answered with code 4; in a response: dropped.
+    // Unknown critical TLV in a request the director signed: answered with code 4 (unsigned,
+    // it is not answered); in a response: dropped.
     let mut bad = keepalive.clone();
     bad.extend_from_slice(&[0x7e, 1, 0]);
     let len = bad.len() as u16;
     bad[1..3].copy_from_slice(&len.to_be_bytes());
-    h.deliver(&bad);
+    h.deliver_raw(&bad);
+    assert!(h.take_sent().is_empty());
+    let key = crate::wire::ControlKey::new(&super::KEY);
+    crate::wire::append_integrity(&mut bad, 0, &key.director_to_client()).expect("fits");
+    h.deliver_raw(&bad);
     let answer = h.take_control();
     let msg = decode(&answer);
     assert_eq!(msg.header.message_type, MessageType::KEEPALIVE_RESPONSE);
@@ -183,7 +188,7 @@ fn garbage_is_counted_and_never_fatal() {
     assert!(h.take_sent().is_empty());
     assert_eq!(
         h.client.stats().dropped_bad_control,
-        before.dropped_bad_control + 3
+        before.dropped_bad_control + 4
     );
     assert_eq!(h.client.state(), ClientState::Connected);
 }

@@ -5,7 +5,7 @@ use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use etherparse::PacketBuilder;
 
 use super::*;
-use crate::wire::{Capabilities, InternalAddress, Transport, MAX_PAYLOAD_LEN};
+use crate::wire::{Capabilities, ControlKey, InternalAddress, Transport, MAX_PAYLOAD_LEN};
 
 mod data;
 mod peer;
@@ -13,7 +13,8 @@ mod peer;
 const TUNNEL: u64 = 0x5a17_c0de_2024_0b01;
 const ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
-const SECRET: [u8; 16] = *b"re-attach secret";
+/// The control key the scripted director gives every tunnel.
+const KEY: [u8; 32] = *b"the scripted director's tunnel k";
 
 #[allow(clippy::disallowed_methods)]
 pub(super) fn base() -> Instant {
@@ -50,6 +51,8 @@ struct Harness {
     /// (stream, envelope) of every transmit on a peer stream.
     stream_sent: Vec<(PeerStreamId, Vec<u8>)>,
     events: Vec<ClientEvent>,
+    /// The Client Nonce of the last Configuration Request, and whether it re-attached.
+    configuration: Option<([u8; 16], bool)>,
 }
 
 impl Harness {
@@ -65,6 +68,7 @@ impl Harness {
             session_sent: Vec::new(),
             stream_sent: Vec::new(),
             events: Vec::new(),
+            configuration: None,
         };
         h.drain();
         h
@@ -78,7 +82,18 @@ impl Harness {
         let mut buf = Vec::new();
         while let Some(t) = self.client.poll_transmit(self.now, &mut buf) {
             match t.destination {
-                Destination::Server => self.sent.push((self.now - self.start, buf.clone())),
+                Destination::Server => {
+                    let request = Envelope::decode_datagram(&buf)
+                        .ok()
+                        .filter(|e| e.kind == EnvelopeType::CONTROL)
+                        .and_then(|e| Message::decode(e.payload).ok())
+                        .filter(|m| m.header.message_type == MessageType::CONFIGURATION_REQUEST)
+                        .and_then(|m| Some((m.tlvs.client_nonce?, m.tlvs.tunnel_id.is_some())));
+                    if request.is_some() {
+                        self.configuration = request;
+                    }
+                    self.sent.push((self.now - self.start, buf.clone()));
+                }
                 Destination::Peer(to) => self.peer_sent.push((to, buf.clone())),
                 Destination::PeerStream(id) => self.stream_sent.push((id, buf.clone())),
                 Destination::PeerSession(to) => self.session_sent.push((to, buf.clone())),
@@ -105,10 +120,50 @@ impl Harness {
         self.drain();
     }
 
+    /// Delivers what the scripted director sends, as a director of this version sends it: a
+    /// Configuration Response echoing the request's Client Nonce (with the control key
+    /// [`KEY`] when it grants a fresh tunnel), and everything for a tunnel signed with it.
     fn deliver(&mut self, envelope: &[u8]) {
+        let envelope = self.as_director(envelope);
+        self.deliver_raw(&envelope);
+    }
+
+    /// Delivers exactly `envelope`.
+    fn deliver_raw(&mut self, envelope: &[u8]) {
         self.client
             .handle_input(self.now, Input::Envelope(envelope));
         self.drain();
+    }
+
+    fn as_director(&self, envelope: &[u8]) -> Vec<u8> {
+        let unchanged = envelope.to_vec();
+        let Ok(env) = Envelope::decode_datagram(envelope) else {
+            return unchanged;
+        };
+        let Ok(mut msg) = Message::decode(env.payload) else {
+            return unchanged;
+        };
+        if env.kind != EnvelopeType::CONTROL || msg.tlvs.message_integrity.is_some() {
+            return unchanged;
+        }
+        if msg.header.message_type == MessageType::CONFIGURATION_RESPONSE {
+            let Some((nonce, reattach)) = self.configuration else {
+                return unchanged;
+            };
+            msg.tlvs.client_nonce.get_or_insert(nonce);
+            if msg.tlvs.result_code != Some(ResultCode::SUCCESS) {
+                return encode(&msg);
+            }
+            if !reattach {
+                msg.tlvs.control_key.get_or_insert(KEY);
+            }
+        } else if self.client.tunnel_id().is_none() {
+            return unchanged;
+        }
+        let mut out = Vec::new();
+        msg.encode_envelope_with_integrity(&ControlKey::new(&KEY).director_to_client(), &mut out)
+            .expect("encodable");
+        out
     }
 
     fn take_sent(&mut self) -> Vec<Vec<u8>> {
@@ -170,7 +225,6 @@ fn config_response_with(
     let mut msg = Message::new(MessageType::CONFIGURATION_RESPONSE, seq, tunnel);
     msg.tlvs.max_packet_size = max_packet_size;
     msg.tlvs.result_code = Some(ResultCode::SUCCESS);
-    msg.tlvs.reattach_secret = Some(SECRET);
     msg.tlvs.internal_ipv4 = Some(InternalAddress {
         addr,
         prefix_len: 16,
@@ -274,7 +328,8 @@ fn connects_over_a_stream_transport() {
     );
     assert!(msg.tlvs.software.is_some_and(|s| s.starts_with("tscf/")));
     assert_eq!(msg.tlvs.tunnel_id, None);
-    assert_eq!(msg.tlvs.reattach_secret, None);
+    assert!(msg.tlvs.client_nonce.is_some());
+    assert_eq!(msg.tlvs.message_integrity, None, "no key to sign with yet");
 
     // A stream transport sends the request once.
     h.advance(Duration::from_secs(5));
@@ -472,14 +527,16 @@ fn idle_keepalive_then_silence_then_reattach() {
     let msg = decode(&request);
     assert_eq!(msg.header.tunnel_id, 0);
     assert_eq!(msg.tlvs.tunnel_id, Some(TUNNEL));
-    assert_eq!(msg.tlvs.reattach_secret, Some(SECRET));
+    // The proof is our Message Integrity under the tunnel's key, never a bare secret.
+    assert_eq!(msg.tlvs.reattach_secret, None);
+    let nonce = msg.tlvs.client_nonce.expect("a nonce");
+    assert!(ControlKey::new(&KEY).verify_from_client(&request[3..]));
     let mut response = Message::new(
         MessageType::CONFIGURATION_RESPONSE,
         msg.header.sequence,
         TUNNEL,
     );
     response.tlvs.result_code = Some(ResultCode::SUCCESS);
-    response.tlvs.reattach_secret = Some(*b"a fresh secret!!");
     response.tlvs.internal_ipv4 = Some(InternalAddress {
         addr: ADDR,
         prefix_len: 16,
@@ -491,7 +548,7 @@ fn idle_keepalive_then_silence_then_reattach() {
     ));
     assert_eq!(h.client.stats().reattaches, 1);
 
-    // The next re-attach presents the fresh secret.
+    // The next re-attach carries a fresh nonce.
     h.client.handle_input(h.now, Input::TransportLost);
     h.drain();
     assert_eq!(
@@ -503,10 +560,7 @@ fn idle_keepalive_then_silence_then_reattach() {
     );
     h.open();
     let request = h.take_control();
-    assert_eq!(
-        decode(&request).tlvs.reattach_secret,
-        Some(*b"a fresh secret!!")
-    );
+    assert_ne!(decode(&request).tlvs.client_nonce, Some(nonce));
 }
 
 #[test]
@@ -558,7 +612,7 @@ fn refused_reattach_gets_a_fresh_tunnel_on_the_same_transport() {
     let msg = decode(&fresh);
     assert_eq!(msg.header.message_type, MessageType::CONFIGURATION_REQUEST);
     assert_eq!(msg.tlvs.tunnel_id, None);
-    assert_eq!(msg.tlvs.reattach_secret, None);
+    assert_eq!(msg.tlvs.message_integrity, None);
     assert_ne!(msg.header.sequence, decode(&request).header.sequence);
 
     let new_addr = Ipv4Addr::new(10, 77, 0, 9);
@@ -910,4 +964,214 @@ fn reattach_retries_its_server_after_backoff_then_fails_over() {
         h.take_events().as_slice(),
         [ClientEvent::TunnelClosed { .. }, ClientEvent::Connected(info)] if info.server == b
     ));
+}
+
+// ---- keyed control (docs/PROTOCOL.md §3.3, §3.4, §4.4) ----
+
+#[test]
+fn forged_server_requests_are_dropped_once_the_tunnel_is_keyed() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(30_000);
+    // A peer introduction, a release and a keepalive, without the director's integrity.
+    let mut intro = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0x8000_0100, TUNNEL);
+    intro.tlvs.service_type = Some(crate::wire::ServiceType::PEER);
+    intro.tlvs.service_action = Some(crate::wire::ServiceAction::ESTABLISH);
+    intro.tlvs.peer_internal_address = Some(IpAddr::V4(PEER));
+    let mut release = Message::new(
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION,
+        0x8000_0101,
+        TUNNEL,
+    );
+    release.tlvs.result_code = Some(ResultCode::ADMINISTRATIVE);
+    let keepalive = Message::new(MessageType::KEEPALIVE, 0x8000_0102, TUNNEL);
+    for forged in [&intro, &release, &keepalive] {
+        h.deliver_raw(&encode(forged));
+    }
+    // Signed with another key, or the client's own (reflected), it is no better.
+    let other = ControlKey::new(&[0x99; 32]);
+    let mut signed = Vec::new();
+    release
+        .encode_envelope_with_integrity(&other.director_to_client(), &mut signed)
+        .expect("fits");
+    h.deliver_raw(&signed);
+    signed.clear();
+    release
+        .encode_envelope_with_integrity(&ControlKey::new(&KEY).client_to_director(), &mut signed)
+        .expect("fits");
+    h.deliver_raw(&signed);
+    assert!(h.take_sent().is_empty(), "nothing answered");
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.client.stats().dropped_unauthenticated, 5);
+    assert_eq!(h.client.state(), ClientState::Connected);
+    // The director's own request is answered, signed.
+    h.deliver(&encode(&keepalive));
+    let answer = h.take_control();
+    assert!(ControlKey::new(&KEY).verify_from_client(&answer[3..]));
+}
+
+#[test]
+fn everything_the_client_sends_on_its_tunnel_is_signed() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(1000);
+    let key = ControlKey::new(&KEY);
+    h.advance(ms(1000));
+    let keepalive = h.take_control();
+    assert_eq!(
+        decode(&keepalive).header.message_type,
+        MessageType::KEEPALIVE
+    );
+    assert!(key.verify_from_client(&keepalive[3..]));
+    h.deliver(&error_response(&keepalive, ResultCode::SUCCESS));
+    h.client.release(h.now);
+    h.drain();
+    let release = h.take_control();
+    assert!(key.verify_from_client(&release[3..]));
+    // The retransmission is the same signed octets.
+    h.advance(ms(250));
+    assert_eq!(h.take_control(), release);
+}
+
+#[test]
+fn a_configuration_response_must_answer_our_request() {
+    let mut h = Harness::with_servers(vec![udp(), tcp()]);
+    h.take_events();
+    h.open();
+    let request = h.take_control();
+    let seq = decode(&request).header.sequence;
+    // Another nonce: not an answer to this request.
+    let mut wrong = Message::new(MessageType::CONFIGURATION_RESPONSE, seq, TUNNEL);
+    wrong.tlvs.result_code = Some(ResultCode::SUCCESS);
+    wrong.tlvs.client_nonce = Some([0x55; 16]);
+    wrong.tlvs.control_key = Some([0x55; 32]);
+    wrong.tlvs.internal_ipv4 = Some(InternalAddress {
+        addr: ADDR,
+        prefix_len: 16,
+    });
+    h.deliver(&encode(&wrong));
+    assert_eq!(h.client.stats().dropped_unbound_response, 1);
+    // Ours, but its key does not sign it: not a tunnel.
+    let mut unsigned = Vec::new();
+    let mut bound = wrong.clone();
+    bound.tlvs.client_nonce = h.configuration.map(|(n, _)| n);
+    bound.encode_envelope(&mut unsigned).expect("fits");
+    h.deliver_raw(&unsigned);
+    assert_eq!(h.client.stats().dropped_invalid_configuration, 1);
+    assert_eq!(h.client.state(), ClientState::Connecting);
+    // A director that does not know the Client Nonce refuses it as unknown: next server.
+    let old = encode(&Message::response_to(
+        &decode(&request).header,
+        ResultCode::UNKNOWN_CRITICAL_TLV,
+    ));
+    h.deliver_raw(&old);
+    assert_eq!(
+        h.take_events(),
+        [
+            ClientEvent::ConnectFailed {
+                server: udp(),
+                result: Some(ResultCode::UNKNOWN_CRITICAL_TLV)
+            },
+            ClientEvent::CloseTransport,
+            ClientEvent::OpenTransport { server: tcp() },
+        ]
+    );
+}
+
+#[test]
+fn tunnel_not_found_to_a_keepalive_reattaches_in_place_before_giving_up() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(1000);
+    h.advance(ms(1000));
+    let keepalive = h.take_control();
+    // Unsigned: a director without the tunnel has no key.
+    h.deliver_raw(&error_response(&keepalive, ResultCode::TUNNEL_NOT_FOUND));
+    assert!(
+        h.take_events().is_empty(),
+        "no transport loss, nothing given up"
+    );
+    let reattach = h.take_control();
+    let msg = decode(&reattach);
+    assert_eq!(msg.header.message_type, MessageType::CONFIGURATION_REQUEST);
+    assert_eq!(msg.tlvs.tunnel_id, Some(TUNNEL));
+    assert!(ControlKey::new(&KEY).verify_from_client(&reattach[3..]));
+    assert_eq!(h.client.state(), ClientState::Reattaching);
+    h.deliver(&config_response(msg.header.sequence, TUNNEL, ADDR, 1000));
+    assert!(matches!(
+        h.take_events().as_slice(),
+        [ClientEvent::Reattached(info)] if info.tunnel_id == TUNNEL
+    ));
+    assert_eq!(h.client.stats().tunnel_not_found_reattaches, 1);
+    // When the re-attach is refused too, the tunnel is gone: said, and a fresh one asked for.
+    h.advance(ms(1000));
+    let keepalive = h.take_control();
+    h.deliver_raw(&error_response(&keepalive, ResultCode::TUNNEL_NOT_FOUND));
+    let reattach = h.take_control();
+    h.deliver(&error_response(&reattach, ResultCode::TUNNEL_NOT_FOUND));
+    assert_eq!(
+        h.take_events(),
+        [ClientEvent::TunnelClosed {
+            reason: ResultCode::TUNNEL_NOT_FOUND
+        }]
+    );
+    let fresh = decode(&h.take_control()).tlvs.tunnel_id;
+    assert_eq!(fresh, None);
+}
+
+#[test]
+fn after_a_silence_a_udp_client_proves_its_address_before_its_data() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(30_000);
+    let packet = udp_packet(ADDR, PEER, b"media");
+    // Heard just now: data alone.
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.drain();
+    assert_eq!(h.take_sent(), [data_envelope(&packet)]);
+    // Half a second of silence: a keepalive first, then the data.
+    h.advance(ms(500));
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.drain();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(decode(&sent[0]).header.message_type, MessageType::KEEPALIVE);
+    assert_eq!(sent[1], data_envelope(&packet));
+    assert_eq!(h.client.stats().roaming_probes, 1);
+    // While it is out, and once answered, data goes alone.
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.drain();
+    assert_eq!(h.take_sent().len(), 1);
+    h.deliver(&error_response(&sent[0], ResultCode::SUCCESS));
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.drain();
+    assert_eq!(h.take_sent().len(), 1);
+    assert_eq!(h.client.stats().roaming_probes, 1);
+
+    // Not over a stream transport, whose connection is the client's address.
+    let mut h = Harness::with_servers(vec![tcp()]);
+    h.take_events();
+    h.connect(30_000);
+    h.advance(ms(5000));
+    h.client.send_ip(h.now, &packet).expect("queued");
+    h.drain();
+    assert_eq!(h.take_sent(), [data_envelope(&packet)]);
+}
+
+#[test]
+fn a_server_request_whose_answer_is_forgotten_is_a_replay() {
+    let mut h = Harness::with_servers(vec![udp()]);
+    h.take_events();
+    h.connect(30_000);
+    let first = encode(&Message::new(MessageType::KEEPALIVE, 0x8000_0010, TUNNEL));
+    h.deliver(&first);
+    h.take_control();
+    for seq in 0x8000_0011..0x8000_0015 {
+        h.deliver(&encode(&Message::new(MessageType::KEEPALIVE, seq, TUNNEL)));
+        h.take_control();
+    }
+    // Four answers later, the first is no longer remembered.
+    h.deliver(&first);
+    assert!(h.take_sent().is_empty());
+    assert_eq!(h.client.stats().dropped_replayed, 1);
 }
