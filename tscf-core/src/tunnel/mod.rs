@@ -20,6 +20,9 @@
 //! - **Inner UDP sockets**: the port table, and the packets built and parsed here
 //!   ([`crate::inner`]); each socket's queue is the runtime's, so that readers do not take the
 //!   tunnel's lock.
+//! - **Inner TCP**: a smoltcp stack ([`crate::inner::tcp`]) fed with the inner TCP packets
+//!   received and sending into the client; streams and listeners wait on the runtime's
+//!   wake-ups, and their data stays in the stack's bounded buffers.
 //!
 //! Drive it as every host: after any input, drain [`poll_transmit`](ClientHost::poll_transmit)
 //! and [`poll_event`](ClientHost::poll_event) until both return `None`, then arm a timer for
@@ -52,6 +55,7 @@ use crate::client::{
     ServerEndpoint, TerminateReason, TunnelClient, TunnelInfo,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
+use crate::inner::tcp::{TcpHost, TcpId, TcpLimits, TcpStack};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
     Connect, Driver, Input, IoEvent, Runtime, Security, Shared, SocketId, StreamError, StreamId,
@@ -150,6 +154,7 @@ impl Setup {
 pub struct ClientHost<Q> {
     client: TunnelClient,
     sockets: SocketTable<Q>,
+    tcp: TcpStack,
     /// The inner packet received last, kept for its capacity.
     packet: Vec<u8>,
     link: Link,
@@ -299,9 +304,20 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             }
         }
         let client = TunnelClient::new(config.client.clone(), now)?;
+        let limits = TcpLimits {
+            buffer_bytes: config.tcp_buffer_bytes,
+            backlog: config.tcp_backlog,
+            max_sockets: config.max_tcp_sockets,
+            connect_timeout: config.tcp_connect_timeout,
+        };
+        // The stack's sequence numbers draw from the client's seed, apart from its own draws.
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&config.client.rng_seed[24..]);
+        let seed = u64::from_le_bytes(seed) ^ 0x7463_7073_7461_636b;
         Ok(Self {
             client,
             sockets: SocketTable::new(),
+            tcp: TcpStack::new(limits, seed, now),
             packet: Vec::new(),
             link: Link::None,
             streams: FxHashMap::default(),
@@ -548,6 +564,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             quic.authorised.clear();
         }
         self.sockets.close_all();
+        self.tcp.close_all();
     }
 
     // ---- test hooks ----
@@ -648,6 +665,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 }
             }
             self.deliver_inner();
+            if self.tcp.poll(now, &mut self.client) {
+                continue;
+            }
             match self.client.poll_event() {
                 Some(event) => self.on_client_event(now, event),
                 None => return None,
@@ -676,7 +696,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         if let Some(dtls) = &self.peer.dtls {
             at = earliest(at, dtls.poll_timeout());
         }
-        at
+        earliest(at, self.tcp.poll_at())
     }
 
     // ---- observability ----
@@ -710,6 +730,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     pub fn stats(&self) -> TunnelStats {
         let mut stats = self.stats;
         stats.client = *self.client.stats();
+        stats.tcp = self.tcp.counters();
         if let Some(dtls) = &self.peer.dtls {
             let counters = dtls.counters();
             stats.peer_dtls_bad_records = counters.bad_records;
@@ -1434,11 +1455,12 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     // ---- inner sockets ----
 
-    /// Hands the packets the client received to the inner sockets.
+    /// Hands the packets the client received to the inner sockets, TCP ones to the stack.
     fn deliver_inner(&mut self) {
         while self.client.recv_ip(&mut self.packet) {
             match self.sockets.deliver(&self.packet) {
                 Delivery::Queued => {}
+                Delivery::NotUdp if is_tcp(&self.packet) => self.tcp.receive(&self.packet),
                 Delivery::NotUdp => self.stats.not_udp += 1,
                 Delivery::Unbound => self.stats.unbound_port += 1,
                 Delivery::QueueFull => self.stats.socket_queue_full += 1,
@@ -1589,6 +1611,101 @@ where
     fn unbind(&self, port: u16) {
         self.lock().host.unbind(port);
     }
+}
+
+/// An inner stream's or listener's calls go to the tunnel's TCP stack behind the runtime's
+/// lock; each is followed by a drain, which runs the stack.
+impl<Q, D, R> TcpHost for Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync,
+    D: Driver<ClientHost<Q>> + Send,
+    R: Runtime + Send + Sync,
+{
+    fn connect(&self, dst: SocketAddr, ready: Arc<dyn inner::Ready>) -> io::Result<TcpId> {
+        self.drive(|host, _, now| {
+            host.advance(now);
+            host.tcp.connect(now, &host.client, dst, ready)
+        })
+    }
+
+    fn connected(&self, id: TcpId) -> io::Result<Option<()>> {
+        self.lock().host.tcp.connected(id)
+    }
+
+    fn listen(&self, port: u16, ready: Arc<dyn inner::Ready>) -> io::Result<u16> {
+        self.drive(|host, _, _| host.tcp.listen(port, ready))
+    }
+
+    fn accept(&self, port: u16, ready: Arc<dyn inner::Ready>) -> io::Result<Option<TcpId>> {
+        self.drive(|host, _, _| host.tcp.accept(port, ready))
+    }
+
+    fn unlisten(&self, port: u16) {
+        self.drive(|host, _, _| {
+            host.tcp.unlisten(port);
+            host.client
+                .set_peer_tunneling(port, host.settings.default_opt_in);
+        });
+    }
+
+    fn recv(&self, id: TcpId, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.drive(|host, _, _| host.tcp.recv(id, buf))
+    }
+
+    fn send(&self, id: TcpId, buf: &[u8]) -> io::Result<Option<usize>> {
+        self.drive(|host, _, _| host.tcp.send(id, buf))
+    }
+
+    fn shutdown(&self, id: TcpId, how: std::net::Shutdown) -> io::Result<()> {
+        self.drive(|host, _, _| host.tcp.shutdown(id, how))
+    }
+
+    fn addrs(&self, id: TcpId) -> io::Result<(SocketAddr, SocketAddr)> {
+        self.lock().host.tcp.addrs(id)
+    }
+
+    fn close(&self, id: TcpId) {
+        self.drive(|host, _, now| host.tcp.close(now, id));
+    }
+
+    fn set_peer_tunneling(&self, port: u16, enabled: bool) {
+        self.drive(|host, _, _| host.set_peer_tunneling(port, enabled));
+    }
+
+    fn local_addr(&self, port: u16) -> io::Result<SocketAddr> {
+        self.lock().host.local_addr(port)
+    }
+}
+
+impl<Q, D, R> Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync + 'static,
+    D: Driver<ClientHost<Q>> + Send + 'static,
+    R: Runtime + Send + Sync + 'static,
+{
+    /// Starts an inner TCP connection to `dst`; the runtime waits for
+    /// [`inner::Stream::try_connected`].
+    pub fn tcp_connect<W: inner::Ready + Default + 'static>(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+    ) -> io::Result<inner::Stream<W>> {
+        inner::Stream::connect(self.clone(), dst)
+    }
+
+    /// An inner TCP listener on `port` of the tunnel's internal addresses (0 picks a free
+    /// one from 49152 up).
+    pub fn tcp_listen<W: inner::Ready + Default + 'static>(
+        self: &Arc<Self>,
+        port: u16,
+    ) -> io::Result<inner::Listener<W>> {
+        inner::Listener::bind(self.clone(), port)
+    }
+}
+
+/// Whether an inner packet is TCP (IPv4, or IPv6 without extension headers).
+fn is_tcp(packet: &[u8]) -> bool {
+    crate::wire::InnerPacket::parse(packet)
+        .is_ok_and(|p| p.protocol() == etherparse::IpNumber::TCP.0)
 }
 
 /// The host candidates of a peer socket bound to `local`: its address, or when it is bound to

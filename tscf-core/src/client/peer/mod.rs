@@ -537,7 +537,8 @@ impl PeerAgent {
     /// An opted-in packet (or not) for the relay: returns true when it went to the peer path
     /// instead. Starts a negotiation for a peer without state.
     fn route_outbound(&mut self, cx: &mut Cx<'_>, packet: &InnerPacket<'_>) -> bool {
-        let Some((source_port, _)) = packet.udp_ports() else {
+        // UDP and TCP alike: the setting belongs to the local port.
+        let Some((source_port, _)) = packet.ports() else {
             return false;
         };
         if !self.opted_in(source_port) {

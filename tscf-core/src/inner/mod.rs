@@ -20,6 +20,14 @@ use rustc_hash::FxHashMap;
 
 use crate::client::{SendError, TunnelClient};
 
+#[cfg(feature = "host")]
+mod stream;
+#[cfg(feature = "host")]
+pub mod tcp;
+
+#[cfg(feature = "host")]
+pub use stream::{Listener, ListenerControl, Stream, StreamControl};
+
 /// Hop limit of the inner packets sent.
 const INNER_TTL: u8 = 64;
 /// The ports port 0 picks from.
