@@ -23,7 +23,7 @@ pub(crate) type SocketQueue = inner::SocketQueue<Ready>;
 
 /// The wake-up of an inner socket's readers.
 #[derive(Debug, Default)]
-pub(crate) struct Ready(Event);
+pub(crate) struct Ready(pub(crate) Event);
 
 impl inner::Ready for Ready {
     fn one(&self) {

@@ -24,6 +24,7 @@ use tscf_core::wire::Transport;
 use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared, NOTIFICATION_QUEUE};
 use crate::drive;
 use crate::socket::InnerUdpSocket;
+use crate::tcp::{InnerTcpListener, InnerTcpStream};
 use crate::{net, OS};
 
 /// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
@@ -127,6 +128,19 @@ impl Tunnel {
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
         self.shared.bind_socket(port).map(InnerUdpSocket)
+    }
+
+    /// An inner TCP connection to `addr`, another tunnel's internal address and port, from a
+    /// free port of this tunnel's address of the same family; waits until it is made (or
+    /// refused, or the configured `tcp_connect_timeout` passes).
+    pub async fn tcp_connect(&self, addr: SocketAddr) -> io::Result<InnerTcpStream> {
+        InnerTcpStream::connected(self.shared.tcp_connect(addr)?).await
+    }
+
+    /// An inner TCP listener on `port` of the tunnel's internal addresses (IPv4 and IPv6);
+    /// port 0 picks a free one from 49152 up.
+    pub fn tcp_listen(&self, port: u16) -> io::Result<InnerTcpListener> {
+        self.shared.tcp_listen(port).map(InnerTcpListener)
     }
 
     /// Test hook: while `blocked`, every datagram the peer socket would send or receive is

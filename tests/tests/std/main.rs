@@ -8,5 +8,6 @@ mod bad_input;
 mod flow;
 mod peer;
 mod reattach;
+mod tcp;
 mod tls;
 mod util;
