@@ -13,4 +13,5 @@ mod peer;
 mod quic;
 mod quic_hostile;
 mod reattach;
+mod tcp;
 mod util;
