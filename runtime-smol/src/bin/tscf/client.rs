@@ -1,26 +1,27 @@
-//! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
-//! into the tunnel and reports path changes until `--for` elapses or a signal comes.
+//! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP and TCP
+//! ports into the tunnel and inner ports to local addresses ([`crate::forward`]), and reports
+//! path changes until `--for` elapses or a signal comes.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
-use smol::Async;
 use tscf_runtime_smol::core::client::{PeerConfig, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
-    ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
-    Tunnel, TunnelConfig,
+    ClientTlsConfig, ConnectError, Fingerprint, Notification, ServerVerification, Tunnel,
+    TunnelConfig,
 };
 
-use crate::config::{parse_forward, ClientFile, TransportArg};
+use crate::config::{ClientFile, TransportArg};
 use crate::exit;
+use crate::forward::{self, parse_forward, parse_listen, Forward, Listen};
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
@@ -46,12 +47,21 @@ pub(crate) struct ClientArgs {
     /// The admission token, if the server wants one.
     #[arg(long)]
     token: Option<String>,
-    /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
-    /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
-    /// INTERNAL's port to INTERNAL; the answers go back to the last local sender. Repeatable.
-    #[arg(long, value_name = "LOCAL=INTERNAL", value_parser = parse_forward)]
-    forward: Vec<(SocketAddr, SocketAddr)>,
-    /// Opt the forwarded sockets in to peer tunneling.
+    /// Forward a local UDP or TCP port into the tunnel: [udp:|tcp:]LOCAL=INTERNAL, e.g.
+    /// `127.0.0.1:5004=10.77.0.3:5004` (UDP) or `tcp:127.0.0.1:8080=10.77.0.3:80`. UDP
+    /// datagrams to LOCAL go from the inner socket on INTERNAL's port to INTERNAL, and the
+    /// answers back to the last local sender; each TCP connection to LOCAL gets an inner
+    /// connection to INTERNAL. Repeatable.
+    #[arg(long, value_name = "[udp:|tcp:]LOCAL=INTERNAL", value_parser = parse_forward)]
+    forward: Vec<Forward>,
+    /// Carry an inner port of this tunnel to a fixed local address, like `ssh -R`:
+    /// [udp:|tcp:]PORT=LOCAL, e.g. `udp:5004=127.0.0.1:5004` for a receiver that never sends
+    /// first. UDP datagrams to inner PORT go to LOCAL, and what LOCAL answers back to the last
+    /// inner sender; each inner TCP connection to PORT gets a local connection to LOCAL.
+    /// Repeatable.
+    #[arg(long, value_name = "[udp:|tcp:]PORT=LOCAL", value_parser = parse_listen)]
+    listen: Vec<Listen>,
+    /// Opt the forwarded and listening ports in to peer tunneling.
     #[arg(long)]
     peer: bool,
     /// The peer transport offered to other clients: plain signed UDP, or DTLS or QUIC with a
@@ -146,31 +156,33 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             paths: Mutex::default(),
         };
         out.connected(&tunnel);
-        let mut forwards = Vec::new();
-        for &(local, internal) in &args.forward {
-            match forward(&tunnel, local, internal, args.peer) {
-                Ok(f) => {
-                    // The bound address, with the port the system chose for port 0.
-                    let local = f.0.get_ref().local_addr().unwrap_or(local);
-                    out.forward(local, internal, args.peer);
-                    forwards.push(f);
+        // Forwarding tasks hold the tunnel weakly, so that it can be closed at the end.
+        let tunnel = Arc::new(tunnel);
+        let mut tasks = Vec::new();
+        for &f in &args.forward {
+            match forward::start_forward(&tunnel, f, args.peer) {
+                Ok((local, task)) => {
+                    out.forward(f, local, args.peer);
+                    tasks.push(task);
                 }
                 Err(e) => {
-                    eprintln!("tscf: cannot forward {local}: {e}");
+                    eprintln!("tscf: cannot forward {}: {e}", f.local);
                     return ExitCode::from(exit::FAILURE);
                 }
             }
         }
-        let forwarding = async {
-            let tasks: Vec<_> = forwards
-                .into_iter()
-                .map(|(sock, inner, internal)| {
-                    smol::spawn(async move { relay(sock, inner, internal).await })
-                })
-                .collect();
-            future::pending::<()>().await;
-            drop(tasks);
-        };
+        for &l in &args.listen {
+            match forward::start_listen(&tunnel, l, args.peer) {
+                Ok(task) => {
+                    out.listen(l, &tunnel, args.peer);
+                    tasks.push(task);
+                }
+                Err(e) => {
+                    eprintln!("tscf: cannot listen on inner port {}: {e}", l.port);
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
+        }
         // The first Connected notification is the one printed above.
         if let Ok(note) = tunnel.notifications().try_recv() {
             if !matches!(note, Notification::Connected(_)) {
@@ -203,15 +215,15 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
             .await;
             ExitCode::SUCCESS
         };
-        let code = future::or(
-            stop,
-            future::or(notes, async {
-                forwarding.await;
-                ExitCode::SUCCESS
-            }),
-        )
-        .await;
-        tunnel.close().await;
+        let code = future::or(stop, notes).await;
+        for task in tasks {
+            task.cancel().await;
+        }
+        match Arc::try_unwrap(tunnel) {
+            Ok(tunnel) => tunnel.close().await,
+            // A connection being set up still holds it: dropping it releases it too.
+            Err(tunnel) => drop(tunnel),
+        }
         out.line("stopped", json!({}));
         code
     })
@@ -235,6 +247,8 @@ fn with_file(mut args: ClientArgs) -> Result<ClientArgs, String> {
     args.stun.splice(0..0, file.stun);
     args.forward
         .splice(0..0, file.forward.into_iter().map(|f| f.0));
+    args.listen
+        .splice(0..0, file.listen.into_iter().map(|l| l.0));
     Ok(args)
 }
 
@@ -297,40 +311,11 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
     Ok(config)
 }
 
-type Forward = (Async<UdpSocket>, InnerUdpSocket, SocketAddr);
-
-fn forward(
-    tunnel: &Tunnel,
-    local: SocketAddr,
-    internal: SocketAddr,
-    peer: bool,
-) -> std::io::Result<Forward> {
-    let sock = Async::<UdpSocket>::bind(local)?;
-    let inner = tunnel.bind(internal.port())?;
-    inner.set_peer_tunneling(peer);
-    Ok((sock, inner, internal))
-}
-
-/// Copies datagrams between the local socket and the inner socket until either fails.
-async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAddr) {
-    let last_sender: Mutex<Option<SocketAddr>> = Mutex::new(None);
-    let outbound = async {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            *last_sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-            let _ = inner.send_to(&buf[..n], internal).await;
-        }
-    };
-    let inbound = async {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, _)) = inner.recv_from(&mut buf).await {
-            let to = *last_sender.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(to) = to {
-                let _ = sock.send_to(&buf[..n], to).await;
-            }
-        }
-    };
-    future::or(outbound, inbound).await;
+fn how(peer: bool) -> &'static str {
+    match peer {
+        true => "peer tunneling on",
+        false => "relay only",
+    }
 }
 
 /// Prints text or JSON lines.
@@ -380,23 +365,49 @@ impl Printer {
         }
     }
 
-    fn forward(&self, local: SocketAddr, internal: SocketAddr, peer: bool) {
+    /// A forward, with the local address bound (the port the system chose for port 0).
+    fn forward(&self, f: Forward, local: SocketAddr, peer: bool) {
+        let protocol = f.protocol.name();
         if self.json {
             self.line(
                 "forward",
                 json!({
+                    "protocol": protocol,
                     "local": local.to_string(),
-                    "internal": internal.to_string(),
+                    "internal": f.internal.to_string(),
                     "peer_tunneling": peer,
                 }),
             );
         } else {
-            let how = if peer {
-                "peer tunneling on"
-            } else {
-                "relay only"
-            };
-            println!("  forward {local} <-> {internal} ({how})");
+            let internal = f.internal;
+            println!(
+                "  forward {protocol} {local} <-> {internal} ({})",
+                how(peer)
+            );
+        }
+    }
+
+    fn listen(&self, l: Listen, tunnel: &Tunnel, peer: bool) {
+        let protocol = l.protocol.name();
+        let internal = tunnel.internal_ipv4().map(IpAddr::V4);
+        let internal = internal.or(tunnel.internal_ipv6().map(IpAddr::V6));
+        let internal = internal.map(|ip| SocketAddr::new(ip, l.port).to_string());
+        if self.json {
+            self.line(
+                "listen",
+                json!({
+                    "protocol": protocol,
+                    "internal": internal,
+                    "local": l.local.to_string(),
+                    "peer_tunneling": peer,
+                }),
+            );
+        } else {
+            let (port, local) = (l.port, l.local);
+            println!(
+                "  listen {protocol} inner port {port} -> {local} ({})",
+                how(peer)
+            );
         }
     }
 

@@ -30,6 +30,7 @@ mod client;
 mod config;
 mod demo;
 mod exit;
+mod forward;
 mod netcheck;
 
 use std::net::SocketAddr;
