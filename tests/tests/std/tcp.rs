@@ -152,3 +152,27 @@ fn a_transfer_goes_on_across_a_switch_to_a_peer_tunnel_and_back() {
     b.close();
     server.shutdown();
 }
+
+#[test]
+fn udp_datagrams_larger_than_the_tunnel_carries_arrive_whole() {
+    let server = server(|_| {});
+    let a = tunnel(&server, Transport::UDP);
+    let b = tunnel(&server, Transport::UDP);
+    let max = a.info().unwrap().max_packet_len;
+    let rx = b.bind(5004).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = a.bind(0).unwrap();
+    let dst = SocketAddr::new(b.internal_ipv4().unwrap().into(), 5004);
+    let mut buf = [0u8; 4096];
+    // An RTP packet at GStreamer's default mtu, and one of more than twice the limit.
+    for (i, len) in [1400, 2 * max + 100].into_iter().enumerate() {
+        let payload: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+        assert_eq!(tx.send_to(&payload, dst).unwrap(), len);
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &payload[..], "{len} octets");
+    }
+    assert_eq!(b.stats().fragments_dropped, 0);
+    a.close();
+    b.close();
+    server.shutdown();
+}

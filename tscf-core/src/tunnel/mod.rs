@@ -55,6 +55,7 @@ use crate::client::{
     ServerEndpoint, TerminateReason, TunnelClient, TunnelInfo,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
+use crate::inner::fragment::{self, Fragmenter, Reassembly};
 use crate::inner::tcp::{TcpHost, TcpId, TcpLimits, TcpStack};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
@@ -155,6 +156,10 @@ pub struct ClientHost<Q> {
     client: TunnelClient,
     sockets: SocketTable<Q>,
     tcp: TcpStack,
+    fragmenter: Fragmenter,
+    reassembly: Reassembly,
+    /// The datagram reassembled last, kept for its capacity.
+    whole: Vec<u8>,
     /// The inner packet received last, kept for its capacity.
     packet: Vec<u8>,
     link: Link,
@@ -318,6 +323,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             client,
             sockets: SocketTable::new(),
             tcp: TcpStack::new(limits, seed, now),
+            fragmenter: Fragmenter::default(),
+            reassembly: Reassembly::new(),
+            whole: Vec::new(),
             packet: Vec::new(),
             link: Link::None,
             streams: FxHashMap::default(),
@@ -518,7 +526,15 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         payload: &[u8],
     ) -> io::Result<()> {
         self.advance(now);
-        inner::send_udp(&mut self.client, now, port, dst, payload, &mut self.packet)
+        inner::send_udp(
+            &mut self.client,
+            now,
+            port,
+            dst,
+            payload,
+            &mut self.packet,
+            &mut self.fragmenter,
+        )
     }
 
     /// The tunnel's internal address of an inner socket on `port`.
@@ -664,7 +680,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     None => continue,
                 }
             }
-            self.deliver_inner();
+            self.deliver_inner(now);
             if self.tcp.poll(now, &mut self.client) {
                 continue;
             }
@@ -731,6 +747,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         let mut stats = self.stats;
         stats.client = *self.client.stats();
         stats.tcp = self.tcp.counters();
+        stats.fragments_dropped = self.reassembly.dropped;
         if let Some(dtls) = &self.peer.dtls {
             let counters = dtls.counters();
             stats.peer_dtls_bad_records = counters.bad_records;
@@ -1455,12 +1472,21 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     // ---- inner sockets ----
 
-    /// Hands the packets the client received to the inner sockets, TCP ones to the stack.
-    fn deliver_inner(&mut self) {
+    /// Hands the packets the client received to the inner sockets, TCP ones to the stack,
+    /// after reassembling IPv4 fragments.
+    fn deliver_inner(&mut self, now: Instant) {
         while self.client.recv_ip(&mut self.packet) {
-            match self.sockets.deliver(&self.packet) {
+            let packet = if fragment::is_fragment(&self.packet) {
+                if !self.reassembly.push(now, &self.packet, &mut self.whole) {
+                    continue;
+                }
+                &self.whole
+            } else {
+                &self.packet
+            };
+            match self.sockets.deliver(packet) {
                 Delivery::Queued => {}
-                Delivery::NotUdp if is_tcp(&self.packet) => self.tcp.receive(&self.packet),
+                Delivery::NotUdp if is_tcp(packet) => self.tcp.receive(packet),
                 Delivery::NotUdp => self.stats.not_udp += 1,
                 Delivery::Unbound => self.stats.unbound_port += 1,
                 Delivery::QueueFull => self.stats.socket_queue_full += 1,

@@ -451,6 +451,9 @@ pub(in crate::client) struct PeerAgent {
     streams: Vec<stream::StreamSlot>,
     /// Counter for the ids of the streams we open.
     next_stream: u64,
+    /// The destination, IPv4 identification and source port of the last fragmented
+    /// datagram sent: its later fragments, which carry no port, take the path of the first.
+    fragmented: Option<(IpAddr, u16, u16)>,
 }
 
 impl PeerAgent {
@@ -466,6 +469,7 @@ impl PeerAgent {
             out: VecDeque::new(),
             streams: Vec::new(),
             next_stream: 0,
+            fragmented: None,
         }
     }
 
@@ -538,8 +542,18 @@ impl PeerAgent {
     /// instead. Starts a negotiation for a peer without state.
     fn route_outbound(&mut self, cx: &mut Cx<'_>, packet: &InnerPacket<'_>) -> bool {
         // UDP and TCP alike: the setting belongs to the local port.
-        let Some((source_port, _)) = packet.ports() else {
-            return false;
+        let fragment = fragment_id(packet);
+        let source_port = match (packet.ports(), fragment) {
+            (Some((port, _)), Some(id)) => {
+                self.fragmented = Some((packet.destination(), id, port));
+                port
+            }
+            (Some((port, _)), None) => port,
+            (None, Some(id)) => match self.fragmented {
+                Some((dst, i, port)) if dst == packet.destination() && i == id => port,
+                _ => return false,
+            },
+            (None, None) => return false,
         };
         if !self.opted_in(source_port) {
             return false;
@@ -950,4 +964,13 @@ impl TunnelClient {
             agent.handle_timeout(&mut cx);
         }
     }
+}
+
+/// The identification of an IPv4 fragment (a piece of a larger datagram).
+fn fragment_id(packet: &InnerPacket<'_>) -> Option<u16> {
+    let bytes = packet.as_bytes();
+    if !crate::inner::fragment::is_fragment(bytes) {
+        return None;
+    }
+    Some(u16::from_be_bytes([*bytes.get(4)?, *bytes.get(5)?]))
 }
