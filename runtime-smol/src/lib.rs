@@ -95,7 +95,7 @@ pub use socket::InnerUdpSocket;
 pub use tcp::{InnerTcpListener, InnerTcpStream};
 pub use tscf_core as core;
 pub use tscf_core::runtime::*;
-pub use tunnel::Tunnel;
+pub use tunnel::{PacketTap, Tunnel};
 
 /// What this runtime gives the core: files read with `std::fs::read`, keys for self-signed
 /// certificates from rcgen, and seeds from the operating system's secure source.

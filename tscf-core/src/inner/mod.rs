@@ -196,7 +196,8 @@ fn no_tunnel() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet")
 }
 
-fn send_error(e: SendError) -> io::Error {
+/// A send the client refused, as an inner socket reports it.
+pub fn send_error(e: SendError) -> io::Error {
     let kind = match e {
         SendError::NotConnected => io::ErrorKind::NotConnected,
         SendError::Closed => io::ErrorKind::BrokenPipe,

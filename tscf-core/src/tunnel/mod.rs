@@ -20,6 +20,12 @@
 //! - **Inner UDP sockets**: the port table, and the packets built and parsed here
 //!   ([`crate::inner`]); each socket's queue is the runtime's, so that readers do not take the
 //!   tunnel's lock.
+//! - **The packet tap** (a TUN device's, say): with one set, every inner packet that no inner
+//!   socket, TCP stream or listener claims goes to the tap's queue whole, and the runtime sends
+//!   what it reads from the device with [`send_packet`](ClientHost::send_packet). Inner
+//!   sockets and the tap share the tunnel: a UDP packet goes to the socket bound to its
+//!   destination port if there is one, a TCP packet to the stack if a stream or listener uses
+//!   its destination port, and everything else to the tap.
 //! - **Inner TCP**: a smoltcp stack ([`crate::inner::tcp`]) fed with the inner TCP packets
 //!   received and sending into the client; streams and listeners wait on the runtime's
 //!   wake-ups, and their data stays in the stack's bounded buffers.
@@ -158,6 +164,8 @@ pub struct ClientHost<Q> {
     tcp: TcpStack,
     fragmenter: Fragmenter,
     reassembly: Reassembly,
+    /// Where unclaimed inner packets go, if anywhere.
+    tap: Option<Arc<Q>>,
     /// The datagram reassembled last, kept for its capacity.
     whole: Vec<u8>,
     /// The inner packet received last, kept for its capacity.
@@ -324,6 +332,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             sockets: SocketTable::new(),
             tcp: TcpStack::new(limits, seed, now),
             fragmenter: Fragmenter::default(),
+            tap: None,
             reassembly: Reassembly::new(),
             whole: Vec::new(),
             packet: Vec::new(),
@@ -542,6 +551,47 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         inner::local_addr(&self.client, port)
     }
 
+    /// Sets the packet tap: from now on every inner packet no inner socket, stream or
+    /// listener claims goes whole to a queue made by `queue` (given a length of at least
+    /// 1,024 packets), until [`untap`](Self::untap). Refused while a tap is set.
+    pub fn tap(&mut self, queue: impl FnOnce(usize) -> Q) -> io::Result<Arc<Q>> {
+        if self.tap.is_some() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "a tap is set"));
+        }
+        let queue = Arc::new(queue(self.settings.socket_queue_len.max(1024)));
+        self.tap = Some(queue.clone());
+        Ok(queue)
+    }
+
+    /// Removes the packet tap.
+    pub fn untap(&mut self) {
+        self.tap = None;
+    }
+
+    /// Sends one whole inner IP packet from the tap's side (the kernel's, for a TUN device):
+    /// its source must be the tunnel's internal address. An IPv4 packet larger than the
+    /// tunnel carries goes as fragments. Errors as [`inner::send_udp`] reports them.
+    pub fn send_packet(&mut self, now: Instant, packet: &[u8]) -> io::Result<()> {
+        self.advance(now);
+        let max = self
+            .client
+            .tunnel_info()
+            .map_or(usize::MAX, |i| i.max_packet_len);
+        if packet.len() <= max || packet.first().map(|b| b >> 4) != Some(4) {
+            return self.client.send_ip(now, packet).map_err(inner::send_error);
+        }
+        let (client, mut failed) = (&mut self.client, None);
+        self.fragmenter
+            .split(packet, max, |f| match client.send_ip(now, f) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            });
+        failed.map_or(Ok(()), |e| Err(inner::send_error(e)))
+    }
+
     /// Opts inner port `port` in or out of peer tunneling.
     pub fn set_peer_tunneling(&mut self, port: u16, enabled: bool) {
         self.client.set_peer_tunneling(port, enabled);
@@ -581,6 +631,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         }
         self.sockets.close_all();
         self.tcp.close_all();
+        if let Some(tap) = &self.tap {
+            tap.close();
+        }
     }
 
     // ---- test hooks ----
@@ -1484,9 +1537,25 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             } else {
                 &self.packet
             };
-            match self.sockets.deliver(packet) {
+            let delivery = self.sockets.deliver(packet);
+            let tcp_port = match delivery {
+                Delivery::NotUdp => tcp_port(packet),
+                _ => None,
+            };
+            let claimed = tcp_port.is_some_and(|port| self.tcp.uses_port(port));
+            let tap = match delivery {
+                Delivery::Unbound | Delivery::NotUdp if !claimed => self.tap.as_ref(),
+                _ => None,
+            };
+            if let Some(tap) = tap {
+                if !tap.push(packet, TAPPED) {
+                    self.stats.tap_queue_full += 1;
+                }
+                continue;
+            }
+            match delivery {
                 Delivery::Queued => {}
-                Delivery::NotUdp if is_tcp(packet) => self.tcp.receive(packet),
+                Delivery::NotUdp if tcp_port.is_some() => self.tcp.receive(packet),
                 Delivery::NotUdp => self.stats.not_udp += 1,
                 Delivery::Unbound => self.stats.unbound_port += 1,
                 Delivery::QueueFull => self.stats.socket_queue_full += 1,
@@ -1728,10 +1797,16 @@ where
     }
 }
 
-/// Whether an inner packet is TCP (IPv4, or IPv6 without extension headers).
-fn is_tcp(packet: &[u8]) -> bool {
-    crate::wire::InnerPacket::parse(packet)
-        .is_ok_and(|p| p.protocol() == etherparse::IpNumber::TCP.0)
+/// The source address a tapped packet is queued with: the packet says it.
+const TAPPED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// The destination port of an inner TCP packet (IPv4, or IPv6 without extension headers).
+fn tcp_port(packet: &[u8]) -> Option<u16> {
+    let packet = crate::wire::InnerPacket::parse(packet).ok()?;
+    if packet.protocol() != etherparse::IpNumber::TCP.0 {
+        return None;
+    }
+    packet.ports().map(|(_, dst)| dst)
 }
 
 /// The host candidates of a peer socket bound to `local`: its address, or when it is bound to

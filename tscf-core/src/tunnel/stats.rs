@@ -13,6 +13,8 @@ pub struct TunnelStats {
     pub unbound_port: u64,
     /// Inner packets that are neither UDP nor TCP (or not parseable).
     pub not_udp: u64,
+    /// Inner packets dropped because the packet tap's queue was full.
+    pub tap_queue_full: u64,
     /// Inner IPv4 fragments dropped: malformed, past the reassembly bounds, or of a datagram
     /// whose other fragments did not come in time.
     pub fragments_dropped: u64,

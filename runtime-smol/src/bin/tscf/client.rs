@@ -22,6 +22,7 @@ use tscf_runtime_smol::{
 use crate::config::{ClientFile, TransportArg};
 use crate::exit;
 use crate::forward::{self, parse_forward, parse_listen, Forward, Listen};
+use crate::tun;
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
@@ -61,9 +62,20 @@ pub(crate) struct ClientArgs {
     /// Repeatable.
     #[arg(long, value_name = "[udp:|tcp:]PORT=LOCAL", value_parser = parse_listen)]
     listen: Vec<Listen>,
-    /// Opt the forwarded and listening ports in to peer tunneling.
+    /// Opt the forwarded and listening ports in to peer tunneling; with --tun, every flow of
+    /// the device.
     #[arg(long)]
     peer: bool,
+    /// A TUN device joined to the tunnel (default name tscf0), for unmodified applications:
+    /// it gets the tunnel's internal addresses and routes for the pools; every IP packet the
+    /// kernel sends there goes into the tunnel, and inner packets for this client that no
+    /// forward claims come out of it. Needs root (CAP_NET_ADMIN) and /dev/net/tun.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = tun::DEFAULT_NAME)]
+    tun: Option<String>,
+    /// Opt these ports in to peer tunneling (comma-separated): packets from them and to them
+    /// (on the other client) leave the relay, e.g. `5201` for iperf3 over --tun.
+    #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    peer_ports: Vec<u16>,
     /// The peer transport offered to other clients: plain signed UDP, or DTLS or QUIC with a
     /// self-signed certificate pinned through the server (`docs/PROTOCOL.md` §7.5.1). A peer
     /// tunnel runs over DTLS or QUIC only when both clients offer the same one.
@@ -167,6 +179,21 @@ pub(crate) fn run(args: ClientArgs) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tscf: cannot forward {}: {e}", f.local);
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
+        }
+        if let Some(name) = &args.tun {
+            match tun::open(name, &tunnel) {
+                Ok((device, tap, info)) => {
+                    for &port in &args.peer_ports {
+                        tap.set_peer_tunneling(port, true);
+                    }
+                    out.tun(&info, &tunnel, args.peer);
+                    tasks.push(smol::spawn(tun::run(device, tap)));
+                }
+                Err(e) => {
+                    eprintln!("tscf: {e}");
                     return ExitCode::from(exit::FAILURE);
                 }
             }
@@ -285,6 +312,8 @@ fn tunnel_config(args: &ClientArgs) -> Result<TunnelConfig, String> {
     }
     if let Some(peer) = &mut config.client.peer {
         peer.transport = args.peer_transport.transport();
+        // Every flow of the device is one no socket of this program opts in.
+        peer.default_opt_in = args.peer && args.tun.is_some();
         if args.peer_require_secure {
             if args.peer_transport == PeerTransportArg::Udp {
                 return Err("--peer-require-secure needs --peer-transport dtls or quic".into());
@@ -384,6 +413,27 @@ impl Printer {
                 "  forward {protocol} {local} <-> {internal} ({})",
                 how(peer)
             );
+        }
+    }
+
+    fn tun(&self, info: &tun::TunInfo, tunnel: &Tunnel, peer: bool) {
+        let v4 = tunnel.internal_ipv4().map(|a| a.to_string());
+        let v6 = tunnel.internal_ipv6().map(|a| a.to_string());
+        if self.json {
+            self.line(
+                "tun",
+                json!({
+                    "name": info.name,
+                    "ipv4": v4,
+                    "ipv6": v6,
+                    "mtu": info.mtu,
+                    "peer_tunneling": peer,
+                }),
+            );
+        } else {
+            let (name, mtu) = (&info.name, info.mtu);
+            let addrs: Vec<String> = v4.into_iter().chain(v6).collect();
+            println!("  tun {name} {} mtu {mtu} ({})", addrs.join(" "), how(peer));
         }
     }
 

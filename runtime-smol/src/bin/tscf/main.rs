@@ -32,6 +32,7 @@ mod demo;
 mod exit;
 mod forward;
 mod netcheck;
+mod tun;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

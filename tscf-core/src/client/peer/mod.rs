@@ -451,9 +451,9 @@ pub(in crate::client) struct PeerAgent {
     streams: Vec<stream::StreamSlot>,
     /// Counter for the ids of the streams we open.
     next_stream: u64,
-    /// The destination, IPv4 identification and source port of the last fragmented
-    /// datagram sent: its later fragments, which carry no port, take the path of the first.
-    fragmented: Option<(IpAddr, u16, u16)>,
+    /// The destination, IPv4 identification and opt-in of the last fragmented datagram
+    /// sent: its later fragments, which carry no port, take the path of the first.
+    fragmented: Option<(IpAddr, u16, bool)>,
 }
 
 impl PeerAgent {
@@ -542,20 +542,25 @@ impl PeerAgent {
     /// instead. Starts a negotiation for a peer without state.
     fn route_outbound(&mut self, cx: &mut Cx<'_>, packet: &InnerPacket<'_>) -> bool {
         // UDP and TCP alike: the setting belongs to the local port.
+        // A port opted in explicitly also takes flows to that port on the other side (a
+        // service's clients, whose own ports vary).
         let fragment = fragment_id(packet);
-        let source_port = match (packet.ports(), fragment) {
-            (Some((port, _)), Some(id)) => {
-                self.fragmented = Some((packet.destination(), id, port));
-                port
+        let opted = match (packet.ports(), fragment) {
+            (Some((src, dst)), id) => {
+                let opted = self.opted_in(src) || self.opt.get(&dst) == Some(&true);
+                if let Some(id) = id {
+                    self.fragmented = Some((packet.destination(), id, opted));
+                }
+                opted
             }
-            (Some((port, _)), None) => port,
             (None, Some(id)) => match self.fragmented {
-                Some((dst, i, port)) if dst == packet.destination() && i == id => port,
-                _ => return false,
+                Some((dst, i, opted)) => dst == packet.destination() && i == id && opted,
+                None => false,
             },
-            (None, None) => return false,
+            // Without ports (ICMP, say), the default decides: all flows, or none.
+            (None, None) => self.config.default_opt_in,
         };
-        if !self.opted_in(source_port) {
+        if !opted {
             return false;
         }
         let dst = packet.destination();
@@ -778,9 +783,10 @@ impl PeerAgent {
 // ---- the client's side ----
 
 impl TunnelClient {
-    /// Opts the inner UDP socket bound to `local_port` in or out of peer tunneling (the
-    /// `tsc_setsockopt` of the TSC API). Only opted-in flows (or all, with
-    /// [`PeerConfig::default_opt_in`]) ever leave the relay. Opting in also lifts the wait
+    /// Opts the inner UDP socket or TCP stream bound to `local_port` in or out of peer
+    /// tunneling (the `tsc_setsockopt` of the TSC API). Only opted-in flows (or all, with
+    /// [`PeerConfig::default_opt_in`]) ever leave the relay; a port opted in explicitly also
+    /// opts in the packets this client sends to that port on another client. Opting in also lifts the wait
     /// before a new attempt at peers that fell back. Without peer tunneling it does nothing.
     pub fn set_peer_tunneling(&mut self, local_port: u16, enabled: bool) {
         let now = self.now;
