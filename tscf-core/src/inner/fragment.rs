@@ -247,6 +247,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
     fn a_large_datagram_is_split_and_put_back_together_in_any_order() {
         let now = Instant::now();
         let packet = datagram(1400);
@@ -268,6 +269,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
     fn reassembly_is_bounded_and_forgets_old_pieces() {
         let now = Instant::now();
         let mut r = Reassembly::new();
