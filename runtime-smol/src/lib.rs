@@ -17,7 +17,7 @@
 //!   [`TunnelConfig::peer_streams`] names a listener. [`Tunnel::notifications`] is an async
 //!   channel of [`Notification`]s.
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
-//!   [`set_peer_tunneling`](InnerUdpSocket::set_peer_tunneling); [`Tunnel::peer_path`] says
+//!   [`set_peer_tunneling`](tscf_core::inner::SocketControl::set_peer_tunneling); [`TunnelControl::peer_path`] says
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - [`InnerTcpStream`] and [`InnerTcpListener`] ([`Tunnel::tcp_connect`],
 //!   [`Tunnel::tcp_listen`]): TCP between internal addresses over the core's user-space TCP

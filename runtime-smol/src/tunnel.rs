@@ -119,7 +119,7 @@ impl Tunnel {
     }
 
     /// What happened to the tunnel, in order, as an async channel (at most 256 wait; later
-    /// ones are dropped and counted in [`TunnelStats::notifications_dropped`]).
+    /// ones are dropped and counted in [`TunnelStats::notifications_dropped`](crate::TunnelStats::notifications_dropped)).
     pub fn notifications(&self) -> &Receiver<Notification> {
         &self.notifications
     }
@@ -155,7 +155,7 @@ impl Tunnel {
     }
 
     /// Test hook: while `blocked`, every datagram the peer socket would send or receive is
-    /// dropped and counted in [`TunnelStats::peer_blocked`], as if a firewall cut the direct
+    /// dropped and counted in [`TunnelStats::peer_blocked`](crate::TunnelStats::peer_blocked), as if a firewall cut the direct
     /// path. The server tunnel is not affected.
     #[doc(hidden)]
     pub fn block_peer_traffic(&self, blocked: bool) {

@@ -15,8 +15,8 @@
 //! - Peer tunnels (`docs/PROTOCOL.md` §7), on by default: over the tunnel's UDP socket
 //!   (plain, or inside DTLS peer sessions with `client.peer.transport = Transport::DTLS`), and
 //!   over peer streams (TCP or TLS) when [`TunnelConfig::peer_streams`] names a listener.
-//!   Sockets opted in with [`InnerUdpSocket::set_peer_tunneling`] move to the peer tunnel once
-//!   the core has one ([`Notification::PeerTunnelUp`], [`Tunnel::peer_path`]) and back to the
+//!   Sockets opted in with [`SocketControl::set_peer_tunneling`](tscf_core::inner::SocketControl::set_peer_tunneling) move to the peer tunnel once
+//!   the core has one ([`Notification::PeerTunnelUp`], [`TunnelControl::peer_path`]) and back to the
 //!   relay when it fails ([`Notification::PeerTunnelDown`]).
 //! - [`tls`]: the core's rustls configurations; this runtime gives them files, keys and seeds
 //!   through [`OS`].

@@ -135,7 +135,7 @@ impl Tunnel {
     }
 
     /// What happened to the tunnel, in order (at most 256 wait; later ones are dropped and
-    /// counted in [`TunnelStats::notifications_dropped`]).
+    /// counted in [`TunnelStats::notifications_dropped`](crate::TunnelStats::notifications_dropped)).
     pub fn notifications(&self) -> &Receiver<Notification> {
         &self.notifications
     }
