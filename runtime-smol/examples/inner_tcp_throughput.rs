@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo run --release -p tscf-runtime-smol --example inner_tcp_throughput
-//! cargo run --release -p tscf-runtime-smol --example inner_tcp_throughput -- --mb 256
+//! cargo run --release -p tscf-runtime-smol --example inner_tcp_throughput -- --mb 256 --buffer-kib 64
 //! ```
 //!
 //! One server listens on UDP; two clients, A and B, connect over it. For each path, A writes
@@ -28,21 +28,22 @@ use tscf_runtime_smol::{Server, ServerConfig, Tunnel, TunnelConfig};
 const CHUNK: usize = 64 * 1024;
 
 fn main() {
-    let mut mb: usize = 64;
+    let (mut mb, mut buffer_kib) = (64, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next().and_then(|v| v.parse().ok())) {
             ("--mb", Some(n)) if n > 0 => mb = n,
+            ("--buffer-kib", Some(n)) if n > 0 => buffer_kib = Some(n),
             _ => {
-                eprintln!("usage: inner_tcp_throughput [--mb MIB]");
+                eprintln!("usage: inner_tcp_throughput [--mb MIB] [--buffer-kib KIB]");
                 std::process::exit(2);
             }
         }
     }
-    smol::block_on(run(mb * 1024 * 1024));
+    smol::block_on(run(mb * 1024 * 1024, buffer_kib));
 }
 
-async fn run(total: usize) {
+async fn run(total: usize, buffer_kib: Option<usize>) {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let server = Server::start(ServerConfig {
         udp: vec![any],
@@ -54,17 +55,18 @@ async fn run(total: usize) {
         addr: server.local_addrs().udp[0],
         transport: Transport::UDP,
     };
-    let a = Tunnel::connect(TunnelConfig::new(vec![endpoint]))
-        .await
-        .unwrap();
-    let b = Tunnel::connect(TunnelConfig::new(vec![endpoint]))
-        .await
-        .unwrap();
+    let mut config = TunnelConfig::new(vec![endpoint]);
+    if let Some(kib) = buffer_kib {
+        config.tcp_buffer_bytes = kib * 1024;
+    }
+    let a = Tunnel::connect(config.clone()).await.unwrap();
+    let b = Tunnel::connect(config.clone()).await.unwrap();
     let threads = std::env::var("SMOL_THREADS").unwrap_or_else(|_| "1".into());
     println!(
-        "inner TCP, {} MiB per transfer, one smol server and two tunnels on loopback \
-         (SMOL_THREADS={threads})",
-        total / (1024 * 1024)
+        "inner TCP, {} MiB per transfer, {} KiB stream buffers, one smol server and two \
+         tunnels on loopback (SMOL_THREADS={threads})",
+        total / (1024 * 1024),
+        config.tcp_buffer_bytes / 1024
     );
     println!("{:<22} {:>10} {:>12}", "path", "seconds", "Mbit/s");
 
@@ -102,6 +104,11 @@ async fn run(total: usize) {
         .await;
         let relayed = server.stats().director.frames_relayed - relayed;
         row(label, total, secs, Some(relayed));
+        let (sa, sb) = (a.stats(), b.stats());
+        println!(
+            "    A: {:?} send errors {}; B: {:?} send errors {}",
+            sa.tcp, sa.peer_send_errors, sb.tcp, sb.peer_send_errors
+        );
     }
     a.close().await;
     b.close().await;

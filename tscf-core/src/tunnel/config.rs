@@ -48,7 +48,9 @@ pub struct TunnelConfig {
     /// Datagrams queued on one inner socket before further ones are dropped (default 256).
     pub socket_queue_len: usize,
     /// Octets of each inner TCP stream's receive buffer, and of its send buffer: the most a
-    /// stream has in flight each way (default 256 KiB).
+    /// stream has in flight each way (default 64 KiB). A whole window can leave in one burst,
+    /// which the UDP socket buffers on the path must hold: smoltcp has no selective
+    /// acknowledgements, so a loss costs much (on loopback 128 KiB already overflowed them).
     pub tcp_buffer_bytes: usize,
     /// Connections an inner TCP listener holds before they are accepted; beyond, new ones are
     /// reset (default 16).
@@ -94,7 +96,7 @@ impl TunnelConfig {
             connect_timeout: Duration::from_secs(10),
             transport_timeout: Duration::from_secs(5),
             socket_queue_len: 256,
-            tcp_buffer_bytes: 256 * 1024,
+            tcp_buffer_bytes: 64 * 1024,
             tcp_backlog: 16,
             max_tcp_sockets: 256,
             tcp_connect_timeout: Duration::from_secs(10),
