@@ -176,3 +176,31 @@ fn udp_datagrams_larger_than_the_tunnel_carries_arrive_whole() {
     b.close();
     server.shutdown();
 }
+
+#[test]
+fn a_connection_to_a_port_nobody_listens_on_is_refused_and_a_clean_end_reads_as_eof() {
+    let server = server(|_| {});
+    let a = tunnel(&server, Transport::UDP);
+    let b = tunnel(&server, Transport::UDP);
+    let ip = b.internal_ipv4().unwrap();
+    let err = a.tcp_connect(SocketAddr::new(ip.into(), 7999)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    let listener = b.tcp_listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = a.tcp_connect(SocketAddr::new(ip.into(), port)).unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    client.write_all(b"bye").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    accepted.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+    accepted.shutdown(Shutdown::Write).unwrap();
+    let mut rest = [0u8; 8];
+    // Both ends closed: reads at either end keep seeing the end, not an error.
+    assert_eq!(client.read(&mut rest).unwrap(), 0);
+    assert_eq!(accepted.read(&mut rest).unwrap(), 0);
+    a.close();
+    b.close();
+    server.shutdown();
+}

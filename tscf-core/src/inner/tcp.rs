@@ -93,7 +93,7 @@ pub trait TcpHost: Send + Sync {
     fn close(&self, id: TcpId);
     /// Opts inner port `port` in or out of peer tunneling.
     fn set_peer_tunneling(&self, port: u16, enabled: bool);
-    /// The tunnel's internal address of `family`'s family (IPv4 first) with `port`.
+    /// The tunnel's internal address (IPv4 first) with `port`.
     fn local_addr(&self, port: u16) -> io::Result<SocketAddr>;
 }
 
@@ -140,6 +140,8 @@ struct Stream {
     orphaned: Option<Instant>,
     /// Reading was shut down: what arrives is discarded.
     read_shut: bool,
+    /// The other end's FIN came: once closed, the stream ended cleanly rather than by a reset.
+    finished: bool,
 }
 
 struct Listener {
@@ -262,10 +264,22 @@ impl TcpStack {
         let (sent, errors) = (device.sent, device.errors);
         self.counters.send_errors += errors;
         self.after_poll(now);
-        let iface = self.iface.as_mut().expect("set above");
-        self.next_poll = iface
-            .poll_at(at, &self.sockets)
-            .map(|t| self.epoch + Duration::from_micros(t.total_micros().max(0) as u64));
+        let epoch = self.epoch;
+        let stack_due = self.iface.as_mut().and_then(|iface| {
+            let t = iface.poll_at(at, &self.sockets)?;
+            Some(epoch + Duration::from_micros(t.total_micros().max(0) as u64))
+        });
+        // Streams the application dropped are reset when their linger ends.
+        let orphans_due = self
+            .streams
+            .values()
+            .filter_map(|s| s.orphaned)
+            .min()
+            .map(|since| since + ORPHAN_LINGER);
+        self.next_poll = match (stack_due, orphans_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         sent > 0
     }
 
@@ -406,7 +420,10 @@ impl TcpStack {
     /// Reads what the stream `id` received into `buf`: `Ok(Some(0))` at its end, `Ok(None)`
     /// when nothing waits yet.
     pub fn recv(&mut self, id: TcpId, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let read_shut = self.streams.get(&id).is_some_and(|s| s.read_shut);
+        let (read_shut, finished) = self
+            .streams
+            .get(&id)
+            .map_or((false, false), |s| (s.read_shut, s.finished));
         let closed = self.closed;
         let socket = self.socket_mut(id)?;
         if read_shut || buf.is_empty() {
@@ -420,9 +437,10 @@ impl TcpStack {
         if !socket.may_recv() {
             return match socket.state() {
                 // Reset, or timed out: not a clean end.
-                State::Closed if !closed && socket.remote_endpoint().is_none() => Err(
-                    io::Error::new(io::ErrorKind::ConnectionReset, "inner connection reset"),
-                ),
+                State::Closed if !closed && !finished => Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "inner connection reset",
+                )),
                 State::SynSent | State::SynReceived => Ok(None),
                 _ => Ok(Some(0)),
             };
@@ -517,6 +535,7 @@ impl TcpStack {
                 seen: 0,
                 orphaned: None,
                 read_shut: false,
+                finished: false,
             },
         );
         id
@@ -583,6 +602,7 @@ impl TcpStack {
                 seen: 0,
                 orphaned: Some(self.epoch),
                 read_shut: true,
+                finished: false,
             },
         );
     }
@@ -650,6 +670,10 @@ impl TcpStack {
                 }
                 continue;
             }
+            stream.finished |= matches!(
+                socket.state(),
+                State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+            );
             let seen = readiness(socket);
             if seen != stream.seen {
                 stream.seen = seen;

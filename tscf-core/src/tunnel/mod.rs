@@ -1542,7 +1542,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 Delivery::NotUdp => tcp_port(packet),
                 _ => None,
             };
-            let claimed = tcp_port.is_some_and(|port| self.tcp.uses_port(port));
+            // Only a tap competes with the stack for TCP packets.
+            let claimed = self.tap.is_none() || tcp_port.is_some_and(|p| self.tcp.uses_port(p));
             let tap = match delivery {
                 Delivery::Unbound | Delivery::NotUdp if !claimed => self.tap.as_ref(),
                 _ => None,
