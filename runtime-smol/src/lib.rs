@@ -19,6 +19,10 @@
 //! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
 //!   [`set_peer_tunneling`][opt-in]; [`Tunnel::peer_path`][path] says
 //!   whether packets to a peer take the relay or a peer tunnel.
+//! - [`InnerTcpStream`] and [`InnerTcpListener`] ([`Tunnel::tcp_connect`],
+//!   [`Tunnel::tcp_listen`]): TCP between internal addresses over the core's user-space TCP
+//!   stack, [`AsyncRead`](futures_lite::AsyncRead) and
+//!   [`AsyncWrite`](futures_lite::AsyncWrite).
 //! - The `tscf` program (`src/bin/tscf/`, feature `cli`, on by default): `tscf server` with an
 //!   embedded default configuration or a TOML file and a loopback admin endpoint,
 //!   `tscf client`, `tscf status`, `tscf ping`, `tscf demo` and `tscf netcheck`, with
@@ -87,14 +91,16 @@ mod net;
 mod quic;
 mod server;
 mod socket;
+mod tcp;
 mod tunnel;
 mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
+pub use tcp::{InnerTcpListener, InnerTcpStream};
 pub use tscf_core as core;
 pub use tscf_core::runtime::*;
-pub use tunnel::Tunnel;
+pub use tunnel::{PacketTap, Tunnel};
 
 /// What this runtime gives the core: files read with `std::fs::read`, keys for self-signed
 /// certificates from rcgen, and seeds from the operating system's secure source.

@@ -23,7 +23,7 @@ pub(crate) type SocketQueue = inner::SocketQueue<Ready>;
 
 /// The wake-up of an inner socket's readers.
 #[derive(Debug, Default)]
-pub(crate) struct Ready(Event);
+pub(crate) struct Ready(pub(crate) Event);
 
 impl inner::Ready for Ready {
     fn one(&self) {
@@ -59,26 +59,34 @@ impl InnerUdpSocket {
     /// [`io::ErrorKind::WouldBlock`].
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let deadline = self.0.read_deadline(Instant::now());
-        let queue = self.0.queue();
-        loop {
-            // A queued datagram needs no listener; without one, listen, then look again so
-            // that a datagram pushed in between is not waited for.
-            if let Some(got) = queue.lock().pop(buf)? {
-                return Ok(got);
-            }
-            let ready = queue.ready.0.listen();
-            if let Some(got) = queue.lock().pop(buf)? {
-                return Ok(got);
-            }
-            match deadline {
-                None => ready.await,
-                Some(at) if Instant::now() >= at => return Err(inner::timed_out()),
-                Some(at) => {
-                    future::or(ready, async {
-                        Timer::at(at).await;
-                    })
-                    .await;
-                }
+        recv(self.0.queue(), buf, deadline).await
+    }
+}
+
+/// The next datagram of `queue` into `buf`, waiting up to `deadline`.
+pub(crate) async fn recv(
+    queue: &SocketQueue,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        // A queued datagram needs no listener; without one, listen, then look again so
+        // that a datagram pushed in between is not waited for.
+        if let Some(got) = queue.lock().pop(buf)? {
+            return Ok(got);
+        }
+        let ready = queue.ready.0.listen();
+        if let Some(got) = queue.lock().pop(buf)? {
+            return Ok(got);
+        }
+        match deadline {
+            None => ready.await,
+            Some(at) if Instant::now() >= at => return Err(inner::timed_out()),
+            Some(at) => {
+                future::or(ready, async {
+                    Timer::at(at).await;
+                })
+                .await;
             }
         }
     }

@@ -23,7 +23,8 @@ use tscf_core::wire::Transport;
 
 use crate::client::{self, PeerQuic, TunnelExtra, TunnelShared};
 use crate::drive;
-use crate::socket::InnerUdpSocket;
+use crate::socket::{self, InnerUdpSocket, SocketQueue};
+use crate::tcp::{InnerTcpListener, InnerTcpStream};
 use crate::{net, OS};
 
 /// A TSC tunnel to a server, run by smol tasks. Dropping it sends the release and stops the
@@ -137,8 +138,32 @@ impl Tunnel {
         self.shared.bind_socket(port).map(InnerUdpSocket)
     }
 
+    /// An inner TCP connection to `addr`, another tunnel's internal address and port, from a
+    /// free port of this tunnel's address of the same family; waits until it is made (or
+    /// refused, or the configured `tcp_connect_timeout` passes).
+    pub async fn tcp_connect(&self, addr: SocketAddr) -> io::Result<InnerTcpStream> {
+        InnerTcpStream::connected(self.shared.tcp_connect(addr)?).await
+    }
+
+    /// An inner TCP listener on `port` of the tunnel's internal addresses (IPv4 and IPv6);
+    /// port 0 picks a free one from 49152 up.
+    pub fn tcp_listen(&self, port: u16) -> io::Result<InnerTcpListener> {
+        self.shared.tcp_listen(port).map(InnerTcpListener)
+    }
+
+    /// The tunnel's packet tap, for a TUN device: every inner packet that no inner socket,
+    /// stream or listener of this tunnel claims is read whole from it, and it sends whole IP
+    /// packets from the tunnel's internal address. One tap at a time; dropping it removes it.
+    pub fn tap(&self) -> io::Result<PacketTap> {
+        let queue = self.shared.lock().host.tap(SocketQueue::new)?;
+        Ok(PacketTap {
+            queue,
+            shared: self.shared.clone(),
+        })
+    }
+
     /// Test hook: while `blocked`, every datagram the peer socket would send or receive is
-    /// dropped and counted in [`TunnelStats::peer_blocked`], as if a firewall cut the direct
+    /// dropped and counted in [`TunnelStats::peer_blocked`](crate::TunnelStats::peer_blocked), as if a firewall cut the direct
     /// path. The server tunnel is not affected.
     #[doc(hidden)]
     pub fn block_peer_traffic(&self, blocked: bool) {
@@ -254,4 +279,49 @@ fn route_source(server: SocketAddr) -> io::Result<IpAddr> {
     let probe = UdpSocket::bind(unspecified_for(server))?;
     probe.connect(server)?;
     Ok(probe.local_addr()?.ip())
+}
+
+/// A tunnel's packet tap ([`Tunnel::tap`]): whole inner IP packets both ways, for a TUN
+/// device. Received packets wait in a bounded queue (at least 1,024; beyond, they are dropped
+/// and counted in [`TunnelStats::tap_queue_full`](crate::TunnelStats::tap_queue_full)).
+pub struct PacketTap {
+    queue: Arc<SocketQueue>,
+    shared: Arc<TunnelShared>,
+}
+
+impl PacketTap {
+    /// Waits for the next inner packet and copies it into `buf` (truncated if short); its
+    /// length.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(socket::recv(&self.queue, buf, None).await?.0)
+    }
+
+    /// Sends one whole IP packet whose source is the tunnel's internal address; an IPv4 one
+    /// larger than the tunnel carries goes as fragments. It never waits: a full send queue is
+    /// [`io::ErrorKind::WouldBlock`].
+    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
+        self.shared
+            .drive(|host, _, now| host.send_packet(now, packet))
+    }
+
+    /// Opts inner port `port` in or out of peer tunneling, for packets from it and, when
+    /// opted in, to it (see [`TunnelClient::set_peer_tunneling`]).
+    ///
+    /// [`TunnelClient::set_peer_tunneling`]: tscf_core::client::TunnelClient::set_peer_tunneling
+    pub fn set_peer_tunneling(&self, port: u16, enabled: bool) {
+        self.shared
+            .drive(|host, _, _| host.set_peer_tunneling(port, enabled));
+    }
+}
+
+impl std::fmt::Debug for PacketTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketTap").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PacketTap {
+    fn drop(&mut self) {
+        self.shared.lock().host.untap();
+    }
 }

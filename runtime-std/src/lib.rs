@@ -9,6 +9,9 @@
 //!   [`Tunnel::connect`] blocks until the first tunnel is up. Re-attach after a lost transport
 //!   is the core's: this runtime reports the loss and opens what the core asks for.
 //! - [`InnerUdpSocket`]: UDP sockets on the tunnel's internal address ([`Tunnel::bind`]).
+//! - [`InnerTcpStream`] and [`InnerTcpListener`]: TCP connections between internal addresses
+//!   ([`Tunnel::tcp_connect`], [`Tunnel::tcp_listen`]), over the core's user-space TCP stack;
+//!   blocking [`Read`](std::io::Read) and [`Write`](std::io::Write).
 //! - Peer tunnels (`docs/PROTOCOL.md` §7), on by default: over the tunnel's UDP socket
 //!   (plain, or inside DTLS peer sessions with `client.peer.transport = Transport::DTLS`), and
 //!   over peer streams (TCP or TLS) when [`TunnelConfig::peer_streams`] names a listener.
@@ -68,11 +71,13 @@ mod net;
 mod server;
 mod socket;
 mod stream;
+mod tcp;
 mod tunnel;
 mod udp;
 
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
+pub use tcp::{InnerTcpListener, InnerTcpStream};
 pub use tscf_core as core;
 pub use tscf_core::runtime::*;
 pub use tunnel::Tunnel;

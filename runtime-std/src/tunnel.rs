@@ -22,6 +22,7 @@ use tscf_core::wire::Transport;
 
 use crate::drive::{self, Extra, Shared};
 use crate::socket::{InnerUdpSocket, SocketQueue};
+use crate::tcp::{InnerTcpListener, InnerTcpStream};
 use crate::udp::Udp;
 use crate::{net, OS};
 
@@ -142,6 +143,19 @@ impl Tunnel {
     /// one from 49152 up.
     pub fn bind(&self, port: u16) -> io::Result<InnerUdpSocket> {
         self.shared.bind_socket(port).map(InnerUdpSocket)
+    }
+
+    /// An inner TCP connection to `addr`, another tunnel's internal address and port, from a
+    /// free port of this tunnel's address of the same family; blocks until it is made (or
+    /// refused, or the configured `tcp_connect_timeout` passes).
+    pub fn tcp_connect(&self, addr: SocketAddr) -> io::Result<InnerTcpStream> {
+        InnerTcpStream::connected(self.shared.tcp_connect(addr)?)
+    }
+
+    /// An inner TCP listener on `port` of the tunnel's internal addresses (IPv4 and IPv6);
+    /// port 0 picks a free one from 49152 up.
+    pub fn tcp_listen(&self, port: u16) -> io::Result<InnerTcpListener> {
+        self.shared.tcp_listen(port).map(InnerTcpListener)
     }
 
     /// Test hook: makes the transport to the server look lost. The peer socket is replaced by

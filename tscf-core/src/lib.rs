@@ -40,7 +40,8 @@
 //! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
 //! - [`client`]: the tunnel client state machine (configuration, keepalive, re-attach,
 //!   release, inner packets).
-//! - [`inner`]: the client's inner UDP stack (packets, the table of inner sockets).
+//! - [`inner`]: the client's inner stack (UDP packets and the table of inner sockets, IPv4
+//!   fragmentation and reassembly, and with the feature `host` inner TCP on smoltcp).
 //! - [`histogram`]: durations counted in fixed buckets, for the runtimes' metrics.
 #![cfg_attr(
     feature = "tls",

@@ -343,7 +343,10 @@ fn blocks() -> Vec<Block> {
             }
             hex.extend(body.chars().filter(|c| !c.is_whitespace()));
         }
-        assert!(hex.len() % 2 == 0, "{name}: odd number of hex digits");
+        assert!(
+            hex.len().is_multiple_of(2),
+            "{name}: odd number of hex digits"
+        );
         let bytes = (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))

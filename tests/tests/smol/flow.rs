@@ -179,10 +179,11 @@ fn a_tls_peer_stream_joins_two_smol_clients() {
     peer_stream_between_smol_clients(PeerStreamListen::Tls);
 }
 
-/// The director announces its packet limit (1400 by default) and both runtimes' inner sockets
-/// refuse a larger datagram with an error, instead of the director dropping it silently.
+/// The director announces its packet limit (1400 by default). Both runtimes' inner sockets
+/// send a larger IPv4 datagram as IPv4 fragments, which the other end reassembles, and refuse
+/// a larger IPv6 one with an error, instead of the director dropping it silently.
 #[test]
-fn an_inner_datagram_beyond_the_servers_maximum_is_refused_at_the_socket() {
+fn an_inner_datagram_beyond_the_servers_maximum_is_fragmented_or_refused() {
     // 1400 octets of IP packet: 28 of IPv4 and UDP headers, 1372 of payload.
     const FITS: usize = 1372;
     let server = smol_server();
@@ -198,21 +199,25 @@ fn an_inner_datagram_beyond_the_servers_maximum_is_refused_at_the_socket() {
         let rx = b.bind(7).unwrap();
         let tx = a.bind(0).unwrap();
         let dst = std::net::SocketAddr::new(b.internal_ipv4().unwrap().into(), 7);
-        tx.send_to(&[1; FITS], dst).await.expect("fits");
-        let mut buf = [0u8; 2048];
-        let (n, _) = rx.recv_from(&mut buf).await.unwrap();
-        assert_eq!(n, FITS);
-        refused(tx.send_to(&[2; FITS + 1], dst).await.unwrap_err());
+        let dst6 = std::net::SocketAddr::new(b.internal_ipv6().unwrap().into(), 7);
+        let mut buf = [0u8; 4096];
+        for len in [FITS, FITS + 1, 3000] {
+            tx.send_to(&vec![1; len], dst).await.expect("sent");
+            let (n, _) = rx.recv_from(&mut buf).await.unwrap();
+            assert_eq!(n, len);
+        }
+        // IPv6 leaves fragmentation to the ends (RFC 8200): past the limit is refused.
+        refused(tx.send_to(&[2; FITS], dst6).await.unwrap_err());
 
         // The blocking runtime's client, against the same server.
         let c = tscf_runtime_std::Tunnel::connect(config).expect("std tunnel");
         let tx = c.bind(0).unwrap();
-        refused(tx.send_to(&[3; FITS + 1], dst).unwrap_err());
-        tx.send_to(&[4; FITS], dst).expect("fits");
+        refused(tx.send_to(&[3; FITS], dst6).unwrap_err());
+        tx.send_to(&[4; FITS + 1], dst).expect("fragmented");
         let (n, _) = rx.recv_from(&mut buf).await.unwrap();
         assert_eq!(
             (n, buf[0]),
-            (FITS, 4),
+            (FITS + 1, 4),
             "the refused datagrams never arrived"
         );
     });

@@ -14,4 +14,5 @@ mod peer;
 mod quic;
 mod quic_hostile;
 mod reattach;
+mod tcp;
 mod util;

@@ -11,5 +11,6 @@ mod peer;
 mod reattach;
 mod relay;
 mod roaming;
+mod tcp;
 mod tls;
 mod util;

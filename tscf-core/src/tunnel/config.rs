@@ -52,6 +52,19 @@ pub struct TunnelConfig {
     pub transport_timeout: Duration,
     /// Datagrams queued on one inner socket before further ones are dropped (default 256).
     pub socket_queue_len: usize,
+    /// Octets of each inner TCP stream's receive buffer, and of its send buffer: the most a
+    /// stream has in flight each way (default 64 KiB). A whole window can leave in one burst,
+    /// which the UDP socket buffers on the path must hold: smoltcp has no selective
+    /// acknowledgements, so a loss costs much (on loopback 128 KiB already overflowed them).
+    pub tcp_buffer_bytes: usize,
+    /// Connections an inner TCP listener holds before they are accepted; beyond, new ones are
+    /// reset (default 16).
+    pub tcp_backlog: usize,
+    /// Inner TCP sockets of the tunnel at most: streams, listening sockets and streams still
+    /// closing (default 256). Each stream holds up to twice `tcp_buffer_bytes`.
+    pub max_tcp_sockets: usize,
+    /// How long an inner TCP connection attempt waits for its handshake (default 10 s).
+    pub tcp_connect_timeout: Duration,
     /// Octets of envelopes waiting for one stream's writer (the server transport or a peer
     /// stream); beyond, envelopes are dropped and counted (default 256 KiB).
     pub stream_queue_bytes: usize,
@@ -104,6 +117,10 @@ impl TunnelConfig {
             connect_timeout: Duration::from_secs(10),
             transport_timeout: Duration::from_secs(5),
             socket_queue_len: 256,
+            tcp_buffer_bytes: 64 * 1024,
+            tcp_backlog: 16,
+            max_tcp_sockets: 256,
+            tcp_connect_timeout: Duration::from_secs(10),
             stream_queue_bytes: 256 * 1024,
             release_wait: Duration::from_secs(1),
             quic_limits: QuicLimits::default(),

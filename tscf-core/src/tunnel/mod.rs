@@ -20,6 +20,15 @@
 //! - **Inner UDP sockets**: the port table, and the packets built and parsed here
 //!   ([`crate::inner`]); each socket's queue is the runtime's, so that readers do not take the
 //!   tunnel's lock.
+//! - **The packet tap** (a TUN device's, say): with one set, every inner packet that no inner
+//!   socket, TCP stream or listener claims goes to the tap's queue whole, and the runtime sends
+//!   what it reads from the device with [`send_packet`](ClientHost::send_packet). Inner
+//!   sockets and the tap share the tunnel: a UDP packet goes to the socket bound to its
+//!   destination port if there is one, a TCP packet to the stack if a stream or listener uses
+//!   its destination port, and everything else to the tap.
+//! - **Inner TCP**: a smoltcp stack ([`crate::inner::tcp`]) fed with the inner TCP packets
+//!   received and sending into the client; streams and listeners wait on the runtime's
+//!   wake-ups, and their data stays in the stack's bounded buffers.
 //!
 //! Drive it as every host: after any input, drain [`poll_transmit`](ClientHost::poll_transmit)
 //! and [`poll_event`](ClientHost::poll_event) until both return `None`, then arm a timer for
@@ -53,6 +62,8 @@ use crate::client::{
     ServerEndpoint, TerminateReason, TunnelClient, TunnelInfo,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
+use crate::inner::fragment::{self, Fragmenter, Reassembly};
+use crate::inner::tcp::{TcpHost, TcpId, TcpLimits, TcpStack};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
     Capture, CapturedEnvelope, ClientTls, Connect, Direction, Driver, Input, IoEvent, QuicLimits,
@@ -154,6 +165,13 @@ impl Setup {
 pub struct ClientHost<Q> {
     client: TunnelClient,
     sockets: SocketTable<Q>,
+    tcp: TcpStack,
+    fragmenter: Fragmenter,
+    reassembly: Reassembly,
+    /// Where unclaimed inner packets go, if anywhere.
+    tap: Option<Arc<Q>>,
+    /// The datagram reassembled last, kept for its capacity.
+    whole: Vec<u8>,
     /// The inner packet received last, kept for its capacity.
     packet: Vec<u8>,
     link: Link,
@@ -322,9 +340,24 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             Some((_, true)) => Transport::TLS,
             _ => Transport::TCP,
         };
+        let limits = TcpLimits {
+            buffer_bytes: config.tcp_buffer_bytes,
+            backlog: config.tcp_backlog,
+            max_sockets: config.max_tcp_sockets,
+            connect_timeout: config.tcp_connect_timeout,
+        };
+        // The stack's sequence numbers draw from the client's seed, apart from its own draws.
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&config.client.rng_seed[24..]);
+        let seed = u64::from_le_bytes(seed) ^ 0x7463_7073_7461_636b;
         Ok(Self {
             client,
             sockets: SocketTable::new(),
+            tcp: TcpStack::new(limits, seed, now),
+            fragmenter: Fragmenter::default(),
+            tap: None,
+            reassembly: Reassembly::new(),
+            whole: Vec::new(),
             packet: Vec::new(),
             link: Link::None,
             streams: FxHashMap::default(),
@@ -569,14 +602,65 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         payload: &[u8],
     ) -> io::Result<()> {
         self.advance(now);
-        inner::send_udp(&mut self.client, now, port, dst, payload, &mut self.packet)?;
-        Capture::inner_packet(&self.capture, now, Direction::Sent, &self.packet);
-        Ok(())
+        let sent = inner::send_udp(
+            &mut self.client,
+            now,
+            port,
+            dst,
+            payload,
+            &mut self.packet,
+            &mut self.fragmenter,
+        );
+        if sent.is_ok() {
+            Capture::inner_packet(&self.capture, now, Direction::Sent, &self.packet);
+        }
+        sent
     }
 
     /// The tunnel's internal address of an inner socket on `port`.
     pub fn local_addr(&self, port: u16) -> io::Result<SocketAddr> {
         inner::local_addr(&self.client, port)
+    }
+
+    /// Sets the packet tap: from now on every inner packet no inner socket, stream or
+    /// listener claims goes whole to a queue made by `queue` (given a length of at least
+    /// 1,024 packets), until [`untap`](Self::untap). Refused while a tap is set.
+    pub fn tap(&mut self, queue: impl FnOnce(usize) -> Q) -> io::Result<Arc<Q>> {
+        if self.tap.is_some() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "a tap is set"));
+        }
+        let queue = Arc::new(queue(self.settings.socket_queue_len.max(1024)));
+        self.tap = Some(queue.clone());
+        Ok(queue)
+    }
+
+    /// Removes the packet tap.
+    pub fn untap(&mut self) {
+        self.tap = None;
+    }
+
+    /// Sends one whole inner IP packet from the tap's side (the kernel's, for a TUN device):
+    /// its source must be the tunnel's internal address. An IPv4 packet larger than the
+    /// tunnel carries goes as fragments. Errors as [`inner::send_udp`] reports them.
+    pub fn send_packet(&mut self, now: Instant, packet: &[u8]) -> io::Result<()> {
+        self.advance(now);
+        let max = self
+            .client
+            .tunnel_info()
+            .map_or(usize::MAX, |i| i.max_packet_len);
+        if packet.len() <= max || packet.first().map(|b| b >> 4) != Some(4) {
+            return self.client.send_ip(now, packet).map_err(inner::send_error);
+        }
+        let (client, mut failed) = (&mut self.client, None);
+        self.fragmenter
+            .split(packet, max, |f| match client.send_ip(now, f) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            });
+        failed.map_or(Ok(()), |e| Err(inner::send_error(e)))
     }
 
     /// Opts inner port `port` in or out of peer tunneling.
@@ -617,6 +701,10 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             quic.authorised.clear();
         }
         self.sockets.close_all();
+        self.tcp.close_all();
+        if let Some(tap) = &self.tap {
+            tap.close();
+        }
     }
 
     // ---- test hooks ----
@@ -716,7 +804,10 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                     None => continue,
                 }
             }
-            self.deliver_inner();
+            self.deliver_inner(now);
+            if self.tcp.poll(now, &mut self.client) {
+                continue;
+            }
             match self.client.poll_event() {
                 Some(event) => self.on_client_event(now, event),
                 None => return None,
@@ -745,7 +836,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         if let Some(dtls) = &self.peer.dtls {
             at = earliest(at, dtls.poll_timeout());
         }
-        at
+        earliest(at, self.tcp.poll_at())
     }
 
     // ---- observability ----
@@ -781,6 +872,8 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         stats.client = *self.client.stats();
         stats.send_queue = self.client.queued_packets();
         stats.stream_queued_bytes = self.streams.values().map(|s| s.output.len()).sum();
+        stats.tcp = self.tcp.counters();
+        stats.fragments_dropped = self.reassembly.dropped;
         if let Some(dtls) = &self.peer.dtls {
             let counters = dtls.counters();
             stats.peer_dtls_bad_records = counters.bad_records;
@@ -1574,12 +1667,39 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     // ---- inner sockets ----
 
-    /// Hands the packets the client received to the inner sockets.
-    fn deliver_inner(&mut self) {
+    /// Hands the packets the client received to the inner sockets, TCP ones to the stack,
+    /// after reassembling IPv4 fragments.
+    fn deliver_inner(&mut self, now: Instant) {
         while self.client.recv_ip(&mut self.packet) {
-            Capture::inner_packet(&self.capture, self.now, Direction::Received, &self.packet);
-            match self.sockets.deliver(&self.packet) {
+            Capture::inner_packet(&self.capture, now, Direction::Received, &self.packet);
+            let packet = if fragment::is_fragment(&self.packet) {
+                if !self.reassembly.push(now, &self.packet, &mut self.whole) {
+                    continue;
+                }
+                &self.whole
+            } else {
+                &self.packet
+            };
+            let delivery = self.sockets.deliver(packet);
+            let tcp_port = match delivery {
+                Delivery::NotUdp => tcp_port(packet),
+                _ => None,
+            };
+            // Only a tap competes with the stack for TCP packets.
+            let claimed = self.tap.is_none() || tcp_port.is_some_and(|p| self.tcp.uses_port(p));
+            let tap = match delivery {
+                Delivery::Unbound | Delivery::NotUdp if !claimed => self.tap.as_ref(),
+                _ => None,
+            };
+            if let Some(tap) = tap {
+                if !tap.push(packet, TAPPED) {
+                    self.stats.tap_queue_full += 1;
+                }
+                continue;
+            }
+            match delivery {
                 Delivery::Queued => {}
+                Delivery::NotUdp if tcp_port.is_some() => self.tcp.receive(packet),
                 Delivery::NotUdp => self.stats.not_udp += 1,
                 Delivery::Unbound => self.stats.unbound_port += 1,
                 Delivery::QueueFull => self.stats.socket_queue_full += 1,
@@ -1800,6 +1920,107 @@ where
     fn unbind(&self, port: u16) {
         self.lock().host.unbind(port);
     }
+}
+
+/// An inner stream's or listener's calls go to the tunnel's TCP stack behind the runtime's
+/// lock; each is followed by a drain, which runs the stack.
+impl<Q, D, R> TcpHost for Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync,
+    D: Driver<ClientHost<Q>> + Send,
+    R: Runtime + Send + Sync,
+{
+    fn connect(&self, dst: SocketAddr, ready: Arc<dyn inner::Ready>) -> io::Result<TcpId> {
+        self.drive(|host, _, now| {
+            host.advance(now);
+            host.tcp.connect(now, &host.client, dst, ready)
+        })
+    }
+
+    fn connected(&self, id: TcpId) -> io::Result<Option<()>> {
+        self.lock().host.tcp.connected(id)
+    }
+
+    fn listen(&self, port: u16, ready: Arc<dyn inner::Ready>) -> io::Result<u16> {
+        self.drive(|host, _, _| host.tcp.listen(port, ready))
+    }
+
+    fn accept(&self, port: u16, ready: Arc<dyn inner::Ready>) -> io::Result<Option<TcpId>> {
+        self.drive(|host, _, _| host.tcp.accept(port, ready))
+    }
+
+    fn unlisten(&self, port: u16) {
+        self.drive(|host, _, _| {
+            host.tcp.unlisten(port);
+            host.client
+                .set_peer_tunneling(port, host.settings.default_opt_in);
+        });
+    }
+
+    fn recv(&self, id: TcpId, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.drive(|host, _, _| host.tcp.recv(id, buf))
+    }
+
+    fn send(&self, id: TcpId, buf: &[u8]) -> io::Result<Option<usize>> {
+        self.drive(|host, _, _| host.tcp.send(id, buf))
+    }
+
+    fn shutdown(&self, id: TcpId, how: std::net::Shutdown) -> io::Result<()> {
+        self.drive(|host, _, _| host.tcp.shutdown(id, how))
+    }
+
+    fn addrs(&self, id: TcpId) -> io::Result<(SocketAddr, SocketAddr)> {
+        self.lock().host.tcp.addrs(id)
+    }
+
+    fn close(&self, id: TcpId) {
+        self.drive(|host, _, now| host.tcp.close(now, id));
+    }
+
+    fn set_peer_tunneling(&self, port: u16, enabled: bool) {
+        self.drive(|host, _, _| host.set_peer_tunneling(port, enabled));
+    }
+
+    fn local_addr(&self, port: u16) -> io::Result<SocketAddr> {
+        self.lock().host.local_addr(port)
+    }
+}
+
+impl<Q, D, R> Shared<ClientHost<Q>, D, R>
+where
+    Q: DatagramQueue + Send + Sync + 'static,
+    D: Driver<ClientHost<Q>> + Send + 'static,
+    R: Runtime + Send + Sync + 'static,
+{
+    /// Starts an inner TCP connection to `dst`; the runtime waits for
+    /// [`inner::Stream::try_connected`].
+    pub fn tcp_connect<W: inner::Ready + Default + 'static>(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+    ) -> io::Result<inner::Stream<W>> {
+        inner::Stream::connect(self.clone(), dst)
+    }
+
+    /// An inner TCP listener on `port` of the tunnel's internal addresses (0 picks a free
+    /// one from 49152 up).
+    pub fn tcp_listen<W: inner::Ready + Default + 'static>(
+        self: &Arc<Self>,
+        port: u16,
+    ) -> io::Result<inner::Listener<W>> {
+        inner::Listener::bind(self.clone(), port)
+    }
+}
+
+/// The source address a tapped packet is queued with: the packet says it.
+const TAPPED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// The destination port of an inner TCP packet (IPv4, or IPv6 without extension headers).
+fn tcp_port(packet: &[u8]) -> Option<u16> {
+    let packet = crate::wire::InnerPacket::parse(packet).ok()?;
+    if packet.protocol() != etherparse::IpNumber::TCP.0 {
+        return None;
+    }
+    packet.ports().map(|(_, dst)| dst)
 }
 
 /// The host candidates of a peer socket bound to `local`: its address, or when it is bound to

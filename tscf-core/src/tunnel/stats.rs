@@ -1,6 +1,7 @@
 //! What a [`ClientHost`](super::ClientHost) counts.
 
 use crate::client::ClientStats;
+use crate::inner::tcp::TcpCounters;
 
 /// Counters of a tunnel: the client state machine's and its host's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -10,8 +11,15 @@ pub struct TunnelStats {
     pub client: ClientStats,
     /// Inner packets for a port no socket is bound to.
     pub unbound_port: u64,
-    /// Inner packets that are not UDP (or not parseable).
+    /// Inner packets that are neither UDP nor TCP (or not parseable).
     pub not_udp: u64,
+    /// Inner packets dropped because the packet tap's queue was full.
+    pub tap_queue_full: u64,
+    /// Inner IPv4 fragments dropped: malformed, past the reassembly bounds, or of a datagram
+    /// whose other fragments did not come in time.
+    pub fragments_dropped: u64,
+    /// What the inner TCP stack counted.
+    pub tcp: TcpCounters,
     /// Inner datagrams dropped because the socket's queue was full.
     pub socket_queue_full: u64,
     /// Datagrams on the peer socket that were neither from the server tunnel nor for peer

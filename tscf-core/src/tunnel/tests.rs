@@ -627,3 +627,95 @@ fn forged_data_on_plain_peer_tunnel_is_dropped() {
             >= 1
     );
 }
+
+#[test]
+fn inner_tcp_crosses_the_server_and_the_tap_takes_what_nothing_claims() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    let b = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.2:5000");
+    net.pump();
+    let (ipa, ipb) = (net.ipv4(a), net.ipv4(b));
+    let ready: Arc<dyn inner::Ready> = Arc::new(());
+    let listening = net.clients[b].host.tcp.listen(7000, ready.clone());
+    assert_eq!(listening.expect("listens"), 7000);
+    let now = net.now;
+    let host = &mut net.clients[a].host;
+    let dst = SocketAddr::from((ipb, 7000));
+    let id = host.tcp.connect(now, &host.client, dst, ready.clone());
+    let id = id.expect("connecting");
+    net.pump();
+    assert_eq!(
+        net.clients[a].host.tcp.connected(id).expect("made"),
+        Some(())
+    );
+    let accepted = net.clients[b].host.tcp.accept(7000, ready.clone());
+    let accepted = accepted.expect("listening").expect("a connection");
+    let addrs = net.clients[b].host.tcp.addrs(accepted).expect("addresses");
+    assert_eq!(addrs.0, dst);
+    assert_eq!(addrs.1.ip(), IpAddr::V4(ipa));
+
+    // 300 kB, more than the windows hold, in order and whole.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut sent, mut got, mut buf) = (0, Vec::new(), vec![0u8; 65_536]);
+    for _ in 0..1000 {
+        if got.len() == data.len() {
+            break;
+        }
+        let tcp = &mut net.clients[a].host.tcp;
+        if let Some(n) = tcp.send(id, &data[sent..]).expect("open") {
+            sent += n;
+        }
+        net.pump();
+        let tcp = &mut net.clients[b].host.tcp;
+        while let Some(n @ 1..) = tcp.recv(accepted, &mut buf).expect("open") {
+            got.extend_from_slice(&buf[..n]);
+        }
+        net.pump();
+    }
+    assert!(got == data, "{} of {} octets", got.len(), data.len());
+
+    // With a tap, what no socket, stream or listener claims goes to it whole.
+    let tap = net.clients[b]
+        .host
+        .tap(|len| Queue(Mutex::new(Datagrams::new(len))))
+        .expect("one tap");
+    assert!(net.clients[b]
+        .host
+        .tap(|len| Queue(Mutex::new(Datagrams::new(len))))
+        .is_err());
+    let bound = net.socket(b, 6000);
+    let qa = net.socket(a, 5004);
+    for port in [6000, 9999] {
+        let to = SocketAddr::from((ipb, port));
+        net.clients[a]
+            .host
+            .send_to(now, 5004, to, b"x")
+            .expect("sent");
+    }
+    let host = &mut net.clients[a].host;
+    let unclaimed = SocketAddr::from((ipb, 7001));
+    host.tcp
+        .connect(now, &host.client, unclaimed, ready)
+        .expect("a SYN");
+    net.pump();
+    assert_eq!(bound.pop().map(|(d, _)| d), Some(b"x".to_vec()));
+    let (packet, _) = tap.pop().expect("the unbound datagram");
+    assert_eq!(inner::parse_udp(&packet).expect("UDP").port, 9999);
+    let (packet, _) = tap.pop().expect("the SYN");
+    let syn = crate::wire::InnerPacket::parse(&packet).expect("a packet");
+    assert_eq!(syn.ports().map(|p| p.1), Some(7001));
+    assert!(tap.pop().is_none(), "the stream on 7000 stays the stack's");
+
+    // And the tap's side sends whole packets.
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(ipb.octets(), ipa.octets(), 64)
+        .udp(9999, 5004)
+        .write(&mut packet, b"from the kernel")
+        .expect("a packet");
+    net.clients[b].host.send_packet(now, &packet).expect("sent");
+    net.pump();
+    assert_eq!(
+        qa.pop(),
+        Some((b"from the kernel".to_vec(), SocketAddr::from((ipb, 9999))))
+    );
+}

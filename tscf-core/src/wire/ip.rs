@@ -105,6 +105,27 @@ impl<'a> InnerPacket<'a> {
         Some((udp.source_port(), udp.destination_port()))
     }
 
+    /// Source and destination port when this is a UDP or TCP packet whose transport header
+    /// starts in it: not an IPv4 fragment other than the first (an IPv6 packet with extension
+    /// headers reports none).
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        if self.protocol != IpNumber::UDP.0 && self.protocol != IpNumber::TCP.0 {
+            return None;
+        }
+        if self.bytes.first().map(|b| b >> 4) == Some(4) {
+            let offset = u16::from_be_bytes([*self.bytes.get(6)?, *self.bytes.get(7)?]);
+            if offset & 0x1fff != 0 {
+                return None;
+            }
+        }
+        // The two ports open both headers alike.
+        let ports = self.bytes.get(self.header_len..self.header_len + 4)?;
+        Some((
+            u16::from_be_bytes([ports[0], ports[1]]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ))
+    }
+
     /// The whole packet.
     pub fn as_bytes(&self) -> &'a [u8] {
         self.bytes
@@ -121,6 +142,22 @@ mod tests {
         let mut out = Vec::new();
         builder.write(&mut out, payload).expect("vec write");
         out
+    }
+
+    #[test]
+    fn ports_are_those_of_udp_and_tcp_but_not_of_later_fragments() {
+        let v4 = udp_v4(b"rtp");
+        let p = InnerPacket::parse(&v4).expect("valid");
+        assert_eq!(p.ports(), Some((5004, 6000)));
+        let builder = PacketBuilder::ipv6([1; 16], [2; 16], 64).tcp(40_000, 22, 1, 1024);
+        let mut tcp = Vec::new();
+        builder.write(&mut tcp, b"ssh").expect("vec write");
+        let p = InnerPacket::parse(&tcp).expect("valid");
+        assert_eq!((p.ports(), p.udp_ports()), (Some((40_000, 22)), None));
+        let mut fragment = udp_v4(b"rtp");
+        fragment[7] = 1;
+        let p = InnerPacket::parse(&fragment).expect("an IPv4 header");
+        assert_eq!(p.ports(), None);
     }
 
     #[test]

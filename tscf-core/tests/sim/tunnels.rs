@@ -18,7 +18,7 @@ use tscf_core::wire::{Envelope, EnvelopeType, Message, MessageType, ResultCode, 
 use super::*;
 
 fn transport_of(i: usize) -> Transport {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Transport::TLS
     } else {
         Transport::UDP

@@ -1,8 +1,10 @@
-//! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP ports
-//! into the tunnel and reports path changes until `--for` elapses or a signal comes.
+//! `tscf client`: opens a tunnel, prints what the server assigned, forwards local UDP and TCP
+//! ports into the tunnel and inner ports to local addresses ([`crate::forward`]), joins a TUN
+//! device to it ([`crate::tun`]), and reports path changes until `--for` elapses or a signal
+//! comes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -11,32 +13,52 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
-use smol::Async;
 use tscf_runtime_smol::core::client::{PeerConfig, PeerTunnelState, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
-    ClientTlsConfig, ConnectError, Fingerprint, InnerUdpSocket, Notification, ServerVerification,
-    Tunnel, TunnelConfig,
+    ClientTlsConfig, ConnectError, Fingerprint, Notification, ServerVerification, Tunnel,
+    TunnelConfig,
 };
 
 use crate::capture::{self, CaptureArgs, Capturing};
-use crate::config::{parse_forward, ClientFile, TransportArg};
+use crate::config::{ClientFile, TransportArg};
+use crate::forward::{self, parse_forward, parse_listen, Drops, Forward, Listen};
 use crate::metrics::{self, peer_state_label, transport_label, ClientSnapshot, PeerOutcomes};
-use crate::{admin, exit, http, ping};
+use crate::{admin, exit, http, ping, tun};
 
 /// The options of `tscf client`.
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
     #[command(flatten)]
     tunnel: TunnelArgs,
-    /// Forward a local UDP socket into the tunnel: LOCAL=INTERNAL, e.g.
-    /// `127.0.0.1:5004=10.77.0.3:5004`. Datagrams to LOCAL go from the inner socket on
-    /// INTERNAL's port to INTERNAL; the answers go back to the last local sender. Repeatable.
-    #[arg(long, value_name = "LOCAL=INTERNAL", value_parser = parse_forward)]
-    forward: Vec<(SocketAddr, SocketAddr)>,
-    /// Opt the forwarded sockets (and the echo port) in to peer tunneling.
+    /// Forward a local UDP or TCP port into the tunnel: [udp:|tcp:]LOCAL=INTERNAL, e.g.
+    /// `127.0.0.1:5004=10.77.0.3:5004` (UDP) or `tcp:127.0.0.1:8080=10.77.0.3:80`. UDP
+    /// datagrams to LOCAL go from the inner socket on INTERNAL's port to INTERNAL, and the
+    /// answers back to the last local sender; each TCP connection to LOCAL gets an inner
+    /// connection to INTERNAL. Repeatable.
+    #[arg(long, value_name = "[udp:|tcp:]LOCAL=INTERNAL", value_parser = parse_forward)]
+    forward: Vec<Forward>,
+    /// Carry an inner port of this tunnel to a fixed local address, like `ssh -R`:
+    /// [udp:|tcp:]PORT=LOCAL, e.g. `udp:5004=127.0.0.1:5004` for a receiver that never sends
+    /// first. UDP datagrams to inner PORT go to LOCAL, and what LOCAL answers back to the last
+    /// inner sender; each inner TCP connection to PORT gets a local connection to LOCAL.
+    /// Repeatable.
+    #[arg(long, value_name = "[udp:|tcp:]PORT=LOCAL", value_parser = parse_listen)]
+    listen: Vec<Listen>,
+    /// Opt the forwarded and listening ports (and the echo port) in to peer tunneling; with
+    /// --tun, every flow of the device.
     #[arg(long)]
     peer: bool,
+    /// A TUN device joined to the tunnel (default name tscf0), for unmodified applications:
+    /// it gets the tunnel's internal addresses and routes for the pools; every IP packet the
+    /// kernel sends there goes into the tunnel, and inner packets for this client that no
+    /// forward claims come out of it. Needs root (CAP_NET_ADMIN) and /dev/net/tun.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = tun::DEFAULT_NAME)]
+    tun: Option<String>,
+    /// Opt these ports in to peer tunneling (comma-separated): packets from them and to them
+    /// (on the other client) leave the relay, e.g. `5201` for iperf3 over --tun.
+    #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    peer_ports: Vec<u16>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -57,7 +79,7 @@ pub(crate) struct ClientArgs {
 #[derive(Clone, Debug, Args)]
 pub(crate) struct TunnelArgs {
     /// A TOML file with the keys `server`, `transport`, `fingerprint`, `token`, `stun`,
-    /// `forward` and `peer` (see below); options given on the command line win, lists are
+    /// `forward`, `listen` and `peer` (see below); options given on the command line win, lists are
     /// joined.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -119,9 +141,10 @@ impl PeerTransportArg {
 /// Runs `tscf client`.
 pub(crate) fn run(mut args: ClientArgs) -> ExitCode {
     match args.tunnel.with_file() {
-        Ok((forward, peer)) => {
-            args.forward.splice(0..0, forward);
-            args.peer |= peer;
+        Ok(file) => {
+            args.forward.splice(0..0, file.forward);
+            args.listen.splice(0..0, file.listen);
+            args.peer |= file.peer;
         }
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
@@ -139,6 +162,10 @@ pub(crate) fn run(mut args: ClientArgs) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    if let Some(peer) = &mut config.client.peer {
+        // Every flow of the device is one no socket of this program opts in.
+        peer.default_opt_in = args.peer && args.tun.is_some();
+    }
     let capturing = match Capturing::start(&args.capture, Box::new(capture::client_local)) {
         Ok(c) => c,
         Err(e) => {
@@ -212,17 +239,44 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
         if let Some(a) = admin.as_ref().and_then(|l| l.get_ref().local_addr().ok()) {
             out.line("admin", json!({ "addr": a.to_string() }));
         }
-        let mut forwards = Vec::new();
-        for &(local, internal) in &args.forward {
-            match forward(&tunnel, local, internal, args.peer) {
-                Ok(f) => {
-                    // The bound address, with the port the system chose for port 0.
-                    let local = f.0.get_ref().local_addr().unwrap_or(local);
-                    out.forward(local, internal, args.peer);
-                    forwards.push(f);
+        // Forwarding tasks hold the tunnel weakly, so that it can be closed at the end.
+        let tunnel = Arc::new(tunnel);
+        let mut tasks = Vec::new();
+        for &f in &args.forward {
+            match forward::start_forward(&tunnel, f, args.peer, out.clone()) {
+                Ok((local, task)) => {
+                    out.forward(f, local, args.peer);
+                    tasks.push(task);
                 }
                 Err(e) => {
-                    eprintln!("tscf: cannot forward {local}: {e}");
+                    eprintln!("tscf: cannot forward {}: {e}", f.local);
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
+        }
+        if let Some(name) = &args.tun {
+            match tun::open(name, &tunnel) {
+                Ok((device, tap, info)) => {
+                    for &port in &args.peer_ports {
+                        tap.set_peer_tunneling(port, true);
+                    }
+                    out.tun(&info, &tunnel, args.peer);
+                    tasks.push(smol::spawn(tun::run(device, tap)));
+                }
+                Err(e) => {
+                    eprintln!("tscf: {e}");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
+        }
+        for &l in &args.listen {
+            match forward::start_listen(&tunnel, l, args.peer, out.clone()) {
+                Ok(task) => {
+                    out.listen(l, &tunnel, args.peer);
+                    tasks.push(task);
+                }
+                Err(e) => {
+                    eprintln!("tscf: cannot listen on inner port {}: {e}", l.port);
                     return ExitCode::from(exit::FAILURE);
                 }
             }
@@ -237,17 +291,6 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
                 tracing::warn!(port = ping::ECHO_PORT, error = %e, "no echo port for tscf ping");
                 None
             }
-        };
-        let forwarding = async {
-            let tasks: Vec<_> = forwards
-                .into_iter()
-                .map(|(sock, inner, internal)| {
-                    let out = out.clone();
-                    smol::spawn(async move { relay(sock, inner, internal, &out).await })
-                })
-                .collect();
-            future::pending::<()>().await;
-            drop(tasks);
         };
         // The first Connected notification is the one printed above.
         if let Ok(note) = tunnel.notifications().try_recv() {
@@ -302,16 +345,18 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
             future::or(answer_metrics, answer_admin).await;
             ExitCode::SUCCESS
         };
-        let code = future::or(
-            future::or(stop, endpoints),
-            future::or(notes, async {
-                forwarding.await;
-                ExitCode::SUCCESS
-            }),
-        )
-        .await;
-        drop(echo);
-        tunnel.close().await;
+        let code = future::or(future::or(stop, endpoints), notes).await;
+        if let Some(echo) = echo {
+            echo.cancel().await;
+        }
+        for task in tasks {
+            task.cancel().await;
+        }
+        match Arc::try_unwrap(tunnel) {
+            Ok(tunnel) => tunnel.close().await,
+            // A connection being set up still holds it: dropping it releases it too.
+            Err(tunnel) => drop(tunnel),
+        }
         let drops = std::mem::take(&mut *out.drops.lock().unwrap_or_else(|e| e.into_inner()));
         if !drops.is_empty() {
             out.line("forward_drops", json!(drops));
@@ -321,15 +366,23 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
     })
 }
 
-/// The forwards and the peer flag of a `--config` file.
-type FileForwards = (Vec<(SocketAddr, SocketAddr)>, bool);
+/// What a `--config` file says of forwards, for `tscf client`.
+struct FileForwards {
+    forward: Vec<Forward>,
+    listen: Vec<Listen>,
+    peer: bool,
+}
 
 impl TunnelArgs {
     /// Merges the `--config` file into the command line's options; what the file says of
     /// forwards, for `tscf client`.
     fn with_file(&mut self) -> Result<FileForwards, String> {
         let Some(path) = &self.config else {
-            return Ok((Vec::new(), false));
+            return Ok(FileForwards {
+                forward: Vec::new(),
+                listen: Vec::new(),
+                peer: false,
+            });
         };
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -341,8 +394,11 @@ impl TunnelArgs {
         }
         self.token = self.token.take().or(file.token);
         self.stun.splice(0..0, file.stun);
-        let forward = file.forward.into_iter().map(|f| f.0).collect();
-        Ok((forward, file.peer.unwrap_or(false)))
+        Ok(FileForwards {
+            forward: file.forward.into_iter().map(|f| f.0).collect(),
+            listen: file.listen.into_iter().map(|l| l.0).collect(),
+            peer: file.peer.unwrap_or(false),
+        })
     }
 
     /// The tunnel's configuration, with the `--config` file merged in.
@@ -421,73 +477,17 @@ impl TunnelArgs {
     }
 }
 
-type Forward = (Async<UdpSocket>, InnerUdpSocket, SocketAddr);
-
-fn forward(
-    tunnel: &Tunnel,
-    local: SocketAddr,
-    internal: SocketAddr,
-    peer: bool,
-) -> std::io::Result<Forward> {
-    let sock = Async::<UdpSocket>::bind(local)?;
-    let inner = tunnel.bind(internal.port())?;
-    inner.set_peer_tunneling(peer);
-    Ok((sock, inner, internal))
-}
-
-/// Copies datagrams between the local socket and the inner socket until either fails.
-///
-/// Only datagrams from `internal` come back out, and they go to the last local sender; local
-/// senders must share the address of the first one (an application may restart on another
-/// port, another host may not take over the replies). Every datagram dropped is counted by
-/// reason, and the first of each reason is reported.
-async fn relay(sock: Async<UdpSocket>, inner: InnerUdpSocket, internal: SocketAddr, out: &Printer) {
-    let last_sender: Mutex<Option<SocketAddr>> = Mutex::new(None);
-    let local = sock.get_ref().local_addr().ok();
-    let drop = |reason: &str, error: Option<String>| {
-        out.dropped(local, internal, reason, error);
-    };
-    let outbound = async {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            {
-                let mut last = last_sender.lock().unwrap_or_else(|e| e.into_inner());
-                if last.is_some_and(|l| l.ip() != from.ip()) {
-                    drop("foreign_local_sender", Some(from.to_string()));
-                    continue;
-                }
-                *last = Some(from);
-            }
-            if let Err(e) = inner.send_to(&buf[..n], internal).await {
-                drop("send_failed", Some(format!("{n} octets: {e}")));
-            }
-        }
-    };
-    let inbound = async {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = inner.recv_from(&mut buf).await {
-            if from != internal {
-                drop("foreign_inner_source", Some(from.to_string()));
-                continue;
-            }
-            let to = *last_sender.lock().unwrap_or_else(|e| e.into_inner());
-            match to {
-                Some(to) => {
-                    if let Err(e) = sock.send_to(&buf[..n], to).await {
-                        drop("local_send_failed", Some(e.to_string()));
-                    }
-                }
-                None => drop("no_local_sender_yet", None),
-            }
-        }
-    };
-    future::or(outbound, inbound).await;
+fn how(peer: bool) -> &'static str {
+    match peer {
+        true => "peer tunneling on",
+        false => "relay only",
+    }
 }
 
 /// Prints text or JSON lines.
 struct Printer {
     json: bool,
-    /// Datagrams the forwarders dropped, by reason.
+    /// What the forwarders dropped, by reason.
     drops: Mutex<BTreeMap<String, u64>>,
     /// The path of each peer tunnel that is up, to say which one went down.
     paths: Mutex<HashMap<IpAddr, SocketAddr>>,
@@ -496,36 +496,6 @@ struct Printer {
 }
 
 impl Printer {
-    /// Counts a datagram a forwarder dropped; the first of each reason is reported at once.
-    fn dropped(
-        &self,
-        local: Option<SocketAddr>,
-        internal: SocketAddr,
-        reason: &str,
-        detail: Option<String>,
-    ) {
-        let first = {
-            let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
-            let count = drops.entry(reason.to_owned()).or_default();
-            *count += 1;
-            *count == 1
-        };
-        if !first {
-            return;
-        }
-        let local = local.map(|a| a.to_string());
-        tracing::warn!(?local, %internal, reason, ?detail, "forwarded datagram dropped (first of its kind)");
-        self.line(
-            "forward_dropped",
-            json!({
-                "local": local,
-                "internal": internal.to_string(),
-                "reason": reason,
-                "detail": detail,
-            }),
-        );
-    }
-
     fn connected(&self, tunnel: &Tunnel) {
         let id = tunnel.tunnel_id().unwrap_or(0);
         let v4 = tunnel.internal_ipv4();
@@ -565,23 +535,68 @@ impl Printer {
         }
     }
 
-    fn forward(&self, local: SocketAddr, internal: SocketAddr, peer: bool) {
+    /// A forward, with the local address bound (the port the system chose for port 0).
+    fn forward(&self, f: Forward, local: SocketAddr, peer: bool) {
+        let protocol = f.protocol.name();
         if self.json {
             self.line(
                 "forward",
                 json!({
+                    "protocol": protocol,
                     "local": local.to_string(),
-                    "internal": internal.to_string(),
+                    "internal": f.internal.to_string(),
                     "peer_tunneling": peer,
                 }),
             );
         } else {
-            let how = if peer {
-                "peer tunneling on"
-            } else {
-                "relay only"
-            };
-            println!("  forward {local} <-> {internal} ({how})");
+            let internal = f.internal;
+            println!(
+                "  forward {protocol} {local} <-> {internal} ({})",
+                how(peer)
+            );
+        }
+    }
+
+    fn tun(&self, info: &tun::TunInfo, tunnel: &Tunnel, peer: bool) {
+        let v4 = tunnel.internal_ipv4().map(|a| a.to_string());
+        let v6 = tunnel.internal_ipv6().map(|a| a.to_string());
+        if self.json {
+            self.line(
+                "tun",
+                json!({
+                    "name": info.name,
+                    "ipv4": v4,
+                    "ipv6": v6,
+                    "mtu": info.mtu,
+                    "peer_tunneling": peer,
+                }),
+            );
+        } else {
+            let (name, mtu) = (&info.name, info.mtu);
+            let addrs: Vec<String> = v4.into_iter().chain(v6).collect();
+            println!("  tun {name} {} mtu {mtu} ({})", addrs.join(" "), how(peer));
+        }
+    }
+
+    fn listen(&self, l: Listen, tunnel: &Tunnel, peer: bool) {
+        let protocol = l.protocol.name();
+        let internal = forward::inner_addr(tunnel, l.port).map(|a| a.to_string());
+        if self.json {
+            self.line(
+                "listen",
+                json!({
+                    "protocol": protocol,
+                    "internal": internal,
+                    "local": l.local.to_string(),
+                    "peer_tunneling": peer,
+                }),
+            );
+        } else {
+            let (port, local) = (l.port, l.local);
+            println!(
+                "  listen {protocol} inner port {port} -> {local} ({})",
+                how(peer)
+            );
         }
     }
 
@@ -696,6 +711,38 @@ impl Printer {
                 false => println!("{event} {}", rest.join(" ")),
             }
         }
+    }
+}
+
+/// Every drop is counted by reason, and the first of each reason is reported.
+impl Drops for Printer {
+    fn dropped(
+        &self,
+        local: SocketAddr,
+        internal: Option<SocketAddr>,
+        reason: &'static str,
+        detail: Option<String>,
+    ) {
+        let first = {
+            let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+            let count = drops.entry(reason.to_owned()).or_default();
+            *count += 1;
+            *count == 1
+        };
+        if !first {
+            return;
+        }
+        let internal = internal.map(|a| a.to_string());
+        tracing::warn!(%local, ?internal, reason, ?detail, "forwarded data dropped (first of its kind)");
+        self.line(
+            "forward_dropped",
+            json!({
+                "local": local.to_string(),
+                "internal": internal,
+                "reason": reason,
+                "detail": detail,
+            }),
+        );
     }
 }
 

@@ -22,8 +22,8 @@
 //! # key = "server.key"
 //! ```
 //!
-//! [`ClientFile`] is the `tscf client --config` file; [`TransportArg`] and [`parse_forward`]
-//! read what it shares with the command line.
+//! [`ClientFile`] is the `tscf client --config` file; [`TransportArg`], [`parse_forward`] and
+//! [`parse_listen`] read what it shares with the command line.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +32,10 @@ use clap::ValueEnum;
 use serde::Deserialize;
 use tscf_runtime_smol::core::director::{DirectorConfig, Ipv4Pool, Ipv6Pool};
 use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
+
+#[cfg(test)]
+use crate::forward::Protocol;
+use crate::forward::{parse_forward, parse_listen, Forward, Listen};
 
 /// The configuration used without `--config`.
 pub(crate) const DEFAULT: &str = r#"
@@ -217,7 +221,8 @@ impl ServerFile {
 /// fingerprint = "14bc…"             # the server certificate's SHA-256 (tls, dtls, quic)
 /// token = "secret"                  # the admission token
 /// stun = ["203.0.113.2:3478"]       # STUN servers (default: the server's responder)
-/// forward = ["127.0.0.1:5004=10.77.0.3:5004"]
+/// forward = ["127.0.0.1:5004=10.77.0.3:5004", "tcp:127.0.0.1:8080=10.77.0.3:80"]
+/// listen = ["udp:5004=127.0.0.1:5004"]  # inner port to a fixed local address (ssh -R)
 /// peer = true                       # opt the forwarded sockets in to peer tunneling
 /// ```
 #[derive(Debug, Deserialize)]
@@ -230,20 +235,35 @@ pub(crate) struct ClientFile {
     #[serde(default)]
     pub(crate) stun: Vec<SocketAddr>,
     #[serde(default)]
-    pub(crate) forward: Vec<Forward>,
+    pub(crate) forward: Vec<FileForward>,
+    #[serde(default)]
+    pub(crate) listen: Vec<FileListen>,
     pub(crate) peer: Option<bool>,
 }
 
-/// A `LOCAL=INTERNAL` forward, as on the command line.
+/// A `[udp:|tcp:]LOCAL=INTERNAL` forward, as on the command line.
 #[derive(Debug, Deserialize)]
 #[serde(try_from = "String")]
-pub(crate) struct Forward(pub(crate) (SocketAddr, SocketAddr));
+pub(crate) struct FileForward(pub(crate) Forward);
 
-impl TryFrom<String> for Forward {
+impl TryFrom<String> for FileForward {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
-        parse_forward(&text).map(Forward)
+        parse_forward(&text).map(FileForward)
+    }
+}
+
+/// A `[udp:|tcp:]PORT=LOCAL` listen, as on the command line.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct FileListen(pub(crate) Listen);
+
+impl TryFrom<String> for FileListen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        parse_listen(&text).map(FileListen)
     }
 }
 
@@ -266,20 +286,6 @@ pub(crate) enum TransportArg {
     /// QUIC (TLS 1.3, ALPN "tscf"): data frames as QUIC datagrams, verified by --fingerprint
     /// like TLS.
     Quic,
-}
-
-/// Parses a `LOCAL=INTERNAL` forward, as `--forward` and the file's `forward` give it.
-pub(crate) fn parse_forward(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
-    let (local, internal) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not LOCAL=INTERNAL"))?;
-    let local = local
-        .parse()
-        .map_err(|_| format!("{local:?} is not an address and port"))?;
-    let internal = internal
-        .parse()
-        .map_err(|_| format!("{internal:?} is not an address and port"))?;
-    Ok((local, internal))
 }
 
 #[cfg(test)]
@@ -316,11 +322,19 @@ mod tests {
         let f = ClientFile::parse(
             "server = \"192.0.2.1:4440\"\ntransport = \"udp\"\n\
              stun = [\"192.0.2.2:3478\", \"192.0.2.3:3478\"]\n\
-             forward = [\"127.0.0.1:0=10.77.0.3:5004\"]\npeer = true\n",
+             forward = [\"127.0.0.1:0=10.77.0.3:5004\", \"tcp:[::1]:0=10.77.0.3:80\"]\n\
+             listen = [\"tcp:8080=127.0.0.1:80\"]\npeer = true\n",
         )
         .expect("parses");
         assert_eq!(f.stun.len(), 2);
-        assert_eq!(f.forward.len(), 1);
+        assert_eq!(f.forward.len(), 2);
+        assert_eq!(f.forward[0].0.protocol, Protocol::Udp);
+        assert_eq!(f.forward[1].0.protocol, Protocol::Tcp);
+        assert_eq!(f.forward[1].0.internal.port(), 80);
+        assert_eq!(f.listen[0].0.port, 8080);
+        assert_eq!(f.listen[0].0.protocol, Protocol::Tcp);
+        let e = ClientFile::parse("listen = [\"tcp:x=127.0.0.1:1\"]").expect_err("no port");
+        assert!(e.contains("listen"), "{e}");
         assert_eq!(f.peer, Some(true));
         let e = ClientFile::parse("stun = [\"nowhere\"]").expect_err("bad address");
         assert!(e.contains("stun"), "{e}");

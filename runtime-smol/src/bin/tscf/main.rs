@@ -35,10 +35,12 @@ mod client;
 mod config;
 mod demo;
 mod exit;
+mod forward;
 mod http;
 mod metrics;
 mod netcheck;
 mod ping;
+mod tun;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

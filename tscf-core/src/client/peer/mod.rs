@@ -482,6 +482,9 @@ pub(in crate::client) struct PeerAgent {
     releasing: Vec<release::Releasing>,
     /// Counter for the ids of the streams we open.
     next_stream: u64,
+    /// The destination, IPv4 identification and opt-in of the last fragmented datagram
+    /// sent: its later fragments, which carry no port, take the path of the first.
+    fragmented: Option<(IpAddr, u16, bool)>,
 }
 
 impl PeerAgent {
@@ -499,6 +502,7 @@ impl PeerAgent {
             streams: Vec::new(),
             releasing: Vec::new(),
             next_stream: 0,
+            fragmented: None,
         }
     }
 
@@ -571,10 +575,26 @@ impl PeerAgent {
     /// An opted-in packet (or not) for the relay: returns true when it went to the peer path
     /// instead. Starts a negotiation for a peer without state.
     fn route_outbound(&mut self, cx: &mut Cx<'_>, packet: &InnerPacket<'_>) -> bool {
-        let Some((source_port, _)) = packet.udp_ports() else {
-            return false;
+        // UDP and TCP alike: the setting belongs to the local port.
+        // A port opted in explicitly also takes flows to that port on the other side (a
+        // service's clients, whose own ports vary).
+        let fragment = fragment_id(packet);
+        let opted = match (packet.ports(), fragment) {
+            (Some((src, dst)), id) => {
+                let opted = self.opted_in(src) || self.opt.get(&dst) == Some(&true);
+                if let Some(id) = id {
+                    self.fragmented = Some((packet.destination(), id, opted));
+                }
+                opted
+            }
+            (None, Some(id)) => match self.fragmented {
+                Some((dst, i, opted)) => dst == packet.destination() && i == id && opted,
+                None => false,
+            },
+            // Without ports (ICMP, say), the default decides: all flows, or none.
+            (None, None) => self.config.default_opt_in,
         };
-        if !self.opted_in(source_port) {
+        if !opted {
             return false;
         }
         let dst = packet.destination();
@@ -802,9 +822,10 @@ impl PeerAgent {
 // ---- the client's side ----
 
 impl TunnelClient {
-    /// Opts the inner UDP socket bound to `local_port` in or out of peer tunneling (the
-    /// `tsc_setsockopt` of the TSC API). Only opted-in flows (or all, with
-    /// [`PeerConfig::default_opt_in`]) ever leave the relay. Opting in also lifts the wait
+    /// Opts the inner UDP socket or TCP stream bound to `local_port` in or out of peer
+    /// tunneling (the `tsc_setsockopt` of the TSC API). Only opted-in flows (or all, with
+    /// [`PeerConfig::default_opt_in`]) ever leave the relay; a port opted in explicitly also
+    /// opts in the packets this client sends to that port on another client. Opting in also lifts the wait
     /// before a new attempt at peers that fell back. Without peer tunneling it does nothing.
     pub fn set_peer_tunneling(&mut self, local_port: u16, enabled: bool) {
         let now = self.now;
@@ -988,4 +1009,13 @@ impl TunnelClient {
             agent.handle_timeout(&mut cx);
         }
     }
+}
+
+/// The identification of an IPv4 fragment (a piece of a larger datagram).
+fn fragment_id(packet: &InnerPacket<'_>) -> Option<u16> {
+    let bytes = packet.as_bytes();
+    if !crate::inner::fragment::is_fragment(bytes) {
+        return None;
+    }
+    Some(u16::from_be_bytes([*bytes.get(4)?, *bytes.get(5)?]))
 }

@@ -799,3 +799,52 @@ fn nat_discovery_asks_the_stun_responder_the_director_announced() {
         assert_eq!(announce, expected, "announced {announced:?}");
     }
 }
+
+/// Whether what `h` sent holds a request for a peer tunnel.
+fn asked_for_a_peer(h: &mut Harness) -> bool {
+    h.drain();
+    h.take_sent().iter().any(|b| {
+        b[0] == EnvelopeType::CONTROL.0
+            && decode(b).tlvs.service_action == Some(ServiceAction::ESTABLISH)
+    })
+}
+
+#[test]
+fn tcp_flows_flows_to_an_opted_in_port_and_packets_without_ports_follow_the_default() {
+    let tcp = |from: u16, to: u16| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(ADDR.octets(), PEER.octets(), 64)
+            .tcp(from, to, 1, 1024)
+            .write(&mut out, b"syn")
+            .expect("vec write");
+        out
+    };
+    // TCP from an opted-in port.
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(7000, true);
+    h.client.send_ip(h.now, &tcp(7000, 80)).expect("queued");
+    assert!(asked_for_a_peer(&mut h));
+    // From any port to one opted in explicitly here (a service's port on the other side).
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(5201, true);
+    h.client.send_ip(h.now, &tcp(40_000, 5201)).expect("queued");
+    assert!(asked_for_a_peer(&mut h));
+    // Neither port opted in: the relay only.
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(5201, true);
+    h.client.send_ip(h.now, &tcp(40_000, 80)).expect("queued");
+    assert!(!asked_for_a_peer(&mut h));
+    // ICMP has no port: the default decides.
+    let mut echo = Vec::new();
+    PacketBuilder::ipv4(ADDR.octets(), PEER.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut echo, b"ping")
+        .expect("vec write");
+    let (mut h, _) = peer_client();
+    h.client.set_peer_tunneling(5004, true);
+    h.client.send_ip(h.now, &echo).expect("queued");
+    assert!(!asked_for_a_peer(&mut h));
+    let (mut h, _) = peer_client_with(|p| p.default_opt_in = true);
+    h.client.send_ip(h.now, &echo).expect("queued");
+    assert!(asked_for_a_peer(&mut h));
+}

@@ -20,6 +20,15 @@ use rustc_hash::FxHashMap;
 
 use crate::client::{SendError, TunnelClient};
 
+pub mod fragment;
+#[cfg(feature = "host")]
+mod stream;
+#[cfg(feature = "host")]
+pub mod tcp;
+
+#[cfg(feature = "host")]
+pub use stream::{Listener, ListenerControl, Stream, StreamControl};
+
 /// Hop limit of the inner packets sent.
 const INNER_TTL: u8 = 64;
 /// The ports port 0 picks from.
@@ -41,11 +50,12 @@ pub fn local_addr(client: &TunnelClient, port: u16) -> io::Result<SocketAddr> {
 }
 
 /// Wraps `payload` in a UDP packet from the tunnel's internal address of `dst`'s family and
-/// `port` to `dst`, and hands it to `client`. `packet` is scratch space for the packet, kept by
-/// the caller so that a send allocates nothing. Errors as an inner socket reports them: no
-/// tunnel yet is [`io::ErrorKind::NotConnected`], a full send queue
-/// [`io::ErrorKind::WouldBlock`], a packet larger than the tunnel carries
-/// [`io::ErrorKind::InvalidInput`].
+/// `port` to `dst`, and hands it to `client`; an IPv4 packet larger than the tunnel carries
+/// goes as IPv4 fragments ([`fragment`]), which the other end reassembles. `packet` is
+/// scratch space for the packet, kept by the caller so that a send allocates nothing, as is
+/// `fragmenter`. Errors as an inner socket reports them: no tunnel yet is
+/// [`io::ErrorKind::NotConnected`], a full send queue [`io::ErrorKind::WouldBlock`], an IPv6
+/// packet larger than the tunnel carries [`io::ErrorKind::InvalidInput`].
 pub fn send_udp(
     client: &mut TunnelClient,
     now: Instant,
@@ -53,6 +63,7 @@ pub fn send_udp(
     dst: SocketAddr,
     payload: &[u8],
     packet: &mut Vec<u8>,
+    fragmenter: &mut fragment::Fragmenter,
 ) -> io::Result<()> {
     let from = match dst.ip() {
         IpAddr::V4(_) => client.internal_ipv4().map(IpAddr::V4),
@@ -60,7 +71,23 @@ pub fn send_udp(
     };
     let from = SocketAddr::new(from.ok_or_else(no_tunnel)?, port);
     write_udp(packet, from, dst, payload)?;
-    client.send_ip(now, packet).map_err(send_error)
+    let max = client
+        .tunnel_info()
+        .map_or(usize::MAX, |i| i.max_packet_len);
+    if packet.len() <= max || dst.is_ipv6() {
+        return client.send_ip(now, packet).map_err(send_error);
+    }
+    let mut failed = None;
+    fragmenter.split(packet, max, |fragment| {
+        match client.send_ip(now, fragment) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    });
+    failed.map_or(Ok(()), |e| Err(send_error(e)))
 }
 
 /// Writes into `packet` (replacing what it held) the IPv4 or IPv6 UDP packet from `from` to
@@ -169,7 +196,8 @@ fn no_tunnel() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet")
 }
 
-fn send_error(e: SendError) -> io::Error {
+/// A send the client refused, as an inner socket reports it.
+pub fn send_error(e: SendError) -> io::Error {
     let kind = match e {
         SendError::NotConnected => io::ErrorKind::NotConnected,
         SendError::Closed => io::ErrorKind::BrokenPipe,
