@@ -685,3 +685,230 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     );
     Ok(())
 }
+
+/// A tunnel client against forged input driven by `u`, with an honest director behind its
+/// server transport (plain UDP, where anyone who knows the addresses can inject).
+///
+/// The client opens its tunnel through a real [`SessionDirector`](crate::director::SessionDirector).
+/// Then forged input arrives: arbitrary bytes and structured control messages as if from the
+/// server (naming the client's tunnel id, unsigned or signed with a guessed key), data
+/// envelopes with arbitrary inner packets, and arbitrary datagrams on the peer socket from any
+/// address, while time passes and the honest exchange between client and director goes on.
+/// After every step:
+///
+/// - once connected, the client keeps its tunnel id and internal address: nothing forged
+///   changes them, and it is never told to close;
+/// - it holds no more than its bounds of packets queued for sending;
+///
+/// and at the end it is still connected, the director still holds its tunnel on the same
+/// connection, and a packet the client sends to itself comes back through the director.
+pub fn client(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
+    use crate::client::{
+        ClientConfig, ClientEvent, ClientState, Destination, Input, ServerEndpoint, TunnelClient,
+    };
+    use crate::director::SessionDirector;
+    use crate::director::{ConnectionHandle, ConnectionInfo as Conn, DirectorConfig, Ipv4Pool};
+
+    let server = SocketAddr::from(([192, 0, 2, 1], 4440));
+    let link = ConnectionHandle(1);
+    let config = DirectorConfig {
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 28)),
+        ipv6_pool: None,
+        ..DirectorConfig::default()
+    };
+    let mut d = SessionDirector::new(config).expect("a valid configuration");
+    let mut config = ClientConfig::new(vec![ServerEndpoint {
+        addr: server,
+        transport: Transport::UDP,
+    }]);
+    config.rng_seed = [7; 32];
+    let max_queued = config.max_queued_packets;
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+    let start = Instant::now();
+    let mut now = start;
+    let mut c = TunnelClient::new(config, now).expect("a valid configuration");
+    d.handle_connect(
+        now,
+        link,
+        Conn {
+            transport: Transport::UDP,
+            remote: SocketAddr::from(([198, 51, 100, 7], 40_000)),
+            verified_identity: false,
+        },
+    )
+    .expect("a fresh handle");
+
+    // Carries what each side sends to the other until both are quiet; whether the client was
+    // told to close its tunnel.
+    let mut buf = Vec::new();
+    let mut inner = Vec::new();
+    let mut exchange = |c: &mut TunnelClient, d: &mut SessionDirector, now: Instant| -> bool {
+        let mut closed = false;
+        for _ in 0..64 {
+            let mut quiet = true;
+            while let Some(t) = c.poll_transmit(now, &mut buf) {
+                if t.destination == Destination::Server {
+                    d.handle_datagram(now, link, &buf);
+                    quiet = false;
+                }
+            }
+            while let Some(e) = c.poll_event() {
+                match e {
+                    ClientEvent::OpenTransport { .. } => {
+                        c.handle_input(now, Input::TransportOpen);
+                        quiet = false;
+                    }
+                    ClientEvent::TunnelClosed { .. } | ClientEvent::CloseTransport => {
+                        closed = true;
+                    }
+                    _ => {}
+                }
+            }
+            while let Some(t) = d.poll_transmit(now, &mut buf) {
+                if t.connection == link {
+                    c.handle_input(now, Input::Envelope(&buf));
+                    quiet = false;
+                }
+            }
+            while d.poll_event().is_some() {}
+            while c.recv_ip(&mut inner) {}
+            if quiet {
+                break;
+            }
+        }
+        closed
+    };
+    // Runs both sides' timers up to `until`, exchanging after each.
+    let mut run_until = |c: &mut TunnelClient, d: &mut SessionDirector, until: Instant| -> bool {
+        let mut closed = false;
+        let mut at = now_of(c, d, until);
+        while let Some(t) = at {
+            c.handle_timeout(t);
+            d.handle_timeout(t);
+            closed |= exchange(c, d, t);
+            at = now_of(c, d, until).filter(|next| *next > t);
+        }
+        closed | exchange(c, d, until)
+    };
+    fn now_of(c: &TunnelClient, d: &SessionDirector, until: Instant) -> Option<Instant> {
+        let next = [c.poll_timeout(), d.poll_timeout()];
+        next.into_iter().flatten().min().filter(|t| *t <= until)
+    }
+
+    run_until(&mut c, &mut d, now);
+    now += Duration::from_secs(1);
+    assert!(!run_until(&mut c, &mut d, now), "closed while connecting");
+    assert_eq!(
+        c.state(),
+        ClientState::Connected,
+        "no tunnel through the director"
+    );
+    let id = c.tunnel_id().expect("a tunnel id");
+    let ip = c.internal_ipv4().expect("an address");
+
+    for _ in 0..256 {
+        if u.is_empty() {
+            break;
+        }
+        match u.int_in_range(0..=4)? {
+            0 => {
+                let len = u.int_in_range(0..=1500)?;
+                c.handle_input(now, Input::Envelope(u.bytes(len)?));
+            }
+            1 => {
+                let mut message = arbitrary_message(u)?;
+                message.header.version = VERSION;
+                if u.arbitrary()? {
+                    message.header.tunnel_id = id;
+                }
+                let mut bytes = Vec::new();
+                let encoded = match u.arbitrary::<Option<[u8; 32]>>()? {
+                    Some(guess) => message.encode_envelope_with_integrity(&guess, &mut bytes),
+                    None => message.encode_envelope(&mut bytes),
+                };
+                if encoded.is_ok() {
+                    c.handle_input(now, Input::Envelope(&bytes));
+                }
+            }
+            2 => {
+                let src = match u.arbitrary()? {
+                    true => ip,
+                    false => Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
+                };
+                let dst = match u.arbitrary()? {
+                    true => ip,
+                    false => Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
+                };
+                let len = u.int_in_range(0..=1400)?;
+                let payload = u.bytes(len)?;
+                let mut packet = Vec::new();
+                let builder =
+                    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
+                if builder.write(&mut packet, payload).is_ok() {
+                    let mut bytes = Vec::new();
+                    if Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).is_ok() {
+                        c.handle_input(now, Input::Envelope(&bytes));
+                    }
+                }
+            }
+            3 => {
+                let from = arbitrary_socket(u)?;
+                let len = u.int_in_range(0..=1500)?;
+                let datagram = u.bytes(len)?;
+                c.handle_input(now, Input::PeerDatagram { from, datagram });
+            }
+            _ => {
+                now += Duration::from_millis(u.int_in_range(0..=20_000)?);
+            }
+        }
+        assert!(
+            !run_until(&mut c, &mut d, now),
+            "forged input closed the tunnel"
+        );
+        assert!(
+            c.queued_packets() <= max_queued,
+            "{} queued",
+            c.queued_packets()
+        );
+        if c.state() == ClientState::Connected {
+            assert_eq!(c.tunnel_id(), Some(id), "forged input moved the tunnel");
+            assert_eq!(
+                c.internal_ipv4(),
+                Some(ip),
+                "forged input moved the address"
+            );
+        }
+    }
+
+    // The honest exchange goes on: the client comes back to (or stays) connected, as it was.
+    now += Duration::from_secs(5);
+    assert!(!run_until(&mut c, &mut d, now), "the tunnel closed");
+    assert_eq!(c.state(), ClientState::Connected);
+    assert_eq!((c.tunnel_id(), c.internal_ipv4()), (Some(id), Some(ip)));
+    let held = d
+        .tunnels()
+        .find(|t| t.tunnel_id == id)
+        .expect("the director holds it");
+    assert_eq!((held.connection, held.ipv4), (Some(link), Some(ip)));
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(ip.octets(), ip.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"back through the director")
+        .expect("a packet");
+    c.send_ip(now, &packet).expect("sent");
+    let mut looped = false;
+    while let Some(t) = c.poll_transmit(now, &mut buf) {
+        if t.destination == Destination::Server {
+            d.handle_datagram(now, link, &buf);
+        }
+    }
+    while let Some(t) = d.poll_transmit(now, &mut buf) {
+        c.handle_input(now, Input::Envelope(&buf));
+        while c.recv_ip(&mut inner) {
+            looped |= inner == packet;
+        }
+        let _ = t;
+    }
+    assert!(looped, "the client's packet did not come back");
+    Ok(())
+}

@@ -71,3 +71,10 @@ fn director_corpus() {
         let _ = fuzzing::director(&mut Unstructured::new(bytes));
     });
 }
+
+#[test]
+fn client_corpus() {
+    replay("client", |data| {
+        let _ = fuzzing::client(&mut Unstructured::new(data));
+    });
+}
