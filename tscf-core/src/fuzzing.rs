@@ -489,6 +489,23 @@ fn arbitrary_socket(u: &mut Unstructured<'_>) -> ArbitraryResult<SocketAddr> {
     Ok(SocketAddr::new(arbitrary_ip(u)?, u.arbitrary()?))
 }
 
+/// A data envelope carrying an IPv4 UDP packet from `src` to `dst` with up to 1,400 arbitrary
+/// octets; `None` when the payload does not fit.
+fn arbitrary_data_envelope(
+    u: &mut Unstructured<'_>,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) -> ArbitraryResult<Option<Vec<u8>>> {
+    let len = u.int_in_range(0..=1400)?;
+    let payload = u.bytes(len)?;
+    let mut packet = Vec::new();
+    let builder = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
+    let mut bytes = Vec::new();
+    let built = builder.write(&mut packet, payload).is_ok()
+        && Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).is_ok();
+    Ok(built.then_some(bytes))
+}
+
 /// A director serving two honest clients against hostile connections driven by `u`.
 ///
 /// Two tunnels are configured first, on TLS connections (the honest pair). Then hostile
@@ -620,16 +637,8 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
                     })
                 };
                 let (src, dst) = (pick(u)?, pick(u)?);
-                let len = u.int_in_range(0..=1400)?;
-                let payload = u.bytes(len)?;
-                let mut packet = Vec::new();
-                let builder =
-                    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
-                if builder.write(&mut packet, payload).is_ok() {
-                    let mut bytes = Vec::new();
-                    if Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).is_ok() {
-                        d.handle_datagram(now, handle, &bytes);
-                    }
+                if let Some(bytes) = arbitrary_data_envelope(u, src, dst)? {
+                    d.handle_datagram(now, handle, &bytes);
                 }
             }
             _ => {
@@ -839,16 +848,8 @@ pub fn client(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
                     true => ip,
                     false => Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
                 };
-                let len = u.int_in_range(0..=1400)?;
-                let payload = u.bytes(len)?;
-                let mut packet = Vec::new();
-                let builder =
-                    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
-                if builder.write(&mut packet, payload).is_ok() {
-                    let mut bytes = Vec::new();
-                    if Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).is_ok() {
-                        c.handle_input(now, Input::Envelope(&bytes));
-                    }
+                if let Some(bytes) = arbitrary_data_envelope(u, src, dst)? {
+                    c.handle_input(now, Input::Envelope(&bytes));
                 }
             }
             3 => {
