@@ -25,7 +25,10 @@
 //! credit. Round trips are 500 pings of 5 octets echoed by the sink. The peer tunnel's setup
 //! time is what the source's tunnel reports when it comes up. With `--idle N,…` it also runs
 //! the `idle_tunnels` example (built beside this one) for each count, and `--director FILE`
-//! reads the output of `cargo bench -p tscf-core --bench director`. Linux only.
+//! reads the output of `cargo bench -p tscf-core --bench director`. Unless `--paths-only`, each
+//! round also runs the `inner_tcp_throughput` example (built beside this one): 256 MiB over
+//! kernel TCP on loopback, then over inner TCP through the relay and through a peer tunnel,
+//! each ratio taken against the loopback transfer of its round. Linux only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod report;
@@ -208,6 +211,17 @@ pub(crate) struct Results {
     pub(crate) idle: Vec<(usize, Option<f64>, String)>,
     /// The director bench's lines, as printed.
     pub(crate) director: Vec<String>,
+    /// Per round, Mbit/s of one bulk transfer: loopback TCP, inner TCP over the relay and
+    /// over a peer tunnel (`inner_tcp_throughput`).
+    pub(crate) inner_tcp: Vec<InnerTcp>,
+}
+
+/// One round of `inner_tcp_throughput`, in Mbit/s.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InnerTcp {
+    pub(crate) loopback: f64,
+    pub(crate) relay: f64,
+    pub(crate) peer: f64,
 }
 
 fn orchestrate(args: &[String]) {
@@ -223,6 +237,7 @@ fn orchestrate(args: &[String]) {
     eprintln!("server up; {} rounds of {} paths", o.reps, o.paths.len());
     let mut runs = Vec::new();
     let mut connects = Vec::new();
+    let mut inner_tcp_rounds = Vec::new();
     let sizes = o
         .sizes
         .iter()
@@ -254,6 +269,15 @@ fn orchestrate(args: &[String]) {
             let per_sec = connect_rate(&exe, &info, t);
             eprintln!("round {round} connects over {t}: {per_sec:.0}/s");
             connects.push((t, per_sec));
+        }
+        if !o.paths_only {
+            if let Some(t) = inner_tcp(&exe) {
+                eprintln!(
+                    "round {round} inner TCP: loopback {:.0}, relay {:.0}, peer {:.0} Mbit/s",
+                    t.loopback, t.relay, t.peer
+                );
+                inner_tcp_rounds.push(t);
+            }
         }
     }
     for server in std::iter::once(&mut server).chain(before.as_mut().map(|b| &mut b.1)) {
@@ -288,6 +312,7 @@ fn orchestrate(args: &[String]) {
         sim_setup_ms,
         idle,
         director,
+        inner_tcp: inner_tcp_rounds,
     };
     results.machine.finish();
     let tables = report::tables(&results, &o);
@@ -426,6 +451,43 @@ fn connect_rate(exe: &std::path::Path, info: &ServerInfo, t: Transport) -> f64 {
 }
 
 /// Runs the `idle_tunnels` example with `n` tunnels: KiB per tunnel, and its summary.
+/// Runs the `inner_tcp_throughput` example (built beside this one) once: 256 MiB over loopback
+/// TCP, then over inner TCP through the relay and through a peer tunnel; `None`, said on
+/// stderr, when it cannot run or prints no figures.
+fn inner_tcp(exe: &std::path::Path) -> Option<InnerTcp> {
+    let program = exe.with_file_name("inner_tcp_throughput");
+    let out = Command::new(&program)
+        .args(["--mb", "256"])
+        .stderr(Stdio::inherit())
+        .output();
+    let text = match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => {
+            eprintln!("inner TCP not measured: {} ({e})", program.display());
+            return None;
+        }
+    };
+    // Each row: the label in 22 columns, then seconds and Mbit/s.
+    let mbps = |label: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(label))?;
+        line.get(22..)?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let measured = (|| {
+        Some(InnerTcp {
+            loopback: mbps("loopback TCP")?,
+            relay: mbps("inner TCP, relay")?,
+            peer: mbps("inner TCP, peer")?,
+        })
+    })();
+    if measured.is_none() {
+        eprintln!(
+            "inner TCP not measured: {} printed {text:?}",
+            program.display()
+        );
+    }
+    measured
+}
+
 fn idle_tunnels(exe: &std::path::Path, n: usize) -> (usize, Option<f64>, String) {
     let idle = exe.with_file_name("idle_tunnels");
     eprintln!("{n} idle TLS tunnels ...");

@@ -271,10 +271,7 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
         }
         let _ = writeln!(s, "{row}");
     }
-    let _ = writeln!(
-        s,
-        "| inner TCP vs loopback TCP | *a bulk transfer, not datagrams: measured by the `inner_tcp_throughput` example, see below* |\n"
-    );
+    let _ = writeln!(s);
     let _ = writeln!(
         s,
         "CPU time per datagram, all sizes, of every process on the path (source, sink and, on the relay, the server; user + system, including connecting and the pings), µs:\n"
@@ -294,6 +291,39 @@ pub(crate) fn tables(results: &Results, o: &Options) -> String {
         );
     }
     let _ = writeln!(s);
+
+    let _ = writeln!(s, "### Inner TCP against loopback TCP (Mbit/s)\n");
+    if results.inner_tcp.is_empty() {
+        let _ = writeln!(s, "*not measured in this run (`--paths-only`, or the `inner_tcp_throughput` example was not built)*\n");
+    } else {
+        let _ = writeln!(
+            s,
+            "256 MiB in one connection per round (`inner_tcp_throughput`: a server and two tunnels in one process on one smol thread, UDP server transport), each ratio within its round:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| path | Mbit/s | ratio to loopback TCP |\n|---|---|---|"
+        );
+        let t = &results.inner_tcp;
+        for (name, of) in [
+            (
+                "loopback TCP (kernel)",
+                (|t: &crate::InnerTcp| t.loopback) as fn(&crate::InnerTcp) -> f64,
+            ),
+            ("inner TCP, relay", |t| t.relay),
+            ("inner TCP, peer tunnel", |t| t.peer),
+        ] {
+            let mbps = t.iter().map(of).collect();
+            let ratio = t.iter().map(|r| of(r) / r.loopback).collect();
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} |",
+                fmt_spread(spread(mbps), 1.0, 0),
+                fmt_spread(spread(ratio), 1.0, 3)
+            );
+        }
+        let _ = writeln!(s);
+    }
 
     let _ = writeln!(s, "### Round trip of a 5-octet ping (µs)\n");
     let _ = writeln!(
@@ -537,5 +567,6 @@ pub(crate) fn json(results: &Results) -> serde_json::Value {
         "sim_setup_ms": results.sim_setup_ms,
         "idle": results.idle.iter().map(|i| json!({"tunnels": i.0, "kib_per_tunnel": i.1, "summary": i.2})).collect::<Vec<_>>(),
         "director": results.director,
+        "inner_tcp_mbps": results.inner_tcp.iter().map(|t| json!({"loopback": t.loopback, "relay": t.relay, "peer": t.peer})).collect::<Vec<_>>(),
     })
 }

@@ -140,7 +140,11 @@ impl ServerInfo {
         ));
         config.connect_timeout = Duration::from_secs(10);
         match (peer, config.client.peer.as_mut()) {
-            (Some(transport), Some(p)) => p.transport = transport,
+            (Some(transport), Some(p)) => {
+                p.transport = transport;
+                // The plain peer tunnel is measured by asking for it by name.
+                p.require_secure = transport != Transport::UDP;
+            }
             _ => config.client.peer = None,
         }
         config
