@@ -261,7 +261,7 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
                         tap.set_peer_tunneling(port, true);
                     }
                     out.tun(&info, &tunnel, args.peer);
-                    tasks.push(smol::spawn(tun::run(device, tap)));
+                    tasks.push(smol::spawn(tun::run(device, tap, info.mtu)));
                 }
                 Err(e) => {
                     eprintln!("tscf: {e}");
