@@ -236,7 +236,15 @@ struct Tunnel {
     keepalive: Duration,
     capabilities: Capabilities,
     last_heard: Instant,
-    persistent_since: Option<Instant>,
+    /// While active: when the director last sent it anything (the keepalive of §3.5 is due
+    /// one interval later). While persistent: since when it is. One field for both keeps an
+    /// idle tunnel small.
+    since: Instant,
+    /// A [`Timer::Liveness`] entry for it is in the heap.
+    liveness_armed: bool,
+    /// The sequence number of the director's last Keepalive on it, whose response is
+    /// expected (0: none; the director's numbers have the top bit set).
+    keepalive_sequence: u32,
     /// The last request answered and its encoded response, for duplicates (§6.2). Client
     /// Service Requests have their own slot: a client may have one outstanding beside a
     /// keepalive, and a late retransmission must not start a second negotiation.
@@ -256,7 +264,8 @@ struct Tunnel {
 /// so that activity never has to find and move them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    Idle(u64),
+    /// The keepalive the director sends (§3.5) and the idle deadline of an active tunnel.
+    Liveness(u64),
     Persistence(u64),
     Pending(ConnectionHandle),
     Notification(ConnectionHandle),
@@ -417,7 +426,7 @@ impl SessionDirector {
             }
             self.timers.pop();
             match timer {
-                Timer::Idle(id) => self.check_idle(now, id),
+                Timer::Liveness(id) => self.check_liveness(now, id),
                 Timer::Persistence(id) => self.check_persistence(now, id),
                 Timer::Pending(c) => {
                     if self.is_pending(c) {
@@ -437,10 +446,10 @@ impl SessionDirector {
     /// timers when it queues a message, so nothing here depends on it yet.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let _ = now;
         if let Some((connection, mut bytes)) = self.control_out.pop_front() {
             core::mem::swap(buf, &mut bytes);
             self.recycle(bytes);
+            self.sent_on(now, connection);
             return Some(Transmit { connection });
         }
         while let Some(id) = self.ready.pop_front() {
@@ -462,6 +471,7 @@ impl SessionDirector {
                 self.ready.push_back(id);
             }
             self.queued_frames -= 1;
+            tunnel.since = now;
             core::mem::swap(buf, &mut frame);
             self.recycle(frame);
             return Some(Transmit { connection });
@@ -475,7 +485,9 @@ impl SessionDirector {
         self.events.pop_front()
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called: at the latest one
+    /// keepalive interval after the last envelope polled for an active tunnel, when the
+    /// director sends it a Keepalive (§3.5).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((at, _))| *at)
@@ -673,10 +685,23 @@ impl SessionDirector {
         }
     }
 
-    fn schedule_idle(&mut self, id: u64) {
-        if let Some(t) = self.tunnels.get(&id) {
-            let at = t.last_heard + t.keepalive * self.config.idle_intervals;
-            self.timers.push(Reverse((at, Timer::Idle(id))));
+    /// Arms the liveness timer of tunnel `id` unless it is armed: one entry per tunnel, which
+    /// finds its next deadline from the tunnel's state when it fires.
+    fn schedule_liveness(&mut self, id: u64) {
+        if let Some(t) = self.tunnels.get_mut(&id) {
+            if !t.liveness_armed {
+                t.liveness_armed = true;
+                let at = t.next_liveness(self.config.idle_intervals);
+                self.timers.push(Reverse((at, Timer::Liveness(id))));
+            }
+        }
+    }
+
+    /// An envelope for `connection` was polled: its tunnel heard from the director.
+    fn sent_on(&mut self, now: Instant, connection: ConnectionHandle) {
+        let tunnel = self.connections.get(&connection).and_then(|c| c.tunnel);
+        if let Some(t) = tunnel.and_then(|id| self.tunnels.get_mut(&id)) {
+            t.since = now;
         }
     }
 
@@ -799,7 +824,9 @@ impl SessionDirector {
             self.queued_frames += tunnel.queue.len();
         }
         tunnel.transport = transport.unwrap_or(tunnel.transport);
-        tunnel.persistent_since = None;
+        if old.is_none() {
+            tunnel.since = now;
+        }
         tunnel.last_heard = now;
         if !tunnel.queue.is_empty() && !tunnel.in_ready {
             tunnel.in_ready = true;
@@ -813,11 +840,18 @@ impl SessionDirector {
             self.drop_connection(old);
         }
         self.bind(connection, id);
-        self.schedule_idle(id);
+        self.schedule_liveness(id);
     }
 }
 
 impl Tunnel {
+    /// When an active tunnel's liveness must next be checked: its idle deadline (three
+    /// silent intervals by default) or the Keepalive the director owes it, whichever is first.
+    fn next_liveness(&self, idle_intervals: u32) -> Instant {
+        let idle = self.last_heard + self.keepalive * idle_intervals;
+        idle.min(self.since + self.keepalive)
+    }
+
     fn addresses(&self) -> impl Iterator<Item = IpAddr> {
         let v4 = self.ipv4.map(|(a, _)| IpAddr::V4(a));
         let v6 = self.ipv6.map(|(a, _)| IpAddr::V6(a));

@@ -27,6 +27,9 @@ pub struct DirectorStats {
     pub bytes_relayed: u64,
     /// Control messages answered.
     pub control_answered: u64,
+    /// Keepalives the director sent on tunnels it had sent nothing for one keepalive interval
+    /// (`docs/PROTOCOL.md` §3.5).
+    pub keepalives_sent: u64,
     /// Data frames waiting in the tunnels' queues now (bounded by `max_total_queued_frames`).
     pub queued_frames: usize,
     /// Tunnels held now, by the transport each was last seen on, in transport order.
