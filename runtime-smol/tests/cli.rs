@@ -390,6 +390,65 @@ fn server_stops_cleanly_at_sigterm() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// At SIGTERM the server tells a UDP client its tunnel is shut down, and retransmits the
+/// notification the client lost until the client acknowledges it; then it exits, well before
+/// its (long) shutdown grace.
+#[test]
+fn at_sigterm_a_lost_release_notification_is_sent_again_until_acknowledged() {
+    use tscf_core::wire::{ControlKey, Envelope, Message, MessageType, ResultCode};
+    let (mut server, printed) = spawn_server("sigterm-udp", "shutdown_grace_ms = 60000\n", "30");
+    let udp: std::net::SocketAddr = address(&printed, "udp ").parse().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut receive = || {
+        let n = socket.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([7; 16]);
+    let mut bytes = Vec::new();
+    request.encode_envelope(&mut bytes).unwrap();
+    socket.send_to(&bytes, udp).unwrap();
+    let response = receive();
+    let payload = Envelope::decode_datagram(&response).unwrap().payload;
+    let response = Message::decode(payload).unwrap();
+    assert_eq!(response.tlvs.result_code, Some(ResultCode::SUCCESS));
+    let key = ControlKey::new(&response.tlvs.control_key.unwrap());
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let first = receive();
+    let again = receive();
+    assert_eq!(first, again, "the same notification, retransmitted");
+    let payload = Envelope::decode_datagram(&again).unwrap().payload;
+    let note = Message::decode(payload).unwrap();
+    assert_eq!(
+        note.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert_eq!(note.tlvs.result_code, Some(ResultCode::SHUTDOWN));
+    let mut ack = Vec::new();
+    Message::response_to(&note.header, ResultCode::SUCCESS)
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut ack)
+        .unwrap();
+    socket.send_to(&ack, udp).unwrap();
+    // Acknowledged: it exits now rather than at the end of its grace.
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(server.wait().unwrap());
+    });
+    let status = exited
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the server exits once its clients acknowledged");
+    assert_eq!(status.code(), Some(0));
+}
+
 /// A `tscf client --json` process and its first lines, up to its last `forward` line.
 fn spawn_client(
     args: &[&str],

@@ -32,6 +32,9 @@ impl SessionDirector {
             return;
         };
         if conn.info.transport.is_datagram() {
+            if conn.notification.is_none() {
+                self.outstanding_notifications += 1;
+            }
             conn.notification = Some(Outstanding {
                 sequence,
                 bytes,
@@ -56,6 +59,7 @@ impl SessionDirector {
         };
         if out.sent >= max {
             conn.notification = None;
+            self.outstanding_notifications -= 1;
             self.drop_connection(connection);
             return;
         }
@@ -85,6 +89,7 @@ impl SessionDirector {
                     .is_some_and(|k| k.verify_from_client(encoded))
         }) {
             conn.notification = None;
+            self.outstanding_notifications -= 1;
             self.drop_connection(connection);
             return true;
         }
@@ -205,9 +210,7 @@ impl SessionDirector {
         let Some(conn) = self.connections.remove(&connection) else {
             return;
         };
-        if !conn.configured {
-            self.unpend();
-        }
+        self.forgot(&conn);
         self.events
             .push_back(DirectorEvent::CloseConnection { connection });
     }

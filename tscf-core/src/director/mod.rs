@@ -199,6 +199,8 @@ pub struct SessionDirector {
     token_digests: Vec<[u8; 32]>,
     /// Failed admissions per source address: the start of its window and the count.
     failures: FxHashMap<IpAddr, (Instant, u16)>,
+    /// Connections with a Release Notification awaiting its acknowledgement.
+    outstanding_notifications: usize,
     stats: DirectorStats,
 }
 
@@ -321,6 +323,7 @@ impl SessionDirector {
                 .map(|t| Sha256::digest(t).into())
                 .collect(),
             failures: FxHashMap::default(),
+            outstanding_notifications: 0,
             stats: DirectorStats::default(),
             config,
         })
@@ -382,9 +385,7 @@ impl SessionDirector {
         let Some(conn) = self.connections.remove(&connection) else {
             return;
         };
-        if !conn.configured {
-            self.unpend();
-        }
+        self.forgot(&conn);
         if let Some(id) = conn.tunnel {
             self.make_persistent(now, id);
         }
@@ -510,6 +511,12 @@ impl SessionDirector {
         }
         self.close(now, tunnel_id, reason);
         Ok(())
+    }
+
+    /// Release Notifications on datagram transports awaiting their acknowledgement, which the
+    /// director retransmits (§3.5, §6.3) until it comes or the last transmission is sent.
+    pub fn notifications_outstanding(&self) -> usize {
+        self.outstanding_notifications
     }
 
     /// Closes every tunnel with reason Shutdown.
@@ -661,6 +668,16 @@ impl SessionDirector {
         self.connections
             .get(&connection)
             .is_some_and(|c| !c.configured)
+    }
+
+    /// Bookkeeping for a connection just removed from the table.
+    fn forgot(&mut self, connection: &Connection) {
+        if !connection.configured {
+            self.unpend();
+        }
+        if connection.notification.is_some() {
+            self.outstanding_notifications -= 1;
+        }
     }
 
     fn unpend(&mut self) {

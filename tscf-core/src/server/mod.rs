@@ -141,6 +141,7 @@ struct Bounds {
     handshake_timeout: Duration,
     write_timeout: Duration,
     close_grace: Duration,
+    shutdown_grace: Duration,
     quic_retry_above: usize,
     max_unconfigured_per_source: usize,
 }
@@ -243,6 +244,7 @@ impl ServerHost {
                 handshake_timeout: config.director.pending_timeout,
                 write_timeout: config.stream_write_timeout,
                 close_grace: config.close_grace,
+                shutdown_grace: config.shutdown_grace,
                 quic_retry_above: config.quic_retry_above,
                 max_unconfigured_per_source: config.max_unconfigured_per_source.max(1),
             },
@@ -479,8 +481,10 @@ impl ServerHost {
     }
 
     /// Closes every tunnel with reason Shutdown (`SessionDirector::shutdown`), which sends the
-    /// release notifications and closes their connections once written; closes every other
-    /// connection, and refuses new ones.
+    /// release notifications and closes their connections once written (on datagram
+    /// transports: once acknowledged, retransmitting meanwhile); closes every other
+    /// connection, and refuses new ones. A runtime then keeps driving the host until
+    /// [`is_drained`](Self::is_drained), for [`shutdown_grace`](Self::shutdown_grace) at most.
     pub fn shutdown(&mut self, now: Instant) {
         self.advance(now);
         self.stopped = true;
@@ -628,10 +632,22 @@ impl ServerHost {
             .min()
     }
 
-    /// How long a closed stream connection may take to write its last envelopes: what a
-    /// runtime shutting down waits for its streams at most.
+    /// How long a closed stream connection may take to write its last envelopes.
     pub fn close_grace(&self) -> Duration {
         self.bounds.close_grace
+    }
+
+    /// How long a runtime shutting down drives the host at most, waiting for
+    /// [`is_drained`](Self::is_drained) ([`ServerConfig::shutdown_grace`]).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.bounds.shutdown_grace
+    }
+
+    /// After [`shutdown`](Self::shutdown): whether every stream connection has closed and every
+    /// Release Notification on a datagram transport was acknowledged (or given up after its
+    /// last retransmission), so that the runtime may stop.
+    pub fn is_drained(&self) -> bool {
+        self.stopped && self.streams == 0 && self.director.notifications_outstanding() == 0
     }
 
     // ---- observability ----

@@ -561,6 +561,72 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
 }
 
 #[test]
+fn a_shutdown_retransmits_release_notifications_on_udp_until_acknowledged() {
+    let mut h = Harness::new(ServerConfig::default());
+    fn udp(data: &[u8]) -> Input<'_> {
+        Input::Datagram {
+            socket: SocketId(0),
+            from: CLIENT.parse().expect("addr"),
+            data,
+        }
+    }
+    let request = configuration_request(1);
+    let out = h.input(udp(&request));
+    let response = out.datagrams[0].2.clone();
+    let response = message(&response);
+    let key = ControlKey::new(&response.tlvs.control_key.expect("a key"));
+    assert!(!h.host.is_drained(), "still running");
+
+    h.host.shutdown(h.now);
+    let first = h.drain().datagrams;
+    assert_eq!(first.len(), 1);
+    let note = message(&first[0].2);
+    assert_eq!(
+        note.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert_eq!(note.tlvs.result_code, Some(ResultCode::SHUTDOWN));
+    assert!(!h.host.is_drained(), "the notification is not acknowledged");
+    // The first is lost: the same notification again after 250 ms.
+    let again = h.advance(Duration::from_millis(250)).datagrams;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, first[0].2);
+    assert_eq!(h.host.director().notifications_outstanding(), 1);
+
+    let mut ack = Vec::new();
+    let mut answer = Message::response_to(&note.header, ResultCode::SUCCESS);
+    answer
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut ack)
+        .expect("encodable");
+    let out = h.input(udp(&ack));
+    assert!(out.datagrams.is_empty());
+    assert!(h.host.is_drained(), "acknowledged: the runtime may stop");
+    assert_eq!(h.host.stats().udp_connections, 0);
+    assert!(h.advance(Duration::from_secs(20)).datagrams.is_empty());
+    assert_eq!(h.host.shutdown_grace(), Duration::from_secs(2));
+}
+
+#[test]
+fn an_unacknowledged_release_notification_is_given_up_after_its_last_transmission() {
+    let mut h = Harness::new(ServerConfig::default());
+    let from: SocketAddr = CLIENT.parse().expect("addr");
+    h.input(Input::Datagram {
+        socket: SocketId(0),
+        from,
+        data: &configuration_request(1),
+    });
+    h.host.shutdown(h.now);
+    let mut sent = h.drain().datagrams.len();
+    while !h.host.is_drained() {
+        sent += h.advance(Duration::from_millis(250)).datagrams.len();
+    }
+    // Seven transmissions (§6.3), then the connection is forgotten.
+    assert_eq!(sent, 7);
+    assert_eq!(h.host.director().notifications_outstanding(), 0);
+    assert_eq!(h.host.stats().udp_connections, 0);
+}
+
+#[test]
 fn a_full_stream_queue_drops_and_counts_envelopes() {
     let config = ServerConfig {
         stream_queue_bytes: 300,
