@@ -34,7 +34,7 @@ pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters, Tran
 
 use crate::wire::{
     Capabilities, ControlKey, Envelope, EnvelopeType, InnerPacket, Message, MessageType,
-    ReplayWindow, ResultCode, Transport,
+    ReplayWindow, ResultCode, Transport, ENVELOPE_HEADER_LEN,
 };
 use pool::AddressPool;
 
@@ -478,6 +478,33 @@ impl SessionDirector {
             return Some(Transmit { connection });
         }
         None
+    }
+
+    /// The runtime could not deliver `envelope`, which [`poll_transmit`](Self::poll_transmit)
+    /// gave it (a stream connection's queue was full, or the connection was closing): an
+    /// answer counts as undelivered rather than answered, a frame as not relayed, so that
+    /// the statistics say what reached the clients.
+    pub fn undelivered(&mut self, envelope: &[u8]) {
+        let payload_len = envelope.len().saturating_sub(ENVELOPE_HEADER_LEN);
+        match envelope.first().map(|k| EnvelopeType(*k)) {
+            Some(EnvelopeType::DATA) => {
+                let s = &mut self.stats;
+                s.frames_relayed = s.frames_relayed.saturating_sub(1);
+                s.bytes_relayed = s.bytes_relayed.saturating_sub(payload_len as u64);
+            }
+            Some(EnvelopeType::CONTROL) => {
+                // The message type is the second octet of the message header (§3.1).
+                let kind = envelope
+                    .get(ENVELOPE_HEADER_LEN + 1)
+                    .map(|t| MessageType(*t));
+                if kind.is_some_and(|t| !t.is_request()) {
+                    let s = &mut self.stats;
+                    s.control_answered = s.control_answered.saturating_sub(1);
+                    s.answers_undelivered += 1;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The next event.

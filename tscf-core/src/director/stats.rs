@@ -21,12 +21,15 @@ pub struct DirectorStats {
     /// Tunnels that followed their client to another connection (a new address) on an
     /// authenticated request from there (roaming).
     pub moves: u64,
-    /// Data frames relayed to another tunnel.
+    /// Data frames relayed to another tunnel (less those its transport could not take).
     pub frames_relayed: u64,
     /// Octets of inner packets relayed.
     pub bytes_relayed: u64,
-    /// Control messages answered.
+    /// Control messages answered (the answers the transports delivered or are delivering).
     pub control_answered: u64,
+    /// Answers the transport could not deliver (a stream connection's queue was full, or it
+    /// was closing): not in `control_answered`.
+    pub answers_undelivered: u64,
     /// Keepalives the director sent on tunnels it had sent nothing for one keepalive interval
     /// (`docs/PROTOCOL.md` §3.5).
     pub keepalives_sent: u64,

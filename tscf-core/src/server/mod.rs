@@ -585,7 +585,10 @@ impl ServerHost {
                     self.queue_on_stream(transmit.connection, buf);
                 }
                 // Closing, or already gone: the frame has nowhere to go.
-                Some(Route::Stream(_)) | None => self.counters.sent_to_closed += 1,
+                Some(Route::Stream(_)) | None => {
+                    self.counters.sent_to_closed += 1;
+                    self.director.undelivered(buf);
+                }
             }
         }
     }
@@ -949,11 +952,13 @@ impl ServerHost {
             return;
         };
         if s.state != StreamState::Open {
-            return self.counters.sent_to_closed += 1;
+            self.counters.sent_to_closed += 1;
+            return self.director.undelivered(envelope);
         }
         let was_idle = s.output.is_empty() && !s.output.in_flight();
         if !s.output.push(envelope, self.bounds.stream_queue_bytes) {
             self.counters.stream_queue_full += 1;
+            self.director.undelivered(envelope);
         } else if was_idle {
             let stream = StreamId(handle.0);
             self.events

@@ -627,6 +627,53 @@ fn an_unacknowledged_release_notification_is_given_up_after_its_last_transmissio
 }
 
 #[test]
+fn answers_a_full_stream_queue_drops_are_counted_as_undelivered_not_answered() {
+    let mut h = Harness::new(ServerConfig {
+        stream_queue_bytes: 16 * 1024,
+        ..ServerConfig::default()
+    });
+    let stream = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let answered_before = h.host.stats().director.control_answered;
+    // 5,000 keepalives in one write of the client, read in the runtime's 16 KiB pieces, while
+    // the writer is stalled.
+    let mut pipelined = Vec::new();
+    {
+        let response = message(&written);
+        for sequence in 2..5002 {
+            pipelined.extend(keepalive(&response, sequence));
+        }
+    }
+    for piece in pipelined.chunks(16 * 1024) {
+        h.input(Input::StreamData {
+            stream,
+            data: piece,
+        });
+    }
+    let mut delivered = 0;
+    while h.host.take_output(h.now, stream, &mut written) {
+        let mut rest = &written[..];
+        while let Some(len) = rest.get(1..3).map(|l| u16::from_be_bytes([l[0], l[1]])) {
+            let answer = message(&rest[..usize::from(len)]);
+            assert_eq!(answer.header.message_type, MessageType::KEEPALIVE_RESPONSE);
+            rest = &rest[usize::from(len)..];
+            delivered += 1;
+        }
+    }
+    let stats = h.host.stats();
+    let d = &stats.director;
+    assert!(delivered < 5000, "the queue bound dropped some");
+    assert_eq!(d.control_answered - answered_before, delivered);
+    assert_eq!(d.answers_undelivered, 5000 - delivered);
+    assert_eq!(stats.transport.stream_queue_full, 5000 - delivered);
+}
+
+#[test]
 fn a_full_stream_queue_drops_and_counts_envelopes() {
     let config = ServerConfig {
         stream_queue_bytes: 300,
