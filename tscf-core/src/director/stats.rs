@@ -4,6 +4,7 @@ use crate::wire::Transport;
 
 /// Statistics of a [`SessionDirector`](super::SessionDirector).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct DirectorStats {
     /// Tunnels with a live transport.
@@ -36,6 +37,7 @@ pub struct DirectorStats {
     /// Data frames waiting in the tunnels' queues now (bounded by `max_total_queued_frames`).
     pub queued_frames: usize,
     /// Tunnels held now, by the transport each was last seen on, in transport order.
+    #[cfg_attr(feature = "serde", serde(skip_deserializing))]
     pub tunnels_by_transport: Vec<TransportTunnels>,
     /// Configuration Requests refused, by reason.
     pub refused: RefusalCounters,
@@ -47,6 +49,7 @@ pub struct DirectorStats {
 
 /// Peer service activity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct PeerCounters {
     /// Peer requests forwarded to their destination.
@@ -73,6 +76,7 @@ pub struct PeerCounters {
 
 /// Configuration Requests refused, by result code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct RefusalCounters {
     /// No or wrong admission credential.
@@ -96,6 +100,7 @@ pub struct RefusalCounters {
 
 /// Inputs dropped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct DropCounters {
     /// The envelope header was invalid.
@@ -136,6 +141,7 @@ pub struct DropCounters {
 /// The tunnels of one transport (the one each was last seen on), in
 /// [`DirectorStats::tunnels_by_transport`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct TransportTunnels {
     /// The transport.
