@@ -594,7 +594,7 @@ fn a_shutdown_retransmits_release_notifications_on_udp_until_acknowledged() {
     assert_eq!(h.host.director().notifications_outstanding(), 1);
 
     let mut ack = Vec::new();
-    let mut answer = Message::response_to(&note.header, ResultCode::SUCCESS);
+    let answer = Message::response_to(&note.header, ResultCode::SUCCESS);
     answer
         .encode_envelope_with_integrity(&key.client_to_director(), &mut ack)
         .expect("encodable");

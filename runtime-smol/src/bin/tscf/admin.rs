@@ -299,7 +299,7 @@ mod tests {
             }
         }
         let stats = ServerStats::default();
-        let all = serde_json::to_value(&stats).unwrap();
+        let all = serde_json::to_value(&stats).expect("statistics serialize");
         let (director, runtime) = split(&stats);
         assert_eq!(director, all["director"]);
         assert_eq!(leaves(&director) + leaves(&runtime), leaves(&all));

@@ -687,11 +687,11 @@ mod tests {
     /// value must be a sample of the scrape.
     #[test]
     fn every_server_counter_is_a_metric() {
-        let mut value = serde_json::to_value(ServerStats::default()).unwrap();
+        let mut value = serde_json::to_value(ServerStats::default()).expect("statistics serialize");
         let mut fields = Vec::new();
         number(&mut value, "", &mut fields);
         assert!(fields.len() > 50, "{fields:?}");
-        let stats: ServerStats = serde_json::from_value(value).unwrap();
+        let stats: ServerStats = serde_json::from_value(value).expect("statistics deserialize");
         let (_, body) = server(stats);
         let samples: HashSet<&str> = body
             .lines()
