@@ -195,7 +195,8 @@ impl ServerHandle {
         drive::stop(&self.shared, &mut state);
         drop(state);
         for endpoint in self.quic.drain(..) {
-            endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+            let shutdown = tscf_core::io::CloseReason::Shutdown.quic_code();
+            endpoint.close(quinn::VarInt::from_u32(shutdown), b"shutdown");
         }
     }
 }

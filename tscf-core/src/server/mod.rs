@@ -49,8 +49,8 @@ use crate::director::{
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::io::{
-    Capture, CapturedEnvelope, Direction, Input, IoEvent, SocketId, StreamError, StreamId,
-    StreamOutput, Transmit,
+    Capture, CapturedEnvelope, CloseReason, Direction, Input, IoEvent, SocketId, StreamError,
+    StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport, ENVELOPE_HEADER_LEN};
@@ -321,7 +321,7 @@ impl ServerHost {
             );
             if evictable {
                 self.counters.streams_evicted += 1;
-                self.close_connection(now, oldest, true);
+                self.close_connection(now, oldest, true, CloseReason::Reclaimed);
                 return true;
             }
         }
@@ -501,7 +501,7 @@ impl ServerHost {
             .copied()
             .collect();
         for handle in others {
-            self.close_connection(now, handle, false);
+            self.close_connection(now, handle, false, CloseReason::Shutdown);
         }
     }
 
@@ -521,7 +521,7 @@ impl ServerHost {
         };
         match self.routes.get(&handle) {
             Some(Route::Stream(_) | Route::Dtls { .. }) => {
-                self.close_connection(now, handle, true);
+                self.close_connection(now, handle, true, CloseReason::Closed);
                 true
             }
             _ => false,
@@ -603,7 +603,18 @@ impl ServerHost {
         let event = self.director.poll_event()?;
         match event {
             DirectorEvent::CloseConnection { connection } => {
-                self.close_connection(self.now, connection, false);
+                // A director closes a connection that never configured only to reclaim its
+                // slot (the pending timeout, or too many pending).
+                let unconfigured = matches!(
+                    self.routes.get(&connection),
+                    Some(Route::Stream(s)) if s.unconfigured
+                );
+                let reason = match () {
+                    _ if self.stopped => CloseReason::Shutdown,
+                    _ if unconfigured => CloseReason::Reclaimed,
+                    _ => CloseReason::Closed,
+                };
+                self.close_connection(self.now, connection, false, reason);
             }
             DirectorEvent::TunnelOpened { connection, .. }
             | DirectorEvent::TunnelReattached { connection, .. } => {
@@ -874,7 +885,7 @@ impl ServerHost {
         }
         if !framed {
             self.counters.framing_errors += 1;
-            self.close_connection(now, handle, true);
+            self.close_connection(now, handle, true, CloseReason::ProtocolError);
         }
     }
 
@@ -910,7 +921,7 @@ impl ServerHost {
                 );
                 if handshaking {
                     self.count_handshake_failure(handle);
-                    self.close_connection(now, handle, true);
+                    self.close_connection(now, handle, true, CloseReason::Reclaimed);
                 }
             }
             StreamTimer::Write(handle) => {
@@ -927,7 +938,7 @@ impl ServerHost {
                     self.timers.push(Reverse((due, StreamTimer::Write(handle))));
                 } else if s.state != StreamState::Closing {
                     self.counters.stream_write_timeouts += 1;
-                    self.close_connection(now, handle, true);
+                    self.close_connection(now, handle, true, CloseReason::Reclaimed);
                 }
             }
             StreamTimer::Close(handle) => {
@@ -937,6 +948,7 @@ impl ServerHost {
                     self.events.push_back(ServerEvent::Io(IoEvent::CloseStream {
                         stream,
                         abort: true,
+                        reason: CloseReason::Reclaimed,
                     }));
                 }
             }
@@ -977,9 +989,15 @@ impl ServerHost {
     }
 
     /// Ends `handle` on the host's side: the director forgets it (if it still knows it), a
-    /// stream is closed (at once with `abort`, else after its queued envelopes), a DTLS
-    /// association closed, a UDP remote forgotten.
-    fn close_connection(&mut self, now: Instant, handle: ConnectionHandle, abort: bool) {
+    /// stream is closed (at once with `abort`, else after its queued envelopes) for `reason`,
+    /// a DTLS association closed, a UDP remote forgotten.
+    fn close_connection(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        abort: bool,
+        reason: CloseReason,
+    ) {
         match self.routes.get_mut(&handle) {
             Some(Route::Stream(s)) => {
                 if s.state == StreamState::Closing && !abort {
@@ -991,8 +1009,11 @@ impl ServerHost {
                 }
                 s.state = StreamState::Closing;
                 let stream = StreamId(handle.0);
-                self.events
-                    .push_back(ServerEvent::Io(IoEvent::CloseStream { stream, abort }));
+                self.events.push_back(ServerEvent::Io(IoEvent::CloseStream {
+                    stream,
+                    abort,
+                    reason,
+                }));
                 let at = after(now, self.bounds.close_grace);
                 self.timers.push(Reverse((at, StreamTimer::Close(handle))));
                 if was_open {

@@ -1,6 +1,7 @@
 //! Unit tests of the server host against scripted sockets and streams.
 
 use super::*;
+use crate::io::CloseReason;
 use crate::stun::{decode_binding_response, encode_binding_request, TransactionId};
 use crate::wire::{ControlKey, Envelope, Message, MessageType, ResultCode};
 
@@ -203,7 +204,8 @@ fn lost_framing_aborts_the_stream_and_is_counted() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::ProtocolError,
         }]
     );
     assert_eq!(h.host.stats().transport.framing_errors, 1);
@@ -236,7 +238,8 @@ fn a_handshake_still_running_at_the_pending_timeout_is_cut() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     h.input(Input::StreamClosed {
@@ -271,7 +274,8 @@ fn a_writer_that_makes_no_progress_loses_its_slot() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     let stats = h.host.stats();
@@ -366,7 +370,8 @@ fn a_full_server_evicts_its_oldest_unconfigured_connection() {
         out.io,
         [IoEvent::CloseStream {
             stream: idle,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     assert_eq!(h.host.stats().transport.streams_evicted, 1);
@@ -524,7 +529,8 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
             IoEvent::StreamReady { stream },
             IoEvent::CloseStream {
                 stream,
-                abort: false
+                abort: false,
+                reason: CloseReason::Shutdown,
             }
         ]
     );
@@ -543,7 +549,8 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     assert_eq!(h.host.stats().transport.stream_close_timeouts, 1);
