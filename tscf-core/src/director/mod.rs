@@ -788,24 +788,29 @@ impl SessionDirector {
         entry.1 = entry.1.saturating_add(1);
     }
 
+    /// An address from each pool that has one left (§3.3: IPv4 and/or IPv6): a tunnel gets one
+    /// family when the other's pool is exhausted, and `None` only when it would get none.
     fn allocate_addresses(&mut self) -> Option<Assigned> {
         let mut ipv4 = None;
         if let (Some(pool), Some(prefix)) = (self.ipv4_pool.as_mut(), self.config.ipv4_pool) {
-            let offset = pool.allocate()?;
-            let base = u128::from(u32::from(prefix.network));
-            let addr = u32::try_from(base + offset).map(Ipv4Addr::from).ok()?;
-            ipv4 = Some((addr, offset));
+            ipv4 = pool.allocate().and_then(|offset| {
+                let base = u128::from(u32::from(prefix.network));
+                let addr = u32::try_from(base + offset).map(Ipv4Addr::from).ok()?;
+                Some((addr, offset))
+            });
         }
         let mut ipv6 = None;
         if let (Some(pool), Some(prefix)) = (self.ipv6_pool.as_mut(), self.config.ipv6_pool) {
-            let Some(offset) = pool.allocate() else {
-                // Give the IPv4 address back: the request fails as a whole.
-                if let (Some((_, o)), Some(p4)) = (ipv4, self.ipv4_pool.as_mut()) {
-                    p4.release(o);
-                }
-                return None;
-            };
-            ipv6 = Some((Ipv6Addr::from(u128::from(prefix.network) + offset), offset));
+            ipv6 = pool
+                .allocate()
+                .map(|offset| (Ipv6Addr::from(u128::from(prefix.network) + offset), offset));
+        }
+        if ipv4.is_none() && ipv6.is_none() {
+            return None;
+        }
+        if ipv4.is_none() != self.ipv4_pool.is_none() || ipv6.is_none() != self.ipv6_pool.is_none()
+        {
+            self.stats.one_family_only += 1;
         }
         Some((ipv4, ipv6))
     }

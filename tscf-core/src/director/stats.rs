@@ -19,6 +19,9 @@ pub struct DirectorStats {
     pub tunnels_closed: u64,
     /// Successful re-attaches.
     pub reattaches: u64,
+    /// Tunnels opened with an address of one family only, the other family's pool being
+    /// exhausted (`docs/PROTOCOL.md` §3.3).
+    pub one_family_only: u64,
     /// Tunnels that followed their client to another connection (a new address) on an
     /// authenticated request from there (roaming).
     pub moves: u64,

@@ -395,6 +395,30 @@ fn limits_give_server_full_and_no_address() {
 }
 
 #[test]
+fn an_exhausted_ipv4_pool_leaves_tunnels_their_ipv6_address() {
+    let mut h = Harness::new(DirectorConfig {
+        // A /30: one address to hand out.
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 30)),
+        ..DirectorConfig::default()
+    });
+    let (_, _, _, ip) = h.configure(1, STREAM);
+    assert_eq!(ip, Ipv4Addr::new(10, 9, 0, 2));
+    let c = h.connect(2, STREAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    let out = h.send(c, &req);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(m.tlvs.internal_ipv4, None, "no IPv4 address left");
+    let v6 = m.tlvs.internal_ipv6.expect("an IPv6 address").addr;
+    assert_eq!(
+        h.d.tunnel_by_address(IpAddr::V6(v6)),
+        Some(m.header.tunnel_id)
+    );
+    let stats = h.d.stats();
+    assert_eq!((stats.one_family_only, stats.refused.no_address), (1, 0));
+}
+
+#[test]
 fn relays_between_tunnels_and_drops_what_it_must() {
     let mut h = Harness::new(DirectorConfig::default());
     let (c1, _, _, ip1) = h.configure(1, STREAM);
@@ -1289,6 +1313,38 @@ mod peer {
         assert_eq!(
             out[0].message().tlvs.result_code,
             Some(ResultCode::PEER_UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn malformed_unknown_and_self_peer_requests_are_answered_as_specified() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, _, ipb) = capable(&mut h, 2, STREAM);
+        let mut ask = |h: &mut Harness, tweak: &dyn Fn(&mut Message<'static>)| {
+            let mut req = peer_request(h, a, ipb);
+            tweak(&mut req);
+            let out = h.send(ca, &req);
+            let m = out[0].message();
+            (out[0].connection, m.header.message_type, m.tlvs.result_code)
+        };
+        let unknown = ask(&mut h, &|r| r.tlvs.service_action = Some(ServiceAction(9)));
+        assert_eq!(
+            unknown.2,
+            Some(ResultCode::ILLEGAL_VALUE),
+            "not an Establish"
+        );
+        let unaddressed = ask(&mut h, &|r| r.tlvs.peer_internal_address = None);
+        assert_eq!(unaddressed.2, Some(ResultCode::MALFORMED));
+        let oneself = ask(&mut h, &|r| {
+            r.tlvs.peer_internal_address = Some(IpAddr::V4(ipa));
+        });
+        assert_eq!(oneself.2, Some(ResultCode::PEER_UNAVAILABLE));
+        // Without a Service Action a request is an Establish: forwarded.
+        let establish = ask(&mut h, &|r| r.tlvs.service_action = None);
+        assert_eq!(
+            (establish.0, establish.1),
+            (cb, MessageType::CLIENT_SERVICE_REQUEST)
         );
     }
 

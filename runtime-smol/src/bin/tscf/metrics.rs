@@ -327,6 +327,12 @@ impl Collector for ServerMetrics {
             d.keepalives_sent,
         )?;
         out.counter(
+            "tscf_server_tunnels_one_family_only",
+            "Tunnels opened with an address of one family only, the other family's pool being \
+             exhausted.",
+            d.one_family_only,
+        )?;
+        out.counter(
             "tscf_server_tunnel_moves",
             "Tunnels that followed their client to a new connection (a new address) on an \
              authenticated request from there.",
