@@ -1321,7 +1321,7 @@ mod peer {
         let mut h = Harness::new(DirectorConfig::default());
         let (ca, a, ipa) = capable(&mut h, 1, STREAM);
         let (cb, _, ipb) = capable(&mut h, 2, STREAM);
-        let mut ask = |h: &mut Harness, tweak: &dyn Fn(&mut Message<'static>)| {
+        let ask = |h: &mut Harness, tweak: &dyn Fn(&mut Message<'static>)| {
             let mut req = peer_request(h, a, ipb);
             tweak(&mut req);
             let out = h.send(ca, &req);
