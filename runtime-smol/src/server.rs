@@ -144,7 +144,7 @@ impl Server {
 }
 
 /// A running server. Dropping it stops it like [`shutdown`](Self::shutdown), without waiting
-/// for the last envelopes to be written.
+/// for the last envelopes to be written or the release notifications to be acknowledged.
 pub struct ServerHandle {
     shared: Arc<ServerShared>,
     addrs: LocalAddrs,
