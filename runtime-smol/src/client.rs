@@ -23,16 +23,14 @@ use event_listener::Event;
 use futures_lite::future;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tscf_core::io::{Input, QuicLimits, Sent};
+use tscf_core::io::{CloseReason, Input, QuicLimits, Sent};
 use tscf_core::tls::{self, Fingerprint, PeerIdentity, TlsConfigError};
 use tscf_core::tunnel::{ClientHost, Notification, TunnelEvent};
 use tscf_core::wire::StreamDeframer;
 
 use crate::drive::{Extra, Io, Shared};
 use crate::net;
-use crate::quic::{
-    client_config, close, server_config, tls_error, try_send_datagram, CLOSE_CODE, READ_CHUNK,
-};
+use crate::quic::{client_config, close, server_config, tls_error, try_send_datagram, READ_CHUNK};
 use crate::socket::SocketQueue;
 
 /// The ALPN protocol name of a QUIC peer session.
@@ -231,7 +229,7 @@ impl PeerQuic {
     pub(crate) fn close(&mut self, path: SocketAddr) {
         if let Some(session) = self.sessions.remove(&path) {
             if let Some(conn) = session.conn {
-                close(&conn);
+                close(&conn, CloseReason::Closed);
             }
             session.wake.notify(usize::MAX);
         }
@@ -243,8 +241,10 @@ impl PeerQuic {
         for path in paths {
             self.close(path);
         }
-        self.endpoint
-            .close(quinn::VarInt::from_u32(CLOSE_CODE), b"closed");
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CloseReason::Closed.quic_code()),
+            b"closed",
+        );
     }
 
     /// Sends one envelope inside the session on `path`: a QUIC datagram when it fits, else on
@@ -277,7 +277,7 @@ impl PeerQuic {
         };
         if let Some(old) = self.sessions.insert(path, session) {
             if let Some(conn) = old.conn {
-                close(&conn);
+                close(&conn, CloseReason::Closed);
             }
         }
         self.next_id
@@ -328,7 +328,7 @@ async fn run_session(
             .as_mut()
             .and_then(|q| q.current(path, id))
         else {
-            return close(&conn);
+            return close(&conn, CloseReason::Closed);
         };
         session.conn = Some(conn.clone());
         session.wake.clone()
@@ -355,7 +355,7 @@ async fn run_session(
                     .and_then(|q| q.current(path, id))
                 {
                     Some(session) => session.queue.pop_front(),
-                    None => return close(&conn),
+                    None => return close(&conn, CloseReason::Closed),
                 }
             };
             if let Some(envelope) = queued {
@@ -412,7 +412,7 @@ async fn run_session(
             _ => break,
         }
     }
-    close(&conn);
+    close(&conn, CloseReason::Closed);
     ended(&shared, path, id, false);
 }
 

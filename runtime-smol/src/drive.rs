@@ -16,7 +16,7 @@ use event_listener::Event;
 use futures_lite::future;
 use smol::Task;
 use tscf_core::io::{
-    self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
+    self, CloseReason, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
 
 use crate::udp::Udp;
@@ -90,6 +90,8 @@ pub(crate) struct Slot {
     pub(crate) wake: Arc<Event>,
     pub(crate) closing: bool,
     pub(crate) abort: bool,
+    /// Why the host closes it (QUIC tells the other side).
+    pub(crate) reason: CloseReason,
     pub(crate) quic: Option<quinn::Connection>,
 }
 
@@ -196,8 +198,13 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
         }
     }
 
-    fn close_stream(&mut self, stream: StreamId, abort: bool) {
+    fn close_stream(&mut self, stream: StreamId, abort: bool, reason: CloseReason) {
         if let Some(slot) = self.streams.get_mut(&stream) {
+            // The first reason stands: a close that does not complete is then cut, for the
+            // same reason.
+            if !slot.closing {
+                slot.reason = reason;
+            }
             slot.closing = true;
             slot.abort |= abort;
             slot.wake.notify(usize::MAX);

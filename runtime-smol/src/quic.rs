@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_lite::future;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tscf_core::io::{
-    ClientTls, Connect, Host, Input, QuicLimits, Security, Sent, StreamError, StreamId,
+    ClientTls, CloseReason, Connect, Host, Input, QuicLimits, Security, Sent, StreamError, StreamId,
 };
 use tscf_core::server::{QuicAdmission, ServerHost};
 use tscf_core::tls::TlsConfigError;
@@ -34,8 +34,6 @@ const DATAGRAM_BATCH: usize = 64;
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// How long closing waits for the peer to acknowledge what the stream still holds.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Application error code of a connection closed by tscf (no error: the tunnel layer says why).
-pub(crate) const CLOSE_CODE: u32 = 0;
 /// A quinn server configuration from a rustls one (ring provider), with ALPN `alpn` and the
 /// transport limits `limits`.
 pub(crate) fn server_config(
@@ -97,9 +95,16 @@ pub(crate) fn try_send_datagram(conn: &quinn::Connection, envelope: &[u8]) -> bo
     fits && conn.send_datagram(Bytes::copy_from_slice(envelope)).is_ok()
 }
 
-/// Closes `conn` at once (what a network failure or a host's close looks like).
-pub(crate) fn close(conn: &quinn::Connection) {
-    conn.close(quinn::VarInt::from_u32(CLOSE_CODE), b"closed");
+/// Closes `conn` at once (what a network failure or a host's close looks like), with
+/// `reason`'s application error code (`docs/PROTOCOL.md` §2.7).
+pub(crate) fn close(conn: &quinn::Connection, reason: CloseReason) {
+    let text: &[u8] = match reason {
+        CloseReason::ProtocolError => b"protocol error",
+        CloseReason::Shutdown => b"shutdown",
+        CloseReason::Reclaimed => b"reclaimed",
+        _ => b"closed",
+    };
+    conn.close(quinn::VarInt::from_u32(reason.quic_code()), text);
 }
 
 /// A QUIC listener's task: each new connection is admitted, retried or refused as the host
@@ -214,7 +219,7 @@ async fn serve<X: Extra>(
         net::abortable(shared, stream, conn.accept_bi()).await
     };
     let Some(Ok((mut send, mut recv))) = streams else {
-        close(&conn);
+        close(&conn, reason_of(shared, stream));
         return net::failed(StreamError::Io, "no stream");
     };
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -303,8 +308,18 @@ async fn serve<X: Extra>(
             Step::Datagram(Err(e)) => break net::failed(StreamError::Io, e),
         }
     };
-    close(&conn);
+    close(&conn, reason_of(shared, stream));
     error
+}
+
+/// Why `stream` closes: the host's reason, or the runtime's (one that stops is shutting down).
+fn reason_of<X: Extra>(shared: &Shared<X>, stream: StreamId) -> CloseReason {
+    let state = shared.lock();
+    match state.driver.streams.get(&stream) {
+        _ if state.driver.stopped => CloseReason::Shutdown,
+        Some(slot) => slot.reason,
+        None => CloseReason::Closed,
+    }
 }
 
 impl<X: Extra> Io<X> {

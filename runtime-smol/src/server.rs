@@ -144,7 +144,7 @@ impl Server {
 }
 
 /// A running server. Dropping it stops it like [`shutdown`](Self::shutdown), without waiting
-/// for the last envelopes to be written.
+/// for the last envelopes to be written or the release notifications to be acknowledged.
 pub struct ServerHandle {
     shared: Arc<ServerShared>,
     addrs: LocalAddrs,
@@ -166,17 +166,15 @@ impl ServerHandle {
     }
 
     /// Closes every tunnel with reason Shutdown (the release notifications are sent), waits
-    /// up to a second for the stream connections to write them and close, then stops every
-    /// task.
+    /// up to [`ServerConfig::shutdown_grace`] for the stream connections to write them and
+    /// close and for the clients on datagram transports to acknowledge them (they are
+    /// retransmitted meanwhile), then stops every task.
     pub async fn shutdown(mut self) {
         if !self.begin_shutdown() {
             return;
         }
-        let deadline = Instant::now() + self.shared.lock().host.close_grace();
-        drive::wait_until(&self.shared, deadline, |state| {
-            state.host.stats().stream_connections == 0
-        })
-        .await;
+        let deadline = Instant::now() + self.shared.lock().host.shutdown_grace();
+        drive::wait_until(&self.shared, deadline, |state| state.host.is_drained()).await;
         self.stop();
         for task in self.tasks.drain(..) {
             task.cancel().await;
@@ -197,7 +195,8 @@ impl ServerHandle {
         drive::stop(&self.shared, &mut state);
         drop(state);
         for endpoint in self.quic.drain(..) {
-            endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+            let shutdown = tscf_core::io::CloseReason::Shutdown.quic_code();
+            endpoint.close(quinn::VarInt::from_u32(shutdown), b"shutdown");
         }
     }
 }

@@ -314,6 +314,135 @@ fn status_reports_a_running_server_and_fails_without_one() {
     assert!(text(&out.stderr).contains("cannot reach"));
 }
 
+/// Each kind of hostile or useless input the protocol says is counted moves its counter in
+/// `tscf status` and in the metrics: a datagram whose envelope length is wrong, inner packets
+/// that are spoofed, oversized, malformed or for an address nobody holds, malformed control
+/// messages, and requests answered Unauthorized and Rate Limited.
+#[test]
+fn every_counted_drop_shows_in_status_and_metrics() {
+    use tscf_core::wire::{Envelope, EnvelopeType, Message, MessageType, ResultCode};
+    let (mut server, printed) = spawn_server(
+        "counted",
+        "auth_tokens = [\"open sesame, please\"]\nmetrics = \"127.0.0.1:0\"\n",
+        "30",
+    );
+    let udp: std::net::SocketAddr = address(&printed, "udp ").parse().unwrap();
+    let admin = address(&printed, "admin ");
+    let metrics = address(&printed, "metrics http://");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut ask = |socket: &std::net::UdpSocket, request: &Message<'_>| {
+        let mut bytes = Vec::new();
+        request.encode_envelope(&mut bytes).unwrap();
+        socket.send_to(&bytes, udp).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        let answer =
+            Message::decode(Envelope::decode_datagram(&buf[..n]).unwrap().payload).unwrap();
+        let address = answer.tlvs.internal_ipv4.map(|a| a.addr);
+        (answer.tlvs.result_code.unwrap(), address)
+    };
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([1; 16]);
+    request.tlvs.auth_token = Some(b"open sesame, please");
+    let (result, mine) = ask(&client, &request);
+    assert_eq!(result, ResultCode::SUCCESS);
+    let mine = mine.unwrap();
+
+    let data = |packet: &[u8]| {
+        let mut envelope = Vec::new();
+        Envelope::encode(EnvelopeType::DATA, packet, &mut envelope).unwrap();
+        client.send_to(&envelope, udp).unwrap();
+    };
+    let packet = |src: [u8; 4], dst: [u8; 4], len: usize| {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4(src, dst, 64)
+            .udp(5004, 5004)
+            .write(&mut p, &vec![0u8; len])
+            .unwrap();
+        p
+    };
+    data(&packet([10, 99, 0, 1], [10, 77, 0, 9], 10)); // spoofed source
+    data(&packet(mine.octets(), [10, 77, 0, 200], 10)); // nobody holds it
+    data(&packet(mine.octets(), [10, 77, 0, 200], 1500)); // over 1400 octets
+    data(&[0x45, 0, 0]); // not an IP packet
+                         // An envelope whose length field does not match the datagram.
+    let mut envelope = Vec::new();
+    Envelope::encode(
+        EnvelopeType::DATA,
+        &packet(mine.octets(), mine.octets(), 8),
+        &mut envelope,
+    )
+    .unwrap();
+    client
+        .send_to(&envelope[..envelope.len() - 1], udp)
+        .unwrap();
+
+    // From another socket: a truncated control message, and requests without the token
+    // until the source is rate limited.
+    let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut truncated = Vec::new();
+    Envelope::encode(EnvelopeType::CONTROL, &[1, 1, 0], &mut truncated).unwrap();
+    other.send_to(&truncated, udp).unwrap();
+    let mut results = Vec::new();
+    for sequence in 1..=11 {
+        let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, sequence, 0);
+        request.tlvs.client_nonce = Some([sequence as u8; 16]);
+        results.push(ask(&other, &request).0);
+    }
+    assert_eq!(results[0], ResultCode::UNAUTHORIZED);
+    assert_eq!(results[10], ResultCode::RATE_LIMITED);
+
+    let mut status = serde_json::Value::Null;
+    let dropped =
+        |status: &serde_json::Value, name: &str| status["director"]["dropped"][name].as_u64();
+    let started = Instant::now();
+    while dropped(&status, "bad_control").unwrap_or(0) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(15), "{status}");
+        let out = tscf(&["status", "--admin", &admin, "--json"]);
+        status = json_lines(&text(&out.stdout)).remove(0);
+    }
+    for name in [
+        "bad_envelope",
+        "spoofed_source",
+        "unknown_destination",
+        "oversized",
+        "bad_packet",
+        "bad_control",
+    ] {
+        assert_eq!(dropped(&status, name), Some(1), "{name}: {status}");
+    }
+    let refused = &status["director"]["refused"];
+    assert_eq!(refused["unauthorized"], 10, "{status}");
+    assert_eq!(refused["rate_limited"], 1, "{status}");
+
+    let mut scrape = std::net::TcpStream::connect(metrics.trim_end_matches("/metrics")).unwrap();
+    scrape
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tscf\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut scrape, &mut body).unwrap();
+    for line in [
+        "tscf_server_dropped_total{reason=\"bad_envelope\"} 1",
+        "tscf_server_dropped_total{reason=\"spoofed_source\"} 1",
+        "tscf_server_dropped_total{reason=\"unknown_destination\"} 1",
+        "tscf_server_dropped_total{reason=\"oversized\"} 1",
+        "tscf_server_dropped_total{reason=\"bad_packet\"} 1",
+        "tscf_server_dropped_total{reason=\"bad_control\"} 1",
+        "tscf_server_configuration_exchanges_total{result=\"unauthorized\"} 10",
+        "tscf_server_configuration_exchanges_total{result=\"rate_limited\"} 1",
+    ] {
+        assert!(body.contains(line), "{line} in {body}");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
 /// One loopback client used to push the server to 1.27 GB by sending a request line without
 /// end, and clients were served one at a time: a client that sent nothing held the endpoint
 /// for everyone. Now a request is bounded and slow clients do not block others.
@@ -388,6 +517,65 @@ fn server_stops_cleanly_at_sigterm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// At SIGTERM the server tells a UDP client its tunnel is shut down, and retransmits the
+/// notification the client lost until the client acknowledges it; then it exits, well before
+/// its (long) shutdown grace.
+#[test]
+fn at_sigterm_a_lost_release_notification_is_sent_again_until_acknowledged() {
+    use tscf_core::wire::{ControlKey, Envelope, Message, MessageType, ResultCode};
+    let (mut server, printed) = spawn_server("sigterm-udp", "shutdown_grace_ms = 60000\n", "30");
+    let udp: std::net::SocketAddr = address(&printed, "udp ").parse().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut receive = || {
+        let n = socket.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    request.tlvs.client_nonce = Some([7; 16]);
+    let mut bytes = Vec::new();
+    request.encode_envelope(&mut bytes).unwrap();
+    socket.send_to(&bytes, udp).unwrap();
+    let response = receive();
+    let payload = Envelope::decode_datagram(&response).unwrap().payload;
+    let response = Message::decode(payload).unwrap();
+    assert_eq!(response.tlvs.result_code, Some(ResultCode::SUCCESS));
+    let key = ControlKey::new(&response.tlvs.control_key.unwrap());
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let first = receive();
+    let again = receive();
+    assert_eq!(first, again, "the same notification, retransmitted");
+    let payload = Envelope::decode_datagram(&again).unwrap().payload;
+    let note = Message::decode(payload).unwrap();
+    assert_eq!(
+        note.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert_eq!(note.tlvs.result_code, Some(ResultCode::SHUTDOWN));
+    let mut ack = Vec::new();
+    Message::response_to(&note.header, ResultCode::SUCCESS)
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut ack)
+        .unwrap();
+    socket.send_to(&ack, udp).unwrap();
+    // Acknowledged: it exits now rather than at the end of its grace.
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(server.wait().unwrap());
+    });
+    let status = exited
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the server exits once its clients acknowledged");
+    assert_eq!(status.code(), Some(0));
 }
 
 /// A `tscf client --json` process and its first lines, up to its last `forward` or `listen`

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tscf_core::io::{
-    self, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
+    self, CloseReason, Connect, Driven, Driver, Host, Runtime, Sent, SocketId, StreamId, Transmit,
 };
 
 use crate::udp::Udp;
@@ -188,7 +188,8 @@ impl<X: Extra> Driver<X::Host> for Io<X> {
         }
     }
 
-    fn close_stream(&mut self, stream: StreamId, abort: bool) {
+    // No transport of this runtime can tell the other side why.
+    fn close_stream(&mut self, stream: StreamId, abort: bool, _: CloseReason) {
         if let Some(slot) = self.streams.get_mut(&stream) {
             slot.closing = true;
             if let (true, Some(sock)) = (abort, &slot.sock) {

@@ -138,8 +138,9 @@ impl ServerHandle {
     }
 
     /// Closes every tunnel with reason Shutdown (the release notifications are sent), waits
-    /// up to a second for the stream connections to write them and close, then stops every
-    /// thread.
+    /// up to [`ServerConfig::shutdown_grace`] for the stream connections to write them and
+    /// close and for the clients on datagram transports to acknowledge them (they are
+    /// retransmitted meanwhile), then stops every thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -154,9 +155,9 @@ impl ServerHandle {
             return;
         }
         let state = self.shared.lock();
-        let deadline = Instant::now() + state.host.close_grace();
+        let deadline = Instant::now() + state.host.shutdown_grace();
         let mut state = drive::wait_until(&self.shared, state, deadline, |state| {
-            state.host.stats().stream_connections == 0
+            state.host.is_drained()
         });
         drive::stop(&self.shared, &mut state);
         drop(state);

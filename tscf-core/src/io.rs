@@ -278,6 +278,8 @@ pub enum IoEvent {
         stream: StreamId,
         /// End it at once.
         abort: bool,
+        /// Why, for a transport that tells the other side (QUIC's application close code).
+        reason: CloseReason,
     },
     /// Bind a new UDP socket of `remote`'s address family (unspecified address, any port)
     /// for `socket`, then report [`Input::SocketBound`] or [`Input::SocketFailed`].
@@ -292,6 +294,38 @@ pub enum IoEvent {
         /// The socket.
         socket: SocketId,
     },
+}
+
+/// Why a host closes a stream ([`IoEvent::CloseStream`]). A QUIC connection carries it as the
+/// application error code of its CONNECTION_CLOSE ([`quic_code`](Self::quic_code),
+/// `docs/PROTOCOL.md` §2.7); other transports cannot say it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// An orderly end: the tunnel was released or moved elsewhere, went silent, or its
+    /// notification was acknowledged.
+    #[default]
+    Closed,
+    /// The other side broke the protocol: it lost the stream's framing (§2.1).
+    ProtocolError,
+    /// The server is shutting down.
+    Shutdown,
+    /// The server reclaimed the connection's slot: its handshake or configuration did not
+    /// complete in time, a newer connection needed the slot, it stopped reading, or it did
+    /// not let a close complete.
+    Reclaimed,
+}
+
+impl CloseReason {
+    /// The QUIC application error code: 0 closed, 1 protocol error, 2 shutdown, 3 reclaimed.
+    pub fn quic_code(self) -> u32 {
+        match self {
+            Self::Closed => 0,
+            Self::ProtocolError => 1,
+            Self::Shutdown => 2,
+            Self::Reclaimed => 3,
+        }
+    }
 }
 
 /// A stream the host asks the runtime to connect ([`IoEvent::Connect`]).
@@ -454,8 +488,9 @@ pub trait Driver<H: Host> {
     fn connect(&mut self, connect: Connect) -> Result<(), String>;
     /// Bytes wait for `stream` ([`IoEvent::StreamReady`]): wake its writer.
     fn stream_ready(&mut self, stream: StreamId);
-    /// Closes `stream` ([`IoEvent::CloseStream`]).
-    fn close_stream(&mut self, stream: StreamId, abort: bool);
+    /// Closes `stream` ([`IoEvent::CloseStream`]), telling the other side `reason` where the
+    /// transport can.
+    fn close_stream(&mut self, stream: StreamId, abort: bool, reason: CloseReason);
     /// Binds a UDP socket for `socket` ([`IoEvent::BindSocket`]) and starts reading it; its
     /// local address.
     fn bind_socket(&mut self, socket: SocketId, remote: SocketAddr) -> io::Result<SocketAddr>;
@@ -506,7 +541,11 @@ pub fn act<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, eve
             }
         }
         IoEvent::StreamReady { stream } => driver.stream_ready(stream),
-        IoEvent::CloseStream { stream, abort } => driver.close_stream(stream, abort),
+        IoEvent::CloseStream {
+            stream,
+            abort,
+            reason,
+        } => driver.close_stream(stream, abort, reason),
         IoEvent::BindSocket { socket, remote } => match driver.bind_socket(socket, remote) {
             Ok(local) => host.handle_input(now, Input::SocketBound { socket, local }),
             Err(error) => {
@@ -1017,7 +1056,7 @@ mod tests {
 
         fn stream_ready(&mut self, _: StreamId) {}
 
-        fn close_stream(&mut self, _: StreamId, _: bool) {}
+        fn close_stream(&mut self, _: StreamId, _: bool, _: CloseReason) {}
 
         fn bind_socket(&mut self, _: SocketId, _: SocketAddr) -> io::Result<SocketAddr> {
             Err(io::ErrorKind::Unsupported.into())

@@ -214,6 +214,21 @@ fn control_vectors() -> Vec<(&'static str, Message<'static>)> {
     m.tlvs.service_action = Some(ServiceAction::ESTABLISH);
     v.push(("client-service-request-forwarded-keyed", m));
 
+    v.push((
+        "keepalive-from-director",
+        Message::new(MessageType::KEEPALIVE, 0x8000_0003, TUNNEL),
+    ));
+
+    let mut m = Message::new(MessageType::KEEPALIVE_RESPONSE, 0x8000_0003, TUNNEL);
+    m.tlvs.result_code = Some(ResultCode::SUCCESS);
+    v.push(("keepalive-response-to-director", m));
+
+    let mut m = Message::new(MessageType::CLIENT_SERVICE_RESPONSE, 9, TUNNEL);
+    m.tlvs.result_code = Some(ResultCode::ILLEGAL_VALUE);
+    m.tlvs.service_type = Some(ServiceType::PEER);
+    m.tlvs.peer_internal_address = Some(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 3)));
+    v.push(("client-service-response-unknown-action", m));
+
     v
 }
 
@@ -231,10 +246,14 @@ enum Direction {
 /// their direction (`docs/PROTOCOL.md` §4.4).
 fn keyed(name: &str) -> Option<Direction> {
     match name {
-        "configuration-request-reattach" | "keepalive-keyed" => Some(Direction::FromClient),
+        "configuration-request-reattach" | "keepalive-keyed" | "keepalive-response-to-director" => {
+            Some(Direction::FromClient)
+        }
         "configuration-response"
         | "keepalive-response-keyed"
-        | "client-service-request-forwarded-keyed" => Some(Direction::FromDirector),
+        | "client-service-request-forwarded-keyed"
+        | "keepalive-from-director"
+        | "client-service-response-unknown-action" => Some(Direction::FromDirector),
         _ => None,
     }
 }

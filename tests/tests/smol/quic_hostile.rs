@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tscf_core::client::TerminateReason;
-use tscf_core::wire::Transport;
+use tscf_core::wire::{ControlKey, Message, MessageType, Transport};
 use tscf_runtime_smol::tls::{self, ClientTlsConfig, ServerVerification};
 use tscf_runtime_smol::{
     ConnectError, Server, ServerHandle, ServerIdentity, ServerTlsConfig, Tunnel,
@@ -30,6 +30,65 @@ fn raw_client(server: &ServerHandle, alpn: &[u8]) -> (quinn::Endpoint, quinn::Cl
 
 fn quic_addr(server: &ServerHandle) -> SocketAddr {
     server.local_addrs().quic[0]
+}
+
+/// The application error code a connection was closed with by the other side.
+fn application_code(reason: &quinn::ConnectionError) -> Option<u64> {
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+/// A server that shuts down closes its QUIC connections with the shutdown code (2), and a
+/// tunnel released in order is closed with code 0.
+#[test]
+fn quic_close_codes_tell_a_release_from_a_shutdown() {
+    let server = hostile_server();
+    smol::block_on(async {
+        let (endpoint, client) = raw_client(&server, b"tscf");
+        let released = endpoint
+            .connect_with(client.clone(), quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = released.open_bi().await.unwrap();
+        let mut request = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        request.tlvs.client_nonce = Some([3; 16]);
+        let mut bytes = Vec::new();
+        request.encode_envelope(&mut bytes).unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let mut header = [0u8; 3];
+        recv.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[1], header[2]])) - 3];
+        recv.read_exact(&mut body).await.unwrap();
+        let response = Message::decode(&body).unwrap();
+        let key = ControlKey::new(&response.tlvs.control_key.unwrap());
+        let release = Message::new(
+            MessageType::CONFIGURATION_RELEASE_REQUEST,
+            2,
+            response.header.tunnel_id,
+        );
+        let mut bytes = Vec::new();
+        release
+            .encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
+            .unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let reason = released.closed().await;
+        assert_eq!(application_code(&reason), Some(0), "{reason}");
+
+        let waiting = endpoint
+            .connect_with(client, quic_addr(&server), "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = waiting.open_bi().await.unwrap();
+        send.write_all(&[]).await.unwrap();
+        let closed = smol::spawn(async move { waiting.closed().await });
+        server.shutdown().await;
+        let reason = closed.await;
+        assert_eq!(application_code(&reason), Some(2), "{reason}");
+    });
 }
 
 #[test]
@@ -73,9 +132,10 @@ fn noise_forged_packets_wrong_alpn_idle_and_garbage_streams_leave_a_tunnel_worki
             .expect("the handshake itself succeeds");
         let started = Instant::now();
         let reason = idle.closed().await;
-        assert!(
-            matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
-            "the server closed it, not an idle timeout: {reason}"
+        assert_eq!(
+            application_code(&reason),
+            Some(3),
+            "the server reclaimed it, not an idle timeout: {reason}"
         );
         println!(
             "idle QUIC connection closed after {:?}: {reason}",
@@ -91,9 +151,10 @@ fn noise_forged_packets_wrong_alpn_idle_and_garbage_streams_leave_a_tunnel_worki
         let (mut send, _recv) = garbage.open_bi().await.unwrap();
         send.write_all(&[5, 0, 1, 9, 9, 9, 9, 9]).await.unwrap();
         let reason = garbage.closed().await;
-        assert!(
-            matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
-            "the server closed it: {reason}"
+        assert_eq!(
+            application_code(&reason),
+            Some(1),
+            "the server closed it for a protocol error: {reason}"
         );
 
         // The tunnel keeps relaying.

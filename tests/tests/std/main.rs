@@ -7,6 +7,7 @@ mod pki;
 mod attacks;
 mod bad_input;
 mod flow;
+mod lifecycle;
 mod peer;
 mod reattach;
 mod relay;

@@ -224,6 +224,22 @@ fn document_expectations(name: &str) -> Option<Expect> {
             .field("tscftun.service_action", 1)
             .field("tscftun.tlv.type", "0x14")
             .shows("Message Type: Client Service Request (0x09)"),
+        "keepalive-from-director" => e
+            .field("tscftun.msg.seq.director", 1)
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Message Type: Keepalive (0x07)"),
+        "keepalive-response-to-director" => e
+            .field("tscftun.msg.seq.director", 1)
+            .field("tscftun.result_code", 0)
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Message Type: Keepalive Response (0x08)"),
+        "client-service-response-unknown-action" => e
+            .field("tscftun.result_code", 5)
+            .field("tscftun.service_type", 1)
+            .field("tscftun.peer_internal_address.ipv4", "10.77.0.3")
+            .field("tscftun.tlv.type", "0x14")
+            .shows("Result Code: Illegal Value (5)")
+            .expert("tscftun.error_result"),
         "data-ipv4-udp" => e
             .field("tscftun.type", "0x04")
             .field("ip.src", "10.77.0.2")

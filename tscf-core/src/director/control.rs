@@ -144,6 +144,11 @@ impl SessionDirector {
                 self.handle_service_request(now, connection, id, message);
             }
             MessageType::CLIENT_SERVICE_RESPONSE => self.handle_service_response(id, message),
+            // The answer to the director's last Keepalive: hearing it was the point.
+            MessageType::KEEPALIVE_RESPONSE => match self.tunnels.get_mut(&id) {
+                Some(t) if t.keepalive_sequence == header.sequence => t.keepalive_sequence = 0,
+                _ => self.stats.dropped.unexpected_message += 1,
+            },
             _ => self.stats.dropped.unexpected_message += 1,
         }
     }
@@ -240,7 +245,9 @@ impl SessionDirector {
             keepalive,
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
             last_heard: now,
-            persistent_since: None,
+            since: now,
+            liveness_armed: false,
+            keepalive_sequence: 0,
             last_answer: [None, None],
             configuration: (header.sequence, true),
             announced: None,
@@ -252,7 +259,7 @@ impl SessionDirector {
         }
         self.tunnels.insert(id, tunnel);
         self.bind(connection, id);
-        self.schedule_idle(id);
+        self.schedule_liveness(id);
         self.stats.tunnels_opened += 1;
         self.events.push_back(DirectorEvent::TunnelOpened {
             tunnel_id: id,

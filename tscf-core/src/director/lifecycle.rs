@@ -32,6 +32,9 @@ impl SessionDirector {
             return;
         };
         if conn.info.transport.is_datagram() {
+            if conn.notification.is_none() {
+                self.outstanding_notifications += 1;
+            }
             conn.notification = Some(Outstanding {
                 sequence,
                 bytes,
@@ -56,6 +59,7 @@ impl SessionDirector {
         };
         if out.sent >= max {
             conn.notification = None;
+            self.outstanding_notifications -= 1;
             self.drop_connection(connection);
             return;
         }
@@ -85,35 +89,58 @@ impl SessionDirector {
                     .is_some_and(|k| k.verify_from_client(encoded))
         }) {
             conn.notification = None;
+            self.outstanding_notifications -= 1;
             self.drop_connection(connection);
             return true;
         }
         false
     }
 
-    pub(super) fn check_idle(&mut self, now: Instant, id: u64) {
-        let Some(t) = self.tunnels.get(&id) else {
+    /// The liveness timer of tunnel `id` fired: an active tunnel silent for its idle
+    /// intervals becomes persistent and its connection is closed; one the director has sent
+    /// nothing for one keepalive interval gets a Keepalive (§3.5).
+    pub(super) fn check_liveness(&mut self, now: Instant, id: u64) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
-        if t.connection.is_none() {
+        t.liveness_armed = false;
+        let Some(connection) = t.connection else {
+            return;
+        };
+        if t.last_heard + t.keepalive * self.config.idle_intervals <= now {
+            self.make_persistent(now, id);
+            self.drop_connection(connection);
             return;
         }
-        let deadline = t.last_heard + t.keepalive * self.config.idle_intervals;
-        if deadline > now {
-            self.timers.push(Reverse((deadline, Timer::Idle(id))));
-            return;
+        let keepalive_due = t.since + t.keepalive <= now;
+        if keepalive_due {
+            t.since = now;
+            self.send_keepalive(connection, id);
         }
-        let connection = t.connection;
-        self.make_persistent(now, id);
-        if let Some(c) = connection {
-            self.drop_connection(c);
+        self.schedule_liveness(id);
+    }
+
+    /// Sends the director's own Keepalive on tunnel `id`, signed (§3.5, §4.4). It is not
+    /// retransmitted: the next one is due an interval later if nothing else went out.
+    fn send_keepalive(&mut self, connection: ConnectionHandle, id: u64) {
+        let sequence = self.next_director_sequence();
+        if let Some(t) = self.tunnels.get_mut(&id) {
+            t.keepalive_sequence = sequence;
+        }
+        let message = Message::new(MessageType::KEEPALIVE, sequence, id);
+        let mut bytes = self.spare.pop().unwrap_or_default();
+        bytes.clear();
+        if self.encode_control(Some(id), &message, &mut bytes) {
+            self.control_out.push_back((connection, bytes));
+            self.stats.keepalives_sent += 1;
         }
     }
 
     pub(super) fn check_persistence(&mut self, now: Instant, id: u64) {
-        let Some(since) = self.tunnels.get(&id).and_then(|t| t.persistent_since) else {
+        let Some(t) = self.tunnels.get(&id).filter(|t| t.connection.is_none()) else {
             return;
         };
+        let since = t.since;
         let deadline = since + self.config.persistence_timeout;
         if deadline > now {
             self.timers
@@ -130,7 +157,7 @@ impl SessionDirector {
         if t.connection.take().is_none() {
             return;
         }
-        t.persistent_since = Some(now);
+        t.since = now;
         // Frames not yet polled are held for the re-attach, the freshest within the held
         // bounds.
         self.queued_frames -= t.queue.len();
@@ -183,9 +210,7 @@ impl SessionDirector {
         let Some(conn) = self.connections.remove(&connection) else {
             return;
         };
-        if !conn.configured {
-            self.unpend();
-        }
+        self.forgot(&conn);
         self.events
             .push_back(DirectorEvent::CloseConnection { connection });
     }

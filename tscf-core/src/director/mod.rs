@@ -34,7 +34,7 @@ pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters, Tran
 
 use crate::wire::{
     Capabilities, ControlKey, Envelope, EnvelopeType, InnerPacket, Message, MessageType,
-    ReplayWindow, ResultCode, Transport,
+    ReplayWindow, ResultCode, Transport, ENVELOPE_HEADER_LEN,
 };
 use pool::AddressPool;
 
@@ -199,6 +199,8 @@ pub struct SessionDirector {
     token_digests: Vec<[u8; 32]>,
     /// Failed admissions per source address: the start of its window and the count.
     failures: FxHashMap<IpAddr, (Instant, u16)>,
+    /// Connections with a Release Notification awaiting its acknowledgement.
+    outstanding_notifications: usize,
     stats: DirectorStats,
 }
 
@@ -236,7 +238,15 @@ struct Tunnel {
     keepalive: Duration,
     capabilities: Capabilities,
     last_heard: Instant,
-    persistent_since: Option<Instant>,
+    /// While active: when the director last sent it anything (the keepalive of §3.5 is due
+    /// one interval later). While persistent: since when it is. One field for both keeps an
+    /// idle tunnel small.
+    since: Instant,
+    /// A [`Timer::Liveness`] entry for it is in the heap.
+    liveness_armed: bool,
+    /// The sequence number of the director's last Keepalive on it, whose response is
+    /// expected (0: none; the director's numbers have the top bit set).
+    keepalive_sequence: u32,
     /// The last request answered and its encoded response, for duplicates (§6.2). Client
     /// Service Requests have their own slot: a client may have one outstanding beside a
     /// keepalive, and a late retransmission must not start a second negotiation.
@@ -256,7 +266,8 @@ struct Tunnel {
 /// so that activity never has to find and move them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    Idle(u64),
+    /// The keepalive the director sends (§3.5) and the idle deadline of an active tunnel.
+    Liveness(u64),
     Persistence(u64),
     Pending(ConnectionHandle),
     Notification(ConnectionHandle),
@@ -312,6 +323,7 @@ impl SessionDirector {
                 .map(|t| Sha256::digest(t).into())
                 .collect(),
             failures: FxHashMap::default(),
+            outstanding_notifications: 0,
             stats: DirectorStats::default(),
             config,
         })
@@ -373,9 +385,7 @@ impl SessionDirector {
         let Some(conn) = self.connections.remove(&connection) else {
             return;
         };
-        if !conn.configured {
-            self.unpend();
-        }
+        self.forgot(&conn);
         if let Some(id) = conn.tunnel {
             self.make_persistent(now, id);
         }
@@ -417,7 +427,7 @@ impl SessionDirector {
             }
             self.timers.pop();
             match timer {
-                Timer::Idle(id) => self.check_idle(now, id),
+                Timer::Liveness(id) => self.check_liveness(now, id),
                 Timer::Persistence(id) => self.check_persistence(now, id),
                 Timer::Pending(c) => {
                     if self.is_pending(c) {
@@ -437,10 +447,10 @@ impl SessionDirector {
     /// timers when it queues a message, so nothing here depends on it yet.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let _ = now;
         if let Some((connection, mut bytes)) = self.control_out.pop_front() {
             core::mem::swap(buf, &mut bytes);
             self.recycle(bytes);
+            self.sent_on(now, connection);
             return Some(Transmit { connection });
         }
         while let Some(id) = self.ready.pop_front() {
@@ -462,11 +472,39 @@ impl SessionDirector {
                 self.ready.push_back(id);
             }
             self.queued_frames -= 1;
+            tunnel.since = now;
             core::mem::swap(buf, &mut frame);
             self.recycle(frame);
             return Some(Transmit { connection });
         }
         None
+    }
+
+    /// The runtime could not deliver `envelope`, which [`poll_transmit`](Self::poll_transmit)
+    /// gave it (a stream connection's queue was full, or the connection was closing): an
+    /// answer counts as undelivered rather than answered, a frame as not relayed, so that
+    /// the statistics say what reached the clients.
+    pub fn undelivered(&mut self, envelope: &[u8]) {
+        let payload_len = envelope.len().saturating_sub(ENVELOPE_HEADER_LEN);
+        match envelope.first().map(|k| EnvelopeType(*k)) {
+            Some(EnvelopeType::DATA) => {
+                let s = &mut self.stats;
+                s.frames_relayed = s.frames_relayed.saturating_sub(1);
+                s.bytes_relayed = s.bytes_relayed.saturating_sub(payload_len as u64);
+            }
+            Some(EnvelopeType::CONTROL) => {
+                // The message type is the second octet of the message header (§3.1).
+                let kind = envelope
+                    .get(ENVELOPE_HEADER_LEN + 1)
+                    .map(|t| MessageType(*t));
+                if kind.is_some_and(|t| !t.is_request()) {
+                    let s = &mut self.stats;
+                    s.control_answered = s.control_answered.saturating_sub(1);
+                    s.answers_undelivered += 1;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The next event.
@@ -475,7 +513,9 @@ impl SessionDirector {
         self.events.pop_front()
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called: at the latest one
+    /// keepalive interval after the last envelope polled for an active tunnel, when the
+    /// director sends it a Keepalive (§3.5).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((at, _))| *at)
@@ -498,6 +538,12 @@ impl SessionDirector {
         }
         self.close(now, tunnel_id, reason);
         Ok(())
+    }
+
+    /// Release Notifications on datagram transports awaiting their acknowledgement, which the
+    /// director retransmits (§3.5, §6.3) until it comes or the last transmission is sent.
+    pub fn notifications_outstanding(&self) -> usize {
+        self.outstanding_notifications
     }
 
     /// Closes every tunnel with reason Shutdown.
@@ -651,6 +697,16 @@ impl SessionDirector {
             .is_some_and(|c| !c.configured)
     }
 
+    /// Bookkeeping for a connection just removed from the table.
+    fn forgot(&mut self, connection: &Connection) {
+        if !connection.configured {
+            self.unpend();
+        }
+        if connection.notification.is_some() {
+            self.outstanding_notifications -= 1;
+        }
+    }
+
     fn unpend(&mut self) {
         debug_assert!(self.pending_count > 0, "pending connection count underflow");
         self.pending_count = self.pending_count.saturating_sub(1);
@@ -673,10 +729,23 @@ impl SessionDirector {
         }
     }
 
-    fn schedule_idle(&mut self, id: u64) {
-        if let Some(t) = self.tunnels.get(&id) {
-            let at = t.last_heard + t.keepalive * self.config.idle_intervals;
-            self.timers.push(Reverse((at, Timer::Idle(id))));
+    /// Arms the liveness timer of tunnel `id` unless it is armed: one entry per tunnel, which
+    /// finds its next deadline from the tunnel's state when it fires.
+    fn schedule_liveness(&mut self, id: u64) {
+        if let Some(t) = self.tunnels.get_mut(&id) {
+            if !t.liveness_armed {
+                t.liveness_armed = true;
+                let at = t.next_liveness(self.config.idle_intervals);
+                self.timers.push(Reverse((at, Timer::Liveness(id))));
+            }
+        }
+    }
+
+    /// An envelope for `connection` was polled: its tunnel heard from the director.
+    fn sent_on(&mut self, now: Instant, connection: ConnectionHandle) {
+        let tunnel = self.connections.get(&connection).and_then(|c| c.tunnel);
+        if let Some(t) = tunnel.and_then(|id| self.tunnels.get_mut(&id)) {
+            t.since = now;
         }
     }
 
@@ -719,24 +788,29 @@ impl SessionDirector {
         entry.1 = entry.1.saturating_add(1);
     }
 
+    /// An address from each pool that has one left (§3.3: IPv4 and/or IPv6): a tunnel gets one
+    /// family when the other's pool is exhausted, and `None` only when it would get none.
     fn allocate_addresses(&mut self) -> Option<Assigned> {
         let mut ipv4 = None;
         if let (Some(pool), Some(prefix)) = (self.ipv4_pool.as_mut(), self.config.ipv4_pool) {
-            let offset = pool.allocate()?;
-            let base = u128::from(u32::from(prefix.network));
-            let addr = u32::try_from(base + offset).map(Ipv4Addr::from).ok()?;
-            ipv4 = Some((addr, offset));
+            ipv4 = pool.allocate().and_then(|offset| {
+                let base = u128::from(u32::from(prefix.network));
+                let addr = u32::try_from(base + offset).map(Ipv4Addr::from).ok()?;
+                Some((addr, offset))
+            });
         }
         let mut ipv6 = None;
         if let (Some(pool), Some(prefix)) = (self.ipv6_pool.as_mut(), self.config.ipv6_pool) {
-            let Some(offset) = pool.allocate() else {
-                // Give the IPv4 address back: the request fails as a whole.
-                if let (Some((_, o)), Some(p4)) = (ipv4, self.ipv4_pool.as_mut()) {
-                    p4.release(o);
-                }
-                return None;
-            };
-            ipv6 = Some((Ipv6Addr::from(u128::from(prefix.network) + offset), offset));
+            ipv6 = pool
+                .allocate()
+                .map(|offset| (Ipv6Addr::from(u128::from(prefix.network) + offset), offset));
+        }
+        if ipv4.is_none() && ipv6.is_none() {
+            return None;
+        }
+        if ipv4.is_none() != self.ipv4_pool.is_none() || ipv6.is_none() != self.ipv6_pool.is_none()
+        {
+            self.stats.one_family_only += 1;
         }
         Some((ipv4, ipv6))
     }
@@ -799,7 +873,9 @@ impl SessionDirector {
             self.queued_frames += tunnel.queue.len();
         }
         tunnel.transport = transport.unwrap_or(tunnel.transport);
-        tunnel.persistent_since = None;
+        if old.is_none() {
+            tunnel.since = now;
+        }
         tunnel.last_heard = now;
         if !tunnel.queue.is_empty() && !tunnel.in_ready {
             tunnel.in_ready = true;
@@ -813,11 +889,18 @@ impl SessionDirector {
             self.drop_connection(old);
         }
         self.bind(connection, id);
-        self.schedule_idle(id);
+        self.schedule_liveness(id);
     }
 }
 
 impl Tunnel {
+    /// When an active tunnel's liveness must next be checked: its idle deadline (three
+    /// silent intervals by default) or the Keepalive the director owes it, whichever is first.
+    fn next_liveness(&self, idle_intervals: u32) -> Instant {
+        let idle = self.last_heard + self.keepalive * idle_intervals;
+        idle.min(self.since + self.keepalive)
+    }
+
     fn addresses(&self) -> impl Iterator<Item = IpAddr> {
         let v4 = self.ipv4.map(|(a, _)| IpAddr::V4(a));
         let v6 = self.ipv6.map(|(a, _)| IpAddr::V6(a));

@@ -141,6 +141,20 @@ impl SessionDirector {
         if request.tlvs.service_type != Some(ServiceType::PEER) || !self.config.peer_tunneling {
             return refuse(self, ResultCode::SERVICE_NOT_ENABLED, None);
         }
+        let known = [
+            ServiceAction::ESTABLISH,
+            ServiceAction::RELEASE,
+            ServiceAction::ANNOUNCE,
+        ];
+        if request
+            .tlvs
+            .service_action
+            .is_some_and(|action| !known.contains(&action))
+        {
+            // An action this director does not know: not taken for an Establish (§7.3).
+            self.stats.refused.protocol_errors += 1;
+            return refuse(self, ResultCode::ILLEGAL_VALUE, None);
+        }
         if request.tlvs.service_action == Some(ServiceAction::ANNOUNCE) {
             let candidates = self.forwardable(connection, &request.tlvs.candidates);
             if let Some(t) = self.tunnels.get_mut(&id) {

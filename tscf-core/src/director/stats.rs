@@ -4,6 +4,7 @@ use crate::wire::Transport;
 
 /// Statistics of a [`SessionDirector`](super::SessionDirector).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct DirectorStats {
     /// Tunnels with a live transport.
@@ -18,18 +19,28 @@ pub struct DirectorStats {
     pub tunnels_closed: u64,
     /// Successful re-attaches.
     pub reattaches: u64,
+    /// Tunnels opened with an address of one family only, the other family's pool being
+    /// exhausted (`docs/PROTOCOL.md` §3.3).
+    pub one_family_only: u64,
     /// Tunnels that followed their client to another connection (a new address) on an
     /// authenticated request from there (roaming).
     pub moves: u64,
-    /// Data frames relayed to another tunnel.
+    /// Data frames relayed to another tunnel (less those its transport could not take).
     pub frames_relayed: u64,
     /// Octets of inner packets relayed.
     pub bytes_relayed: u64,
-    /// Control messages answered.
+    /// Control messages answered (the answers the transports delivered or are delivering).
     pub control_answered: u64,
+    /// Answers the transport could not deliver (a stream connection's queue was full, or it
+    /// was closing): not in `control_answered`.
+    pub answers_undelivered: u64,
+    /// Keepalives the director sent on tunnels it had sent nothing for one keepalive interval
+    /// (`docs/PROTOCOL.md` §3.5).
+    pub keepalives_sent: u64,
     /// Data frames waiting in the tunnels' queues now (bounded by `max_total_queued_frames`).
     pub queued_frames: usize,
     /// Tunnels held now, by the transport each was last seen on, in transport order.
+    #[cfg_attr(feature = "serde", serde(skip_deserializing))]
     pub tunnels_by_transport: Vec<TransportTunnels>,
     /// Configuration Requests refused, by reason.
     pub refused: RefusalCounters,
@@ -41,6 +52,7 @@ pub struct DirectorStats {
 
 /// Peer service activity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct PeerCounters {
     /// Peer requests forwarded to their destination.
@@ -67,6 +79,7 @@ pub struct PeerCounters {
 
 /// Configuration Requests refused, by result code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct RefusalCounters {
     /// No or wrong admission credential.
@@ -90,6 +103,7 @@ pub struct RefusalCounters {
 
 /// Inputs dropped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct DropCounters {
     /// The envelope header was invalid.
@@ -130,6 +144,7 @@ pub struct DropCounters {
 /// The tunnels of one transport (the one each was last seen on), in
 /// [`DirectorStats::tunnels_by_transport`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct TransportTunnels {
     /// The transport.

@@ -395,6 +395,30 @@ fn limits_give_server_full_and_no_address() {
 }
 
 #[test]
+fn an_exhausted_ipv4_pool_leaves_tunnels_their_ipv6_address() {
+    let mut h = Harness::new(DirectorConfig {
+        // A /30: one address to hand out.
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 30)),
+        ..DirectorConfig::default()
+    });
+    let (_, _, _, ip) = h.configure(1, STREAM);
+    assert_eq!(ip, Ipv4Addr::new(10, 9, 0, 2));
+    let c = h.connect(2, STREAM);
+    let req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    let out = h.send(c, &req);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(m.tlvs.internal_ipv4, None, "no IPv4 address left");
+    let v6 = m.tlvs.internal_ipv6.expect("an IPv6 address").addr;
+    assert_eq!(
+        h.d.tunnel_by_address(IpAddr::V6(v6)),
+        Some(m.header.tunnel_id)
+    );
+    let stats = h.d.stats();
+    assert_eq!((stats.one_family_only, stats.refused.no_address), (1, 0));
+}
+
+#[test]
 fn relays_between_tunnels_and_drops_what_it_must() {
     let mut h = Harness::new(DirectorConfig::default());
     let (c1, _, _, ip1) = h.configure(1, STREAM);
@@ -811,6 +835,92 @@ fn an_idle_tunnel_becomes_persistent() {
 }
 
 #[test]
+fn the_director_sends_keepalives_to_a_tunnel_it_has_sent_nothing_for_an_interval() {
+    let mut h = Harness::new(DirectorConfig::default());
+    // A only sends (data to B) and answers what it is asked; B sends its own keepalives.
+    let (a, id_a, _, ip_a) = h.configure(1, DGRAM);
+    let (b, id_b, _, ip_b) = h.configure(2, DGRAM);
+    h.events();
+    let packet = data(&udp_packet(ip_a, ip_b, b"media"));
+    let mut to_a = Vec::new();
+    let mut to_b = 0;
+    // Ten minutes at 30 s intervals, A sending every 5 s.
+    for step in 1..=120 {
+        let mut out = h.advance(Duration::from_secs(5));
+        h.d.handle_datagram(h.now, a, &packet);
+        out.extend(h.drain());
+        if step % 6 == 0 {
+            let ka = h.request(MessageType::KEEPALIVE, id_b);
+            h.send(b, &ka);
+        }
+        for o in out {
+            if o.bytes[0] != EnvelopeType::CONTROL.0 {
+                continue;
+            }
+            let m = o.message();
+            if m.header.message_type != MessageType::KEEPALIVE {
+                continue;
+            }
+            if o.connection == b {
+                to_b += 1;
+                continue;
+            }
+            assert_eq!((o.connection, m.header.tunnel_id), (a, id_a));
+            assert!(m.header.sequence & DIRECTOR_SEQUENCE_BIT != 0);
+            assert!(h.signed_for(id_a, std::slice::from_ref(&o)));
+            let answer = Message::response_to(&m.header, ResultCode::SUCCESS);
+            let header = m.header;
+            to_a.push(header.sequence);
+            assert!(h.send(a, &answer).is_empty(), "a response is not answered");
+        }
+    }
+    // One every interval (the first 30 s after the Configuration Response), none to B, which
+    // got frames all along.
+    assert_eq!(to_a.len(), 20);
+    assert_eq!(to_b, 0);
+    let stats = h.d.stats();
+    assert_eq!(stats.keepalives_sent, 20);
+    assert_eq!(stats.active_tunnels, 2);
+    assert_eq!(
+        stats.dropped.unexpected_message, 0,
+        "the responses are taken"
+    );
+    assert!(!h
+        .events()
+        .iter()
+        .any(|e| matches!(e, DirectorEvent::TunnelPersistent { .. })));
+}
+
+#[test]
+fn a_silent_client_that_answers_the_directors_keepalives_stays_active() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let c = h.connect(1, STREAM);
+    let mut req = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    req.tlvs.keepalive_interval_ms = Some(5000);
+    let id = h.send(c, &req)[0].message().header.tunnel_id;
+    h.events();
+    let mut answered = 0;
+    for _ in 0..60 {
+        for o in h.advance(Duration::from_secs(1)) {
+            let m = o.message();
+            assert_eq!(m.header.message_type, MessageType::KEEPALIVE);
+            let answer = Message::response_to(&m.header, ResultCode::SUCCESS);
+            h.send(c, &answer);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 12, "one per 5 s interval");
+    assert_eq!(h.d.stats().active_tunnels, 1);
+
+    // Unanswered, they do not keep it: persistent three intervals after the last answer.
+    let out = h.advance(Duration::from_secs(15));
+    assert_eq!(out.len(), 2, "at 5 s and 10 s; at 15 s it is persistent");
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelPersistent { tunnel_id: id }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+}
+
+#[test]
 fn duplicate_requests_get_the_remembered_response() {
     let mut h = Harness::new(DirectorConfig::default());
     let c = h.connect(1, DGRAM);
@@ -1203,6 +1313,38 @@ mod peer {
         assert_eq!(
             out[0].message().tlvs.result_code,
             Some(ResultCode::PEER_UNAVAILABLE)
+        );
+    }
+
+    #[test]
+    fn malformed_unknown_and_self_peer_requests_are_answered_as_specified() {
+        let mut h = Harness::new(DirectorConfig::default());
+        let (ca, a, ipa) = capable(&mut h, 1, STREAM);
+        let (cb, _, ipb) = capable(&mut h, 2, STREAM);
+        let ask = |h: &mut Harness, tweak: &dyn Fn(&mut Message<'static>)| {
+            let mut req = peer_request(h, a, ipb);
+            tweak(&mut req);
+            let out = h.send(ca, &req);
+            let m = out[0].message();
+            (out[0].connection, m.header.message_type, m.tlvs.result_code)
+        };
+        let unknown = ask(&mut h, &|r| r.tlvs.service_action = Some(ServiceAction(9)));
+        assert_eq!(
+            unknown.2,
+            Some(ResultCode::ILLEGAL_VALUE),
+            "not an Establish"
+        );
+        let unaddressed = ask(&mut h, &|r| r.tlvs.peer_internal_address = None);
+        assert_eq!(unaddressed.2, Some(ResultCode::MALFORMED));
+        let oneself = ask(&mut h, &|r| {
+            r.tlvs.peer_internal_address = Some(IpAddr::V4(ipa));
+        });
+        assert_eq!(oneself.2, Some(ResultCode::PEER_UNAVAILABLE));
+        // Without a Service Action a request is an Establish: forwarded.
+        let establish = ask(&mut h, &|r| r.tlvs.service_action = None);
+        assert_eq!(
+            (establish.0, establish.1),
+            (cb, MessageType::CLIENT_SERVICE_REQUEST)
         );
     }
 

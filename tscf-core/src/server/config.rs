@@ -67,6 +67,11 @@ pub struct ServerConfig {
     /// How long a stream connection the server closes may take to write its last envelopes
     /// before it is cut (default 1 s).
     pub close_grace: Duration,
+    /// How long a shutdown waits at most (default 2 s): for the clients on datagram
+    /// transports to acknowledge their Release Notifications, which are retransmitted
+    /// meanwhile (`docs/PROTOCOL.md` §3.5, §6.3), and for the stream connections to write
+    /// theirs and close. It ends as soon as all have (see [`ServerHost::is_drained`](super::ServerHost::is_drained)).
+    pub shutdown_grace: Duration,
     /// Stream connections (TCP, TLS, QUIC) from one source not yet configured (in their
     /// handshake, or open without a Configuration exchange) at once: one IPv4 address, or one
     /// IPv6 /64 (default 16). Beyond, new connections from it are closed at accept, counted in
@@ -108,6 +113,7 @@ impl Default for ServerConfig {
             stream_queue_bytes: 256 * 1024,
             stream_write_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(2),
             max_unconfigured_per_source: 16,
             quic_limits: QuicLimits::default(),
             capture: None,

@@ -49,8 +49,8 @@ use crate::director::{
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::io::{
-    Capture, CapturedEnvelope, Direction, Input, IoEvent, SocketId, StreamError, StreamId,
-    StreamOutput, Transmit,
+    Capture, CapturedEnvelope, CloseReason, Direction, Input, IoEvent, SocketId, StreamError,
+    StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport, ENVELOPE_HEADER_LEN};
@@ -141,6 +141,7 @@ struct Bounds {
     handshake_timeout: Duration,
     write_timeout: Duration,
     close_grace: Duration,
+    shutdown_grace: Duration,
     quic_retry_above: usize,
     max_unconfigured_per_source: usize,
 }
@@ -243,6 +244,7 @@ impl ServerHost {
                 handshake_timeout: config.director.pending_timeout,
                 write_timeout: config.stream_write_timeout,
                 close_grace: config.close_grace,
+                shutdown_grace: config.shutdown_grace,
                 quic_retry_above: config.quic_retry_above,
                 max_unconfigured_per_source: config.max_unconfigured_per_source.max(1),
             },
@@ -319,7 +321,7 @@ impl ServerHost {
             );
             if evictable {
                 self.counters.streams_evicted += 1;
-                self.close_connection(now, oldest, true);
+                self.close_connection(now, oldest, true, CloseReason::Reclaimed);
                 return true;
             }
         }
@@ -479,8 +481,10 @@ impl ServerHost {
     }
 
     /// Closes every tunnel with reason Shutdown (`SessionDirector::shutdown`), which sends the
-    /// release notifications and closes their connections once written; closes every other
-    /// connection, and refuses new ones.
+    /// release notifications and closes their connections once written (on datagram
+    /// transports: once acknowledged, retransmitting meanwhile); closes every other
+    /// connection, and refuses new ones. A runtime then keeps driving the host until
+    /// [`is_drained`](Self::is_drained), for [`shutdown_grace`](Self::shutdown_grace) at most.
     pub fn shutdown(&mut self, now: Instant) {
         self.advance(now);
         self.stopped = true;
@@ -497,7 +501,7 @@ impl ServerHost {
             .copied()
             .collect();
         for handle in others {
-            self.close_connection(now, handle, false);
+            self.close_connection(now, handle, false, CloseReason::Shutdown);
         }
     }
 
@@ -517,7 +521,7 @@ impl ServerHost {
         };
         match self.routes.get(&handle) {
             Some(Route::Stream(_) | Route::Dtls { .. }) => {
-                self.close_connection(now, handle, true);
+                self.close_connection(now, handle, true, CloseReason::Closed);
                 true
             }
             _ => false,
@@ -581,7 +585,10 @@ impl ServerHost {
                     self.queue_on_stream(transmit.connection, buf);
                 }
                 // Closing, or already gone: the frame has nowhere to go.
-                Some(Route::Stream(_)) | None => self.counters.sent_to_closed += 1,
+                Some(Route::Stream(_)) | None => {
+                    self.counters.sent_to_closed += 1;
+                    self.director.undelivered(buf);
+                }
             }
         }
     }
@@ -596,7 +603,18 @@ impl ServerHost {
         let event = self.director.poll_event()?;
         match event {
             DirectorEvent::CloseConnection { connection } => {
-                self.close_connection(self.now, connection, false);
+                // A director closes a connection that never configured only to reclaim its
+                // slot (the pending timeout, or too many pending).
+                let unconfigured = matches!(
+                    self.routes.get(&connection),
+                    Some(Route::Stream(s)) if s.unconfigured
+                );
+                let reason = match () {
+                    _ if self.stopped => CloseReason::Shutdown,
+                    _ if unconfigured => CloseReason::Reclaimed,
+                    _ => CloseReason::Closed,
+                };
+                self.close_connection(self.now, connection, false, reason);
             }
             DirectorEvent::TunnelOpened { connection, .. }
             | DirectorEvent::TunnelReattached { connection, .. } => {
@@ -628,10 +646,22 @@ impl ServerHost {
             .min()
     }
 
-    /// How long a closed stream connection may take to write its last envelopes: what a
-    /// runtime shutting down waits for its streams at most.
+    /// How long a closed stream connection may take to write its last envelopes.
     pub fn close_grace(&self) -> Duration {
         self.bounds.close_grace
+    }
+
+    /// How long a runtime shutting down drives the host at most, waiting for
+    /// [`is_drained`](Self::is_drained) ([`ServerConfig::shutdown_grace`]).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.bounds.shutdown_grace
+    }
+
+    /// After [`shutdown`](Self::shutdown): whether every stream connection has closed and every
+    /// Release Notification on a datagram transport was acknowledged (or given up after its
+    /// last retransmission), so that the runtime may stop.
+    pub fn is_drained(&self) -> bool {
+        self.stopped && self.streams == 0 && self.director.notifications_outstanding() == 0
     }
 
     // ---- observability ----
@@ -855,7 +885,7 @@ impl ServerHost {
         }
         if !framed {
             self.counters.framing_errors += 1;
-            self.close_connection(now, handle, true);
+            self.close_connection(now, handle, true, CloseReason::ProtocolError);
         }
     }
 
@@ -891,7 +921,7 @@ impl ServerHost {
                 );
                 if handshaking {
                     self.count_handshake_failure(handle);
-                    self.close_connection(now, handle, true);
+                    self.close_connection(now, handle, true, CloseReason::Reclaimed);
                 }
             }
             StreamTimer::Write(handle) => {
@@ -908,7 +938,7 @@ impl ServerHost {
                     self.timers.push(Reverse((due, StreamTimer::Write(handle))));
                 } else if s.state != StreamState::Closing {
                     self.counters.stream_write_timeouts += 1;
-                    self.close_connection(now, handle, true);
+                    self.close_connection(now, handle, true, CloseReason::Reclaimed);
                 }
             }
             StreamTimer::Close(handle) => {
@@ -918,6 +948,7 @@ impl ServerHost {
                     self.events.push_back(ServerEvent::Io(IoEvent::CloseStream {
                         stream,
                         abort: true,
+                        reason: CloseReason::Reclaimed,
                     }));
                 }
             }
@@ -933,11 +964,13 @@ impl ServerHost {
             return;
         };
         if s.state != StreamState::Open {
-            return self.counters.sent_to_closed += 1;
+            self.counters.sent_to_closed += 1;
+            return self.director.undelivered(envelope);
         }
         let was_idle = s.output.is_empty() && !s.output.in_flight();
         if !s.output.push(envelope, self.bounds.stream_queue_bytes) {
             self.counters.stream_queue_full += 1;
+            self.director.undelivered(envelope);
         } else if was_idle {
             let stream = StreamId(handle.0);
             self.events
@@ -956,9 +989,15 @@ impl ServerHost {
     }
 
     /// Ends `handle` on the host's side: the director forgets it (if it still knows it), a
-    /// stream is closed (at once with `abort`, else after its queued envelopes), a DTLS
-    /// association closed, a UDP remote forgotten.
-    fn close_connection(&mut self, now: Instant, handle: ConnectionHandle, abort: bool) {
+    /// stream is closed (at once with `abort`, else after its queued envelopes) for `reason`,
+    /// a DTLS association closed, a UDP remote forgotten.
+    fn close_connection(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        abort: bool,
+        reason: CloseReason,
+    ) {
         match self.routes.get_mut(&handle) {
             Some(Route::Stream(s)) => {
                 if s.state == StreamState::Closing && !abort {
@@ -970,8 +1009,11 @@ impl ServerHost {
                 }
                 s.state = StreamState::Closing;
                 let stream = StreamId(handle.0);
-                self.events
-                    .push_back(ServerEvent::Io(IoEvent::CloseStream { stream, abort }));
+                self.events.push_back(ServerEvent::Io(IoEvent::CloseStream {
+                    stream,
+                    abort,
+                    reason,
+                }));
                 let at = after(now, self.bounds.close_grace);
                 self.timers.push(Reverse((at, StreamTimer::Close(handle))));
                 if was_open {

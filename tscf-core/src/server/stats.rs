@@ -4,6 +4,7 @@ use crate::director::DirectorStats;
 
 /// Counters of a server's transports (the director keeps its own in [`DirectorStats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct TransportCounters {
     /// Stream connections accepted (TCP, TLS, QUIC).
@@ -67,6 +68,7 @@ pub struct TransportCounters {
 
 /// A snapshot of a running server.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct ServerStats {
     /// The director's statistics.

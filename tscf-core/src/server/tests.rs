@@ -1,6 +1,7 @@
 //! Unit tests of the server host against scripted sockets and streams.
 
 use super::*;
+use crate::io::CloseReason;
 use crate::stun::{decode_binding_response, encode_binding_request, TransactionId};
 use crate::wire::{ControlKey, Envelope, Message, MessageType, ResultCode};
 
@@ -203,7 +204,8 @@ fn lost_framing_aborts_the_stream_and_is_counted() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::ProtocolError,
         }]
     );
     assert_eq!(h.host.stats().transport.framing_errors, 1);
@@ -236,7 +238,8 @@ fn a_handshake_still_running_at_the_pending_timeout_is_cut() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     h.input(Input::StreamClosed {
@@ -271,7 +274,8 @@ fn a_writer_that_makes_no_progress_loses_its_slot() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     let stats = h.host.stats();
@@ -366,7 +370,8 @@ fn a_full_server_evicts_its_oldest_unconfigured_connection() {
         out.io,
         [IoEvent::CloseStream {
             stream: idle,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     assert_eq!(h.host.stats().transport.streams_evicted, 1);
@@ -524,7 +529,8 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
             IoEvent::StreamReady { stream },
             IoEvent::CloseStream {
                 stream,
-                abort: false
+                abort: false,
+                reason: CloseReason::Shutdown,
             }
         ]
     );
@@ -543,7 +549,8 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
         out.io,
         [IoEvent::CloseStream {
             stream,
-            abort: true
+            abort: true,
+            reason: CloseReason::Reclaimed,
         }]
     );
     assert_eq!(h.host.stats().transport.stream_close_timeouts, 1);
@@ -558,6 +565,119 @@ fn a_connection_the_director_closes_writes_its_last_envelopes_then_closes() {
         out.io.is_empty(),
         "a closed stream has no more timers to act on"
     );
+}
+
+#[test]
+fn a_shutdown_retransmits_release_notifications_on_udp_until_acknowledged() {
+    let mut h = Harness::new(ServerConfig::default());
+    fn udp(data: &[u8]) -> Input<'_> {
+        Input::Datagram {
+            socket: SocketId(0),
+            from: CLIENT.parse().expect("addr"),
+            data,
+        }
+    }
+    let request = configuration_request(1);
+    let out = h.input(udp(&request));
+    let response = out.datagrams[0].2.clone();
+    let response = message(&response);
+    let key = ControlKey::new(&response.tlvs.control_key.expect("a key"));
+    assert!(!h.host.is_drained(), "still running");
+
+    h.host.shutdown(h.now);
+    let first = h.drain().datagrams;
+    assert_eq!(first.len(), 1);
+    let note = message(&first[0].2);
+    assert_eq!(
+        note.header.message_type,
+        MessageType::CONFIGURATION_RELEASE_NOTIFICATION
+    );
+    assert_eq!(note.tlvs.result_code, Some(ResultCode::SHUTDOWN));
+    assert!(!h.host.is_drained(), "the notification is not acknowledged");
+    // The first is lost: the same notification again after 250 ms.
+    let again = h.advance(Duration::from_millis(250)).datagrams;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, first[0].2);
+    assert_eq!(h.host.director().notifications_outstanding(), 1);
+
+    let mut ack = Vec::new();
+    let answer = Message::response_to(&note.header, ResultCode::SUCCESS);
+    answer
+        .encode_envelope_with_integrity(&key.client_to_director(), &mut ack)
+        .expect("encodable");
+    let out = h.input(udp(&ack));
+    assert!(out.datagrams.is_empty());
+    assert!(h.host.is_drained(), "acknowledged: the runtime may stop");
+    assert_eq!(h.host.stats().udp_connections, 0);
+    assert!(h.advance(Duration::from_secs(20)).datagrams.is_empty());
+    assert_eq!(h.host.shutdown_grace(), Duration::from_secs(2));
+}
+
+#[test]
+fn an_unacknowledged_release_notification_is_given_up_after_its_last_transmission() {
+    let mut h = Harness::new(ServerConfig::default());
+    let from: SocketAddr = CLIENT.parse().expect("addr");
+    h.input(Input::Datagram {
+        socket: SocketId(0),
+        from,
+        data: &configuration_request(1),
+    });
+    h.host.shutdown(h.now);
+    let mut sent = h.drain().datagrams.len();
+    while !h.host.is_drained() {
+        sent += h.advance(Duration::from_millis(250)).datagrams.len();
+    }
+    // Seven transmissions (§6.3), then the connection is forgotten.
+    assert_eq!(sent, 7);
+    assert_eq!(h.host.director().notifications_outstanding(), 0);
+    assert_eq!(h.host.stats().udp_connections, 0);
+}
+
+#[test]
+fn answers_a_full_stream_queue_drops_are_counted_as_undelivered_not_answered() {
+    let mut h = Harness::new(ServerConfig {
+        stream_queue_bytes: 16 * 1024,
+        ..ServerConfig::default()
+    });
+    let stream = h.open_stream(Transport::TCP);
+    h.input(Input::StreamData {
+        stream,
+        data: &configuration_request(1),
+    });
+    let mut written = Vec::new();
+    assert!(h.host.take_output(h.now, stream, &mut written));
+    let answered_before = h.host.stats().director.control_answered;
+    // 5,000 keepalives in one write of the client, read in the runtime's 16 KiB pieces, while
+    // the writer is stalled.
+    let mut pipelined = Vec::new();
+    {
+        let response = message(&written);
+        for sequence in 2..5002 {
+            pipelined.extend(keepalive(&response, sequence));
+        }
+    }
+    for piece in pipelined.chunks(16 * 1024) {
+        h.input(Input::StreamData {
+            stream,
+            data: piece,
+        });
+    }
+    let mut delivered = 0;
+    while h.host.take_output(h.now, stream, &mut written) {
+        let mut rest = &written[..];
+        while let Some(len) = rest.get(1..3).map(|l| u16::from_be_bytes([l[0], l[1]])) {
+            let answer = message(&rest[..usize::from(len)]);
+            assert_eq!(answer.header.message_type, MessageType::KEEPALIVE_RESPONSE);
+            rest = &rest[usize::from(len)..];
+            delivered += 1;
+        }
+    }
+    let stats = h.host.stats();
+    let d = &stats.director;
+    assert!(delivered < 5000, "the queue bound dropped some");
+    assert_eq!(d.control_answered - answered_before, delivered);
+    assert_eq!(d.answers_undelivered, 5000 - delivered);
+    assert_eq!(stats.transport.stream_queue_full, 5000 - delivered);
 }
 
 #[test]

@@ -66,8 +66,8 @@ use crate::inner::fragment::{self, Fragmenter, Reassembly};
 use crate::inner::tcp::{TcpHost, TcpId, TcpLimits, TcpStack};
 use crate::inner::{self, DatagramQueue, Delivery, SocketHost, SocketTable};
 use crate::io::{
-    Capture, CapturedEnvelope, ClientTls, Connect, Direction, Driver, Input, IoEvent, QuicLimits,
-    Runtime, Security, Shared, SocketId, StreamError, StreamId, StreamOutput, Transmit,
+    Capture, CapturedEnvelope, ClientTls, CloseReason, Connect, Direction, Driver, Input, IoEvent,
+    QuicLimits, Runtime, Security, Shared, SocketId, StreamError, StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::tls::{self, ClientTlsConfig, Fingerprint, PeerIdentity};
@@ -1513,8 +1513,11 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             return;
         }
         s.closing = true;
-        self.events
-            .push_back(TunnelEvent::Io(IoEvent::CloseStream { stream, abort }));
+        self.events.push_back(TunnelEvent::Io(IoEvent::CloseStream {
+            stream,
+            abort,
+            reason: CloseReason::Closed,
+        }));
     }
 
     fn on_stream_open(&mut self, now: Instant, stream: StreamId) {

@@ -245,6 +245,14 @@ wire_code! {
     }
 }
 
+/// A transport serializes as its name (`"UDP"`, `"QUIC"`…; an unknown one as its code in hex).
+#[cfg(feature = "serde")]
+impl serde::Serialize for Transport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl Transport {
     /// Whether envelopes travel as datagrams (one envelope per datagram) on this transport.
     /// On QUIC, data travels as datagrams and control on a stream.

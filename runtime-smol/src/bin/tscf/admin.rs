@@ -14,7 +14,7 @@ use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use serde::Serialize;
 use serde_json::Value;
 use smol::Async;
-use tscf_runtime_smol::ServerHandle;
+use tscf_runtime_smol::{ServerHandle, ServerStats};
 
 use crate::exit;
 
@@ -99,17 +99,20 @@ async fn answer(stream: Async<TcpStream>, server: &ServerHandle) {
     let _ = stream.flush().await;
 }
 
-/// The answer to `status`: the server's listeners, tunnels, peer service and counters, one
-/// JSON object.
+/// The answer to `status`: the server's listeners, tunnels and every counter of its
+/// [`ServerStats`], one JSON object. The counters are serialized from the core's statistics
+/// types, so that a counter added there shows here without more code: `director` is the
+/// director's statistics (with `refused`, `dropped` and `peer` inside), `runtime` the
+/// transports' counters and connection gauges, `peer` the director's peer counters again.
 #[derive(Serialize)]
 struct Status<'a> {
     state: &'static str,
     listeners: Listeners<'a>,
     tls_fingerprint: Option<String>,
     tunnels: Vec<TunnelEntry>,
-    director: DirectorCounters,
-    peer: PeerCounters,
-    runtime: RuntimeCounters,
+    director: Value,
+    peer: Value,
+    runtime: Value,
 }
 
 /// The addresses the server listens on, by transport.
@@ -133,52 +136,6 @@ struct TunnelEntry {
     queued_frames: usize,
 }
 
-/// The director's tunnels and relay.
-#[derive(Serialize)]
-struct DirectorCounters {
-    active_tunnels: usize,
-    persistent_tunnels: usize,
-    pending_connections: usize,
-    tunnels_opened: u64,
-    tunnels_closed: u64,
-    reattaches: u64,
-    frames_relayed: u64,
-    bytes_relayed: u64,
-    control_answered: u64,
-}
-
-/// The director's peer service.
-#[derive(Serialize)]
-struct PeerCounters {
-    requests_forwarded: u64,
-    introductions: u64,
-    refused_by_destination: u64,
-    timeouts: u64,
-}
-
-/// The runtime's connections and what it accepted, refused and dropped.
-#[derive(Serialize)]
-struct RuntimeCounters {
-    stream_connections: usize,
-    udp_connections: usize,
-    streams_accepted: u64,
-    streams_refused: u64,
-    tls_handshake_failures: u64,
-    framing_errors: u64,
-    stun_answered: u64,
-    udp_dropped: u64,
-    quic_handshake_failures: u64,
-    quic_retries: u64,
-    dtls_associations: usize,
-    dtls_half_open: usize,
-    dtls_handshakes: u64,
-    dtls_handshake_failures: u64,
-    dtls_unknown_source: u64,
-    dtls_bad_records: u64,
-    dtls_half_open_evicted: u64,
-    dtls_hello_verify_sent: u64,
-}
-
 /// The answer to a request the endpoint does not know.
 #[derive(Serialize)]
 struct Refusal {
@@ -188,9 +145,7 @@ struct Refusal {
 impl<'a> Status<'a> {
     fn of(server: &'a ServerHandle) -> Self {
         let addrs = server.local_addrs();
-        let stats = server.stats();
-        let d = &stats.director;
-        let r = &stats.transport;
+        let (director, runtime) = split(&server.stats());
         Status {
             state: "listening",
             listeners: Listeners {
@@ -213,45 +168,25 @@ impl<'a> Status<'a> {
                     queued_frames: t.queued_frames,
                 })
                 .collect(),
-            director: DirectorCounters {
-                active_tunnels: d.active_tunnels,
-                persistent_tunnels: d.persistent_tunnels,
-                pending_connections: d.pending_connections,
-                tunnels_opened: d.tunnels_opened,
-                tunnels_closed: d.tunnels_closed,
-                reattaches: d.reattaches,
-                frames_relayed: d.frames_relayed,
-                bytes_relayed: d.bytes_relayed,
-                control_answered: d.control_answered,
-            },
-            peer: PeerCounters {
-                requests_forwarded: d.peer.requests_forwarded,
-                introductions: d.peer.introductions,
-                refused_by_destination: d.peer.refused_by_destination,
-                timeouts: d.peer.timeouts,
-            },
-            runtime: RuntimeCounters {
-                stream_connections: stats.stream_connections,
-                udp_connections: stats.udp_connections,
-                streams_accepted: r.streams_accepted,
-                streams_refused: r.streams_refused,
-                tls_handshake_failures: r.tls_handshake_failures,
-                framing_errors: r.framing_errors,
-                stun_answered: r.stun_answered,
-                udp_dropped: r.udp_dropped,
-                quic_handshake_failures: r.quic_handshake_failures,
-                quic_retries: r.quic_retries,
-                dtls_associations: stats.dtls_associations,
-                dtls_half_open: stats.dtls_half_open,
-                dtls_handshakes: r.dtls_handshakes,
-                dtls_handshake_failures: r.dtls_handshake_failures,
-                dtls_unknown_source: r.dtls_unknown_source,
-                dtls_bad_records: r.dtls_bad_records,
-                dtls_half_open_evicted: r.dtls_half_open_evicted,
-                dtls_hello_verify_sent: r.dtls_hello_verify_sent,
-            },
+            peer: director["peer"].clone(),
+            director,
+            runtime,
         }
     }
+}
+
+/// `stats` as the `director` and `runtime` objects of the status: the director's statistics,
+/// and the rest of `stats` with the transports' counters lifted beside the gauges.
+fn split(stats: &ServerStats) -> (Value, Value) {
+    // Statistics are plain numbers and names: serde_json writes them.
+    let Ok(Value::Object(mut all)) = serde_json::to_value(stats) else {
+        return (Value::Null, Value::Null);
+    };
+    let director = all.remove("director").unwrap_or_default();
+    if let Some(Value::Object(transport)) = all.remove("transport") {
+        all.extend(transport);
+    }
+    (director, Value::Object(all))
 }
 
 /// `tscf status`: asks the server at `admin` and prints its answer. Exit 1 if unreachable.
@@ -301,6 +236,22 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
         n(&d["frames_relayed"]),
         n(&d["bytes_relayed"]),
     );
+    // Every drop and refusal that happened, by the counter's name.
+    let nonzero = |v: &Value| -> Vec<String> {
+        let fields = v.as_object().into_iter().flatten();
+        fields
+            .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+            .map(|(name, n)| format!("{n} {name}"))
+            .collect()
+    };
+    let refused = nonzero(&d["refused"]);
+    if !refused.is_empty() {
+        println!("refused: {}", refused.join(", "));
+    }
+    let dropped = nonzero(&d["dropped"]);
+    if !dropped.is_empty() {
+        println!("dropped: {}", dropped.join(", "));
+    }
     let r = &value["runtime"];
     if !value["listeners"]["dtls"]
         .as_array()
@@ -331,4 +282,30 @@ fn ask(admin: SocketAddr) -> std::io::Result<Value> {
         return Err(std::io::Error::other(e.to_string()));
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status shows every field of the server's statistics: the director's under
+    /// `director`, the others under `runtime`.
+    #[test]
+    fn status_splits_every_statistic_between_director_and_runtime() {
+        fn leaves(v: &Value) -> usize {
+            match v {
+                Value::Object(fields) => fields.values().map(leaves).sum(),
+                _ => 1,
+            }
+        }
+        let stats = ServerStats::default();
+        let all = serde_json::to_value(&stats).expect("statistics serialize");
+        let (director, runtime) = split(&stats);
+        assert_eq!(director, all["director"]);
+        assert_eq!(leaves(&director) + leaves(&runtime), leaves(&all));
+        assert!(director["dropped"]["spoofed_source"].is_u64());
+        assert!(director["refused"]["rate_limited"].is_u64());
+        assert!(runtime["stream_queue_full"].is_u64());
+        assert!(runtime["udp_connections"].is_u64());
+    }
 }

@@ -15,6 +15,7 @@
 //! allow_plain = false               # plain tcp/udp listeners beyond loopback (read: insecure)
 //! admin = "127.0.0.1:4449"          # `tscf status` endpoint, loopback only ("" for none)
 //! metrics = "127.0.0.1:9477"        # Prometheus metrics at http://ADDR/metrics (default none)
+//! shutdown_grace_ms = 2000          # at a stop, how long to wait for clients to acknowledge
 //!
 //! [tls_identity]                    # default: self-signed for the names below
 //! self_signed = ["127.0.0.1", "localhost"]
@@ -78,6 +79,9 @@ pub(crate) struct ServerFile {
     tls_identity: Option<Identity>,
     admin: Option<String>,
     metrics: Option<String>,
+    /// At a stop, how long to wait at most for the clients to acknowledge their release
+    /// notifications (retransmitted meanwhile on datagram transports), in milliseconds.
+    shutdown_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +163,9 @@ impl ServerFile {
         }
         if let Some(Pool(p)) = self.ipv6_pool {
             config.director.ipv6_pool = p.map(|(n, l)| Ipv6Pool::new(n, l));
+        }
+        if let Some(ms) = self.shutdown_grace_ms {
+            config.shutdown_grace = std::time::Duration::from_millis(ms);
         }
         if let Some(on) = self.peer_tunneling {
             config.director.peer_tunneling = on;

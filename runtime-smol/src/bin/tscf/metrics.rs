@@ -296,6 +296,8 @@ impl Collector for ServerMetrics {
                 ("ok", d.tunnels_opened),
                 ("reattached", d.reattaches),
                 ("unauthorized", r.unauthorized),
+                ("unkeyed", r.unkeyed),
+                ("rate_limited", r.rate_limited),
                 ("bad_reattach_secret", r.bad_reattach_secret),
                 ("tunnel_not_found", r.tunnel_not_found),
                 ("server_full", r.server_full),
@@ -311,6 +313,30 @@ impl Collector for ServerMetrics {
             "tscf_server_control_answered",
             "Control messages answered.",
             d.control_answered,
+        )?;
+        out.counter(
+            "tscf_server_control_answers_undelivered",
+            "Answers to control messages that the transport could not deliver (a full stream \
+             queue, a closing connection); not counted as answered.",
+            d.answers_undelivered,
+        )?;
+        out.counter(
+            "tscf_server_keepalives_sent",
+            "Keepalives the director sent on tunnels it had sent nothing for one keepalive \
+             interval.",
+            d.keepalives_sent,
+        )?;
+        out.counter(
+            "tscf_server_tunnels_one_family_only",
+            "Tunnels opened with an address of one family only, the other family's pool being \
+             exhausted.",
+            d.one_family_only,
+        )?;
+        out.counter(
+            "tscf_server_tunnel_moves",
+            "Tunnels that followed their client to a new connection (a new address) on an \
+             authenticated request from there.",
+            d.moves,
         )?;
         out.counter(
             "tscf_server_control_errors",
@@ -341,15 +367,20 @@ impl Collector for ServerMetrics {
                 ("spoofed_source", x.spoofed_source),
                 ("unknown_destination", x.unknown_destination),
                 ("queue_full", x.queue_full),
+                ("held_full", x.held_full),
                 ("bad_control", x.bad_control),
                 ("tunnel_mismatch", x.tunnel_mismatch),
+                ("unauthenticated", x.unauthenticated),
+                ("replayed", x.replayed),
                 ("unexpected_message", x.unexpected_message),
                 ("unknown_connection", x.unknown_connection),
                 ("stream_queue_full", t.stream_queue_full),
+                ("sent_to_closed", t.sent_to_closed),
                 ("udp_not_tscf", t.udp_dropped),
                 ("udp_send_error", t.udp_send_errors),
                 ("dtls_unknown_source", t.dtls_unknown_source),
                 ("dtls_bad_record", t.dtls_bad_records),
+                ("dtls_bad_cookie", t.dtls_bad_cookies),
             ],
         )?;
         out.counters(
@@ -358,6 +389,8 @@ impl Collector for ServerMetrics {
             "reason",
             &[
                 ("refused", t.streams_refused),
+                ("refused_per_source", t.streams_refused_per_source),
+                ("evicted", t.streams_evicted),
                 ("framing_error", t.framing_errors),
                 ("write_timeout", t.stream_write_timeouts),
                 ("close_timeout", t.stream_close_timeouts),
@@ -393,13 +426,15 @@ impl Collector for ServerMetrics {
         out.counters(
             "tscf_server_peer_negotiations",
             "Peer requests the director handled, by outcome: introduced (the pair was \
-             introduced), refused_by_destination, timed_out, rate_limited.",
+             introduced), refused_by_destination, timed_out, rate_limited, \
+             introductions_limited.",
             "outcome",
             &[
                 ("introduced", p.introductions),
                 ("refused_by_destination", p.refused_by_destination),
                 ("timed_out", p.timeouts),
                 ("rate_limited", p.rate_limited),
+                ("introductions_limited", p.introductions_limited),
             ],
         )?;
         out.counter(
@@ -416,6 +451,16 @@ impl Collector for ServerMetrics {
             "tscf_server_peer_release_notices",
             "Release notices sent to peers because a server tunnel closed.",
             p.release_notices,
+        )?;
+        out.counter(
+            "tscf_server_peer_release_notices_held",
+            "Release notices held for a persistent tunnel, to be sent on its re-attach.",
+            p.release_notices_held,
+        )?;
+        out.counter(
+            "tscf_server_peer_candidates_dropped",
+            "Peer candidates not forwarded (implausible or duplicate).",
+            p.candidates_dropped,
         )?;
         out.gauge(
             "tscf_server_queued_frames",
@@ -632,5 +677,59 @@ impl Collector for ClientSnapshot {
              streams).",
             s.stream_queued_bytes,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Every counter and gauge of [`ServerStats`] is a metric: each is given a value of its
+    /// own (through the statistics' serialized form, so that none is named here), and each
+    /// value must be a sample of the scrape.
+    #[test]
+    fn every_server_counter_is_a_metric() {
+        let mut value = serde_json::to_value(ServerStats::default()).expect("statistics serialize");
+        let mut fields = Vec::new();
+        number(&mut value, "", &mut fields);
+        assert!(fields.len() > 50, "{fields:?}");
+        let stats: ServerStats = serde_json::from_value(value).expect("statistics deserialize");
+        let (_, body) = server(stats);
+        let samples: HashSet<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next())
+            .collect();
+        // Summed over the transports of `tscf_server_tunnels`.
+        let derived = [".director.active_tunnels", ".director.persistent_tunnels"];
+        let missing: Vec<&String> = fields
+            .iter()
+            .filter(|(name, _)| !derived.contains(&name.as_str()))
+            .filter(|(_, n)| !samples.contains(n.to_string().as_str()))
+            .map(|(name, _)| name)
+            .collect();
+        assert!(missing.is_empty(), "not in the metrics: {missing:?}");
+    }
+
+    /// Gives every number in `value` a distinct value, far apart so that no sum of two is a
+    /// third, and lists them with their paths.
+    fn number(value: &mut Value, path: &str, out: &mut Vec<(String, u64)>) {
+        match value {
+            Value::Object(fields) => {
+                for (name, field) in fields {
+                    number(field, &format!("{path}.{name}"), out);
+                }
+            }
+            Value::Number(_) => {
+                let n = 1_000_003 + 1_000 * out.len() as u64;
+                *value = n.into();
+                out.push((path.to_owned(), n));
+            }
+            _ => {}
+        }
     }
 }
