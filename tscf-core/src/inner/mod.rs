@@ -31,6 +31,8 @@ pub use stream::{Listener, ListenerControl, Stream, StreamControl};
 
 /// Hop limit of the inner packets sent.
 const INNER_TTL: u8 = 64;
+/// The largest UDP payload one IPv4 packet holds.
+const MAX_UDP_PAYLOAD: usize = 65_507;
 /// The ports port 0 picks from.
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
 /// Buffers a queue keeps for reuse once their datagram is read, at most.
@@ -69,8 +71,19 @@ pub fn send_udp(
         IpAddr::V4(_) => client.internal_ipv4().map(IpAddr::V4),
         IpAddr::V6(_) => client.internal_ipv6().map(IpAddr::V6),
     };
-    let from = SocketAddr::new(from.ok_or_else(no_tunnel)?, port);
-    write_udp(packet, from, dst, payload)?;
+    let Some(from) = from else {
+        client.refused(SendError::NotConnected);
+        return Err(no_tunnel());
+    };
+    let from = SocketAddr::new(from, port);
+    if let Err(e) = write_udp(packet, from, dst, payload) {
+        let len = payload.len();
+        client.refused(SendError::TooLarge {
+            len,
+            max: MAX_UDP_PAYLOAD,
+        });
+        return Err(e);
+    }
     let max = client
         .tunnel_info()
         .map_or(usize::MAX, |i| i.max_packet_len);

@@ -905,10 +905,16 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             ClientState::Terminated => Some(Err(ConnectError::Refused(
                 self.terminated.unwrap_or(TerminateReason::Released),
             ))),
-            _ if timed_out => Some(Err(ConnectError::TimedOut {
-                waited,
-                last_failure: self.last_failure.clone(),
-            })),
+            _ if timed_out => {
+                let stats = self.client.stats();
+                Some(Err(ConnectError::TimedOut {
+                    waited,
+                    last_failure: self.last_failure.clone(),
+                    requests_sent: stats.configuration_requests_sent,
+                    answered: stats.envelopes_received > 0,
+                    servers: self.client.config().servers.clone(),
+                }))
+            }
             _ => None,
         }
     }
