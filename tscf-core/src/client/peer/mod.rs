@@ -195,6 +195,9 @@ pub struct PeerStats {
     pub tunnels_up: u64,
     /// Negotiations or tunnels that ended on the relay (any [`PeerDownReason`]).
     pub fallbacks: u64,
+    /// NAT discoveries run again because a peer tunnel fell silent (our mapping may have
+    /// changed).
+    pub rediscoveries: u64,
     /// Data envelopes sent on peer tunnels.
     pub data_sent: u64,
     /// Data envelopes received on peer tunnels and queued for `recv_ip`.
@@ -473,6 +476,8 @@ pub(in crate::client) struct PeerAgent {
     opt: BTreeMap<u16, bool>,
     discovery: Discovery,
     srflx: Option<SocketAddr>,
+    /// The STUN responder the director announced, for discoveries run again.
+    announced_stun: Option<SocketAddr>,
     requests: ArrayVec<ServiceRequest, MAX_SERVICE_REQUESTS>,
     peers: Vec<Peer>,
     out: VecDeque<(Via, Vec<u8>)>,
@@ -496,6 +501,7 @@ impl PeerAgent {
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,
+            announced_stun: None,
             requests: ArrayVec::new(),
             peers: Vec::new(),
             out: VecDeque::new(),
@@ -724,6 +730,13 @@ impl PeerAgent {
         self.forget_request(request);
         cx.stats.peer.fallbacks += 1;
         cx.event(ClientEvent::PeerTunnelDown { peer, reason });
+        if reason == PeerDownReason::Silence && self.discovery.is_done() {
+            // A silent path may be our NAT's doing: a new mapping (a rebinding) makes our
+            // server-reflexive candidate stale, and a negotiation with it would fail. Learn
+            // the mapping again before the next one (which waits for it).
+            cx.stats.peer.rediscoveries += 1;
+            self.run_discovery(cx);
+        }
     }
 
     /// Our server tunnel is gone for good: every peer tunnel goes with it.

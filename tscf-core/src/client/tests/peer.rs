@@ -255,6 +255,13 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     let keepalives = sent.iter().filter(|t| **t == MessageType::KEEPALIVE);
     assert_eq!(keepalives.count(), 1, "{sent:?}");
     assert_eq!(h.client.stats().server_path_refreshes, 1);
+    // Our NAT may have given us a new mapping too: NAT discovery runs again, so that the next
+    // negotiation announces the mapping we have now.
+    assert_eq!(h.client.stats().peer.rediscoveries, 1);
+    assert!(h
+        .peer_sent
+        .iter()
+        .any(|(to, d)| *to == STUN && stun::is_stun(d)));
 }
 
 #[test]
