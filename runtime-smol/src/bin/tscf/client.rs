@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
 use tscf_runtime_smol::core::client::{PeerConfig, PeerTunnelState, ServerEndpoint, TunnelInfo};
-use tscf_runtime_smol::core::wire::{CandidateKind, Transport};
+use tscf_runtime_smol::core::wire::{CandidateKind, ResultCode, Transport};
 use tscf_runtime_smol::{
     ClientTlsConfig, ConnectError, Fingerprint, Notification, ServerVerification, Tunnel,
     TunnelConfig,
@@ -224,6 +224,7 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
             drops: Mutex::default(),
             outcomes: Mutex::default(),
             addresses: Mutex::default(),
+            closed: Mutex::default(),
         });
         out.connected(&tunnel);
         let metrics = match args.metrics.map(http::bind).transpose() {
@@ -504,6 +505,8 @@ struct Printer {
     outcomes: Mutex<PeerOutcomes>,
     /// The internal addresses of the tunnel last reported, to say what a fresh one changed.
     addresses: Mutex<Addresses>,
+    /// Why the server closed the last tunnel, to say it when the new one comes.
+    closed: Mutex<Option<ResultCode>>,
 }
 
 /// A tunnel's internal addresses, as printed.
@@ -756,6 +759,7 @@ impl Printer {
                 self.line("reattached", tunnel_fields(info));
             }
             Notification::TunnelClosed { reason } => {
+                *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(*reason);
                 self.line("tunnel_closed", json!({ "reason": format!("{reason:?}") }));
             }
             Notification::Connected(info) => {
@@ -766,17 +770,21 @@ impl Printer {
                     &mut *self.addresses.lock().unwrap_or_else(|e| e.into_inner()),
                     new.clone(),
                 );
+                let why = match self.closed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    Some(ResultCode::SHUTDOWN) => "the server shut the tunnel down",
+                    Some(ResultCode::UNAUTHORIZED) => "the server refused to re-attach the tunnel",
+                    _ => "the server no longer held the tunnel",
+                };
                 let message = match old == new {
                     true => format!(
-                        "the server no longer held the tunnel: a new one, tunnel id {:016x}, \
-                         with the same internal addresses {}",
+                        "{why}: a new one, tunnel id {:016x}, with the same internal addresses \
+                         {}",
                         info.tunnel_id,
                         new.words()
                     ),
                     false => format!(
-                        "the server no longer held the tunnel: a new one, tunnel id {:016x}; \
-                         the internal addresses changed from {} to {}, and other clients must \
-                         use the new ones",
+                        "{why}: a new one, tunnel id {:016x}; the internal addresses changed \
+                         from {} to {}, and other clients must use the new ones",
                         info.tunnel_id,
                         old.words(),
                         new.words()
