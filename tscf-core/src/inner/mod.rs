@@ -57,7 +57,9 @@ pub fn local_addr(client: &TunnelClient, port: u16) -> io::Result<SocketAddr> {
 /// scratch space for the packet, kept by the caller so that a send allocates nothing, as is
 /// `fragmenter`. Errors as an inner socket reports them: no tunnel yet is
 /// [`io::ErrorKind::NotConnected`], a full send queue [`io::ErrorKind::WouldBlock`], an IPv6
-/// packet larger than the tunnel carries [`io::ErrorKind::InvalidInput`].
+/// packet larger than the tunnel carries [`io::ErrorKind::InvalidInput`] (its text says that
+/// IPv6 is not fragmented and how large a payload fits). Every refusal is counted in the
+/// client's [`ClientStats`](crate::client::ClientStats) (`send_refused_*`, `send_queue_full`).
 pub fn send_udp(
     client: &mut TunnelClient,
     now: Instant,
@@ -87,8 +89,22 @@ pub fn send_udp(
     let max = client
         .tunnel_info()
         .map_or(usize::MAX, |i| i.max_packet_len);
-    if packet.len() <= max || dst.is_ipv6() {
+    if packet.len() <= max {
         return client.send_ip(now, packet).map_err(send_error);
+    }
+    if dst.is_ipv6() {
+        // Inner IPv6 is not fragmented: say so, and how much fits.
+        let len = packet.len();
+        client.refused(SendError::TooLarge { len, max });
+        let fits = max.saturating_sub(len - payload.len());
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "inner IPv6 packet of {len} octets exceeds the tunnel's maximum of {max}; IPv6 \
+                 datagrams are not fragmented, so UDP payloads over IPv6 are limited to {fits} \
+                 octets"
+            ),
+        ));
     }
     let mut failed = None;
     fragmenter.split(packet, max, |fragment| {
