@@ -303,6 +303,16 @@ fn an_idle_receiver_behind_a_short_nat_timeout_is_reached_by_the_relay_within_2_
             // Polling conntrack, twice a second.
             std::thread::sleep(Duration::from_millis(500));
         };
+        // The peer tunnel's own keepalives kept its mapping all along.
+        for p in [&mut a, &mut b] {
+            p.drain();
+            let names = p.names();
+            assert!(
+                !names.iter().any(|n| n == "peer_tunnel_down"),
+                "{timeout} s NAT: {names:?}\n{}",
+                p.transcript()
+            );
+        }
         let before = snapshot(&media, &receiver);
         let cut = Instant::now();
         lab.cut(&site_a, site_b.public_ip);
