@@ -252,10 +252,76 @@ fn client_prints_its_internal_address_and_stops() {
     assert_eq!(lines[0]["event"], "connected");
     assert!(lines[0]["ipv4"].as_str().unwrap().starts_with("10.77."));
     assert_eq!(lines[0]["max_packet"], 1400);
+    // Over TCP the server chooses the keepalive: its default for streams.
+    assert_eq!(lines[0]["keepalive_s"], 300.0);
     assert_eq!(lines[1]["event"], "forward");
     assert_eq!(lines.last().unwrap()["event"], "stopped");
+    for line in &lines {
+        assert_timestamped(line);
+    }
+
+    // Over UDP the client proposes a keepalive short enough for NATs, or the one asked for.
+    for (extra, expected) in [(None, 20.0), (Some("7"), 7.0)] {
+        let mut args = vec!["client", "--server", &udp, "--for", "1", "--json"];
+        if let Some(secs) = extra {
+            args.extend(["--keepalive", secs]);
+        }
+        let out = tscf(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let lines = json_lines(&text(&out.stdout));
+        assert_eq!(lines[0]["keepalive_s"], expected, "{lines:?}");
+    }
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// Every JSON event carries `ts`: RFC 3339 in UTC with milliseconds.
+fn assert_timestamped(line: &serde_json::Value) {
+    let ts = line["ts"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ts in {line}"));
+    let b = ts.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    assert!(
+        b.len() == 24
+            && digits(0..4)
+            && b[4] == b'-'
+            && digits(5..7)
+            && b[7] == b'-'
+            && digits(8..10)
+            && b[10] == b'T'
+            && digits(11..13)
+            && b[13] == b':'
+            && digits(14..16)
+            && b[16] == b':'
+            && digits(17..19)
+            && b[19] == b'.'
+            && digits(20..23)
+            && b[23] == b'Z',
+        "{ts}"
+    );
+}
+
+/// A server that never answers: the client says what it sent, where, and that nothing came
+/// back, instead of "last failure: none".
+#[test]
+fn a_client_whose_server_never_answers_says_what_it_tried() {
+    // A bound socket that never reads: datagrams to it vanish without an ICMP error.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = tscf(&["client", "--server", &addr, "--connect-timeout", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "Configuration Requests to {addr} over UDP, no answer"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("can its answers reach this host?"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -479,6 +545,9 @@ fn demo_forms_a_peer_tunnel_and_measures_both_paths() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let lines = json_lines(&text(&out.stdout));
     assert!(lines.iter().any(|l| l["event"] == "peer_tunnel_up"));
+    for line in &lines {
+        assert_timestamped(line);
+    }
     let results: Vec<_> = lines.iter().filter(|l| l["event"] == "result").collect();
     assert_eq!(results.len(), 2, "{lines:?}");
     assert_eq!(results[0]["path"], "relay");
@@ -771,6 +840,21 @@ fn forward_over_a_peer_tunnel(name: &str, peer_transport: &str) {
             .any(|l| l.contains("\"peer_tunnel_up\"") && l.contains(&over))
     };
     assert!(up(&a_rest) || up(&b_rest), "{a_rest}{b_rest}");
+    // One side initiated, the other was asked; each names the kinds of the pair it knows.
+    let ups: Vec<serde_json::Value> = json_lines(&format!("{a_rest}{b_rest}"))
+        .into_iter()
+        .filter(|l| l["event"] == "peer_tunnel_up")
+        .collect();
+    assert!(ups
+        .iter()
+        .all(|l| l["initiator"] == "local" || l["initiator"] == "peer"));
+    assert!(
+        ups.iter().any(|l| l["remote_candidate"] == "host"),
+        "on loopback the pair is of host candidates: {ups:?}"
+    );
+    for line in &ups {
+        assert_timestamped(line);
+    }
     server.kill().unwrap();
     server.wait().unwrap();
 }
@@ -982,6 +1066,35 @@ fn client_asks_the_stun_servers_it_is_given() {
         .find(|l| l["event"] == "nat_discovered")
         .expect("nat discovery reported");
     assert_eq!(nat["varies_by_destination"], false, "{nat}");
+
+    // A STUN server that never answers: no public address, and the client says what that
+    // means for peer tunnels.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let out = tscf(&[
+        "client",
+        "--server",
+        &udp_a,
+        "--stun",
+        &silent_addr,
+        "--for",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = json_lines(&text(&out.stdout));
+    let nat = lines
+        .iter()
+        .find(|l| l["event"] == "nat_discovered")
+        .expect("nat discovery reported");
+    assert!(nat["public"].is_null(), "{nat}");
+    let hint = nat["hint"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no hint: {nat}"));
+    assert!(
+        hint.contains("limited to this host's local addresses"),
+        "{hint}"
+    );
 
     let path = config_file("client-bad", "stun = [\"nowhere\"]\n");
     let out = tscf(&["client", "--config", path.to_str().unwrap()]);
@@ -1253,4 +1366,72 @@ fn metrics_endpoints_answer_get_metrics() {
     assert_eq!(client.wait().unwrap().code(), Some(0));
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A server that restarts has lost every tunnel: the client's keepalive is answered Tunnel Not
+/// Found, its re-attach too, and it takes a fresh tunnel, saying so in words and with the
+/// addresses, old and new.
+#[test]
+fn a_client_whose_server_lost_its_tunnel_says_so_and_prints_the_new_addresses() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = config_file(
+        "restart",
+        &format!("udp = [\"127.0.0.1:{port}\"]\nadmin = \"\"\n"),
+    );
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_tscf"))
+            .args(["server", "--for", "30", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = start();
+    let server = format!("127.0.0.1:{port}");
+    let mut client = Command::new(env!("CARGO_BIN_EXE_tscf"))
+        .args(["client", "--server", &server, "--keepalive", "5", "--json"])
+        .args(["--connect-timeout", "10", "--for", "30"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut next = || {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the client ended");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let connected = next();
+    assert_eq!(connected["event"], "connected", "{connected}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = start();
+    let fresh = loop {
+        let line = next();
+        if line["event"] == "new_tunnel" {
+            break line;
+        }
+    };
+    let message = fresh["message"].as_str().unwrap();
+    assert!(
+        message.contains("the server no longer held the tunnel"),
+        "{message}"
+    );
+    assert_eq!(fresh["old_ipv4"], connected["ipv4"]);
+    let line = next();
+    assert_eq!(line["event"], "connected", "{line}");
+    assert_ne!(line["tunnel_id"], connected["tunnel_id"]);
+    assert_eq!(line["ipv4"], fresh["ipv4"]);
+    assert!(
+        line["ipv4"].is_string() && line["ipv6"].is_string(),
+        "{line}"
+    );
+    client.kill().unwrap();
+    client.wait().unwrap();
+    second.kill().unwrap();
+    second.wait().unwrap();
 }

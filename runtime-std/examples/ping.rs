@@ -120,7 +120,9 @@ fn main() -> Result<(), Box<dyn Error>> {
 fn print_peer_notifications(tunnel: &Tunnel) {
     for note in tunnel.notifications().try_iter() {
         match note {
-            Notification::PeerTunnelUp { peer, path, setup } => {
+            Notification::PeerTunnelUp {
+                peer, path, setup, ..
+            } => {
                 println!("peer tunnel to {peer} up, direct to {path} (set up in {setup:.2?})");
             }
             Notification::PeerTunnelDown { peer, reason } => {

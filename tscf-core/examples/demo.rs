@@ -195,6 +195,7 @@ fn report_events(w: &World, seen: &mut [usize; 2], start: Instant) {
                     path,
                     setup,
                     initiator,
+                    ..
                 } => format!(
                     "peer tunnel to {peer} up via {path}, {:.0} ms after {}",
                     msf(*setup),

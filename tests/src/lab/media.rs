@@ -20,7 +20,10 @@ pub struct Media {
 }
 
 struct Shared {
+    /// The size of the datagrams sent, and of those counted when received.
+    frame: usize,
     stop: AtomicBool,
+    paused: AtomicBool,
     sent: AtomicU64,
     arrivals: Mutex<Vec<Instant>>,
 }
@@ -38,32 +41,63 @@ impl Media {
     /// Starts sending to `to` (a forward's local address) every `interval` from a socket
     /// bound to 127.0.0.1 in namespace `ns`, and recording what comes back.
     pub fn start(ns: &str, to: SocketAddr, interval: Duration) -> io::Result<Self> {
+        Self::start_sized(ns, to, interval, FRAME)
+    }
+
+    /// [`start`](Self::start) with datagrams of `frame` octets (at least 8), and only those
+    /// counted when they come back.
+    pub fn start_sized(
+        ns: &str,
+        to: SocketAddr,
+        interval: Duration,
+        frame: usize,
+    ) -> io::Result<Self> {
+        let (mut media, socket) = Self::receiving(ns, frame)?;
+        let tx = socket;
+        let s = media.shared.clone();
+        let sender = std::thread::spawn(move || {
+            let mut frame = vec![0u8; s.frame.max(8)];
+            let mut next = Instant::now();
+            while !s.stop.load(Ordering::Relaxed) {
+                if !s.paused.load(Ordering::Relaxed) {
+                    let seq = s.sent.fetch_add(1, Ordering::Relaxed);
+                    frame[..8].copy_from_slice(&seq.to_be_bytes());
+                    let _ = tx.send_to(&frame, to);
+                }
+                next += interval;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+        media.threads.push(sender);
+        Ok(media)
+    }
+
+    /// A receiver that never sends, on 127.0.0.1 in namespace `ns`, counting datagrams of
+    /// `frame` octets; its address (for `tscf client --listen`).
+    pub fn listen(ns: &str, frame: usize) -> io::Result<(Self, SocketAddr)> {
+        let (media, socket) = Self::receiving(ns, frame)?;
+        let addr = socket.local_addr()?;
+        Ok((media, addr))
+    }
+
+    /// The receiving half; a clone of its socket, for a sender.
+    fn receiving(ns: &str, frame: usize) -> io::Result<(Self, UdpSocket)> {
         let socket = socket_in(ns)?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let shared = Arc::new(Shared {
+            frame,
             stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             sent: AtomicU64::new(0),
             arrivals: Mutex::new(Vec::new()),
         });
         let tx = socket.try_clone()?;
         let s = shared.clone();
-        let sender = std::thread::spawn(move || {
-            let mut frame = [0u8; FRAME];
-            let mut next = Instant::now();
-            while !s.stop.load(Ordering::Relaxed) {
-                let seq = s.sent.fetch_add(1, Ordering::Relaxed);
-                frame[..8].copy_from_slice(&seq.to_be_bytes());
-                let _ = tx.send_to(&frame, to);
-                next += interval;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            }
-        });
-        let s = shared.clone();
         let receiver = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65_536];
             while !s.stop.load(Ordering::Relaxed) {
                 if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                    if n == FRAME {
+                    if n == s.frame {
                         s.arrivals
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -72,10 +106,21 @@ impl Media {
                 }
             }
         });
-        Ok(Media {
+        let media = Media {
             shared,
-            threads: vec![sender, receiver],
-        })
+            threads: vec![receiver],
+        };
+        Ok((media, tx))
+    }
+
+    /// Stops sending (receiving goes on); what was sent stays counted.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Relaxed);
     }
 
     /// Counters so far.

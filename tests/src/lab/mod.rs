@@ -99,6 +99,8 @@ pub struct Lab {
     public: String,
     namespaces: Vec<String>,
     sites: usize,
+    /// NAT rebindings so far ([`rebind`](Self::rebind)).
+    rebinds: u16,
     children: Children,
     dir: PathBuf,
 }
@@ -134,6 +136,7 @@ impl Lab {
             public: public.clone(),
             namespaces: Vec::new(),
             sites: 0,
+            rebinds: 0,
             children: Children::default(),
             dir,
         };
@@ -330,6 +333,48 @@ impl Lab {
     /// Removes what [`cut`](Self::cut) added.
     pub fn heal(&self, site: &Site) {
         self.run(&site.router, &["nft", "delete", "table", "inet", "cut"]);
+    }
+
+    /// Rebinds `site`'s NAT: its UDP mappings towards `to` (every UDP mapping when `None`) are
+    /// forgotten, as a NAT that restarted or timed them out forgets them, and the next packet
+    /// of each flow gets a new public port: from now on the router maps UDP into a port range
+    /// of its own (`40000 + 1000 * n` to `+ 999` for the `n`th rebinding of the lab), so that
+    /// the new port cannot be the old one. Other flows keep their mappings.
+    pub fn rebind(&mut self, site: &Site, to: Option<Ipv4Addr>) {
+        let n = self.rebinds % 20;
+        self.rebinds += 1;
+        let (low, high) = (40_000 + 1000 * n, 40_999 + 1000 * n);
+        // Without `random` the router takes the first free port of the range, the same for
+        // every destination of one local port: the mapping stays endpoint-independent.
+        let random = match site.nat {
+            Nat::PortRestricted => "",
+            Nat::Symmetric => "fully-random",
+        };
+        let wan = &site.wan;
+        let rules = format!(
+            "flush chain ip nat postrouting\n\
+             add rule ip nat postrouting oifname \"{wan}\" meta l4proto udp masquerade to \
+             :{low}-{high} {random}\n\
+             add rule ip nat postrouting oifname \"{wan}\" masquerade\n"
+        );
+        self.nft(&site.router, &rules);
+        match to {
+            Some(ip) => {
+                let ip = ip.to_string();
+                self.run(&site.router, &["conntrack", "-D", "-p", "udp", "-d", &ip]);
+            }
+            None => {
+                self.run(&site.router, &["conntrack", "-D", "-p", "udp"]);
+            }
+        }
+    }
+
+    /// Sets how long `site`'s NAT keeps a UDP mapping without traffic, in seconds, whether or
+    /// not it has seen answers (Linux's defaults are 30 s and 120 s).
+    pub fn udp_timeout(&self, site: &Site, secs: u32) {
+        let unreplied = format!("net.netfilter.nf_conntrack_udp_timeout={secs}");
+        let stream = format!("net.netfilter.nf_conntrack_udp_timeout_stream={secs}");
+        self.run(&site.router, &["sysctl", "-qw", &unreplied, &stream]);
     }
 
     fn ifname(&self, role: &str) -> String {

@@ -56,6 +56,16 @@ impl Proc {
         }
     }
 
+    /// Every line read so far (see [`drain`](Self::drain)).
+    pub fn seen(&self) -> &[Event] {
+        &self.seen
+    }
+
+    /// The names of the JSON events read so far.
+    pub fn names(&self) -> Vec<String> {
+        self.seen.iter().filter_map(Event::name).collect()
+    }
+
     /// Reads lines until a JSON line with `"event": name` (returned), waiting at most
     /// `timeout` in all.
     pub fn wait_for(&mut self, name: &str, timeout: Duration) -> Option<Event> {

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod nat;
 mod tun;
 
 use tscf_tests::lab::{public_addr, tscf_binary, Lab, Media, Nat, Proc, Site, SERVER_IP, STUN_IP};

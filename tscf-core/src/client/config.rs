@@ -28,7 +28,14 @@ pub struct ClientConfig {
     /// Admission credential sent as Auth Token (1 to 1024 octets), if the server wants one.
     pub auth_token: Option<Vec<u8>>,
     /// Keepalive interval proposed in the Configuration Request (100 ms to one day); the server
-    /// answers with the one it will use. `None` lets the server choose.
+    /// answers with the one it will use, within its bounds (tscf's: 5 s to 600 s). `None`
+    /// proposes [`NAT_KEEPALIVE_INTERVAL`](super::NAT_KEEPALIVE_INTERVAL) (20 s) on UDP and
+    /// DTLS, so that the NAT mapping of the server transport outlives a silence in the
+    /// many NATs that keep one-way UDP mappings 30 s (WebRTC keeps its mappings with 15 s,
+    /// Tailscale with 25 s), and lets the server choose on stream transports and QUIC. The
+    /// keepalive goes out only after an interval in which the client sent nothing to the
+    /// server; peer tunnels keep their own mappings with their own keepalives
+    /// ([`PeerConfig::keepalive_interval`]).
     pub keepalive_interval: Option<Duration>,
     /// Capability bits announced in the Configuration Request. Empty by default;
     /// `PEER_TUNNELING` is added when [`peer`](Self::peer) is set.

@@ -6,7 +6,7 @@ use core::time::Duration;
 
 use super::config::ServerEndpoint;
 use super::peer::{PeerDownReason, PeerStats};
-use crate::wire::{InnerPacketError, InternalAddress, ResultCode};
+use crate::wire::{CandidateKind, InnerPacketError, InternalAddress, ResultCode};
 
 /// What [`TunnelClient::poll_event`](super::TunnelClient::poll_event) reports, in the order it
 /// happened.
@@ -70,6 +70,13 @@ pub enum ClientEvent {
         setup: Duration,
         /// Whether this client initiated the negotiation.
         initiator: bool,
+        /// The kind of our candidate on the path (host, server-reflexive or peer-reflexive),
+        /// as the peer's answer to our probe showed it; `None` when no answer of the peer
+        /// named it, or on a peer stream.
+        local_kind: Option<CandidateKind>,
+        /// The kind of the peer's candidate on the path: as it announced it, or
+        /// peer-reflexive when learned from its probe; `None` on a peer stream.
+        remote_kind: Option<CandidateKind>,
     },
     /// A peer tunnel went down, or a negotiation failed: flows to `peer` take the relay.
     PeerTunnelDown {
@@ -176,8 +183,10 @@ pub struct TunnelInfo {
     pub ipv6: Option<InternalAddress<Ipv6Addr>>,
     /// DNS servers of the inner network.
     pub dns_servers: Vec<IpAddr>,
-    /// The keepalive interval in use: the server's, else the one proposed, else the default of
-    /// `docs/PROTOCOL.md` §3.3 for the transport (30 s datagram, 300 s stream).
+    /// The keepalive interval in use: the server's, else the one proposed (see
+    /// [`ClientConfig::keepalive_interval`](super::ClientConfig::keepalive_interval)), else
+    /// the default of `docs/PROTOCOL.md` §3.3 for the transport (30 s datagram, 300 s
+    /// stream).
     pub keepalive_interval: Duration,
     /// This client's transport address as the server saw it (behind a NAT: the NAT's mapping).
     pub observed_address: Option<SocketAddr>,
@@ -322,6 +331,23 @@ pub struct ClientStats {
     pub connects: u64,
     /// Packets refused by `send_ip` because the send queue was full.
     pub send_queue_full: u64,
+    /// Packets refused by `send_ip` (or an inner socket) because there was no tunnel, or none
+    /// with an address of the destination's family.
+    pub send_refused_not_connected: u64,
+    /// Packets refused by `send_ip` because the client was releasing or terminated.
+    pub send_refused_closed: u64,
+    /// Packets refused because they were larger than the tunnel carries (IPv4 ones are
+    /// fragmented by the inner sockets instead; IPv6 packets and datagrams past what IP holds
+    /// are refused).
+    pub send_refused_too_large: u64,
+    /// Packets refused by `send_ip` because they were no whole IP packet or not from the
+    /// tunnel's address.
+    pub send_refused_invalid: u64,
+    /// Configuration Requests written by `poll_transmit`, retransmissions included.
+    pub configuration_requests_sent: u64,
+    /// Keepalives sent at once after a peer tunnel went down, so that the relay reaches this
+    /// client through its NAT again.
+    pub server_path_refreshes: u64,
     /// Queued outbound packets discarded because their tunnel went away.
     pub send_queue_discarded: u64,
     /// Dropped: input while no transport is open.

@@ -62,6 +62,11 @@ const SEQUENCE_MASK: u32 = 0x7fff_ffff;
 /// Keepalive interval when neither the server nor the configuration gives one (§3.3).
 const DEFAULT_KEEPALIVE_DATAGRAM: Duration = Duration::from_secs(30);
 const DEFAULT_KEEPALIVE_STREAM: Duration = Duration::from_secs(300);
+/// Keepalive interval proposed on UDP and DTLS when the configuration names none (see
+/// [`ClientConfig::keepalive_interval`]): NAT mappings of UDP that only see one direction
+/// live 30 s in many NATs (Linux's conntrack among them), and 20 s leaves room for a lost
+/// keepalive's retransmissions within them.
+pub const NAT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 /// A sans-IO TSC tunnel client.
 ///
@@ -171,6 +176,9 @@ pub struct TunnelClient {
     stats: ClientStats,
     /// Peer tunneling, when configured.
     peer: Option<PeerAgent>,
+    /// Peer tunnels gone down (`stats.peer.fallbacks`) when the server path was last looked
+    /// at: one more makes the client refresh it ([`server_path_refresh_due`](Self::server_path_refresh_due)).
+    fallbacks_seen: u64,
     /// Latest time seen; a clock going backwards does not move deadlines back.
     now: Instant,
 }
@@ -281,6 +289,7 @@ impl TunnelClient {
             events: VecDeque::new(),
             stats: ClientStats::default(),
             peer,
+            fallbacks_seen: 0,
             now,
             config,
         };
@@ -425,6 +434,26 @@ impl TunnelClient {
     /// re-attach.
     pub fn send_ip(&mut self, now: Instant, packet: &[u8]) -> Result<(), SendError> {
         self.advance_clock(now);
+        self.try_send_ip(packet).map_err(|e| self.refused(e))
+    }
+
+    /// Counts a send refused for `e` in [`ClientStats`] (every refusal of `send_ip` is, and
+    /// an inner socket counts the ones it makes before calling it), and gives `e` back.
+    pub(crate) fn refused(&mut self, e: SendError) -> SendError {
+        let counter = match e {
+            SendError::NotConnected => &mut self.stats.send_refused_not_connected,
+            SendError::Closed => &mut self.stats.send_refused_closed,
+            SendError::TooLarge { .. } => &mut self.stats.send_refused_too_large,
+            SendError::QueueFull => &mut self.stats.send_queue_full,
+            SendError::InvalidPacket(_) | SendError::WrongSource(_) => {
+                &mut self.stats.send_refused_invalid
+            }
+        };
+        *counter += 1;
+        e
+    }
+
+    fn try_send_ip(&mut self, packet: &[u8]) -> Result<(), SendError> {
         if matches!(self.phase, Phase::Releasing | Phase::Terminated) {
             return Err(SendError::Closed);
         }
@@ -444,7 +473,6 @@ impl TunnelClient {
             return Ok(());
         }
         if !self.outbound.push(&mut self.pool, packet) {
-            self.stats.send_queue_full += 1;
             return Err(SendError::QueueFull);
         }
         Ok(())
@@ -517,7 +545,11 @@ impl TunnelClient {
         if self.roaming_probe_due() {
             self.stats.roaming_probes += 1;
             self.start_keepalive();
+        } else if self.server_path_refresh_due() {
+            self.stats.server_path_refreshes += 1;
+            self.start_keepalive();
         }
+        self.fallbacks_seen = self.stats.peer.fallbacks;
         // Queued data goes before the release request, which ends the tunnel.
         let data_first = self
             .request
@@ -530,6 +562,9 @@ impl TunnelClient {
                 request.due = false;
                 request.transmissions += 1;
                 let transmissions = request.transmissions;
+                if matches!(request.kind, RequestKind::Configuration { .. }) {
+                    self.stats.configuration_requests_sent += 1;
+                }
                 if transmissions > 1 {
                     self.stats.retransmissions += 1;
                 }
@@ -629,6 +664,11 @@ impl TunnelClient {
         &self.stats
     }
 
+    /// The configuration the client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
     // ---- attempts ----
 
     /// Starts a round of attempts: every server from the first for a fresh tunnel; the
@@ -709,8 +749,7 @@ impl TunnelClient {
         msg.tlvs.tunnel_id = self.tunnel.as_ref().map(|t| t.info.tunnel_id);
         msg.tlvs.client_nonce = Some(nonce);
         msg.tlvs.keepalive_interval_ms = self
-            .config
-            .keepalive_interval
+            .proposed_keepalive()
             .and_then(|d| u32::try_from(d.as_millis()).ok());
         let mut capabilities = self.config.capabilities;
         if self.peer.is_some() {
@@ -727,6 +766,16 @@ impl TunnelClient {
             request.nonce = Some(nonce);
         }
         self.phase = Phase::Configuring;
+    }
+
+    /// The keepalive interval proposed to the current server: the configuration's, else on
+    /// UDP and DTLS one short enough for NATs ([`NAT_KEEPALIVE_INTERVAL`]), else none (the
+    /// server chooses).
+    fn proposed_keepalive(&self) -> Option<Duration> {
+        let datagram = self.current_server().transport.is_datagram();
+        self.config
+            .keepalive_interval
+            .or(datagram.then_some(NAT_KEEPALIVE_INTERVAL))
     }
 
     /// The attempt at the current server failed.
@@ -878,6 +927,25 @@ impl TunnelClient {
             && self.request.is_none()
             && !self.outbound.is_empty()
             && self.current_server().transport == Transport::UDP
+            && self.now.saturating_duration_since(self.heard_at) >= after_silence
+    }
+
+    /// Whether a keepalive must go out at once because a peer tunnel went down (§3.5): its
+    /// flows take the relay now, and the relay reaches us only through the NAT mapping of our
+    /// server transport, which may have expired while the peer tunnel carried everything (a
+    /// NAT whose UDP timeout is shorter than the keepalive interval). The keepalive opens it
+    /// again, or moves the tunnel to the new mapping, so that the relay reaches an idle
+    /// receiver as soon as the peer tunnel's silence is noticed. Not when the server was heard
+    /// within [`roaming_probe_after`](ClientConfig::roaming_probe_after) (the mapping works),
+    /// nor when that is off.
+    fn server_path_refresh_due(&self) -> bool {
+        let Some(after_silence) = self.config.roaming_probe_after else {
+            return false;
+        };
+        self.stats.peer.fallbacks != self.fallbacks_seen
+            && self.phase == Phase::Connected
+            && self.request.is_none()
+            && self.current_server().transport.is_datagram()
             && self.now.saturating_duration_since(self.heard_at) >= after_silence
     }
 

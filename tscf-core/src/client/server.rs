@@ -266,7 +266,7 @@ impl TunnelClient {
             .tlvs
             .keepalive_interval_ms
             .map(|ms| Duration::from_millis(ms.into()))
-            .or(self.config.keepalive_interval)
+            .or(self.proposed_keepalive())
             .unwrap_or(default_interval);
         let info = TunnelInfo {
             tunnel_id: msg.header.tunnel_id,

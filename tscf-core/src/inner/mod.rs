@@ -31,6 +31,8 @@ pub use stream::{Listener, ListenerControl, Stream, StreamControl};
 
 /// Hop limit of the inner packets sent.
 const INNER_TTL: u8 = 64;
+/// The largest UDP payload one IPv4 packet holds.
+const MAX_UDP_PAYLOAD: usize = 65_507;
 /// The ports port 0 picks from.
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
 /// Buffers a queue keeps for reuse once their datagram is read, at most.
@@ -55,7 +57,9 @@ pub fn local_addr(client: &TunnelClient, port: u16) -> io::Result<SocketAddr> {
 /// scratch space for the packet, kept by the caller so that a send allocates nothing, as is
 /// `fragmenter`. Errors as an inner socket reports them: no tunnel yet is
 /// [`io::ErrorKind::NotConnected`], a full send queue [`io::ErrorKind::WouldBlock`], an IPv6
-/// packet larger than the tunnel carries [`io::ErrorKind::InvalidInput`].
+/// packet larger than the tunnel carries [`io::ErrorKind::InvalidInput`] (its text says that
+/// IPv6 is not fragmented and how large a payload fits). Every refusal is counted in the
+/// client's [`ClientStats`](crate::client::ClientStats) (`send_refused_*`, `send_queue_full`).
 pub fn send_udp(
     client: &mut TunnelClient,
     now: Instant,
@@ -69,13 +73,38 @@ pub fn send_udp(
         IpAddr::V4(_) => client.internal_ipv4().map(IpAddr::V4),
         IpAddr::V6(_) => client.internal_ipv6().map(IpAddr::V6),
     };
-    let from = SocketAddr::new(from.ok_or_else(no_tunnel)?, port);
-    write_udp(packet, from, dst, payload)?;
+    let Some(from) = from else {
+        client.refused(SendError::NotConnected);
+        return Err(no_tunnel());
+    };
+    let from = SocketAddr::new(from, port);
+    if let Err(e) = write_udp(packet, from, dst, payload) {
+        let len = payload.len();
+        client.refused(SendError::TooLarge {
+            len,
+            max: MAX_UDP_PAYLOAD,
+        });
+        return Err(e);
+    }
     let max = client
         .tunnel_info()
         .map_or(usize::MAX, |i| i.max_packet_len);
-    if packet.len() <= max || dst.is_ipv6() {
+    if packet.len() <= max {
         return client.send_ip(now, packet).map_err(send_error);
+    }
+    if dst.is_ipv6() {
+        // Inner IPv6 is not fragmented: say so, and how much fits.
+        let len = packet.len();
+        client.refused(SendError::TooLarge { len, max });
+        let fits = max.saturating_sub(len - payload.len());
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "inner IPv6 packet of {len} octets exceeds the tunnel's maximum of {max}; IPv6 \
+                 datagrams are not fragmented, so UDP payloads over IPv6 are limited to {fits} \
+                 octets"
+            ),
+        ));
     }
     let mut failed = None;
     fragmenter.split(packet, max, |fragment| {

@@ -206,14 +206,56 @@ pub enum ConnectError {
     /// The server refused the tunnel for good (for instance Unauthorized).
     #[error("the server refused the tunnel: {0:?}")]
     Refused(TerminateReason),
-    /// No tunnel within the connect timeout.
-    #[error("no tunnel after {waited:?}; last failure: {}", last_failure.as_deref().unwrap_or("none"))]
+    /// No tunnel within the connect timeout. Its text says what was tried and what came back,
+    /// for instance "no tunnel after 10s: sent 5 Configuration Requests to 192.0.2.1:4440
+    /// over UDP, no answer: is the server running, and can its answers reach this host?".
+    #[error("no tunnel after {waited:?}: {}", timed_out_text(last_failure.as_deref(), *requests_sent, *answered, servers))]
     TimedOut {
         /// How long it waited.
         waited: Duration,
         /// The last transport or server failure, as text.
         last_failure: Option<String>,
+        /// Configuration Requests sent, retransmissions included.
+        requests_sent: u64,
+        /// Whether anything at all came back from a server.
+        answered: bool,
+        /// The servers of the configuration.
+        servers: Vec<ServerEndpoint>,
     },
+}
+
+/// What [`ConnectError::TimedOut`] says after "no tunnel after …".
+fn timed_out_text(
+    last_failure: Option<&str>,
+    requests_sent: u64,
+    answered: bool,
+    servers: &[ServerEndpoint],
+) -> String {
+    let to: Vec<String> = servers
+        .iter()
+        .map(|s| format!("{} over {}", s.addr, s.transport))
+        .collect();
+    let to = to.join(", ");
+    let requests = match requests_sent {
+        1 => "1 Configuration Request".to_owned(),
+        n => format!("{n} Configuration Requests"),
+    };
+    match (requests_sent, answered, last_failure) {
+        (0, _, Some(failure)) => format!("no transport to {to} came up; last failure: {failure}"),
+        (0, _, None) => format!("no transport to {to} came up"),
+        (_, false, failure) => {
+            let mut text = format!(
+                "sent {requests} to {to}, no answer: is the server running, and can its \
+                 answers reach this host?"
+            );
+            if let Some(failure) = failure {
+                text.push_str(&format!(" (last failure: {failure})"));
+            }
+            text
+        }
+        (_, true, Some(failure)) => format!("sent {requests} to {to}; last failure: {failure}"),
+        (_, true, None) => format!("sent {requests} to {to}; the answers granted no tunnel"),
+    }
 }
 
 /// The TLS material of a tunnel, loaded once at start: how its TLS and QUIC transports check

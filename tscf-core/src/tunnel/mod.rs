@@ -41,6 +41,29 @@
 mod config;
 mod notification;
 mod stats;
+/// Logs at warn the first send refused for each reason (each is counted in
+/// [`ClientStats`](crate::client::ClientStats) and returned as `e` to the caller): one line
+/// per reason for the life of the tunnel, so that a stream that loses every datagram does not
+/// flood the log.
+fn warn_first_refusal(before: &client::ClientStats, after: &client::ClientStats, e: &io::Error) {
+    let counters = |s: &client::ClientStats| {
+        [
+            s.send_refused_not_connected,
+            s.send_refused_closed,
+            s.send_refused_too_large,
+            s.send_refused_invalid,
+            s.send_queue_full,
+        ]
+    };
+    let first = counters(before)
+        .iter()
+        .zip(counters(after))
+        .any(|(b, a)| *b == 0 && a == 1);
+    if first {
+        tracing::warn!(error = %e, "inner datagram refused (first of its kind; all are counted)");
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -602,6 +625,7 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         payload: &[u8],
     ) -> io::Result<()> {
         self.advance(now);
+        let before = *self.client.stats();
         let sent = inner::send_udp(
             &mut self.client,
             now,
@@ -611,8 +635,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             &mut self.packet,
             &mut self.fragmenter,
         );
-        if sent.is_ok() {
-            Capture::inner_packet(&self.capture, now, Direction::Sent, &self.packet);
+        match &sent {
+            Ok(()) => Capture::inner_packet(&self.capture, now, Direction::Sent, &self.packet),
+            Err(e) => warn_first_refusal(&before, self.client.stats(), e),
         }
         sent
     }
@@ -644,6 +669,15 @@ impl<Q: DatagramQueue> ClientHost<Q> {
     /// tunnel carries goes as fragments. Errors as [`inner::send_udp`] reports them.
     pub fn send_packet(&mut self, now: Instant, packet: &[u8]) -> io::Result<()> {
         self.advance(now);
+        let before = *self.client.stats();
+        let sent = self.send_whole_packet(now, packet);
+        if let Err(e) = &sent {
+            warn_first_refusal(&before, self.client.stats(), e);
+        }
+        sent
+    }
+
+    fn send_whole_packet(&mut self, now: Instant, packet: &[u8]) -> io::Result<()> {
         let max = self
             .client
             .tunnel_info()
@@ -905,10 +939,16 @@ impl<Q: DatagramQueue> ClientHost<Q> {
             ClientState::Terminated => Some(Err(ConnectError::Refused(
                 self.terminated.unwrap_or(TerminateReason::Released),
             ))),
-            _ if timed_out => Some(Err(ConnectError::TimedOut {
-                waited,
-                last_failure: self.last_failure.clone(),
-            })),
+            _ if timed_out => {
+                let stats = self.client.stats();
+                Some(Err(ConnectError::TimedOut {
+                    waited,
+                    last_failure: self.last_failure.clone(),
+                    requests_sent: stats.configuration_requests_sent,
+                    answered: stats.envelopes_received > 0,
+                    servers: self.client.config().servers.clone(),
+                }))
+            }
             _ => None,
         }
     }

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::client::{ClientEvent, PeerDownReason, ServerEndpoint, TerminateReason, TunnelInfo};
-use crate::wire::ResultCode;
+use crate::wire::{CandidateKind, ResultCode};
 
 /// What happened to a tunnel, for the application.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +46,14 @@ pub enum Notification {
         path: SocketAddr,
         /// From the first opted-in packet (or the director's forwarded request) to up.
         setup: Duration,
+        /// Whether this client initiated the negotiation (else the peer did, through the
+        /// server).
+        initiator: bool,
+        /// The kind of our candidate on the path, when known (see
+        /// [`ClientEvent::PeerTunnelUp`]).
+        local_kind: Option<CandidateKind>,
+        /// The kind of the peer's candidate on the path, when known.
+        remote_kind: Option<CandidateKind>,
     },
     /// A peer tunnel went down, or its setup failed: packets to `peer` take the relay.
     PeerTunnelDown {
@@ -94,8 +102,20 @@ impl Notification {
                 varies_by_destination,
             },
             ClientEvent::PeerTunnelUp {
-                peer, path, setup, ..
-            } => Self::PeerTunnelUp { peer, path, setup },
+                peer,
+                path,
+                setup,
+                initiator,
+                local_kind,
+                remote_kind,
+            } => Self::PeerTunnelUp {
+                peer,
+                path,
+                setup,
+                initiator,
+                local_kind,
+                remote_kind,
+            },
             ClientEvent::PeerTunnelDown { peer, reason } => Self::PeerTunnelDown { peer, reason },
             ClientEvent::Terminated { reason } => Self::Terminated { reason },
             _ => return None,

@@ -719,3 +719,78 @@ fn inner_tcp_crosses_the_server_and_the_tap_takes_what_nothing_claims() {
         Some((b"from the kernel".to_vec(), SocketAddr::from((ipb, 9999))))
     );
 }
+
+#[test]
+fn a_tunnel_that_never_comes_up_says_what_it_tried_and_that_nothing_came_back() {
+    let mut net = Net::new(ServerConfig::default());
+    // Nobody is at that address: every datagram to it is lost.
+    let a = net.add(
+        config("192.0.2.99:4440", Transport::UDP),
+        "198.51.100.1:5000",
+    );
+    net.advance(Duration::from_secs(10));
+    let host = &net.clients[a].host;
+    let sent = host.stats().client.configuration_requests_sent;
+    assert!(sent > 1, "retransmitted: {sent}");
+    let error = host
+        .connect_result(Duration::from_secs(10), true)
+        .expect("timed out")
+        .expect_err("no tunnel");
+    let text = error.to_string();
+    assert_eq!(
+        text,
+        format!(
+            "no tunnel after 10s: sent {sent} Configuration Requests to 192.0.2.99:4440 over \
+             UDP, no answer: is the server running, and can its answers reach this host?"
+        )
+    );
+}
+
+#[test]
+fn an_inner_socket_returns_and_counts_every_send_it_cannot_make() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    let _qa = net.socket(a, 5004);
+    let now = net.now;
+    let to: SocketAddr = "10.77.0.9:6000".parse().expect("addr");
+    // Before the tunnel is up there is no source address.
+    let e = net.clients[a]
+        .host
+        .send_to(now, 5004, to, b"early")
+        .expect_err("no tunnel");
+    assert_eq!(e.kind(), io::ErrorKind::NotConnected);
+    assert_eq!(
+        net.clients[a]
+            .host
+            .stats()
+            .client
+            .send_refused_not_connected,
+        1
+    );
+    net.pump();
+    let host = &mut net.clients[a].host;
+    let max = host.client.tunnel_info().expect("connected").max_packet_len;
+    let big = vec![7; max + 100];
+    // IPv4: fragmented, nothing refused.
+    host.send_to(now, 5004, to, &big).expect("fragmented");
+    // IPv6 is not fragmented: refused with an error that says why, and counted.
+    assert!(
+        host.client.internal_ipv6().is_some(),
+        "the default pools give IPv6 too"
+    );
+    let to6 = SocketAddr::from((std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 9), 6000));
+    let e = host.send_to(now, 5004, to6, &big).expect_err("too large");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert!(
+        e.to_string().contains("exceeds the tunnel's maximum"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("not fragmented"), "{e}");
+    assert_eq!(host.stats().client.send_refused_too_large, 1);
+    // Past what one UDP datagram holds.
+    let e = host
+        .send_to(now, 5004, to, &vec![0; 70_000])
+        .expect_err("no such datagram");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(host.stats().client.send_refused_too_large, 2);
+}

@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use futures_lite::future;
 use serde_json::json;
-use tscf_runtime_smol::core::client::{PeerConfig, PeerTunnelState, ServerEndpoint};
-use tscf_runtime_smol::core::wire::Transport;
+use tscf_runtime_smol::core::client::{PeerConfig, PeerTunnelState, ServerEndpoint, TunnelInfo};
+use tscf_runtime_smol::core::wire::{CandidateKind, ResultCode, Transport};
 use tscf_runtime_smol::{
     ClientTlsConfig, ConnectError, Fingerprint, Notification, ServerVerification, Tunnel,
     TunnelConfig,
@@ -79,7 +79,7 @@ pub(crate) struct ClientArgs {
 #[derive(Clone, Debug, Args)]
 pub(crate) struct TunnelArgs {
     /// A TOML file with the keys `server`, `transport`, `fingerprint`, `token`, `stun`,
-    /// `forward`, `listen` and `peer` (see below); options given on the command line win, lists are
+    /// `forward`, `listen`, `peer` and `keepalive` (see below); options given on the command line win, lists are
     /// joined.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -118,6 +118,12 @@ pub(crate) struct TunnelArgs {
     /// How long to wait for the first tunnel before giving up (exit 1).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds between keepalives to the server when nothing else was sent, proposed to the
+    /// server, which keeps it within its bounds (tscf's: 5 to 600). Default: 20 on UDP and
+    /// DTLS, short enough for NATs that forget an idle mapping after 30 s; the server's choice
+    /// on TCP, TLS and QUIC. Behind a NAT with a shorter UDP timeout, go below it.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    keepalive: Option<u64>,
 }
 
 /// The peer transports `tscf client` can offer.
@@ -217,6 +223,8 @@ fn run_tunnel(args: &ClientArgs, config: TunnelConfig) -> ExitCode {
             paths: Mutex::default(),
             drops: Mutex::default(),
             outcomes: Mutex::default(),
+            addresses: Mutex::default(),
+            closed: Mutex::default(),
         });
         out.connected(&tunnel);
         let metrics = match args.metrics.map(http::bind).transpose() {
@@ -393,6 +401,7 @@ impl TunnelArgs {
             self.fingerprint = self.fingerprint.take().or(file.fingerprint);
         }
         self.token = self.token.take().or(file.token);
+        self.keepalive = self.keepalive.or(file.keepalive);
         self.stun.splice(0..0, file.stun);
         Ok(FileForwards {
             forward: file.forward.into_iter().map(|f| f.0).collect(),
@@ -458,6 +467,7 @@ impl TunnelArgs {
             peer.require_secure = args.peer_transport != PeerTransportArg::Udp;
         }
         config.connect_timeout = Duration::from_secs(args.connect_timeout);
+        config.client.keepalive_interval = args.keepalive.map(Duration::from_secs);
         if let Some(token) = &args.token {
             config.client.auth_token = Some(token.clone().into_bytes());
         }
@@ -493,6 +503,39 @@ struct Printer {
     paths: Mutex<HashMap<IpAddr, SocketAddr>>,
     /// How negotiations ended and why tunnels went down, for the metrics.
     outcomes: Mutex<PeerOutcomes>,
+    /// The internal addresses of the tunnel last reported, to say what a fresh one changed.
+    addresses: Mutex<Addresses>,
+    /// Why the server closed the last tunnel, to say it when the new one comes.
+    closed: Mutex<Option<ResultCode>>,
+}
+
+/// A tunnel's internal addresses, as printed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Addresses {
+    ipv4: Option<String>,
+    ipv6: Option<String>,
+}
+
+impl Addresses {
+    fn of(info: &TunnelInfo) -> Self {
+        Self {
+            ipv4: info.ipv4.map(|a| a.addr.to_string()),
+            ipv6: info.ipv6.map(|a| a.addr.to_string()),
+        }
+    }
+
+    fn words(&self) -> String {
+        let all: Vec<&str> = self
+            .ipv4
+            .iter()
+            .chain(&self.ipv6)
+            .map(String::as_str)
+            .collect();
+        match all.is_empty() {
+            true => "none".to_owned(),
+            false => all.join(" and "),
+        }
+    }
 }
 
 impl Printer {
@@ -502,6 +545,10 @@ impl Printer {
         let v6 = tunnel.internal_ipv6();
         let seen = tunnel.observed_address();
         let max_packet = tunnel.info().map(|i| i.max_packet_len);
+        let keepalive = tunnel.info().map(|i| i.keepalive_interval.as_secs_f64());
+        if let Some(info) = tunnel.info() {
+            *self.addresses.lock().unwrap_or_else(|e| e.into_inner()) = Addresses::of(&info);
+        }
         if self.json {
             self.line(
                 "connected",
@@ -511,6 +558,7 @@ impl Printer {
                     "ipv6": v6.map(|a| a.to_string()),
                     "observed": seen.map(|a| a.to_string()),
                     "max_packet": max_packet,
+                    "keepalive_s": keepalive,
                 }),
             );
             return;
@@ -615,7 +663,14 @@ impl Printer {
                 .note(note, was_up);
         }
         match note {
-            Notification::PeerTunnelUp { peer, path, setup } => {
+            Notification::PeerTunnelUp {
+                peer,
+                path,
+                setup,
+                initiator,
+                local_kind,
+                remote_kind,
+            } => {
                 // What the tunnel runs over: plain UDP, or the session transport securing it.
                 let over = tunnel
                     .peer_tunnels()
@@ -627,6 +682,7 @@ impl Printer {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(*peer, *path);
+                let (local, remote) = (kind_label(*local_kind), kind_label(*remote_kind));
                 if self.json {
                     self.line(
                         "peer_tunnel_up",
@@ -635,11 +691,24 @@ impl Printer {
                             "path": path.to_string(),
                             "transport": over.to_string(),
                             "setup_ms": setup.as_secs_f64() * 1e3,
+                            "initiator": if *initiator { "local" } else { "peer" },
+                            "local_candidate": local,
+                            "remote_candidate": remote,
                         }),
                     );
                 } else {
+                    let who = match initiator {
+                        true => "we asked",
+                        false => "the peer asked",
+                    };
+                    let kinds = match (local, remote) {
+                        (Some(l), Some(r)) => format!(", {l} to {r}"),
+                        (None, Some(r)) => format!(", to the peer's {r}"),
+                        _ => String::new(),
+                    };
                     println!(
-                        "peer tunnel up: {peer} via {path} over {over} (set up in {:.1} ms)",
+                        "peer tunnel up: {peer} via {path} over {over} (set up in {:.1} ms, \
+                         {who}{kinds})",
                         setup.as_secs_f64() * 1e3
                     );
                 }
@@ -667,36 +736,88 @@ impl Printer {
             Notification::NatDiscovered {
                 public,
                 varies_by_destination,
-            } => self.line(
-                "nat_discovered",
-                json!({
+            } => {
+                // Without a public address, only our host candidates are offered: a peer
+                // tunnel forms only with peers that reach them (the same network, or no NAT).
+                let hint = public.is_none().then_some(
+                    "no STUN server answered: peer tunnels are limited to this host's local \
+                     addresses (peers on the same network or without a NAT in between); \
+                     other peers stay on the relay",
+                );
+                let mut fields = json!({
                     "public": public.map(|a| a.to_string()),
                     "varies_by_destination": varies_by_destination,
-                }),
-            ),
+                });
+                if let (Some(hint), Some(map)) = (hint, fields.as_object_mut()) {
+                    map.insert("hint".into(), hint.into());
+                }
+                self.line("nat_discovered", fields);
+            }
             Notification::TransportLost => self.line("transport_lost", json!({})),
-            Notification::Reattached(_) => self.line("reattached", json!({})),
+            Notification::Reattached(info) => {
+                *self.addresses.lock().unwrap_or_else(|e| e.into_inner()) = Addresses::of(info);
+                self.line("reattached", tunnel_fields(info));
+            }
             Notification::TunnelClosed { reason } => {
+                *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(*reason);
                 self.line("tunnel_closed", json!({ "reason": format!("{reason:?}") }));
             }
-            Notification::Connected(info) => self.line(
-                "connected",
-                json!({
-                    "tunnel_id": info.tunnel_id,
-                    "observed": info.observed_address.map(|a| a.to_string()),
-                }),
-            ),
+            Notification::Connected(info) => {
+                // A fresh tunnel after the first: the server lost the old one (or shut down),
+                // and the internal addresses other clients used for us may have changed.
+                let new = Addresses::of(info);
+                let old = std::mem::replace(
+                    &mut *self.addresses.lock().unwrap_or_else(|e| e.into_inner()),
+                    new.clone(),
+                );
+                let why = match self.closed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    Some(ResultCode::SHUTDOWN) => "the server shut the tunnel down",
+                    Some(ResultCode::UNAUTHORIZED) => "the server refused to re-attach the tunnel",
+                    _ => "the server no longer held the tunnel",
+                };
+                let message = match old == new {
+                    true => format!(
+                        "{why}: a new one, tunnel id {:016x}, with the same internal addresses \
+                         {}",
+                        info.tunnel_id,
+                        new.words()
+                    ),
+                    false => format!(
+                        "{why}: a new one, tunnel id {:016x}; the internal addresses changed \
+                         from {} to {}, and other clients must use the new ones",
+                        info.tunnel_id,
+                        old.words(),
+                        new.words()
+                    ),
+                };
+                if self.json {
+                    self.line(
+                        "new_tunnel",
+                        json!({
+                            "message": message,
+                            "old_ipv4": old.ipv4,
+                            "old_ipv6": old.ipv6,
+                            "ipv4": new.ipv4,
+                            "ipv6": new.ipv6,
+                        }),
+                    );
+                } else {
+                    println!("{message}");
+                }
+                self.line("connected", tunnel_fields(info));
+            }
             _ => {}
         }
     }
 
-    /// One event: a JSON object with `event`, or its name and fields as text.
+    /// One event: a JSON object with `event` and `ts`, or its name and fields as text.
     fn line(&self, event: &str, fields: serde_json::Value) {
         let mut fields = fields;
         if self.json {
             if let Some(map) = fields.as_object_mut() {
                 map.insert("event".into(), event.into());
             }
+            crate::stamp::stamp(&mut fields);
             println!("{fields}");
         } else {
             let rest: Vec<String> = fields
@@ -712,6 +833,29 @@ impl Printer {
             }
         }
     }
+}
+
+/// The fields of `connected` and `reattached` after the first: the tunnel and its addresses.
+fn tunnel_fields(info: &TunnelInfo) -> serde_json::Value {
+    let addresses = Addresses::of(info);
+    json!({
+        "tunnel_id": info.tunnel_id,
+        "ipv4": addresses.ipv4,
+        "ipv6": addresses.ipv6,
+        "observed": info.observed_address.map(|a| a.to_string()),
+        "max_packet": info.max_packet_len,
+        "keepalive_s": info.keepalive_interval.as_secs_f64(),
+    })
+}
+
+/// A candidate kind as the events name it.
+fn kind_label(kind: Option<CandidateKind>) -> Option<&'static str> {
+    Some(match kind? {
+        CandidateKind::HOST => "host",
+        CandidateKind::SERVER_REFLEXIVE => "server-reflexive",
+        CandidateKind::PEER_REFLEXIVE => "peer-reflexive",
+        _ => "unknown",
+    })
 }
 
 /// Every drop is counted by reason, and the first of each reason is reported.

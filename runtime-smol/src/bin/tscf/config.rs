@@ -231,6 +231,7 @@ impl ServerFile {
 /// forward = ["127.0.0.1:5004=10.77.0.3:5004", "tcp:127.0.0.1:8080=10.77.0.3:80"]
 /// listen = ["udp:5004=127.0.0.1:5004"]  # inner port to a fixed local address (ssh -R)
 /// peer = true                       # opt the forwarded sockets in to peer tunneling
+/// keepalive = 20                    # seconds between keepalives to the server when idle
 /// ```
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,6 +247,7 @@ pub(crate) struct ClientFile {
     #[serde(default)]
     pub(crate) listen: Vec<FileListen>,
     pub(crate) peer: Option<bool>,
+    pub(crate) keepalive: Option<u64>,
 }
 
 /// A `[udp:|tcp:]LOCAL=INTERNAL` forward, as on the command line.
@@ -330,7 +332,7 @@ mod tests {
             "server = \"192.0.2.1:4440\"\ntransport = \"udp\"\n\
              stun = [\"192.0.2.2:3478\", \"192.0.2.3:3478\"]\n\
              forward = [\"127.0.0.1:0=10.77.0.3:5004\", \"tcp:[::1]:0=10.77.0.3:80\"]\n\
-             listen = [\"tcp:8080=127.0.0.1:80\"]\npeer = true\n",
+             listen = [\"tcp:8080=127.0.0.1:80\"]\npeer = true\nkeepalive = 10\n",
         )
         .expect("parses");
         assert_eq!(f.stun.len(), 2);
@@ -343,6 +345,7 @@ mod tests {
         let e = ClientFile::parse("listen = [\"tcp:x=127.0.0.1:1\"]").expect_err("no port");
         assert!(e.contains("listen"), "{e}");
         assert_eq!(f.peer, Some(true));
+        assert_eq!(f.keepalive, Some(10));
         let e = ClientFile::parse("stun = [\"nowhere\"]").expect_err("bad address");
         assert!(e.contains("stun"), "{e}");
         let e = ClientFile::parse("forward = [\"127.0.0.1:1\"]").expect_err("no =");

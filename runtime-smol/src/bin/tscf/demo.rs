@@ -79,6 +79,7 @@ async fn demo(as_json: bool) -> Result<(), String> {
             if let Some(m) = fields.as_object_mut() {
                 m.insert("event".into(), event.into());
             }
+            crate::stamp::stamp(&mut fields);
             println!("{fields}");
         } else {
             println!("{text}");

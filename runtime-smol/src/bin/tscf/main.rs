@@ -40,6 +40,7 @@ mod http;
 mod metrics;
 mod netcheck;
 mod ping;
+mod stamp;
 mod tun;
 
 use std::net::SocketAddr;

@@ -351,6 +351,8 @@ fn rand_nonce() -> u64 {
 /// Prints one ping line as text or JSON.
 fn print_line(line: &Value, json: bool) {
     if json {
+        let mut line = line.clone();
+        crate::stamp::stamp(&mut line);
         println!("{line}");
         return;
     }

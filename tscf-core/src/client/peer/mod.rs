@@ -37,7 +37,7 @@ use super::timer::earliest;
 use super::{after, push_event, ClientEvent, ClientStats, Destination, Transmit, TunnelClient};
 use crate::histogram::DurationHistogram;
 use crate::rate::TokenBucket;
-use crate::wire::{InnerPacket, ResultCode, Transport};
+use crate::wire::{CandidateKind, InnerPacket, ResultCode, Transport};
 use service::{Discovery, ServiceRequest};
 
 /// Outstanding Client Service Requests of the agent, at most (§6.3).
@@ -195,6 +195,9 @@ pub struct PeerStats {
     pub tunnels_up: u64,
     /// Negotiations or tunnels that ended on the relay (any [`PeerDownReason`]).
     pub fallbacks: u64,
+    /// NAT discoveries run again because a peer tunnel fell silent (our mapping may have
+    /// changed).
+    pub rediscoveries: u64,
     /// Data envelopes sent on peer tunnels.
     pub data_sent: u64,
     /// Data envelopes received on peer tunnels and queued for `recv_ip`.
@@ -473,6 +476,8 @@ pub(in crate::client) struct PeerAgent {
     opt: BTreeMap<u16, bool>,
     discovery: Discovery,
     srflx: Option<SocketAddr>,
+    /// The STUN responder the director announced, for discoveries run again.
+    announced_stun: Option<SocketAddr>,
     requests: ArrayVec<ServiceRequest, MAX_SERVICE_REQUESTS>,
     peers: Vec<Peer>,
     out: VecDeque<(Via, Vec<u8>)>,
@@ -496,6 +501,7 @@ impl PeerAgent {
             opt: BTreeMap::new(),
             discovery: Discovery::Idle,
             srflx: None,
+            announced_stun: None,
             requests: ArrayVec::new(),
             peers: Vec::new(),
             out: VecDeque::new(),
@@ -669,15 +675,43 @@ impl PeerAgent {
         p.backoff = initial_backoff;
         let setup = cx.now.saturating_duration_since(p.started);
         p.setup = Some(setup);
+        let (local_kind, remote_kind) = self.pair_kinds(i, via);
+        let p = &self.peers[i];
         let event = ClientEvent::PeerTunnelUp {
             peer: p.addr,
             path,
             setup,
             initiator: p.role == Role::Initiator,
+            local_kind,
+            remote_kind,
         };
         cx.stats.peer.tunnels_up += 1;
         cx.stats.peer.setup_times.record(setup);
         cx.event(event);
+    }
+
+    /// The candidate kinds of the pair nominated for peer `i` (ICE's terms): ours, from the
+    /// address the peer saw our probe come from (one of our host addresses, our
+    /// server-reflexive one, or else a mapping only the peer learned: peer-reflexive), and the
+    /// peer's, as it announced it or peer-reflexive when learned from its probe. `None` where
+    /// it is not known: ours before the peer answered a probe of ours on that path, both on a
+    /// peer stream.
+    fn pair_kinds(&self, i: usize, via: Via) -> (Option<CandidateKind>, Option<CandidateKind>) {
+        let (Via::Udp(path) | Via::Session(path)) = via else {
+            return (None, None);
+        };
+        let check = self.peers[i].checks.iter().find(|c| c.addr == path);
+        let remote = Some(check.map_or(CandidateKind::PEER_REFLEXIVE, |c| c.kind));
+        let local = check.and_then(|c| c.observed).map(|seen| {
+            if self.config.local_addresses.contains(&seen) {
+                CandidateKind::HOST
+            } else if self.srflx == Some(seen) {
+                CandidateKind::SERVER_REFLEXIVE
+            } else {
+                CandidateKind::PEER_REFLEXIVE
+            }
+        });
+        (local, remote)
     }
 
     /// Peer `i` is back on the relay; a new attempt may follow the backoff.
@@ -696,6 +730,13 @@ impl PeerAgent {
         self.forget_request(request);
         cx.stats.peer.fallbacks += 1;
         cx.event(ClientEvent::PeerTunnelDown { peer, reason });
+        if reason == PeerDownReason::Silence && self.discovery.is_done() {
+            // A silent path may be our NAT's doing: a new mapping (a rebinding) makes our
+            // server-reflexive candidate stale, and a negotiation with it would fail. Learn
+            // the mapping again before the next one (which waits for it).
+            cx.stats.peer.rediscoveries += 1;
+            self.run_discovery(cx);
+        }
     }
 
     /// Our server tunnel is gone for good: every peer tunnel goes with it.

@@ -41,6 +41,10 @@ const MAX_SEQUENCES: usize = PeerConfig::MAX_PROBE_TRANSMISSIONS as usize;
 #[derive(Clone, Debug)]
 pub(super) struct Check {
     pub(super) addr: SocketAddr,
+    /// What the peer announced it as, or peer-reflexive when learned from its probe.
+    pub(super) kind: CandidateKind,
+    /// Our address as the peer saw it, from its answer to our probe (the Observed Address).
+    pub(super) observed: Option<SocketAddr>,
     /// The sequence numbers of the probes sent to it.
     sequences: ArrayVec<u32, MAX_SEQUENCES>,
     /// When the next probe to it is due; `None` once it answered or had all its probes.
@@ -50,9 +54,11 @@ pub(super) struct Check {
 }
 
 impl Check {
-    fn new(addr: SocketAddr, due: Instant) -> Self {
+    fn new(addr: SocketAddr, kind: CandidateKind, due: Instant) -> Self {
         Self {
             addr,
+            kind,
+            observed: None,
             sequences: ArrayVec::new(),
             due: Some(due),
             answered: false,
@@ -81,7 +87,7 @@ impl PeerAgent {
                 if streams.try_push((c.transport, c.addr)).is_err() {
                     refused += 1;
                 }
-            } else if checks.try_push(Check::new(c.addr, cx.now)).is_err() {
+            } else if checks.try_push(Check::new(c.addr, c.kind, cx.now)).is_err() {
                 refused += 1;
             }
         }
@@ -248,7 +254,8 @@ impl PeerAgent {
             if p.checks.is_full() {
                 p.checks.pop();
             }
-            p.checks.push(Check::new(from, cx.now));
+            p.checks
+                .push(Check::new(from, CandidateKind::PEER_REFLEXIVE, cx.now));
         }
         let p = &mut self.peers[i];
         if p.role == Role::Initiator && p.phase == Phase::Probing {
@@ -287,6 +294,7 @@ impl PeerAgent {
         };
         check.due = None;
         check.answered = true;
+        check.observed = msg.tlvs.observed_address.or(check.observed);
         cx.stats.peer.probe_responses += 1;
         self.earn(cx, i, payload.len() + ENVELOPE_HEADER_LEN);
         let p = &self.peers[i];

@@ -95,7 +95,14 @@ impl PeerAgent {
         for r in &mut self.requests {
             r.due = true;
         }
-        let servers = match (self.config.stun_servers.is_empty(), announced) {
+        self.announced_stun = announced;
+        self.run_discovery(cx);
+    }
+
+    /// Runs NAT discovery (again): the configured STUN servers, else the one the director
+    /// announced. Negotiations started meanwhile wait for it.
+    pub(super) fn run_discovery(&mut self, cx: &mut Cx<'_>) {
+        let servers = match (self.config.stun_servers.is_empty(), self.announced_stun) {
             (false, _) => self.config.stun_servers.clone(),
             (true, Some(server)) => vec![server],
             (true, None) => {

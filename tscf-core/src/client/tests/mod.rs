@@ -8,6 +8,7 @@ use super::*;
 use crate::wire::{Capabilities, ControlKey, InternalAddress, Transport, MAX_PAYLOAD_LEN};
 
 mod data;
+mod nat;
 mod peer;
 
 const TUNNEL: u64 = 0x5a17_c0de_2024_0b01;

@@ -196,9 +196,17 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     h.peer_datagram(REMOTE, &signed(&done));
     h.drain();
     let up = h.take_events();
+    // The peer saw our probe come from our server-reflexive address (PUBLIC), and REMOTE is
+    // the host candidate it announced.
     assert!(
-        matches!(up.as_slice(), [ClientEvent::PeerTunnelUp { peer, path, initiator: true, .. }]
-            if *peer == IpAddr::V4(PEER) && *path == REMOTE),
+        matches!(up.as_slice(), [ClientEvent::PeerTunnelUp {
+            peer,
+            path,
+            initiator: true,
+            local_kind: Some(CandidateKind::SERVER_REFLEXIVE),
+            remote_kind: Some(CandidateKind::HOST),
+            ..
+        }] if *peer == IpAddr::V4(PEER) && *path == REMOTE),
         "{up:?}"
     );
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Peer(REMOTE));
@@ -230,6 +238,7 @@ fn initiator_probes_nominates_and_moves_the_flow() {
     assert_eq!(got, media(PEER, ADDR));
 
     // Silence: back on the relay.
+    h.take_sent();
     h.advance(ms(1600));
     assert!(h.take_events().iter().any(|e| matches!(
         e,
@@ -239,6 +248,20 @@ fn initiator_probes_nominates_and_moves_the_flow() {
         }
     )));
     assert_eq!(h.client.peer_path(IpAddr::V4(PEER)), PeerPath::Relay);
+    // The relay reaches us only through the server transport's NAT mapping, which the peer
+    // tunnel's traffic did not keep: a keepalive refreshes it at once, though the keepalive
+    // interval (30 s) is far off and we have no data to send.
+    let sent: Vec<MessageType> = h.take_sent().iter().filter_map(|e| decode_any(e)).collect();
+    let keepalives = sent.iter().filter(|t| **t == MessageType::KEEPALIVE);
+    assert_eq!(keepalives.count(), 1, "{sent:?}");
+    assert_eq!(h.client.stats().server_path_refreshes, 1);
+    // Our NAT may have given us a new mapping too: NAT discovery runs again, so that the next
+    // negotiation announces the mapping we have now.
+    assert_eq!(h.client.stats().peer.rediscoveries, 1);
+    assert!(h
+        .peer_sent
+        .iter()
+        .any(|(to, d)| *to == STUN && stun::is_stun(d)));
 }
 
 #[test]
