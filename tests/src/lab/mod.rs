@@ -27,6 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 pub use media::{Media, MediaStats};
 pub use process::{Event, Proc};
@@ -103,16 +104,30 @@ pub struct Lab {
     rebinds: u16,
     children: Children,
     dir: PathBuf,
+    /// This process's turn: one lab at a time (see [`Lab::new`]). Last, so that it is let go
+    /// after the lab is torn down.
+    _turn: MutexGuard<'static, ()>,
 }
+
+/// Whose turn it is to run a lab in this process.
+static TURN: Mutex<()> = Mutex::new(());
 
 impl Lab {
     /// Builds the public network (a bridge with [`SERVER_IP`] and [`STUN_IP`]), after
     /// removing namespaces of earlier runs that crashed. `Err` when this host cannot make
     /// namespaces (not root, no `ip`, no netns support), with the reason.
+    ///
+    /// Labs of one process take turns: the test harness runs tests on parallel threads, and
+    /// two labs at once on a small machine starve each other's processes and turn their
+    /// time bounds (a relay reached within 2 s, nothing lost across a switch) into a lottery.
+    /// It waits until the lab before it is dropped.
     pub fn new() -> Result<Self, Unavailable> {
         if !rustix::process::geteuid().is_root() {
             return Err(Unavailable("not running as root".into()));
         }
+        // A test that panicked while it held the turn leaves nothing to repair: its lab is
+        // torn down by then.
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         for program in ["ip", "nft", "conntrack"] {
             if which(program).is_none() {
                 return Err(Unavailable(format!(
@@ -139,6 +154,7 @@ impl Lab {
             rebinds: 0,
             children: Children::default(),
             dir,
+            _turn: turn,
         };
         lab.add_namespace(&public)
             .map_err(|e| Unavailable(format!("cannot create a network namespace: {e}")))?;
