@@ -378,6 +378,7 @@ fn measure(
             &addrs,
             &fingerprint,
         ])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("sink process");
@@ -397,11 +398,9 @@ fn measure(
         .output()
         .expect("source process");
     let others = cpu_seconds(sink.id()) + cpu_seconds(server) - before;
-    // SIGTERM rather than SIGKILL, so that a sink run under valgrind writes its profile.
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_child(&sink),
-        rustix::process::Signal::TERM,
-    );
+    // Closing its input ends the sink: it releases its tunnel and exits (and under valgrind
+    // writes its profile).
+    drop(sink.stdin.take());
     let _ = sink.wait();
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(text.trim())

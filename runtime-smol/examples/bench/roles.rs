@@ -212,7 +212,7 @@ impl SinkSocket {
 /// `ready ADDR`, then echoes pings and credits bulk datagrams until it is killed.
 pub(crate) fn sink(path: Path, server: Option<ServerInfo>) {
     on_executor(async move {
-        let (socket, addr, _tunnel) = match path {
+        let (socket, addr, tunnel) = match path {
             Path::Raw => {
                 let s = Async::<UdpSocket>::bind(([127, 0, 0, 1], 0)).expect("bind");
                 let addr = s.get_ref().local_addr().expect("address");
@@ -234,33 +234,44 @@ pub(crate) fn sink(path: Path, server: Option<ServerInfo>) {
         println!("ready {addr}");
         std::io::stdout().flush().expect("stdout");
         let credits = UdpSocket::bind(("127.0.0.1", 0)).expect("bind");
-        let mut buf = vec![0u8; 2048];
-        let mut owed = 0u32;
-        let mut credit_to = None;
-        loop {
-            // Credits for what arrived together go back together: before waiting, and every
-            // CREDIT_BATCH datagrams.
-            let got = match future::poll_once(socket.recv(&mut buf)).await {
-                Some(got) => got,
-                None => {
-                    flush(&credits, credit_to, &mut owed);
-                    socket.recv(&mut buf).await
-                }
-            };
-            let Ok((n, from)) = got else { continue };
-            match buf[0] {
-                b'P' => {
-                    let _ = socket.send(&buf[..n], from).await;
-                }
-                b'B' if n >= 7 => {
-                    credit_to = Some(u16::from_be_bytes([buf[5], buf[6]]));
-                    owed += 1;
-                    if owed >= CREDIT_BATCH {
+        let serve = async {
+            let mut buf = vec![0u8; 2048];
+            let mut owed = 0u32;
+            let mut credit_to = None;
+            loop {
+                // Credits for what arrived together go back together: before waiting, and every
+                // CREDIT_BATCH datagrams.
+                let got = match future::poll_once(socket.recv(&mut buf)).await {
+                    Some(got) => got,
+                    None => {
                         flush(&credits, credit_to, &mut owed);
+                        socket.recv(&mut buf).await
                     }
+                };
+                let Ok((n, from)) = got else { continue };
+                match buf[0] {
+                    b'P' => {
+                        let _ = socket.send(&buf[..n], from).await;
+                    }
+                    b'B' if n >= 7 => {
+                        credit_to = Some(u16::from_be_bytes([buf[5], buf[6]]));
+                        owed += 1;
+                        if owed >= CREDIT_BATCH {
+                            flush(&credits, credit_to, &mut owed);
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
+        };
+        // Until standard input closes; then the tunnel is released, so that the server does
+        // not hold it (and its address, which a later tunnel's socket may be given).
+        let closed = smol::unblock(|| {
+            let _ = std::io::stdin().lock().read_line(&mut String::new());
+        });
+        future::or(serve, closed).await;
+        if let Some(tunnel) = tunnel {
+            tunnel.close().await;
         }
     });
 }
