@@ -518,6 +518,22 @@ impl Collector for ClientSnapshot {
             "Requests retransmitted.",
             c.retransmissions,
         )?;
+        out.counter(
+            "tscf_client_configuration_requests",
+            "Configuration Requests sent, retransmissions included.",
+            c.configuration_requests_sent,
+        )?;
+        out.counter(
+            "tscf_client_server_path_refreshes",
+            "Keepalives sent at once to refresh the path to the server when a peer tunnel went \
+             down.",
+            c.server_path_refreshes,
+        )?;
+        out.counter(
+            "tscf_client_nat_rediscoveries",
+            "NAT discoveries run again after a peer tunnel went silent.",
+            p.rediscoveries,
+        )?;
         out.counters(
             "tscf_client_envelopes",
             "Envelopes exchanged with the server, by direction.",
@@ -563,6 +579,10 @@ impl Collector for ClientSnapshot {
                 ("terminated", c.dropped_terminated),
                 ("send_queue_full", c.send_queue_full),
                 ("send_queue_discarded", c.send_queue_discarded),
+                ("send_refused_not_connected", c.send_refused_not_connected),
+                ("send_refused_closed", c.send_refused_closed),
+                ("send_refused_too_large", c.send_refused_too_large),
+                ("send_refused_invalid", c.send_refused_invalid),
                 ("peer_integrity", p.integrity_failures),
                 ("peer_unknown_peer", p.dropped_unknown_peer),
                 ("peer_not_tscf", p.dropped_not_tscf),
