@@ -23,6 +23,12 @@ pub struct DirectorConfig {
     pub idle_intervals: u32,
     /// How long a persistent tunnel waits for a re-attach before it is closed (default 330 s).
     pub persistence_timeout: Duration,
+    /// How long a tunnel on UDP has to answer the director's Keepalive when a Configuration
+    /// Request for a new tunnel comes from its address (default 1 s): a client that answers
+    /// keeps its tunnel there; one that does not has left the address (it stopped, or its NAT
+    /// gave the port to another host), and its tunnel goes persistent so that the newcomer's
+    /// next request opens a tunnel (`docs/PROTOCOL.md` §3.3).
+    pub address_check_timeout: Duration,
     /// Most tunnels held at once, active and persistent (default 200,000).
     pub max_tunnels: usize,
     /// Most connections that have not completed a Configuration exchange; beyond it the oldest
@@ -91,6 +97,7 @@ impl Default for DirectorConfig {
             keepalive: KeepaliveConfig::default(),
             idle_intervals: 3,
             persistence_timeout: Duration::from_secs(330),
+            address_check_timeout: Duration::from_secs(1),
             max_tunnels: 200_000,
             max_pending_connections: 4096,
             pending_timeout: Duration::from_secs(10),

@@ -191,9 +191,12 @@ impl SessionDirector {
         if let Some(id) = current {
             // The connection carries a tunnel: its retransmitted request gets the response it
             // lost; any other unkeyed request there is not its client's, and gets nothing (the
-            // tunnel's key must never go to whoever took its address over).
+            // tunnel's key must never go to whoever took its address over). On UDP it may be
+            // a new client the address was given to: the tunnel is asked whether it is still
+            // there.
             if !self.configuration_again(connection, id, request, true) {
                 self.stats.dropped.unauthenticated += 1;
+                self.check_address(now, connection, id);
             }
             return;
         }
@@ -248,6 +251,7 @@ impl SessionDirector {
             since: now,
             liveness_armed: false,
             keepalive_sequence: 0,
+            address_check: false,
             last_answer: [None, None],
             configuration: (header.sequence, true),
             announced: None,

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::time::Instant;
 
 use super::{ConnectionHandle, DirectorEvent, Outstanding, SessionDirector, Timer};
-use crate::wire::{Message, MessageType, ResultCode};
+use crate::wire::{Message, MessageType, ResultCode, Transport};
 
 impl SessionDirector {
     pub(super) fn notify_release(
@@ -118,6 +118,45 @@ impl SessionDirector {
             self.send_keepalive(connection, id);
         }
         self.schedule_liveness(id);
+    }
+
+    /// A Configuration Request for a new tunnel came from the UDP address of tunnel `id`: the
+    /// tunnel is sent a Keepalive, and unless its client is heard from within
+    /// `address_check_timeout` it leaves the address (§3.3). One check at a time per tunnel, so
+    /// that requests from a sender forging the address cost one Keepalive per timeout at most.
+    pub(super) fn check_address(&mut self, now: Instant, connection: ConnectionHandle, id: u64) {
+        let udp = self
+            .connections
+            .get(&connection)
+            .is_some_and(|c| c.info.transport == Transport::UDP);
+        let Some(t) = self.tunnels.get_mut(&id).filter(|t| !t.address_check) else {
+            return;
+        };
+        if !udp {
+            return;
+        }
+        t.address_check = true;
+        self.send_keepalive(connection, id);
+        let at = now + self.config.address_check_timeout;
+        self.timers.push(Reverse((at, Timer::AddressCheck(id))));
+    }
+
+    /// The address check of tunnel `id` ends: a tunnel whose client was not heard from since
+    /// it began goes persistent and gives its connection up.
+    pub(super) fn end_address_check(&mut self, now: Instant, id: u64) {
+        let began = now.checked_sub(self.config.address_check_timeout);
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        t.address_check = false;
+        // Heard after the check began: the client answered; at its start, it had not yet.
+        let silent = began.is_some_and(|b| t.last_heard <= b);
+        let Some(connection) = t.connection.filter(|_| silent) else {
+            return;
+        };
+        self.stats.address_takeovers += 1;
+        self.make_persistent(now, id);
+        self.drop_connection(connection);
     }
 
     /// Sends the director's own Keepalive on tunnel `id`, signed (§3.5, §4.4). It is not

@@ -244,6 +244,9 @@ struct Tunnel {
     since: Instant,
     /// A [`Timer::Liveness`] entry for it is in the heap.
     liveness_armed: bool,
+    /// A [`Timer::AddressCheck`] entry for it is in the heap: someone else asked for a tunnel
+    /// from its address, and it was sent a Keepalive.
+    address_check: bool,
     /// The sequence number of the director's last Keepalive on it, whose response is
     /// expected (0: none; the director's numbers have the top bit set).
     keepalive_sequence: u32,
@@ -275,6 +278,8 @@ enum Timer {
     PeerAnswer(u32),
     /// A release notice awaiting its response.
     PeerRelease(u32),
+    /// The end of a tunnel's address check (see [`DirectorConfig::address_check_timeout`]).
+    AddressCheck(u64),
 }
 
 /// Internal addresses given to one tunnel, with their offsets in the pools.
@@ -429,6 +434,7 @@ impl SessionDirector {
             match timer {
                 Timer::Liveness(id) => self.check_liveness(now, id),
                 Timer::Persistence(id) => self.check_persistence(now, id),
+                Timer::AddressCheck(id) => self.end_address_check(now, id),
                 Timer::Pending(c) => {
                     if self.is_pending(c) {
                         self.drop_connection(c);

@@ -25,6 +25,10 @@ pub struct DirectorStats {
     /// Tunnels that followed their client to another connection (a new address) on an
     /// authenticated request from there (roaming).
     pub moves: u64,
+    /// Tunnels on UDP that left their address to a new client: a Configuration Request for a
+    /// new tunnel came from it and the tunnel did not answer the director's Keepalive within
+    /// `address_check_timeout`, so it went persistent.
+    pub address_takeovers: u64,
     /// Data frames relayed to another tunnel (less those its transport could not take).
     pub frames_relayed: u64,
     /// Octets of inner packets relayed.

@@ -712,9 +712,13 @@ fn control_messages_of_a_tunnel_are_signed_and_must_be() {
         1,
         "a forged release closes nothing"
     );
-    // A fresh request on a connection that carries a tunnel is not its client's.
+    // A fresh request on a connection that carries a tunnel is not its client's: it gets no
+    // answer, and the tunnel is asked whether it is still there (a Keepalive to it).
     let fresh = h.request(MessageType::CONFIGURATION_REQUEST, 0);
-    assert!(h.send(c, &fresh).is_empty());
+    let out = h.send(c, &fresh);
+    assert!(out
+        .iter()
+        .all(|o| o.message().header.message_type == MessageType::KEEPALIVE));
     assert_eq!(h.d.stats().tunnels_opened, 1);
     // A replayed keepalive (accepted before, answer forgotten) gets nothing.
     let first = h.request(MessageType::KEEPALIVE, id);
@@ -1654,4 +1658,98 @@ fn pending_queue_does_not_grow_with_connections_ever_seen() {
         h.events();
     }
     assert!(h.d.pending.len() <= 64, "{} entries", h.d.pending.len());
+}
+
+/// A client restarts on the UDP port it had, or its NAT gives the port to another host, while
+/// the director still holds the old tunnel there. The newcomer's Configuration Requests used
+/// to be dropped until the old tunnel went persistent for silence (three keepalive intervals,
+/// 60 s at 20 s). Now the old tunnel is asked (a Keepalive), gives the address up when it does
+/// not answer, and the newcomer's next request opens a tunnel.
+#[test]
+fn a_new_client_on_a_silent_tunnels_address_gets_a_tunnel_within_the_check() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, old, _, old_ip) = h.configure(1, DGRAM);
+    h.events();
+    h.advance(Duration::from_secs(2));
+    let mut newcomer = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    newcomer.tlvs.client_nonce = Some(*b"a restarted one.");
+    let out = h.send(c, &newcomer);
+    assert_eq!(
+        out.len(),
+        1,
+        "a Keepalive to the old tunnel, nothing to the newcomer"
+    );
+    let m = out[0].message();
+    assert_eq!(
+        (m.header.message_type, m.header.tunnel_id),
+        (MessageType::KEEPALIVE, old)
+    );
+    assert!(h.signed_for(old, &out));
+    // Its retransmission during the check asks nothing more.
+    assert!(h.send(c, &newcomer).is_empty());
+
+    h.advance(DirectorConfig::default().address_check_timeout);
+    let events = h.events();
+    assert!(events.contains(&DirectorEvent::TunnelPersistent { tunnel_id: old }));
+    assert!(events.contains(&DirectorEvent::CloseConnection { connection: c }));
+    assert_eq!(h.d.stats().address_takeovers, 1);
+
+    // The newcomer's next request, on the connection the runtime opens for the address again.
+    let again = h.connect(2, DGRAM);
+    let out = h.send(again, &newcomer);
+    let m = out[0].message();
+    assert_eq!(m.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_ne!(m.header.tunnel_id, old);
+    let new_ip = m.tlvs.internal_ipv4.expect("an address").addr;
+    assert_ne!(
+        new_ip, old_ip,
+        "the old tunnel keeps its address for its re-attach"
+    );
+    let held = h.d.tunnels().find(|t| t.tunnel_id == old).expect("held");
+    assert_eq!(
+        held.connection, None,
+        "persistent, for its client to re-attach"
+    );
+}
+
+/// An off-path sender forges a Configuration Request from a live client's UDP address: the
+/// client answers the Keepalive that asks for it, and keeps its tunnel where it is.
+#[test]
+fn a_forged_request_from_a_live_tunnels_address_moves_nothing() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, id, _, _) = h.configure(1, DGRAM);
+    h.events();
+    for round in 0..3 {
+        let mut forged = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+        forged.tlvs.client_nonce = Some(*b"an off-path one.");
+        let out = h.send(c, &forged);
+        assert_eq!(out.len(), 1, "round {round}: one Keepalive per check");
+        let m = out[0].message();
+        assert_eq!(m.header.message_type, MessageType::KEEPALIVE);
+        // The answer comes a round trip later.
+        let answer = Message::response_to(&m.header, ResultCode::SUCCESS);
+        assert!(h.advance(Duration::from_millis(20)).is_empty());
+        assert!(h.send(c, &answer).is_empty());
+        h.advance(DirectorConfig::default().address_check_timeout);
+        assert!(h.events().is_empty(), "round {round}");
+    }
+    let held = h.d.tunnels().find(|t| t.tunnel_id == id).expect("held");
+    assert_eq!(held.connection, Some(c));
+    assert_eq!(h.d.stats().address_takeovers, 0);
+    assert_eq!(h.d.stats().active_tunnels, 1);
+}
+
+/// On a stream transport a connection is its client's: a second request there is dropped and
+/// asks nothing of the tunnel.
+#[test]
+fn a_second_request_on_a_stream_asks_nothing() {
+    let mut h = Harness::new(DirectorConfig::default());
+    let (c, ..) = h.configure(1, STREAM);
+    h.events();
+    let mut second = h.request(MessageType::CONFIGURATION_REQUEST, 0);
+    second.tlvs.client_nonce = Some(*b"another request.");
+    assert!(h.send(c, &second).is_empty());
+    h.advance(Duration::from_secs(2));
+    assert!(h.events().is_empty());
+    assert_eq!(h.d.stats().address_takeovers, 0);
 }

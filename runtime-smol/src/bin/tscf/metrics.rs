@@ -333,6 +333,12 @@ impl Collector for ServerMetrics {
             d.one_family_only,
         )?;
         out.counter(
+            "tscf_server_address_takeovers",
+            "Tunnels on UDP that left their address to a new client, not having answered the \
+             keepalive sent when the new client asked for a tunnel there.",
+            d.address_takeovers,
+        )?;
+        out.counter(
             "tscf_server_tunnel_moves",
             "Tunnels that followed their client to a new connection (a new address) on an \
              authenticated request from there.",
