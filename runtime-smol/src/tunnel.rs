@@ -306,19 +306,22 @@ impl PacketTap {
 
     /// Sends each of `packets` as [`send`](Self::send) does, under one lock and with one drain,
     /// so that what they become leaves together (in as few system calls as the system allows).
-    /// How many were sent; it stops at the first that fails, whose error it returns when it is
-    /// the first.
+    /// Each packet is tried, whatever became of the one before (a device mixes packets the
+    /// tunnel refuses, such as IPv6 link-local ones, with those it carries): how many were
+    /// sent, or the first error when none was.
     pub fn send_many<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> io::Result<usize> {
         self.shared.drive(|host, _, now| {
-            let mut sent = 0;
+            let (mut sent, mut failed) = (0, None);
             for packet in packets {
                 match host.send_packet(now, packet) {
                     Ok(()) => sent += 1,
-                    Err(e) if sent == 0 => return Err(e),
-                    Err(_) => break,
+                    Err(e) => failed = failed.or(Some(e)),
                 }
             }
-            Ok(sent)
+            match failed {
+                Some(e) if sent == 0 => Err(e),
+                _ => Ok(sent),
+            }
         })
     }
 
