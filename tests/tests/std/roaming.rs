@@ -10,7 +10,7 @@ use tscf_core::wire::{Message, MessageType, ResultCode, Transport};
 use tscf_runtime_std::{InnerUdpSocket, Notification, Tunnel, TunnelConfig};
 
 use crate::relay::{message, UdpRelay};
-use crate::util::{server, tunnel, wait_for, wait_for_notification};
+use crate::util::{receive_flow, server, tunnel, wait_for, wait_for_notification};
 
 fn tunnel_via(relay: &UdpRelay, tweak: impl FnOnce(&mut TunnelConfig)) -> Tunnel {
     let mut config = TunnelConfig::new(vec![relay.endpoint()]);
@@ -34,20 +34,7 @@ fn two_way_flow(
     let receive = |sock: &InnerUdpSocket| {
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        let mut idle_since = Instant::now();
-        while idle_since.elapsed() < Duration::from_secs(3) {
-            if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                assert_eq!(n, 160);
-                got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
-                idle_since = Instant::now();
-                if got.last() == Some(&(count - 1)) {
-                    break;
-                }
-            }
-        }
-        got
+        receive_flow(sock, count)
     };
     thread::scope(|s| {
         let at_b = s.spawn(|| receive(&b_sock));

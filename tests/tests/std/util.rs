@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tscf_core::client::ServerEndpoint;
 use tscf_core::wire::Transport;
 use tscf_runtime_std::{
-    ClientTlsConfig, Notification, Server, ServerConfig, ServerHandle, Tunnel, TunnelConfig,
+    ClientTlsConfig, InnerUdpSocket, Notification, Server, ServerConfig, ServerHandle, Tunnel,
+    TunnelConfig,
 };
 
 pub const TRANSPORTS: [Transport; 3] = [Transport::TCP, Transport::TLS, Transport::UDP];
@@ -53,6 +54,26 @@ pub fn plain_peers(mut config: TunnelConfig) -> TunnelConfig {
     config
 }
 
+/// The sequence numbers of the 160-octet datagrams of a flow of `count` that `sock` receives,
+/// in order, until the last one or 3 s without a packet (long enough for a re-attach); `sock`
+/// has a read timeout.
+pub fn receive_flow(sock: &InnerUdpSocket, count: u32) -> Vec<u32> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut idle_since = Instant::now();
+    while idle_since.elapsed() < Duration::from_secs(3) {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            assert_eq!(n, 160);
+            got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+            idle_since = Instant::now();
+            if got.last() == Some(&(count - 1)) {
+                break;
+            }
+        }
+    }
+    got
+}
+
 /// Sends `count` datagrams of 160 octets (sequence number first) at 50 per second from `from`
 /// to `to`'s port 5004, and returns the sequence numbers `to` received, in order. `at_packet`
 /// runs on the calling thread before each packet is sent.
@@ -75,23 +96,7 @@ pub fn rtp_flow_opted(
     tx.set_peer_tunneling(peer);
     let dst = SocketAddr::new(to.internal_ipv4().unwrap().into(), 5004);
     thread::scope(|s| {
-        let receiver = s.spawn(|| {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 2048];
-            let mut idle_since = Instant::now();
-            // Ends after 3 s without a packet (long enough for a re-attach).
-            while idle_since.elapsed() < Duration::from_secs(3) {
-                if let Ok((n, _)) = rx.recv_from(&mut buf) {
-                    assert_eq!(n, 160);
-                    got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
-                    idle_since = Instant::now();
-                    if got.last() == Some(&(count - 1)) {
-                        break;
-                    }
-                }
-            }
-            got
-        });
+        let receiver = s.spawn(|| receive_flow(&rx, count));
         let start = Instant::now();
         let mut payload = [0x5au8; 160];
         for seq in 0..count {
