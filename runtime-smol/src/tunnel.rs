@@ -305,24 +305,11 @@ impl PacketTap {
     }
 
     /// Sends each of `packets` as [`send`](Self::send) does, under one lock and with one drain,
-    /// so that what they become leaves together (in as few system calls as the system allows).
-    /// Each packet is tried, whatever became of the one before (a device mixes packets the
-    /// tunnel refuses, such as IPv6 link-local ones, with those it carries): how many were
-    /// sent, or the first error when none was.
+    /// so that what they become leaves together (in as few system calls as the system allows);
+    /// see [`ClientHost::send_packets`](tscf_core::tunnel::ClientHost::send_packets).
     pub fn send_many<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> io::Result<usize> {
-        self.shared.drive(|host, _, now| {
-            let (mut sent, mut failed) = (0, None);
-            for packet in packets {
-                match host.send_packet(now, packet) {
-                    Ok(()) => sent += 1,
-                    Err(e) => failed = failed.or(Some(e)),
-                }
-            }
-            match failed {
-                Some(e) if sent == 0 => Err(e),
-                _ => Ok(sent),
-            }
-        })
+        self.shared
+            .drive(|host, _, now| host.send_packets(now, packets))
     }
 
     /// The next inner packet if one is queued, without waiting: copied into `buf` (truncated

@@ -677,6 +677,28 @@ impl<Q: DatagramQueue> ClientHost<Q> {
         sent
     }
 
+    /// Sends each of `packets` as [`send_packet`](Self::send_packet) does. Each is tried
+    /// whatever became of the one before (a device mixes packets the tunnel refuses, such as
+    /// IPv6 link-local ones, with those it carries): how many were sent, or the first error
+    /// when none was.
+    pub fn send_packets<'a>(
+        &mut self,
+        now: Instant,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+    ) -> io::Result<usize> {
+        let (mut sent, mut failed) = (0, None);
+        for packet in packets {
+            match self.send_packet(now, packet) {
+                Ok(()) => sent += 1,
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) if sent == 0 => Err(e),
+            _ => Ok(sent),
+        }
+    }
+
     fn send_whole_packet(&mut self, now: Instant, packet: &[u8]) -> io::Result<()> {
         let max = self
             .client

@@ -794,3 +794,37 @@ fn an_inner_socket_returns_and_counts_every_send_it_cannot_make() {
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     assert_eq!(host.stats().client.send_refused_too_large, 2);
 }
+
+/// A batch from the tap's side with a packet the tunnel refuses in the middle (not from the
+/// tunnel's address): the packets after it still go.
+#[test]
+fn a_refused_packet_does_not_take_the_rest_of_its_batch_down() {
+    let mut net = Net::new(ServerConfig::default());
+    let a = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.1:5000");
+    let b = net.add(config(SERVER_UDP, Transport::UDP), "198.51.100.2:5000");
+    net.pump();
+    let (ipa, ipb) = (net.ipv4(a), net.ipv4(b));
+    let at_b = net.socket(b, 6000);
+    let packet = |src: Ipv4Addr, payload: &[u8]| {
+        let mut packet = Vec::new();
+        etherparse::PacketBuilder::ipv4(src.octets(), ipb.octets(), 64)
+            .udp(5004, 6000)
+            .write(&mut packet, payload)
+            .expect("a packet");
+        packet
+    };
+    let batch = [
+        packet(ipa, b"first"),
+        packet(Ipv4Addr::new(169, 254, 0, 1), b"refused"),
+        packet(ipa, b"third"),
+    ];
+    let now = net.now;
+    let sent = net.clients[a]
+        .host
+        .send_packets(now, batch.iter().map(Vec::as_slice));
+    assert_eq!(sent.expect("two of three sent"), 2);
+    assert_eq!(net.clients[a].host.stats().client.send_refused_invalid, 1);
+    net.pump();
+    let got: Vec<_> = std::iter::from_fn(|| at_b.pop().map(|(d, _)| d)).collect();
+    assert_eq!(got, [b"first".to_vec(), b"third".to_vec()]);
+}
