@@ -37,6 +37,7 @@
 //! - [`wire`]: the tscf wire protocol of `docs/PROTOCOL.md` (envelopes, control messages, TLVs,
 //!   the stream deframer, inner IP packet checks).
 //! - [`director`]: the session director (tunnel server) state machine.
+//! - [`cluster`]: what directors of a cluster share through their registry.
 //! - [`stun`]: the NAT discovery codec (STUN Binding, RFC 8489).
 //! - [`client`]: the tunnel client state machine (configuration, keepalive, re-attach,
 //!   release, inner packets).
@@ -71,6 +72,7 @@
 #![warn(clippy::print_stdout)]
 
 pub mod client;
+pub mod cluster;
 pub mod director;
 pub mod histogram;
 pub mod inner;

@@ -3,6 +3,7 @@
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 
+use crate::cluster::ClusterConfig;
 use crate::wire::{MAX_PAYLOAD_LEN, MIN_MAX_PACKET_SIZE};
 
 /// The director's configuration. [`DirectorConfig::default`] is the embedded default: pools
@@ -83,6 +84,9 @@ pub struct DirectorConfig {
     /// Seed of the generator of tunnel ids, secrets and tokens. The runtime fills it from the
     /// operating system's secure source; tests fix it.
     pub rng_seed: [u8; 32],
+    /// Membership of a cluster of directors sharing a registry (`docs/CLUSTER.md`); `None`
+    /// (the default) runs the director alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for DirectorConfig {
@@ -116,6 +120,7 @@ impl Default for DirectorConfig {
             peer_introduction_window: Duration::from_secs(30),
             retransmit: RetransmitConfig::default(),
             rng_seed: [0; 32],
+            cluster: None,
         }
     }
 }
