@@ -277,6 +277,24 @@ impl Lab {
         }
     }
 
+    /// Adds a host on the public network at `ip` (203.0.113.0/24, not one the lab uses): a
+    /// namespace of its own on the bridge, without NAT, for a server that must be a machine
+    /// apart (a director of a cluster, its registry). Its namespace's name.
+    pub fn add_public_host(&mut self, ip: Ipv4Addr) -> String {
+        let n = ip.octets()[3];
+        let ns = format!("{}-h{n}", self.prefix);
+        self.must_add_namespace(&ns);
+        let eth = self.ifname(&format!("h{n}"));
+        let port = self.ifname(&format!("b{n}"));
+        let (public, br) = (self.public.clone(), self.ifname("br"));
+        self.veth(&ns, &eth, &public, &port);
+        self.ip(&public, &["link", "set", &port, "master", &br]);
+        self.ip(&public, &["link", "set", &port, "up"]);
+        self.ip(&ns, &["link", "set", &eth, "up"]);
+        self.ip(&ns, &["addr", "add", &format!("{ip}/24"), "dev", &eth]);
+        ns
+    }
+
     /// Starts `program` in namespace `ns`; its standard output is read line by line into the
     /// returned [`Proc`]. Stopped (SIGKILL) when the lab is dropped, if still running.
     pub fn spawn(&mut self, ns: &str, program: &std::path::Path, args: &[String]) -> Proc {
@@ -295,6 +313,11 @@ impl Lab {
     /// Stops a process with SIGTERM and waits for it (SIGKILL after 5 s); its exit code.
     pub fn terminate(&mut self, proc: &Proc) -> Option<i32> {
         self.children.terminate(proc)
+    }
+
+    /// Kills a process with SIGKILL, as a crash or a power cut would, and reaps it.
+    pub fn kill(&mut self, proc: &Proc) {
+        let _ = self.children.wait(proc, std::time::Duration::ZERO);
     }
 
     /// Waits for a process to exit by itself (SIGKILL after `timeout`); its exit code.
