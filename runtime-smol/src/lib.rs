@@ -89,12 +89,16 @@ mod client;
 mod drive;
 mod net;
 mod quic;
+#[cfg(feature = "cluster")]
+mod registry;
 mod server;
 mod socket;
 mod tcp;
 mod tunnel;
 mod udp;
 
+#[cfg(feature = "cluster")]
+pub use registry::{BadRegistryUrl, RedisRegistry};
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tcp::{InnerTcpListener, InnerTcpStream};
