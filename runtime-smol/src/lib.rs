@@ -86,6 +86,8 @@
 #![deny(missing_docs)]
 
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod drive;
 mod net;
 mod quic;
@@ -97,6 +99,8 @@ mod tcp;
 mod tunnel;
 mod udp;
 
+#[cfg(feature = "cluster")]
+pub use cluster::ClusterEndpoints;
 #[cfg(feature = "cluster")]
 pub use registry::{BadRegistryUrl, RedisRegistry};
 pub use server::{Server, ServerHandle};
