@@ -231,6 +231,9 @@ impl Server {
                     .map_err(StartError::Io)?;
             }
         }
+        // What the host queued while it was made (a director of a cluster's first registry
+        // requests) goes out now, not at its first input.
+        shared.drive(|_, _, _| ());
         Ok(ServerHandle {
             shared,
             addrs,

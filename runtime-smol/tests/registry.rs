@@ -1,5 +1,6 @@
 //! The Redis registry against the in-memory one: the same requests, the same answers, on a
-//! `redis-server` of the test's own on loopback.
+//! `redis-server` of the test's own on loopback; and two directors of one cluster sharing it,
+//! linked by their mesh, relaying between their clients.
 //!
 //! `redis-server` comes from `scripts/lab-deps`; without it these tests fail saying so, unless
 //! `TSCF_SKIP_REDIS=1`, under which they are skipped.
@@ -359,5 +360,140 @@ fn a_restarted_registry_fails_while_down_and_works_again() {
                 other => panic!("after the restart: {other:?}"),
             }
         }
+    });
+}
+
+/// The PEM files of a cluster CA and of directors `dir-a` and `dir-b`, in `dir`.
+fn write_cluster_files(dir: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().expect("a key");
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("no names");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("written");
+    for director in ["dir-a", "dir-b"] {
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = rcgen::CertificateParams::new(vec![director.to_owned()])
+            .expect("a name")
+            .signed_by(&key, &ca)
+            .expect("a certificate");
+        std::fs::write(dir.join(format!("{director}.pem")), cert.pem()).expect("written");
+        std::fs::write(dir.join(format!("{director}.key")), key.serialize_pem()).expect("written");
+    }
+}
+
+/// Director `director` of the cluster whose files are in `dir`, with its registry at `url`,
+/// on a UDP listener and a mesh listener at `mesh`.
+async fn director(
+    director: &str,
+    dir: &std::path::Path,
+    url: &str,
+    mesh: SocketAddr,
+) -> tscf_runtime_smol::ServerHandle {
+    use tscf_core::cluster::ClusterConfig;
+    use tscf_core::tls::{mesh_tls, MeshTlsConfig};
+    use tscf_runtime_smol::{ClusterEndpoints, Server, ServerConfig, OS};
+
+    let mut cluster = ClusterConfig::new(name(director), [0x5e; 32], mesh);
+    cluster.heartbeat = Duration::from_millis(200);
+    cluster.director_lease = Duration::from_secs(2);
+    let mut config = ServerConfig {
+        udp: vec!["127.0.0.1:0".parse().expect("an address")],
+        mesh: vec![mesh],
+        ..ServerConfig::default()
+    };
+    config.director.cluster = Some(cluster);
+    let tls = MeshTlsConfig {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{director}.pem")),
+        key: dir.join(format!("{director}.key")),
+    };
+    let endpoints = ClusterEndpoints::new(
+        RedisRegistry::new(url, "e2e").expect("a URL"),
+        mesh_tls(&tls, OS).expect("mesh TLS"),
+    );
+    Server::start_cluster(config, endpoints)
+        .await
+        .expect("a director starts")
+}
+
+/// Waits until `done` holds, within the bound.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + BOUND;
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn directors_of_one_cluster_relay_between_their_clients_over_the_mesh() {
+    use tscf_core::client::ServerEndpoint;
+    use tscf_core::wire::Transport;
+    use tscf_runtime_smol::{Tunnel, TunnelConfig};
+
+    let Some(server) = RedisServer::start(None) else {
+        return;
+    };
+    let dir = TempDir::new();
+    write_cluster_files(&dir.0);
+    smol::block_on(async {
+        let mesh_a = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let mesh_b = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let a = director("dir-a", &dir.0, &server.url(), mesh_a).await;
+        let b = director("dir-b", &dir.0, &server.url(), mesh_b).await;
+        assert_eq!(a.mesh_addrs(), [mesh_a]);
+        eventually("the directors link", || {
+            a.stats().director.cluster.mesh_links > 0 && b.stats().director.cluster.mesh_links > 0
+        })
+        .await;
+
+        // One client on each director, peer tunneling off: their packets take the mesh.
+        let client = |addr| {
+            let mut config = TunnelConfig::new(vec![ServerEndpoint {
+                addr,
+                transport: Transport::UDP,
+            }]);
+            config.client.peer = None;
+            config.connect_timeout = BOUND;
+            Tunnel::connect(config)
+        };
+        let on_a = client(a.local_addrs().udp[0])
+            .await
+            .expect("a tunnel on dir-a");
+        let on_b = client(b.local_addrs().udp[0])
+            .await
+            .expect("a tunnel on dir-b");
+        let ip_a = on_a.internal_ipv4().expect("an address from dir-a");
+        let ip_b = on_b.internal_ipv4().expect("an address from dir-b");
+        assert_ne!(ip_a, ip_b, "the registry gave one address twice");
+
+        let from = on_a.bind(5004).expect("a socket");
+        let to = on_b.bind(5004).expect("a socket");
+        let target = SocketAddr::from((ip_b, 5004));
+        let mut buf = [0u8; 64];
+        // The first packets may wait for dir-a to learn where ip_b lives: send until one
+        // arrives, within the bound.
+        let deadline = Instant::now() + BOUND;
+        let (n, source) = loop {
+            from.send_to(b"across the mesh", target)
+                .await
+                .expect("sent");
+            let got =
+                futures_lite::future::or(async { Some(to.recv_from(&mut buf).await) }, async {
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                    None
+                })
+                .await;
+            if let Some(got) = got {
+                break got.expect("received");
+            }
+            assert!(Instant::now() < deadline, "nothing crossed the mesh");
+        };
+        assert_eq!(&buf[..n], b"across the mesh");
+        assert_eq!(source, SocketAddr::from((ip_a, 5004)));
+        assert!(a.stats().director.cluster.mesh_frames_out > 0);
+        assert!(b.stats().director.cluster.mesh_frames_in > 0);
+        let registry = a.stats().director.cluster;
+        assert!(registry.registry_requests > 0 && registry.addresses_claimed > 0);
     });
 }
