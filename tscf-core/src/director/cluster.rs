@@ -372,9 +372,9 @@ impl SessionDirector {
             }
         }
         if waiting || got.iter().all(Option::is_none) {
-            for f in 0..2 {
-                if let Some(entry) = got[f] {
-                    c.stock[f].push_front(entry);
+            for (stock, entry) in c.stock.iter_mut().zip(got) {
+                if let Some(entry) = entry {
+                    stock.push_front(entry);
                 }
             }
             self.refill_stock();
