@@ -28,6 +28,9 @@ use crate::wire::{ControlKey, Message, ReplayWindow, ResultCode, CONTROL_KEY_LEN
 const MAX_PARKED: usize = 256;
 /// Tunnels named in one Renew, at most (their addresses with them).
 const RENEW_BATCH: usize = 512;
+/// Every tunnel's record is put again over this many heartbeats (a share at each), so that a
+/// registry that lost its data without failing a request learns them back.
+const RESYNC_HEARTBEATS: usize = 60;
 
 /// A director's part in its cluster.
 #[derive(Debug)]
@@ -46,6 +49,8 @@ pub(super) struct Cluster {
     /// A request that keeps the registry's picture of this director failed since the last
     /// heartbeat answered: the next one that is answered puts everything again.
     dirty: bool,
+    /// Tunnels whose records are still to be put again in the current resync round.
+    resync: Vec<u64>,
     /// Addresses the registry granted and no tunnel has yet, by family (IPv4, IPv6), with
     /// their pool offsets.
     stock: [VecDeque<(IpAddr, u128)>; 2],
@@ -99,6 +104,7 @@ impl Cluster {
             members: Vec::new(),
             beating: false,
             dirty: false,
+            resync: Vec::new(),
             stock: [VecDeque::new(), VecDeque::new()],
             claiming: [0, 0],
             exhausted: [false, false],
@@ -258,7 +264,26 @@ impl SessionDirector {
             };
             self.registry(renew, Purpose::Upkeep);
         }
+        self.resync_some();
         self.refill_stock();
+    }
+
+    /// Puts again the records of a share of the tunnels, so that each is put again every
+    /// [`RESYNC_HEARTBEATS`] heartbeats: a Renew leaves a record the registry lost missing.
+    fn resync_some(&mut self) {
+        let Some(c) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        if c.resync.is_empty() {
+            c.resync.extend(self.tunnels.keys());
+        }
+        let share = self.tunnels.len().div_ceil(RESYNC_HEARTBEATS);
+        let at = c.resync.len().saturating_sub(share);
+        let due: Vec<u64> = c.resync.drain(at..).collect();
+        for id in due {
+            // Closed since the round began: nothing to put.
+            self.put_record(id);
+        }
     }
 
     /// After the registry failed: once it answers a heartbeat again, every tunnel's record is
