@@ -196,7 +196,9 @@ impl SessionDirector {
         };
         if c.in_flight.len() >= c.config.max_in_flight {
             self.stats.cluster.registry_saturated += 1;
-            if !matches!(purpose, Purpose::GetTunnel(_) | Purpose::GetAddress(_)) {
+            // A claim or a lookup not made is made later; a record or a renewal not made
+            // leaves the registry behind, until the recovery.
+            if matches!(purpose, Purpose::Heartbeat | Purpose::Upkeep | Purpose::Reclaim(_)) {
                 c.dirty = true;
             }
             return false;
