@@ -198,7 +198,10 @@ impl SessionDirector {
             self.stats.cluster.registry_saturated += 1;
             // A claim or a lookup not made is made later; a record or a renewal not made
             // leaves the registry behind, until the recovery.
-            if matches!(purpose, Purpose::Heartbeat | Purpose::Upkeep | Purpose::Reclaim(_)) {
+            if matches!(
+                purpose,
+                Purpose::Heartbeat | Purpose::Upkeep | Purpose::Reclaim(_)
+            ) {
                 c.dirty = true;
             }
             return false;
