@@ -800,3 +800,28 @@ fn registry_requests_beyond_max_in_flight_are_not_issued() {
     assert_eq!(issued, 10);
     assert!(d.stats().cluster.registry_saturated >= 1);
 }
+
+#[test]
+fn a_director_not_told_of_an_adoption_learns_it_from_the_registry() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    // dir-a is cut off from the mesh while its client re-attaches to dir-b.
+    for (from, to) in [(0, 1), (0, 2)] {
+        let (mine, theirs) = (net.mesh_handle(to, from), net.mesh_handle(from, to));
+        net.links.retain(|l| l.a != (0, mine) && l.b != (0, mine));
+        net.nodes[0].d.handle_disconnect(net.now, mine);
+        net.nodes[to].d.handle_disconnect(net.now, theirs);
+    }
+    let key = a.key.clone();
+    let answer = net.reattach(&mut a, 1, &key);
+    assert_eq!(answer.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(net.nodes[0].d.tunnels().count(), 1, "not told");
+    // Its resync reads the record, which dir-b owns now, and does not take it back.
+    net.advance(Duration::from_secs(61));
+    assert_eq!(net.nodes[0].d.tunnels().count(), 0);
+    assert_eq!(net.stats(0).cluster.moved_away, 1);
+    let got = net
+        .registry
+        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
+    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-b")));
+}
