@@ -28,6 +28,9 @@ use crate::wire::{ControlKey, Message, ReplayWindow, ResultCode, CONTROL_KEY_LEN
 const MAX_PARKED: usize = 256;
 /// Tunnels named in one Renew, at most (their addresses with them).
 const RENEW_BATCH: usize = 512;
+/// Every tunnel's record is checked over this many heartbeats (a share at each), so that a
+/// registry that lost its data without failing a request learns them back.
+const RESYNC_HEARTBEATS: usize = 60;
 
 /// A director's part in its cluster.
 #[derive(Debug)]
@@ -46,6 +49,11 @@ pub(super) struct Cluster {
     /// A request that keeps the registry's picture of this director failed since the last
     /// heartbeat answered: the next one that is answered puts everything again.
     dirty: bool,
+    /// Tunnels whose records are still to be checked in the current resync round.
+    resync: Vec<u64>,
+    /// The round checks as fast as the in-flight bound allows (after the registry failed),
+    /// not a share a heartbeat.
+    hurry: bool,
     /// Addresses the registry granted and no tunnel has yet, by family (IPv4, IPv6), with
     /// their pool offsets.
     stock: [VecDeque<(IpAddr, u128)>; 2],
@@ -69,6 +77,9 @@ enum Purpose {
     /// A stock address claimed again after the registry failed.
     Reclaim(IpAddr),
     GetTunnel(u64),
+    /// A held tunnel's record, read to check it: put again if missing, and the tunnel
+    /// dropped if another director owns it now.
+    Verify(u64),
     GetAddress(IpAddr),
 }
 
@@ -99,6 +110,8 @@ impl Cluster {
             members: Vec::new(),
             beating: false,
             dirty: false,
+            resync: Vec::new(),
+            hurry: false,
             stock: [VecDeque::new(), VecDeque::new()],
             claiming: [0, 0],
             exhausted: [false, false],
@@ -179,6 +192,10 @@ impl SessionDirector {
                 }
             }
             Purpose::GetTunnel(tunnel) => self.adopt(now, tunnel, response),
+            Purpose::Verify(tunnel) => {
+                self.verified(tunnel, response);
+                self.hurry_resync();
+            }
             Purpose::GetAddress(addr) => self.route_answer(now, addr, response),
         }
     }
@@ -190,7 +207,12 @@ impl SessionDirector {
         };
         if c.in_flight.len() >= c.config.max_in_flight {
             self.stats.cluster.registry_saturated += 1;
-            if !matches!(purpose, Purpose::GetTunnel(_) | Purpose::GetAddress(_)) {
+            // A claim or a lookup not made is made later; a record or a renewal not made
+            // leaves the registry behind, until the recovery.
+            if matches!(
+                purpose,
+                Purpose::Heartbeat | Purpose::Upkeep | Purpose::Reclaim(_)
+            ) {
                 c.dirty = true;
             }
             return false;
@@ -258,12 +280,78 @@ impl SessionDirector {
             };
             self.registry(renew, Purpose::Upkeep);
         }
+        self.resync_some();
         self.refill_stock();
     }
 
+    /// Checks the records of a share of the tunnels, so that each is checked every
+    /// [`RESYNC_HEARTBEATS`] heartbeats: a Renew leaves a record the registry lost missing, and
+    /// says nothing of one another director took over.
+    fn resync_some(&mut self) {
+        let Some(c) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        if c.hurry {
+            return self.hurry_resync();
+        }
+        if c.resync.is_empty() {
+            c.resync.extend(self.tunnels.keys());
+        }
+        let share = self.tunnels.len().div_ceil(RESYNC_HEARTBEATS);
+        let at = c.resync.len().saturating_sub(share);
+        let due: Vec<u64> = c.resync.drain(at..).collect();
+        for id in due {
+            self.verify_record(id);
+        }
+    }
+
+    /// While hurrying, checks records until half the in-flight bound is in flight; each
+    /// answer checks the next.
+    fn hurry_resync(&mut self) {
+        loop {
+            let Some(c) = self.cluster.as_deref_mut() else {
+                return;
+            };
+            if !c.hurry || c.in_flight.len() >= (c.config.max_in_flight / 2).max(1) {
+                return;
+            }
+            let Some(id) = c.resync.pop() else {
+                c.hurry = false;
+                return;
+            };
+            self.verify_record(id);
+        }
+    }
+
+    /// Reads tunnel `id`'s record, if it is still held here.
+    fn verify_record(&mut self, id: u64) {
+        if self.tunnels.contains_key(&id) {
+            self.registry(RegistryRequest::GetTunnel { id }, Purpose::Verify(id));
+        }
+    }
+
+    /// The record of tunnel `id`, held here: put again if the registry lost it; if another
+    /// director owns it, that director adopted it while no mesh link said so, and the tunnel
+    /// goes as on an Adopted message.
+    fn verified(&mut self, id: u64, response: RegistryResponse) {
+        let Some(c) = self.cluster.as_deref() else {
+            return;
+        };
+        if !self.tunnels.contains_key(&id) {
+            return;
+        }
+        match response {
+            RegistryResponse::Tunnel(None) => self.put_record(id),
+            RegistryResponse::Tunnel(Some(record)) if record.owner != c.config.name => {
+                self.moved_away(id, record.owner);
+            }
+            _ => {}
+        }
+    }
+
     /// After the registry failed: once it answers a heartbeat again, every tunnel's record is
-    /// put again (a registry that lost its data learns them back) and the stock claimed again
-    /// (an address another director took meanwhile leaves it).
+    /// checked at once (a registry that lost its data learns them back) and the stock claimed
+    /// again (an address another director took meanwhile leaves it).
     fn recover(&mut self) {
         let Some(c) = self.cluster.as_deref_mut() else {
             return;
@@ -274,6 +362,9 @@ impl SessionDirector {
         self.stats.cluster.registry_recoveries += 1;
         let (owner, lease) = (c.config.name.clone(), c.config.tunnel_lease);
         let stock: Vec<IpAddr> = c.stock.iter().flatten().map(|(a, _)| *a).collect();
+        c.resync.clear();
+        c.resync.extend(self.tunnels.keys());
+        c.hurry = true;
         for addr in stock {
             let claim = RegistryRequest::Claim {
                 addr,
@@ -282,10 +373,7 @@ impl SessionDirector {
             };
             self.registry(claim, Purpose::Reclaim(addr));
         }
-        let ids: Vec<u64> = self.tunnels.keys().copied().collect();
-        for id in ids {
-            self.put_record(id);
-        }
+        self.hurry_resync();
     }
 
     /// Claims addresses from the local pools until the stock and the claims in flight make
@@ -372,9 +460,9 @@ impl SessionDirector {
             }
         }
         if waiting || got.iter().all(Option::is_none) {
-            for f in 0..2 {
-                if let Some(entry) = got[f] {
-                    c.stock[f].push_front(entry);
+            for (stock, entry) in c.stock.iter_mut().zip(got) {
+                if let Some(entry) = entry {
+                    stock.push_front(entry);
                 }
             }
             self.refill_stock();

@@ -358,7 +358,7 @@ impl SessionDirector {
 
     /// Another director adopted tunnel `id`: its client is there now. It is dropped here
     /// without a word to the client or the registry.
-    fn moved_away(&mut self, id: u64, by: DirectorName) {
+    pub(super) fn moved_away(&mut self, id: u64, by: DirectorName) {
         let Some(t) = self.tunnels.remove(&id) else {
             return;
         };

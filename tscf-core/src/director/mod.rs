@@ -179,7 +179,7 @@ pub struct TunnelSummary {
 /// (when [`poll_timeout`](Self::poll_timeout) is reached) and the operator's commands
 /// ([`close_tunnel`](Self::close_tunnel), [`shutdown`](Self::shutdown)). **After any input,
 /// drain [`poll_transmit`](Self::poll_transmit) and then [`poll_event`](Self::poll_event) until
-/// both return `None`**; a [`DirectorEvent::CloseConnection`] applies after the transmits
+/// both return `None`** (in a cluster, [`poll_registry`](Self::poll_registry) too); a [`DirectorEvent::CloseConnection`] applies after the transmits
 /// drained before it. Randomness (tunnel ids, secrets, tokens) comes from
 /// [`DirectorConfig::rng_seed`].
 ///
@@ -193,6 +193,14 @@ pub struct TunnelSummary {
 /// number the director accepted before is a retransmission (answered from memory) or a replay
 /// (dropped). A verified request with a fresh sequence number that arrives on another
 /// connection than its tunnel's moves the tunnel there (roaming, §3.4).
+///
+/// With [`DirectorConfig::cluster`] the director is one of a cluster (`docs/CLUSTER.md`): it
+/// asks the registry through [`poll_registry`](Self::poll_registry) and
+/// [`handle_registry`](Self::handle_registry), takes mesh links to the other directors with
+/// [`handle_mesh_connect`](Self::handle_mesh_connect) (their envelopes come through
+/// [`handle_datagram`](Self::handle_datagram) / [`handle_envelope`](Self::handle_envelope) and
+/// their end through [`handle_disconnect`](Self::handle_disconnect), as any connection's), and
+/// asks for the links it lacks with [`DirectorEvent::DialMesh`].
 #[derive(Debug)]
 pub struct SessionDirector {
     config: DirectorConfig,

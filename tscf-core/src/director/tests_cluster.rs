@@ -54,6 +54,8 @@ struct Net {
     /// What directors sent to clients: (node, connection, envelope).
     inbox: Vec<(usize, ConnectionHandle, Vec<u8>)>,
     events: Vec<(usize, DirectorEvent)>,
+    /// While set, registry requests wait (the runtime has not executed them yet).
+    hold_registry: bool,
 }
 
 fn config(n: &str, stock: usize) -> DirectorConfig {
@@ -88,6 +90,7 @@ impl Net {
             next_handle: 10_000,
             inbox: Vec::new(),
             events: Vec::new(),
+            hold_registry: false,
         };
         net.pump();
         // Two heartbeats: every director lists the others and the links are dialed.
@@ -115,7 +118,10 @@ impl Net {
                 if !self.nodes[i].alive {
                     continue;
                 }
-                while let Some((id, request)) = self.nodes[i].d.poll_registry() {
+                while let Some((id, request)) = (!self.hold_registry)
+                    .then(|| self.nodes[i].d.poll_registry())
+                    .flatten()
+                {
                     busy = true;
                     let response = self.registry.execute(self.now, &request);
                     self.nodes[i].d.handle_registry(self.now, id, response);
@@ -696,4 +702,126 @@ fn an_unknown_or_failed_registry_answer_is_counted() {
     net.registry.set_down(true, false);
     net.advance(Duration::from_secs(1));
     assert!(net.stats(0).cluster.registry_failures >= 1);
+}
+
+#[test]
+fn a_configuration_request_finding_the_stock_empty_is_answered_on_its_retransmission() {
+    let mut net = Net::new(1);
+    net.hold_registry = true;
+    let first = net.client(0, 1);
+    let connection = net.connect(0, 2);
+    let mut req = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    req.tlvs.client_nonce = Some(NONCE);
+    let mut bytes = Vec::new();
+    req.encode_envelope(&mut bytes).expect("encodable");
+    net.nodes[0].d.handle_datagram(net.now, connection, &bytes);
+    net.pump();
+    assert!(
+        net.control_for(0, connection).is_empty(),
+        "dropped unanswered"
+    );
+    assert_eq!(net.stats(0).cluster.stock_empty, 1);
+    // The refill was asked for; once the registry answers, the retransmission gets a tunnel.
+    net.hold_registry = false;
+    net.pump();
+    net.nodes[0].d.handle_datagram(net.now, connection, &bytes);
+    net.pump();
+    let answers = net.control_for(0, connection);
+    assert_eq!(answers[0].tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_ne!(
+        answers[0].tlvs.internal_ipv4.map(|a| a.addr),
+        Some(first.ip)
+    );
+}
+
+#[test]
+fn a_route_to_a_director_that_no_longer_holds_the_address_is_dropped() {
+    let mut net = Net::new(8);
+    let a = net.client(0, 1);
+    let mut b = net.client(1, 2);
+    assert_eq!(deliver(&mut net, &a, &b, b"hello").len(), 1);
+    b.seq += 1;
+    let release = Message::new(MessageType::CONFIGURATION_RELEASE_REQUEST, b.seq, b.id);
+    let key = b.key.clone();
+    net.send_signed(&b, &release, &key);
+    // The route still says dir-b: the packet goes, and dir-b says Not Here.
+    net.send_packet(&a, b.ip, b"anyone?");
+    assert_eq!(net.stats(1).cluster.mesh_dropped.not_here, 1);
+    // From then on dir-a knows nobody holds it.
+    let sent = net.stats(0).cluster.mesh_frames_out;
+    net.send_packet(&a, b.ip, b"anyone?");
+    assert_eq!(net.stats(0).cluster.mesh_frames_out, sent);
+    assert!(net.stats(0).dropped.unknown_destination >= 1);
+}
+
+#[test]
+fn a_dropped_mesh_link_takes_its_routes_and_is_dialed_again() {
+    let mut net = Net::new(8);
+    let a = net.client(0, 1);
+    let b = net.client(1, 2);
+    assert_eq!(deliver(&mut net, &a, &b, b"hello").len(), 1);
+    let dials = net.stats(0).cluster.mesh_dials;
+    // The link between dir-a and dir-b breaks.
+    let link = net.mesh_handle(1, 0);
+    let theirs = net.mesh_handle(0, 1);
+    net.links.retain(|l| l.a != (0, link) && l.b != (0, link));
+    net.nodes[0].d.handle_disconnect(net.now, link);
+    net.nodes[1].d.handle_disconnect(net.now, theirs);
+    net.send_packet(&a, b.ip, b"lost");
+    assert!(net.packets_for(&b).is_empty());
+    assert_eq!(net.stats(0).cluster.mesh_dropped.awaiting_route, 2);
+    // The next heartbeat dials it again, and the way is found again.
+    net.advance(Duration::from_millis(1100));
+    assert_eq!(net.stats(0).cluster.mesh_dials, dials + 1);
+    assert_eq!(deliver(&mut net, &a, &b, b"again").len(), 1);
+}
+
+#[test]
+fn a_registry_that_lost_its_data_silently_gets_every_record_back() {
+    let mut net = Net::new(8);
+    let a = net.client(0, 1);
+    // Wiped between two requests, none failing.
+    net.registry.set_down(false, true);
+    net.advance(Duration::from_secs(61));
+    let got = net
+        .registry
+        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
+    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-a")));
+}
+
+#[test]
+fn registry_requests_beyond_max_in_flight_are_not_issued() {
+    let mut cfg = config("dir-a", 64);
+    if let Some(c) = cfg.cluster.as_mut() {
+        c.max_in_flight = 10;
+    }
+    let mut d = SessionDirector::new(cfg).expect("valid config");
+    let issued = std::iter::from_fn(|| d.poll_registry()).count();
+    assert_eq!(issued, 10);
+    assert!(d.stats().cluster.registry_saturated >= 1);
+}
+
+#[test]
+fn a_director_not_told_of_an_adoption_learns_it_from_the_registry() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    // dir-a is cut off from the mesh while its client re-attaches to dir-b.
+    for (from, to) in [(0, 1), (0, 2)] {
+        let (mine, theirs) = (net.mesh_handle(to, from), net.mesh_handle(from, to));
+        net.links.retain(|l| l.a != (0, mine) && l.b != (0, mine));
+        net.nodes[0].d.handle_disconnect(net.now, mine);
+        net.nodes[to].d.handle_disconnect(net.now, theirs);
+    }
+    let key = a.key.clone();
+    let answer = net.reattach(&mut a, 1, &key);
+    assert_eq!(answer.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(net.nodes[0].d.tunnels().count(), 1, "not told");
+    // Its resync reads the record, which dir-b owns now, and does not take it back.
+    net.advance(Duration::from_secs(61));
+    assert_eq!(net.nodes[0].d.tunnels().count(), 0);
+    assert_eq!(net.stats(0).cluster.moved_away, 1);
+    let got = net
+        .registry
+        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
+    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-b")));
 }

@@ -18,6 +18,14 @@
 //!   control envelopes on the stream; past [`ServerConfig::quic_retry_above`] handshakes in
 //!   progress, new clients must prove their address with a Retry first.
 //!
+//! - **In a cluster** (`DirectorConfig::cluster`, `docs/CLUSTER.md`): the director's registry
+//!   requests leave as [`ServerEvent::Registry`] and their answers come back through
+//!   [`handle_registry`](ServerHost::handle_registry); a mesh link it asks for is dialed as a
+//!   TLS stream ([`ServerConfig::mesh_client`], the other director's name as server name), and
+//!   one a mesh listener accepted enters through [`accept_mesh`](ServerHost::accept_mesh).
+//!   Mesh links are streams like the others, save that they count against no source's bound,
+//!   are never evicted as unconfigured, and have no pending timeout once open.
+//!
 //! Drive it as every host: after any input (`handle_input`, `accept_stream`, `accept_quic`,
 //! `handle_timeout`, `shutdown`, `cut_connection`), drain [`poll_transmit`](ServerHost::poll_transmit)
 //! and [`poll_event`](ServerHost::poll_event) until both return `None`, then arm a timer for

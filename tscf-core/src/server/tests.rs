@@ -852,8 +852,10 @@ mod cluster {
     fn clustered() -> ServerConfig {
         let name = DirectorName::new("dir-a").expect("a name");
         let mesh = "127.0.0.1:4450".parse().expect("addr");
-        let mut director = crate::director::DirectorConfig::default();
-        director.cluster = Some(ClusterConfig::new(name, [7; 32], mesh));
+        let director = crate::director::DirectorConfig {
+            cluster: Some(ClusterConfig::new(name, [7; 32], mesh)),
+            ..crate::director::DirectorConfig::default()
+        };
         let config = tls::pinned_client_config(Fingerprint::of(b"a director")).expect("config");
         let name = rustls::pki_types::ServerName::try_from("unused").expect("a name");
         ServerConfig {
