@@ -103,8 +103,9 @@ impl RedisRegistry {
     /// How long connecting or one request may take by default before it fails.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// A registry at `url` (`redis://host:port/db`, `rediss://` for TLS, `unix:///path`),
-    /// keeping its keys under `tscf:{namespace}:`. Connects on the first request.
+    /// A registry at `url` (`redis://[user:password@]host:port/db` or `unix:///path`; TLS to
+    /// the store is not built in), keeping its keys under `tscf:{namespace}:`. Connects on the
+    /// first request.
     pub fn new(url: &str, namespace: &str) -> Result<Self, BadRegistryUrl> {
         let client = Client::open(url).map_err(|source| BadRegistryUrl {
             url: url.to_owned(),

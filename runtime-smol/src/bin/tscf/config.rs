@@ -24,7 +24,7 @@
 //!
 //! [cluster]                         # one director of a cluster (docs/CLUSTER.md); default none
 //! name = "dir-a"                    # this director: a-z, 0-9, '-'; its certificate's DNS name
-//! redis = "redis://127.0.0.1:6379/" # the registry (Redis or Valkey; rediss:// for TLS)
+//! redis = "redis://127.0.0.1:6379/" # the registry (Redis or Valkey; redis://:password@host/)
 //! secret_file = "cluster.secret"    # 64 hex digits, the same on every director
 //! # secret = "00112233…"            # or inline
 //! mesh = "0.0.0.0:4450"             # the mesh listener (mutual TLS under the cluster CA)
