@@ -86,15 +86,23 @@
 #![deny(missing_docs)]
 
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod drive;
 mod net;
 mod quic;
+#[cfg(feature = "cluster")]
+mod registry;
 mod server;
 mod socket;
 mod tcp;
 mod tunnel;
 mod udp;
 
+#[cfg(feature = "cluster")]
+pub use cluster::ClusterEndpoints;
+#[cfg(feature = "cluster")]
+pub use registry::{BadRegistryUrl, RedisRegistry};
 pub use server::{Server, ServerHandle};
 pub use socket::InnerUdpSocket;
 pub use tcp::{InnerTcpListener, InnerTcpStream};

@@ -58,6 +58,18 @@ pub(crate) async fn accept<X: Extra>(
     transport: Transport,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
+    let admit = move |host: &mut X::Host, now, remote| host.accept(now, transport, remote);
+    accept_with(shared, listener, tls, admit).await;
+}
+
+/// A listener's task whose connections the host admits with `admit` (a stream id, or `None`
+/// to close it at once).
+pub(crate) async fn accept_with<X: Extra>(
+    shared: Arc<Shared<X>>,
+    listener: Async<TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    admit: impl Fn(&mut X::Host, Instant, std::net::SocketAddr) -> Option<StreamId>,
+) {
     loop {
         let Ok((sock, remote)) = listener.accept().await else {
             // Out of descriptors or an aborted connection: let the system catch up.
@@ -68,7 +80,7 @@ pub(crate) async fn accept<X: Extra>(
             if io.stopped {
                 return None;
             }
-            let stream = host.accept(now, transport, remote)?;
+            let stream = admit(host, now, remote)?;
             io.streams.insert(stream, Slot::default());
             Some(stream)
         });

@@ -1,8 +1,9 @@
 //! The tunnel server: a [`ServerHost`] behind a lock held only for its synchronous calls,
 //! driven by smol tasks.
 //!
-//! Tasks: one acceptor per TCP, TLS or QUIC listener, one per stream or QUIC connection (it
-//! handshakes, then reads and writes), one per UDP or DTLS listener, and one timer task.
+//! Tasks: one acceptor per TCP, TLS, QUIC or mesh listener, one per stream or QUIC connection
+//! (it handshakes, then reads and writes), one per UDP or DTLS listener, one timer task, and
+//! in a cluster one registry task (`cluster.rs`).
 //! quinn runs each QUIC endpoint's own driver task.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -11,29 +12,55 @@ use std::time::Instant;
 
 use async_io::Async;
 use smol::Task;
+#[cfg(not(feature = "cluster"))]
+use tscf_core::cluster::RegistryResponse;
+#[cfg(feature = "cluster")]
+use tscf_core::io::ClientTls;
 use tscf_core::io::SocketId;
 use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent, ServerHost, StartError};
 use tscf_core::tls::Fingerprint;
 use tscf_core::wire::Transport;
 
+#[cfg(feature = "cluster")]
+use crate::cluster::{self, ClusterEndpoints};
 use crate::drive::{self, Extra, Io, Shared};
 use crate::{net, quic, OS};
 
 type ServerShared = Shared<ServerExtra>;
 
-/// What this runtime adds to a server host: the director's events go to the log.
+/// What this runtime adds to a server host: the director's events go to the log, its
+/// registry requests to the registry task.
 #[derive(Debug)]
-pub(crate) struct ServerExtra;
+pub(crate) struct ServerExtra {
+    /// The queue to the registry task, in a cluster.
+    #[cfg(feature = "cluster")]
+    registry: Option<async_channel::Sender<cluster::Queued>>,
+}
 
 impl Extra for ServerExtra {
     type Host = ServerHost;
 
-    fn on_event(_: &mut Io<Self>, _: &mut ServerHost, _: Instant, event: ServerEvent) {
-        if let ServerEvent::Director(event) = event {
-            tracing::debug!(?event, "director");
+    fn on_event(io: &mut Io<Self>, host: &mut ServerHost, now: Instant, event: ServerEvent) {
+        match event {
+            ServerEvent::Director(event) => tracing::debug!(?event, "director"),
+            #[cfg(feature = "cluster")]
+            ServerEvent::Registry { id, request } => {
+                cluster::submit(io.extra.registry.as_ref(), host, now, id, request);
+            }
+            #[cfg(not(feature = "cluster"))]
+            ServerEvent::Registry { id, .. } => {
+                let refused = RegistryResponse::Failed("built without the cluster feature".into());
+                host.handle_registry(now, id, refused);
+            }
+            _ => {}
         }
+        let _ = io;
     }
 }
+
+/// What [`Server::start_cluster`] adds; nothing in a build without the `cluster` feature.
+#[cfg(not(feature = "cluster"))]
+type ClusterEndpoints = std::convert::Infallible;
 
 /// Starts servers.
 #[derive(Debug)]
@@ -42,7 +69,45 @@ pub struct Server;
 impl Server {
     /// Binds every listener and starts the tasks on smol's global executor. Refuses open
     /// admission on a listener beyond loopback, like `tscf_runtime_std::Server::start`.
+    ///
+    /// A director of a cluster ([`DirectorConfig::cluster`](tscf_core::director::DirectorConfig::cluster))
+    /// started here has no registry: each of its requests fails at once. Start it with
+    /// [`start_cluster`](Self::start_cluster).
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, StartError> {
+        Self::launch(config, None).await
+    }
+
+    /// Like [`start`](Self::start), and runs what a director of a cluster needs beside: the
+    /// registry task and the mesh listeners ([`ServerConfig::mesh`], TLS with a client
+    /// certificate of the cluster required); links to the other directors are dialed with
+    /// `cluster.mesh_tls`.
+    #[cfg(feature = "cluster")]
+    pub async fn start_cluster(
+        mut config: ServerConfig,
+        cluster: ClusterEndpoints,
+    ) -> Result<ServerHandle, StartError> {
+        // The name is the other director's, set for each link the host dials.
+        let placeholder = rustls::pki_types::ServerName::try_from("tscf-mesh").map_err(|_| {
+            StartError::Tls(tscf_core::tls::TlsConfigError::ServerName(
+                "tscf-mesh".into(),
+            ))
+        })?;
+        config.mesh_client = Some(ClientTls {
+            config: cluster.mesh_tls.client.clone(),
+            name: placeholder,
+        });
+        Self::launch(config, Some(cluster)).await
+    }
+
+    async fn launch(
+        config: ServerConfig,
+        cluster: Option<ClusterEndpoints>,
+    ) -> Result<ServerHandle, StartError> {
+        if cluster.is_none() && !config.mesh.is_empty() {
+            return Err(StartError::Unsupported(
+                "mesh listeners without the cluster's TLS (Server::start_cluster)",
+            ));
+        }
         let (config, credentials) = config.prepare(OS)?;
         let bind_error = |addr: SocketAddr| move |source| StartError::Bind { addr, source };
         let stream_listeners = |addrs: &[SocketAddr]| -> Result<Vec<_>, StartError> {
@@ -53,6 +118,11 @@ impl Server {
         };
         let tcp = stream_listeners(&config.tcp)?;
         let tls = stream_listeners(&config.tls)?;
+        let mesh = stream_listeners(&config.mesh)?;
+        let mesh_addrs = mesh
+            .iter()
+            .map(|l| l.get_ref().local_addr().map_err(StartError::Io))
+            .collect::<Result<Vec<_>, _>>()?;
         // The datagram sockets in the order of their ids: UDP listeners, then DTLS ones.
         let datagram: Vec<Arc<Async<UdpSocket>>> = config
             .udp
@@ -104,10 +174,38 @@ impl Server {
         };
         let dtls = credentials.as_ref().and_then(|c| c.dtls.as_ref());
         let host = ServerHost::new(config, &addrs, dtls, Instant::now())?;
-        let shared = drive::shared(host, ServerExtra);
+        #[cfg(feature = "cluster")]
+        let (registry, mesh_tls) = match cluster {
+            Some(c) => {
+                let (tx, rx) = cluster::queue(c.registry_queue);
+                (Some((tx, rx, c.registry)), Some(c.mesh_tls.server))
+            }
+            None => (None, None),
+        };
+        #[cfg(not(feature = "cluster"))]
+        let mesh_tls: Option<Arc<rustls::ServerConfig>> = cluster.map(|never| match never {});
+        let extra = ServerExtra {
+            #[cfg(feature = "cluster")]
+            registry: registry.as_ref().map(|(tx, _, _)| tx.clone()),
+        };
+        let shared = drive::shared(host, extra);
         let mut tasks = Vec::new();
         let s = shared.clone();
         tasks.push(smol::spawn(async move { drive::run_timer(&s).await }));
+        #[cfg(feature = "cluster")]
+        if let Some((_, rx, registry)) = registry {
+            let s = shared.clone();
+            tasks.push(smol::spawn(cluster::run_registry(s, rx, registry)));
+        }
+        for listener in mesh {
+            let admit = |host: &mut ServerHost, now, remote| host.accept_mesh(now, remote);
+            tasks.push(smol::spawn(net::accept_with(
+                shared.clone(),
+                listener,
+                mesh_tls.clone(),
+                admit,
+            )));
+        }
         let tls_config = credentials.as_ref().map(|c| c.tls.clone());
         let listeners = tcp.into_iter().map(|l| (l, Transport::TCP, None)).chain(
             tls.into_iter()
@@ -133,9 +231,13 @@ impl Server {
                     .map_err(StartError::Io)?;
             }
         }
+        // What the host queued while it was made (a director of a cluster's first registry
+        // requests) goes out now, not at its first input.
+        shared.drive(|_, _, _| ());
         Ok(ServerHandle {
             shared,
             addrs,
+            mesh_addrs,
             fingerprint: credentials.map(|c| c.fingerprint),
             tasks,
             quic,
@@ -148,6 +250,7 @@ impl Server {
 pub struct ServerHandle {
     shared: Arc<ServerShared>,
     addrs: LocalAddrs,
+    mesh_addrs: Vec<SocketAddr>,
     fingerprint: Option<Fingerprint>,
     tasks: Vec<Task<()>>,
     quic: Vec<quinn::Endpoint>,
@@ -157,6 +260,11 @@ impl ServerHandle {
     /// The listeners' addresses, with the ports the system chose for port 0.
     pub fn local_addrs(&self) -> &LocalAddrs {
         &self.addrs
+    }
+
+    /// The mesh listeners' addresses (a director of a cluster), ports resolved.
+    pub fn mesh_addrs(&self) -> &[SocketAddr] {
+        &self.mesh_addrs
     }
 
     /// The SHA-256 fingerprint of the certificate, which the TLS, QUIC and DTLS listeners all

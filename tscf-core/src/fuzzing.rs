@@ -695,6 +695,302 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     Ok(())
 }
 
+/// A director of a cluster against a hostile mesh link, a hostile registry and hostile
+/// clients, driven by `u`.
+///
+/// The registry is honest (a [`MemoryRegistry`](crate::cluster::MemoryRegistry)) until two
+/// honest tunnels are configured; then each step is one of: a hostile client connection opens
+/// or sends arbitrary bytes or a structured control message (re-attaches of arbitrary tunnel
+/// ids among them, which park); the mesh link (a director the runtime authenticated, trusted to
+/// be one, not to be right) sends arbitrary bytes, structured mesh messages or data envelopes
+/// from and to any address; a request the director made is answered with anything, or an
+/// answer names no request; or time passes with the registry answering honestly. After every
+/// step:
+///
+/// - the director holds no more tunnels, pending connections or queued frames than its bounds
+///   allow, everything it sends is one valid envelope, and no more registry requests are
+///   unanswered than `max_in_flight`;
+///
+/// and at the end, if the mesh did not announce the adoption of an honest tunnel, a packet
+/// from one honest tunnel to the other is relayed.
+pub fn cluster_director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
+    use crate::cluster::{
+        AddressHolder, ClusterConfig, DirectorName, MemoryRegistry, MeshMessage, RegistryRequest,
+        RegistryResponse, RequestId, TunnelRecord,
+    };
+    use crate::director::SessionDirector;
+    use crate::director::{ConnectionHandle, ConnectionInfo as Conn, DirectorConfig, Ipv4Pool};
+    use crate::wire::ControlKey;
+
+    let name = |n: &str| DirectorName::new(n).expect("a name");
+    let mesh: SocketAddr = SocketAddr::from(([192, 0, 2, 2], 4450));
+    let mut cluster = ClusterConfig::new(name("dir-b"), [9; 32], mesh);
+    cluster.address_stock = 4;
+    cluster.max_in_flight = 16;
+    let max_in_flight = cluster.max_in_flight;
+    let config = DirectorConfig {
+        ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 28)),
+        ipv6_pool: None,
+        max_tunnels: 8,
+        max_pending_connections: 4,
+        max_queued_frames: 8,
+        max_total_queued_frames: 32,
+        max_held_frames: 4,
+        max_total_held_frames: 8,
+        cluster: Some(cluster),
+        ..DirectorConfig::default()
+    };
+    let bound = config.max_queued_frames.max(config.max_held_frames);
+    let (max_tunnels, max_pending) = (config.max_tunnels, config.max_pending_connections);
+    let mut d = SessionDirector::new(config).expect("a valid configuration");
+    let mut registry = MemoryRegistry::new();
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+    let mut now = Instant::now();
+    let mut buf = Vec::new();
+    let mut outstanding: Vec<(RequestId, RegistryRequest)> = Vec::new();
+    let mut drain = |d: &mut SessionDirector, now: Instant, out: &mut Vec<_>| {
+        let mut sent = Vec::new();
+        while let Some(t) = d.poll_transmit(now, &mut buf) {
+            assert!(
+                Envelope::decode_datagram(&buf).is_ok(),
+                "the director sent {buf:?}, not one envelope"
+            );
+            sent.push((t.connection, buf.clone()));
+        }
+        while d.poll_event().is_some() {}
+        out.extend(std::iter::from_fn(|| d.poll_registry()));
+        sent
+    };
+    let honest_registry =
+        |d: &mut SessionDirector, r: &mut MemoryRegistry, now: Instant, out: &mut Vec<_>| {
+            for (id, request) in std::mem::take(out) {
+                let response = r.execute(now, &request);
+                d.handle_registry(now, id, response);
+            }
+        };
+    drain(&mut d, now, &mut outstanding);
+    while !outstanding.is_empty() {
+        honest_registry(&mut d, &mut registry, now, &mut outstanding);
+        drain(&mut d, now, &mut outstanding);
+    }
+
+    // The mesh link, from a director that sorts lower and dialed this one.
+    let link = ConnectionHandle(1_000);
+    d.handle_mesh_connect(now, link, Some(name("dir-a")))
+        .expect("a fresh handle");
+
+    // The honest pair.
+    let mut honest = Vec::new();
+    for i in 0..2u64 {
+        let handle = ConnectionHandle(i);
+        let info = Conn {
+            transport: Transport::TLS,
+            remote: SocketAddr::from(([198, 51, 100, 1 + i as u8], 40_000)),
+            verified_identity: false,
+        };
+        d.handle_connect(now, handle, info).expect("a fresh handle");
+        let mut request = Vec::new();
+        let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        m.tlvs.client_nonce = Some([i as u8; 16]);
+        m.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
+        m.encode_envelope(&mut request).expect("encodable");
+        d.handle_datagram(now, handle, &request);
+        let sent = drain(&mut d, now, &mut outstanding);
+        honest_registry(&mut d, &mut registry, now, &mut outstanding);
+        let (_, answer) = sent
+            .into_iter()
+            .find(|(c, _)| *c == handle)
+            .expect("a Configuration Response");
+        let env = Envelope::decode_datagram(&answer).expect("an envelope");
+        let m = Message::decode(env.payload).expect("a message");
+        let ip = m.tlvs.internal_ipv4.expect("an address").addr;
+        let key = ControlKey::new(&m.tlvs.control_key.expect("a control key"));
+        honest.push((handle, m.header.tunnel_id, ip, key));
+    }
+
+    let mut hostile: Vec<ConnectionHandle> = Vec::new();
+    let mut next = 100u64;
+    let mut sequence = 1u32;
+    let mut adopted_away = false;
+    let pick = |u: &mut Unstructured<'_>,
+                honest: &[(ConnectionHandle, u64, Ipv4Addr, ControlKey)]| {
+        Ok::<_, arbitrary::Error>(match u.int_in_range(0..=3)? {
+            0 => honest[0].2,
+            1 => honest[1].2,
+            2 => Ipv4Addr::new(10, 9, 0, u.int_in_range(0..=15)?),
+            _ => Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?),
+        })
+    };
+    for _ in 0..256 {
+        if u.is_empty() {
+            break;
+        }
+        match u.int_in_range(0..=8)? {
+            0 if hostile.len() < 8 => {
+                let info = Conn {
+                    transport: *u.choose(&[Transport::UDP, Transport::TLS])?,
+                    remote: arbitrary_socket(u)?,
+                    verified_identity: u.arbitrary()?,
+                };
+                let handle = ConnectionHandle(next);
+                next += 1;
+                d.handle_connect(now, handle, info).expect("a fresh handle");
+                hostile.push(handle);
+            }
+            1 if !hostile.is_empty() => {
+                let handle = *u.choose(&hostile)?;
+                let len = u.int_in_range(0..=200)?;
+                d.handle_datagram(now, handle, u.bytes(len)?);
+            }
+            2 if !hostile.is_empty() => {
+                let handle = *u.choose(&hostile)?;
+                let mut message = arbitrary_message(u)?;
+                message.header.version = VERSION;
+                if u.arbitrary()? {
+                    // A re-attach of a tunnel held here, elsewhere, or nowhere.
+                    message.header.message_type = MessageType::CONFIGURATION_REQUEST;
+                    message.tlvs.tunnel_id = Some(match u.int_in_range(0..=2)? {
+                        0 => honest[0].1,
+                        1 => u.int_in_range(1..=4)?,
+                        _ => u.arbitrary()?,
+                    });
+                }
+                let mut bytes = Vec::new();
+                if message.encode_envelope(&mut bytes).is_ok() {
+                    d.handle_datagram(now, handle, &bytes);
+                }
+            }
+            3 => {
+                let len = u.int_in_range(0..=200)?;
+                d.handle_datagram(now, link, u.bytes(len)?);
+            }
+            4 => {
+                let addr = IpAddr::V4(pick(u, &honest)?);
+                let mut inner = Vec::new();
+                let message = arbitrary_message(u)?;
+                let _ = message.encode(&mut inner);
+                let id = match u.int_in_range(0..=2)? {
+                    0 => honest[0].1,
+                    1 => honest[1].1,
+                    _ => u.arbitrary()?,
+                };
+                let mesh_message = match u.int_in_range(0..=4)? {
+                    0 => MeshMessage::Hello(name(u.choose(&["dir-a", "dir-b", "dir-c"])?)),
+                    1 => MeshMessage::NotHere(addr),
+                    2 => MeshMessage::Adopted {
+                        id,
+                        addresses: vec![addr],
+                    },
+                    3 => MeshMessage::PeerRequest {
+                        exchange: u.arbitrary()?,
+                        destination: addr,
+                        request: &inner,
+                    },
+                    _ => MeshMessage::PeerAnswer {
+                        exchange: u.int_in_range(0..=4)?,
+                        response: &inner,
+                    },
+                };
+                if let MeshMessage::Adopted { id, addresses } = &mesh_message {
+                    adopted_away |= honest
+                        .iter()
+                        .any(|(_, h, ip, _)| h == id && addresses == &[IpAddr::V4(*ip)]);
+                }
+                let mut bytes = Vec::new();
+                if mesh_message.encode_envelope(&mut bytes).is_ok() {
+                    d.handle_datagram(now, link, &bytes);
+                }
+            }
+            5 => {
+                let (src, dst) = (pick(u, &honest)?, pick(u, &honest)?);
+                if let Some(bytes) = arbitrary_data_envelope(u, src, dst)? {
+                    d.handle_datagram(now, link, &bytes);
+                }
+            }
+            6 if !outstanding.is_empty() => {
+                // Any answer to a request in flight.
+                let k = u.choose_index(outstanding.len())?;
+                let (id, _) = outstanding.swap_remove(k);
+                let owner = name(u.choose(&["dir-a", "dir-b", "dir-c"])?);
+                let response = match u.int_in_range(0..=6)? {
+                    0 => RegistryResponse::Directors(vec![(owner, arbitrary_socket(u)?)]),
+                    1 => RegistryResponse::Claimed(u.arbitrary()?),
+                    2 => RegistryResponse::Done,
+                    3 => RegistryResponse::Tunnel(Some(TunnelRecord {
+                        id: u.arbitrary()?,
+                        ipv4: Some(pick(u, &honest)?),
+                        ipv6: None,
+                        salt: u.arbitrary()?,
+                        owner,
+                    })),
+                    4 => RegistryResponse::Tunnel(None),
+                    5 => RegistryResponse::Address(Some(AddressHolder {
+                        owner,
+                        tunnel: u.arbitrary()?,
+                    })),
+                    _ => RegistryResponse::Failed("down".to_owned()),
+                };
+                d.handle_registry(now, id, response);
+            }
+            7 => d.handle_registry(now, RequestId(u.arbitrary()?), RegistryResponse::Done),
+            _ => {
+                for (handle, id, _, key) in &honest {
+                    sequence += 1;
+                    let mut bytes = Vec::new();
+                    let m = Message::new(MessageType::KEEPALIVE, sequence, *id);
+                    m.encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
+                        .expect("encodable");
+                    d.handle_datagram(now, *handle, &bytes);
+                }
+                now += Duration::from_millis(u.int_in_range(0..=5_000)?);
+                d.handle_timeout(now);
+                drain(&mut d, now, &mut outstanding);
+                honest_registry(&mut d, &mut registry, now, &mut outstanding);
+            }
+        }
+        drain(&mut d, now, &mut outstanding);
+        assert!(
+            outstanding.len() <= max_in_flight,
+            "{} registry requests unanswered",
+            outstanding.len()
+        );
+        let stats = d.stats();
+        assert!(stats.active_tunnels + stats.persistent_tunnels <= max_tunnels);
+        assert!(stats.pending_connections <= max_pending);
+        for t in d.tunnels() {
+            assert!(
+                t.queued_frames <= bound,
+                "{} frames queued",
+                t.queued_frames
+            );
+        }
+    }
+
+    let held = honest.iter().all(|(handle, id, _, _)| {
+        d.tunnels()
+            .any(|t| t.tunnel_id == *id && t.connection == Some(*handle))
+    });
+    if adopted_away || !held {
+        assert!(adopted_away, "an honest tunnel is gone");
+        return Ok(());
+    }
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(honest[0].2.octets(), honest[1].2.octets(), 64)
+        .udp(5004, 5004)
+        .write(&mut packet, b"still relayed")
+        .expect("a packet");
+    let mut bytes = Vec::new();
+    Envelope::encode(EnvelopeType::DATA, &packet, &mut bytes).expect("fits");
+    d.handle_datagram(now, honest[0].0, &bytes);
+    let sent = drain(&mut d, now, &mut outstanding);
+    assert!(
+        sent.iter()
+            .any(|(c, b)| *c == honest[1].0 && b[3..] == packet[..]),
+        "the honest pair no longer relays"
+    );
+    Ok(())
+}
+
 /// A tunnel client against forged input driven by `u`, with an honest director behind its
 /// server transport (plain UDP, where anyone who knows the addresses can inject).
 ///

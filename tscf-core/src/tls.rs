@@ -4,7 +4,8 @@
 //! Servers present a certificate from PEM files or a generated self-signed one whose SHA-256
 //! [`Fingerprint`] is returned for pinning. Clients verify the server by a CA file, by a pinned
 //! fingerprint, or (explicitly, with a warning) not at all. A server configured with a client CA
-//! asks for client certificates and verifies them (mutual TLS). The builders return rustls
+//! asks for client certificates and verifies them (mutual TLS). The directors of a cluster link
+//! over mutual TLS under a cluster CA ([`mesh_tls`]). The builders return rustls
 //! configurations that any runtime hands to its TLS or QUIC sessions; the DTLS ones are in the
 //! `dtls` module (feature `dtls`).
 //!
@@ -415,6 +416,60 @@ pub fn peer_server_config(
     Ok(config)
 }
 
+/// The PEM files of a director's mesh TLS (`docs/CLUSTER.md`): the cluster CA and this
+/// director's certificate, whose subject alternative name is the director's name.
+#[derive(Clone, Debug)]
+pub struct MeshTlsConfig {
+    /// The cluster CA's certificate(s), which sign every director's certificate.
+    pub ca: PathBuf,
+    /// This director's certificate chain, end entity first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// Both ends of a director's mesh links: each side presents its director's certificate and
+/// accepts only a peer whose certificate chains to the cluster CA.
+#[derive(Clone, Debug)]
+pub struct MeshTls {
+    /// For the mesh listener: requires a client certificate of the cluster.
+    pub server: Arc<rustls::ServerConfig>,
+    /// For dialing another director: verifies it against the cluster CA under its name
+    /// ([`mesh_server_name`]).
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+/// The mesh TLS configurations (TLS 1.3, ring) from the PEM files of `config`, read through
+/// `os`.
+pub fn mesh_tls(config: &MeshTlsConfig, os: Os) -> Result<MeshTls, TlsConfigError> {
+    let roots = Arc::new(load_roots(&config.ca, os)?);
+    let (chain, key) = load_pem_identity(&config.cert, &config.key, os)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsConfigError::ClientVerifier(e.to_string()))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(MeshTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+/// The name a director's mesh certificate carries and its peers verify: the director's name
+/// as a DNS name. A name that is no DNS name (one that starts or ends with `-`) is refused.
+pub fn mesh_server_name(
+    director: &crate::cluster::DirectorName,
+) -> Result<ServerName<'static>, TlsConfigError> {
+    let name = director.as_str().to_owned();
+    ServerName::try_from(name.clone()).map_err(|_| TlsConfigError::ServerName(name))
+}
+
 /// The name a client verifies: the configured one, else the server's IP address.
 pub fn server_name(
     config: &ClientTlsConfig,
@@ -728,6 +783,97 @@ mod tests {
         let client = client_config(&by_ca, MEMORY).expect("client");
         handshake(client.clone(), server.clone(), "server.test").expect("the CA's name");
         assert!(handshake(client, server, "other.test").is_err());
+    }
+
+    /// Two clusters' PEM files "on disk": each a CA and two directors, `dir-a` and `dir-b`,
+    /// under `<cluster>/ca.pem`, `<cluster>/<director>.pem` and `<cluster>/<director>.key`.
+    fn cluster_files() -> &'static std::collections::HashMap<String, String> {
+        static FILES: OnceLock<std::collections::HashMap<String, String>> = OnceLock::new();
+        FILES.get_or_init(|| {
+            let mut files = std::collections::HashMap::new();
+            for cluster in ["one", "two"] {
+                let ca_key = rcgen::KeyPair::generate().expect("a key");
+                let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("no names");
+                ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
+                files.insert(format!("{cluster}/ca.pem"), ca.pem());
+                for director in ["dir-a", "dir-b"] {
+                    let key = rcgen::KeyPair::generate().expect("a key");
+                    let params = rcgen::CertificateParams::new(vec![director.to_owned()]);
+                    let cert = params
+                        .expect("a name")
+                        .signed_by(&key, &ca)
+                        .expect("a certificate");
+                    files.insert(format!("{cluster}/{director}.pem"), cert.pem());
+                    files.insert(format!("{cluster}/{director}.key"), key.serialize_pem());
+                }
+            }
+            files
+        })
+    }
+
+    const CLUSTER_MEMORY: Os = Os {
+        read_file: |path| {
+            let path = path.to_str().unwrap_or_default();
+            cluster_files()
+                .get(path)
+                .map(|pem| pem.clone().into_bytes())
+                .ok_or_else(|| io::ErrorKind::NotFound.into())
+        },
+        generate_key: rcgen::KeyPair::generate,
+        fill_random: |_| Err(io::ErrorKind::Unsupported.into()),
+    };
+
+    fn mesh(cluster: &str, director: &str) -> MeshTls {
+        let config = MeshTlsConfig {
+            ca: format!("{cluster}/ca.pem").into(),
+            cert: format!("{cluster}/{director}.pem").into(),
+            key: format!("{cluster}/{director}.key").into(),
+        };
+        mesh_tls(&config, CLUSTER_MEMORY).expect("mesh TLS")
+    }
+
+    #[test]
+    fn directors_of_one_cluster_link_both_ways_and_strangers_are_refused() {
+        let a = mesh("one", "dir-a");
+        let b = mesh("one", "dir-b");
+        handshake(a.client.clone(), b.server.clone(), "dir-b").expect("a dials b");
+        handshake(b.client.clone(), a.server.clone(), "dir-a").expect("b dials a");
+        // The name is checked: a's certificate is not b's.
+        assert!(handshake(a.client.clone(), b.server.clone(), "dir-a").is_err());
+
+        // A director of another cluster, dialing: refused by the listener.
+        let stranger = mesh("two", "dir-b");
+        let err = handshake(stranger.client.clone(), a.server.clone(), "dir-a");
+        assert!(err.is_err(), "the listener took a stranger");
+        // Listening: refused by the one who dials.
+        let err = handshake(a.client.clone(), stranger.server.clone(), "dir-b");
+        assert!(
+            matches!(err, Err(rustls::Error::InvalidCertificate(_))),
+            "{err:?}"
+        );
+
+        // A client without any certificate: refused by the listener.
+        let anonymous = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(
+                load_roots(Path::new("one/ca.pem"), CLUSTER_MEMORY).expect("CA"),
+            )
+            .with_no_client_auth();
+        let err = handshake(Arc::new(anonymous), a.server.clone(), "dir-a");
+        assert!(
+            err.is_err(),
+            "the listener took a client without a certificate"
+        );
+    }
+
+    #[test]
+    fn a_director_name_is_the_mesh_server_name() {
+        let name = crate::cluster::DirectorName::new("dir-a").expect("a name");
+        assert!(mesh_server_name(&name).is_ok());
+        let dashed = crate::cluster::DirectorName::new("-a").expect("a director name");
+        assert!(mesh_server_name(&dashed).is_err());
     }
 
     #[test]

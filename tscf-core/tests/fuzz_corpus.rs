@@ -73,6 +73,13 @@ fn director_corpus() {
 }
 
 #[test]
+fn cluster_director_corpus() {
+    replay("cluster_director", |bytes| {
+        let _ = fuzzing::cluster_director(&mut Unstructured::new(bytes));
+    });
+}
+
+#[test]
 fn client_corpus() {
     replay("client", |data| {
         let _ = fuzzing::client(&mut Unstructured::new(data));

@@ -142,6 +142,11 @@ mod tests {
     use core::net::Ipv4Addr;
     use core::time::Duration;
 
+    #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
     fn name(n: &str) -> DirectorName {
         DirectorName::new(n).expect("a name")
     }
@@ -149,7 +154,7 @@ mod tests {
     #[test]
     fn a_claim_is_granted_once_until_its_lease_ends() {
         let mut r = MemoryRegistry::new();
-        let t0 = Instant::now();
+        let t0 = t0();
         let addr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9));
         let lease = Duration::from_secs(5);
         let claim = |owner: &str| RegistryRequest::Claim {
@@ -183,7 +188,7 @@ mod tests {
         assert_eq!(TunnelRecord::from_value(1, "dir-a 10.77.0.2 - 07"), None);
 
         let mut r = MemoryRegistry::new();
-        let t0 = Instant::now();
+        let t0 = t0();
         let lease = Duration::from_secs(60);
         r.execute(
             t0,
@@ -217,7 +222,7 @@ mod tests {
     #[test]
     fn a_director_whose_lease_ended_is_not_listed() {
         let mut r = MemoryRegistry::new();
-        let t0 = Instant::now();
+        let t0 = t0();
         let mesh: SocketAddr = "192.0.2.1:4450".parse().expect("an address");
         let beat = |n: &str| RegistryRequest::Heartbeat {
             name: name(n),

@@ -15,6 +15,7 @@
 //! registry can neither re-attach a tunnel nor sign its messages.
 
 mod memory;
+mod mesh;
 
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,6 +27,7 @@ use sha2::Sha256;
 use crate::wire::CONTROL_KEY_LEN;
 
 pub use memory::MemoryRegistry;
+pub use mesh::{BadMeshMessage, MeshMessage};
 
 /// The length of a tunnel record's salt.
 pub const SALT_LEN: usize = 16;

@@ -3,13 +3,12 @@
 
 use std::time::Instant;
 
-use rand_core::RngCore;
-
+use super::cluster::Stocked;
 use super::{negotiate, ConnectionHandle, DirectorEvent, SessionDirector, Tunnel};
 use crate::wire::{
     ControlKey, DecodeError, DecodeErrorKind, Freshness, Header, InternalAddress, Message,
-    MessageType, ReplayWindow, ResultCode, CLIENT_NONCE_LEN, CONTROL_KEY_LEN, ENVELOPE_HEADER_LEN,
-    MAX_DNS_SERVERS, MESSAGE_INTEGRITY_TLV_LEN,
+    MessageType, ReplayWindow, ResultCode, CLIENT_NONCE_LEN, ENVELOPE_HEADER_LEN, MAX_DNS_SERVERS,
+    MESSAGE_INTEGRITY_TLV_LEN,
 };
 use std::collections::VecDeque;
 
@@ -225,7 +224,20 @@ impl SessionDirector {
             self.stats.refused.server_full += 1;
             return self.answer_bound(connection, header, nonce, ResultCode::SERVER_FULL);
         }
-        let Some((ipv4, ipv6)) = self.allocate_addresses() else {
+        let assigned = if self.cluster.is_none() {
+            self.allocate_addresses()
+        } else {
+            match self.take_from_stock() {
+                Stocked::Granted(assigned) => Some(assigned),
+                Stocked::Dry => None,
+                Stocked::Empty => {
+                    // Unanswered: the client's retransmission finds the stock refilled.
+                    self.stats.cluster.stock_empty += 1;
+                    return;
+                }
+            }
+        };
+        let Some((ipv4, ipv6)) = assigned else {
             self.stats.refused.no_address += 1;
             let result = ResultCode::NO_ADDRESS_AVAILABLE;
             return self.answer_bound(connection, header, nonce, result);
@@ -233,8 +245,7 @@ impl SessionDirector {
         let id = self.fresh_tunnel_id();
         let keepalive =
             self.negotiate_keepalive(info.transport, request.tlvs.keepalive_interval_ms);
-        let mut key = [0u8; CONTROL_KEY_LEN];
-        self.rng.fill_bytes(&mut key);
+        let (key, salt) = self.draw_key(id);
         let mut replay = ReplayWindow::new();
         replay.accept(header.sequence);
         let tunnel = Tunnel {
@@ -244,6 +255,7 @@ impl SessionDirector {
             connection: Some(connection),
             transport: info.transport,
             key: ControlKey::new(&key),
+            salt,
             replay,
             keepalive,
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
@@ -264,6 +276,7 @@ impl SessionDirector {
         self.tunnels.insert(id, tunnel);
         self.bind(connection, id);
         self.schedule_liveness(id);
+        self.put_record(id);
         self.stats.tunnels_opened += 1;
         self.events.push_back(DirectorEvent::TunnelOpened {
             tunnel_id: id,
@@ -297,6 +310,10 @@ impl SessionDirector {
             return self.answer_bound(connection, header, nonce, ResultCode::RATE_LIMITED);
         }
         if !self.tunnels.contains_key(&id) {
+            // In a cluster, another director may hold it, or have held it and died.
+            if self.park_reattach(connection, id, bytes) {
+                return;
+            }
             self.stats.refused.tunnel_not_found += 1;
             return self.answer_bound(connection, header, nonce, ResultCode::TUNNEL_NOT_FOUND);
         }
@@ -465,7 +482,7 @@ impl SessionDirector {
 
     /// Answers a Configuration Request with `result`, echoing its Client Nonce so that the
     /// client knows the answer is to its request (§3.3).
-    fn answer_bound(
+    pub(super) fn answer_bound(
         &mut self,
         connection: ConnectionHandle,
         request: &Header,

@@ -237,6 +237,7 @@ impl SessionDirector {
         }
         let addresses: Vec<_> = t.addresses().collect();
         self.peer_tunnel_closed(now, id, &addresses);
+        self.remove_record(id, addresses);
         self.stats.tunnels_closed += 1;
         self.events.push_back(DirectorEvent::TunnelClosed {
             tunnel_id: id,

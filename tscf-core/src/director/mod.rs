@@ -5,14 +5,18 @@
 //! a socket: the runtime names each transport connection with a [`ConnectionHandle`] of its
 //! choosing and hands over whole envelopes.
 
+mod cluster;
 mod config;
 mod control;
 mod lifecycle;
+mod mesh;
 mod peer;
 mod pool;
 mod stats;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cluster;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
@@ -30,8 +34,12 @@ pub use config::{
     Admission, DirectorConfig, DirectorConfigError, Ipv4Pool, Ipv6Pool, KeepaliveConfig,
     RetransmitConfig,
 };
-pub use stats::{DirectorStats, DropCounters, PeerCounters, RefusalCounters, TransportTunnels};
+pub use stats::{
+    ClusterCounters, DirectorStats, DropCounters, MeshDropCounters, PeerCounters, RefusalCounters,
+    TransportTunnels,
+};
 
+use crate::cluster::{DirectorName, SALT_LEN};
 use crate::wire::{
     Capabilities, ControlKey, Envelope, EnvelopeType, InnerPacket, Message, MessageType,
     ReplayWindow, ResultCode, Transport, ENVELOPE_HEADER_LEN,
@@ -111,6 +119,24 @@ pub enum DirectorEvent {
         /// The connection.
         connection: ConnectionHandle,
     },
+    /// In a cluster: connect a mesh link to director `name` at `addr` (its mesh listener,
+    /// mutually authenticated TLS, the name as the server name), then announce it with
+    /// [`SessionDirector::handle_mesh_connect`]. Emitted once per director to link, and again
+    /// at most once a heartbeat while it has no link.
+    DialMesh {
+        /// The director.
+        name: DirectorName,
+        /// Its mesh listener.
+        addr: SocketAddr,
+    },
+    /// In a cluster: another director adopted this tunnel (its client re-attached there); it
+    /// was dropped here without a Release Notification, and its connection closed.
+    TunnelMovedAway {
+        /// Its id.
+        tunnel_id: u64,
+        /// The director that holds it now.
+        director: DirectorName,
+    },
 }
 
 /// A tunnel the caller asked about does not exist.
@@ -153,7 +179,7 @@ pub struct TunnelSummary {
 /// (when [`poll_timeout`](Self::poll_timeout) is reached) and the operator's commands
 /// ([`close_tunnel`](Self::close_tunnel), [`shutdown`](Self::shutdown)). **After any input,
 /// drain [`poll_transmit`](Self::poll_transmit) and then [`poll_event`](Self::poll_event) until
-/// both return `None`**; a [`DirectorEvent::CloseConnection`] applies after the transmits
+/// both return `None`** (in a cluster, [`poll_registry`](Self::poll_registry) too); a [`DirectorEvent::CloseConnection`] applies after the transmits
 /// drained before it. Randomness (tunnel ids, secrets, tokens) comes from
 /// [`DirectorConfig::rng_seed`].
 ///
@@ -167,6 +193,14 @@ pub struct TunnelSummary {
 /// number the director accepted before is a retransmission (answered from memory) or a replay
 /// (dropped). A verified request with a fresh sequence number that arrives on another
 /// connection than its tunnel's moves the tunnel there (roaming, §3.4).
+///
+/// With [`DirectorConfig::cluster`] the director is one of a cluster (`docs/CLUSTER.md`): it
+/// asks the registry through [`poll_registry`](Self::poll_registry) and
+/// [`handle_registry`](Self::handle_registry), takes mesh links to the other directors with
+/// [`handle_mesh_connect`](Self::handle_mesh_connect) (their envelopes come through
+/// [`handle_datagram`](Self::handle_datagram) / [`handle_envelope`](Self::handle_envelope) and
+/// their end through [`handle_disconnect`](Self::handle_disconnect), as any connection's), and
+/// asks for the links it lacks with [`DirectorEvent::DialMesh`].
 #[derive(Debug)]
 pub struct SessionDirector {
     config: DirectorConfig,
@@ -201,6 +235,8 @@ pub struct SessionDirector {
     failures: FxHashMap<IpAddr, (Instant, u16)>,
     /// Connections with a Release Notification awaiting its acknowledgement.
     outstanding_notifications: usize,
+    /// The director's part in its cluster, if it is in one.
+    cluster: Option<Box<cluster::Cluster>>,
     stats: DirectorStats,
 }
 
@@ -233,6 +269,8 @@ struct Tunnel {
     transport: Transport,
     /// Keys Message Integrity on every control message of the tunnel (§4.4).
     key: ControlKey,
+    /// In a cluster, the salt its key derives from (`cluster::control_key`); zero outside.
+    salt: [u8; SALT_LEN],
     /// Sequence numbers of the client's requests accepted lately (§6.2).
     replay: ReplayWindow,
     keepalive: Duration,
@@ -280,6 +318,12 @@ enum Timer {
     PeerRelease(u32),
     /// The end of a tunnel's address check (see [`DirectorConfig::address_check_timeout`]).
     AddressCheck(u64),
+    /// In a cluster: the registry heartbeat.
+    Heartbeat,
+    /// A peer request sent to another director: its answer deadline.
+    MeshPeer(u32),
+    /// A peer request forwarded for another director: retransmission and deadline.
+    MeshForward(u32),
 }
 
 /// Internal addresses given to one tunnel, with their offsets in the pools.
@@ -303,7 +347,11 @@ impl SessionDirector {
         let ipv6_pool = config
             .ipv6_pool
             .map(|p| AddressPool::for_prefix(128, p.prefix_len, false, cap));
-        Ok(Self {
+        let cluster = config
+            .cluster
+            .clone()
+            .map(|c| Box::new(cluster::Cluster::new(c)));
+        let mut director = Self {
             rng: ChaCha20Rng::from_seed(config.rng_seed),
             connections: FxHashMap::default(),
             pending: VecDeque::new(),
@@ -329,9 +377,12 @@ impl SessionDirector {
                 .collect(),
             failures: FxHashMap::default(),
             outstanding_notifications: 0,
+            cluster,
             stats: DirectorStats::default(),
             config,
-        })
+        };
+        director.cluster_start();
+        Ok(director)
     }
 
     /// The configuration in force.
@@ -387,6 +438,9 @@ impl SessionDirector {
 
     /// The transport of `connection` closed or failed. Its tunnel, if any, becomes persistent.
     pub fn handle_disconnect(&mut self, now: Instant, connection: ConnectionHandle) {
+        if self.is_mesh(connection) {
+            return self.mesh_disconnected(connection);
+        }
         let Some(conn) = self.connections.remove(&connection) else {
             return;
         };
@@ -413,6 +467,9 @@ impl SessionDirector {
         connection: ConnectionHandle,
         envelope: Envelope<'_>,
     ) {
+        if self.is_mesh(connection) {
+            return self.handle_mesh_envelope(now, connection, envelope);
+        }
         if !self.connections.contains_key(&connection) {
             self.stats.dropped.unknown_connection += 1;
             return;
@@ -443,6 +500,9 @@ impl SessionDirector {
                 Timer::Notification(c) => self.retransmit_notification(now, c),
                 Timer::PeerAnswer(seq) => self.peer_answer_timer(now, seq),
                 Timer::PeerRelease(seq) => self.peer_release_timer(now, seq),
+                Timer::Heartbeat => self.heartbeat(now),
+                Timer::MeshPeer(exchange) => self.mesh_peer_timer(exchange),
+                Timer::MeshForward(seq) => self.mesh_forward_timer(now, seq),
             }
         }
     }
@@ -457,6 +517,11 @@ impl SessionDirector {
             core::mem::swap(buf, &mut bytes);
             self.recycle(bytes);
             self.sent_on(now, connection);
+            return Some(Transmit { connection });
+        }
+        if let Some((connection, mut frame)) = self.poll_mesh() {
+            core::mem::swap(buf, &mut frame);
+            self.recycle(frame);
             return Some(Transmit { connection });
         }
         while let Some(id) = self.ready.pop_front() {
@@ -634,9 +699,18 @@ impl SessionDirector {
             return;
         }
         let Some(&dst_id) = self.by_addr.get(&packet.destination()) else {
+            if self.cluster.is_some() {
+                return self.relay_to_mesh(now, packet.destination(), payload);
+            }
             self.stats.dropped.unknown_destination += 1;
             return;
         };
+        self.deliver(dst_id, payload);
+    }
+
+    /// Queues `payload` for tunnel `dst_id` (held for it while it is persistent), within the
+    /// queue bounds.
+    fn deliver(&mut self, dst_id: u64, payload: &[u8]) {
         let Some(dst) = self.tunnels.get_mut(&dst_id) else {
             return;
         };

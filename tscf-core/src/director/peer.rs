@@ -183,6 +183,13 @@ impl SessionDirector {
             return refuse(self, ResultCode::RATE_LIMITED, None);
         }
         let unavailable = Some(PeerServiceResult::UNAVAILABLE);
+        if self.cluster.is_some() && !self.by_addr.contains_key(&peer_addr) {
+            // Held by another director, perhaps.
+            if !self.peer_request_across(now, connection, id, request) {
+                return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
+            }
+            return;
+        }
         let Some(&dest) = self.by_addr.get(&peer_addr).filter(|d| **d != id) else {
             return refuse(self, ResultCode::PEER_UNAVAILABLE, unavailable);
         };
@@ -256,12 +263,78 @@ impl SessionDirector {
         self.stats.peer.requests_forwarded += 1;
     }
 
+    /// A peer Establish of tunnel `id` for an address no local tunnel holds: sent to the
+    /// director that holds it, within the same limits as a local one. False when it cannot
+    /// be (then answered Peer Unavailable); answered otherwise, now or when the other
+    /// director answers.
+    fn peer_request_across(
+        &mut self,
+        now: Instant,
+        connection: ConnectionHandle,
+        id: u64,
+        request: &Message<'_>,
+    ) -> bool {
+        let header = request.header;
+        let Some(peer_addr) = request.tlvs.peer_internal_address else {
+            return false;
+        };
+        let family_v6 = peer_addr.is_ipv6();
+        let Some(initiator_addr) = self.tunnel_address(id, family_v6) else {
+            return false;
+        };
+        // The introduction budget is kept per destination address here (its tunnel id is
+        // the other director's), folded into the id space with the top bit set.
+        let dest_key = match peer_addr {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                (bits as u64) ^ ((bits >> 64) as u64)
+            }
+        } | (1 << 63);
+        if !self.allow_introduction(now, id, dest_key) {
+            let mut reply = Message::response_to(&header, ResultCode::RATE_LIMITED);
+            reply.tlvs.service_type = request.tlvs.service_type;
+            reply.tlvs.peer_internal_address = Some(peer_addr);
+            self.send_and_remember(connection, id, &header, &reply);
+            return true;
+        }
+        let mut token = [0u8; 16];
+        self.rng.fill_bytes(&mut token);
+        let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0, 0);
+        forward.tlvs.service_type = Some(ServiceType::PEER);
+        forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+        forward.tlvs.peer_internal_address = Some(initiator_addr);
+        forward.tlvs.connection_info = request.tlvs.connection_info;
+        forward.tlvs.candidates = self.forwardable(connection, &request.tlvs.candidates);
+        forward.tlvs.peer_credentials = Some(PeerCredentials {
+            token,
+            fingerprint: request.tlvs.certificate_fingerprint,
+        });
+        self.peer_request_to_mesh(now, id, header, peer_addr, forward, token)
+    }
+
     /// Whether tunnel `id`'s request `sequence` was forwarded and waits for its answer.
     pub(super) fn peer_request_waiting(&self, id: u64, sequence: u32) -> bool {
         self.peer
             .negotiations
             .values()
             .any(|n| n.initiator == id && n.request.sequence == sequence)
+            || self.peer_request_asked(id, sequence)
+    }
+
+    /// Tunnel `id` left for another director: its peer state goes without a word to anyone
+    /// (its client is still there, elsewhere).
+    pub(super) fn peer_forget(&mut self, id: u64) {
+        for sequence in self.peer.by_tunnel.remove(&id).unwrap_or_default() {
+            self.take_negotiation(sequence);
+        }
+        self.peer.held.remove(&id);
+        self.peer.requesters.remove(&id);
+        for other in self.peer.introduced.remove(&id).unwrap_or_default() {
+            if let Some(list) = self.peer.introduced.get_mut(&other) {
+                list.retain(|t| *t != id);
+            }
+        }
     }
 
     /// A Client Service Response from tunnel `id`: a destination's answer, or the ack of a
@@ -275,6 +348,9 @@ impl SessionDirector {
             .is_some_and(|n| n.tunnel == id)
         {
             self.peer.releases.remove(&sequence);
+            return;
+        }
+        if self.mesh_peer_answered(id, response) {
             return;
         }
         let Some(n) = self.peer.negotiations.get(&sequence) else {
@@ -527,7 +603,12 @@ impl SessionDirector {
         Some(n)
     }
 
-    fn answer_initiator(&mut self, initiator: u64, request: &Header, reply: &Message<'_>) {
+    pub(super) fn answer_initiator(
+        &mut self,
+        initiator: u64,
+        request: &Header,
+        reply: &Message<'_>,
+    ) {
         let Some(connection) = self.tunnels.get(&initiator).and_then(|t| t.connection) else {
             return;
         };

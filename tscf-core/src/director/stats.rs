@@ -52,6 +52,79 @@ pub struct DirectorStats {
     pub dropped: DropCounters,
     /// Peer service activity.
     pub peer: PeerCounters,
+    /// Cluster activity (all zero outside a cluster).
+    pub cluster: ClusterCounters,
+}
+
+/// What a director of a cluster did with its registry and its mesh links
+/// (`docs/CLUSTER.md`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct ClusterCounters {
+    /// Registry requests issued.
+    pub registry_requests: u64,
+    /// Registry requests answered Failed.
+    pub registry_failures: u64,
+    /// Responses naming no request in flight (late, duplicate or unknown).
+    pub registry_unexpected: u64,
+    /// Registry requests not issued: `max_in_flight` were in flight.
+    pub registry_saturated: u64,
+    /// Times the director put every record it holds again after the registry failed.
+    pub registry_recoveries: u64,
+    /// Addresses the registry granted to the stock.
+    pub addresses_claimed: u64,
+    /// Addresses the registry refused (another director holds them): kept out of the pool.
+    pub addresses_refused: u64,
+    /// Configuration Requests for a new tunnel dropped unanswered while the stock of
+    /// addresses was empty and a refill was under way.
+    pub stock_empty: u64,
+    /// Re-attach requests for tunnels held elsewhere parked while the registry is asked.
+    pub parked: u64,
+    /// Re-attach requests not parked: too many were.
+    pub parked_full: u64,
+    /// Tunnels adopted from another director (their client re-attached here).
+    pub adoptions: u64,
+    /// Tunnels dropped because another director adopted them.
+    pub moved_away: u64,
+    /// Mesh links opened.
+    pub mesh_links: u64,
+    /// `DialMesh` events emitted.
+    pub mesh_dials: u64,
+    /// Envelopes received on mesh links.
+    pub mesh_frames_in: u64,
+    /// Envelopes queued for mesh links.
+    pub mesh_frames_out: u64,
+    /// Route lookups sent to the registry.
+    pub route_lookups: u64,
+    /// Peer requests forwarded to another director, or answered for one.
+    pub peer_requests_relayed: u64,
+    /// What the mesh dropped, by reason.
+    pub mesh_dropped: MeshDropCounters,
+}
+
+/// Packets and messages the mesh dropped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct MeshDropCounters {
+    /// A packet for an address whose director is being looked up.
+    pub awaiting_route: u64,
+    /// A packet for an address whose director is known but not linked.
+    pub no_link: u64,
+    /// The mesh link's queue was full.
+    pub queue_full: u64,
+    /// A packet from a mesh link for an address no local tunnel holds.
+    pub not_here: u64,
+    /// A packet from a mesh link whose source is a local tunnel's or outside the pools.
+    pub spoofed_source: u64,
+    /// A packet from a mesh link larger than `max_packet_len`.
+    pub oversized: u64,
+    /// A payload from a mesh link that is not one IP packet.
+    pub bad_packet: u64,
+    /// A mesh message that does not decode or that the link may not send (before its Hello,
+    /// an unknown envelope type).
+    pub bad_message: u64,
 }
 
 /// Peer service activity.

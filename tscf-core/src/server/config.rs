@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::DtlsListenerConfig;
 use crate::director::{DirectorConfig, DirectorConfigError};
 use crate::dtls::{self, ClientCheck};
-use crate::io::{Capture, QuicLimits};
+use crate::io::{Capture, ClientTls, QuicLimits};
 use crate::tls::{self, Fingerprint, Os, ServerIdentity, ServerTlsConfig, TlsConfigError};
 use crate::wire::Transport;
 
@@ -92,6 +92,16 @@ pub struct ServerConfig {
     /// data can be injected (§2.6). Without this [`check`](Self::check) refuses such a
     /// listener; with it, [`prepare`](Self::prepare) logs a warning for each.
     pub allow_plain_beyond_loopback: bool,
+    /// In a cluster (`director.cluster`): the mesh listeners, where the other directors
+    /// connect (TLS with a client certificate the runtime verifies as a director's; each
+    /// accepted connection goes to [`ServerHost::accept_mesh`](super::ServerHost::accept_mesh)).
+    /// Default none.
+    pub mesh: Vec<SocketAddr>,
+    /// In a cluster: how mesh links to the other directors are dialed (the TLS client
+    /// settings, with this director's client certificate; the server name of each link is
+    /// the other director's name, which its certificate must carry). Without it the director
+    /// dials nobody and waits to be dialed. Default none.
+    pub mesh_client: Option<ClientTls>,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +128,8 @@ impl Default for ServerConfig {
             quic_limits: QuicLimits::default(),
             capture: None,
             allow_plain_beyond_loopback: false,
+            mesh: Vec::new(),
+            mesh_client: None,
         }
     }
 }

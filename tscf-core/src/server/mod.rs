@@ -18,6 +18,14 @@
 //!   control envelopes on the stream; past [`ServerConfig::quic_retry_above`] handshakes in
 //!   progress, new clients must prove their address with a Retry first.
 //!
+//! - **In a cluster** (`DirectorConfig::cluster`, `docs/CLUSTER.md`): the director's registry
+//!   requests leave as [`ServerEvent::Registry`] and their answers come back through
+//!   [`handle_registry`](ServerHost::handle_registry); a mesh link it asks for is dialed as a
+//!   TLS stream ([`ServerConfig::mesh_client`], the other director's name as server name), and
+//!   one a mesh listener accepted enters through [`accept_mesh`](ServerHost::accept_mesh).
+//!   Mesh links are streams like the others, save that they count against no source's bound,
+//!   are never evicted as unconfigured, and have no pending timeout once open.
+//!
 //! Drive it as every host: after any input (`handle_input`, `accept_stream`, `accept_quic`,
 //! `handle_timeout`, `shutdown`, `cut_connection`), drain [`poll_transmit`](ServerHost::poll_transmit)
 //! and [`poll_event`](ServerHost::poll_event) until both return `None`, then arm a timer for
@@ -43,14 +51,15 @@ use rustc_hash::FxHashMap;
 pub use config::{LocalAddrs, ServerConfig, ServerCredentials, StartError};
 pub use stats::{ServerStats, TransportCounters};
 
+use crate::cluster::{DirectorName, RegistryRequest, RegistryResponse, RequestId};
 use crate::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfigError, DirectorEvent, SessionDirector,
     TunnelSummary,
 };
 use crate::dtls::{self, DtlsEndpoint, DtlsEvent, DtlsLimits};
 use crate::io::{
-    Capture, CapturedEnvelope, CloseReason, Direction, Input, IoEvent, SocketId, StreamError,
-    StreamId, StreamOutput, Transmit,
+    Capture, CapturedEnvelope, ClientTls, CloseReason, Connect, Direction, Input, IoEvent,
+    Security, SocketId, StreamError, StreamId, StreamOutput, Transmit,
 };
 use crate::stun;
 use crate::wire::{DatagramKind, EnvelopeType, StreamDeframer, Transport, ENVELOPE_HEADER_LEN};
@@ -66,6 +75,15 @@ pub enum ServerEvent {
     Io(IoEvent),
     /// What the director did (for the log); the host has already acted on it.
     Director(DirectorEvent),
+    /// In a cluster: a request for the registry. Execute it and hand the answer to
+    /// [`ServerHost::handle_registry`] with the same `id` (a `Failed` answer if the registry
+    /// cannot be reached); answers may come in any order.
+    Registry {
+        /// Names the request.
+        id: RequestId,
+        /// The request.
+        request: RegistryRequest,
+    },
 }
 
 /// What [`ServerHost::accept_quic`] decides for a QUIC client whose Initial arrived.
@@ -131,6 +149,9 @@ pub struct ServerHost {
     stopped: bool,
     /// Latest time seen.
     now: Instant,
+    /// How mesh links to other directors are dialed (TLS client settings; the peer's name is
+    /// the server name).
+    mesh_client: Option<ClientTls>,
 }
 
 /// The bounds of [`ServerConfig`] the host enforces.
@@ -179,6 +200,19 @@ struct Stream {
     write_timer: bool,
     /// Not configured yet: counted in its source's unconfigured connections.
     unconfigured: bool,
+    /// What the stream carries.
+    role: Role,
+}
+
+/// What a stream connection carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role {
+    /// A client's tunnel.
+    Client,
+    /// A mesh link this server dialed to the director named.
+    MeshDialed(DirectorName),
+    /// A mesh link another director dialed (named by its Hello).
+    MeshAccepted,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,6 +304,7 @@ impl ServerHost {
             capture: config.capture,
             datagram_local: local.udp.iter().chain(&local.dtls).copied().collect(),
             stopped: false,
+            mesh_client: config.mesh_client,
         })
     }
 
@@ -344,6 +379,7 @@ impl ServerHost {
                 write_started: None,
                 write_timer: false,
                 unconfigured: true,
+                role: Role::Client,
             })),
         );
         *self.by_source.entry(source_of(remote)).or_default() += 1;
@@ -371,6 +407,82 @@ impl ServerHost {
                 self.by_source.remove(&source);
             }
         }
+    }
+
+    /// A mesh listener accepted a TCP connection from another director at `remote`: its
+    /// stream id, or `None` if it must be closed at once (the server is stopping, or all
+    /// stream slots are taken by configured connections). Run the TLS handshake, verifying
+    /// the client certificate as a director's, then report [`Input::StreamOpen`] or
+    /// [`Input::StreamClosed`] as for any stream. A mesh link counts against no source's
+    /// unconfigured connections, is never evicted as unconfigured, and has no pending timeout
+    /// once open.
+    pub fn accept_mesh(&mut self, now: Instant, remote: SocketAddr) -> Option<StreamId> {
+        self.advance(now);
+        if self.stopped {
+            self.counters.streams_refused += 1;
+            return None;
+        }
+        if !self.make_room(now) {
+            return None;
+        }
+        Some(self.open_mesh_stream(now, remote, Role::MeshAccepted))
+    }
+
+    /// The registry's answer to request `id` ([`ServerEvent::Registry`]).
+    pub fn handle_registry(&mut self, now: Instant, id: RequestId, response: RegistryResponse) {
+        self.advance(now);
+        self.director.handle_registry(now, id, response);
+    }
+
+    fn open_mesh_stream(&mut self, now: Instant, remote: SocketAddr, role: Role) -> StreamId {
+        self.counters.streams_accepted += 1;
+        self.streams += 1;
+        let handle = self.fresh_handle();
+        self.routes.insert(
+            handle,
+            Route::Stream(Box::new(Stream {
+                transport: Transport::TLS,
+                remote,
+                state: StreamState::Handshaking,
+                deframer: StreamDeframer::new(),
+                output: StreamOutput::default(),
+                write_started: None,
+                write_timer: false,
+                unconfigured: false,
+                role,
+            })),
+        );
+        let at = after(now, self.bounds.handshake_timeout);
+        self.timers
+            .push(Reverse((at, StreamTimer::Handshake(handle))));
+        StreamId(handle.0)
+    }
+
+    /// Dials a mesh link to director `name` at `addr`, as the director asked.
+    fn dial_mesh(&mut self, name: DirectorName, addr: SocketAddr) {
+        let Some(tls) = self.mesh_client.clone() else {
+            return;
+        };
+        let Ok(server_name) = rustls::pki_types::ServerName::try_from(name.as_str().to_owned())
+        else {
+            return;
+        };
+        if self.stopped || self.streams >= self.bounds.max_streams {
+            self.counters.streams_refused += 1;
+            return;
+        }
+        let stream = self.open_mesh_stream(self.now, addr, Role::MeshDialed(name));
+        let security = Security::Tls(ClientTls {
+            config: tls.config,
+            name: server_name,
+        });
+        self.events
+            .push_back(ServerEvent::Io(IoEvent::Connect(Connect {
+                stream,
+                to: addr,
+                security,
+                timeout: self.bounds.handshake_timeout,
+            })));
     }
 
     /// A QUIC listener received the first packet of a new connection from `remote`;
@@ -600,7 +712,10 @@ impl ServerHost {
         if let Some(event) = self.events.pop_front() {
             return Some(event);
         }
-        let event = self.director.poll_event()?;
+        let Some(event) = self.director.poll_event() else {
+            let (id, request) = self.director.poll_registry()?;
+            return Some(ServerEvent::Registry { id, request });
+        };
         match event {
             DirectorEvent::CloseConnection { connection } => {
                 // A director closes a connection that never configured only to reclaim its
@@ -625,6 +740,7 @@ impl ServerHost {
                     }
                 }
             }
+            DirectorEvent::DialMesh { ref name, addr } => self.dial_mesh(name.clone(), addr),
             _ => {}
         }
         Some(ServerEvent::Director(event))
@@ -843,6 +959,16 @@ impl ServerHost {
             return;
         }
         s.state = StreamState::Open;
+        let mesh = match &s.role {
+            Role::Client => None,
+            Role::MeshDialed(name) => Some(Some(name.clone())),
+            Role::MeshAccepted => Some(None),
+        };
+        if let Some(peer) = mesh {
+            // Handles are fresh, so the director cannot know this one.
+            let _ = self.director.handle_mesh_connect(now, handle, peer);
+            return;
+        }
         let info = ConnectionInfo {
             transport: s.transport,
             remote: s.remote,

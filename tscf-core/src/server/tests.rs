@@ -26,6 +26,7 @@ struct Drained {
     quic: Vec<(StreamId, Vec<u8>)>,
     io: Vec<IoEvent>,
     director: Vec<DirectorEvent>,
+    registry: Vec<(RequestId, RegistryRequest)>,
 }
 
 impl Harness {
@@ -58,6 +59,7 @@ impl Harness {
             match self.host.poll_event() {
                 Some(ServerEvent::Io(io)) => out.io.push(io),
                 Some(ServerEvent::Director(event)) => out.director.push(event),
+                Some(ServerEvent::Registry { id, request }) => out.registry.push((id, request)),
                 None => return out,
             }
         }
@@ -838,4 +840,97 @@ fn a_capture_sees_envelopes_both_ways_and_each_relayed_packet_once() {
             (true, Direction::Sent, None, &packet),
         ]
     );
+}
+
+// ---- cluster ----
+
+mod cluster {
+    use super::*;
+    use crate::cluster::{ClusterConfig, MeshMessage};
+    use crate::tls::{self, Fingerprint};
+
+    fn clustered() -> ServerConfig {
+        let name = DirectorName::new("dir-a").expect("a name");
+        let mesh = "127.0.0.1:4450".parse().expect("addr");
+        let director = crate::director::DirectorConfig {
+            cluster: Some(ClusterConfig::new(name, [7; 32], mesh)),
+            ..crate::director::DirectorConfig::default()
+        };
+        let config = tls::pinned_client_config(Fingerprint::of(b"a director")).expect("config");
+        let name = rustls::pki_types::ServerName::try_from("unused").expect("a name");
+        ServerConfig {
+            director,
+            keep_seed: true,
+            mesh: vec![mesh],
+            mesh_client: Some(ClientTls { config, name }),
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn registry_requests_leave_as_events_and_mesh_links_are_dialed_and_accepted() {
+        let mut h = Harness::new(clustered());
+        let out = h.drain();
+        let (id, request) = out.registry.first().cloned().expect("a heartbeat");
+        assert!(matches!(request, RegistryRequest::Heartbeat { .. }));
+        let other = DirectorName::new("dir-b").expect("a name");
+        let other_mesh: SocketAddr = "192.0.2.2:4450".parse().expect("addr");
+        let me = DirectorName::new("dir-a").expect("a name");
+        let members = vec![
+            (me, "127.0.0.1:4450".parse().expect("addr")),
+            (other.clone(), other_mesh),
+        ];
+        h.host
+            .handle_registry(h.now, id, RegistryResponse::Directors(members));
+        let out = h.drain();
+        assert!(out
+            .director
+            .iter()
+            .any(|e| matches!(e, DirectorEvent::DialMesh { name, .. } if *name == other)));
+        let Some(IoEvent::Connect(connect)) = out.io.first().cloned() else {
+            panic!("a connect, not {:?}", out.io);
+        };
+        assert_eq!(connect.to, other_mesh);
+        let Security::Tls(tls) = &connect.security else {
+            panic!("a TLS link");
+        };
+        assert_eq!(
+            tls.name,
+            rustls::pki_types::ServerName::try_from("dir-b").expect("a name")
+        );
+        let out = h.input(Input::StreamOpen {
+            stream: connect.stream,
+            verified_identity: true,
+        });
+        assert!(out
+            .io
+            .iter()
+            .any(|e| matches!(e, IoEvent::StreamReady { stream } if *stream == connect.stream)));
+        assert_eq!(h.host.stats().director.cluster.mesh_links, 1);
+        assert_eq!(h.host.stats().director.pending_connections, 0);
+
+        // Accepted: named by its Hello, not a pending client connection.
+        let remote = "192.0.2.3:50000".parse().expect("addr");
+        let stream = h.host.accept_mesh(h.now, remote).expect("admitted");
+        h.input(Input::StreamOpen {
+            stream,
+            verified_identity: true,
+        });
+        let mut hello = Vec::new();
+        MeshMessage::Hello(DirectorName::new("dir-0").expect("a name"))
+            .encode_envelope(&mut hello)
+            .expect("fits");
+        h.input(Input::StreamData {
+            stream,
+            data: &hello,
+        });
+        assert_eq!(h.host.stats().director.cluster.mesh_links, 2);
+        assert_eq!(h.host.stats().director.pending_connections, 0);
+        // The pending timeout does not close it.
+        let out = h.advance(Duration::from_secs(30));
+        assert!(!out
+            .io
+            .iter()
+            .any(|e| matches!(e, IoEvent::CloseStream { stream: s, .. } if *s == stream)));
+    }
 }

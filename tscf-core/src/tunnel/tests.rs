@@ -314,7 +314,8 @@ impl Net {
                     }
                 }
                 ServerEvent::Io(other) => panic!("unexpected {other:?}"),
-                ServerEvent::Director(_) => {}
+                // No cluster here.
+                ServerEvent::Director(_) | ServerEvent::Registry { .. } => {}
             }
         }
     }

@@ -66,6 +66,8 @@ wire_code! {
         DATA = 0x04 => "Data",
         /// One control message.
         CONTROL = 0x05 => "Control",
+        /// One director-to-director message, on a mesh link only (`docs/PROTOCOL.md` §9).
+        MESH = 0x06 => "Mesh",
     }
 }
 

@@ -123,6 +123,8 @@ struct Listeners<'a> {
     udp: &'a [SocketAddr],
     quic: &'a [SocketAddr],
     dtls: &'a [SocketAddr],
+    /// Where the other directors of a cluster link to this one.
+    mesh: &'a [SocketAddr],
 }
 
 /// One tunnel the director holds.
@@ -154,6 +156,7 @@ impl<'a> Status<'a> {
                 udp: &addrs.udp,
                 quic: &addrs.quic,
                 dtls: &addrs.dtls,
+                mesh: server.mesh_addrs(),
             },
             tls_fingerprint: server.tls_fingerprint().map(|f| f.to_string()),
             tunnels: server
@@ -204,7 +207,7 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
     }
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!("tscf server {}", value["state"].as_str().unwrap_or("?"));
-    for kind in ["tcp", "tls", "udp", "quic", "dtls"] {
+    for kind in ["tcp", "tls", "udp", "quic", "dtls", "mesh"] {
         for a in value["listeners"][kind].as_array().into_iter().flatten() {
             println!("  {kind} {}", a.as_str().unwrap_or("?"));
         }
@@ -251,6 +254,26 @@ pub(crate) fn status(admin: SocketAddr, as_json: bool) -> ExitCode {
     let dropped = nonzero(&d["dropped"]);
     if !dropped.is_empty() {
         println!("dropped: {}", dropped.join(", "));
+    }
+    let c = &d["cluster"];
+    let in_cluster = !value["listeners"]["mesh"]
+        .as_array()
+        .is_none_or(|a| a.is_empty());
+    if in_cluster || n(&c["registry_requests"]) > 0 {
+        println!(
+            "cluster: {} registry requests, {} failed; {} mesh links opened, {} dialed; \
+             {} tunnels adopted, {} moved away",
+            n(&c["registry_requests"]),
+            n(&c["registry_failures"]),
+            n(&c["mesh_links"]),
+            n(&c["mesh_dials"]),
+            n(&c["adoptions"]),
+            n(&c["moved_away"]),
+        );
+        let mesh_dropped = nonzero(&c["mesh_dropped"]);
+        if !mesh_dropped.is_empty() {
+            println!("mesh dropped: {}", mesh_dropped.join(", "));
+        }
     }
     let r = &value["runtime"];
     if !value["listeners"]["dtls"]

@@ -78,14 +78,16 @@ pub(crate) struct ClientArgs {
 /// How to reach the server: what `tscf client` and `tscf ping` share.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct TunnelArgs {
-    /// A TOML file with the keys `server`, `transport`, `fingerprint`, `token`, `stun`,
-    /// `forward`, `listen`, `peer` and `keepalive` (see below); options given on the command line win, lists are
-    /// joined.
+    /// A TOML file with the keys `server` or `servers`, `transport`, `fingerprint`, `token`,
+    /// `stun`, `forward`, `listen`, `peer` and `keepalive` (see below); options given on the
+    /// command line win (`--server` over the file's servers), other lists are joined.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// The server's address (default: the default server's listener for the transport).
+    /// Repeatable: the servers of one cluster, tried in order when a tunnel is opened or
+    /// re-attached after its server is lost.
     #[arg(long, value_name = "ADDR")]
-    server: Option<SocketAddr>,
+    server: Vec<SocketAddr>,
     /// The transport to the server (default udp).
     #[arg(long, value_enum)]
     transport: Option<TransportArg>,
@@ -394,7 +396,9 @@ impl TunnelArgs {
         };
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.server = self.server.or(file.server);
+        if self.server.is_empty() {
+            self.server = file.server.into_iter().chain(file.servers).collect();
+        }
         self.transport = self.transport.or(file.transport);
         // --insecure on the command line wins over a pinned fingerprint in the file.
         if !self.insecure {
@@ -433,11 +437,15 @@ impl TunnelArgs {
             TransportArg::Dtls => (Transport::DTLS, "127.0.0.1:4445"),
             TransportArg::Quic => (Transport::QUIC, "127.0.0.1:4444"),
         };
-        let addr = match args.server {
-            Some(a) => a,
-            None => default.parse().map_err(|_| "bad default address")?,
+        let addrs = match &args.server[..] {
+            [] => vec![default.parse().map_err(|_| "bad default address")?],
+            listed => listed.to_vec(),
         };
-        let mut config = TunnelConfig::new(vec![ServerEndpoint { addr, transport }]);
+        let servers = addrs
+            .into_iter()
+            .map(|addr| ServerEndpoint { addr, transport })
+            .collect();
+        let mut config = TunnelConfig::new(servers);
         if [Transport::TLS, Transport::DTLS, Transport::QUIC].contains(&transport) {
             let verification = match (&args.fingerprint, args.insecure) {
                 (Some(hex), _) => ServerVerification::Pinned(
@@ -911,5 +919,58 @@ fn snapshot(tunnel: &Tunnel, outcomes: &Mutex<PeerOutcomes>) -> ClientSnapshot {
         peer_tunnels,
         peers,
         outcomes: outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Line {
+        #[command(flatten)]
+        tunnel: TunnelArgs,
+    }
+
+    fn servers(args: &[&str]) -> Vec<SocketAddr> {
+        let line = Line::try_parse_from(std::iter::once("tscf").chain(args.iter().copied()))
+            .expect("a command line");
+        let config = line.tunnel.config().expect("a configuration");
+        config.client.servers.iter().map(|s| s.addr).collect()
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn servers_come_from_the_command_line_or_the_file_in_order() {
+        assert_eq!(servers(&[]), vec![addr("127.0.0.1:4440")]);
+        assert_eq!(
+            servers(&["--server", "192.0.2.1:4440"]),
+            vec![addr("192.0.2.1:4440")]
+        );
+        assert_eq!(
+            servers(&["--server", "192.0.2.2:4440", "--server", "192.0.2.1:4440"]),
+            vec![addr("192.0.2.2:4440"), addr("192.0.2.1:4440")]
+        );
+
+        let path = std::env::temp_dir().join(format!("tscf-client-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "servers = [\"192.0.2.3:4440\", \"192.0.2.4:4440\"]\n",
+        )
+        .expect("written");
+        let file = path.to_str().expect("a UTF-8 path");
+        let from_file = servers(&["--config", file]);
+        let overridden = servers(&["--config", file, "--server", "192.0.2.9:4440"]);
+        std::fs::remove_file(&path).expect("removed");
+        assert_eq!(
+            from_file,
+            vec![addr("192.0.2.3:4440"), addr("192.0.2.4:4440")]
+        );
+        assert_eq!(overridden, vec![addr("192.0.2.9:4440")]);
     }
 }

@@ -21,6 +21,20 @@
 //! self_signed = ["127.0.0.1", "localhost"]
 //! # cert = "server.pem"             # or a PEM chain and key
 //! # key = "server.key"
+//!
+//! [cluster]                         # one director of a cluster (docs/CLUSTER.md); default none
+//! name = "dir-a"                    # this director: a-z, 0-9, '-'; its certificate's DNS name
+//! redis = "redis://127.0.0.1:6379/" # the registry (Redis or Valkey; redis://:password@host/)
+//! secret_file = "cluster.secret"    # 64 hex digits, the same on every director
+//! # secret = "00112233…"            # or inline
+//! mesh = "0.0.0.0:4450"             # the mesh listener (mutual TLS under the cluster CA)
+//! advertise = "192.0.2.10:4450"     # where the others dial it (default: mesh)
+//! ca = "cluster-ca.pem"             # the cluster CA
+//! cert = "dir-a.pem"                # this director's certificate (SAN: DNS name = name)
+//! key = "dir-a.key"
+//! namespace = "default"             # the registry keys' hash tag: tscf:{namespace}:…
+//! heartbeat_ms = 1000               # how often the director renews its lease
+//! director_lease_ms = 3000          # a director silent this long is taken for dead
 //! ```
 //!
 //! [`ClientFile`] is the `tscf client --config` file; [`TransportArg`], [`parse_forward`] and
@@ -28,11 +42,16 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::ValueEnum;
 use serde::Deserialize;
+use tscf_runtime_smol::core::cluster::{ClusterConfig, DirectorName};
 use tscf_runtime_smol::core::director::{DirectorConfig, Ipv4Pool, Ipv6Pool};
-use tscf_runtime_smol::{ServerConfig, ServerIdentity, ServerTlsConfig};
+use tscf_runtime_smol::core::tls::{self, MeshTlsConfig};
+use tscf_runtime_smol::{
+    ClusterEndpoints, RedisRegistry, ServerConfig, ServerIdentity, ServerTlsConfig, OS,
+};
 
 #[cfg(test)]
 use crate::forward::Protocol;
@@ -82,6 +101,110 @@ pub(crate) struct ServerFile {
     /// At a stop, how long to wait at most for the clients to acknowledge their release
     /// notifications (retransmitted meanwhile on datagram transports), in milliseconds.
     shutdown_grace_ms: Option<u64>,
+    cluster: Option<Cluster>,
+}
+
+/// The `[cluster]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cluster {
+    name: String,
+    redis: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    mesh: SocketAddr,
+    advertise: Option<SocketAddr>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    namespace: Option<String>,
+    heartbeat_ms: Option<u64>,
+    director_lease_ms: Option<u64>,
+}
+
+impl Cluster {
+    /// The director's side, the mesh listener and the runtime's side; reads the secret file
+    /// and the PEM files.
+    fn configs(self) -> Result<(ClusterConfig, SocketAddr, ClusterEndpoints), String> {
+        let name = DirectorName::new(&self.name)
+            .map_err(|e| format!("cluster.name: {:?}: {e}", self.name))?;
+        tls::mesh_server_name(&name).map_err(|_| {
+            format!("cluster.name: {name} is not a DNS name (it starts or ends with '-')")
+        })?;
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => return Err("cluster: secret or secret_file, not both".into()),
+            (None, None) => return Err("cluster: secret or secret_file is required".into()),
+            (Some(hex), None) => parse_secret(hex).map_err(|e| format!("cluster.secret: {e}"))?,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cluster.secret_file: {}: {e}", path.display()))?;
+                parse_secret(text.trim())
+                    .map_err(|e| format!("cluster.secret_file: {}: {e}", path.display()))?
+            }
+        };
+        let advertise = self.advertise.unwrap_or(self.mesh);
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err(format!(
+                "cluster.advertise: the other directors cannot dial {advertise}; name the \
+                 address they reach this one at"
+            ));
+        }
+        let mut config = ClusterConfig::new(name, secret, advertise);
+        if let Some(ms) = self.heartbeat_ms {
+            if ms == 0 {
+                return Err("cluster.heartbeat_ms: must be above 0".into());
+            }
+            config.heartbeat = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.director_lease_ms {
+            config.director_lease = Duration::from_millis(ms);
+        }
+        if config.director_lease <= config.heartbeat {
+            return Err(format!(
+                "cluster.director_lease_ms: {} ms is not longer than the heartbeat ({} ms)",
+                config.director_lease.as_millis(),
+                config.heartbeat.as_millis()
+            ));
+        }
+        let namespace = self.namespace.unwrap_or_else(|| "default".to_owned());
+        let ok = !namespace.is_empty()
+            && namespace.len() <= 64
+            && namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            return Err(format!(
+                "cluster.namespace: {namespace:?} is not 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.'"
+            ));
+        }
+        let registry = RedisRegistry::new(&self.redis, &namespace)
+            .map_err(|e| format!("cluster.redis: {e}"))?;
+        let mesh = MeshTlsConfig {
+            ca: self.ca,
+            cert: self.cert,
+            key: self.key,
+        };
+        let mesh_tls =
+            tls::mesh_tls(&mesh, OS).map_err(|e| format!("cluster (ca, cert, key): {e}"))?;
+        Ok((config, self.mesh, ClusterEndpoints::new(registry, mesh_tls)))
+    }
+}
+
+/// 32 octets from 64 hex digits.
+fn parse_secret(hex: &str) -> Result<[u8; 32], String> {
+    let mut secret = [0u8; 32];
+    let digits = hex.as_bytes();
+    if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(format!("not 64 hex digits ({} characters)", hex.len()));
+    }
+    for (k, byte) in secret.iter_mut().enumerate() {
+        // Checked above: two ASCII hex digits.
+        *byte = u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).map_err(|e| e.to_string())?;
+    }
+    if secret == [0; 32] {
+        return Err("all zeros is no secret".into());
+    }
+    Ok(secret)
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,8 +270,11 @@ impl ServerFile {
         }
     }
 
-    /// The runtime's configuration.
-    pub(crate) fn into_server_config(self) -> Result<ServerConfig, String> {
+    /// The runtime's configuration, and with a `[cluster]` table what the server runs for it.
+    pub(crate) fn into_server_config(
+        mut self,
+    ) -> Result<(ServerConfig, Option<ClusterEndpoints>), String> {
+        let cluster = self.cluster.take().map(Cluster::configs).transpose()?;
         let mut config = ServerConfig {
             tcp: self.tcp,
             tls: self.tls,
@@ -216,7 +342,12 @@ impl ServerFile {
             identity,
             client_ca: None,
         });
-        Ok(config)
+        let endpoints = cluster.map(|(cluster, mesh, endpoints)| {
+            config.director.cluster = Some(cluster);
+            config.mesh = vec![mesh];
+            endpoints
+        });
+        Ok((config, endpoints))
     }
 }
 
@@ -224,6 +355,7 @@ impl ServerFile {
 ///
 /// ```toml
 /// server = "203.0.113.1:4440"       # the server's address
+/// servers = ["203.0.113.1:4440", "203.0.113.2:4440"]  # or several of one cluster, in order
 /// transport = "udp"                 # tcp, tls, udp, dtls or quic
 /// fingerprint = "14bc…"             # the server certificate's SHA-256 (tls, dtls, quic)
 /// token = "secret"                  # the admission token
@@ -237,6 +369,8 @@ impl ServerFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientFile {
     pub(crate) server: Option<SocketAddr>,
+    #[serde(default)]
+    pub(crate) servers: Vec<SocketAddr>,
     pub(crate) transport: Option<TransportArg>,
     pub(crate) fingerprint: Option<String>,
     pub(crate) token: Option<String>,
@@ -305,6 +439,7 @@ mod tests {
     fn default_configuration_parses() {
         let c = ServerFile::default_config()
             .and_then(ServerFile::into_server_config)
+            .map(|(c, _)| c)
             .expect("default parses");
         let addr = |text: &str| text.parse::<SocketAddr>().expect("addr");
         assert_eq!(c.tcp, vec![addr("127.0.0.1:4440")]);
@@ -357,7 +492,7 @@ mod tests {
     #[test]
     fn the_packet_limit_is_checked_with_its_key() {
         let f = ServerFile::parse("max_packet_len = 9000").expect("parses");
-        let c = f.into_server_config().expect("a jumbo limit is fine");
+        let (c, _) = f.into_server_config().expect("a jumbo limit is fine");
         assert_eq!(c.director.max_packet_len, 9000);
         let f = ServerFile::parse("max_packet_len = 40").expect("parses");
         let e = f.into_server_config().expect_err("below 68");
@@ -367,14 +502,14 @@ mod tests {
     #[test]
     fn plain_listeners_beyond_loopback_are_allowed_only_by_name() {
         let text = "udp = [\"0.0.0.0:4440\"]\nauth_tokens = [\"a-long-enough-token\"]\n";
-        let c = ServerFile::parse(text)
+        let (c, _) = ServerFile::parse(text)
             .and_then(ServerFile::into_server_config)
             .expect("parses");
         assert!(matches!(
             c.check(),
             Err(tscf_runtime_smol::StartError::PlainBeyondLoopback { .. })
         ));
-        let c = ServerFile::parse(&format!("{text}allow_plain = true\n"))
+        let (c, _) = ServerFile::parse(&format!("{text}allow_plain = true\n"))
             .and_then(ServerFile::into_server_config)
             .expect("parses");
         assert!(c.allow_plain_beyond_loopback);
@@ -392,5 +527,169 @@ mod tests {
             e.contains("ipv4_pool") && e.contains("network/prefix"),
             "{e}"
         );
+    }
+
+    /// A cluster CA and the certificate of director `dir-a` as PEM files in a directory of
+    /// their own, removed on drop.
+    struct ClusterFiles(PathBuf);
+
+    impl ClusterFiles {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("tscf-config-{}-{tag}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a directory");
+            let ca_key = rcgen::KeyPair::generate().expect("a key");
+            let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("no names");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let cert = rcgen::CertificateParams::new(vec!["dir-a".to_owned()])
+                .expect("a name")
+                .signed_by(&key, &ca)
+                .expect("a certificate");
+            let write = |name: &str, text: String| {
+                std::fs::write(dir.join(name), text).expect("written");
+            };
+            write("ca.pem", ca.pem());
+            write("dir-a.pem", cert.pem());
+            write("dir-a.key", key.serialize_pem());
+            write("secret", format!("{}\n", "5a".repeat(32)));
+            Self(dir)
+        }
+
+        /// A `[cluster]` table naming these files, with `extra` lines.
+        fn table(&self, extra: &str) -> String {
+            let path = |name: &str| self.0.join(name).display().to_string();
+            format!(
+                "udp = [\"127.0.0.1:0\"]\n[cluster]\nname = \"dir-a\"\n\
+                 redis = \"redis://127.0.0.1:6379/\"\nmesh = \"127.0.0.1:4450\"\n\
+                 ca = {:?}\ncert = {:?}\nkey = {:?}\n{extra}",
+                path("ca.pem"),
+                path("dir-a.pem"),
+                path("dir-a.key"),
+            )
+        }
+
+        fn secret_file(&self) -> String {
+            format!(
+                "secret_file = {:?}\n",
+                self.0.join("secret").display().to_string()
+            )
+        }
+    }
+
+    impl Drop for ClusterFiles {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn cluster_error(text: &str) -> String {
+        ServerFile::parse(text)
+            .and_then(ServerFile::into_server_config)
+            .map(|_| ())
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn a_cluster_table_makes_a_director_of_a_cluster() {
+        let files = ClusterFiles::new("ok");
+        let text = files.table(&format!(
+            "{}advertise = \"192.0.2.10:4450\"\nheartbeat_ms = 500\ndirector_lease_ms = 2000\n",
+            files.secret_file()
+        ));
+        let (config, endpoints) = ServerFile::parse(&text)
+            .and_then(ServerFile::into_server_config)
+            .expect("a cluster");
+        let cluster = config.director.cluster.expect("a cluster");
+        assert_eq!(cluster.name.as_str(), "dir-a");
+        assert_eq!(cluster.secret, [0x5a; 32]);
+        assert_eq!(
+            cluster.mesh,
+            "192.0.2.10:4450".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(cluster.heartbeat, Duration::from_millis(500));
+        assert_eq!(cluster.director_lease, Duration::from_secs(2));
+        assert!(endpoints.is_some());
+        assert_eq!(
+            config.mesh,
+            vec!["127.0.0.1:4450".parse::<SocketAddr>().expect("addr")]
+        );
+
+        // Inline secret; advertised where it listens.
+        let text = files.table(&format!("secret = \"{}\"\n", "0f".repeat(32)));
+        let (config, _) = ServerFile::parse(&text)
+            .and_then(ServerFile::into_server_config)
+            .expect("a cluster");
+        let cluster = config.director.cluster.expect("a cluster");
+        assert_eq!(
+            cluster.mesh,
+            "127.0.0.1:4450".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(cluster.secret, [0x0f; 32]);
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key() {
+        let files = ClusterFiles::new("errors");
+        let secret = files.secret_file();
+        let cases = [
+            (
+                files.table(&secret).replace("dir-a\"", "Dir_A\""),
+                "cluster.name",
+            ),
+            (
+                files.table(&secret).replace("dir-a\"", "-dir\""),
+                "cluster.name",
+            ),
+            (files.table(""), "secret or secret_file"),
+            (
+                files.table(&format!("{secret}secret = \"{}\"\n", "0f".repeat(32))),
+                "not both",
+            ),
+            (files.table("secret = \"abcd\"\n"), "cluster.secret"),
+            (
+                files.table(&format!("secret = \"{}\"\n", "0".repeat(64))),
+                "cluster.secret",
+            ),
+            (
+                files.table("secret_file = \"/nonexistent/secret\"\n"),
+                "cluster.secret_file",
+            ),
+            (
+                files.table(&format!("{secret}heartbeat_ms = 3000\n")),
+                "cluster.director_lease_ms",
+            ),
+            (
+                files.table(&format!("{secret}heartbeat_ms = 0\n")),
+                "cluster.heartbeat_ms",
+            ),
+            (
+                files
+                    .table(&secret)
+                    .replace("redis://127.0.0.1:6379/", "http://nowhere"),
+                "cluster.redis",
+            ),
+            (
+                files
+                    .table(&secret)
+                    .replace("127.0.0.1:4450", "0.0.0.0:4450"),
+                "cluster.advertise",
+            ),
+            (
+                files.table(&format!("{secret}namespace = \"a{{b}}\"\n")),
+                "cluster.namespace",
+            ),
+            (
+                files.table(&secret).replace("dir-a.pem", "missing.pem"),
+                "missing.pem",
+            ),
+            (files.table(&format!("{secret}peers = []\n")), "peers"),
+            (files.table(&secret).replace("mesh = ", "# "), "mesh"),
+        ];
+        for (text, expected) in cases {
+            let e = cluster_error(&text);
+            assert!(e.contains(expected), "{expected:?} not in {e:?}");
+        }
     }
 }

@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tscf_runtime_smol::core::wire::Transport;
-use tscf_runtime_smol::{LocalAddrs, Server, StartError};
+use tscf_runtime_smol::{ClusterEndpoints, LocalAddrs, Server, StartError};
 
 use capture::{CaptureArgs, Capturing};
 
@@ -162,11 +162,11 @@ fn server(
             Some(a) => Some(a),
             None => f.metrics_addr()?,
         };
-        let mut config = f.into_server_config()?;
+        let (mut config, cluster) = f.into_server_config()?;
         config.allow_plain_beyond_loopback |= allow_plain;
-        Ok((config, admin, metrics))
+        Ok((config, cluster, admin, metrics))
     });
-    let (mut config, admin, metrics) = match configured {
+    let (mut config, cluster, admin, metrics) = match configured {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tscf: configuration error: {e}");
@@ -199,7 +199,7 @@ fn server(
         }
     };
     config.capture = capturing.as_ref().map(Capturing::capture);
-    let code = serve(config, admin, metrics, run_for, &listeners);
+    let code = serve(config, cluster, admin, metrics, run_for, &listeners);
     if let Some(c) = capturing {
         c.finish();
     }
@@ -209,6 +209,7 @@ fn server(
 /// Runs the server until a signal or `run_for` seconds; its admin and metrics endpoints beside.
 fn serve(
     config: tscf_runtime_smol::ServerConfig,
+    cluster: Option<ClusterEndpoints>,
     admin: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     run_for: Option<u64>,
@@ -226,7 +227,11 @@ fn serve(
                 return ExitCode::from(exit::FAILURE);
             }
         };
-        let handle = match Server::start(config).await {
+        let started = match cluster {
+            Some(cluster) => Server::start_cluster(config, cluster).await,
+            None => Server::start(config).await,
+        };
+        let handle = match started {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("tscf: cannot start the server: {e}");
@@ -270,6 +275,9 @@ fn serve(
         }
         for a in &addrs.dtls {
             println!("  dtls {a}");
+        }
+        for a in handle.mesh_addrs() {
+            println!("  mesh {a}");
         }
         if let Some(f) = handle.tls_fingerprint() {
             println!("  tls fingerprint {f}");

@@ -468,6 +468,96 @@ impl Collector for ServerMetrics {
             "Peer candidates not forwarded (implausible or duplicate).",
             p.candidates_dropped,
         )?;
+        let c = &d.cluster;
+        out.counters(
+            "tscf_server_cluster_registry",
+            "A director of a cluster and its registry: requests issued, answered failed, \
+             answers naming no request (unexpected), requests not issued with too many in \
+             flight (saturated), and recoveries (every record put again after failures).",
+            "event",
+            &[
+                ("requests", c.registry_requests),
+                ("failures", c.registry_failures),
+                ("unexpected", c.registry_unexpected),
+                ("saturated", c.registry_saturated),
+                ("recoveries", c.registry_recoveries),
+            ],
+        )?;
+        out.counters(
+            "tscf_server_cluster_addresses",
+            "Addresses the registry granted to the director's stock (claimed) or refused \
+             (another director holds them).",
+            "outcome",
+            &[
+                ("claimed", c.addresses_claimed),
+                ("refused", c.addresses_refused),
+            ],
+        )?;
+        out.counters(
+            "tscf_server_cluster_tunnels",
+            "Tunnels adopted from another director (their client re-attached here), and \
+             tunnels dropped because another director adopted them (moved_away).",
+            "event",
+            &[("adopted", c.adoptions), ("moved_away", c.moved_away)],
+        )?;
+        out.counter(
+            "tscf_server_cluster_parked",
+            "Re-attach requests for tunnels held elsewhere, parked while the registry is asked.",
+            c.parked,
+        )?;
+        out.counters(
+            "tscf_server_cluster_dropped",
+            "Requests a director of a cluster dropped: Configuration Requests while its stock \
+             of addresses was empty (stock_empty), re-attach requests not parked because too \
+             many were (parked_full).",
+            "reason",
+            &[
+                ("stock_empty", c.stock_empty),
+                ("parked_full", c.parked_full),
+            ],
+        )?;
+        out.counter(
+            "tscf_server_cluster_route_lookups",
+            "Lookups of the director that holds an address, sent to the registry.",
+            c.route_lookups,
+        )?;
+        out.counter(
+            "tscf_server_cluster_peer_requests_relayed",
+            "Peer requests forwarded to another director, or answered for one.",
+            c.peer_requests_relayed,
+        )?;
+        out.counters(
+            "tscf_server_mesh_links",
+            "Mesh links to other directors: dials started, links opened.",
+            "event",
+            &[("dialed", c.mesh_dials), ("opened", c.mesh_links)],
+        )?;
+        out.counters(
+            "tscf_server_mesh_envelopes",
+            "Envelopes on mesh links, by direction (received, queued to send).",
+            "direction",
+            &[("received", c.mesh_frames_in), ("sent", c.mesh_frames_out)],
+        )?;
+        let m = &c.mesh_dropped;
+        out.counters(
+            "tscf_server_mesh_dropped",
+            "What the mesh dropped: packets for an address being looked up (awaiting_route) \
+             or whose director is not linked (no_link), the link's queue full (queue_full); \
+             from a link: packets for no local tunnel (not_here), with a local or foreign \
+             source (spoofed_source), too large (oversized), not one IP packet (bad_packet), \
+             and messages that do not decode or are out of turn (bad_message).",
+            "reason",
+            &[
+                ("awaiting_route", m.awaiting_route),
+                ("no_link", m.no_link),
+                ("queue_full", m.queue_full),
+                ("not_here", m.not_here),
+                ("spoofed_source", m.spoofed_source),
+                ("oversized", m.oversized),
+                ("bad_packet", m.bad_packet),
+                ("bad_message", m.bad_message),
+            ],
+        )?;
         out.gauge(
             "tscf_server_queued_frames",
             "Data frames waiting in the tunnels' queues.",

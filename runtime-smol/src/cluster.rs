@@ -1,0 +1,93 @@
+//! What a server of a cluster runs beside its listeners (`docs/CLUSTER.md`): the registry
+//! task and the mesh listeners, secured by the cluster's mutual TLS.
+//!
+//! The director asks for registry work with [`ServerEvent::Registry`]; the driver queues it
+//! for the one registry task (a bounded queue: a request that finds it full is answered with
+//! a failure at once), which executes the requests in order against [`RedisRegistry`] and
+//! hands each answer back through the host's lock like any other input.
+//!
+//! [`ServerEvent::Registry`]: tscf_core::server::ServerEvent::Registry
+
+use std::sync::Arc;
+
+use async_channel::{Receiver, Sender, TrySendError};
+use tscf_core::cluster::{RegistryRequest, RegistryResponse, RequestId};
+use tscf_core::server::ServerHost;
+use tscf_core::tls::MeshTls;
+
+use crate::drive::Shared;
+use crate::server::ServerExtra;
+use crate::RedisRegistry;
+
+/// The registry and the mesh TLS of a director that is one of a cluster; the director's side
+/// of it is [`DirectorConfig::cluster`](tscf_core::director::DirectorConfig::cluster), its mesh
+/// listeners are [`ServerConfig::mesh`](tscf_core::server::ServerConfig::mesh).
+#[derive(Debug)]
+pub struct ClusterEndpoints {
+    /// The registry the directors share.
+    pub registry: RedisRegistry,
+    /// The mesh's TLS: the mesh listeners present and verify with its server side, links to
+    /// the other directors are dialed with its client side.
+    pub mesh_tls: MeshTls,
+    /// Registry requests waiting for the registry at most; beyond, a request is answered
+    /// with a failure at once (default 1024).
+    pub registry_queue: usize,
+}
+
+impl ClusterEndpoints {
+    /// The endpoints with the default queue.
+    pub fn new(registry: RedisRegistry, mesh_tls: MeshTls) -> Self {
+        Self {
+            registry,
+            mesh_tls,
+            registry_queue: 1024,
+        }
+    }
+}
+
+/// One registry request on its way to the registry task.
+pub(crate) type Queued = (RequestId, RegistryRequest);
+
+/// The queue to the registry task, and its other end.
+pub(crate) fn queue(bound: usize) -> (Sender<Queued>, Receiver<Queued>) {
+    async_channel::bounded(bound.max(1))
+}
+
+/// Hands request `id` to the registry task through `queue`, or answers it with a failure at
+/// once when there is no registry or its queue is full.
+pub(crate) fn submit(
+    queue: Option<&Sender<Queued>>,
+    host: &mut ServerHost,
+    now: std::time::Instant,
+    id: RequestId,
+    request: RegistryRequest,
+) {
+    let refused = match queue.map(|q| q.try_send((id, request))) {
+        Some(Ok(())) => return,
+        Some(Err(TrySendError::Full(_))) => "registry queue full",
+        Some(Err(TrySendError::Closed(_))) => "registry stopped",
+        None => "no registry configured",
+    };
+    host.handle_registry(now, id, RegistryResponse::Failed(refused.to_owned()));
+}
+
+/// The registry task's body: executes the queued requests in order, each answer fed back to
+/// the host.
+pub(crate) async fn run_registry(
+    shared: Arc<Shared<ServerExtra>>,
+    queue: Receiver<Queued>,
+    mut registry: RedisRegistry,
+) {
+    while let Ok((id, request)) = queue.recv().await {
+        let response = registry.execute(&request).await;
+        let stopped = shared.drive(|host, io, now| {
+            if !io.stopped {
+                host.handle_registry(now, id, response);
+            }
+            io.stopped
+        });
+        if stopped {
+            return;
+        }
+    }
+}

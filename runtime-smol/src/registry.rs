@@ -1,0 +1,379 @@
+//! The cluster's registry in Redis or Valkey (`docs/CLUSTER.md`): executes the core's
+//! [`RegistryRequest`]s with the semantics of [`MemoryRegistry`], one request at a time, each
+//! atomic on its own (one command, one `MULTI`, or one script).
+//!
+//! Every key of a cluster sits under the one hash tag `tscf:{<namespace>}:`, so that a Redis
+//! Cluster keeps them in one slot and the scripts may touch any of them. Leases are Redis's own
+//! expiry (`PX`, `PEXPIRE`): no clock of this process goes into the store.
+//!
+//! | key | value | expiry |
+//! | --- | --- | --- |
+//! | `tscf:{ns}:director:<name>` | its mesh address, `ip:port` | its lease |
+//! | `tscf:{ns}:directors` | the set of director names that wrote a heartbeat | none; names whose key expired are removed by the next heartbeat |
+//! | `tscf:{ns}:tunnel:<id in hex>` | [`TunnelRecord::to_value`] | the tunnel's lease |
+//! | `tscf:{ns}:address:<ip>` | [`AddressHolder::to_value`] | the claim's or tunnel's lease |
+//!
+//! [`MemoryRegistry`]: tscf_core::cluster::MemoryRegistry
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use tscf_core::cluster::{
+    AddressHolder, DirectorName, RegistryRequest, RegistryResponse, TunnelRecord,
+};
+
+/// Renews a director's lease, then lists the directors whose lease runs, as name, mesh
+/// address, name, mesh address, …, forgetting the names whose key expired.
+///
+/// KEYS: the director's key, the set of names. ARGV: name, mesh address, lease in ms, the
+/// prefix of director keys.
+const HEARTBEAT: &str = r"
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+local alive = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local mesh = redis.call('GET', ARGV[4] .. name)
+    if mesh then
+        table.insert(alive, name)
+        table.insert(alive, mesh)
+    else
+        redis.call('SREM', KEYS[2], name)
+    end
+end
+return alive
+";
+
+/// Sets the expiry of each key whose value names the owner (it starts with `owner `).
+///
+/// KEYS: tunnel and address keys. ARGV: owner, lease in ms.
+const RENEW: &str = r"
+local prefix = ARGV[1] .. ' '
+for _, key in ipairs(KEYS) do
+    local value = redis.call('GET', key)
+    if value and string.sub(value, 1, #prefix) == prefix then
+        redis.call('PEXPIRE', key, ARGV[2])
+    end
+end
+return 0
+";
+
+/// Deletes each key whose value names the owner.
+///
+/// KEYS: the tunnel key and address keys. ARGV: owner.
+const REMOVE: &str = r"
+local prefix = ARGV[1] .. ' '
+for _, key in ipairs(KEYS) do
+    local value = redis.call('GET', key)
+    if value and string.sub(value, 1, #prefix) == prefix then
+        redis.call('DEL', key)
+    end
+end
+return 0
+";
+
+/// The longest lease written, so that a huge [`Duration`] stays a valid expiry (ten years).
+const MAX_LEASE_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A cluster registry in Redis or Valkey.
+///
+/// It connects on the first request and again on the request after any failure; a request
+/// that cannot be executed (the store is down, slow beyond the timeout, or answers with an
+/// error) is answered with [`RegistryResponse::Failed`].
+pub struct RedisRegistry {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+    connection: Option<MultiplexedConnection>,
+    heartbeat: Script,
+    renew: Script,
+    remove: Script,
+}
+
+/// A registry URL that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("registry URL {url:?}: {source}")]
+pub struct BadRegistryUrl {
+    url: String,
+    source: redis::RedisError,
+}
+
+impl RedisRegistry {
+    /// How long connecting or one request may take by default before it fails.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A registry at `url` (`redis://[user:password@]host:port/db` or `unix:///path`; TLS to
+    /// the store is not built in), keeping its keys under `tscf:{namespace}:`. Connects on the
+    /// first request.
+    pub fn new(url: &str, namespace: &str) -> Result<Self, BadRegistryUrl> {
+        let client = Client::open(url).map_err(|source| BadRegistryUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            client,
+            prefix: format!("tscf:{{{namespace}}}:"),
+            timeout: Self::DEFAULT_TIMEOUT,
+            connection: None,
+            heartbeat: Script::new(HEARTBEAT),
+            renew: Script::new(RENEW),
+            remove: Script::new(REMOVE),
+        })
+    }
+
+    /// Sets how long connecting or one request may take before it fails.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        self.connection = None;
+    }
+
+    /// Executes `request`.
+    pub async fn execute(&mut self, request: &RegistryRequest) -> RegistryResponse {
+        match self.try_execute(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                // The connection may be broken or half-way through a reply: start afresh.
+                self.connection = None;
+                RegistryResponse::Failed(error.to_string())
+            }
+        }
+    }
+
+    async fn try_execute(
+        &mut self,
+        request: &RegistryRequest,
+    ) -> redis::RedisResult<RegistryResponse> {
+        let prefix = self.prefix.clone();
+        let mut con = self.connection().await?;
+        let response = match request {
+            RegistryRequest::Heartbeat { name, mesh, lease } => {
+                let flat: Vec<String> = self
+                    .heartbeat
+                    .key(director_key(&prefix, name))
+                    .key(format!("{prefix}directors"))
+                    .arg(name.as_str())
+                    .arg(mesh.to_string())
+                    .arg(millis(*lease))
+                    .arg(format!("{prefix}director:"))
+                    .invoke_async(&mut con)
+                    .await?;
+                RegistryResponse::Directors(directors(&flat))
+            }
+            RegistryRequest::Claim { addr, owner, lease } => {
+                let holder = AddressHolder {
+                    owner: owner.clone(),
+                    tunnel: 0,
+                };
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(address_key(&prefix, addr))
+                    .arg(holder.to_value())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(*lease))
+                    .query_async(&mut con)
+                    .await?;
+                RegistryResponse::Claimed(set.is_some())
+            }
+            RegistryRequest::Put { record, lease } => {
+                let lease = millis(*lease);
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("SET")
+                    .arg(tunnel_key(&prefix, record.id))
+                    .arg(record.to_value())
+                    .arg("PX")
+                    .arg(lease)
+                    .ignore();
+                let holder = AddressHolder {
+                    owner: record.owner.clone(),
+                    tunnel: record.id,
+                };
+                for addr in record.addresses() {
+                    pipe.cmd("SET")
+                        .arg(address_key(&prefix, &addr))
+                        .arg(holder.to_value())
+                        .arg("PX")
+                        .arg(lease)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut con).await?;
+                RegistryResponse::Done
+            }
+            RegistryRequest::Renew {
+                owner,
+                tunnels,
+                addresses,
+                lease,
+            } => {
+                if !tunnels.is_empty() || !addresses.is_empty() {
+                    let mut renew = self.renew.prepare_invoke();
+                    for id in tunnels {
+                        renew.key(tunnel_key(&prefix, *id));
+                    }
+                    for addr in addresses {
+                        renew.key(address_key(&prefix, addr));
+                    }
+                    renew.arg(owner.as_str()).arg(millis(*lease));
+                    renew.invoke_async::<()>(&mut con).await?;
+                }
+                RegistryResponse::Done
+            }
+            RegistryRequest::Remove {
+                id,
+                addresses,
+                owner,
+            } => {
+                let mut remove = self.remove.key(tunnel_key(&prefix, *id));
+                for addr in addresses {
+                    remove.key(address_key(&prefix, addr));
+                }
+                remove.arg(owner.as_str());
+                remove.invoke_async::<()>(&mut con).await?;
+                RegistryResponse::Done
+            }
+            RegistryRequest::GetTunnel { id } => {
+                let value: Option<String> = redis::cmd("GET")
+                    .arg(tunnel_key(&prefix, *id))
+                    .query_async(&mut con)
+                    .await?;
+                match value.map(|v| TunnelRecord::from_value(*id, &v)) {
+                    None => RegistryResponse::Tunnel(None),
+                    Some(Some(record)) => RegistryResponse::Tunnel(Some(record)),
+                    Some(None) => damaged(&tunnel_key(&prefix, *id)),
+                }
+            }
+            RegistryRequest::GetAddress { addr } => {
+                let value: Option<String> = redis::cmd("GET")
+                    .arg(address_key(&prefix, addr))
+                    .query_async(&mut con)
+                    .await?;
+                match value.map(|v| AddressHolder::from_value(&v)) {
+                    None => RegistryResponse::Address(None),
+                    Some(Some(holder)) => RegistryResponse::Address(Some(holder)),
+                    Some(None) => damaged(&address_key(&prefix, addr)),
+                }
+            }
+            other => RegistryResponse::Failed(format!("request not supported: {other:?}")),
+        };
+        Ok(response)
+    }
+
+    /// The connection, made now if there is none.
+    async fn connection(&mut self) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some(con) = &self.connection {
+            return Ok(con.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let con = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.connection = Some(con.clone());
+        Ok(con)
+    }
+}
+
+impl std::fmt::Debug for RedisRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: name only the namespace.
+        f.debug_struct("RedisRegistry")
+            .field("prefix", &self.prefix)
+            .field("connected", &self.connection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn director_key(prefix: &str, name: &DirectorName) -> String {
+    format!("{prefix}director:{name}")
+}
+
+fn tunnel_key(prefix: &str, id: u64) -> String {
+    format!("{prefix}tunnel:{id:x}")
+}
+
+fn address_key(prefix: &str, addr: &IpAddr) -> String {
+    format!("{prefix}address:{addr}")
+}
+
+/// A lease in whole milliseconds, rounded up (Redis refuses an expiry of 0) and bounded.
+fn millis(lease: Duration) -> u64 {
+    let ms = lease.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX).min(MAX_LEASE_MS)
+}
+
+/// The heartbeat script's answer as pairs, in name order like [`MemoryRegistry`]'s; pairs
+/// that are not a director and an address (the store is shared or damaged) are left out.
+///
+/// [`MemoryRegistry`]: tscf_core::cluster::MemoryRegistry
+fn directors(flat: &[String]) -> Vec<(DirectorName, SocketAddr)> {
+    let mut alive: Vec<(DirectorName, SocketAddr)> = flat
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let parsed = DirectorName::new(&pair[0])
+                .ok()
+                .zip(pair[1].parse::<SocketAddr>().ok());
+            if parsed.is_none() {
+                tracing::warn!(name = %pair[0], mesh = %pair[1], "registry: not a director");
+            }
+            parsed
+        })
+        .collect();
+    alive.sort_by(|a, b| a.0.cmp(&b.0));
+    alive
+}
+
+fn damaged(key: &str) -> RegistryResponse {
+    RegistryResponse::Failed(format!("registry: {key} holds no value of tscf's"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_whole_milliseconds_rounded_up() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_secs(3)), 3000);
+        assert_eq!(millis(Duration::MAX), MAX_LEASE_MS);
+    }
+
+    #[test]
+    fn every_key_has_the_one_hash_tag() {
+        let prefix = "tscf:{lab}:";
+        let name = DirectorName::new("dir-a").expect("a name");
+        let v6: IpAddr = "fd00::1".parse().expect("an address");
+        for key in [
+            director_key(prefix, &name),
+            tunnel_key(prefix, 0xfeed),
+            address_key(prefix, &v6),
+        ] {
+            assert!(key.starts_with("tscf:{lab}:"), "{key}");
+        }
+        assert_eq!(tunnel_key(prefix, 0xfeed), "tscf:{lab}:tunnel:feed");
+    }
+
+    #[test]
+    fn a_heartbeat_answer_is_sorted_and_foreign_pairs_are_left_out() {
+        let flat: Vec<String> = [
+            "b",
+            "127.0.0.1:2",
+            "NOT A NAME",
+            "x",
+            "a",
+            "127.0.0.1:1",
+            "c",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let names: Vec<String> = directors(&flat)
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}
