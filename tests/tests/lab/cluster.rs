@@ -413,13 +413,9 @@ fn cluster_peer_tunnel_outlives_its_director() {
     let site_b = lab.add_site(Nat::PortRestricted, 1);
     let mut cluster = Cluster::start(&mut lab, &tscf);
     let (a_ns, b_ns) = (site_a.hosts[0].0.clone(), site_b.hosts[0].0.clone());
-    let (mut a, a_tunnel) = start_client(
-        &mut lab,
-        &tscf,
-        &a_ns,
-        &cluster.servers_from(0),
-        &["--peer"],
-    );
+    // A fails over to d3, so that after the failover A and B are still on two directors.
+    let a_servers = [0, 2, 1].map(|k| public_addr(director_ip(k), TLS_PORT).to_string());
+    let (mut a, a_tunnel) = start_client(&mut lab, &tscf, &a_ns, &a_servers, &["--peer"]);
     let (mut b, _, media) = start_caller(
         &mut lab,
         &tscf,
@@ -459,11 +455,11 @@ fn cluster_peer_tunnel_outlives_its_director() {
     );
     for (who, p) in [("A", &mut a), ("B", &mut b)] {
         p.drain();
-        assert!(
-            !p.names().iter().any(|n| n == "peer_tunnel_down"),
-            "{who}'s peer tunnel went down\n{}",
-            p.transcript()
-        );
+        let down = p
+            .seen()
+            .iter()
+            .any(|e| e.at > killed && e.name().as_deref() == Some("peer_tunnel_down"));
+        assert!(!down, "{who}'s peer tunnel went down\n{}", p.transcript());
     }
     // The media never waited for the failover: a 20 ms stream with no gap near a re-attach.
     assert!(
@@ -471,6 +467,28 @@ fn cluster_peer_tunnel_outlives_its_director() {
         "the peer tunnel was silent for {gap:?}\n{}",
         transcript(&a, &b, &cluster)
     );
+
+    // The peer service works again for A at its new director: C, on d2, is introduced to A,
+    // on d3, across the mesh.
+    let site_c = lab.add_site(Nat::PortRestricted, 1);
+    let c_ns = site_c.hosts[0].0.clone();
+    let (mut c, _, _media_c) = start_caller(
+        &mut lab,
+        &tscf,
+        &c_ns,
+        &cluster.servers_from(1),
+        a_tunnel.1,
+        &["--peer"],
+    );
+    if c.wait_for("peer_tunnel_up", Duration::from_secs(15))
+        .is_none()
+    {
+        panic!(
+            "no peer tunnel to A after its failover\n{}{}",
+            c.transcript(),
+            transcript(&a, &b, &cluster)
+        );
+    }
 }
 
 /// The lab, with what a cluster needs besides.

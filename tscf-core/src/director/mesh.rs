@@ -72,7 +72,10 @@ struct Asked {
     request: Header,
     peer: IpAddr,
     token: [u8; 16],
-    via: DirectorName,
+    /// The director asked; `None` while the registry is asked who holds `peer`.
+    via: Option<DirectorName>,
+    /// The request to send once `via` is known (empty once sent).
+    unsent: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -462,7 +465,8 @@ impl SessionDirector {
             _ => return,
         };
         let ttl = now + c.config.route_ttl;
-        c.mesh.learn(now, addr, via, ttl);
+        c.mesh.learn(now, addr, via.clone(), ttl);
+        self.route_known(addr, via);
     }
 
     /// A Data envelope from the director at the other end of mesh link `connection`.
@@ -506,8 +510,9 @@ impl SessionDirector {
     // ---- peer introductions across directors ----
 
     /// A peer Establish of tunnel `id` for `peer`, an address no local tunnel holds: sent to
-    /// the director that holds it. False when no director is known to (the request is then
-    /// answered Peer Unavailable, and the registry asked, so that a new request finds it).
+    /// the director that holds it, once the registry said which when no route was known. False
+    /// when it cannot be (the address is known to be nobody's, no link goes to its director,
+    /// or too many requests wait): the caller answers Peer Unavailable.
     pub(super) fn peer_request_to_mesh(
         &mut self,
         now: Instant,
@@ -520,18 +525,18 @@ impl SessionDirector {
         let Some(c) = self.cluster.as_deref_mut() else {
             return false;
         };
+        // Known to be nobody's: refused now. Unknown: it waits for the registry's answer
+        // (see `route_answer`), within the answer timeout.
         let via = match c.mesh.route(now, peer) {
-            Some(Some(via)) => via.clone(),
+            Some(Some(via)) => Some(via.clone()),
             Some(None) => return false,
-            None => {
-                self.look_up(peer);
-                return false;
-            }
+            None => None,
         };
-        let Some(connection) = c.mesh.links.get(&via).map(|l| l.connection) else {
-            return false;
-        };
-        if c.mesh.asked.len() >= MAX_REMOTE_PEER {
+        if via
+            .as_ref()
+            .is_some_and(|via| !c.mesh.links.contains_key(via))
+            || c.mesh.asked.len() >= MAX_REMOTE_PEER
+        {
             return false;
         }
         let mut bytes = Vec::new();
@@ -547,20 +552,79 @@ impl SessionDirector {
                 request: header,
                 peer,
                 token,
-                via,
+                via: None,
+                unsent: bytes,
             },
         );
         let at = now + self.config.peer_answer_timeout;
         self.timers.push(Reverse((at, Timer::MeshPeer(exchange))));
+        self.stats.peer.requests_forwarded += 1;
+        match via {
+            Some(via) => self.send_peer_request(exchange, via),
+            None => self.look_up(peer),
+        }
+        true
+    }
+
+    /// Sends peer request `exchange` to director `via`, if a link to it is up; else the
+    /// request is answered Peer Unavailable.
+    fn send_peer_request(&mut self, exchange: u32, via: DirectorName) {
+        let Some(c) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let connection = c.mesh.links.get(&via).map(|l| l.connection);
+        let Some(asked) = c.mesh.asked.get_mut(&exchange) else {
+            return;
+        };
+        let Some(connection) = connection else {
+            return self.peer_request_unavailable(exchange);
+        };
+        asked.via = Some(via);
+        let bytes = std::mem::take(&mut asked.unsent);
         let message = MeshMessage::PeerRequest {
             exchange,
-            destination: peer,
+            destination: asked.peer,
             request: &bytes,
         };
         self.send_mesh(connection, &message);
         self.stats.cluster.peer_requests_relayed += 1;
-        self.stats.peer.requests_forwarded += 1;
-        true
+    }
+
+    /// Answers peer request `exchange` Peer Unavailable: no director holds its destination.
+    fn peer_request_unavailable(&mut self, exchange: u32) {
+        let Some(asked) = self
+            .cluster
+            .as_deref_mut()
+            .and_then(|c| c.mesh.asked.remove(&exchange))
+        else {
+            return;
+        };
+        let mut reply = Message::response_to(&asked.request, ResultCode::PEER_UNAVAILABLE);
+        reply.tlvs.service_type = Some(ServiceType::PEER);
+        reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
+        reply.tlvs.peer_internal_address = Some(asked.peer);
+        self.answer_initiator(asked.initiator, &asked.request, &reply);
+    }
+
+    /// The route to `addr` is known (`via`, or nobody): the peer requests that waited for it
+    /// go, or are refused.
+    fn route_known(&mut self, addr: IpAddr, via: Option<DirectorName>) {
+        let Some(c) = self.cluster.as_deref() else {
+            return;
+        };
+        let waiting: Vec<u32> = c
+            .mesh
+            .asked
+            .iter()
+            .filter(|(_, a)| a.via.is_none() && a.peer == addr)
+            .map(|(exchange, _)| *exchange)
+            .collect();
+        for exchange in waiting {
+            match &via {
+                Some(via) => self.send_peer_request(exchange, via.clone()),
+                None => self.peer_request_unavailable(exchange),
+            }
+        }
     }
 
     /// Whether tunnel `id`'s request `sequence` waits for another director's answer.
@@ -595,7 +659,11 @@ impl SessionDirector {
         let Some(c) = self.cluster.as_deref_mut() else {
             return;
         };
-        if c.mesh.asked.get(&exchange).is_none_or(|a| a.via != name) {
+        if c.mesh
+            .asked
+            .get(&exchange)
+            .is_none_or(|a| a.via.as_ref() != Some(&name))
+        {
             self.stats.dropped.unexpected_message += 1;
             return;
         }

@@ -616,6 +616,48 @@ fn peer_introduction_across_two_directors_gives_each_the_others_candidates() {
 }
 
 #[test]
+fn a_peer_request_for_an_address_not_yet_routed_waits_for_the_registry() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let b = net.client(1, 2);
+    // No packet went from A to B: director 0 has no route to B yet.
+    a.seq += 1;
+    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
+    req.tlvs.service_type = Some(ServiceType::PEER);
+    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    req.tlvs.peer_internal_address = Some(IpAddr::V4(b.ip));
+    let key = a.key.clone();
+    net.send_signed(&a, &req, &key);
+    let forwarded = net.control_for(1, b.connection);
+    assert_eq!(forwarded.len(), 1, "forwarded once the registry answered");
+    assert_eq!(
+        forwarded[0].tlvs.peer_internal_address,
+        Some(IpAddr::V4(a.ip))
+    );
+    assert!(
+        net.control_for(0, a.connection)
+            .iter()
+            .all(|m| m.tlvs.result_code != Some(ResultCode::PEER_UNAVAILABLE)),
+        "not refused while the route was looked up"
+    );
+
+    // An address nobody holds is refused once the registry says so.
+    a.seq += 1;
+    let nobody = Ipv4Addr::new(10, 77, 3, 3);
+    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
+    req.tlvs.service_type = Some(ServiceType::PEER);
+    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    req.tlvs.peer_internal_address = Some(IpAddr::V4(nobody));
+    net.send_signed(&a, &req, &key);
+    let replies = net.control_for(0, a.connection);
+    let reply = replies
+        .iter()
+        .find(|m| m.header.sequence == a.seq)
+        .expect("an answer");
+    assert_eq!(reply.tlvs.result_code, Some(ResultCode::PEER_UNAVAILABLE));
+}
+
+#[test]
 fn a_peer_request_across_that_gets_no_answer_times_out() {
     let mut net = Net::new(8);
     let mut a = net.client(0, 1);
