@@ -28,9 +28,11 @@ use crate::wire::{ControlKey, Message, ReplayWindow, ResultCode, CONTROL_KEY_LEN
 const MAX_PARKED: usize = 256;
 /// Tunnels named in one Renew, at most (their addresses with them).
 const RENEW_BATCH: usize = 512;
-/// Every tunnel's record is checked over this many heartbeats (a share at each), so that a
-/// registry that lost its data without failing a request learns them back.
-const RESYNC_HEARTBEATS: usize = 60;
+/// Upkeep rounds per tunnel lease: in each round every tunnel's lease is renewed and its record
+/// checked, a share of the tunnels at each heartbeat, so that the registry's work per tunnel is
+/// a few operations per `tunnel_lease / 4` (not per heartbeat), and a record that outlives a
+/// missed round still has three quarters of its lease.
+const ROUNDS_PER_LEASE: u32 = 4;
 
 /// A director's part in its cluster.
 #[derive(Debug)]
@@ -51,6 +53,8 @@ pub(super) struct Cluster {
     dirty: bool,
     /// Tunnels whose records are still to be checked in the current resync round.
     resync: Vec<u64>,
+    /// Tunnels whose leases are still to be renewed in the current upkeep round.
+    renewal: Vec<u64>,
     /// The round checks as fast as the in-flight bound allows (after the registry failed),
     /// not a share a heartbeat.
     hurry: bool,
@@ -111,6 +115,7 @@ impl Cluster {
             beating: false,
             dirty: false,
             resync: Vec::new(),
+            renewal: Vec::new(),
             hurry: false,
             stock: [VecDeque::new(), VecDeque::new()],
             claiming: [0, 0],
@@ -123,6 +128,13 @@ impl Cluster {
     pub(super) fn name(&self) -> &DirectorName {
         &self.config.name
     }
+}
+
+/// Heartbeats in one upkeep round (at least one).
+fn heartbeats_per_round(config: &ClusterConfig) -> usize {
+    let round = config.tunnel_lease / ROUNDS_PER_LEASE;
+    let beats = round.as_nanos() / config.heartbeat.as_nanos().max(1);
+    usize::try_from(beats).unwrap_or(usize::MAX).max(1)
 }
 
 fn family(addr: IpAddr) -> usize {
@@ -253,10 +265,20 @@ impl SessionDirector {
             mesh: c.config.mesh,
             lease: c.config.director_lease,
         };
-        let mut stock: Vec<IpAddr> = c.stock.iter().flatten().map(|(a, _)| *a).collect();
+        // A new round renews the stock too (its claims have the tunnels' lease).
+        let round_starts = c.renewal.is_empty();
+        if round_starts {
+            c.renewal.extend(self.tunnels.keys());
+        }
+        let mut stock: Vec<IpAddr> = match round_starts {
+            true => c.stock.iter().flatten().map(|(a, _)| *a).collect(),
+            false => Vec::new(),
+        };
+        let share = self.tunnels.len().div_ceil(heartbeats_per_round(&c.config));
+        let at = c.renewal.len().saturating_sub(share);
+        let due: Vec<u64> = c.renewal.drain(at..).collect();
         self.registry(beat, Purpose::Heartbeat);
-        let ids: Vec<u64> = self.tunnels.keys().copied().collect();
-        let mut batches = ids.chunks(RENEW_BATCH);
+        let mut batches = due.chunks(RENEW_BATCH);
         // The stock goes with the first batch, which is sent even without tunnels.
         let mut first = true;
         loop {
@@ -267,14 +289,17 @@ impl SessionDirector {
             };
             first = false;
             let mut addresses = std::mem::take(&mut stock);
+            let mut tunnels = Vec::with_capacity(batch.len());
             for id in batch {
+                // Tunnels closed or moved away since the round began are skipped.
                 if let Some(t) = self.tunnels.get(id) {
                     addresses.extend(t.addresses());
+                    tunnels.push(*id);
                 }
             }
             let renew = RegistryRequest::Renew {
                 owner: name.clone(),
-                tunnels: batch.to_vec(),
+                tunnels,
                 addresses,
                 lease,
             };
@@ -284,8 +309,8 @@ impl SessionDirector {
         self.refill_stock();
     }
 
-    /// Checks the records of a share of the tunnels, so that each is checked every
-    /// [`RESYNC_HEARTBEATS`] heartbeats: a Renew leaves a record the registry lost missing, and
+    /// Checks the records of a share of the tunnels, so that each is checked once an upkeep
+    /// round ([`ROUNDS_PER_LEASE`]): a Renew leaves a record the registry lost missing, and
     /// says nothing of one another director took over.
     fn resync_some(&mut self) {
         let Some(c) = self.cluster.as_deref_mut() else {
@@ -297,7 +322,7 @@ impl SessionDirector {
         if c.resync.is_empty() {
             c.resync.extend(self.tunnels.keys());
         }
-        let share = self.tunnels.len().div_ceil(RESYNC_HEARTBEATS);
+        let share = self.tunnels.len().div_ceil(heartbeats_per_round(&c.config));
         let at = c.resync.len().saturating_sub(share);
         let due: Vec<u64> = c.resync.drain(at..).collect();
         for id in due {

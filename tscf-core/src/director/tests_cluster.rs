@@ -59,9 +59,14 @@ struct Net {
 }
 
 fn config(n: &str, stock: usize) -> DirectorConfig {
+    config_with(n, stock, |_| {})
+}
+
+fn config_with(n: &str, stock: usize, tune: impl Fn(&mut ClusterConfig)) -> DirectorConfig {
     let mesh: SocketAddr = format!("192.0.2.{}:4450", n.len()).parse().expect("addr");
     let mut cluster = ClusterConfig::new(name(n), SECRET, mesh);
     cluster.address_stock = stock;
+    tune(&mut cluster);
     let mut seed = [0u8; 32];
     seed[..n.len()].copy_from_slice(n.as_bytes());
     DirectorConfig {
@@ -74,11 +79,15 @@ fn config(n: &str, stock: usize) -> DirectorConfig {
 
 impl Net {
     fn new(stock: usize) -> Self {
+        Self::with(stock, |_| {})
+    }
+
+    fn with(stock: usize, tune: impl Fn(&mut ClusterConfig)) -> Self {
         let names = ["dir-a", "dir-b", "dir-c"];
         let nodes = names
             .iter()
             .map(|n| Node {
-                d: SessionDirector::new(config(n, stock)).expect("valid config"),
+                d: SessionDirector::new(config_with(n, stock, &tune)).expect("valid config"),
                 alive: true,
             })
             .collect();
@@ -829,6 +838,27 @@ fn a_registry_that_lost_its_data_silently_gets_every_record_back() {
         .registry
         .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
     assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-a")));
+}
+
+#[test]
+fn records_outlive_their_lease_while_their_director_lives_renewed_in_rounds() {
+    // A round is a quarter of the lease: 2 s, two heartbeats, each renewing half the tunnels.
+    let mut net = Net::with(256, |c| c.tunnel_lease = Duration::from_secs(8));
+    let clients: Vec<Client> = (0..40).map(|k| net.client(0, 1 + k)).collect();
+    net.advance(Duration::from_secs(30));
+    for c in &clients {
+        let got = net
+            .registry
+            .execute(net.now, &RegistryRequest::GetTunnel { id: c.id });
+        assert!(matches!(got, RegistryResponse::Tunnel(Some(_))), "{:#x}", c.id);
+        let holder = net.registry.execute(
+            net.now,
+            &RegistryRequest::GetAddress {
+                addr: IpAddr::V4(c.ip),
+            },
+        );
+        assert!(matches!(holder, RegistryResponse::Address(Some(_))));
+    }
 }
 
 #[test]
