@@ -850,7 +850,11 @@ fn records_outlive_their_lease_while_their_director_lives_renewed_in_rounds() {
         let got = net
             .registry
             .execute(net.now, &RegistryRequest::GetTunnel { id: c.id });
-        assert!(matches!(got, RegistryResponse::Tunnel(Some(_))), "{:#x}", c.id);
+        assert!(
+            matches!(got, RegistryResponse::Tunnel(Some(_))),
+            "{:#x}",
+            c.id
+        );
         let holder = net.registry.execute(
             net.now,
             &RegistryRequest::GetAddress {
