@@ -91,3 +91,54 @@ pub(crate) async fn run_registry(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tscf_core::cluster::{ClusterConfig, DirectorName};
+    use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent};
+
+    use super::*;
+
+    /// A director of a cluster, and the registry requests it asked for at start.
+    fn director(now: Instant) -> (ServerHost, Vec<Queued>) {
+        let name = DirectorName::new("dir-a").expect("a name");
+        let mesh = "127.0.0.1:4450".parse().expect("an address");
+        let mut config = ServerConfig::default();
+        config.director.cluster = Some(ClusterConfig::new(name, [7; 32], mesh));
+        let local = LocalAddrs {
+            udp: vec!["127.0.0.1:4440".parse().expect("an address")],
+            ..LocalAddrs::default()
+        };
+        let mut host = ServerHost::new(config, &local, None, now).expect("a host");
+        let mut requests = Vec::new();
+        while let Some(event) = host.poll_event() {
+            if let ServerEvent::Registry { id, request } = event {
+                requests.push((id, request));
+            }
+        }
+        (host, requests)
+    }
+
+    #[test]
+    fn a_request_that_finds_the_queue_full_or_no_registry_fails_at_once() {
+        let now = Instant::now();
+        let (mut host, requests) = director(now);
+        assert!(requests.len() >= 3, "{requests:?}");
+        let failures = |host: &ServerHost| host.stats().director.cluster.registry_failures;
+        let (queue, taken) = queue(1);
+        let mut requests = requests.into_iter();
+        let (id, request) = requests.next().expect("a request");
+        submit(Some(&queue), &mut host, now, id, request);
+        assert_eq!((taken.len(), failures(&host)), (1, 0));
+
+        let (id, request) = requests.next().expect("a request");
+        submit(Some(&queue), &mut host, now, id, request);
+        assert_eq!((taken.len(), failures(&host)), (1, 1));
+
+        let (id, request) = requests.next().expect("a request");
+        submit(None, &mut host, now, id, request);
+        assert_eq!(failures(&host), 2);
+    }
+}
