@@ -3,8 +3,9 @@
 //!
 //! The director asks for registry work with [`ServerEvent::Registry`]; the driver queues it
 //! for the one registry task (a bounded queue: a request that finds it full is answered with
-//! a failure at once), which executes the requests in order against [`RedisRegistry`] and
-//! hands each answer back through the host's lock like any other input.
+//! a failure at once), which executes the requests in order against [`RedisRegistry`], several
+//! pipelined on one connection, and hands each answer back through the host's lock like any
+//! other input.
 //!
 //! [`ServerEvent::Registry`]: tscf_core::server::ServerEvent::Registry
 
@@ -71,26 +72,45 @@ pub(crate) fn submit(
     host.handle_registry(now, id, RegistryResponse::Failed(refused.to_owned()));
 }
 
-/// The registry task's body: executes the queued requests in order, each answer fed back to
-/// the host.
+/// The registry task's body: executes the queued requests in order, up to [`PIPELINE`] of
+/// them at a time pipelined on the registry's connection, and hands their answers back to the
+/// host under one lock.
 pub(crate) async fn run_registry(
     shared: Arc<Shared<ServerExtra>>,
     queue: Receiver<Queued>,
     mut registry: RedisRegistry,
 ) {
+    let mut ids = Vec::with_capacity(PIPELINE);
+    let mut requests = Vec::with_capacity(PIPELINE);
     while let Ok((id, request)) = queue.recv().await {
-        let response = registry.execute(&request).await;
+        ids.push(id);
+        requests.push(request);
+        while requests.len() < PIPELINE {
+            let Ok((id, request)) = queue.try_recv() else {
+                break;
+            };
+            ids.push(id);
+            requests.push(request);
+        }
+        let answers = registry.execute_all(&requests).await;
+        requests.clear();
         let stopped = shared.drive(|host, io, now| {
             if !io.stopped {
-                host.handle_registry(now, id, response);
+                for (id, answer) in ids.drain(..).zip(answers) {
+                    host.handle_registry(now, id, answer);
+                }
             }
             io.stopped
         });
+        ids.clear();
         if stopped {
             return;
         }
     }
 }
+
+/// Registry requests sent at most before the first of them is answered.
+const PIPELINE: usize = 32;
 
 #[cfg(test)]
 mod tests {

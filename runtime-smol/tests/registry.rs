@@ -390,3 +390,53 @@ fn directors_of_one_cluster_relay_between_their_clients_over_the_mesh() {
         assert!(registry.registry_requests > 0 && registry.addresses_claimed > 0);
     });
 }
+
+#[test]
+fn pipelined_requests_run_in_their_order() {
+    let Some(server) = RedisServer::start(None) else {
+        return;
+    };
+    let record = TunnelRecord {
+        id: 0x30,
+        ipv4: Some(Ipv4Addr::new(10, 77, 0, 30)),
+        ipv6: None,
+        salt: [3; SALT_LEN],
+        owner: name("dir-a"),
+    };
+    let addr = v4(30);
+    let claim = |owner: &str| RegistryRequest::Claim {
+        addr,
+        owner: name(owner),
+        lease: LONG,
+    };
+    let remove = |owner: &str| RegistryRequest::Remove {
+        id: record.id,
+        addresses: vec![addr],
+        owner: name(owner),
+    };
+    let get = RegistryRequest::GetTunnel { id: record.id };
+    let requests = vec![
+        claim("dir-a"),
+        claim("dir-b"),
+        RegistryRequest::Put {
+            record: record.clone(),
+            lease: LONG,
+        },
+        get.clone(),
+        remove("dir-b"),
+        get.clone(),
+        remove("dir-a"),
+        get.clone(),
+        claim("dir-b"),
+        RegistryRequest::GetAddress { addr },
+    ];
+    let mut memory = MemoryRegistry::new();
+    let expected: Vec<RegistryResponse> = requests
+        .iter()
+        .map(|r| memory.execute(Instant::now(), r))
+        .collect();
+    let mut redis = RedisRegistry::new(&server.url(), "pipeline").expect("a URL");
+    let answers = smol::block_on(redis.execute_all(&requests));
+    assert_eq!(answers, expected);
+    assert_eq!(answers[3], RegistryResponse::Tunnel(Some(record)));
+}
