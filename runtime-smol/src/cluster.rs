@@ -3,8 +3,9 @@
 //!
 //! The director asks for registry work with [`ServerEvent::Registry`]; the driver queues it
 //! for the one registry task (a bounded queue: a request that finds it full is answered with
-//! a failure at once), which executes the requests in order against [`RedisRegistry`] and
-//! hands each answer back through the host's lock like any other input.
+//! a failure at once), which executes the requests in order against [`RedisRegistry`], several
+//! pipelined on one connection, and hands each answer back through the host's lock like any
+//! other input.
 //!
 //! [`ServerEvent::Registry`]: tscf_core::server::ServerEvent::Registry
 
@@ -71,23 +72,93 @@ pub(crate) fn submit(
     host.handle_registry(now, id, RegistryResponse::Failed(refused.to_owned()));
 }
 
-/// The registry task's body: executes the queued requests in order, each answer fed back to
-/// the host.
+/// The registry task's body: executes the queued requests in order, up to [`PIPELINE`] of
+/// them at a time pipelined on the registry's connection, and hands their answers back to the
+/// host under one lock.
 pub(crate) async fn run_registry(
     shared: Arc<Shared<ServerExtra>>,
     queue: Receiver<Queued>,
     mut registry: RedisRegistry,
 ) {
+    let mut ids = Vec::with_capacity(PIPELINE);
+    let mut requests = Vec::with_capacity(PIPELINE);
     while let Ok((id, request)) = queue.recv().await {
-        let response = registry.execute(&request).await;
+        ids.push(id);
+        requests.push(request);
+        while requests.len() < PIPELINE {
+            let Ok((id, request)) = queue.try_recv() else {
+                break;
+            };
+            ids.push(id);
+            requests.push(request);
+        }
+        let answers = registry.execute_all(&requests).await;
+        requests.clear();
         let stopped = shared.drive(|host, io, now| {
             if !io.stopped {
-                host.handle_registry(now, id, response);
+                for (id, answer) in ids.drain(..).zip(answers) {
+                    host.handle_registry(now, id, answer);
+                }
             }
             io.stopped
         });
+        ids.clear();
         if stopped {
             return;
         }
+    }
+}
+
+/// Registry requests sent at most before the first of them is answered.
+const PIPELINE: usize = 32;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tscf_core::cluster::{ClusterConfig, DirectorName};
+    use tscf_core::server::{LocalAddrs, ServerConfig, ServerEvent};
+
+    use super::*;
+
+    /// A director of a cluster, and the registry requests it asked for at start.
+    fn director(now: Instant) -> (ServerHost, Vec<Queued>) {
+        let name = DirectorName::new("dir-a").expect("a name");
+        let mesh = "127.0.0.1:4450".parse().expect("an address");
+        let mut config = ServerConfig::default();
+        config.director.cluster = Some(ClusterConfig::new(name, [7; 32], mesh));
+        let local = LocalAddrs {
+            udp: vec!["127.0.0.1:4440".parse().expect("an address")],
+            ..LocalAddrs::default()
+        };
+        let mut host = ServerHost::new(config, &local, None, now).expect("a host");
+        let mut requests = Vec::new();
+        while let Some(event) = host.poll_event() {
+            if let ServerEvent::Registry { id, request } = event {
+                requests.push((id, request));
+            }
+        }
+        (host, requests)
+    }
+
+    #[test]
+    fn a_request_that_finds_the_queue_full_or_no_registry_fails_at_once() {
+        let now = Instant::now();
+        let (mut host, requests) = director(now);
+        assert!(requests.len() >= 3, "{requests:?}");
+        let failures = |host: &ServerHost| host.stats().director.cluster.registry_failures;
+        let (queue, taken) = queue(1);
+        let mut requests = requests.into_iter();
+        let (id, request) = requests.next().expect("a request");
+        submit(Some(&queue), &mut host, now, id, request);
+        assert_eq!((taken.len(), failures(&host)), (1, 0));
+
+        let (id, request) = requests.next().expect("a request");
+        submit(Some(&queue), &mut host, now, id, request);
+        assert_eq!((taken.len(), failures(&host)), (1, 1));
+
+        let (id, request) = requests.next().expect("a request");
+        submit(None, &mut host, now, id, request);
+        assert_eq!(failures(&host), 2);
     }
 }

@@ -11,6 +11,9 @@
 //!   UDP (which also answers STUN Binding requests), DTLS and QUIC listeners. The host sits
 //!   behind a lock held only for its synchronous calls, never across an `.await`. One task per
 //!   stream or QUIC connection, one per UDP or DTLS listener, one timer task.
+//! - A director of a cluster (feature `cluster`, `docs/CLUSTER.md`):
+//!   [`Server::start_cluster`]`(`[`ServerConfig`]`, `[`ClusterEndpoints`]`)` runs the registry
+//!   task ([`RedisRegistry`], Redis or Valkey) and the mesh listeners beside the others.
 //! - [`Tunnel`]: [`Tunnel::connect`]`(`[`TunnelConfig`]`).await`; server transports over TCP,
 //!   TLS, UDP, DTLS and QUIC; peer tunnels over plain UDP, inside DTLS or QUIC peer sessions on
 //!   the peer socket (`client.peer.transport`), and over peer streams (TCP or TLS) when

@@ -1,6 +1,6 @@
 //! The cluster's registry in Redis or Valkey (`docs/CLUSTER.md`): executes the core's
-//! [`RegistryRequest`]s with the semantics of [`MemoryRegistry`], one request at a time, each
-//! atomic on its own (one command, one `MULTI`, or one script).
+//! [`RegistryRequest`]s with the semantics of [`MemoryRegistry`], in order, each atomic on its
+//! own (one command, one `MULTI`, or one script), several pipelined on one connection.
 //!
 //! Every key of a cluster sits under the one hash tag `tscf:{<namespace>}:`, so that a Redis
 //! Cluster keeps them in one slot and the scripts may touch any of them. Leases are Redis's own
@@ -15,7 +15,10 @@
 //!
 //! [`MemoryRegistry`]: tscf_core::cluster::MemoryRegistry
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -130,27 +133,45 @@ impl RedisRegistry {
 
     /// Executes `request`.
     pub async fn execute(&mut self, request: &RegistryRequest) -> RegistryResponse {
-        match self.try_execute(request).await {
-            Ok(response) => response,
-            Err(error) => {
-                // The connection may be broken or half-way through a reply: start afresh.
-                self.connection = None;
-                RegistryResponse::Failed(error.to_string())
-            }
-        }
+        let mut answers = self.execute_all(std::slice::from_ref(request)).await;
+        answers
+            .pop()
+            .unwrap_or_else(|| RegistryResponse::Failed("no answer".to_owned()))
     }
 
-    async fn try_execute(
-        &mut self,
+    /// Executes `requests` in their order, pipelined on one connection (each is sent before
+    /// the answer to the one before it is in), and answers each in the same order.
+    pub async fn execute_all(&mut self, requests: &[RegistryRequest]) -> Vec<RegistryResponse> {
+        let answers = match self.connection().await {
+            Ok(con) => {
+                let this = &*self;
+                let each = requests.iter().map(|r| Box::pin(this.run(con.clone(), r)));
+                in_order(each.collect()).await
+            }
+            Err(e) => requests.iter().map(|_| Err(e.clone())).collect(),
+        };
+        if answers.iter().any(Result::is_err) {
+            // The connection may be broken or half-way through a reply: start afresh.
+            self.connection = None;
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|e| RegistryResponse::Failed(e.to_string())))
+            .collect()
+    }
+
+    /// Executes one request on `con`.
+    async fn run(
+        &self,
+        mut con: MultiplexedConnection,
         request: &RegistryRequest,
     ) -> redis::RedisResult<RegistryResponse> {
-        let prefix = self.prefix.clone();
-        let mut con = self.connection().await?;
+        let prefix = &self.prefix;
         let response = match request {
             RegistryRequest::Heartbeat { name, mesh, lease } => {
                 let flat: Vec<String> = self
                     .heartbeat
-                    .key(director_key(&prefix, name))
+                    .key(director_key(prefix, name))
                     .key(format!("{prefix}directors"))
                     .arg(name.as_str())
                     .arg(mesh.to_string())
@@ -166,7 +187,7 @@ impl RedisRegistry {
                     tunnel: 0,
                 };
                 let set: Option<String> = redis::cmd("SET")
-                    .arg(address_key(&prefix, addr))
+                    .arg(address_key(prefix, addr))
                     .arg(holder.to_value())
                     .arg("NX")
                     .arg("PX")
@@ -180,7 +201,7 @@ impl RedisRegistry {
                 let mut pipe = redis::pipe();
                 pipe.atomic()
                     .cmd("SET")
-                    .arg(tunnel_key(&prefix, record.id))
+                    .arg(tunnel_key(prefix, record.id))
                     .arg(record.to_value())
                     .arg("PX")
                     .arg(lease)
@@ -191,7 +212,7 @@ impl RedisRegistry {
                 };
                 for addr in record.addresses() {
                     pipe.cmd("SET")
-                        .arg(address_key(&prefix, &addr))
+                        .arg(address_key(prefix, &addr))
                         .arg(holder.to_value())
                         .arg("PX")
                         .arg(lease)
@@ -209,10 +230,10 @@ impl RedisRegistry {
                 if !tunnels.is_empty() || !addresses.is_empty() {
                     let mut renew = self.renew.prepare_invoke();
                     for id in tunnels {
-                        renew.key(tunnel_key(&prefix, *id));
+                        renew.key(tunnel_key(prefix, *id));
                     }
                     for addr in addresses {
-                        renew.key(address_key(&prefix, addr));
+                        renew.key(address_key(prefix, addr));
                     }
                     renew.arg(owner.as_str()).arg(millis(*lease));
                     renew.invoke_async::<()>(&mut con).await?;
@@ -224,9 +245,9 @@ impl RedisRegistry {
                 addresses,
                 owner,
             } => {
-                let mut remove = self.remove.key(tunnel_key(&prefix, *id));
+                let mut remove = self.remove.key(tunnel_key(prefix, *id));
                 for addr in addresses {
-                    remove.key(address_key(&prefix, addr));
+                    remove.key(address_key(prefix, addr));
                 }
                 remove.arg(owner.as_str());
                 remove.invoke_async::<()>(&mut con).await?;
@@ -234,24 +255,24 @@ impl RedisRegistry {
             }
             RegistryRequest::GetTunnel { id } => {
                 let value: Option<String> = redis::cmd("GET")
-                    .arg(tunnel_key(&prefix, *id))
+                    .arg(tunnel_key(prefix, *id))
                     .query_async(&mut con)
                     .await?;
                 match value.map(|v| TunnelRecord::from_value(*id, &v)) {
                     None => RegistryResponse::Tunnel(None),
                     Some(Some(record)) => RegistryResponse::Tunnel(Some(record)),
-                    Some(None) => damaged(&tunnel_key(&prefix, *id)),
+                    Some(None) => damaged(&tunnel_key(prefix, *id)),
                 }
             }
             RegistryRequest::GetAddress { addr } => {
                 let value: Option<String> = redis::cmd("GET")
-                    .arg(address_key(&prefix, addr))
+                    .arg(address_key(prefix, addr))
                     .query_async(&mut con)
                     .await?;
                 match value.map(|v| AddressHolder::from_value(&v)) {
                     None => RegistryResponse::Address(None),
                     Some(Some(holder)) => RegistryResponse::Address(Some(holder)),
-                    Some(None) => damaged(&address_key(&prefix, addr)),
+                    Some(None) => damaged(&address_key(prefix, addr)),
                 }
             }
             other => RegistryResponse::Failed(format!("request not supported: {other:?}")),
@@ -267,10 +288,15 @@ impl RedisRegistry {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let con = self
+        let mut con = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        // Loaded now, a script is never missing when requests are pipelined: a request that
+        // had to load it would run after the ones sent behind it.
+        for script in [&self.heartbeat, &self.renew, &self.remove] {
+            script.load_async(&mut con).await?;
+        }
         self.connection = Some(con.clone());
         Ok(con)
     }
@@ -284,6 +310,30 @@ impl std::fmt::Debug for RedisRegistry {
             .field("connected", &self.connection.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Runs `futures` side by side, polling each in turn from the first (so that each sends its
+/// command before the next does), and gives their outputs in the same order.
+async fn in_order<F: Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match Pin::new(future).poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 fn director_key(prefix: &str, name: &DirectorName) -> String {

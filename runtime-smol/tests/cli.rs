@@ -1,6 +1,9 @@
 //! The `tscf` program, run as a process.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+#[path = "support/redis.rs"]
+mod redis;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -1434,4 +1437,114 @@ fn a_client_whose_server_lost_its_tunnel_says_so_and_prints_the_new_addresses() 
     client.wait().unwrap();
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// The `[cluster]` table of director `name`, with its files in `dir` and its registry at `url`.
+fn cluster_table(name: &str, dir: &std::path::Path, url: &str) -> String {
+    let file = |f: &str| dir.join(f).display().to_string();
+    let mesh = redis::free_port();
+    format!(
+        "[cluster]\nname = \"{name}\"\nredis = \"{url}\"\nsecret_file = {:?}\n\
+         mesh = \"127.0.0.1:{mesh}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nheartbeat_ms = 300\n",
+        file("secret"),
+        file("ca.pem"),
+        file(&format!("{name}.pem")),
+        file(&format!("{name}.key")),
+    )
+}
+
+#[test]
+fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
+    let Some(registry) = redis::RedisServer::start(None) else {
+        return;
+    };
+    let dir = redis::TempDir::new();
+    redis::write_cluster_files(&dir.0);
+    std::fs::write(dir.0.join("secret"), "5a".repeat(32)).unwrap();
+    let (mut a, printed_a) = spawn_server(
+        "cluster-a",
+        &cluster_table("dir-a", &dir.0, &registry.url()),
+        "150",
+    );
+    let (mut b, printed_b) = spawn_server(
+        "cluster-b",
+        &cluster_table("dir-b", &dir.0, &registry.url()),
+        "150",
+    );
+    assert!(printed_a.contains("mesh 127.0.0.1:"), "{printed_a}");
+
+    // The client lists dir-a first, with the shortest keepalive the server allows, so that it
+    // notices dir-a's death after three silent intervals.
+    let mut client = Command::new(env!("CARGO_BIN_EXE_tscf"))
+        .args(["client", "--json", "--for", "150", "--keepalive", "5"])
+        .args(["--server", &address(&printed_a, "udp ")])
+        .args(["--server", &address(&printed_b, "udp ")])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(client.stdout.take().unwrap());
+    let (tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    // Losing dir-a takes three keepalive intervals, and the client tries it once more before
+    // dir-b: about 50 s.
+    let next = |wanted: &str| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = events
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("no {wanted} event: {e}"));
+            assert_ne!(event["event"], "new_tunnel", "the tunnel was lost: {event}");
+            if event["event"] == wanted {
+                return event;
+            }
+        }
+    };
+    let connected = next("connected");
+    // The tunnel's record reaches the registry just after the tunnel opens: a director that
+    // dies before it is written loses the tunnel for good.
+    let id = connected["tunnel_id"].as_u64().unwrap();
+    smol::block_on(async {
+        let mut store = tscf_runtime_smol::RedisRegistry::new(&registry.url(), "default").unwrap();
+        let get = tscf_runtime_smol::core::cluster::RegistryRequest::GetTunnel { id };
+        let deadline = Instant::now() + redis::BOUND;
+        while !matches!(
+            store.execute(&get).await,
+            tscf_runtime_smol::core::cluster::RegistryResponse::Tunnel(Some(_))
+        ) {
+            assert!(Instant::now() < deadline, "no record of tunnel {id}");
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+    });
+
+    // dir-a dies without a word; dir-b adopts the tunnel when the client re-attaches there.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let reattached = next("reattached");
+    assert_eq!(
+        reattached["tunnel_id"], connected["tunnel_id"],
+        "{reattached}"
+    );
+    assert_eq!(reattached["ipv4"], connected["ipv4"], "{reattached}");
+    let status = tscf(&[
+        "status",
+        "--json",
+        "--admin",
+        &address(&printed_b, "admin "),
+    ]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["director"]["cluster"]["adoptions"], 1, "{status}");
+
+    client.kill().unwrap();
+    client.wait().unwrap();
+    b.kill().unwrap();
+    b.wait().unwrap();
 }

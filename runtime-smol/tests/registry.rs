@@ -5,10 +5,13 @@
 //! `redis-server` comes from `scripts/lab-deps`; without it these tests fail saying so, unless
 //! `TSCF_SKIP_REDIS=1`, under which they are skipped.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+#[path = "support/redis.rs"]
+mod redis;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use redis::{free_port, write_cluster_files, RedisServer, TempDir, BOUND};
 
 use tscf_core::cluster::{
     AddressHolder, DirectorName, MemoryRegistry, RegistryRequest, RegistryResponse, TunnelRecord,
@@ -20,98 +23,6 @@ use tscf_runtime_smol::RedisRegistry;
 const SHORT: Duration = Duration::from_millis(500);
 /// How long a lease that must not end during a test runs.
 const LONG: Duration = Duration::from_secs(600);
-/// How long a test waits for a condition before it fails.
-const BOUND: Duration = Duration::from_secs(20);
-
-/// A `redis-server` on a loopback port, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl RedisServer {
-    /// Starts one, on `port` or a free one; `None` when the tests are to be skipped.
-    fn start(port: Option<u16>) -> Option<Self> {
-        if !on_path("redis-server") {
-            if std::env::var("TSCF_SKIP_REDIS").as_deref() == Ok("1") {
-                eprintln!("skipped: redis-server is not installed (TSCF_SKIP_REDIS=1)");
-                return None;
-            }
-            panic!(
-                "redis-server is not installed: run scripts/lab-deps \
-                 (or set TSCF_SKIP_REDIS=1 to skip these tests)"
-            );
-        }
-        let port = port.unwrap_or_else(free_port);
-        let dir = TempDir::new();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server starts");
-        let server = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let deadline = Instant::now() + BOUND;
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let unique = format!("tscf-registry-{}-{n}", std::process::id());
-        let path = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&path).expect("a temporary directory");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port");
-    listener.local_addr().expect("its address").port()
-}
 
 fn name(n: &str) -> DirectorName {
     DirectorName::new(n).expect("a name")
@@ -363,24 +274,6 @@ fn a_restarted_registry_fails_while_down_and_works_again() {
     });
 }
 
-/// The PEM files of a cluster CA and of directors `dir-a` and `dir-b`, in `dir`.
-fn write_cluster_files(dir: &std::path::Path) {
-    let ca_key = rcgen::KeyPair::generate().expect("a key");
-    let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("no names");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("written");
-    for director in ["dir-a", "dir-b"] {
-        let key = rcgen::KeyPair::generate().expect("a key");
-        let cert = rcgen::CertificateParams::new(vec![director.to_owned()])
-            .expect("a name")
-            .signed_by(&key, &ca)
-            .expect("a certificate");
-        std::fs::write(dir.join(format!("{director}.pem")), cert.pem()).expect("written");
-        std::fs::write(dir.join(format!("{director}.key")), key.serialize_pem()).expect("written");
-    }
-}
-
 /// Director `director` of the cluster whose files are in `dir`, with its registry at `url`,
 /// on a UDP listener and a mesh listener at `mesh`.
 async fn director(
@@ -496,4 +389,54 @@ fn directors_of_one_cluster_relay_between_their_clients_over_the_mesh() {
         let registry = a.stats().director.cluster;
         assert!(registry.registry_requests > 0 && registry.addresses_claimed > 0);
     });
+}
+
+#[test]
+fn pipelined_requests_run_in_their_order() {
+    let Some(server) = RedisServer::start(None) else {
+        return;
+    };
+    let record = TunnelRecord {
+        id: 0x30,
+        ipv4: Some(Ipv4Addr::new(10, 77, 0, 30)),
+        ipv6: None,
+        salt: [3; SALT_LEN],
+        owner: name("dir-a"),
+    };
+    let addr = v4(30);
+    let claim = |owner: &str| RegistryRequest::Claim {
+        addr,
+        owner: name(owner),
+        lease: LONG,
+    };
+    let remove = |owner: &str| RegistryRequest::Remove {
+        id: record.id,
+        addresses: vec![addr],
+        owner: name(owner),
+    };
+    let get = RegistryRequest::GetTunnel { id: record.id };
+    let requests = vec![
+        claim("dir-a"),
+        claim("dir-b"),
+        RegistryRequest::Put {
+            record: record.clone(),
+            lease: LONG,
+        },
+        get.clone(),
+        remove("dir-b"),
+        get.clone(),
+        remove("dir-a"),
+        get.clone(),
+        claim("dir-b"),
+        RegistryRequest::GetAddress { addr },
+    ];
+    let mut memory = MemoryRegistry::new();
+    let expected: Vec<RegistryResponse> = requests
+        .iter()
+        .map(|r| memory.execute(Instant::now(), r))
+        .collect();
+    let mut redis = RedisRegistry::new(&server.url(), "pipeline").expect("a URL");
+    let answers = smol::block_on(redis.execute_all(&requests));
+    assert_eq!(answers, expected);
+    assert_eq!(answers[3], RegistryResponse::Tunnel(Some(record)));
 }

@@ -41,11 +41,16 @@ pub struct Server;
 impl Server {
     /// Binds every listener and starts the threads. Refuses open admission on a listener
     /// beyond loopback ([`DirectorConfig::check_listeners`](tscf_core::director::DirectorConfig::check_listeners)),
-    /// and QUIC listeners ([`StartError::Unsupported`]).
+    /// and QUIC listeners and directors of a cluster ([`StartError::Unsupported`]).
     pub fn start(config: ServerConfig) -> Result<ServerHandle, StartError> {
         if !config.quic.is_empty() {
             return Err(StartError::Unsupported(
                 "QUIC listeners (use tscf-runtime-smol)",
+            ));
+        }
+        if config.director.cluster.is_some() || !config.mesh.is_empty() {
+            return Err(StartError::Unsupported(
+                "a director of a cluster (use tscf-runtime-smol)",
             ));
         }
         let (config, credentials) = config.prepare(OS)?;
