@@ -12,6 +12,9 @@
 //!      client  client         client                client
 //! ```
 //!
+//! Hosts of their own on the public network ([`Lab::add_public_host`], 203.0.113.20 and up)
+//! carry servers that must be machines apart: the directors of a cluster and their registry.
+//!
 //! Every name carries a prefix made from the process id and a per-lab letter, so labs of one
 //! test run (tests run in parallel) and of different runs never meet; interfaces get short
 //! names of their own (at most 15 characters). Dropping the [`Lab`] stops every process it
