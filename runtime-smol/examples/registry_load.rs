@@ -77,12 +77,19 @@ fn main() {
         let renews: Vec<RegistryRequest> = (0..TUNNELS / batch)
             .map(|b| RegistryRequest::Renew {
                 owner: owner.clone(),
-                tunnels: (b * batch..(b + 1) * batch).map(|k| u64::from(k) + 1).collect(),
+                tunnels: (b * batch..(b + 1) * batch)
+                    .map(|k| u64::from(k) + 1)
+                    .collect(),
                 addresses: (b * batch..(b + 1) * batch).map(addr).collect(),
                 lease,
             })
             .collect();
-        run("Renew (512 tunnels and their addresses)", 2 * batch as usize, renews).await;
+        run(
+            "Renew (512 tunnels and their addresses)",
+            2 * batch as usize,
+            renews,
+        )
+        .await;
         let removes = (0..TUNNELS)
             .map(|k| RegistryRequest::Remove {
                 id: u64::from(k) + 1,

@@ -302,13 +302,9 @@ const ECHO_PORT: u16 = 7;
 
 #[test]
 fn cluster_relays_across_directors_and_survives_a_director_death() {
-    let Some((mut lab, tscf)) = cluster_lab() else {
+    let Some((mut lab, tscf, mut cluster, [a_ns, b_ns])) = cluster_with_two_sites() else {
         return;
     };
-    let site_a = lab.add_site(Nat::PortRestricted, 1);
-    let site_b = lab.add_site(Nat::PortRestricted, 1);
-    let mut cluster = Cluster::start(&mut lab, &tscf);
-    let (a_ns, b_ns) = (site_a.hosts[0].0.clone(), site_b.hosts[0].0.clone());
 
     // A is at home on d1, B on d2: every packet between them crosses the mesh.
     let (mut a, a_tunnel) = start_client(&mut lab, &tscf, &a_ns, &cluster.servers_from(0), &[]);
@@ -406,13 +402,9 @@ fn cluster_relays_across_directors_and_survives_a_director_death() {
 
 #[test]
 fn cluster_peer_tunnel_outlives_its_director() {
-    let Some((mut lab, tscf)) = cluster_lab() else {
+    let Some((mut lab, tscf, mut cluster, [a_ns, b_ns])) = cluster_with_two_sites() else {
         return;
     };
-    let site_a = lab.add_site(Nat::PortRestricted, 1);
-    let site_b = lab.add_site(Nat::PortRestricted, 1);
-    let mut cluster = Cluster::start(&mut lab, &tscf);
-    let (a_ns, b_ns) = (site_a.hosts[0].0.clone(), site_b.hosts[0].0.clone());
     // A fails over to d3, so that after the failover A and B are still on two directors.
     let a_servers = [0, 2, 1].map(|k| public_addr(director_ip(k), TLS_PORT).to_string());
     let (mut a, a_tunnel) = start_client(&mut lab, &tscf, &a_ns, &a_servers, &["--peer"]);
@@ -489,6 +481,15 @@ fn cluster_peer_tunnel_outlives_its_director() {
             transcript(&a, &b, &cluster)
         );
     }
+}
+
+/// A lab with a cluster and two client sites behind port-restricted NATs (one host each):
+/// the lab, `tscf`, the cluster and the two hosts' namespaces.
+fn cluster_with_two_sites() -> Option<(Lab, PathBuf, Cluster, [String; 2])> {
+    let (mut lab, tscf) = cluster_lab()?;
+    let sites = [0, 1].map(|_| lab.add_site(Nat::PortRestricted, 1).hosts[0].0.clone());
+    let cluster = Cluster::start(&mut lab, &tscf);
+    Some((lab, tscf, cluster, sites))
 }
 
 /// The lab, with what a cluster needs besides.

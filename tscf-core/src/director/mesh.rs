@@ -592,18 +592,25 @@ impl SessionDirector {
 
     /// Answers peer request `exchange` Peer Unavailable: no director holds its destination.
     fn peer_request_unavailable(&mut self, exchange: u32) {
+        self.end_asked(exchange, ResultCode::PEER_UNAVAILABLE);
+    }
+
+    /// Ends peer request `exchange` unanswered by the other side, telling its initiator
+    /// `result`. False if it was not waiting.
+    fn end_asked(&mut self, exchange: u32, result: ResultCode) -> bool {
         let Some(asked) = self
             .cluster
             .as_deref_mut()
             .and_then(|c| c.mesh.asked.remove(&exchange))
         else {
-            return;
+            return false;
         };
-        let mut reply = Message::response_to(&asked.request, ResultCode::PEER_UNAVAILABLE);
+        let mut reply = Message::response_to(&asked.request, result);
         reply.tlvs.service_type = Some(ServiceType::PEER);
         reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
         reply.tlvs.peer_internal_address = Some(asked.peer);
         self.answer_initiator(asked.initiator, &asked.request, &reply);
+        true
     }
 
     /// The route to `addr` is known (`via`, or nobody): the peer requests that waited for it
@@ -639,19 +646,9 @@ impl SessionDirector {
 
     /// The answer timer of a peer request sent to another director.
     pub(super) fn mesh_peer_timer(&mut self, exchange: u32) {
-        let Some(asked) = self
-            .cluster
-            .as_deref_mut()
-            .and_then(|c| c.mesh.asked.remove(&exchange))
-        else {
-            return;
-        };
-        self.stats.peer.timeouts += 1;
-        let mut reply = Message::response_to(&asked.request, ResultCode::PEER_TIMEOUT);
-        reply.tlvs.service_type = Some(ServiceType::PEER);
-        reply.tlvs.peer_service_result = Some(PeerServiceResult::UNAVAILABLE);
-        reply.tlvs.peer_internal_address = Some(asked.peer);
-        self.answer_initiator(asked.initiator, &asked.request, &reply);
+        if self.end_asked(exchange, ResultCode::PEER_TIMEOUT) {
+            self.stats.peer.timeouts += 1;
+        }
     }
 
     /// Another director's answer to a peer request this one sent.

@@ -215,19 +215,9 @@ impl SessionDirector {
         if !self.allow_introduction(now, id, dest) {
             return refuse(self, ResultCode::RATE_LIMITED, None);
         }
-        let mut token = [0u8; 16];
-        self.rng.fill_bytes(&mut token);
         let sequence = self.next_director_sequence();
-        let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, dest);
-        forward.tlvs.service_type = Some(ServiceType::PEER);
-        forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
-        forward.tlvs.peer_internal_address = Some(initiator_addr);
-        forward.tlvs.connection_info = request.tlvs.connection_info;
-        forward.tlvs.candidates = self.forwardable(connection, &request.tlvs.candidates);
-        forward.tlvs.peer_credentials = Some(PeerCredentials {
-            token,
-            fingerprint: request.tlvs.certificate_fingerprint,
-        });
+        let (forward, token) =
+            self.establish_forward(connection, request, initiator_addr, sequence, dest);
         let mut bytes = Vec::new();
         if !self.encode_control(Some(dest), &forward, &mut bytes) {
             return refuse(self, ResultCode::INTERNAL_ERROR, None);
@@ -298,9 +288,25 @@ impl SessionDirector {
             self.send_and_remember(connection, id, &header, &reply);
             return true;
         }
+        // Sequence and tunnel id are the other director's to set.
+        let (forward, token) = self.establish_forward(connection, request, initiator_addr, 0, 0);
+        self.peer_request_to_mesh(now, id, header, peer_addr, forward, token)
+    }
+
+    /// The Establish forwarded to destination tunnel `dest` as director request `sequence`:
+    /// the initiator's candidates worth forwarding, its connection info and fingerprint, and a
+    /// fresh token for the pair, which it returns too.
+    fn establish_forward(
+        &mut self,
+        connection: ConnectionHandle,
+        request: &Message<'_>,
+        initiator_addr: IpAddr,
+        sequence: u32,
+        dest: u64,
+    ) -> (Message<'static>, [u8; 16]) {
         let mut token = [0u8; 16];
         self.rng.fill_bytes(&mut token);
-        let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0, 0);
+        let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, sequence, dest);
         forward.tlvs.service_type = Some(ServiceType::PEER);
         forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
         forward.tlvs.peer_internal_address = Some(initiator_addr);
@@ -310,7 +316,7 @@ impl SessionDirector {
             token,
             fingerprint: request.tlvs.certificate_fingerprint,
         });
-        self.peer_request_to_mesh(now, id, header, peer_addr, forward, token)
+        (forward, token)
     }
 
     /// Whether tunnel `id`'s request `sequence` was forwarded and waits for its answer.

@@ -362,6 +362,16 @@ impl Net {
     }
 }
 
+/// A peer Establish of `client` for `peer`, with the client's next sequence number.
+fn establish(client: &mut Client, peer: Ipv4Addr) -> Message<'static> {
+    client.seq += 1;
+    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, client.seq, client.id);
+    req.tlvs.service_type = Some(ServiceType::PEER);
+    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    req.tlvs.peer_internal_address = Some(IpAddr::V4(peer));
+    req
+}
+
 fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let builder = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(5004, 5004);
     let mut packet = Vec::new();
@@ -570,11 +580,7 @@ fn peer_introduction_across_two_directors_gives_each_the_others_candidates() {
     let b = net.client(1, 2);
     assert_eq!(deliver(&mut net, &a, &b, b"route").len(), 1);
 
-    a.seq += 1;
-    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
-    req.tlvs.service_type = Some(ServiceType::PEER);
-    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
-    req.tlvs.peer_internal_address = Some(IpAddr::V4(b.ip));
+    let mut req = establish(&mut a, b.ip);
     req.tlvs.candidates.push(Candidate {
         kind: CandidateKind::HOST,
         transport: Transport::UDP,
@@ -630,11 +636,7 @@ fn a_peer_request_for_an_address_not_yet_routed_waits_for_the_registry() {
     let mut a = net.client(0, 1);
     let b = net.client(1, 2);
     // No packet went from A to B: director 0 has no route to B yet.
-    a.seq += 1;
-    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
-    req.tlvs.service_type = Some(ServiceType::PEER);
-    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
-    req.tlvs.peer_internal_address = Some(IpAddr::V4(b.ip));
+    let req = establish(&mut a, b.ip);
     let key = a.key.clone();
     net.send_signed(&a, &req, &key);
     let forwarded = net.control_for(1, b.connection);
@@ -651,12 +653,8 @@ fn a_peer_request_for_an_address_not_yet_routed_waits_for_the_registry() {
     );
 
     // An address nobody holds is refused once the registry says so.
-    a.seq += 1;
     let nobody = Ipv4Addr::new(10, 77, 3, 3);
-    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
-    req.tlvs.service_type = Some(ServiceType::PEER);
-    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
-    req.tlvs.peer_internal_address = Some(IpAddr::V4(nobody));
+    let req = establish(&mut a, nobody);
     net.send_signed(&a, &req, &key);
     let replies = net.control_for(0, a.connection);
     let reply = replies
@@ -672,11 +670,7 @@ fn a_peer_request_across_that_gets_no_answer_times_out() {
     let mut a = net.client(0, 1);
     let b = net.client(1, 2);
     assert_eq!(deliver(&mut net, &a, &b, b"route").len(), 1);
-    a.seq += 1;
-    let mut req = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
-    req.tlvs.service_type = Some(ServiceType::PEER);
-    req.tlvs.service_action = Some(ServiceAction::ESTABLISH);
-    req.tlvs.peer_internal_address = Some(IpAddr::V4(b.ip));
+    let req = establish(&mut a, b.ip);
     let key = a.key.clone();
     net.send_signed(&a, &req, &key);
     net.advance(Duration::from_secs(2));
