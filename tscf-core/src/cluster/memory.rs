@@ -16,6 +16,7 @@ pub struct MemoryRegistry {
     /// While set, every request fails (the store is down).
     down: bool,
     operations: u64,
+    lookups: u64,
 }
 
 impl MemoryRegistry {
@@ -39,9 +40,17 @@ impl MemoryRegistry {
         self.operations
     }
 
+    /// `GetTunnel` requests executed so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups
+    }
+
     /// Executes `request` at `now`.
     pub fn execute(&mut self, now: Instant, request: &RegistryRequest) -> RegistryResponse {
         self.operations += 1;
+        if matches!(request, RegistryRequest::GetTunnel { .. }) {
+            self.lookups += 1;
+        }
         if self.down {
             return RegistryResponse::Failed("registry down".to_owned());
         }

@@ -11,7 +11,7 @@
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 use rustc_hash::FxHashMap;
@@ -22,6 +22,7 @@ use crate::cluster::{
     control_key, ClusterConfig, DirectorName, RegistryRequest, RegistryResponse, RequestId,
     TunnelRecord, SALT_LEN,
 };
+use crate::rate::{self, TokenBucket};
 use crate::wire::{ControlKey, Message, ReplayWindow, ResultCode, CONTROL_KEY_LEN};
 
 /// Re-attach requests parked while the registry is asked for their tunnel, at most.
@@ -67,6 +68,8 @@ pub(super) struct Cluster {
     exhausted: [bool; 2],
     /// Re-attach requests for tunnels this director does not hold, by tunnel id.
     parked: FxHashMap<u64, Parked>,
+    /// The registry lookups those may cause ([`ClusterConfig::max_lookup_rate`]).
+    lookups: TokenBucket,
     pub(super) mesh: Mesh,
 }
 
@@ -121,6 +124,7 @@ impl Cluster {
             claiming: [0, 0],
             exhausted: [false, false],
             parked: FxHashMap::default(),
+            lookups: TokenBucket::default(),
             mesh: Mesh::default(),
         }
     }
@@ -568,6 +572,7 @@ impl SessionDirector {
     /// registry is asked for its record. False outside a cluster.
     pub(super) fn park_reattach(
         &mut self,
+        now: Instant,
         connection: ConnectionHandle,
         id: u64,
         bytes: &[u8],
@@ -586,6 +591,12 @@ impl SessionDirector {
         }
         if c.parked.len() >= MAX_PARKED {
             self.stats.cluster.parked_full += 1;
+            return true;
+        }
+        let rate = c.config.max_lookup_rate;
+        let interval = rate::interval(rate, Duration::from_secs(1));
+        if rate == 0 || !c.lookups.take(now, rate, interval) {
+            self.stats.cluster.lookups_limited += 1;
             return true;
         }
         c.parked.insert(id, parked);
@@ -619,7 +630,10 @@ impl SessionDirector {
         let record = match response {
             RegistryResponse::Tunnel(Some(record)) if record.id == id => record,
             RegistryResponse::Tunnel(_) => {
+                // A failed admission of its source, as a bad secret is: whoever guesses tunnel
+                // ids makes the registry work, and is soon rate limited.
                 self.stats.refused.tunnel_not_found += 1;
+                self.record_failure(now, info.remote.ip());
                 let result = ResultCode::TUNNEL_NOT_FOUND;
                 return self.answer_bound(parked.connection, &header, nonce, result);
             }

@@ -311,7 +311,7 @@ impl SessionDirector {
         }
         if !self.tunnels.contains_key(&id) {
             // In a cluster, another director may hold it, or have held it and died.
-            if self.park_reattach(connection, id, bytes) {
+            if self.park_reattach(now, connection, id, bytes) {
                 return;
             }
             self.stats.refused.tunnel_not_found += 1;

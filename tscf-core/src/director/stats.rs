@@ -83,6 +83,9 @@ pub struct ClusterCounters {
     pub parked: u64,
     /// Re-attach requests not parked: too many were.
     pub parked_full: u64,
+    /// Re-attach requests not parked: their registry lookup would have gone beyond
+    /// `max_lookup_rate`.
+    pub lookups_limited: u64,
     /// Tunnels adopted from another director (their client re-attached here).
     pub adoptions: u64,
     /// Tunnels dropped because another director adopted them.

@@ -859,6 +859,43 @@ fn records_outlive_their_lease_while_their_director_lives_renewed_in_rounds() {
     }
 }
 
+/// Re-attach requests naming guessed tunnel ids, each from `remote` or from a source of its
+/// own; the registry lookups they caused.
+fn guess_tunnel_ids(net: &mut Net, node: usize, guesses: u8, remote: Option<u8>) -> u64 {
+    let before = net.registry.lookups();
+    let key = ControlKey::new(&[0x66; crate::wire::CONTROL_KEY_LEN]);
+    for k in 0..guesses {
+        let connection = net.connect(node, remote.unwrap_or(k));
+        let mut req = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+        req.tlvs.client_nonce = Some(NONCE);
+        req.tlvs.tunnel_id = Some(0x5eed_0000 + u64::from(k));
+        let mut bytes = Vec::new();
+        req.encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
+            .expect("encodable");
+        net.nodes[node]
+            .d
+            .handle_datagram(net.now, connection, &bytes);
+        net.pump();
+    }
+    net.registry.lookups() - before
+}
+
+#[test]
+fn reattach_flood_with_guessed_tunnel_ids_is_bounded_in_registry_lookups() {
+    // From many sources at once: the director's lookup rate bounds the registry's work.
+    let mut net = Net::with(8, |c| c.max_lookup_rate = 50);
+    let lookups = guess_tunnel_ids(&mut net, 1, 200, None);
+    assert_eq!(lookups, 50, "one lookup a token");
+    assert_eq!(net.stats(1).cluster.lookups_limited, 150);
+    // From one source: each guess the registry denies is a failed admission, and the source
+    // is soon refused without a lookup.
+    net.advance(Duration::from_secs(2));
+    let lookups = guess_tunnel_ids(&mut net, 1, 40, Some(77));
+    let limit = u64::from(Admission::default().failure_limit);
+    assert_eq!(lookups, limit, "lookups until the source is rate limited");
+    assert!(net.stats(1).refused.rate_limited >= 40 - limit);
+}
+
 #[test]
 fn registry_requests_beyond_max_in_flight_are_not_issued() {
     let mut cfg = config("dir-a", 64);

@@ -509,11 +509,13 @@ impl Collector for ServerMetrics {
             "tscf_server_cluster_dropped",
             "Requests a director of a cluster dropped: Configuration Requests while its stock \
              of addresses was empty (stock_empty), re-attach requests not parked because too \
-             many were (parked_full).",
+             many were (parked_full) or their lookup would have gone beyond the lookup rate \
+             (lookups_limited).",
             "reason",
             &[
                 ("stock_empty", c.stock_empty),
                 ("parked_full", c.parked_full),
+                ("lookups_limited", c.lookups_limited),
             ],
         )?;
         out.counter(
