@@ -71,6 +71,8 @@ pub struct ClientConfig {
     /// address changed meanwhile (a NAT rebinding, a new network), that authenticated request
     /// moves its tunnel to the new address at once, so that the data after it goes through
     /// (`docs/PROTOCOL.md` §3.4). A client that only sends pays one keepalive per interval.
+    /// On DTLS too when more than one server is listed: there the Keepalive tells a server
+    /// that went silent (see [`failover_transmissions`](Self::failover_transmissions)).
     pub roaming_probe_after: Option<Duration>,
     /// Bound of each packet queue: packets waiting to be sent (for instance while re-attaching)
     /// and packets received but not yet read (default 256, at most

@@ -144,7 +144,8 @@ pub const NAT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 ///   [`roaming_probe_after`](ClientConfig::roaming_probe_after) of silence from the server
 ///   goes out after a Keepalive, so that an address that changed meanwhile (a NAT rebinding)
 ///   is proven to the director by that authenticated request and the tunnel follows it
-///   (§3.4).
+///   (§3.4). On DTLS too when several servers are listed, so that a director gone silent is
+///   noticed while the client sends.
 /// - **Server release.** A Configuration Release Notification (or Request) for our tunnel is
 ///   acknowledged and terminates the client, except Shutdown: then the client reports
 ///   [`ClientEvent::TunnelClosed`] and gets a fresh tunnel after the backoff, as the director
@@ -930,15 +931,21 @@ impl TunnelClient {
 
     /// Whether a keepalive must go out before queued data to prove our address (§3.4): on UDP,
     /// after a silence from the server, the client's address may have changed (a NAT
-    /// rebinding, a new network) and only an authenticated request moves the tunnel to it.
+    /// rebinding, a new network) and only an authenticated request moves the tunnel to it. On
+    /// DTLS, whose session cannot roam, only with other servers to fail over to: the
+    /// keepalive then tells a server gone silent within a few retransmissions, where a client
+    /// that keeps sending would otherwise send no keepalive and wait for the silence timeout.
     fn roaming_probe_due(&self) -> bool {
         let Some(after_silence) = self.config.roaming_probe_after else {
             return false;
         };
+        let transport = self.current_server().transport;
+        let probes = transport == Transport::UDP
+            || (transport.is_datagram() && self.config.servers.len() > 1);
         self.phase == Phase::Connected
             && self.request.is_none()
             && !self.outbound.is_empty()
-            && self.current_server().transport == Transport::UDP
+            && probes
             && self.now.saturating_duration_since(self.heard_at) >= after_silence
     }
 

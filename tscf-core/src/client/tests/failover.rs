@@ -224,3 +224,24 @@ fn failover_transmissions_is_bounded() {
         Some(ConfigError::FailoverTransmissions(17))
     );
 }
+
+#[test]
+fn a_dtls_client_probes_a_silent_server_only_with_others_to_fail_over_to() {
+    let dtls = |port| server(port, Transport::DTLS);
+    for (servers, probes) in [(vec![dtls(1)], 0), (vec![dtls(1), dtls(2)], 1)] {
+        let mut h = Harness::with_servers(servers);
+        h.take_events();
+        h.connect(30_000);
+        let packet = udp_packet(ADDR, PEER, b"media");
+        h.advance(ms(500));
+        h.client.send_ip(h.now, &packet).expect("queued");
+        h.drain();
+        let sent = h.take_sent();
+        assert_eq!(sent.len(), 1 + probes as usize);
+        if probes == 1 {
+            assert_eq!(decode(&sent[0]).header.message_type, MessageType::KEEPALIVE);
+        }
+        assert_eq!(sent.last(), Some(&data_envelope(&packet)));
+        assert_eq!(h.client.stats().roaming_probes, probes);
+    }
+}
