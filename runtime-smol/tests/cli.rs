@@ -1455,9 +1455,28 @@ fn cluster_table(name: &str, dir: &std::path::Path, url: &str) -> String {
 
 #[test]
 fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
-    let Some(registry) = redis::RedisServer::start(None) else {
-        return;
-    };
+    // Over TCP the client notices dir-a's death when the connection is reset.
+    if let Some(took) = reattach_when_the_director_dies("tcp") {
+        println!("over TCP, re-attached {took:?} after the director was killed");
+    }
+}
+
+#[test]
+fn a_client_of_a_cluster_reattaches_over_udp_when_its_director_goes_silent() {
+    // Over UDP nothing says that dir-a died: the client's pings make it probe the director
+    // after half a second of silence, and the probe, then one re-attach at dir-a, each fail
+    // after three transmissions (1.75 s) before dir-b is tried.
+    if let Some(took) = reattach_when_the_director_dies("udp") {
+        println!("over UDP, re-attached {took:?} after the director was killed");
+    }
+}
+
+/// A client over `transport` ("tcp" or "udp") lists dir-a then dir-b; dir-a dies without a
+/// word and dir-b adopts the tunnel when the client re-attaches there. Over UDP the client
+/// pings its own address meanwhile, through its admin endpoint. How long the client took,
+/// from the kill to its `reattached` line; `None` without Redis.
+fn reattach_when_the_director_dies(transport: &str) -> Option<Duration> {
+    let registry = redis::RedisServer::start(None)?;
     let dir = redis::TempDir::new();
     redis::write_cluster_files(&dir.0);
     std::fs::write(dir.0.join("secret"), "5a".repeat(32)).unwrap();
@@ -1473,12 +1492,12 @@ fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
     );
     assert!(printed_a.contains("mesh 127.0.0.1:"), "{printed_a}");
 
-    // The client lists dir-a first. Over TCP it notices dir-a's death when the connection
-    // is reset (over UDP, after three silent keepalive intervals).
+    let prefix = format!("{transport} ");
     let mut client = Command::new(env!("CARGO_BIN_EXE_tscf"))
-        .args(["client", "--json", "--for", "150", "--transport", "tcp"])
-        .args(["--server", &address(&printed_a, "tcp ")])
-        .args(["--server", &address(&printed_b, "tcp ")])
+        .args(["client", "--json", "--for", "150", "--transport", transport])
+        .args(["--admin", "127.0.0.1:0"])
+        .args(["--server", &address(&printed_a, &prefix)])
+        .args(["--server", &address(&printed_b, &prefix)])
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .spawn()
@@ -1507,6 +1526,7 @@ fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
         }
     };
     let connected = next("connected");
+    let admin = next("admin")["addr"].as_str().unwrap().to_owned();
     // The tunnel's record reaches the registry just after the tunnel opens: a director that
     // dies before it is written loses the tunnel for good.
     let id = connected["tunnel_id"].as_u64().unwrap();
@@ -1523,10 +1543,24 @@ fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
         }
     });
 
+    if transport == "udp" {
+        // Pings to the client's own address, through dir-a and back, one every 100 ms even
+        // unanswered (each waits 100 ms); the first reply says that traffic flows.
+        let own = connected["ipv4"].as_str().unwrap();
+        let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+        writeln!(stream, "ping {own} 10000 0 100 100").unwrap();
+        let mut replies = std::io::BufReader::new(stream).lines();
+        let first = replies.next().unwrap().unwrap();
+        assert!(first.contains("\"pong\""), "{first}");
+        std::thread::spawn(move || replies.map_while(Result::ok).for_each(drop));
+    }
+
     // dir-a dies without a word; dir-b adopts the tunnel when the client re-attaches there.
     a.kill().unwrap();
+    let killed = Instant::now();
     a.wait().unwrap();
     let reattached = next("reattached");
+    let took = killed.elapsed();
     assert_eq!(
         reattached["tunnel_id"], connected["tunnel_id"],
         "{reattached}"
@@ -1545,4 +1579,5 @@ fn a_client_of_a_cluster_reattaches_to_another_director_when_its_own_dies() {
     client.wait().unwrap();
     b.kill().unwrap();
     b.wait().unwrap();
+    Some(took)
 }

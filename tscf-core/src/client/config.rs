@@ -48,6 +48,16 @@ pub struct ClientConfig {
     /// at most [`MAX_TRANSMISSIONS_LIMIT`](Self::MAX_TRANSMISSIONS_LIMIT)). The request fails
     /// one (capped) timeout after the last.
     pub max_transmissions: u32,
+    /// With more than one server, transmissions of a request on a datagram transport that
+    /// tell whether the tunnel's server is still there: the Keepalive of a connected tunnel
+    /// (the roaming probe among them) and the Configuration Request of each attempt to
+    /// re-attach (default 3, 1 to [`MAX_TRANSMISSIONS_LIMIT`](Self::MAX_TRANSMISSIONS_LIMIT),
+    /// never more than [`max_transmissions`](Self::max_transmissions)). At the default
+    /// timeouts three transmissions fail 1.75 s after the first (250 + 500 + 1000 ms)
+    /// instead of 15.75 s, so that a client of a cluster whose director died silently
+    /// re-attaches to another in a few seconds. With one server, whose return is all the
+    /// client can wait for, every request gets `max_transmissions`.
+    pub failover_transmissions: u32,
     /// On a stream transport, how long a request waits for its response (default 10 s).
     pub response_timeout: Duration,
     /// Wait before a new round of connection attempts: initial and maximum (defaults 100 ms
@@ -61,6 +71,8 @@ pub struct ClientConfig {
     /// address changed meanwhile (a NAT rebinding, a new network), that authenticated request
     /// moves its tunnel to the new address at once, so that the data after it goes through
     /// (`docs/PROTOCOL.md` §3.4). A client that only sends pays one keepalive per interval.
+    /// On DTLS too when more than one server is listed: there the Keepalive tells a server
+    /// that went silent (see [`failover_transmissions`](Self::failover_transmissions)).
     pub roaming_probe_after: Option<Duration>,
     /// Bound of each packet queue: packets waiting to be sent (for instance while re-attaching)
     /// and packets received but not yet read (default 256, at most
@@ -98,6 +110,7 @@ impl ClientConfig {
             initial_rto: Duration::from_millis(250),
             max_rto: Duration::from_secs(4),
             max_transmissions: 7,
+            failover_transmissions: 3,
             response_timeout: Duration::from_secs(10),
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             silence_intervals: 3,
@@ -139,6 +152,11 @@ impl ClientConfig {
         }
         if !(1..=Self::MAX_TRANSMISSIONS_LIMIT).contains(&self.max_transmissions) {
             return Err(ConfigError::MaxTransmissions(self.max_transmissions));
+        }
+        if !(1..=Self::MAX_TRANSMISSIONS_LIMIT).contains(&self.failover_transmissions) {
+            return Err(ConfigError::FailoverTransmissions(
+                self.failover_transmissions,
+            ));
         }
         if !timer(self.response_timeout) {
             return Err(ConfigError::ResponseTimeout(self.response_timeout));
@@ -188,6 +206,9 @@ pub enum ConfigError {
     /// `max_transmissions` is 0 or above [`ClientConfig::MAX_TRANSMISSIONS_LIMIT`].
     #[error("max_transmissions {0} outside 1 to {max}", max = ClientConfig::MAX_TRANSMISSIONS_LIMIT)]
     MaxTransmissions(u32),
+    /// `failover_transmissions` is 0 or above [`ClientConfig::MAX_TRANSMISSIONS_LIMIT`].
+    #[error("failover_transmissions {0} outside 1 to {max}", max = ClientConfig::MAX_TRANSMISSIONS_LIMIT)]
+    FailoverTransmissions(u32),
     /// `response_timeout` is zero or above an hour.
     #[error("response timeout {0:?} must be above zero and at most 1 h")]
     ResponseTimeout(Duration),

@@ -107,8 +107,13 @@ pub const NAT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 ///
 /// - **Attempts.** A round of attempts tries every server in order. A round to re-attach
 ///   starts at the server that held the tunnel, tries it a second time after the backoff, then
-///   the others. Between rounds the client waits the reconnect backoff, which doubles up to its
-///   maximum and resets on success. An attempt fails on a transport failure, a request timeout
+///   the others; when that server stopped answering (a Keepalive unanswered, or the silence
+///   timeout) and others are listed, it is tried once, then the others at once. With more than
+///   one server, a Keepalive and a re-attaching Configuration Request on a datagram transport
+///   fail after [`failover_transmissions`](ClientConfig::failover_transmissions) (1.75 s at
+///   the defaults) rather than `max_transmissions` (15.75 s), so that a client whose director
+///   died silently finds another within seconds. Between rounds the client waits the
+///   reconnect backoff, which doubles up to its maximum and resets on success. An attempt fails on a transport failure, a request timeout
 ///   or an error Result Code ([`ClientEvent::ConnectFailed`]); a fresh Configuration Request
 ///   refused with Unauthorized terminates the client instead.
 /// - **Requests.** At most one request of the client is outstanding: the Configuration
@@ -139,7 +144,8 @@ pub const NAT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 ///   [`roaming_probe_after`](ClientConfig::roaming_probe_after) of silence from the server
 ///   goes out after a Keepalive, so that an address that changed meanwhile (a NAT rebinding)
 ///   is proven to the director by that authenticated request and the tunnel follows it
-///   (§3.4).
+///   (§3.4). On DTLS too when several servers are listed, so that a director gone silent is
+///   noticed while the client sends.
 /// - **Server release.** A Configuration Release Notification (or Request) for our tunnel is
 ///   acknowledged and terminates the client, except Shutdown: then the client reports
 ///   [`ClientEvent::TunnelClosed`] and gets a fresh tunnel after the backoff, as the director
@@ -293,7 +299,7 @@ impl TunnelClient {
             now,
             config,
         };
-        client.new_round(false);
+        client.new_round(false, false);
         Ok(client)
     }
 
@@ -356,7 +362,7 @@ impl TunnelClient {
             }
             (Phase::Connected, _) => {
                 self.forget_transport();
-                self.lose_transport();
+                self.lose_transport(false);
             }
             (Phase::Releasing, _) => {
                 self.forget_transport();
@@ -398,7 +404,9 @@ impl TunnelClient {
             };
             match timer {
                 Timer::Retransmit => match &mut self.request {
-                    Some(r) if r.transmissions < self.config.max_transmissions => r.due = true,
+                    Some(r) if r.transmissions < transmission_limit(&self.config, r.kind) => {
+                        r.due = true;
+                    }
                     Some(_) => self.request_failed(),
                     None => {}
                 },
@@ -414,7 +422,7 @@ impl TunnelClient {
                 },
                 Timer::Silence => {
                     if self.phase == Phase::Connected {
-                        self.lose_transport();
+                        self.lose_transport(true);
                     }
                 }
                 Timer::Reconnect => {
@@ -672,17 +680,21 @@ impl TunnelClient {
     // ---- attempts ----
 
     /// Starts a round of attempts: every server from the first for a fresh tunnel; the
-    /// tunnel's server twice, then the others, to re-attach.
-    fn new_round(&mut self, wait: bool) {
+    /// tunnel's server twice, then the others, to re-attach. When the tunnel's server went
+    /// silent (`home_silent`) and there are others, it is tried once before them: a transient
+    /// loss still finds the tunnel at home, and a dead server costs one attempt, not two.
+    fn new_round(&mut self, wait: bool, home_silent: bool) {
         let n = self.config.servers.len();
         self.round.clear();
         if self.tunnel.is_some() {
             let home = self.server;
             self.round.push(Attempt { server: home, wait });
-            self.round.push(Attempt {
-                server: home,
-                wait: true,
-            });
+            if !(home_silent && n > 1) {
+                self.round.push(Attempt {
+                    server: home,
+                    wait: true,
+                });
+            }
             for k in 1..n {
                 self.round.push(Attempt {
                     server: (home + k) % n,
@@ -704,7 +716,7 @@ impl TunnelClient {
     fn next_attempt(&mut self) {
         self.round_pos += 1;
         if self.round_pos >= self.round.len() {
-            self.new_round(true);
+            self.new_round(true, false);
         } else {
             self.step();
         }
@@ -789,15 +801,16 @@ impl TunnelClient {
         self.next_attempt();
     }
 
-    /// The transport of a connected tunnel is gone: re-attach.
-    fn lose_transport(&mut self) {
+    /// The transport of a connected tunnel is gone, `silent` when the server stopped
+    /// answering (rather than the transport reporting its loss): re-attach.
+    fn lose_transport(&mut self, silent: bool) {
         self.stats.transports_lost += 1;
         self.push_event(ClientEvent::TransportLost);
         self.close_transport();
         self.clear_request();
         self.timers.stop(Timer::Keepalive);
         self.timers.stop(Timer::Silence);
-        self.new_round(false);
+        self.new_round(false, silent);
     }
 
     /// The server no longer holds our tunnel; `fresh_here` asks for a new one on the current
@@ -813,7 +826,7 @@ impl TunnelClient {
         } else {
             self.close_transport();
             self.backoff = self.config.reconnect_backoff.0;
-            self.new_round(true);
+            self.new_round(true, false);
         }
     }
 
@@ -886,7 +899,7 @@ impl TunnelClient {
         self.clear_request();
         match request.kind {
             RequestKind::Configuration { .. } => self.fail_attempt(None),
-            RequestKind::Keepalive => self.lose_transport(),
+            RequestKind::Keepalive => self.lose_transport(true),
             RequestKind::Release => self.terminate(TerminateReason::Released),
         }
     }
@@ -918,15 +931,21 @@ impl TunnelClient {
 
     /// Whether a keepalive must go out before queued data to prove our address (§3.4): on UDP,
     /// after a silence from the server, the client's address may have changed (a NAT
-    /// rebinding, a new network) and only an authenticated request moves the tunnel to it.
+    /// rebinding, a new network) and only an authenticated request moves the tunnel to it. On
+    /// DTLS, whose session cannot roam, only with other servers to fail over to: the
+    /// keepalive then tells a server gone silent within a few retransmissions, where a client
+    /// that keeps sending would otherwise send no keepalive and wait for the silence timeout.
     fn roaming_probe_due(&self) -> bool {
         let Some(after_silence) = self.config.roaming_probe_after else {
             return false;
         };
+        let transport = self.current_server().transport;
+        let probes = transport == Transport::UDP
+            || (transport.is_datagram() && self.config.servers.len() > 1);
         self.phase == Phase::Connected
             && self.request.is_none()
             && !self.outbound.is_empty()
-            && self.current_server().transport == Transport::UDP
+            && probes
             && self.now.saturating_duration_since(self.heard_at) >= after_silence
     }
 
@@ -1002,6 +1021,21 @@ impl TunnelClient {
 
     fn advance_clock(&mut self, now: Instant) {
         self.now = self.now.max(now);
+    }
+}
+
+/// Transmissions of a `kind` request on a datagram transport before it fails: with several
+/// servers, a Keepalive or a re-attach tells whether the tunnel's server is still there, and
+/// another server is worth trying sooner ([`ClientConfig::failover_transmissions`]).
+fn transmission_limit(config: &ClientConfig, kind: RequestKind) -> u32 {
+    let probes_server = matches!(
+        kind,
+        RequestKind::Keepalive | RequestKind::Configuration { reattach: true }
+    );
+    if probes_server && config.servers.len() > 1 {
+        config.failover_transmissions.min(config.max_transmissions)
+    } else {
+        config.max_transmissions
     }
 }
 

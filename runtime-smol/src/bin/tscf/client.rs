@@ -126,6 +126,10 @@ pub(crate) struct TunnelArgs {
     /// on TCP, TLS and QUIC. Behind a NAT with a shorter UDP timeout, go below it.
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     keepalive: Option<u64>,
+    /// With several --server, transmissions of a keepalive or a re-attach over UDP or DTLS
+    /// before the server counts as gone and the next one is tried (default 3, 1.75 s).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    failover_transmissions: Option<u32>,
 }
 
 /// The peer transports `tscf client` can offer.
@@ -476,6 +480,9 @@ impl TunnelArgs {
         }
         config.connect_timeout = Duration::from_secs(args.connect_timeout);
         config.client.keepalive_interval = args.keepalive.map(Duration::from_secs);
+        if let Some(n) = args.failover_transmissions {
+            config.client.failover_transmissions = n;
+        }
         if let Some(token) = &args.token {
             config.client.auth_token = Some(token.clone().into_bytes());
         }

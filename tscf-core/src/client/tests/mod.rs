@@ -8,6 +8,7 @@ use super::*;
 use crate::wire::{Capabilities, ControlKey, InternalAddress, Transport, MAX_PAYLOAD_LEN};
 
 mod data;
+mod failover;
 mod nat;
 mod peer;
 
