@@ -1480,13 +1480,14 @@ fn reattach_when_the_director_dies(transport: &str) -> Option<Duration> {
     let dir = redis::TempDir::new();
     redis::write_cluster_files(&dir.0);
     std::fs::write(dir.0.join("secret"), "5a".repeat(32)).unwrap();
+    // Config files are named per test process: one pair per transport, as tests run at once.
     let (mut a, printed_a) = spawn_server(
-        "cluster-a",
+        &format!("cluster-{transport}-a"),
         &cluster_table("dir-a", &dir.0, &registry.url()),
         "150",
     );
     let (mut b, printed_b) = spawn_server(
-        "cluster-b",
+        &format!("cluster-{transport}-b"),
         &cluster_table("dir-b", &dir.0, &registry.url()),
         "150",
     );
