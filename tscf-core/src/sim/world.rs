@@ -13,6 +13,7 @@ use super::{Delivery, HostId, LinkConfig, NetEvent, Network, SiteConfig, SiteId,
 use crate::client::{
     ClientConfig, ClientEvent, Destination, Input, PeerConfig, ServerEndpoint, TunnelClient,
 };
+use crate::cluster::MemoryRegistry;
 use crate::director::{
     ConnectionHandle, ConnectionInfo, DirectorConfig, DirectorEvent, SessionDirector,
 };
@@ -130,6 +131,9 @@ pub struct World {
     pub director: SessionDirector,
     /// Every event the director emitted, in order.
     pub director_events: Vec<DirectorEvent>,
+    /// The registry of a director in a cluster ([`DirectorConfig::cluster`]): it answers at
+    /// once, and outlives [`restart_director`](Self::restart_director).
+    pub registry: MemoryRegistry,
     director_config: DirectorConfig,
     routes: HashMap<ConnectionHandle, Route>,
     streams: HashMap<StreamId, (ConnectionHandle, StreamDeframer)>,
@@ -155,6 +159,7 @@ impl World {
             net,
             director: SessionDirector::new(config).expect("valid director config"),
             director_events: Vec::new(),
+            registry: MemoryRegistry::new(),
             director_config,
             routes: HashMap::new(),
             streams: HashMap::new(),
@@ -348,6 +353,11 @@ impl World {
         let now = self.net.now();
         loop {
             let mut moved = false;
+            while let Some((id, request)) = self.director.poll_registry() {
+                moved = true;
+                let response = self.registry.execute(now, &request);
+                self.director.handle_registry(now, id, response);
+            }
             while let Some(t) = self.director.poll_transmit(now, &mut self.buf) {
                 moved = true;
                 match self.routes.get(&t.connection) {

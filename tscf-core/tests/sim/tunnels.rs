@@ -8,6 +8,7 @@ use std::time::Duration;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use tscf_core::client::{ClientConfig, ClientEvent};
+use tscf_core::cluster::{ClusterConfig, DirectorName};
 use tscf_core::director::{DirectorConfig, DirectorEvent, Ipv4Pool};
 use tscf_core::sim::world::{udp_packet, udp_payload, World, DIRECTOR_IP};
 use tscf_core::sim::{
@@ -138,6 +139,53 @@ fn director_restart_gives_clients_fresh_tunnels() {
     }
     assert_eq!(w.director.stats().active_tunnels, 4);
     let dst = w.nodes[1].client.internal_ipv4().expect("v4");
+    assert!(w.send_udp(0, dst, b"after restart"));
+    w.run_for(ms(100));
+    assert_eq!(w.nodes[1].received.len(), 1);
+}
+
+#[test]
+fn director_of_a_cluster_restarts_and_its_clients_keep_their_tunnels() {
+    let _guard = SeedGuard(5);
+    // The same director, started again with nothing but the registry: its clients re-attach,
+    // and it adopts their tunnels from the records (keys derived from the cluster secret).
+    let mesh = "192.0.2.1:4450".parse().expect("an address");
+    let name = DirectorName::new("dir-a").expect("a name");
+    let config = DirectorConfig {
+        cluster: Some(ClusterConfig::new(name, [0x5e; 32], mesh)),
+        ..DirectorConfig::default()
+    };
+    let mut w = World::new(5, config, ms(10));
+    for i in 0..4 {
+        add_client(&mut w, i, transport_of(i), LinkConfig::with_latency(ms(5)));
+    }
+    let deadline = w.now() + Duration::from_secs(10);
+    assert!(w.run_until_cond(deadline, |w| (0..4).all(|i| w.connected(i))));
+    w.run_for(Duration::from_secs(2));
+    let before: Vec<_> = (0..4)
+        .map(|i| {
+            (
+                w.nodes[i].client.tunnel_id(),
+                w.nodes[i].client.internal_ipv4(),
+            )
+        })
+        .collect();
+    w.restart_director(99);
+    let deadline = w.now() + Duration::from_secs(200);
+    let back = |w: &World| w.director.stats().cluster.adoptions == 4;
+    assert!(w.run_until_cond(deadline, back), "every tunnel adopted");
+    for (i, before) in before.iter().enumerate() {
+        let now = (
+            w.nodes[i].client.tunnel_id(),
+            w.nodes[i].client.internal_ipv4(),
+        );
+        assert_eq!(now, *before, "client {i} kept its tunnel");
+        assert!(!w.nodes[i]
+            .events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::TunnelClosed { .. })));
+    }
+    let dst = before[1].1.expect("v4");
     assert!(w.send_udp(0, dst, b"after restart"));
     w.run_for(ms(100));
     assert_eq!(w.nodes[1].received.len(), 1);
