@@ -874,7 +874,7 @@ pub fn cluster_director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
                     1 => honest[1].1,
                     _ => u.arbitrary()?,
                 };
-                let mesh_message = match u.int_in_range(0..=4)? {
+                let mesh_message = match u.int_in_range(0..=5)? {
                     0 => MeshMessage::Hello(name(u.choose(&["dir-a", "dir-b", "dir-c"])?)),
                     1 => MeshMessage::NotHere(addr),
                     2 => MeshMessage::Adopted {
@@ -886,9 +886,13 @@ pub fn cluster_director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
                         destination: addr,
                         request: &inner,
                     },
-                    _ => MeshMessage::PeerAnswer {
+                    4 => MeshMessage::PeerAnswer {
                         exchange: u.int_in_range(0..=4)?,
                         response: &inner,
+                    },
+                    _ => MeshMessage::PeerGone {
+                        departed: IpAddr::V4(pick(u, &honest)?),
+                        partners: vec![addr],
                     },
                 };
                 if let MeshMessage::Adopted { id, addresses } = &mesh_message {

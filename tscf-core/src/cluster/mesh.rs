@@ -48,7 +48,20 @@ pub enum MeshMessage<'a> {
         /// candidates, connection info and fingerprint), or the destination director's refusal.
         response: &'a [u8],
     },
+    /// The sender's client at `departed` closed its tunnel; the receiver's clients at
+    /// `partners` were introduced to it across the two directors (`0x06`). Each partner the
+    /// receiver holds, and introduced to `departed` through the sender, gets a release notice.
+    PeerGone {
+        /// The departed client's internal address.
+        departed: IpAddr,
+        /// The receiver's clients introduced to it: 1 to [`MAX_PEER_GONE_PARTNERS`].
+        partners: Vec<IpAddr>,
+    },
 }
+
+/// The most partners one [`MeshMessage::PeerGone`] names: the most peers a director remembers
+/// for one tunnel.
+pub const MAX_PEER_GONE_PARTNERS: usize = 64;
 
 /// A mesh message that does not decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +73,7 @@ const NOT_HERE: u8 = 0x02;
 const ADOPTED: u8 = 0x03;
 const PEER_REQUEST: u8 = 0x04;
 const PEER_ANSWER: u8 = 0x05;
+const PEER_GONE: u8 = 0x06;
 
 impl<'a> MeshMessage<'a> {
     /// Decodes the payload of a Mesh envelope.
@@ -99,6 +113,17 @@ impl<'a> MeshMessage<'a> {
                     exchange,
                     response: r.rest(),
                 }
+            }
+            PEER_GONE => {
+                let departed = read_addr(&mut r)?;
+                let count = usize::from(r.u8().ok_or(BadMeshMessage)?);
+                if !(1..=MAX_PEER_GONE_PARTNERS).contains(&count) {
+                    return Err(BadMeshMessage);
+                }
+                let partners = (0..count)
+                    .map(|_| read_addr(&mut r))
+                    .collect::<Result<_, _>>()?;
+                Self::PeerGone { departed, partners }
             }
             _ => return Err(BadMeshMessage),
         };
@@ -146,6 +171,16 @@ impl<'a> MeshMessage<'a> {
                 payload.put_u8(PEER_ANSWER);
                 payload.put_u32(*exchange);
                 payload.put_slice(response);
+            }
+            Self::PeerGone { departed, partners } => {
+                payload.put_u8(PEER_GONE);
+                write_addr(&mut payload, *departed);
+                let partners = &partners[..partners.len().min(MAX_PEER_GONE_PARTNERS)];
+                // At most 64.
+                payload.put_u8(partners.len() as u8);
+                for addr in partners {
+                    write_addr(&mut payload, *addr);
+                }
             }
         }
         Envelope::encode(EnvelopeType::MESH, &payload, out)
@@ -211,6 +246,28 @@ mod tests {
             exchange: 7,
             response: &[9],
         });
+        round_trip(&MeshMessage::PeerGone {
+            departed: "10.77.0.9".parse().expect("addr"),
+            partners: vec![
+                "10.77.1.3".parse().expect("addr"),
+                "10.77.1.4".parse().expect("addr"),
+            ],
+        });
+    }
+
+    #[test]
+    fn peer_gone_is_specified_bytes() {
+        let mut out = Vec::new();
+        MeshMessage::PeerGone {
+            departed: "10.77.0.9".parse().expect("addr"),
+            partners: vec!["10.77.1.3".parse().expect("addr")],
+        }
+        .encode_envelope(&mut out)
+        .expect("fits");
+        assert_eq!(
+            out,
+            [0x06, 0x00, 0x0f, 0x06, 4, 10, 77, 0, 9, 1, 4, 10, 77, 1, 3]
+        );
     }
 
     #[test]
@@ -234,6 +291,10 @@ mod tests {
             &[NOT_HERE, 4, 1, 2, 3, 4, 0],
             &[ADOPTED, 0, 0, 0, 0, 0, 0, 0, 1, 0],
             &[ADOPTED, 0, 0, 0, 0, 0, 0, 0, 1, 3, 4, 1, 2, 3, 4],
+            &[PEER_GONE, 4, 1, 2, 3, 4, 0],
+            &[PEER_GONE, 4, 1, 2, 3, 4, 65],
+            &[PEER_GONE, 4, 1, 2, 3, 4, 2, 4, 1, 2, 3, 4],
+            &[PEER_GONE, 4, 1, 2, 3, 4, 1, 4, 1, 2, 3, 4, 0],
         ] {
             assert_eq!(MeshMessage::decode(bad), Err(BadMeshMessage), "{bad:?}");
         }

@@ -27,7 +27,7 @@ use sha2::Sha256;
 use crate::wire::CONTROL_KEY_LEN;
 
 pub use memory::MemoryRegistry;
-pub use mesh::{BadMeshMessage, MeshMessage};
+pub use mesh::{BadMeshMessage, MeshMessage, MAX_PEER_GONE_PARTNERS};
 
 /// The length of a tunnel record's salt.
 pub const SALT_LEN: usize = 16;

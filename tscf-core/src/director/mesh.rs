@@ -1,6 +1,7 @@
 //! The director's mesh links (`docs/PROTOCOL.md` §9, `docs/CLUSTER.md`): links to the other
 //! directors of its cluster, the routes that say which director holds an address, relaying
-//! inner packets across, and peer introductions between clients of two directors.
+//! inner packets across, and peer introductions between clients of two directors, with the
+//! release notices that follow when one of them closes its tunnel.
 //!
 //! A mesh link is trusted to be a director of the cluster (the runtime authenticated it), not
 //! to be right: what it relays must be for a local tunnel, from an address of the pools that
@@ -13,8 +14,11 @@ use std::time::Instant;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+mod peer_gone;
+
+use super::peer::MAX_PEERS_PER_TUNNEL;
 use super::{ConnectionHandle, DirectorEvent, DuplicateConnection, SessionDirector, Timer};
-use crate::cluster::{DirectorName, MeshMessage, RegistryResponse};
+use crate::cluster::{DirectorName, MeshMessage, RegistryResponse, MAX_PEER_GONE_PARTNERS};
 use crate::wire::{
     Capabilities, Envelope, EnvelopeType, Header, InnerPacket, Message, MessageType,
     PeerCredentials, PeerServiceResult, ResultCode, ServiceAction, ServiceType,
@@ -27,6 +31,9 @@ const MAX_ROUTES: usize = 65_536;
 const MAX_LOOKUPS: usize = 1024;
 /// Peer requests waiting for another director's answer, on either side, at most.
 const MAX_REMOTE_PEER: usize = 4096;
+
+// One Peer Gone names every partner one tunnel has behind one director.
+const _: () = assert!(MAX_PEERS_PER_TUNNEL <= MAX_PEER_GONE_PARTNERS);
 
 /// The mesh state of a director in a cluster.
 #[derive(Debug, Default)]
@@ -51,6 +58,19 @@ pub(super) struct Mesh {
     /// Destination side: peer requests forwarded to a local client for another director,
     /// by the forwarded request's sequence number.
     forwarded: FxHashMap<u32, Forwarded>,
+    /// For each local tunnel, the clients of other directors it was introduced to (as
+    /// initiator or destination), at most [`MAX_PEERS_PER_TUNNEL`], the oldest forgotten
+    /// beyond. Only tunnels held here have an entry.
+    introduced: FxHashMap<u64, Vec<RemotePeer>>,
+}
+
+/// A client of another director that a local tunnel was introduced to.
+#[derive(Debug)]
+struct RemotePeer {
+    /// Its internal address, as the introduction named it.
+    addr: IpAddr,
+    /// The director that held it then.
+    via: DirectorName,
 }
 
 #[derive(Debug)]
@@ -83,6 +103,8 @@ struct Forwarded {
     via: DirectorName,
     exchange: u32,
     destination: u64,
+    /// The initiator's address, as the request names it.
+    initiator: IpAddr,
     bytes: Vec<u8>,
     sent: u32,
     deadline: Instant,
@@ -335,6 +357,9 @@ impl SessionDirector {
             } => self.peer_request_from_mesh(now, connection, name, exchange, destination, request),
             MeshMessage::PeerAnswer { exchange, response } => {
                 self.peer_answer_from_mesh(name, exchange, response);
+            }
+            MeshMessage::PeerGone { departed, partners } => {
+                self.peer_gone_from_mesh(now, &name, departed, &partners);
             }
         }
     }
@@ -682,6 +707,7 @@ impl SessionDirector {
                 token: asked.token,
                 fingerprint: response.tlvs.certificate_fingerprint,
             });
+            self.remember_remote_peer(asked.initiator, asked.peer, name);
             self.stats.peer.introductions += 1;
             reply
         } else {
@@ -711,14 +737,15 @@ impl SessionDirector {
             self.stats.cluster.mesh_dropped.bad_message += 1;
             return;
         };
+        // A link speaks for its own clients only.
+        let initiator = forward
+            .tlvs
+            .peer_internal_address
+            .filter(|a| self.in_pools(*a) && !self.by_addr.contains_key(a));
         let well_formed = forward.header.message_type == MessageType::CLIENT_SERVICE_REQUEST
             && forward.tlvs.service_type == Some(ServiceType::PEER)
             && forward.tlvs.service_action == Some(ServiceAction::ESTABLISH)
-            && forward.tlvs.peer_credentials.is_some()
-            && forward
-                .tlvs
-                .peer_internal_address
-                .is_some_and(|a| self.in_pools(a));
+            && forward.tlvs.peer_credentials.is_some();
         let dest = self.by_addr.get(&destination).copied();
         let target = dest.and_then(|id| {
             let t = self.tunnels.get(&id)?;
@@ -729,8 +756,8 @@ impl SessionDirector {
             .cluster
             .as_deref()
             .is_some_and(|c| c.mesh.forwarded.len() < MAX_REMOTE_PEER);
-        let Some((dest, dest_connection, transport)) = target.filter(|_| well_formed && room)
-        else {
+        let target = target.zip(initiator).filter(|_| well_formed && room);
+        let Some(((dest, dest_connection, transport), initiator)) = target else {
             let mut refusal = Message::new(MessageType::CLIENT_SERVICE_RESPONSE, 0, 0);
             refusal.tlvs.result_code = Some(ResultCode::PEER_UNAVAILABLE);
             refusal.tlvs.service_type = Some(ServiceType::PEER);
@@ -762,6 +789,7 @@ impl SessionDirector {
                     via: name,
                     exchange,
                     destination: dest,
+                    initiator,
                     bytes,
                     sent: 1,
                     deadline,
@@ -822,6 +850,11 @@ impl SessionDirector {
         answer.tlvs.candidates = response.tlvs.candidates.clone();
         answer.tlvs.certificate_fingerprint = response.tlvs.certificate_fingerprint;
         self.answer_mesh_peer(connection, f.exchange, &answer);
+        let available = response.tlvs.result_code == Some(ResultCode::SUCCESS)
+            && response.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE);
+        if available {
+            self.remember_remote_peer(f.destination, f.initiator, f.via);
+        }
         true
     }
 

@@ -25,7 +25,7 @@ use crate::wire::{
 
 /// The most peers one tunnel is remembered to have been introduced to; the oldest is forgotten
 /// beyond it (it then gets no release notice).
-const MAX_PEERS_PER_TUNNEL: usize = 64;
+pub(super) const MAX_PEERS_PER_TUNNEL: usize = 64;
 /// Destinations whose introduction budget one initiator is remembered for; beyond, the one
 /// closest to a full budget is forgotten.
 const MAX_DESTINATIONS_PER_INITIATOR: usize = 16;
@@ -170,8 +170,9 @@ impl SessionDirector {
             return refuse(self, ResultCode::MALFORMED, None);
         };
         if request.tlvs.service_action == Some(ServiceAction::RELEASE) {
-            if let Some(&other) = self.by_addr.get(&peer_addr) {
-                self.forget_introduction(id, other);
+            match self.by_addr.get(&peer_addr) {
+                Some(&other) => self.forget_introduction(id, other),
+                None => self.remote_peer_released(id, peer_addr),
             }
             return refuse(self, ResultCode::SUCCESS, None);
         }
@@ -336,6 +337,7 @@ impl SessionDirector {
         }
         self.peer.held.remove(&id);
         self.peer.requesters.remove(&id);
+        self.remote_peers_forget(id);
         for other in self.peer.introduced.remove(&id).unwrap_or_default() {
             if let Some(list) = self.peer.introduced.get_mut(&other) {
                 list.retain(|t| *t != id);
@@ -484,6 +486,8 @@ impl SessionDirector {
         // Its own pending notices die at their next timer; the held ones and its limits now.
         self.peer.held.remove(&id);
         self.peer.requesters.remove(&id);
+        // Partners held by other directors hear it from them.
+        self.remote_peers_gone(id, addresses);
         let Some(partners) = self.peer.introduced.remove(&id) else {
             return;
         };
@@ -512,7 +516,7 @@ impl SessionDirector {
 
     /// Tells tunnel `to` that the client at `departed` lost its server tunnel (§7.6), and
     /// retransmits on a datagram transport until answered.
-    fn send_release_notice(&mut self, now: Instant, to: u64, departed: IpAddr) {
+    pub(super) fn send_release_notice(&mut self, now: Instant, to: u64, departed: IpAddr) {
         let Some(t) = self.tunnels.get(&to) else {
             return;
         };

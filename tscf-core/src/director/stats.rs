@@ -102,6 +102,8 @@ pub struct ClusterCounters {
     pub route_lookups: u64,
     /// Peer requests forwarded to another director, or answered for one.
     pub peer_requests_relayed: u64,
+    /// Peer Gone messages sent: a closed tunnel's partners held by other directors.
+    pub peer_gone_sent: u64,
     /// What the mesh dropped, by reason.
     pub mesh_dropped: MeshDropCounters,
 }
@@ -113,14 +115,18 @@ pub struct ClusterCounters {
 pub struct MeshDropCounters {
     /// A packet for an address whose director is being looked up.
     pub awaiting_route: u64,
-    /// A packet for an address whose director is known but not linked.
+    /// A packet, or a Peer Gone, for a director known but not linked.
     pub no_link: u64,
     /// The mesh link's queue was full.
     pub queue_full: u64,
     /// A packet from a mesh link for an address no local tunnel holds.
     pub not_here: u64,
-    /// A packet from a mesh link whose source is a local tunnel's or outside the pools.
+    /// A packet from a mesh link whose source, or a Peer Gone whose departed client, is a
+    /// local tunnel's or outside the pools.
     pub spoofed_source: u64,
+    /// A partner named by a Peer Gone that no local tunnel holds, or that was not introduced
+    /// to the departed client through that link (or released it since).
+    pub not_introduced: u64,
     /// A packet from a mesh link larger than `max_packet_len`.
     pub oversized: u64,
     /// A payload from a mesh link that is not one IP packet.

@@ -932,3 +932,306 @@ fn a_director_not_told_of_an_adoption_learns_it_from_the_registry() {
         .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
     assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-b")));
 }
+
+// ---- release notices across directors ----
+
+/// Introduces `a` (initiator) to `b`, a client of another director, which answers Available.
+fn introduce(net: &mut Net, a: &mut Client, b: &Client) {
+    let req = establish(a, b.ip);
+    let key = a.key.clone();
+    net.send_signed(a, &req, &key);
+    let forwarded = net.control_for(b.node, b.connection);
+    let fwd = forwarded
+        .iter()
+        .find(|m| m.header.message_type == MessageType::CLIENT_SERVICE_REQUEST)
+        .expect("the request forwarded to the destination");
+    let mut answer = Message::response_to(&fwd.header, ResultCode::SUCCESS);
+    answer.tlvs.service_type = Some(ServiceType::PEER);
+    answer.tlvs.peer_service_result = Some(PeerServiceResult::AVAILABLE);
+    let b_key = b.key.clone();
+    net.send_signed(b, &answer, &b_key);
+    let replies = net.control_for(a.node, a.connection);
+    assert!(
+        replies.iter().any(|m| m.header.sequence == a.seq
+            && m.tlvs.peer_service_result == Some(PeerServiceResult::AVAILABLE)),
+        "introduced"
+    );
+}
+
+/// `client` closes its server tunnel with a Configuration Release Request.
+fn release_tunnel(net: &mut Net, client: &mut Client) {
+    client.seq += 1;
+    let release = Message::new(
+        MessageType::CONFIGURATION_RELEASE_REQUEST,
+        client.seq,
+        client.id,
+    );
+    let key = client.key.clone();
+    net.send_signed(client, &release, &key);
+    assert!(net.nodes[client.node]
+        .d
+        .tunnels()
+        .all(|t| t.tunnel_id != client.id));
+}
+
+/// The release notices `client` got: the departed addresses they name, each checked to be
+/// signed with the client's key.
+fn release_notices(net: &mut Net, client: &Client) -> Vec<IpAddr> {
+    net.control_for(client.node, client.connection)
+        .iter()
+        .filter(|m| {
+            m.header.message_type == MessageType::CLIENT_SERVICE_REQUEST
+                && m.tlvs.service_action == Some(ServiceAction::RELEASE)
+        })
+        .map(|m| {
+            let mut signed = Vec::new();
+            m.encode(&mut signed).expect("encodable");
+            assert!(client.key.verify_from_director(&signed), "signed for it");
+            assert_eq!(m.header.tunnel_id, client.id);
+            m.tlvs.peer_internal_address.expect("the departed client")
+        })
+        .collect()
+}
+
+#[test]
+fn closing_the_initiators_tunnel_tells_the_destination_across_directors() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let b = net.client(1, 2);
+    introduce(&mut net, &mut a, &b);
+    assert_eq!(net.nodes[0].d.remote_peers(a.id), vec![IpAddr::V4(b.ip)]);
+    assert_eq!(net.nodes[1].d.remote_peers(b.id), vec![IpAddr::V4(a.ip)]);
+
+    release_tunnel(&mut net, &mut a);
+    assert_eq!(net.stats(0).cluster.peer_gone_sent, 1);
+    assert_eq!(release_notices(&mut net, &b), vec![IpAddr::V4(a.ip)]);
+    assert_eq!(net.stats(1).peer.release_notices, 1);
+    assert!(net.nodes[1].d.remote_peers(b.id).is_empty(), "told once");
+    assert_eq!(net.stats(1).cluster.mesh_dropped, Default::default());
+}
+
+#[test]
+fn closing_the_destinations_tunnel_tells_the_initiator_across_directors() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let mut b = net.client(1, 2);
+    introduce(&mut net, &mut a, &b);
+
+    release_tunnel(&mut net, &mut b);
+    assert_eq!(net.stats(1).cluster.peer_gone_sent, 1);
+    assert_eq!(release_notices(&mut net, &a), vec![IpAddr::V4(b.ip)]);
+    assert!(net.nodes[0].d.remote_peers(a.id).is_empty());
+    // And the initiator leaving now tells nobody: its partner is gone.
+    release_tunnel(&mut net, &mut a);
+    assert_eq!(net.stats(0).cluster.peer_gone_sent, 0);
+}
+
+#[test]
+fn a_release_notice_across_directors_waits_for_a_persistent_partner() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let mut b = net.client(1, 2);
+    introduce(&mut net, &mut a, &b);
+    // B's stream breaks: its tunnel is persistent when A leaves.
+    let now = net.now;
+    net.nodes[1].d.handle_disconnect(now, b.connection);
+    net.pump();
+    release_tunnel(&mut net, &mut a);
+    assert_eq!(net.stats(1).peer.release_notices_held, 1);
+
+    b.connection = net.connect(1, 98);
+    b.seq += 1;
+    let mut req = Message::new(MessageType::CONFIGURATION_REQUEST, b.seq, 0);
+    req.tlvs.client_nonce = Some(NONCE);
+    req.tlvs.tunnel_id = Some(b.id);
+    let key = b.key.clone();
+    let mut bytes = Vec::new();
+    req.encode_envelope_with_integrity(&key.client_to_director(), &mut bytes)
+        .expect("encodable");
+    net.nodes[1]
+        .d
+        .handle_datagram(net.now, b.connection, &bytes);
+    net.pump();
+    let inbox = net.take_inbox(1, b.connection);
+    net.inbox
+        .extend(inbox[1..].iter().map(|m| (1, b.connection, m.clone())));
+    let first = Message::decode(&inbox[0][3..]).expect("a message");
+    assert_eq!(
+        first.header.message_type,
+        MessageType::CONFIGURATION_RESPONSE
+    );
+    assert_eq!(release_notices(&mut net, &b), vec![IpAddr::V4(a.ip)]);
+}
+
+#[test]
+fn a_client_that_releases_its_peer_across_directors_is_not_told_it_left() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let mut b = net.client(1, 2);
+    introduce(&mut net, &mut a, &b);
+
+    // A drops its peer tunnel with B and says so to its director.
+    a.seq += 1;
+    let mut release = Message::new(MessageType::CLIENT_SERVICE_REQUEST, a.seq, a.id);
+    release.tlvs.service_type = Some(ServiceType::PEER);
+    release.tlvs.service_action = Some(ServiceAction::RELEASE);
+    release.tlvs.peer_internal_address = Some(IpAddr::V4(b.ip));
+    let key = a.key.clone();
+    net.send_signed(&a, &release, &key);
+    assert!(net.nodes[0].d.remote_peers(a.id).is_empty());
+
+    // B's director still remembers; its notice finds no introduction on A's side.
+    release_tunnel(&mut net, &mut b);
+    assert_eq!(net.stats(1).cluster.peer_gone_sent, 1);
+    assert!(release_notices(&mut net, &a).is_empty());
+    assert_eq!(net.stats(0).cluster.mesh_dropped.not_introduced, 1);
+}
+
+#[test]
+fn a_tunnel_that_moves_to_another_director_forgets_its_introductions_and_tells_nobody() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let mut b = net.client(1, 2);
+    introduce(&mut net, &mut a, &b);
+
+    let key = b.key.clone();
+    let answer = net.reattach(&mut b, 2, &key);
+    assert_eq!(answer.tlvs.result_code, Some(ResultCode::SUCCESS));
+    assert_eq!(net.stats(1).cluster.moved_away, 1);
+    assert!(net.nodes[1].d.remote_peers(b.id).is_empty());
+    assert!(net.nodes[2].d.remote_peers(b.id).is_empty());
+    assert_eq!(net.stats(1).cluster.peer_gone_sent, 0);
+    assert!(release_notices(&mut net, &a).is_empty(), "B is still there");
+}
+
+#[test]
+fn forged_peer_gone_over_a_mesh_link_is_dropped_and_tells_no_client() {
+    let mut net = Net::new(8);
+    let mut a = net.client(0, 1);
+    let b = net.client(1, 2);
+    let c = net.client(1, 3);
+    let stranger = net.client(2, 4);
+    introduce(&mut net, &mut a, &b);
+    let from_a = net.mesh_handle(0, 1);
+    let from_c = net.mesh_handle(2, 1);
+    let v4 = IpAddr::V4;
+    let forge = |net: &mut Net, link, departed, partner| {
+        let mut bytes = Vec::new();
+        MeshMessage::PeerGone {
+            departed,
+            partners: vec![partner],
+        }
+        .encode_envelope(&mut bytes)
+        .expect("fits");
+        net.nodes[1].d.handle_datagram(net.now, link, &bytes);
+        net.pump();
+    };
+    // A partner never introduced to the departed client.
+    forge(&mut net, from_a, v4(a.ip), v4(c.ip));
+    // A partner that is no client of the receiver.
+    forge(&mut net, from_a, v4(a.ip), v4(stranger.ip));
+    // The introduction is real, but another director speaks for the departed client.
+    forge(&mut net, from_c, v4(a.ip), v4(b.ip));
+    // A departed client that is the receiver's own, or outside the pools.
+    forge(&mut net, from_a, v4(c.ip), v4(b.ip));
+    forge(&mut net, from_a, v4(Ipv4Addr::new(192, 0, 2, 66)), v4(b.ip));
+
+    let dropped = net.stats(1).cluster.mesh_dropped;
+    assert_eq!(dropped.not_introduced, 3);
+    assert_eq!(dropped.spoofed_source, 2);
+    assert_eq!(net.stats(1).peer.release_notices, 0);
+    assert!(release_notices(&mut net, &b).is_empty());
+    assert!(release_notices(&mut net, &c).is_empty());
+    assert_eq!(net.nodes[1].d.remote_peers(b.id), vec![v4(a.ip)], "kept");
+
+    // The real one still gets through, once: a replay finds nothing.
+    forge(&mut net, from_a, v4(a.ip), v4(b.ip));
+    assert_eq!(release_notices(&mut net, &b), vec![v4(a.ip)]);
+    forge(&mut net, from_a, v4(a.ip), v4(b.ip));
+    assert!(release_notices(&mut net, &b).is_empty());
+    assert_eq!(net.stats(1).cluster.mesh_dropped.not_introduced, 4);
+}
+
+#[test]
+fn introductions_across_directors_are_bounded_per_tunnel() {
+    let extra = 3;
+    let n = super::peer::MAX_PEERS_PER_TUNNEL + extra;
+    let mut net = Net::new(n + 8);
+    let x = net.client(0, 1);
+    // Initiators on the two other directors, each introduced to X.
+    let mut initiators = Vec::new();
+    for i in 0..n {
+        let remote = u8::try_from(10 + i).expect("fits");
+        let mut c = net.client(1 + i % 2, remote);
+        introduce(&mut net, &mut c, &x);
+        initiators.push(c);
+    }
+    let remembered = net.nodes[0].d.remote_peers(x.id);
+    assert_eq!(remembered.len(), super::peer::MAX_PEERS_PER_TUNNEL);
+    let expected: Vec<IpAddr> = initiators[extra..]
+        .iter()
+        .map(|c| IpAddr::V4(c.ip))
+        .collect();
+    assert_eq!(remembered, expected, "the oldest forgotten");
+
+    let mut x = x;
+    release_tunnel(&mut net, &mut x);
+    // One Peer Gone to each director, naming its clients among the ones remembered.
+    assert_eq!(net.stats(0).cluster.peer_gone_sent, 2);
+    for (k, c) in initiators.iter().enumerate() {
+        let got = release_notices(&mut net, c);
+        if k < extra {
+            assert!(got.is_empty(), "forgotten: not told");
+        } else {
+            assert_eq!(got, vec![IpAddr::V4(x.ip)]);
+        }
+    }
+    for node in [1, 2] {
+        assert_eq!(net.stats(node).cluster.mesh_dropped.not_introduced, 0);
+    }
+}
+
+#[test]
+fn peer_request_over_a_mesh_link_naming_a_local_client_as_initiator_is_refused() {
+    let mut net = Net::new(8);
+    let b = net.client(1, 2);
+    let c = net.client(1, 3);
+    let mut forward = Message::new(MessageType::CLIENT_SERVICE_REQUEST, 0, 0);
+    forward.tlvs.service_type = Some(ServiceType::PEER);
+    forward.tlvs.service_action = Some(ServiceAction::ESTABLISH);
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(c.ip));
+    forward.tlvs.peer_credentials = Some(crate::wire::PeerCredentials {
+        token: [7; 16],
+        fingerprint: None,
+    });
+    let mut request = Vec::new();
+    forward.encode(&mut request).expect("encodable");
+    let mut bytes = Vec::new();
+    MeshMessage::PeerRequest {
+        exchange: 1,
+        destination: IpAddr::V4(b.ip),
+        request: &request,
+    }
+    .encode_envelope(&mut bytes)
+    .expect("fits");
+    let link = net.mesh_handle(0, 1);
+    net.nodes[1].d.handle_datagram(net.now, link, &bytes);
+    net.pump();
+    assert!(net.control_for(1, b.connection).is_empty(), "not forwarded");
+    // The same request for a client of another director goes through.
+    let a_ip = net.client(0, 1).ip;
+    forward.tlvs.peer_internal_address = Some(IpAddr::V4(a_ip));
+    request.clear();
+    forward.encode(&mut request).expect("encodable");
+    bytes.clear();
+    MeshMessage::PeerRequest {
+        exchange: 2,
+        destination: IpAddr::V4(b.ip),
+        request: &request,
+    }
+    .encode_envelope(&mut bytes)
+    .expect("fits");
+    net.nodes[1].d.handle_datagram(net.now, link, &bytes);
+    net.pump();
+    assert_eq!(net.control_for(1, b.connection).len(), 1);
+}

@@ -528,6 +528,11 @@ impl Collector for ServerMetrics {
             "Peer requests forwarded to another director, or answered for one.",
             c.peer_requests_relayed,
         )?;
+        out.counter(
+            "tscf_server_cluster_peer_gone_sent",
+            "Peer Gone messages sent: a closed tunnel's partners held by other directors.",
+            c.peer_gone_sent,
+        )?;
         out.counters(
             "tscf_server_mesh_links",
             "Mesh links to other directors: dials started, links opened.",
@@ -547,7 +552,8 @@ impl Collector for ServerMetrics {
              or whose director is not linked (no_link), the link's queue full (queue_full); \
              from a link: packets for no local tunnel (not_here), with a local or foreign \
              source (spoofed_source), too large (oversized), not one IP packet (bad_packet), \
-             and messages that do not decode or are out of turn (bad_message).",
+             Peer Gone partners not introduced (not_introduced), and messages that do not \
+             decode or are out of turn (bad_message).",
             "reason",
             &[
                 ("awaiting_route", m.awaiting_route),
@@ -555,6 +561,7 @@ impl Collector for ServerMetrics {
                 ("queue_full", m.queue_full),
                 ("not_here", m.not_here),
                 ("spoofed_source", m.spoofed_source),
+                ("not_introduced", m.not_introduced),
                 ("oversized", m.oversized),
                 ("bad_packet", m.bad_packet),
                 ("bad_message", m.bad_message),
