@@ -13,6 +13,10 @@
 //! | `tscf:{ns}:tunnel:<id in hex>` | [`TunnelRecord::to_value`] | the tunnel's lease |
 //! | `tscf:{ns}:address:<ip>` | [`AddressHolder::to_value`] | the claim's or tunnel's lease |
 //!
+//! The store is one server (`redis://`, `unix://`) or the master that Redis Sentinel names
+//! (`redis+sentinel://`): asked again at every connection, so that the registry follows the
+//! store's own failover.
+//!
 //! [`MemoryRegistry`]: tscf_core::cluster::MemoryRegistry
 
 use std::future::Future;
@@ -22,7 +26,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Script};
 use tscf_core::cluster::{
     AddressHolder, DirectorName, RegistryRequest, RegistryResponse, TunnelRecord,
 };
@@ -83,9 +88,10 @@ const MAX_LEASE_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 ///
 /// It connects on the first request and again on the request after any failure; a request
 /// that cannot be executed (the store is down, slow beyond the timeout, or answers with an
-/// error) is answered with [`RegistryResponse::Failed`].
+/// error) is answered with [`RegistryResponse::Failed`]. Behind sentinels, each connection
+/// goes to the master they name then, so the request after a failover reaches the new one.
 pub struct RedisRegistry {
-    client: Client,
+    store: Store,
     prefix: String,
     timeout: Duration,
     connection: Option<MultiplexedConnection>,
@@ -96,26 +102,33 @@ pub struct RedisRegistry {
 
 /// A registry URL that is not one.
 #[derive(Debug, thiserror::Error)]
-#[error("registry URL {url:?}: {source}")]
+#[error("registry URL {url:?}: {reason}")]
 pub struct BadRegistryUrl {
     url: String,
-    source: redis::RedisError,
+    reason: String,
 }
 
 impl RedisRegistry {
     /// How long connecting or one request may take by default before it fails.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// A registry at `url` (`redis://[user:password@]host:port/db` or `unix:///path`; TLS to
-    /// the store is not built in), keeping its keys under `tscf:{namespace}:`. Connects on the
-    /// first request.
+    /// A registry at `url`, keeping its keys under `tscf:{namespace}:`. Connects on the first
+    /// request. The URL is one of
+    ///
+    /// - `redis://[user:password@]host:port/db` or `unix:///path`: one server;
+    /// - `redis+sentinel://[user:password@]host:port,host:port,…/master[/db]`: the master
+    ///   named `master` by the first of these sentinels that answers (port 26379 by default),
+    ///   with the user, password and database for the master; the sentinels are asked without
+    ///   a password.
+    ///
+    /// TLS to the store is not built in.
     pub fn new(url: &str, namespace: &str) -> Result<Self, BadRegistryUrl> {
-        let client = Client::open(url).map_err(|source| BadRegistryUrl {
+        let store = Store::open(url).map_err(|reason| BadRegistryUrl {
             url: url.to_owned(),
-            source,
+            reason,
         })?;
         Ok(Self {
-            client,
+            store,
             prefix: format!("tscf:{{{namespace}}}:"),
             timeout: Self::DEFAULT_TIMEOUT,
             connection: None,
@@ -288,10 +301,7 @@ impl RedisRegistry {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut con = self.store.connect(&config).await?;
         // Loaded now, a script is never missing when requests are pipelined: a request that
         // had to load it would run after the ones sent behind it.
         for script in [&self.heartbeat, &self.renew, &self.remove] {
@@ -299,6 +309,95 @@ impl RedisRegistry {
         }
         self.connection = Some(con.clone());
         Ok(con)
+    }
+}
+
+/// Where the registry's store is.
+enum Store {
+    /// One server.
+    Server(Client),
+    /// The master the sentinels name at each connection.
+    Sentinel(SentinelClient),
+}
+
+impl Store {
+    /// The scheme of a URL that lists sentinels.
+    const SENTINEL_SCHEME: &str = "redis+sentinel://";
+    /// A sentinel's port when its address names none.
+    const SENTINEL_PORT: u16 = 26379;
+
+    /// The store `url` names, or why it names none.
+    fn open(url: &str) -> Result<Self, String> {
+        let Some(rest) = url.strip_prefix(Self::SENTINEL_SCHEME) else {
+            return Client::open(url)
+                .map(Store::Server)
+                .map_err(|e| e.to_string());
+        };
+        let (authority, path) = rest.split_once('/').ok_or(
+            "no master name after the sentinels: the form is \
+             redis+sentinel://host:port,host:port/master",
+        )?;
+        let (credentials, hosts) = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let sentinels = hosts
+            .split(',')
+            .map(|host| {
+                if host.is_empty() {
+                    return Err("an empty sentinel address".to_owned());
+                }
+                let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
+                let addr = if has_port {
+                    host.to_owned()
+                } else {
+                    format!("{host}:{}", Self::SENTINEL_PORT)
+                };
+                format!("redis://{addr}/")
+                    .into_connection_info()
+                    .map_err(|e| format!("sentinel {host:?} is not host:port: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let (master, db) = path.split_once('/').unwrap_or((path, ""));
+        let named = !master.is_empty()
+            && master
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"?#@,".contains(&b));
+        if !named {
+            return Err(format!(
+                "master name {master:?}: printable ASCII without spaces or any of ?#@, is expected"
+            ));
+        }
+        // The master's user, password and database, parsed as Redis parses its own URLs.
+        let master_settings = format!("redis://{credentials}master/{db}")
+            .into_connection_info()
+            .map_err(|e| format!("the master's credentials or database {db:?}: {e}"))?
+            .redis_settings()
+            .clone();
+        let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(master_settings);
+        SentinelClient::build(
+            sentinels,
+            master.to_owned(),
+            Some(node),
+            SentinelServerType::Master,
+        )
+        .map(Store::Sentinel)
+        .map_err(|e| e.to_string())
+    }
+
+    /// A new connection to the store: to the server, or to the master the sentinels name now.
+    async fn connect(
+        &mut self,
+        config: &AsyncConnectionConfig,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        match self {
+            Store::Server(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+            }
+            Store::Sentinel(sentinels) => sentinels.get_async_connection_with_config(config).await,
+        }
     }
 }
 
@@ -404,6 +503,39 @@ mod tests {
             assert!(key.starts_with("tscf:{lab}:"), "{key}");
         }
         assert_eq!(tunnel_key(prefix, 0xfeed), "tscf:{lab}:tunnel:feed");
+    }
+
+    #[test]
+    fn sentinel_urls_name_sentinels_and_a_master() {
+        for url in [
+            "redis+sentinel://127.0.0.1:26379/mymaster",
+            "redis+sentinel://10.0.0.1,10.0.0.2:26380,[fd00::3]/mymaster",
+            "redis+sentinel://:pass%2Fword@sentinel.example:26379/store-a/2",
+            "redis+sentinel://tscf:secret@[fd00::1]:26379/mymaster",
+            "redis://127.0.0.1:6379/",
+            "unix:///run/redis.sock",
+        ] {
+            assert!(Store::open(url).is_ok(), "{url}");
+        }
+        for (url, reason) in [
+            ("redis+sentinel://127.0.0.1:26379", "no master name"),
+            ("redis+sentinel://127.0.0.1:26379/", "master name \"\""),
+            ("redis+sentinel://127.0.0.1/my master", "master name"),
+            ("redis+sentinel://127.0.0.1/mymaster?x=1", "master name"),
+            ("redis+sentinel:///mymaster", "an empty sentinel address"),
+            (
+                "redis+sentinel://a,,b/mymaster",
+                "an empty sentinel address",
+            ),
+            ("redis+sentinel://a:port/mymaster", "sentinel \"a:port\""),
+            ("redis+sentinel://a:26379/mymaster/x", "database \"x\""),
+            ("http://nowhere", ""),
+        ] {
+            let Err(why) = Store::open(url) else {
+                panic!("{url} was taken");
+            };
+            assert!(why.contains(reason), "{url}: {why}");
+        }
     }
 
     #[test]

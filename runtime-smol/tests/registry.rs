@@ -274,6 +274,136 @@ fn a_restarted_registry_fails_while_down_and_works_again() {
     });
 }
 
+/// How long a failover of the store may take before the test fails.
+const FAILOVER_BOUND: Duration = Duration::from_secs(30);
+
+/// The answer of the server on loopback port `port` to `cmd`, or `None` while it gives none.
+fn ask<T: ::redis::FromRedisValue>(port: u16, cmd: &::redis::Cmd) -> Option<T> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut con = client.get_connection().ok()?;
+    cmd.query(&mut con).ok()
+}
+
+/// Waits, polling, until `done` holds, within `bound`.
+fn wait_for(what: &str, bound: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_registry_follows_the_master_through_a_sentinel_failover() {
+    let Some(mut master) = RedisServer::start(None) else {
+        return;
+    };
+    let replica = RedisServer::start_replica(master.port).expect("a replica");
+    // The sentinel learns the replicas from the master's INFO, asked at once and then every
+    // 10 s: started once the replica is attached, it knows it from the start.
+    wait_for("the replica attached to its master", BOUND, || {
+        ask::<String>(replica.port, ::redis::cmd("INFO").arg("replication"))
+            .is_some_and(|info| info.contains("master_link_status:up"))
+    });
+    let sentinel = RedisServer::start_sentinel(master.port, "mymaster").expect("a sentinel");
+    wait_for("the sentinel knows the replica", BOUND, || {
+        ask::<Vec<std::collections::HashMap<String, String>>>(
+            sentinel.port,
+            ::redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster"),
+        )
+        .is_some_and(|replicas| {
+            replicas.iter().any(|r| {
+                r.get("flags").map(String::as_str) == Some("slave")
+                    && r.get("master-link-status").map(String::as_str) == Some("ok")
+            })
+        })
+    });
+
+    smol::block_on(async {
+        let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+        let mut redis = RedisRegistry::new(&url, "sentinel").expect("a URL");
+        let record = TunnelRecord {
+            id: 0x5e,
+            ipv4: Some(Ipv4Addr::new(10, 77, 0, 5)),
+            ipv6: None,
+            salt: [0x3c; SALT_LEN],
+            owner: name("dir-a"),
+        };
+        let put = RegistryRequest::Put {
+            record: record.clone(),
+            lease: LONG,
+        };
+        let get = RegistryRequest::GetTunnel { id: record.id };
+        let found = RegistryResponse::Tunnel(Some(record.clone()));
+        assert_eq!(redis.execute(&put).await, RegistryResponse::Done);
+        assert_eq!(redis.execute(&get).await, found);
+
+        // Replication is asynchronous: the master dies once the replica has the record.
+        let mut on_replica = RedisRegistry::new(&replica.url(), "sentinel").expect("a URL");
+        let deadline = Instant::now() + BOUND;
+        while on_replica.execute(&get).await != found {
+            assert!(
+                Instant::now() < deadline,
+                "the replica never had the record"
+            );
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+
+        master.kill();
+        let killed = Instant::now();
+        let mut failed = 0u32;
+        loop {
+            match redis.execute(&get).await {
+                answer if answer == found => break,
+                RegistryResponse::Failed(why) => {
+                    failed += 1;
+                    assert!(
+                        killed.elapsed() < FAILOVER_BOUND,
+                        "still failing {FAILOVER_BOUND:?} after the kill: {why}"
+                    );
+                    smol::Timer::after(Duration::from_millis(50)).await;
+                }
+                other => panic!("after the failover: {other:?}"),
+            }
+        }
+        println!(
+            "the registry failed for {:?} after its master was killed ({failed} requests failed)",
+            killed.elapsed()
+        );
+
+        // It writes to the promoted replica. (Promoted, the replica closed the connections of
+        // its clients: the one reading it fails once, then connects again.)
+        let claim = RegistryRequest::Claim {
+            addr: v4(55),
+            owner: name("dir-a"),
+            lease: LONG,
+        };
+        assert_eq!(redis.execute(&claim).await, RegistryResponse::Claimed(true));
+        let get_address = RegistryRequest::GetAddress { addr: v4(55) };
+        let held = RegistryResponse::Address(Some(AddressHolder {
+            owner: name("dir-a"),
+            tunnel: 0,
+        }));
+        assert_eq!(redis.execute(&get_address).await, held);
+        let deadline = Instant::now() + BOUND;
+        loop {
+            match on_replica.execute(&get_address).await {
+                RegistryResponse::Failed(why) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the replica never answered: {why}"
+                    );
+                    smol::Timer::after(Duration::from_millis(20)).await;
+                }
+                answer => {
+                    assert_eq!(answer, held, "the promoted replica");
+                    break;
+                }
+            }
+        }
+    });
+}
+
 /// Director `director` of the cluster whose files are in `dir`, with its registry at `url`,
 /// on a UDP listener and a mesh listener at `mesh`.
 async fn director(

@@ -24,6 +24,30 @@ pub(crate) struct RedisServer {
 impl RedisServer {
     /// Starts one, on `port` or a free one; `None` when the tests are to be skipped.
     pub(crate) fn start(port: Option<u16>) -> Option<Self> {
+        Self::launch(port.unwrap_or_else(free_port), None, &[])
+    }
+
+    /// Starts a replica of the server on loopback port `master`.
+    pub(crate) fn start_replica(master: u16) -> Option<Self> {
+        let master = master.to_string();
+        Self::launch(free_port(), None, &["--replicaof", "127.0.0.1", &master])
+    }
+
+    /// Starts a sentinel that watches the master on loopback port `master` under the name
+    /// `name`, alone (a quorum of 1), taking it for down after 500 ms without an answer.
+    pub(crate) fn start_sentinel(master: u16, name: &str) -> Option<Self> {
+        let conf = format!(
+            "sentinel monitor {name} 127.0.0.1 {master} 1\n\
+             sentinel down-after-milliseconds {name} 500\n\
+             sentinel failover-timeout {name} 2000\n"
+        );
+        Self::launch(free_port(), Some(&conf), &["--sentinel"])
+    }
+
+    /// Starts `redis-server` on `port`, with a configuration file holding `conf` (a
+    /// sentinel rewrites its own) and `extra` arguments; `None` when the tests are to be
+    /// skipped.
+    fn launch(port: u16, conf: Option<&str>, extra: &[&str]) -> Option<Self> {
         if !on_path("redis-server") {
             if std::env::var("TSCF_SKIP_REDIS").as_deref() == Ok("1") {
                 eprintln!("skipped: redis-server is not installed (TSCF_SKIP_REDIS=1)");
@@ -34,13 +58,19 @@ impl RedisServer {
                  (or set TSCF_SKIP_REDIS=1 to skip these tests)"
             );
         }
-        let port = port.unwrap_or_else(free_port);
         let dir = TempDir::new();
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(conf) = conf {
+            let path = dir.0.join("redis.conf");
+            std::fs::write(&path, conf).expect("a configuration file");
+            command.arg(path);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&dir.0)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -60,6 +90,12 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(server)
+    }
+
+    /// Kills it at once (`SIGKILL`), as a crash would.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub(crate) fn url(&self) -> String {

@@ -25,6 +25,7 @@
 //! [cluster]                         # one director of a cluster (docs/CLUSTER.md); default none
 //! name = "dir-a"                    # this director: a-z, 0-9, '-'; its certificate's DNS name
 //! redis = "redis://127.0.0.1:6379/" # the registry (Redis or Valkey; redis://:password@host/)
+//! # redis = "redis+sentinel://10.0.0.1,10.0.0.2,10.0.0.3/mymaster" # or the master sentinels name
 //! secret_file = "cluster.secret"    # 64 hex digits, the same on every director
 //! # secret = "00112233…"            # or inline
 //! mesh = "0.0.0.0:4450"             # the mesh listener (mutual TLS under the cluster CA)
@@ -616,6 +617,16 @@ mod tests {
             vec!["127.0.0.1:4450".parse::<SocketAddr>().expect("addr")]
         );
 
+        // The registry behind sentinels.
+        let text = files.table(&files.secret_file()).replace(
+            "redis://127.0.0.1:6379/",
+            "redis+sentinel://:password@10.0.0.1,10.0.0.2:26380/mymaster",
+        );
+        let (_, endpoints) = ServerFile::parse(&text)
+            .and_then(ServerFile::into_server_config)
+            .expect("a cluster behind sentinels");
+        assert!(endpoints.is_some());
+
         // Inline secret; advertised where it listens.
         let text = files.table(&format!("secret = \"{}\"\n", "0f".repeat(32)));
         let (config, _) = ServerFile::parse(&text)
@@ -669,6 +680,12 @@ mod tests {
                     .table(&secret)
                     .replace("redis://127.0.0.1:6379/", "http://nowhere"),
                 "cluster.redis",
+            ),
+            (
+                files
+                    .table(&secret)
+                    .replace("redis://127.0.0.1:6379/", "redis+sentinel://10.0.0.1:26379"),
+                "cluster.redis: registry URL \"redis+sentinel://10.0.0.1:26379\": no master name",
             ),
             (
                 files
