@@ -1,0 +1,8 @@
+local prefix = ARGV[1] .. ' '
+for _, key in ipairs(KEYS) do
+    local value = redis.call('GET', key)
+    if value and string.sub(value, 1, #prefix) == prefix then
+        redis.call('DEL', key)
+    end
+end
+return 0
