@@ -522,7 +522,6 @@ fn arbitrary_data_envelope(
 pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     use crate::director::SessionDirector;
     use crate::director::{ConnectionHandle, ConnectionInfo as Conn, DirectorConfig, Ipv4Pool};
-    use crate::wire::ControlKey;
 
     let config = DirectorConfig {
         ipv4_pool: Some(Ipv4Pool::new(Ipv4Addr::new(10, 9, 0, 0), 28)),
@@ -557,24 +556,9 @@ pub fn director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     // The honest pair.
     let mut honest = Vec::new();
     for i in 0..2u64 {
-        let handle = ConnectionHandle(i);
-        let info = Conn {
-            transport: Transport::TLS,
-            remote: SocketAddr::from(([198, 51, 100, 1 + i as u8], 40_000)),
-            verified_identity: false,
-        };
-        d.handle_connect(now, handle, info).expect("a fresh handle");
-        let mut request = Vec::new();
-        let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
-        m.tlvs.client_nonce = Some([i as u8; 16]);
-        m.encode_envelope(&mut request).expect("encodable");
-        d.handle_datagram(now, handle, &request);
+        let handle = honest_connect(&mut d, now, i, None);
         let (_, answer) = drain(&mut d, now).pop().expect("a Configuration Response");
-        let env = Envelope::decode_datagram(&answer).expect("an envelope");
-        let m = Message::decode(env.payload).expect("a message");
-        let ip = m.tlvs.internal_ipv4.expect("an address").addr;
-        let key = ControlKey::new(&m.tlvs.control_key.expect("a control key"));
-        honest.push((handle, m.header.tunnel_id, ip, key));
+        honest.push(configured(handle, &answer));
     }
 
     let mut hostile: Vec<ConnectionHandle> = Vec::new();
@@ -782,30 +766,15 @@ pub fn cluster_director(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     // The honest pair.
     let mut honest = Vec::new();
     for i in 0..2u64 {
-        let handle = ConnectionHandle(i);
-        let info = Conn {
-            transport: Transport::TLS,
-            remote: SocketAddr::from(([198, 51, 100, 1 + i as u8], 40_000)),
-            verified_identity: false,
-        };
-        d.handle_connect(now, handle, info).expect("a fresh handle");
-        let mut request = Vec::new();
-        let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
-        m.tlvs.client_nonce = Some([i as u8; 16]);
-        m.tlvs.client_capabilities = Some(Capabilities::PEER_TUNNELING);
-        m.encode_envelope(&mut request).expect("encodable");
-        d.handle_datagram(now, handle, &request);
+        let peer = Some(Capabilities::PEER_TUNNELING);
+        let handle = honest_connect(&mut d, now, i, peer);
         let sent = drain(&mut d, now, &mut outstanding);
         honest_registry(&mut d, &mut registry, now, &mut outstanding);
         let (_, answer) = sent
             .into_iter()
             .find(|(c, _)| *c == handle)
             .expect("a Configuration Response");
-        let env = Envelope::decode_datagram(&answer).expect("an envelope");
-        let m = Message::decode(env.payload).expect("a message");
-        let ip = m.tlvs.internal_ipv4.expect("an address").addr;
-        let key = ControlKey::new(&m.tlvs.control_key.expect("a control key"));
-        honest.push((handle, m.header.tunnel_id, ip, key));
+        honest.push(configured(handle, &answer));
     }
 
     let mut hostile: Vec<ConnectionHandle> = Vec::new();
@@ -1212,4 +1181,45 @@ pub fn client(u: &mut Unstructured<'_>) -> ArbitraryResult<()> {
     }
     assert!(looped, "the client's packet did not come back");
     Ok(())
+}
+
+/// Connects honest client `i` over TLS and sends its Configuration Request, announcing
+/// `capabilities`; its connection.
+fn honest_connect(
+    d: &mut crate::director::SessionDirector,
+    now: Instant,
+    i: u64,
+    capabilities: Option<Capabilities>,
+) -> crate::director::ConnectionHandle {
+    let handle = crate::director::ConnectionHandle(i);
+    let info = crate::director::ConnectionInfo {
+        transport: Transport::TLS,
+        remote: SocketAddr::from(([198, 51, 100, 1 + i as u8], 40_000)),
+        verified_identity: false,
+    };
+    d.handle_connect(now, handle, info).expect("a fresh handle");
+    let mut request = Vec::new();
+    let mut m = Message::new(MessageType::CONFIGURATION_REQUEST, 1, 0);
+    m.tlvs.client_nonce = Some([i as u8; 16]);
+    m.tlvs.client_capabilities = capabilities;
+    m.encode_envelope(&mut request).expect("encodable");
+    d.handle_datagram(now, handle, &request);
+    handle
+}
+
+/// An honest tunnel from its Configuration Response: connection, id, address, key.
+fn configured(
+    handle: crate::director::ConnectionHandle,
+    answer: &[u8],
+) -> (
+    crate::director::ConnectionHandle,
+    u64,
+    Ipv4Addr,
+    crate::wire::ControlKey,
+) {
+    let env = Envelope::decode_datagram(answer).expect("an envelope");
+    let m = Message::decode(env.payload).expect("a message");
+    let ip = m.tlvs.internal_ipv4.expect("an address").addr;
+    let key = crate::wire::ControlKey::new(&m.tlvs.control_key.expect("a control key"));
+    (handle, m.header.tunnel_id, ip, key)
 }
