@@ -7,7 +7,7 @@ const STREAM: Transport = Transport::TLS;
 const DGRAM: Transport = Transport::UDP;
 
 #[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
-fn t0() -> Instant {
+pub(super) fn t0() -> Instant {
     Instant::now()
 }
 

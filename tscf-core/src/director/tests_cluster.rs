@@ -1,6 +1,7 @@
 //! Three directors of one cluster, wired to one [`MemoryRegistry`] and to each other by
 //! in-memory mesh links, with scripted clients that speak the wire format.
 
+use super::tests::t0;
 use super::*;
 use crate::cluster::{
     ClusterConfig, MemoryRegistry, MeshMessage, RegistryRequest, RegistryResponse,
@@ -12,11 +13,6 @@ use crate::wire::{
 
 const SECRET: [u8; 32] = [0x5e; 32];
 const NONCE: [u8; 16] = *b"a client's nonce";
-
-#[allow(clippy::disallowed_methods)] // The base instant only anchors virtual time.
-fn t0() -> Instant {
-    Instant::now()
-}
 
 fn name(n: &str) -> DirectorName {
     DirectorName::new(n).expect("a name")
