@@ -23,7 +23,7 @@ use crate::cluster::{
     TunnelRecord, SALT_LEN,
 };
 use crate::rate::{self, TokenBucket};
-use crate::wire::{ControlKey, Message, ReplayWindow, ResultCode, CONTROL_KEY_LEN};
+use crate::wire::{ControlKey, Message, ResultCode, CONTROL_KEY_LEN};
 
 /// Re-attach requests parked while the registry is asked for their tunnel, at most.
 const MAX_PARKED: usize = 256;
@@ -665,26 +665,16 @@ impl SessionDirector {
         }
         let keepalive = self.negotiate_keepalive(info.transport, None);
         let tunnel = Tunnel {
-            id,
-            ipv4,
-            ipv6,
-            connection: None,
-            transport: info.transport,
-            key,
-            salt: record.salt,
-            replay: ReplayWindow::new(),
-            keepalive,
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
-            last_heard: now,
-            since: now,
-            liveness_armed: false,
-            keepalive_sequence: 0,
-            address_check: false,
-            last_answer: [None, None],
-            configuration: (0, false),
-            announced: None,
-            queue: VecDeque::new(),
-            in_ready: false,
+            ..Tunnel::new(
+                id,
+                (ipv4, ipv6),
+                info.transport,
+                key,
+                record.salt,
+                keepalive,
+                now,
+            )
         };
         let addresses: Vec<IpAddr> = tunnel.addresses().collect();
         for addr in &addresses {

@@ -10,7 +10,6 @@ use crate::wire::{
     MessageType, ReplayWindow, ResultCode, CLIENT_NONCE_LEN, ENVELOPE_HEADER_LEN, MAX_DNS_SERVERS,
     MESSAGE_INTEGRITY_TLV_LEN,
 };
-use std::collections::VecDeque;
 
 /// The Diagnostic of the refusal of a Configuration Request without Client Nonce.
 const UNKEYED: &str = "Client Nonce missing: control messages are keyed (PROTOCOL.md 3.3)";
@@ -248,27 +247,13 @@ impl SessionDirector {
         let (key, salt) = self.draw_key(id);
         let mut replay = ReplayWindow::new();
         replay.accept(header.sequence);
+        let key = ControlKey::new(&key);
         let tunnel = Tunnel {
-            id,
-            ipv4,
-            ipv6,
             connection: Some(connection),
-            transport: info.transport,
-            key: ControlKey::new(&key),
-            salt,
             replay,
-            keepalive,
             capabilities: request.tlvs.client_capabilities.unwrap_or_default(),
-            last_heard: now,
-            since: now,
-            liveness_armed: false,
-            keepalive_sequence: 0,
-            address_check: false,
-            last_answer: [None, None],
             configuration: (header.sequence, true),
-            announced: None,
-            queue: VecDeque::new(),
-            in_ready: false,
+            ..Tunnel::new(id, (ipv4, ipv6), info.transport, key, salt, keepalive, now)
         };
         for addr in tunnel.addresses() {
             self.by_addr.insert(addr, id);

@@ -974,6 +974,42 @@ impl SessionDirector {
 }
 
 impl Tunnel {
+    /// A tunnel just made or adopted: `id`, its addresses, the `transport` it comes on, its
+    /// control key and salt, and its keepalive; persistent until a connection is given, with
+    /// no request accepted and nothing queued.
+    fn new(
+        id: u64,
+        (ipv4, ipv6): Assigned,
+        transport: Transport,
+        key: ControlKey,
+        salt: [u8; SALT_LEN],
+        keepalive: Duration,
+        now: Instant,
+    ) -> Self {
+        Self {
+            id,
+            ipv4,
+            ipv6,
+            connection: None,
+            transport,
+            key,
+            salt,
+            replay: ReplayWindow::new(),
+            keepalive,
+            capabilities: Capabilities::default(),
+            last_heard: now,
+            since: now,
+            liveness_armed: false,
+            keepalive_sequence: 0,
+            address_check: false,
+            last_answer: [None, None],
+            configuration: (0, false),
+            announced: None,
+            queue: VecDeque::new(),
+            in_ready: false,
+        }
+    }
+
     /// When an active tunnel's liveness must next be checked: its idle deadline (three
     /// silent intervals by default) or the Keepalive the director owes it, whichever is first.
     fn next_liveness(&self, idle_intervals: u32) -> Instant {
