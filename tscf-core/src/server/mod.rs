@@ -365,9 +365,32 @@ impl ServerHost {
     }
 
     fn open_stream(&mut self, now: Instant, transport: Transport, remote: SocketAddr) -> StreamId {
+        let handle = self.insert_stream(now, transport, remote, Role::Client);
+        *self.by_source.entry(source_of(remote)).or_default() += 1;
+        self.unconfigured_count += 1;
+        if self.unconfigured.len() >= 2 * self.unconfigured_count + 64 {
+            let routes = &self.routes;
+            self.unconfigured
+                .retain(|h| matches!(routes.get(h), Some(Route::Stream(s)) if s.unconfigured));
+        }
+        self.unconfigured.push_back(handle);
+        StreamId(handle.0)
+    }
+
+    /// A new stream in its handshake, under the handshake deadline: a client's, unconfigured
+    /// until its tunnel is (the caller counts it against its source), or a mesh link, which
+    /// never is.
+    fn insert_stream(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        remote: SocketAddr,
+        role: Role,
+    ) -> ConnectionHandle {
         self.counters.streams_accepted += 1;
         self.streams += 1;
         let handle = self.fresh_handle();
+        let unconfigured = matches!(role, Role::Client);
         self.routes.insert(
             handle,
             Route::Stream(Box::new(Stream {
@@ -378,22 +401,14 @@ impl ServerHost {
                 output: StreamOutput::default(),
                 write_started: None,
                 write_timer: false,
-                unconfigured: true,
-                role: Role::Client,
+                unconfigured,
+                role,
             })),
         );
-        *self.by_source.entry(source_of(remote)).or_default() += 1;
-        self.unconfigured_count += 1;
-        if self.unconfigured.len() >= 2 * self.unconfigured_count + 64 {
-            let routes = &self.routes;
-            self.unconfigured
-                .retain(|h| matches!(routes.get(h), Some(Route::Stream(s)) if s.unconfigured));
-        }
-        self.unconfigured.push_back(handle);
         let at = after(now, self.bounds.handshake_timeout);
         self.timers
             .push(Reverse((at, StreamTimer::Handshake(handle))));
-        StreamId(handle.0)
+        handle
     }
 
     /// An unconfigured stream connection from `remote` is configured, or gone: it no longer
@@ -435,27 +450,7 @@ impl ServerHost {
     }
 
     fn open_mesh_stream(&mut self, now: Instant, remote: SocketAddr, role: Role) -> StreamId {
-        self.counters.streams_accepted += 1;
-        self.streams += 1;
-        let handle = self.fresh_handle();
-        self.routes.insert(
-            handle,
-            Route::Stream(Box::new(Stream {
-                transport: Transport::TLS,
-                remote,
-                state: StreamState::Handshaking,
-                deframer: StreamDeframer::new(),
-                output: StreamOutput::default(),
-                write_started: None,
-                write_timer: false,
-                unconfigured: false,
-                role,
-            })),
-        );
-        let at = after(now, self.bounds.handshake_timeout);
-        self.timers
-            .push(Reverse((at, StreamTimer::Handshake(handle))));
-        StreamId(handle.0)
+        StreamId(self.insert_stream(now, Transport::TLS, remote, role).0)
     }
 
     /// Dials a mesh link to director `name` at `addr`, as the director asked.
