@@ -9,7 +9,7 @@ use std::time::Instant;
 use async_io::Timer;
 use event_listener::Event;
 use futures_lite::future;
-use tscf_core::inner::{self, SocketControl};
+use tscf_core::inner::{self, RecvMeta, SocketControl};
 
 /// A UDP socket on the tunnel's internal address, like `async_net::UdpSocket`. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
@@ -58,25 +58,46 @@ impl InnerUdpSocket {
     /// who sent it. Waits up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let deadline = self.0.read_deadline(Instant::now());
-        recv(self.0.queue(), buf, deadline).await
+        let deadline = self.deadline();
+        recv(self.0.queue(), deadline, |d| d.pop(buf)).await
+    }
+
+    /// Like `recvmmsg`: waits as [`recv_from`](Self::recv_from) does for a datagram, then
+    /// takes as many as wait, up to the room in `bufs` and `meta`, one datagram a buffer
+    /// (truncated like UDP), each one's length and sender in `meta`. Returns how many; 0 only
+    /// when `bufs` or `meta` is empty.
+    pub async fn recv_many<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        if bufs.is_empty() || meta.is_empty() {
+            return Ok(0);
+        }
+        let deadline = self.deadline();
+        let take = |d: &mut inner::Datagrams| Ok(Some(d.pop_many(bufs, meta)?).filter(|&n| n > 0));
+        recv(self.0.queue(), deadline, take).await
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.0.read_timeout().map(|t| Instant::now() + t)
     }
 }
 
-/// The next datagram of `queue` into `buf`, waiting up to `deadline`.
-pub(crate) async fn recv(
+/// What `take` takes from `queue` (`None`: nothing waits), waiting for it up to `deadline`.
+pub(crate) async fn recv<T>(
     queue: &SocketQueue,
-    buf: &mut [u8],
     deadline: Option<Instant>,
-) -> io::Result<(usize, SocketAddr)> {
+    mut take: impl FnMut(&mut inner::Datagrams) -> io::Result<Option<T>>,
+) -> io::Result<T> {
     loop {
         // A queued datagram needs no listener; without one, listen, then look again so
         // that a datagram pushed in between is not waited for.
-        if let Some(got) = queue.lock().pop(buf)? {
+        if let Some(got) = take(&mut queue.lock())? {
             return Ok(got);
         }
         let ready = queue.ready.0.listen();
-        if let Some(got) = queue.lock().pop(buf)? {
+        if let Some(got) = take(&mut queue.lock())? {
             return Ok(got);
         }
         match deadline {

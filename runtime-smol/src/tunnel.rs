@@ -293,7 +293,7 @@ impl PacketTap {
     /// Waits for the next inner packet and copies it into `buf` (truncated if short); its
     /// length.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        Ok(socket::recv(&self.queue, buf, None).await?.0)
+        Ok(socket::recv(&self.queue, None, |d| d.pop(buf)).await?.0)
     }
 
     /// Sends one whole IP packet whose source is the tunnel's internal address; an IPv4 one

@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::sync::Condvar;
 use std::time::Instant;
 
-use tscf_core::inner::{self, SocketControl};
+use tscf_core::inner::{self, RecvMeta, SocketControl};
 
 /// A UDP socket on the tunnel's internal address, like [`std::net::UdpSocket`]. Datagrams go
 /// to other tunnels' internal addresses through the server (or a peer tunnel); received
@@ -38,11 +38,35 @@ impl InnerUdpSocket {
     /// who sent it. Blocks up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let deadline = self.0.read_deadline(Instant::now());
+        self.recv(|d| d.pop(buf))
+    }
+
+    /// Like `recvmmsg`: blocks as [`recv_from`](Self::recv_from) does for a datagram, then
+    /// takes as many as wait, up to the room in `bufs` and `meta`, one datagram a buffer
+    /// (truncated like UDP), each one's length and sender in `meta`. Returns how many; 0 only
+    /// when `bufs` or `meta` is empty.
+    pub fn recv_many<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        if bufs.is_empty() || meta.is_empty() {
+            return Ok(0);
+        }
+        self.recv(|d| Ok(Some(d.pop_many(bufs, meta)?).filter(|&n| n > 0)))
+    }
+
+    /// What `take` takes from the queue (`None`: nothing waits), blocking for it up to the
+    /// read timeout.
+    fn recv<T>(
+        &self,
+        mut take: impl FnMut(&mut inner::Datagrams) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        let deadline = self.0.read_timeout().map(|t| Instant::now() + t);
         let queue = self.0.queue();
         let mut datagrams = queue.lock();
         loop {
-            if let Some(got) = datagrams.pop(buf)? {
+            if let Some(got) = take(&mut datagrams)? {
                 return Ok(got);
             }
             datagrams = match deadline {

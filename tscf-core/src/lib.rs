@@ -91,6 +91,7 @@ pub mod tunnel;
 /// errors, TLS settings), so that an embedder switches runtime by changing an import.
 #[cfg(feature = "host")]
 pub mod runtime {
+    pub use crate::inner::RecvMeta;
     pub use crate::server::{
         LocalAddrs, ServerConfig, ServerControl, ServerStats, StartError, TransportCounters,
     };

@@ -11,7 +11,7 @@ use serde_json::json;
 use tscf_runtime_smol::core::client::{PeerPath, ServerEndpoint};
 use tscf_runtime_smol::core::wire::Transport;
 use tscf_runtime_smol::{
-    ClientTlsConfig, Fingerprint, InnerUdpSocket, Notification, Server, ServerConfig,
+    ClientTlsConfig, Fingerprint, InnerUdpSocket, Notification, RecvMeta, Server, ServerConfig,
     ServerIdentity, ServerTlsConfig, Tunnel, TunnelConfig,
 };
 
@@ -192,11 +192,24 @@ enum SinkSocket {
     Inner(InnerUdpSocket),
 }
 
+/// Where the sink reads datagrams into: a buffer each, and each one's length and sender.
+struct Received {
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+}
+
 impl SinkSocket {
-    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    /// Reads what waits, at least one datagram, into `into`; how many. The raw socket reads
+    /// one a system call (the baseline's per-datagram `recvfrom`); an inner socket takes as
+    /// many as wait (`recv_many`), as the source hands them over (`send_many`).
+    async fn recv(&self, into: &mut Received) -> std::io::Result<usize> {
         match self {
-            Self::Raw(s) => s.recv_from(buf).await,
-            Self::Inner(s) => s.recv_from(buf).await,
+            Self::Raw(s) => {
+                let (len, from) = s.recv_from(&mut into.bufs[0]).await?;
+                into.meta[0] = RecvMeta { len, from };
+                Ok(1)
+            }
+            Self::Inner(s) => s.recv_many(&mut into.bufs, &mut into.meta).await,
         }
     }
 
@@ -235,32 +248,38 @@ pub(crate) fn sink(path: Path, server: Option<ServerInfo>) {
         std::io::stdout().flush().expect("stdout");
         let credits = UdpSocket::bind(("127.0.0.1", 0)).expect("bind");
         let serve = async {
-            let mut buf = vec![0u8; 2048];
+            let mut received = Received {
+                bufs: vec![vec![0u8; 2048]; WINDOW as usize],
+                meta: vec![RecvMeta::default(); WINDOW as usize],
+            };
             let mut owed = 0u32;
             let mut credit_to = None;
             loop {
                 // Credits for what arrived together go back together: before waiting, and every
                 // CREDIT_BATCH datagrams.
-                let got = match future::poll_once(socket.recv(&mut buf)).await {
+                let got = match future::poll_once(socket.recv(&mut received)).await {
                     Some(got) => got,
                     None => {
                         flush(&credits, credit_to, &mut owed);
-                        socket.recv(&mut buf).await
+                        socket.recv(&mut received).await
                     }
                 };
-                let Ok((n, from)) = got else { continue };
-                match buf[0] {
-                    b'P' => {
-                        let _ = socket.send(&buf[..n], from).await;
-                    }
-                    b'B' if n >= 7 => {
-                        credit_to = Some(u16::from_be_bytes([buf[5], buf[6]]));
-                        owed += 1;
-                        if owed >= CREDIT_BATCH {
-                            flush(&credits, credit_to, &mut owed);
+                let Ok(n) = got else { continue };
+                for (buf, meta) in received.bufs.iter().zip(&received.meta).take(n) {
+                    let buf = &buf[..meta.len];
+                    match buf.first() {
+                        Some(b'P') => {
+                            let _ = socket.send(buf, meta.from).await;
                         }
+                        Some(b'B') if buf.len() >= 7 => {
+                            credit_to = Some(u16::from_be_bytes([buf[5], buf[6]]));
+                            owed += 1;
+                            if owed >= CREDIT_BATCH {
+                                flush(&credits, credit_to, &mut owed);
+                            }
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         };

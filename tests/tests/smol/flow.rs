@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use tscf_core::client::{ClientState, PeerPath};
 use tscf_core::wire::Transport;
-use tscf_runtime_smol::{Notification, PeerStreamListen};
+use tscf_runtime_smol::{Notification, PeerStreamListen, RecvMeta};
 
 use crate::util::{
     config_for, plain_peers, smol_flow, smol_server, smol_tunnel, tunnel_config, TRANSPORTS,
@@ -275,7 +275,7 @@ fn clients_on_every_transport_discover_their_mapping_from_the_announced_responde
 
 /// Datagrams handed over together with `send_many` leave together (UDP GSO where the system
 /// has it) and arrive whole and in order, over the relay and over a peer tunnel (the
-/// receiving socket reads them with GRO or `recvmmsg`).
+/// receiving socket reads them with GRO or `recvmmsg`, its application with `recv_many`).
 #[test]
 fn datagrams_sent_together_arrive_whole_and_in_order() {
     let server = smol_server();
@@ -299,12 +299,18 @@ fn datagrams_sent_together_arrive_whole_and_in_order() {
                 .map(|i| vec![i; if i == 40 { 300 } else { 1200 }])
                 .collect();
             assert_eq!(tx.send_many(&batch, dst).await.unwrap(), batch.len());
-            let mut buf = [0u8; 2048];
+            // Read in batches of up to 16, as `recvmmsg` does.
+            let mut bufs = vec![[0u8; 2048]; 16];
+            let mut meta = [RecvMeta::default(); 16];
             let mut got = Vec::new();
             while got.len() < batch.len() {
-                let (n, _) = rx.recv_from(&mut buf).await.expect("every datagram");
-                if buf[..n] != *b"hello" {
-                    got.push(buf[..n].to_vec());
+                let n = rx.recv_many(&mut bufs, &mut meta).await.expect("datagrams");
+                assert!(n >= 1);
+                for (buf, meta) in bufs.iter().zip(&meta).take(n) {
+                    assert_eq!(meta.from.ip(), a.internal_ipv4().unwrap());
+                    if buf[..meta.len] != *b"hello" {
+                        got.push(buf[..meta.len].to_vec());
+                    }
                 }
             }
             assert_eq!(got, batch, "peer tunnel: {peer}");

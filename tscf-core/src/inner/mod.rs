@@ -13,9 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use etherparse::{
-    IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice, UdpHeader,
-};
+use etherparse::{IpNumber, IpSlice, Ipv4Header, Ipv6Header, UdpHeader, UdpSlice};
 use rustc_hash::FxHashMap;
 
 use crate::client::{SendError, TunnelClient};
@@ -183,17 +181,16 @@ pub struct UdpDatagram<'a> {
 
 /// The UDP datagram an inner IP packet carries; `None` if it is not IPv4 or IPv6 UDP.
 pub fn parse_udp(packet: &[u8]) -> Option<UdpDatagram<'_>> {
-    let sliced = SlicedPacket::from_ip(packet).ok()?;
-    let from_ip = match &sliced.net {
-        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
-        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
-        _ => return None,
-    };
-    let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+    // The IP layer and then UDP only: every received datagram passes here, and slicing the
+    // whole packet (`SlicedPacket`) costs several times as much for the same checks.
+    let ip = IpSlice::from_slice(packet).ok()?;
+    let carried = ip.payload();
+    if carried.fragmented || carried.ip_number != IpNumber::UDP {
         return None;
-    };
+    }
+    let udp = UdpSlice::from_slice(carried.payload).ok()?;
     Some(UdpDatagram {
-        from: SocketAddr::new(from_ip, udp.source_port()),
+        from: SocketAddr::new(ip.source_addr(), udp.source_port()),
         port: udp.destination_port(),
         payload: udp.payload(),
     })
@@ -239,9 +236,12 @@ pub fn send_error(e: SendError) -> io::Error {
 /// The receive queue of one inner socket, as a runtime builds it around its own wake-up over
 /// [`Datagrams`].
 pub trait DatagramQueue {
-    /// Queues `payload` from `from` and wakes a reader; false (and nothing queued) if the
-    /// queue is full.
+    /// Queues `payload` from `from`; false (and nothing queued) if the queue is full. It
+    /// wakes no reader: [`wake`](Self::wake) does, once for all that a batch of packets
+    /// queued.
     fn push(&self, payload: &[u8], from: SocketAddr) -> bool;
+    /// Wakes readers for `pushed` (at least one) datagrams queued since the last wake-up.
+    fn wake(&self, pushed: usize);
     /// The tunnel is gone: wake every reader for good.
     fn close(&self);
 }
@@ -316,11 +316,16 @@ impl<W> SocketQueue<W> {
 
 impl<W: Ready> DatagramQueue for SocketQueue<W> {
     fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
-        let pushed = self.lock().push(payload, from);
-        if pushed {
+        self.lock().push(payload, from)
+    }
+
+    fn wake(&self, pushed: usize) {
+        // One datagram is for one reader; several may be for several.
+        if pushed == 1 {
             self.ready.one();
+        } else {
+            self.ready.all();
         }
-        pushed
     }
 
     fn close(&self) {
@@ -388,10 +393,10 @@ impl<W> Socket<W> {
         self.tunnel.send_many(self.port, dst, &mut payloads)
     }
 
-    /// When a read that starts at `now` gives up, if it does.
-    pub fn read_deadline(&self, now: Instant) -> Option<Instant> {
-        let timeout = *self.read_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        timeout.map(|t| now + t)
+    /// How long a read waits; `None` waits until a datagram comes. A runtime reads its clock
+    /// only when there is a timeout.
+    pub fn read_timeout(&self) -> Option<Duration> {
+        *self.read_timeout.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -450,6 +455,9 @@ pub struct SocketTable<Q> {
     /// one on the network picks these keys, so a fast unkeyed hash will do.
     queues: FxHashMap<u16, Arc<Q>>,
     next_port: u16,
+    /// The ports whose queues took datagrams since the last [`wake`](Self::wake), and how
+    /// many each took.
+    unwoken: Vec<(u16, usize)>,
 }
 
 impl<Q> Default for SocketTable<Q> {
@@ -457,6 +465,7 @@ impl<Q> Default for SocketTable<Q> {
         Self {
             queues: FxHashMap::default(),
             next_port: *EPHEMERAL_PORTS.start(),
+            unwoken: Vec::new(),
         }
     }
 }
@@ -499,18 +508,32 @@ impl<Q: DatagramQueue> SocketTable<Q> {
     }
 
     /// Hands one inner packet received from the tunnel to the socket bound to its destination
-    /// port, and says what became of it.
-    pub fn deliver(&self, packet: &[u8]) -> Delivery {
+    /// port, and says what became of it. Its reader is woken by the next [`wake`](Self::wake),
+    /// which the caller makes once it has delivered what it had.
+    pub fn deliver(&mut self, packet: &[u8]) -> Delivery {
         let Some(datagram) = parse_udp(packet) else {
             return Delivery::NotUdp;
         };
         let Some(queue) = self.queues.get(&datagram.port) else {
             return Delivery::Unbound;
         };
-        if queue.push(datagram.payload, datagram.from) {
-            Delivery::Queued
-        } else {
-            Delivery::QueueFull
+        if !queue.push(datagram.payload, datagram.from) {
+            return Delivery::QueueFull;
+        }
+        match self.unwoken.iter_mut().find(|(p, _)| *p == datagram.port) {
+            Some((_, pushed)) => *pushed += 1,
+            None => self.unwoken.push((datagram.port, 1)),
+        }
+        Delivery::Queued
+    }
+
+    /// Wakes the readers of every socket that [`deliver`](Self::deliver) queued datagrams
+    /// for since the last call: once a socket, however many came.
+    pub fn wake(&mut self) {
+        for (port, pushed) in self.unwoken.drain(..) {
+            if let Some(queue) = self.queues.get(&port) {
+                queue.wake(pushed);
+            }
         }
     }
 
@@ -531,6 +554,24 @@ impl<Q: DatagramQueue> SocketTable<Q> {
             io::ErrorKind::AddrInUse,
             "no free inner port",
         ))
+    }
+}
+
+/// The length and sender of one datagram a batch read took ([`Datagrams::pop_many`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Its length in its buffer (shorter than the datagram if the buffer was).
+    pub len: usize,
+    /// Who sent it: an internal address and port.
+    pub from: SocketAddr,
+}
+
+impl Default for RecvMeta {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            from: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
     }
 }
 
@@ -580,6 +621,28 @@ impl Datagrams {
             self.spare.push(data);
         }
         Ok(Some((n, from)))
+    }
+
+    /// Copies the oldest datagrams into `bufs`, one each (truncating, like UDP), and their
+    /// lengths and senders into `meta`, as `recvmmsg` does: as many as wait, up to the
+    /// shorter of the two. Says how many; `Ok(0)` if none waits (or there is no room), and
+    /// [`closed`] if none waits and the tunnel is gone.
+    pub fn pop_many<B: AsMut<[u8]>>(
+        &mut self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        let mut n = 0;
+        for (buf, meta) in bufs.iter_mut().zip(meta) {
+            match self.pop(buf.as_mut()) {
+                Ok(Some((len, from))) => *meta = RecvMeta { len, from },
+                Ok(None) => break,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Marks the tunnel gone: once drained, reads fail with [`closed`].
@@ -658,23 +721,44 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
-    /// A queue over [`Datagrams`] behind a plain mutex, as a runtime builds one.
+    /// A queue over [`Datagrams`] behind a plain mutex, as a runtime builds one, that
+    /// records its wake-ups.
     #[derive(Debug)]
-    struct Queue(Mutex<Datagrams>);
+    struct Queue(Mutex<Datagrams>, Mutex<Vec<usize>>);
+
+    impl Queue {
+        fn new(limit: usize) -> Self {
+            Self(Mutex::new(Datagrams::new(limit)), Mutex::default())
+        }
+
+        fn wakes(&self) -> Vec<usize> {
+            self.1.lock().expect("not poisoned").clone()
+        }
+    }
 
     impl DatagramQueue for Queue {
         fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
             self.0.lock().expect("not poisoned").push(payload, from)
+        }
+        fn wake(&self, pushed: usize) {
+            self.1.lock().expect("not poisoned").push(pushed);
         }
         fn close(&self) {
             self.0.lock().expect("not poisoned").close();
         }
     }
 
+    fn udp_to(to: u16) -> Vec<u8> {
+        let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, to);
+        let mut packet = Vec::new();
+        builder.write(&mut packet, b"rtp").expect("a packet");
+        packet
+    }
+
     #[test]
     fn the_socket_table_binds_picks_free_ports_and_says_what_it_cannot_deliver() {
         let mut table = SocketTable::<Queue>::new();
-        let one = || Queue(Mutex::new(Datagrams::new(1)));
+        let one = || Queue::new(1);
         let (port, _) = table.bind(0, one).expect("a free port");
         assert_eq!(port, 49_152);
         let (port, queue) = table.bind(6000, one).expect("port 6000");
@@ -685,15 +769,9 @@ mod tests {
         table.remove(49_152);
         assert_eq!(table.bind(0, one).expect("a free port").0, 49_153);
 
-        let datagram = |to: u16| {
-            let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, to);
-            let mut packet = Vec::new();
-            builder.write(&mut packet, b"rtp").expect("a packet");
-            packet
-        };
-        assert_eq!(table.deliver(&datagram(6000)), Delivery::Queued);
-        assert_eq!(table.deliver(&datagram(6000)), Delivery::QueueFull);
-        assert_eq!(table.deliver(&datagram(7000)), Delivery::Unbound);
+        assert_eq!(table.deliver(&udp_to(6000)), Delivery::Queued);
+        assert_eq!(table.deliver(&udp_to(6000)), Delivery::QueueFull);
+        assert_eq!(table.deliver(&udp_to(7000)), Delivery::Unbound);
         assert_eq!(table.deliver(b"not a packet"), Delivery::NotUdp);
         let mut buf = [0u8; 16];
         let got = queue.0.lock().expect("not poisoned").pop(&mut buf);
@@ -705,6 +783,134 @@ mod tests {
         table.close_all();
         let err = queue.0.lock().expect("not poisoned").pop(&mut buf);
         assert_eq!(err.expect_err("closed").kind(), io::ErrorKind::NotConnected);
+    }
+
+    /// What [`parse_udp`] must agree with: the whole packet sliced by etherparse.
+    fn parse_udp_by_slicing(packet: &[u8]) -> Option<UdpDatagram<'_>> {
+        use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+        let sliced = SlicedPacket::from_ip(packet).ok()?;
+        let from_ip = match &sliced.net {
+            Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
+            Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
+            _ => return None,
+        };
+        let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+            return None;
+        };
+        Some(UdpDatagram {
+            from: SocketAddr::new(from_ip, udp.source_port()),
+            port: udp.destination_port(),
+            payload: udp.payload(),
+        })
+    }
+
+    #[test]
+    fn parse_udp_agrees_with_slicing_the_whole_packet_on_mangled_packets() {
+        let mut seeds = Vec::new();
+        for builder in [
+            PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).udp(5004, 6000),
+            PacketBuilder::ipv6([1; 16], [2; 16], 64).udp(5004, 6000),
+        ] {
+            let mut packet = Vec::new();
+            builder.write(&mut packet, &[7; 40]).expect("a packet");
+            seeds.push(packet);
+        }
+        let mut tcp = Vec::new();
+        let builder = PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 3], 64).tcp(1, 2, 0, 9);
+        builder.write(&mut tcp, b"x").expect("a packet");
+        seeds.push(tcp);
+        // An IPv6 hop-by-hop option before UDP.
+        let mut ext = seeds[1].clone();
+        ext[6] = 0;
+        ext.splice(40..40, [17, 0, 1, 4, 0, 0, 0, 0]);
+        let len = u16::from_be_bytes([ext[4], ext[5]]) + 8;
+        ext[4..6].copy_from_slice(&len.to_be_bytes());
+        seeds.push(ext);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut parsed = 0;
+        for round in 0..20_000 {
+            let mut packet = seeds[round % seeds.len()].clone();
+            for _ in 0..next() % 4 {
+                let at = (next() % 56) as usize % packet.len();
+                packet[at] = next() as u8;
+            }
+            if next() % 4 == 0 {
+                packet.truncate((next() % 80) as usize);
+            }
+            let lean = parse_udp(&packet);
+            assert_eq!(lean, parse_udp_by_slicing(&packet), "{packet:02x?}");
+            parsed += usize::from(lean.is_some());
+        }
+        assert!(
+            parsed > 1_000,
+            "only {parsed} mangled packets were still UDP"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_datagrams_wakes_each_socket_once_with_its_count() {
+        let mut table = SocketTable::<Queue>::new();
+        let (_, busy) = table.bind(6000, || Queue::new(64)).expect("port 6000");
+        let (_, quiet) = table.bind(7000, || Queue::new(64)).expect("port 7000");
+        let (_, idle) = table.bind(8000, || Queue::new(64)).expect("port 8000");
+        for to in [6000, 7000, 6000, 6000] {
+            assert_eq!(table.deliver(&udp_to(to)), Delivery::Queued);
+        }
+        assert!(
+            busy.wakes().is_empty(),
+            "no reader is woken before the batch ends"
+        );
+        table.wake();
+        assert_eq!(busy.wakes(), [3]);
+        assert_eq!(quiet.wakes(), [1]);
+        assert!(idle.wakes().is_empty());
+        // Each batch wakes anew; one with nothing for a socket wakes it not at all.
+        assert_eq!(table.deliver(&udp_to(7000)), Delivery::Queued);
+        table.wake();
+        table.wake();
+        assert_eq!(busy.wakes(), [3]);
+        assert_eq!(quiet.wakes(), [1, 1]);
+    }
+
+    #[test]
+    fn a_batch_read_takes_what_waits_up_to_its_room_and_then_sees_the_close() {
+        let mut queue = Datagrams::new(16);
+        let from = |port| SocketAddr::from(([10, 77, 0, 2], port));
+        let mut bufs = [[0u8; 4]; 3];
+        let mut meta = [RecvMeta::default(); 3];
+        assert_eq!(queue.pop_many(&mut bufs, &mut meta).expect("open"), 0);
+        for (i, payload) in [&b"one"[..], b"two", b"three", b"four"].iter().enumerate() {
+            assert!(queue.push(payload, from(5000 + i as u16)));
+        }
+        assert_eq!(queue.pop_many(&mut bufs, &mut meta).expect("open"), 3);
+        assert_eq!(&bufs[0][..meta[0].len], b"one");
+        assert_eq!(&bufs[2][..meta[2].len], b"thre", "truncated, like UDP");
+        assert_eq!(
+            meta[1],
+            RecvMeta {
+                len: 3,
+                from: from(5001)
+            }
+        );
+        // No room reads nothing; then the rest, then the close once all is read.
+        assert_eq!(queue.pop_many(&mut bufs[..0], &mut meta).expect("open"), 0);
+        queue.close();
+        assert_eq!(queue.pop_many(&mut bufs, &mut meta).expect("queued"), 1);
+        assert_eq!(
+            meta[0],
+            RecvMeta {
+                len: 4,
+                from: from(5003)
+            }
+        );
+        let err = queue.pop_many(&mut bufs, &mut meta).expect_err("closed");
+        assert_eq!(err.kind(), io::ErrorKind::NotConnected);
     }
 
     #[test]

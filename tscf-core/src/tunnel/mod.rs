@@ -1734,7 +1734,10 @@ impl<Q: DatagramQueue> ClientHost<Q> {
 
     /// Hands the packets the client received to the inner sockets, TCP ones to the stack,
     /// after reassembling IPv4 fragments.
+    /// Hands every inner packet received to its socket, the stack or the tap, then wakes
+    /// their readers: once each, however many packets the batch held.
     fn deliver_inner(&mut self, now: Instant) {
+        let mut tapped = 0;
         while self.client.recv_ip(&mut self.packet) {
             Capture::inner_packet(&self.capture, now, Direction::Received, &self.packet);
             let packet = if fragment::is_fragment(&self.packet) {
@@ -1757,7 +1760,9 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 _ => None,
             };
             if let Some(tap) = tap {
-                if !tap.push(packet, TAPPED) {
+                if tap.push(packet, TAPPED) {
+                    tapped += 1;
+                } else {
                     self.stats.tap_queue_full += 1;
                 }
                 continue;
@@ -1769,6 +1774,10 @@ impl<Q: DatagramQueue> ClientHost<Q> {
                 Delivery::Unbound => self.stats.unbound_port += 1,
                 Delivery::QueueFull => self.stats.socket_queue_full += 1,
             }
+        }
+        self.sockets.wake();
+        if let Some(tap) = self.tap.as_ref().filter(|_| tapped > 0) {
+            tap.wake(tapped);
         }
     }
 

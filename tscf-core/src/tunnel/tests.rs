@@ -25,6 +25,7 @@ impl DatagramQueue for Queue {
     fn push(&self, payload: &[u8], from: SocketAddr) -> bool {
         self.0.lock().expect("not poisoned").push(payload, from)
     }
+    fn wake(&self, _pushed: usize) {}
     fn close(&self) {
         self.0.lock().expect("not poisoned").close();
     }
