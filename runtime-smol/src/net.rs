@@ -25,8 +25,9 @@ const READ_SMALL: usize = 2 * 1024;
 /// Octets read at a time while reads fill the buffer (a busy connection).
 const READ_LARGE: usize = 16 * 1024;
 
-/// A UDP socket's task: every datagram goes to the host, as many as one read gives under one
-/// lock. It ends when the host closes the socket (its task is dropped with it) or stops.
+/// A UDP socket's task: every datagram goes to the host, a few under one lock
+/// ([`RecvBuffers::HAND_OVER`]). It ends when the host closes the socket (its task is dropped
+/// with it) or stops.
 pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Udp) {
     let mut bufs = RecvBuffers::new();
     let mut meta = [RecvMeta::default(); RecvBuffers::MAX_SLOTS];
@@ -34,20 +35,39 @@ pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId,
         let Ok(filled) = sock.recv(&mut bufs, &mut meta).await else {
             continue;
         };
-        let mut state = shared.lock();
-        if state.driver.stopped {
-            return;
+        let meta = &meta[..filled];
+        let count = received(&bufs, meta).count();
+        // A few at a time, and the application's tasks run in between.
+        for handed in (0..count).step_by(RecvBuffers::HAND_OVER) {
+            if handed > 0 {
+                future::yield_now().await;
+            }
+            let mut state = shared.lock();
+            if state.driver.stopped {
+                return;
+            }
+            let datagrams = received(&bufs, meta).skip(handed);
+            let behind = state.datagrams(
+                Instant::now(),
+                socket,
+                datagrams.take(RecvBuffers::HAND_OVER),
+            );
+            shared.woken(behind);
         }
-        let datagrams = meta[..filled].iter().enumerate().flat_map(|(slot, m)| {
-            let from = m.addr;
-            bufs.datagrams(slot, m.len, m.stride)
-                .map(move |d| (from, d))
-        });
-        let behind = state.datagrams(Instant::now(), socket, datagrams);
-        shared.woken(behind);
-        drop(state);
         bufs.filled(filled);
     }
+}
+
+/// Every datagram a read left in `bufs`, with its sender.
+fn received<'a>(
+    bufs: &'a RecvBuffers,
+    meta: &'a [RecvMeta],
+) -> impl Iterator<Item = (std::net::SocketAddr, &'a [u8])> {
+    meta.iter().enumerate().flat_map(|(slot, m)| {
+        let from = m.addr;
+        bufs.datagrams(slot, m.len, m.stride)
+            .map(move |d| (from, d))
+    })
 }
 
 /// A listener's task: each connection the host admits gets a task of its own, which runs the

@@ -21,32 +21,43 @@ const UDP_POLL: Duration = Duration::from_millis(100);
 /// Stack of stream threads; they hold a few small buffers on the heap only.
 const STREAM_STACK: usize = 256 * 1024;
 
-/// A UDP socket's thread: every datagram goes to the host, as many as one read gives under
-/// one lock, until the socket is closed (or replaced) or the host stops.
+/// A UDP socket's thread: every datagram goes to the host, a few under one lock
+/// ([`RecvBuffers::HAND_OVER`]), until the socket is closed (or replaced) or the host stops.
 pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Arc<Udp>) {
     let mut bufs = RecvBuffers::new();
     let mut meta = [RecvMeta::default(); RecvBuffers::MAX_SLOTS];
     loop {
-        let received = sock.recv(&mut bufs, &mut meta, UDP_POLL);
-        let mut state = shared.lock();
-        let current = state
-            .driver
-            .sockets
-            .get(&socket)
-            .is_some_and(|s| Arc::ptr_eq(s, sock));
-        if state.driver.stopped || !current {
-            return;
+        let filled = sock.recv(&mut bufs, &mut meta, UDP_POLL).unwrap_or(0);
+        // A few under the lock at a time: readers are woken, and other threads get the
+        // tunnel, in between. An empty read (the poll timed out) still checks for the end.
+        let mut datagrams = meta[..filled]
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, m)| {
+                let from = m.addr;
+                bufs.datagrams(slot, m.len, m.stride)
+                    .map(move |d| (from, d))
+            })
+            .peekable();
+        loop {
+            let mut state = shared.lock();
+            let current = state
+                .driver
+                .sockets
+                .get(&socket)
+                .is_some_and(|s| Arc::ptr_eq(s, sock));
+            if state.driver.stopped || !current {
+                return;
+            }
+            let handed = datagrams.by_ref().take(RecvBuffers::HAND_OVER);
+            let behind = state.datagrams(Instant::now(), socket, handed);
+            shared.woken(behind);
+            drop(state);
+            if datagrams.peek().is_none() {
+                break;
+            }
         }
-        let filled = received.unwrap_or(0);
-        let datagrams = meta[..filled].iter().enumerate().flat_map(|(slot, m)| {
-            let from = m.addr;
-            bufs.datagrams(slot, m.len, m.stride)
-                .map(move |d| (from, d))
-        });
-        let now = Instant::now();
-        let behind = state.datagrams(now, socket, datagrams);
-        shared.woken(behind);
-        drop(state);
+        drop(datagrams);
         bufs.filled(filled);
     }
 }

@@ -672,6 +672,14 @@ impl Default for RecvBuffers {
 }
 
 impl RecvBuffers {
+    /// Datagrams of one read a runtime hands the host at a time ([`Driven::datagrams`]),
+    /// letting the application and other sockets run in between. A read of 64 handed over
+    /// whole leaves the application nothing until the last is delivered, and its answers
+    /// (acknowledgements, credits) start only then, while the sender waits for them. Handed
+    /// over 8 at a time, the `bench` peer path carried 2.6 times as many 1,200-octet
+    /// datagrams a second as handed over whole (16 at a time: 1.2 times; 4 at a time: 1.7
+    /// times), and the relay 1.2 times as many.
+    pub const HAND_OVER: usize = 8;
     /// Octets of one slot: the largest UDP datagram, or what GRO joins at most.
     pub const SLOT: usize = 64 * 1024;
     /// Slots at most: what one `recvmmsg` reads.
