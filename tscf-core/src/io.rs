@@ -566,21 +566,27 @@ pub fn act<H: Host>(host: &mut H, driver: &mut impl Driver<H>, now: Instant, eve
 /// The largest UDP payload over IPv4, and so the most one send of joined datagrams carries.
 const MAX_BATCH_OCTETS: usize = 65_507;
 
-/// The drain's buffers: the datagrams joined for one send, and the transmit polled after them
-/// that could not join them (it starts the next send). Kept between drains, so that sending
-/// allocates nothing.
+/// The drain's buffers: the transmit polled first, the datagrams joined to it for one send,
+/// and the transmit polled after them that could not join them (it starts the next send).
+/// Kept between drains, so that sending allocates nothing: the host may swap the buffers it
+/// writes into for its own (its queues hand over their frames that way), so they only ever
+/// hold one datagram, and the joined datagrams gather in a buffer the host never sees, which
+/// keeps its capacity.
 #[derive(Debug, Default)]
 pub struct Batch {
-    buf: Vec<u8>,
+    first: Vec<u8>,
     next: Vec<u8>,
+    joined: Vec<u8>,
+    /// Whether the last send is in `joined` (more than one datagram) or in `first`.
+    is_joined: bool,
     pending: Option<Transmit>,
 }
 
 impl Batch {
-    /// Polls the host's next transmit into the buffer and joins the datagrams that follow it
-    /// to the same socket and destination, as many as `driver` sends at once, while they are
-    /// as long as the first (the last of them may be shorter). Returns the transmit and the
-    /// segment length; the bytes are in [`bytes`](Self::bytes).
+    /// Polls the host's next transmit and joins the datagrams that follow it to the same
+    /// socket and destination, as many as `driver` sends at once, while they are as long as
+    /// the first (the last of them may be shorter). Returns the transmit and the segment
+    /// length; the bytes are in [`bytes`](Self::bytes).
     pub fn poll<H: Host>(
         &mut self,
         host: &mut H,
@@ -589,12 +595,13 @@ impl Batch {
     ) -> Option<(Transmit, usize)> {
         let first = match self.pending.take() {
             Some(pending) => {
-                core::mem::swap(&mut self.buf, &mut self.next);
+                core::mem::swap(&mut self.first, &mut self.next);
                 pending
             }
-            None => host.poll_transmit(now, &mut self.buf)?,
+            None => host.poll_transmit(now, &mut self.first)?,
         };
-        let segment = self.buf.len();
+        self.is_joined = false;
+        let segment = self.first.len();
         let max = match first {
             Transmit::Datagram { .. } if segment > 0 => {
                 driver.max_segments(&first).min(MAX_BATCH_OCTETS / segment)
@@ -609,7 +616,12 @@ impl Batch {
                 self.pending = Some(next);
                 break;
             }
-            self.buf.extend_from_slice(&self.next);
+            if !self.is_joined {
+                self.joined.clear();
+                self.joined.extend_from_slice(&self.first);
+                self.is_joined = true;
+            }
+            self.joined.extend_from_slice(&self.next);
             if self.next.len() < segment {
                 break;
             }
@@ -619,7 +631,11 @@ impl Batch {
 
     /// The bytes of the transmit [`poll`](Self::poll) returned last.
     pub fn bytes(&self) -> &[u8] {
-        &self.buf
+        if self.is_joined {
+            &self.joined
+        } else {
+            &self.first
+        }
     }
 }
 

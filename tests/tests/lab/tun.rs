@@ -90,10 +90,11 @@ fn measure(lab: &Lab, label: &str, ns: &str, to: Ipv4Addr) {
     let udp = iperf3(lab, ns, to, 3, Some("0"));
     let sum = &udp["end"]["sum"];
     let kept = 1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0;
-    let received = sum["packets"].as_f64().unwrap_or(0.0) * kept / 3.0;
+    let sent = sum["packets"].as_f64().unwrap_or(0.0) / 3.0;
+    let received = sent * kept;
     eprintln!(
         "  {label:<20} TCP {tcp:8.1} Mbit/s   UDP 1200 octets {:8.1} Mbit/s, \
-         {received:.0} packets/s received",
+         {received:.0} packets/s received of {sent:.0} sent",
         received * 1200.0 * 8.0 / 1e6
     );
 }
