@@ -66,6 +66,11 @@ fn server(tunnels: usize) {
         ..ServerConfig::default()
     };
     config.max_stream_connections = tunnels + 100;
+    // Every client process connects from 127.0.0.1, BATCH at a time: the bound on one
+    // source's connections still in their handshake (a defence against one host holding
+    // many) would turn most of them away, and they would come up only as fast as their
+    // retries, or not within their connect timeout.
+    config.max_unconfigured_per_source = tunnels.div_ceil(PER_CHILD) * BATCH;
     let server = smol::block_on(Server::start(config)).expect("server starts");
     let addr = server.local_addrs().tls[0];
     let fingerprint = server.tls_fingerprint().expect("a certificate").to_string();
