@@ -19,7 +19,8 @@
 //!   the peer socket (`client.peer.transport`), and over peer streams (TCP or TLS) when
 //!   [`TunnelConfig::peer_streams`] names a listener. [`Tunnel::notifications`] is an async
 //!   channel of [`Notification`]s.
-//! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from`,
+//! - [`InnerUdpSocket`] ([`Tunnel::bind`]): async `send_to` / `recv_from` (and `send_many` /
+//!   `recv_many`, several datagrams at once),
 //!   [`set_peer_tunneling`][opt-in]; [`Tunnel::peer_path`][path] says
 //!   whether packets to a peer take the relay or a peer tunnel.
 //! - [`InnerTcpStream`] and [`InnerTcpListener`] ([`Tunnel::tcp_connect`],
