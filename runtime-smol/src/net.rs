@@ -25,8 +25,8 @@ const READ_SMALL: usize = 2 * 1024;
 /// Octets read at a time while reads fill the buffer (a busy connection).
 const READ_LARGE: usize = 16 * 1024;
 
-/// A UDP socket's task: every datagram goes to the host, a few under one lock
-/// ([`RecvBuffers::HAND_OVER`]). It ends when the host closes the socket (its task is dropped
+/// A UDP socket's task: every datagram goes to the host, a few under one lock at first
+/// ([`RecvBuffers::hand_over`]). It ends when the host closes the socket (its task is dropped
 /// with it) or stops.
 pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Udp) {
     let mut bufs = RecvBuffers::new();
@@ -37,8 +37,10 @@ pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId,
         };
         let meta = &meta[..filled];
         let count = received(&bufs, meta).count();
-        // A few at a time, and the application's tasks run in between.
-        for handed in (0..count).step_by(RecvBuffers::HAND_OVER) {
+        // A few first, then the rest in growing hand-overs, with the application's tasks
+        // running in between.
+        let mut handed = 0;
+        while handed < count {
             if handed > 0 {
                 future::yield_now().await;
             }
@@ -46,13 +48,11 @@ pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId,
             if state.driver.stopped {
                 return;
             }
-            let datagrams = received(&bufs, meta).skip(handed);
-            let behind = state.datagrams(
-                Instant::now(),
-                socket,
-                datagrams.take(RecvBuffers::HAND_OVER),
-            );
+            let n = RecvBuffers::hand_over(handed);
+            let datagrams = received(&bufs, meta).skip(handed).take(n);
+            let behind = state.datagrams(Instant::now(), socket, datagrams);
             shared.woken(behind);
+            handed += n;
         }
         bufs.filled(filled);
     }

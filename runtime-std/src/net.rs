@@ -21,15 +21,16 @@ const UDP_POLL: Duration = Duration::from_millis(100);
 /// Stack of stream threads; they hold a few small buffers on the heap only.
 const STREAM_STACK: usize = 256 * 1024;
 
-/// A UDP socket's thread: every datagram goes to the host, a few under one lock
-/// ([`RecvBuffers::HAND_OVER`]), until the socket is closed (or replaced) or the host stops.
+/// A UDP socket's thread: every datagram goes to the host, a few under one lock at first
+/// ([`RecvBuffers::hand_over`]), until the socket is closed (or replaced) or the host stops.
 pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock: &Arc<Udp>) {
     let mut bufs = RecvBuffers::new();
     let mut meta = [RecvMeta::default(); RecvBuffers::MAX_SLOTS];
     loop {
         let filled = sock.recv(&mut bufs, &mut meta, UDP_POLL).unwrap_or(0);
-        // A few under the lock at a time: readers are woken, and other threads get the
-        // tunnel, in between. An empty read (the poll timed out) still checks for the end.
+        // A few under the lock first, then the rest in growing hand-overs: readers are
+        // woken, and other threads get the tunnel, in between. An empty read (the poll timed
+        // out) still checks for the end.
         let mut datagrams = meta[..filled]
             .iter()
             .enumerate()
@@ -39,6 +40,7 @@ pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock:
                     .map(move |d| (from, d))
             })
             .peekable();
+        let mut handed = 0;
         loop {
             let mut state = shared.lock();
             let current = state
@@ -49,8 +51,9 @@ pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock:
             if state.driver.stopped || !current {
                 return;
             }
-            let handed = datagrams.by_ref().take(RecvBuffers::HAND_OVER);
-            let behind = state.datagrams(Instant::now(), socket, handed);
+            let n = RecvBuffers::hand_over(handed);
+            let behind = state.datagrams(Instant::now(), socket, datagrams.by_ref().take(n));
+            handed += n;
             shared.woken(behind);
             drop(state);
             if datagrams.peek().is_none() {
