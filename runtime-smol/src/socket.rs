@@ -71,12 +71,8 @@ impl InnerUdpSocket {
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        if bufs.is_empty() || meta.is_empty() {
-            return Ok(0);
-        }
         let deadline = self.deadline();
-        let take = |d: &mut inner::Datagrams| Ok(Some(d.pop_many(bufs, meta)?).filter(|&n| n > 0));
-        recv(self.0.queue(), deadline, take).await
+        recv(self.0.queue(), deadline, |d| d.pop_some(bufs, meta)).await
     }
 
     fn deadline(&self) -> Option<Instant> {

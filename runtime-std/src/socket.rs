@@ -50,10 +50,7 @@ impl InnerUdpSocket {
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        if bufs.is_empty() || meta.is_empty() {
-            return Ok(0);
-        }
-        self.recv(|d| Ok(Some(d.pop_many(bufs, meta)?).filter(|&n| n > 0)))
+        self.recv(|d| d.pop_some(bufs, meta))
     }
 
     /// What `take` takes from the queue (`None`: nothing waits), blocking for it up to the

@@ -645,6 +645,19 @@ impl Datagrams {
         Ok(n)
     }
 
+    /// [`pop_many`](Self::pop_many) for a reader that waits: `None` while nothing waits
+    /// (and there is room), so that it waits; `Some(0)` at once when there is no room.
+    pub fn pop_some<B: AsMut<[u8]>>(
+        &mut self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<Option<usize>> {
+        if bufs.is_empty() || meta.is_empty() {
+            return Ok(Some(0));
+        }
+        Ok(Some(self.pop_many(bufs, meta)?).filter(|&n| n > 0))
+    }
+
     /// Marks the tunnel gone: once drained, reads fail with [`closed`].
     pub fn close(&mut self) {
         self.closed = true;
@@ -898,8 +911,16 @@ mod tests {
                 from: from(5001)
             }
         );
-        // No room reads nothing; then the rest, then the close once all is read.
+        // No room reads nothing (and a waiting reader need not wait for it); nothing waiting
+        // makes a reader wait; then the rest, then the close once all is read.
         assert_eq!(queue.pop_many(&mut bufs[..0], &mut meta).expect("open"), 0);
+        assert_eq!(
+            queue.pop_some(&mut bufs[..0], &mut meta).expect("open"),
+            Some(0)
+        );
+        assert_eq!(queue.pop_some(&mut bufs, &mut meta).expect("open"), Some(1));
+        assert_eq!(queue.pop_some(&mut bufs, &mut meta).expect("open"), None);
+        assert!(queue.push(b"four", from(5003)));
         queue.close();
         assert_eq!(queue.pop_many(&mut bufs, &mut meta).expect("queued"), 1);
         assert_eq!(
@@ -910,6 +931,8 @@ mod tests {
             }
         );
         let err = queue.pop_many(&mut bufs, &mut meta).expect_err("closed");
+        assert_eq!(err.kind(), io::ErrorKind::NotConnected);
+        let err = queue.pop_some(&mut bufs, &mut meta).expect_err("closed");
         assert_eq!(err.kind(), io::ErrorKind::NotConnected);
     }
 
