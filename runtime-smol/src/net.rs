@@ -35,11 +35,10 @@ pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId,
         let Ok(filled) = sock.recv(&mut bufs, &mut meta).await else {
             continue;
         };
-        let meta = &meta[..filled];
-        let count = received(&bufs, meta).count();
+        let reads = || meta[..filled].iter().map(|m| (m.addr, m.len, m.stride));
         // A few first, then the rest in growing hand-overs, with the application's tasks
         // running in between.
-        let mut handed = 0;
+        let (mut handed, count) = (0, bufs.received(reads()).count());
         while handed < count {
             if handed > 0 {
                 future::yield_now().await;
@@ -49,25 +48,12 @@ pub(crate) async fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId,
                 return;
             }
             let n = RecvBuffers::hand_over(handed);
-            let datagrams = received(&bufs, meta).skip(handed).take(n);
-            let behind = state.datagrams(Instant::now(), socket, datagrams);
-            shared.woken(behind);
+            let datagrams = bufs.received(reads()).skip(handed).take(n);
+            shared.woken(state.datagrams(Instant::now(), socket, datagrams));
             handed += n;
         }
         bufs.filled(filled);
     }
-}
-
-/// Every datagram a read left in `bufs`, with its sender.
-fn received<'a>(
-    bufs: &'a RecvBuffers,
-    meta: &'a [RecvMeta],
-) -> impl Iterator<Item = (std::net::SocketAddr, &'a [u8])> {
-    meta.iter().enumerate().flat_map(|(slot, m)| {
-        let from = m.addr;
-        bufs.datagrams(slot, m.len, m.stride)
-            .map(move |d| (from, d))
-    })
 }
 
 /// A listener's task: each connection the host admits gets a task of its own, which runs the

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use event_listener::Event;
@@ -58,8 +58,7 @@ impl InnerUdpSocket {
     /// who sent it. Waits up to the read timeout, then fails with
     /// [`io::ErrorKind::WouldBlock`].
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let deadline = self.deadline();
-        recv(self.0.queue(), deadline, |d| d.pop(buf)).await
+        recv(self.0.queue(), self.0.read_timeout(), |d| d.pop(buf)).await
     }
 
     /// Like `recvmmsg`: waits as [`recv_from`](Self::recv_from) does for a datagram, then
@@ -71,21 +70,19 @@ impl InnerUdpSocket {
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        let deadline = self.deadline();
-        recv(self.0.queue(), deadline, |d| d.pop_some(bufs, meta)).await
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        self.0.read_timeout().map(|t| Instant::now() + t)
+        let timeout = self.0.read_timeout();
+        recv(self.0.queue(), timeout, |d| d.pop_some(bufs, meta)).await
     }
 }
 
-/// What `take` takes from `queue` (`None`: nothing waits), waiting for it up to `deadline`.
+/// What `take` takes from `queue` (`None`: nothing waits), waiting for it up to `timeout`
+/// (the clock is read only if there is one).
 pub(crate) async fn recv<T>(
     queue: &SocketQueue,
-    deadline: Option<Instant>,
+    timeout: Option<Duration>,
     mut take: impl FnMut(&mut inner::Datagrams) -> io::Result<Option<T>>,
 ) -> io::Result<T> {
+    let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         // A queued datagram needs no listener; without one, listen, then look again so
         // that a datagram pushed in between is not waited for.

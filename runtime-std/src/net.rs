@@ -31,15 +31,8 @@ pub(crate) fn run_udp<X: Extra>(shared: &Arc<Shared<X>>, socket: SocketId, sock:
         // A few under the lock first, then the rest in growing hand-overs: readers are
         // woken, and other threads get the tunnel, in between. An empty read (the poll timed
         // out) still checks for the end.
-        let mut datagrams = meta[..filled]
-            .iter()
-            .enumerate()
-            .flat_map(|(slot, m)| {
-                let from = m.addr;
-                bufs.datagrams(slot, m.len, m.stride)
-                    .map(move |d| (from, d))
-            })
-            .peekable();
+        let reads = meta[..filled].iter().map(|m| (m.addr, m.len, m.stride));
+        let mut datagrams = bufs.received(reads).peekable();
         let mut handed = 0;
         loop {
             let mut state = shared.lock();

@@ -730,6 +730,19 @@ impl RecvBuffers {
         core::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
     }
 
+    /// Every datagram a read left, with its sender: `reads` says, slot by slot from the
+    /// first, who sent what the slot holds, its length and its stride (see
+    /// [`datagrams`](Self::datagrams)).
+    pub fn received<'a>(
+        &'a self,
+        reads: impl IntoIterator<Item = (SocketAddr, usize, usize)> + 'a,
+    ) -> impl Iterator<Item = (SocketAddr, &'a [u8])> + 'a {
+        let slots = reads.into_iter().enumerate();
+        slots.flat_map(move |(slot, (from, len, stride))| {
+            self.datagrams(slot, len, stride).map(move |d| (from, d))
+        })
+    }
+
     /// The datagrams a read left in `slot`: `len` octets, each datagram `stride` long but the
     /// last (more than one only where GRO joined them).
     pub fn datagrams(&self, slot: usize, len: usize, stride: usize) -> impl Iterator<Item = &[u8]> {
