@@ -5,7 +5,7 @@
 mod redis;
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,10 +20,27 @@ fn tscf(args: &[&str]) -> Output {
     out
 }
 
-fn config_file(name: &str, text: &str) -> PathBuf {
+/// A configuration file of one test, removed when the test is done with it.
+struct ConfigFile(PathBuf);
+
+impl std::ops::Deref for ConfigFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn config_file(name: &str, text: &str) -> ConfigFile {
     let path = std::env::temp_dir().join(format!("tscf-cli-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    path
+    ConfigFile(path)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -284,6 +284,7 @@ fn dtls_verifies_the_server_by_ca_and_admits_a_client_certificate() {
     });
     assert!(server.stats().director.refused.unauthorized >= 1);
     smol::block_on(server.shutdown());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
