@@ -342,6 +342,28 @@ impl Net {
             .collect()
     }
 
+    /// The director the registry's record of tunnel `id` names, if it holds one.
+    fn record_owner(&mut self, id: u64) -> Option<DirectorName> {
+        match self
+            .registry
+            .execute(self.now, &RegistryRequest::GetTunnel { id })
+        {
+            RegistryResponse::Tunnel(record) => record.map(|r| r.owner),
+            other => panic!("a tunnel lookup answered {other:?}"),
+        }
+    }
+
+    /// The director the registry says holds address `ip`, if one does.
+    fn address_owner(&mut self, ip: Ipv4Addr) -> Option<DirectorName> {
+        let request = RegistryRequest::GetAddress {
+            addr: IpAddr::V4(ip),
+        };
+        match self.registry.execute(self.now, &request) {
+            RegistryResponse::Address(holder) => holder.map(|h| h.owner),
+            other => panic!("an address lookup answered {other:?}"),
+        }
+    }
+
     fn stats(&self, node: usize) -> DirectorStats {
         self.nodes[node].d.stats()
     }
@@ -459,13 +481,11 @@ fn a_client_of_a_dead_director_reattaches_elsewhere_with_its_tunnel() {
     }));
     assert_eq!(net.stats(2).cluster.adoptions, 1);
     assert_eq!(net.nodes[2].d.tunnel_by_address(IpAddr::V4(ip)), Some(id));
-    let record = net
-        .registry
-        .execute(net.now, &RegistryRequest::GetTunnel { id });
-    let RegistryResponse::Tunnel(Some(record)) = record else {
-        panic!("the record stays");
-    };
-    assert_eq!(record.owner, name("dir-c"));
+    assert_eq!(
+        net.record_owner(id),
+        Some(name("dir-c")),
+        "the record stays"
+    );
 
     // The other client's packets find it at its new director.
     let got = deliver(&mut net, &b, &a, b"after");
@@ -489,10 +509,7 @@ fn a_director_whose_tunnel_was_adopted_drops_it() {
     });
     assert!(moved);
     // No Remove: the record is the adopter's.
-    let got = net
-        .registry
-        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
-    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-b")));
+    assert_eq!(net.record_owner(a.id), Some(name("dir-b")));
 }
 
 #[test]
@@ -700,22 +717,9 @@ fn a_registry_outage_keeps_relaying_and_the_director_puts_its_records_back() {
     net.advance(Duration::from_millis(1500));
     assert!(net.stats(0).cluster.registry_recoveries >= 1);
     for c in [&a, &b] {
-        let got = net
-            .registry
-            .execute(net.now, &RegistryRequest::GetTunnel { id: c.id });
-        assert!(
-            matches!(got, RegistryResponse::Tunnel(Some(_))),
-            "{:#x}",
-            c.id
-        );
+        assert!(net.record_owner(c.id).is_some(), "{:#x}", c.id);
     }
-    let holder = net.registry.execute(
-        net.now,
-        &RegistryRequest::GetAddress {
-            addr: IpAddr::V4(a.ip),
-        },
-    );
-    assert!(matches!(holder, RegistryResponse::Address(Some(h)) if h.owner == name("dir-a")));
+    assert_eq!(net.address_owner(a.ip), Some(name("dir-a")));
     // And a new tunnel still gets an address nobody else has.
     let c = net.client(2, 3);
     assert!(c.ip != a.ip && c.ip != b.ip);
@@ -824,10 +828,7 @@ fn a_registry_that_lost_its_data_silently_gets_every_record_back() {
     // Wiped between two requests, none failing.
     net.registry.set_down(false, true);
     net.advance(Duration::from_secs(61));
-    let got = net
-        .registry
-        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
-    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-a")));
+    assert_eq!(net.record_owner(a.id), Some(name("dir-a")));
 }
 
 #[test]
@@ -837,21 +838,8 @@ fn records_outlive_their_lease_while_their_director_lives_renewed_in_rounds() {
     let clients: Vec<Client> = (0..40).map(|k| net.client(0, 1 + k)).collect();
     net.advance(Duration::from_secs(30));
     for c in &clients {
-        let got = net
-            .registry
-            .execute(net.now, &RegistryRequest::GetTunnel { id: c.id });
-        assert!(
-            matches!(got, RegistryResponse::Tunnel(Some(_))),
-            "{:#x}",
-            c.id
-        );
-        let holder = net.registry.execute(
-            net.now,
-            &RegistryRequest::GetAddress {
-                addr: IpAddr::V4(c.ip),
-            },
-        );
-        assert!(matches!(holder, RegistryResponse::Address(Some(_))));
+        assert!(net.record_owner(c.id).is_some(), "{:#x}", c.id);
+        assert!(net.address_owner(c.ip).is_some(), "{}", c.ip);
     }
 }
 
@@ -923,10 +911,7 @@ fn a_director_not_told_of_an_adoption_learns_it_from_the_registry() {
     net.advance(Duration::from_secs(61));
     assert_eq!(net.nodes[0].d.tunnels().count(), 0);
     assert_eq!(net.stats(0).cluster.moved_away, 1);
-    let got = net
-        .registry
-        .execute(net.now, &RegistryRequest::GetTunnel { id: a.id });
-    assert!(matches!(got, RegistryResponse::Tunnel(Some(r)) if r.owner == name("dir-b")));
+    assert_eq!(net.record_owner(a.id), Some(name("dir-b")));
 }
 
 // ---- release notices across directors ----
